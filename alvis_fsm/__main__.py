@@ -1,0 +1,3 @@
+from alvis_fsm.cli import main
+
+main()

@@ -1,0 +1,63 @@
+"""The single error root. Every failure the user should see is an AlvisError;
+`cli.main` turns it into a message, a hint and an exit code in one place."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """One exit code per failure class (documented in the README)."""
+
+    OK = 0
+    USAGE = 2  # bad flags or arguments (click uses 2 as well)
+    CONFIG = 3  # settings, catalog or job script invalid
+    SSH = 4  # cannot reach or log in to the login node / compute node
+    SCHEDULER = 5  # sbatch refused, job failed or never started
+    SERVER = 6  # vLLM crashed, never became ready, or the tunnel check failed
+    SESSION = 7  # local session state: missing, locked, corrupt, port taken
+    INTERRUPTED = 130  # Ctrl+C / SIGTERM / SIGHUP (after cleanup)
+
+
+class AlvisError(Exception):
+    """Base of every user-facing error: a message, an optional hint, an exit code."""
+
+    exit_code: ExitCode = ExitCode.USAGE
+
+    def __init__(self, message: str, hint: str | None = None, details: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        # Verbatim text from another program (sbatch's stderr, ssh's warning,
+        # vLLM's root-cause lines), printed as is below the message.
+        self.details = details
+
+
+class UsageError(AlvisError):
+    exit_code = ExitCode.USAGE
+
+
+class ConfigError(AlvisError):
+    exit_code = ExitCode.CONFIG
+
+
+class SSHError(AlvisError):
+    exit_code = ExitCode.SSH
+
+
+class SchedulerError(AlvisError):
+    exit_code = ExitCode.SCHEDULER
+
+
+class ServerError(AlvisError):
+    exit_code = ExitCode.SERVER
+
+
+class SessionError(AlvisError):
+    exit_code = ExitCode.SESSION
+
+
+class Interrupted(AlvisError):
+    """Raised when a signal asks us to stop; cleanup has run by the time it is shown."""
+
+    exit_code = ExitCode.INTERRUPTED

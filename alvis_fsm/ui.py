@@ -1,0 +1,135 @@
+"""Terminal output. The CLI layer (this module and ``commands/``) is the only
+code that prints; the engine reports through the ``Reporter`` methods below.
+
+Plain ``[INFO]`` lines are the requirements' format. A live spinner line is
+drawn only on a terminal with colour allowed (not when piped, not with
+NO_COLOR), and rich is imported only then."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from enum import IntEnum
+from typing import IO, Any
+
+from alvis_fsm.errors import AlvisError
+
+
+class Verbosity(IntEnum):
+    QUIET = 0
+    NORMAL = 1
+    VERBOSE = 2
+
+
+def _fancy(stream: IO[str]) -> bool:
+    return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+class Reporter:
+    """What the engine may say. Thread-safe: log lines arrive from a reader thread."""
+
+    def __init__(self, verbosity: Verbosity = Verbosity.NORMAL) -> None:
+        self.verbosity = verbosity
+        self._lock = threading.RLock()
+        self._out = sys.stdout
+        self._err = sys.stderr
+        self._live: Any = None
+        self._status_text = ""
+        self._status_since = 0.0
+
+    # -- lines ------------------------------------------------------------
+    def _write(self, text: str, stream: IO[str] | None = None) -> None:
+        with self._lock:
+            target = stream or self._out
+            if self._live is not None:
+                self._live.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            else:
+                target.write(text + "\n")
+                target.flush()
+
+    def info(self, message: str) -> None:
+        if self.verbosity >= Verbosity.NORMAL:
+            self._write(f"[INFO] {message}")
+
+    def warn(self, message: str) -> None:
+        self._write(f"[WARN] {message}", self._err)
+
+    def result(self, message: str) -> None:
+        """Lines that are the point of the command; printed even with --quiet."""
+        self._write(message)
+
+    def command(self, text: str) -> None:
+        """An ssh or SLURM command being run (shown with --verbose)."""
+        if self.verbosity >= Verbosity.VERBOSE:
+            self._write(f"[CMD] {text}", self._err)
+
+    def log_line(self, stream: str, line: str) -> None:
+        tag = "[VLLM OUT]" if stream == "out" else "[VLLM ERR]"
+        self._write(f"{tag} {line}")
+
+    # -- waiting ----------------------------------------------------------
+    def waiting(self, text: str) -> None:
+        """Update the live status line (state, elapsed time, reason)."""
+        with self._lock:
+            if text == self._status_text:
+                return
+            self._status_text = text
+            if self._live is None and self.verbosity >= Verbosity.NORMAL and _fancy(self._out):
+                self._start_live()
+            if self._live is not None:
+                self._live.update(self._renderable())
+
+    def _start_live(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self._status_since = time.monotonic()
+        self._live = Live(
+            self._renderable(),
+            console=Console(file=self._out),
+            refresh_per_second=8,
+            transient=True,
+        )
+        self._live.start()
+
+    def _renderable(self) -> Any:
+        from rich.spinner import Spinner
+
+        return Spinner("dots", text=self._status_text)
+
+    def done_waiting(self) -> None:
+        with self._lock:
+            if self._live is not None:
+                self._live.stop()
+                self._live = None
+            self._status_text = ""
+
+    # -- questions ----------------------------------------------------------
+    def interactive(self) -> bool:
+        return sys.stdin.isatty()
+
+    def ask(self, prompt: str, secret: bool = False) -> str:
+        """Ask the user (an ssh passphrase, a host-key question)."""
+        self.done_waiting()
+        with self._lock:
+            if secret:
+                import getpass
+
+                return getpass.getpass(prompt)
+            self._err.write(prompt)
+            self._err.flush()
+            return sys.stdin.readline().rstrip("\n")
+
+
+def show_error(exc: AlvisError) -> None:
+    err = sys.stderr
+    err.write(f"[ERROR] {exc.message}\n")
+    if exc.details:
+        for line in exc.details.rstrip("\n").splitlines():
+            err.write(f"    {line}\n")
+    if exc.hint:
+        for line in exc.hint.splitlines():
+            err.write(f"[HINT] {line}\n")
+    err.flush()
