@@ -1,0 +1,183 @@
+"""The model catalog: the packaged ``models.json`` overlaid by the user's
+catalogs. A later file replaces a whole entry of the same name rather than
+merging fields, so an overlay never inherits a path it did not mean."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from alvis_fsm import paths
+from alvis_fsm.errors import ConfigError, UsageError
+from alvis_fsm.settings import GPUS_PATTERN, MODEL_NAME_PATTERN, SafeStr, Settings
+
+DEFAULT_USER_CATALOG = "~/.alvis-vllm/models.json"
+
+_NAME_RE = re.compile(MODEL_NAME_PATTERN)
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Absolute because it is resolved on the compute node, never locally;
+    # no NUL/newline because it is passed inside the job script.
+    path: Annotated[str, Field(pattern=r"^/[^\x00\n\r]*$")]
+    max_model_len: Annotated[int, Field(gt=0)]
+    description: str = ""
+    gpus: Annotated[str, Field(pattern=GPUS_PATTERN)] | None = None
+    vllm_args: list[SafeStr] = Field(default_factory=list)
+
+
+class Catalog(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    entries: dict[str, ModelEntry]
+    sources: dict[str, str]  # model name -> file it came from
+    files: list[str] = Field(default_factory=list)  # every catalog read, in order
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def get(self, name: str) -> ModelEntry:
+        entry = self.entries.get(name)
+        if entry is not None:
+            return entry
+        listing = "\n".join(
+            f"  - {n}: {self.entries[n].description}".rstrip() for n in self.names()
+        )
+        read = ", ".join(self.files) or "none"
+        raise UsageError(
+            f"Model '{name}' not found in models.json (catalogs read: {read}). Available models:",
+            hint="`alvis-fsm models` lists the catalog; `alvis-fsm models --discover` looks for"
+            " more models on the cluster.",
+            details=listing or "  (none)",
+        )
+
+
+def user_catalog_path(settings: Settings) -> Path:
+    """Where ``models --add`` writes: the last of ``catalog.paths``, else the default one."""
+    if settings.catalog.paths:
+        return Path(settings.catalog.paths[-1]).expanduser()
+    return Path(DEFAULT_USER_CATALOG).expanduser()
+
+
+def load_catalog(settings: Settings) -> Catalog:
+    """Packaged catalog, then ~/.alvis-vllm/models.json if it exists (where
+    ``models --add`` writes when no path is configured), then every file of
+    ``catalog.paths`` in order; later entries win. A listed file that is
+    missing is an error: the user asked for it."""
+    entries: dict[str, ModelEntry] = {}
+    sources: dict[str, str] = {}
+    files: list[str] = []
+
+    def overlay(path: Path, label: str) -> None:
+        for name, entry in _read_catalog(path).items():
+            entries[name] = entry
+            sources[name] = label
+        files.append(str(path))
+
+    overlay(paths.packaged_catalog(), str(paths.packaged_catalog()))
+    listed = [Path(p).expanduser() for p in settings.catalog.paths]
+    default_user = Path(DEFAULT_USER_CATALOG).expanduser()
+    if default_user.is_file() and default_user not in listed:
+        overlay(default_user, str(default_user))
+    for path in listed:
+        if not path.is_file():
+            raise ConfigError(
+                f"Model catalog {path} (listed in catalog.paths) does not exist",
+                hint="Create it, or remove it with `alvis-fsm config set catalog.paths '[]'`.",
+            )
+        overlay(path, str(path))
+    return Catalog(entries=entries, sources=sources, files=files)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Cannot read model catalog {path}: {exc}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"Invalid JSON in model catalog {path} at line {exc.lineno}, column {exc.colno}:"
+            f" {exc.msg}"
+        ) from exc
+
+
+def _read_catalog(path: Path) -> dict[str, ModelEntry]:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"Model catalog {path} must be a JSON object mapping model names to entries"
+        )
+    entries: dict[str, ModelEntry] = {}
+    for name, raw in data.items():
+        check_model_name(name, where=f"model catalog {path}")
+        try:
+            entries[name] = ModelEntry.model_validate(raw)
+        except ValidationError as exc:
+            raise _entry_error(path, name, exc) from None
+    return entries
+
+
+def check_model_name(name: str, where: str = "") -> None:
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            f"Invalid model name {name!r}" + (f" in {where}" if where else ""),
+            hint="Names start with a letter or digit and use only letters, digits and _ . : + -"
+            " (at most 101 characters).",
+        )
+
+
+def _entry_error(path: Path, name: str, exc: ValidationError) -> ConfigError:
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "(entry)"
+        if error["type"] == "extra_forbidden":
+            problems.append(
+                f"field {field!r}: unknown field (valid: {', '.join(ModelEntry.model_fields)})"
+            )
+        else:
+            problems.append(f"field {field!r}: {error['msg']}")
+    return ConfigError(
+        f"Invalid model '{name}' in {path}: {problems[0]}",
+        details="\n".join(problems[1:]) or None,
+    )
+
+
+def add_entry(path: Path, name: str, entry: ModelEntry) -> None:
+    """Add or replace ``name`` in the catalog at ``path``, keeping its other
+    entries. The write is atomic so an interrupted add never leaves a
+    half-written catalog that would break every later command."""
+    check_model_name(name)
+    data: dict[str, Any] = {}
+    if path.exists():
+        existing = _read_json(path)
+        if not isinstance(existing, dict):
+            raise ConfigError(f"Model catalog {path} must be a JSON object; not overwriting it")
+        data = existing
+    data[name] = entry.model_dump(exclude_none=True)
+    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write ``text`` to ``path`` via a temporary file, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

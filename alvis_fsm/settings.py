@@ -1,0 +1,568 @@
+"""Settings: the packaged ``default.toml`` overlaid by the user's file, the
+environment and command-line flags (highest last), validated by pydantic.
+
+``config/default.toml`` is the schema's single source of truth for values:
+the models below carry types and constraints but no defaults, so a key
+missing from the packaged file is a packaging bug caught on the first load
+rather than a silent second default drifting out of sync.
+
+Nothing is read at import time; ``load_settings`` reads on every call.
+Every failure becomes a ``ConfigError`` naming where the bad value came
+from (file, environment variable or flag) and the dotted key, because a
+bare pydantic traceback says neither."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.exceptions import SettingsError
+
+from alvis_fsm import paths
+from alvis_fsm.errors import ConfigError
+from alvis_fsm.machine import MachineDefinition
+
+ENV_PREFIX = "ALVIS_FSM_"
+ENV_DELIMITER = "__"
+CONFIG_ENV = "ALVIS_FSM_CONFIG"
+DEFAULT_USER_CONFIG = "~/.alvis-vllm.conf"
+
+DEFAULT_LABEL = "default"
+FLAG_LABEL = "flag"
+
+GPUS_PATTERN = r"^([A-Za-z0-9_]+:)?[1-9][0-9]*$"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,100}$"
+# sbatch --time formats: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+_SLURM_TIME = r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# Strings that end up inside remote shell commands and sbatch scripts: a NUL
+# or newline there would split a command line however carefully it is quoted.
+SafeStr = Annotated[str, Field(pattern=r"^[^\x00\n\r]*$")]
+SafePath = Annotated[str, Field(min_length=1, pattern=r"^[^\x00\n\r]+$")]
+
+
+class SettingValueError(ValueError):
+    """A validation failure that knows which setting it is about (``loc``)
+    and how to fix it (``hint``); raised from model validators, whose
+    errors pydantic would otherwise attribute to no key at all."""
+
+    def __init__(self, message: str, loc: tuple[str, ...] = (), hint: str | None = None):
+        super().__init__(message)
+        self.loc = loc
+        self.hint = hint
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Ssh(_Section):
+    host: str
+    user: str
+    config_file: SafeStr
+    connect_timeout: Annotated[int, Field(gt=0)]
+    keepalive_interval: Annotated[int, Field(gt=0)]
+    keepalive_count: Annotated[int, Field(ge=1)]
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # A leading "-" would be read by ssh as an option (option injection).
+        if not value or value.startswith("-") or re.search(r"\s", value):
+            raise ValueError(
+                "must be a non-empty host name or ssh alias, not starting with '-'"
+                " and without whitespace"
+            )
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if value and (value.startswith("-") or re.search(r"[\s@]", value)):
+            raise ValueError("must be a user name without whitespace or '@', not starting with '-'")
+        return value
+
+
+class Slurm(_Section):
+    account: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    gpus: Annotated[str, Field(pattern=GPUS_PATTERN)]
+    time: Annotated[str, Field(pattern=_SLURM_TIME)]
+    max_time: Annotated[str, Field(pattern=_SLURM_TIME)]
+    partition: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,-]*$")]
+    extra_args: list[SafeStr]
+
+
+class Tunnel(_Section):
+    local_port: Port
+    bind: str
+    route: Literal["jump", "login"]
+    max_reconnects: Annotated[int, Field(ge=0)]
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        if value == "localhost":
+            return value
+        try:
+            loopback = ipaddress.ip_address(value).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise SettingValueError(
+                f"{value!r} is not a loopback address; the tunnel would expose the vLLM server"
+                " (and its API key) to every machine that can reach yours",
+                hint="Use 127.0.0.1 (the default), ::1 or localhost.",
+            )
+        return value
+
+
+class Timeouts(_Section):
+    job_start: Seconds
+    server_ready: Seconds
+    connection_test: Seconds
+
+    def get(self, name: str) -> float:
+        """The timeout called ``name`` in seconds (``[machine]`` states name them)."""
+        if name not in type(self).model_fields:
+            raise ConfigError(
+                f"No timeout called {name!r}",
+                hint="Valid keys of [timeouts]: " + ", ".join(type(self).model_fields),
+            )
+        return float(getattr(self, name))
+
+
+class Polling(_Section):
+    scheduler_interval: Seconds
+    scheduler_backoff_after: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    scheduler_backoff_interval: Seconds
+    file_interval: Seconds
+
+
+class Remote(_Section):
+    run_root: SafePath
+    image: SafePath
+    model_hub: SafePath
+
+
+class Vllm(_Section):
+    extra_args: list[SafeStr]
+    api_key: bool
+
+
+class CatalogSettings(_Section):
+    paths: list[SafePath]
+    default_model: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+
+
+class Session(_Section):
+    state_dir: SafePath
+    default_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")]
+
+
+class Settings(BaseSettings):
+    """The merged settings. Build with ``load_settings``, which turns
+    validation failures into ``ConfigError``s naming their source."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        case_sensitive=False,
+        extra="forbid",
+        frozen=True,
+    )
+
+    ssh: Ssh
+    slurm: Slurm
+    tunnel: Tunnel
+    timeouts: Timeouts
+    polling: Polling
+    remote: Remote
+    vllm: Vllm
+    catalog: CatalogSettings
+    session: Session
+    machine: MachineDefinition
+
+    @model_validator(mode="after")
+    def _state_timeouts_exist(self) -> Settings:
+        valid = list(Timeouts.model_fields)
+        for name, state in self.machine.states.items():
+            timeout = getattr(state, "timeout", None)
+            if timeout is not None and timeout not in valid:
+                raise SettingValueError(
+                    f"state {name!r} names timeout {timeout!r}, which is not a key of [timeouts]",
+                    loc=("machine", "states", name, "timeout"),
+                    hint="Valid timeouts: " + ", ".join(valid) + _did_you_mean(timeout, valid),
+                )
+        return self
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.session.state_dir).expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Files are read by load_settings first (so their errors carry the
+        # file name) and handed over here; a bare Settings() reads them itself.
+        files = _FILE_LAYERS.get()
+        if files is None:
+            files = _read_file_layers(user_config_path(), include_user=True)
+        sources: list[PydanticBaseSettingsSource] = [init_settings]
+        if _USE_ENV.get():
+            sources.append(env_settings)
+        sources += [_DictSource(settings_cls, layer.data) for layer in reversed(files)]
+        return tuple(sources)
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    name: typing.cast(type[BaseModel], info.annotation)
+    for name, info in Settings.model_fields.items()
+}
+
+
+# -- sources ------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    """One source of values, and, for each key path it sets, the label that
+    ``explain`` and error messages show."""
+
+    label: str
+    data: dict[str, Any]
+    origins: dict[tuple[str, ...], str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.origins:
+            self.origins = {p: self.label for p in _key_paths(self.data)}
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    """Values already read from a TOML file."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+_FILE_LAYERS: ContextVar[list[_Layer] | None] = ContextVar("_FILE_LAYERS", default=None)
+_USE_ENV: ContextVar[bool] = ContextVar("_USE_ENV", default=True)
+
+
+def user_config_path() -> Path:
+    """The user's settings file: ``$ALVIS_FSM_CONFIG`` or ``~/.alvis-vllm.conf``."""
+    configured = os.environ.get(CONFIG_ENV)
+    return Path(configured or DEFAULT_USER_CONFIG).expanduser()
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; a missing file is an empty one."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Cannot read settings file {path}: {exc}") from exc
+    return parse_toml(text, path)
+
+
+def parse_toml(text: str, path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already ends in "(at line L, column C)".
+        raise ConfigError(
+            f"Syntax error in {path}: {exc}",
+            hint="Fix the file by hand, or move it aside and run `alvis-fsm config init`.",
+        ) from exc
+
+
+def _read_file_layers(
+    user_path: Path, include_user: bool, user_data: dict[str, Any] | None = None
+) -> list[_Layer]:
+    layers = [_Layer(DEFAULT_LABEL, read_toml(paths.default_config()))]
+    if include_user:
+        data = user_data if user_data is not None else read_toml(user_path)
+        layers.append(_Layer(str(user_path), data))
+    return layers
+
+
+def _env_layer() -> _Layer:
+    try:
+        data = EnvSettingsSource(Settings)()
+    except SettingsError as exc:
+        names = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX))
+        raise ConfigError(
+            f"Cannot parse the environment variables {', '.join(names)}: {exc}",
+            hint="List values are JSON, e.g. ALVIS_FSM_SLURM__EXTRA_ARGS='[\"--qos=short\"]'.",
+        ) from exc
+    environ = {k.upper(): k for k in os.environ}
+    origins: dict[tuple[str, ...], str] = {}
+    for path in _key_paths(data):
+        # The value may come from ALVIS_FSM_A__B or from a JSON ALVIS_FSM_A.
+        for depth in range(len(path), 0, -1):
+            name = ENV_PREFIX + ENV_DELIMITER.join(path[:depth]).upper()
+            if name in environ:
+                origins[path] = f"env {environ[name]}"
+                break
+        else:
+            origins[path] = "env"
+    return _Layer("env", data, origins)
+
+
+def _key_paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """Every key path in nested tables; lists are leaves (they replace, not merge)."""
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        yield path
+        if isinstance(value, Mapping):
+            yield from _key_paths(value, path)
+
+
+def _without_none(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Unset flags arrive as None and must not shadow lower layers."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            inner = _without_none(value)
+            if inner:
+                out[key] = inner
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+# -- loading ------------------------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    settings: Settings
+    layers: list[_Layer]  # lowest first
+
+
+def _load(
+    overrides: Mapping[str, Mapping[str, Any]] | None,
+    *,
+    use_env: bool = True,
+    user_data: dict[str, Any] | None = None,
+) -> _Loaded:
+    user_path = user_config_path()
+    layers = _read_file_layers(user_path, include_user=True, user_data=user_data)
+    if use_env:
+        layers.append(_env_layer())
+    flags = _without_none(overrides or {})
+    if flags:
+        layers.append(_Layer(FLAG_LABEL, flags))
+    files_token = _FILE_LAYERS.set(layers[:2])
+    env_token = _USE_ENV.set(use_env)
+    try:
+        settings = Settings(**flags)
+    except ValidationError as exc:
+        raise _config_error(exc, layers) from None
+    finally:
+        _FILE_LAYERS.reset(files_token)
+        _USE_ENV.reset(env_token)
+    return _Loaded(settings, layers)
+
+
+def load_settings(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
+    """Merged, validated settings. ``overrides`` are command-line flags as
+    ``{section: {key: value}}``; None values are ignored (flag not given)."""
+    return _load(overrides).settings
+
+
+def validate_user_data(data: dict[str, Any]) -> Settings:
+    """Validate packaged defaults + ``data`` as the user file (environment and
+    flags left out, so a stray variable cannot block editing the file)."""
+    return _load(None, use_env=False, user_data=data).settings
+
+
+def explain(
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[tuple[str, Any, str]]:
+    """Every setting as ``(dotted key, final value, source label)``. The
+    machine is shown only by its initial state and per-state timeouts, the
+    parts worth overriding; the rest is drawn by ``alvis-fsm diagram``."""
+    loaded = _load(overrides)
+    settings, layers = loaded.settings, loaded.layers
+    rows: list[tuple[str, Any, str]] = []
+    for section in SECTIONS:
+        if section == "machine":
+            continue
+        model = getattr(settings, section)
+        for key in type(model).model_fields:
+            path = (section, key)
+            rows.append((".".join(path), getattr(model, key), _origin(path, layers)))
+    machine = settings.machine
+    rows.append(("machine.initial", machine.initial, _origin(("machine", "initial"), layers)))
+    for name, state in machine.states.items():
+        timeout = getattr(state, "timeout", None)
+        if timeout is not None:
+            loc = ("machine", "states", name, "timeout")
+            rows.append((".".join(loc), timeout, _origin(loc, layers)))
+    return rows
+
+
+def _origin(loc: tuple[str, ...], layers: list[_Layer]) -> str:
+    """Label of the highest layer that set ``loc`` or its nearest parent."""
+    for depth in range(len(loc), 0, -1):
+        prefix = loc[:depth]
+        for layer in reversed(layers):
+            if prefix in layer.origins:
+                return layer.origins[prefix]
+    return DEFAULT_LABEL
+
+
+# -- error messages -------------------------------------------------------------
+
+
+def _did_you_mean(word: str, choices: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    if not close:
+        return ""
+    return f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)"
+
+
+def _dotted(loc: tuple[str, ...]) -> str:
+    """``slurm.extra_args[0]``: list indices as brackets, keys with dots."""
+    out = ""
+    for step in loc:
+        out += f"[{step}]" if step.isdigit() else (f".{step}" if out else step)
+    return out
+
+
+def _model_at(path: tuple[str, ...]) -> type[BaseModel] | None:
+    """The pydantic model whose fields are valid at ``path`` (for "valid keys" lists)."""
+    annotation: Any = Settings
+    steps = list(path)
+    while True:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not steps:
+                return annotation
+            info = annotation.model_fields.get(steps.pop(0))
+            if info is None:
+                return None
+            annotation = info.annotation
+        elif typing.get_origin(annotation) in (dict, list) and steps:
+            steps.pop(0)
+            annotation = typing.get_args(annotation)[-1]
+        else:
+            return None
+
+
+def _unwrap(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _unwrap(args[0])
+    return annotation
+
+
+def _where(label: str) -> str:
+    if label == FLAG_LABEL:
+        return "from a command-line flag"
+    if label.startswith("env "):
+        return f"from the environment variable {label[4:]}"
+    if label == "env":
+        return "from the environment"
+    if label == DEFAULT_LABEL:
+        return f"in the packaged defaults {paths.default_config()}"
+    return f"in {label}"
+
+
+def _describe(error: Any, layers: list[_Layer]) -> tuple[str, str | None]:
+    """One pydantic error as (message, hint)."""
+    ctx = error.get("ctx") or {}
+    original = ctx.get("error")
+    loc = tuple(str(p) for p in error["loc"])
+    hint: str | None = None
+    if isinstance(original, SettingValueError):
+        if original.loc:
+            loc = original.loc
+        hint = original.hint
+    # Union members add their type name to loc; keep only real key steps.
+    key_loc = _strip_type_tags(loc)
+    dotted = _dotted(key_loc)
+    where = _where(_origin(key_loc, layers))
+
+    if error["type"] == "extra_forbidden":
+        parent = key_loc[:-1]
+        model = _model_at(parent)
+        valid = list(model.model_fields) if model is not None else []
+        suggestion = _did_you_mean(key_loc[-1], valid, prefix=_dotted(parent))
+        if not parent:
+            return (
+                f"Unknown section [{dotted}] {where}{suggestion}",
+                "Valid sections: " + ", ".join(valid),
+            )
+        return (
+            f"Unknown setting {dotted!r} {where}{suggestion}",
+            f"Valid keys of [{_dotted(parent)}]: " + ", ".join(valid),
+        )
+    if isinstance(original, SettingValueError):
+        reason, shown = str(original), ""  # already quotes the value
+    else:
+        reason = error["msg"]
+        shown = f" (got {error['input']!r})" if _scalar(error.get("input")) else ""
+    subject = f"setting {dotted!r}" if dotted else "settings"
+    return f"Invalid {subject} {where}: {reason}{shown}", hint
+
+
+def _strip_type_tags(loc: tuple[str, ...]) -> tuple[str, ...]:
+    out: list[str] = []
+    for step in loc:
+        if "[" in step or (out and step in {"str", "int", "float", "bool", "list", "dict"}):
+            continue
+        out.append(step)
+    return tuple(out)
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool)
+
+
+def _config_error(exc: ValidationError, layers: list[_Layer]) -> ConfigError:
+    described = [_describe(e, layers) for e in exc.errors()]
+    # Several union branches can fail for one key; say each thing once.
+    unique = list(dict.fromkeys(described))
+    message, hint = unique[0]
+    details = "\n".join(m for m, _ in unique[1:]) or None
+    if hint is None:
+        hint = "`alvis-fsm config show` prints every setting and where it comes from."
+    return ConfigError(message, hint=hint, details=details)
