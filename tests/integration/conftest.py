@@ -1,0 +1,244 @@
+"""Fixtures for integration tests against the local lab cluster (tests/lab/).
+
+Importing this module has no side effects: the lab is brought up (idempotently,
+``bash tests/lab/up``) only when a test asks for the ``lab`` fixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LAB_DIR = REPO / "tests" / "lab"
+DEFAULT_TIMEOUT = 60
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        values[key.strip()] = value.strip().strip('"').strip("'")
+    return values
+
+
+@dataclass
+class Lab:
+    """Handle on a running lab cluster (see tests/lab/README.md)."""
+
+    client: Path
+    env: dict[str, str]
+    values: dict[str, str] = field(default_factory=dict)
+    user: str = "pradas"
+    node: str = "alvis7-07"
+    login_host: str = "alvis2"
+    account: str = "NAISS2025-22-1522"
+
+    @property
+    def ssh_config(self) -> Path:
+        return self.client / "ssh_config"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.client / "known_hosts"
+
+    @property
+    def root(self) -> Path:
+        return Path(self.values.get("LAB_ROOT", str(self.client.parent)))
+
+    @property
+    def node_tmp_root(self) -> Path:
+        return Path(self.values["LAB_NODE_TMP_ROOT"])
+
+    @property
+    def models(self) -> Path:
+        return Path(self.values.get("LAB_MODELS", "/mimer/NOBACKUP/Datasets/LLM/huggingface/hub"))
+
+    def model_path(self, org: str, name: str) -> str:
+        """Snapshot path (with trailing slash) of a model in the lab model tree."""
+        snaps = self.models / f"models--{org}--{name}" / "snapshots"
+        (snap,) = list(snaps.iterdir())
+        return f"{snap}/"
+
+    # ------------------------------------------------------------ running things
+    def run(
+        self,
+        argv: list[str],
+        check: bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            argv,
+            env=self.env,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            input=input if input is not None else "",
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"command failed ({proc.returncode}): {shlex.join(argv)}\n"
+                f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+            )
+        return proc
+
+    def ssh_argv(self, host: str, *opts: str) -> list[str]:
+        return ["ssh", "-F", str(self.ssh_config), "-o", "BatchMode=yes", *opts, host]
+
+    def login(
+        self, cmd: str, check: bool = True, timeout: float = DEFAULT_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a shell command as the cluster user on the login node (over ssh)."""
+        return self.run([*self.ssh_argv(self.login_host), "--", cmd], check=check, timeout=timeout)
+
+    def node_exec(
+        self, cmd: str, check: bool = True, timeout: float = DEFAULT_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a shell command as the cluster user inside the compute node's namespace."""
+        pid = (self.root / "run" / "node-ns.pid").read_text().strip()
+        argv = [
+            "nsenter",
+            "-t",
+            pid,
+            "-m",
+            "-u",
+            "--",
+            "runuser",
+            "-u",
+            self.user,
+            "--",
+            "env",
+            f"HOME=/home/{self.user}",
+            "bash",
+            "-c",
+            f"cd ~ && {cmd}",
+        ]
+        return self.run(argv, check=check, timeout=timeout)
+
+    def root_exec(
+        self, cmd: str, check: bool = True, timeout: float = DEFAULT_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a shell command as root on the host (login-node side)."""
+        return self.run(["bash", "-c", cmd], check=check, timeout=timeout)
+
+    # ------------------------------------------------------------ slurm
+    def jobs(self) -> list[str]:
+        """Ids of the cluster user's jobs that squeue still lists."""
+        out = self.run(["squeue", "-h", "-u", self.user, "-o", "%i"]).stdout
+        return [line.strip() for line in out.splitlines() if line.strip()]
+
+    def job_state(self, job_id: str) -> str:
+        return self.run(["squeue", "-h", "-j", job_id, "-o", "%T"], check=False).stdout.strip()
+
+    def cancel_all(self, timeout: float = 20) -> None:
+        """Cancel every job of the cluster user and wait until squeue is empty."""
+        ids = self.jobs()
+        if not ids:
+            return
+        self.run(["scancel", *ids], check=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.jobs():
+            time.sleep(0.2)
+
+    @contextlib.contextmanager
+    def blocker(self) -> Iterator[str]:
+        """Hold all 4 GPUs with a RUNNING job; yields its id."""
+        job_id = self.run(["bash", str(LAB_DIR / "blocker"), "start"], timeout=60).stdout.strip()
+        try:
+            yield job_id
+        finally:
+            self.run(["bash", str(LAB_DIR / "blocker"), "stop"], check=False, timeout=60)
+
+    # ------------------------------------------------------------ ssh logs / host keys
+    def sshd_log(self, which: str) -> Path:
+        key = {"login": "LAB_LOGIN_SSHD_LOG", "node": "LAB_NODE_SSHD_LOG"}[which]
+        return Path(self.values[key])
+
+    def count_accepted(self, which: str) -> int:
+        """Number of 'Accepted publickey' lines in the login or node sshd log."""
+        try:
+            text = self.sshd_log(which).read_text(errors="replace")
+        except FileNotFoundError:
+            return 0
+        return sum(1 for line in text.splitlines() if "Accepted publickey" in line)
+
+    def reset_known_hosts(self) -> None:
+        """Leave only the login node's key in the client known_hosts."""
+        line = (self.root / "login" / "known_hosts_line").read_text()
+        self.known_hosts.write_text(line if line.endswith("\n") else line + "\n")
+
+    def node_known(self) -> bool:
+        text = self.known_hosts.read_text() if self.known_hosts.exists() else ""
+        return f"[{self.node}]:" in text
+
+
+def remove_node_known_host(lab: Lab) -> None:
+    """Forget the compute node's host key (so the next connection prompts again)."""
+    lab.reset_known_hosts()
+
+
+def bring_up_lab() -> Lab:
+    proc = subprocess.run(
+        ["bash", str(LAB_DIR / "up")],
+        text=True,
+        capture_output=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"tests/lab/up failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    client = Path(lines[-1].strip())
+    values = _read_env_file(client / "lab.env")
+    env = dict(os.environ)
+    env.update(values)
+    env["ALVIS_FSM_CONFIG"] = values.get("ALVIS_FSM_CONFIG", str(client / "alvis-fsm.toml"))
+    return Lab(
+        client=client,
+        env=env,
+        values=values,
+        user=values.get("LAB_USER", "pradas"),
+        node=values.get("LAB_NODE", "alvis7-07"),
+        login_host=values.get("LAB_LOGIN_HOST", "alvis2"),
+    )
+
+
+@pytest.fixture(scope="session")
+def lab() -> Lab:
+    """The running lab cluster (started by tests/lab/up if it is not up)."""
+    if os.geteuid() != 0:
+        pytest.skip("the lab cluster needs root (tests/lab/up)")
+    return bring_up_lab()
+
+
+@pytest.fixture
+def fresh_known_hosts(lab: Lab) -> Lab:
+    """The client known_hosts holds only the login node key for this test."""
+    lab.reset_known_hosts()
+    return lab
+
+
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test that used the lab, cancel the cluster user's leftover jobs.
+
+    This only stops one failure from cascading into the next test; tests that
+    care about leaks assert ``lab.jobs() == []`` themselves before this runs.
+    """
+    yield
+    if "lab" in request.fixturenames:
+        lab_obj: Lab = request.getfixturevalue("lab")
+        with contextlib.suppress(Exception):
+            lab_obj.cancel_all()

@@ -1,0 +1,42 @@
+# Shared settings for tests/lab/up, tests/lab/down and tests/lab/blocker.
+# Sourced, not executed.
+
+LAB_ROOT="${ALVIS_LAB_ROOT:-/var/lib/alvis-lab}"
+LAB_CLIENT="$LAB_ROOT/client"
+LAB_USER=pradas
+LAB_HOME=/home/pradas
+LAB_ACCOUNT=naiss2025-22-1522
+LAB_CLUSTER=alvis
+LAB_LOGIN_HOST=alvis2
+LAB_LOGIN_PORT=22022
+LAB_NODE=alvis7-07
+LAB_NODE_PORT=22023
+LAB_MYSQL_PORT=33306
+LAB_NODE_TMP_ROOT="$LAB_ROOT/node-local"
+LAB_RUN="$LAB_ROOT/run"
+LAB_LOG="$LAB_ROOT/log"
+LAB_ETC="$LAB_ROOT/etc"
+LAB_LOGIN_SSHD_LOG="$LAB_LOG/sshd-login.log"
+LAB_NODE_SSHD_LOG="$LAB_LOG/sshd-node.log"
+LAB_SLURMCTLD_LOG="$LAB_LOG/slurmctld.log"
+LAB_SLURMD_LOG="$LAB_LOG/slurmd.log"
+LAB_SLURMDBD_LOG="$LAB_LOG/slurmdbd.log"
+LAB_MUNGE_LOG="$LAB_LOG/munged.log"
+LAB_MYSQL_LOG="$LAB_LOG/mariadb.log"
+LAB_SLURM_CONF=/etc/slurm/slurm.conf
+LAB_MODELS=/mimer/NOBACKUP/Datasets/LLM/huggingface/hub
+LAB_IMAGE=/apps/containers/vLLM/vllm-0.11.0.sif
+
+log() { printf '[lab] %s\n' "$*" >&2; }
+
+# pid_alive FILE: true when FILE holds the pid of a live process.
+pid_alive() {
+    local pid
+    [ -s "$1" ] || return 1
+    pid=$(head -n1 "$1" 2>/dev/null | tr -dc 0-9)
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+    # a zombie (dead, not yet reaped by the machine's init) is not alive
+    [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]
+}
+
+pid_of() { head -n1 "$1" 2>/dev/null | tr -dc 0-9; }
