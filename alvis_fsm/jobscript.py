@@ -1,0 +1,207 @@
+"""The SLURM job script: rendering the packaged template, safely.
+
+Two kinds of value reach the script. ``#SBATCH`` lines are read by sbatch,
+not by bash, so quoting means nothing there: those values must match a
+strict pattern or are refused. Everything else is rendered as one bash
+single-quoted word (``shlex.quote``) assigned to a variable at the top of the
+script, so a model path holding ``$(...)``, backticks, quotes, ``;`` or
+newlines is data, never code. Substitution is a single pass, so a value that
+itself contains ``{{NAME}}`` is not expanded again."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from alvis_fsm import paths, rundir
+from alvis_fsm.errors import ConfigError, UsageError
+
+WALLTIME_FORMS = "MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+DEFAULT_MAX_TIME = "7-00:00:00"
+
+_ACCOUNT = re.compile(r"[A-Za-z0-9_.-]+")
+_GPUS = re.compile(r"(?:[A-Za-z0-9_]+:)?([1-9][0-9]*)")
+_JOB_NAME = _ACCOUNT
+_PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+
+# Non-leading fields are at most two digits; the leading one is any length
+# (SLURM accepts "90" minutes or "36:00:00").
+_WALLTIME = [
+    re.compile(r"(?P<m>[0-9]+)"),
+    re.compile(r"(?P<m>[0-9]+):(?P<s>[0-9]{1,2})"),
+    re.compile(r"(?P<h>[0-9]+):(?P<m>[0-9]{1,2}):(?P<s>[0-9]{1,2})"),
+    re.compile(r"(?P<d>[0-9]+)-(?P<h>[0-9]{1,2})"),
+    re.compile(r"(?P<d>[0-9]+)-(?P<h>[0-9]{1,2}):(?P<m>[0-9]{1,2})"),
+    re.compile(r"(?P<d>[0-9]+)-(?P<h>[0-9]{1,2}):(?P<m>[0-9]{1,2}):(?P<s>[0-9]{1,2})"),
+]
+
+# The requirements' sed: 's#.*/models--\([^/]*\)--\([^/]*\)/.*#\1/\2#p'.
+_HF_CACHE_PATH = re.compile(r".*/models--([^/]*)--([^/]*)/.*")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything one job script needs; ``render`` validates it."""
+
+    job_name: str
+    account: str
+    time: str
+    gpus: str
+    run_dir: str
+    model_path: str
+    max_model_len: int
+    served_name: str
+    image: str
+    ready_timeout: int
+    partition: str = ""
+    vllm_args: tuple[str, ...] = ()
+
+
+def _duration(text: str) -> int | None:
+    """Seconds of a SLURM duration, or None if ``text`` is not one of its forms."""
+    for pattern in _WALLTIME:
+        # fullmatch with ASCII digits only: "٣" or " 5" or "+5" never pass.
+        m = pattern.fullmatch(text)
+        if m is None:
+            continue
+        fields = {k: int(v) for k, v in m.groupdict().items() if v is not None}
+        leading = next(iter(fields))
+        limits = {"h": 24 if "d" in fields else None, "m": 60, "s": 60}
+        for key, value in fields.items():
+            limit = limits.get(key)
+            if key != leading and limit is not None and value >= limit:
+                return None
+        return (
+            fields.get("d", 0) * 86400
+            + fields.get("h", 0) * 3600
+            + fields.get("m", 0) * 60
+            + fields.get("s", 0)
+        )
+    return None
+
+
+def parse_walltime(text: str, max_time: str = DEFAULT_MAX_TIME) -> int:
+    """Seconds of a job duration in one of SLURM's forms, at most ``max_time``."""
+    limit = _duration(max_time)
+    if limit is None or limit <= 0:
+        raise ConfigError(
+            f"Invalid maximum job duration {max_time!r}",
+            hint=f"slurm.max_time must be one of {WALLTIME_FORMS}.",
+        )
+    seconds = _duration(text)
+    if seconds is None or seconds <= 0:
+        raise UsageError(
+            f"Invalid job duration {text!r}: use {WALLTIME_FORMS} (at most {max_time})",
+            hint="For example -t 30 (minutes), -t 2:00:00 (two hours) or -t 1-12 (36 hours).",
+        )
+    if seconds > limit:
+        raise UsageError(
+            f"Job duration {text!r} is longer than the maximum {max_time}",
+            hint=f"Use {WALLTIME_FORMS}, at most {max_time} (slurm.max_time).",
+        )
+    return seconds
+
+
+def format_walltime(seconds: int) -> str:
+    """SLURM's ``D-HH:MM:SS`` (or ``H:MM:SS`` under a day) for ``#SBATCH --time``."""
+    if seconds <= 0:
+        raise ValueError(f"a job duration must be positive, got {seconds}")
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def gpu_count(gpus: str) -> int:
+    """GPUs per node of a ``--gpus-per-node`` value (``A40:2`` -> 2, ``4`` -> 4)."""
+    m = _GPUS.fullmatch(gpus)
+    if m is None:
+        raise ConfigError(
+            f"Invalid GPU request {gpus!r}",
+            hint="Use TYPE:N or N, e.g. A40:1 or A100:4.",
+        )
+    return int(m.group(1))
+
+
+def served_model_name(path: str) -> str:
+    """The name vLLM serves a model under, derived from its path as the
+    requirements' sed does (``.../models--ORG--NAME/...`` -> ``ORG/NAME``);
+    otherwise the path's last component."""
+    m = _HF_CACHE_PATH.fullmatch(path)
+    if m is not None:
+        return f"{m.group(1)}/{m.group(2)}"
+    stripped = path.rstrip("/")
+    return stripped.rsplit("/", 1)[-1] or path
+
+
+def _sbatch_value(what: str, value: str, pattern: re.Pattern[str], hint: str) -> str:
+    if pattern.fullmatch(value) is None:
+        raise ConfigError(f"Invalid {what} {value!r} for the job script", hint=hint)
+    return value
+
+
+def _word(what: str, value: str, *, allow_empty: bool = False) -> str:
+    # bash strings cannot hold NUL; everything else survives single quotes.
+    if "\x00" in value:
+        raise ConfigError(f"The {what} contains a NUL character: {value!r}")
+    if not value and not allow_empty:
+        raise ConfigError(f"The {what} is empty")
+    return shlex.quote(value)
+
+
+def _positive_int(what: str, value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"The {what} must be a positive integer, got {value!r}")
+    return str(value)
+
+
+def _values(spec: JobSpec) -> dict[str, str]:
+    ident_hint = "Only letters, digits, '_', '.' and '-' are allowed."
+    values = {
+        "ACCOUNT": _sbatch_value("account", spec.account, _ACCOUNT, ident_hint),
+        "JOB_NAME": _sbatch_value("job name", spec.job_name, _JOB_NAME, ident_hint),
+        "TIME": format_walltime(parse_walltime(spec.time, max_time=_NO_POLICY_MAX)),
+        "GPUS": _sbatch_value("GPU request", spec.gpus, _GPUS, "Use TYPE:N or N, e.g. A40:1."),
+        "GPU_COUNT": str(gpu_count(spec.gpus)),
+        "PARTITION_LINE": (
+            "#SBATCH --partition "
+            + _sbatch_value("partition", spec.partition, _ACCOUNT, ident_hint)
+            if spec.partition
+            else ""
+        ),
+        "RUN_DIR": _word("run directory", spec.run_dir),
+        "MODEL_PATH": _word("model path", spec.model_path),
+        "SERVED_NAME": _word(
+            "served model name", spec.served_name or served_model_name(spec.model_path)
+        ),
+        "IMAGE": _word("container image", spec.image),
+        "VLLM_ARGS": " ".join(_word("vLLM argument", a, allow_empty=True) for a in spec.vllm_args),
+        "MAX_MODEL_LEN": _positive_int("max model length", spec.max_model_len),
+        "READY_TIMEOUT": _positive_int("server ready timeout", spec.ready_timeout),
+    }
+    for name, value in rundir.placeholders().items():
+        values[name] = _word(name, value)
+    return values
+
+
+# The user's maximum is policy, checked where the duration is typed; the
+# renderer only insists on a form sbatch understands.
+_NO_POLICY_MAX = "100000-00:00:00"
+
+
+def render(spec: JobSpec, template: str | None = None) -> str:
+    """The job script for ``spec``; ``template`` defaults to the packaged one."""
+    text = template if template is not None else Path(paths.jobscript_template()).read_text()
+    values = _values(spec)
+    unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(text)} - values.keys())
+    if unknown:
+        raise ConfigError(
+            "Unknown placeholder(s) in the job script template: "
+            + ", ".join("{{" + name + "}}" for name in unknown),
+            hint="Known placeholders: " + ", ".join(sorted(values)),
+        )
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)

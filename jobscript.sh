@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+#SBATCH --account {{ACCOUNT}}
+#SBATCH --job-name {{JOB_NAME}}
+#SBATCH --time {{TIME}}
+#SBATCH --nodes 1
+#SBATCH --gpus-per-node={{GPUS}}
+{{PARTITION_LINE}}
+# alvis-fsm job script: vLLM in its apptainer image on one node.
+#
+# This file is a template, rendered by alvis_fsm/jobscript.py. Only values
+# that passed a strict pattern reach the #SBATCH lines above; everything else
+# arrives below as one single-quoted bash word per value, so a path or name
+# can never run anything.
+#
+# A job's $TMPDIR is node-local, purged at job end and invisible to the login
+# node, so every file the client reads is written to the session's run
+# directory on shared storage; $TMPDIR only holds vLLM's caches. Files the
+# client polls are written under a temporary name and renamed, so a reader
+# never sees half a file.
+
+set -u
+umask 077
+
+RUN_DIR={{RUN_DIR}}
+HF_MODEL={{MODEL_PATH}}
+MODEL_NAME={{SERVED_NAME}}
+SIF_IMAGE={{IMAGE}}
+EXTRA=({{VLLM_ARGS}})
+MAX_MODEL_LEN={{MAX_MODEL_LEN}}
+READY_TIMEOUT={{READY_TIMEOUT}}
+STARTUP_LINE={{STARTUP_LINE}}
+API_KEY_FILE={{FILE_API_KEY}}
+STARTED_FILE={{FILE_STARTED}}
+ADDRESS_FILE={{FILE_ADDRESS}}
+OUT_FILE={{FILE_VLLM_OUT}}
+ERR_FILE={{FILE_VLLM_ERR}}
+EXIT_FILE={{FILE_VLLM_EXIT}}
+ENDED_FILE={{FILE_ENDED}}
+
+# The client may name the run directory relative to the remote home.
+case $RUN_DIR in
+    "~") RUN_DIR=$HOME ;;
+    "~/"*) RUN_DIR=$HOME/${RUN_DIR#"~/"} ;;
+    /*) ;;
+    *) RUN_DIR=$HOME/$RUN_DIR ;;
+esac
+cd -- "$RUN_DIR" || { printf 'alvis-fsm: cannot enter run directory %s\n' "$RUN_DIR" >&2; exit 1; }
+
+put() {  # put FILE TEXT: atomic replace
+    printf '%s\n' "$2" >"$1.tmp.$$" && mv -f -- "$1.tmp.$$" "$1"
+}
+
+VLLM_PID=""
+stop_vllm() {  # stop_vllm WHY: record why, stop vLLM, record its status, exit with it
+    trap '' TERM INT HUP
+    put "$ENDED_FILE" "$1"
+    local status=1
+    if [ -n "$VLLM_PID" ]; then
+        kill -TERM "$VLLM_PID" 2>/dev/null
+        wait "$VLLM_PID"
+        status=$?
+        put "$EXIT_FILE" "$status"
+    fi
+    exit "${2:-$status}"
+}
+# scancel and the time limit send SIGTERM; Ctrl+C on srun/salloc sends INT.
+trap 'stop_vllm "signal TERM"' TERM
+trap 'stop_vllm "signal INT"' INT
+trap 'stop_vllm "signal HUP"' HUP
+
+# A requeued job must not leave the client reading the last attempt's files.
+rm -f -- "$ADDRESS_FILE" "$EXIT_FILE" "$ENDED_FILE" "$OUT_FILE" "$ERR_FILE"
+put "$STARTED_FILE" "$(hostname) ${SLURM_JOB_ID:-}"
+
+API_PORT=$(find_ports)
+API_PORT=${API_PORT%%[!0-9]*}
+if [ -z "$API_PORT" ]; then
+    put "$ENDED_FILE" "find_ports failed"
+    exit 1
+fi
+put "$ADDRESS_FILE" "$(hostname):${API_PORT}"
+
+module purge >/dev/null 2>&1 || true
+
+SCRATCH=${TMPDIR:-/tmp}
+export VLLM_CACHE_ROOT="$SCRATCH/vllm-cache"
+export XDG_CACHE_HOME="$SCRATCH/xdg-cache"
+export TRITON_CACHE_DIR="$SCRATCH/triton-cache"
+export TORCHINDUCTOR_CACHE_DIR="$SCRATCH/torchinductor-cache"
+
+# vLLM reads the key from its environment (apptainer passes it through), so
+# it never appears on a command line where `ps` on the node could show it.
+if [ -f "$API_KEY_FILE" ]; then
+    VLLM_API_KEY=$(cat -- "$API_KEY_FILE")
+    export VLLM_API_KEY
+else
+    unset VLLM_API_KEY
+fi
+
+apptainer exec "$SIF_IMAGE" vllm serve "$HF_MODEL" \
+    --port "$API_PORT" \
+    --tensor-parallel-size "${SLURM_GPUS_ON_NODE:-{{GPU_COUNT}}}" \
+    --max-model-len "$MAX_MODEL_LEN" \
+    --served-model-name "$MODEL_NAME" \
+    "${EXTRA[@]}" >"$OUT_FILE" 2>"$ERR_FILE" &
+VLLM_PID=$!
+
+# Startup watchdog: a model that hangs while loading must not burn GPU hours
+# when no client is watching. `sleep & wait` keeps the traps responsive.
+deadline=$((SECONDS + READY_TIMEOUT))
+while kill -0 "$VLLM_PID" 2>/dev/null; do
+    if grep -qF -- "$STARTUP_LINE" "$ERR_FILE" 2>/dev/null; then
+        break
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+        stop_vllm "startup timeout" 1
+    fi
+    sleep 1 &
+    wait $!
+done
+
+wait "$VLLM_PID"
+status=$?
+put "$EXIT_FILE" "$status"
+exit "$status"
