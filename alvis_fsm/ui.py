@@ -106,6 +106,34 @@ class Reporter:
                 self._live = None
             self._status_text = ""
 
+    def connected(self, record: Any, models: list[str]) -> None:
+        """The ready block: what to paste to use the server."""
+        base = f"{record.url}/v1"
+        key = record.api_key or "EMPTY"
+        name = models[0] if models else record.served_name
+        self.result(f"✓ Connection successful! Server available at {record.url}")
+        if self.verbosity < Verbosity.NORMAL:
+            return
+        self.result(
+            "\n".join(
+                [
+                    f"  Model:    {name}",
+                    f"  Base URL: {base}",
+                    "",
+                    "  # paste into your shell (or: eval \"$(alvis-fsm env " + record.name + ")\")",
+                    f"  export OPENAI_BASE_URL={base}",
+                    f"  export OPENAI_API_KEY={key}",
+                    "",
+                    f"  curl -s {base}/models -H \"Authorization: Bearer $OPENAI_API_KEY\"",
+                    "",
+                    "  from openai import OpenAI  # reads OPENAI_BASE_URL and OPENAI_API_KEY",
+                    f"  r = OpenAI().chat.completions.create(model=\"{name}\", messages=[{{\"role\": \"user\", \"content\": \"Hi\"}}])",
+                    "  print(r.choices[0].message.content)",
+                    "",
+                ]
+            )
+        )
+
     # -- questions ----------------------------------------------------------
     def interactive(self) -> bool:
         return sys.stdin.isatty()

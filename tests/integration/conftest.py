@@ -216,11 +216,31 @@ def bring_up_lab() -> Lab:
 
 
 @pytest.fixture(scope="session")
-def lab() -> Lab:
-    """The running lab cluster (started by tests/lab/up if it is not up)."""
+def lab() -> Iterator[Lab]:
+    """The running lab cluster (started by tests/lab/up if it is not up).
+
+    Held under an exclusive lock on the lab for the whole test session, so a
+    benchmark or another test run on the same machine waits instead of
+    mixing its jobs and ssh processes with ours."""
     if os.geteuid() != 0:
         pytest.skip("the lab cluster needs root (tests/lab/up)")
-    return bring_up_lab()
+    lab_obj = bring_up_lab()
+    with lab_lock(lab_obj.root):
+        yield lab_obj
+
+
+@contextlib.contextmanager
+def lab_lock(root: Path) -> Iterator[None]:
+    import fcntl
+
+    path = root / "run" / "users.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @pytest.fixture

@@ -1,0 +1,221 @@
+# alvis-fsm remote agent: runs on the login node, one subcommand per call,
+# over the session's shared ssh connection, as
+#     bash -c "<this file>" alvis-fsm-agent SUBCOMMAND ARGS...
+# Waiting happens here, next to the files, so the client learns of an event
+# within one poll interval instead of one ssh round trip plus a local sleep,
+# and so each wait costs one channel on the shared connection, not a login.
+#
+# Output protocol (one record per line, parsed by alvis_fsm/remote.py):
+#   JOB|<source>|<state>|<node>|<reason>|<start>|<timeleft>|<exitcode>
+#   STARTED|<host> <jobid>      READY|<host:port>      EXITED|<status>
+#   ENDED|<why>                 GONE|<state>           WAIT|
+#   O|<vllm.out line>           E|<vllm.err line>
+# Exit codes: 0 ok, 3 usage, 4 sbatch refused (its stderr is passed on).
+#
+# File names come from the client as environment-free arguments so that
+# they are defined once (alvis_fsm/rundir.py).
+set -u
+export LC_ALL=C
+
+die() { printf '%s\n' "$*" >&2; exit 3; }
+
+expand_dir() {
+    # "~/x" means the remote home: the client cannot know it.
+    case $1 in
+        "~") printf '%s\n' "$HOME" ;;
+        "~/"*) printf '%s/%s\n' "$HOME" "${1#\~/}" ;;
+        /*) printf '%s\n' "$1" ;;
+        *) printf '%s/%s\n' "$HOME" "$1" ;;
+    esac
+}
+
+# One scheduler query: squeue while the job is known to the controller,
+# sacct once it has left (the controller forgets finished jobs).
+jobinfo() {
+    local id=$1 line
+    line=$(squeue -h -j "$id" -o '%T|%N|%r|%S|%L' 2>/dev/null | head -n 1)
+    if [ -n "$line" ]; then
+        printf 'JOB|squeue|%s|\n' "$line"
+        return
+    fi
+    line=$(sacct -j "$id" -X -n -P -o State,NodeList,Reason,Start,Elapsed,ExitCode 2>/dev/null | head -n 1)
+    if [ -n "$line" ]; then
+        IFS='|' read -r st node reason start _elapsed code <<<"$line"
+        printf 'JOB|sacct|%s|%s|%s|%s||%s\n' "${st%% *}" "$node" "$reason" "$start" "$code"
+    else
+        printf 'JOB|none||||||\n'
+    fi
+}
+
+# Seconds since the epoch with a fraction, for sub-second deadlines.
+now() { date +%s.%N; }
+before() { awk -v a="$(now)" -v b="$1" 'BEGIN { exit !(a < b) }'; }
+deadline() { awk -v a="$(now)" -v s="$1" 'BEGIN { printf "%.3f", a + s }'; }
+
+cmd_prepare() {
+    # prepare RUN_DIR KEY_NAME HAS_KEY ; stdin: the API key line when HAS_KEY=1
+    local run keyfile haskey key
+    run=$(expand_dir "$1"); keyfile=$2; haskey=$3
+    umask 077
+    mkdir -p -- "$run" || die "cannot create run directory $run"
+    chmod 700 -- "$run"
+    if [ "$haskey" = 1 ]; then
+        IFS= read -r key || die "no API key on stdin"
+        printf '%s\n' "$key" >"$run/$keyfile"
+        chmod 600 -- "$run/$keyfile"
+    fi
+    printf 'RUN|%s\n' "$run"
+}
+
+cmd_submit() {
+    # submit RUN_DIR JOB_SCRIPT_NAME [sbatch args...] ; stdin: the job script
+    local run=$1 script=$2 out err rc
+    shift 2
+    cd -- "$run" || die "run directory $run is gone"
+    umask 077
+    cat >"$script" || die "cannot write $run/$script"
+    err=$(mktemp) || exit 3
+    out=$(sbatch --parsable "$@" "$script" 2>"$err"); rc=$?
+    if [ $rc -ne 0 ]; then
+        cat -- "$err" >&2; rm -f -- "$err"
+        exit 4
+    fi
+    rm -f -- "$err"
+    printf 'SUBMITTED|%s\n' "${out%%;*}"
+}
+
+cmd_find() {
+    # find JOB_NAME: the job of ours with this unique name, if the controller has one
+    squeue -h -u "$(id -un)" -n "$1" -o '%i' 2>/dev/null | head -n 1 | sed 's/^/FOUND|/'
+}
+
+cmd_jobinfo() { jobinfo "$1"; }
+
+cmd_wait_start() {
+    # wait-start RUN JOBID SLICE INTERVAL STARTED_FILE
+    local run=$1 id=$2 slice=$3 interval=$4 started=$5 end
+    run=$(expand_dir "$run")
+    jobinfo "$id"
+    end=$(deadline "$slice")
+    while before "$end"; do
+        if [ -s "$run/$started" ]; then
+            printf 'STARTED|%s\n' "$(head -n 1 -- "$run/$started")"
+            return
+        fi
+        sleep "$interval"
+    done
+    printf 'WAIT|\n'
+}
+
+cmd_wait_ready() {
+    # wait-ready RUN JOBID SLICE INTERVAL ADDRESS ERR EXIT ENDED STARTUP_LINE
+    local run=$1 id=$2 slice=$3 interval=$4 address=$5 errf=$6 exitf=$7 ended=$8 line=$9 end
+    run=$(expand_dir "$run")
+    end=$(deadline "$slice")
+    while before "$end"; do
+        if [ -s "$run/$exitf" ]; then
+            printf 'EXITED|%s\n' "$(head -n 1 -- "$run/$exitf")"; return
+        fi
+        if [ -s "$run/$ended" ]; then
+            printf 'ENDED|%s\n' "$(head -n 1 -- "$run/$ended")"; return
+        fi
+        if [ -s "$run/$address" ] && grep -qF -- "$line" "$run/$errf" 2>/dev/null; then
+            printf 'READY|%s\n' "$(head -n 1 -- "$run/$address")"; return
+        fi
+        sleep "$interval"
+    done
+    # Once per slice, ask the scheduler whether the job is still there: a
+    # node failure or a cancel from elsewhere leaves no file behind.
+    jobinfo "$id"
+}
+
+cmd_stream() {
+    # stream RUN JOBID LINES FOLLOW INTERVAL CHECK_EVERY OUT ERR EXIT ENDED
+    local run=$1 id=$2 lines=$3 follow=$4 interval=$5 check=$6
+    local outf=$7 errf=$8 exitf=$9 ended=${10} last st
+    run=$(expand_dir "$run")
+    cd -- "$run" || die "run directory $run is gone"
+    if [ "$follow" != 1 ]; then
+        tail -n "$lines" -- "$outf" 2>/dev/null | sed 's/^/O|/'
+        tail -n "$lines" -- "$errf" 2>/dev/null | sed 's/^/E|/'
+        return
+    fi
+    # Everything started here dies with the ssh channel: when the client
+    # goes away our stdin reaches EOF and the whole process group is killed,
+    # so no tail is left running on the login node.
+    { cat >/dev/null; kill -TERM 0; } &
+    tail -n "$lines" -F -- "$outf" 2>/dev/null | sed -u 's/^/O|/' &
+    tail -n "$lines" -F -- "$errf" 2>/dev/null | sed -u 's/^/E|/' &
+    last=$(date +%s)
+    while :; do
+        if [ -s "$exitf" ]; then
+            sleep 0.3  # let tail pass on vLLM's last lines first
+            printf 'EXITED|%s\n' "$(head -n 1 -- "$exitf")"; break
+        fi
+        if [ -s "$ended" ]; then
+            sleep 0.3
+            printf 'ENDED|%s\n' "$(head -n 1 -- "$ended")"; break
+        fi
+        if [ $(( $(date +%s) - last )) -ge "$check" ]; then
+            last=$(date +%s)
+            st=$(squeue -h -j "$id" -o '%T' 2>/dev/null | head -n 1)
+            if [ -z "$st" ] || [ "$st" != RUNNING ]; then
+                printf 'GONE|%s\n' "${st:-left the queue}"; break
+            fi
+        fi
+        sleep "$interval"
+    done
+    kill -TERM 0
+}
+
+cmd_cancel() {
+    # cancel JOBID JOBNAME: by id when known, else by our unique job name
+    # (an interrupted sbatch may have queued a job whose id we never saw).
+    local id=$1 name=$2 i st
+    if [ -n "$id" ]; then
+        scancel "$id" 2>/dev/null
+    fi
+    if [ -n "$name" ]; then
+        scancel -u "$(id -un)" -n "$name" 2>/dev/null
+    fi
+    # Wait (bounded) until nothing of ours is pending or running, so that
+    # "Cleaned up" is true when the client prints it.
+    for i in $(seq 1 40); do
+        st=$( { [ -n "$id" ] && squeue -h -j "$id" -o '%T'; [ -n "$name" ] && squeue -h -u "$(id -un)" -n "$name" -o '%T'; } 2>/dev/null \
+              | grep -E 'PENDING|RUNNING|CONFIGURING|SUSPENDED|REQUEUED' | head -n 1)
+        [ -z "$st" ] && break
+        sleep 0.25
+    done
+    printf 'CANCELLED|%s\n' "${st:-}"
+}
+
+cmd_discover() {
+    # discover HUB: every models--ORG--NAME/snapshots/HASH with its config.json
+    local hub snap cfg
+    hub=$(expand_dir "$1")
+    for snap in "$hub"/models--*/snapshots/*/; do
+        [ -d "$snap" ] || continue
+        cfg="$snap/config.json"
+        printf 'SNAPSHOT|%s\n' "$snap"
+        if [ -r "$cfg" ]; then
+            tr -d '\n' <"$cfg" | head -c 65536
+            printf '\n'
+        else
+            printf '{}\n'
+        fi
+    done
+}
+
+sub=${1:-}; [ $# -gt 0 ] && shift
+case $sub in
+    prepare) cmd_prepare "$@" ;;
+    submit) cmd_submit "$@" ;;
+    find) cmd_find "$@" ;;
+    jobinfo) cmd_jobinfo "$@" ;;
+    wait-start) cmd_wait_start "$@" ;;
+    wait-ready) cmd_wait_ready "$@" ;;
+    stream) cmd_stream "$@" ;;
+    cancel) cmd_cancel "$@" ;;
+    discover) cmd_discover "$@" ;;
+    *) die "alvis-fsm agent: unknown subcommand '$sub'" ;;
+esac

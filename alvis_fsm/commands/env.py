@@ -1,0 +1,29 @@
+"""alvis-fsm env: exports for OpenAI-compatible clients: eval "$(alvis-fsm env)"."""
+
+from __future__ import annotations
+
+import shlex
+
+import click
+
+from alvis_fsm.commands._common import pick_session, settings
+from alvis_fsm.errors import SessionError
+from alvis_fsm.store import Store
+from alvis_fsm.ui import Verbosity
+
+
+def exports(base_url: str, api_key: str) -> str:
+    lines = [f"export OPENAI_BASE_URL={shlex.quote(base_url)}"]
+    lines.append(f"export OPENAI_API_KEY={shlex.quote(api_key or 'EMPTY')}")
+    return "\n".join(lines)
+
+
+def run(verbosity: Verbosity, *, name: str | None) -> None:
+    cfg = settings()
+    record = pick_session(Store(cfg.state_dir), name)
+    if not record.live:
+        raise SessionError(
+            f"Session '{record.name}' is {record.state}; there is no server to point at",
+            hint="`alvis-fsm start` or `alvis-fsm resume`.",
+        )
+    click.echo(exports(f"{record.url}/v1", record.api_key))

@@ -1,0 +1,37 @@
+"""alvis-fsm resume: pick a session up where it is, after a killed client,
+a closed laptop or a --detach."""
+
+from __future__ import annotations
+
+from alvis_fsm.commands._common import pick_session, reporter, settings
+from alvis_fsm.store import Store
+from alvis_fsm.ui import Verbosity
+
+
+def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
+    ui = reporter(verbosity)
+    cfg = settings()
+    store = Store(cfg.state_dir)
+    record = pick_session(store, name)
+    with store.lock(record.name):
+        record = store.load(record.name)  # re-read under the lock
+        if record.state == "cleaned":
+            ui.result(
+                f"Session '{record.name}' is finished (job {record.job_id or '-'}"
+                + (f": {record.end_reason}" if record.end_reason else "")
+                + "). Start a new one with `alvis-fsm start`."
+            )
+            return
+        from alvis_fsm.session import Runner
+
+        runner = Runner(cfg, record, store, ui, detach=detach)
+        ui.info(f"Resuming session '{record.name}' (job {record.job_id or '-'}, {record.state})")
+        runner.conn.open()
+        if record.state == "failed":
+            runner.cleanup(record.end_reason or "failed")
+            return
+        if record.job_id and not runner.still_alive():
+            return
+        runner.drive()
+    if detach:
+        ui.result(f"Detached: {record.url} (alvis-fsm stop {record.name} to cancel)")

@@ -1,0 +1,132 @@
+"""alvis-fsm status: every session (or one), with a live check unless --offline.
+
+``--offline`` reads only the local state files: no settings validation beyond
+the state directory, no ssh, and none of the heavy imports.
+
+JSON (``--json``), stable: ``{"sessions": [SESSION...], "errors": [TEXT...]}``
+with SESSION = ``{"name", "state", "model", "served_name", "job_id", "node",
+"port", "local_port", "url", "run_dir", "started", "time_limit",
+"time_left", "job_state", "reachable", "end_reason"}``; ``job_state`` and
+``reachable`` are null when not checked (offline, or nothing to check)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+
+from alvis_fsm.errors import AlvisError
+from alvis_fsm.store import SessionRecord, Store, check_name, default_state_dir
+from alvis_fsm.ui import Verbosity
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{text}" if days else text
+
+
+def offline_time_left(record: SessionRecord) -> str:
+    if not record.live or not record.running_since or not record.time_limit_s:
+        return ""
+    return _fmt_seconds(record.time_limit_s - (time.time() - record.running_since))
+
+
+def row(record: SessionRecord, job_state: str | None = None, time_left: str | None = None,
+        reachable: bool | None = None) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "state": record.state,
+        "model": record.model,
+        "served_name": record.served_name,
+        "job_id": record.job_id or None,
+        "node": record.node or None,
+        "port": record.port or None,
+        "local_port": record.local_port or None,
+        "url": record.url if record.live else None,
+        "run_dir": record.run_dir or None,
+        "started": record.started or None,
+        "time_limit": record.time_limit or None,
+        "time_left": (time_left if time_left is not None else offline_time_left(record)) or None,
+        "job_state": job_state,
+        "reachable": reachable,
+        "end_reason": record.end_reason or None,
+    }
+
+
+def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool) -> None:
+    if offline:
+        store = Store(default_state_dir())
+    else:
+        from alvis_fsm.commands._common import settings
+
+        cfg = settings()
+        store = Store(cfg.state_dir)
+    errors: list[str] = []
+    if name:
+        records = [store.load(check_name(name))]
+    else:
+        records, errs = store.all()
+        errors = [e.message for e in errs]
+    rows: list[dict[str, Any]] = []
+    for record in records:
+        if offline or not record.live:
+            rows.append(row(record))
+            continue
+        rows.append(_live_row(cfg, store, record, verbosity, errors))
+    if as_json:
+        click.echo(json.dumps({"sessions": rows, "errors": errors}, indent=2))
+        return
+    if not rows and not errors:
+        click.echo("No sessions. Start one with `alvis-fsm start`.")
+    for r in rows:
+        click.echo(_describe(r))
+    for e in errors:
+        click.echo(f"[ERROR] {e}", err=True)
+
+
+def _live_row(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosity,
+              errors: list[str]) -> dict[str, Any]:
+    from alvis_fsm.commands._common import reporter
+    from alvis_fsm.session import Runner
+    from alvis_fsm.tunnel import health
+
+    ui = reporter(Verbosity.QUIET if verbosity < Verbosity.VERBOSE else verbosity)
+    driven = store.locked(record.name)
+    runner = Runner(cfg, record, store, ui, readonly=driven)
+    opened = not runner.conn.alive()
+    try:
+        runner.conn.open()
+        job = runner.agent.jobinfo(record.job_id) if record.job_id else None
+        if job is not None and (not job.known or job.state.ended):
+            if not driven:
+                runner.still_alive()  # records how it ended, marks cleaned
+            return row(record, job_state=str(job.state) if job.known else "GONE")
+        reachable = health(record.local_port) if record.state == "tunneled" else None
+        return row(record, job_state=str(job.state) if job else None,
+                   time_left=job.time_left if job else None, reachable=reachable)
+    except AlvisError as exc:
+        errors.append(f"{record.name}: {exc.message}")
+        return row(record)
+    finally:
+        if opened:
+            runner.conn.close()
+
+
+def _describe(r: dict[str, Any]) -> str:
+    parts = [f"{r['name']}: {r['state']}"]
+    if r["job_id"]:
+        parts.append(f"job {r['job_id']}" + (f" ({r['job_state']})" if r["job_state"] else ""))
+    if r["node"]:
+        parts.append(f"node {r['node']}" + (f":{r['port']}" if r["port"] else ""))
+    parts.append(f"model {r['model']}")
+    if r["url"]:
+        parts.append(r["url"] + ("" if r["reachable"] is None else " (answering)" if r["reachable"] else " (not answering)"))
+    if r["time_left"]:
+        parts.append(f"{r['time_left']} left")
+    if r["end_reason"] and r["state"] in ("cleaned", "failed"):
+        parts.append(r["end_reason"])
+    return " · ".join(parts)

@@ -1,0 +1,165 @@
+"""The remote agent (``agent.sh``) called over the shared connection.
+
+Each method is one channel on the shared ssh connection: no new login, and
+each wait happens on the login node next to the run directory."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+from alvis_fsm import rundir
+from alvis_fsm.errors import SchedulerError, SSHError
+from alvis_fsm.slurm import JobInfo, parse_job_id, parse_jobinfo
+from alvis_fsm.ssh import Connection
+
+
+@cache
+def agent_source() -> str:
+    return resources.files("alvis_fsm").joinpath("agent.sh").read_text(encoding="utf-8")
+
+
+def _records(text: str, kind: str) -> list[str]:
+    prefix = kind + "|"
+    return [line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix)]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One outcome of a wait: STARTED, READY, EXITED, ENDED, or WAIT plus the
+    scheduler's view (``job``) when it was asked."""
+
+    kind: str
+    value: str = ""
+    job: JobInfo | None = None
+
+
+@dataclass
+class Agent:
+    conn: Connection
+
+    def _argv(self, *args: str) -> list[str]:
+        return ["bash", "-c", agent_source(), "alvis-fsm-agent", *args]
+
+    def call(
+        self, *args: str, input: str | None = None, timeout: float = 60, retry: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return self.conn.run(self._argv(*args), input=input, timeout=timeout, retry=retry)
+
+    # -- submission ---------------------------------------------------------
+    def prepare(self, run_dir: str, api_key: str | None) -> str:
+        """Create the run dir (0700) and write the key (0600) from stdin, so the
+        key never appears on a command line. Returns the absolute run dir
+        (``~`` is the remote home, which only the remote side knows)."""
+        proc = self.call(
+            "prepare", run_dir, rundir.API_KEY, "1" if api_key else "0",
+            input=(api_key + "\n") if api_key else "",
+        )  # fmt: skip
+        found = _records(proc.stdout, "RUN")
+        if proc.returncode != 0 or not found:
+            raise SchedulerError(
+                f"Could not prepare the run directory {run_dir} on the login node",
+                details=(proc.stderr or proc.stdout).strip() or None,
+            )
+        return found[0]
+
+    def submit(self, run_dir: str, job_script: str, sbatch_args: list[str]) -> str:
+        """Write the job script and sbatch it. Never retried blindly: a lost
+        connection during sbatch is ambiguous (see ``find``)."""
+        proc = self.call(
+            "submit", run_dir, rundir.JOB_SCRIPT, *sbatch_args, input=job_script, retry=False
+        )
+        if proc.returncode == 4:
+            raise SchedulerError(
+                "sbatch refused the job",
+                hint="Check the account (slurm.account), the GPU type (--gpus) and the time (-t).",
+                details=proc.stderr.strip(),
+            )
+        if proc.returncode != 0:
+            raise SchedulerError("Job submission failed", details=proc.stderr.strip() or None)
+        found = _records(proc.stdout, "SUBMITTED")
+        return parse_job_id(found[0] if found else proc.stdout)
+
+    def find(self, job_name: str) -> str | None:
+        found = _records(self.call("find", job_name).stdout, "FOUND")
+        return found[0] if found and found[0] else None
+
+    # -- waiting ------------------------------------------------------------
+    def jobinfo(self, job_id: str) -> JobInfo:
+        proc = self.call("jobinfo", job_id)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("JOB|")]
+        if not lines:
+            raise SchedulerError("The scheduler did not answer", details=proc.stderr.strip() or None)
+        return parse_jobinfo(lines[0])
+
+    def wait_start(self, run_dir: str, job_id: str, slice_s: float, interval: float) -> Event:
+        proc = self.call(
+            "wait-start", run_dir, job_id, f"{slice_s:.3f}", f"{interval:.3f}", rundir.STARTED,
+            timeout=slice_s + 60,
+        )  # fmt: skip
+        return _event(proc)
+
+    def wait_ready(self, run_dir: str, job_id: str, slice_s: float, interval: float) -> Event:
+        proc = self.call(
+            "wait-ready", run_dir, job_id, f"{slice_s:.3f}", f"{interval:.3f}",
+            rundir.ADDRESS, rundir.VLLM_ERR, rundir.VLLM_EXIT, rundir.ENDED, rundir.STARTUP_LINE,
+            timeout=slice_s + 60,
+        )  # fmt: skip
+        return _event(proc)
+
+    def tail(self, run_dir: str, lines: int) -> list[tuple[str, str]]:
+        """The last lines of both logs, as (stream, line) with stream 'out'/'err'."""
+        proc = self.call(
+            "stream", run_dir, "0", str(lines), "0", "1", "30",
+            rundir.VLLM_OUT, rundir.VLLM_ERR, rundir.VLLM_EXIT, rundir.ENDED,
+        )  # fmt: skip
+        return [parse_log_line(line) for line in proc.stdout.splitlines() if line[:2] in ("O|", "E|")]
+
+    def stream(self, run_dir: str, job_id: str, lines: int, check_every: float = 30) -> subprocess.Popen[bytes]:
+        return self.conn.popen(
+            self._argv(
+                "stream", run_dir, job_id, str(lines), "1", "0.2", str(int(check_every)),
+                rundir.VLLM_OUT, rundir.VLLM_ERR, rundir.VLLM_EXIT, rundir.ENDED,
+            )
+        )  # fmt: skip
+
+    def cancel(self, job_id: str, job_name: str) -> None:
+        proc = self.call("cancel", job_id, job_name, timeout=40)
+        if proc.returncode != 0:
+            raise SchedulerError(
+                f"scancel failed for job {job_id or job_name}",
+                hint="Run `scancel` on the login node by hand, or `alvis-fsm stop` again.",
+                details=proc.stderr.strip() or None,
+            )
+
+    def discover(self, hub: str) -> list[tuple[str, str]]:
+        """(snapshot path, config.json text) for every snapshot in the hub."""
+        proc = self.call("discover", hub, timeout=120)
+        lines = proc.stdout.splitlines()
+        out: list[tuple[str, str]] = []
+        for i, line in enumerate(lines):
+            if line.startswith("SNAPSHOT|") and i + 1 < len(lines):
+                out.append((line[len("SNAPSHOT|") :], lines[i + 1]))
+        return out
+
+
+def parse_log_line(line: str) -> tuple[str, str]:
+    tag, _, text = line.partition("|")
+    return ("out" if tag == "O" else "err", text)
+
+
+def _event(proc: subprocess.CompletedProcess[str]) -> Event:
+    if proc.returncode != 0:
+        raise SSHError("The remote wait failed", details=proc.stderr.strip() or None)
+    job: JobInfo | None = None
+    kind, value = "WAIT", ""
+    for line in proc.stdout.splitlines():
+        if line.startswith("JOB|"):
+            job = parse_jobinfo(line)
+        elif "|" in line:
+            head, _, rest = line.partition("|")
+            if head in ("STARTED", "READY", "EXITED", "ENDED", "WAIT"):
+                kind, value = head, rest
+    return Event(kind=kind, value=value, job=job)

@@ -1,0 +1,154 @@
+"""SLURM's answers, parsed. Pure functions: the commands themselves run on
+the login node through the agent (``remote.py``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from alvis_fsm.errors import SchedulerError
+
+
+class JobState(StrEnum):
+    PENDING = "PENDING"
+    CONFIGURING = "CONFIGURING"
+    RUNNING = "RUNNING"
+    COMPLETING = "COMPLETING"
+    COMPLETED = "COMPLETED"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+    TIMEOUT = "TIMEOUT"
+    NODE_FAIL = "NODE_FAIL"
+    PREEMPTED = "PREEMPTED"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
+    SUSPENDED = "SUSPENDED"
+    REQUEUED = "REQUEUED"
+    BOOT_FAIL = "BOOT_FAIL"
+    DEADLINE = "DEADLINE"
+    UNKNOWN = "UNKNOWN"  # the scheduler has no record of it
+
+    @classmethod
+    def parse(cls, text: str) -> JobState:
+        word = text.strip().split(" ")[0].rstrip("+")  # sacct: "CANCELLED by 1000"
+        try:
+            return cls(word)
+        except ValueError:
+            return cls.UNKNOWN
+
+    @property
+    def waiting(self) -> bool:
+        return self in (JobState.PENDING, JobState.CONFIGURING, JobState.REQUEUED, JobState.SUSPENDED)
+
+    @property
+    def ended(self) -> bool:
+        return not self.waiting and self is not JobState.RUNNING
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """One answer of squeue (while the controller knows the job) or sacct."""
+
+    source: str  # "squeue", "sacct" or "none"
+    state: JobState
+    node: str = ""
+    reason: str = ""
+    start: str = ""  # expected start while pending, actual start otherwise
+    time_left: str = ""
+    exit_code: str = ""
+
+    @property
+    def known(self) -> bool:
+        return self.source != "none"
+
+
+def parse_jobinfo(line: str) -> JobInfo:
+    """Parse the agent's ``JOB|source|state|node|reason|start|timeleft|exitcode``."""
+    parts = line.rstrip("\n").split("|")
+    if len(parts) < 8 or parts[0] != "JOB":
+        raise SchedulerError("Unexpected answer from the scheduler", details=line)
+    _, source, state, node, reason, start, left, code = parts[:8]
+    if source == "none":
+        return JobInfo(source="none", state=JobState.UNKNOWN)
+    return JobInfo(
+        source=source,
+        state=JobState.parse(state),
+        node=node if node not in ("None assigned", "(null)") else "",
+        reason=reason if reason not in ("None", "(null)") else "",
+        start=start if start not in ("N/A", "Unknown", "None") else "",
+        time_left=left if left not in ("INVALID", "UNLIMITED", "NOT_SET") else "",
+        exit_code=code,
+    )
+
+
+def parse_job_id(text: str) -> str:
+    """sbatch --parsable prints ``jobid`` or ``jobid;cluster``."""
+    first = text.strip().splitlines()[-1] if text.strip() else ""
+    job_id = first.split(";")[0].strip()
+    if not re.fullmatch(r"\d+(_\d+)?", job_id):
+        raise SchedulerError("sbatch did not print a job id", details=text.strip() or "(nothing)")
+    return job_id
+
+
+# What SLURM's pending reasons mean for someone waiting for a GPU.
+_REASONS = {
+    "Resources": "waiting for a free {gpu}",
+    "Priority": "other jobs are ahead of yours in the queue",
+    "QOSGrpGRES": "your group's GPU limit is reached",
+    "AssocGrpGRES": "your group's GPU limit is reached",
+    "QOSMaxGRESPerUser": "your personal GPU limit is reached",
+    "AssocGrpGRESMinutes": "your project's GPU-hour allocation is used up",
+    "QOSGrpGRESMinutes": "your project's GPU-hour allocation is used up",
+    "AssocMaxJobsLimit": "you have as many jobs as you may run at once",
+    "QOSMaxJobsPerUserLimit": "you have as many jobs as you may run at once",
+    "AssocGrpJobsLimit": "your group has as many jobs as it may run at once",
+    "ReqNodeNotAvail": "the requested nodes are unavailable (maintenance?)",
+    "PartitionTimeLimit": "the time asked for is above the partition's limit",
+    "BeginTime": "the job's start time has not come yet",
+    "Dependency": "waiting for another job to finish",
+    "JobHeldUser": "the job is held (scontrol release)",
+    "JobHeldAdmin": "the job is held by an administrator",
+    "Reservation": "waiting for a reservation",
+    "None": "being scheduled",
+    "": "being scheduled",
+}
+
+
+def describe_reason(reason: str, gpus: str = "GPU") -> str:
+    gpu = gpus.split(":")[0] if ":" in gpus else "GPU"
+    text = _REASONS.get(reason)
+    if text is None:
+        return reason
+    return text.format(gpu=gpu)
+
+
+# vLLM lines that explain why it died; shown as the root cause.
+FATAL_PATTERNS = re.compile(
+    r"CUDA out of memory|OutOfMemoryError|Engine core initialization failed|"
+    r"No available memory for the cache blocks|max_model_len|max_seq_len|"
+    r"CUDA error|RuntimeError|ValueError|FATAL|Traceback \(most recent call last\)|"
+    r"EngineCore encountered a fatal error|Error|error:",
+)
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def root_cause(lines: list[str], tail: int = 8) -> list[str]:
+    """The lines that explain a crash: fatal-pattern matches, then the tail.
+
+    A WARNING line alone never counts: vLLM prints many harmless ones."""
+    clean = [strip_ansi(line).rstrip() for line in lines]
+    fatal = [
+        line
+        for line in clean
+        if FATAL_PATTERNS.search(line) and not re.match(r"^\s*(WARNING|\(.*\) WARNING)", line)
+        and "WARNING" not in line.split(":", 1)[0]
+    ]
+    chosen: list[str] = []
+    for line in fatal[-6:] + clean[-tail:]:
+        if line and line not in chosen:
+            chosen.append(line)
+    return chosen

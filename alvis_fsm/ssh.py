@@ -1,0 +1,344 @@
+"""OpenSSH, driven as the user would drive it.
+
+One shared connection (ControlMaster) to the login node per session, opened
+through pexpect so that passphrase, password, 2FA and host-key prompts reach
+the user once; every remote command afterwards is a channel on it and costs
+no new login. The user's own ssh, ssh config, keys and agent apply.
+
+Nothing here prints: questions go through the ``Prompter`` the CLI passes in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shlex
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from alvis_fsm.errors import SSHError
+
+# ssh's own exit status for "could not connect / connection lost".
+SSH_FAILURE = 255
+
+# macOS limits a unix socket path to 104 bytes; ssh appends a random suffix
+# of ~17 bytes while it creates the socket.
+_MAX_SOCKET_PATH = 80
+
+_HOSTKEY_PROMPT = re.compile(r"(?i)are you sure you want to continue connecting[^\n]*\?")
+_PASSPHRASE_PROMPT = re.compile(r"(?i)enter passphrase for[^\n]*: ?")
+_PASSWORD_PROMPT = re.compile(r"(?i)(?:^|\n)[^\n]*password[^\n]*: ?")
+_OTP_PROMPT = re.compile(r"(?i)(?:verification code|one[- ]time|otp|token|2fa)[^\n]*: ?")
+_CHANGED_KEY = "REMOTE HOST IDENTIFICATION HAS CHANGED"
+
+
+class Prompter(Protocol):
+    def interactive(self) -> bool: ...
+
+    def ask(self, prompt: str, secret: bool = False) -> str: ...
+
+    def command(self, text: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class SSHOptions:
+    """What ssh needs from the settings (kept separate so this module does not
+    import pydantic)."""
+
+    host: str
+    user: str = ""
+    config_file: str = ""
+    connect_timeout: int = 15
+    keepalive_interval: int = 5
+    keepalive_count: int = 3
+
+
+def control_path(state_dir: Path, key: str) -> Path:
+    """A short, stable socket path for a session's shared connection."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    candidate = state_dir / "ctl" / digest
+    if len(str(candidate)) > _MAX_SOCKET_PATH:
+        # A long home directory: fall back to a per-user directory in /tmp.
+        candidate = Path(tempfile.gettempdir()) / f"alvis-fsm-{os.getuid()}" / digest
+    candidate.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return candidate
+
+
+def common_args(opts: SSHOptions) -> list[str]:
+    """Options every ssh of ours carries (the login master, channels, tunnels)."""
+    args = ["ssh"]
+    if opts.config_file:
+        args += ["-F", os.path.expanduser(opts.config_file)]
+    args += [
+        "-o", f"ConnectTimeout={opts.connect_timeout}",
+        "-o", f"ServerAliveInterval={opts.keepalive_interval}",
+        "-o", f"ServerAliveCountMax={opts.keepalive_count}",
+    ]  # fmt: skip
+    if opts.user:
+        args += ["-l", opts.user]
+    return args
+
+
+def pid_of_master(output: str) -> int | None:
+    """Parse `ssh -O check`'s "Master running (pid=1234)"."""
+    match = re.search(r"pid=(\d+)", output)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class Connection:
+    """The shared connection to the login node."""
+
+    opts: SSHOptions
+    control: Path
+    prompter: Prompter
+    logins: int = 0  # how many times this process authenticated (for tests and the benchmark)
+    _pid: int | None = field(default=None, repr=False)
+
+    # -- the master ---------------------------------------------------------
+    def _mux_args(self) -> list[str]:
+        # ProxyCommand=false: if the master is gone, fail at once instead of
+        # silently logging in again (which would hide a prompt or count a login).
+        return [
+            *common_args(self.opts),
+            "-S", str(self.control),
+            "-o", "ControlMaster=no",
+            "-o", "ProxyCommand=false",
+        ]  # fmt: skip
+
+    def alive(self) -> bool:
+        proc = subprocess.run(
+            [*common_args(self.opts), "-S", str(self.control), "-O", "check", self.opts.host],
+            capture_output=True,
+            text=True,
+            start_new_session=True,
+            check=False,
+        )
+        if proc.returncode == 0:
+            self._pid = pid_of_master(proc.stderr + proc.stdout)
+            return True
+        return False
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    def open(self) -> None:
+        """Open the shared connection, or reuse one that is already up."""
+        if self.alive():
+            return
+        import pexpect  # only commands that talk to the cluster pay for it
+
+        with_master = [
+            *common_args(self.opts),
+            "-S", str(self.control),
+            "-o", "ControlMaster=yes",
+            "-o", "ControlPersist=yes",
+            "-N", self.opts.host,
+        ]  # fmt: skip
+        self.prompter.command(shlex.join(with_master))
+        # A socket left by a master that died uncleanly would make ssh
+        # "disable multiplexing" and run without one.
+        with contextlib.suppress(FileNotFoundError):
+            self.control.unlink()
+        # pexpect gives ssh a terminal (so prompts reach us) and makes it a
+        # session leader; when it exits, the kernel hangs up the terminal's
+        # process group, which can include the master still on its way to
+        # the background. With SIGHUP ignored (ssh keeps an inherited
+        # SIG_IGN), that race cannot kill the master.
+        child = pexpect.spawn(
+            with_master[0],
+            with_master[1:],
+            encoding="utf-8",
+            codec_errors="replace",
+            timeout=5,
+            preexec_fn=_ignore_sighup,
+        )
+        transcript = ""
+        deadline = time.monotonic() + self.opts.connect_timeout + 120
+        try:
+            while True:
+                if time.monotonic() > deadline:
+                    raise SSHError(
+                        f"Timed out logging in to {self.opts.host}",
+                        hint="Check your network/VPN and that `ssh " + self.opts.host + "` works.",
+                        details=transcript.strip() or None,
+                    )
+                index = child.expect(
+                    [
+                        _HOSTKEY_PROMPT,
+                        _PASSPHRASE_PROMPT,
+                        _OTP_PROMPT,
+                        _PASSWORD_PROMPT,
+                        pexpect.EOF,
+                        pexpect.TIMEOUT,
+                    ]
+                )
+                transcript += child.before or ""
+                if index == 0:
+                    transcript += child.after
+                    child.sendline(self._answer_host_key(transcript))
+                    transcript = ""
+                elif index in (1, 2, 3):
+                    answer = self._ask_secret(str(child.after).strip())
+                    child.sendline(answer)
+                elif index == 4:
+                    break
+                # index 5: keep waiting (slow login, 2FA push)
+        finally:
+            child.close()
+        if child.exitstatus == 0 and self.alive():
+            self.logins += 1
+            return
+        raise _login_error(self.opts.host, transcript)
+
+    def _answer_host_key(self, text: str) -> str:
+        if not self.prompter.interactive():
+            raise SSHError(
+                f"The host key of {self.opts.host} is not known, and there is no terminal to ask you.",
+                hint=f"Run `ssh {self.opts.host}` once, check the fingerprint, answer yes; then retry.",
+                details=text.strip(),
+            )
+        answer = self.prompter.ask(text.strip() + " ")
+        if answer.strip().lower() not in ("yes", "y") and not re.fullmatch(
+            r"SHA256:\S+", answer.strip()
+        ):
+            raise SSHError(f"Host key of {self.opts.host} not accepted; nothing was done.")
+        return "yes" if answer.strip().lower() in ("yes", "y") else answer.strip()
+
+    def _ask_secret(self, prompt: str) -> str:
+        if not self.prompter.interactive():
+            raise SSHError(
+                f"ssh asks for '{prompt}' while logging in to {self.opts.host}, and there is no terminal.",
+                hint="Load your key into ssh-agent (ssh-add) or run from a terminal.",
+            )
+        return self.prompter.ask(prompt + " ", secret=True)
+
+    def close(self) -> None:
+        """Close the shared connection (and any forwards on it)."""
+        subprocess.run(
+            [*common_args(self.opts), "-S", str(self.control), "-O", "exit", self.opts.host],
+            capture_output=True,
+            start_new_session=True,
+            check=False,
+        )
+        self._pid = None
+
+    # -- channels -----------------------------------------------------------
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        timeout: float = 60,
+        retry: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a remote command over the shared connection.
+
+        ``argv`` is quoted for the remote shell. When the connection has been
+        lost (ssh's 255) it is reopened and, if ``retry``, the command is run
+        again; a command that must not run twice (sbatch) passes retry=False
+        and gets SSHError, and its caller decides."""
+        remote = shlex.join(argv)
+        args = [*self._mux_args(), self.opts.host, "--", remote]
+        self.prompter.command(_short(remote))
+        for attempt in range(3):
+            try:
+                proc = subprocess.run(
+                    args,
+                    input=input,
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                    start_new_session=True,  # Ctrl+C is ours to handle, not ssh's
+                    check=False,
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise SSHError(
+                    f"A command on {self.opts.host} did not answer within {timeout:.0f} s",
+                    details=_short(remote),
+                ) from exc
+            if proc.returncode != SSH_FAILURE:
+                return proc
+            if not retry or attempt == 2:
+                break
+            self._reopen(proc.stderr)
+        raise SSHError(
+            f"Lost the connection to {self.opts.host}",
+            hint="Check your network/VPN; `alvis-fsm resume` picks the session up again.",
+            details=proc.stderr.strip() or None,
+        )
+
+    def popen(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Start a long-running remote command (log streaming) on the shared connection.
+
+        Its stdin is a pipe we keep open: closing it tells the remote side
+        to stop (see agent.sh)."""
+        remote = shlex.join(argv)
+        self.prompter.command(_short(remote))
+        return subprocess.Popen(
+            [*self._mux_args(), self.opts.host, "--", remote],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    def _reopen(self, stderr: str) -> None:
+        # Back off a little: the network may be coming back.
+        for delay in (0.5, 1, 2, 4):
+            try:
+                self.open()
+                return
+            except SSHError:
+                time.sleep(delay)
+        self.open()
+
+
+def _ignore_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    # The agent script is long; show its subcommand, not its text.
+    if "alvis-fsm-agent" in text:
+        head, _, tail = text.partition("alvis-fsm-agent")
+        text = "bash -c <agent> alvis-fsm-agent" + tail
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _login_error(host: str, transcript: str) -> SSHError:
+    text = transcript.strip()
+    if _CHANGED_KEY in text:
+        return SSHError(
+            f"The host key of {host} has CHANGED; refusing to connect.",
+            hint="If the cluster announced new host keys, remove the old one with "
+            f"`ssh-keygen -R {host}`; otherwise treat this as an attack.",
+            details=text,
+        )
+    if "Permission denied" in text:
+        return SSHError(
+            f"{host} refused the login (key or password not accepted).",
+            hint=f"Check that `ssh {host}` works from this terminal (ssh-add, ~/.ssh/config).",
+            details=text,
+        )
+    if "Could not resolve hostname" in text or "Name or service not known" in text:
+        return SSHError(
+            f"Cannot resolve {host}.",
+            hint="Check the ssh alias in ~/.ssh/config (settings: ssh.host) and your network.",
+            details=text,
+        )
+    return SSHError(
+        f"Cannot connect to {host}.",
+        hint="Check your network/VPN (Alvis is reachable from SUNET or through the Chalmers VPN) "
+        f"and that `ssh {host}` works.",
+        details=text or None,
+    )

@@ -1,0 +1,151 @@
+"""Running alvis-fsm as a user would: a subprocess in a pseudo-terminal."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pexpect
+
+# The lab fixture's class lives in conftest.py; not imported, since tests/unit
+# has a conftest module of the same name.
+Lab = Any
+
+
+def tool_argv() -> list[str]:
+    """The installed console script next to this Python, else `python -m alvis_fsm`."""
+    script = Path(sys.executable).parent / "alvis-fsm"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("alvis-fsm")
+    return [found] if found else [sys.executable, "-m", "alvis_fsm"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Tool:
+    def __init__(self, lab: Lab, home: Path, **env: str) -> None:
+        import tempfile
+
+        self.lab = lab
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        # A short state dir of its own: every ssh the tool starts names its
+        # control socket, inside this dir, on its command line, which is how
+        # the tests find what the tool left running.
+        self.state_dir = Path(tempfile.mkdtemp(prefix="afsm-", dir="/tmp"))
+        self.env = {
+            **lab.env,
+            "HOME": str(home),
+            "ALVIS_FSM_SESSION__STATE_DIR": str(self.state_dir),
+            "TERM": "dumb",
+            "NO_COLOR": "1",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+
+    def spawn(self, *args: str, timeout: float = 60, **env: str) -> pexpect.spawn:
+        argv = tool_argv() + list(args)
+        child = pexpect.spawn(
+            argv[0], argv[1:], env={**self.env, **env}, encoding="utf-8",
+            codec_errors="replace", timeout=timeout, dimensions=(50, 200),
+        )  # fmt: skip
+        child.logfile_read = _Log()
+        return child
+
+    def run(self, *args: str, timeout: float = 120, **env: str) -> tuple[int, str]:
+        """Run to completion in a pty; returns (exit status, all output)."""
+        child = self.spawn(*args, timeout=timeout, **env)
+        child.expect(pexpect.EOF)
+        child.close()
+        return exit_status(child), child.logfile_read.text
+
+    def run_piped(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+        """Run with plain pipes (not a terminal)."""
+        return subprocess.run(
+            tool_argv() + list(args), env={**self.env, **env}, text=True, capture_output=True,
+            timeout=timeout, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+
+class _Log:
+    """Collects what the child printed (pexpect's logfile_read)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, data: str) -> None:
+        self.text += data
+        if os.environ.get("ALVIS_TEST_ECHO"):
+            sys.stdout.write(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def exit_status(child: pexpect.spawn) -> int:
+    if child.exitstatus is not None:
+        return int(child.exitstatus)
+    return 128 + int(child.signalstatus or 0)
+
+
+def interrupt(child: pexpect.spawn, sig: int = signal.SIGINT) -> None:
+    """Ctrl+C as the terminal would send it (to the foreground process)."""
+    if sig == signal.SIGINT:
+        child.sendintr()
+    else:
+        child.kill(sig)
+
+
+def ssh_clients(marker: str) -> list[str]:
+    """ssh client processes (sshd excluded) whose command line names ``marker``."""
+    out = subprocess.run(["ps", "-eo", "pid=,comm=,args="], text=True, capture_output=True).stdout
+    rows = []
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and parts[1] == "ssh" and marker in parts[2]:
+            rows.append(line.strip())
+    return rows
+
+
+def wait_no_ssh(marker: str, timeout: float = 5) -> list[str]:
+    deadline = time.monotonic() + timeout
+    left = ssh_clients(marker)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = ssh_clients(marker)
+    return left
+
+
+def wait_jobs_gone(lab: Lab, job_ids: list[str], timeout: float = 20) -> list[str]:
+    deadline = time.monotonic() + timeout
+    live = [j for j in lab.jobs() if j in job_ids]
+    while live and time.monotonic() < deadline:
+        time.sleep(0.3)
+        live = [j for j in lab.jobs() if j in job_ids]
+    return live
+
+
+def assert_nothing_left(lab: Lab, tool: Tool, job_ids: list[str] | None = None) -> None:
+    """No job of the test user left in squeue, no ssh client of the tool left running."""
+    if job_ids is None:
+        deadline = time.monotonic() + 20
+        while lab.jobs() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert lab.jobs() == [], f"jobs left in squeue: {lab.jobs()}"
+    else:
+        assert wait_jobs_gone(lab, job_ids) == [], f"jobs left: {job_ids}"
+    left = wait_no_ssh(str(tool.state_dir))
+    assert left == [], f"ssh processes left: {left}"
