@@ -143,7 +143,10 @@ cmd_stream() {
     # Everything started here dies with the ssh channel: when the client
     # goes away our stdin reaches EOF and the whole process group is killed,
     # so no tail is left running on the login node.
-    { cat >/dev/null; kill -TERM 0; } &
+    # (Read a copy of stdin: bash gives background jobs /dev/null instead.)
+    exec 3<&0
+    { cat <&3 >/dev/null; kill -TERM 0; } &
+    exec 3<&-
     tail -n "$lines" -F -- "$outf" 2>/dev/null | sed -u 's/^/O|/' &
     tail -n "$lines" -F -- "$errf" 2>/dev/null | sed -u 's/^/E|/' &
     last=$(date +%s)

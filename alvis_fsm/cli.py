@@ -9,7 +9,7 @@ exit code, in one place."""
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -42,7 +42,7 @@ def _complete_sessions(ctx: click.Context, param: click.Parameter, incomplete: s
 class Group(click.Group):
     """Keeps commands in the order they are declared and knows aliases."""
 
-    aliases = {"cancel": "stop"}
+    aliases: ClassVar[dict[str, str]] = {"cancel": "stop"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)
@@ -74,17 +74,45 @@ def _verbosity(ctx: click.Context) -> Any:
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
-@click.option("-m", "--model", shell_complete=_complete_models, help="Model from the catalog [default: gpt-oss-20b].")
-@click.option("-t", "--time", "walltime", metavar="DURATION", help=TIME_HELP + " [default: 1:00:00]")
+@click.option(
+    "-m",
+    "--model",
+    shell_complete=_complete_models,
+    help="Model from the catalog [default: gpt-oss-20b].",
+)
+@click.option(
+    "-t", "--time", "walltime", metavar="DURATION", help=TIME_HELP + " [default: 1:00:00]"
+)
 @click.option("--port", type=int, help="Local tunnel port [default: 58000].")
-@click.option("--gpus", metavar="TYPE:N", help="GPUs per node, e.g. A40:2 [default: from the catalog or A40:1].")
-@click.option("--route", type=click.Choice(["jump", "login"]), help="Tunnel through the login node to the compute node (jump) or forward from the login node (login).")
-@click.option("-n", "--name", "name", shell_complete=_complete_sessions, help="Session name [default: default].")
-@click.option("--detach", is_flag=True, help="Return once connected; the job and tunnel keep running.")
-@click.option("--new", "force_new", is_flag=True, help="Start even if a session of this model is already live.")
+@click.option(
+    "--gpus",
+    metavar="TYPE:N",
+    help="GPUs per node, e.g. A40:2 [default: from the catalog or A40:1].",
+)
+@click.option(
+    "--route",
+    type=click.Choice(["jump", "login"]),
+    help="Tunnel through the login node to the compute node (jump) or forward from the login node (login).",
+)
+@click.option(
+    "-n",
+    "--name",
+    "name",
+    shell_complete=_complete_sessions,
+    help="Session name [default: default].",
+)
+@click.option(
+    "--detach", is_flag=True, help="Return once connected; the job and tunnel keep running."
+)
+@click.option(
+    "--new",
+    "force_new",
+    is_flag=True,
+    help="Start even if a session of this model is already live.",
+)
 @click.option("--list-models", is_flag=True, help="List the models in the catalog and exit.")
 @click.pass_context
-def start(ctx: click.Context, **options: Any) -> None:
+def start(ctx: click.Context, /, **options: Any) -> None:
     """Submit a vLLM job, wait for it, tunnel to it and stream its logs.
 
     Ctrl+C cancels the job and closes the tunnel (unless --detach was given,
@@ -107,7 +135,9 @@ def resume(ctx: click.Context, name: str | None, detach: bool) -> None:
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("name", required=False, shell_complete=_complete_sessions)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stable, documented).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output (stable, documented)."
+)
 @click.option("--offline", is_flag=True, help="Only read local state; make no connection.")
 @click.pass_context
 def status(ctx: click.Context, name: str | None, as_json: bool, offline: bool) -> None:
@@ -130,7 +160,14 @@ def stop(ctx: click.Context, name: str | None) -> None:
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("name", required=False, shell_complete=_complete_sessions)
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming new lines.")
-@click.option("-n", "--lines", type=click.IntRange(min=0), default=50, show_default=True, help="Lines of each log to show first.")
+@click.option(
+    "-n",
+    "--lines",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Lines of each log to show first.",
+)
 @click.pass_context
 def logs(ctx: click.Context, name: str | None, follow: bool, lines: int) -> None:
     """Show the vLLM logs of a session ([VLLM OUT] / [VLLM ERR])."""
@@ -152,7 +189,9 @@ def env(ctx: click.Context, name: str | None) -> None:
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--discover", is_flag=True, help="Scan the cluster's model hub over ssh.")
-@click.option("--add", "add", metavar="NAME", help="With --discover: add a discovered model to your catalog.")
+@click.option(
+    "--add", "add", metavar="NAME", help="With --discover: add a discovered model to your catalog."
+)
 @click.pass_context
 def models(ctx: click.Context, as_json: bool, discover: bool, add: str | None) -> None:
     """List the models in the catalog (packaged + yours)."""

@@ -91,7 +91,9 @@ class Agent:
         proc = self.call("jobinfo", job_id)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("JOB|")]
         if not lines:
-            raise SchedulerError("The scheduler did not answer", details=proc.stderr.strip() or None)
+            raise SchedulerError(
+                "The scheduler did not answer", details=proc.stderr.strip() or None
+            )
         return parse_jobinfo(lines[0])
 
     def wait_start(self, run_dir: str, job_id: str, slice_s: float, interval: float) -> Event:
@@ -115,9 +117,13 @@ class Agent:
             "stream", run_dir, "0", str(lines), "0", "1", "30",
             rundir.VLLM_OUT, rundir.VLLM_ERR, rundir.VLLM_EXIT, rundir.ENDED,
         )  # fmt: skip
-        return [parse_log_line(line) for line in proc.stdout.splitlines() if line[:2] in ("O|", "E|")]
+        return [
+            parse_log_line(line) for line in proc.stdout.splitlines() if line[:2] in ("O|", "E|")
+        ]
 
-    def stream(self, run_dir: str, job_id: str, lines: int, check_every: float = 30) -> subprocess.Popen[bytes]:
+    def stream(
+        self, run_dir: str, job_id: str, lines: int, check_every: float = 30
+    ) -> subprocess.Popen[bytes]:
         return self.conn.popen(
             self._argv(
                 "stream", run_dir, job_id, str(lines), "1", "0.2", str(int(check_every)),

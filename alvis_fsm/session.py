@@ -68,6 +68,7 @@ def ssh_options(settings: Settings) -> SSHOptions:
         connect_timeout=int(s.connect_timeout),
         keepalive_interval=int(s.keepalive_interval),
         keepalive_count=int(s.keepalive_count),
+        reconnect_window=float(s.reconnect_window),
     )
 
 
@@ -77,8 +78,10 @@ def new_api_key() -> str:
 
 def fmt_elapsed(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else (
-        f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 60}:{seconds % 60:02d}"
+        if seconds < 3600
+        else (f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}")
     )
 
 
@@ -164,7 +167,6 @@ class Runner:
         )
         self.model.entered_at.update(record.entered_at)
         self.tunnel: Tunnel | None = None
-        self._tunnel_pid: int | None = None
         self._stream: subprocess.Popen[bytes] | None = None
         self._events: queue.Queue[tuple[str, str]] = queue.Queue()
         self._reader: threading.Thread | None = None
@@ -239,14 +241,22 @@ class Runner:
             self.cleanup("stopped with Ctrl+C" if was_serving else "interrupted")
             if was_serving:
                 return
-            raise Interrupted(f"Interrupted; cleaned up job {self.record.job_id or '(none)'}") from None
+            raise Interrupted(
+                f"Interrupted; cleaned up job {self.record.job_id or '(none)'}"
+            ) from None
         except _Signalled as sig:
             self.cleanup(f"signal {signal.Signals(sig.signum).name}")
             raise Interrupted(
                 f"Stopped by {signal.Signals(sig.signum).name}; cleaned up job {self.record.job_id or '(none)'}"
             ) from None
         except AlvisError as exc:
-            if self.state in (State.SUBMITTED, State.RUNNING, State.SERVING, State.TUNNELED, State.IDLE):
+            if self.state in (
+                State.SUBMITTED,
+                State.RUNNING,
+                State.SERVING,
+                State.TUNNELED,
+                State.IDLE,
+            ):
                 with contextlib.suppress(Exception):
                     self._fire("fail")
             self.record.end_reason = exc.message
@@ -299,7 +309,9 @@ class Runner:
                     f"Job {r.job_id} did not start within {limit:.0f} s",
                     hint="The queue is busy: try a shorter -t, fewer GPUs, or raise timeouts.job_start.",
                 )
-            ev = self.agent.wait_start(r.run_dir, r.job_id, self._slice(since), self.settings.polling.file_interval)
+            ev = self.agent.wait_start(
+                r.run_dir, r.job_id, self._slice(since), self.settings.polling.file_interval
+            )
             if ev.kind == "STARTED":
                 host = ev.value.split()[0] if ev.value.split() else ""
                 r.node = host
@@ -329,7 +341,9 @@ class Runner:
 
     def _limit(self, state: str) -> float:
         sdef = self.settings.machine.states.get(state)
-        return float(getattr(self.settings.timeouts, sdef.timeout)) if sdef and sdef.timeout else 0.0
+        return (
+            float(getattr(self.settings.timeouts, sdef.timeout)) if sdef and sdef.timeout else 0.0
+        )
 
     def wait_ready(self) -> None:
         r = self.record
@@ -342,7 +356,12 @@ class Runner:
                     hint="Raise timeouts.server_ready for a large model, or check the log above.",
                     details="\n".join(self._tail_err(20)) or None,
                 )
-            ev = self.agent.wait_ready(r.run_dir, r.job_id, min(5.0, max(0.2, self._remaining())), self.settings.polling.file_interval)
+            ev = self.agent.wait_ready(
+                r.run_dir,
+                r.job_id,
+                min(5.0, max(0.2, self._remaining())),
+                self.settings.polling.file_interval,
+            )
             if ev.kind == "READY":
                 host, _, port = ev.value.rpartition(":")
                 r.node = host or r.node
@@ -360,11 +379,17 @@ class Runner:
             if ev.job is not None and ev.job.known and ev.job.state.ended:
                 self.ui.done_waiting()
                 raise self._crash(f"Job {r.job_id} ended ({ev.job.state}) before vLLM was ready")
-            self.ui.waiting(f"Waiting for vLLM to load {r.model} on {r.node} ({fmt_elapsed(time.time() - entered)})")
+            self.ui.waiting(
+                f"Waiting for vLLM to load {r.model} on {r.node} ({fmt_elapsed(time.time() - entered)})"
+            )
 
     def _tail_err(self, n: int) -> list[str]:
         try:
-            return [slurm.strip_ansi(t) for s, t in self.agent.tail(self.record.run_dir, n) if s == "err"]
+            return [
+                slurm.strip_ansi(t)
+                for s, t in self.agent.tail(self.record.run_dir, n)
+                if s == "err"
+            ]
         except AlvisError:
             return []
 
@@ -390,13 +415,13 @@ class Runner:
             control=Path(r.tunnel_control_path),
         )
         # A tunnel left by a detached or killed client may still be up.
-        self._tunnel_pid = self.tunnel.pid()
-        if self._tunnel_pid is None:
+        if not self.tunnel.up():
             self.ui.info(f"Establishing SSH tunnel (local port {r.local_port})...")
             said = self.tunnel.open()
             if "Permanently added" in said:
-                self.ui.info(f"Accepted the host key of {r.node} (first connection) and recorded it")
-            self._tunnel_pid = self.tunnel.pid()
+                self.ui.info(
+                    f"Accepted the host key of {r.node} (first connection) and recorded it"
+                )
         self.ui.info("Testing connection...")
         models = verify(r.local_port, r.api_key or None, self.settings.timeouts.connection_test)
         self._fire("connect")
@@ -414,6 +439,18 @@ class Runner:
         backoff = 0.5
         while True:
             if self._stream is None or self._stream.poll() is not None:
+                if self._stream is not None and not self.conn.alive():
+                    # The shared connection dropped (the stream was a channel
+                    # on it): reopen it; the job is untouched.
+                    self.ui.warn("Lost the connection to the login node; reconnecting...")
+                    try:
+                        self.conn.reopen()
+                    except SSHError as exc:
+                        raise _GiveUp(
+                            f"Could not reach {self.conn.opts.host} again; job {r.job_id} is still running",
+                            hint=f"`alvis-fsm resume {r.name}` reconnects; `alvis-fsm stop {r.name}` cancels it.",
+                            details=exc.details,
+                        ) from exc
                 self._start_stream(lines)
                 lines = 0  # after a reconnect, only what is new
             try:
@@ -427,15 +464,16 @@ class Runner:
             if kind == "GONE":
                 raise SchedulerError(f"Job {r.job_id} is no longer running ({value})")
             assert self.tunnel is not None
-            if not self.tunnel.alive(self._tunnel_pid):
+            if not self.tunnel.alive():
                 self._fire("disconnect")
                 self.ui.warn("The tunnel dropped; reconnecting (the job is untouched)...")
                 while True:
                     try:
                         self.conn.open()
                         self.tunnel.open()
-                        self._tunnel_pid = self.tunnel.pid()
-                        verify(r.local_port, r.api_key or None, self.settings.timeouts.connection_test)
+                        verify(
+                            r.local_port, r.api_key or None, self.settings.timeouts.connection_test
+                        )
                         break
                     except AlvisError as exc:
                         failures += 1
@@ -534,9 +572,13 @@ class Runner:
                     if self._stream is not None and self._stream.poll() is not None:
                         break
                     continue
-                self.ui.info({"EXITED": f"vLLM exited with status {value}",
-                              "ENDED": f"The job stopped ({value})",
-                              "GONE": f"Job {r.job_id} is no longer running ({value})"}.get(kind, kind))
+                self.ui.info(
+                    {
+                        "EXITED": f"vLLM exited with status {value}",
+                        "ENDED": f"The job stopped ({value})",
+                        "GONE": f"Job {r.job_id} is no longer running ({value})",
+                    }.get(kind, kind)
+                )
                 break
         except KeyboardInterrupt:
             pass
@@ -578,7 +620,9 @@ class Runner:
             self.ui.info(f"Cleaned up job {r.job_id or '(none submitted)'} successfully")
 
     def model_stop(self) -> None:
-        stop = getattr(self.model, "stop_timers", None) or getattr(self.machine, "stop_timers", None)
+        stop = getattr(self.model, "stop_timers", None) or getattr(
+            self.machine, "stop_timers", None
+        )
         if callable(stop):
             stop()
 

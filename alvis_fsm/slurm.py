@@ -38,7 +38,12 @@ class JobState(StrEnum):
 
     @property
     def waiting(self) -> bool:
-        return self in (JobState.PENDING, JobState.CONFIGURING, JobState.REQUEUED, JobState.SUSPENDED)
+        return self in (
+            JobState.PENDING,
+            JobState.CONFIGURING,
+            JobState.REQUEUED,
+            JobState.SUSPENDED,
+        )
 
     @property
     def ended(self) -> bool:
@@ -144,7 +149,8 @@ def root_cause(lines: list[str], tail: int = 8) -> list[str]:
     fatal = [
         line
         for line in clean
-        if FATAL_PATTERNS.search(line) and not re.match(r"^\s*(WARNING|\(.*\) WARNING)", line)
+        if FATAL_PATTERNS.search(line)
+        and not re.match(r"^\s*(WARNING|\(.*\) WARNING)", line)
         and "WARNING" not in line.split(":", 1)[0]
     ]
     chosen: list[str] = []

@@ -59,6 +59,7 @@ class SSHOptions:
     connect_timeout: int = 15
     keepalive_interval: int = 5
     keepalive_count: int = 3
+    reconnect_window: float = 120
 
 
 def control_path(state_dir: Path, key: str) -> Path:
@@ -85,6 +86,22 @@ def common_args(opts: SSHOptions) -> list[str]:
     if opts.user:
         args += ["-l", opts.user]
     return args
+
+
+def socket_alive(path: Path) -> bool:
+    """Is an ssh master listening on this control socket?
+
+    Cheaper than ``ssh -O check`` (no process) and, unlike signal 0 to a
+    pid, not fooled by a master that died but was not yet reaped."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def pid_of_master(output: str) -> int | None:
@@ -270,7 +287,7 @@ class Connection:
                 return proc
             if not retry or attempt == 2:
                 break
-            self._reopen(proc.stderr)
+            self.reopen()
         raise SSHError(
             f"Lost the connection to {self.opts.host}",
             hint="Check your network/VPN; `alvis-fsm resume` picks the session up again.",
@@ -292,15 +309,24 @@ class Connection:
             start_new_session=True,
         )
 
-    def _reopen(self, stderr: str) -> None:
-        # Back off a little: the network may be coming back.
-        for delay in (0.5, 1, 2, 4):
+    def reopen(self) -> None:
+        """Reopen a lost shared connection, retrying with backoff for
+        ``reconnect_window`` seconds: the network (or the login node's sshd)
+        may be coming back. A refused login or changed host key is final."""
+        deadline = time.monotonic() + self.opts.reconnect_window
+        delay = 0.5
+        while True:
             try:
                 self.open()
                 return
-            except SSHError:
+            except SSHError as exc:
+                final = exc.details and any(
+                    text in exc.details for text in ("Permission denied", _CHANGED_KEY)
+                )
+                if final or time.monotonic() + delay > deadline:
+                    raise
                 time.sleep(delay)
-        self.open()
+                delay = min(delay * 2, 5)
 
 
 def _ignore_sighup() -> None:
@@ -310,7 +336,7 @@ def _ignore_sighup() -> None:
 def _short(text: str, limit: int = 300) -> str:
     # The agent script is long; show its subcommand, not its text.
     if "alvis-fsm-agent" in text:
-        head, _, tail = text.partition("alvis-fsm-agent")
+        _, _, tail = text.partition("alvis-fsm-agent")
         text = "bash -c <agent> alvis-fsm-agent" + tail
     return text if len(text) <= limit else text[:limit] + "…"
 

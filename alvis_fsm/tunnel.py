@@ -17,7 +17,6 @@ still refused with OpenSSH's warning. Never ``StrictHostKeyChecking=no``."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import tempfile
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alvis_fsm.errors import ServerError, SSHError
-from alvis_fsm.ssh import Connection, common_args, pid_of_master
+from alvis_fsm.ssh import Connection, common_args, socket_alive
 
 
 def local_port_free(port: int, bind: str = "127.0.0.1") -> bool:
@@ -101,13 +100,13 @@ class Tunnel:
         # stderr goes to a file, not a pipe: the backgrounded ssh may keep
         # the descriptor open, and reading a pipe to EOF would then block.
         with tempfile.TemporaryFile(mode="w+") as err:
-            proc = subprocess.run(
+            tun = subprocess.run(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                 start_new_session=True, check=False, timeout=60,
             )  # fmt: skip
             err.seek(0)
             said = err.read().strip()
-        if proc.returncode != 0:
+        if tun.returncode != 0:
             if "REMOTE HOST IDENTIFICATION HAS CHANGED" in said:
                 raise SSHError(
                     f"The host key of compute node {self.node} has CHANGED; no tunnel was opened.",
@@ -123,26 +122,17 @@ class Tunnel:
             raise SSHError(f"Could not open the tunnel to {self.node}", details=said or None)
         return said
 
-    def pid(self) -> int | None:
+    def up(self) -> bool:
+        """Is this tunnel already there (left by a detached or killed client)?"""
         if self.route == "login":
-            return self.conn.pid if self.conn.alive() else None
-        proc = subprocess.run(
-            [*common_args(self.conn.opts), "-S", str(self.control), "-O", "check", self.node],
-            capture_output=True, text=True, start_new_session=True, check=False,
-        )  # fmt: skip
-        return pid_of_master(proc.stderr + proc.stdout) if proc.returncode == 0 else None
+            return socket_alive(self.conn.control) and not local_port_free(
+                self.local_port, self.bind
+            )
+        return socket_alive(self.control)
 
-    def alive(self, pid: int | None = None) -> bool:
-        """Cheap check, called often: signal 0 to a known pid."""
-        if pid is None:
-            return self.pid() is not None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+    def alive(self) -> bool:
+        """Cheap check, called twice a second while streaming."""
+        return socket_alive(self.conn.control if self.route == "login" else self.control)
 
     def close(self) -> None:
         if self.route == "login":

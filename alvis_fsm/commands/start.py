@@ -74,7 +74,9 @@ def run(
                 f"or `alvis-fsm stop {r.name}`.",
             )
     if not local_port_free(local_port, cfg.tunnel.bind):
-        raise SessionError(f"Local port {local_port} is already in use", hint=port_busy_hint(local_port))
+        raise SessionError(
+            f"Local port {local_port} is already in use", hint=port_busy_hint(local_port)
+        )
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     token = secrets.token_hex(3)
@@ -117,7 +119,9 @@ def run(
             max_model_len=entry.max_model_len,
             served_name=record.served_name,
             image=cfg.remote.image,
-            ready_timeout=int(cfg.timeouts.server_ready),
+            # The job's own watchdog is for when no client is watching (killed,
+            # detached); it fires after the client's timeout, never before.
+            ready_timeout=int(cfg.timeouts.server_ready) + 60,
             partition=cfg.slurm.partition,
             vllm_args=tuple(cfg.vllm.extra_args) + tuple(entry.vllm_args),
         )

@@ -72,7 +72,9 @@ class Tool:
         child.close()
         return exit_status(child), child.logfile_read.text
 
-    def run_piped(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    def run_piped(
+        self, *args: str, timeout: float = 60, **env: str
+    ) -> subprocess.CompletedProcess[str]:
         """Run with plain pipes (not a terminal)."""
         return subprocess.run(
             tool_argv() + list(args), env={**self.env, **env}, text=True, capture_output=True,
@@ -138,14 +140,36 @@ def wait_jobs_gone(lab: Lab, job_ids: list[str], timeout: float = 20) -> list[st
     return live
 
 
-def assert_nothing_left(lab: Lab, tool: Tool, job_ids: list[str] | None = None) -> None:
-    """No job of the test user left in squeue, no ssh client of the tool left running."""
-    if job_ids is None:
-        deadline = time.monotonic() + 20
-        while lab.jobs() and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert lab.jobs() == [], f"jobs left in squeue: {lab.jobs()}"
-    else:
-        assert wait_jobs_gone(lab, job_ids) == [], f"jobs left: {job_ids}"
+def tool_jobs(lab: Lab, tool: Tool) -> list[str]:
+    """Jobs in squeue that this tool instance submitted (by id or unique job
+    name from its session files), so other users of the lab do not count."""
+    import json
+
+    ids: set[str] = set()
+    names: set[str] = set()
+    for path in (tool.state_dir / "sessions").glob("*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("job_id"):
+            ids.add(str(data["job_id"]))
+        if data.get("job_name"):
+            names.add(str(data["job_name"]))
+    out = lab.run(["squeue", "-h", "-u", lab.user, "-o", "%i|%j"]).stdout
+    left = []
+    for line in out.splitlines():
+        job_id, _, name = line.strip().partition("|")
+        if job_id in ids or name in names:
+            left.append(job_id)
+    return left
+
+
+def assert_nothing_left(lab: Lab, tool: Tool) -> None:
+    """No job of this tool left in squeue, no ssh client of the tool left running."""
+    deadline = time.monotonic() + 20
+    while tool_jobs(lab, tool) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert tool_jobs(lab, tool) == [], f"jobs left in squeue: {tool_jobs(lab, tool)}"
     left = wait_no_ssh(str(tool.state_dir))
     assert left == [], f"ssh processes left: {left}"
