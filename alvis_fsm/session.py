@@ -19,9 +19,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from alvis_fsm import slurm
 from alvis_fsm.errors import (
@@ -33,12 +32,12 @@ from alvis_fsm.errors import (
     SSHError,
 )
 from alvis_fsm.machine import Session, State, build_machine
-from alvis_fsm.remote import Agent, Event, parse_log_line
+from alvis_fsm.remote import Agent, parse_log_line
 from alvis_fsm.ssh import Connection, SSHOptions, control_path
 from alvis_fsm.store import SessionRecord, Store
 from alvis_fsm.tunnel import Tunnel, verify
 
-if False:  # typing only; settings imports pydantic
+if TYPE_CHECKING:  # settings imports pydantic; the Runner only reads it
     from alvis_fsm.settings import Settings
 
 
@@ -126,7 +125,6 @@ def shielded() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
-@dataclass
 class Detached(Exception):
     """Not an error: ``--detach`` returns once the session is tunneled."""
 
@@ -201,7 +199,9 @@ class Runner:
         return limit - (time.time() - entered)
 
     def _timed_out(self) -> bool:
-        return self.model.timed_out.is_set() or self._remaining() <= 0
+        # The Timeout feature's timer (timeout_pending) or, for a state
+        # restored by resume, the time since it was first entered.
+        return self.model.timeout_pending() or self._remaining() <= 0
 
     # -- the loop -------------------------------------------------------------
     def drive(self) -> None:
@@ -404,7 +404,6 @@ class Runner:
 
     def connect(self) -> None:
         r = self.record
-        t = self.settings.tunnel
         self.tunnel = Tunnel(
             conn=self.conn,
             route=r.route,
@@ -426,7 +425,6 @@ class Runner:
         models = verify(r.local_port, r.api_key or None, self.settings.timeouts.connection_test)
         self._fire("connect")
         self.ui.connected(r, models)
-        del t
 
     def serve(self) -> None:
         """Tunneled: stream logs, keep the tunnel up, notice a crash."""
@@ -639,6 +637,3 @@ class Runner:
 class _GiveUp(SSHError):
     """Tunnel could not be reopened: keep the job (not a failure of the job)."""
 
-
-def make_event(kind: str, value: str = "") -> Event:
-    return Event(kind=kind, value=value)
