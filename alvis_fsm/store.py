@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tempfile
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +26,37 @@ from alvis_fsm.errors import SessionError, UsageError
 FORMAT = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
 LIVE = ("submitted", "running", "serving", "tunneled")
+STATES = ("idle", *LIVE, "failed", "cleaned")
+DEFAULT_STATE_DIR = "~/.alvis-vllm"
+STATE_DIR_ENV = "ALVIS_FSM_SESSION__STATE_DIR"
 
 
 def default_state_dir() -> Path:
-    return Path(os.environ.get("ALVIS_FSM_SESSION__STATE_DIR", "~/.alvis-vllm")).expanduser()
+    """The state directory without loading the settings (``status --offline``,
+    shell completion): the environment, else the user's settings file
+    (``[session] state_dir``), else the packaged default. The same order as
+    the settings; the user file is only read with tomllib, not validated."""
+    for key, value in os.environ.items():
+        if key.upper() == STATE_DIR_ENV and value:
+            return Path(value).expanduser()
+    conf = Path(os.environ.get("ALVIS_FSM_CONFIG") or "~/.alvis-vllm.conf").expanduser()
+    try:
+        with conf.open("rb") as handle:
+            section = tomllib.load(handle).get("session", {})
+        configured = section.get("state_dir") if isinstance(section, dict) else None
+        if isinstance(configured, str) and configured:
+            return Path(configured).expanduser()
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        pass  # the full settings load reports a bad file; here, fall back
+    return Path(DEFAULT_STATE_DIR).expanduser()
 
 
 def check_name(name: str) -> str:
     if not NAME_RE.fullmatch(name):
         raise UsageError(
             f"Invalid session name {name!r}",
-            hint="Use letters, digits, '.', '_' or '-' (at most 41 characters, not starting with '.', '_' or '-').",
+            hint="Use letters, digits, '.', '_' or '-' "
+            "(at most 41 characters, not starting with '.', '_' or '-').",
         )
     return name
 
@@ -84,19 +105,73 @@ class SessionRecord:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], path: Path) -> SessionRecord:
+    def from_json(cls, data: Any, path: Path) -> SessionRecord:
         if not isinstance(data, dict) or "name" not in data or "model" not in data:
-            raise SessionError(f"Session file {path} is not an alvis-fsm session", hint=_keep_hint(path))
-        if int(data.get("format", 0)) > FORMAT:
             raise SessionError(
-                f"Session file {path} was written by a newer alvis-fsm (format {data.get('format')})",
+                f"Session file {path} is not an alvis-fsm session", hint=_keep_hint(path)
+            )
+        fmt = data.get("format", 0)
+        if not isinstance(fmt, int) or isinstance(fmt, bool):
+            raise SessionError(
+                f"Session file {path} is damaged: 'format' is {fmt!r}", hint=_keep_hint(path)
+            )
+        if fmt > FORMAT:
+            raise SessionError(
+                f"Session file {path} was written by a newer alvis-fsm (format {fmt})",
                 hint="Upgrade alvis-fsm to manage this session; the file was left untouched.",
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise SessionError(f"Session file {path} is damaged: {exc}", hint=_keep_hint(path)) from exc
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            problem = _type_problem(f.name, value)
+            if problem:
+                raise SessionError(
+                    f"Session file {path} is damaged: {problem}", hint=_keep_hint(path)
+                )
+            values[f.name] = float(value) if f.name == "running_since" else value
+        if values["name"] != path.stem:
+            raise SessionError(
+                f"Session file {path} names session {values['name']!r}, not {path.stem!r}",
+                hint=_keep_hint(path),
+            )
+        return cls(**values)
+
+
+# The JSON type each field must have (int accepted for a float).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "port": (int,),
+    "local_port": (int,),
+    "time_limit_s": (int,),
+    "client_pid": (int,),
+    "running_since": (int, float),
+    "detached": (bool,),
+    "history": (list,),
+    "entered_at": (dict,),
+    "format": (int,),
+}
+
+
+def _type_problem(name: str, value: Any) -> str:
+    want = _TYPES.get(name, (str,))
+    if isinstance(value, bool) and bool not in want:
+        return f"{name!r} is {value!r}"
+    if not isinstance(value, want):
+        return f"{name!r} is {value!r}"
+    if name == "name" and isinstance(value, str) and not NAME_RE.fullmatch(value):
+        return f"'name' is {value!r}"
+    if name == "state" and isinstance(value, str) and value not in STATES:
+        return f"unknown state {value!r}"
+    if isinstance(value, list) and not all(
+        isinstance(h, list) and all(isinstance(x, str) for x in h) for h in value
+    ):
+        return "'history' is not a list of [state, time]"
+    if isinstance(value, dict) and not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
+    ):
+        return "'entered_at' is not a map of state to time"
+    return ""
 
 
 def _keep_hint(path: Path) -> str:
@@ -110,6 +185,7 @@ class Store:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir
         self.sessions = state_dir / "sessions"
+        self._writable: set[str] = set()  # names whose file was checked before the first write
 
     def ensure(self) -> None:
         for d in (self.dir, self.sessions):
@@ -125,23 +201,44 @@ class Store:
     def load(self, name: str) -> SessionRecord:
         path = self.path(name)
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise SessionError(
                 f"No session named '{name}'",
                 hint="`alvis-fsm status --offline` lists the sessions.",
             ) from None
+        except OSError as exc:
+            raise SessionError(
+                f"Cannot read session file {path}: {exc.strerror or exc}", hint=_keep_hint(path)
+            ) from exc
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise SessionError(
+                f"Session file {path} is corrupt (not UTF-8 text at byte {exc.start})",
+                hint=_keep_hint(path),
+            ) from exc
         except json.JSONDecodeError as exc:
             raise SessionError(
-                f"Session file {path} is corrupt (line {exc.lineno}: {exc.msg})", hint=_keep_hint(path)
+                f"Session file {path} is corrupt (line {exc.lineno}: {exc.msg})",
+                hint=_keep_hint(path),
+            ) from exc
+        except RecursionError as exc:
+            raise SessionError(
+                f"Session file {path} is corrupt (nested too deeply)", hint=_keep_hint(path)
             ) from exc
         return SessionRecord.from_json(data, path)
 
     def save(self, record: SessionRecord) -> None:
+        """Write atomically (0600). Refuses to replace a file it cannot read
+        (corrupt, or from a newer alvis-fsm): that is checked before the first
+        write of each session by this store."""
         self.ensure()
         path = self.path(record.name)
+        if record.name not in self._writable:
+            if path.exists():
+                self.load(record.name)  # raises, naming the file, if it is not ours to replace
+            self._writable.add(record.name)
         data = json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n"
         fd, tmp = tempfile.mkstemp(prefix=f".{record.name}.", suffix=".tmp", dir=self.sessions)
         try:
@@ -155,6 +252,14 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        # Make the rename itself durable (a crash right after must not bring
+        # back the previous state, e.g. a job id lost).
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(self.sessions, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -176,20 +281,28 @@ class Store:
                 errors.append(exc)
         return records, errors
 
+    def _lock_path(self, name: str) -> Path:
+        return self.sessions / f".{check_name(name)}.lock"
+
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
-        """Hold the session's lock, or fail at once naming who holds it."""
+        """Hold the session's lock, or fail at once naming who holds it.
+
+        flock is tied to the open file: it goes away with the process, so a
+        killed client never leaves a stale lock. The holder's pid is written
+        into the file for messages and for ``stop``."""
         self.ensure()
-        lock_path = self.sessions / f".{check_name(name)}.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self._lock_path(name), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                pid = _read_pid(fd)
                 raise SessionError(
-                    f"Session '{name}' is being driven by another alvis-fsm (pid {holder})",
-                    hint="Use that terminal, or stop it first; `alvis-fsm status` shows the session.",
+                    f"Session '{name}' is being driven by another alvis-fsm"
+                    + (f" (pid {pid})" if pid else ""),
+                    hint=f"Use that terminal, or `alvis-fsm stop {name}` to end the session; "
+                    "`alvis-fsm status` shows it.",
                 ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -197,23 +310,34 @@ class Store:
         finally:
             os.close(fd)  # closing releases the flock
 
-    def locked(self, name: str) -> bool:
-        lock_path = self.sessions / f".{name}.lock"
-        if not lock_path.exists():
-            return False
-        fd = os.open(lock_path, os.O_RDWR)
+    def holder(self, name: str) -> int | None:
+        """The pid of the process holding the session's lock, or None if free."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
+            fd = os.open(self._lock_path(name), os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _read_pid(fd) or -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
         finally:
             os.close(fd)
-        return False
+
+    def locked(self, name: str) -> bool:
+        return self.holder(name) is not None
+
+
+def _read_pid(fd: int) -> int:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else 0
 
 
 def session_names() -> list[str]:
     """For shell completion: never raises, reads no settings."""
     try:
         return Store(default_state_dir()).names()
-    except OSError:
+    except (OSError, SessionError, UsageError):
         return []

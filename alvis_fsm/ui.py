@@ -43,11 +43,16 @@ class Reporter:
     def _write(self, text: str, stream: IO[str] | None = None) -> None:
         with self._lock:
             target = stream or self._out
-            if self._live is not None:
-                self._live.console.print(text, markup=False, highlight=False, soft_wrap=True)
-            else:
-                target.write(text + "\n")
-                target.flush()
+            try:
+                if self._live is not None:
+                    self._live.console.print(text, markup=False, highlight=False, soft_wrap=True)
+                else:
+                    target.write(text + "\n")
+                    target.flush()
+            except OSError:
+                # The terminal went away (SIGHUP, closed pipe): cleanup must
+                # still run to the end, so output is best effort.
+                pass
 
     def info(self, message: str) -> None:
         if self.verbosity >= Verbosity.NORMAL:

@@ -26,12 +26,39 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
 
         runner = Runner(cfg, record, store, ui, detach=detach)
         ui.info(f"Resuming session '{record.name}' (job {record.job_id or '-'}, {record.state})")
+        if record.state == "idle":
+            # Stopped before anything was submitted: there is no job script to
+            # submit from here (start renders it), so there is nothing to resume.
+            runner.cleanup("never submitted")
+            ui.result(
+                f"Session '{record.name}' never submitted a job; "
+                "start a new one with `alvis-fsm start`."
+            )
+            return
         runner.conn.open()
         if record.state == "failed":
             runner.cleanup(record.end_reason or "failed")
             return
-        if record.job_id and not runner.still_alive():
+        if not record.job_id:
+            # Killed while sbatch ran: the job may exist; find it by its unique name.
+            found = runner.agent.find(record.job_name) if record.job_name else None
+            if not found:
+                runner.cleanup("no job was submitted")
+                ui.result(
+                    f"Session '{record.name}' has no job on the cluster; "
+                    "start a new one with `alvis-fsm start`."
+                )
+                return
+            record.job_id = found
+            store.save(record)
+            ui.info(f"Found the session's job: {found}")
+        if not runner.still_alive():
             return
+        if record.state == "tunneled" and runner.model.may_disconnect():
+            # The tunnel of a detached or killed client may still be up, or
+            # not: go back through `serving`, whose step finds the tunnel (or
+            # reopens it) and checks the server through it before streaming.
+            runner.model.disconnect()
         runner.drive()
     if detach:
         ui.result(f"Detached: {record.url} (alvis-fsm stop {record.name} to cancel)")

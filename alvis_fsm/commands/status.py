@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from alvis_fsm.errors import AlvisError
+from alvis_fsm.errors import AlvisError, SessionError
 from alvis_fsm.store import SessionRecord, Store, check_name, default_state_dir
 from alvis_fsm.ui import Verbosity
 
@@ -58,6 +58,7 @@ def row(record: SessionRecord, job_state: str | None = None, time_left: str | No
 
 
 def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool) -> None:
+    cfg: Any = None
     if offline:
         store = Store(default_state_dir())
     else:
@@ -65,18 +66,19 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
 
         cfg = settings()
         store = Store(cfg.state_dir)
-    errors: list[str] = []
+    problems: list[AlvisError] = []
     if name:
         records = [store.load(check_name(name))]
     else:
         records, errs = store.all()
-        errors = [e.message for e in errs]
+        problems.extend(errs)
     rows: list[dict[str, Any]] = []
     for record in records:
         if offline or not record.live:
             rows.append(row(record))
             continue
-        rows.append(_live_row(cfg, store, record, verbosity, errors))
+        rows.append(_live_row(cfg, store, record, verbosity, problems))
+    errors = [e.message for e in problems]
     if as_json:
         click.echo(json.dumps({"sessions": rows, "errors": errors}, indent=2))
         return
@@ -84,32 +86,45 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
         click.echo("No sessions. Start one with `alvis-fsm start`.")
     for r in rows:
         click.echo(_describe(r))
-    for e in errors:
-        click.echo(f"[ERROR] {e}", err=True)
+    for e in problems:
+        click.echo(f"[ERROR] {e.message}", err=True)
+        if e.hint:
+            click.echo(f"[HINT] {e.hint}", err=True)
 
 
 def _live_row(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosity,
-              errors: list[str]) -> dict[str, Any]:
+              errors: list[AlvisError]) -> dict[str, Any]:
     from alvis_fsm.commands._common import reporter
     from alvis_fsm.session import Runner
     from alvis_fsm.tunnel import health
 
     ui = reporter(Verbosity.QUIET if verbosity < Verbosity.VERBOSE else verbosity)
     driven = store.locked(record.name)
-    runner = Runner(cfg, record, store, ui, readonly=driven)
+    runner = Runner(cfg, record, store, ui, readonly=True)
     opened = not runner.conn.alive()
     try:
         runner.conn.open()
         job = runner.agent.jobinfo(record.job_id) if record.job_id else None
         if job is not None and (not job.known or job.state.ended):
+            job_state = str(job.state) if job.known else "GONE"
             if not driven:
-                runner.still_alive()  # records how it ended, marks cleaned
-            return row(record, job_state=str(job.state) if job.known else "GONE")
+                # Nobody drives it: record how it ended and close what is left
+                # locally (a detached tunnel), under the lock so that a
+                # `resume` starting now cannot race us.
+                try:
+                    with store.lock(record.name):
+                        runner = Runner(cfg, store.load(record.name), store, ui)
+                        runner.still_alive()
+                        opened = True  # still_alive closed the connection
+                        return row(runner.record, job_state=job_state)
+                except SessionError:
+                    pass  # a client took it meanwhile; it will notice itself
+            return row(record, job_state=job_state)
         reachable = health(record.local_port) if record.state == "tunneled" else None
         return row(record, job_state=str(job.state) if job else None,
                    time_left=job.time_left if job else None, reachable=reachable)
     except AlvisError as exc:
-        errors.append(f"{record.name}: {exc.message}")
+        errors.append(AlvisError(f"{record.name}: {exc.message}", hint=exc.hint))
         return row(record)
     finally:
         if opened:

@@ -8,8 +8,13 @@ import signal
 import time
 
 from alvis_fsm.commands._common import pick_session, reporter, settings
+from alvis_fsm.errors import SessionError
 from alvis_fsm.store import Store
-from alvis_fsm.ui import Verbosity
+from alvis_fsm.ui import Reporter, Verbosity
+
+# How long a foreground client gets to cancel its job and exit after SIGTERM
+# (its scancel goes through the cluster; give it the cancel timeout and more).
+CLIENT_GRACE_S = 90.0
 
 
 def run(verbosity: Verbosity, *, name: str | None) -> None:
@@ -17,17 +22,9 @@ def run(verbosity: Verbosity, *, name: str | None) -> None:
     cfg = settings()
     store = Store(cfg.state_dir)
     record = pick_session(store, name)
-    if store.locked(record.name) and record.client_pid:
-        # A foreground client drives it: ask it to clean up, as Ctrl+C would.
-        ui.info(f"Asking the client (pid {record.client_pid}) to stop session '{record.name}'...")
-        try:
-            os.kill(record.client_pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        for _ in range(240):
-            if not store.locked(record.name):
-                break
-            time.sleep(0.25)
+    holder = store.holder(record.name)
+    if holder:
+        _stop_client(ui, store, record.name, holder if holder > 0 else record.client_pid)
     with store.lock(record.name):
         record = store.load(record.name)
         if record.state == "cleaned":
@@ -41,3 +38,31 @@ def run(verbosity: Verbosity, *, name: str | None) -> None:
 
         runner = Runner(cfg, record, store, ui)
         runner.stop()
+
+
+def _stop_client(ui: Reporter, store: Store, name: str, pid: int) -> None:
+    """A foreground client drives the session: ask it to clean up, as Ctrl+C
+    would (SIGTERM), and wait until it has let go of the session."""
+    if pid <= 0 or pid == os.getpid():
+        raise SessionError(
+            f"Session '{name}' is being driven by another alvis-fsm, which did not say its pid",
+            hint="Stop it in its terminal (Ctrl+C), then run `alvis-fsm stop` again.",
+        )
+    ui.info(f"Asking the client (pid {pid}) to stop session '{name}'...")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:
+        raise SessionError(
+            f"Session '{name}' is driven by pid {pid}, which this user cannot signal",
+        ) from exc
+    deadline = time.monotonic() + CLIENT_GRACE_S
+    while store.locked(name):
+        if time.monotonic() > deadline:
+            raise SessionError(
+                f"The client (pid {pid}) of session '{name}' did not stop within "
+                f"{CLIENT_GRACE_S:.0f} s",
+                hint=f"Check that process (ps -p {pid}); `alvis-fsm stop {name}` again once it is gone.",
+            )
+        time.sleep(0.2)
