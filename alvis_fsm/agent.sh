@@ -192,6 +192,13 @@ cmd_cancel() {
     printf 'CANCELLED|%s\n' "${st:-}"
 }
 
+cmd_gpus() {
+    # gpus: every node with its GPUs, the GPUs in use and its state (one
+    # scheduler query), for "free A40 GPUs right now" in preflight.
+    sinfo -h -N -O 'NodeList:200,Gres:200,GresUsed:200,StateCompact:20' 2>/dev/null \
+        | awk 'NF >= 4 { print "NODE|" $1 "|" $2 "|" $3 "|" $4 }'
+}
+
 cmd_discover() {
     # discover HUB: every models--ORG--NAME/snapshots/HASH with its config.json
     local hub snap cfg
@@ -220,5 +227,6 @@ case $sub in
     stream) cmd_stream "$@" ;;
     cancel) cmd_cancel "$@" ;;
     discover) cmd_discover "$@" ;;
+    gpus) cmd_gpus "$@" ;;
     *) die "alvis-fsm agent: unknown subcommand '$sub'" ;;
 esac

@@ -140,6 +140,10 @@ class Agent:
                 details=proc.stderr.strip() or None,
             )
 
+    def gpus(self) -> list[str]:
+        """sinfo's per-node GPU lines (``node|gres|gres_used|state``)."""
+        return _records(self.call("gpus").stdout, "NODE")
+
     def discover(self, hub: str) -> list[tuple[str, str]]:
         """(snapshot path, config.json text) for every snapshot in the hub."""
         proc = self.call("discover", hub, timeout=120)

@@ -127,6 +127,41 @@ def describe_reason(reason: str, gpus: str = "GPU") -> str:
     return text.format(gpu=gpu)
 
 
+def _gres_counts(text: str) -> dict[str, int]:
+    """``gpu:A40:4(S:0-1),gpu:T4:2`` -> {"A40": 4, "T4": 2}."""
+    counts: dict[str, int] = {}
+    for item in re.split(r",(?=gpu:)", text):
+        match = re.match(r"gpu:([^:(,]+):(\d+)", item)
+        if match:
+            counts[match.group(1)] = counts.get(match.group(1), 0) + int(match.group(2))
+    return counts
+
+
+def _count(counts: dict[str, int], gpu_type: str) -> int:
+    # An untyped request ("--gpus 2") can use any type.
+    return sum(counts.values()) if not gpu_type else counts.get(gpu_type, 0)
+
+
+def free_gpus(lines: list[str], gpu_type: str) -> tuple[int, int, int]:
+    """(free, total, nodes with some free) GPUs of a type, from the agent's
+    ``node|gres|gres_used|state`` lines. Nodes that are down, drained or
+    reserved count for nothing free."""
+    free = total = nodes = 0
+    for line in lines:
+        parts = line.split("|")
+        if len(parts) < 4:
+            continue
+        _, gres, used, state = parts[:4]
+        have = _count(_gres_counts(gres), gpu_type)
+        total += have
+        if state.rstrip("*~#!%$@^-") not in ("idle", "mix", "mixed"):
+            continue
+        spare = max(0, have - _count(_gres_counts(used), gpu_type))
+        free += spare
+        nodes += 1 if spare else 0
+    return free, total, nodes
+
+
 # vLLM lines that explain why it died; shown as the root cause.
 FATAL_PATTERNS = re.compile(
     r"CUDA out of memory|OutOfMemoryError|Engine core initialization failed|"

@@ -8,6 +8,7 @@ NO_COLOR), and rich is imported only then."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -15,6 +16,9 @@ from enum import IntEnum
 from typing import IO, Any
 
 from alvis_fsm.errors import AlvisError
+
+# "(1:23)" or "(1:02:03)": the elapsed time inside a waiting line.
+_ELAPSED = re.compile(r"\(\d+(?::\d\d)+\)")
 
 
 class Verbosity(IntEnum):
@@ -38,6 +42,8 @@ class Reporter:
         self._live: Any = None
         self._status_text = ""
         self._status_since = 0.0
+        self._plain_gist = ""
+        self._plain_at = 0.0
 
     # -- lines ------------------------------------------------------------
     def _write(self, text: str, stream: IO[str] | None = None) -> None:
@@ -76,15 +82,27 @@ class Reporter:
 
     # -- waiting ----------------------------------------------------------
     def waiting(self, text: str) -> None:
-        """Update the live status line (state, elapsed time, reason)."""
+        """Update the live status line (state, elapsed time, reason).
+
+        On a terminal: a spinner line redrawn in place. Otherwise (piped,
+        NO_COLOR, TERM=dumb): a plain [INFO] line when what we wait for
+        changes, and at most once a minute while it does not."""
         with self._lock:
             if text == self._status_text:
                 return
             self._status_text = text
-            if self._live is None and self.verbosity >= Verbosity.NORMAL and _fancy(self._out):
+            if self.verbosity < Verbosity.NORMAL:
+                return
+            if self._live is None and _fancy(self._out):
                 self._start_live()
             if self._live is not None:
                 self._live.update(self._renderable())
+                return
+            gist = _ELAPSED.sub("", text)
+            now = time.monotonic()
+            if gist != self._plain_gist or now - self._plain_at >= 60:
+                self._plain_gist, self._plain_at = gist, now
+                self._write(f"[INFO] {text}")
 
     def _start_live(self) -> None:
         from rich.console import Console

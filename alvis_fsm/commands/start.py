@@ -109,6 +109,7 @@ def run(
         ui.info("SSH connection successful")
         ui.info(f"Loading model configuration for: {model_name}")
         ui.info(f"Model path: {entry.path}")
+        _report_free_gpus(ui, runner, gpu_spec)
         spec = jobscript.JobSpec(
             job_name=job_name,
             account=cfg.slurm.account,
@@ -158,3 +159,23 @@ def _offer_resume(ui: Reporter, record: SessionRecord, verbosity: Verbosity) -> 
     from alvis_fsm.commands import resume
 
     resume.run(verbosity, name=record.name, detach=False)
+
+
+def _report_free_gpus(ui: Reporter, runner: Any, gpu_spec: str) -> None:
+    """Free GPUs of the requested type right now: tells the user whether to
+    expect a wait in the queue. Informational: a failure here stops nothing."""
+    from alvis_fsm import slurm
+    from alvis_fsm.errors import AlvisError
+
+    gpu_type = gpu_spec.split(":")[0] if ":" in gpu_spec else ""
+    label = f"{gpu_type} GPUs" if gpu_type else "GPUs"
+    try:
+        free, total, nodes = slurm.free_gpus(runner.agent.gpus(), gpu_type)
+    except AlvisError:
+        return
+    if total == 0:
+        ui.warn(f"The cluster reports no {label}; sbatch will probably refuse --gpus-per-node={gpu_spec}")
+    elif free == 0:
+        ui.info(f"No {label} free right now ({total} in all): expect to wait in the queue")
+    else:
+        ui.info(f"{label} free right now: {free} of {total} (on {nodes} node{'s' if nodes != 1 else ''})")
