@@ -219,6 +219,10 @@ class Runner:
         try:
             with stop_signals():
                 self.conn.open()
+                if self.state is State.TUNNELED:
+                    # Picked up by resume: the tunnel is not ours until it is
+                    # found (or reopened) and verified again.
+                    self._fire("disconnect")
                 while self.state in steps:
                     steps[self.state]()
         except Detached:
