@@ -52,28 +52,25 @@ now() { date +%s.%N; }
 before() { awk -v a="$(now)" -v b="$1" 'BEGIN { exit !(a < b) }'; }
 deadline() { awk -v a="$(now)" -v s="$1" 'BEGIN { printf "%.3f", a + s }'; }
 
-cmd_prepare() {
-    # prepare RUN_DIR KEY_NAME HAS_KEY ; stdin: the API key line when HAS_KEY=1
-    local run keyfile haskey key
-    run=$(expand_dir "$1"); keyfile=$2; haskey=$3
+cmd_submit() {
+    # submit RUN_DIR KEY_NAME HAS_KEY SCRIPT_NAME [sbatch args...]
+    # stdin: the API key line (when HAS_KEY=1), then the job script.
+    # One round trip: create the run dir (0700), write the key (0600) and
+    # the script, sbatch. The key comes on stdin so it is on no command line.
+    local run keyfile=$2 haskey=$3 script=$4 key out err rc
+    run=$(expand_dir "$1")
+    shift 4
     umask 077
     mkdir -p -- "$run" || die "cannot create run directory $run"
     chmod 700 -- "$run"
+    cd -- "$run" || die "cannot enter run directory $run"
     if [ "$haskey" = 1 ]; then
         IFS= read -r key || die "no API key on stdin"
-        printf '%s\n' "$key" >"$run/$keyfile"
-        chmod 600 -- "$run/$keyfile"
+        printf '%s\n' "$key" >"$keyfile"
+        chmod 600 -- "$keyfile"
     fi
-    printf 'RUN|%s\n' "$run"
-}
-
-cmd_submit() {
-    # submit RUN_DIR JOB_SCRIPT_NAME [sbatch args...] ; stdin: the job script
-    local run=$1 script=$2 out err rc
-    shift 2
-    cd -- "$run" || die "run directory $run is gone"
-    umask 077
     cat >"$script" || die "cannot write $run/$script"
+    printf 'RUN|%s\n' "$run"
     err=$(mktemp) || exit 3
     out=$(sbatch --parsable "$@" "$script" 2>"$err"); rc=$?
     if [ $rc -ne 0 ]; then
@@ -108,8 +105,11 @@ cmd_wait_start() {
 }
 
 cmd_wait_ready() {
-    # wait-ready RUN JOBID SLICE INTERVAL ADDRESS ERR EXIT ENDED STARTUP_LINE
-    local run=$1 id=$2 slice=$3 interval=$4 address=$5 errf=$6 exitf=$7 ended=$8 line=$9 end
+    # wait-ready RUN JOBID SLICE INTERVAL ADDRESS ERR EXIT ENDED STARTUP_LINE KNOWN
+    # Returns as soon as the address is known (unless KNOWN=1), so the
+    # client can open the tunnel while vLLM is still loading the model.
+    local run=$1 id=$2 slice=$3 interval=$4 address=$5 errf=$6 exitf=$7 ended=$8 line=$9
+    local known=${10} end
     run=$(expand_dir "$run")
     end=$(deadline "$slice")
     while before "$end"; do
@@ -119,8 +119,13 @@ cmd_wait_ready() {
         if [ -s "$run/$ended" ]; then
             printf 'ENDED|%s\n' "$(head -n 1 -- "$run/$ended")"; return
         fi
-        if [ -s "$run/$address" ] && grep -qF -- "$line" "$run/$errf" 2>/dev/null; then
-            printf 'READY|%s\n' "$(head -n 1 -- "$run/$address")"; return
+        if [ -s "$run/$address" ]; then
+            if grep -qF -- "$line" "$run/$errf" 2>/dev/null; then
+                printf 'READY|%s\n' "$(head -n 1 -- "$run/$address")"; return
+            fi
+            if [ "$known" != 1 ]; then
+                printf 'ADDRESS|%s\n' "$(head -n 1 -- "$run/$address")"; return
+            fi
         fi
         sleep "$interval"
     done
@@ -218,7 +223,6 @@ cmd_discover() {
 
 sub=${1:-}; [ $# -gt 0 ] && shift
 case $sub in
-    prepare) cmd_prepare "$@" ;;
     submit) cmd_submit "$@" ;;
     find) cmd_find "$@" ;;
     jobinfo) cmd_jobinfo "$@" ;;

@@ -49,38 +49,29 @@ class Agent:
         return self.conn.run(self._argv(*args), input=input, timeout=timeout, retry=retry)
 
     # -- submission ---------------------------------------------------------
-    def prepare(self, run_dir: str, api_key: str | None) -> str:
-        """Create the run dir (0700) and write the key (0600) from stdin, so the
-        key never appears on a command line. Returns the absolute run dir
-        (``~`` is the remote home, which only the remote side knows)."""
+    def submit(
+        self, run_dir: str, api_key: str | None, job_script: str, sbatch_args: list[str]
+    ) -> tuple[str, str]:
+        """Create the run dir, write the key and the job script, sbatch: one
+        round trip. Returns (absolute run dir, job id). Never retried
+        blindly: a lost connection during sbatch is ambiguous (see ``find``)."""
+        payload = (api_key + "\n" if api_key else "") + job_script
         proc = self.call(
-            "prepare", run_dir, rundir.API_KEY, "1" if api_key else "0",
-            input=(api_key + "\n") if api_key else "",
+            "submit", run_dir, rundir.API_KEY, "1" if api_key else "0", rundir.JOB_SCRIPT,
+            *sbatch_args, input=payload, retry=False,
         )  # fmt: skip
-        found = _records(proc.stdout, "RUN")
-        if proc.returncode != 0 or not found:
-            raise SchedulerError(
-                f"Could not prepare the run directory {run_dir} on the login node",
-                details=(proc.stderr or proc.stdout).strip() or None,
-            )
-        return found[0]
-
-    def submit(self, run_dir: str, job_script: str, sbatch_args: list[str]) -> str:
-        """Write the job script and sbatch it. Never retried blindly: a lost
-        connection during sbatch is ambiguous (see ``find``)."""
-        proc = self.call(
-            "submit", run_dir, rundir.JOB_SCRIPT, *sbatch_args, input=job_script, retry=False
-        )
         if proc.returncode == 4:
             raise SchedulerError(
                 "sbatch refused the job",
                 hint="Check the account (slurm.account), the GPU type (--gpus) and the time (-t).",
                 details=proc.stderr.strip(),
             )
-        if proc.returncode != 0:
-            raise SchedulerError("Job submission failed", details=proc.stderr.strip() or None)
         found = _records(proc.stdout, "SUBMITTED")
-        return parse_job_id(found[0] if found else proc.stdout)
+        if proc.returncode != 0 or not found:
+            raise SchedulerError(
+                f"Job submission failed in {run_dir}", details=proc.stderr.strip() or None
+            )
+        return _records(proc.stdout, "RUN")[0], parse_job_id(found[0])
 
     def find(self, job_name: str) -> str | None:
         found = _records(self.call("find", job_name).stdout, "FOUND")
@@ -103,10 +94,13 @@ class Agent:
         )  # fmt: skip
         return _event(proc)
 
-    def wait_ready(self, run_dir: str, job_id: str, slice_s: float, interval: float) -> Event:
+    def wait_ready(
+        self, run_dir: str, job_id: str, slice_s: float, interval: float, address_known: bool
+    ) -> Event:
         proc = self.call(
             "wait-ready", run_dir, job_id, f"{slice_s:.3f}", f"{interval:.3f}",
             rundir.ADDRESS, rundir.VLLM_ERR, rundir.VLLM_EXIT, rundir.ENDED, rundir.STARTUP_LINE,
+            "1" if address_known else "0",
             timeout=slice_s + 60,
         )  # fmt: skip
         return _event(proc)
@@ -170,6 +164,6 @@ def _event(proc: subprocess.CompletedProcess[str]) -> Event:
             job = parse_jobinfo(line)
         elif "|" in line:
             head, _, rest = line.partition("|")
-            if head in ("STARTED", "READY", "EXITED", "ENDED", "WAIT"):
+            if head in ("STARTED", "ADDRESS", "READY", "EXITED", "ENDED", "WAIT"):
                 kind, value = head, rest
     return Event(kind=kind, value=value, job=job)

@@ -278,18 +278,22 @@ class Runner:
     def submit(self) -> None:
         r = self.record
         self.ui.info(f"Submitting job (duration: {r.time_limit})...")
-        r.run_dir = self.agent.prepare(r.run_dir, r.api_key or None)
+        # The job script expands a "~/" run dir itself, on the cluster.
         script = self.render(r.run_dir)
+        key = r.api_key or None
         self._fire("submit")  # from here on, cleanup cancels by job name too
         try:
-            r.job_id = self.agent.submit(r.run_dir, script, self.sbatch_args)
+            r.run_dir, r.job_id = self.agent.submit(r.run_dir, key, script, self.sbatch_args)
         except SSHError:
             # The connection broke during sbatch: the job may or may not be
             # queued. Look for it by its unique name before trying again, so a
             # session never owns two jobs.
-            self.conn.open()
+            self.conn.reopen()
             found = self.agent.find(r.job_name)
-            r.job_id = found or self.agent.submit(r.run_dir, script, self.sbatch_args)
+            if found:
+                r.job_id = found
+            else:
+                r.run_dir, r.job_id = self.agent.submit(r.run_dir, key, script, self.sbatch_args)
         self._save()
         self.ui.result(f"Job submitted: {r.job_id}")
         self.ui.info("Waiting for job to start...")
@@ -365,15 +369,25 @@ class Runner:
                 r.job_id,
                 min(5.0, max(0.2, self._remaining())),
                 self.settings.polling.file_interval,
+                address_known=bool(r.port),
             )
-            if ev.kind == "READY":
+            if ev.kind in ("ADDRESS", "READY") and not r.port:
                 host, _, port = ev.value.rpartition(":")
                 r.node = host or r.node
                 r.port = int(port)
+                self._save()
+                self.ui.done_waiting()
+                self.ui.info(f"Server address: {ev.value}")
+            if ev.kind in ("ADDRESS", "READY") and self.tunnel is None:
+                # Open the tunnel while vLLM is still loading: the node's
+                # login and the forward are then off the critical path.
+                self._open_tunnel()
+            if ev.kind == "READY":
                 self.ui.done_waiting()
                 self._fire("ready")
-                self.ui.info(f"Server address: {ev.value}")
                 return
+            if ev.kind == "ADDRESS":
+                continue
             if ev.kind == "EXITED":
                 self.ui.done_waiting()
                 raise self._crash(f"vLLM exited with status {ev.value} before it was ready")
@@ -406,7 +420,7 @@ class Runner:
             details="\n".join(cause) or None,
         )
 
-    def connect(self) -> None:
+    def _open_tunnel(self) -> None:
         r = self.record
         self.tunnel = Tunnel(
             conn=self.conn,
@@ -425,6 +439,11 @@ class Runner:
                 self.ui.info(
                     f"Accepted the host key of {r.node} (first connection) and recorded it"
                 )
+
+    def connect(self) -> None:
+        r = self.record
+        if self.tunnel is None:
+            self._open_tunnel()
         self.ui.info("Testing connection...")
         models = verify(r.local_port, r.api_key or None, self.settings.timeouts.connection_test)
         self._fire("connect")

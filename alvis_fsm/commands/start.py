@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import secrets
 from typing import Any
@@ -126,9 +127,9 @@ def run(
             partition=cfg.slurm.partition,
             vllm_args=tuple(cfg.vllm.extra_args) + tuple(entry.vllm_args),
         )
-        # The run dir is relative to the remote home until the agent expands it;
-        # the job script must hold the absolute path, so render after prepare.
-        runner.render = lambda run_dir: jobscript.render(_with_run_dir(spec, run_dir))
+        # The record's run dir may start with "~/": the job script expands it
+        # on the cluster, where the remote home is known.
+        runner.render = lambda run_dir: jobscript.render(dataclasses.replace(spec, run_dir=run_dir))
         runner.sbatch_args = list(cfg.slurm.extra_args)
         runner.drive()
     if detach:
@@ -137,12 +138,6 @@ def run(
             f"  Reattach:  alvis-fsm resume {record.name}\n"
             f"  Stop:      alvis-fsm stop {record.name}"
         )
-
-
-def _with_run_dir(spec: Any, run_dir: str) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(spec, run_dir=run_dir)
 
 
 def _offer_resume(ui: Reporter, record: SessionRecord, verbosity: Verbosity) -> None:
