@@ -214,9 +214,9 @@ class Runner:
             State.SERVING: self.connect,
             State.TUNNELED: self.serve,
         }
-        self.record.client_pid = os.getpid()
-        self._save()
         try:
+            self.record.client_pid = os.getpid()
+            self._save()
             with stop_signals():
                 self.conn.open()
                 if self.state is State.TUNNELED:
@@ -554,7 +554,8 @@ class Runner:
         job = self.agent.jobinfo(r.job_id)
         if job.known and not job.state.ended:
             return True
-        how = f"{job.state}" + (f", exit code {job.exit_code}" if job.exit_code else "")
+        code = job.exit_code if job.exit_code not in ("", "0:0") else ""
+        how = f"{job.state}" + (f", exit code {code}" if code else "")
         if not job.known:
             how = "no longer known to the scheduler"
         self.ui.info(f"Job {r.job_id} has ended ({how}); nothing to cancel")

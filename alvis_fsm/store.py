@@ -231,14 +231,10 @@ class Store:
 
     def save(self, record: SessionRecord) -> None:
         """Write atomically (0600). Refuses to replace a file it cannot read
-        (corrupt, or from a newer alvis-fsm): that is checked before the first
-        write of each session by this store."""
+        (corrupt, or from a newer alvis-fsm), checked before the first write."""
         self.ensure()
         path = self.path(record.name)
-        if record.name not in self._writable:
-            if path.exists():
-                self.load(record.name)  # raises, naming the file, if it is not ours to replace
-            self._writable.add(record.name)
+        self._check_writable(record.name)
         data = json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n"
         fd, tmp = tempfile.mkstemp(prefix=f".{record.name}.", suffix=".tmp", dir=self.sessions)
         try:
@@ -260,6 +256,15 @@ class Store:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+    def _check_writable(self, name: str) -> None:
+        """Raise (naming the file) if the session's file exists but is not one
+        this version may replace. Checked once per session and store."""
+        if name in self._writable:
+            return
+        if self.path(name).exists():
+            self.load(name)
+        self._writable.add(name)
 
     def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -306,6 +311,9 @@ class Store:
                 ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
+            # Holding the lock means meaning to write: a file we could not
+            # replace safely (corrupt, newer) stops us here, before any work.
+            self._check_writable(name)
             yield
         finally:
             os.close(fd)  # closing releases the flock

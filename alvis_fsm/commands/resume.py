@@ -54,11 +54,6 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
             ui.info(f"Found the session's job: {found}")
         if not runner.still_alive():
             return
-        if record.state == "tunneled" and runner.model.may_disconnect():
-            # The tunnel of a detached or killed client may still be up, or
-            # not: go back through `serving`, whose step finds the tunnel (or
-            # reopens it) and checks the server through it before streaming.
-            runner.model.disconnect()
         runner.drive()
     if detach:
         ui.result(f"Detached: {record.url} (alvis-fsm stop {record.name} to cancel)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
@@ -17,8 +18,10 @@ CONNECTED = "✓ Connection successful! Server available at http://localhost:"
 
 
 @pytest.fixture
-def tool(lab, tmp_path: Path) -> Tool:
-    return Tool(lab, tmp_path / "home")
+def tool(lab, tmp_path: Path) -> Iterator[Tool]:
+    t = Tool(lab, tmp_path / "home")
+    yield t
+    t.close()
 
 
 def _job_id(text: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -46,6 +47,7 @@ class Tool:
         # control socket, inside this dir, on its command line, which is how
         # the tests find what the tool left running.
         self.state_dir = Path(tempfile.mkdtemp(prefix="afsm-", dir="/tmp"))
+        self.children: list[pexpect.spawn] = []
         self.env = {
             **lab.env,
             "HOME": str(home),
@@ -63,7 +65,23 @@ class Tool:
             codec_errors="replace", timeout=timeout, dimensions=(50, 200),
         )  # fmt: skip
         child.logfile_read = _Log()
+        self.children.append(child)
         return child
+
+    def close(self) -> None:
+        """Teardown: a child still running (a test failed half-way) gets the
+        Ctrl+C a user would give and time to clean up, not pexpect's SIGKILL;
+        then whatever ssh of this tool is still left is killed, so one failed
+        test does not leak into the next."""
+        for child in self.children:
+            if child.isalive():
+                child.sendintr()
+                with contextlib.suppress(pexpect.TIMEOUT, pexpect.EOF):
+                    child.expect(pexpect.EOF, timeout=45)
+            child.close(force=True)
+        for line in ssh_clients(str(self.state_dir)):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(line.split()[0]), signal.SIGTERM)
 
     def run(self, *args: str, timeout: float = 120, **env: str) -> tuple[int, str]:
         """Run to completion in a pty; returns (exit status, all output)."""
@@ -113,7 +131,11 @@ def interrupt(child: pexpect.spawn, sig: int = signal.SIGINT) -> None:
 
 def ssh_clients(marker: str) -> list[str]:
     """ssh client processes (sshd excluded) whose command line names ``marker``."""
-    out = subprocess.run(["ps", "-eo", "pid=,comm=,args="], text=True, capture_output=True).stdout
+    # -ww: without it ps cuts lines at the terminal width (80 under pytest),
+    # and the marker would never be seen.
+    out = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,comm=,args="], text=True, capture_output=True
+    ).stdout
     rows = []
     for line in out.splitlines():
         parts = line.split(None, 2)
@@ -151,6 +173,8 @@ def tool_jobs(lab: Lab, tool: Tool) -> list[str]:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
             continue
         if data.get("job_id"):
             ids.add(str(data["job_id"]))
