@@ -19,6 +19,11 @@ export LC_ALL=C
 
 die() { printf '%s\n' "$*" >&2; exit 3; }
 
+# Every scheduler command is announced as a CMD record (the client shows
+# them with --verbose). fd 9 is our real stdout, also inside $( ).
+exec 9>&1
+note() { printf 'CMD|%s\n' "$*" >&9; }
+
 expand_dir() {
     # "~/x" means the remote home: the client cannot know it.
     case $1 in
@@ -33,11 +38,13 @@ expand_dir() {
 # sacct once it has left (the controller forgets finished jobs).
 jobinfo() {
     local id=$1 line
+    note squeue -h -j "$id" -o "'%T|%N|%r|%S|%L'"
     line=$(squeue -h -j "$id" -o '%T|%N|%r|%S|%L' 2>/dev/null | head -n 1)
     if [ -n "$line" ]; then
         printf 'JOB|squeue|%s|\n' "$line"
         return
     fi
+    note sacct -j "$id" -X -n -P -o State,NodeList,Reason,Start,Elapsed,ExitCode
     line=$(sacct -j "$id" -X -n -P -o State,NodeList,Reason,Start,Elapsed,ExitCode 2>/dev/null | head -n 1)
     if [ -n "$line" ]; then
         IFS='|' read -r st node reason start _elapsed code <<<"$line"
@@ -72,6 +79,7 @@ cmd_submit() {
     cat >"$script" || die "cannot write $run/$script"
     printf 'RUN|%s\n' "$run"
     err=$(mktemp) || exit 3
+    note sbatch --parsable "$@" "$script"
     out=$(sbatch --parsable "$@" "$script" 2>"$err"); rc=$?
     if [ $rc -ne 0 ]; then
         cat -- "$err" >&2; rm -f -- "$err"
@@ -83,6 +91,7 @@ cmd_submit() {
 
 cmd_find() {
     # find JOB_NAME: the job of ours with this unique name, if the controller has one
+    note squeue -h -u "$(id -un)" -n "$1" -o %i
     squeue -h -u "$(id -un)" -n "$1" -o '%i' 2>/dev/null | head -n 1 | sed 's/^/FOUND|/'
 }
 
@@ -181,9 +190,11 @@ cmd_cancel() {
     # (an interrupted sbatch may have queued a job whose id we never saw).
     local id=$1 name=$2 i st
     if [ -n "$id" ]; then
+        note scancel "$id"
         scancel "$id" 2>/dev/null
     fi
     if [ -n "$name" ]; then
+        note scancel -u "$(id -un)" -n "$name"
         scancel -u "$(id -un)" -n "$name" 2>/dev/null
     fi
     # Wait (bounded) until nothing of ours is pending or running, so that
@@ -200,6 +211,7 @@ cmd_cancel() {
 cmd_gpus() {
     # gpus: every node with its GPUs, the GPUs in use and its state (one
     # scheduler query), for "free A40 GPUs right now" in preflight.
+    note sinfo -h -N -O NodeList,Gres,GresUsed,StateCompact
     sinfo -h -N -O 'NodeList:200,Gres:200,GresUsed:200,StateCompact:20' 2>/dev/null \
         | awk 'NF >= 4 { print "NODE|" $1 "|" $2 "|" $3 "|" $4 }'
 }

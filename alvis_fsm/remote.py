@@ -46,7 +46,10 @@ class Agent:
     def call(
         self, *args: str, input: str | None = None, timeout: float = 60, retry: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        return self.conn.run(self._argv(*args), input=input, timeout=timeout, retry=retry)
+        proc = self.conn.run(self._argv(*args), input=input, timeout=timeout, retry=retry)
+        for command in _records(proc.stdout, "CMD"):
+            self.conn.prompter.command(f"{self.conn.opts.host}: {command}")
+        return proc
 
     # -- submission ---------------------------------------------------------
     def submit(

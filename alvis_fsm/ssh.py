@@ -336,7 +336,7 @@ def _ignore_sighup() -> None:
 def _short(text: str, limit: int = 300) -> str:
     # The agent script is long; show its subcommand, not its text.
     if "alvis-fsm-agent" in text:
-        _, _, tail = text.partition("alvis-fsm-agent")
+        _, _, tail = text.rpartition("alvis-fsm-agent")
         text = "bash -c <agent> alvis-fsm-agent" + tail
     return text if len(text) <= limit else text[:limit] + "…"
 
