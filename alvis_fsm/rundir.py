@@ -8,7 +8,7 @@ the remote agent and the client all take these names from this module."""
 from __future__ import annotations
 
 JOB_SCRIPT = "job.sh"
-SLURM_OUTPUT = "slurm-%j.out"  # sbatch pattern; %j is the job id
+SLURM_OUTPUT = "slurm-%j.out"  # sbatch's default, in the directory it runs in (the run dir)
 API_KEY = "api_key"  # 0600; read by the job into VLLM_API_KEY, never on a command line
 STARTED = "job.started"  # "<hostname> <jobid>", written first thing by the job
 ADDRESS = "server_address.txt"  # "HOSTNAME:PORT", as in the requirements

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from alvis_fsm import slurm
+from alvis_fsm import rundir, slurm
 from alvis_fsm.errors import (
     AlvisError,
     Interrupted,
@@ -335,7 +335,7 @@ class Runner:
                 raise SchedulerError(
                     f"Job {r.job_id} ended before it started: {job.state}"
                     + (f" ({job.reason})" if job.reason else ""),
-                    hint=f"See {r.run_dir}/slurm-{r.job_id}.out on the login node.",
+                    hint=f"See {r.run_dir}/{rundir.SLURM_OUTPUT.replace('%j', r.job_id)} on the login node.",
                 )
             if job is not None and job.source == "none" and time.time() - entered > 30:
                 raise SchedulerError(f"Job {r.job_id} is unknown to the scheduler")

@@ -1,4 +1,9 @@
-"""alvis-fsm env: exports for OpenAI-compatible clients: eval "$(alvis-fsm env)"."""
+"""alvis-fsm env: exports for OpenAI-compatible clients: eval "$(alvis-fsm env)".
+
+Only the two ``export`` lines go to stdout, each value quoted for a POSIX
+shell (bash, zsh, dash), so the output is safe to ``eval``; errors go to
+stderr and leave stdout empty, so a failed ``eval "$(alvis-fsm env)"``
+changes nothing."""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from alvis_fsm.ui import Verbosity
 
 
 def exports(base_url: str, api_key: str) -> str:
+    """The export lines; an empty key becomes vLLM's conventional "EMPTY"
+    (OpenAI clients refuse to run without one)."""
     lines = [f"export OPENAI_BASE_URL={shlex.quote(base_url)}"]
     lines.append(f"export OPENAI_API_KEY={shlex.quote(api_key or 'EMPTY')}")
     return "\n".join(lines)
@@ -25,5 +32,10 @@ def run(verbosity: Verbosity, *, name: str | None) -> None:
         raise SessionError(
             f"Session '{record.name}' is {record.state}; there is no server to point at",
             hint="`alvis-fsm start` or `alvis-fsm resume`.",
+        )
+    if not record.url:
+        raise SessionError(
+            f"Session '{record.name}' has no local port yet",
+            hint=f"Wait until `alvis-fsm status {record.name}` says tunneled.",
         )
     click.echo(exports(f"{record.url}/v1", record.api_key))

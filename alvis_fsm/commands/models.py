@@ -291,7 +291,12 @@ def run_discover(verbosity: Verbosity, as_json: bool, add: str | None) -> None:
 
 
 def run(verbosity: Verbosity, as_json: bool, discover: bool, add: str | None) -> None:
-    if discover or add is not None:  # --add implies --discover
+    if add is not None and not discover:
+        raise UsageError(
+            "--add adds a model found by --discover",
+            hint=f"alvis-fsm models --discover --add {add}",
+        )
+    if discover:
         run_discover(verbosity, as_json, add)
         return
     from alvis_fsm.catalog import load_catalog
