@@ -99,7 +99,7 @@ def _verbosity(ctx: click.Context) -> Any:
     "--name",
     "name",
     shell_complete=_complete_sessions,
-    help="Session name [default: default].",
+    help="Session name [default: the model's name].",
 )
 @click.option(
     "--detach", is_flag=True, help="Return once connected; the job and tunnel keep running."
@@ -269,7 +269,11 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("Aborted.", err=True)
         sys.exit(ExitCode.INTERRUPTED)
     except click.ClickException as exc:
-        exc.show()
+        # Same shape as our own errors: [ERROR] what, [HINT] what to do.
+        click.echo(f"[ERROR] {exc.format_message()}", err=True)
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "alvis-fsm"
+        click.echo(f"[HINT] `{where} --help` lists the options.", err=True)
         sys.exit(ExitCode.USAGE)
     except AlvisError as exc:
         from alvis_fsm.ui import show_error

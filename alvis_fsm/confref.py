@@ -39,10 +39,6 @@ GENERATED_NOTE = (
 )
 SKIPPED_SECTIONS = ("machine",)
 # Used only for a key that has no comment in default.toml (better: add one there).
-FALLBACK_DESCRIPTIONS = {
-    "slurm.account": "The SLURM account (project) the job is charged to, as in sbatch --account.",
-}
-
 _SECTION_RE = re.compile(r"^\[([A-Za-z0-9_]+)\]\s*$")
 _TABLE_RE = re.compile(r"^\[")
 _KEY_RE = re.compile(r"^([A-Za-z0-9_]+)\s*=")
@@ -183,8 +179,7 @@ def keys(default_toml: Path | None = None) -> tuple[str, list[Key]]:
                     name=name,
                     default=values.get(section, {}).get(name),
                     type=describe_type(info),
-                    description=comments.get((section, name))
-                    or FALLBACK_DESCRIPTIONS.get(f"{section}.{name}", ""),
+                    description=comments.get((section, name), ""),
                 )
             )
     return header, out

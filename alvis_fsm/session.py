@@ -47,7 +47,8 @@ class Reporter(Protocol):
     def result(self, message: str) -> None: ...
     def command(self, text: str) -> None: ...
     def log_line(self, stream: str, line: str) -> None: ...
-    def waiting(self, text: str) -> None: ...
+    def waiting(self, text: str, since: float | None = None) -> None: ...
+    def interrupted(self) -> None: ...
     def done_waiting(self) -> None: ...
     def interactive(self) -> bool: ...
     def ask(self, prompt: str, secret: bool = False) -> str: ...
@@ -73,15 +74,6 @@ def ssh_options(settings: Settings) -> SSHOptions:
 
 def new_api_key() -> str:
     return "afsm-" + secrets.token_urlsafe(32)
-
-
-def fmt_elapsed(seconds: float) -> str:
-    seconds = int(seconds)
-    return (
-        f"{seconds // 60}:{seconds % 60:02d}"
-        if seconds < 3600
-        else (f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}")
-    )
 
 
 # -- signals ------------------------------------------------------------------
@@ -239,6 +231,7 @@ class Runner:
             self._save()
             raise
         except KeyboardInterrupt:
+            self.ui.interrupted()
             # Ctrl+C while streaming is how a session normally ends (exit 0);
             # before that it interrupts the start-up (exit 130).
             was_serving = self.state is State.TUNNELED
@@ -339,13 +332,12 @@ class Runner:
                 )
             if job is not None and job.source == "none" and time.time() - entered > 30:
                 raise SchedulerError(f"Job {r.job_id} is unknown to the scheduler")
-            elapsed = fmt_elapsed(time.time() - entered)
-            text = f"Waiting for job {r.job_id} to start ({elapsed})"
+            text = f"Waiting for job {r.job_id} to start"
             if job is not None and job.state is slurm.JobState.PENDING:
                 text += " — " + slurm.describe_reason(job.reason, self.settings.slurm.gpus)
                 if job.start:
-                    text += f", expected start {job.start}"
-            self.ui.waiting(text)
+                    text += f", expected start {job.start.replace('T', ' ')[:16]} (cluster time)"
+            self.ui.waiting(text, since=entered)
 
     def _limit(self, state: str) -> float:
         sdef = self.settings.machine.states.get(state)
@@ -398,7 +390,7 @@ class Runner:
                 self.ui.done_waiting()
                 raise self._crash(f"Job {r.job_id} ended ({ev.job.state}) before vLLM was ready")
             self.ui.waiting(
-                f"Waiting for vLLM to load {r.model} on {r.node} ({fmt_elapsed(time.time() - entered)})"
+                f"Waiting for vLLM to load {r.model} on {r.node}", since=entered
             )
 
     def _tail_err(self, n: int) -> list[str]:

@@ -176,7 +176,6 @@ class CatalogSettings(_Section):
 
 class Session(_Section):
     state_dir: SafePath
-    default_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")]
 
 
 class Settings(BaseSettings):

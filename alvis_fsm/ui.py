@@ -8,7 +8,6 @@ NO_COLOR), and rich is imported only then."""
 from __future__ import annotations
 
 import os
-import re
 import sys
 import threading
 import time
@@ -17,8 +16,31 @@ from typing import IO, Any
 
 from alvis_fsm.errors import AlvisError
 
-# "(1:23)" or "(1:02:03)": the elapsed time inside a waiting line.
-_ELAPSED = re.compile(r"\(\d+(?::\d\d)+\)")
+
+def elapsed(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 3600:
+        return f"{seconds // 60}:{seconds % 60:02d}"
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class _Status:
+    """The spinner line, re-rendered by rich at every refresh so the clock runs."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.spinner: Any = None
+
+    def __rich__(self) -> Any:
+        from rich.spinner import Spinner
+
+        r = self.reporter
+        text = f"{r._status_text} ({elapsed(time.time() - r._status_since)})"
+        if self.spinner is None:
+            self.spinner = Spinner("dots", text=text)
+        else:
+            self.spinner.update(text=text)
+        return self.spinner
 
 
 class Verbosity(IntEnum):
@@ -41,7 +63,7 @@ class Reporter:
         self._err = sys.stderr
         self._live: Any = None
         self._status_text = ""
-        self._status_since = 0.0
+        self._status_since = 0.0  # epoch seconds
         self._plain_gist = ""
         self._plain_at = 0.0
 
@@ -81,13 +103,15 @@ class Reporter:
         self._write(f"{tag} {line}")
 
     # -- waiting ----------------------------------------------------------
-    def waiting(self, text: str) -> None:
-        """Update the live status line (state, elapsed time, reason).
+    def waiting(self, text: str, since: float | None = None) -> None:
+        """Update the live status line: what we wait for, and for how long
+        (``since``: epoch seconds; the spinner keeps the clock running).
 
         On a terminal: a spinner line redrawn in place. Otherwise (piped,
         NO_COLOR, TERM=dumb): a plain [INFO] line when what we wait for
         changes, and at most once a minute while it does not."""
         with self._lock:
+            self._status_since = since if since is not None else self._status_since or time.time()
             if text == self._status_text:
                 return
             self._status_text = text
@@ -96,31 +120,29 @@ class Reporter:
             if self._live is None and _fancy(self._out):
                 self._start_live()
             if self._live is not None:
-                self._live.update(self._renderable())
-                return
-            gist = _ELAPSED.sub("", text)
+                return  # the renderable reads the new text at its next refresh
             now = time.monotonic()
-            if gist != self._plain_gist or now - self._plain_at >= 60:
-                self._plain_gist, self._plain_at = gist, now
-                self._write(f"[INFO] {text}")
+            if text != self._plain_gist or now - self._plain_at >= 60:
+                self._plain_gist, self._plain_at = text, now
+                self._write(f"[INFO] {text} ({elapsed(time.time() - self._status_since)})")
+
+    def interrupted(self) -> None:
+        """After ^C the terminal shows '^C' with no newline: start a fresh line."""
+        self.done_waiting()
+        if self._out.isatty():
+            self._write("")
 
     def _start_live(self) -> None:
         from rich.console import Console
         from rich.live import Live
 
-        self._status_since = time.monotonic()
         self._live = Live(
-            self._renderable(),
+            _Status(self),
             console=Console(file=self._out),
             refresh_per_second=8,
             transient=True,
         )
         self._live.start()
-
-    def _renderable(self) -> Any:
-        from rich.spinner import Spinner
-
-        return Spinner("dots", text=self._status_text)
 
     def done_waiting(self) -> None:
         with self._lock:

@@ -159,7 +159,8 @@ def test_models_json_parses() -> None:
 def test_models_add_needs_discover() -> None:
     # --add names a model found by --discover; alone it is a usage error.
     result = CliRunner().invoke(cli, ["models", "--add", "x"])
-    assert result.exit_code != 0
+    assert isinstance(result.exception, AlvisError)
+    assert result.exception.exit_code == 2
 
 
 def test_model_names_never_raises(user_conf: Path) -> None:

@@ -160,7 +160,6 @@ def test_machine_timeout_must_name_a_timeouts_key(user_conf: Path) -> None:
         ("slurm", "account", "a b"),
         ("slurm", "gpus", "A40:0"),
         ("slurm", "gpus", "A40:1 --x"),
-        ("session", "default_name", "-x"),
         ("ssh", "host", "-oProxyCommand=x"),
         ("ssh", "host", "alvis 2"),
     ],
