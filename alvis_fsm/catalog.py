@@ -5,9 +5,7 @@ merging fields, so an overlay never inherits a path it did not mean."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from alvis_fsm import paths
 from alvis_fsm.errors import ConfigError, UsageError
 from alvis_fsm.settings import GPUS_PATTERN, MODEL_NAME_PATTERN, SafeStr, Settings
+from alvis_fsm.store import atomic_write
 
 DEFAULT_USER_CATALOG = "~/.alvis-vllm/models.json"
 
@@ -165,19 +164,3 @@ def add_entry(path: Path, name: str, entry: ModelEntry) -> None:
         data = existing
     data[name] = entry.model_dump(exclude_none=True)
     atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write ``text`` to ``path`` via a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -389,9 +389,7 @@ class Runner:
             if ev.job is not None and ev.job.known and ev.job.state.ended:
                 self.ui.done_waiting()
                 raise self._crash(f"Job {r.job_id} ended ({ev.job.state}) before vLLM was ready")
-            self.ui.waiting(
-                f"Waiting for vLLM to load {r.model} on {r.node}", since=entered
-            )
+            self.ui.waiting(f"Waiting for vLLM to load {r.model} on {r.node}", since=entered)
 
     def _tail_err(self, n: int) -> list[str]:
         try:
@@ -459,10 +457,8 @@ class Runner:
                     try:
                         self.conn.reopen()
                     except SSHError as exc:
-                        raise _GiveUp(
-                            f"Could not reach {self.conn.opts.host} again; job {r.job_id} is still running",
-                            hint=f"`alvis-fsm resume {r.name}` reconnects; `alvis-fsm stop {r.name}` cancels it.",
-                            details=exc.details,
+                        raise self._give_up(
+                            f"Could not reach {self.conn.opts.host} again", exc.details
                         ) from exc
                 self._start_stream(lines)
                 lines = 0  # after a reconnect, only what is new
@@ -491,16 +487,22 @@ class Runner:
                     except AlvisError as exc:
                         failures += 1
                         if failures >= self.settings.tunnel.max_reconnects:
-                            raise _GiveUp(
-                                f"Could not reopen the tunnel after {failures} tries; the job {r.job_id} is still running",
-                                hint=f"`alvis-fsm resume {r.name}` reconnects; `alvis-fsm stop {r.name}` cancels it.",
-                                details=exc.message,
+                            raise self._give_up(
+                                f"Could not reopen the tunnel after {failures} tries", exc.message
                             ) from exc
                         time.sleep(backoff)
                         backoff = min(backoff * 2, 10)
                 self._fire("connect")
                 self.ui.info(f"Tunnel back up: http://localhost:{r.local_port}")
                 failures, backoff = 0, 0.5
+
+    def _give_up(self, what: str, details: str | None) -> _GiveUp:
+        r = self.record
+        return _GiveUp(
+            f"{what}; job {r.job_id} is still running",
+            hint=f"`alvis-fsm resume {r.name}` reconnects; `alvis-fsm stop {r.name}` cancels it.",
+            details=details,
+        )
 
     def _start_stream(self, lines: int) -> None:
         self._stop_stream()
@@ -652,4 +654,3 @@ class Runner:
 
 class _GiveUp(SSHError):
     """Tunnel could not be reopened: keep the job (not a failure of the job)."""
-

@@ -97,6 +97,10 @@ class SessionRecord:
     def live(self) -> bool:
         return self.state in LIVE
 
+    def outcome(self) -> str:
+        """'job 5: stopped by the user' — how a finished session ended."""
+        return f"job {self.job_id or '-'}" + (f": {self.end_reason}" if self.end_reason else "")
+
     @property
     def url(self) -> str:
         return f"http://localhost:{self.local_port}" if self.local_port else ""
@@ -181,6 +185,32 @@ def _keep_hint(path: Path) -> str:
     )
 
 
+def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``text`` atomically: temp file in the same
+    directory, fsync, rename, fsync the directory (so a crash right after
+    cannot bring back the previous content, e.g. a lost job id). Used for
+    every file the tool writes: session state, settings, user catalog."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 class Store:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir
@@ -235,27 +265,7 @@ class Store:
         self.ensure()
         path = self.path(record.name)
         self._check_writable(record.name)
-        data = json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{record.name}.", suffix=".tmp", dir=self.sessions)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        # Make the rename itself durable (a crash right after must not bring
-        # back the previous state, e.g. a job id lost).
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(self.sessions, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        atomic_write(path, json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n")
 
     def _check_writable(self, name: str) -> None:
         """Raise (naming the file) if the session's file exists but is not one

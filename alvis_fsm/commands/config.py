@@ -16,7 +16,6 @@ import tomlkit
 import tomlkit.exceptions
 
 from alvis_fsm import paths
-from alvis_fsm.catalog import atomic_write
 from alvis_fsm.errors import ConfigError, UsageError
 from alvis_fsm.settings import (
     DEFAULT_LABEL,
@@ -26,6 +25,7 @@ from alvis_fsm.settings import (
     user_config_path,
     validate_user_data,
 )
+from alvis_fsm.store import atomic_write
 from alvis_fsm.ui import Reporter, Verbosity
 
 USER_FILE_HEADER = """\

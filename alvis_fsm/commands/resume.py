@@ -17,9 +17,8 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
         record = store.load(record.name)  # re-read under the lock
         if record.state == "cleaned":
             ui.result(
-                f"Session '{record.name}' is finished (job {record.job_id or '-'}"
-                + (f": {record.end_reason}" if record.end_reason else "")
-                + "). Start a new one with `alvis-fsm start`."
+                f"Session '{record.name}' is finished ({record.outcome()}). "
+                "Start a new one with `alvis-fsm start`."
             )
             return
         from alvis_fsm.session import Runner

@@ -28,11 +28,7 @@ def run(verbosity: Verbosity, *, name: str | None) -> None:
     with store.lock(record.name):
         record = store.load(record.name)
         if record.state == "cleaned":
-            ui.result(
-                f"Session '{record.name}' is already stopped (job {record.job_id or '-'}"
-                + (f": {record.end_reason}" if record.end_reason else "")
-                + ")."
-            )
+            ui.result(f"Session '{record.name}' is already stopped ({record.outcome()}).")
             return
         from alvis_fsm.session import Runner
 
