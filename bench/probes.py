@@ -29,6 +29,9 @@ MARKS = {
     "running": r"Job is running on node",
     "address": r"Server address: ",
     "tunnel": r"Establishing SSH tunnel",
+    # The tool opens the tunnel while vLLM loads, so the first thing it
+    # prints once it has noticed readiness is "Testing connection...".
+    "ready": r"Testing connection",
     "connected": r"Connection successful",
     "error": r"\[ERROR\]",
     "cleaned": r"Cleaned up job",

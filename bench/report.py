@@ -49,12 +49,13 @@ class SessionResult:
     connected: bool = False
     exit_status: int | None = None
     time_to_connected: float | None = None  # spawn -> "Connection successful"
-    readiness_latency: float | None = None  # startup line landed -> "Server address"
+    readiness_latency: float | None = None  # startup line landed -> "Testing connection"
     crash_latency: float | None = None  # vllm.exit mtime -> process exit
     logins_login: int | None = None  # None: not measured (another client was active)
     logins_node: int | None = None
     t_spawn: float | None = None
     t_address: float | None = None  # "Server address" printed
+    t_ready: float | None = None  # "Testing connection" printed: readiness noticed
     files: RunFiles | None = None
     footprint: Footprint | None = None
     problem: str = ""  # why this counts as a tool failure ("" = none)
@@ -77,10 +78,11 @@ class SessionResult:
 
     @property
     def tunnel_and_verify(self) -> float | None:
-        """From "Server address" to "Connection successful": tunnel up, /v1/models answered."""
-        if self.time_to_connected is None or self.t_address is None or self.t_spawn is None:
+        """From readiness noticed ("Testing connection") to "Connection successful":
+        /v1/models answered through the tunnel (opened while vLLM loaded)."""
+        if self.time_to_connected is None or self.t_ready is None or self.t_spawn is None:
             return None
-        return self.t_spawn + self.time_to_connected - self.t_address
+        return self.t_spawn + self.time_to_connected - self.t_ready
 
     @property
     def job_start(self) -> float | None:
@@ -303,7 +305,7 @@ def _login_rows(r: Results) -> list[Row]:
 
 def _readiness_row(r: Results) -> Row:
     ready = present([s.readiness_latency for s in r.jump + r.login])
-    return Row("Readiness noticed (startup line → Server address)", spread(ready),
+    return Row("Readiness noticed (startup line → Testing connection)", spread(ready),
                "≤ 0.5 s (every session)", max(ready) <= 0.5 if ready else None)  # fmt: skip
 
 
@@ -379,7 +381,7 @@ def render_table(rows: list[Row]) -> str:
 def _session_rows(r: Results) -> list[str]:
     head = [
         "| # | model | route | job | connected | pre-submit | job start | load | floor "
-        "| ready noticed | tunnel + verify | crash → exit | logins | exit |",
+        "| ready noticed | verify | crash → exit | logins | exit |",
         "|" + " --- |" * 14,
     ]
     everything = r.jump + r.login + r.crashes + ([r.pending] if r.pending else [])
@@ -396,8 +398,9 @@ def _session_rows(r: Results) -> list[str]:
 def render_details(r: Results) -> str:
     lines = ["## Sessions", "", *_session_rows(r), ""]
     lines.append("Pre-submit: spawn → job script written (the tool's start-up, login, run dir).")
-    lines.append("Job start: → `job.started`; load: → startup line in `vllm.err`; tunnel + verify:")
-    lines.append('"Server address" → "Connection successful". Logins: login node + compute node.')
+    lines.append("Job start: → `job.started`; load: → startup line in `vllm.err`; verify:")
+    lines.append('"Testing connection" → "Connection successful" (the tunnel was opened while')
+    lines.append("vLLM loaded). Logins: login node + compute node.")
     lines.append("The last row is the session kept PENDING behind the GPU blocker (logins not")
     lines.append("counted: the baseline ran beside it), then stopped with Ctrl+C.")
     lines += ["", "## Baseline (bench/baseline.sh)", ""]
@@ -428,7 +431,8 @@ METHOD = """## How each figure is measured
   The tool's own start-up and login happen before the submit: the 1 s must cover them.
 - **Logins**: `Accepted publickey` lines added to the lab's sshd logs (login node,
   compute node) from spawn to exit, cleanup included; the same for the baseline.
-- **Readiness noticed**: arrival of "Server address" − the moment the startup line
+- **Readiness noticed**: arrival of "Testing connection" (the tool's first output once
+  it has seen the server ready; the tunnel is already up by then) − the moment the startup line
   landed in `vllm.err` (the file's mtime when the watcher first saw the line).
 - **Scheduler queries**: during the pending window only, temporary wrappers
   `/usr/local/bin/{squeue,sacct}` (first in the login shell's PATH) log each call by

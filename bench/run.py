@@ -9,7 +9,7 @@ benchmarks wait instead of mixing their jobs and ssh logins with ours):
   1. time to "Connection successful" over N sessions (route jump), and the
      floor per session: job start latency + model load + 1 s, from run-dir files
   2. ssh logins per session (sshd logs), routes jump and login
-  3. readiness notice latency: startup line in vllm.err -> "Server address"
+  3. readiness notice latency: startup line in vllm.err -> "Testing connection"
   4. scheduler queries while a job is pending (counting squeue/sacct wrappers)
   5. crash latency: vllm.exit written -> the tool's process exit (lab-oom, lab-die)
   6. CLI start-up: `--help` and `status --offline`
@@ -185,8 +185,9 @@ class Bench:
         time.sleep(3 * probes.RunDirWatcher.POLL)  # let the watcher take a last look
         res.files = self.watcher.for_job(res.job_id) if res.job_id else None
         res.t_spawn, res.t_address = run.t_spawn, run.mark("address")
-        if res.files and res.files.ready_line and res.t_address:
-            res.readiness_latency = res.t_address - res.files.ready_line
+        res.t_ready = run.mark("ready")
+        if res.files and res.files.ready_line and res.t_ready:
+            res.readiness_latency = res.t_ready - res.files.ready_line
 
     # -- measurements -------------------------------------------------------------
     def measure_cli(self) -> None:
