@@ -127,7 +127,7 @@ def _read_catalog(path: Path) -> dict[str, ModelEntry]:
 
 
 def check_model_name(name: str, where: str = "") -> None:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):  # match's $ allows a trailing newline
         raise ConfigError(
             f"Invalid model name {name!r}" + (f" in {where}" if where else ""),
             hint="Names start with a letter or digit and use only letters, digits and _ . : + -"

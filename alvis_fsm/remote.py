@@ -21,9 +21,16 @@ def agent_source() -> str:
     return resources.files("alvis_fsm").joinpath("agent.sh").read_text(encoding="utf-8")
 
 
+def _lines(text: str) -> list[str]:
+    """The agent's records: one per "\\n". Not str.splitlines, which also
+    breaks at \\x0b, \\x0c, \\x1c-\\x1e, \\x85, \\u2028 and \\u2029: characters a
+    run dir or log line may hold (settings refuse only NUL, CR and LF)."""
+    return text.split("\n")
+
+
 def _records(text: str, kind: str) -> list[str]:
     prefix = kind + "|"
-    return [line[len(prefix) :] for line in text.splitlines() if line.startswith(prefix)]
+    return [line[len(prefix) :] for line in _lines(text) if line.startswith(prefix)]
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,7 @@ class Agent:
     # -- waiting ------------------------------------------------------------
     def jobinfo(self, job_id: str) -> JobInfo:
         proc = self.call("jobinfo", job_id)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("JOB|")]
+        lines = [line for line in _lines(proc.stdout) if line.startswith("JOB|")]
         if not lines:
             raise SchedulerError(
                 "The scheduler did not answer", details=proc.stderr.strip() or None
@@ -115,7 +122,7 @@ class Agent:
             rundir.VLLM_OUT, rundir.VLLM_ERR, rundir.VLLM_EXIT, rundir.ENDED,
         )  # fmt: skip
         return [
-            parse_log_line(line) for line in proc.stdout.splitlines() if line[:2] in ("O|", "E|")
+            parse_log_line(line) for line in _lines(proc.stdout) if line[:2] in ("O|", "E|")
         ]
 
     def stream(
@@ -144,7 +151,7 @@ class Agent:
     def discover(self, hub: str) -> list[tuple[str, str]]:
         """(snapshot path, config.json text) for every snapshot in the hub."""
         proc = self.call("discover", hub, timeout=120)
-        lines = proc.stdout.splitlines()
+        lines = _lines(proc.stdout)
         out: list[tuple[str, str]] = []
         for i, line in enumerate(lines):
             if line.startswith("SNAPSHOT|") and i + 1 < len(lines):
@@ -162,7 +169,7 @@ def _event(proc: subprocess.CompletedProcess[str]) -> Event:
         raise SSHError("The remote wait failed", details=proc.stderr.strip() or None)
     job: JobInfo | None = None
     kind, value = "WAIT", ""
-    for line in proc.stdout.splitlines():
+    for line in _lines(proc.stdout):
         if line.startswith("JOB|"):
             job = parse_jobinfo(line)
         elif "|" in line:

@@ -16,6 +16,7 @@ still refused with OpenSSH's warning. Never ``StrictHostKeyChecking=no``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import subprocess
@@ -93,6 +94,12 @@ class Tunnel:
             self.node,
         ]  # fmt: skip
         self.conn.prompter.command(shlex.join(argv))
+        # A socket left by a tunnel ssh that was killed would make the new one
+        # "disable multiplexing": it would run on, but alive() and close()
+        # (which go through the socket) could no longer see or stop it.
+        if not socket_alive(self.control):
+            with contextlib.suppress(FileNotFoundError):
+                self.control.unlink()
         # -f: ssh returns once authenticated and the forward is listening
         # (ExitOnForwardFailure makes a failed bind an error, not a warning).
         # BatchMode: the tunnel is re-opened unattended; a prompt there
