@@ -161,6 +161,7 @@ class Runner:
         self._events: queue.Queue[tuple[str, str]] = queue.Queue()
         self._reader: threading.Thread | None = None
         self.sbatch_args = []
+        self._streaming = False
 
     # -- state --------------------------------------------------------------
     @property
@@ -234,7 +235,7 @@ class Runner:
             self.ui.interrupted()
             # Ctrl+C while streaming is how a session normally ends (exit 0);
             # before that it interrupts the start-up (exit 130).
-            was_serving = self.state is State.TUNNELED
+            was_serving = self._streaming
             self.cleanup("stopped with Ctrl+C" if was_serving else "interrupted")
             if was_serving:
                 return
@@ -445,6 +446,8 @@ class Runner:
         if self.detach:
             raise Detached()
         self.ui.info("Streaming logs (Ctrl+C to stop and cleanup)...")
+        # From here Ctrl+C is the normal way out, even mid-reconnect.
+        self._streaming = True
         lines = 50
         failures = 0
         backoff = 0.5
@@ -477,8 +480,17 @@ class Runner:
                 self._fire("disconnect")
                 self.ui.warn("The tunnel dropped; reconnecting (the job is untouched)...")
                 while True:
+                    if not self.conn.alive():
+                        # The shared connection (the tunnel's jump) is gone too:
+                        # wait for the login node as long as ssh.reconnect_window
+                        # says, as everywhere else, not max_reconnects tries.
+                        try:
+                            self.conn.reopen()
+                        except SSHError as exc:
+                            raise self._give_up(
+                                f"Could not reach {self.conn.opts.host} again", exc.details
+                            ) from exc
                     try:
-                        self.conn.open()
                         self.tunnel.open()
                         verify(
                             r.local_port, r.api_key or None, self.settings.timeouts.connection_test

@@ -269,14 +269,21 @@ class Connection:
         self.prompter.command(_short(remote))
         for attempt in range(3):
             try:
-                proc = subprocess.run(
+                raw = subprocess.run(
                     args,
-                    input=input,
+                    input=input.encode() if input is not None else None,
                     capture_output=True,
-                    text=True,
                     timeout=timeout,
                     start_new_session=True,  # Ctrl+C is ours to handle, not ssh's
                     check=False,
+                )
+                # Decoded by hand: text mode would turn a log line's "\r" into
+                # a line break (universal newlines).
+                proc = subprocess.CompletedProcess(
+                    raw.args,
+                    raw.returncode,
+                    raw.stdout.decode("utf-8", "replace"),
+                    raw.stderr.decode("utf-8", "replace"),
                 )
             except subprocess.TimeoutExpired as exc:
                 raise SSHError(
