@@ -248,13 +248,8 @@ class Runner:
                 f"Stopped by {signal.Signals(sig.signum).name}; cleaned up job {self.record.job_id or '(none)'}"
             ) from None
         except AlvisError as exc:
-            if self.state in (
-                State.SUBMITTED,
-                State.RUNNING,
-                State.SERVING,
-                State.TUNNELED,
-                State.IDLE,
-            ):
+            if self.state not in (State.FAILED, State.CLEANED):
+                # Even if saving the new state fails, cleanup must still run.
                 with contextlib.suppress(Exception):
                     self._fire("fail")
             self.record.end_reason = exc.message
