@@ -452,12 +452,7 @@ class Runner:
                     # The shared connection dropped (the stream was a channel
                     # on it): reopen it; the job is untouched.
                     self.ui.warn("Lost the connection to the login node; reconnecting...")
-                    try:
-                        self.conn.reopen()
-                    except SSHError as exc:
-                        raise self._give_up(
-                            f"Could not reach {self.conn.opts.host} again", exc.details
-                        ) from exc
+                    self._reopen_or_give_up()
                 self._start_stream(lines)
                 lines = 0  # after a reconnect, only what is new
             try:
@@ -479,12 +474,7 @@ class Runner:
                         # The shared connection (the tunnel's jump) is gone too:
                         # wait for the login node as long as ssh.reconnect_window
                         # says, as everywhere else, not max_reconnects tries.
-                        try:
-                            self.conn.reopen()
-                        except SSHError as exc:
-                            raise self._give_up(
-                                f"Could not reach {self.conn.opts.host} again", exc.details
-                            ) from exc
+                        self._reopen_or_give_up()
                     try:
                         self.tunnel.open()
                         verify(
@@ -502,6 +492,16 @@ class Runner:
                 self._fire("connect")
                 self.ui.info(f"Tunnel back up: http://localhost:{r.local_port}")
                 failures, backoff = 0, 0.5
+
+    def _reopen_or_give_up(self) -> None:
+        """Reopen the shared connection (within ssh.reconnect_window); if the
+        login node stays unreachable, stop the client but keep the job."""
+        try:
+            self.conn.reopen()
+        except SSHError as exc:
+            raise self._give_up(
+                f"Could not reach {self.conn.opts.host} again", exc.details
+            ) from exc
 
     def _give_up(self, what: str, details: str | None) -> _GiveUp:
         r = self.record

@@ -215,7 +215,7 @@ class Connection:
         if child.exitstatus == 0 and self.alive():
             self.logins += 1
             return
-        raise _login_error(self.opts.host, transcript)
+        raise ssh_error(self.opts.host, transcript)
 
     def _answer_host_key(self, text: str) -> str:
         if not self.prompter.interactive():
@@ -348,19 +348,22 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _login_error(host: str, transcript: str) -> SSHError:
+def ssh_error(host: str, transcript: str, doing: str = "") -> SSHError:
+    """What ssh said when it failed, as an error the user can act on.
+    ``doing`` names what did not happen (e.g. "no tunnel was opened")."""
     text = transcript.strip()
     if _CHANGED_KEY in text:
         return SSHError(
-            f"The host key of {host} has CHANGED; refusing to connect.",
-            hint="If the cluster announced new host keys, remove the old one with "
-            f"`ssh-keygen -R {host}`; otherwise treat this as an attack.",
+            f"The host key of {host} has CHANGED; " + (doing or "refusing to connect") + ".",
+            hint="If the cluster announced new host keys (or the node was reinstalled), remove "
+            f"the old one with `ssh-keygen -R {host}`; otherwise treat this as an attack.",
             details=text,
         )
     if "Permission denied" in text:
         return SSHError(
             f"{host} refused the login (key or password not accepted).",
-            hint=f"Check that `ssh {host}` works from this terminal (ssh-add, ~/.ssh/config).",
+            hint=f"Check that `ssh {host}` works from this terminal (ssh-add, ~/.ssh/config)."
+            + (" Or forward through the login node instead: --route login." if doing else ""),
             details=text,
         )
     if "Could not resolve hostname" in text or "Name or service not known" in text:

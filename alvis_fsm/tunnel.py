@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alvis_fsm.errors import ServerError, SSHError
-from alvis_fsm.ssh import Connection, common_args, socket_alive
+from alvis_fsm.ssh import Connection, common_args, socket_alive, ssh_error
 
 
 def local_port_free(port: int, bind: str = "127.0.0.1") -> bool:
@@ -114,19 +114,13 @@ class Tunnel:
             err.seek(0)
             said = err.read().strip()
         if tun.returncode != 0:
-            if "REMOTE HOST IDENTIFICATION HAS CHANGED" in said:
-                raise SSHError(
-                    f"The host key of compute node {self.node} has CHANGED; no tunnel was opened.",
-                    hint=f"If the node was reinstalled, remove the old key with `ssh-keygen -R {self.node}`.",
-                    details=said,
-                )
             if "Address already in use" in said or "cannot listen" in said:
                 raise SSHError(
                     f"Local port {self.local_port} is already in use",
                     hint=port_busy_hint(self.local_port),
                     details=said,
                 )
-            raise SSHError(f"Could not open the tunnel to {self.node}", details=said or None)
+            raise ssh_error(self.node, said, "no tunnel was opened")
         return said
 
     def up(self) -> bool:
