@@ -82,7 +82,10 @@ cmd_submit() {
     note sbatch --parsable "$@" "$script"
     out=$(sbatch --parsable "$@" "$script" 2>"$err"); rc=$?
     if [ $rc -ne 0 ]; then
+        # Refused: nothing was queued, so leave nothing behind either (the
+        # run dir holds only the script and the key written just now).
         cat -- "$err" >&2; rm -f -- "$err"
+        cd / && rm -rf -- "$run"
         exit 4
     fi
     rm -f -- "$err"

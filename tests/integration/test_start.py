@@ -4,7 +4,9 @@ pseudo-terminal) and checks afterwards that no job and no ssh is left."""
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 import signal
 import socket
 from collections.abc import Iterator
@@ -163,6 +165,11 @@ def test_sbatch_refused(
     assert "[ERROR] sbatch refused the job" in out
     assert re.search(slurm_says, out), out
     assert "Job submitted" not in out
+    # Nothing was queued, so no run directory is left on the cluster either.
+    run_dir = json.loads((tool.state_dir / "sessions" / "lab-ok.json").read_text())["run_dir"]
+    assert run_dir.startswith("~/.alvis-vllm/runs/lab-ok-")
+    assert lab.login(f"test ! -e ~/{shlex.quote(run_dir[2:])}", check=False).returncode == 0
+    assert lab.login("test -d ~/.alvis-vllm/runs").returncode == 0  # the check can see
     assert_nothing_left(lab, tool)
 
 
