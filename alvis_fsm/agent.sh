@@ -7,9 +7,16 @@
 #
 # Output protocol (one record per line, parsed by alvis_fsm/remote.py):
 #   JOB|<source>|<state>|<node>|<reason>|<start>|<timeleft>|<exitcode>
+#       source: squeue or sacct (an answer), none (both answered and neither
+#       knows the job), unknown (a query failed or timed out; <reason> says
+#       why). Missing information is never reported as a finished job.
 #   STARTED|<host> <jobid>      READY|<host:port>      EXITED|<status>
 #   ENDED|<why>                 GONE|<state>           WAIT|
+#   UNKNOWN|<why>               AGE|<seconds>          CANCEL|<confirmed|unconfirmed>|<why>
 #   O|<vllm.out line>           E|<vllm.err line>
+# AGE is how long ago (on the cluster's clock) the state being waited for
+# began: the job's submission (wait-start) or its start (wait-ready), read
+# from the run directory's files, so timeouts never count a client's sleep.
 # Exit codes: 0 ok, 3 usage, 4 sbatch refused (its stderr is passed on).
 #
 # File names come from the client as environment-free arguments so that
@@ -34,24 +41,59 @@ expand_dir() {
     esac
 }
 
+# Scheduler commands may block for a long time while the controller is away;
+# a bounded wait turns that into "unknown" instead of a hung client.
+SCHED_TIMEOUT=${ALVIS_FSM_SCHED_TIMEOUT:-15}
+sched() { timeout "$SCHED_TIMEOUT" "$@"; }
+one_line() { tr '\n|' '  ' | cut -c1-300; }
+ERRF=$(mktemp 2>/dev/null || echo "/tmp/alvis-fsm-agent.$$")
+trap 'rm -f -- "$ERRF"' EXIT
+
+# Terminal job states: only these, from squeue or sacct, end a session.
+terminal() {
+    case ${1%% *} in
+        COMPLETED|CANCELLED|FAILED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|PREEMPTED|BOOT_FAIL|DEADLINE|REVOKED|SPECIAL_EXIT) return 0 ;;
+    esac
+    return 1
+}
+
 # One scheduler query: squeue while the job is known to the controller,
-# sacct once it has left (the controller forgets finished jobs).
+# sacct once it has left (the controller forgets finished jobs, and sacct
+# answers from the accounting daemon while the controller is away).
 jobinfo() {
-    local id=$1 line
+    local id=$1 line rc why="" answered=0
     note squeue -h -j "$id" -o "'%T|%N|%r|%S|%L'"
-    line=$(squeue -h -j "$id" -o '%T|%N|%r|%S|%L' 2>/dev/null | head -n 1)
-    if [ -n "$line" ]; then
+    line=$(sched squeue -h -j "$id" -o '%T|%N|%r|%S|%L' 2>"$ERRF"); rc=$?
+    line=${line%%$'\n'*}
+    if [ "$rc" -eq 0 ] && [ -n "$line" ]; then
         printf 'JOB|squeue|%s|\n' "$line"
         return
     fi
+    if [ "$rc" -eq 0 ] || grep -q 'Invalid job id' "$ERRF"; then
+        answered=1  # the controller answered: it no longer has the job
+    else
+        why="squeue: $(one_line <"$ERRF")"
+        [ "$rc" -eq 124 ] && why="squeue did not answer within ${SCHED_TIMEOUT}s"
+    fi
     note sacct -j "$id" -X -n -P -o State,NodeList,Reason,Start,Elapsed,ExitCode
-    line=$(sacct -j "$id" -X -n -P -o State,NodeList,Reason,Start,Elapsed,ExitCode 2>/dev/null | head -n 1)
-    if [ -n "$line" ]; then
+    line=$(sched sacct -j "$id" -X -n -P -o State,NodeList,Reason,Start,Elapsed,ExitCode 2>"$ERRF"); rc=$?
+    line=${line%%$'\n'*}
+    if [ "$rc" -eq 0 ] && [ -n "$line" ]; then
         IFS='|' read -r st node reason start _elapsed code <<<"$line"
         printf 'JOB|sacct|%s|%s|%s|%s||%s\n' "${st%% *}" "$node" "$reason" "$start" "$code"
-    else
+    elif [ "$rc" -eq 0 ] && [ "$answered" = 1 ]; then
         printf 'JOB|none||||||\n'
+    else
+        [ "$rc" -ne 0 ] && why="${why:+$why; }sacct: $(one_line <"$ERRF")"
+        printf 'JOB|unknown|||%s|||\n' "${why:-no answer}"
     fi
+}
+
+# age FILE: seconds since FILE was last written, on this machine's clock.
+age() {
+    local m
+    m=$(stat -c %Y -- "$1" 2>/dev/null) || return 0
+    printf 'AGE|%s\n' "$(( $(date +%s) - m ))"
 }
 
 # Seconds since the epoch with a fraction, for sub-second deadlines.
@@ -101,9 +143,12 @@ cmd_find() {
 cmd_jobinfo() { jobinfo "$1"; }
 
 cmd_wait_start() {
-    # wait-start RUN JOBID SLICE INTERVAL STARTED_FILE
-    local run=$1 id=$2 slice=$3 interval=$4 started=$5 end
+    # wait-start RUN JOBID SLICE INTERVAL STARTED_FILE SUBMITTED_FILE
+    local run=$1 id=$2 slice=$3 interval=$4 started=$5 submitted=${6:-} end
     run=$(expand_dir "$run")
+    if [ -s "$run/$started" ]; then
+        printf 'STARTED|%s\n' "$(head -n 1 -- "$run/$started")"; return
+    fi
     jobinfo "$id"
     end=$(deadline "$slice")
     while before "$end"; do
@@ -113,6 +158,7 @@ cmd_wait_start() {
         fi
         sleep "$interval"
     done
+    [ -n "$submitted" ] && age "$run/$submitted"
     printf 'WAIT|\n'
 }
 
@@ -143,6 +189,7 @@ cmd_wait_ready() {
     done
     # Once per slice, ask the scheduler whether the job is still there: a
     # node failure or a cancel from elsewhere leaves no file behind.
+    age "$run/${11:-job.started}"
     jobinfo "$id"
 }
 
@@ -178,10 +225,16 @@ cmd_stream() {
         fi
         if [ $(( $(date +%s) - last )) -ge "$check" ]; then
             last=$(date +%s)
-            st=$(squeue -h -j "$id" -o '%T' 2>/dev/null | head -n 1)
-            if [ -z "$st" ] || [ "$st" != RUNNING ]; then
-                printf 'GONE|%s\n' "${st:-left the queue}"; break
-            fi
+            # Only an answer ends the stream: a failed query is "unknown".
+            IFS='|' read -r _ src st _ reason _ <<<"$(jobinfo "$id" 9>/dev/null)"
+            case $src in
+                squeue|sacct)
+                    if [ "$st" != RUNNING ] && { terminal "$st" || [ "$src" = squeue ]; }; then
+                        printf 'GONE|%s\n' "$st"; break
+                    fi ;;
+                none) printf 'UNKNOWN|the scheduler has no record of job %s\n' "$id" ;;
+                *) printf 'UNKNOWN|%s\n' "$reason" ;;
+            esac
         fi
         sleep "$interval"
     done
@@ -189,26 +242,48 @@ cmd_stream() {
 }
 
 cmd_cancel() {
-    # cancel JOBID JOBNAME: by id when known, else by our unique job name
-    # (an interrupted sbatch may have queued a job whose id we never saw).
-    local id=$1 name=$2 i st
+    # cancel JOBID JOBNAME CONFIRM_SECONDS: by id when known, else by our
+    # unique job name (an interrupted sbatch may have queued a job whose id we
+    # never saw). Then confirm: "confirmed" only when the scheduler says the
+    # job reached a terminal state (or, by name, that nothing of ours is
+    # left), so "Cleaned up" is true when the client prints it.
+    local id=$1 name=$2 confirm=${3:-30} why="" end src st reason left
     if [ -n "$id" ]; then
         note scancel "$id"
-        scancel "$id" 2>/dev/null
+        sched scancel "$id" 2>"$ERRF" || why="scancel: $(one_line <"$ERRF")"
     fi
     if [ -n "$name" ]; then
         note scancel -u "$(id -un)" -n "$name"
-        scancel -u "$(id -un)" -n "$name" 2>/dev/null
+        sched scancel -u "$(id -un)" -n "$name" 2>"$ERRF" \
+            || why="${why:+$why; }scancel: $(one_line <"$ERRF")"
     fi
-    # Wait (bounded) until nothing of ours is pending or running, so that
-    # "Cleaned up" is true when the client prints it.
-    for i in $(seq 1 40); do
-        st=$( { [ -n "$id" ] && squeue -h -j "$id" -o '%T'; [ -n "$name" ] && squeue -h -u "$(id -un)" -n "$name" -o '%T'; } 2>/dev/null \
-              | grep -E 'PENDING|RUNNING|CONFIGURING|SUSPENDED|REQUEUED' | head -n 1)
-        [ -z "$st" ] && break
+    end=$(deadline "$confirm")
+    while :; do
+        left=""
+        if [ -n "$id" ]; then
+            IFS='|' read -r _ src st _ reason _ <<<"$(jobinfo "$id" 9>/dev/null)"
+            case $src in
+                squeue|sacct) terminal "$st" || left="job $id is $st" ;;
+                none) ;;  # both answered: the scheduler has no such job
+                *) left="the scheduler did not answer ($reason)" ;;
+            esac
+        fi
+        if [ -z "$left" ] && [ -n "$name" ]; then
+            st=$(sched squeue -h -u "$(id -un)" -n "$name" -o '%T' 2>"$ERRF")
+            if [ $? -ne 0 ]; then
+                left="squeue: $(one_line <"$ERRF")"
+            else
+                st=$(printf '%s\n' "$st" | grep -vE '^(COMPLETED|CANCELLED|FAILED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|PREEMPTED|BOOT_FAIL|DEADLINE)?$' | head -n 1)
+                [ -n "$st" ] && left="a job named $name is $st"
+            fi
+        fi
+        if [ -z "$left" ]; then
+            printf 'CANCEL|confirmed|%s\n' "$why"; return
+        fi
+        before "$end" || break
         sleep 0.25
     done
-    printf 'CANCELLED|%s\n' "${st:-}"
+    printf 'CANCEL|unconfirmed|%s\n' "$left${why:+; $why}"
 }
 
 cmd_gpus() {

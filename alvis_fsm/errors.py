@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     SCHEDULER = 5  # sbatch refused, job failed or never started
     SERVER = 6  # vLLM crashed, never became ready, or the tunnel check failed
     SESSION = 7  # local session state: missing, locked, corrupt, port taken
+    UNCONFIRMED = 8  # a cancel was sent (or not) but the scheduler did not confirm it
     INTERRUPTED = 130  # Ctrl+C / SIGTERM / SIGHUP (after cleanup)
 
 
@@ -45,6 +46,11 @@ class SSHError(AlvisError):
     exit_code = ExitCode.SSH
 
 
+class ConnectionLost(SSHError):
+    """The network (or the login node) is unreachable for now: a reason to
+    stop the client, never one to give up a job."""
+
+
 class SchedulerError(AlvisError):
     exit_code = ExitCode.SCHEDULER
 
@@ -55,6 +61,13 @@ class ServerError(AlvisError):
 
 class SessionError(AlvisError):
     exit_code = ExitCode.SESSION
+
+
+class CancelUnconfirmed(AlvisError):
+    """The job may still be running: the session stays live so that `stop`
+    can try again. Never reported as cleaned up."""
+
+    exit_code = ExitCode.UNCONFIRMED
 
 
 class Interrupted(AlvisError):

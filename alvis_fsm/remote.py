@@ -5,6 +5,7 @@ each wait happens on the login node next to the run directory."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from dataclasses import dataclass
 from functools import cache
@@ -12,7 +13,7 @@ from importlib import resources
 
 from alvis_fsm import rundir
 from alvis_fsm.errors import SchedulerError, SSHError
-from alvis_fsm.slurm import JobInfo, parse_job_id, parse_jobinfo
+from alvis_fsm.slurm import JobInfo, JobState, parse_job_id, parse_jobinfo
 from alvis_fsm.ssh import Connection
 
 
@@ -41,6 +42,10 @@ class Event:
     kind: str
     value: str = ""
     job: JobInfo | None = None
+    # Seconds since the waited-for state began, on the cluster's clock (None
+    # when the agent could not tell): timeouts are judged by this, never by
+    # the client's own clock, which stops while a laptop sleeps.
+    age: float | None = None
 
 
 @dataclass
@@ -92,14 +97,15 @@ class Agent:
         proc = self.call("jobinfo", job_id)
         lines = [line for line in _lines(proc.stdout) if line.startswith("JOB|")]
         if not lines:
-            raise SchedulerError(
-                "The scheduler did not answer", details=proc.stderr.strip() or None
-            )
+            # No answer is not an answer: the caller keeps the job and retries.
+            why = proc.stderr.strip().splitlines()[-1:] or ["the scheduler did not answer"]
+            return JobInfo(source="unknown", state=JobState.UNKNOWN, reason=why[0])
         return parse_jobinfo(lines[0])
 
     def wait_start(self, run_dir: str, job_id: str, slice_s: float, interval: float) -> Event:
         proc = self.call(
             "wait-start", run_dir, job_id, f"{slice_s:.3f}", f"{interval:.3f}", rundir.STARTED,
+            rundir.JOB_SCRIPT,
             timeout=slice_s + 60,
         )  # fmt: skip
         return _event(proc)
@@ -110,7 +116,7 @@ class Agent:
         proc = self.call(
             "wait-ready", run_dir, job_id, f"{slice_s:.3f}", f"{interval:.3f}",
             rundir.ADDRESS, rundir.VLLM_ERR, rundir.VLLM_EXIT, rundir.ENDED, rundir.STARTUP_LINE,
-            "1" if address_known else "0",
+            "1" if address_known else "0", rundir.STARTED,
             timeout=slice_s + 60,
         )  # fmt: skip
         return _event(proc)
@@ -130,19 +136,22 @@ class Agent:
     ) -> subprocess.Popen[bytes]:
         return self.conn.popen(
             self._argv(
-                "stream", run_dir, job_id, str(lines), "1", "0.2", str(int(check_every)),
+                "stream", run_dir, job_id, str(lines), "1", "0.2", str(max(1, round(check_every))),
                 rundir.VLLM_OUT, rundir.VLLM_ERR, rundir.VLLM_EXIT, rundir.ENDED,
             )
         )  # fmt: skip
 
-    def cancel(self, job_id: str, job_name: str) -> None:
-        proc = self.call("cancel", job_id, job_name, timeout=40)
-        if proc.returncode != 0:
-            raise SchedulerError(
-                f"scancel failed for job {job_id or job_name}",
-                hint="Run `scancel` on the login node by hand, or `alvis-fsm stop` again.",
-                details=proc.stderr.strip() or None,
-            )
+    def cancel(self, job_id: str, job_name: str, confirm_s: float = 30) -> str:
+        """scancel, then wait up to ``confirm_s`` for the scheduler to confirm a
+        terminal state. Returns "" when confirmed, else what is still unknown."""
+        proc = self.call(
+            "cancel", job_id, job_name, f"{confirm_s:.0f}", timeout=confirm_s + 60, retry=True
+        )
+        found = _records(proc.stdout, "CANCEL")
+        if proc.returncode != 0 or not found:
+            return proc.stderr.strip() or f"the cancel did not run (exit status {proc.returncode})"
+        verdict, _, why = found[-1].partition("|")
+        return "" if verdict == "confirmed" else (why or "not confirmed")
 
     def gpus(self) -> list[str]:
         """sinfo's per-node GPU lines (``node|gres|gres_used|state``)."""
@@ -169,11 +178,15 @@ def _event(proc: subprocess.CompletedProcess[str]) -> Event:
         raise SSHError("The remote wait failed", details=proc.stderr.strip() or None)
     job: JobInfo | None = None
     kind, value = "WAIT", ""
+    age: float | None = None
     for line in _lines(proc.stdout):
         if line.startswith("JOB|"):
             job = parse_jobinfo(line)
+        elif line.startswith("AGE|"):
+            with contextlib.suppress(ValueError):
+                age = float(line[4:])
         elif "|" in line:
             head, _, rest = line.partition("|")
             if head in ("STARTED", "ADDRESS", "READY", "EXITED", "ENDED", "WAIT"):
                 kind, value = head, rest
-    return Event(kind=kind, value=value, job=job)
+    return Event(kind=kind, value=value, job=job, age=age)

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from alvis_fsm import rundir, slurm
 from alvis_fsm.errors import (
     AlvisError,
+    CancelUnconfirmed,
+    ConnectionLost,
     Interrupted,
     SchedulerError,
     ServerError,
@@ -32,7 +34,7 @@ from alvis_fsm.errors import (
     SSHError,
 )
 from alvis_fsm.machine import Session, State, build_machine
-from alvis_fsm.remote import Agent, parse_log_line
+from alvis_fsm.remote import Agent, Event, parse_log_line
 from alvis_fsm.ssh import Connection, SSHOptions, control_path
 from alvis_fsm.store import SessionRecord, Store
 from alvis_fsm.tunnel import Tunnel, verify
@@ -131,6 +133,10 @@ class Runner:
         *,
         detach: bool = False,
         readonly: bool = False,
+        conn: Connection | None = None,
+        agent: Agent | None = None,
+        tunnel_factory: Callable[..., Tunnel] | None = None,
+        verifier: Callable[[int, str | None, float], list[str]] | None = None,
     ) -> None:
         self.readonly = readonly
         self.settings = settings
@@ -144,8 +150,18 @@ class Runner:
                 control_path(store.dir, f"{store.dir.resolve()}|{record.name}@{settings.ssh.host}")
             )
             record.tunnel_control_path = record.control_path + ".t"
-        self.conn = Connection(ssh_options(settings), Path(record.control_path), ui)
-        self.agent = Agent(self.conn)
+        # The cluster side can be handed in (unit tests drive the session with
+        # a fake agent object); by default it is OpenSSH and agent.sh.
+        self.conn = conn or self._connection(settings, record, store, ui)
+        self.agent = agent or Agent(self.conn)
+        self._tunnel_factory: Callable[..., Tunnel] = tunnel_factory or Tunnel
+        self._verify = verifier or verify
+        # The newest age of the current state on the cluster's clock, and when
+        # (client monotonic time) we learnt it: see _cluster_age.
+        self._age: tuple[str, float, float] | None = None
+        self._stream_since = 0.0
+        self._stream_dead = False
+        self._last_unknown_note = 0.0
         self.model = Session()
         self.model.on_change = self._on_change
         timeouts = settings.timeouts.model_dump()
@@ -162,6 +178,22 @@ class Runner:
         self._reader: threading.Thread | None = None
         self.sbatch_args = []
         self._streaming = False
+
+    def _connection(
+        self, settings: Settings, record: SessionRecord, store: Store, ui: Reporter
+    ) -> Connection:
+        """The session's shared connection. A read-only look (status, logs)
+        reuses it when it is up but never opens or closes it: another client
+        may be driving the session through it, and closing a master we
+        opened while that client reconnects would cut it off. When it is
+        down, a look opens a private one of its own and closes that."""
+        shared = Connection(ssh_options(settings), Path(record.control_path), ui)
+        if not self.readonly or shared.alive():
+            return shared
+        private = control_path(
+            store.dir, f"{store.dir.resolve()}|{record.name}@{settings.ssh.host}|look|{os.getpid()}"
+        )
+        return Connection(ssh_options(settings), private, ui)
 
     # -- state --------------------------------------------------------------
     @property
@@ -181,25 +213,62 @@ class Runner:
     def _fire(self, trigger: str) -> None:
         getattr(self.model, trigger)()
 
+    def _limit(self, state: str) -> float:
+        sdef = self.settings.machine.states.get(state)
+        return (
+            float(getattr(self.settings.timeouts, sdef.timeout)) if sdef and sdef.timeout else 0.0
+        )
+
+    def _note_age(self, ev: Event) -> None:
+        if ev.age is not None:
+            self._age = (str(self.state), ev.age, time.monotonic())
+
+    def _cluster_age(self) -> float:
+        """How long the current state has lasted, judged by the cluster: the
+        agent's AGE (from the run directory's files, on the login node's
+        clock) plus the time since we heard it. Before the first AGE, the
+        wall-clock time since the state was entered (kept in the record)."""
+        name = str(self.state)
+        if self._age is not None and self._age[0] == name:
+            return self._age[1] + (time.monotonic() - self._age[2])
+        return time.time() - self.model.entered_at.get(name, time.time())
+
     def _remaining(self) -> float:
         """Seconds left before the current state's timeout (inf if none)."""
-        name = str(self.state)
-        sdef = self.settings.machine.states.get(name)
-        if sdef is None or not sdef.timeout:
-            return float("inf")
-        limit = float(getattr(self.settings.timeouts, sdef.timeout))
-        entered = self.model.entered_at.get(name, time.time())
-        return limit - (time.time() - entered)
+        limit = self._limit(str(self.state))
+        return limit - self._cluster_age() if limit else float("inf")
 
-    def _timed_out(self) -> bool:
-        # The Timeout feature's timer (timeout_pending) or, for a state
-        # restored by resume, the time since it was first entered.
-        return self.model.timeout_pending() or self._remaining() <= 0
+    def _timed_out(self, ev: Event) -> bool:
+        """Judged by the cluster's facts only, and only after asking it: a
+        client that slept or was suspended learns first what happened while
+        it was away, so its absence never counts against the job."""
+        limit = self._limit(str(self.state))
+        if not limit:
+            return False
+        if ev.age is not None:
+            return ev.age >= limit
+        # The agent could not date the state (its file is missing): fall back
+        # to the time recorded when the state was entered, so a wait still ends.
+        return self._cluster_age() >= limit
 
     # -- the loop -------------------------------------------------------------
     def drive(self) -> None:
         """Run the session from its current state. Cleans up on any failure or
-        signal; returns normally only when detached or stopped by the user."""
+        signal; returns normally only when detached or stopped by the user.
+        A lost network never cleans up: the job is kept for `resume`."""
+        self.record.client_pid = os.getpid()
+        self._save()
+        # SIGTERM/SIGHUP stay turned into exceptions until the handlers below
+        # have shielded themselves: no window where a signal's default action
+        # could end the process between a failure and its scancel.
+        with stop_signals():
+            try:
+                self._run_steps()
+            except BaseException as exc:
+                with shielded():
+                    self._finish(exc)
+
+    def _run_steps(self) -> None:
         steps: dict[State, Callable[[], None]] = {
             State.IDLE: self.submit,
             State.SUBMITTED: self.wait_running,
@@ -207,31 +276,40 @@ class Runner:
             State.SERVING: self.connect,
             State.TUNNELED: self.serve,
         }
-        try:
-            self.record.client_pid = os.getpid()
-            self._save()
-            with stop_signals():
-                self.conn.open()
-                if self.state is State.TUNNELED:
-                    # Picked up by resume: the tunnel is not ours until it is
-                    # found (or reopened) and verified again.
-                    self._fire("disconnect")
-                while self.state in steps:
-                    steps[self.state]()
-        except Detached:
+        self.conn.open()
+        if self.state is State.TUNNELED:
+            # Picked up by resume: the tunnel is not ours until it is
+            # found (or reopened) and verified again.
+            self._fire("disconnect")
+        while self.state in steps:
+            steps[self.state]()
+
+    def _finish(self, exc: BaseException) -> None:
+        """What each way out of the loop means for the job."""
+        r = self.record
+        if isinstance(exc, Detached):
             self.record.detached = True
             self.record.client_pid = 0
             self._save()
             return
-        except _GiveUp:
-            # The network is gone, not the job: keep it, so `resume` can reattach.
+        if isinstance(exc, ConnectionLost) and self.state is not State.IDLE:
+            # The network is gone, not the job: keep job and state so that
+            # `resume` can reattach. Nothing remote can be done now anyway.
             self._stop_stream()
             if self.tunnel is not None:
                 self.tunnel.close()
-            self.record.client_pid = 0
+            self.model_stop()
+            r.client_pid = 0
             self._save()
-            raise
-        except KeyboardInterrupt:
+            if isinstance(exc, _GiveUp):
+                raise exc
+            raise _GiveUp(
+                f"{exc.message}; job {r.job_id or r.job_name} is kept ({self.state})",
+                hint=f"`alvis-fsm resume {r.name}` reconnects once the network is back; "
+                f"`alvis-fsm stop {r.name}` cancels the job.",
+                details=exc.details,
+            ) from exc
+        if isinstance(exc, KeyboardInterrupt):
             self.ui.interrupted()
             # Ctrl+C while streaming is how a session normally ends (exit 0);
             # before that it interrupts the start-up (exit 130).
@@ -239,25 +317,23 @@ class Runner:
             self.cleanup("stopped with Ctrl+C" if was_serving else "interrupted")
             if was_serving:
                 return
+            raise Interrupted(f"Interrupted; cleaned up job {r.job_id or '(none)'}") from None
+        if isinstance(exc, _Signalled):
+            name = signal.Signals(exc.signum).name
+            self.cleanup(f"signal {name}")
             raise Interrupted(
-                f"Interrupted; cleaned up job {self.record.job_id or '(none)'}"
+                f"Stopped by {name}; cleaned up job {r.job_id or '(none)'}"
             ) from None
-        except _Signalled as sig:
-            self.cleanup(f"signal {signal.Signals(sig.signum).name}")
-            raise Interrupted(
-                f"Stopped by {signal.Signals(sig.signum).name}; cleaned up job {self.record.job_id or '(none)'}"
-            ) from None
-        except AlvisError as exc:
+        if isinstance(exc, AlvisError):
             if self.state not in (State.FAILED, State.CLEANED):
                 # Even if saving the new state fails, cleanup must still run.
                 with contextlib.suppress(Exception):
                     self._fire("fail")
-            self.record.end_reason = exc.message
+            r.end_reason = exc.message
             self.cleanup(exc.message)
-            raise
-        except BaseException:
-            self.cleanup("internal error")
-            raise
+            raise exc
+        self.cleanup("internal error")
+        raise exc
 
     # -- steps ----------------------------------------------------------------
     # Set by the caller (start): render(absolute run dir) -> job script text.
@@ -294,21 +370,29 @@ class Runner:
             interval = p.scheduler_backoff_interval
         return max(0.2, min(interval, self._remaining()))
 
+    def _unanswered(self, job: slurm.JobInfo | None) -> str:
+        """Text for a scheduler that gave no state; also told once a minute as
+        a warning, so a user knows why nothing moves and that the job is kept."""
+        why = job.unanswered if job is not None else ""
+        if why and time.monotonic() - self._last_unknown_note > 60:
+            self._last_unknown_note = time.monotonic()
+            self.ui.warn(
+                f"The scheduler did not answer about job {self.record.job_id} ({why}); "
+                "the job is kept, asking again"
+            )
+        return why
+
     def wait_running(self) -> None:
         r = self.record
         since = time.monotonic()
         entered = self.model.entered_at.get("submitted", time.time())
         while True:
-            if self._timed_out():
-                self._fire("timeout")
-                limit = self._limit("submitted")
-                raise SchedulerError(
-                    f"Job {r.job_id} did not start within {limit:.0f} s",
-                    hint="The queue is busy: try a shorter -t, fewer GPUs, or raise timeouts.job_start.",
-                )
+            # Ask first, judge after: what happened on the cluster while this
+            # client was away (asleep, suspended, offline) counts, not our clock.
             ev = self.agent.wait_start(
                 r.run_dir, r.job_id, self._slice(since), self.settings.polling.file_interval
             )
+            self._note_age(ev)
             if ev.kind == "STARTED":
                 host = ev.value.split()[0] if ev.value.split() else ""
                 r.node = host
@@ -319,39 +403,34 @@ class Runner:
                 self.ui.info("Waiting for server address...")
                 return
             job = ev.job
-            if job is not None and job.known and job.state.ended:
+            if job is not None and job.ended:
                 self.ui.done_waiting()
                 raise SchedulerError(
                     f"Job {r.job_id} ended before it started: {job.state}"
                     + (f" ({job.reason})" if job.reason else ""),
                     hint=f"See {r.run_dir}/{rundir.SLURM_OUTPUT.replace('%j', r.job_id)} on the login node.",
                 )
-            if job is not None and job.source == "none" and time.time() - entered > 30:
-                raise SchedulerError(f"Job {r.job_id} is unknown to the scheduler")
+            if self._timed_out(ev):
+                self._fire("timeout")
+                limit = self._limit("submitted")
+                raise SchedulerError(
+                    f"Job {r.job_id} did not start within {limit:.0f} s",
+                    hint="The queue is busy: try a shorter -t, fewer GPUs, or raise timeouts.job_start.",
+                )
             text = f"Waiting for job {r.job_id} to start"
-            if job is not None and job.state is slurm.JobState.PENDING:
+            why = self._unanswered(job)
+            if why:
+                text += f" — the scheduler is not answering ({why}); retrying"
+            elif job is not None and job.state is slurm.JobState.PENDING:
                 text += " — " + slurm.describe_reason(job.reason, self.settings.slurm.gpus)
                 if job.start:
                     text += f", expected start {job.start.replace('T', ' ')[:16]} (cluster time)"
             self.ui.waiting(text, since=entered)
 
-    def _limit(self, state: str) -> float:
-        sdef = self.settings.machine.states.get(state)
-        return (
-            float(getattr(self.settings.timeouts, sdef.timeout)) if sdef and sdef.timeout else 0.0
-        )
-
     def wait_ready(self) -> None:
         r = self.record
         entered = self.model.entered_at.get("running", time.time())
         while True:
-            if self._timed_out():
-                self._fire("timeout")
-                raise ServerError(
-                    f"vLLM did not start within {self._limit('running'):.0f} s",
-                    hint="Raise timeouts.server_ready for a large model, or check the log above.",
-                    details="\n".join(self._tail_err(20)) or None,
-                )
             ev = self.agent.wait_ready(
                 r.run_dir,
                 r.job_id,
@@ -359,6 +438,7 @@ class Runner:
                 self.settings.polling.file_interval,
                 address_known=bool(r.port),
             )
+            self._note_age(ev)
             if ev.kind in ("ADDRESS", "READY") and not r.port:
                 host, _, port = ev.value.rpartition(":")
                 r.node = host or r.node
@@ -382,9 +462,17 @@ class Runner:
             if ev.kind == "ENDED":
                 self.ui.done_waiting()
                 raise self._crash(f"The job stopped before vLLM was ready ({ev.value})")
-            if ev.job is not None and ev.job.known and ev.job.state.ended:
+            if ev.job is not None and ev.job.ended:
                 self.ui.done_waiting()
                 raise self._crash(f"Job {r.job_id} ended ({ev.job.state}) before vLLM was ready")
+            if self._timed_out(ev):
+                self._fire("timeout")
+                raise ServerError(
+                    f"vLLM did not start within {self._limit('running'):.0f} s",
+                    hint="Raise timeouts.server_ready for a large model, or check the log above.",
+                    details="\n".join(self._tail_err(20)) or None,
+                )
+            self._unanswered(ev.job)
             self.ui.waiting(f"Waiting for vLLM to load {r.model} on {r.node}", since=entered)
 
     def _tail_err(self, n: int) -> list[str]:
@@ -408,7 +496,7 @@ class Runner:
 
     def _open_tunnel(self) -> None:
         r = self.record
-        self.tunnel = Tunnel(
+        self.tunnel = self._tunnel_factory(
             conn=self.conn,
             route=r.route,
             bind=r.bind,
@@ -431,7 +519,7 @@ class Runner:
         if self.tunnel is None:
             self._open_tunnel()
         self.ui.info("Testing connection...")
-        models = verify(r.local_port, r.api_key or None, self.settings.timeouts.connection_test)
+        models = self._verify(r.local_port, r.api_key or None, self.settings.timeouts.connection_test)
         self._fire("connect")
         self.ui.connected(r, models)
 
@@ -446,19 +534,40 @@ class Runner:
         lines = 50
         failures = 0
         backoff = 0.5
+        restarts = _Backoff()
         while True:
-            if self._stream is None or self._stream.poll() is not None:
-                if self._stream is not None and not self.conn.alive():
+            proc = self._stream
+            if proc is None:
+                self._start_stream(lines)
+                lines = 0  # after a restart, only what is new
+            elif proc.poll() is not None:
+                if not self.conn.alive():
                     # The shared connection dropped (the stream was a channel
                     # on it): reopen it; the job is untouched.
                     self.ui.warn("Lost the connection to the login node; reconnecting...")
                     self._reopen_or_give_up()
-                self._start_stream(lines)
-                lines = 0  # after a reconnect, only what is new
+                    self._start_stream(0)
+                else:
+                    # The remote side ended the stream on its own: restart
+                    # it, but back off (up to a minute) and say why, so a
+                    # remote that keeps failing cannot make us spin.
+                    if not self._stream_dead:
+                        self._stream_dead = True
+                        if restarts.failed(time.monotonic() - self._stream_since) >= 3:
+                            said = _stderr_of(proc)
+                            self.ui.warn(
+                                "The log stream keeps stopping"
+                                + (f" ({said})" if said else "")
+                                + f"; retrying in {restarts.delay:.0f} s (the job is untouched)"
+                            )
+                    if restarts.due():
+                        self._start_stream(0)
             try:
                 kind, value = self._events.get(timeout=0.5)
             except queue.Empty:
                 kind, value = "", ""
+            if kind == "UNKNOWN":
+                self._unanswered(slurm.JobInfo(source="unknown", state=slurm.JobState.UNKNOWN, reason=value))
             if kind == "EXITED":
                 raise self._crash(f"vLLM exited with status {value}")
             if kind == "ENDED":
@@ -477,7 +586,7 @@ class Runner:
                         self._reopen_or_give_up()
                     try:
                         self.tunnel.open()
-                        verify(
+                        self._verify(
                             r.local_port, r.api_key or None, self.settings.timeouts.connection_test
                         )
                         break
@@ -513,8 +622,15 @@ class Runner:
 
     def _start_stream(self, lines: int) -> None:
         self._stop_stream()
-        proc = self.agent.stream(self.record.run_dir, self.record.job_id, lines)
+        proc = self.agent.stream(
+            self.record.run_dir,
+            self.record.job_id,
+            lines,
+            check_every=self.settings.polling.job_check_interval,
+        )
         self._stream = proc
+        self._stream_since = time.monotonic()
+        self._stream_dead = False
 
         def read() -> None:
             assert proc.stdout is not None
@@ -525,7 +641,7 @@ class Runner:
                     self.ui.log_line(stream, slurm.strip_ansi(text))
                 elif "|" in line:
                     head, _, rest = line.partition("|")
-                    if head in ("EXITED", "ENDED", "GONE"):
+                    if head in ("EXITED", "ENDED", "GONE", "UNKNOWN"):
                         self._events.put((head, rest))
 
         self._reader = threading.Thread(target=read, name="log-reader", daemon=True)
@@ -549,16 +665,20 @@ class Runner:
 
     # -- for resume, stop, logs, status -------------------------------------------
     def still_alive(self) -> bool:
-        """Ask the scheduler; if the job is gone, say how it ended and mark the
-        session cleaned (nothing to cancel)."""
+        """Ask the scheduler; if it says the job has ended, say how and mark the
+        session cleaned (nothing to cancel). No answer means "still there":
+        only an authoritative terminal state ends a session."""
         r = self.record
         job = self.agent.jobinfo(r.job_id)
-        if job.known and not job.state.ended:
+        if not job.ended:
+            if job.unanswered:
+                self.ui.warn(
+                    f"The scheduler did not answer about job {r.job_id} ({job.unanswered}); "
+                    "treating it as still there"
+                )
             return True
         code = job.exit_code if job.exit_code not in ("", "0:0") else ""
         how = f"{job.state}" + (f", exit code {code}" if code else "")
-        if not job.known:
-            how = "no longer known to the scheduler"
         self.ui.info(f"Job {r.job_id} has ended ({how}); nothing to cancel")
         self._close_local()
         r.end_reason = f"job ended: {how}"
@@ -612,27 +732,38 @@ class Runner:
 
     # -- cleanup --------------------------------------------------------------
     def cleanup(self, why: str) -> None:
-        """scancel, close tunnel and connection, state cleaned. Idempotent, and
-        shielded from further signals so a second Ctrl+C cannot skip it."""
+        """scancel and confirm, close tunnel and connection, state cleaned.
+        Idempotent, and shielded from further signals so a second Ctrl+C
+        cannot skip it. If the scheduler does not confirm the cancel, the
+        session is *not* cleaned: it stays as it is, so `stop` can retry."""
         r = self.record
         with shielded():
             self.ui.done_waiting()
             self._stop_stream()
-            if r.job_id or (r.job_name and self.state is not State.IDLE):
-                self.ui.info(f"Cancelling job {r.job_id or r.job_name}...")
+            # By name too: an sbatch cut off mid-way may have queued a job whose
+            # id we never saw (the session entered `submitted` before sbatch).
+            if r.job_id or (r.job_name and str(State.SUBMITTED) in r.entered_at):
+                job = r.job_id or r.job_name
+                self.ui.info(f"Cancelling job {job}...")
                 try:
                     self.conn.open()
-                    self.agent.cancel(r.job_id, r.job_name)
+                    left = self.agent.cancel(
+                        r.job_id, r.job_name, self.settings.timeouts.cancel_confirm
+                    )
                 except AlvisError as exc:
-                    r.end_reason = why
+                    left = exc.message + (f" ({exc.details})" if exc.details else "")
+                if left:
+                    r.end_reason = r.end_reason or why
+                    r.client_pid = 0
                     self._save()
                     self._close_local()
-                    raise SessionError(
-                        f"Could not cancel job {r.job_id or r.job_name}: {exc.message}",
-                        hint=f"The job may still be running: `alvis-fsm stop {r.name}` retries, "
-                        "or run scancel on the login node.",
-                        details=exc.details,
-                    ) from exc
+                    self.model_stop()
+                    raise CancelUnconfirmed(
+                        f"Could not confirm that job {job} was cancelled: {left}",
+                        hint=f"The job may still be running; session '{r.name}' is kept. "
+                        f"`alvis-fsm stop {r.name}` tries again"
+                        + (f" (or run `scancel {r.job_id}` on the login node)." if r.job_id else "."),
+                    )
             self._close_local()
             if self.state is not State.CLEANED:
                 r.end_reason = r.end_reason or why
@@ -659,5 +790,38 @@ class Runner:
         self.conn.close()
 
 
-class _GiveUp(SSHError):
+def _stderr_of(proc: subprocess.Popen[bytes]) -> str:
+    """The last line an ended stream's ssh wrote on stderr (for a warning)."""
+    try:
+        data = proc.stderr.read(4096) if proc.stderr is not None else b""
+    except (OSError, ValueError):
+        return ""
+    lines = data.decode("utf-8", "replace").strip().splitlines()
+    return slurm.strip_ansi(lines[-1])[:200] if lines else ""
+
+
+class _Backoff:
+    """The one retry policy of the log stream: the first restart is at once,
+    each further quick failure doubles the wait (0.5 s up to a minute); a
+    stream that lived ``healthy`` seconds starts the count again."""
+
+    def __init__(self, first: float = 0.5, most: float = 60.0, healthy: float = 30.0) -> None:
+        self.first, self.most, self.healthy = first, most, healthy
+        self.failures = 0
+        self.delay = 0.0
+        self._next = 0.0
+
+    def failed(self, lived: float) -> int:
+        if lived >= self.healthy:
+            self.failures = 0
+        self.failures += 1
+        self.delay = 0.0 if self.failures == 1 else min(self.first * 2 ** (self.failures - 2), self.most)
+        self._next = time.monotonic() + self.delay
+        return self.failures
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next
+
+
+class _GiveUp(ConnectionLost):
     """Tunnel could not be reopened: keep the job (not a failure of the job)."""

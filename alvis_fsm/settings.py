@@ -140,6 +140,7 @@ class Timeouts(_Section):
     job_start: Seconds
     server_ready: Seconds
     connection_test: Seconds
+    cancel_confirm: Seconds
 
     def get(self, name: str) -> float:
         """The timeout called ``name`` in seconds (``[machine]`` states name them)."""
@@ -156,6 +157,7 @@ class Polling(_Section):
     scheduler_backoff_after: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     scheduler_backoff_interval: Seconds
     file_interval: Seconds
+    job_check_interval: Seconds
 
 
 class Remote(_Section):

@@ -52,9 +52,11 @@ class JobState(StrEnum):
 
 @dataclass(frozen=True)
 class JobInfo:
-    """One answer of squeue (while the controller knows the job) or sacct."""
+    """One answer of squeue (while the controller knows the job) or sacct,
+    or the lack of one: "none" (both answered, neither knows the job) and
+    "unknown" (a query failed or timed out; ``reason`` says why)."""
 
-    source: str  # "squeue", "sacct" or "none"
+    source: str  # "squeue", "sacct", "none" or "unknown"
     state: JobState
     node: str = ""
     reason: str = ""
@@ -64,7 +66,23 @@ class JobInfo:
 
     @property
     def known(self) -> bool:
-        return self.source != "none"
+        """The scheduler answered with a state for the job."""
+        return self.source in ("squeue", "sacct")
+
+    @property
+    def ended(self) -> bool:
+        """Authoritatively over: a terminal state from squeue or sacct. Missing
+        information (a failed query, no record) is never an end."""
+        return self.known and self.state.ended and self.state is not JobState.UNKNOWN
+
+    @property
+    def unanswered(self) -> str:
+        """Why the scheduler gave no state ("" when it did)."""
+        if self.source == "none":
+            return "the scheduler has no record of the job"
+        if self.source == "unknown":
+            return self.reason or "the scheduler did not answer"
+        return ""
 
 
 def parse_jobinfo(line: str) -> JobInfo:
@@ -75,6 +93,9 @@ def parse_jobinfo(line: str) -> JobInfo:
     _, source, state, node, reason, start, left, code = parts[:8]
     if source == "none":
         return JobInfo(source="none", state=JobState.UNKNOWN)
+    if source not in ("squeue", "sacct"):
+        # "unknown", or anything this client does not know: not an answer.
+        return JobInfo(source="unknown", state=JobState.UNKNOWN, reason=reason)
     return JobInfo(
         source=source,
         state=JobState.parse(state),

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from alvis_fsm.errors import SSHError
+from alvis_fsm.errors import ConnectionLost, SessionError, SSHError
 
 # ssh's own exit status for "could not connect / connection lost".
 SSH_FAILURE = 255
@@ -70,7 +70,24 @@ def control_path(state_dir: Path, key: str) -> Path:
         # A long home directory: fall back to a per-user directory in /tmp.
         candidate = Path(tempfile.gettempdir()) / f"alvis-fsm-{os.getuid()}" / digest
     candidate.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private_dir(candidate.parent)
     return candidate
+
+
+def _check_private_dir(path: Path) -> None:
+    """The directory of our control sockets must be ours and closed to others:
+    in a shared /tmp another user could have created it first (and would then
+    own every connection we multiplex through it)."""
+    st = path.lstat()
+    import stat as _stat
+
+    if not _stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise SessionError(
+            f"{path} is not a directory owned by you; refusing to put ssh sockets there",
+            hint=f"Remove it (or set session.state_dir to a shorter path of your own): rm -r {path}",
+        )
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)  # ours, but too open (an old umask): close it
 
 
 def common_args(opts: SSHOptions) -> list[str]:
@@ -184,7 +201,7 @@ class Connection:
         try:
             while True:
                 if time.monotonic() > deadline:
-                    raise SSHError(
+                    raise ConnectionLost(
                         f"Timed out logging in to {self.opts.host}",
                         hint="Check your network/VPN and that `ssh " + self.opts.host + "` works.",
                         details=transcript.strip() or None,
@@ -286,7 +303,7 @@ class Connection:
                     raw.stderr.decode("utf-8", "replace"),
                 )
             except subprocess.TimeoutExpired as exc:
-                raise SSHError(
+                raise ConnectionLost(
                     f"A command on {self.opts.host} did not answer within {timeout:.0f} s",
                     details=_short(remote),
                 ) from exc
@@ -295,7 +312,7 @@ class Connection:
             if not retry or attempt == 2:
                 break
             self.reopen()
-        raise SSHError(
+        raise ConnectionLost(
             f"Lost the connection to {self.opts.host}",
             hint="Check your network/VPN; `alvis-fsm resume` picks the session up again.",
             details=proc.stderr.strip() or None,
@@ -326,12 +343,17 @@ class Connection:
             try:
                 self.open()
                 return
-            except SSHError as exc:
-                final = exc.details and any(
-                    text in exc.details for text in ("Permission denied", _CHANGED_KEY)
-                )
-                if final or time.monotonic() + delay > deadline:
-                    raise
+            except ConnectionLost as exc:
+                # Only a transient failure (network, DNS, sshd restarting) is
+                # worth waiting out; a refused login or a changed host key is
+                # an SSHError and goes straight to the caller.
+                if time.monotonic() + delay > deadline:
+                    raise ConnectionLost(
+                        f"Could not reach {self.opts.host} for "
+                        f"{self.opts.reconnect_window:.0f} s",
+                        hint=exc.hint,
+                        details=exc.details,
+                    ) from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 5)
 
@@ -367,12 +389,13 @@ def ssh_error(host: str, transcript: str, doing: str = "") -> SSHError:
             details=text,
         )
     if "Could not resolve hostname" in text or "Name or service not known" in text:
-        return SSHError(
+        # Also what a laptop that just changed networks sees: transient.
+        return ConnectionLost(
             f"Cannot resolve {host}.",
             hint="Check the ssh alias in ~/.ssh/config (settings: ssh.host) and your network.",
             details=text,
         )
-    return SSHError(
+    return ConnectionLost(
         f"Cannot connect to {host}.",
         hint="Check your network/VPN (Alvis is reachable from SUNET or through the Chalmers VPN) "
         f"and that `ssh {host}` works.",

@@ -32,12 +32,17 @@ from alvis_fsm.ssh import Connection, common_args, socket_alive, ssh_error
 
 
 def local_port_free(port: int, bind: str = "127.0.0.1") -> bool:
-    """True when nothing listens on bind:port (portable: no lsof/ss needed)."""
+    """True when nothing listens on bind:port (portable: no lsof/ss needed).
+
+    Asks what ssh's own bind needs: ssh sets SO_REUSEADDR on its forward's
+    listener, so connections of an earlier tunnel lingering in TIME_WAIT
+    (for a minute after a Ctrl+C) do not make the port busy; a listener
+    does, on Linux and macOS alike."""
     import socket
 
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        # No SO_REUSEADDR: we want to know whether the port is really free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((bind, port))
         except OSError:

@@ -74,7 +74,8 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
         problems.extend(errs)
     rows: list[dict[str, Any]] = []
     for record in records:
-        if offline or not record.live:
+        # A failed session whose cancel was not confirmed still has a job to ask about.
+        if offline or not (record.live or (record.state == "failed" and record.job_id)):
             rows.append(row(record))
             continue
         rows.append(_live_row(cfg, store, record, verbosity, problems))
@@ -105,8 +106,18 @@ def _live_row(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosit
     try:
         runner.conn.open()
         job = runner.agent.jobinfo(record.job_id) if record.job_id else None
-        if job is not None and (not job.known or job.state.ended):
-            job_state = str(job.state) if job.known else "GONE"
+        if job is not None and job.unanswered:
+            # No answer is not news: the session is left as it is.
+            errors.append(
+                AlvisError(
+                    f"{record.name}: could not check job {record.job_id}: {job.unanswered}",
+                    hint="The scheduler may be busy or restarting; the session is kept. "
+                    "Run `alvis-fsm status` again later.",
+                )
+            )
+            return row(record, job_state="UNKNOWN")
+        if job is not None and job.ended:
+            job_state = str(job.state)
             if not driven:
                 # Nobody drives it: record how it ended and close what is left
                 # locally (a detached tunnel), under the lock so that a

@@ -41,13 +41,13 @@ from tool import (
     exit_status,
     free_port,
     interrupt,
+    report,
     ssh_clients,
     tool_jobs,
     wait_jobs_gone,
 )
 
 CONNECTED = "✓ Connection successful! Server available at http://localhost:"
-RESULTS_ENV = "ALVIS_RELIABILITY_RESULTS"
 REPO = Path(__file__).resolve().parents[2]
 LAB_UP = REPO / "tests" / "lab" / "up"
 LAB_BLOCKER = REPO / "tests" / "lab" / "blocker"
@@ -59,23 +59,6 @@ DETECT_LIMIT_S = 5.0
 # The tool's notices while it reopens a dropped tunnel (session.Runner.serve).
 DROPPED = re.compile(r"\[WARN\] [^\n]*[Tt]unnel dropped")
 BACK_UP = "Tunnel back up: http://localhost:"
-
-
-# -- results for tools/reliability.py ---------------------------------------------
-def report(fault: str, tries: int, survived: int, worst: float | None, **extra: Any) -> None:
-    """Append one fault's outcome to $ALVIS_RELIABILITY_RESULTS (if set)."""
-    path = os.environ.get(RESULTS_ENV)
-    if not path:
-        return
-    row = {
-        "fault": fault,
-        "tries": tries,
-        "survived": survived,
-        "worst_recovery_s": None if worst is None else round(worst, 3),
-        **extra,
-    }
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
 
 
 # -- helpers ------------------------------------------------------------------------

@@ -197,3 +197,26 @@ def assert_nothing_left(lab: Lab, tool: Tool) -> None:
     assert tool_jobs(lab, tool) == [], f"jobs left in squeue: {tool_jobs(lab, tool)}"
     left = wait_no_ssh(str(tool.state_dir))
     assert left == [], f"ssh processes left: {left}"
+
+
+# -- results for tools/reliability.py ---------------------------------------------
+RESULTS_ENV = "ALVIS_RELIABILITY_RESULTS"
+
+
+def report(fault: str, tries: int, survived: int, worst: float | None, **extra: Any) -> None:
+    """Append one fault's outcome to $ALVIS_RELIABILITY_RESULTS (if set), as
+    one JSON line: ``tools/reliability.py`` turns them into docs/reliability.md."""
+    import json
+
+    path = os.environ.get(RESULTS_ENV)
+    if not path:
+        return
+    row = {
+        "fault": fault,
+        "tries": tries,
+        "survived": survived,
+        "worst_recovery_s": None if worst is None else round(worst, 3),
+        **extra,
+    }
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")

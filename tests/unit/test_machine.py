@@ -23,7 +23,7 @@ from alvis_fsm.machine import (
     packaged_timeouts,
 )
 
-TIMEOUTS = {"job_start": 600.0, "server_ready": 600.0, "connection_test": 30.0}
+TIMEOUTS = {"job_start": 600.0, "server_ready": 600.0, "connection_test": 30.0, "cancel_confirm": 30.0}
 
 
 def raw() -> dict[str, Any]:

@@ -1,0 +1,273 @@
+"""The session driver under the faults a real cluster has, through a fake
+agent object (tests/unit/fake_cluster.py): a scheduler that does not answer,
+a cancel that is not confirmed, a network that goes away, a signal, a client
+that slept. Each test asserts the job's fate (cancelled or not) and the
+session's state as saved."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fake_cluster import (
+    CANCELLED,
+    PENDING,
+    RUNNING_SACCT,
+    UNKNOWN,
+    FakeTunnel,
+    make_runner,
+)
+
+from alvis_fsm.errors import (
+    CancelUnconfirmed,
+    ConnectionLost,
+    ExitCode,
+    Interrupted,
+    SchedulerError,
+    ServerError,
+)
+from alvis_fsm.remote import Event
+from alvis_fsm.session import _Backoff, _Signalled
+from alvis_fsm.slurm import parse_jobinfo
+
+LIVE = ["submitted", "running", "serving", "tunneled"]
+
+
+def saved_state(store: object, name: str = "s") -> str:
+    return store.load(name).state  # type: ignore[attr-defined,no-any-return]
+
+
+# -- missing information is not bad news ------------------------------------------
+def test_unknown_scheduler_while_pending_keeps_waiting(tmp_path: Path) -> None:
+    runner, agent, _, say, store = make_runner(tmp_path, "submitted")
+    agent.starts.extend([Event("WAIT", job=UNKNOWN, age=1), Event("WAIT", job=UNKNOWN, age=2),
+                         Event("WAIT", job=PENDING, age=3), Event("STARTED", "alvis7-07 42")])  # fmt: skip
+    agent.readies.extend([Event("ADDRESS", "alvis7-07:8000"), Event("READY", "alvis7-07:8000")])
+    runner.drive()  # detached once tunneled
+    assert saved_state(store) == "tunneled"
+    assert agent.cancels == []
+    assert "did not answer about job 42" in say.text("warn")
+    assert "the scheduler is not answering" in say.text("waiting")
+
+
+def test_no_record_of_the_job_is_not_an_end(tmp_path: Path) -> None:
+    runner, agent, _, _, store = make_runner(tmp_path, "submitted")
+    none = Event("WAIT", job=parse_jobinfo("JOB|none||||||"), age=5)
+    agent.starts.extend([none, none, Event("STARTED", "alvis7-07 42")])
+    agent.readies.extend([Event("READY", "alvis7-07:8000")])
+    runner.drive()
+    assert saved_state(store) == "tunneled" and agent.cancels == []
+
+
+def test_sacct_running_while_controller_away_is_an_answer(tmp_path: Path) -> None:
+    runner, agent, _, say, store = make_runner(tmp_path, "running")
+    agent.readies.extend([Event("WAIT", job=RUNNING_SACCT, age=1), Event("READY", "alvis7-07:8000")])
+    runner.drive()
+    assert saved_state(store) == "tunneled" and agent.cancels == []
+    assert "did not answer" not in say.text("warn")
+
+
+def test_a_terminal_state_ends_the_session(tmp_path: Path) -> None:
+    runner, agent, _, _, store = make_runner(tmp_path, "submitted")
+    agent.starts.append(Event("WAIT", job=CANCELLED, age=1))
+    with pytest.raises(SchedulerError, match="ended before it started: CANCELLED"):
+        runner.drive()
+    assert saved_state(store) == "cleaned"
+
+
+@pytest.mark.parametrize("answer", ["unknown", "none"])
+def test_still_alive_without_an_answer_keeps_the_session(tmp_path: Path, answer: str) -> None:
+    runner, agent, _, say, store = make_runner(tmp_path, "tunneled")
+    agent.job = parse_jobinfo(f"JOB|{answer}|||timed out|||")
+    assert runner.still_alive() is True
+    assert saved_state(store) == "tunneled"
+    assert "treating it as still there" in say.text("warn")
+
+
+def test_still_alive_with_an_answer_ends_the_session(tmp_path: Path) -> None:
+    runner, agent, _, say, store = make_runner(tmp_path, "tunneled")
+    agent.job = CANCELLED
+    assert runner.still_alive() is False
+    assert saved_state(store) == "cleaned"
+    assert agent.cancels == []  # nothing to cancel
+    assert "has ended (CANCELLED)" in say.text("info")
+
+
+# -- timeouts by the cluster's facts -----------------------------------------------
+def test_client_sleep_while_pending_does_not_time_out(tmp_path: Path) -> None:
+    """The state was entered (client clock) hours ago; the job started meanwhile."""
+    runner, agent, _, _, store = make_runner(tmp_path, "submitted")
+    runner.model.entered_at["submitted"] = time.time() - 10_000
+    agent.starts.append(Event("STARTED", "alvis7-07 42"))
+    agent.readies.append(Event("READY", "alvis7-07:8000"))
+    runner.drive()
+    assert saved_state(store) == "tunneled" and agent.cancels == []
+
+
+def test_client_sleep_while_loading_does_not_time_out(tmp_path: Path) -> None:
+    runner, agent, _, _, store = make_runner(tmp_path, "running")
+    runner.model.entered_at["running"] = time.time() - 10_000
+    runner.record.node, runner.record.port = "alvis7-07", 8000
+    # The cluster says the job started 5 s ago: not late, whatever our clock says.
+    agent.readies.extend([Event("WAIT", job=RUNNING_SACCT, age=5), Event("READY", "alvis7-07:8000")])
+    runner.drive()
+    assert saved_state(store) == "tunneled" and agent.cancels == []
+
+
+def test_cluster_age_past_the_limit_times_out_and_cancels(tmp_path: Path) -> None:
+    runner, agent, _, _, store = make_runner(tmp_path, "submitted")
+    agent.starts.append(Event("WAIT", job=PENDING, age=61))
+    with pytest.raises(SchedulerError, match="did not start within 60 s"):
+        runner.drive()
+    assert agent.cancels == [("42", "alvis-fsm-s-abc")]
+    assert saved_state(store) == "cleaned"
+
+
+def test_loading_past_the_limit_by_cluster_age_times_out(tmp_path: Path) -> None:
+    runner, agent, _, _, store = make_runner(tmp_path, "running")
+    runner.record.port = 8000
+    agent.readies.append(Event("WAIT", job=RUNNING_SACCT, age=75))
+    with pytest.raises(ServerError, match="did not start within 60 s"):
+        runner.drive()
+    assert agent.cancels and saved_state(store) == "cleaned"
+
+
+# -- a cancel is confirmed, not assumed -----------------------------------------------
+@pytest.mark.parametrize("state", LIVE)
+def test_unconfirmed_cancel_keeps_the_session(tmp_path: Path, state: str) -> None:
+    runner, agent, _, say, store = make_runner(tmp_path, state)
+    agent.cancel_answer = "the scheduler did not answer (squeue: Socket timed out)"
+    with pytest.raises(CancelUnconfirmed) as info:
+        runner.cleanup("stopped by the user")
+    assert info.value.exit_code == ExitCode.UNCONFIRMED
+    assert "Could not confirm that job 42 was cancelled" in info.value.message
+    assert "alvis-fsm stop s" in (info.value.hint or "")
+    assert saved_state(store) == state  # not cleaned: `stop` can retry
+    assert "Cleaned up" not in say.text()
+
+
+def test_ctrl_c_with_unconfirmed_cancel_is_not_cleaned(tmp_path: Path) -> None:
+    runner, agent, _, say, store = make_runner(tmp_path, "submitted")
+    agent.starts.append(KeyboardInterrupt())
+    agent.cancel_answer = "job 42 is RUNNING"
+    with pytest.raises(CancelUnconfirmed):
+        runner.drive()
+    assert saved_state(store) == "submitted"
+    assert "Cleaned up" not in say.text()
+
+
+def test_stop_retries_and_confirms(tmp_path: Path) -> None:
+    runner, agent, _, say, store = make_runner(tmp_path, "tunneled")
+    agent.cancel_answer = "no answer"
+    with pytest.raises(CancelUnconfirmed):
+        runner.stop()
+    agent.cancel_answer = ""
+    runner.stop()
+    assert saved_state(store) == "cleaned"
+    assert "Cleaned up job 42 successfully" in say.text("info")
+    assert len(agent.cancels) == 2
+
+
+# -- signals in each state ----------------------------------------------------------------
+@pytest.mark.parametrize("state", ["submitted", "running"])
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), _Signalled(signal.SIGTERM), _Signalled(signal.SIGHUP)])
+def test_signal_in_a_waiting_state_cancels(tmp_path: Path, state: str, exc: BaseException) -> None:
+    runner, agent, _, _, store = make_runner(tmp_path, state)
+    (agent.starts if state == "submitted" else agent.readies).append(exc)
+    with pytest.raises(Interrupted):
+        runner.drive()
+    assert agent.cancels == [("42", "alvis-fsm-s-abc")]
+    assert saved_state(store) == "cleaned"
+
+
+def test_ctrl_c_while_streaming_is_a_normal_end(tmp_path: Path) -> None:
+    runner, agent, _, _, store = make_runner(tmp_path, "tunneled", detach=False)
+    runner._tunnel_factory = _interrupt_after(3)  # type: ignore[assignment]
+    runner.drive()  # returns: Ctrl+C after connecting is how a session ends
+    assert saved_state(store) == "cleaned" and len(agent.cancels) == 1
+
+
+# -- the network goes away: the job stays ---------------------------------------------------
+@pytest.mark.parametrize("state", ["submitted", "running"])
+def test_lost_network_keeps_job_and_state(tmp_path: Path, state: str) -> None:
+    runner, agent, _conn, _, store = make_runner(tmp_path, state)
+    (agent.starts if state == "submitted" else agent.readies).append(
+        ConnectionLost("Lost the connection to alvis2")
+    )
+    with pytest.raises(ConnectionLost) as info:
+        runner.drive()
+    assert agent.cancels == []
+    assert saved_state(store) == state
+    assert "is kept" in info.value.message
+    assert "alvis-fsm resume s" in (info.value.hint or "")
+    assert store.load("s").client_pid == 0
+
+
+def test_unreachable_at_resume_keeps_the_session(tmp_path: Path) -> None:
+    runner, agent, conn, _, store = make_runner(tmp_path, "tunneled")
+    conn.reachable = False
+    with pytest.raises(ConnectionLost):
+        runner.drive()
+    assert agent.cancels == [] and saved_state(store) == "tunneled"
+
+
+def test_lost_network_before_submitting_is_a_plain_error(tmp_path: Path) -> None:
+    runner, agent, conn, _, _store = make_runner(tmp_path, "idle")
+    conn.reachable = False
+    with pytest.raises(ConnectionLost):
+        runner.drive()
+    assert agent.submitted == 0 and agent.cancels == []
+
+
+# -- while streaming --------------------------------------------------------------------------
+def test_stream_unknown_warns_and_keeps_serving(tmp_path: Path) -> None:
+    runner, agent, _, say, store = make_runner(tmp_path, "tunneled", detach=False)
+    agent.stream_script = "import time; print('UNKNOWN|squeue: Socket timed out', flush=True); time.sleep(30)"
+    runner._tunnel_factory = _interrupt_after(8)  # type: ignore[assignment]
+    runner.drive()
+    assert "did not answer about job 42" in say.text("warn")
+    assert saved_state(store) == "cleaned"
+
+
+def test_stream_gone_ends_the_session(tmp_path: Path) -> None:
+    runner, agent, _, _, store = make_runner(tmp_path, "tunneled", detach=False)
+    agent.stream_script = "import time; print('GONE|CANCELLED', flush=True); time.sleep(30)"
+    with pytest.raises(SchedulerError, match="no longer running"):
+        runner.drive()
+    assert saved_state(store) == "cleaned"
+
+
+def test_failing_stream_restarts_are_bounded(tmp_path: Path) -> None:
+    runner, agent, _, say, _ = make_runner(tmp_path, "tunneled", detach=False)
+    agent.stream_script = "import sys; sys.stderr.write('run directory is gone\\n'); sys.exit(3)"
+    runner._tunnel_factory = _interrupt_after(12)  # type: ignore[assignment]  # ~6 s of serving
+    t0 = time.monotonic()
+    runner.drive()
+    elapsed = time.monotonic() - t0
+    # Without a backoff the stream would restart twice a second (the loop's
+    # tick); with it: at once, then after 0.5, 1, 2, 4 s.
+    assert agent.streams <= 6, (agent.streams, elapsed)
+    assert "The log stream keeps stopping (run directory is gone)" in say.text("warn")
+
+
+def _interrupt_after(n: int) -> Callable[..., FakeTunnel]:
+    """A tunnel whose n-th liveness check gets Ctrl+C (the serve loop checks
+    twice a second): a way to end a streaming session in a test."""
+
+    def factory(**kw: object) -> FakeTunnel:
+        tunnel = FakeTunnel(**kw)
+        tunnel.raise_after = (n, KeyboardInterrupt())
+        return tunnel
+
+    return factory
+
+
+def test_backoff_policy() -> None:
+    b = _Backoff(first=0.5, most=4, healthy=30)
+    assert [b.failed(1) for _ in range(6)] == [1, 2, 3, 4, 5, 6]
+    assert b.delay == 4  # capped
+    b.failed(31)  # a stream that lived long starts the count again
+    assert b.failures == 1 and b.delay == 0 and b.due()
