@@ -261,6 +261,15 @@ def completion(shell: str) -> None:
     click.echo(comp.source())
 
 
+@cli.command(name="_supervise", hidden=True, context_settings=CONTEXT_SETTINGS)
+@click.argument("name")
+def supervise(name: str) -> None:
+    """Keep a detached session's tunnel up, in the background (started by --detach)."""
+    from alvis_fsm.commands import supervise as command
+
+    command.run(name)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; the one place where errors become messages and exit codes."""
     try:

@@ -123,6 +123,12 @@ class Detached(Exception):
     """Not an error: ``--detach`` returns once the session is tunneled."""
 
 
+class Release(BaseException):
+    """The client lets go of the session and leaves job, tunnel and state as
+    they are: a background supervisor handing a detached session over (to
+    `resume` or `stop`), or noticing an end it leaves to them to report."""
+
+
 class Runner:
     def __init__(
         self,
@@ -137,8 +143,14 @@ class Runner:
         agent: Agent | None = None,
         tunnel_factory: Callable[..., Tunnel] | None = None,
         verifier: Callable[[int, str | None, float], list[str]] | None = None,
+        supervised: bool = False,
     ) -> None:
         self.readonly = readonly
+        # A background supervisor of a detached session (commands/supervise):
+        # it keeps the tunnel up with the same loop as a foreground client,
+        # but lets go (Release) instead of cancelling when the job ends or
+        # when it is asked to stop: `stop`, `resume` and `status` decide.
+        self.supervised = supervised
         self.settings = settings
         self.record = record
         self.store = store
@@ -290,6 +302,12 @@ class Runner:
         if isinstance(exc, Detached):
             self.record.detached = True
             self.record.client_pid = 0
+            self._save()
+            return
+        if isinstance(exc, Release) or (self.supervised and isinstance(exc, _Signalled)):
+            self._stop_stream()
+            self.model_stop()
+            r.client_pid = 0
             self._save()
             return
         if isinstance(exc, ConnectionLost) and self.state is not State.IDLE:
@@ -568,6 +586,8 @@ class Runner:
                 kind, value = "", ""
             if kind == "UNKNOWN":
                 self._unanswered(slurm.JobInfo(source="unknown", state=slurm.JobState.UNKNOWN, reason=value))
+            if self.supervised and kind in ("EXITED", "ENDED", "GONE"):
+                raise Release(kind)  # the job is ending: `status` reports it
             if kind == "EXITED":
                 raise self._crash(f"vLLM exited with status {value}")
             if kind == "ENDED":

@@ -121,7 +121,11 @@ class Tunnel(_Section):
     @field_validator("bind")
     @classmethod
     def _bind(cls, value: str) -> str:
-        if value == "localhost":
+        # Only what works end to end: ssh's forward, the port check and the
+        # tool's own checks all reach 127.0.0.1. Another loopback address
+        # (127.0.0.2 does not exist on macOS; ::1 needs other quoting and
+        # is not where the checks look) would fail after the job started.
+        if value in ("127.0.0.1", "localhost"):
             return value
         try:
             loopback = ipaddress.ip_address(value).is_loopback
@@ -131,9 +135,12 @@ class Tunnel(_Section):
             raise SettingValueError(
                 f"{value!r} is not a loopback address; the tunnel would expose the vLLM server"
                 " (and its API key) to every machine that can reach yours",
-                hint="Use 127.0.0.1 (the default), ::1 or localhost.",
+                hint="Use 127.0.0.1 (the default) or localhost.",
             )
-        return value
+        raise SettingValueError(
+            f"{value!r} is a loopback address the tunnel cannot use on every laptop",
+            hint="Use 127.0.0.1 (the default) or localhost.",
+        )
 
 
 class Timeouts(_Section):

@@ -88,6 +88,7 @@ class SessionRecord:
     running_since: float = 0.0  # epoch seconds the job started running
     detached: bool = False
     client_pid: int = 0
+    supervisor_pid: int = 0  # the background keeper of a detached session's tunnel
     end_reason: str = ""
     history: list[list[str]] = field(default_factory=list)  # [state, iso time]
     entered_at: dict[str, float] = field(default_factory=dict)
@@ -149,6 +150,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "local_port": (int,),
     "time_limit_s": (int,),
     "client_pid": (int,),
+    "supervisor_pid": (int,),
     "running_since": (int, float),
     "detached": (bool,),
     "history": (list,),

@@ -13,6 +13,10 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
     cfg = settings()
     store = Store(cfg.state_dir)
     record = pick_session(store, name)
+    from alvis_fsm.commands import supervise
+
+    if supervise.take_over(store, record):
+        ui.info(f"Took session '{record.name}' over from its background supervisor")
     with store.lock(record.name):
         record = store.load(record.name)  # re-read under the lock
         if record.state == "cleaned":
@@ -54,5 +58,6 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
         if not runner.still_alive():
             return
         runner.drive()
-    if detach:
+    if detach and store.load(record.name).live:
+        supervise.spawn(store, record)
         ui.result(f"Detached: {record.url} (alvis-fsm stop {record.name} to cancel)")

@@ -133,6 +133,9 @@ def run(
         runner.sbatch_args = list(cfg.slurm.extra_args)
         runner.drive()
     if detach:
+        from alvis_fsm.commands import supervise
+
+        supervise.spawn(store, record)
         ui.result(
             f"Detached: job {record.job_id} keeps running at {record.url}.\n"
             f"  Reattach:  alvis-fsm resume {record.name}\n"

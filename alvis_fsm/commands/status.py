@@ -118,6 +118,13 @@ def _live_row(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosit
             return row(record, job_state="UNKNOWN")
         if job is not None and job.ended:
             job_state = str(job.state)
+            if driven and store.holder(record.name) == record.supervisor_pid:
+                # A detached session's supervisor lets go by itself once the
+                # job has ended; give it a moment, then record the end here.
+                deadline = time.monotonic() + 5
+                while store.locked(record.name) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                driven = store.locked(record.name)
             if not driven:
                 # Nobody drives it: record how it ended and close what is left
                 # locally (a detached tunnel), under the lock so that a

@@ -22,6 +22,10 @@ def run(verbosity: Verbosity, *, name: str | None) -> None:
     cfg = settings()
     store = Store(cfg.state_dir)
     record = pick_session(store, name)
+    from alvis_fsm.commands import supervise
+
+    # A detached session's supervisor lets go; the cancel is ours to confirm.
+    supervise.take_over(store, record)
     holder = store.holder(record.name)
     if holder:
         _stop_client(ui, store, record.name, holder if holder > 0 else record.client_pid)

@@ -338,3 +338,57 @@ def test_network_loss_keeps_the_job_then_resume(
            "up with exit 4, the job stays, `resume` reattaches (recovery = time to give up)",
            **figures)  # fmt: skip
     assert_nothing_left(lab, tool)
+
+
+# -- 7. a detached session's tunnel heals by itself -------------------------------------------
+def test_detached_tunnel_is_reopened_by_its_supervisor(lab: Any, tool: Tool) -> None:
+    import urllib.request
+
+    port = free_port()
+    status, out = tool.run("start", "-m", "lab-ok", "--port", str(port), "--detach", timeout=120)
+    assert status == 0, out[-2000:]
+    rec = record(tool)
+    job_id, key = rec["job_id"], rec["api_key"]
+
+    def answers() -> bool:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {key}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while not record(tool)["supervisor_pid"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    supervisor = record(tool)["supervisor_pid"]
+    assert supervisor and os.path.exists(f"/proc/{supervisor}")
+    recoveries = []
+    for _ in range(3):
+        tunnel = [line for line in ssh_clients(str(tool.state_dir))
+                  if f"-S {rec['tunnel_control_path']} " in line]  # fmt: skip
+        assert tunnel, ssh_clients(str(tool.state_dir))
+        assert answers()
+        t_kill = time.monotonic()
+        os.kill(int(tunnel[0].split()[0]), signal.SIGKILL)  # Wi-Fi change, sleep
+        deadline = time.monotonic() + 30
+        while not answers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert answers(), "the supervisor did not reopen the tunnel"
+        recoveries.append(time.monotonic() - t_kill)
+        time.sleep(1)
+    assert lab.job_state(job_id) == "RUNNING"
+    assert record(tool)["state"] == "tunneled"
+    status, out = tool.run("stop", "lab-ok", timeout=120)
+    assert status == 0 and CLEANED.format(job_id) in out, out[-2000:]
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{supervisor}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{supervisor}"), "the supervisor outlived `stop`"
+    report("detached session: tunnel ssh SIGKILLed (no client attached)", 3, len(recoveries),
+           max(recoveries), recoveries_s=[round(r, 3) for r in recoveries],
+           note="`start --detach`; its background supervisor reopens the tunnel",
+           jobs_kept=1, jobs_lost=0, orphaned=0, false_cleanup=0)  # fmt: skip
+    assert_nothing_left(lab, tool)

@@ -79,6 +79,18 @@ class Tool:
                 with contextlib.suppress(pexpect.TIMEOUT, pexpect.EOF):
                     child.expect(pexpect.EOF, timeout=45)
             child.close(force=True)
+        # A detached session's background supervisor (it would reopen what
+        # is killed below): it lets go on SIGTERM.
+        import json
+
+        for path in (self.state_dir / "sessions").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, ProcessLookupError, TypeError):
+                pid = int(json.loads(path.read_text()).get("supervisor_pid") or 0)
+                if pid > 0:
+                    os.kill(pid, signal.SIGTERM)
+                    for _ in range(50):
+                        os.kill(pid, 0)
+                        time.sleep(0.1)
         for line in ssh_clients(str(self.state_dir)):
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(line.split()[0]), signal.SIGTERM)

@@ -1,0 +1,119 @@
+"""The background keeper of a detached session (``start --detach``,
+``resume --detach``): it drives the session from ``tunneled`` with the same
+loop as a foreground client, so a tunnel that drops (Wi-Fi change, sleep) is
+reopened without anyone running `resume`.
+
+It never ends a job. It lets go (exits, leaving job, tunnel and state) when
+asked to (SIGTERM: `stop` and `resume` take over that way), when the job
+ends (`status` then reports how), and when the job's time limit has passed.
+While the network is gone it waits with backoff. Its output goes to
+``sessions/NAME.supervisor.log`` in the state directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from alvis_fsm.commands._common import reporter, settings
+from alvis_fsm.errors import AlvisError, ConnectionLost, SessionError
+from alvis_fsm.store import SessionRecord, Store
+from alvis_fsm.ui import Verbosity
+
+# How long the supervisor waits for the command that started it to let go of
+# the session's lock.
+HANDOVER_S = 15.0
+# After the job's time limit, there is nothing left to keep up.
+AFTER_LIMIT_S = 300.0
+
+
+def log_path(store: Store, name: str) -> str:
+    return str(store.sessions / f"{name}.supervisor.log")
+
+
+def spawn(store: Store, record: SessionRecord) -> None:
+    """Start the supervisor of a detached session, in the background, in a
+    session of its own (a closed terminal does not end it)."""
+    path = log_path(store, record.name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        subprocess.Popen(
+            [sys.executable, "-m", "alvis_fsm", "_supervise", record.name],
+            stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+            start_new_session=True, close_fds=True,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+
+
+def take_over(store: Store, record: SessionRecord, timeout: float = 60) -> bool:
+    """If the session's lock is held by its supervisor, ask it to let go
+    (SIGTERM) and wait until it has. True when there was one."""
+    holder = store.holder(record.name)
+    pid = record.supervisor_pid
+    if not holder or holder != pid or pid <= 0:
+        return False
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + timeout
+    while store.locked(record.name):
+        if time.monotonic() > deadline:
+            raise SessionError(
+                f"The background supervisor (pid {pid}) of session '{record.name}' "
+                f"did not let go within {timeout:.0f} s",
+                hint=f"Check that process (ps -p {pid}); kill it, then try again.",
+            )
+        time.sleep(0.1)
+    return True
+
+
+def run(name: str) -> None:
+    from alvis_fsm.session import Runner
+
+    cfg = settings()
+    store = Store(cfg.state_dir)
+    ui = reporter(Verbosity.NORMAL)
+    deadline = time.monotonic() + HANDOVER_S
+    while True:
+        try:
+            with store.lock(name):
+                _supervise(cfg, store, name, ui, Runner)
+            return
+        except SessionError:
+            # The command that started us still holds the lock: wait a moment.
+            if time.monotonic() > deadline or not store.exists(name):
+                raise
+            time.sleep(0.2)
+
+
+def _supervise(cfg: object, store: Store, name: str, ui: object, runner_cls: type) -> None:
+    delay = 1.0
+    while True:
+        record = store.load(name)
+        if record.state not in ("serving", "tunneled"):
+            return
+        if record.running_since and record.time_limit_s and (
+            time.time() > record.running_since + record.time_limit_s + AFTER_LIMIT_S
+        ):
+            return
+        record.supervisor_pid = os.getpid()
+        store.save(record)
+        runner = runner_cls(cfg, record, store, ui, supervised=True)
+        try:
+            runner.drive()  # returns when it lets go
+            record.supervisor_pid = 0
+            store.save(record)
+            return
+        except ConnectionLost as exc:
+            # The network (or the login node) is away: keep the session and
+            # wait for it, longer than a foreground client would.
+            ui.warn(f"{exc.message}; trying again in {delay:.0f} s")  # type: ignore[attr-defined]
+            time.sleep(delay)
+            delay = min(delay * 2, 60)
+        except AlvisError:
+            return  # drive() has already reported and cleaned up
