@@ -155,7 +155,31 @@ class MachineDefinition(BaseModel):
                 raise ValueError(
                     f"state {live.value!r} cannot reach 'cleaned': a job could be left running"
                 )
+        fired = {(t.trigger, src): t.dest for t in self.transitions for src in t.sources}
+        for trigger, src in _driver_fires(self.states):
+            if (trigger, src) not in fired:
+                raise ValueError(
+                    f"the machine has no transition {trigger!r} from {src!r}, which the "
+                    "session driver fires there (a session could be left stuck)"
+                )
         return self
+
+
+def _driver_fires(states: Mapping[str, StateDef]) -> list[tuple[str, str]]:
+    """Every (trigger, source) the session driver fires: its path through the
+    states, `clean` from every state but `cleaned` (cleanup may run anywhere),
+    `fail` from idle and every live state, `timeout` from every timed state."""
+    fires = [
+        ("submit", State.IDLE.value),
+        ("start", State.SUBMITTED.value),
+        ("ready", State.RUNNING.value),
+        ("connect", State.SERVING.value),
+        ("disconnect", State.TUNNELED.value),
+    ]
+    fires += [("clean", s.value) for s in State if s is not State.CLEANED]
+    fires += [("fail", s.value) for s in sorted(LIVE_STATES | {State.IDLE})]
+    fires += [("timeout", name) for name, sdef in states.items() if sdef.timeout]
+    return fires
 
 
 def load_definition(data: Mapping[str, Any]) -> MachineDefinition:

@@ -372,3 +372,32 @@ def test_timers_are_daemon_threads() -> None:
     for t in timers:
         t.join(2)
     assert not any(t.is_alive() for t in timers)
+
+
+# -- every transition the driver fires is guaranteed by the validator ---------------
+def _drop(d: dict[str, Any], trigger: str, source: str) -> dict[str, Any]:
+    for t in d["transitions"]:
+        if t["trigger"] == trigger:
+            sources = [t["source"]] if isinstance(t["source"], str) else t["source"]
+            t["source"] = [s for s in sources if s != source]
+    d["transitions"] = [t for t in d["transitions"] if t["source"]]
+    return d
+
+
+@pytest.mark.parametrize(
+    ("trigger", "source"),
+    [("clean", "tunneled"), ("clean", "failed"), ("fail", "idle"), ("timeout", "running"),
+     ("disconnect", "tunneled")],
+)  # fmt: skip
+def test_a_transition_the_driver_fires_cannot_be_removed(trigger: str, source: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_definition(_drop(raw(), trigger, source))
+    assert f"no transition {trigger!r} from {source!r}" in exc.value.message + str(exc.value.details)
+
+
+def test_a_new_timed_state_needs_a_timeout_transition() -> None:
+    d = raw()
+    d["states"]["tunneled"]["timeout"] = "connection_test"
+    with pytest.raises(ConfigError) as exc:
+        load_definition(d)
+    assert "no transition 'timeout' from 'tunneled'" in exc.value.message + str(exc.value.details)
