@@ -4,6 +4,7 @@
 #SBATCH --time {{TIME}}
 #SBATCH --nodes 1
 #SBATCH --gpus-per-node={{GPUS}}
+#SBATCH --signal=B:USR1@120
 {{PARTITION_LINE}}
 # alvis-fsm job script: vLLM in its apptainer image on one node.
 #
@@ -20,6 +21,9 @@
 
 set -u
 umask 077
+# SLURM's time-limit warning (USR1) must never kill the script, even if it
+# comes before the real handler below is set.
+trap 'LIMIT_SEEN=1' USR1
 
 RUN_DIR={{RUN_DIR}}
 HF_MODEL={{MODEL_PATH}}
@@ -36,6 +40,7 @@ OUT_FILE={{FILE_VLLM_OUT}}
 ERR_FILE={{FILE_VLLM_ERR}}
 EXIT_FILE={{FILE_VLLM_EXIT}}
 ENDED_FILE={{FILE_ENDED}}
+LIMIT_FILE={{FILE_LIMIT}}
 
 # The client may name the run directory relative to the remote home.
 case $RUN_DIR in
@@ -63,14 +68,21 @@ stop_vllm() {  # stop_vllm WHY: record why, stop vLLM, record its status, exit w
     fi
     exit "${2:-$status}"
 }
+# SLURM warns the batch shell (--signal=B:USR1@120) before the time limit:
+# note it in the run directory, so that the SIGTERM which follows is
+# reported as the time limit, a normal end, not as a crash.
+trap 'put "$LIMIT_FILE" "$(date +%s)"' USR1
+[ -n "${LIMIT_SEEN:-}" ] && put "$LIMIT_FILE" "$(date +%s)"
 # scancel and the time limit send SIGTERM; Ctrl+C on srun/salloc sends INT.
-trap 'stop_vllm "signal TERM"' TERM
+trap 'if [ -e "$LIMIT_FILE" ]; then stop_vllm "time limit"; else stop_vllm "signal TERM"; fi' TERM
 trap 'stop_vllm "signal INT"' INT
 trap 'stop_vllm "signal HUP"' HUP
 
 # A requeued job must not leave the client reading the last attempt's files.
-rm -f -- "$ADDRESS_FILE" "$EXIT_FILE" "$ENDED_FILE" "$OUT_FILE" "$ERR_FILE"
-put "$STARTED_FILE" "$(hostname) ${SLURM_JOB_ID:-}"
+rm -f -- "$ADDRESS_FILE" "$EXIT_FILE" "$ENDED_FILE" "$OUT_FILE" "$ERR_FILE" "$LIMIT_FILE"
+# The start time (epoch, the cluster's clock) lets the client tell the time
+# left until the limit without asking the scheduler.
+put "$STARTED_FILE" "$(hostname) ${SLURM_JOB_ID:-} $(date +%s)"
 
 API_PORT=$(find_ports)
 API_PORT=${API_PORT%%[!0-9]*}
@@ -119,7 +131,11 @@ while kill -0 "$VLLM_PID" 2>/dev/null; do
     wait $!
 done
 
-wait "$VLLM_PID"
-status=$?
+# A trapped signal (USR1) interrupts `wait`: wait again until vLLM is gone.
+while :; do
+    wait "$VLLM_PID"
+    status=$?
+    kill -0 "$VLLM_PID" 2>/dev/null || break
+done
 put "$EXIT_FILE" "$status"
 exit "$status"

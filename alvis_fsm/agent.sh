@@ -215,13 +215,15 @@ cmd_stream() {
     tail -n "$lines" -F -- "$errf" 2>/dev/null | sed -u 's/^/E|/' &
     last=$(date +%s)
     while :; do
-        if [ -s "$exitf" ]; then
-            sleep 0.3  # let tail pass on vLLM's last lines first
-            printf 'EXITED|%s\n' "$(head -n 1 -- "$exitf")"; break
-        fi
+        # ENDED first: the job script writes it (the time limit, a signal,
+        # its watchdog) before it stops vLLM, and it says why.
         if [ -s "$ended" ]; then
-            sleep 0.3
+            sleep 0.3  # let tail pass on vLLM's last lines first
             printf 'ENDED|%s\n' "$(head -n 1 -- "$ended")"; break
+        fi
+        if [ -s "$exitf" ]; then
+            sleep 0.3
+            printf 'EXITED|%s\n' "$(head -n 1 -- "$exitf")"; break
         fi
         if [ $(( $(date +%s) - last )) -ge "$check" ]; then
             last=$(date +%s)

@@ -15,7 +15,8 @@ ADDRESS = "server_address.txt"  # "HOSTNAME:PORT", as in the requirements
 VLLM_OUT = "vllm.out"
 VLLM_ERR = "vllm.err"
 VLLM_EXIT = "vllm.exit"  # vLLM's exit status, written when it exits
-ENDED = "job.ended"  # why the job script stopped early (signal, startup watchdog)
+ENDED = "job.ended"  # why the job script stopped early (signal, startup watchdog, time limit)
+LIMIT = "job.limit"  # written when SLURM warns of the time limit (--signal=B:USR1@120)
 
 # The line uvicorn prints to stderr when vLLM's API server is ready.
 STARTUP_LINE = "Application startup complete."
@@ -31,5 +32,6 @@ def placeholders() -> dict[str, str]:
         "FILE_VLLM_ERR": VLLM_ERR,
         "FILE_VLLM_EXIT": VLLM_EXIT,
         "FILE_ENDED": ENDED,
+        "FILE_LIMIT": LIMIT,
         "STARTUP_LINE": STARTUP_LINE,
     }

@@ -74,6 +74,14 @@ def ssh_options(settings: Settings) -> SSHOptions:
     )
 
 
+def fmt_duration(seconds: float) -> str:
+    """H:MM:SS (D-H:MM:SS past a day), as SLURM writes times."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{text}" if days else text
+
+
 def new_api_key() -> str:
     return "afsm-" + secrets.token_urlsafe(32)
 
@@ -289,7 +297,7 @@ class Runner:
             State.TUNNELED: self.serve,
         }
         self.conn.open()
-        if self.state is State.TUNNELED:
+        if self.state is State.TUNNELED and not (self.supervised and self._adopt_tunnel()):
             # Picked up by resume: the tunnel is not ours until it is
             # found (or reopened) and verified again.
             self._fire("disconnect")
@@ -304,7 +312,12 @@ class Runner:
             self.record.client_pid = 0
             self._save()
             return
-        if isinstance(exc, Release) or (self.supervised and isinstance(exc, _Signalled)):
+        if isinstance(exc, Release) or (
+            # A supervisor never ends a job: asked to stop, or failing, it
+            # lets go, and `stop`, `resume` and `status` decide.
+            self.supervised and isinstance(exc, (_Signalled, AlvisError))
+            and not isinstance(exc, ConnectionLost)
+        ):
             self._stop_stream()
             self.model_stop()
             r.client_pid = 0
@@ -412,9 +425,14 @@ class Runner:
             )
             self._note_age(ev)
             if ev.kind == "STARTED":
-                host = ev.value.split()[0] if ev.value.split() else ""
+                # "HOST JOBID EPOCH": the start on the cluster's clock, for
+                # the time left (a client that slept must not misjudge it).
+                words = ev.value.split()
+                host = words[0] if words else ""
                 r.node = host
                 r.running_since = time.time()
+                if len(words) >= 3 and words[2].isdigit():
+                    r.running_since = float(words[2])
                 self.ui.done_waiting()
                 self._fire("start")
                 self.ui.info(f"Job is running on node: {host}")
@@ -512,9 +530,16 @@ class Runner:
             details="\n".join(cause) or None,
         )
 
-    def _open_tunnel(self) -> None:
+    def _adopt_tunnel(self) -> bool:
+        """A supervisor taking over a detached session keeps it `tunneled`
+        when the tunnel its starter left is up: no needless re-verification
+        while `status` may be looking."""
+        self.tunnel = self._make_tunnel()
+        return self.tunnel.up()
+
+    def _make_tunnel(self) -> Tunnel:
         r = self.record
-        self.tunnel = self._tunnel_factory(
+        return self._tunnel_factory(
             conn=self.conn,
             route=r.route,
             bind=r.bind,
@@ -523,6 +548,10 @@ class Runner:
             remote_port=r.port,
             control=Path(r.tunnel_control_path),
         )
+
+    def _open_tunnel(self) -> None:
+        r = self.record
+        self.tunnel = self._make_tunnel()
         # A tunnel left by a detached or killed client may still be up.
         if not self.tunnel.up():
             self.ui.info(f"Establishing SSH tunnel (local port {r.local_port})...")
@@ -540,6 +569,43 @@ class Runner:
         models = self._verify(r.local_port, r.api_key or None, self.settings.timeouts.connection_test)
         self._fire("connect")
         self.ui.connected(r, models)
+        left = self._time_left()
+        if left is not None:
+            self.ui.info(
+                f"Time left: {fmt_duration(left)} (job {r.job_id} ends at "
+                f"{time.strftime('%H:%M', time.localtime(time.time() + left))})"
+            )
+
+    def _time_left(self) -> float | None:
+        r = self.record
+        if not r.running_since or not r.time_limit_s:
+            return None
+        return max(0.0, r.running_since + r.time_limit_s - time.time())
+
+    def _warn_before_end(self, warned: set[float]) -> None:
+        """The configured warnings before the time limit, each once."""
+        left = self._time_left()
+        if left is None:
+            return
+        due = [lead for lead in self.settings.session.warn_before_end if left <= lead and lead not in warned]
+        if due:
+            warned.update(due)
+            r = self.record
+            self.ui.warn(
+                f"Job {r.job_id} reaches its time limit ({self._limit_text()}) in {fmt_duration(left)}; "
+                "a running job cannot be extended: `alvis-fsm start --new` starts another"
+            )
+
+    def _limit_text(self) -> str:
+        r = self.record
+        return fmt_duration(r.time_limit_s) if r.time_limit_s else (r.time_limit or "?")
+
+    def _limit_reached(self) -> None:
+        """The job ended at its time limit: the normal end of a session."""
+        r = self.record
+        self.ui.result(f"Job {r.job_id} reached its time limit ({self._limit_text()})")
+        r.end_reason = f"time limit ({self._limit_text()})"
+        self.cleanup(r.end_reason)
 
     def serve(self) -> None:
         """Tunneled: stream logs, keep the tunnel up, notice a crash."""
@@ -553,7 +619,9 @@ class Runner:
         failures = 0
         backoff = 0.5
         restarts = _Backoff()
+        warned: set[float] = set()
         while True:
+            self._warn_before_end(warned)
             proc = self._stream
             if proc is None:
                 self._start_stream(lines)
@@ -588,6 +656,9 @@ class Runner:
                 self._unanswered(slurm.JobInfo(source="unknown", state=slurm.JobState.UNKNOWN, reason=value))
             if self.supervised and kind in ("EXITED", "ENDED", "GONE"):
                 raise Release(kind)  # the job is ending: `status` reports it
+            if (kind == "ENDED" and value == "time limit") or (kind == "GONE" and value == "TIMEOUT"):
+                self._limit_reached()
+                return
             if kind == "EXITED":
                 raise self._crash(f"vLLM exited with status {value}")
             if kind == "ENDED":
@@ -699,6 +770,8 @@ class Runner:
             return True
         code = job.exit_code if job.exit_code not in ("", "0:0") else ""
         how = f"{job.state}" + (f", exit code {code}" if code else "")
+        if job.state is slurm.JobState.TIMEOUT:
+            how = f"TIMEOUT: reached its time limit ({self._limit_text()})"
         self.ui.info(f"Job {r.job_id} has ended ({how}); nothing to cancel")
         self._close_local()
         r.end_reason = f"job ended: {how}"

@@ -185,6 +185,7 @@ class CatalogSettings(_Section):
 
 class Session(_Section):
     state_dir: SafePath
+    warn_before_end: list[Seconds]
 
 
 class Settings(BaseSettings):

@@ -185,7 +185,8 @@ class FakeAgent:
 
 
 def make_runner(
-    tmp: Path, state: str = "idle", *, detach: bool = True, **settings: dict[str, Any]
+    tmp: Path, state: str = "idle", *, detach: bool = True, supervised: bool = False,
+    **settings: dict[str, Any],
 ) -> tuple[Runner, FakeAgent, FakeConn, Say, Store]:
     cfg = load_settings(
         {"session": {"state_dir": str(tmp / "state")}, "timeouts": {"job_start": 60, "server_ready": 60}, **settings}
@@ -207,7 +208,7 @@ def make_runner(
         cfg, record, store, say, detach=detach, conn=conn,  # type: ignore[arg-type]
         agent=agent,  # type: ignore[arg-type]
         tunnel_factory=FakeTunnel,  # type: ignore[arg-type]
-        verifier=lambda port, key, deadline: ["org/m"],
+        verifier=lambda port, key, deadline: ["org/m"], supervised=supervised,
     )  # fmt: skip
     runner.render = lambda run_dir: "#!/bin/bash\n"
     return runner, agent, conn, say, store

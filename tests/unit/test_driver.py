@@ -271,3 +271,62 @@ def test_backoff_policy() -> None:
     assert b.delay == 4  # capped
     b.failed(31)  # a stream that lived long starts the count again
     assert b.failures == 1 and b.delay == 0 and b.due()
+
+
+# -- the time limit is a normal end ------------------------------------------------------------
+def test_time_limit_ends_the_session_cleanly(tmp_path: Path) -> None:
+    runner, agent, _, say, store = make_runner(tmp_path, "tunneled", detach=False)
+    runner.record.time_limit, runner.record.time_limit_s = "0:01:00", 60
+    runner.record.running_since = time.time() - 30
+    agent.stream_script = "import time; time.sleep(1); print('ENDED|time limit', flush=True); time.sleep(30)"
+    runner.drive()  # returns: exit 0
+    assert "Job 42 reached its time limit (0:01:00)" in say.text("result")
+    assert "reaches its time limit (0:01:00) in 0:00:" in say.text("warn")  # the 60 s warning
+    saved = store.load("s")
+    assert saved.state == "cleaned" and saved.end_reason == "time limit (0:01:00)"
+
+
+def test_sacct_timeout_is_the_time_limit(tmp_path: Path) -> None:
+    runner, agent, _, say, store = make_runner(tmp_path, "tunneled")
+    runner.record.time_limit, runner.record.time_limit_s = "60", 3600
+    agent.job = parse_jobinfo("JOB|sacct|TIMEOUT|alvis7-07|None|2026-11-27T10:00:00||0:15")
+    assert runner.still_alive() is False
+    assert "reached its time limit (1:00:00)" in say.text("info")
+    assert store.load("s").state == "cleaned"
+
+
+def test_started_record_carries_the_cluster_start_time(tmp_path: Path) -> None:
+    runner, agent, _, say, store = make_runner(tmp_path, "submitted")
+    runner.record.time_limit_s = 3600
+    started = int(time.time()) - 100
+    agent.starts.append(Event("STARTED", f"alvis7-07 42 {started}"))
+    agent.readies.append(Event("READY", "alvis7-07:8000"))
+    runner.drive()
+    assert store.load("s").running_since == started
+    assert "Time left: 0:58:" in say.text("info")
+
+
+# -- a detached session's supervisor never ends a job ----------------------------------------
+@pytest.mark.parametrize("record", ["ENDED|signal TERM", "EXITED|1", "GONE|CANCELLED"])
+def test_supervisor_lets_go_when_the_job_ends(tmp_path: Path, record: str) -> None:
+    runner, agent, _, _, store = make_runner(tmp_path, "tunneled", detach=False, supervised=True)
+    agent.stream_script = f"import time; print({record!r}, flush=True); time.sleep(30)"
+    runner.drive()
+    assert agent.cancels == []
+    assert saved_state(store) == "tunneled"  # `status` will find out how it ended
+    assert store.load("s").client_pid == 0
+
+
+def test_supervisor_adopts_a_live_tunnel_without_leaving_tunneled(tmp_path: Path) -> None:
+    runner, agent, _, _, store = make_runner(tmp_path, "tunneled", detach=False, supervised=True)
+
+    def live(**kw: object) -> FakeTunnel:
+        tunnel = FakeTunnel(**kw)
+        tunnel.is_up = True
+        tunnel.raise_after = (3, _Signalled(signal.SIGTERM))  # `stop` takes over
+        return tunnel
+
+    runner._tunnel_factory = live  # type: ignore[assignment]
+    runner.drive()
+    assert [state for state, _ in store.load("s").history] == []  # no transition at all
+    assert agent.cancels == [] and saved_state(store) == "tunneled"

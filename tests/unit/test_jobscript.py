@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import time
@@ -100,6 +101,8 @@ def test_sbatch_header_of_plain_spec() -> None:
         "#SBATCH --time 1:00:00",
         "#SBATCH --nodes 1",
         "#SBATCH --gpus-per-node=A40:1",
+        # SLURM warns the batch shell 120 s before the limit (time-limit end).
+        "#SBATCH --signal=B:USR1@120",
     ]
 
 
@@ -411,7 +414,7 @@ def test_hostile_script_runs_without_executing_anything(tmp_path: Path) -> None:
     assert job.run(SLURM_GPUS_ON_NODE="4") == 0
     job.assert_nothing_executed()
     assert job.argv() == expected_argv(spec, gpus="4")
-    assert job.file(rundir.STARTED) == f"{NODE} {JOB_ID}\n"
+    assert re.fullmatch(rf"{NODE} {JOB_ID} \d{{10}}\n", job.file(rundir.STARTED))
     assert job.file(rundir.ADDRESS) == f"{NODE}:{PORT}\n"
     assert job.file(rundir.VLLM_EXIT) == "0\n"
     assert rundir.STARTUP_LINE in job.file(rundir.VLLM_ERR)
@@ -442,7 +445,7 @@ def test_run_dir_relative_to_home(tmp_path: Path) -> None:
     job = Job(tmp_path, dataclasses.replace(PLAIN, run_dir=str(tmp_path / "home" / "runs" / "x")))
     job.script.write_text(render(dataclasses.replace(PLAIN, run_dir="~/runs/x")))
     assert job.run() == 0
-    assert job.file(rundir.STARTED) == f"{NODE} {JOB_ID}\n"
+    assert re.fullmatch(rf"{NODE} {JOB_ID} \d{{10}}\n", job.file(rundir.STARTED))
 
 
 def test_crash_records_exit_status(tmp_path: Path) -> None:
@@ -497,6 +500,30 @@ def test_signal_stops_vllm_and_records_why(tmp_path: Path, sig: signal.Signals, 
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM  # vLLM's status
     assert job.file(rundir.ENDED) == f"signal {sig.name.removeprefix('SIG')}\n"
+    assert job.file(rundir.VLLM_EXIT) == f"{128 + signal.SIGTERM}\n"
+
+
+def test_time_limit_warning_then_term_is_reported_as_the_limit(tmp_path: Path) -> None:
+    """SLURM's USR1 (--signal=B:USR1@120) only notes the coming limit; vLLM
+    keeps serving; the SIGTERM at the limit is then recorded as "time limit"."""
+    job = Job(tmp_path, dataclasses.replace(PLAIN, run_dir=str(tmp_path / "run")))
+    proc = job.popen(STUB_MODE="serve")
+    try:
+        job.wait_for(job.argv_file)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGUSR1)
+        job.wait_for(job.run_dir / rundir.LIMIT)
+        time.sleep(1.5)  # the watchdog and the final wait both survive the trap
+        assert proc.poll() is None
+        assert not (job.run_dir / rundir.ENDED).exists()
+        assert not (job.run_dir / rundir.VLLM_EXIT).exists()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert re.fullmatch(r"\d{10}\n", job.file(rundir.LIMIT))
+    assert job.file(rundir.ENDED) == "time limit\n"
     assert job.file(rundir.VLLM_EXIT) == f"{128 + signal.SIGTERM}\n"
 
 

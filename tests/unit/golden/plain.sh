@@ -4,6 +4,7 @@
 #SBATCH --time 1:00:00
 #SBATCH --nodes 1
 #SBATCH --gpus-per-node=A40:1
+#SBATCH --signal=B:USR1@120
 
 # alvis-fsm job script: vLLM in its apptainer image on one node.
 #
@@ -20,6 +21,9 @@
 
 set -u
 umask 077
+# SLURM's time-limit warning (USR1) must never kill the script, even if it
+# comes before the real handler below is set.
+trap 'LIMIT_SEEN=1' USR1
 
 RUN_DIR=/cephyr/users/me/Alvis/.alvis-vllm/runs/default-20250101-120000-a1b2c3
 HF_MODEL=/mimer/NOBACKUP/Datasets/LLM/huggingface/hub/models--openai--gpt-oss-20b/snapshots/6cee5e81ee83917806bbde320786a8fb61efebee
@@ -36,6 +40,7 @@ OUT_FILE=vllm.out
 ERR_FILE=vllm.err
 EXIT_FILE=vllm.exit
 ENDED_FILE=job.ended
+LIMIT_FILE=job.limit
 
 # The client may name the run directory relative to the remote home.
 case $RUN_DIR in
@@ -63,14 +68,21 @@ stop_vllm() {  # stop_vllm WHY: record why, stop vLLM, record its status, exit w
     fi
     exit "${2:-$status}"
 }
+# SLURM warns the batch shell (--signal=B:USR1@120) before the time limit:
+# note it in the run directory, so that the SIGTERM which follows is
+# reported as the time limit, a normal end, not as a crash.
+trap 'put "$LIMIT_FILE" "$(date +%s)"' USR1
+[ -n "${LIMIT_SEEN:-}" ] && put "$LIMIT_FILE" "$(date +%s)"
 # scancel and the time limit send SIGTERM; Ctrl+C on srun/salloc sends INT.
-trap 'stop_vllm "signal TERM"' TERM
+trap 'if [ -e "$LIMIT_FILE" ]; then stop_vllm "time limit"; else stop_vllm "signal TERM"; fi' TERM
 trap 'stop_vllm "signal INT"' INT
 trap 'stop_vllm "signal HUP"' HUP
 
 # A requeued job must not leave the client reading the last attempt's files.
-rm -f -- "$ADDRESS_FILE" "$EXIT_FILE" "$ENDED_FILE" "$OUT_FILE" "$ERR_FILE"
-put "$STARTED_FILE" "$(hostname) ${SLURM_JOB_ID:-}"
+rm -f -- "$ADDRESS_FILE" "$EXIT_FILE" "$ENDED_FILE" "$OUT_FILE" "$ERR_FILE" "$LIMIT_FILE"
+# The start time (epoch, the cluster's clock) lets the client tell the time
+# left until the limit without asking the scheduler.
+put "$STARTED_FILE" "$(hostname) ${SLURM_JOB_ID:-} $(date +%s)"
 
 API_PORT=$(find_ports)
 API_PORT=${API_PORT%%[!0-9]*}
@@ -119,7 +131,11 @@ while kill -0 "$VLLM_PID" 2>/dev/null; do
     wait $!
 done
 
-wait "$VLLM_PID"
-status=$?
+# A trapped signal (USR1) interrupts `wait`: wait again until vLLM is gone.
+while :; do
+    wait "$VLLM_PID"
+    status=$?
+    kill -0 "$VLLM_PID" 2>/dev/null || break
+done
 put "$EXIT_FILE" "$status"
 exit "$status"
