@@ -215,8 +215,16 @@ def test_second_user_reaches_no_listener(lab: Any, tool: Tool) -> None:
     assert mode == [lab.user, "700"]
 
     theirs = probe_as(lab, user2, found, served)
-    assert len(theirs) == len(found) * len(PATHS)
     answered = [r for r in theirs if r[3] == 200]
+    # Reported before the asserts, so a failure is measured too.
+    report(
+        "isolation: a second cluster user tries every listener of vLLM (route jump)",
+        len(theirs), len(theirs) - len(answered),
+        note=(f"{len(found)} listener(s) of the session's vLLM ({', '.join(k for k, _ in found)}), "
+              f"each tried by `{user2}` on the compute node with {', '.join(PATHS)}: "
+              f"{len(answered)} answered 200"),
+    )  # fmt: skip
+    assert len(theirs) == len(found) * len(PATHS)
     assert answered == [], f"{user2} got answers: {answered}"
     assert all(isinstance(r[3], str) and "PermissionError" in r[3] for r in theirs), theirs
 
@@ -229,14 +237,6 @@ def test_second_user_reaches_no_listener(lab: Any, tool: Tool) -> None:
     body = {"model": served, "prompt": "hi", "max_tokens": 1}
     assert through_tunnel(port, key, "/v1/completions", body) == 200
     assert through_tunnel(port, None, "/v1/completions", body) == 401
-
-    report(
-        "isolation: a second cluster user tries every listener of vLLM (route jump)",
-        len(theirs), len(theirs) - len(answered),
-        note=(f"{len(found)} listener(s) of the session's vLLM ({', '.join(k for k, _ in found)}), "
-              f"each tried by `{user2}` on the compute node with {', '.join(PATHS)}: "
-              f"{len(answered)} answered 200; the owner's tunnel answered with the key"),
-    )  # fmt: skip
 
     interrupt(child)
     child.expect_exact("Cleaned up job")
