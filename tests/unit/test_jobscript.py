@@ -515,13 +515,17 @@ def _fallback_dirs() -> set[Path]:
     return set(Path("/tmp").glob(f"afsm-{JOB_ID}.*"))
 
 
-@pytest.mark.parametrize("why", ["too-long", "foreign-mode", "symlink"])
+@pytest.mark.parametrize("why", ["too-long", "foreign-mode", "symlink", "odd-characters"])
 def test_socket_dir_falls_back_to_a_fresh_private_tmp_dir(tmp_path: Path, why: str) -> None:
     job = Job(tmp_path, dataclasses.replace(PLAIN, run_dir=str(tmp_path / "run")))
     scratch = tmp_path / "scratch"
     if why == "too-long":
         # sun_path holds 107 bytes and a NUL: this TMPDIR leaves no room.
         scratch = scratch / ("d" * 120)
+        scratch.mkdir()
+    elif why == "odd-characters":
+        # ssh -L would split "a:b" and a space would not survive the address file.
+        scratch = scratch / "a:b c"
         scratch.mkdir()
     elif why == "foreign-mode":
         (scratch / "afsm-vllm").mkdir(mode=0o755)

@@ -89,9 +89,18 @@ put "$STARTED_FILE" "$(hostname) ${SLURM_JOB_ID:-}"
 private_dir() {
     [ -d "$1" ] && [ ! -L "$1" ] && [ "$(stat -c '%u %a' -- "$1" 2>/dev/null)" = "$(id -u) 700" ]
 }
-# A socket path must fit sockaddr_un.sun_path: 108 bytes with the final NUL.
+# A socket path must fit sockaddr_un.sun_path (108 bytes with the final NUL),
+# and be plain: ssh -L splits its argument at ':' and the client reads it
+# back from the address file.
 fits_socket() {
     local LC_ALL=C path="$1/vllm.sock"
+    case $path in
+        /*) ;;
+        *) return 1 ;;
+    esac
+    case $path in
+        *[!A-Za-z0-9._/+-]*) return 1 ;;
+    esac
     [ "${#path}" -le 107 ]
 }
 
