@@ -112,8 +112,9 @@ remove_socket_dir() {  # a /tmp fallback dir is ours to remove; $TMPDIR goes wit
 trap remove_socket_dir EXIT
 
 if [ "$LISTEN" = uds ]; then
-    # Node-local, under the job's own $TMPDIR; if that path is too long for a
-    # socket, a fresh directory in /tmp (mktemp: unpredictable, made 0700).
+    # Node-local, under the job's own $TMPDIR; if that path does not suit a
+    # socket (too long, odd characters) or is not private, a fresh directory
+    # in /tmp (mktemp: unpredictable name, made 0700 at once).
     if [ -n "${TMPDIR:-}" ] && fits_socket "$TMPDIR/afsm-vllm"; then
         SOCK_DIR=$TMPDIR/afsm-vllm
         mkdir -p -m 0700 -- "$SOCK_DIR" 2>/dev/null
