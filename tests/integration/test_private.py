@@ -347,7 +347,7 @@ def test_proxies_in_the_environment_are_never_used(lab: Any, tool: Tool) -> None
                            **dict.fromkeys(names, proxy))  # fmt: skip
         child.expect_exact(CONNECTED + str(port))
         child.expect_exact("[INFO] Streaming logs")
-        # Control: a client that honours the environment would go to the recorder.
+        # Control: the recorder does see a client sent through it as a proxy.
         with httpx.Client(proxy=proxy, timeout=3) as client, contextlib.suppress(httpx.HTTPError):
             client.get(f"http://127.0.0.1:{port}/v1/models")
         deadline = time.monotonic() + 3
