@@ -57,6 +57,9 @@ class JobSpec:
     ready_timeout: int
     partition: str = ""
     vllm_args: tuple[str, ...] = ()
+    # "jump": vLLM on a unix socket only this user can reach; "login": a TCP
+    # port the login node can reach (and so can every cluster user).
+    route: str = "jump"
 
 
 def _duration(text: str) -> int | None:
@@ -159,6 +162,20 @@ def _positive_int(what: str, value: object) -> str:
     return str(value)
 
 
+# How vLLM listens, by tunnel route: route login forwards from the login
+# node, which can only reach a TCP port; route jump reaches the node itself.
+LISTEN_OF_ROUTE = {"jump": "uds", "login": "tcp"}
+
+
+def _listen(route: str) -> str:
+    try:
+        return LISTEN_OF_ROUTE[route]
+    except KeyError:
+        raise ConfigError(
+            f"Unknown tunnel route {route!r}", hint="Use 'jump' (the default) or 'login'."
+        ) from None
+
+
 def _values(spec: JobSpec) -> dict[str, str]:
     ident_hint = "Only letters, digits, '_', '.' and '-' are allowed."
     values = {
@@ -182,6 +199,7 @@ def _values(spec: JobSpec) -> dict[str, str]:
         "VLLM_ARGS": " ".join(_word("vLLM argument", a, allow_empty=True) for a in spec.vllm_args),
         "MAX_MODEL_LEN": _positive_int("max model length", spec.max_model_len),
         "READY_TIMEOUT": _positive_int("server ready timeout", spec.ready_timeout),
+        "LISTEN": _listen(spec.route),
     }
     for name, value in rundir.placeholders().items():
         values[name] = _word(name, value)

@@ -37,7 +37,7 @@ from alvis_fsm.machine import Session, State, build_machine
 from alvis_fsm.remote import Agent, Event, parse_log_line
 from alvis_fsm.ssh import Connection, SSHOptions, control_path
 from alvis_fsm.store import SessionRecord, Store
-from alvis_fsm.tunnel import Tunnel, verify
+from alvis_fsm.tunnel import Tunnel, Verified, parse_address, verify
 
 if TYPE_CHECKING:  # settings imports pydantic; the Runner only reads it
     from alvis_fsm.settings import Settings
@@ -54,7 +54,18 @@ class Reporter(Protocol):
     def done_waiting(self) -> None: ...
     def interactive(self) -> bool: ...
     def ask(self, prompt: str, secret: bool = False) -> str: ...
-    def connected(self, record: SessionRecord, models: list[str]) -> None: ...
+    def connected(
+        self, record: SessionRecord, models: list[str], first_token_s: float | None = None
+    ) -> None: ...
+
+
+# Route login needs vLLM on a TCP port of the node, where vLLM's key guards
+# only /v1: say so before anything is submitted.
+LOGIN_ROUTE_WARNING = (
+    "Route login: vLLM listens on a TCP port of the compute node; its paths outside /v1 "
+    "(/invocations, /tokenize, /metrics) answer any cluster user without the API key "
+    "(route jump does not expose them)."
+)
 
 
 def now_iso() -> str:
@@ -150,7 +161,7 @@ class Runner:
         conn: Connection | None = None,
         agent: Agent | None = None,
         tunnel_factory: Callable[..., Tunnel] | None = None,
-        verifier: Callable[[int, str | None, float], list[str]] | None = None,
+        verifier: Callable[[int, str | None, float, str], Verified] | None = None,
         supervised: bool = False,
     ) -> None:
         self.readonly = readonly
@@ -373,6 +384,8 @@ class Runner:
 
     def submit(self) -> None:
         r = self.record
+        if r.route == "login":
+            self.ui.warn(LOGIN_ROUTE_WARNING)
         self.ui.info(f"Submitting job (duration: {r.time_limit})...")
         # The job script expands a "~/" run dir itself, on the cluster.
         script = self.render(r.run_dir)
@@ -472,13 +485,13 @@ class Runner:
                 r.job_id,
                 min(5.0, max(0.2, self._remaining())),
                 self.settings.polling.file_interval,
-                address_known=bool(r.port),
+                address_known=bool(r.port or r.remote_socket),
             )
             self._note_age(ev)
-            if ev.kind in ("ADDRESS", "READY") and not r.port:
-                host, _, port = ev.value.rpartition(":")
-                r.node = host or r.node
-                r.port = int(port)
+            if ev.kind in ("ADDRESS", "READY") and not (r.port or r.remote_socket):
+                address = parse_address(ev.value)
+                r.node = address.host or r.node
+                r.port, r.remote_socket = address.port, address.socket
                 self._save()
                 self.ui.done_waiting()
                 self.ui.info(f"Server address: {ev.value}")
@@ -547,6 +560,7 @@ class Runner:
             node=r.node,
             remote_port=r.port,
             control=Path(r.tunnel_control_path),
+            remote_socket=r.remote_socket,
         )
 
     def _open_tunnel(self) -> None:
@@ -566,9 +580,11 @@ class Runner:
         if self.tunnel is None:
             self._open_tunnel()
         self.ui.info("Testing connection...")
-        models = self._verify(r.local_port, r.api_key or None, self.settings.timeouts.connection_test)
+        seen = self._verify(
+            r.local_port, r.api_key or None, self.settings.timeouts.connection_test, r.served_name
+        )
         self._fire("connect")
-        self.ui.connected(r, models)
+        self.ui.connected(r, seen.models, seen.first_token_s)
         left = self._time_left()
         if left is not None:
             self.ui.info(
@@ -678,7 +694,10 @@ class Runner:
                     try:
                         self.tunnel.open()
                         self._verify(
-                            r.local_port, r.api_key or None, self.settings.timeouts.connection_test
+                            r.local_port,
+                            r.api_key or None,
+                            self.settings.timeouts.connection_test,
+                            r.served_name,
                         )
                         break
                     except AlvisError as exc:

@@ -71,7 +71,8 @@ class SessionRecord:
     state: str = "idle"
     job_id: str = ""
     node: str = ""
-    port: int = 0  # vLLM's port on the node
+    port: int = 0  # vLLM's port on the node (route login)
+    remote_socket: str = ""  # vLLM's unix socket on the node (route jump)
     local_port: int = 0
     run_dir: str = ""
     started: str = ""  # ISO time the session was created

@@ -1,14 +1,21 @@
 """The tunnel from localhost to vLLM on the compute node, and its checks.
 
-Route "jump" (the requirements'): ``ssh -L 127.0.0.1:LOCAL:NODE:PORT NODE``
-with the login node as jump host. The jump goes through the session's shared
+Route "jump" (the default): ``ssh -L 127.0.0.1:LOCAL:/path/vllm.sock NODE``
+with the login node as jump host: vLLM listens on a unix socket in a 0700
+directory on the node (see jobscript.sh), so only this user can reach it,
+and sshd on the node connects to it as this user. The jump goes through the session's shared
 connection (``ProxyCommand ssh -S <control> -W %h:%p``), so it costs one login
 on the node and none on the login node. The tunnel ssh is itself a control
 master with its own socket: whether it was started by this process or by a
 ``start --detach`` long gone, we can find its pid, check it and stop it.
 
 Route "login": the forward is added to the shared connection itself
-(``ssh -O forward``): no new login at all.
+(``ssh -O forward``): no new login at all, but the login node can only reach
+a TCP port on the node, which every cluster user can reach too.
+
+Every local HTTP check goes through httpx with ``trust_env=False``: a proxy
+named in the environment (``http_proxy``, ``ALL_PROXY``, any case) or the
+system's is never used, so the API key only ever goes to our tunnel.
 
 The node's host key is unknown the first time (hundreds of nodes):
 ``StrictHostKeyChecking=accept-new`` records it, and a *changed* key is
@@ -17,15 +24,14 @@ still refused with OpenSSH's warning. Never ``StrictHostKeyChecking=no``."""
 from __future__ import annotations
 
 import contextlib
-import json
 import shlex
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from alvis_fsm.errors import ServerError, SSHError
 from alvis_fsm.ssh import Connection, common_args, socket_alive, ssh_error
@@ -57,6 +63,33 @@ def port_busy_hint(port: int) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Address:
+    """Where vLLM listens on the node, from the job's handshake file."""
+
+    host: str
+    port: int = 0  # TCP (route login)
+    socket: str = ""  # unix socket path (route jump)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.socket or self.port}"
+
+
+def parse_address(text: str) -> Address:
+    """``HOST:PORT`` or ``HOST:/abs/path/vllm.sock`` (rundir.ADDRESS).
+
+    Host names hold no ':', so the first one splits; a socket path may hold
+    any character but must be absolute."""
+    host, sep, rest = text.strip().partition(":")
+    if not sep or not host or any(c.isspace() for c in host):
+        raise ServerError(f"The job wrote an unreadable server address: {text.strip()!r}")
+    if rest.startswith("/"):
+        return Address(host=host, socket=rest)
+    if rest.isascii() and rest.isdigit() and 0 < int(rest) < 65536:
+        return Address(host=host, port=int(rest))
+    raise ServerError(f"The job wrote an unreadable server address: {text.strip()!r}")
+
+
 @dataclass
 class Tunnel:
     conn: Connection
@@ -66,14 +99,25 @@ class Tunnel:
     node: str
     remote_port: int
     control: Path  # the tunnel ssh's own control socket (route jump)
+    remote_socket: str = ""  # vLLM's unix socket on the node (route jump)
 
     @property
     def forward(self) -> str:
+        # OpenSSH forwards a local TCP port to a remote unix socket with the
+        # same -L syntax: LOCAL_ADDR:LOCAL_PORT:/remote/path.
+        if self.remote_socket:
+            return f"{self.bind}:{self.local_port}:{self.remote_socket}"
         return f"{self.bind}:{self.local_port}:{self.node}:{self.remote_port}"
 
     def open(self) -> str:
         """Open the tunnel; returns what ssh said (e.g. 'Permanently added …')."""
         if self.route == "login":
+            if self.remote_socket:
+                # The login node's sshd would look for the path on the login node.
+                raise SSHError(
+                    "Route login cannot reach a unix socket on the compute node",
+                    hint="This session's server listens on a unix socket: use route jump.",
+                )
             proc = subprocess.run(
                 [*common_args(self.conn.opts), "-S", str(self.conn.control), "-O", "forward",
                  "-L", self.forward, self.conn.opts.host],
@@ -162,44 +206,120 @@ def close_tunnel_socket(conn: Connection, control: Path, node: str) -> None:
     )  # fmt: skip
 
 
+def http_client(api_key: str | None, timeout: float) -> httpx.Client:
+    """A client for our own tunnel only: ``trust_env=False`` ignores proxy
+    variables (any case), netrc and SSL variables, so the key is sent to
+    127.0.0.1 and nowhere else."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(trust_env=False, timeout=timeout, headers=headers, follow_redirects=False)
+
+
 def get_json(url: str, api_key: str | None, timeout: float = 5) -> object:
-    request = urllib.request.Request(url)
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read().decode() or "null")
+    with http_client(api_key, timeout) as client:
+        response = client.get(url)
+        response.raise_for_status()
+        return response.json() if response.content else None
 
 
-def verify(local_port: int, api_key: str | None, deadline_s: float) -> list[str]:
-    """GET /v1/models through the tunnel until it answers; returns the model ids."""
-    url = f"http://127.0.0.1:{local_port}/v1/models"
+@dataclass(frozen=True)
+class Verified:
+    """What the connection test saw: the served models, and how long a
+    1-token completion took (the first token, end to end, through the tunnel)."""
+
+    models: list[str]
+    first_token_s: float
+
+
+def _refused_key(exc: httpx.HTTPStatusError, what: str) -> ServerError:
+    return ServerError(
+        "The server refused our API key",
+        details=f"{what}: HTTP {exc.response.status_code} {exc.response.text[:200]}",
+    )
+
+
+def verify(
+    local_port: int, api_key: str | None, deadline_s: float, served_name: str = ""
+) -> Verified:
+    """Through the tunnel, with the key: ``/v1/models`` lists the served model
+    and a 1-token completion succeeds. ``/v1/models`` alone is not enough: the
+    API server answers it even when its engine is dead.
+
+    Connection errors are retried until the deadline (the forward is up
+    before vLLM listens); an HTTP error from the completion is final."""
+    base = f"http://127.0.0.1:{local_port}"
     end = time.monotonic() + deadline_s
     last = ""
-    while True:
-        try:
-            data = get_json(url, api_key)
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                return [str(m.get("id")) for m in data["data"] if isinstance(m, dict)]
-            last = f"unexpected answer: {str(data)[:200]}"
-        except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code} {exc.reason}"
-            if exc.code in (401, 403):
+    models: list[str] = []
+    with http_client(api_key, timeout=5) as client:
+        while True:
+            try:
+                response = client.get(f"{base}/v1/models")
+                response.raise_for_status()
+                data = response.json()
+                if isinstance(data, dict) and isinstance(data.get("data"), list):
+                    models = [str(m.get("id")) for m in data["data"] if isinstance(m, dict)]
+                    if not served_name or served_name in models:
+                        break
+                    raise ServerError(
+                        f"The server does not serve {served_name}",
+                        details=f"GET {base}/v1/models lists: {', '.join(models) or 'nothing'}",
+                    )
+                last = f"unexpected answer: {str(data)[:200]}"
+            except httpx.HTTPStatusError as exc:
+                last = f"HTTP {exc.response.status_code} {exc.response.reason_phrase}"
+                if exc.response.status_code in (401, 403):
+                    raise _refused_key(exc, f"GET {base}/v1/models") from exc
+            except (httpx.HTTPError, ValueError) as exc:
+                last = str(exc) or type(exc).__name__
+            if time.monotonic() >= end:
                 raise ServerError(
-                    "The server refused our API key", details=f"GET {url}: {last}"
+                    f"The server did not answer through the tunnel within {deadline_s:.0f} s",
+                    details=f"GET {base}/v1/models: {last}",
+                )
+            time.sleep(0.2)
+        model = served_name or (models[0] if models else "")
+        body = {"model": model, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
+        url = f"{base}/v1/completions"
+        while True:
+            # The first request after start-up may be slow (warm-up): give it
+            # what is left of the deadline, and never less than 10 s.
+            budget = max(10.0, end - time.monotonic())
+            started = time.monotonic()
+            try:
+                response = client.post(url, json=body, timeout=budget)
+                elapsed = time.monotonic() - started
+                response.raise_for_status()
+                data = response.json()
+                choices = data.get("choices") if isinstance(data, dict) else None
+                if isinstance(choices, list) and choices:
+                    return Verified(models=models, first_token_s=elapsed)
+                raise ServerError(
+                    "The server answered a 1-token completion without any choice",
+                    details=f"POST {url}: {str(data)[:300]}",
+                )
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code in (401, 403):
+                    raise _refused_key(exc, f"POST {url}") from exc
+                raise ServerError(
+                    f"vLLM lists {model} but cannot generate: a 1-token completion failed "
+                    f"with HTTP {exc.response.status_code}",
+                    hint="The inference engine is probably dead; the log above may say why.",
+                    details=f"POST {url}: {exc.response.text[:300]}",
                 ) from exc
-        except (OSError, ValueError) as exc:
-            last = str(exc)
-        if time.monotonic() >= end:
-            raise ServerError(
-                f"The server did not answer through the tunnel within {deadline_s:.0f} s",
-                details=f"GET {url}: {last}",
-            )
-        time.sleep(0.2)
+            except (httpx.HTTPError, ValueError) as exc:
+                last = str(exc) or type(exc).__name__
+            if time.monotonic() >= end:
+                raise ServerError(
+                    f"vLLM lists {model} but a 1-token completion did not succeed "
+                    f"within {deadline_s:.0f} s",
+                    details=f"POST {url}: {last}",
+                )
+            time.sleep(0.2)
 
 
 def health(local_port: int, timeout: float = 3) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{local_port}/health", timeout=timeout) as r:
-            return bool(r.status == 200)
-    except (OSError, ValueError):
+        with http_client(None, timeout) as client:
+            return client.get(f"http://127.0.0.1:{local_port}/health").status_code == 200
+    except httpx.HTTPError:
         return False

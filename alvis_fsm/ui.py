@@ -151,19 +151,30 @@ class Reporter:
                 self._live = None
             self._status_text = ""
 
-    def connected(self, record: Any, models: list[str]) -> None:
-        """The ready block: what to paste to use the server."""
+    def connected(
+        self, record: Any, models: list[str], first_token_s: float | None = None
+    ) -> None:
+        """The ready block: what to paste to use the server. Printed only
+        once a 1-token completion came back through the tunnel."""
         base = f"{record.url}/v1"
         key = record.api_key or "EMPTY"
-        name = models[0] if models else record.served_name
+        name = record.served_name if record.served_name in models else None
+        name = name or (models[0] if models else record.served_name)
         self.result(f"✓ Connection successful! Server available at {record.url}")
         if self.verbosity < Verbosity.NORMAL:
             return
+        latency = []
+        if first_token_s is not None:
+            took = (
+                f"{first_token_s * 1000:.0f} ms" if first_token_s < 1 else f"{first_token_s:.2f} s"
+            )
+            latency = [f"  First token: {took} (a 1-token completion, through the tunnel)"]
         self.result(
             "\n".join(
                 [
                     f"  Model:    {name}",
                     f"  Base URL: {base}",
+                    *latency,
                     "",
                     '  # paste into your shell (or: eval "$(alvis-fsm env ' + record.name + ')")',
                     f"  export OPENAI_BASE_URL={base}",

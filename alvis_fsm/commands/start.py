@@ -126,6 +126,7 @@ def run(
             ready_timeout=int(cfg.timeouts.server_ready) + 60,
             partition=cfg.slurm.partition,
             vllm_args=tuple(cfg.vllm.extra_args) + tuple(entry.vllm_args),
+            route=record.route,
         )
         # The record's run dir may start with "~/": the job script expands it
         # on the cluster, where the remote home is known.

@@ -53,7 +53,8 @@ def test_clean_run_with_default_model(lab, tool: Tool) -> None:
     child.expect(r"Job submitted: (\d+)")
     job_id = child.match.group(1)
     child.expect_exact("[INFO] Job is running on node: alvis7-07")
-    child.expect(r"\[INFO\] Server address: alvis7-07:\d+")
+    # Route jump (the default): a unix socket on the node, no TCP port.
+    child.expect(r"\[INFO\] Server address: alvis7-07:/\S+/vllm\.sock\s")
     child.expect_exact(f"[INFO] Establishing SSH tunnel (local port {port})...")
     child.expect_exact("[INFO] Testing connection...")
     child.expect_exact(CONNECTED + str(port))

@@ -5,6 +5,9 @@ LAB_ROOT="${ALVIS_LAB_ROOT:-/var/lib/alvis-lab}"
 LAB_CLIENT="$LAB_ROOT/client"
 LAB_USER=pradas
 LAB_HOME=/home/pradas
+# A second cluster user, for isolation tests: someone else on the cluster.
+LAB_USER2=kovacs
+LAB_HOME2=/home/kovacs
 LAB_ACCOUNT=naiss2025-22-1522
 LAB_CLUSTER=alvis
 LAB_LOGIN_HOST=alvis2

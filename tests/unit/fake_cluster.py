@@ -20,6 +20,7 @@ from alvis_fsm.settings import load_settings
 from alvis_fsm.slurm import JobInfo, JobState
 from alvis_fsm.ssh import SSHOptions
 from alvis_fsm.store import SessionRecord, Store
+from alvis_fsm.tunnel import Verified
 
 UNKNOWN = JobInfo(source="unknown", state=JobState.UNKNOWN, reason="squeue: Socket timed out")
 PENDING = JobInfo(source="squeue", state=JobState.PENDING, reason="Resources")
@@ -71,7 +72,7 @@ class Say:
     def ask(self, prompt: str, secret: bool = False) -> str:
         raise AssertionError("the engine must not prompt here")
 
-    def connected(self, record: SessionRecord, models: list[str]) -> None:
+    def connected(self, record: SessionRecord, models: list[str], first_token_s: float) -> None:
         self._add("connected", ",".join(models))
 
     def text(self, kind: str | None = None) -> str:
@@ -208,7 +209,8 @@ def make_runner(
         cfg, record, store, say, detach=detach, conn=conn,  # type: ignore[arg-type]
         agent=agent,  # type: ignore[arg-type]
         tunnel_factory=FakeTunnel,  # type: ignore[arg-type]
-        verifier=lambda port, key, deadline: ["org/m"], supervised=supervised,
+        verifier=lambda port, key, deadline, served: Verified(["org/m"], 0.01),
+        supervised=supervised,
     )  # fmt: skip
     runner.render = lambda run_dir: "#!/bin/bash\n"
     return runner, agent, conn, say, store

@@ -93,6 +93,20 @@ def test_hostile_golden() -> None:
     _golden("hostile.sh", text)
 
 
+def test_plain_login_route_golden() -> None:
+    # Route login: vLLM on a TCP port (find_ports), the only variable part.
+    text = render(dataclasses.replace(PLAIN, route="login"))
+    _bash_n(text)
+    _golden("plain-login.sh", text)
+
+
+def test_route_picks_how_vllm_listens() -> None:
+    assert "\nLISTEN=uds\n" in render(PLAIN)
+    assert "\nLISTEN=tcp\n" in render(dataclasses.replace(PLAIN, route="login"))
+    with pytest.raises(ConfigError):
+        render(dataclasses.replace(PLAIN, route="uds; id"))
+
+
 def test_sbatch_header_of_plain_spec() -> None:
     head = [line for line in render(PLAIN).splitlines() if line.startswith("#SBATCH")]
     assert head == [
@@ -381,6 +395,12 @@ class Job:
     def file(self, name: str) -> str:
         return (self.run_dir / name).read_text()
 
+    def socket_path(self) -> str:
+        """The socket named by the address file (route jump): "NODE:/path"."""
+        node, _, path = self.file(rundir.ADDRESS).rstrip("\n").partition(":")
+        assert node == NODE and path.startswith("/") and path.endswith("/vllm.sock"), path
+        return path
+
     def wait_for(self, path: Path, timeout: float = 10) -> None:
         end = time.monotonic() + timeout
         while not path.exists():
@@ -393,10 +413,14 @@ class Job:
         assert not list(Path.cwd().glob("PWNED*"))
 
 
-def expected_argv(spec: JobSpec, gpus: str = "1") -> list[str]:
+def expected_argv(spec: JobSpec, gpus: str = "1", socket: str = "") -> list[str]:
+    if spec.route == "login":
+        container, listen = [], ["--port", PORT]
+    else:
+        container, listen = ["--bind", socket.rsplit("/", 1)[0]], ["--uds", socket]
     return [
-        "exec", spec.image, "vllm", "serve", spec.model_path,
-        "--port", PORT,
+        "exec", *container, spec.image, "vllm", "serve", spec.model_path,
+        *listen,
         "--tensor-parallel-size", gpus,
         "--max-model-len", str(spec.max_model_len),
         "--served-model-name", spec.served_name,
@@ -408,14 +432,18 @@ def _hostile_in(root: Path) -> JobSpec:
     return dataclasses.replace(HOSTILE, run_dir=str(root / "runs" / EVIL))
 
 
-def test_hostile_script_runs_without_executing_anything(tmp_path: Path) -> None:
-    spec = _hostile_in(tmp_path)
+@pytest.mark.parametrize("route", ["jump", "login"])
+def test_hostile_script_runs_without_executing_anything(tmp_path: Path, route: str) -> None:
+    spec = dataclasses.replace(_hostile_in(tmp_path), route=route)
     job = Job(tmp_path, spec)
     assert job.run(SLURM_GPUS_ON_NODE="4") == 0
     job.assert_nothing_executed()
-    assert job.argv() == expected_argv(spec, gpus="4")
+    if route == "login":
+        assert job.file(rundir.ADDRESS) == f"{NODE}:{PORT}\n"
+        assert job.argv() == expected_argv(spec, gpus="4")
+    else:
+        assert job.argv() == expected_argv(spec, gpus="4", socket=job.socket_path())
     assert re.fullmatch(rf"{NODE} {JOB_ID} \d{{10}}\n", job.file(rundir.STARTED))
-    assert job.file(rundir.ADDRESS) == f"{NODE}:{PORT}\n"
     assert job.file(rundir.VLLM_EXIT) == "0\n"
     assert rundir.STARTUP_LINE in job.file(rundir.VLLM_ERR)
     assert not (job.run_dir / rundir.ENDED).exists()
@@ -456,10 +484,86 @@ def test_crash_records_exit_status(tmp_path: Path) -> None:
 
 
 def test_find_ports_failure(tmp_path: Path) -> None:
-    job = Job(tmp_path, dataclasses.replace(PLAIN, run_dir=str(tmp_path / "run")))
+    job = Job(tmp_path, dataclasses.replace(PLAIN, run_dir=str(tmp_path / "run"), route="login"))
     assert job.run(STUB_PORT="") == 1
     assert job.file(rundir.ENDED) == "find_ports failed\n"
     assert not job.argv_file.exists()
+
+
+# -- route jump: the unix socket and its directory ------------------------------------
+
+
+def _mode(path: Path) -> tuple[int, int]:
+    st = path.lstat()
+    return st.st_uid, st.st_mode & 0o7777
+
+
+def test_socket_in_private_dir_under_tmpdir_and_no_port(tmp_path: Path) -> None:
+    job = Job(tmp_path, dataclasses.replace(PLAIN, run_dir=str(tmp_path / "run")))
+    # find_ports must not even be asked: a failing one changes nothing.
+    assert job.run(STUB_PORT="") == 0
+    socket = job.socket_path()
+    assert socket == f"{tmp_path}/scratch/afsm-vllm/vllm.sock"
+    assert _mode(Path(socket).parent) == (os.getuid(), 0o700)
+    argv = job.argv()
+    assert "--port" not in argv and "--host" not in argv
+    assert argv == expected_argv(job_spec(job), socket=socket)
+
+
+def job_spec(job: Job) -> JobSpec:
+    return dataclasses.replace(PLAIN, run_dir=str(job.run_dir))
+
+
+def _fallback_dirs() -> set[Path]:
+    return set(Path("/tmp").glob(f"afsm-{JOB_ID}.*"))
+
+
+@pytest.mark.parametrize("why", ["too-long", "foreign-mode", "symlink", "odd-characters"])
+def test_socket_dir_falls_back_to_a_fresh_private_tmp_dir(tmp_path: Path, why: str) -> None:
+    job = Job(tmp_path, dataclasses.replace(PLAIN, run_dir=str(tmp_path / "run")))
+    scratch = tmp_path / "scratch"
+    if why == "too-long":
+        # sun_path holds 107 bytes and a NUL: this TMPDIR leaves no room.
+        scratch = scratch / ("d" * 120)
+        scratch.mkdir()
+    elif why == "odd-characters":
+        # ssh -L would split "a:b" and a space would not survive the address file.
+        scratch = scratch / "a:b c"
+        scratch.mkdir()
+    elif why == "foreign-mode":
+        (scratch / "afsm-vllm").mkdir(mode=0o755)
+        (scratch / "afsm-vllm").chmod(0o755)
+    else:
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        (scratch / "afsm-vllm").symlink_to(tmp_path / "elsewhere")
+    before = _fallback_dirs()
+    proc = job.popen(TMPDIR=str(scratch), STUB_MODE="serve")
+    try:
+        job.wait_for(job.argv_file)
+        socket = job.socket_path()
+        sock_dir = Path(socket).parent
+        assert sock_dir.parent == Path("/tmp") and sock_dir.name.startswith(f"afsm-{JOB_ID}.")
+        assert len(socket.encode()) <= 107
+        assert _mode(sock_dir) == (os.getuid(), 0o700)
+        assert job.argv() == expected_argv(job_spec(job), socket=socket)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    # The job removes the /tmp directory it made; $TMPDIR is the Epilog's.
+    assert _fallback_dirs() == before
+
+
+def test_stale_socket_of_a_requeued_attempt_is_removed(tmp_path: Path) -> None:
+    job = Job(tmp_path, dataclasses.replace(PLAIN, run_dir=str(tmp_path / "run")))
+    stale = tmp_path / "scratch" / "afsm-vllm"
+    stale.mkdir(mode=0o700)
+    (stale / "vllm.sock").write_text("stale")
+    stub = STUBS["apptainer"].replace(
+        "case", 'test -e "${TMPDIR}/afsm-vllm/vllm.sock" && touch "$ARGV_FILE.stale"\ncase', 1
+    )
+    (job.bin / "apptainer").write_text(stub)
+    assert job.run() == 0
+    assert not (tmp_path / "argv.stale").exists()
 
 
 def test_startup_watchdog(tmp_path: Path) -> None:
@@ -567,4 +671,4 @@ def test_any_text_round_trips(
     _bash_n(render(spec))
     job = Job(root, spec)
     assert job.run() == 0
-    assert job.argv() == expected_argv(spec)
+    assert job.argv() == expected_argv(spec, socket=job.socket_path())

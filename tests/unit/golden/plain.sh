@@ -18,6 +18,14 @@
 # directory on shared storage; $TMPDIR only holds vLLM's caches. Files the
 # client polls are written under a temporary name and renamed, so a reader
 # never sees half a file.
+#
+# How vLLM listens depends on the tunnel route (LISTEN, rendered):
+#   uds  (route jump): a unix socket in a 0700 directory of the job's node-local
+#        $TMPDIR, so only this user can connect; no TCP port at all. The
+#        address file reads "HOST:/path/vllm.sock".
+#   tcp  (route login): a port from find_ports on all interfaces, which the
+#        login node must reach; "HOST:PORT". Paths outside /v1 (/invocations,
+#        /tokenize, /metrics) answer anyone on the cluster without the key.
 
 set -u
 umask 077
@@ -41,6 +49,7 @@ ERR_FILE=vllm.err
 EXIT_FILE=vllm.exit
 ENDED_FILE=job.ended
 LIMIT_FILE=job.limit
+LISTEN=uds
 
 # The client may name the run directory relative to the remote home.
 case $RUN_DIR in
@@ -84,13 +93,70 @@ rm -f -- "$ADDRESS_FILE" "$EXIT_FILE" "$ENDED_FILE" "$OUT_FILE" "$ERR_FILE" "$LI
 # left until the limit without asking the scheduler.
 put "$STARTED_FILE" "$(hostname) ${SLURM_JOB_ID:-} $(date +%s)"
 
-API_PORT=$(find_ports)
-API_PORT=${API_PORT%%[!0-9]*}
-if [ -z "$API_PORT" ]; then
-    put "$ENDED_FILE" "find_ports failed"
-    exit 1
+# private_dir DIR: true when DIR is a real directory (not a link) owned by us,
+# mode 0700: nobody else can reach a socket inside it.
+private_dir() {
+    [ -d "$1" ] && [ ! -L "$1" ] && [ "$(stat -c '%u %a' -- "$1" 2>/dev/null)" = "$(id -u) 700" ]
+}
+# A socket path must fit sockaddr_un.sun_path (108 bytes with the final NUL),
+# and be plain: ssh -L splits its argument at ':' and the client reads it
+# back from the address file.
+fits_socket() {
+    local LC_ALL=C path="$1/vllm.sock"
+    case $path in
+        /*) ;;
+        *) return 1 ;;
+    esac
+    case $path in
+        *[!A-Za-z0-9._/+-]*) return 1 ;;
+    esac
+    [ "${#path}" -le 107 ]
+}
+
+SOCK_DIR=""
+SOCK_DIR_MADE=""
+remove_socket_dir() {  # a /tmp fallback dir is ours to remove; $TMPDIR goes with the job
+    if [ -n "$SOCK_DIR_MADE" ]; then
+        rm -f -- "$SOCK_DIR_MADE/vllm.sock"
+        rmdir -- "$SOCK_DIR_MADE" 2>/dev/null
+    fi
+}
+trap remove_socket_dir EXIT
+
+if [ "$LISTEN" = uds ]; then
+    # Node-local, under the job's own $TMPDIR; if that path does not suit a
+    # socket (too long, odd characters) or is not private, a fresh directory
+    # in /tmp (mktemp: unpredictable name, made 0700 at once).
+    if [ -n "${TMPDIR:-}" ] && fits_socket "$TMPDIR/afsm-vllm"; then
+        SOCK_DIR=$TMPDIR/afsm-vllm
+        mkdir -p -m 0700 -- "$SOCK_DIR" 2>/dev/null
+        private_dir "$SOCK_DIR" || SOCK_DIR=""
+    fi
+    if [ -z "$SOCK_DIR" ]; then
+        SOCK_DIR=$(mktemp -d "/tmp/afsm-${SLURM_JOB_ID:-$$}.XXXXXX" 2>/dev/null) || SOCK_DIR=""
+        SOCK_DIR_MADE=$SOCK_DIR
+        if [ -z "$SOCK_DIR" ] || ! private_dir "$SOCK_DIR" || ! fits_socket "$SOCK_DIR"; then
+            put "$ENDED_FILE" "no private directory for the server socket"
+            exit 1
+        fi
+    fi
+    SOCKET=$SOCK_DIR/vllm.sock
+    rm -f -- "$SOCKET"  # left by a requeued attempt: binding would fail
+    LISTEN_ARGS=(--uds "$SOCKET")
+    # The container must see the socket where sshd on the node will look.
+    CONTAINER_ARGS=(--bind "$SOCK_DIR")
+    put "$ADDRESS_FILE" "$(hostname):${SOCKET}"
+else
+    API_PORT=$(find_ports)
+    API_PORT=${API_PORT%%[!0-9]*}
+    if [ -z "$API_PORT" ]; then
+        put "$ENDED_FILE" "find_ports failed"
+        exit 1
+    fi
+    LISTEN_ARGS=(--port "$API_PORT")
+    CONTAINER_ARGS=()
+    put "$ADDRESS_FILE" "$(hostname):${API_PORT}"
 fi
-put "$ADDRESS_FILE" "$(hostname):${API_PORT}"
 
 module purge >/dev/null 2>&1 || true
 
@@ -109,8 +175,8 @@ else
     unset VLLM_API_KEY
 fi
 
-apptainer exec "$SIF_IMAGE" vllm serve "$HF_MODEL" \
-    --port "$API_PORT" \
+apptainer exec "${CONTAINER_ARGS[@]}" "$SIF_IMAGE" vllm serve "$HF_MODEL" \
+    "${LISTEN_ARGS[@]}" \
     --tensor-parallel-size "${SLURM_GPUS_ON_NODE:-1}" \
     --max-model-len "$MAX_MODEL_LEN" \
     --served-model-name "$MODEL_NAME" \
