@@ -163,6 +163,14 @@ class Remote(_Section):
     run_root: SafePath
     image: SafePath
     model_hub: SafePath
+    cache_dir: SafeStr
+    cache_max_gb: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    cache_max_files: Annotated[int, Field(gt=0)]
+
+    @property
+    def cache_max_kib(self) -> int:
+        """The size cap in KiB, the unit ``du -k`` counts in on the node."""
+        return max(1, int(self.cache_max_gb * 10**9 // 1024))
 
 
 class Vllm(_Section):

@@ -126,6 +126,9 @@ def run(
             ready_timeout=int(cfg.timeouts.server_ready) + 60,
             partition=cfg.slurm.partition,
             vllm_args=tuple(cfg.vllm.extra_args) + tuple(entry.vllm_args),
+            cache_dir=cfg.remote.cache_dir,
+            cache_max_kib=cfg.remote.cache_max_kib,
+            cache_max_files=cfg.remote.cache_max_files,
         )
         # The record's run dir may start with "~/": the job script expands it
         # on the cluster, where the remote home is known.
