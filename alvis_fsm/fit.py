@@ -472,3 +472,45 @@ def parse_test_only(text: str) -> str | None:
     nodes alvis4-12 in partition alvis"), as SLURM prints it; None if absent."""
     m = _TEST_ONLY.search(text)
     return m.group(1) if m else None
+
+
+# -- the README's table ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableRow:
+    model: str
+    footprint: Footprint
+    tokens: int  # the context to fit, e.g. the catalog's max_model_len
+
+
+def render_table(rows: Sequence[TableRow], types: Sequence[GpuType], budget: Budget) -> str:
+    """A Markdown table: per model its weights, KV cache per 1000 tokens, the
+    fewest GPUs of each type that hold it, and what ``--gpus auto`` picks
+    when every type is free (the README's, checked by a unit test)."""
+    lines = [
+        "| Model | Weights | KV cache per 1k tokens | Context | Fewest GPUs per type"
+        " | `auto` picks (all free) | KV room there (tokens) |",
+        "| --- | ---: | ---: | ---: | --- | --- | ---: |",
+    ]
+    for row in rows:
+        fp = row.footprint
+        per_type = []
+        for gpu in types:
+            count = smallest_count(fp, gpu, row.tokens, budget)
+            per_type.append(f"{gpu.name}:{count}" if count else f"{gpu.name}: no")
+        kv = f"{fp.kv_bytes_per_token * 1000 / 10**6:.1f} MB"
+        if fp.sliding_layers:
+            kv += f" (+{fp.kv_token_bytes * fp.sliding_layers * fp.sliding_window / 10**6:.1f} MB window)"
+        try:
+            choice = choose(fp, row.tokens, types, budget)
+        except ConfigError:
+            pick, room = "does not fit", "–"
+        else:
+            pick = f"`{choice.gpus}`"
+            room = f"{max_tokens(fp, choice.gpu, choice.count, budget):,}"
+        lines.append(
+            f"| {row.model} | {fp.weight_bytes / GB:.1f} GB | {kv} | {row.tokens:,}"
+            f" | {' · '.join(per_type)} | {pick} | {room} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@ numbers are worked out by hand in the comments."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -406,3 +407,46 @@ def test_parse_test_only() -> None:
             " alvis4-12 in partition alvis\n")  # fmt: skip
     assert fit.parse_test_only(text) == "2026-11-27T13:05:00"
     assert fit.parse_test_only("sbatch: error: Batch job submission failed") is None
+
+
+# -- the README's table -------------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+TABLE_START, TABLE_END = "<!-- fit-table:start -->\n", "<!-- fit-table:end -->"
+
+
+def readme_table() -> str:
+    from alvis_fsm.settings import load_settings
+
+    settings = load_settings().fit
+    rows = [
+        # The catalog's gpt-oss-20b entry asks for 10000 tokens.
+        fit.TableRow("gpt-oss-20b", gpt_oss(), 10_000),
+        fit.TableRow("Qwen3-8B", qwen3(), 32_768),
+        fit.TableRow("Llama 3 70B", llama70(), 8192),
+        # Llama 3.1 70B has Llama 3 70B's shape, with 128k positions.
+        fit.TableRow("Llama 3.1 70B, 64k context", llama70(), 65_536),
+    ]
+    return fit.render_table(rows, settings.types(), settings.budget)
+
+
+def test_readme_table_is_current() -> None:
+    text = README.read_text(encoding="utf-8")
+    head, rest = text.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    fresh = f"{head}{TABLE_START}{readme_table()}{TABLE_END}{tail}"
+    if os.environ.get("UPDATE_GOLDEN") and fresh != text:
+        README.write_text(fresh, encoding="utf-8")
+        text = fresh
+    assert fresh == text, "README's fit table is stale: run with UPDATE_GOLDEN=1"
+
+
+def test_readme_table_numbers() -> None:
+    table = readme_table()
+    assert "| gpt-oss-20b | 13.8 GB | 24.6 MB (+3.1 MB window) | 10,000 |" in table
+    assert "| Qwen3-8B | 16.4 GB | 147.5 MB | 32,768 |" in table
+    # 64k tokens no longer fit four A40s (60,097): auto moves to A100fat.
+    assert table.splitlines()[-1] == (
+        "| Llama 3.1 70B, 64k context | 141.1 GB | 327.7 MB | 65,536"
+        " | A40: no · A100: no · A100fat:4 | `A100fat:4` | 411,659 |"
+    )
