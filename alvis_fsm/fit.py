@@ -31,6 +31,11 @@ from typing import Any
 from alvis_fsm.errors import ConfigError
 
 GB = 10**9
+# vLLM's defaults that size a sliding-window layer's share: its V1
+# scheduler's max_num_batched_tokens for the OpenAI server (2048; larger on
+# some GPUs, then the margin absorbs it) and its KV block size.
+SCHEDULED_TOKENS = 2048
+BLOCK_TOKENS = 16
 
 # What vLLM stores the KV cache in by default ("--kv-cache-dtype auto"):
 # the model's dtype, except that float32 checkpoints are served in 16 bit
@@ -49,7 +54,7 @@ class Footprint:
 
     ``kv_token_bytes`` is the KV cache of one token in one attention layer
     (K and V, all KV heads); full-attention layers keep every token,
-    sliding-window layers at most ``sliding_window`` of them."""
+    sliding-window layers at most ``sliding_reserve`` of them."""
 
     weight_bytes: int
     attention_heads: int
@@ -64,9 +69,18 @@ class Footprint:
     max_position_embeddings: int | None = None
     notes: tuple[str, ...] = field(default=())
 
+    @property
+    def sliding_reserve(self) -> int:
+        """Tokens vLLM reserves per sliding-window layer: the window plus one
+        scheduled batch plus a block (its SlidingWindowSpec.max_memory_usage_bytes:
+        the window may start mid-block, and chunked prefill adds a batch)."""
+        return (
+            self.sliding_window - 1 + SCHEDULED_TOKENS + BLOCK_TOKENS if self.sliding_layers else 0
+        )
+
     def kv_bytes(self, tokens: int) -> int:
         """KV cache bytes for one request of ``tokens`` tokens, all GPUs together."""
-        window = min(tokens, self.sliding_window) if self.sliding_layers else 0
+        window = min(tokens, self.sliding_reserve)
         return self.kv_token_bytes * (self.full_layers * tokens + self.sliding_layers * window)
 
     @property
@@ -501,7 +515,8 @@ def render_table(rows: Sequence[TableRow], types: Sequence[GpuType], budget: Bud
             per_type.append(f"{gpu.name}:{count}" if count else f"{gpu.name}: no")
         kv = f"{fp.kv_bytes_per_token * 1000 / 10**6:.1f} MB"
         if fp.sliding_layers:
-            kv += f" (+{fp.kv_token_bytes * fp.sliding_layers * fp.sliding_window / 10**6:.1f} MB window)"
+            fixed = fp.kv_token_bytes * fp.sliding_layers * fp.sliding_reserve
+            kv += f" (+{fixed / 10**6:.1f} MB for windows)"
         try:
             choice = choose(fp, row.tokens, types, budget)
         except ConfigError:

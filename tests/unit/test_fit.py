@@ -57,10 +57,13 @@ def test_gpt_oss_20b() -> None:
     # layer_types alternates sliding/full over 24 layers; the window is 128.
     assert (fp.full_layers, fp.sliding_layers, fp.sliding_window) == (12, 12, 128)
     assert fp.kv_bytes_per_token == 12 * 2048 == 24_576
-    # 10000 tokens: 12 full layers × 10000 + 12 sliding layers × 128, × 2048 B.
-    assert fp.kv_bytes(10_000) == 2048 * (12 * 10_000 + 12 * 128) == 248_905_728
-    # Shorter than the window: every layer holds every token.
-    assert fp.kv_bytes(100) == 2048 * 24 * 100
+    # vLLM reserves window − 1 + a 2048-token batch + a 16-token block per
+    # sliding layer: 128 − 1 + 2048 + 16 = 2191 tokens.
+    assert fp.sliding_reserve == 2191
+    # 10000 tokens: (12 full layers × 10000 + 12 sliding layers × 2191) × 2048 B.
+    assert fp.kv_bytes(10_000) == 2048 * (12 * 10_000 + 12 * 2191) == 299_606_016
+    # Shorter than that: every layer holds every token.
+    assert fp.kv_bytes(2000) == 2048 * 24 * 2000
     assert (fp.attention_heads, fp.kv_heads) == (64, 8)
     assert fp.max_position_embeddings == 131_072
     assert fp.notes == ("12 of 24 layers keep only the last 128 tokens",)
@@ -250,8 +253,8 @@ def test_tp_beyond_kv_heads_replicates_them() -> None:
 
 
 def test_max_tokens_gpt_oss_on_one_a40() -> None:
-    # (40.2e9 − 13,761,316,904 − 12 × 128 × 2048) / 24576 = 1,075,664.6
-    assert fit.max_tokens(gpt_oss(), A40, 1, BUDGET) == 1_075_664
+    # (40.2e9 − 13,761,316,904 − 12 × 2191 × 2048) / 24576 = 1,073,601.8
+    assert fit.max_tokens(gpt_oss(), A40, 1, BUDGET) == 1_073_601
 
 
 def test_max_tokens_llama70_on_four_a40() -> None:
@@ -443,7 +446,7 @@ def test_readme_table_is_current() -> None:
 
 def test_readme_table_numbers() -> None:
     table = readme_table()
-    assert "| gpt-oss-20b | 13.8 GB | 24.6 MB (+3.1 MB window) | 10,000 |" in table
+    assert "| gpt-oss-20b | 13.8 GB | 24.6 MB (+53.8 MB for windows) | 10,000 |" in table
     assert "| Qwen3-8B | 16.4 GB | 147.5 MB | 32,768 |" in table
     # 64k tokens no longer fit four A40s (60,097): auto moves to A100fat.
     assert table.splitlines()[-1] == (
