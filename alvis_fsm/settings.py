@@ -48,7 +48,8 @@ DEFAULT_USER_CONFIG = "~/.alvis-vllm.conf"
 DEFAULT_LABEL = "default"
 FLAG_LABEL = "flag"
 
-GPUS_PATTERN = r"^([A-Za-z0-9_]+:)?[1-9][0-9]*$"
+# TYPE:N or N as in --gpus-per-node, or "auto": chosen by alvis_fsm.fit.
+GPUS_PATTERN = r"^(auto|([A-Za-z0-9_]+:)?[1-9][0-9]*)$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,100}$"
 # sbatch --time formats: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _SLURM_TIME = r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$"

@@ -110,6 +110,12 @@ def run(
         ui.info("SSH connection successful")
         ui.info(f"Loading model configuration for: {model_name}")
         ui.info(f"Model path: {entry.path}")
+        from alvis_fsm.autofit import resolve_gpus
+
+        gpu_spec = resolve_gpus(
+            ui, runner.conn, runner.agent.gpus, cfg, entry.path, entry.max_model_len, gpu_spec,
+            time_text,
+        )  # fmt: skip
         _report_free_gpus(ui, runner, gpu_spec)
         spec = jobscript.JobSpec(
             job_name=job_name,
