@@ -12,11 +12,14 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from alvis_fsm import fit
 from alvis_fsm.errors import AlvisError, ConfigError
 from alvis_fsm.store import atomic_write
+
+if TYPE_CHECKING:
+    from alvis_fsm.settings import Settings
 
 AUTO = "auto"
 CACHE_FILE = "snapshots.json"
@@ -160,7 +163,7 @@ def resolve_gpus(
     ui: _Ui,
     conn: _Runs,
     sinfo: Callable[[], list[str]],
-    settings: Any,
+    settings: Settings,
     model_path: str,
     max_model_len: int,
     gpu_spec: str,
