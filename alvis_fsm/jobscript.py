@@ -60,6 +60,11 @@ class JobSpec:
     # "jump": vLLM on a unix socket only this user can reach; "login": a TCP
     # port the login node can reach (and so can every cluster user).
     route: str = "jump"
+    # Persistent vLLM compile cache (settings remote.cache_*); "" keeps it in
+    # the job's $TMPDIR. The caps apply only when there is a cache dir.
+    cache_dir: str = ""
+    cache_max_kib: int = 0
+    cache_max_files: int = 0
 
 
 def _duration(text: str) -> int | None:
@@ -200,10 +205,21 @@ def _values(spec: JobSpec) -> dict[str, str]:
         "MAX_MODEL_LEN": _positive_int("max model length", spec.max_model_len),
         "READY_TIMEOUT": _positive_int("server ready timeout", spec.ready_timeout),
         "LISTEN": _listen(spec.route),
+        **_cache_values(spec),
     }
     for name, value in rundir.placeholders().items():
         values[name] = _word(name, value)
     return values
+
+
+def _cache_values(spec: JobSpec) -> dict[str, str]:
+    if not spec.cache_dir:
+        return {"CACHE_DIR": "''", "CACHE_MAX_KIB": "0", "CACHE_MAX_FILES": "0"}
+    return {
+        "CACHE_DIR": _word("cache directory", spec.cache_dir),
+        "CACHE_MAX_KIB": _positive_int("cache size cap", spec.cache_max_kib),
+        "CACHE_MAX_FILES": _positive_int("cache file cap", spec.cache_max_files),
+    }
 
 
 # The user's maximum is policy, checked where the duration is typed; the

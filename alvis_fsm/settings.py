@@ -37,6 +37,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from alvis_fsm import paths
 from alvis_fsm.errors import ConfigError
+from alvis_fsm.fit import Budget, GpuType, parse_gpu_type
 from alvis_fsm.machine import MachineDefinition
 
 ENV_PREFIX = "ALVIS_FSM_"
@@ -47,7 +48,8 @@ DEFAULT_USER_CONFIG = "~/.alvis-vllm.conf"
 DEFAULT_LABEL = "default"
 FLAG_LABEL = "flag"
 
-GPUS_PATTERN = r"^([A-Za-z0-9_]+:)?[1-9][0-9]*$"
+# TYPE:N or N as in --gpus-per-node, or "auto": chosen by alvis_fsm.fit.
+GPUS_PATTERN = r"^(auto|([A-Za-z0-9_]+:)?[1-9][0-9]*)$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,100}$"
 # sbatch --time formats: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _SLURM_TIME = r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$"
@@ -171,11 +173,63 @@ class Remote(_Section):
     run_root: SafePath
     image: SafePath
     model_hub: SafePath
+    cache_dir: SafeStr
+    cache_max_gb: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    cache_max_files: Annotated[int, Field(gt=0)]
+
+    @property
+    def cache_max_kib(self) -> int:
+        """The size cap in KiB, the unit ``du -k`` counts in on the node."""
+        return max(1, int(self.cache_max_gb * 10**9 // 1024))
 
 
 class Vllm(_Section):
     extra_args: list[SafeStr]
     api_key: bool
+
+
+class Fit(_Section):
+    gpu_types: list[str]
+    auto_types: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")]]
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)]
+    margin_gb: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+    @field_validator("gpu_types")
+    @classmethod
+    def _gpu_types(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_gpu_type(item)  # its ValueError says what the form is
+        return value
+
+    @model_validator(mode="after")
+    def _auto_types_are_known(self) -> Fit:
+        names = [parse_gpu_type(t).name for t in self.gpu_types]
+        if len(set(names)) != len(names):
+            raise SettingValueError(
+                "a GPU type is listed twice", loc=("fit", "gpu_types"),
+                hint="List each TYPE once, e.g. \"A40 48GB x4\".",
+            )  # fmt: skip
+        unknown = [t for t in self.auto_types if t not in names]
+        if unknown:
+            raise SettingValueError(
+                f"{', '.join(map(repr, unknown))} not in fit.gpu_types",
+                loc=("fit", "auto_types"),
+                hint="Known types: " + ", ".join(names) + _did_you_mean(unknown[0], names),
+            )
+        return self
+
+    def types(self) -> list[GpuType]:
+        """The types ``--gpus auto`` may choose, in order of preference."""
+        by_name = {g.name: g for g in map(parse_gpu_type, self.gpu_types)}
+        return [by_name[name] for name in self.auto_types]
+
+    def gpu_type(self, name: str) -> GpuType | None:
+        """Any configured type by name (also those ``auto`` does not choose)."""
+        return next((g for g in map(parse_gpu_type, self.gpu_types) if g.name == name), None)
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.gpu_memory_utilization, self.margin_gb)
 
 
 class CatalogSettings(_Section):
@@ -207,6 +261,7 @@ class Settings(BaseSettings):
     polling: Polling
     remote: Remote
     vllm: Vllm
+    fit: Fit
     catalog: CatalogSettings
     session: Session
     machine: MachineDefinition

@@ -110,6 +110,12 @@ def run(
         ui.info("SSH connection successful")
         ui.info(f"Loading model configuration for: {model_name}")
         ui.info(f"Model path: {entry.path}")
+        from alvis_fsm.autofit import resolve_gpus
+
+        gpu_spec = resolve_gpus(
+            ui, runner.conn, runner.agent.gpus, cfg, entry.path, entry.max_model_len, gpu_spec,
+            time_text,
+        )  # fmt: skip
         _report_free_gpus(ui, runner, gpu_spec)
         spec = jobscript.JobSpec(
             job_name=job_name,
@@ -127,6 +133,9 @@ def run(
             partition=cfg.slurm.partition,
             vllm_args=tuple(cfg.vllm.extra_args) + tuple(entry.vllm_args),
             route=record.route,
+            cache_dir=cfg.remote.cache_dir,
+            cache_max_kib=cfg.remote.cache_max_kib,
+            cache_max_files=cfg.remote.cache_max_files,
         )
         # The record's run dir may start with "~/": the job script expands it
         # on the cluster, where the remote home is known.

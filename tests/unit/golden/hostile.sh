@@ -164,10 +164,72 @@ fi
 module purge >/dev/null 2>&1 || true
 
 SCRATCH=${TMPDIR:-/tmp}
-export VLLM_CACHE_ROOT="$SCRATCH/vllm-cache"
 export XDG_CACHE_HOME="$SCRATCH/xdg-cache"
 export TRITON_CACHE_DIR="$SCRATCH/triton-cache"
 export TORCHINDUCTOR_CACHE_DIR="$SCRATCH/torchinductor-cache"
+
+# -- warm starts: vLLM's compile cache (VLLM_CACHE_ROOT) outlives the job -----
+# vLLM keys its cache itself (vLLM and torch versions, model and parallel
+# config, GPU name), so one root serves every model and GPU type. Only this
+# cache persists: Triton and inductor write many small files, and the home
+# quota counts files. Before vLLM starts, whole entries (ROOT/*/*, e.g.
+# torch_compile_cache/<hash>) go, least recently used first, until the rest
+# is within both caps. Only a root this script created (it holds the marker
+# file) is ever trimmed, so a cache_dir pointing at someone else's files
+# never loses any. Empty cache_dir: the node-local $TMPDIR, cold every time.
+CACHE_DIR=''
+CACHE_MAX_KIB=0
+CACHE_MAX_FILES=0
+CACHE_MARKER=.alvis-fsm-cache
+
+cache_trim() {  # cache_trim ROOT MAX_KIB MAX_FILES
+    local root=$1 max_kib=$2 max_files=$3 i used kib files kept_kib=0 kept_files=0 full=0
+    local -a entries=()
+    [ -f "$root/$CACHE_MARKER" ] || return 0
+    for i in "$root"/*/*; do
+        if [ -e "$i" ] || [ -L "$i" ]; then entries+=("$i"); fi
+    done
+    # Per entry: last use (newest access or write time of anything in it,
+    # as far as the file system records access), KiB on disk, inodes.
+    while read -r used kib files i; do
+        if [ "$full" = 0 ] && [ $((kept_kib + kib)) -le "$max_kib" ] \
+            && [ $((kept_files + files)) -le "$max_files" ]; then
+            kept_kib=$((kept_kib + kib))
+            kept_files=$((kept_files + files))
+        else
+            full=1  # everything older goes too: oldest-first, not best-fit
+            rm -rf -- "${entries[i]}"
+        fi
+    done < <(
+        for i in "${!entries[@]}"; do
+            used=$(find "${entries[i]}" -printf '%A@\n%T@\n' 2>/dev/null | LC_ALL=C sort -rn | head -n 1)
+            # First line only: du prints an entry's name, newlines and all.
+            kib=$(du -sk -- "${entries[i]}" 2>/dev/null | head -n 1 | cut -f1)
+            files=$(find "${entries[i]}" 2>/dev/null | wc -l)
+            printf '%s %s %s %s\n' "${used:-0}" "${kib:-0}" "${files:-0}" "$i"
+        done | LC_ALL=C sort -rn -k1,1
+    )
+}
+
+case $CACHE_DIR in
+    "") VLLM_CACHE_ROOT=$SCRATCH/vllm-cache ;;
+    "~") VLLM_CACHE_ROOT=$HOME/vllm ;;
+    "~/"*) VLLM_CACHE_ROOT=$HOME/${CACHE_DIR#"~/"}/vllm ;;
+    /*) VLLM_CACHE_ROOT=$CACHE_DIR/vllm ;;
+    *) VLLM_CACHE_ROOT=$HOME/$CACHE_DIR/vllm ;;
+esac
+if [ -n "$CACHE_DIR" ]; then
+    if [ ! -e "$VLLM_CACHE_ROOT" ] && mkdir -p -- "$VLLM_CACHE_ROOT"; then
+        : >"$VLLM_CACHE_ROOT/$CACHE_MARKER"
+    fi
+    if [ -d "$VLLM_CACHE_ROOT" ] && [ -w "$VLLM_CACHE_ROOT" ]; then
+        cache_trim "$VLLM_CACHE_ROOT" "$CACHE_MAX_KIB" "$CACHE_MAX_FILES" || true
+    else
+        printf 'alvis-fsm: cache %s unusable; compiling in $TMPDIR\n' "$VLLM_CACHE_ROOT" >&2
+        VLLM_CACHE_ROOT=$SCRATCH/vllm-cache
+    fi
+fi
+export VLLM_CACHE_ROOT
 
 # vLLM reads the key from its environment (apptainer passes it through), so
 # it never appears on a command line where `ps` on the node could show it.

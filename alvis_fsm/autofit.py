@@ -1,0 +1,232 @@
+"""``--gpus auto`` and the context preflight of ``start``: the remote reads
+that feed ``fit`` (one round trip each, over the shared connection), a
+local cache of what a snapshot weighs, and the decision.
+
+A snapshot directory is named by its commit hash and never changes, so what
+it weighs is read once and kept in ``<state_dir>/snapshots.json``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from alvis_fsm import fit
+from alvis_fsm.errors import AlvisError, ConfigError
+from alvis_fsm.store import atomic_write
+
+if TYPE_CHECKING:
+    from alvis_fsm.settings import Settings
+
+AUTO = "auto"
+CACHE_FILE = "snapshots.json"
+
+# Prints the snapshot's config.json on one line (JSON strings cannot hold a
+# raw newline, so dropping them is safe), the index's total_size, and the
+# size of each top-level *.safetensors file (hub snapshots hold symlinks to
+# blobs: stat -L). Names come last on their line: they may hold anything.
+PROBE_SCRIPT = r"""
+set -u
+snap=$1
+case $snap in "~/"*) snap=$HOME/${snap#"~/"} ;; esac
+cd -- "$snap" 2>/dev/null || { printf 'MISSING|\n'; exit 0; }
+if [ -r config.json ]; then
+    printf 'CONFIG|'; tr -d '\n\r' <config.json | head -c 1048576; printf '\n'
+fi
+if [ -r model.safetensors.index.json ]; then
+    total=$(head -c 65536 model.safetensors.index.json | tr -d '\n\r' \
+        | grep -o '"total_size"[[:space:]]*:[[:space:]]*[0-9.eE+]*' | head -n 1 | sed 's/.*://')
+    printf 'TOTAL|%s\n' "${total// /}"
+fi
+for f in *.safetensors; do
+    [ -f "$f" ] && printf 'FILE|%s|%s\n' "$(stat -L -c %s -- "$f")" "$f"
+done
+exit 0
+"""
+
+# sbatch --test-only for each candidate: when would it start? Nothing is queued.
+TEST_ONLY_SCRIPT = r"""
+account=$1 time=$2 partition=$3 nextra=$4; shift 4
+extra=("${@:1:nextra}"); shift "$nextra"
+for spec in "$@"; do
+    out=$(sbatch --test-only --account "$account" --time "$time" --nodes 1 \
+        --gpus-per-node="$spec" ${partition:+--partition "$partition"} "${extra[@]}" \
+        --wrap true 2>&1 | tr '\n' ' ')
+    printf 'START|%s|%s\n' "$spec" "$out"
+done
+exit 0
+"""
+
+
+class _Runs(Protocol):
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        timeout: float = 60,
+        retry: bool = True,
+    ) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    config: str
+    weight_bytes: int
+
+
+def parse_probe(stdout: str) -> Snapshot | None:
+    """The probe's answer; None when the snapshot or its config.json is missing."""
+    config = ""
+    total: str | None = None
+    sizes: dict[str, int] = {}
+    for line in stdout.split("\n"):
+        kind, _, rest = line.partition("|")
+        if kind == "CONFIG":
+            config = rest
+        elif kind == "TOTAL":
+            total = rest
+        elif kind == "FILE":
+            size, _, name = rest.partition("|")
+            if size.isdigit():
+                sizes[name] = int(size)
+    if not config:
+        return None
+    index = None
+    if total:
+        try:
+            index = json.dumps({"metadata": {"total_size": int(float(total))}})
+        except ValueError:
+            index = None
+    return Snapshot(config, fit.weight_bytes(index, sizes))
+
+
+def parse_test_only_answers(stdout: str) -> dict[str, str]:
+    """``{"A40:2": "2026-11-27T13:05:00", ...}`` for the candidates SLURM answered."""
+    out: dict[str, str] = {}
+    for line in stdout.split("\n"):
+        kind, _, rest = line.partition("|")
+        if kind != "START":
+            continue
+        spec, _, text = rest.partition("|")
+        start = fit.parse_test_only(text)
+        if start:
+            out[spec] = start
+    return out
+
+
+def read_snapshot(conn: _Runs, path: str, state_dir: Path) -> Snapshot | None:
+    """What the snapshot at ``path`` holds, from the local cache or one remote read."""
+    cache_path = state_dir / CACHE_FILE
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(path)
+    if isinstance(hit, dict) and isinstance(hit.get("config"), str):
+        weights = hit.get("weight_bytes")
+        if isinstance(weights, int) and weights > 0:
+            return Snapshot(hit["config"], weights)
+    proc = conn.run(["bash", "-c", PROBE_SCRIPT, "alvis-fsm-probe", path], timeout=60)
+    if proc.returncode != 0:
+        return None
+    snap = parse_probe(proc.stdout)
+    if snap is not None and snap.weight_bytes > 0:
+        cache[path] = {"config": snap.config, "weight_bytes": snap.weight_bytes}
+        # A cache that cannot be written costs one round trip next time.
+        with contextlib.suppress(OSError):
+            atomic_write(cache_path, json.dumps(cache, indent=1) + "\n")
+    return snap
+
+
+def expected_starts(
+    conn: _Runs, specs: Sequence[str], account: str, time: str, partition: str,
+    extra_args: Sequence[str],
+) -> dict[str, str]:  # fmt: skip
+    argv = ["bash", "-c", TEST_ONLY_SCRIPT, "alvis-fsm-test-only", account, time, partition,
+            str(len(extra_args)), *extra_args, *specs]  # fmt: skip
+    proc = conn.run(argv, timeout=30 + 15 * len(specs))
+    return parse_test_only_answers(proc.stdout)
+
+
+class _Ui(Protocol):
+    def info(self, message: str) -> None: ...
+    def warn(self, message: str) -> None: ...
+
+
+def resolve_gpus(
+    ui: _Ui,
+    conn: _Runs,
+    sinfo: Callable[[], list[str]],
+    settings: Settings,
+    model_path: str,
+    max_model_len: int,
+    gpu_spec: str,
+    time: str,
+) -> str:
+    """The GPUs to ask for. ``auto``: chosen by ``fit.choose`` (refused with the
+    numbers if nothing fits). An explicit ``TYPE:N``: kept, with a warning
+    when the catalog's max_model_len cannot fit it. Best effort for the
+    warning: a snapshot that cannot be read warns about nothing."""
+    budget = settings.fit.budget
+    if gpu_spec != AUTO:
+        gpu_type, _, count = gpu_spec.rpartition(":")
+        known = settings.fit.gpu_type(gpu_type) if gpu_type else None
+        if known is None:
+            return gpu_spec
+        try:
+            snap = read_snapshot(conn, model_path, settings.state_dir)
+            fp = (
+                fit.estimate(snap.config, snap.weight_bytes) if snap and snap.weight_bytes else None
+            )
+        except AlvisError:
+            return gpu_spec
+        if fp is not None:
+            warning = fit.context_warning(fp, known, int(count), max_model_len, budget)
+            if warning:
+                ui.warn(f"{warning} (the catalog's max_model_len; lower it, or try --gpus auto)")
+        return gpu_spec
+
+    snap = read_snapshot(conn, model_path, settings.state_dir)
+    if snap is None or snap.weight_bytes <= 0:
+        raise ConfigError(
+            f"--gpus auto cannot size the model at {model_path}:"
+            + (" no config.json there" if snap is None else " no *.safetensors weights there"),
+            hint="Give the GPUs yourself, e.g. --gpus A40:1 (or `gpus` in the catalog).",
+        )
+    fp = fit.estimate(snap.config, snap.weight_bytes)
+    types = settings.fit.types()
+    try:
+        lines = sinfo()
+    except AlvisError:
+        lines = []
+
+    answers: dict[str, str] | None = None
+
+    def starts(spec: str) -> str | None:
+        # Asked by fit.choose only when no candidate is free now: then one
+        # round trip asks sbatch --test-only about every candidate at once.
+        nonlocal answers
+        if answers is None:
+            candidates = [
+                f"{t.name}:{c}"
+                for t in types
+                if (c := fit.smallest_count(fp, t, max_model_len, budget)) is not None
+            ]
+            try:
+                answers = expected_starts(
+                    conn, candidates, settings.slurm.account, time, settings.slurm.partition,
+                    settings.slurm.extra_args,
+                )  # fmt: skip
+            except AlvisError:
+                answers = {}
+        return answers.get(spec)
+
+    choice = fit.choose(fp, max_model_len, types, budget, lines, starts)
+    ui.info(f"GPUs (--gpus auto): {choice.reason}")
+    return choice.gpus
