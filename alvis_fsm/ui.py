@@ -72,7 +72,8 @@ class Reporter:
         with self._lock:
             target = stream or self._out
             try:
-                if self._live is not None:
+                if self._live is not None and target.isatty():
+                    # The spinner's terminal: print above it, not through it.
                     self._live.console.print(text, markup=False, highlight=False, soft_wrap=True)
                 else:
                     target.write(text + "\n")
@@ -83,8 +84,9 @@ class Reporter:
                 pass
 
     def info(self, message: str) -> None:
+        # Progress goes to stderr, results to stdout (as gh, uv and kubectl do).
         if self.verbosity >= Verbosity.NORMAL:
-            self._write(f"[INFO] {message}")
+            self._write(f"[INFO] {message}", self._err)
 
     def warn(self, message: str) -> None:
         self._write(f"[WARN] {message}", self._err)
@@ -99,8 +101,10 @@ class Reporter:
             self._write(f"[CMD] {text}", self._err)
 
     def log_line(self, stream: str, line: str) -> None:
+        from alvis_fsm.output import clean
+
         tag = "[VLLM OUT]" if stream == "out" else "[VLLM ERR]"
-        self._write(f"{tag} {line}")
+        self._write(f"{tag} {clean(line)}")
 
     # -- waiting ----------------------------------------------------------
     def waiting(self, text: str, since: float | None = None) -> None:
@@ -117,20 +121,22 @@ class Reporter:
             self._status_text = text
             if self.verbosity < Verbosity.NORMAL:
                 return
-            if self._live is None and _fancy(self._out):
+            if self._live is None and _fancy(self._err):
                 self._start_live()
             if self._live is not None:
                 return  # the renderable reads the new text at its next refresh
             now = time.monotonic()
             if text != self._plain_gist or now - self._plain_at >= 60:
                 self._plain_gist, self._plain_at = text, now
-                self._write(f"[INFO] {text} ({elapsed(time.time() - self._status_since)})")
+                self._write(
+                    f"[INFO] {text} ({elapsed(time.time() - self._status_since)})", self._err
+                )
 
     def interrupted(self) -> None:
         """After ^C the terminal shows '^C' with no newline: start a fresh line."""
         self.done_waiting()
-        if self._out.isatty():
-            self._write("")
+        if self._err.isatty():
+            self._write("", self._err)
 
     def _start_live(self) -> None:
         from rich.console import Console
@@ -138,9 +144,11 @@ class Reporter:
 
         self._live = Live(
             _Status(self),
-            console=Console(file=self._out),
+            console=Console(file=self._err),
             refresh_per_second=8,
             transient=True,
+            # stdout carries results (maybe piped); never route it to stderr.
+            redirect_stdout=False,
         )
         self._live.start()
 
@@ -197,12 +205,15 @@ class Reporter:
 
 
 def show_error(exc: AlvisError) -> None:
+    from alvis_fsm.output import clean
+
+    # Details are another program's words (sbatch, ssh, vLLM): no escapes.
     err = sys.stderr
-    err.write(f"[ERROR] {exc.message}\n")
+    err.write(f"[ERROR] {clean(exc.message)}\n")
     if exc.details:
         for line in exc.details.rstrip("\n").splitlines():
-            err.write(f"    {line}\n")
+            err.write(f"    {clean(line)}\n")
     if exc.hint:
         for line in exc.hint.splitlines():
-            err.write(f"[HINT] {line}\n")
+            err.write(f"[HINT] {clean(line)}\n")
     err.flush()
