@@ -181,7 +181,7 @@ def _event(proc: subprocess.CompletedProcess[str]) -> Event:
 
 def accounts(agent: Agent) -> list[str]:
     """The SLURM accounts the remote user may charge (``sacctmgr show assoc``),
-    in sacctmgr's order, each once: one round trip on the shared connection."""
+    sorted, each once: one round trip on the shared connection."""
     proc = agent.call("accounts")
     if proc.returncode != 0:
         raise SchedulerError(
@@ -190,4 +190,4 @@ def accounts(agent: Agent) -> list[str]:
             " (`projinfo` on the login node lists your projects).",
             details=proc.stderr.strip() or None,
         )
-    return [a for a in _records(proc.stdout, "ACCOUNT") if a]
+    return sorted({a for a in _records(proc.stdout, "ACCOUNT") if a})

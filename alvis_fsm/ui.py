@@ -56,10 +56,11 @@ def _fancy(stream: IO[str]) -> bool:
 class Reporter:
     """What the engine may say. Thread-safe: log lines arrive from a reader thread."""
 
-    def __init__(self, verbosity: Verbosity = Verbosity.NORMAL) -> None:
+    def __init__(self, verbosity: Verbosity = Verbosity.NORMAL, out: IO[str] | None = None) -> None:
         self.verbosity = verbosity
         self._lock = threading.RLock()
-        self._out = sys.stdout
+        # ``out=sys.stderr`` in JSON mode: stdout then carries only the JSON.
+        self._out = out or sys.stdout
         self._err = sys.stderr
         self._live: Any = None
         self._status_text = ""

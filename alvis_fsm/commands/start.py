@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import secrets
+import sys
 from typing import Any
 
 from alvis_fsm.commands._common import flag_settings, name_for_model, reporter
@@ -28,7 +29,7 @@ def run(
     account: str | None = None,
     as_json: bool = False,
 ) -> None:
-    ui = reporter(Verbosity.QUIET if as_json and verbosity < Verbosity.VERBOSE else verbosity)
+    ui = Reporter(verbosity, out=sys.stderr) if as_json else reporter(verbosity)
     if as_json and not detach:
         raise UsageError(
             "--json goes with --detach: without it `start` streams logs until Ctrl+C",
@@ -59,7 +60,7 @@ def run(
     time_text = walltime or cfg.slurm.time
     seconds = _walltime(time_text, cfg.slurm.max_time, from_flag=bool(walltime))
     gpu_spec = gpus or entry.gpus or cfg.slurm.gpus
-    session_name = check_name(name) if name else name_for_model(model_name)
+    session_name = _session_name(name) if name else name_for_model(model_name)
     local_port = cfg.tunnel.local_port
     store = Store(cfg.state_dir)
     store.ensure()
@@ -68,7 +69,7 @@ def run(
     if not force_new:
         same = [r for r in records if r.live and (r.model == model_name or r.name == session_name)]
         if same:
-            _offer_resume(ui, same[0], verbosity)
+            _offer_resume(ui, same[0], verbosity, may_ask=not as_json)
             return
     for r in records:
         if r.live and r.name == session_name:
@@ -160,9 +161,10 @@ def run(
         )
 
 
-def _offer_resume(ui: Reporter, record: SessionRecord, verbosity: Verbosity) -> None:
+def _offer_resume(ui: Reporter, record: SessionRecord, verbosity: Verbosity,
+                  may_ask: bool = True) -> None:  # fmt: skip
     what = f"Session '{record.name}' ({record.model}, job {record.job_id or '?'}, {record.state}) is already live"
-    if not ui.interactive():
+    if not may_ask or not ui.interactive():
         raise SessionError(
             what,
             hint=f"`alvis-fsm resume {record.name}` reattaches; `--new` starts another session "
@@ -203,7 +205,7 @@ def _catalog_entry(catalog: Any, name: str, from_flag: bool) -> Any:
         return catalog.get(name)
     except UsageError as exc:
         if from_flag:
-            raise
+            raise UsageError(f"-m/--model: {exc.message}", hint=exc.hint, details=exc.details) from None
         from alvis_fsm.settings import origin_of
 
         raise ConfigError(
@@ -214,6 +216,13 @@ def _catalog_entry(catalog: Any, name: str, from_flag: bool) -> Any:
         ) from None
 
 
+def _session_name(name: str) -> str:
+    try:
+        return check_name(name)
+    except UsageError as exc:
+        raise UsageError(f"-n/--name: {exc.message}", hint=f"{exc.hint} For example: -n gpt-test-2.") from None
+
+
 def _walltime(text: str, max_time: str, from_flag: bool) -> int:
     from alvis_fsm import jobscript
 
@@ -221,7 +230,10 @@ def _walltime(text: str, max_time: str, from_flag: bool) -> int:
         return jobscript.parse_walltime(text, max_time)
     except UsageError as exc:
         if from_flag:
-            raise UsageError(f"-t/--time: {exc.message}", hint=exc.hint) from None
+            hint = exc.hint or ""
+            if "For example" not in hint:
+                hint += " For example: -t 2:00:00 (two hours)."
+            raise UsageError(f"-t/--time: {exc.message}", hint=hint.strip()) from None
         # Settings validate slurm.time, so this is reached only if they change.
         from alvis_fsm.settings import origin_of
 
