@@ -70,6 +70,11 @@ class Reporter:
 
     # -- lines ------------------------------------------------------------
     def _write(self, text: str, stream: IO[str] | None = None) -> None:
+        from alvis_fsm.output import clean_lines
+
+        # Model paths, scheduler reasons, vLLM's lines: other people's text,
+        # never allowed to move the cursor or recolour the terminal.
+        text = clean_lines(text)
         with self._lock:
             target = stream or self._out
             try:
@@ -102,10 +107,8 @@ class Reporter:
             self._write(f"[CMD] {text}", self._err)
 
     def log_line(self, stream: str, line: str) -> None:
-        from alvis_fsm.output import clean
-
         tag = "[VLLM OUT]" if stream == "out" else "[VLLM ERR]"
-        self._write(f"{tag} {clean(line)}")
+        self._write(f"{tag} {line}")  # cleaned there
 
     # -- waiting ----------------------------------------------------------
     def waiting(self, text: str, since: float | None = None) -> None:
@@ -115,6 +118,9 @@ class Reporter:
         On a terminal: a spinner line redrawn in place. Otherwise (piped,
         NO_COLOR, TERM=dumb): a plain [INFO] line when what we wait for
         changes, and at most once a minute while it does not."""
+        from alvis_fsm.output import clean
+
+        text = clean(text)
         with self._lock:
             self._status_since = since if since is not None else self._status_since or time.time()
             if text == self._status_text:

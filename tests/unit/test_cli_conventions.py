@@ -134,3 +134,16 @@ def test_closed_stdout_ends_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=30) == ExitCode.OUTPUT
     assert err == ""
+
+
+def test_reporter_strips_remote_text(capsys: pytest.CaptureFixture[str]) -> None:
+    from alvis_fsm.ui import Reporter
+
+    ui = Reporter()
+    ui.info("Model path: /m/\x1b[2Jevil\x07/")
+    ui.log_line("err", "INFO \x1b]0;pwned\x07ready\x1b[K")
+    ui.waiting("Waiting for job 1 — \x1b[31mPriority\x1b[0m")
+    out = capsys.readouterr()
+    assert out.out == "[VLLM ERR] INFO ready\n"
+    assert out.err.startswith("[INFO] Model path: /m/evil/\n[INFO] Waiting for job 1 — Priority (")
+    assert "\x1b" not in out.err and "\x07" not in out.err
