@@ -269,21 +269,27 @@ def _account(ui: Reporter, runner: Any, configured: str) -> str:
         raise UsageError(
             f"slurm.account is not set and you have {len(found)} SLURM accounts;"
             " choose the one to charge:",
-            hint=how.replace("NAME", found[0], 1).replace("NAME", found[0]),
+            hint=how.replace("NAME", found[0]),
             details="\n".join(found),
         )
     prompt = (
         f"slurm.account is not set and you have {len(found)} SLURM accounts:\n{listing}\n"
         f"Charge which one? [1-{len(found)}] "
     )
-    while True:
+    chosen = ""
+    for _ in range(3):  # bounded: a closed stdin answers "" for ever
         answer = ui.ask(prompt).strip()
-        chosen = found[int(answer) - 1] if answer.isdigit() and 0 < int(answer) <= len(found) else (
-            answer if answer in found else ""
-        )
+        if answer.isdigit() and 0 < int(answer) <= len(found):
+            chosen = found[int(answer) - 1]
+        elif answer in found:
+            chosen = answer
         if chosen:
             break
         prompt = f"Type a number from 1 to {len(found)} (Ctrl+C to quit): "
+    if not chosen:
+        raise UsageError(
+            "No SLURM account chosen", hint=how.replace("NAME", found[0]), details="\n".join(found)
+        )
     from alvis_fsm.commands.config import write_setting
 
     target = _user_file()
