@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from alvis_fsm.commands._common import flag_settings, name_for_model, reporter
-from alvis_fsm.errors import ConfigError, SessionError, UsageError
+from alvis_fsm.errors import ConfigError, SchedulerError, SessionError, UsageError
 from alvis_fsm.store import SessionRecord, Store, check_name
 from alvis_fsm.ui import Reporter, Verbosity
 
@@ -30,7 +30,7 @@ def run(
     as_json: bool = False,
 ) -> None:
     ui = Reporter(verbosity, out=sys.stderr) if as_json else reporter(verbosity)
-    if as_json and not detach:
+    if as_json and not detach and not list_models:
         raise UsageError(
             "--json goes with --detach: without it `start` streams logs until Ctrl+C",
             hint="alvis-fsm start --detach --json",
@@ -45,7 +45,7 @@ def run(
     if list_models:
         from alvis_fsm.commands import models
 
-        models.run(verbosity, as_json=False, discover=False, add=None)
+        models.run(verbosity, as_json=as_json, discover=False, add=None)
         return
     from alvis_fsm.catalog import load_catalog
 
@@ -146,7 +146,14 @@ def run(
         # on the cluster, where the remote home is known.
         runner.render = lambda run_dir: jobscript.render(dataclasses.replace(spec, run_dir=run_dir))
         runner.sbatch_args = list(cfg.slurm.extra_args)
-        runner.drive()
+        try:
+            runner.drive()
+        except SchedulerError as exc:
+            if exc.message == "sbatch refused the job":
+                # Say which values sbatch was given and where each came from.
+                exc.hint = _refusal_hint(charged, account, cfg.slurm.account, gpu_spec, gpus,
+                                         entry.gpus, time_text, walltime)  # fmt: skip
+            raise
     if detach and as_json:
         from alvis_fsm.commands.status import row
         from alvis_fsm.output import emit_json
@@ -303,3 +310,23 @@ def _user_file() -> str:
     from alvis_fsm.settings import user_config_path
 
     return str(user_config_path())
+
+
+def _refusal_hint(charged: str, account_flag: str | None, account_setting: str, gpu_spec: str,
+                  gpus_flag: str | None, entry_gpus: str | None, time_text: str,
+                  time_flag: str | None) -> str:  # fmt: skip
+    from alvis_fsm.settings import origin_of
+
+    def setting(key: str) -> str:
+        where = origin_of(key)
+        return f"{key}, the default" if "packaged defaults" in where else f"{key} {where}"
+
+    account_from = ("--account" if account_flag else setting("slurm.account") if account_setting
+                    else "your SLURM accounts, by sacctmgr")  # fmt: skip
+    gpus_from = "--gpus" if gpus_flag else "the catalog entry" if entry_gpus else setting("slurm.gpus")
+    time_from = "-t" if time_flag else setting("slurm.time")
+    return (
+        f"sbatch was given: account {charged} (from {account_from}), GPUs {gpu_spec} (from"
+        f" {gpus_from}), time {time_text} (from {time_from}). `projinfo` on the login node lists"
+        " your projects; `alvis-fsm config set KEY VALUE` changes a setting."
+    )
