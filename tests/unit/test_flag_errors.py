@@ -140,3 +140,20 @@ def test_an_environment_variable_is_named(
     first = err.splitlines()[0]
     assert "tunnel.local_port" in first and "ALVIS_FSM_TUNNEL__LOCAL_PORT" in first
     assert "'99999' is not accepted; use a whole number from 1 to 65535, e.g. 58001" in first
+
+
+def test_a_bad_catalog_entry_is_refused_in_words(
+    capsys: pytest.CaptureFixture[str], user_conf: Path, tmp_path: Path
+) -> None:
+    catalog = tmp_path / "models.json"
+    catalog.write_text('{"x": {"path": "rel/p", "max_model_len": 0, "gpus": "A40:0"}}')
+    user_conf.write_text(f'[catalog]\npaths = ["{catalog}"]\n')
+    status, _, err = run(["models"], capsys)
+    assert status == 3
+    first = err.splitlines()[0]
+    assert f"Invalid model 'x' in {catalog}: field 'path': 'rel/p' is not accepted" in first
+    assert "starting with /" in first and "e.g. /mimer/" in first
+    assert "field 'max_model_len': 0 is not accepted; use a whole number greater than 0" in err
+    assert "field 'gpus': 'A40:0' is not accepted" in err and "e.g. A40:1" in err
+    for internal in INTERNALS:
+        assert internal not in err, internal
