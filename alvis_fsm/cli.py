@@ -214,7 +214,9 @@ def _verbosity(ctx: click.Context) -> Any:
 @click.option(
     "--route",
     type=click.Choice(["jump", "login"]),
-    help="Tunnel through the login node to the compute node (jump) or forward from the login node (login).",
+    cls=DefaultsOption,
+    help="Tunnel through the login node to the compute node (jump) or forward from the login node"
+    " (login) [default: {tunnel.route}].",
 )
 @click.option(
     "-n",
