@@ -131,7 +131,8 @@ class Slurm(_Section):
             raise SettingValueError(
                 f"{self.time!r} is longer than slurm.max_time ({self.max_time})",
                 loc=("slurm", "time"),
-                hint=f"Use a duration of at most {self.max_time}, e.g. 2:00:00.",
+                hint=f"Keep slurm.time at most slurm.max_time ({self.max_time}), e.g. slurm.time"
+                ' "2:00:00" with slurm.max_time "7-00:00:00".',
             )
         return self
 

@@ -254,14 +254,31 @@ def write_setting(key: str, value: str) -> str:
     try:
         merged = validate_user_data(parse_toml(text, target))
     except SettingError as exc:
-        if exc.key != key:
-            raise
         hint = exc.hint if exc.hint and "config show" not in exc.hint else None
-        raise UsageError(f"{key}: {exc.reason}", hint=hint or _unchanged(key, target)) from None
+        if exc.key == key:
+            raise UsageError(f"{key}: {exc.reason}", hint=hint or _unchanged(key, target)) from None
+        if _valid(existing, target):
+            # Fine alone, refused with another setting (slurm.max_time below slurm.time).
+            raise UsageError(
+                f"{key} = {format_value(parsed)} is refused: with it, {exc.key} would be"
+                f" invalid: {exc.reason}",
+                hint=hint or _unchanged(key, target),
+            ) from None
+        raise  # the file was invalid before: say so as it is
     if key == "catalog.default_model":
         _check_model(merged, str(parsed))
     atomic_write(target, text)
     return f"Set {key} = {format_value(parsed)} in {target}"
+
+
+def _valid(text: str | None, target: Any) -> bool:
+    from alvis_fsm.settings import SettingError
+
+    try:
+        validate_user_data(parse_toml(text or "", target))
+    except SettingError:
+        return False
+    return True
 
 
 def _check_model(merged: Any, model: str) -> None:

@@ -23,7 +23,7 @@ CASES: list[tuple[list[str], int, list[str], str]] = [
     (["start", "--port", "-1"], 2, ["--port", "'-1'", "from 1 to 65535"], "--port 58001"),
     (["start", "-t", "99:99"], 2, ["-t/--time", "'99:99'", "MM, MM:SS, H:MM:SS"], "-t 2:00:00"),
     (["start", "-t", "8-00"], 2, ["-t/--time", "'8-00'", "longer than the maximum 7-00:00:00"],
-     "2:00:00"),
+     "-t 2:00:00"),
     (["start", "-t", "abc"], 2, ["-t/--time", "'abc'", "D-HH:MM:SS"], "-t 30"),
     (["start", "--gpus", "A40:0"], 2, ["--gpus", "'A40:0'", "GPU type and a count"], "A40:1"),
     (["start", "--gpus", "A40:1 --wrap=x"], 2, ["--gpus", "'A40:1 --wrap=x'", "count"], "A40:2"),
@@ -45,6 +45,8 @@ CASES: list[tuple[list[str], int, list[str], str]] = [
      "2:00:00"),
     (["config", "set", "slurm.time", "8-00:00:00"], 2,
      ["slurm.time", "'8-00:00:00'", "longer than slurm.max_time"], "2:00:00"),
+    (["config", "set", "slurm.max_time", "30"], 2,
+     ["slurm.max_time", "refused", "slurm.time would be invalid"], '"7-00:00:00"'),
     (["config", "set", "slurm.gpus", "A40:x"], 2, ["slurm.gpus", "'A40:x'", "GPU type"], "A40:1"),
     (["config", "set", "slurm.account", "a;b"], 2, ["slurm.account", "'a;b'", "letters"],
      "NAISS2025-22-1522"),
@@ -157,3 +159,14 @@ def test_a_bad_catalog_entry_is_refused_in_words(
     assert "field 'gpus': 'A40:0' is not accepted" in err and "e.g. A40:1" in err
     for internal in INTERNALS:
         assert internal not in err, internal
+
+
+def test_config_set_on_a_broken_file_names_the_broken_setting(
+    capsys: pytest.CaptureFixture[str], user_conf: Path
+) -> None:
+    user_conf.write_text("[tunnel]\nlocal_port = 0\n")
+    status, _, err = run(["config", "set", "slurm.time", "2:00:00"], capsys)
+    assert status == 3  # the file was broken before: a configuration error, named
+    assert f"Invalid setting 'tunnel.local_port' in {user_conf}: 0 is not accepted" in err
+    status, out, _ = run(["config", "set", "tunnel.local_port", "58001"], capsys)
+    assert status == 0 and "Set tunnel.local_port = 58001" in out  # setting it fixes it
