@@ -313,8 +313,19 @@ cmd_discover() {
     done
 }
 
+cmd_accounts() {
+    # accounts: the SLURM accounts (projects) this user may charge, one
+    # ACCOUNT| record each; exit 5 with sacctmgr's stderr if it failed.
+    local user=${USER:-$(id -un)} out rc
+    note sacctmgr -nP show assoc user="$user" format=Account
+    out=$(sacctmgr -nP show assoc user="$user" format=Account); rc=$?
+    [ $rc -eq 0 ] || exit 5
+    printf '%s\n' "$out" | awk 'NF && !seen[$0]++ { print "ACCOUNT|" $0 }'
+}
+
 sub=${1:-}; [ $# -gt 0 ] && shift
 case $sub in
+    accounts) cmd_accounts "$@" ;;
     submit) cmd_submit "$@" ;;
     find) cmd_find "$@" ;;
     jobinfo) cmd_jobinfo "$@" ;;

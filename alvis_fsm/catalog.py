@@ -143,12 +143,29 @@ def _entry_error(path: Path, name: str, exc: ValidationError) -> ConfigError:
             problems.append(
                 f"field {field!r}: unknown field (valid: {', '.join(ModelEntry.model_fields)})"
             )
+        elif error["type"] == "missing":
+            problems.append(f"field {field!r} is missing; it is {ENTRY_WORDS.get(field, 'required')}")
         else:
-            problems.append(f"field {field!r}: {error['msg']}")
+            value = error.get("input")
+            shown = repr(value) if isinstance(value, str | int | float) else "its value"
+            words = ENTRY_WORDS.get(field.split(".")[0], "a value of the documented type")
+            problems.append(f"field {field!r}: {shown} is not accepted; use {words}")
     return ConfigError(
         f"Invalid model '{name}' in {path}: {problems[0]}",
+        hint="The README's `models` section shows a catalog entry.",
         details="\n".join(problems[1:]) or None,
     )
+
+
+# What each field of a catalog entry accepts, in words (never the pattern).
+ENTRY_WORDS = {
+    "path": "an absolute path on the cluster (starting with /) without line breaks,"
+    " e.g. /mimer/NOBACKUP/Datasets/LLM/huggingface/hub/models--ORG--NAME/snapshots/HASH/",
+    "max_model_len": "a whole number greater than 0, e.g. 8192",
+    "description": 'a string, e.g. "GPT OSS 20B model"',
+    "gpus": "a GPU type and a count per node, e.g. A40:1 or A100:4, or only a count, e.g. 2",
+    "vllm_args": 'a list of strings without line breaks, e.g. ["--enforce-eager"]',
+}
 
 
 def add_entry(path: Path, name: str, entry: ModelEntry) -> None:

@@ -8,6 +8,7 @@ exit code, in one place."""
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any, ClassVar
 
@@ -19,6 +20,113 @@ from alvis_fsm.errors import AlvisError, ExitCode
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 TIME_HELP = "Job duration: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."
+
+
+def effective_defaults() -> dict[str, str]:
+    """``section.key`` -> the value in effect before flags (packaged defaults,
+    the user's file, ALVIS_FSM_* variables), read as plain TOML without
+    validating, so that `--help` stays fast and works with a broken file."""
+    import os
+    import tomllib
+    from pathlib import Path
+
+    from alvis_fsm import paths
+
+    merged: dict[str, str] = {}
+    files = [paths.default_config()]
+    files.append(Path(os.environ.get("ALVIS_FSM_CONFIG") or "~/.alvis-vllm.conf").expanduser())
+    for path in files:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for section, table in data.items():
+            if isinstance(table, dict):
+                for key, value in table.items():
+                    if isinstance(value, str | int | float) and not isinstance(value, bool):
+                        merged[f"{section}.{key}"] = str(value)
+    for name, value in os.environ.items():
+        upper = name.upper()
+        if upper.startswith("ALVIS_FSM_") and "__" in upper:
+            section, _, key = upper[len("ALVIS_FSM_") :].partition("__")
+            merged[f"{section.lower()}.{key.lower()}"] = value
+    return merged
+
+
+class DefaultsOption(click.Option):
+    """An option whose help names ``{section.key}`` placeholders, filled in
+    with the user's effective value when help is shown (never at startup)."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        record = super().get_help_record(ctx)
+        if record is None or "{" not in record[1]:
+            return record
+        values = ctx.meta.setdefault("alvis_fsm.defaults", None) or effective_defaults()
+        ctx.meta["alvis_fsm.defaults"] = values
+
+        def fill(match: re.Match[str]) -> str:
+            return values.get(match.group(1)) or "not set"
+
+        return record[0], re.sub(r"\{([a-z_]+\.[a-z_]+)\}", fill, record[1])
+
+
+class PortType(click.ParamType[int]):
+    """A local port, refused in words (click's own says "not a valid integer")."""
+
+    name = "PORT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            number = value
+        else:
+            text = str(value).strip()
+            number = int(text) if text.isascii() and text.isdigit() else -1
+        if not 1 <= number <= 65535:
+            self.fail(
+                f"{value!r} is not a port; use a whole number from 1 to 65535, e.g. --port 58001",
+                param,
+                ctx,
+            )
+        return number
+
+
+def _set_verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """-q/-v given after the command: same effect as before it."""
+    if not value:
+        return
+    from alvis_fsm.ui import Verbosity
+
+    root = ctx.find_root()
+    root.obj = Verbosity.QUIET if param.name == "quiet" else Verbosity.VERBOSE
+
+
+def global_options(command: Any) -> Any:
+    """-q/-v accepted anywhere on the line, as gh and kubectl do."""
+    for name, short, text in (("quiet", "-q", "Print only results and errors."),
+                              ("verbose", "-v", "Also print the ssh and SLURM commands run.")):  # fmt: skip
+        command = click.option(
+            short, f"--{name}", name, is_flag=True, expose_value=False, is_eager=True,
+            callback=_set_verbosity, help=text + " (global)",
+        )(command)  # fmt: skip
+    return command
+
+
+def _complete_settings(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    try:
+        import tomllib
+
+        from alvis_fsm import paths
+
+        data = tomllib.loads(paths.default_config().read_text(encoding="utf-8"))
+        keys = [
+            f"{section}.{key}"
+            for section, table in data.items()
+            if section != "machine" and isinstance(table, dict)
+            for key in table
+        ]
+        return [k for k in keys if k.startswith(incomplete)]
+    except Exception:
+        return []
 
 
 def _complete_models(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
@@ -51,10 +159,10 @@ class Group(click.Group):
         return super().get_command(ctx, self.aliases.get(cmd_name, cmd_name))
 
 
-@click.group(cls=Group, context_settings=CONTEXT_SETTINGS)
+@click.group(cls=Group, context_settings=CONTEXT_SETTINGS, invoke_without_command=True)
 @click.version_option(__version__, "-V", "--version", prog_name="alvis-fsm")
-@click.option("-q", "--quiet", is_flag=True, help="Print only results and errors.")
-@click.option("-v", "--verbose", is_flag=True, help="Also print the ssh and SLURM commands run.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only results and errors (anywhere on the line).")
+@click.option("-v", "--verbose", is_flag=True, help="Also print the ssh and SLURM commands run (anywhere).")
 @click.pass_context
 def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     """A private vLLM server on the Chalmers Alvis cluster, one command away.
@@ -67,6 +175,9 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     from alvis_fsm.ui import Verbosity
 
     ctx.obj = Verbosity.QUIET if quiet else Verbosity.VERBOSE if verbose else Verbosity.NORMAL
+    if ctx.invoked_subcommand is None:
+        # Bare `alvis-fsm`: help on stdout, success (as gh and kubectl do).
+        click.echo(ctx.get_help())
 
 
 def _verbosity(ctx: click.Context) -> Any:
@@ -77,22 +188,35 @@ def _verbosity(ctx: click.Context) -> Any:
 @click.option(
     "-m",
     "--model",
+    cls=DefaultsOption,
     shell_complete=_complete_models,
-    help="Model from the catalog [default: gpt-oss-20b].",
+    help="Model from the catalog [default: {catalog.default_model}].",
 )
 @click.option(
-    "-t", "--time", "walltime", metavar="DURATION", help=TIME_HELP + " [default: 1:00:00]"
-)
-@click.option("--port", type=int, help="Local tunnel port [default: 58000].")
+    "-t", "--time", "walltime", cls=DefaultsOption, metavar="DURATION",
+    help=TIME_HELP + " [default: {slurm.time}, at most {slurm.max_time}]",
+)  # fmt: skip
+@click.option(
+    "--port", cls=DefaultsOption, type=PortType(),
+    help="Local tunnel port [default: {tunnel.local_port}].",
+)  # fmt: skip
 @click.option(
     "--gpus",
+    cls=DefaultsOption,
     metavar="TYPE:N",
-    help="GPUs per node, e.g. A40:2 [default: from the catalog or A40:1].",
+    help="GPUs per node, e.g. A40:2 [default: from the catalog, else {slurm.gpus}].",
 )
+@click.option(
+    "-A", "--account", cls=DefaultsOption, metavar="ACCOUNT",
+    help="SLURM account (project) to charge [default: {slurm.account}]. Not set: your only"
+    " account, or one you choose.",
+)  # fmt: skip
 @click.option(
     "--route",
     type=click.Choice(["jump", "login"]),
-    help="Tunnel through the login node to the compute node (jump) or forward from the login node (login).",
+    cls=DefaultsOption,
+    help="Tunnel through the login node to the compute node (jump) or forward from the login node"
+    " (login) [default: {tunnel.route}].",
 )
 @click.option(
     "-n",
@@ -111,6 +235,8 @@ def _verbosity(ctx: click.Context) -> Any:
     help="Start even if a session of this model is already live.",
 )
 @click.option("--list-models", is_flag=True, help="List the models in the catalog and exit.")
+@click.option("--json", "as_json", is_flag=True, help="With --detach: print the session as JSON.")
+@global_options
 @click.pass_context
 def start(ctx: click.Context, /, **options: Any) -> None:
     """Submit a vLLM job, wait for it, tunnel to it and stream its logs.
@@ -125,6 +251,7 @@ def start(ctx: click.Context, /, **options: Any) -> None:
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("name", required=False, shell_complete=_complete_sessions)
 @click.option("--detach", is_flag=True, help="Return once connected.")
+@global_options
 @click.pass_context
 def resume(ctx: click.Context, name: str | None, detach: bool) -> None:
     """Reattach to a session: keep waiting, or reopen the tunnel and stream logs."""
@@ -139,6 +266,7 @@ def resume(ctx: click.Context, name: str | None, detach: bool) -> None:
     "--json", "as_json", is_flag=True, help="Machine-readable output (stable, documented)."
 )
 @click.option("--offline", is_flag=True, help="Only read local state; make no connection.")
+@global_options
 @click.pass_context
 def status(ctx: click.Context, name: str | None, as_json: bool, offline: bool) -> None:
     """Show every session (or one): state, job, node, model, URL, time left."""
@@ -149,6 +277,7 @@ def status(ctx: click.Context, name: str | None, as_json: bool, offline: bool) -
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("name", required=False, shell_complete=_complete_sessions)
+@global_options
 @click.pass_context
 def stop(ctx: click.Context, name: str | None) -> None:
     """Cancel the session's job and close its tunnel (alias: cancel)."""
@@ -157,17 +286,31 @@ def stop(ctx: click.Context, name: str | None) -> None:
     command.run(_verbosity(ctx), name=name)
 
 
+class LinesType(click.ParamType[int]):
+    """A count of log lines, refused in words."""
+
+    name = "N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        text = str(value).strip()
+        if not (text.isascii() and text.isdigit()):
+            self.fail(f"{value!r} is not a number of lines; use a whole number, 0 or more, e.g. -n 200",
+                      param, ctx)  # fmt: skip
+        return int(text)
+
+
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("name", required=False, shell_complete=_complete_sessions)
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming new lines.")
 @click.option(
     "-n",
     "--lines",
-    type=click.IntRange(min=0),
+    type=LinesType(),
     default=50,
     show_default=True,
     help="Lines of each log to show first.",
 )
+@global_options
 @click.pass_context
 def logs(ctx: click.Context, name: str | None, follow: bool, lines: int) -> None:
     """Show the vLLM logs of a session ([VLLM OUT] / [VLLM ERR])."""
@@ -178,12 +321,14 @@ def logs(ctx: click.Context, name: str | None, follow: bool, lines: int) -> None
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("name", required=False, shell_complete=_complete_sessions)
+@click.option("--json", "as_json", is_flag=True, help="Print base_url and api_key as JSON.")
+@global_options
 @click.pass_context
-def env(ctx: click.Context, name: str | None) -> None:
+def env(ctx: click.Context, name: str | None, as_json: bool) -> None:
     """Print OPENAI_BASE_URL / OPENAI_API_KEY exports: eval "$(alvis-fsm env)"."""
     from alvis_fsm.commands import env as command
 
-    command.run(_verbosity(ctx), name=name)
+    command.run(_verbosity(ctx), name=name, as_json=as_json)
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -192,6 +337,7 @@ def env(ctx: click.Context, name: str | None) -> None:
 @click.option(
     "--add", "add", metavar="NAME", help="With --discover: add a discovered model to your catalog."
 )
+@global_options
 @click.pass_context
 def models(ctx: click.Context, as_json: bool, discover: bool, add: str | None) -> None:
     """List the models in the catalog (packaged + yours)."""
@@ -200,21 +346,38 @@ def models(ctx: click.Context, as_json: bool, discover: bool, add: str | None) -
     command.run(_verbosity(ctx), as_json=as_json, discover=discover, add=add)
 
 
-@cli.group(cls=Group, context_settings=CONTEXT_SETTINGS)
-def config() -> None:
+@cli.group(cls=Group, context_settings=CONTEXT_SETTINGS, invoke_without_command=True)
+@global_options
+@click.pass_context
+def config(ctx: click.Context) -> None:
     """Show or edit settings (~/.alvis-vllm.conf)."""
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 @config.command("show", context_settings=CONTEXT_SETTINGS)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@global_options
 @click.pass_context
-def config_show(ctx: click.Context) -> None:
+def config_show(ctx: click.Context, as_json: bool) -> None:
     """Print the merged settings and where each value came from."""
     from alvis_fsm.commands import config as command
 
-    command.show(_verbosity(ctx))
+    command.show(_verbosity(ctx), as_json=as_json)
+
+
+@config.command("get", context_settings=CONTEXT_SETTINGS)
+@click.argument("key", shell_complete=_complete_settings)
+@global_options
+def config_get(key: str) -> None:
+    """Print the value in effect of KEY (section.key); where it comes from goes to stderr."""
+    from alvis_fsm.commands import config as command
+
+    command.get_value(key)
 
 
 @config.command("path", context_settings=CONTEXT_SETTINGS)
+@global_options
 def config_path() -> None:
     """Print the path of your settings file."""
     from alvis_fsm.commands import config as command
@@ -224,6 +387,7 @@ def config_path() -> None:
 
 @config.command("init", context_settings=CONTEXT_SETTINGS)
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@global_options
 def config_init(force: bool) -> None:
     """Write a commented settings file you can edit."""
     from alvis_fsm.commands import config as command
@@ -232,8 +396,9 @@ def config_init(force: bool) -> None:
 
 
 @config.command("set", context_settings=CONTEXT_SETTINGS)
-@click.argument("key")
+@click.argument("key", shell_complete=_complete_settings)
 @click.argument("value")
+@global_options
 def config_set(key: str, value: str) -> None:
     """Set KEY (section.key) to VALUE in your settings file, keeping its comments."""
     from alvis_fsm.commands import config as command
@@ -241,7 +406,18 @@ def config_set(key: str, value: str) -> None:
     command.set_value(key, value)
 
 
+@config.command("unset", context_settings=CONTEXT_SETTINGS)
+@click.argument("key", shell_complete=_complete_settings)
+@global_options
+def config_unset(key: str) -> None:
+    """Remove KEY from your settings file: the default (or another layer) applies again."""
+    from alvis_fsm.commands import config as command
+
+    command.unset_value(key)
+
+
 @cli.command(context_settings=CONTEXT_SETTINGS)
+@global_options
 def diagram() -> None:
     """Print the session state machine as a Mermaid diagram."""
     from alvis_fsm.commands import diagram as command
@@ -251,6 +427,7 @@ def diagram() -> None:
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+@global_options
 def completion(shell: str) -> None:
     """Print a shell completion script: eval "$(alvis-fsm completion bash)"."""
     from click.shell_completion import get_completion_class
@@ -272,24 +449,62 @@ def supervise(name: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; the one place where errors become messages and exit codes."""
+    from alvis_fsm.output import wants_json
+
+    args = sys.argv[1:] if argv is None else argv
+    as_json = wants_json(args)
     try:
-        code = cli.main(args=argv, prog_name="alvis-fsm", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(ExitCode.INTERRUPTED)
-    except click.ClickException as exc:
-        # Same shape as our own errors: [ERROR] what, [HINT] what to do.
-        click.echo(f"[ERROR] {exc.format_message()}", err=True)
-        ctx = getattr(exc, "ctx", None)
-        where = ctx.command_path if ctx is not None else "alvis-fsm"
-        click.echo(f"[HINT] `{where} --help` lists the options.", err=True)
-        sys.exit(ExitCode.USAGE)
-    except AlvisError as exc:
+        try:
+            code = cli.main(args=args, prog_name="alvis-fsm", standalone_mode=False)
+            sys.stdout.flush()
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            code = ExitCode.INTERRUPTED
+        except click.ClickException as exc:
+            # Same shape as our own errors: [ERROR] what, [HINT] what to do.
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else "alvis-fsm"
+            code = _report(exc.format_message(), f"`{where} --help` lists the options.", None,
+                           ExitCode.USAGE, as_json)  # fmt: skip
+        except AlvisError as exc:
+            code = _report(exc.message, exc.hint, exc.details, exc.exit_code, as_json)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            code = ExitCode.INTERRUPTED
+    except OSError as exc:
+        code = _output_failed(exc)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _report(message: str, hint: str | None, details: str | None, code: int, as_json: bool) -> int:
+    if as_json:
+        from alvis_fsm.output import error_json
+
+        error_json(message, hint, details, int(code))
+    else:
         from alvis_fsm.ui import show_error
 
-        show_error(exc)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        sys.exit(ExitCode.INTERRUPTED)
-    sys.exit(code if isinstance(code, int) else 0)
+        show_error(AlvisError(message, hint=hint, details=details))
+    return int(code)
+
+
+def _output_failed(exc: OSError) -> int:
+    """stdout closed (`| head`) or full (`>/dev/full`): say so at most once,
+    without a traceback, and make sure the exit-time flush stays quiet."""
+    import errno
+    import os
+
+    if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EBADF, errno.EIO, errno.EDQUOT):
+        raise exc
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    if exc.errno != errno.EPIPE:  # a closed pipe is the reader's choice, not news
+        try:
+            sys.stderr.write(f"[ERROR] Could not write the output: {exc.strerror}\n")
+            sys.stderr.flush()
+        except OSError:
+            pass
+    return int(ExitCode.OUTPUT)

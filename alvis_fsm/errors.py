@@ -10,6 +10,7 @@ class ExitCode(IntEnum):
     """One exit code per failure class (documented in the README)."""
 
     OK = 0
+    OUTPUT = 1  # stdout closed or full: the output could not be written
     USAGE = 2  # bad flags or arguments (click uses 2 as well)
     CONFIG = 3  # settings, catalog or job script invalid
     SSH = 4  # cannot reach or log in to the login node / compute node

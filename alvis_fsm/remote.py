@@ -190,3 +190,17 @@ def _event(proc: subprocess.CompletedProcess[str]) -> Event:
             if head in ("STARTED", "ADDRESS", "READY", "EXITED", "ENDED", "WAIT"):
                 kind, value = head, rest
     return Event(kind=kind, value=value, job=job, age=age)
+
+
+def accounts(agent: Agent) -> list[str]:
+    """The SLURM accounts the remote user may charge (``sacctmgr show assoc``),
+    sorted, each once: one round trip on the shared connection."""
+    proc = agent.call("accounts")
+    if proc.returncode != 0:
+        raise SchedulerError(
+            "Could not list your SLURM accounts (sacctmgr failed)",
+            hint="Set the account to charge: alvis-fsm config set slurm.account NAISS2025-XX-YYYY"
+            " (`projinfo` on the login node lists your projects).",
+            details=proc.stderr.strip() or None,
+        )
+    return sorted({a for a in _records(proc.stdout, "ACCOUNT") if a})

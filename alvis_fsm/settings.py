@@ -106,12 +106,37 @@ class Ssh(_Section):
 
 
 class Slurm(_Section):
-    account: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    # Empty: `start` asks the cluster (sacctmgr) which accounts the user has.
+    account: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]*$")]
     gpus: Annotated[str, Field(pattern=GPUS_PATTERN)]
     time: Annotated[str, Field(pattern=_SLURM_TIME)]
     max_time: Annotated[str, Field(pattern=_SLURM_TIME)]
     partition: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,-]*$")]
     extra_args: list[SafeStr]
+
+    @field_validator("time", "max_time")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        from alvis_fsm.jobscript import _duration
+
+        seconds = _duration(value)
+        if seconds is None or seconds <= 0:
+            raise ValueError("not a SLURM duration")
+        return value
+
+    @model_validator(mode="after")
+    def _time_within_max(self) -> Slurm:
+        # `config set slurm.time 9-00:00:00` must be refused as `start -t` would be.
+        from alvis_fsm.jobscript import _duration
+
+        if (_duration(self.time) or 0) > (_duration(self.max_time) or 0):
+            raise SettingValueError(
+                f"{self.time!r} is longer than slurm.max_time ({self.max_time})",
+                loc=("slurm", "time"),
+                hint=f"Keep slurm.time at most slurm.max_time ({self.max_time}), e.g. slurm.time"
+                ' "2:00:00" with slurm.max_time "7-00:00:00".',
+            )
+        return self
 
 
 class Tunnel(_Section):
@@ -500,6 +525,12 @@ def explain(
     return rows
 
 
+def origin_of(dotted: str) -> str:
+    """Where the value of ``section.key`` comes from, as words for a message:
+    "in /home/u/.alvis-vllm.conf", "from the environment variable ...", ..."""
+    return _where(_origin(tuple(dotted.split(".")), _load(None).layers))
+
+
 def _origin(loc: tuple[str, ...], layers: list[_Layer]) -> str:
     """Label of the highest layer that set ``loc`` or its nearest parent."""
     for depth in range(len(loc), 0, -1):
@@ -571,8 +602,95 @@ def _where(label: str) -> str:
     return f"in {label}"
 
 
-def _describe(error: Any, layers: list[_Layer]) -> tuple[str, str | None]:
-    """One pydantic error as (message, hint)."""
+_DURATION_WORDS = (
+    "a SLURM duration: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 2:00:00 (two hours)"
+)
+_ARGS_WORDS = 'a list of strings without line breaks, one per argument, e.g. ["--qos=short"]'
+_PATH_WORDS = "a non-empty path without line breaks"
+
+# What each setting accepts, in the words a user reads in an error message
+# (never the pattern or the library's own wording), with an example.
+ACCEPTED: dict[str, str] = {
+    "ssh.host": "an ssh alias or host name, without spaces and not starting with '-', e.g. alvis2",
+    "ssh.user": "a user name without spaces or '@', e.g. your CID; empty for your ssh config's",
+    "ssh.config_file": "a file path without line breaks, e.g. ~/.ssh/config; empty for ssh's own",
+    "ssh.connect_timeout": "a whole number of seconds greater than 0, e.g. 15",
+    "ssh.keepalive_interval": "a whole number of seconds greater than 0, e.g. 5",
+    "ssh.keepalive_count": "a whole number, at least 1, e.g. 3",
+    "ssh.reconnect_window": "a number of seconds greater than 0, e.g. 120",
+    "slurm.account": "letters, digits, '_', '.' and '-', e.g. NAISS2025-22-1522;"
+    " empty to ask the cluster",
+    "slurm.gpus": "a GPU type and a count per node, e.g. A40:1 or A100:4, or only a count, e.g. 2",
+    "slurm.time": _DURATION_WORDS,
+    "slurm.max_time": _DURATION_WORDS,
+    "slurm.partition": "letters, digits, '_', '.', ',' and '-', e.g. alvis;"
+    " empty for the cluster's default",
+    "slurm.extra_args": _ARGS_WORDS,
+    "tunnel.local_port": "a whole number from 1 to 65535, e.g. 58001",
+    "tunnel.bind": "127.0.0.1 or localhost",
+    "tunnel.route": "jump or login",
+    "tunnel.max_reconnects": "a whole number, 0 or more, e.g. 10",
+    "timeouts.job_start": "a number of seconds greater than 0, e.g. 600",
+    "timeouts.server_ready": "a number of seconds greater than 0, e.g. 600",
+    "timeouts.connection_test": "a number of seconds greater than 0, e.g. 30",
+    "polling.scheduler_interval": "a number of seconds greater than 0, e.g. 5",
+    "polling.scheduler_backoff_after": "a number of seconds, 0 or more, e.g. 120",
+    "polling.scheduler_backoff_interval": "a number of seconds greater than 0, e.g. 30",
+    "polling.file_interval": "a number of seconds greater than 0, e.g. 0.2",
+    "remote.run_root": _PATH_WORDS + ", e.g. ~/.alvis-vllm/runs",
+    "remote.image": _PATH_WORDS + ", e.g. /apps/containers/vLLM/vllm-0.11.0.sif",
+    "remote.model_hub": _PATH_WORDS + ", e.g. /mimer/NOBACKUP/Datasets/LLM/huggingface/hub",
+    "vllm.extra_args": 'a list of strings without line breaks, e.g. ["--enforce-eager"]',
+    "vllm.api_key": "true or false",
+    "catalog.paths": 'a list of file paths, e.g. ["~/my-models.json"]',
+    "catalog.default_model": "a model name from the catalog (`alvis-fsm models`), e.g. gpt-oss-20b",
+    "session.state_dir": _PATH_WORDS + ", e.g. ~/.alvis-vllm",
+    "session.warn_before_end": "a list of seconds before the time limit, e.g. [600, 60]",
+    "timeouts.cancel_confirm": "a number of seconds greater than 0, e.g. 30",
+    "polling.job_check_interval": "a number of seconds greater than 0, e.g. 30",
+    "remote.cache_dir": "a path without line breaks, e.g. ~/.cache/alvis-fsm; empty for $TMPDIR",
+    "remote.cache_max_gb": "a number of gigabytes greater than 0, e.g. 4",
+    "remote.cache_max_files": "a whole number of files greater than 0, e.g. 5000",
+    "fit.gpu_types": 'a list of "TYPE MEMORYGB xCOUNT" (GPUs per node), e.g. ["A40 48GB x4"]',
+    "fit.auto_types": 'a list of GPU type names from fit.gpu_types, e.g. ["A40", "A100fat"]',
+    "fit.gpu_memory_utilization": "a fraction above 0 and at most 1, e.g. 0.9",
+    "fit.margin_gb": "a number of gigabytes, 0 or more, e.g. 3",
+}
+
+
+def accepted(dotted: str) -> str:
+    """What ``dotted`` (``section.key``, list indices dropped) accepts, in words."""
+    return ACCEPTED.get(re.sub(r"\[\d+\]$", "", dotted), "a value of the documented type")
+
+
+def _shown(value: Any) -> str:
+    """A refused value as the user wrote it (TOML-like), briefly."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        text = value if len(value) <= 60 else value[:57] + "..."
+        return repr(text)
+    if isinstance(value, int | float):
+        return str(value)
+    return "that value"
+
+
+class SettingError(ConfigError):
+    """A refused setting: which one (``key``), the value as given (``value``)
+    and where it came from (``origin``: a file, "flag", "env ..."), so the
+    CLI can name the flag instead when a flag gave it."""
+
+    def __init__(self, message: str, hint: str | None, details: str | None, key: str,
+                 value: str, origin: str, reason: str) -> None:  # fmt: skip
+        super().__init__(message, hint=hint, details=details)
+        self.key = key
+        self.value = value
+        self.origin = origin
+        self.reason = reason
+
+
+def _describe(error: Any, layers: list[_Layer]) -> tuple[str, str | None, str, str, str, str]:
+    """One pydantic error as (message, hint, key, value, origin, reason)."""
     ctx = error.get("ctx") or {}
     original = ctx.get("error")
     loc = tuple(str(p) for p in error["loc"])
@@ -584,7 +702,8 @@ def _describe(error: Any, layers: list[_Layer]) -> tuple[str, str | None]:
     # Union members add their type name to loc; keep only real key steps.
     key_loc = _strip_type_tags(loc)
     dotted = _dotted(key_loc)
-    where = _where(_origin(key_loc, layers))
+    label = _origin(key_loc, layers)
+    where = _where(label)
 
     if error["type"] == "extra_forbidden":
         parent = key_loc[:-1]
@@ -594,19 +713,23 @@ def _describe(error: Any, layers: list[_Layer]) -> tuple[str, str | None]:
         if not parent:
             return (
                 f"Unknown section [{dotted}] {where}{suggestion}",
-                "Valid sections: " + ", ".join(valid),
-            )
+                "Valid sections: " + ", ".join(valid), dotted, "", label, "unknown section",
+            )  # fmt: skip
         return (
             f"Unknown setting {dotted!r} {where}{suggestion}",
-            f"Valid keys of [{_dotted(parent)}]: " + ", ".join(valid),
-        )
+            f"Valid keys of [{_dotted(parent)}]: " + ", ".join(valid), dotted, "", label,
+            "unknown setting",
+        )  # fmt: skip
+    if error["type"] == "missing":
+        reason = "is missing"
+        return f"Setting {dotted!r} is missing {where}", hint, dotted, "", label, reason
+    value = _shown(error.get("input"))
     if isinstance(original, SettingValueError):
-        reason, shown = str(original), ""  # already quotes the value
+        reason = str(original)  # already quotes the value, in words
     else:
-        reason = error["msg"]
-        shown = f" (got {error['input']!r})" if _scalar(error.get("input")) else ""
+        reason = f"{value} is not accepted; use {accepted(dotted)}"
     subject = f"setting {dotted!r}" if dotted else "settings"
-    return f"Invalid {subject} {where}: {reason}{shown}", hint
+    return f"Invalid {subject} {where}: {reason}", hint, dotted, value, label, reason
 
 
 def _strip_type_tags(loc: tuple[str, ...]) -> tuple[str, ...]:
@@ -618,16 +741,12 @@ def _strip_type_tags(loc: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _scalar(value: Any) -> bool:
-    return isinstance(value, str | int | float | bool)
-
-
-def _config_error(exc: ValidationError, layers: list[_Layer]) -> ConfigError:
+def _config_error(exc: ValidationError, layers: list[_Layer]) -> SettingError:
     described = [_describe(e, layers) for e in exc.errors()]
     # Several union branches can fail for one key; say each thing once.
     unique = list(dict.fromkeys(described))
-    message, hint = unique[0]
-    details = "\n".join(m for m, _ in unique[1:]) or None
+    message, hint, key, value, origin, reason = unique[0]
+    details = "\n".join(m[0] for m in unique[1:]) or None
     if hint is None:
         hint = "`alvis-fsm config show` prints every setting and where it comes from."
-    return ConfigError(message, hint=hint, details=details)
+    return SettingError(message, hint, details, key, value, origin, reason)

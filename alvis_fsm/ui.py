@@ -56,10 +56,11 @@ def _fancy(stream: IO[str]) -> bool:
 class Reporter:
     """What the engine may say. Thread-safe: log lines arrive from a reader thread."""
 
-    def __init__(self, verbosity: Verbosity = Verbosity.NORMAL) -> None:
+    def __init__(self, verbosity: Verbosity = Verbosity.NORMAL, out: IO[str] | None = None) -> None:
         self.verbosity = verbosity
         self._lock = threading.RLock()
-        self._out = sys.stdout
+        # ``out=sys.stderr`` in JSON mode: stdout then carries only the JSON.
+        self._out = out or sys.stdout
         self._err = sys.stderr
         self._live: Any = None
         self._status_text = ""
@@ -69,10 +70,16 @@ class Reporter:
 
     # -- lines ------------------------------------------------------------
     def _write(self, text: str, stream: IO[str] | None = None) -> None:
+        from alvis_fsm.output import clean_lines
+
+        # Model paths, scheduler reasons, vLLM's lines: other people's text,
+        # never allowed to move the cursor or recolour the terminal.
+        text = clean_lines(text)
         with self._lock:
             target = stream or self._out
             try:
-                if self._live is not None:
+                if self._live is not None and target.isatty():
+                    # The spinner's terminal: print above it, not through it.
                     self._live.console.print(text, markup=False, highlight=False, soft_wrap=True)
                 else:
                     target.write(text + "\n")
@@ -83,8 +90,9 @@ class Reporter:
                 pass
 
     def info(self, message: str) -> None:
+        # Progress goes to stderr, results to stdout (as gh, uv and kubectl do).
         if self.verbosity >= Verbosity.NORMAL:
-            self._write(f"[INFO] {message}")
+            self._write(f"[INFO] {message}", self._err)
 
     def warn(self, message: str) -> None:
         self._write(f"[WARN] {message}", self._err)
@@ -100,7 +108,7 @@ class Reporter:
 
     def log_line(self, stream: str, line: str) -> None:
         tag = "[VLLM OUT]" if stream == "out" else "[VLLM ERR]"
-        self._write(f"{tag} {line}")
+        self._write(f"{tag} {line}")  # cleaned there
 
     # -- waiting ----------------------------------------------------------
     def waiting(self, text: str, since: float | None = None) -> None:
@@ -110,6 +118,9 @@ class Reporter:
         On a terminal: a spinner line redrawn in place. Otherwise (piped,
         NO_COLOR, TERM=dumb): a plain [INFO] line when what we wait for
         changes, and at most once a minute while it does not."""
+        from alvis_fsm.output import clean
+
+        text = clean(text)
         with self._lock:
             self._status_since = since if since is not None else self._status_since or time.time()
             if text == self._status_text:
@@ -117,20 +128,22 @@ class Reporter:
             self._status_text = text
             if self.verbosity < Verbosity.NORMAL:
                 return
-            if self._live is None and _fancy(self._out):
+            if self._live is None and _fancy(self._err):
                 self._start_live()
             if self._live is not None:
                 return  # the renderable reads the new text at its next refresh
             now = time.monotonic()
             if text != self._plain_gist or now - self._plain_at >= 60:
                 self._plain_gist, self._plain_at = text, now
-                self._write(f"[INFO] {text} ({elapsed(time.time() - self._status_since)})")
+                self._write(
+                    f"[INFO] {text} ({elapsed(time.time() - self._status_since)})", self._err
+                )
 
     def interrupted(self) -> None:
         """After ^C the terminal shows '^C' with no newline: start a fresh line."""
         self.done_waiting()
-        if self._out.isatty():
-            self._write("")
+        if self._err.isatty():
+            self._write("", self._err)
 
     def _start_live(self) -> None:
         from rich.console import Console
@@ -138,9 +151,11 @@ class Reporter:
 
         self._live = Live(
             _Status(self),
-            console=Console(file=self._out),
+            console=Console(file=self._err),
             refresh_per_second=8,
             transient=True,
+            # stdout carries results (maybe piped); never route it to stderr.
+            redirect_stdout=False,
         )
         self._live.start()
 
@@ -208,12 +223,15 @@ class Reporter:
 
 
 def show_error(exc: AlvisError) -> None:
+    from alvis_fsm.output import clean
+
+    # Details are another program's words (sbatch, ssh, vLLM): no escapes.
     err = sys.stderr
-    err.write(f"[ERROR] {exc.message}\n")
+    err.write(f"[ERROR] {clean(exc.message)}\n")
     if exc.details:
         for line in exc.details.rstrip("\n").splitlines():
-            err.write(f"    {line}\n")
+            err.write(f"    {clean(line)}\n")
     if exc.hint:
         for line in exc.hint.splitlines():
-            err.write(f"[HINT] {line}\n")
+            err.write(f"[HINT] {clean(line)}\n")
     err.flush()

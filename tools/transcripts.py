@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Re-record docs/transcript-clean-run.md and docs/transcript-pending.md on the lab cluster.
+"""Re-record docs/transcript-clean-run.md, docs/transcript-pending.md and
+docs/transcript-first-run.md on the lab cluster.
 
-    python tools/transcripts.py              # record both, rewrite both files
-    python tools/transcripts.py --no-write   # record both, print the markdown instead
+    python tools/transcripts.py              # record all three, rewrite their files
+    python tools/transcripts.py --only first-run   # record (and rewrite) just that one
+    python tools/transcripts.py --no-write   # record, print the markdown instead
     python tools/transcripts.py --raw DIR    # also keep the raw pane captures in DIR
 
 Each transcript is what a user sees in a 160x50 tmux pane (TERM=xterm-256color)
@@ -13,6 +15,12 @@ when typing `alvis-fsm start -m lab-ok --port P` at a `$ ` prompt:
   pending    all lab GPUs are held first (tests/lab/blocker start), so the job
              pends; about 20 s later they are released (blocker stop), the job
              starts, the session connects; Ctrl+C as above.
+  first-run  a new user: a HOME of its own with no settings file, so no
+             slurm.account; `alvis-fsm start --port P` (the default model).
+             The lab user has two SLURM accounts, so the tool asks which one
+             (answered 1) and whether to save it (answered with Enter); then
+             "Charging ...", the ready block, Ctrl+C as above. Only the lab's
+             ssh config is given, as ALVIS_FSM_SSH__CONFIG_FILE.
 
 The live spinner line is transient (erased when the wait ends), so it is never
 in the final pane: while the tool waits, the visible pane is captured about
@@ -29,7 +37,7 @@ state dir under /tmp, on local ports 58350-58359. Whatever happens, the tmux
 server of this script is killed, the GPUs are released, and no job or ssh
 process of this script is left behind.
 
-Exit status: 0 when both transcripts were recorded as expected and written;
+Exit status: 0 when the transcripts were recorded as expected and written;
 1 otherwise (the markdown files are then left untouched)."""
 
 from __future__ import annotations
@@ -58,6 +66,10 @@ LAB_DIR = REPO / "tests" / "lab"
 DOCS = REPO / "docs"
 CLEAN_DOC = DOCS / "transcript-clean-run.md"
 PENDING_DOC = DOCS / "transcript-pending.md"
+FIRST_DOC = DOCS / "transcript-first-run.md"
+RUNS = ("clean", "pending", "first-run")
+# What the first run is asked, and what the recording answers.
+FIRST_ANSWERS = [("Charge which one?", "1"), ("as slurm.account in", "")]
 
 MODEL = "lab-ok"
 PORTS = range(58350, 58360)
@@ -271,17 +283,22 @@ def spinner_frames(screen: list[str]) -> list[tuple[Frame, str]]:
     return out
 
 
-def record(pane: Pane, port: int, cwd: Path, rcfile: Path, pending: bool) -> Recording:
+def record(
+    pane: Pane, port: int, cwd: Path, rcfile: Path, pending: bool,
+    command: str = "", answers: list[tuple[str, str]] | None = None,
+) -> Recording:  # fmt: skip
     rec = Recording(port=port)
     seen: dict[str, Frame] = {}
     anchors: dict[str, str] = {}
+    todo = list(answers or [])
     pane.start(cwd, rcfile)
     wait_for("the shell prompt", pane.at_prompt, 15)
     if pending:
         log(f"blocker start: job {blocker('start')} holds all GPUs")
     typed = time.monotonic()
-    pane.type(f"alvis-fsm start -m {MODEL} --port {port}")
-    log(f"typed: alvis-fsm start -m {MODEL} --port {port}")
+    command = command or f"alvis-fsm start -m {MODEL} --port {port}"
+    pane.type(command)
+    log(f"typed: {command}")
 
     first_pending: float | None = None
     released = not pending
@@ -297,6 +314,10 @@ def record(pane: Pane, port: int, cwd: Path, rcfile: Path, pending: bool) -> Rec
             if first_pending is None and frame.text.startswith("Waiting for job"):
                 first_pending = tick
         history = pane.history()
+        if todo and any(todo[0][0] in line for line in pane.screen()):
+            question, reply = todo.pop(0)
+            pane.type(reply)
+            log(f"answered {reply!r} to {question!r}")
         if any(line.startswith("✓ Connection successful") for line in history):
             break
         # Release the GPUs ~20 s after `start` was typed, once the pending
@@ -390,9 +411,13 @@ def transcript(history: list[str], frames: list[Frame]) -> list[str]:
     return lines
 
 
-def check(rec: Recording, pending: bool) -> list[str]:
+def check(rec: Recording, pending: bool, first_run: bool = False) -> list[str]:
     problems = []
     text = "\n".join(rec.lines)
+    if "[INFO] Charging " not in text:
+        problems.append("no `Charging` line")
+    if first_run and "SLURM accounts:" not in text:
+        problems.append("the first run did not ask for the account")
     if "✓ Connection successful" not in text:
         problems.append("no `Connection successful`")
     if not re.search(r"^\[VLLM ", text, re.M):
@@ -472,6 +497,26 @@ def pending_doc(rec: Recording) -> str:
     )
 
 
+def first_run_doc(rec: Recording) -> str:
+    return (
+        "# Transcript: a first run\n\n"
+        "Recorded by [`tools/transcripts.py`](../tools/transcripts.py) on the\n"
+        "[lab cluster](../tests/lab/README.md) in tmux (160×50,\n"
+        "`TERM=xterm-256color`), as a new user: an empty HOME, no settings file, so\n"
+        "no `slurm.account` (there is no packaged default). The lab's ssh alias is\n"
+        "the only thing given (`ALVIS_FSM_SSH__CONFIG_FILE`, not shown).\n\n"
+        "Once logged in, `start` asks the cluster which SLURM accounts the user has\n"
+        "(`sacctmgr`, one round trip on the shared connection). The lab user has two,\n"
+        "so it asks which one to charge (answered `1`) and whether to save it\n"
+        "(answered with Enter: yes); with only one it would use it and say so, and\n"
+        "without a terminal it would list them and stop. Then it says what it\n"
+        "charges, as every `start` does, and goes on as usual: the ready block,\n"
+        f"the logs, Ctrl+C (exit status {rec.exit_status}).\n"
+        "The API key is a throwaway key of that lab session, dead since.\n\n"
+        + _fence(rec.lines)
+    )
+
+
 # -------------------------------------------------------------------- main
 def tool_command(python: str) -> list[str]:
     script = Path(python).parent / "alvis-fsm"
@@ -482,7 +527,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-write", action="store_true", help="print the markdown instead")
     parser.add_argument("--raw", type=Path, help="keep the raw pane captures in this dir")
+    parser.add_argument("--only", choices=RUNS, action="append",
+                        help="record only this run (repeatable); the others' docs are kept")  # fmt: skip
     args = parser.parse_args()
+    runs = args.only or list(RUNS)
     if os.geteuid() != 0:
         log("needs root (the lab cluster)")
         return 1
@@ -526,21 +574,28 @@ def main() -> int:
     try:
         with lab_lock(Path(lab["LAB_ROOT"])):
             try:
-                ports = free_ports(2)
-                for name, pending, port in (
-                    ("clean", False, ports[0]),
-                    ("pending", True, ports[1]),
-                ):
+                ports = free_ports(len(runs))
+                for name, port in zip(runs, ports, strict=True):
+                    pending = name == "pending"
                     state_dir = root / f"s-{name}"
                     state_dirs.append(state_dir)
                     env = {**base_env, "ALVIS_FSM_SESSION__STATE_DIR": str(state_dir)}
+                    command, answers, cwd = "", None, home
+                    if name == "first-run":
+                        # A new user: a HOME of its own, no settings file at all.
+                        cwd = root / "home-first-run"
+                        cwd.mkdir()
+                        env = {k: v for k, v in env.items() if k != "ALVIS_FSM_CONFIG"}
+                        env.update(HOME=str(cwd), HISTFILE=str(cwd / ".bash_history"),
+                                   ALVIS_FSM_SSH__CONFIG_FILE=f"{lab['LAB_CLIENT']}/ssh_config")  # fmt: skip
+                        command, answers = f"alvis-fsm start --port {port}", FIRST_ANSWERS
                     # A tmux server per run: a server's environment is the one it
                     # was started with, and each run has a state dir of its own.
                     pane = Pane(f"{socket_name}-{name}", f"afsm-{name}", conf, env)
                     sockets.append(f"{socket_name}-{name}")
                     log(f"recording the {name} run (port {port}, state dir {state_dir})")
                     try:
-                        rec = record(pane, port, home, rcfile, pending)
+                        rec = record(pane, port, cwd, rcfile, pending, command, answers)
                     except RecordingError:
                         if args.raw:
                             args.raw.mkdir(parents=True, exist_ok=True)
@@ -557,7 +612,9 @@ def main() -> int:
                             blocker("stop")
                     all_jobs.update(rec.job_ids)
                     recs[name] = rec
-                    problems += [f"{name}: {p}" for p in check(rec, pending)]
+                    problems += [
+                        f"{name}: {p}" for p in check(rec, pending, name == "first-run")
+                    ]
                     if args.raw:
                         args.raw.mkdir(parents=True, exist_ok=True)
                         (args.raw / f"{name}.txt").write_text(rec.raw)
@@ -576,10 +633,15 @@ def main() -> int:
             log(f"PROBLEM: {p}")
         log("docs not written")
         return 1
-    docs = {
-        CLEAN_DOC: clean_doc(recs["clean"], lab["ALVIS_FSM_CONFIG"]),
-        PENDING_DOC: pending_doc(recs["pending"]),
+    def clean_run_doc(rec: Recording) -> str:
+        return clean_doc(rec, lab["ALVIS_FSM_CONFIG"])
+
+    writers: dict[str, tuple[Path, Callable[[Recording], str]]] = {
+        "clean": (CLEAN_DOC, clean_run_doc),
+        "pending": (PENDING_DOC, pending_doc),
+        "first-run": (FIRST_DOC, first_run_doc),
     }
+    docs = {writers[name][0]: writers[name][1](rec) for name, rec in recs.items()}
     for path, text in docs.items():
         if args.no_write:
             print(f"===== {path.relative_to(REPO)}\n{text}")

@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from alvis_fsm.errors import SessionError
+from alvis_fsm.errors import SessionError, UsageError
 from alvis_fsm.store import SessionRecord, Store, check_name
 from alvis_fsm.ui import Reporter, Verbosity
 
@@ -19,6 +19,35 @@ def settings(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settin
     from alvis_fsm.settings import load_settings
 
     return load_settings({k: dict(v) for k, v in (overrides or {}).items() if v})
+
+
+# The settings a command-line flag sets, by the flag's name.
+FLAGS = {
+    "tunnel.local_port": "--port",
+    "tunnel.route": "--route",
+    "slurm.gpus": "--gpus",
+    "slurm.account": "--account",
+}
+
+
+def flag_settings(overrides: Mapping[str, Mapping[str, Any]]) -> Settings:
+    """Settings with command-line flags on top; a flag's bad value is a usage
+    error (exit 2) naming the flag, not a configuration error."""
+    from alvis_fsm.settings import FLAG_LABEL, SettingError
+
+    try:
+        return settings(overrides)
+    except SettingError as exc:
+        flag = FLAGS.get(exc.key)
+        if exc.origin != FLAG_LABEL or flag is None:
+            raise
+        raise UsageError(
+            f"{flag}: {exc.reason}",
+            hint=f"For example: alvis-fsm start {flag} {_EXAMPLES.get(flag, '...')}",
+        ) from None
+
+
+_EXAMPLES = {"--port": "58001", "--route": "login", "--gpus": "A40:2", "--account": "NAISS2025-22-1522"}
 
 
 def reporter(verbosity: Verbosity | None) -> Reporter:

@@ -52,8 +52,15 @@ def _source(label: str) -> str:
     return "default" if label == DEFAULT_LABEL else label
 
 
-def show(verbosity: Verbosity) -> None:
+def show(verbosity: Verbosity, as_json: bool = False) -> None:
     rows = explain()
+    if as_json:
+        from alvis_fsm.output import emit_json
+
+        emit_json({"settings": [{"key": key, "value": value, "source": _source(label)}
+                                for key, value, label in rows],
+                   "file": str(user_config_path())})  # fmt: skip
+        return
     width = max(len(f"{key} = {format_value(value)}") for key, value, _ in rows)
     section = None
     for key, value, label in rows:
@@ -128,6 +135,16 @@ def _check_key(key: str) -> tuple[str, str]:
     )
 
 
+def _unchanged(key: str, target: Any) -> str:
+    return f"{target} is unchanged; `alvis-fsm config get {key}` prints the value in effect."
+
+
+def _refused(dotted: str, text: str) -> str:
+    from alvis_fsm.settings import accepted
+
+    return f"{dotted}: {text!r} is not accepted; use {accepted(dotted)}"
+
+
 def parse_value(section: str, key: str, text: str) -> Any:
     """``text`` converted to the type of ``section.key``; the constraints are
     checked afterwards, against the whole settings."""
@@ -140,12 +157,12 @@ def parse_value(section: str, key: str, text: str) -> Any:
             return True
         if lowered in {"false", "no", "off", "0"}:
             return False
-        raise UsageError(f"{dotted} is true or false, not {text!r}")
+        raise UsageError(_refused(dotted, text))
     if annotation is int:
         try:
             return int(text)
         except ValueError:
-            raise UsageError(f"{dotted} is a whole number, not {text!r}") from None
+            raise UsageError(_refused(dotted, text)) from None
     if annotation is float:
         try:
             return int(text)  # keep "900" an integer in the file
@@ -154,24 +171,64 @@ def parse_value(section: str, key: str, text: str) -> Any:
         try:
             return float(text)
         except ValueError:
-            raise UsageError(f"{dotted} is a number of seconds, not {text!r}") from None
+            raise UsageError(_refused(dotted, text)) from None
     if origin is list:
         if text.strip().startswith("["):
             try:
                 parsed = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{dotted}: {text!r} is not a JSON list: {exc.msg}") from None
+            except json.JSONDecodeError:
+                raise UsageError(_refused(dotted, text)) from None
             if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
-                raise UsageError(f'{dotted} is a list of strings, e.g. \'["a", "b"]\'')
+                raise UsageError(_refused(dotted, text))
             return parsed
         return [part.strip() for part in text.split(",") if part.strip()]
     return text
 
 
-def set_value(key: str, value: str) -> None:
+def get_value(key: str) -> None:
+    """The value in effect on stdout (as `config show` writes it, strings
+    bare so that `$(alvis-fsm config get slurm.account)` is the account);
+    where it comes from on stderr."""
     section, name = _check_key(key)
-    parsed = parse_value(section, name, value)
+    for dotted, value, label in explain():
+        if dotted == f"{section}.{name}":
+            click.echo(value if isinstance(value, str) else format_value(value))
+            Reporter(Verbosity.NORMAL).info(f"{dotted} comes from {_source(label)}")
+            return
+
+
+def unset_value(key: str) -> None:
+    section, name = _check_key(key)
     target = user_config_path()
+    existing = target.read_text(encoding="utf-8") if target.exists() else ""
+    parse_toml(existing, target)
+    doc = tomlkit.parse(existing)
+    table = doc.get(section)
+    if not isinstance(table, MutableMapping) or name not in table:
+        click.echo(f"{key} is not set in {target}; nothing to do")
+        return
+    del table[name]
+    text = tomlkit.dumps(doc)
+    validate_user_data(parse_toml(text, target))
+    atomic_write(target, text)
+    click.echo(f"Removed {key} from {target}")
+
+
+def set_value(key: str, value: str) -> None:
+    click.echo(write_setting(key, value))
+    section, name = _check_key(key)
+    _warn_if_shadowed(section, name)
+
+
+def write_setting(key: str, value: str) -> str:
+    """Set ``key`` in the user's file, refusing what `start` would refuse;
+    returns the sentence that says what was done."""
+    section, name = _check_key(key)
+    target = user_config_path()
+    try:
+        parsed = parse_value(section, name, value)
+    except UsageError as exc:
+        raise UsageError(exc.message, hint=_unchanged(key, target)) from None
     existing = target.read_text(encoding="utf-8") if target.exists() else None
 
     if existing is None:
@@ -192,10 +249,50 @@ def set_value(key: str, value: str) -> None:
 
     # Validate exactly what will be written, merged with the defaults,
     # before touching the file: a refused value leaves the file unchanged.
-    validate_user_data(parse_toml(text, target))
+    from alvis_fsm.settings import SettingError
+
+    try:
+        merged = validate_user_data(parse_toml(text, target))
+    except SettingError as exc:
+        hint = exc.hint if exc.hint and "config show" not in exc.hint else None
+        if exc.key == key:
+            raise UsageError(f"{key}: {exc.reason}", hint=hint or _unchanged(key, target)) from None
+        if _valid(existing, target):
+            # Fine alone, refused with another setting (slurm.max_time below slurm.time).
+            raise UsageError(
+                f"{key} = {format_value(parsed)} is refused: with it, {exc.key} would be"
+                f" invalid: {exc.reason}",
+                hint=hint or _unchanged(key, target),
+            ) from None
+        raise  # the file was invalid before: say so as it is
+    if key == "catalog.default_model":
+        _check_model(merged, str(parsed))
     atomic_write(target, text)
-    click.echo(f"Set {key} = {format_value(parsed)} in {target}")
-    _warn_if_shadowed(section, name)
+    return f"Set {key} = {format_value(parsed)} in {target}"
+
+
+def _valid(text: str | None, target: Any) -> bool:
+    from alvis_fsm.settings import SettingError
+
+    try:
+        validate_user_data(parse_toml(text or "", target))
+    except SettingError:
+        return False
+    return True
+
+
+def _check_model(merged: Any, model: str) -> None:
+    """`start` without -m would refuse a default model missing from the catalog."""
+    from alvis_fsm.catalog import load_catalog
+
+    catalog = load_catalog(merged)
+    if model not in catalog.entries:
+        raise UsageError(
+            f"catalog.default_model {model!r}: there is no such model in the catalog;"
+            " use one of: " + ", ".join(catalog.names()),
+            hint="`alvis-fsm models` lists them; `alvis-fsm models --discover --add NAME` adds one;"
+            f" {user_config_path()} is unchanged.",
+        )
 
 
 def _warn_if_shadowed(section: str, name: str) -> None:

@@ -25,7 +25,7 @@ def exports(base_url: str, api_key: str) -> str:
     return "\n".join(lines)
 
 
-def run(verbosity: Verbosity, *, name: str | None) -> None:
+def run(verbosity: Verbosity, *, name: str | None, as_json: bool = False) -> None:
     cfg = settings()
     record = pick_session(Store(cfg.state_dir), name)
     if not record.live:
@@ -38,4 +38,10 @@ def run(verbosity: Verbosity, *, name: str | None) -> None:
             f"Session '{record.name}' has no local port yet",
             hint=f"Wait until `alvis-fsm status {record.name}` says tunneled.",
         )
+    if as_json:
+        from alvis_fsm.output import emit_json
+
+        emit_json({"name": record.name, "base_url": f"{record.url}/v1",
+                   "api_key": record.api_key or "EMPTY", "model": record.served_name or None})  # fmt: skip
+        return
     click.echo(exports(f"{record.url}/v1", record.api_key))

@@ -173,6 +173,10 @@ def scan_hub(settings: Settings, verbosity: Verbosity) -> list[tuple[str, str]]:
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
+    from alvis_fsm.output import clean
+
+    # Catalog descriptions and remote paths are other people's text: no escapes.
+    rows = [tuple(clean(cell) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]

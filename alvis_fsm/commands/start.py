@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import secrets
+import sys
 from typing import Any
 
-from alvis_fsm.commands._common import name_for_model, reporter, settings
-from alvis_fsm.errors import SessionError, UsageError
+from alvis_fsm.commands._common import flag_settings, name_for_model, reporter
+from alvis_fsm.errors import ConfigError, SchedulerError, SessionError, UsageError
 from alvis_fsm.store import SessionRecord, Store, check_name
 from alvis_fsm.ui import Reporter, Verbosity
 
@@ -25,18 +26,26 @@ def run(
     detach: bool,
     force_new: bool,
     list_models: bool,
+    account: str | None = None,
+    as_json: bool = False,
 ) -> None:
-    ui = reporter(verbosity)
-    cfg = settings(
+    ui = Reporter(verbosity, out=sys.stderr) if as_json else reporter(verbosity)
+    if as_json and not detach and not list_models:
+        raise UsageError(
+            "--json goes with --detach: without it `start` streams logs until Ctrl+C",
+            hint="alvis-fsm start --detach --json",
+        )
+    slurm_flags = {k: v for k, v in (("gpus", gpus), ("account", account)) if v}
+    cfg = flag_settings(
         {
             "tunnel": {k: v for k, v in (("local_port", port), ("route", route)) if v is not None},
-            "slurm": {"gpus": gpus} if gpus else {},
+            "slurm": slurm_flags,
         }
     )
     if list_models:
         from alvis_fsm.commands import models
 
-        models.run(verbosity, as_json=False, discover=False, add=None)
+        models.run(verbosity, as_json=as_json, discover=False, add=None)
         return
     from alvis_fsm.catalog import load_catalog
 
@@ -47,11 +56,11 @@ def run(
     from alvis_fsm.tunnel import local_port_free, port_busy_hint
 
     model_name = model or cfg.catalog.default_model
-    entry = catalog.get(model_name)
+    entry = _catalog_entry(catalog, model_name, from_flag=bool(model))
     time_text = walltime or cfg.slurm.time
-    seconds = jobscript.parse_walltime(time_text, cfg.slurm.max_time)
+    seconds = _walltime(time_text, cfg.slurm.max_time, from_flag=bool(walltime))
     gpu_spec = gpus or entry.gpus or cfg.slurm.gpus
-    session_name = check_name(name) if name else name_for_model(model_name)
+    session_name = _session_name(name) if name else name_for_model(model_name)
     local_port = cfg.tunnel.local_port
     store = Store(cfg.state_dir)
     store.ensure()
@@ -60,7 +69,7 @@ def run(
     if not force_new:
         same = [r for r in records if r.live and (r.model == model_name or r.name == session_name)]
         if same:
-            _offer_resume(ui, same[0], verbosity)
+            _offer_resume(ui, same[0], verbosity, may_ask=not as_json)
             return
     for r in records:
         if r.live and r.name == session_name:
@@ -108,6 +117,12 @@ def run(
         ui.info(f"Checking SSH connection to {cfg.ssh.host}...")
         runner.conn.open()
         ui.info("SSH connection successful")
+        try:
+            charged = _account(ui, runner, cfg.slurm.account)
+        except BaseException:
+            runner.conn.close()  # nothing submitted: leave no ssh behind
+            raise
+        ui.info(f"Charging {charged}")
         ui.info(f"Loading model configuration for: {model_name}")
         ui.info(f"Model path: {entry.path}")
         from alvis_fsm.autofit import resolve_gpus
@@ -119,7 +134,7 @@ def run(
         _report_free_gpus(ui, runner, gpu_spec)
         spec = jobscript.JobSpec(
             job_name=job_name,
-            account=cfg.slurm.account,
+            account=charged,
             time=time_text,
             gpus=gpu_spec,
             run_dir=record.run_dir,
@@ -141,11 +156,25 @@ def run(
         # on the cluster, where the remote home is known.
         runner.render = lambda run_dir: jobscript.render(dataclasses.replace(spec, run_dir=run_dir))
         runner.sbatch_args = list(cfg.slurm.extra_args)
-        runner.drive()
+        try:
+            runner.drive()
+        except SchedulerError as exc:
+            if exc.message == "sbatch refused the job":
+                # Say which values sbatch was given and where each came from.
+                exc.hint = _refusal_hint(charged, account, cfg.slurm.account, gpu_spec, gpus,
+                                         entry.gpus, time_text, walltime)  # fmt: skip
+            raise
     if detach:
         from alvis_fsm.commands import supervise
 
         supervise.spawn(store, record)
+    if detach and as_json:
+        from alvis_fsm.commands.status import row
+        from alvis_fsm.output import emit_json
+
+        emit_json({"session": {**row(record), "api_key": record.api_key or None,
+                               "account": charged}})  # fmt: skip
+    elif detach:
         ui.result(
             f"Detached: job {record.job_id} keeps running at {record.url}.\n"
             f"  Reattach:  alvis-fsm resume {record.name}\n"
@@ -153,9 +182,10 @@ def run(
         )
 
 
-def _offer_resume(ui: Reporter, record: SessionRecord, verbosity: Verbosity) -> None:
+def _offer_resume(ui: Reporter, record: SessionRecord, verbosity: Verbosity,
+                  may_ask: bool = True) -> None:  # fmt: skip
     what = f"Session '{record.name}' ({record.model}, job {record.job_id or '?'}, {record.state}) is already live"
-    if not ui.interactive():
+    if not may_ask or not ui.interactive():
         raise SessionError(
             what,
             hint=f"`alvis-fsm resume {record.name}` reattaches; `--new` starts another session "
@@ -187,3 +217,130 @@ def _report_free_gpus(ui: Reporter, runner: Any, gpu_spec: str) -> None:
         ui.info(f"No {label} free right now ({total} in all): expect to wait in the queue")
     else:
         ui.info(f"{label} free right now: {free} of {total} (on {nodes} node{'s' if nodes != 1 else ''})")
+
+
+def _catalog_entry(catalog: Any, name: str, from_flag: bool) -> Any:
+    """The catalog entry; an unknown default model is the setting's fault,
+    so the error names the setting and where it was set, not -m."""
+    try:
+        return catalog.get(name)
+    except UsageError as exc:
+        if from_flag:
+            raise UsageError(f"-m/--model: {exc.message}", hint=exc.hint, details=exc.details) from None
+        from alvis_fsm.settings import origin_of
+
+        raise ConfigError(
+            f"catalog.default_model {origin_of('catalog.default_model')} names model"
+            f" '{name}', which is not in the catalog. Available models:",
+            hint="Pick one: alvis-fsm config set catalog.default_model NAME (or -m NAME).",
+            details=exc.details,
+        ) from None
+
+
+def _session_name(name: str) -> str:
+    try:
+        return check_name(name)
+    except UsageError as exc:
+        raise UsageError(f"-n/--name: {exc.message}", hint=f"{exc.hint} For example: -n gpt-test-2.") from None
+
+
+def _walltime(text: str, max_time: str, from_flag: bool) -> int:
+    from alvis_fsm import jobscript
+
+    try:
+        return jobscript.parse_walltime(text, max_time)
+    except UsageError as exc:
+        if from_flag:
+            hint = exc.hint or ""
+            if "For example" not in hint:
+                hint += " For example: -t 2:00:00 (two hours)."
+            raise UsageError(f"-t/--time: {exc.message}", hint=hint.strip()) from None
+        # Settings validate slurm.time, so this is reached only if they change.
+        from alvis_fsm.settings import origin_of
+
+        raise ConfigError(
+            f"slurm.time {origin_of('slurm.time')}: {exc.message}",
+            hint="alvis-fsm config set slurm.time 2:00:00 (or -t for one run).",
+        ) from None
+
+
+def _account(ui: Reporter, runner: Any, configured: str) -> str:
+    """The account to charge: slurm.account if set; else the user's only
+    SLURM account; else, of several, the one the user picks (in a terminal)."""
+    if configured:
+        return configured
+    from alvis_fsm.remote import accounts
+
+    found = accounts(runner.agent)
+    how = "alvis-fsm config set slurm.account NAME (or start --account NAME for one run)"
+    if not found:
+        raise ConfigError(
+            "slurm.account is not set and the cluster lists no SLURM account for you",
+            hint=f"Set the project to charge: {how.replace('NAME', 'NAISS2025-XX-YYYY')};"
+            " `projinfo` on the login node lists your projects.",
+        )
+    if len(found) == 1:
+        ui.info(
+            f"slurm.account is not set: using your only SLURM account, {found[0]}"
+            f" (to make it permanent: alvis-fsm config set slurm.account {found[0]})"
+        )
+        return found[0]
+    listing = "\n".join(f"  {i}. {name}" for i, name in enumerate(found, 1))
+    if not ui.interactive():
+        raise UsageError(
+            f"slurm.account is not set and you have {len(found)} SLURM accounts;"
+            " choose the one to charge:",
+            hint=how.replace("NAME", found[0]),
+            details="\n".join(found),
+        )
+    prompt = (
+        f"slurm.account is not set and you have {len(found)} SLURM accounts:\n{listing}\n"
+        f"Charge which one? [1-{len(found)}] "
+    )
+    chosen = ""
+    for _ in range(3):  # bounded: a closed stdin answers "" for ever
+        answer = ui.ask(prompt).strip()
+        if answer.isdigit() and 0 < int(answer) <= len(found):
+            chosen = found[int(answer) - 1]
+        elif answer in found:
+            chosen = answer
+        if chosen:
+            break
+        prompt = f"Type a number from 1 to {len(found)} (Ctrl+C to quit): "
+    if not chosen:
+        raise UsageError(
+            "No SLURM account chosen", hint=how.replace("NAME", found[0]), details="\n".join(found)
+        )
+    from alvis_fsm.commands.config import write_setting
+
+    target = _user_file()
+    save = ui.ask(f"Save {chosen} as slurm.account in {target}? [Y/n] ").strip().lower()
+    if save in ("", "y", "yes"):
+        ui.info(write_setting("slurm.account", chosen))
+    return chosen
+
+
+def _user_file() -> str:
+    from alvis_fsm.settings import user_config_path
+
+    return str(user_config_path())
+
+
+def _refusal_hint(charged: str, account_flag: str | None, account_setting: str, gpu_spec: str,
+                  gpus_flag: str | None, entry_gpus: str | None, time_text: str,
+                  time_flag: str | None) -> str:  # fmt: skip
+    from alvis_fsm.settings import origin_of
+
+    def setting(key: str) -> str:
+        where = origin_of(key)
+        return f"{key}, the default" if "packaged defaults" in where else f"{key} {where}"
+
+    account_from = ("--account" if account_flag else setting("slurm.account") if account_setting
+                    else "your SLURM accounts, by sacctmgr")  # fmt: skip
+    gpus_from = "--gpus" if gpus_flag else "the catalog entry" if entry_gpus else setting("slurm.gpus")
+    time_from = "-t" if time_flag else setting("slurm.time")
+    return (
+        f"sbatch was given: account {charged} (from {account_from}), GPUs {gpu_spec} (from"
+        f" {gpus_from}), time {time_text} (from {time_from}). `projinfo` on the login node lists"
+        " your projects; `alvis-fsm config set KEY VALUE` changes a setting."
+    )

@@ -85,8 +85,10 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
         return
     if not rows and not errors:
         click.echo("No sessions. Start one with `alvis-fsm start`.")
+    from alvis_fsm.output import clean
+
     for r in rows:
-        click.echo(_describe(r))
+        click.echo(clean(_describe(r)))
     for e in problems:
         click.echo(f"[ERROR] {e.message}", err=True)
         if e.hint:

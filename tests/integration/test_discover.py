@@ -123,7 +123,10 @@ def test_add_by_repo_id_as_json(lab: object, tool: Tool) -> None:
 def test_add_unknown_name_is_refused(lab: object, tool: Tool) -> None:
     proc = tool.run_piped("models", "--discover", "--add", "nosuch")
     assert proc.returncode == ExitCode.USAGE
-    assert proc.stderr.startswith(f"[ERROR] 'nosuch' is not among the models discovered under {HUB}")
+    # Progress ([INFO]) goes to stderr first (issue 16), then the error.
+    progress, _, error = proc.stderr.partition("[ERROR] ")
+    assert all(line.startswith("[INFO] ") for line in progress.splitlines()), proc.stderr
+    assert error.startswith(f"'nosuch' is not among the models discovered under {HUB}")
     for name in EXPECTED:
         assert f"- {name}" in proc.stderr
     assert "[HINT]" in proc.stderr

@@ -107,7 +107,7 @@ def test_custom_model_and_time(lab, tool: Tool) -> None:
 def test_model_not_in_catalog(lab, tool: Tool) -> None:
     status, out = tool.run("start", "-m", "nonexistent-model")
     assert status == 2
-    assert "[ERROR] Model 'nonexistent-model' not found in models.json" in out
+    assert "[ERROR] -m/--model: Model 'nonexistent-model' not found in models.json" in out
     assert "  - gpt-oss-20b: GPT OSS 20B model" in out
     assert "  - lab-ok: Lab stand-in that loads in 3 s" in out
     assert "Checking SSH" not in out  # nothing remote was tried

@@ -123,7 +123,7 @@ def test_unknown_model_lists_the_catalog() -> None:
     assert proc.returncode == 2 == ExitCode.USAGE.value
     assert proc.stdout == ""
     lines = assert_error_format(proc.stderr)
-    assert lines[0].startswith("[ERROR] Model 'nosuch' not found in models.json")
+    assert lines[0].startswith("[ERROR] -m/--model: Model 'nosuch' not found in models.json")
     assert any(line.strip() == "- gpt-oss-20b: GPT OSS 20B model" for line in lines)
     assert_plain(proc)
 
