@@ -262,6 +262,11 @@ class CatalogSettings(_Section):
     default_model: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
 
 
+class Notify(_Section):
+    enabled: bool
+    after_wait: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class Session(_Section):
     state_dir: SafePath
     warn_before_end: list[Seconds]
@@ -289,6 +294,7 @@ class Settings(BaseSettings):
     fit: Fit
     catalog: CatalogSettings
     session: Session
+    notify: Notify
     machine: MachineDefinition
 
     @model_validator(mode="after")
@@ -646,6 +652,8 @@ ACCEPTED: dict[str, str] = {
     "catalog.default_model": "a model name from the catalog (`alvis-fsm models`), e.g. gpt-oss-20b",
     "session.state_dir": _PATH_WORDS + ", e.g. ~/.alvis-vllm",
     "session.warn_before_end": "a list of seconds before the time limit, e.g. [600, 60]",
+    "notify.enabled": "true or false",
+    "notify.after_wait": "a number of seconds, 0 or more, e.g. 60",
     "timeouts.cancel_confirm": "a number of seconds greater than 0, e.g. 30",
     "polling.job_check_interval": "a number of seconds greater than 0, e.g. 30",
     "remote.cache_dir": "a path without line breaks, e.g. ~/.cache/alvis-fsm; empty for $TMPDIR",

@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from enum import IntEnum
 from typing import IO, Any
 
@@ -59,6 +60,9 @@ class Reporter:
     def __init__(self, verbosity: Verbosity = Verbosity.NORMAL, out: IO[str] | None = None) -> None:
         self.verbosity = verbosity
         self._lock = threading.RLock()
+        # Called with the session record when the ready block is shown (the
+        # commands hook desktop notifications here).
+        self.on_ready: Callable[[Any], None] | None = None
         # ``out=sys.stderr`` in JSON mode: stdout then carries only the JSON.
         self._out = out or sys.stdout
         self._err = sys.stderr
@@ -171,6 +175,8 @@ class Reporter:
     ) -> None:
         """The ready block: what to paste to use the server. Printed only
         once a 1-token completion came back through the tunnel."""
+        if self.on_ready is not None:
+            self.on_ready(record)
         base = f"{record.url}/v1"
         key = record.api_key or "EMPTY"
         name = record.served_name if record.served_name in models else None

@@ -4,6 +4,7 @@ a closed laptop or a --detach."""
 from __future__ import annotations
 
 from alvis_fsm.commands._common import pick_session, reporter, settings
+from alvis_fsm.errors import AlvisError, Interrupted
 from alvis_fsm.store import Store
 from alvis_fsm.ui import Verbosity
 
@@ -57,7 +58,15 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
             ui.info(f"Found the session's job: {found}")
         if not runner.still_alive():
             return
-        runner.drive()
+        from alvis_fsm import notify
+
+        ui.on_ready = lambda rec: notify.on_ready(cfg, rec)
+        try:
+            runner.drive()
+        except AlvisError as exc:
+            if not isinstance(exc, Interrupted):
+                notify.on_failure(cfg, record.name, exc.message)
+            raise
     if detach and store.load(record.name).live:
         supervise.spawn(store, record)
         ui.result(f"Detached: {record.url} (alvis-fsm stop {record.name} to cancel)")

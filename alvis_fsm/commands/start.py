@@ -9,7 +9,14 @@ import sys
 from typing import Any
 
 from alvis_fsm.commands._common import flag_settings, name_for_model, reporter
-from alvis_fsm.errors import ConfigError, SchedulerError, SessionError, UsageError
+from alvis_fsm.errors import (
+    AlvisError,
+    ConfigError,
+    Interrupted,
+    SchedulerError,
+    SessionError,
+    UsageError,
+)
 from alvis_fsm.store import SessionRecord, Store, check_name
 from alvis_fsm.ui import Reporter, Verbosity
 
@@ -28,8 +35,11 @@ def run(
     list_models: bool,
     account: str | None = None,
     as_json: bool = False,
+    ui: Reporter | None = None,
 ) -> None:
-    ui = Reporter(verbosity, out=sys.stderr) if as_json else reporter(verbosity)
+    # ``ui``: the Python API passes a reporter that writes to a logger.
+    if ui is None:
+        ui = Reporter(verbosity, out=sys.stderr) if as_json else reporter(verbosity)
     if as_json and not detach and not list_models:
         raise UsageError(
             "--json goes with --detach: without it `start` streams logs until Ctrl+C",
@@ -156,9 +166,16 @@ def run(
         # on the cluster, where the remote home is known.
         runner.render = lambda run_dir: jobscript.render(dataclasses.replace(spec, run_dir=run_dir))
         runner.sbatch_args = list(cfg.slurm.extra_args)
+        from alvis_fsm import notify
+
+        ui.on_ready = lambda rec: notify.on_ready(cfg, rec)
         try:
             runner.drive()
-        except SchedulerError as exc:
+        except AlvisError as exc:
+            if not isinstance(exc, Interrupted):  # Ctrl+C is the user's own doing
+                notify.on_failure(cfg, record.name, exc.message)
+            if not isinstance(exc, SchedulerError):
+                raise
             if exc.message == "sbatch refused the job":
                 # Say which values sbatch was given and where each came from.
                 exc.hint = _refusal_hint(charged, account, cfg.slurm.account, gpu_spec, gpus,

@@ -17,8 +17,8 @@ from alvis_fsm.ui import Reporter, Verbosity
 CLIENT_GRACE_S = 90.0
 
 
-def run(verbosity: Verbosity, *, name: str | None) -> None:
-    ui = reporter(verbosity)
+def run(verbosity: Verbosity, *, name: str | None, ui: Reporter | None = None) -> None:
+    ui = ui or reporter(verbosity)
     cfg = settings()
     store = Store(cfg.state_dir)
     record = pick_session(store, name)
