@@ -211,6 +211,7 @@ class Remote(_Section):
 class Vllm(_Section):
     extra_args: list[SafeStr]
     api_key: bool
+    auto_fit: bool
 
 
 class Fit(_Section):
@@ -648,6 +649,7 @@ ACCEPTED: dict[str, str] = {
     "remote.model_hub": _PATH_WORDS + ", e.g. /mimer/NOBACKUP/Datasets/LLM/huggingface/hub",
     "vllm.extra_args": 'a list of strings without line breaks, e.g. ["--enforce-eager"]',
     "vllm.api_key": "true or false",
+    "vllm.auto_fit": "true or false",
     "catalog.paths": 'a list of file paths, e.g. ["~/my-models.json"]',
     "catalog.default_model": "a model name from the catalog (`alvis-fsm models`), e.g. gpt-oss-20b",
     "session.state_dir": _PATH_WORDS + ", e.g. ~/.alvis-vllm",

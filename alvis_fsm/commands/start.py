@@ -14,6 +14,7 @@ from alvis_fsm.errors import (
     ConfigError,
     Interrupted,
     SchedulerError,
+    ServerError,
     SessionError,
     UsageError,
 )
@@ -36,6 +37,7 @@ def run(
     account: str | None = None,
     as_json: bool = False,
     ui: Reporter | None = None,
+    fit_len: int | None = None,
 ) -> None:
     # ``ui``: the Python API passes a reporter that writes to a logger.
     if ui is None:
@@ -67,6 +69,9 @@ def run(
 
     model_name = model or cfg.catalog.default_model
     entry = _catalog_entry(catalog, model_name, from_flag=bool(model))
+    if fit_len is not None:
+        # The retry of a context vLLM refused (see _retry_with_fitting_length).
+        entry = entry.model_copy(update={"max_model_len": fit_len})
     time_text = walltime or cfg.slurm.time
     seconds = _walltime(time_text, cfg.slurm.max_time, from_flag=bool(walltime))
     gpu_spec = gpus or entry.gpus or cfg.slurm.gpus
@@ -169,18 +174,33 @@ def run(
         from alvis_fsm import notify
 
         ui.on_ready = lambda rec: notify.on_ready(cfg, rec)
+        fits: int | None = None
         try:
             runner.drive()
         except AlvisError as exc:
-            if not isinstance(exc, Interrupted):  # Ctrl+C is the user's own doing
-                notify.on_failure(cfg, record.name, exc.message)
-            if not isinstance(exc, SchedulerError):
+            fits = _fitting_length(cfg, exc, entry.max_model_len, fit_len)
+            if fits is None:
+                if not isinstance(exc, Interrupted):  # Ctrl+C is the user's own doing
+                    notify.on_failure(cfg, record.name, exc.message)
+                if isinstance(exc, SchedulerError) and exc.message == "sbatch refused the job":
+                    # Say which values sbatch was given and where each came from.
+                    exc.hint = _refusal_hint(charged, account, cfg.slurm.account, gpu_spec, gpus,
+                                             entry.gpus, time_text, walltime)  # fmt: skip
                 raise
-            if exc.message == "sbatch refused the job":
-                # Say which values sbatch was given and where each came from.
-                exc.hint = _refusal_hint(charged, account, cfg.slurm.account, gpu_spec, gpus,
-                                         entry.gpus, time_text, walltime)  # fmt: skip
-            raise
+    if fits is not None:
+        # The job is cleaned up; one more start, with the length vLLM says fits.
+        ui.warn(
+            f"vLLM refused max_model_len {entry.max_model_len} for {model_name}: the KV cache "
+            f"on {gpu_spec} holds {fits} tokens. Starting once more with max_model_len {fits} "
+            f'(vllm.auto_fit). To skip this next time, set "max_model_len": {fits} for '
+            f"{model_name} in your catalog (`alvis-fsm models --add`)."
+        )
+        run(
+            verbosity, model=model_name, walltime=walltime, port=port, gpus=gpus, route=route,
+            name=name, detach=detach, force_new=force_new, list_models=False, account=account,
+            as_json=as_json, ui=ui, fit_len=fits,
+        )  # fmt: skip
+        return
     if detach:
         from alvis_fsm.commands import supervise
 
@@ -197,6 +217,17 @@ def run(
             f"  Reattach:  alvis-fsm resume {record.name}\n"
             f"  Stop:      alvis-fsm stop {record.name}"
         )
+
+
+def _fitting_length(cfg: Any, exc: AlvisError, asked: int, retried: int | None) -> int | None:
+    """The context length vLLM said would fit, when it refused ``asked`` for
+    the KV cache (once per start, and only with ``vllm.auto_fit``)."""
+    if not cfg.vllm.auto_fit or retried is not None or not isinstance(exc, ServerError):
+        return None
+    from alvis_fsm.fit import parse_kv_refusal
+
+    fits = parse_kv_refusal(f"{exc.message}\n{exc.details or ''}")
+    return fits if fits is not None and 0 < fits < asked else None
 
 
 def _offer_resume(ui: Reporter, record: SessionRecord, verbosity: Verbosity,

@@ -24,6 +24,7 @@ EXPECTED = {
     "tiny-hang": ("alvislab/tiny-hang", 8192),
     "tiny-die": ("alvislab/tiny-die", 16384),
     "tiny-dead": ("alvislab/tiny-dead", 4096),
+    "tiny-long": ("alvislab/tiny-long", 32768),
 }
 
 
@@ -60,7 +61,7 @@ def test_discover_lists_the_hub(lab: object, tool: Tool) -> None:
         assert m["revision"] == Path(m["path"]).name
     assert models["gpt-oss-20b"]["in_catalog"] is True
     assert models["gpt-oss-20b"]["catalog_names"] == ["gpt-oss-20b"]
-    for name in ("tiny-ok", "tiny-oom", "tiny-hang", "tiny-die", "tiny-dead"):
+    for name in ("tiny-ok", "tiny-oom", "tiny-hang", "tiny-die", "tiny-dead", "tiny-long"):
         assert models[name]["in_catalog"] is False
         assert models[name]["catalog_names"] == []
     assert lab.count_accepted("login") == logins + 1  # type: ignore[attr-defined]
