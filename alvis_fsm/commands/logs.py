@@ -12,7 +12,7 @@ def run(verbosity: Verbosity, *, name: str | None, follow: bool, lines: int) -> 
     cfg = settings()
     store = Store(cfg.state_dir)
     record = pick_session(store, name)
-    from alvis_fsm.session import Runner
+    from alvis_fsm.engine import Runner
 
     runner = Runner(cfg, record, store, ui, readonly=True)
     runner.show_logs(lines, follow)

@@ -151,8 +151,8 @@ def scan_hub(settings: Settings, verbosity: Verbosity) -> list[tuple[str, str]]:
     """Run the remote discovery over the shared connection; close it after
     if this call opened it."""
     from alvis_fsm.commands._common import reporter
+    from alvis_fsm.engine import ssh_options
     from alvis_fsm.remote import Agent
-    from alvis_fsm.session import ssh_options
     from alvis_fsm.ssh import Connection, control_path
 
     ui = reporter(verbosity)

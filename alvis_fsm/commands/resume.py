@@ -26,7 +26,7 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
                 "Start a new one with `alvis-fsm start`."
             )
             return
-        from alvis_fsm.session import Runner
+        from alvis_fsm.engine import Runner
 
         runner = Runner(cfg, record, store, ui, detach=detach)
         ui.info(f"Resuming session '{record.name}' (job {record.job_id or '-'}, {record.state})")

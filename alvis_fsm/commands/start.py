@@ -121,12 +121,12 @@ def run(
         time_limit_s=seconds,
     )
     if cfg.vllm.api_key:
-        from alvis_fsm.session import new_api_key
+        from alvis_fsm.engine import new_api_key
 
         record.api_key = new_api_key()
 
     with store.lock(session_name):
-        from alvis_fsm.session import Runner
+        from alvis_fsm.engine import Runner
 
         runner = Runner(cfg, record, store, ui, detach=detach)
         ui.info(f"Checking SSH connection to {cfg.ssh.host}...")
@@ -175,10 +175,12 @@ def run(
 
         ui.on_ready = lambda rec: notify.on_ready(cfg, rec)
         fits: int | None = None
+        refusal = ""
         try:
             runner.drive()
         except AlvisError as exc:
             fits = _fitting_length(cfg, exc, entry.max_model_len, fit_len)
+            refusal = exc.details or ""
             if fits is None:
                 if not isinstance(exc, Interrupted):  # Ctrl+C is the user's own doing
                     notify.on_failure(cfg, record.name, exc.message)
@@ -189,6 +191,9 @@ def run(
                 raise
     if fits is not None:
         # The job is cleaned up; one more start, with the length vLLM says fits.
+        said = next((line for line in refusal.splitlines() if "estimated maximum" in line), "")
+        if said:
+            ui.warn(f"vLLM: {said.strip()}")
         ui.warn(
             f"vLLM refused max_model_len {entry.max_model_len} for {model_name}: the KV cache "
             f"on {gpu_spec} holds {fits} tokens. Starting once more with max_model_len {fits} "

@@ -98,7 +98,7 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
 def _live_row(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosity,
               errors: list[AlvisError]) -> dict[str, Any]:
     from alvis_fsm.commands._common import reporter
-    from alvis_fsm.session import Runner
+    from alvis_fsm.engine import Runner
     from alvis_fsm.tunnel import health
 
     ui = reporter(Verbosity.QUIET if verbosity < Verbosity.VERBOSE else verbosity)

@@ -34,7 +34,7 @@ def run(verbosity: Verbosity, *, name: str | None, ui: Reporter | None = None) -
         if record.state == "cleaned":
             ui.result(f"Session '{record.name}' is already stopped ({record.outcome()}).")
             return
-        from alvis_fsm.session import Runner
+        from alvis_fsm.engine import Runner
 
         runner = Runner(cfg, record, store, ui)
         runner.stop()

@@ -73,7 +73,7 @@ def take_over(store: Store, record: SessionRecord, timeout: float = 60) -> bool:
 
 
 def run(name: str) -> None:
-    from alvis_fsm.session import Runner
+    from alvis_fsm.engine import Runner
 
     cfg = settings()
     store = Store(cfg.state_dir)

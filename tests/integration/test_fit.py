@@ -4,6 +4,7 @@ starts once more with that length, says so, and suggests the catalog line."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +45,12 @@ def test_kv_cache_refusal_is_retried_once_with_the_length_that_fits(lab: Any, to
     out = child.logfile_read.text
     assert exit_status(child) == 0, out[-3000:]
     assert "estimated maximum model length is 8192" in out  # vLLM's own words were shown
-    assert re.search(r"--max-model-len.?8192|Using max model len 8192", out), out[-3000:]
+    # The second job was rendered with the length that fits (its run dir,
+    # on the lab's shared storage, keeps the job script).
+    record = json.loads((tool.state_dir / "sessions" / "lab-long.json").read_text())
+    assert record["job_id"] == second
+    script = (Path(record["run_dir"]) / "job.sh").read_text()
+    assert re.search(r"^MAX_MODEL_LEN=8192$", script, re.M), script[:2000]
     assert_nothing_left(lab, tool)
 
 

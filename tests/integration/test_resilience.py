@@ -56,7 +56,7 @@ TUNNEL_KILLS = 20
 RECOVERY_LIMIT_S = 5.0
 SSHD_OUTAGE_S = 10.0
 DETECT_LIMIT_S = 5.0
-# The tool's notices while it reopens a dropped tunnel (session.Runner.serve).
+# The tool's notices while it reopens a dropped tunnel (engine.Runner.serve).
 DROPPED = re.compile(r"\[WARN\] [^\n]*[Tt]unnel dropped")
 BACK_UP = "Tunnel back up: http://localhost:"
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alvis_fsm.engine import Runner
 from alvis_fsm.errors import ConnectionLost
 from alvis_fsm.remote import Event
-from alvis_fsm.session import Runner
 from alvis_fsm.settings import load_settings
 from alvis_fsm.slurm import JobInfo, JobState
 from alvis_fsm.ssh import SSHOptions

@@ -21,6 +21,7 @@ from fake_cluster import (
     make_runner,
 )
 
+from alvis_fsm.engine import _Backoff, _Signalled
 from alvis_fsm.errors import (
     CancelUnconfirmed,
     ConnectionLost,
@@ -30,7 +31,6 @@ from alvis_fsm.errors import (
     ServerError,
 )
 from alvis_fsm.remote import Event
-from alvis_fsm.session import _Backoff, _Signalled
 from alvis_fsm.slurm import parse_jobinfo
 
 LIVE = ["submitted", "running", "serving", "tunneled"]
