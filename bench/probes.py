@@ -374,18 +374,33 @@ def ours(path: Path) -> bool:
         return False
 
 
+# The lab's own fault switches (tests/lab/fault) route the cluster users'
+# squeue/sacct through a wrapper linked here; the counting wrappers take
+# their place during a run and the links are put back after it.
+LAB_FAULT_WRAPPER = "slurm-fault-wrapper"
+
+
+def _lab_link(path: Path) -> bool:
+    return path.is_symlink() and Path(os.readlink(path)).name == LAB_FAULT_WRAPPER
+
+
 def remove_wrappers() -> None:
-    """Remove our wrappers (only files carrying our mark)."""
+    """Remove our wrappers (only files carrying our mark), and put the lab's
+    fault-switch links back where the lab has them."""
     for name in WRAPPED:
         path = WRAPPER_DIR / name
         if ours(path):
             path.unlink(missing_ok=True)
+            if (WRAPPER_DIR / LAB_FAULT_WRAPPER).exists():
+                path.symlink_to(LAB_FAULT_WRAPPER)
 
 
 def install_wrappers(log: Path) -> str | None:
     """Put counting wrappers for squeue/sacct first in PATH; returns why not, or None."""
     remove_wrappers()  # a leftover of an interrupted run
     for name in WRAPPED:
+        if _lab_link(WRAPPER_DIR / name):
+            (WRAPPER_DIR / name).unlink()  # restored by remove_wrappers()
         if (WRAPPER_DIR / name).exists():
             return f"{WRAPPER_DIR / name} exists and is not ours"
     log.touch()
