@@ -272,7 +272,8 @@ def status(ctx: click.Context, name: str | None, as_json: bool, offline: bool) -
     """Show every session (or one): state, job, node, model, URL, time left."""
     from alvis_fsm.commands import status as command
 
-    command.run(_verbosity(ctx), name=name, as_json=as_json, offline=offline)
+    # Non-zero when a live check failed: scripts must not trust the lines then.
+    ctx.exit(command.run(_verbosity(ctx), name=name, as_json=as_json, offline=offline))
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)

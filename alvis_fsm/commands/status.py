@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from alvis_fsm.errors import AlvisError, SessionError
+from alvis_fsm.errors import AlvisError, SchedulerError, SessionError
 from alvis_fsm.store import SessionRecord, Store, check_name, default_state_dir
 from alvis_fsm.ui import Verbosity
 
@@ -57,7 +57,9 @@ def row(record: SessionRecord, job_state: str | None = None, time_left: str | No
     }
 
 
-def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool) -> None:
+def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool) -> int:
+    """Prints the sessions; returns the exit code: non-zero when a session
+    could not be checked (its line is then what was last saved, and says so)."""
     cfg: Any = None
     if offline:
         store = Store(default_state_dir())
@@ -73,26 +75,35 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
         records, errs = store.all()
         problems.extend(errs)
     rows: list[dict[str, Any]] = []
+    unverified: set[str] = set()
     for record in records:
         # A failed session whose cancel was not confirmed still has a job to ask about.
         if offline or not (record.live or (record.state == "failed" and record.job_id)):
             rows.append(row(record))
             continue
+        before = len(problems)
         rows.append(_live_row(cfg, store, record, verbosity, problems))
+        if len(problems) > before:
+            unverified.add(record.name)
     errors = [e.message for e in problems]
+    code = int(problems[0].exit_code) if problems else 0
     if as_json:
         click.echo(json.dumps({"sessions": rows, "errors": errors}, indent=2))
-        return
+        return code
     if not rows and not errors:
         click.echo("No sessions. Start one with `alvis-fsm start`.")
     from alvis_fsm.output import clean
 
     for r in rows:
-        click.echo(clean(_describe(r)))
+        line = _describe(r)
+        if r["name"] in unverified:
+            line += " · UNVERIFIED (the check failed; this is the last saved state)"
+        click.echo(clean(line))
     for e in problems:
         click.echo(f"[ERROR] {e.message}", err=True)
         if e.hint:
             click.echo(f"[HINT] {e.hint}", err=True)
+    return code
 
 
 def _live_row(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosity,
@@ -111,7 +122,7 @@ def _live_row(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosit
         if job is not None and job.unanswered:
             # No answer is not news: the session is left as it is.
             errors.append(
-                AlvisError(
+                SchedulerError(
                     f"{record.name}: could not check job {record.job_id}: {job.unanswered}",
                     hint="The scheduler may be busy or restarting; the session is kept. "
                     "Run `alvis-fsm status` again later.",
@@ -144,7 +155,8 @@ def _live_row(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosit
         return row(record, job_state=str(job.state) if job else None,
                    time_left=job.time_left if job else None, reachable=reachable)
     except AlvisError as exc:
-        errors.append(AlvisError(f"{record.name}: {exc.message}", hint=exc.hint))
+        failed = type(exc)(f"{record.name}: {exc.message}", hint=exc.hint)
+        errors.append(failed)  # the same class: its exit code is status's
         return row(record)
     finally:
         if opened:

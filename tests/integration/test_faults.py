@@ -217,6 +217,8 @@ def test_stop_status_resume_with_scheduler_away(lab: Any, tool: Tool, faults: An
     faults("sacct", "fail")
     status, out = tool.run("status", "lab-ok", timeout=120)
     assert f"could not check job {job_id}" in out, out[-2000:]
+    # Not checked is not "fine": a non-zero exit, and the line says so.
+    assert status == 5 and "UNVERIFIED" in out, out[-2000:]
     assert record(tool)["state"] == "tunneled"
     status, out = tool.run("resume", "lab-ok", "--detach", timeout=120)
     assert status == 0, out[-2000:]
