@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from alvis_fsm import rundir, slurm
+from alvis_fsm import loadtimes, rundir, slurm
 from alvis_fsm.errors import (
     AlvisError,
     CancelUnconfirmed,
@@ -192,6 +192,7 @@ class Runner:
         self._age: tuple[str, float, float] | None = None
         self._stream_since = 0.0
         self._stream_dead = False
+        self._load_times = loadtimes.LoadTimes(store.dir)
         self._last_unknown_note = 0.0
         self.model = Session()
         self.model.on_change = self._on_change
@@ -501,6 +502,9 @@ class Runner:
                 self._open_tunnel()
             if ev.kind == "READY":
                 self.ui.done_waiting()
+                if r.running_since:
+                    # For the next start's estimate (and the gateway's rollover lead).
+                    self._load_times.add(r.model, r.gpus, time.time() - r.running_since)
                 self._fire("ready")
                 return
             if ev.kind == "ADDRESS":
@@ -522,7 +526,11 @@ class Runner:
                     details="\n".join(self._tail_err(20)) or None,
                 )
             self._unanswered(ev.job)
-            self.ui.waiting(f"Waiting for vLLM to load {r.model} on {r.node}", since=entered)
+            eta = loadtimes.describe(self._load_times.expected(r.model, r.gpus))
+            self.ui.waiting(
+                f"Waiting for vLLM to load {r.model} on {r.node}" + (f" — {eta}" if eta else ""),
+                since=entered,
+            )
 
     def _tail_err(self, n: int) -> list[str]:
         try:

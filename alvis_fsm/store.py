@@ -86,6 +86,7 @@ class SessionRecord:
     tunnel_control_path: str = ""  # the route-jump tunnel's socket
     time_limit: str = ""
     time_limit_s: int = 0
+    gpus: str = ""  # as asked of SLURM (--gpus-per-node), e.g. A40:1
     running_since: float = 0.0  # epoch seconds the job started running
     detached: bool = False
     client_pid: int = 0

@@ -147,6 +147,7 @@ def run(
             time_text,
         )  # fmt: skip
         _report_free_gpus(ui, runner, gpu_spec)
+        record.gpus = gpu_spec
         spec = jobscript.JobSpec(
             job_name=job_name,
             account=charged,
