@@ -76,6 +76,7 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
         problems.extend(errs)
     rows: list[dict[str, Any]] = []
     unverified: set[str] = set()
+    failed_checks: list[AlvisError] = []
     for record in records:
         # A failed session whose cancel was not confirmed still has a job to ask about.
         if offline or not (record.live or (record.state == "failed" and record.job_id)):
@@ -85,8 +86,11 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
         rows.append(_live_row(cfg, store, record, verbosity, problems))
         if len(problems) > before:
             unverified.add(record.name)
+            failed_checks.append(problems[-1])
     errors = [e.message for e in problems]
-    code = int(problems[0].exit_code) if problems else 0
+    # A live check that failed makes the exit code (its own); a damaged file
+    # among many is reported but does not stop the listing from being valid.
+    code = int(failed_checks[0].exit_code) if failed_checks else 0
     if as_json:
         click.echo(json.dumps({"sessions": rows, "errors": errors}, indent=2))
         return code

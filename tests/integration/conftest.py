@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -262,3 +263,14 @@ def _cancel_leftover_jobs(request: pytest.FixtureRequest) -> Iterator[None]:
         lab_obj: Lab = request.getfixturevalue("lab")
         with contextlib.suppress(Exception):
             lab_obj.cancel_all()
+
+
+@pytest.fixture
+def tool(lab: Lab, tmp_path: Path) -> Iterator[Any]:
+    """alvis-fsm as a user runs it, with a fresh HOME and state dir; whatever
+    it left running is stopped afterwards (tests/integration/tool.py)."""
+    from tool import Tool
+
+    t = Tool(lab, tmp_path / "home")
+    yield t
+    t.close()

@@ -6,22 +6,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pexpect
-import pytest
 from tool import Tool, assert_nothing_left, exit_status, free_port, interrupt
 
 CONNECTED = "✓ Connection successful! Server available at http://localhost:"
-
-
-@pytest.fixture
-def tool(lab: Any, tmp_path: Path) -> Iterator[Tool]:
-    t = Tool(lab, tmp_path / "home")
-    yield t
-    t.close()
 
 
 def test_kv_cache_refusal_is_retried_once_with_the_length_that_fits(lab: Any, tool: Tool) -> None:

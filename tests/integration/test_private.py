@@ -30,7 +30,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +76,6 @@ for kind, where in targets:
             result = type(exc).__name__ + ": " + str(exc.strerror or exc)
         print(json.dumps([kind, where, path, result]), flush=True)
 """
-
-
-@pytest.fixture
-def tool(lab: Any, tmp_path: Path) -> Iterator[Tool]:
-    t = Tool(lab, tmp_path / "home")
-    yield t
-    t.close()
 
 
 def report(fault: str, tries: int, survived: int, **extra: Any) -> None:

@@ -29,7 +29,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +62,6 @@ BACK_UP = "Tunnel back up: http://localhost:"
 
 
 # -- helpers ------------------------------------------------------------------------
-@pytest.fixture
-def tool(lab: Any, tmp_path: Path) -> Iterator[Tool]:
-    t = Tool(lab, tmp_path / "home")
-    yield t
-    t.close()
-
-
 def session(tool: Tool, name: str = "lab-ok") -> dict[str, Any]:
     data: dict[str, Any] = json.loads((tool.state_dir / "sessions" / f"{name}.json").read_text())
     return data

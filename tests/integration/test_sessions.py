@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,6 @@ from tool import (
 )
 
 CONNECTED = "✓ Connection successful! Server available at http://localhost:"
-
-
-@pytest.fixture
-def tool(lab: Any, tmp_path: Path) -> Iterator[Tool]:
-    t = Tool(lab, tmp_path / "home")
-    yield t
-    t.close()
 
 
 def state(tool: Tool, name: str) -> dict[str, Any]:

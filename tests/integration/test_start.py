@@ -9,21 +9,12 @@ import re
 import shlex
 import signal
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 
 import pexpect
 import pytest
 from tool import Tool, assert_nothing_left, exit_status, free_port, interrupt
 
 CONNECTED = "✓ Connection successful! Server available at http://localhost:"
-
-
-@pytest.fixture
-def tool(lab, tmp_path: Path) -> Iterator[Tool]:
-    t = Tool(lab, tmp_path / "home")
-    yield t
-    t.close()
 
 
 def _job_id(text: str) -> str:

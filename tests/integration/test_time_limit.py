@@ -6,22 +6,12 @@ job and no ssh behind; `status --json` gives the end reason."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pexpect
-import pytest
 from tool import Tool, assert_nothing_left, exit_status, free_port
 
 CONNECTED = "✓ Connection successful! Server available at http://localhost:"
-
-
-@pytest.fixture
-def tool(lab: Any, tmp_path: Path) -> Iterator[Tool]:
-    t = Tool(lab, tmp_path / "home")
-    yield t
-    t.close()
 
 
 def test_job_ends_at_its_time_limit(lab: Any, tool: Tool) -> None:

@@ -85,7 +85,8 @@ class Tool:
 
         for path in (self.state_dir / "sessions").glob("*.json"):
             with contextlib.suppress(OSError, ValueError, ProcessLookupError, TypeError):
-                pid = int(json.loads(path.read_text()).get("supervisor_pid") or 0)
+                data = json.loads(path.read_text())  # tests write damaged files too
+                pid = int(data.get("supervisor_pid") or 0) if isinstance(data, dict) else 0
                 if pid > 0:
                     os.kill(pid, signal.SIGTERM)
                     for _ in range(50):
