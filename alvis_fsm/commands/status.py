@@ -135,13 +135,19 @@ def _live_row(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosit
             return row(record, job_state="UNKNOWN")
         if job is not None and job.ended:
             job_state = str(job.state)
-            if driven and store.holder(record.name) == record.supervisor_pid:
-                # A detached session's supervisor lets go by itself once the
-                # job has ended; give it a moment, then record the end here.
-                deadline = time.monotonic() + 5
-                while store.locked(record.name) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                driven = store.locked(record.name)
+            # A detached session's supervisor (also one still starting up)
+            # lets go by itself once the job has ended: give it a moment,
+            # then record the end here. A foreground client notices itself.
+            deadline = time.monotonic() + 5
+            while driven and time.monotonic() < deadline:
+                holder = store.holder(record.name)
+                fresh = store.load(record.name)
+                if holder is None:
+                    break
+                if holder == fresh.client_pid and holder != fresh.supervisor_pid:
+                    break
+                time.sleep(0.1)
+            driven = store.locked(record.name)
             if not driven:
                 # Nobody drives it: record how it ended and close what is left
                 # locally (a detached tunnel), under the lock so that a
