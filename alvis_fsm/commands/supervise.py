@@ -51,9 +51,15 @@ def take_over(store: Store, record: SessionRecord, timeout: float = 60) -> bool:
     """If the session's lock is held by its supervisor, ask it to let go
     (SIGTERM) and wait until it has. True when there was one."""
     holder = store.holder(record.name)
-    pid = record.supervisor_pid
-    if not holder or holder != pid or pid <= 0:
+    if not holder or holder < 0:
         return False
+    fresh = store.load(record.name)
+    # The supervisor, or one still starting (it holds the lock but has not
+    # written its pid yet): a detached session's lock held by a process that
+    # is not its foreground client. Until it drives, SIGTERM just ends it.
+    if not (holder == fresh.supervisor_pid or (fresh.detached and holder != fresh.client_pid)):
+        return False
+    pid = holder
     import signal
 
     try:
