@@ -185,7 +185,11 @@ class Runner:
         self._failure = "fail"
         self._new = False  # entered `submitted` from idle in this process: submit
         self._reconnecting = False
+        self._back_up = False
+        self._arrived = False
+        self._verified: Verified | None = None
         self._announced = False
+        self._said_streaming = False
         self._stream_lines = 50
         self._warned: set[float] = set()
         self._restarts = Backoff(first=0.5, most=60.0, immediate=True, healthy=30.0)
@@ -462,15 +466,13 @@ class Runner:
                 # "HOST JOBID EPOCH": the start on the cluster's clock, for
                 # the time left (a client that slept must not misjudge it).
                 words = ev.value.split()
-                host = words[0] if words else ""
-                r.node = host
+                r.node = words[0] if words else ""
                 r.running_since = time.time()
                 if len(words) >= 3 and words[2].isdigit():
                     r.running_since = float(words[2])
                 self.ui.done_waiting()
+                self._arrived = True  # announced by the next state's step
                 self._fire("start")
-                self.ui.info(f"Job is running on node: {host}")
-                self.ui.info("Waiting for server address...")
                 return
             job = ev.job
             if job is not None and job.ended:
@@ -499,6 +501,12 @@ class Runner:
     def await_server(self) -> None:
         """Step of `running`: wait for vLLM's address, then for it to be ready."""
         r = self.record
+        if self._arrived:
+            # Each step announces its own state, once the machine has entered
+            # (and saved) it: what the user reads is what `status` shows.
+            self._arrived = False
+            self.ui.info(f"Job is running on node: {r.node}")
+            self.ui.info("Waiting for server address...")
         entered = self.model.entered_at.get("running", time.time())
         while True:
             self._check_stop()
@@ -605,23 +613,30 @@ class Runner:
 
     def connect(self) -> None:
         """Step of `serving`: open the tunnel and verify the server through it;
-        after a drop (from `tunneled`), the same with retries."""
+        after a drop (from `tunneled`), the same with retries. The banner is
+        shown by `serve`, once `tunneled` is saved."""
         r = self.record
         if self._reconnecting:
             self._reconnect()
             self._reconnecting = False
+            self._back_up = True
             self._fire("connect")
-            self.ui.info(f"Tunnel back up: http://localhost:{r.local_port}")
             return
         if self.tunnel is None:
             self._open_tunnel()
         self.ui.info("Testing connection...")
-        seen = self._verify(
+        self._verified = self._verify(
             r.local_port, r.api_key or None, self.settings.timeouts.connection_test, r.served_name
         )
         self._fire("connect")
+
+    def _announce(self) -> None:
+        """The ready banner, once per client; later verifications say less."""
+        r = self.record
+        seen, self._verified = self._verified, None
+        if seen is None:
+            return
         if self._announced:
-            # Picked up again after a drop (a supervisor adopting): no banner.
             self.ui.info(f"Tunnel back up: http://localhost:{r.local_port}")
             return
         self._announced = True
@@ -700,12 +715,19 @@ class Runner:
         A dropped tunnel fires `disconnect` (back to `serving`, whose step
         reopens it); the log stream carries on across it."""
         r = self.record
+        if not self.detach:
+            # From the banner on, Ctrl+C is the normal way out (exit 0), even
+            # mid-reconnect.
+            self._streaming = True
+        self._announce()
+        if self._back_up:
+            self._back_up = False
+            self.ui.info(f"Tunnel back up: http://localhost:{r.local_port}")
         if self.detach:
             raise Detached()
-        if not self._streaming:
+        if not self._said_streaming:
+            self._said_streaming = True
             self.ui.info("Streaming logs (Ctrl+C to stop and cleanup)...")
-            # From here Ctrl+C is the normal way out, even mid-reconnect.
-            self._streaming = True
         restarts = self._restarts
         while True:
             self._check_stop()
