@@ -1,11 +1,23 @@
-"""Driving one session through the machine: submit, wait, tunnel, stream, clean.
+"""One session's life: the steps the machine runs, and the way out.
 
-``Runner.drive`` looks up the step for the current state (``STEPS``) and runs
-it until the session is tunneled (and, unless detached, streams logs until
-the user stops it) or has failed. ``start`` and ``resume`` are the same
-loop entered at different states. Any exception, Ctrl+C, SIGTERM or SIGHUP
-ends in ``cleanup``: scancel, close the tunnel and the shared connection,
-state ``cleaned``. Nothing here prints: the reporter does."""
+The machine (engine/machine.py, declared in ``[machine]``) drives: each live
+state names its step as ``on_enter`` — ``await_start`` (submit, then wait
+for a node), ``await_server`` (wait for vLLM), ``connect`` (open and verify
+the tunnel), ``serve`` (stream logs, watch job and tunnel). A step fires the
+next trigger when its state is done and returns; the queued machine then
+enters the next state and runs its step. ``Runner.drive`` enters the machine
+(``submit`` for a new session, ``resume`` for one picked up again) and turns
+every way out into what it means for the job (``_finish``): detached,
+released to another client, the network lost (job kept), or ``cleanup``
+(scancel, confirmed; tunnel and connection closed; state ``cleaned``).
+
+No terminal here: no printing (the observer, engine/observer.py, hears
+every event and a front renders it), no prompts (passphrases go through the
+observer's ``ask``), no signal handlers (the terminal front owns them,
+fronts/signals.py, and passes a ``shield`` for cleanup), no module-level
+state. So a front can run many sessions in threads of one process and stop
+each with ``request_stop``; each Runner has its own machine, connection,
+log reader thread and stop event."""
 
 from __future__ import annotations
 
@@ -20,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from alvis_fsm.cluster import rundir, slurm
 from alvis_fsm.cluster.agent import Agent, Event, parse_log_line
@@ -28,6 +40,7 @@ from alvis_fsm.cluster.ssh import Connection, SSHOptions, control_path
 from alvis_fsm.cluster.tunnel import Tunnel, Verified, parse_address, verify
 from alvis_fsm.engine import loadtimes
 from alvis_fsm.engine.machine import LIVE_STATES, Session, State, build_machine
+from alvis_fsm.engine.observer import Observer
 from alvis_fsm.engine.store import SessionRecord, Store
 from alvis_fsm.errors import (
     AlvisError,
@@ -44,22 +57,6 @@ from alvis_fsm.retry import Backoff
 
 if TYPE_CHECKING:  # settings imports pydantic; the Runner only reads it
     from alvis_fsm.engine.settings import Settings
-
-
-class Reporter(Protocol):
-    def info(self, message: str) -> None: ...
-    def warn(self, message: str) -> None: ...
-    def result(self, message: str) -> None: ...
-    def command(self, text: str) -> None: ...
-    def log_line(self, stream: str, line: str) -> None: ...
-    def waiting(self, text: str, since: float | None = None) -> None: ...
-    def interrupted(self) -> None: ...
-    def done_waiting(self) -> None: ...
-    def interactive(self) -> bool: ...
-    def ask(self, prompt: str, secret: bool = False) -> str: ...
-    def connected(
-        self, record: SessionRecord, models: list[str], first_token_s: float | None = None
-    ) -> None: ...
 
 
 # Route login needs vLLM on a TCP port of the node, where vLLM's key guards
@@ -116,7 +113,7 @@ class Runner:
         settings: Settings,
         record: SessionRecord,
         store: Store,
-        ui: Reporter,
+        ui: Observer,
         *,
         detach: bool = False,
         readonly: bool = False,
@@ -208,7 +205,7 @@ class Runner:
         self._streaming = False
 
     def _connection(
-        self, settings: Settings, record: SessionRecord, store: Store, ui: Reporter
+        self, settings: Settings, record: SessionRecord, store: Store, ui: Observer
     ) -> Connection:
         """The session's shared connection. A read-only look (status, logs)
         reuses it when it is up but never opens or closes it: another client
