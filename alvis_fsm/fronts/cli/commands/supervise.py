@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+from alvis_fsm.engine.states import State
 from alvis_fsm.engine.store import SessionRecord, Store
 from alvis_fsm.errors import AlvisError, ConnectionLost, SessionError
 from alvis_fsm.fronts import signals
@@ -67,15 +68,12 @@ def take_over(store: Store, record: SessionRecord, timeout: float = 60) -> bool:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return False
-    deadline = time.monotonic() + timeout
-    while store.locked(record.name):
-        if time.monotonic() > deadline:
-            raise SessionError(
-                f"The background supervisor (pid {pid}) of session '{record.name}' "
-                f"did not let go within {timeout:.0f} s",
-                hint=f"Check that process (ps -p {pid}); kill it, then try again.",
-            )
-        time.sleep(0.1)
+    if not store.wait_unlocked(record.name, timeout):
+        raise SessionError(
+            f"The background supervisor (pid {pid}) of session '{record.name}' "
+            f"did not let go within {timeout:.0f} s",
+            hint=f"Check that process (ps -p {pid}); kill it, then try again.",
+        )
     return True
 
 
@@ -102,7 +100,7 @@ def _supervise(cfg: object, store: Store, name: str, ui: object, runner_cls: typ
     delay = 1.0
     while True:
         record = store.load(name)
-        if record.state not in ("serving", "tunneled"):
+        if record.state not in (State.SERVING, State.TUNNELED):
             return
         if record.running_since and record.time_limit_s and (
             time.time() > record.running_since + record.time_limit_s + AFTER_LIMIT_S
