@@ -39,8 +39,10 @@ from alvis_fsm.cluster.agent import Agent, Event, parse_log_line
 from alvis_fsm.cluster.ssh import Connection, SSHOptions, control_path
 from alvis_fsm.cluster.tunnel import Tunnel, Verified, parse_address, verify
 from alvis_fsm.engine import loadtimes
-from alvis_fsm.engine.machine import LIVE_STATES, Session, State, build_machine
+from alvis_fsm.engine.durations import fmt_duration
+from alvis_fsm.engine.machine import Session, build_machine
 from alvis_fsm.engine.observer import Observer
+from alvis_fsm.engine.states import LIVE_STATES, State
 from alvis_fsm.engine.store import SessionRecord, Store
 from alvis_fsm.errors import (
     AlvisError,
@@ -83,14 +85,6 @@ def ssh_options(settings: Settings) -> SSHOptions:
         keepalive_count=int(s.keepalive_count),
         reconnect_window=float(s.reconnect_window),
     )
-
-
-def fmt_duration(seconds: float) -> str:
-    """H:MM:SS (D-H:MM:SS past a day), as SLURM writes times."""
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}-{text}" if days else text
 
 
 def new_api_key() -> str:
@@ -450,7 +444,7 @@ class Runner:
                 raise SessionError(f"Session '{r.name}' has no job on the cluster")
             self._save()
         since = time.monotonic()
-        entered = self.model.entered_at.get("submitted", time.time())
+        entered = self.model.entered_at.get(State.SUBMITTED, time.time())
         while True:
             self._check_stop()
             # Ask first, judge after: what happened on the cluster while this
@@ -480,7 +474,7 @@ class Runner:
                     hint=f"See {r.run_dir}/{rundir.SLURM_OUTPUT.replace('%j', r.job_id)} on the login node.",
                 )
             if self._timed_out(ev):
-                limit = self._limit("submitted")
+                limit = self._limit(State.SUBMITTED)
                 raise self._timeout(SchedulerError(
                     f"Job {r.job_id} did not start within {limit:.0f} s",
                     hint="The queue is busy: try a shorter -t, fewer GPUs, or raise timeouts.job_start.",
@@ -504,7 +498,7 @@ class Runner:
             self._arrived = False
             self.ui.info(f"Job is running on node: {r.node}")
             self.ui.info("Waiting for server address...")
-        entered = self.model.entered_at.get("running", time.time())
+        entered = self.model.entered_at.get(State.RUNNING, time.time())
         while True:
             self._check_stop()
             ev = self.agent.wait_ready(
@@ -546,7 +540,7 @@ class Runner:
                 raise self._crash(f"Job {r.job_id} ended ({ev.job.state}) before vLLM was ready")
             if self._timed_out(ev):
                 raise self._timeout(ServerError(
-                    f"vLLM did not start within {self._limit('running'):.0f} s",
+                    f"vLLM did not start within {self._limit(State.RUNNING):.0f} s",
                     hint="Raise timeouts.server_ready for a large model, or check the log above.",
                     details="\n".join(self._tail_err(20)) or None,
                 ))
@@ -875,7 +869,7 @@ class Runner:
 
     def show_logs(self, lines: int, follow: bool) -> None:
         r = self.record
-        if not r.run_dir or r.state == "idle":
+        if not r.run_dir or r.state == State.IDLE:
             raise SessionError(f"Session '{r.name}' has no job yet, so no logs")
         opened = not self.conn.alive()
         self.conn.open()
