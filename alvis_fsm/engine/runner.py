@@ -606,6 +606,7 @@ class Runner:
         """Step of `serving`: open the tunnel and verify the server through it;
         after a drop (from `tunneled`), the same with retries. The banner is
         shown by `serve`, once `tunneled` is saved."""
+        self._check_stop()
         r = self.record
         if self._reconnecting:
             self._reconnect()
