@@ -1,3 +1,3 @@
-from alvis_fsm.cli import main
+from alvis_fsm.fronts.cli.main import main
 
 main()

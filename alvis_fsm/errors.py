@@ -75,3 +75,15 @@ class Interrupted(AlvisError):
     """Raised when a signal asks us to stop; cleanup has run by the time it is shown."""
 
     exit_code = ExitCode.INTERRUPTED
+
+
+class StopRequested(BaseException):
+    """A front asks the session to stop and clean up: the terminal front
+    raises it from its SIGTERM/SIGHUP handler (``fronts/signals.py``), a
+    front holding many sessions calls ``Runner.request_stop`` instead. Like
+    Ctrl+C it cancels the job; a BaseException so no ``except Exception``
+    on the way swallows it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -160,7 +160,7 @@ def test_missing_hub_says_so(lab: object, tool: Tool) -> None:
 
 
 def test_context_length_keys() -> None:
-    from alvis_fsm.commands.models import context_length
+    from alvis_fsm.fronts.cli.commands.models import context_length
 
     assert context_length({"max_position_embeddings": 8192, "max_seq_len": 4}) == 8192
     assert context_length({"max_seq_len": 2048}) == 2048
@@ -174,8 +174,8 @@ def test_context_length_keys() -> None:
 
 
 def test_suggested_names_and_catalog_match() -> None:
-    from alvis_fsm.catalog import Catalog, ModelEntry
-    from alvis_fsm.commands.models import discovered_models
+    from alvis_fsm.engine.catalog import Catalog, ModelEntry
+    from alvis_fsm.fronts.cli.commands.models import discovered_models
 
     hub = "/hub"
     snaps = [

@@ -38,11 +38,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tool import Tool, assert_nothing_left, exit_status, free_port, interrupt, ssh_clients
 
-from alvis_fsm import rundir
+from alvis_fsm.cluster import rundir
+from alvis_fsm.cluster.agent import Agent
+from alvis_fsm.cluster.ssh import Connection, SSHOptions
+from alvis_fsm.engine.settings import load_settings
 from alvis_fsm.errors import ConfigError
-from alvis_fsm.remote import Agent
-from alvis_fsm.settings import load_settings
-from alvis_fsm.ssh import Connection, SSHOptions
 
 CONNECTED = "✓ Connection successful! Server available at http://localhost:"
 TAG = f"afsm-hostile-{uuid.uuid4().hex[:8]}"

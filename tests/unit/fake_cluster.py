@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alvis_fsm.engine import Runner
+from alvis_fsm.cluster.agent import Event
+from alvis_fsm.cluster.slurm import JobInfo, JobState
+from alvis_fsm.cluster.ssh import SSHOptions
+from alvis_fsm.cluster.tunnel import Verified
+from alvis_fsm.engine.runner import Runner
+from alvis_fsm.engine.settings import load_settings
+from alvis_fsm.engine.store import SessionRecord, Store
 from alvis_fsm.errors import ConnectionLost
-from alvis_fsm.remote import Event
-from alvis_fsm.settings import load_settings
-from alvis_fsm.slurm import JobInfo, JobState
-from alvis_fsm.ssh import SSHOptions
-from alvis_fsm.store import SessionRecord, Store
-from alvis_fsm.tunnel import Verified
 
 UNKNOWN = JobInfo(source="unknown", state=JobState.UNKNOWN, reason="squeue: Socket timed out")
 PENDING = JobInfo(source="squeue", state=JobState.PENDING, reason="Resources")

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from alvis_fsm import remote
-from alvis_fsm.commands import start
+from alvis_fsm.cluster import agent
 from alvis_fsm.errors import ConfigError, ExitCode, UsageError
+from alvis_fsm.fronts.cli.commands import start
 
 
 class FakeUI:
@@ -40,11 +40,11 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     found: list[str] = []
     calls: list[Any] = []
 
-    def accounts(agent: Any) -> list[str]:
-        calls.append(agent)
+    def accounts(conn: Any) -> list[str]:
+        calls.append(conn)
         return list(found)
 
-    monkeypatch.setattr(remote, "accounts", accounts)
+    monkeypatch.setattr(agent, "accounts", accounts)
     return found
 
 
@@ -112,7 +112,7 @@ def _agent(tmp_path: Path, script: str) -> Any:
     import os
     import subprocess
 
-    from alvis_fsm.remote import agent_source
+    from alvis_fsm.cluster.agent import agent_source
 
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -131,7 +131,7 @@ def test_agent_lists_each_account_once(tmp_path: Path) -> None:
     assert proc.stdout.splitlines() == [
         "CMD|sacctmgr -nP show assoc user=pradas format=Account", "ACCOUNT|b2", "ACCOUNT|a1",
     ]  # fmt: skip
-    from alvis_fsm.remote import _records
+    from alvis_fsm.cluster.agent import _records
 
     assert sorted(set(_records(proc.stdout, "ACCOUNT"))) == ["a1", "b2"]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm import autofit
+from alvis_fsm.engine import autofit
+from alvis_fsm.engine.settings import load_settings
 from alvis_fsm.errors import ConfigError, SSHError
-from alvis_fsm.settings import load_settings
 
 CONFIGS = Path(__file__).parent / "fit_configs"
 SBATCH = """#!/bin/bash

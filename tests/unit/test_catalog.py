@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.catalog import (
+from alvis_fsm.engine.catalog import (
     ModelEntry,
     add_entry,
     load_catalog,
     user_catalog_path,
 )
+from alvis_fsm.engine.settings import load_settings
 from alvis_fsm.errors import AlvisError, ConfigError
-from alvis_fsm.settings import load_settings
 
 
 def settings_with(*paths: Path):  # type: ignore[no-untyped-def]

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from alvis_fsm.cli import cli
+from alvis_fsm.engine.settings import explain, load_settings
 from alvis_fsm.errors import AlvisError, ExitCode
-from alvis_fsm.settings import explain, load_settings
+from alvis_fsm.fronts.cli.main import cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -164,7 +164,7 @@ def test_models_add_needs_discover() -> None:
 
 
 def test_model_names_never_raises(user_conf: Path) -> None:
-    from alvis_fsm.commands.models import model_names
+    from alvis_fsm.fronts.cli.commands.models import model_names
 
     assert "gpt-oss-20b" in model_names()
     user_conf.write_text("broken [\n")

@@ -107,7 +107,7 @@ def test_catalog_text_reaches_the_terminal_without_escapes(tmp_path: Path, user_
 
 
 def test_clean() -> None:
-    from alvis_fsm.output import clean
+    from alvis_fsm.fronts.output import clean
 
     assert clean("a\x1b[1;31mb\x1b[0mc") == "abc"
     assert clean("t\x1b]2;title\x1b\\x") == "tx"
@@ -137,7 +137,7 @@ def test_closed_stdout_ends_quietly() -> None:
 
 
 def test_reporter_strips_remote_text(capsys: pytest.CaptureFixture[str]) -> None:
-    from alvis_fsm.ui import Reporter
+    from alvis_fsm.fronts.ui import Reporter
 
     ui = Reporter()
     ui.info("Model path: /m/\x1b[2Jevil\x07/")

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from alvis_fsm import __version__
+from alvis_fsm.engine.store import SessionRecord, Store
 from alvis_fsm.errors import ExitCode
-from alvis_fsm.store import SessionRecord, Store
 
 REPO = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b[\[\]()#;?0-9A-Za-z]")
@@ -94,7 +94,7 @@ def test_version() -> None:
 
 
 def test_help_lists_every_command() -> None:
-    from alvis_fsm.cli import cli
+    from alvis_fsm.fronts.cli.main import cli
 
     out = run("--help").stdout
     for name, command in cli.commands.items():

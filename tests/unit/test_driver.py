@@ -6,7 +6,6 @@ session's state as saved."""
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,9 @@ from fake_cluster import (
     make_runner,
 )
 
-from alvis_fsm.engine import _Backoff, _Signalled
+from alvis_fsm.cluster.agent import Event
+from alvis_fsm.cluster.slurm import parse_jobinfo
+from alvis_fsm.engine.runner import _Backoff
 from alvis_fsm.errors import (
     CancelUnconfirmed,
     ConnectionLost,
@@ -29,9 +30,8 @@ from alvis_fsm.errors import (
     Interrupted,
     SchedulerError,
     ServerError,
+    StopRequested,
 )
-from alvis_fsm.remote import Event
-from alvis_fsm.slurm import parse_jobinfo
 
 LIVE = ["submitted", "running", "serving", "tunneled"]
 
@@ -173,7 +173,7 @@ def test_stop_retries_and_confirms(tmp_path: Path) -> None:
 
 # -- signals in each state ----------------------------------------------------------------
 @pytest.mark.parametrize("state", ["submitted", "running"])
-@pytest.mark.parametrize("exc", [KeyboardInterrupt(), _Signalled(signal.SIGTERM), _Signalled(signal.SIGHUP)])
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), StopRequested("SIGTERM"), StopRequested("SIGHUP")])
 def test_signal_in_a_waiting_state_cancels(tmp_path: Path, state: str, exc: BaseException) -> None:
     runner, agent, _, _, store = make_runner(tmp_path, state)
     (agent.starts if state == "submitted" else agent.readies).append(exc)
@@ -323,7 +323,7 @@ def test_supervisor_adopts_a_live_tunnel_without_leaving_tunneled(tmp_path: Path
     def live(**kw: object) -> FakeTunnel:
         tunnel = FakeTunnel(**kw)
         tunnel.is_up = True
-        tunnel.raise_after = (3, _Signalled(signal.SIGTERM))  # `stop` takes over
+        tunnel.raise_after = (3, StopRequested("SIGTERM"))  # `stop` takes over
         return tunnel
 
     runner._tunnel_factory = live  # type: ignore[assignment]

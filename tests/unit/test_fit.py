@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm import fit
+from alvis_fsm.engine import fit
+from alvis_fsm.engine.fit import Budget, GpuType, estimate, parse_gpu_type
 from alvis_fsm.errors import ConfigError
-from alvis_fsm.fit import Budget, GpuType, estimate, parse_gpu_type
 
 CONFIGS = Path(__file__).parent / "fit_configs"
 
@@ -419,7 +419,7 @@ TABLE_START, TABLE_END = "<!-- fit-table:start -->\n", "<!-- fit-table:end -->"
 
 
 def readme_table() -> str:
-    from alvis_fsm.settings import load_settings
+    from alvis_fsm.engine.settings import load_settings
 
     settings = load_settings().fit
     rows = [

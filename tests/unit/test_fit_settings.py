@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from alvis_fsm.engine.fit import Budget, GpuType
+from alvis_fsm.engine.settings import load_settings
 from alvis_fsm.errors import ConfigError
-from alvis_fsm.fit import Budget, GpuType
-from alvis_fsm.settings import load_settings
 
 
 def test_packaged_gpu_types() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.cli import main
+from alvis_fsm.fronts.cli.main import main
 
 # The wording of pydantic, click and regular expressions: never shown.
 INTERNALS = ("String should", "Input should", "pattern", "^(", "[0-9]", "valid integer",
@@ -174,7 +174,7 @@ def test_config_set_on_a_broken_file_names_the_broken_setting(
 
 def test_every_setting_says_in_words_what_it_accepts() -> None:
     """No setting falls back to a generic message when its value is refused."""
-    from alvis_fsm.settings import ACCEPTED, explain
+    from alvis_fsm.engine.settings import ACCEPTED, explain
 
     missing = [k for k, _, _ in explain() if not k.startswith("machine.") and k not in ACCEPTED]
     assert missing == []

@@ -30,14 +30,15 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from alvis_fsm import cli, jobscript, rundir
-from alvis_fsm.catalog import check_model_name, load_catalog
-from alvis_fsm.commands._common import name_for_model
+from alvis_fsm.cluster import jobscript, rundir
+from alvis_fsm.cluster.agent import Agent
+from alvis_fsm.cluster.ssh import Connection, SSHOptions
+from alvis_fsm.engine.catalog import check_model_name, load_catalog
+from alvis_fsm.engine.settings import load_settings
+from alvis_fsm.engine.store import NAME_RE, check_name
 from alvis_fsm.errors import ConfigError, UsageError
-from alvis_fsm.remote import Agent
-from alvis_fsm.settings import load_settings
-from alvis_fsm.ssh import Connection, SSHOptions
-from alvis_fsm.store import NAME_RE, check_name
+from alvis_fsm.fronts.cli import main as cli_main
+from alvis_fsm.fronts.cli.commands._common import name_for_model
 
 # One canary per test run; every hostile string tries to create it.
 CANARY = Path(f"/tmp/afsm-canary-{uuid.uuid4().hex[:12]}")
@@ -406,7 +407,7 @@ def no_ssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def cli_status(argv: list[str]) -> int:
     try:
-        cli.main(argv)
+        cli_main.main(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0

@@ -16,9 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alvis_fsm import jobscript, rundir
-from alvis_fsm.errors import ConfigError, UsageError
-from alvis_fsm.jobscript import (
+from alvis_fsm.cluster import jobscript, rundir
+from alvis_fsm.cluster.jobscript import (
     JobSpec,
     format_walltime,
     gpu_count,
@@ -26,6 +25,7 @@ from alvis_fsm.jobscript import (
     render,
     served_model_name,
 )
+from alvis_fsm.errors import ConfigError, UsageError
 
 GOLDEN = Path(__file__).parent / "golden"
 HUB = "/mimer/NOBACKUP/Datasets/LLM/huggingface/hub"

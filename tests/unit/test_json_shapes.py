@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.cli import main
-from alvis_fsm.store import SessionRecord, Store
+from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.fronts.cli.main import main
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -58,7 +58,7 @@ def test_every_reporting_command_is_documented() -> None:
 
 
 def test_status(session: SessionRecord, capsys: pytest.CaptureFixture[str]) -> None:
-    from alvis_fsm.commands.status import row
+    from alvis_fsm.fronts.cli.commands.status import row
 
     code, data = run(["status", "--offline", "--json"], capsys)
     assert code == 0

@@ -11,8 +11,7 @@ import pytest
 from transitions import MachineError
 
 from alvis_fsm import paths
-from alvis_fsm.errors import ConfigError
-from alvis_fsm.machine import (
+from alvis_fsm.engine.machine import (
     LIVE_STATES,
     MachineDefinition,
     Session,
@@ -22,6 +21,7 @@ from alvis_fsm.machine import (
     packaged_definition,
     packaged_timeouts,
 )
+from alvis_fsm.errors import ConfigError
 
 TIMEOUTS = {"job_start": 600.0, "server_ready": 600.0, "connection_test": 30.0, "cancel_confirm": 30.0}
 

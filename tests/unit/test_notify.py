@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from alvis_fsm import notify
-from alvis_fsm.settings import load_settings
+from alvis_fsm.engine.settings import load_settings
+from alvis_fsm.fronts import notify
 
 
 def _stand_in(tmp: Path, name: str) -> Path:

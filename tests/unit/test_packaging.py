@@ -34,7 +34,7 @@ def test_wheel_contains_data_files(wheel: Path) -> None:
         "alvis_fsm/data/default.toml",
         "alvis_fsm/data/models.json",
         "alvis_fsm/data/jobscript.sh",
-        "alvis_fsm/agent.sh",
+        "alvis_fsm/cluster/agent.sh",
     ):
         assert member in names
 

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from alvis_fsm.tunnel import local_port_free
+from alvis_fsm.cluster.tunnel import local_port_free
 
 
 def _listener() -> socket.socket:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm import confref, paths
+from alvis_fsm import paths
+from alvis_fsm.engine.settings import SECTIONS
 from alvis_fsm.errors import ExitCode
-from alvis_fsm.settings import SECTIONS
+from alvis_fsm.fronts import confref
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -42,7 +43,7 @@ def section(text: str, heading: str) -> str:
 
 def test_config_reference_is_current(readme: str) -> None:
     assert confref.refresh(readme) == readme, (
-        "README.md's generated blocks are stale: run `python -m alvis_fsm.confref --write README.md`"
+        "README.md's generated blocks are stale: run `python -m alvis_fsm.fronts.confref --write README.md`"
     )
 
 
@@ -126,7 +127,7 @@ def test_quickstart_has_the_two_commands(readme: str) -> None:
 
 
 def test_every_command_is_documented(readme: str) -> None:
-    from alvis_fsm.cli import Group, cli, config
+    from alvis_fsm.fronts.cli.main import Group, cli, config
 
     commands = section(readme, "Commands")
     for name, command in cli.commands.items():
@@ -148,8 +149,8 @@ def test_exit_codes_table_matches_errors_py(readme: str) -> None:
 
 
 def test_status_json_example_has_every_key(readme: str) -> None:
-    from alvis_fsm.commands.status import row
-    from alvis_fsm.store import SessionRecord
+    from alvis_fsm.engine.store import SessionRecord
+    from alvis_fsm.fronts.cli.commands.status import row
 
     body = section(readme, "`status --json`")
     example = json.loads(body.split("```json\n", 1)[1].split("```", 1)[0])
@@ -157,7 +158,7 @@ def test_status_json_example_has_every_key(readme: str) -> None:
     assert set(example) == {"sessions", "errors"}
     assert set(example["sessions"][0]) == expected
     # and the module's docstring, which promises the schema, agrees
-    from alvis_fsm.commands import status
+    from alvis_fsm.fronts.cli.commands import status
 
     doc_keys = set(re.findall(r'"(\w+)"', status.__doc__.split("SESSION =", 1)[1]))
     assert doc_keys == expected

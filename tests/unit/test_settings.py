@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from alvis_fsm.engine.settings import explain, load_settings, user_config_path
 from alvis_fsm.errors import ConfigError
-from alvis_fsm.settings import explain, load_settings, user_config_path
 
 
 def write(path: Path, text: str) -> Path:
@@ -199,7 +199,7 @@ def test_no_config_read_at_import(user_conf: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     # A fresh interpreter, because this process has imported the module already.
     done = subprocess.run(
-        [sys.executable, "-c", "import alvis_fsm.settings, alvis_fsm.catalog"],
+        [sys.executable, "-c", "import alvis_fsm.engine.settings, alvis_fsm.engine.catalog"],
         cwd=repo,
         capture_output=True,
         text=True,

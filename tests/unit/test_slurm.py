@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from alvis_fsm import slurm
+from alvis_fsm.cluster import slurm
+from alvis_fsm.cluster.slurm import JobState
 from alvis_fsm.errors import SchedulerError
-from alvis_fsm.slurm import JobState
 
 
 def test_parse_job_id_plain_and_with_cluster() -> None:

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from alvis_fsm.cluster.tunnel import Address, Tunnel, health, parse_address, verify
 from alvis_fsm.errors import ServerError
-from alvis_fsm.tunnel import Address, Tunnel, health, parse_address, verify
-from alvis_fsm.ui import Reporter
+from alvis_fsm.fronts.ui import Reporter
 
 KEY = "afsm-test-key"
 SERVED = "org/model"

@@ -8,7 +8,7 @@
 
 # alvis-fsm job script: vLLM in its apptainer image on one node.
 #
-# This file is a template, rendered by alvis_fsm/jobscript.py. Only values
+# This file is a template, rendered by alvis_fsm/cluster/jobscript.py. Only values
 # that passed a strict pattern reach the #SBATCH lines above; everything else
 # arrives below as one single-quoted bash word per value, so a path or name
 # can never run anything.

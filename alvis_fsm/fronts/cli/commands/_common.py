@@ -7,16 +7,16 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from alvis_fsm.engine.store import SessionRecord, Store, check_name
 from alvis_fsm.errors import SessionError, UsageError
-from alvis_fsm.store import SessionRecord, Store, check_name
-from alvis_fsm.ui import Reporter, Verbosity
+from alvis_fsm.fronts.ui import Reporter, Verbosity
 
 if TYPE_CHECKING:
-    from alvis_fsm.settings import Settings
+    from alvis_fsm.engine.settings import Settings
 
 
 def settings(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
-    from alvis_fsm.settings import load_settings
+    from alvis_fsm.engine.settings import load_settings
 
     return load_settings({k: dict(v) for k, v in (overrides or {}).items() if v})
 
@@ -33,7 +33,7 @@ FLAGS = {
 def flag_settings(overrides: Mapping[str, Mapping[str, Any]]) -> Settings:
     """Settings with command-line flags on top; a flag's bad value is a usage
     error (exit 2) naming the flag, not a configuration error."""
-    from alvis_fsm.settings import FLAG_LABEL, SettingError
+    from alvis_fsm.engine.settings import FLAG_LABEL, SettingError
 
     try:
         return settings(overrides)

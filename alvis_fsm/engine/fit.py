@@ -333,7 +333,7 @@ def free_by_node(sinfo_lines: Iterable[str], gpu_type: str) -> list[NodeFree]:
     ``node|gres|gres_used|state`` lines (``Agent.gpus``), most free first.
     Each line goes through ``slurm.free_gpus`` so a node that is down or
     drained counts as nothing free, as everywhere else."""
-    from alvis_fsm.slurm import free_gpus
+    from alvis_fsm.cluster.slurm import free_gpus
 
     out: list[NodeFree] = []
     for line in sinfo_lines:

@@ -16,8 +16,7 @@ import tomlkit
 import tomlkit.exceptions
 
 from alvis_fsm import paths
-from alvis_fsm.errors import ConfigError, UsageError
-from alvis_fsm.settings import (
+from alvis_fsm.engine.settings import (
     DEFAULT_LABEL,
     SECTIONS,
     explain,
@@ -25,8 +24,9 @@ from alvis_fsm.settings import (
     user_config_path,
     validate_user_data,
 )
-from alvis_fsm.store import atomic_write
-from alvis_fsm.ui import Reporter, Verbosity
+from alvis_fsm.engine.store import atomic_write
+from alvis_fsm.errors import ConfigError, UsageError
+from alvis_fsm.fronts.ui import Reporter, Verbosity
 
 USER_FILE_HEADER = """\
 # alvis-fsm settings: every key you set here overrides the packaged default.
@@ -55,7 +55,7 @@ def _source(label: str) -> str:
 def show(verbosity: Verbosity, as_json: bool = False) -> None:
     rows = explain()
     if as_json:
-        from alvis_fsm.output import emit_json
+        from alvis_fsm.fronts.output import emit_json
 
         emit_json({"settings": [{"key": key, "value": value, "source": _source(label)}
                                 for key, value, label in rows],
@@ -140,7 +140,7 @@ def _unchanged(key: str, target: Any) -> str:
 
 
 def _refused(dotted: str, text: str) -> str:
-    from alvis_fsm.settings import accepted
+    from alvis_fsm.engine.settings import accepted
 
     return f"{dotted}: {text!r} is not accepted; use {accepted(dotted)}"
 
@@ -249,7 +249,7 @@ def write_setting(key: str, value: str) -> str:
 
     # Validate exactly what will be written, merged with the defaults,
     # before touching the file: a refused value leaves the file unchanged.
-    from alvis_fsm.settings import SettingError
+    from alvis_fsm.engine.settings import SettingError
 
     try:
         merged = validate_user_data(parse_toml(text, target))
@@ -272,7 +272,7 @@ def write_setting(key: str, value: str) -> str:
 
 
 def _valid(text: str | None, target: Any) -> bool:
-    from alvis_fsm.settings import SettingError
+    from alvis_fsm.engine.settings import SettingError
 
     try:
         validate_user_data(parse_toml(text or "", target))
@@ -283,7 +283,7 @@ def _valid(text: str | None, target: Any) -> bool:
 
 def _check_model(merged: Any, model: str) -> None:
     """`start` without -m would refuse a default model missing from the catalog."""
-    from alvis_fsm.catalog import load_catalog
+    from alvis_fsm.engine.catalog import load_catalog
 
     catalog = load_catalog(merged)
     if model not in catalog.entries:

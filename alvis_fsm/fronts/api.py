@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
+from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.errors import SessionError, UsageError
-from alvis_fsm.store import SessionRecord
-from alvis_fsm.ui import Reporter, Verbosity
+from alvis_fsm.fronts.ui import Reporter, Verbosity
 
 if TYPE_CHECKING:
     import openai
@@ -111,7 +111,7 @@ class Session:
 
     def stop(self) -> None:
         """Cancel the job (confirmed by the scheduler) and close the tunnel."""
-        from alvis_fsm.commands import stop
+        from alvis_fsm.fronts.cli.commands import stop
 
         stop.run(Verbosity.QUIET, name=self.name, ui=LogReporter())
         self._stopped = True
@@ -147,8 +147,8 @@ def session(
         )
     if via != "direct":
         raise UsageError(f"via must be 'direct' or 'gateway', not {via!r}")
-    from alvis_fsm.commands._common import name_for_model, settings
-    from alvis_fsm.store import Store
+    from alvis_fsm.engine.store import Store
+    from alvis_fsm.fronts.cli.commands._common import name_for_model, settings
 
     cfg = settings()
     store = Store(cfg.state_dir)
@@ -157,7 +157,7 @@ def session(
     if reused is not None:
         log.info("reusing session %s (job %s) at %s", reused.name, reused.job_id, reused.url)
         return _session(reused, started_here=False, keep=keep)
-    from alvis_fsm.commands import start
+    from alvis_fsm.fronts.cli.commands import start
 
     if port is None and not _port_free(int(cfg.tunnel.local_port)):
         port = _free_port()  # the default port is taken: any free one will do here
@@ -180,7 +180,7 @@ def _session(record: SessionRecord, *, started_here: bool, keep: bool) -> Sessio
 
 
 def _live_session(store: Any, model: str, name: str | None) -> SessionRecord | None:
-    from alvis_fsm.tunnel import health
+    from alvis_fsm.cluster.tunnel import health
 
     records, _ = store.all()
     for record in records:
@@ -194,7 +194,7 @@ def _live_session(store: Any, model: str, name: str | None) -> SessionRecord | N
 
 
 def _port_free(port: int) -> bool:
-    from alvis_fsm.tunnel import local_port_free
+    from alvis_fsm.cluster.tunnel import local_port_free
 
     return local_port_free(port)
 

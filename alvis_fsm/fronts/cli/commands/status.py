@@ -17,9 +17,9 @@ from typing import Any
 
 import click
 
+from alvis_fsm.engine.store import SessionRecord, Store, check_name, default_state_dir
 from alvis_fsm.errors import AlvisError, SchedulerError, SessionError
-from alvis_fsm.store import SessionRecord, Store, check_name, default_state_dir
-from alvis_fsm.ui import Verbosity
+from alvis_fsm.fronts.ui import Verbosity
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -64,7 +64,7 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
     if offline:
         store = Store(default_state_dir())
     else:
-        from alvis_fsm.commands._common import settings
+        from alvis_fsm.fronts.cli.commands._common import settings
 
         cfg = settings()
         store = Store(cfg.state_dir)
@@ -96,7 +96,7 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
         return code
     if not rows and not errors:
         click.echo("No sessions. Start one with `alvis-fsm start`.")
-    from alvis_fsm.output import clean
+    from alvis_fsm.fronts.output import clean
 
     for r in rows:
         line = _describe(r)
@@ -112,9 +112,9 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
 
 def _live_row(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosity,
               errors: list[AlvisError]) -> dict[str, Any]:
-    from alvis_fsm.commands._common import reporter
-    from alvis_fsm.engine import Runner
-    from alvis_fsm.tunnel import health
+    from alvis_fsm.cluster.tunnel import health
+    from alvis_fsm.engine.runner import Runner
+    from alvis_fsm.fronts.cli.commands._common import reporter
 
     ui = reporter(Verbosity.QUIET if verbosity < Verbosity.VERBOSE else verbosity)
     driven = store.locked(record.name)

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import httpx
 
+from alvis_fsm.cluster.ssh import Connection, common_args, socket_alive, ssh_error
 from alvis_fsm.errors import ServerError, SSHError
-from alvis_fsm.ssh import Connection, common_args, socket_alive, ssh_error
 
 
 def local_port_free(port: int, bind: str = "127.0.0.1") -> bool:

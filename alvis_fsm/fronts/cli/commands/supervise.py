@@ -16,10 +16,11 @@ import subprocess
 import sys
 import time
 
-from alvis_fsm.commands._common import reporter, settings
+from alvis_fsm.engine.store import SessionRecord, Store
 from alvis_fsm.errors import AlvisError, ConnectionLost, SessionError
-from alvis_fsm.store import SessionRecord, Store
-from alvis_fsm.ui import Verbosity
+from alvis_fsm.fronts import signals
+from alvis_fsm.fronts.cli.commands._common import reporter, settings
+from alvis_fsm.fronts.ui import Verbosity
 
 # How long the supervisor waits for the command that started it to let go of
 # the session's lock.
@@ -79,7 +80,7 @@ def take_over(store: Store, record: SessionRecord, timeout: float = 60) -> bool:
 
 
 def run(name: str) -> None:
-    from alvis_fsm.engine import Runner
+    from alvis_fsm.engine.runner import Runner
 
     cfg = settings()
     store = Store(cfg.state_dir)
@@ -109,9 +110,9 @@ def _supervise(cfg: object, store: Store, name: str, ui: object, runner_cls: typ
             return
         record.supervisor_pid = os.getpid()
         store.save(record)
-        runner = runner_cls(cfg, record, store, ui, supervised=True)
+        runner = runner_cls(cfg, record, store, ui, supervised=True, shield=signals.shielded)
         try:
-            runner.drive()  # returns when it lets go
+            signals.drive(runner)  # returns when it lets go
             record.supervisor_pid = 0
             store.save(record)
             return

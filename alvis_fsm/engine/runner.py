@@ -14,15 +14,21 @@ import datetime as dt
 import os
 import queue
 import secrets
-import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from alvis_fsm import loadtimes, rundir, slurm
+from alvis_fsm.cluster import rundir, slurm
+from alvis_fsm.cluster.agent import Agent, Event, parse_log_line
+from alvis_fsm.cluster.ssh import Connection, SSHOptions, control_path
+from alvis_fsm.cluster.tunnel import Tunnel, Verified, parse_address, verify
+from alvis_fsm.engine import loadtimes
+from alvis_fsm.engine.machine import Session, State, build_machine
+from alvis_fsm.engine.store import SessionRecord, Store
 from alvis_fsm.errors import (
     AlvisError,
     CancelUnconfirmed,
@@ -32,15 +38,11 @@ from alvis_fsm.errors import (
     ServerError,
     SessionError,
     SSHError,
+    StopRequested,
 )
-from alvis_fsm.machine import Session, State, build_machine
-from alvis_fsm.remote import Agent, Event, parse_log_line
-from alvis_fsm.ssh import Connection, SSHOptions, control_path
-from alvis_fsm.store import SessionRecord, Store
-from alvis_fsm.tunnel import Tunnel, Verified, parse_address, verify
 
 if TYPE_CHECKING:  # settings imports pydantic; the Runner only reads it
-    from alvis_fsm.settings import Settings
+    from alvis_fsm.engine.settings import Settings
 
 
 class Reporter(Protocol):
@@ -97,47 +99,6 @@ def new_api_key() -> str:
     return "afsm-" + secrets.token_urlsafe(32)
 
 
-# -- signals ------------------------------------------------------------------
-class _Signalled(BaseException):
-    """SIGTERM/SIGHUP turned into an exception in the main thread."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_signal(signum: int, frame: Any) -> None:
-    raise _Signalled(signum)
-
-
-@contextlib.contextmanager
-def stop_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP (terminal closed) stop the session like Ctrl+C does."""
-    old = {s: signal.signal(s, _raise_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
-@contextlib.contextmanager
-def shielded() -> Iterator[list[int]]:
-    """While cleaning up, a second Ctrl+C (or SIGTERM) must not skip the scancel:
-    signals are noted, not acted on."""
-    seen: list[int] = []
-
-    def note(signum: int, frame: Any) -> None:
-        seen.append(signum)
-
-    old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield seen
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
 class Detached(Exception):
     """Not an error: ``--detach`` returns once the session is tunneled."""
 
@@ -163,6 +124,9 @@ class Runner:
         tunnel_factory: Callable[..., Tunnel] | None = None,
         verifier: Callable[[int, str | None, float, str], Verified] | None = None,
         supervised: bool = False,
+        job_script: Callable[[str], str] | None = None,
+        sbatch_args: Sequence[str] = (),
+        shield: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
     ) -> None:
         self.readonly = readonly
         # A background supervisor of a detached session (commands/supervise):
@@ -208,7 +172,14 @@ class Runner:
         self._stream: subprocess.Popen[bytes] | None = None
         self._events: queue.Queue[tuple[str, str]] = queue.Queue()
         self._reader: threading.Thread | None = None
-        self.sbatch_args = []
+        # The job to submit: the job script for an (absolute) run directory,
+        # and extra sbatch arguments. Only a session still idle needs them.
+        self.render = job_script or _no_job_script
+        self.sbatch_args = list(sbatch_args)
+        # While cleaning up, the front may hold off its own stop signals
+        # (a second Ctrl+C must not skip the scancel); the engine itself
+        # never touches signals, so it can run in any thread.
+        self._shield = shield
         self._streaming = False
 
     def _connection(
@@ -290,15 +261,14 @@ class Runner:
         A lost network never cleans up: the job is kept for `resume`."""
         self.record.client_pid = os.getpid()
         self._save()
-        # SIGTERM/SIGHUP stay turned into exceptions until the handlers below
-        # have shielded themselves: no window where a signal's default action
-        # could end the process between a failure and its scancel.
-        with stop_signals():
-            try:
-                self._run_steps()
-            except BaseException as exc:
-                with shielded():
-                    self._finish(exc)
+        # The front's stop signals stay turned into exceptions until the
+        # handler below has shielded itself: no window where a signal's
+        # default action could end the process between a failure and its scancel.
+        try:
+            self._run_steps()
+        except BaseException as exc:
+            with self._shield():
+                self._finish(exc)
 
     def _run_steps(self) -> None:
         steps: dict[State, Callable[[], None]] = {
@@ -327,7 +297,7 @@ class Runner:
         if isinstance(exc, Release) or (
             # A supervisor never ends a job: asked to stop, or failing, it
             # lets go, and `stop`, `resume` and `status` decide.
-            self.supervised and isinstance(exc, (_Signalled, AlvisError))
+            self.supervised and isinstance(exc, (StopRequested, AlvisError))
             and not isinstance(exc, ConnectionLost)
         ):
             self._stop_stream()
@@ -361,11 +331,10 @@ class Runner:
             if was_serving:
                 return
             raise Interrupted(f"Interrupted; cleaned up job {r.job_id or '(none)'}") from None
-        if isinstance(exc, _Signalled):
-            name = signal.Signals(exc.signum).name
-            self.cleanup(f"signal {name}")
+        if isinstance(exc, StopRequested):
+            self.cleanup(exc.reason)
             raise Interrupted(
-                f"Stopped by {name}; cleaned up job {r.job_id or '(none)'}"
+                f"Stopped by {exc.reason}; cleaned up job {r.job_id or '(none)'}"
             ) from None
         if isinstance(exc, AlvisError):
             if self.state not in (State.FAILED, State.CLEANED):
@@ -379,9 +348,6 @@ class Runner:
         raise exc
 
     # -- steps ----------------------------------------------------------------
-    # Set by the caller (start): render(absolute run dir) -> job script text.
-    render: Callable[[str], str]
-    sbatch_args: list[str]
 
     def submit(self) -> None:
         r = self.record
@@ -857,7 +823,7 @@ class Runner:
         cannot skip it. If the scheduler does not confirm the cancel, the
         session is *not* cleaned: it stays as it is, so `stop` can retry."""
         r = self.record
-        with shielded():
+        with self._shield():
             self.ui.done_waiting()
             self._stop_stream()
             # By name too: an sbatch cut off mid-way may have queued a job whose
@@ -904,10 +870,14 @@ class Runner:
         if self.tunnel is not None:
             self.tunnel.close()
         elif self.record.tunnel_control_path:
-            from alvis_fsm.tunnel import close_tunnel_socket
+            from alvis_fsm.cluster.tunnel import close_tunnel_socket
 
             close_tunnel_socket(self.conn, Path(self.record.tunnel_control_path), self.record.node)
         self.conn.close()
+
+
+def _no_job_script(run_dir: str) -> str:
+    raise SessionError("This session has no job to submit (it was not created by `start`)")
 
 
 def _stderr_of(proc: subprocess.Popen[bytes]) -> str:

@@ -11,10 +11,10 @@ import shlex
 
 import click
 
-from alvis_fsm.commands._common import pick_session, settings
+from alvis_fsm.engine.store import Store
 from alvis_fsm.errors import SessionError
-from alvis_fsm.store import Store
-from alvis_fsm.ui import Verbosity
+from alvis_fsm.fronts.cli.commands._common import pick_session, settings
+from alvis_fsm.fronts.ui import Verbosity
 
 
 def exports(base_url: str, api_key: str) -> str:
@@ -39,7 +39,7 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool = False) -> Non
             hint=f"Wait until `alvis-fsm status {record.name}` says tunneled.",
         )
     if as_json:
-        from alvis_fsm.output import emit_json
+        from alvis_fsm.fronts.output import emit_json
 
         emit_json({"name": record.name, "base_url": f"{record.url}/v1",
                    "api_key": record.api_key or "EMPTY", "model": record.served_name or None})  # fmt: skip

@@ -36,9 +36,9 @@ from pydantic_settings import (
 from pydantic_settings.exceptions import SettingsError
 
 from alvis_fsm import paths
+from alvis_fsm.engine.fit import Budget, GpuType, parse_gpu_type
+from alvis_fsm.engine.machine import MachineDefinition
 from alvis_fsm.errors import ConfigError
-from alvis_fsm.fit import Budget, GpuType, parse_gpu_type
-from alvis_fsm.machine import MachineDefinition
 
 ENV_PREFIX = "ALVIS_FSM_"
 ENV_DELIMITER = "__"
@@ -48,7 +48,7 @@ DEFAULT_USER_CONFIG = "~/.alvis-vllm.conf"
 DEFAULT_LABEL = "default"
 FLAG_LABEL = "flag"
 
-# TYPE:N or N as in --gpus-per-node, or "auto": chosen by alvis_fsm.fit.
+# TYPE:N or N as in --gpus-per-node, or "auto": chosen by alvis_fsm.engine.fit.
 GPUS_PATTERN = r"^(auto|([A-Za-z0-9_]+:)?[1-9][0-9]*)$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,100}$"
 # sbatch --time formats: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
@@ -117,7 +117,7 @@ class Slurm(_Section):
     @field_validator("time", "max_time")
     @classmethod
     def _duration(cls, value: str) -> str:
-        from alvis_fsm.jobscript import _duration
+        from alvis_fsm.cluster.jobscript import _duration
 
         seconds = _duration(value)
         if seconds is None or seconds <= 0:
@@ -127,7 +127,7 @@ class Slurm(_Section):
     @model_validator(mode="after")
     def _time_within_max(self) -> Slurm:
         # `config set slurm.time 9-00:00:00` must be refused as `start -t` would be.
-        from alvis_fsm.jobscript import _duration
+        from alvis_fsm.cluster.jobscript import _duration
 
         if (_duration(self.time) or 0) > (_duration(self.max_time) or 0):
             raise SettingValueError(

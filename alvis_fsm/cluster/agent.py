@@ -11,15 +11,15 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-from alvis_fsm import rundir
+from alvis_fsm.cluster import rundir
+from alvis_fsm.cluster.slurm import JobInfo, JobState, parse_job_id, parse_jobinfo
+from alvis_fsm.cluster.ssh import Connection
 from alvis_fsm.errors import SchedulerError, SSHError
-from alvis_fsm.slurm import JobInfo, JobState, parse_job_id, parse_jobinfo
-from alvis_fsm.ssh import Connection
 
 
 @cache
 def agent_source() -> str:
-    return resources.files("alvis_fsm").joinpath("agent.sh").read_text(encoding="utf-8")
+    return resources.files("alvis_fsm.cluster").joinpath("agent.sh").read_text(encoding="utf-8")
 
 
 def _lines(text: str) -> list[str]:

@@ -1,6 +1,6 @@
 """Command-line entry point: parses and dispatches, nothing else.
 
-Each command lives in ``alvis_fsm.commands.<name>`` and is imported only when
+Each command lives in ``alvis_fsm.fronts.cli.commands.<name>`` and is imported only when
 it runs, so ``--help`` and ``status --offline`` stay fast (heavy modules such
 as pydantic, transitions, pexpect and rich are never imported for them).
 Every failure is an ``AlvisError``; ``main`` turns it into a message and an
@@ -94,7 +94,7 @@ def _set_verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> N
     """-q/-v given after the command: same effect as before it."""
     if not value:
         return
-    from alvis_fsm.ui import Verbosity
+    from alvis_fsm.fronts.ui import Verbosity
 
     root = ctx.find_root()
     root.obj = Verbosity.QUIET if param.name == "quiet" else Verbosity.VERBOSE
@@ -131,7 +131,7 @@ def _complete_settings(ctx: click.Context, param: click.Parameter, incomplete: s
 
 def _complete_models(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     try:
-        from alvis_fsm.commands.models import model_names
+        from alvis_fsm.fronts.cli.commands.models import model_names
 
         return [n for n in model_names() if n.startswith(incomplete)]
     except Exception:  # completion must never crash the shell
@@ -140,7 +140,7 @@ def _complete_models(ctx: click.Context, param: click.Parameter, incomplete: str
 
 def _complete_sessions(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     try:
-        from alvis_fsm.store import session_names
+        from alvis_fsm.engine.store import session_names
 
         return [n for n in session_names() if n.startswith(incomplete)]
     except Exception:
@@ -172,7 +172,7 @@ def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     alvis-fsm status                            # what is running, where
     alvis-fsm stop                              # cancel the job, close the tunnel
     """
-    from alvis_fsm.ui import Verbosity
+    from alvis_fsm.fronts.ui import Verbosity
 
     ctx.obj = Verbosity.QUIET if quiet else Verbosity.VERBOSE if verbose else Verbosity.NORMAL
     if ctx.invoked_subcommand is None:
@@ -243,7 +243,7 @@ def start(ctx: click.Context, /, **options: Any) -> None:
 
     Ctrl+C cancels the job and closes the tunnel (unless --detach was given,
     after which `alvis-fsm stop` does that)."""
-    from alvis_fsm.commands import start as command
+    from alvis_fsm.fronts.cli.commands import start as command
 
     command.run(_verbosity(ctx), **options)
 
@@ -255,7 +255,7 @@ def start(ctx: click.Context, /, **options: Any) -> None:
 @click.pass_context
 def resume(ctx: click.Context, name: str | None, detach: bool) -> None:
     """Reattach to a session: keep waiting, or reopen the tunnel and stream logs."""
-    from alvis_fsm.commands import resume as command
+    from alvis_fsm.fronts.cli.commands import resume as command
 
     command.run(_verbosity(ctx), name=name, detach=detach)
 
@@ -270,7 +270,7 @@ def resume(ctx: click.Context, name: str | None, detach: bool) -> None:
 @click.pass_context
 def status(ctx: click.Context, name: str | None, as_json: bool, offline: bool) -> None:
     """Show every session (or one): state, job, node, model, URL, time left."""
-    from alvis_fsm.commands import status as command
+    from alvis_fsm.fronts.cli.commands import status as command
 
     # Non-zero when a live check failed: scripts must not trust the lines then.
     ctx.exit(command.run(_verbosity(ctx), name=name, as_json=as_json, offline=offline))
@@ -282,7 +282,7 @@ def status(ctx: click.Context, name: str | None, as_json: bool, offline: bool) -
 @click.pass_context
 def stop(ctx: click.Context, name: str | None) -> None:
     """Cancel the session's job and close its tunnel (alias: cancel)."""
-    from alvis_fsm.commands import stop as command
+    from alvis_fsm.fronts.cli.commands import stop as command
 
     command.run(_verbosity(ctx), name=name)
 
@@ -315,7 +315,7 @@ class LinesType(click.ParamType[int]):
 @click.pass_context
 def logs(ctx: click.Context, name: str | None, follow: bool, lines: int) -> None:
     """Show the vLLM logs of a session ([VLLM OUT] / [VLLM ERR])."""
-    from alvis_fsm.commands import logs as command
+    from alvis_fsm.fronts.cli.commands import logs as command
 
     command.run(_verbosity(ctx), name=name, follow=follow, lines=lines)
 
@@ -327,7 +327,7 @@ def logs(ctx: click.Context, name: str | None, follow: bool, lines: int) -> None
 @click.pass_context
 def env(ctx: click.Context, name: str | None, as_json: bool) -> None:
     """Print OPENAI_BASE_URL / OPENAI_API_KEY exports: eval "$(alvis-fsm env)"."""
-    from alvis_fsm.commands import env as command
+    from alvis_fsm.fronts.cli.commands import env as command
 
     command.run(_verbosity(ctx), name=name, as_json=as_json)
 
@@ -342,7 +342,7 @@ def env(ctx: click.Context, name: str | None, as_json: bool) -> None:
 @click.pass_context
 def models(ctx: click.Context, as_json: bool, discover: bool, add: str | None) -> None:
     """List the models in the catalog (packaged + yours)."""
-    from alvis_fsm.commands import models as command
+    from alvis_fsm.fronts.cli.commands import models as command
 
     command.run(_verbosity(ctx), as_json=as_json, discover=discover, add=add)
 
@@ -362,7 +362,7 @@ def config(ctx: click.Context) -> None:
 @click.pass_context
 def config_show(ctx: click.Context, as_json: bool) -> None:
     """Print the merged settings and where each value came from."""
-    from alvis_fsm.commands import config as command
+    from alvis_fsm.fronts.cli.commands import config as command
 
     command.show(_verbosity(ctx), as_json=as_json)
 
@@ -372,7 +372,7 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
 @global_options
 def config_get(key: str) -> None:
     """Print the value in effect of KEY (section.key); where it comes from goes to stderr."""
-    from alvis_fsm.commands import config as command
+    from alvis_fsm.fronts.cli.commands import config as command
 
     command.get_value(key)
 
@@ -381,7 +381,7 @@ def config_get(key: str) -> None:
 @global_options
 def config_path() -> None:
     """Print the path of your settings file."""
-    from alvis_fsm.commands import config as command
+    from alvis_fsm.fronts.cli.commands import config as command
 
     command.path()
 
@@ -391,7 +391,7 @@ def config_path() -> None:
 @global_options
 def config_init(force: bool) -> None:
     """Write a commented settings file you can edit."""
-    from alvis_fsm.commands import config as command
+    from alvis_fsm.fronts.cli.commands import config as command
 
     command.init(force=force)
 
@@ -402,7 +402,7 @@ def config_init(force: bool) -> None:
 @global_options
 def config_set(key: str, value: str) -> None:
     """Set KEY (section.key) to VALUE in your settings file, keeping its comments."""
-    from alvis_fsm.commands import config as command
+    from alvis_fsm.fronts.cli.commands import config as command
 
     command.set_value(key, value)
 
@@ -412,7 +412,7 @@ def config_set(key: str, value: str) -> None:
 @global_options
 def config_unset(key: str) -> None:
     """Remove KEY from your settings file: the default (or another layer) applies again."""
-    from alvis_fsm.commands import config as command
+    from alvis_fsm.fronts.cli.commands import config as command
 
     command.unset_value(key)
 
@@ -421,7 +421,7 @@ def config_unset(key: str) -> None:
 @global_options
 def diagram() -> None:
     """Print the session state machine as a Mermaid diagram."""
-    from alvis_fsm.commands import diagram as command
+    from alvis_fsm.fronts.cli.commands import diagram as command
 
     command.run()
 
@@ -443,14 +443,14 @@ def completion(shell: str) -> None:
 @click.argument("name")
 def supervise(name: str) -> None:
     """Keep a detached session's tunnel up, in the background (started by --detach)."""
-    from alvis_fsm.commands import supervise as command
+    from alvis_fsm.fronts.cli.commands import supervise as command
 
     command.run(name)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; the one place where errors become messages and exit codes."""
-    from alvis_fsm.output import wants_json
+    from alvis_fsm.fronts.output import wants_json
 
     args = sys.argv[1:] if argv is None else argv
     as_json = wants_json(args)
@@ -479,11 +479,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def _report(message: str, hint: str | None, details: str | None, code: int, as_json: bool) -> int:
     if as_json:
-        from alvis_fsm.output import error_json
+        from alvis_fsm.fronts.output import error_json
 
         error_json(message, hint, details, int(code))
     else:
-        from alvis_fsm.ui import show_error
+        from alvis_fsm.fronts.ui import show_error
 
         show_error(AlvisError(message, hint=hint, details=details))
     return int(code)

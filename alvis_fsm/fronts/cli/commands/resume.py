@@ -3,10 +3,11 @@ a closed laptop or a --detach."""
 
 from __future__ import annotations
 
-from alvis_fsm.commands._common import pick_session, reporter, settings
+from alvis_fsm.engine.store import Store
 from alvis_fsm.errors import AlvisError, Interrupted
-from alvis_fsm.store import Store
-from alvis_fsm.ui import Verbosity
+from alvis_fsm.fronts import signals
+from alvis_fsm.fronts.cli.commands._common import pick_session, reporter, settings
+from alvis_fsm.fronts.ui import Verbosity
 
 
 def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
@@ -14,7 +15,7 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
     cfg = settings()
     store = Store(cfg.state_dir)
     record = pick_session(store, name)
-    from alvis_fsm.commands import supervise
+    from alvis_fsm.fronts.cli.commands import supervise
 
     if supervise.take_over(store, record):
         ui.info(f"Took session '{record.name}' over from its background supervisor")
@@ -26,9 +27,9 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
                 "Start a new one with `alvis-fsm start`."
             )
             return
-        from alvis_fsm.engine import Runner
+        from alvis_fsm.engine.runner import Runner
 
-        runner = Runner(cfg, record, store, ui, detach=detach)
+        runner = Runner(cfg, record, store, ui, detach=detach, shield=signals.shielded)
         ui.info(f"Resuming session '{record.name}' (job {record.job_id or '-'}, {record.state})")
         if record.state == "idle":
             # Stopped before anything was submitted: there is no job script to
@@ -58,11 +59,11 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
             ui.info(f"Found the session's job: {found}")
         if not runner.still_alive():
             return
-        from alvis_fsm import notify
+        from alvis_fsm.fronts import notify
 
         ui.on_ready = lambda rec: notify.on_ready(cfg, rec)
         try:
-            runner.drive()
+            signals.drive(runner)
         except AlvisError as exc:
             if not isinstance(exc, Interrupted):
                 notify.on_failure(cfg, record.name, exc.message)

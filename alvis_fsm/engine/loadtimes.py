@@ -43,7 +43,7 @@ class LoadTimes:
         return (statistics.median(times), len(times)) if times else None
 
     def add(self, model: str, gpus: str, seconds: float) -> None:
-        from alvis_fsm.store import atomic_write
+        from alvis_fsm.engine.store import atomic_write
 
         data = self._read()
         key = _key(model, gpus)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from alvis_fsm.commands._common import pick_session, reporter, settings
-from alvis_fsm.store import Store
-from alvis_fsm.ui import Verbosity
+from alvis_fsm.engine.store import Store
+from alvis_fsm.fronts.cli.commands._common import pick_session, reporter, settings
+from alvis_fsm.fronts.ui import Verbosity
 
 
 def run(verbosity: Verbosity, *, name: str | None, follow: bool, lines: int) -> None:
@@ -12,7 +12,7 @@ def run(verbosity: Verbosity, *, name: str | None, follow: bool, lines: int) -> 
     cfg = settings()
     store = Store(cfg.state_dir)
     record = pick_session(store, name)
-    from alvis_fsm.engine import Runner
+    from alvis_fsm.engine.runner import Runner
 
     runner = Runner(cfg, record, store, ui, readonly=True)
     runner.show_logs(lines, follow)

@@ -7,10 +7,11 @@ import os
 import signal
 import time
 
-from alvis_fsm.commands._common import pick_session, reporter, settings
+from alvis_fsm.engine.store import Store
 from alvis_fsm.errors import SessionError
-from alvis_fsm.store import Store
-from alvis_fsm.ui import Reporter, Verbosity
+from alvis_fsm.fronts import signals
+from alvis_fsm.fronts.cli.commands._common import pick_session, reporter, settings
+from alvis_fsm.fronts.ui import Reporter, Verbosity
 
 # How long a foreground client gets to cancel its job and exit after SIGTERM
 # (its scancel goes through the cluster; give it the cancel timeout and more).
@@ -22,7 +23,7 @@ def run(verbosity: Verbosity, *, name: str | None, ui: Reporter | None = None) -
     cfg = settings()
     store = Store(cfg.state_dir)
     record = pick_session(store, name)
-    from alvis_fsm.commands import supervise
+    from alvis_fsm.fronts.cli.commands import supervise
 
     # A detached session's supervisor lets go; the cancel is ours to confirm.
     supervise.take_over(store, record)
@@ -34,9 +35,9 @@ def run(verbosity: Verbosity, *, name: str | None, ui: Reporter | None = None) -
         if record.state == "cleaned":
             ui.result(f"Session '{record.name}' is already stopped ({record.outcome()}).")
             return
-        from alvis_fsm.engine import Runner
+        from alvis_fsm.engine.runner import Runner
 
-        runner = Runner(cfg, record, store, ui)
+        runner = Runner(cfg, record, store, ui, shield=signals.shielded)
         runner.stop()
 
 

@@ -24,19 +24,19 @@ import click
 
 from alvis_fsm import paths
 from alvis_fsm.errors import ConfigError, UsageError
-from alvis_fsm.ui import Verbosity
+from alvis_fsm.fronts.ui import Verbosity
 
 if TYPE_CHECKING:
-    from alvis_fsm.catalog import Catalog
-    from alvis_fsm.settings import Settings
+    from alvis_fsm.engine.catalog import Catalog
+    from alvis_fsm.engine.settings import Settings
 
 
 def model_names() -> list[str]:
     """Catalog names for shell completion: never prints, never raises, since
     a traceback in the middle of a <TAB> would be worse than no completion."""
     try:
-        from alvis_fsm.catalog import load_catalog
-        from alvis_fsm.settings import load_settings
+        from alvis_fsm.engine.catalog import load_catalog
+        from alvis_fsm.engine.settings import load_settings
 
         return load_catalog(load_settings()).names()
     except Exception:
@@ -150,10 +150,10 @@ def discovered_models(
 def scan_hub(settings: Settings, verbosity: Verbosity) -> list[tuple[str, str]]:
     """Run the remote discovery over the shared connection; close it after
     if this call opened it."""
-    from alvis_fsm.commands._common import reporter
-    from alvis_fsm.engine import ssh_options
-    from alvis_fsm.remote import Agent
-    from alvis_fsm.ssh import Connection, control_path
+    from alvis_fsm.cluster.agent import Agent
+    from alvis_fsm.cluster.ssh import Connection, control_path
+    from alvis_fsm.engine.runner import ssh_options
+    from alvis_fsm.fronts.cli.commands._common import reporter
 
     ui = reporter(verbosity)
     state_dir = settings.state_dir
@@ -173,7 +173,7 @@ def scan_hub(settings: Settings, verbosity: Verbosity) -> list[tuple[str, str]]:
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
-    from alvis_fsm.output import clean
+    from alvis_fsm.fronts.output import clean
 
     # Catalog descriptions and remote paths are other people's text: no escapes.
     rows = [tuple(clean(cell) for cell in row) for row in rows]
@@ -220,7 +220,7 @@ def _add(
     verbosity: Verbosity,
     as_json: bool,
 ) -> None:
-    from alvis_fsm.catalog import ModelEntry, add_entry, check_model_name, user_catalog_path
+    from alvis_fsm.engine.catalog import ModelEntry, add_entry, check_model_name, user_catalog_path
 
     wanted = name.strip()
     matches = [d for d in found if d.name == wanted] or [
@@ -277,8 +277,8 @@ def _add(
 
 
 def run_discover(verbosity: Verbosity, as_json: bool, add: str | None) -> None:
-    from alvis_fsm.catalog import load_catalog
-    from alvis_fsm.commands._common import settings as load
+    from alvis_fsm.engine.catalog import load_catalog
+    from alvis_fsm.fronts.cli.commands._common import settings as load
 
     settings = load()
     catalog = load_catalog(settings)
@@ -303,8 +303,8 @@ def run(verbosity: Verbosity, as_json: bool, discover: bool, add: str | None) ->
     if discover:
         run_discover(verbosity, as_json, add)
         return
-    from alvis_fsm.catalog import load_catalog
-    from alvis_fsm.settings import load_settings
+    from alvis_fsm.engine.catalog import load_catalog
+    from alvis_fsm.engine.settings import load_settings
 
     settings = load_settings()
     catalog = load_catalog(settings)

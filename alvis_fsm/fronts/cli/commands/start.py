@@ -8,7 +8,7 @@ import secrets
 import sys
 from typing import Any
 
-from alvis_fsm.commands._common import flag_settings, name_for_model, reporter
+from alvis_fsm.engine.store import SessionRecord, Store, check_name
 from alvis_fsm.errors import (
     AlvisError,
     ConfigError,
@@ -18,8 +18,9 @@ from alvis_fsm.errors import (
     SessionError,
     UsageError,
 )
-from alvis_fsm.store import SessionRecord, Store, check_name
-from alvis_fsm.ui import Reporter, Verbosity
+from alvis_fsm.fronts import signals
+from alvis_fsm.fronts.cli.commands._common import flag_settings, name_for_model, reporter
+from alvis_fsm.fronts.ui import Reporter, Verbosity
 
 
 def run(
@@ -55,17 +56,17 @@ def run(
         }
     )
     if list_models:
-        from alvis_fsm.commands import models
+        from alvis_fsm.fronts.cli.commands import models
 
         models.run(verbosity, as_json=as_json, discover=False, add=None)
         return
-    from alvis_fsm.catalog import load_catalog
+    from alvis_fsm.engine.catalog import load_catalog
 
     catalog = load_catalog(cfg)
 
     # -- local preflight: everything that needs no network, first -----------
-    from alvis_fsm import jobscript
-    from alvis_fsm.tunnel import local_port_free, port_busy_hint
+    from alvis_fsm.cluster import jobscript
+    from alvis_fsm.cluster.tunnel import local_port_free, port_busy_hint
 
     model_name = model or cfg.catalog.default_model
     entry = _catalog_entry(catalog, model_name, from_flag=bool(model))
@@ -121,14 +122,14 @@ def run(
         time_limit_s=seconds,
     )
     if cfg.vllm.api_key:
-        from alvis_fsm.engine import new_api_key
+        from alvis_fsm.engine.runner import new_api_key
 
         record.api_key = new_api_key()
 
     with store.lock(session_name):
-        from alvis_fsm.engine import Runner
+        from alvis_fsm.engine.runner import Runner
 
-        runner = Runner(cfg, record, store, ui, detach=detach)
+        runner = Runner(cfg, record, store, ui, detach=detach, shield=signals.shielded)
         ui.info(f"Checking SSH connection to {cfg.ssh.host}...")
         runner.conn.open()
         ui.info("SSH connection successful")
@@ -140,7 +141,7 @@ def run(
         ui.info(f"Charging {charged}")
         ui.info(f"Loading model configuration for: {model_name}")
         ui.info(f"Model path: {entry.path}")
-        from alvis_fsm.autofit import resolve_gpus
+        from alvis_fsm.engine.autofit import resolve_gpus
 
         gpu_spec = resolve_gpus(
             ui, runner.conn, runner.agent.gpus, cfg, entry.path, entry.max_model_len, gpu_spec,
@@ -172,13 +173,13 @@ def run(
         # on the cluster, where the remote home is known.
         runner.render = lambda run_dir: jobscript.render(dataclasses.replace(spec, run_dir=run_dir))
         runner.sbatch_args = list(cfg.slurm.extra_args)
-        from alvis_fsm import notify
+        from alvis_fsm.fronts import notify
 
         ui.on_ready = lambda rec: notify.on_ready(cfg, rec)
         fits: int | None = None
         refusal = ""
         try:
-            runner.drive()
+            signals.drive(runner)
         except AlvisError as exc:
             fits = _fitting_length(cfg, exc, entry.max_model_len, fit_len)
             refusal = exc.details or ""
@@ -208,12 +209,12 @@ def run(
         )  # fmt: skip
         return
     if detach:
-        from alvis_fsm.commands import supervise
+        from alvis_fsm.fronts.cli.commands import supervise
 
         supervise.spawn(store, record)
     if detach and as_json:
-        from alvis_fsm.commands.status import row
-        from alvis_fsm.output import emit_json
+        from alvis_fsm.fronts.cli.commands.status import row
+        from alvis_fsm.fronts.output import emit_json
 
         emit_json({"session": {**row(record), "api_key": record.api_key or None,
                                "account": charged}})  # fmt: skip
@@ -230,7 +231,7 @@ def _fitting_length(cfg: Any, exc: AlvisError, asked: int, retried: int | None) 
     the KV cache (once per start, and only with ``vllm.auto_fit``)."""
     if not cfg.vllm.auto_fit or retried is not None or not isinstance(exc, ServerError):
         return None
-    from alvis_fsm.fit import parse_kv_refusal
+    from alvis_fsm.engine.fit import parse_kv_refusal
 
     fits = parse_kv_refusal(f"{exc.message}\n{exc.details or ''}")
     return fits if fits is not None and 0 < fits < asked else None
@@ -248,7 +249,7 @@ def _offer_resume(ui: Reporter, record: SessionRecord, verbosity: Verbosity,
     answer = ui.ask(f"{what}. Resume it? [Y/n] ").strip().lower()
     if answer not in ("", "y", "yes"):
         raise UsageError("Not starting a second session", hint="Use --new to start one anyway.")
-    from alvis_fsm.commands import resume
+    from alvis_fsm.fronts.cli.commands import resume
 
     resume.run(verbosity, name=record.name, detach=False)
 
@@ -256,7 +257,7 @@ def _offer_resume(ui: Reporter, record: SessionRecord, verbosity: Verbosity,
 def _report_free_gpus(ui: Reporter, runner: Any, gpu_spec: str) -> None:
     """Free GPUs of the requested type right now: tells the user whether to
     expect a wait in the queue. Informational: a failure here stops nothing."""
-    from alvis_fsm import slurm
+    from alvis_fsm.cluster import slurm
     from alvis_fsm.errors import AlvisError
 
     gpu_type = gpu_spec.split(":")[0] if ":" in gpu_spec else ""
@@ -281,7 +282,7 @@ def _catalog_entry(catalog: Any, name: str, from_flag: bool) -> Any:
     except UsageError as exc:
         if from_flag:
             raise UsageError(f"-m/--model: {exc.message}", hint=exc.hint, details=exc.details) from None
-        from alvis_fsm.settings import origin_of
+        from alvis_fsm.engine.settings import origin_of
 
         raise ConfigError(
             f"catalog.default_model {origin_of('catalog.default_model')} names model"
@@ -299,7 +300,7 @@ def _session_name(name: str) -> str:
 
 
 def _walltime(text: str, max_time: str, from_flag: bool) -> int:
-    from alvis_fsm import jobscript
+    from alvis_fsm.cluster import jobscript
 
     try:
         return jobscript.parse_walltime(text, max_time)
@@ -310,7 +311,7 @@ def _walltime(text: str, max_time: str, from_flag: bool) -> int:
                 hint += " For example: -t 2:00:00 (two hours)."
             raise UsageError(f"-t/--time: {exc.message}", hint=hint.strip()) from None
         # Settings validate slurm.time, so this is reached only if they change.
-        from alvis_fsm.settings import origin_of
+        from alvis_fsm.engine.settings import origin_of
 
         raise ConfigError(
             f"slurm.time {origin_of('slurm.time')}: {exc.message}",
@@ -323,7 +324,7 @@ def _account(ui: Reporter, runner: Any, configured: str) -> str:
     SLURM account; else, of several, the one the user picks (in a terminal)."""
     if configured:
         return configured
-    from alvis_fsm.remote import accounts
+    from alvis_fsm.cluster.agent import accounts
 
     found = accounts(runner.agent)
     how = "alvis-fsm config set slurm.account NAME (or start --account NAME for one run)"
@@ -365,7 +366,7 @@ def _account(ui: Reporter, runner: Any, configured: str) -> str:
         raise UsageError(
             "No SLURM account chosen", hint=how.replace("NAME", found[0]), details="\n".join(found)
         )
-    from alvis_fsm.commands.config import write_setting
+    from alvis_fsm.fronts.cli.commands.config import write_setting
 
     target = _user_file()
     save = ui.ask(f"Save {chosen} as slurm.account in {target}? [Y/n] ").strip().lower()
@@ -375,7 +376,7 @@ def _account(ui: Reporter, runner: Any, configured: str) -> str:
 
 
 def _user_file() -> str:
-    from alvis_fsm.settings import user_config_path
+    from alvis_fsm.engine.settings import user_config_path
 
     return str(user_config_path())
 
@@ -383,7 +384,7 @@ def _user_file() -> str:
 def _refusal_hint(charged: str, account_flag: str | None, account_setting: str, gpu_spec: str,
                   gpus_flag: str | None, entry_gpus: str | None, time_text: str,
                   time_flag: str | None) -> str:  # fmt: skip
-    from alvis_fsm.settings import origin_of
+    from alvis_fsm.engine.settings import origin_of
 
     def setting(key: str) -> str:
         where = origin_of(key)

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from alvis_fsm import fit
+from alvis_fsm.engine import fit
+from alvis_fsm.engine.store import atomic_write
 from alvis_fsm.errors import AlvisError, ConfigError
-from alvis_fsm.store import atomic_write
 
 if TYPE_CHECKING:
-    from alvis_fsm.settings import Settings
+    from alvis_fsm.engine.settings import Settings
 
 AUTO = "auto"
 CACHE_FILE = "snapshots.json"

@@ -12,9 +12,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from alvis_fsm import paths
+from alvis_fsm.engine.settings import GPUS_PATTERN, MODEL_NAME_PATTERN, SafeStr, Settings
+from alvis_fsm.engine.store import atomic_write
 from alvis_fsm.errors import ConfigError, UsageError
-from alvis_fsm.settings import GPUS_PATTERN, MODEL_NAME_PATTERN, SafeStr, Settings
-from alvis_fsm.store import atomic_write
 
 DEFAULT_USER_CATALOG = "~/.alvis-vllm/models.json"
 

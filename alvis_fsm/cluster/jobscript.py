@@ -15,7 +15,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from alvis_fsm import paths, rundir
+from alvis_fsm import paths
+from alvis_fsm.cluster import rundir
 from alvis_fsm.errors import ConfigError, UsageError
 
 WALLTIME_FORMS = "MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"

@@ -1,0 +1,1 @@
+"""The terminal front: ``main`` parses and dispatches, ``commands`` holds one module per command."""
