@@ -85,8 +85,14 @@ def test_model_too_large_for_any_count_is_refused_before_submitting(lab: Any, to
         " + 4.2 GB of KV cache for 8192 tokens"
     ) in out, out
     # The numbers of every allowed type, at its largest count.
-    assert "A40:4: 161 GB usable (4 × 48 GB × 0.9 − 3 GB margin each); the weights alone do not fit" in out
-    assert "A100fat:4: 276 GB usable (4 × 80 GB × 0.9 − 3 GB margin each); the weights alone do not fit" in out
+    assert (
+        "A40:4: 161 GB usable (4 × 48 GB × 0.9 − 3 GB margin each); the weights alone do not fit"
+        in out
+    )
+    assert (
+        "A100fat:4: 276 GB usable (4 × 80 GB × 0.9 − 3 GB margin each); the weights alone do not fit"
+        in out
+    )
     assert "Job submitted" not in out
     # Nothing reached the scheduler: no job in root's squeue or in accounting.
     assert lab.jobs() == []
@@ -108,4 +114,34 @@ def test_explicit_gpus_too_small_warns_then_fails_with_the_oom(lab: Any, tool: T
     assert "GPU 0 has a total capacity of 44.35 GiB" in out  # one A40, as torch sees it
     assert "Cleaned up job" in out
     assert tool_jobs(lab, tool) == []
+    assert_nothing_left(lab, tool)
+
+
+def test_computed_kv_refusal_is_retried_with_the_length_that_fits(lab: Any, tool: Tool) -> None:
+    """The stand-in computes what fits (no fixed fault length): on one A100fat
+    with vLLM given 80 % of the GPU, 65.5 GB of weights leave room for 3248
+    tokens (0.8 × 79.15 GiB − 61.03 GiB − 1.5 GiB of activations, at 256 KiB
+    per token, in blocks of 16); the tool starts once more with that."""
+    port = free_port()
+    child = tool.spawn(
+        "start", "-m", "lab-qwen-32b", "--gpus", "A100fat:1", "--port", str(port), timeout=180,
+        ALVIS_FSM_VLLM__EXTRA_ARGS='["--gpu-memory-utilization", "0.8"]',
+    )  # fmt: skip
+    child.expect(r"Job submitted: (\d+)")
+    first = child.match.group(1)
+    child.expect_exact(f"Cleaned up job {first} successfully")
+    child.expect_exact("Starting once more with max_model_len 3248")
+    child.expect(r"Job submitted: (\d+)")
+    second = child.match.group(1)
+    child.expect_exact(f"Job is running on node: {lab.node2}")
+    child.expect_exact(CONNECTED + str(port))
+    child.expect_exact("Streaming logs")
+    interrupt(child)
+    child.expect_exact(f"Cleaned up job {second} successfully", timeout=60)
+    child.expect(pexpect.EOF, timeout=30)
+    child.close()
+    out: str = child.logfile_read.text
+    assert exit_status(child) == 0, out[-3000:]
+    assert "the estimated maximum model length is 3248" in out
+    assert "(2.00 GiB KV cache is needed" in out  # 8192 tokens × 256 KiB
     assert_nothing_left(lab, tool)
