@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from alvis_fsm.errors import ConnectionLost, SessionError, SSHError
+from alvis_fsm.retry import Backoff
 
 # ssh's own exit status for "could not connect / connection lost".
 SSH_FAILURE = 255
@@ -338,7 +339,7 @@ class Connection:
         ``reconnect_window`` seconds: the network (or the login node's sshd)
         may be coming back. A refused login or changed host key is final."""
         deadline = time.monotonic() + self.opts.reconnect_window
-        delay = 0.5
+        backoff = Backoff(first=0.5, most=5)
         while True:
             try:
                 self.open()
@@ -347,15 +348,15 @@ class Connection:
                 # Only a transient failure (network, DNS, sshd restarting) is
                 # worth waiting out; a refused login or a changed host key is
                 # an SSHError and goes straight to the caller.
-                if time.monotonic() + delay > deadline:
+                backoff.failed()
+                if time.monotonic() + backoff.delay > deadline:
                     raise ConnectionLost(
                         f"Could not reach {self.opts.host} for "
                         f"{self.opts.reconnect_window:.0f} s",
                         hint=exc.hint,
                         details=exc.details,
                     ) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 5)
+                backoff.wait()
 
 
 def _ignore_sighup() -> None:

@@ -6,23 +6,30 @@ them, and which ``[timeouts]`` key bounds each state, come from the
 so a bad definition fails at start-up with a message naming the offender,
 never halfway through a session with a GPU job running.
 
-Threading: the Timeout state feature runs its callbacks on a timer thread.
-``Session.on_state_timeout`` therefore only records the timeout; the engine's
-main thread notices it and fires ``timeout``, so transitions only ever
-happen on one thread."""
+The behaviour is attached to the states: each live state names, in
+``on_enter``, the engine step that runs when the session enters it (submit
+and wait for a node, wait for vLLM, open and verify the tunnel, serve). The
+machine is *queued*: a step that fires the next trigger returns first, then
+the machine enters the next state and runs its step, so the whole life of a
+session is one flat loop inside the machine, readable from ``[machine]``
+and ``engine/runner.py``. A session picked up again (``resume``) re-enters
+its state through the reflexive ``resume`` transition, running the same step.
+
+Timeouts: a state's ``timeout`` names a ``[timeouts]`` key; the engine judges
+it from the cluster's facts (how long the state has lasted on the login
+node's clock), never from a timer on this machine, so a laptop that slept
+cannot time a job out. The machine itself starts no threads."""
 
 from __future__ import annotations
 
 import keyword
 import math
-import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from enum import StrEnum
-from functools import cache
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -51,11 +58,15 @@ class State(StrEnum):
 LIVE_STATES = frozenset({State.SUBMITTED, State.RUNNING, State.SERVING, State.TUNNELED})
 
 # The triggers the engine fires; each has a typed stub on Session.
-TRIGGERS = ("submit", "start", "ready", "connect", "disconnect", "timeout", "fail", "clean")
+TRIGGERS = (
+    "submit", "start", "ready", "connect", "disconnect", "resume", "timeout", "fail", "clean",
+)
 
-# A restored timeout that is already overdue still fires through the timer
-# thread (not synchronously inside build_machine), hence a tiny positive delay.
-_MIN_TIMEOUT = 0.001
+# The engine steps a live state may name as its ``on_enter`` (see runner.py).
+BEHAVIOURS = ("await_start", "await_server", "connect", "serve")
+
+# A transition's dest "=" means: back into its source state (``resume``).
+SAME = "="
 
 
 # -- the definition ------------------------------------------------------------
@@ -66,6 +77,7 @@ class StateDef(BaseModel):
 
     description: str = ""
     timeout: str | None = None  # a key of [timeouts]
+    on_enter: str | None = None  # one of BEHAVIOURS
 
 
 class TransitionDef(BaseModel):
@@ -84,7 +96,7 @@ def _reachable(start: str, transitions: Iterable[TransitionDef]) -> set[str]:
     edges: dict[str, set[str]] = {}
     for t in transitions:
         for s in t.sources:
-            edges.setdefault(s, set()).add(t.dest)
+            edges.setdefault(s, set()).add(s if t.dest == SAME else t.dest)
     seen = {start}
     todo = [start]
     while todo:
@@ -126,7 +138,7 @@ class MachineDefinition(BaseModel):
             where = f"transition {t.trigger!r}"
             if not t.sources:
                 raise ValueError(f"{where} has no source state")
-            for name in [*t.sources, t.dest]:
+            for name in [*t.sources, *([] if t.dest == SAME else [t.dest])]:
                 if name == "*":
                     raise ValueError(f"{where}: the wildcard '*' is not allowed, list the states")
                 if name not in self.states:
@@ -144,6 +156,22 @@ class MachineDefinition(BaseModel):
                     raise ValueError(
                         f"trigger {t.trigger!r} clashes with the session attribute {attr!r}"
                     )
+        live_names = {s.value for s in LIVE_STATES}
+        for name, sdef in self.states.items():
+            is_live = name in live_names
+            if sdef.on_enter is not None and sdef.on_enter not in BEHAVIOURS:
+                raise ValueError(
+                    f"state {name!r}: on_enter {sdef.on_enter!r} is not an engine step "
+                    f"(steps are: {', '.join(BEHAVIOURS)})"
+                )
+            if is_live and sdef.on_enter is None:
+                raise ValueError(
+                    f"state {name!r} has no on_enter step: a session entering it would stop there"
+                )
+            if not is_live and sdef.on_enter is not None:
+                raise ValueError(
+                    f"state {name!r} takes no on_enter step (the engine enters it itself)"
+                )
         reachable = _reachable(self.initial, self.transitions)
         unreachable = [s for s in self.states if s not in reachable]
         if unreachable:
@@ -156,6 +184,12 @@ class MachineDefinition(BaseModel):
                     f"state {live.value!r} cannot reach 'cleaned': a job could be left running"
                 )
         fired = {(t.trigger, src): t.dest for t in self.transitions for src in t.sources}
+        for back in sorted(live_names):
+            if fired.get(("resume", back)) not in (SAME, back):
+                raise ValueError(
+                    f"the machine needs the transition 'resume' from {back!r} back into "
+                    f"itself (dest = {SAME!r}): `resume` picks a session up in that state"
+                )
         for trigger, src in _driver_fires(self.states):
             if (trigger, src) not in fired:
                 raise ValueError(
@@ -176,6 +210,7 @@ def _driver_fires(states: Mapping[str, StateDef]) -> list[tuple[str, str]]:
         ("connect", State.SERVING.value),
         ("disconnect", State.TUNNELED.value),
     ]
+    fires += [("resume", s.value) for s in sorted(LIVE_STATES)]
     fires += [("clean", s.value) for s in State if s is not State.CLEANED]
     fires += [("fail", s.value) for s in sorted(LIVE_STATES | {State.IDLE})]
     fires += [("timeout", name) for name, sdef in states.items() if sdef.timeout]
@@ -229,41 +264,26 @@ class Session:
         self.state = State.IDLE.value
         self.entered_at: dict[str, float] = {}
         self.history: list[tuple[str, str]] = []
-        self.timed_out = threading.Event()
-        self.timed_out_state: str | None = None
         self.on_change: Callable[[State], None] | None = None
-        self._stop_timers: Callable[[], None] | None = None
+        self._left: str | None = None
 
     @property
     def state_enum(self) -> State:
         return State(self.state)
 
     # -- callbacks (named in build_machine) --
-    def after_state_change(self, *_: object, **__: object) -> None:
+    def before_state_change(self, *_: object, **__: object) -> None:
+        self._left = self.state
+
+    def entered(self, *_: object, **__: object) -> None:
+        """Every state's first on_enter callback: the bookkeeping (and the
+        record saved) comes before the state's step runs."""
+        if self._left == self.state:
+            return  # ``resume`` re-entered the state: it has not changed
         self.entered_at[self.state] = time.time()
         self.history.append((self.state, datetime.now().astimezone().isoformat(timespec="seconds")))
-        # A timeout belongs to the state it fired in; a new state starts clean.
-        self.timed_out.clear()
-        self.timed_out_state = None
-        if self.state == State.CLEANED:
-            self.stop_timers()
         if self.on_change is not None:
             self.on_change(self.state_enum)
-
-    def on_state_timeout(self, *_: object, **__: object) -> None:
-        # Runs on the timer thread: record only, never transition here.
-        self.timed_out_state = self.state
-        self.timed_out.set()
-
-    def timeout_pending(self) -> bool:
-        """True if the *current* state timed out (a timer racing a transition
-        may have fired for the state just left)."""
-        return self.timed_out.is_set() and self.timed_out_state == self.state
-
-    def stop_timers(self) -> None:
-        """Cancel every pending state timeout (on cleanup or when detaching)."""
-        if self._stop_timers is not None:
-            self._stop_timers()
 
     # -- triggers (replaced by transitions) --
     def trigger(self, name: str, *args: Any, **kwargs: Any) -> bool:
@@ -286,6 +306,9 @@ class Session:
 
     def disconnect(self) -> bool:
         _undefined("disconnect")
+
+    def resume(self) -> bool:
+        _undefined("resume")
 
     def timeout(self) -> bool:
         _undefined("timeout")
@@ -353,25 +376,6 @@ def _reserved_names() -> set[str]:
 # -- the machine -----------------------------------------------------------------
 
 
-@cache
-def _session_machine() -> type[Machine]:
-    from transitions import Machine
-    from transitions.extensions.states import Timeout, add_state_features
-
-    @add_state_features(Timeout)
-    class SessionMachine(Machine):
-        """A transitions Machine whose states carry timeouts."""
-
-        def stop_timers(self) -> None:
-            for state in self.states.values():
-                runner: dict[int, threading.Timer] = getattr(state, "runner", {})
-                for timer in runner.values():
-                    timer.cancel()
-                runner.clear()
-
-    return SessionMachine
-
-
 def _restore_name(initial: State | str, definition: MachineDefinition) -> str:
     name = initial.value if isinstance(initial, State) else str(initial)
     valid = [s.value for s in State]
@@ -384,27 +388,20 @@ def _restore_name(initial: State | str, definition: MachineDefinition) -> str:
     return name
 
 
-def _state_configs(
-    definition: MachineDefinition, timeouts: Mapping[str, float]
-) -> list[dict[str, Any]]:
-    configs: list[dict[str, Any]] = []
+def _check_timeouts(definition: MachineDefinition, timeouts: Mapping[str, float]) -> None:
     for name, sdef in definition.states.items():
-        config: dict[str, Any] = {"name": name}
-        if sdef.timeout is not None:
-            if sdef.timeout not in timeouts:
-                raise ConfigError(
-                    f"State {name!r} names timeout {sdef.timeout!r}, which is not set",
-                    hint="Known timeouts: " + ", ".join(sorted(timeouts)),
-                )
-            seconds = float(timeouts[sdef.timeout])
-            if not (math.isfinite(seconds) and seconds > 0):
-                raise ConfigError(
-                    f"Timeout {sdef.timeout!r} must be a positive number of seconds, got {seconds}"
-                )
-            config["timeout"] = seconds
-            config["on_timeout"] = "on_state_timeout"
-        configs.append(config)
-    return configs
+        if sdef.timeout is None:
+            continue
+        if sdef.timeout not in timeouts:
+            raise ConfigError(
+                f"State {name!r} names timeout {sdef.timeout!r}, which is not set",
+                hint="Known timeouts: " + ", ".join(sorted(timeouts)),
+            )
+        seconds = float(timeouts[sdef.timeout])
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ConfigError(
+                f"Timeout {sdef.timeout!r} must be a positive number of seconds, got {seconds}"
+            )
 
 
 def build_machine(
@@ -412,21 +409,26 @@ def build_machine(
     definition: MachineDefinition,
     timeouts: Mapping[str, float],
     initial: State | str | None = None,
-    already_spent: float = 0.0,
+    steps: Mapping[str, Callable[[], None]] | None = None,
 ) -> Machine:
-    """A machine driving ``model`` through ``definition``.
+    """A queued machine driving ``model`` through ``definition``, starting
+    in ``initial`` (a saved state) or the definition's initial state.
+    ``steps`` maps each name of ``BEHAVIOURS`` to the engine's step; a
+    state's ``on_enter`` runs it (without ``steps``, the bare machine: for
+    the diagram and tests of the definition)."""
+    from transitions import Machine
 
-    ``initial`` restores a saved state; its timeout is armed with what is
-    left of it after ``already_spent`` seconds (entering the initial state
-    of a machine starts no timer by itself)."""
-    from transitions import EventData
-    from transitions.core import Event
-    from transitions.extensions.states import Timeout
-
+    _check_timeouts(definition, timeouts)
     start = definition.initial if initial is None else _restore_name(initial, definition)
-    machine = _session_machine()(
+    states: list[dict[str, Any]] = []
+    for name, sdef in definition.states.items():
+        on_enter: list[Any] = ["entered"]
+        if steps is not None and sdef.on_enter is not None:
+            on_enter.append(steps[sdef.on_enter])
+        states.append({"name": name, "on_enter": on_enter})
+    machine = Machine(
         model=model,
-        states=_state_configs(definition, timeouts),
+        states=states,
         transitions=[
             {"trigger": t.trigger, "source": t.sources, "dest": t.dest}
             for t in definition.transitions
@@ -435,8 +437,10 @@ def build_machine(
         auto_transitions=False,
         send_event=False,
         ignore_invalid_triggers=False,
-        after_state_change="after_state_change",
-        queued=False,
+        before_state_change="before_state_change",
+        # A step fires the next trigger and returns; the machine then runs
+        # the next state's step: one flat loop, no recursion (see the docstring).
+        queued=True,
         model_override=True,
     )
     # model_override binds only declared names: bind triggers a custom
@@ -447,16 +451,6 @@ def build_machine(
             setattr(
                 model, f"may_{trigger}", lambda *a, _t=trigger, **k: model.may_trigger(_t, *a, **k)
             )
-    model._stop_timers = cast(Callable[[], None], getattr(machine, "stop_timers"))  # noqa: B009
-    state = cast(Timeout, machine.get_state(start))
-    if state.timeout > 0:
-        remaining = max(state.timeout - max(already_spent, 0.0), _MIN_TIMEOUT)
-        event_data = EventData(state, Event("restore", machine), machine, model, (), {})
-        # Same bookkeeping as Timeout.enter, so leaving the state cancels it.
-        timer = threading.Timer(remaining, state._process_timeout, args=(event_data,))
-        timer.daemon = True
-        timer.start()
-        state.runner[id(model)] = timer
     return machine
 
 
@@ -489,10 +483,12 @@ def to_mermaid(definition: MachineDefinition, timeouts: Mapping[str, float] | No
     states: list[dict[str, Any]] = []
     for name, sdef in definition.states.items():
         label = name
+        if sdef.on_enter is not None:
+            label = f"{name} / {sdef.on_enter}"
         if sdef.timeout is not None:
             seconds = (timeouts or {}).get(sdef.timeout)
             shown = f"{sdef.timeout} {seconds:g} s" if seconds is not None else sdef.timeout
-            label = f"{name} [timeout: {_mermaid_text(shown)}]"
+            label = f"{label} [timeout: {_mermaid_text(shown)}]"
         states.append({"name": name, "label": label})
     machine = machine_cls(
         model=None,

@@ -27,7 +27,7 @@ from alvis_fsm.cluster.agent import Agent, Event, parse_log_line
 from alvis_fsm.cluster.ssh import Connection, SSHOptions, control_path
 from alvis_fsm.cluster.tunnel import Tunnel, Verified, parse_address, verify
 from alvis_fsm.engine import loadtimes
-from alvis_fsm.engine.machine import Session, State, build_machine
+from alvis_fsm.engine.machine import LIVE_STATES, Session, State, build_machine
 from alvis_fsm.engine.store import SessionRecord, Store
 from alvis_fsm.errors import (
     AlvisError,
@@ -40,6 +40,7 @@ from alvis_fsm.errors import (
     SSHError,
     StopRequested,
 )
+from alvis_fsm.retry import Backoff
 
 if TYPE_CHECKING:  # settings imports pydantic; the Runner only reads it
     from alvis_fsm.engine.settings import Settings
@@ -160,14 +161,34 @@ class Runner:
         self._last_unknown_note = 0.0
         self.model = Session()
         self.model.on_change = self._on_change
-        timeouts = settings.timeouts.model_dump()
-        spent = 0.0
-        if record.state in record.entered_at:
-            spent = max(0.0, time.time() - record.entered_at[record.state])
+        # The behaviour of each state, attached to the machine (``on_enter``
+        # in [machine]); see engine/machine.py.
         self.machine = build_machine(
-            self.model, settings.machine, timeouts, initial=record.state, already_spent=spent
+            self.model,
+            settings.machine,
+            settings.timeouts.model_dump(),
+            initial=record.state,
+            steps={
+                "await_start": self.await_start,
+                "await_server": self.await_server,
+                "connect": self.connect,
+                "serve": self.serve,
+            },
         )
         self.model.entered_at.update(record.entered_at)
+        # A front holding many sessions stops one with request_stop (no signals).
+        self._stop = threading.Event()
+        self._stop_reason = ""
+        # Which trigger an error means when it ends the session ("timeout" or
+        # "fail"): an error raised inside a step clears the machine's queue,
+        # so the trigger is fired by _finish.
+        self._failure = "fail"
+        self._new = False  # entered `submitted` from idle in this process: submit
+        self._reconnecting = False
+        self._announced = False
+        self._stream_lines = 50
+        self._warned: set[float] = set()
+        self._restarts = Backoff(first=0.5, most=60.0, immediate=True, healthy=30.0)
         self.tunnel: Tunnel | None = None
         self._stream: subprocess.Popen[bytes] | None = None
         self._events: queue.Queue[tuple[str, str]] = queue.Queue()
@@ -271,24 +292,47 @@ class Runner:
                 self._finish(exc)
 
     def _run_steps(self) -> None:
-        steps: dict[State, Callable[[], None]] = {
-            State.IDLE: self.submit,
-            State.SUBMITTED: self.wait_running,
-            State.RUNNING: self.wait_ready,
-            State.SERVING: self.connect,
-            State.TUNNELED: self.serve,
-        }
+        """Enter the machine: the states' steps do the rest (queued: each
+        step fires the next trigger and returns, the machine runs the next)."""
         self.conn.open()
-        if self.state is State.TUNNELED and not (self.supervised and self._adopt_tunnel()):
+        state = self.state
+        if state is State.IDLE:
+            self._new = True
+            self._fire("submit")
+        elif state is State.TUNNELED and not (self.supervised and self._adopt_tunnel()):
             # Picked up by resume: the tunnel is not ours until it is
             # found (or reopened) and verified again.
             self._fire("disconnect")
-        while self.state in steps:
-            steps[self.state]()
+        elif state in LIVE_STATES:
+            self._fire("resume")
+
+    def request_stop(self, reason: str = "stopped") -> None:
+        """Ask a session driven in another thread to stop and clean up, as
+        Ctrl+C does in a terminal: its step notices within a second or so
+        (the current scheduler query or log poll ends first)."""
+        self._stop_reason = reason
+        self._stop.set()
+
+    def _check_stop(self) -> None:
+        if self._stop.is_set():
+            raise StopRequested(self._stop_reason or "stopped")
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, unless a stop is requested meanwhile."""
+        if self._stop.wait(seconds):
+            self._check_stop()
+
+    def _timeout(self, exc: AlvisError) -> AlvisError:
+        """The error of a state that lasted longer than its timeout."""
+        self._failure = "timeout"
+        return exc
 
     def _finish(self, exc: BaseException) -> None:
         """What each way out of the loop means for the job."""
         r = self.record
+        if isinstance(exc, _LimitReached):
+            self._limit_reached()
+            return
         if isinstance(exc, Detached):
             self.record.detached = True
             self.record.client_pid = 0
@@ -301,7 +345,6 @@ class Runner:
             and not isinstance(exc, ConnectionLost)
         ):
             self._stop_stream()
-            self.model_stop()
             r.client_pid = 0
             self._save()
             return
@@ -311,7 +354,6 @@ class Runner:
             self._stop_stream()
             if self.tunnel is not None:
                 self.tunnel.close()
-            self.model_stop()
             r.client_pid = 0
             self._save()
             if isinstance(exc, _GiveUp):
@@ -340,7 +382,7 @@ class Runner:
             if self.state not in (State.FAILED, State.CLEANED):
                 # Even if saving the new state fails, cleanup must still run.
                 with contextlib.suppress(Exception):
-                    self._fire("fail")
+                    self._fire(self._failure)
             r.end_reason = exc.message
             self.cleanup(exc.message)
             raise exc
@@ -349,7 +391,9 @@ class Runner:
 
     # -- steps ----------------------------------------------------------------
 
-    def submit(self) -> None:
+    def _submit_job(self) -> None:
+        """sbatch, in state `submitted` already: from here on, cleanup cancels
+        by job name too (an sbatch cut off mid-way may have queued a job)."""
         r = self.record
         if r.route == "login":
             self.ui.warn(LOGIN_ROUTE_WARNING)
@@ -357,7 +401,6 @@ class Runner:
         # The job script expands a "~/" run dir itself, on the cluster.
         script = self.render(r.run_dir)
         key = r.api_key or None
-        self._fire("submit")  # from here on, cleanup cancels by job name too
         try:
             r.run_dir, r.job_id = self.agent.submit(r.run_dir, key, script, self.sbatch_args)
         except SSHError:
@@ -393,11 +436,22 @@ class Runner:
             )
         return why
 
-    def wait_running(self) -> None:
+    def await_start(self) -> None:
+        """Step of `submitted`: submit (a new session), then wait for a node."""
         r = self.record
+        if self._new and not r.job_id:
+            self._submit_job()
+        elif not r.job_id:
+            # Picked up without a job id (sbatch was cut off): never submit
+            # twice; look for the job by its unique name.
+            r.job_id = self.agent.find(r.job_name) or ""
+            if not r.job_id:
+                raise SessionError(f"Session '{r.name}' has no job on the cluster")
+            self._save()
         since = time.monotonic()
         entered = self.model.entered_at.get("submitted", time.time())
         while True:
+            self._check_stop()
             # Ask first, judge after: what happened on the cluster while this
             # client was away (asleep, suspended, offline) counts, not our clock.
             ev = self.agent.wait_start(
@@ -427,12 +481,11 @@ class Runner:
                     hint=f"See {r.run_dir}/{rundir.SLURM_OUTPUT.replace('%j', r.job_id)} on the login node.",
                 )
             if self._timed_out(ev):
-                self._fire("timeout")
                 limit = self._limit("submitted")
-                raise SchedulerError(
+                raise self._timeout(SchedulerError(
                     f"Job {r.job_id} did not start within {limit:.0f} s",
                     hint="The queue is busy: try a shorter -t, fewer GPUs, or raise timeouts.job_start.",
-                )
+                ))
             text = f"Waiting for job {r.job_id} to start"
             why = self._unanswered(job)
             if why:
@@ -443,10 +496,12 @@ class Runner:
                     text += f", expected start {job.start.replace('T', ' ')[:16]} (cluster time)"
             self.ui.waiting(text, since=entered)
 
-    def wait_ready(self) -> None:
+    def await_server(self) -> None:
+        """Step of `running`: wait for vLLM's address, then for it to be ready."""
         r = self.record
         entered = self.model.entered_at.get("running", time.time())
         while True:
+            self._check_stop()
             ev = self.agent.wait_ready(
                 r.run_dir,
                 r.job_id,
@@ -485,12 +540,11 @@ class Runner:
                 self.ui.done_waiting()
                 raise self._crash(f"Job {r.job_id} ended ({ev.job.state}) before vLLM was ready")
             if self._timed_out(ev):
-                self._fire("timeout")
-                raise ServerError(
+                raise self._timeout(ServerError(
                     f"vLLM did not start within {self._limit('running'):.0f} s",
                     hint="Raise timeouts.server_ready for a large model, or check the log above.",
                     details="\n".join(self._tail_err(20)) or None,
-                )
+                ))
             self._unanswered(ev.job)
             eta = loadtimes.describe(self._load_times.expected(r.model, r.gpus))
             self.ui.waiting(
@@ -550,7 +604,15 @@ class Runner:
                 )
 
     def connect(self) -> None:
+        """Step of `serving`: open the tunnel and verify the server through it;
+        after a drop (from `tunneled`), the same with retries."""
         r = self.record
+        if self._reconnecting:
+            self._reconnect()
+            self._reconnecting = False
+            self._fire("connect")
+            self.ui.info(f"Tunnel back up: http://localhost:{r.local_port}")
+            return
         if self.tunnel is None:
             self._open_tunnel()
         self.ui.info("Testing connection...")
@@ -558,6 +620,11 @@ class Runner:
             r.local_port, r.api_key or None, self.settings.timeouts.connection_test, r.served_name
         )
         self._fire("connect")
+        if self._announced:
+            # Picked up again after a drop (a supervisor adopting): no banner.
+            self.ui.info(f"Tunnel back up: http://localhost:{r.local_port}")
+            return
+        self._announced = True
         self.ui.connected(r, seen.models, seen.first_token_s)
         left = self._time_left()
         if left is not None:
@@ -566,17 +633,48 @@ class Runner:
                 f"{time.strftime('%H:%M', time.localtime(time.time() + left))})"
             )
 
+    def _reconnect(self) -> None:
+        """Reopen a dropped tunnel (and, if it went too, the shared connection),
+        at most tunnel.max_reconnects tries, backing off between them."""
+        r = self.record
+        tries = Backoff(first=0.5, most=10.0)
+        while True:
+            self._check_stop()
+            if not self.conn.alive():
+                # The shared connection (the tunnel's jump) is gone too:
+                # wait for the login node as long as ssh.reconnect_window
+                # says, as everywhere else, not max_reconnects tries.
+                self._reopen_or_give_up()
+            try:
+                assert self.tunnel is not None
+                self.tunnel.open()
+                self._verify(
+                    r.local_port,
+                    r.api_key or None,
+                    self.settings.timeouts.connection_test,
+                    r.served_name,
+                )
+                return
+            except AlvisError as exc:
+                if tries.failed() >= self.settings.tunnel.max_reconnects:
+                    raise self._give_up(
+                        f"Could not reopen the tunnel after {tries.failures} tries", exc.message
+                    ) from exc
+                if not tries.wait(self._stop):
+                    self._check_stop()
+
     def _time_left(self) -> float | None:
         r = self.record
         if not r.running_since or not r.time_limit_s:
             return None
         return max(0.0, r.running_since + r.time_limit_s - time.time())
 
-    def _warn_before_end(self, warned: set[float]) -> None:
+    def _warn_before_end(self) -> None:
         """The configured warnings before the time limit, each once."""
         left = self._time_left()
         if left is None:
             return
+        warned = self._warned
         due = [lead for lead in self.settings.session.warn_before_end if left <= lead and lead not in warned]
         if due:
             warned.update(due)
@@ -598,24 +696,24 @@ class Runner:
         self.cleanup(r.end_reason)
 
     def serve(self) -> None:
-        """Tunneled: stream logs, keep the tunnel up, notice a crash."""
+        """Step of `tunneled`: stream logs, keep an eye on job and tunnel.
+        A dropped tunnel fires `disconnect` (back to `serving`, whose step
+        reopens it); the log stream carries on across it."""
         r = self.record
         if self.detach:
             raise Detached()
-        self.ui.info("Streaming logs (Ctrl+C to stop and cleanup)...")
-        # From here Ctrl+C is the normal way out, even mid-reconnect.
-        self._streaming = True
-        lines = 50
-        failures = 0
-        backoff = 0.5
-        restarts = _Backoff()
-        warned: set[float] = set()
+        if not self._streaming:
+            self.ui.info("Streaming logs (Ctrl+C to stop and cleanup)...")
+            # From here Ctrl+C is the normal way out, even mid-reconnect.
+            self._streaming = True
+        restarts = self._restarts
         while True:
-            self._warn_before_end(warned)
+            self._check_stop()
+            self._warn_before_end()
             proc = self._stream
             if proc is None:
-                self._start_stream(lines)
-                lines = 0  # after a restart, only what is new
+                self._start_stream(self._stream_lines)
+                self._stream_lines = 0  # after a restart, only what is new
             elif proc.poll() is not None:
                 if not self.conn.alive():
                     # The shared connection dropped (the stream was a channel
@@ -647,8 +745,7 @@ class Runner:
             if self.supervised and kind in ("EXITED", "ENDED", "GONE"):
                 raise Release(kind)  # the job is ending: `status` reports it
             if (kind == "ENDED" and value == "time limit") or (kind == "GONE" and value == "TIMEOUT"):
-                self._limit_reached()
-                return
+                raise _LimitReached()
             if kind == "EXITED":
                 raise self._crash(f"vLLM exited with status {value}")
             if kind == "ENDED":
@@ -657,34 +754,10 @@ class Runner:
                 raise SchedulerError(f"Job {r.job_id} is no longer running ({value})")
             assert self.tunnel is not None
             if not self.tunnel.alive():
-                self._fire("disconnect")
                 self.ui.warn("The tunnel dropped; reconnecting (the job is untouched)...")
-                while True:
-                    if not self.conn.alive():
-                        # The shared connection (the tunnel's jump) is gone too:
-                        # wait for the login node as long as ssh.reconnect_window
-                        # says, as everywhere else, not max_reconnects tries.
-                        self._reopen_or_give_up()
-                    try:
-                        self.tunnel.open()
-                        self._verify(
-                            r.local_port,
-                            r.api_key or None,
-                            self.settings.timeouts.connection_test,
-                            r.served_name,
-                        )
-                        break
-                    except AlvisError as exc:
-                        failures += 1
-                        if failures >= self.settings.tunnel.max_reconnects:
-                            raise self._give_up(
-                                f"Could not reopen the tunnel after {failures} tries", exc.message
-                            ) from exc
-                        time.sleep(backoff)
-                        backoff = min(backoff * 2, 10)
-                self._fire("connect")
-                self.ui.info(f"Tunnel back up: http://localhost:{r.local_port}")
-                failures, backoff = 0, 0.5
+                self._reconnecting = True
+                self._fire("disconnect")
+                return
 
     def _reopen_or_give_up(self) -> None:
         """Reopen the shared connection (within ssh.reconnect_window); if the
@@ -772,7 +845,6 @@ class Runner:
             self._fire("clean")
         r.client_pid = 0
         self._save()
-        self.model_stop()
         return False
 
     def stop(self) -> None:
@@ -843,7 +915,6 @@ class Runner:
                     r.client_pid = 0
                     self._save()
                     self._close_local()
-                    self.model_stop()
                     raise CancelUnconfirmed(
                         f"Could not confirm that job {job} was cancelled: {left}",
                         hint=f"The job may still be running; session '{r.name}' is kept. "
@@ -854,17 +925,9 @@ class Runner:
             if self.state is not State.CLEANED:
                 r.end_reason = r.end_reason or why
                 self._fire("clean")
-            self.model_stop()
             r.client_pid = 0
             self._save()
             self.ui.info(f"Cleaned up job {r.job_id or '(none submitted)'} successfully")
-
-    def model_stop(self) -> None:
-        stop = getattr(self.model, "stop_timers", None) or getattr(
-            self.machine, "stop_timers", None
-        )
-        if callable(stop):
-            stop()
 
     def _close_local(self) -> None:
         if self.tunnel is not None:
@@ -890,27 +953,8 @@ def _stderr_of(proc: subprocess.Popen[bytes]) -> str:
     return slurm.strip_ansi(lines[-1])[:200] if lines else ""
 
 
-class _Backoff:
-    """The one retry policy of the log stream: the first restart is at once,
-    each further quick failure doubles the wait (0.5 s up to a minute); a
-    stream that lived ``healthy`` seconds starts the count again."""
-
-    def __init__(self, first: float = 0.5, most: float = 60.0, healthy: float = 30.0) -> None:
-        self.first, self.most, self.healthy = first, most, healthy
-        self.failures = 0
-        self.delay = 0.0
-        self._next = 0.0
-
-    def failed(self, lived: float) -> int:
-        if lived >= self.healthy:
-            self.failures = 0
-        self.failures += 1
-        self.delay = 0.0 if self.failures == 1 else min(self.first * 2 ** (self.failures - 2), self.most)
-        self._next = time.monotonic() + self.delay
-        return self.failures
-
-    def due(self) -> bool:
-        return time.monotonic() >= self._next
+class _LimitReached(Exception):
+    """The job ended at its time limit: the normal end of a session."""
 
 
 class _GiveUp(ConnectionLost):

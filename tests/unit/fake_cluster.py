@@ -187,16 +187,16 @@ class FakeAgent:
 
 def make_runner(
     tmp: Path, state: str = "idle", *, detach: bool = True, supervised: bool = False,
-    **settings: dict[str, Any],
+    name: str = "s", **settings: dict[str, Any],
 ) -> tuple[Runner, FakeAgent, FakeConn, Say, Store]:
     cfg = load_settings(
         {"session": {"state_dir": str(tmp / "state")}, "timeouts": {"job_start": 60, "server_ready": 60}, **settings}
     )
     store = Store(cfg.state_dir)
     record = SessionRecord(
-        name="s", model="m", state=state, local_port=58000, run_dir="~/runs/s",
-        job_name="alvis-fsm-s-abc", served_name="org/m", api_key="k",
-        control_path=str(tmp / "ctl"), tunnel_control_path=str(tmp / "ctl.t"),
+        name=name, model="m", state=state, local_port=58000, run_dir=f"~/runs/{name}",
+        job_name=f"alvis-fsm-{name}-abc", served_name="org/m", api_key="k",
+        control_path=str(tmp / f"ctl-{name}"), tunnel_control_path=str(tmp / f"ctl-{name}.t"),
     )  # fmt: skip
     if state != "idle":
         record.job_id = "42"
@@ -210,7 +210,6 @@ def make_runner(
         agent=agent,  # type: ignore[arg-type]
         tunnel_factory=FakeTunnel,  # type: ignore[arg-type]
         verifier=lambda port, key, deadline, served: Verified(["org/m"], 0.01),
-        supervised=supervised,
+        supervised=supervised, job_script=lambda run_dir: "#!/bin/bash\n",
     )  # fmt: skip
-    runner.render = lambda run_dir: "#!/bin/bash\n"
     return runner, agent, conn, say, store

@@ -28,7 +28,10 @@ def test_diagram_content() -> None:
     text = to_mermaid(packaged_definition(), packaged_timeouts())
     assert text.startswith("---\nalvis-fsm session\n---\nstateDiagram-v2\n")
     assert "[*] --> idle" in text
-    assert 'state "submitted [timeout: job_start 600 s]" as submitted' in text
+    # Each live state shows its step (on_enter) and its timeout.
+    assert 'state "submitted / await_start [timeout: job_start 600 s]" as submitted' in text
+    assert 'state "tunneled / serve" as tunneled' in text
+    assert "submitted --> submitted: resume" in text
     assert "submitted --> failed: timeout | fail" in text
     assert "s_active" not in text.split("classDef s_previous")[1]  # no state drawn as active
     assert all(line == line.rstrip() for line in text.splitlines())
@@ -36,7 +39,7 @@ def test_diagram_content() -> None:
 
 def test_diagram_without_timeouts_names_the_key() -> None:
     text = to_mermaid(packaged_definition())
-    assert 'state "running [timeout: server_ready]" as running' in text
+    assert 'state "running / await_server [timeout: server_ready]" as running' in text
 
 
 def test_cli_prints_it() -> None:

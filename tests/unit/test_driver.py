@@ -22,7 +22,6 @@ from fake_cluster import (
 
 from alvis_fsm.cluster.agent import Event
 from alvis_fsm.cluster.slurm import parse_jobinfo
-from alvis_fsm.engine.runner import _Backoff
 from alvis_fsm.errors import (
     CancelUnconfirmed,
     ConnectionLost,
@@ -32,6 +31,7 @@ from alvis_fsm.errors import (
     ServerError,
     StopRequested,
 )
+from alvis_fsm.retry import Backoff
 
 LIVE = ["submitted", "running", "serving", "tunneled"]
 
@@ -266,7 +266,8 @@ def _interrupt_after(n: int) -> Callable[..., FakeTunnel]:
 
 
 def test_backoff_policy() -> None:
-    b = _Backoff(first=0.5, most=4, healthy=30)
+    # The log stream's policy: the first restart at once (see Runner.__init__).
+    b = Backoff(first=0.5, most=4, immediate=True, healthy=30)
     assert [b.failed(1) for _ in range(6)] == [1, 2, 3, 4, 5, 6]
     assert b.delay == 4  # capped
     b.failed(31)  # a stream that lived long starts the count again

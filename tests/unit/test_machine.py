@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import threading
 import time
 import tomllib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -123,7 +125,7 @@ def _trigger_clash(d: dict[str, Any]) -> None:
 
 
 def _trigger_clash_callback(d: dict[str, Any]) -> None:
-    d["transitions"].append({"trigger": "after_state_change", "source": "idle", "dest": "failed"})
+    d["transitions"].append({"trigger": "before_state_change", "source": "idle", "dest": "failed"})
 
 
 def _trigger_clash_may(d: dict[str, Any]) -> None:
@@ -161,7 +163,7 @@ def _extra_key(d: dict[str, Any]) -> None:
         (_unreachable, ["unreachable", "tunneled"]),
         (_live_cannot_clean, ["'serving'", "cleaned"]),
         (_trigger_clash, ["history", "clashes"]),
-        (_trigger_clash_callback, ["after_state_change", "clashes"]),
+        (_trigger_clash_callback, ["before_state_change", "clashes"]),
         (_trigger_clash_may, ["may_submit", "clashes"]),
         (_trigger_not_identifier, ["give up", "identifier"]),
         (_trigger_keyword, ["import", "identifier"]),
@@ -236,7 +238,7 @@ def test_happy_path() -> None:
     assert [s for s, _ in model.history] == [s.value for s in expected]
     assert set(model.entered_at) == {s.value for s in expected}
     assert model.is_cleaned()
-    assert all(not t.is_alive() for s in machine.states.values() for t in s.runner.values())
+    assert machine.has_queue  # steps fire the next trigger and return (no recursion)
 
 
 def _drive_to(model: Session, state: State) -> None:
@@ -315,63 +317,85 @@ def test_restore_into_bogus_raises_and_adds_nothing() -> None:
     assert model.state == State.IDLE
 
 
-def test_timeout_fires_on_timer_thread_without_transitioning() -> None:
-    model, _ = make(timeouts={**TIMEOUTS, "job_start": 0.05})
+# -- behaviour attached to the states; no timers --------------------------------------
+def test_the_machine_starts_no_threads() -> None:
+    """Timeouts are judged by the engine from the cluster's facts (see
+    test_driver's client-sleep tests), not by timers on this machine."""
+    before = threading.active_count()
+    model, _ = make(timeouts={**TIMEOUTS, "job_start": 0.01})
     model.submit()
-    assert model.timed_out.wait(2)
-    assert model.timed_out_state == "submitted"
-    assert model.timeout_pending()
-    assert model.state == State.SUBMITTED  # the engine's main thread fires `timeout`
-    model.timeout()
+    time.sleep(0.1)
+    assert model.state == State.SUBMITTED
+    assert threading.active_count() == before
+
+
+def test_each_live_state_runs_its_on_enter_step_in_order() -> None:
+    model = Session()
+    ran: list[str] = []
+
+    def step(name: str, then: str | None) -> Callable[[], None]:
+        def run() -> None:
+            ran.append(name)
+            if then:
+                getattr(model, then)()  # queued: runs after this step returns
+                ran.append(f"{name} returned")
+
+        return run
+
+    steps = {
+        "await_start": step("await_start", "start"),
+        "await_server": step("await_server", "ready"),
+        "connect": step("connect", "connect"),
+        "serve": step("serve", None),
+    }
+    build_machine(model, packaged_definition(), TIMEOUTS, steps=steps)
+    model.submit()
+    assert ran == [
+        "await_start", "await_start returned", "await_server", "await_server returned",
+        "connect", "connect returned", "serve",
+    ]  # fmt: skip
+    assert model.state == State.TUNNELED
+
+
+def test_state_is_recorded_before_its_step_runs() -> None:
+    model = Session()
+    seen: list[State] = []
+    model.on_change = seen.append
+
+    def serve() -> None:
+        assert seen[-1] is State.TUNNELED  # saved before the step: a crash in it keeps it
+        raise RuntimeError("boom")
+
+    noop: Callable[[], None] = lambda: None  # noqa: E731
+    build_machine(model, packaged_definition(), TIMEOUTS, initial="serving",
+                  steps={"await_start": noop, "await_server": noop, "connect": noop, "serve": serve})  # fmt: skip
+    with pytest.raises(RuntimeError):
+        model.connect()
+    assert model.state == State.TUNNELED
+    # The error cleared the queue: the machine takes the next trigger at once.
+    model.fail()
     assert model.state == State.FAILED
-    assert not model.timed_out.is_set() and not model.timeout_pending()
 
 
-def test_leaving_a_state_cancels_its_timer() -> None:
-    model, _ = make(timeouts={**TIMEOUTS, "job_start": 0.2})
-    model.submit()
-    model.start()
-    time.sleep(0.4)
-    assert not model.timed_out.is_set()
+def test_resume_reenters_the_state_and_runs_its_step_again() -> None:
+    model = Session()
+    ran: list[str] = []
+    seen: list[State] = []
+    model.on_change = seen.append
+    noop: Callable[[], None] = lambda: None  # noqa: E731
+    build_machine(model, packaged_definition(), TIMEOUTS, initial="running",
+                  steps={"await_start": noop, "await_server": lambda: ran.append("await_server"),
+                         "connect": noop, "serve": noop})  # fmt: skip
+    model.resume()
+    assert ran == ["await_server"] and model.state == State.RUNNING
+    assert seen == [] and model.history == []  # not a change of state
 
 
-def test_restore_arms_remaining_timeout() -> None:
-    model, _ = make(
-        initial="running", timeouts={**TIMEOUTS, "server_ready": 10.0}, already_spent=9.9
-    )
-    assert model.timed_out.wait(2)
-    assert model.timed_out_state == "running"
-    # An overdue state still times out, through the timer thread.
-    model2, _ = make(initial="submitted", already_spent=10_000.0)
-    assert model2.timed_out.wait(2)
-    assert model2.timed_out_state == "submitted"
-
-
-def test_restore_timer_cancelled_by_leaving() -> None:
-    model, _ = make(initial="running", timeouts={**TIMEOUTS, "server_ready": 0.2})
-    model.ready()
-    time.sleep(0.4)
-    assert not model.timed_out.is_set()
-
-
-def test_stop_timers() -> None:
-    model, machine = make(timeouts={**TIMEOUTS, "job_start": 0.2})
-    model.submit()
-    model.stop_timers()
-    time.sleep(0.4)
-    assert not model.timed_out.is_set()
-    assert all(not s.runner for s in machine.states.values())
-
-
-def test_timers_are_daemon_threads() -> None:
-    model, machine = make()
-    model.submit()
-    timers = [t for s in machine.states.values() for t in s.runner.values()]
-    assert timers and all(t.daemon for t in timers)
-    model.clean()
-    for t in timers:
-        t.join(2)
-    assert not any(t.is_alive() for t in timers)
+def test_timeouts_are_still_checked_when_the_machine_is_built() -> None:
+    with pytest.raises(ConfigError, match="job_start"):
+        make(timeouts={k: v for k, v in TIMEOUTS.items() if k != "job_start"})
+    with pytest.raises(ConfigError, match="positive"):
+        make(timeouts={**TIMEOUTS, "job_start": 0.0})
 
 
 # -- every transition the driver fires is guaranteed by the validator ---------------
