@@ -151,10 +151,15 @@ def run(
                 sinfo_lines.append(runner.agent.gpus())
             return sinfo_lines[0]
 
-        gpu_spec = resolve_gpus(
-            ui, runner.conn, sinfo, cfg, entry.path, entry.max_model_len, gpu_spec,
-            time_text, fallback=_auto_fallback(cfg, gpu_spec, from_user=bool(gpus or entry.gpus)),
-        )  # fmt: skip
+        try:
+            gpu_spec = resolve_gpus(
+                ui, runner.conn, sinfo, cfg, entry.path, entry.max_model_len, gpu_spec,
+                time_text,
+                fallback=_auto_fallback(cfg, gpu_spec, from_user=bool(gpus or entry.gpus)),
+            )  # fmt: skip
+        except BaseException:
+            runner.conn.close()  # refused before submitting (e.g. fits no GPU type): no ssh left
+            raise
         _report_free_gpus(ui, sinfo, gpu_spec)
         record.gpus = gpu_spec
         spec = jobscript.JobSpec(
