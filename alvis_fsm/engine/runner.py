@@ -1,11 +1,23 @@
-"""Driving one session through the machine: submit, wait, tunnel, stream, clean.
+"""One session's life: the steps the machine runs, and the way out.
 
-``Runner.drive`` looks up the step for the current state (``STEPS``) and runs
-it until the session is tunneled (and, unless detached, streams logs until
-the user stops it) or has failed. ``start`` and ``resume`` are the same
-loop entered at different states. Any exception, Ctrl+C, SIGTERM or SIGHUP
-ends in ``cleanup``: scancel, close the tunnel and the shared connection,
-state ``cleaned``. Nothing here prints: the reporter does."""
+The machine (engine/machine.py, declared in ``[machine]``) drives: each live
+state names its step as ``on_enter`` — ``await_start`` (submit, then wait
+for a node), ``await_server`` (wait for vLLM), ``connect`` (open and verify
+the tunnel), ``serve`` (stream logs, watch job and tunnel). A step fires the
+next trigger when its state is done and returns; the queued machine then
+enters the next state and runs its step. ``Runner.drive`` enters the machine
+(``submit`` for a new session, ``resume`` for one picked up again) and turns
+every way out into what it means for the job (``_finish``): detached,
+released to another client, the network lost (job kept), or ``cleanup``
+(scancel, confirmed; tunnel and connection closed; state ``cleaned``).
+
+No terminal here: no printing (the observer, engine/observer.py, hears
+every event and a front renders it), no prompts (passphrases go through the
+observer's ``ask``), no signal handlers (the terminal front owns them,
+fronts/signals.py, and passes a ``shield`` for cleanup), no module-level
+state. So a front can run many sessions in threads of one process and stop
+each with ``request_stop``; each Runner has its own machine, connection,
+log reader thread and stop event."""
 
 from __future__ import annotations
 
@@ -20,14 +32,17 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from alvis_fsm.cluster import rundir, slurm
 from alvis_fsm.cluster.agent import Agent, Event, parse_log_line
 from alvis_fsm.cluster.ssh import Connection, SSHOptions, control_path
 from alvis_fsm.cluster.tunnel import Tunnel, Verified, parse_address, verify
 from alvis_fsm.engine import loadtimes
-from alvis_fsm.engine.machine import LIVE_STATES, Session, State, build_machine
+from alvis_fsm.engine.durations import fmt_duration
+from alvis_fsm.engine.machine import Session, build_machine
+from alvis_fsm.engine.observer import Observer
+from alvis_fsm.engine.states import LIVE_STATES, State
 from alvis_fsm.engine.store import SessionRecord, Store
 from alvis_fsm.errors import (
     AlvisError,
@@ -44,22 +59,6 @@ from alvis_fsm.retry import Backoff
 
 if TYPE_CHECKING:  # settings imports pydantic; the Runner only reads it
     from alvis_fsm.engine.settings import Settings
-
-
-class Reporter(Protocol):
-    def info(self, message: str) -> None: ...
-    def warn(self, message: str) -> None: ...
-    def result(self, message: str) -> None: ...
-    def command(self, text: str) -> None: ...
-    def log_line(self, stream: str, line: str) -> None: ...
-    def waiting(self, text: str, since: float | None = None) -> None: ...
-    def interrupted(self) -> None: ...
-    def done_waiting(self) -> None: ...
-    def interactive(self) -> bool: ...
-    def ask(self, prompt: str, secret: bool = False) -> str: ...
-    def connected(
-        self, record: SessionRecord, models: list[str], first_token_s: float | None = None
-    ) -> None: ...
 
 
 # Route login needs vLLM on a TCP port of the node, where vLLM's key guards
@@ -88,14 +87,6 @@ def ssh_options(settings: Settings) -> SSHOptions:
     )
 
 
-def fmt_duration(seconds: float) -> str:
-    """H:MM:SS (D-H:MM:SS past a day), as SLURM writes times."""
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}-{text}" if days else text
-
-
 def new_api_key() -> str:
     return "afsm-" + secrets.token_urlsafe(32)
 
@@ -116,7 +107,7 @@ class Runner:
         settings: Settings,
         record: SessionRecord,
         store: Store,
-        ui: Reporter,
+        ui: Observer,
         *,
         detach: bool = False,
         readonly: bool = False,
@@ -185,7 +176,11 @@ class Runner:
         self._failure = "fail"
         self._new = False  # entered `submitted` from idle in this process: submit
         self._reconnecting = False
+        self._back_up = False
+        self._arrived = False
+        self._verified: Verified | None = None
         self._announced = False
+        self._said_streaming = False
         self._stream_lines = 50
         self._warned: set[float] = set()
         self._restarts = Backoff(first=0.5, most=60.0, immediate=True, healthy=30.0)
@@ -204,7 +199,7 @@ class Runner:
         self._streaming = False
 
     def _connection(
-        self, settings: Settings, record: SessionRecord, store: Store, ui: Reporter
+        self, settings: Settings, record: SessionRecord, store: Store, ui: Observer
     ) -> Connection:
         """The session's shared connection. A read-only look (status, logs)
         reuses it when it is up but never opens or closes it: another client
@@ -449,7 +444,7 @@ class Runner:
                 raise SessionError(f"Session '{r.name}' has no job on the cluster")
             self._save()
         since = time.monotonic()
-        entered = self.model.entered_at.get("submitted", time.time())
+        entered = self.model.entered_at.get(State.SUBMITTED, time.time())
         while True:
             self._check_stop()
             # Ask first, judge after: what happened on the cluster while this
@@ -462,15 +457,13 @@ class Runner:
                 # "HOST JOBID EPOCH": the start on the cluster's clock, for
                 # the time left (a client that slept must not misjudge it).
                 words = ev.value.split()
-                host = words[0] if words else ""
-                r.node = host
+                r.node = words[0] if words else ""
                 r.running_since = time.time()
                 if len(words) >= 3 and words[2].isdigit():
                     r.running_since = float(words[2])
                 self.ui.done_waiting()
+                self._arrived = True  # announced by the next state's step
                 self._fire("start")
-                self.ui.info(f"Job is running on node: {host}")
-                self.ui.info("Waiting for server address...")
                 return
             job = ev.job
             if job is not None and job.ended:
@@ -481,7 +474,7 @@ class Runner:
                     hint=f"See {r.run_dir}/{rundir.SLURM_OUTPUT.replace('%j', r.job_id)} on the login node.",
                 )
             if self._timed_out(ev):
-                limit = self._limit("submitted")
+                limit = self._limit(State.SUBMITTED)
                 raise self._timeout(SchedulerError(
                     f"Job {r.job_id} did not start within {limit:.0f} s",
                     hint="The queue is busy: try a shorter -t, fewer GPUs, or raise timeouts.job_start.",
@@ -499,7 +492,13 @@ class Runner:
     def await_server(self) -> None:
         """Step of `running`: wait for vLLM's address, then for it to be ready."""
         r = self.record
-        entered = self.model.entered_at.get("running", time.time())
+        if self._arrived:
+            # Each step announces its own state, once the machine has entered
+            # (and saved) it: what the user reads is what `status` shows.
+            self._arrived = False
+            self.ui.info(f"Job is running on node: {r.node}")
+            self.ui.info("Waiting for server address...")
+        entered = self.model.entered_at.get(State.RUNNING, time.time())
         while True:
             self._check_stop()
             ev = self.agent.wait_ready(
@@ -541,7 +540,7 @@ class Runner:
                 raise self._crash(f"Job {r.job_id} ended ({ev.job.state}) before vLLM was ready")
             if self._timed_out(ev):
                 raise self._timeout(ServerError(
-                    f"vLLM did not start within {self._limit('running'):.0f} s",
+                    f"vLLM did not start within {self._limit(State.RUNNING):.0f} s",
                     hint="Raise timeouts.server_ready for a large model, or check the log above.",
                     details="\n".join(self._tail_err(20)) or None,
                 ))
@@ -605,23 +604,30 @@ class Runner:
 
     def connect(self) -> None:
         """Step of `serving`: open the tunnel and verify the server through it;
-        after a drop (from `tunneled`), the same with retries."""
+        after a drop (from `tunneled`), the same with retries. The banner is
+        shown by `serve`, once `tunneled` is saved."""
         r = self.record
         if self._reconnecting:
             self._reconnect()
             self._reconnecting = False
+            self._back_up = True
             self._fire("connect")
-            self.ui.info(f"Tunnel back up: http://localhost:{r.local_port}")
             return
         if self.tunnel is None:
             self._open_tunnel()
         self.ui.info("Testing connection...")
-        seen = self._verify(
+        self._verified = self._verify(
             r.local_port, r.api_key or None, self.settings.timeouts.connection_test, r.served_name
         )
         self._fire("connect")
+
+    def _announce(self) -> None:
+        """The ready banner, once per client; later verifications say less."""
+        r = self.record
+        seen, self._verified = self._verified, None
+        if seen is None:
+            return
         if self._announced:
-            # Picked up again after a drop (a supervisor adopting): no banner.
             self.ui.info(f"Tunnel back up: http://localhost:{r.local_port}")
             return
         self._announced = True
@@ -700,12 +706,19 @@ class Runner:
         A dropped tunnel fires `disconnect` (back to `serving`, whose step
         reopens it); the log stream carries on across it."""
         r = self.record
+        if not self.detach:
+            # From the banner on, Ctrl+C is the normal way out (exit 0), even
+            # mid-reconnect.
+            self._streaming = True
+        self._announce()
+        if self._back_up:
+            self._back_up = False
+            self.ui.info(f"Tunnel back up: http://localhost:{r.local_port}")
         if self.detach:
             raise Detached()
-        if not self._streaming:
+        if not self._said_streaming:
+            self._said_streaming = True
             self.ui.info("Streaming logs (Ctrl+C to stop and cleanup)...")
-            # From here Ctrl+C is the normal way out, even mid-reconnect.
-            self._streaming = True
         restarts = self._restarts
         while True:
             self._check_stop()
@@ -856,7 +869,7 @@ class Runner:
 
     def show_logs(self, lines: int, follow: bool) -> None:
         r = self.record
-        if not r.run_dir or r.state == "idle":
+        if not r.run_dir or r.state == State.IDLE:
             raise SessionError(f"Session '{r.name}' has no job yet, so no logs")
         opened = not self.conn.alive()
         self.conn.open()
