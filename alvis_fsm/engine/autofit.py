@@ -164,11 +164,18 @@ def resolve_gpus(
     max_model_len: int,
     gpu_spec: str,
     time: str,
+    fallback: str | None = None,
 ) -> str:
     """The GPUs to ask for. ``auto``: chosen by ``fit.choose`` (refused with the
     numbers if nothing fits). An explicit ``TYPE:N``: kept, with a warning
     when the catalog's max_model_len cannot fit it. Best effort for the
-    warning: a snapshot that cannot be read warns about nothing."""
+    warning: a snapshot that cannot be read warns about nothing.
+
+    A snapshot ``auto`` cannot size (no config.json, no safetensors, a
+    config.json of an unknown shape) is refused, unless ``fallback`` is given
+    (``auto`` as the packaged default, not asked for): then a warning and
+    ``fallback``, so a model that started before ``auto`` became the default
+    still starts."""
     budget = settings.fit.budget
     if gpu_spec != AUTO:
         gpu_type, _, count = gpu_spec.rpartition(":")
@@ -189,13 +196,28 @@ def resolve_gpus(
         return gpu_spec
 
     snap = read_snapshot(conn, model_path, settings.state_dir)
-    if snap is None or snap.weight_bytes <= 0:
+    problem = ""
+    fp = None
+    if snap is None:
+        problem = "no config.json there"
+    elif snap.weight_bytes <= 0:
+        problem = "no *.safetensors weights there"
+    else:
+        try:
+            fp = fit.estimate(snap.config, snap.weight_bytes)
+        except ConfigError as exc:
+            problem = exc.message
+    if fp is None:
+        if fallback:
+            ui.warn(
+                f"--gpus auto cannot size the model at {model_path} ({problem}): asking for "
+                f"{fallback}; --gpus TYPE:N (or `gpus` in the catalog) chooses"
+            )
+            return fallback
         raise ConfigError(
-            f"--gpus auto cannot size the model at {model_path}:"
-            + (" no config.json there" if snap is None else " no *.safetensors weights there"),
+            f"--gpus auto cannot size the model at {model_path}: {problem}",
             hint="Give the GPUs yourself, e.g. --gpus A40:1 (or `gpus` in the catalog).",
         )
-    fp = fit.estimate(snap.config, snap.weight_bytes)
     types = settings.fit.types()
     try:
         lines = sinfo()

@@ -43,6 +43,7 @@ class Lab:
     values: dict[str, str] = field(default_factory=dict)
     user: str = "pradas"
     node: str = "alvis7-07"
+    node2: str = "alvis4-01"  # the A100fat node
     login_host: str = "alvis2"
     account: str = "NAISS2025-22-1522"
 
@@ -154,9 +155,13 @@ class Lab:
             time.sleep(0.2)
 
     @contextlib.contextmanager
-    def blocker(self) -> Iterator[str]:
-        """Hold all 4 GPUs with a RUNNING job; yields its id."""
-        job_id = self.run(["bash", str(LAB_DIR / "blocker"), "start"], timeout=60).stdout.strip()
+    def blocker(self, gpus: str = "all") -> Iterator[str]:
+        """Hold GPUs with RUNNING jobs: "all" (every GPU of both nodes, so any
+        GPU request waits; yields the A40 blocker's id, the one a waiting job
+        expects to follow), or one node's type ("A40", "A100fat")."""
+        job_id = self.run(
+            ["bash", str(LAB_DIR / "blocker"), "start", gpus], timeout=90
+        ).stdout.strip()
         try:
             yield job_id
         finally:
@@ -212,6 +217,7 @@ def bring_up_lab() -> Lab:
         values=values,
         user=values.get("LAB_USER", "pradas"),
         node=values.get("LAB_NODE", "alvis7-07"),
+        node2=values.get("LAB_NODE2", "alvis4-01"),
         login_host=values.get("LAB_LOGIN_HOST", "alvis2"),
     )
 

@@ -25,6 +25,10 @@ EXPECTED = {
     "tiny-die": ("alvislab/tiny-die", 16384),
     "tiny-dead": ("alvislab/tiny-dead", 4096),
     "tiny-long": ("alvislab/tiny-long", 32768),
+    # Real shapes and sizes, for fitting to GPUs (sparse weights).
+    "qwen3-8b": ("Qwen/Qwen3-8B", 32768),
+    "qwen2.5-32b-instruct": ("Qwen/Qwen2.5-32B-Instruct", 32768),
+    "llama-3.1-405b-instruct": ("meta-llama/Llama-3.1-405B-Instruct", 131072),
 }
 
 

@@ -14,6 +14,17 @@ LAB_LOGIN_HOST=alvis2
 LAB_LOGIN_PORT=22022
 LAB_NODE=alvis7-07
 LAB_NODE_PORT=22023
+LAB_NODE_GPU_TYPE=A40
+LAB_NODE_GPU_GB=48
+LAB_NODE_GPUS=4
+# A second compute node of another GPU type (Alvis' A100fat nodes are alvis4-*),
+# in the same partition: its own namespace, hostname, slurmd (port 6820) and sshd.
+LAB_NODE2=alvis4-01
+LAB_NODE2_PORT=22024
+LAB_NODE2_SLURMD_PORT=6820
+LAB_NODE2_GPU_TYPE=A100fat
+LAB_NODE2_GPU_GB=80
+LAB_NODE2_GPUS=4
 LAB_MYSQL_PORT=33306
 LAB_NODE_TMP_ROOT="$LAB_ROOT/node-local"
 LAB_RUN="$LAB_ROOT/run"
@@ -21,8 +32,14 @@ LAB_LOG="$LAB_ROOT/log"
 LAB_ETC="$LAB_ROOT/etc"
 LAB_LOGIN_SSHD_LOG="$LAB_LOG/sshd-login.log"
 LAB_NODE_SSHD_LOG="$LAB_LOG/sshd-node.log"
+LAB_NODE2_SSHD_LOG="$LAB_LOG/sshd-node2.log"
+# Each node's GPU facts (type, memory), on a small tmpfs private to the node's
+# namespace: the vllm stand-in reads them there (tests/lab/bin/vllm).
+LAB_NODE_INFO="$LAB_ROOT/node-info"
 LAB_SLURMCTLD_LOG="$LAB_LOG/slurmctld.log"
-LAB_SLURMD_LOG="$LAB_LOG/slurmd.log"
+# One slurmd per node: slurm.conf names its pid file, spool dir and log by %n.
+LAB_SLURMD_LOG="$LAB_LOG/slurmd-$LAB_NODE.log"
+LAB_NODE2_SLURMD_LOG="$LAB_LOG/slurmd-$LAB_NODE2.log"
 LAB_SLURMDBD_LOG="$LAB_LOG/slurmdbd.log"
 LAB_MUNGE_LOG="$LAB_LOG/munged.log"
 LAB_MYSQL_LOG="$LAB_LOG/mariadb.log"

@@ -36,7 +36,7 @@ def test_user_file_sets_one_key_others_keep_defaults(user_conf: Path) -> None:
     s = load_settings()
     assert s.timeouts.job_start == 900
     assert s.timeouts.server_ready == 600
-    assert s.slurm.gpus == "A40:1"
+    assert s.slurm.gpus == "auto"  # the packaged default (issue 15)
     rows = {k: (v, src) for k, v, src in explain()}
     assert rows["timeouts.job_start"] == (900, str(user_conf))
     assert rows["timeouts.server_ready"][1] == "default"

@@ -143,11 +143,24 @@ def run(
         ui.info(f"Model path: {entry.path}")
         from alvis_fsm.engine.autofit import resolve_gpus
 
-        gpu_spec = resolve_gpus(
-            ui, runner.conn, runner.agent.gpus, cfg, entry.path, entry.max_model_len, gpu_spec,
-            time_text,
-        )  # fmt: skip
-        _report_free_gpus(ui, runner, gpu_spec)
+        # One sinfo round trip serves the choice and the "free right now" line.
+        sinfo_lines: list[list[str]] = []
+
+        def sinfo() -> list[str]:
+            if not sinfo_lines:
+                sinfo_lines.append(runner.agent.gpus())
+            return sinfo_lines[0]
+
+        try:
+            gpu_spec = resolve_gpus(
+                ui, runner.conn, sinfo, cfg, entry.path, entry.max_model_len, gpu_spec,
+                time_text,
+                fallback=_auto_fallback(cfg, gpu_spec, from_user=bool(gpus or entry.gpus)),
+            )  # fmt: skip
+        except BaseException:
+            runner.conn.close()  # refused before submitting (e.g. fits no GPU type): no ssh left
+            raise
+        _report_free_gpus(ui, sinfo, gpu_spec)
         record.gpus = gpu_spec
         spec = jobscript.JobSpec(
             job_name=job_name,
@@ -254,7 +267,19 @@ def _offer_resume(ui: Reporter, record: SessionRecord, verbosity: Verbosity,
     resume.run(verbosity, name=record.name, detach=False)
 
 
-def _report_free_gpus(ui: Reporter, runner: Any, gpu_spec: str) -> None:
+def _auto_fallback(cfg: Any, gpu_spec: str, from_user: bool) -> str | None:
+    """What to ask for when ``auto`` cannot size the model: one GPU of the
+    first auto type, but only when ``auto`` is the packaged default (an
+    ``auto`` the user asked for, by flag, catalog or setting, is refused)."""
+    from alvis_fsm.engine.autofit import AUTO
+    from alvis_fsm.engine.settings import DEFAULT_LABEL, origin_of
+
+    if gpu_spec != AUTO or from_user or origin_of("slurm.gpus") != DEFAULT_LABEL:
+        return None
+    return f"{cfg.fit.auto_types[0]}:1"
+
+
+def _report_free_gpus(ui: Reporter, sinfo: Any, gpu_spec: str) -> None:
     """Free GPUs of the requested type right now: tells the user whether to
     expect a wait in the queue. Informational: a failure here stops nothing."""
     from alvis_fsm.cluster import slurm
@@ -263,7 +288,7 @@ def _report_free_gpus(ui: Reporter, runner: Any, gpu_spec: str) -> None:
     gpu_type = gpu_spec.split(":")[0] if ":" in gpu_spec else ""
     label = f"{gpu_type} GPUs" if gpu_type else "GPUs"
     try:
-        free, total, nodes = slurm.free_gpus(runner.agent.gpus(), gpu_type)
+        free, total, nodes = slurm.free_gpus(sinfo(), gpu_type)
     except AlvisError:
         return
     if total == 0:
