@@ -79,6 +79,9 @@ class ToolRun:
         self.child = pexpect.spawn(
             argv[0], argv[1:], env=env, cwd=str(cwd), encoding="utf-8",
             codec_errors="replace", timeout=30, dimensions=(50, 200),
+            # Ctrl+C as in a terminal, even when the bench itself runs in the
+            # background of a shell without job control (SIGINT inherited ignored).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
         self.child.logfile_read = self.transcript
         self.t_exit: float | None = None

@@ -36,6 +36,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def terminal_signals() -> None:
+    """In the child, before exec: Ctrl+C as in a terminal. A test run started
+    in the background of a shell without job control inherits SIGINT
+    ignored, and Python keeps an ignored SIGINT ignored, so the tool would
+    never see the Ctrl+C the tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Tool:
     def __init__(self, lab: Lab, home: Path, **env: str) -> None:
         import tempfile
@@ -63,6 +71,7 @@ class Tool:
         child = pexpect.spawn(
             argv[0], argv[1:], env={**self.env, **env}, encoding="utf-8",
             codec_errors="replace", timeout=timeout, dimensions=(50, 200),
+            preexec_fn=terminal_signals,
         )  # fmt: skip
         child.logfile_read = _Log()
         self.children.append(child)
