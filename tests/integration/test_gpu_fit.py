@@ -30,9 +30,12 @@ def _gres(lab: Any, job_id: str) -> str:
     return str(lab.run(["squeue", "-h", "-j", job_id, "-o", "%b"]).stdout.strip())
 
 
-def _serve_and_stop(lab: Any, tool: Tool, model: str, choice: str, node: str) -> str:
+def _serve_and_stop(
+    lab: Any, tool: Tool, model: str, choice: str, node: str, loaded: str = ""
+) -> str:
     """Start with the default --gpus (auto), expect ``choice`` on ``node``,
-    reach serving, stop with Ctrl+C; the whole transcript."""
+    reach serving (and, when given, the ``loaded`` log line: the log stream
+    delivers it after "Streaming logs"), stop with Ctrl+C; the whole transcript."""
     port = free_port()
     child = tool.spawn("start", "-m", model, "--port", str(port), timeout=180)
     child.expect_exact(f"GPUs (--gpus auto): {choice}")
@@ -41,6 +44,8 @@ def _serve_and_stop(lab: Any, tool: Tool, model: str, choice: str, node: str) ->
     child.expect_exact(f"Job is running on node: {node}")
     child.expect_exact(CONNECTED + str(port))
     child.expect_exact("Streaming logs")
+    if loaded:
+        child.expect_exact(loaded, timeout=30)
     gres = _gres(lab, job_id)
     interrupt(child)
     child.expect_exact(f"Cleaned up job {job_id} successfully", timeout=60)
@@ -60,6 +65,7 @@ def test_65gb_model_gets_two_a40s_while_the_a100fat_node_is_busy(lab: Any, tool:
         out = _serve_and_stop(
             lab, tool, "lab-qwen-32b",
             f"A40:2 — {NEED_32B}; 4 of 4 A40 free now on {lab.node}", lab.node,
+            loaded="Model loading took 30.51 GiB",
         )  # fmt: skip
     # The stand-in loaded half of the weights on each of its two GPUs.
     assert "Model loading took 30.51 GiB" in out, out[-3000:]
@@ -71,6 +77,7 @@ def test_65gb_model_gets_one_80gb_gpu_while_the_a40s_are_busy(lab: Any, tool: To
         out = _serve_and_stop(
             lab, tool, "lab-qwen-32b",
             f"A100fat:1 — {NEED_32B}; 4 of 4 A100fat free now on {lab.node2}", lab.node2,
+            loaded="Model loading took 61.03 GiB",
         )  # fmt: skip
     assert "Model loading took 61.03 GiB" in out, out[-3000:]
     assert_nothing_left(lab, tool)
