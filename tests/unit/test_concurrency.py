@@ -52,7 +52,10 @@ def test_twenty_sessions_in_threads_serve_then_stop_cleanly(tmp_path: Path) -> N
     for t in threads:
         t.start()
     # Every session reaches `tunneled` (its log stream running) on its own thread.
-    assert _wait_for(lambda: all(store.load(r.record.name).state == "tunneled" for r, _, _ in runners))
+    # (The record says tunneled as soon as the state is entered; its step,
+    # serve, starts the log stream right after.)
+    assert _wait_for(lambda: all(store.load(r.record.name).state == "tunneled" and a.streams == 1
+                                 for r, a, _ in runners), timeout=60)  # fmt: skip
     assert all(a.streams == 1 and a.submitted == 1 for _, a, _ in runners)
     for r, _, _ in runners:
         r.request_stop("gateway shutdown")
