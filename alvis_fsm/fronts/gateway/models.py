@@ -53,8 +53,12 @@ class Unavailable(Exception):
 def describe(exc: BaseException) -> str:
     """The root cause of a failed session, in one line for an error body."""
     if isinstance(exc, AlvisError):
+        from alvis_fsm.cluster.slurm import FATAL_PATTERNS
+
         lines = [line.strip() for line in (exc.details or "").splitlines() if line.strip()]
-        return exc.message + (": " + " | ".join(lines[-3:]) if lines else "")
+        # The engine's details list the fatal lines (vLLM's error) first.
+        cause = [line for line in lines if FATAL_PATTERNS.search(line)][-2:] or lines[-2:]
+        return exc.message + (": " + " | ".join(cause) if cause else "")
     return f"{type(exc).__name__}: {exc}"
 
 
