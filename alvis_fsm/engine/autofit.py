@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from alvis_fsm.engine import fit
+from alvis_fsm.engine.observer import Observer
 from alvis_fsm.engine.store import atomic_write
 from alvis_fsm.errors import AlvisError, ConfigError
 
@@ -154,13 +155,8 @@ def expected_starts(
     return parse_test_only_answers(proc.stdout)
 
 
-class _Ui(Protocol):
-    def info(self, message: str) -> None: ...
-    def warn(self, message: str) -> None: ...
-
-
 def resolve_gpus(
-    ui: _Ui,
+    ui: Observer,
     conn: _Runs,
     sinfo: Callable[[], list[str]],
     settings: Settings,

@@ -28,12 +28,12 @@ import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from alvis_fsm import paths
+from alvis_fsm.engine.states import LIVE_STATES, State
 from alvis_fsm.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -42,20 +42,6 @@ if TYPE_CHECKING:
     # MachineDefinition.
     from transitions import Machine
 
-
-class State(StrEnum):
-    IDLE = "idle"
-    SUBMITTED = "submitted"
-    RUNNING = "running"
-    SERVING = "serving"
-    TUNNELED = "tunneled"
-    FAILED = "failed"
-    CLEANED = "cleaned"
-
-
-# States in which a job may exist on the cluster: leaving any of them must be
-# possible without leaking a GPU job.
-LIVE_STATES = frozenset({State.SUBMITTED, State.RUNNING, State.SERVING, State.TUNNELED})
 
 # The triggers the engine fires; each has a typed stub on Session.
 TRIGGERS = (

@@ -1,11 +1,23 @@
-"""Driving one session through the machine: submit, wait, tunnel, stream, clean.
+"""One session's life: the steps the machine runs, and the way out.
 
-``Runner.drive`` looks up the step for the current state (``STEPS``) and runs
-it until the session is tunneled (and, unless detached, streams logs until
-the user stops it) or has failed. ``start`` and ``resume`` are the same
-loop entered at different states. Any exception, Ctrl+C, SIGTERM or SIGHUP
-ends in ``cleanup``: scancel, close the tunnel and the shared connection,
-state ``cleaned``. Nothing here prints: the reporter does."""
+The machine (engine/machine.py, declared in ``[machine]``) drives: each live
+state names its step as ``on_enter`` — ``await_start`` (submit, then wait
+for a node), ``await_server`` (wait for vLLM), ``connect`` (open and verify
+the tunnel), ``serve`` (stream logs, watch job and tunnel). A step fires the
+next trigger when its state is done and returns; the queued machine then
+enters the next state and runs its step. ``Runner.drive`` enters the machine
+(``submit`` for a new session, ``resume`` for one picked up again) and turns
+every way out into what it means for the job (``_finish``): detached,
+released to another client, the network lost (job kept), or ``cleanup``
+(scancel, confirmed; tunnel and connection closed; state ``cleaned``).
+
+No terminal here: no printing (the observer, engine/observer.py, hears
+every event and a front renders it), no prompts (passphrases go through the
+observer's ``ask``), no signal handlers (the terminal front owns them,
+fronts/signals.py, and passes a ``shield`` for cleanup), no module-level
+state. So a front can run many sessions in threads of one process and stop
+each with ``request_stop``; each Runner has its own machine, connection,
+log reader thread and stop event."""
 
 from __future__ import annotations
 
@@ -20,14 +32,17 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from alvis_fsm.cluster import rundir, slurm
 from alvis_fsm.cluster.agent import Agent, Event, parse_log_line
 from alvis_fsm.cluster.ssh import Connection, SSHOptions, control_path
 from alvis_fsm.cluster.tunnel import Tunnel, Verified, parse_address, verify
 from alvis_fsm.engine import loadtimes
-from alvis_fsm.engine.machine import LIVE_STATES, Session, State, build_machine
+from alvis_fsm.engine.durations import fmt_duration
+from alvis_fsm.engine.machine import Session, build_machine
+from alvis_fsm.engine.observer import Observer
+from alvis_fsm.engine.states import LIVE_STATES, State
 from alvis_fsm.engine.store import SessionRecord, Store
 from alvis_fsm.errors import (
     AlvisError,
@@ -44,22 +59,6 @@ from alvis_fsm.retry import Backoff
 
 if TYPE_CHECKING:  # settings imports pydantic; the Runner only reads it
     from alvis_fsm.engine.settings import Settings
-
-
-class Reporter(Protocol):
-    def info(self, message: str) -> None: ...
-    def warn(self, message: str) -> None: ...
-    def result(self, message: str) -> None: ...
-    def command(self, text: str) -> None: ...
-    def log_line(self, stream: str, line: str) -> None: ...
-    def waiting(self, text: str, since: float | None = None) -> None: ...
-    def interrupted(self) -> None: ...
-    def done_waiting(self) -> None: ...
-    def interactive(self) -> bool: ...
-    def ask(self, prompt: str, secret: bool = False) -> str: ...
-    def connected(
-        self, record: SessionRecord, models: list[str], first_token_s: float | None = None
-    ) -> None: ...
 
 
 # Route login needs vLLM on a TCP port of the node, where vLLM's key guards
@@ -88,14 +87,6 @@ def ssh_options(settings: Settings) -> SSHOptions:
     )
 
 
-def fmt_duration(seconds: float) -> str:
-    """H:MM:SS (D-H:MM:SS past a day), as SLURM writes times."""
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}-{text}" if days else text
-
-
 def new_api_key() -> str:
     return "afsm-" + secrets.token_urlsafe(32)
 
@@ -116,7 +107,7 @@ class Runner:
         settings: Settings,
         record: SessionRecord,
         store: Store,
-        ui: Reporter,
+        ui: Observer,
         *,
         detach: bool = False,
         readonly: bool = False,
@@ -208,7 +199,7 @@ class Runner:
         self._streaming = False
 
     def _connection(
-        self, settings: Settings, record: SessionRecord, store: Store, ui: Reporter
+        self, settings: Settings, record: SessionRecord, store: Store, ui: Observer
     ) -> Connection:
         """The session's shared connection. A read-only look (status, logs)
         reuses it when it is up but never opens or closes it: another client
@@ -453,7 +444,7 @@ class Runner:
                 raise SessionError(f"Session '{r.name}' has no job on the cluster")
             self._save()
         since = time.monotonic()
-        entered = self.model.entered_at.get("submitted", time.time())
+        entered = self.model.entered_at.get(State.SUBMITTED, time.time())
         while True:
             self._check_stop()
             # Ask first, judge after: what happened on the cluster while this
@@ -483,7 +474,7 @@ class Runner:
                     hint=f"See {r.run_dir}/{rundir.SLURM_OUTPUT.replace('%j', r.job_id)} on the login node.",
                 )
             if self._timed_out(ev):
-                limit = self._limit("submitted")
+                limit = self._limit(State.SUBMITTED)
                 raise self._timeout(SchedulerError(
                     f"Job {r.job_id} did not start within {limit:.0f} s",
                     hint="The queue is busy: try a shorter -t, fewer GPUs, or raise timeouts.job_start.",
@@ -507,7 +498,7 @@ class Runner:
             self._arrived = False
             self.ui.info(f"Job is running on node: {r.node}")
             self.ui.info("Waiting for server address...")
-        entered = self.model.entered_at.get("running", time.time())
+        entered = self.model.entered_at.get(State.RUNNING, time.time())
         while True:
             self._check_stop()
             ev = self.agent.wait_ready(
@@ -549,7 +540,7 @@ class Runner:
                 raise self._crash(f"Job {r.job_id} ended ({ev.job.state}) before vLLM was ready")
             if self._timed_out(ev):
                 raise self._timeout(ServerError(
-                    f"vLLM did not start within {self._limit('running'):.0f} s",
+                    f"vLLM did not start within {self._limit(State.RUNNING):.0f} s",
                     hint="Raise timeouts.server_ready for a large model, or check the log above.",
                     details="\n".join(self._tail_err(20)) or None,
                 ))
@@ -615,6 +606,7 @@ class Runner:
         """Step of `serving`: open the tunnel and verify the server through it;
         after a drop (from `tunneled`), the same with retries. The banner is
         shown by `serve`, once `tunneled` is saved."""
+        self._check_stop()
         r = self.record
         if self._reconnecting:
             self._reconnect()
@@ -878,7 +870,7 @@ class Runner:
 
     def show_logs(self, lines: int, follow: bool) -> None:
         r = self.record
-        if not r.run_dir or r.state == "idle":
+        if not r.run_dir or r.state == State.IDLE:
             raise SessionError(f"Session '{r.name}' has no job yet, so no logs")
         opened = not self.conn.alive()
         self.conn.open()

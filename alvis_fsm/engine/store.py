@@ -15,18 +15,19 @@ import json
 import os
 import re
 import tempfile
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alvis_fsm.engine.states import LIVE_STATES, State
 from alvis_fsm.errors import SessionError, UsageError
 
 FORMAT = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
-LIVE = ("submitted", "running", "serving", "tunneled")
-STATES = ("idle", *LIVE, "failed", "cleaned")
+_KNOWN_STATES = frozenset(State)
 DEFAULT_STATE_DIR = "~/.alvis-vllm"
 STATE_DIR_ENV = "ALVIS_FSM_SESSION__STATE_DIR"
 
@@ -68,7 +69,7 @@ class SessionRecord:
 
     name: str
     model: str
-    state: str = "idle"
+    state: str = State.IDLE.value  # compare with State.X
     job_id: str = ""
     node: str = ""
     port: int = 0  # vLLM's port on the node (route login)
@@ -98,7 +99,7 @@ class SessionRecord:
 
     @property
     def live(self) -> bool:
-        return self.state in LIVE
+        return self.state in LIVE_STATES
 
     def outcome(self) -> str:
         """'job 5: stopped by the user' — how a finished session ended."""
@@ -169,7 +170,7 @@ def _type_problem(name: str, value: Any) -> str:
         return f"{name!r} is {value!r}"
     if name == "name" and isinstance(value, str) and not NAME_RE.fullmatch(value):
         return f"'name' is {value!r}"
-    if name == "state" and isinstance(value, str) and value not in STATES:
+    if name == "state" and isinstance(value, str) and value not in _KNOWN_STATES:
         return f"unknown state {value!r}"
     if isinstance(value, list) and not all(
         isinstance(h, list) and all(isinstance(x, str) for x in h) for h in value
@@ -350,6 +351,17 @@ class Store:
 
     def locked(self, name: str) -> bool:
         return self.holder(name) is not None
+
+    def wait_unlocked(self, name: str, timeout: float, poll: float = 0.1) -> bool:
+        """Wait until nobody holds the session's lock: True once free, False
+        if it is still held after ``timeout`` seconds (the caller says why
+        that matters). Polls: flock cannot wait with a timeout."""
+        deadline = time.monotonic() + timeout
+        while self.locked(name):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
+        return True
 
 
 def _read_pid(fd: int) -> int:

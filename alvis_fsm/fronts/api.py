@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
+from alvis_fsm.engine.states import State
 from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.errors import SessionError, UsageError
 from alvis_fsm.fronts.ui import Reporter, Verbosity
@@ -166,7 +167,7 @@ def session(
         name=name, detach=True, force_new=False, list_models=False, ui=LogReporter(),
     )  # fmt: skip
     record = store.load(name or name_for_model(model_name))
-    if record.state != "tunneled":
+    if record.state != State.TUNNELED:
         raise SessionError(f"Session '{record.name}' did not connect ({record.state})")
     return _session(record, started_here=True, keep=keep)
 
@@ -184,7 +185,7 @@ def _live_session(store: Any, model: str, name: str | None) -> SessionRecord | N
 
     records, _ = store.all()
     for record in records:
-        if record.state != "tunneled" or record.model != model:
+        if record.state != State.TUNNELED or record.model != model:
             continue
         if name and record.name != name:
             continue

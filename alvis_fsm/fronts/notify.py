@@ -10,6 +10,8 @@ import subprocess
 import sys
 from typing import Any
 
+from alvis_fsm.engine.states import State
+
 
 def send(title: str, message: str) -> bool:
     """Show a notification; False when this machine has no way to."""
@@ -31,8 +33,8 @@ def send(title: str, message: str) -> bool:
 def queue_wait(record: Any) -> float:
     """Seconds the session's job waited in the queue (submitted -> running)."""
     entered = record.entered_at
-    if "submitted" in entered and "running" in entered:
-        return max(0.0, float(entered["running"]) - float(entered["submitted"]))
+    if State.SUBMITTED in entered and State.RUNNING in entered:
+        return max(0.0, float(entered[State.RUNNING]) - float(entered[State.SUBMITTED]))
     return 0.0
 
 

@@ -9,6 +9,8 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -245,3 +247,38 @@ def test_default_state_dir_ignores_broken_file(isolated_home: Path, monkeypatch:
     conf.write_text("[session\n")
     monkeypatch.setenv("ALVIS_FSM_CONFIG", str(conf))
     assert default_state_dir() == isolated_home / ".alvis-vllm"
+
+
+def test_wait_unlocked_returns_at_once_when_free(store: Store) -> None:
+    started = time.monotonic()
+    assert store.wait_unlocked("s1", timeout=5)  # never locked: no lock file
+    with store.lock("s1"):
+        pass
+    assert store.wait_unlocked("s1", timeout=5)
+    assert time.monotonic() - started < 1
+
+
+def test_wait_unlocked_times_out_while_held(store: Store) -> None:
+    with store.lock("s1"):
+        started = time.monotonic()
+        assert not store.wait_unlocked("s1", timeout=0.3, poll=0.05)
+        assert 0.3 <= time.monotonic() - started < 2
+        assert store.locked("s1")
+
+
+def test_wait_unlocked_returns_once_the_holder_lets_go(store: Store) -> None:
+    store.save(record())
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(store.dir)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        killer = threading.Timer(0.3, holder.kill)
+        killer.start()
+        started = time.monotonic()
+        assert store.wait_unlocked("s1", timeout=30, poll=0.05)
+        assert time.monotonic() - started < 10
+        killer.join()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not store.locked("s1")

@@ -3,6 +3,7 @@ a closed laptop or a --detach."""
 
 from __future__ import annotations
 
+from alvis_fsm.engine.states import State
 from alvis_fsm.engine.store import Store
 from alvis_fsm.errors import AlvisError, Interrupted
 from alvis_fsm.fronts import signals
@@ -21,7 +22,7 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
         ui.info(f"Took session '{record.name}' over from its background supervisor")
     with store.lock(record.name):
         record = store.load(record.name)  # re-read under the lock
-        if record.state == "cleaned":
+        if record.state == State.CLEANED:
             ui.result(
                 f"Session '{record.name}' is finished ({record.outcome()}). "
                 "Start a new one with `alvis-fsm start`."
@@ -31,7 +32,7 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
 
         runner = Runner(cfg, record, store, ui, detach=detach, shield=signals.shielded)
         ui.info(f"Resuming session '{record.name}' (job {record.job_id or '-'}, {record.state})")
-        if record.state == "idle":
+        if record.state == State.IDLE:
             # Stopped before anything was submitted: there is no job script to
             # submit from here (start renders it), so there is nothing to resume.
             runner.cleanup("never submitted")
@@ -41,8 +42,8 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
             )
             return
         runner.conn.open()
-        if record.state == "failed":
-            runner.cleanup(record.end_reason or "failed")
+        if record.state == State.FAILED:
+            runner.cleanup(record.end_reason or State.FAILED.value)
             return
         if not record.job_id:
             # Killed while sbatch ran: the job may exist; find it by its unique name.

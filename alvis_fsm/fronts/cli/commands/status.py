@@ -17,22 +17,17 @@ from typing import Any
 
 import click
 
+from alvis_fsm.engine.durations import fmt_duration
+from alvis_fsm.engine.states import ENDED_STATES, State
 from alvis_fsm.engine.store import SessionRecord, Store, check_name, default_state_dir
 from alvis_fsm.errors import AlvisError, SchedulerError, SessionError
 from alvis_fsm.fronts.ui import Verbosity
 
 
-def _fmt_seconds(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}-{text}" if days else text
-
-
 def offline_time_left(record: SessionRecord) -> str:
     if not record.live or not record.running_since or not record.time_limit_s:
         return ""
-    return _fmt_seconds(record.time_limit_s - (time.time() - record.running_since))
+    return fmt_duration(record.time_limit_s - (time.time() - record.running_since))
 
 
 def row(record: SessionRecord, job_state: str | None = None, time_left: str | None = None,
@@ -79,7 +74,7 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
     failed_checks: list[AlvisError] = []
     for record in records:
         # A failed session whose cancel was not confirmed still has a job to ask about.
-        if offline or not (record.live or (record.state == "failed" and record.job_id)):
+        if offline or not (record.live or (record.state == State.FAILED and record.job_id)):
             rows.append(row(record))
             continue
         before = len(problems)
@@ -161,7 +156,7 @@ def _live_row(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosit
                 except SessionError:
                     pass  # a client took it meanwhile; it will notice itself
             return row(record, job_state=job_state)
-        reachable = health(record.local_port) if record.state == "tunneled" else None
+        reachable = health(record.local_port) if record.state == State.TUNNELED else None
         return row(record, job_state=str(job.state) if job else None,
                    time_left=job.time_left if job else None, reachable=reachable)
     except AlvisError as exc:
@@ -184,6 +179,6 @@ def _describe(r: dict[str, Any]) -> str:
         parts.append(r["url"] + ("" if r["reachable"] is None else " (answering)" if r["reachable"] else " (not answering)"))
     if r["time_left"]:
         parts.append(f"{r['time_left']} left")
-    if r["end_reason"] and r["state"] in ("cleaned", "failed"):
+    if r["end_reason"] and r["state"] in ENDED_STATES:
         parts.append(r["end_reason"])
     return " · ".join(parts)

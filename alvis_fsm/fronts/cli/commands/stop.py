@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
+from alvis_fsm.engine.states import State
 from alvis_fsm.engine.store import Store
 from alvis_fsm.errors import SessionError
 from alvis_fsm.fronts import signals
@@ -32,7 +32,7 @@ def run(verbosity: Verbosity, *, name: str | None, ui: Reporter | None = None) -
         _stop_client(ui, store, record.name, holder if holder > 0 else record.client_pid)
     with store.lock(record.name):
         record = store.load(record.name)
-        if record.state == "cleaned":
+        if record.state == State.CLEANED:
             ui.result(f"Session '{record.name}' is already stopped ({record.outcome()}).")
             return
         from alvis_fsm.engine.runner import Runner
@@ -58,12 +58,9 @@ def _stop_client(ui: Reporter, store: Store, name: str, pid: int) -> None:
         raise SessionError(
             f"Session '{name}' is driven by pid {pid}, which this user cannot signal",
         ) from exc
-    deadline = time.monotonic() + CLIENT_GRACE_S
-    while store.locked(name):
-        if time.monotonic() > deadline:
-            raise SessionError(
-                f"The client (pid {pid}) of session '{name}' did not stop within "
-                f"{CLIENT_GRACE_S:.0f} s",
-                hint=f"Check that process (ps -p {pid}); `alvis-fsm stop {name}` again once it is gone.",
-            )
-        time.sleep(0.2)
+    if not store.wait_unlocked(name, CLIENT_GRACE_S, poll=0.2):
+        raise SessionError(
+            f"The client (pid {pid}) of session '{name}' did not stop within "
+            f"{CLIENT_GRACE_S:.0f} s",
+            hint=f"Check that process (ps -p {pid}); `alvis-fsm stop {name}` again once it is gone.",
+        )

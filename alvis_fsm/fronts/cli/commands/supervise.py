@@ -16,11 +16,13 @@ import subprocess
 import sys
 import time
 
+from alvis_fsm.engine.states import State
 from alvis_fsm.engine.store import SessionRecord, Store
 from alvis_fsm.errors import AlvisError, ConnectionLost, SessionError
 from alvis_fsm.fronts import signals
 from alvis_fsm.fronts.cli.commands._common import reporter, settings
 from alvis_fsm.fronts.ui import Verbosity
+from alvis_fsm.retry import Backoff
 
 # How long the supervisor waits for the command that started it to let go of
 # the session's lock.
@@ -67,15 +69,12 @@ def take_over(store: Store, record: SessionRecord, timeout: float = 60) -> bool:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return False
-    deadline = time.monotonic() + timeout
-    while store.locked(record.name):
-        if time.monotonic() > deadline:
-            raise SessionError(
-                f"The background supervisor (pid {pid}) of session '{record.name}' "
-                f"did not let go within {timeout:.0f} s",
-                hint=f"Check that process (ps -p {pid}); kill it, then try again.",
-            )
-        time.sleep(0.1)
+    if not store.wait_unlocked(record.name, timeout):
+        raise SessionError(
+            f"The background supervisor (pid {pid}) of session '{record.name}' "
+            f"did not let go within {timeout:.0f} s",
+            hint=f"Check that process (ps -p {pid}); kill it, then try again.",
+        )
     return True
 
 
@@ -99,10 +98,10 @@ def run(name: str) -> None:
 
 
 def _supervise(cfg: object, store: Store, name: str, ui: object, runner_cls: type) -> None:
-    delay = 1.0
+    backoff = Backoff(first=1.0, most=60.0)
     while True:
         record = store.load(name)
-        if record.state not in ("serving", "tunneled"):
+        if record.state not in (State.SERVING, State.TUNNELED):
             return
         if record.running_since and record.time_limit_s and (
             time.time() > record.running_since + record.time_limit_s + AFTER_LIMIT_S
@@ -119,8 +118,8 @@ def _supervise(cfg: object, store: Store, name: str, ui: object, runner_cls: typ
         except ConnectionLost as exc:
             # The network (or the login node) is away: keep the session and
             # wait for it, longer than a foreground client would.
-            ui.warn(f"{exc.message}; trying again in {delay:.0f} s")  # type: ignore[attr-defined]
-            time.sleep(delay)
-            delay = min(delay * 2, 60)
+            backoff.failed()
+            ui.warn(f"{exc.message}; trying again in {backoff.delay:.0f} s")  # type: ignore[attr-defined]
+            backoff.wait()
         except AlvisError:
             return  # drive() has already reported and cleaned up
