@@ -20,7 +20,7 @@ from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.errors import Interrupted, ServerError
 from alvis_fsm.fronts.gateway.keys import gateway_key
 from alvis_fsm.fronts.gateway.models import Models
-from alvis_fsm.fronts.gateway.observer import Observer
+from alvis_fsm.fronts.gateway.recorder import Recorder
 from alvis_fsm.fronts.gateway.server import Gateway, Options, serve
 
 KEY = "gw-test-key"
@@ -31,7 +31,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 class FakeSession:
     """Queues, loads, serves until stopped; or fails while loading."""
 
-    def __init__(self, model: str, observer: Observer, port: int, load_s: float, fail: bool) -> None:
+    def __init__(self, model: str, observer: Recorder, port: int, load_s: float, fail: bool) -> None:
         self.record = SessionRecord(name=f"gw-{model}", model=model, local_port=port,
                                     served_name=f"org/{model}", api_key="session-key")  # fmt: skip
         self.observer = observer
@@ -112,7 +112,7 @@ class Harness:
         async def main() -> None:
             up, port, self.seen = await _upstream()
 
-            def fake(model: str, observer: Observer) -> FakeSession:
+            def fake(model: str, observer: Recorder) -> FakeSession:
                 session = FakeSession(model, observer, port, self.load_s, self.fail)
                 self.sessions.append(session)
                 return session
@@ -328,7 +328,7 @@ def test_idle_stop_through_the_engine_cancels_the_job(tmp_path: Path) -> None:
     made: list[Any] = []
 
     def factory(port: int) -> Any:
-        def make(model: str, observer: Observer) -> Any:
+        def make(model: str, observer: Recorder) -> Any:
             runner, agent, _, _, store = make_runner(tmp_path, "idle", detach=False, name=f"gw-{model}")
             runner.record.local_port, runner.record.served_name = port, f"org/{model}"
             runner.record.api_key = "session-key"
@@ -371,6 +371,23 @@ def test_model_state_follows_the_session(state: str, expected: str) -> None:
 
     slot = Slot("m", "org/m", lambda model, obs: None)  # type: ignore[arg-type,return-value]
     assert slot.state == "cold"
-    slot.handle = FakeSession("m", Observer("m"), 1, 0, False)
+    slot.handle = FakeSession("m", Recorder("m"), 1, 0, False)
     slot.handle.record.state = state
     assert slot.state == expected
+
+
+def test_a_failure_is_told_by_the_exception_vllm_raised_first() -> None:
+    from alvis_fsm.fronts.gateway.models import describe
+
+    details = "\n".join([
+        "Traceback (most recent call last):",
+        '  File "core.py", line 699, in run_engine_core',
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.",
+        "Traceback (most recent call last):",
+        '    raise RuntimeError("Engine core initialization failed. "',
+        "RuntimeError: Engine core initialization failed. See root cause above.",
+    ])  # fmt: skip
+    text = describe(ServerError("vLLM exited with status 1 before it was ready", details=details))
+    assert text == ("vLLM exited with status 1 before it was ready: torch.OutOfMemoryError: CUDA out"
+                    " of memory. Tried to allocate 2.00 GiB. | RuntimeError: Engine core"
+                    " initialization failed. See root cause above.")  # fmt: skip

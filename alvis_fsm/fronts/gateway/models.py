@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Protocol
 
 from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.errors import AlvisError, Interrupted
-from alvis_fsm.fronts.gateway.observer import Observer
+from alvis_fsm.fronts.gateway.recorder import Recorder
 
 # What clients see (names fixed by issue 14).
 COLD, QUEUED, LOADING, READY, FAILED = "cold", "queued", "loading", "ready", "failed"
@@ -43,7 +44,7 @@ class Handle(Protocol):
 
 
 # model name, observer -> a new session of the model, not yet driven.
-Factory = Callable[[str, Observer], Handle]
+Factory = Callable[[str, Recorder], Handle]
 
 
 class Unavailable(Exception):
@@ -56,8 +57,12 @@ def describe(exc: BaseException) -> str:
         from alvis_fsm.cluster.slurm import FATAL_PATTERNS
 
         lines = [line.strip() for line in (exc.details or "").splitlines() if line.strip()]
-        # The engine's details list the fatal lines (vLLM's error) first.
-        cause = [line for line in lines if FATAL_PATTERNS.search(line)][-2:] or lines[-2:]
+        # The engine's details list vLLM's fatal lines first; of those, the
+        # exceptions raised, first raised first (the root cause, e.g. CUDA out
+        # of memory, before "Engine core initialization failed").
+        fatal = [line for line in lines if FATAL_PATTERNS.search(line)]
+        raised = [line for line in fatal if re.match(r"[\w.]*(Error|Exception): ", line)]
+        cause = raised[:2] or [x for x in fatal if not x.startswith("Traceback")][:2] or lines[-2:]
         return exc.message + (": " + " | ".join(cause) if cause else "")
     return f"{type(exc).__name__}: {exc}"
 
@@ -71,7 +76,7 @@ class Slot:
         self.factory = factory
         self.echo = echo
         self.handle: Handle | None = None
-        self.observer: Observer | None = None
+        self.observer: Recorder | None = None
         self.thread: threading.Thread | None = None
         self.generation = 0  # one per session started
         self.failed_generation = -1
@@ -141,7 +146,7 @@ class Slot:
         self.generation += 1
         self.error = ""
         self.stopping = False
-        self.observer = Observer(self.name, self.notify_threadsafe, self.echo)
+        self.observer = Recorder(self.name, self.notify_threadsafe, self.echo)
         handle = self.factory(self.name, self.observer)
         self.handle = handle
         self.sessions += 1

@@ -19,7 +19,8 @@ from alvis_fsm.errors import ConfigError
 
 if TYPE_CHECKING:
     from alvis_fsm.engine.catalog import Catalog
-    from alvis_fsm.engine.runner import Reporter, Runner
+    from alvis_fsm.engine.observer import Observer
+    from alvis_fsm.engine.runner import Runner
     from alvis_fsm.engine.settings import Settings
 
 
@@ -37,7 +38,7 @@ def free_port(bind: str = "127.0.0.1") -> int:
 
 
 def new_session(
-    cfg: Settings, catalog: Catalog, model: str, store: Store, ui: Reporter
+    cfg: Settings, catalog: Catalog, model: str, store: Store, ui: Observer
 ) -> Runner:
     from alvis_fsm.cluster import jobscript
     from alvis_fsm.engine.runner import Runner, new_api_key

@@ -48,7 +48,7 @@ def run(verbosity: Verbosity, *, port: int | None, idle: str | None) -> None:
     from alvis_fsm.fronts.gateway import sessions
     from alvis_fsm.fronts.gateway.keys import gateway_key
     from alvis_fsm.fronts.gateway.models import Models
-    from alvis_fsm.fronts.gateway.observer import Observer
+    from alvis_fsm.fronts.gateway.recorder import Recorder
     from alvis_fsm.fronts.gateway.server import Gateway, Options
 
     overrides: dict[str, object] = {}
@@ -72,7 +72,7 @@ def run(verbosity: Verbosity, *, port: int | None, idle: str | None) -> None:
             with lock:
                 click.echo(line, err=True)
 
-    def factory(model: str, observer: Observer) -> Handle:
+    def factory(model: str, observer: Recorder) -> Handle:
         return sessions.new_session(cfg, catalog, model, store, observer)
 
     models = Models(served, factory, echo)

@@ -1,6 +1,6 @@
-"""What one model's session tells the gateway: the engine's ``Reporter``,
-recording instead of printing (the last status line and the last log lines),
-and waking the requests held for the model."""
+"""What one model's session tells the gateway: an engine ``Observer``
+(engine/observer.py) that records instead of printing (the last status line
+and the last log lines) and wakes the requests held for the model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from alvis_fsm.errors import ConfigError
 
 
-class Observer:
+class Recorder:
     """Called from the session's own thread; ``on_change`` must be safe to
     call from there (the gateway passes ``loop.call_soon_threadsafe``)."""
 
