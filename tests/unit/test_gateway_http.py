@@ -294,9 +294,9 @@ def test_an_idle_model_is_stopped_and_the_next_request_starts_it_again() -> None
         resp = await client.post("/v1/chat/completions", headers=AUTH, json={"model": "m1", **CHAT})
         assert resp.status_code == 200 and len(h.sessions) == 1
         deadline = time.monotonic() + 5
-        while h.sessions[0].stopped_by != "idle" and time.monotonic() < deadline:
+        while h.sessions[0].stopped_by != "idle timeout" and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert h.sessions[0].stopped_by == "idle"
+        assert h.sessions[0].stopped_by == "idle timeout"
         while time.monotonic() < deadline:
             states = [m["state"] for m in (await client.get("/v1/models", headers=AUTH)).json()["data"]]
             if states[0] == "cold" and h.gateway and h.gateway.models.slots["m1"].handle is None:
@@ -348,7 +348,7 @@ def test_idle_stop_through_the_engine_cancels_the_job(tmp_path: Path) -> None:
         while store.load("gw-m1").state != "cleaned" and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert agent.cancels == [("42", "alvis-fsm-gw-m1-abc")]
-        assert store.load("gw-m1").end_reason == "idle"
+        assert store.load("gw-m1").end_reason == "idle timeout"
 
     harness(idle_timeout=0.3).run(scenario, factory=factory)
 

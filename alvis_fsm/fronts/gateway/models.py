@@ -17,20 +17,21 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from alvis_fsm.engine.states import State
 from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.errors import AlvisError, Interrupted
 from alvis_fsm.fronts.gateway.recorder import Recorder
 
-# What clients see (names fixed by issue 14).
-COLD, QUEUED, LOADING, READY, FAILED = "cold", "queued", "loading", "ready", "failed"
+# What clients see (names fixed by issue 14; "failed" is spelt as the session's).
+COLD, QUEUED, LOADING, READY, FAILED = "cold", "queued", "loading", "ready", State.FAILED.value
 
 # The session's machine state -> the model's state.
 _OF_RECORD = {
-    "idle": QUEUED,
-    "submitted": QUEUED,
-    "running": LOADING,
-    "serving": LOADING,  # also: the tunnel dropped and is being reopened
-    "tunneled": READY,
+    State.IDLE: QUEUED,
+    State.SUBMITTED: QUEUED,
+    State.RUNNING: LOADING,
+    State.SERVING: LOADING,  # also: the tunnel dropped and is being reopened
+    State.TUNNELED: READY,
 }
 
 
@@ -100,7 +101,7 @@ class Slot:
         if self.stopping:
             return COLD  # going cold: its job is being cancelled
         # A session cleaning up after a failure is failed already.
-        return _OF_RECORD.get(handle.record.state, FAILED)
+        return _OF_RECORD.get(State(handle.record.state), FAILED)
 
     @property
     def job_id(self) -> str:
@@ -243,7 +244,7 @@ class Models:
                 and now - slot.last_active >= idle_timeout
             ):  # fmt: skip
                 slot.idle_stops += 1
-                slot.stop("idle")
+                slot.stop("idle timeout")
                 stopped.append(slot.name)
         return stopped
 
