@@ -273,6 +273,13 @@ class Session(_Section):
     warn_before_end: list[Seconds]
 
 
+class Gateway(_Section):
+    port: Port
+    idle_timeout: Seconds
+    hold_timeout: Seconds
+    max_held: Annotated[int, Field(ge=1)]
+
+
 class Settings(BaseSettings):
     """The merged settings. Build with ``load_settings``, which turns
     validation failures into ``ConfigError``s naming their source."""
@@ -296,6 +303,7 @@ class Settings(BaseSettings):
     catalog: CatalogSettings
     session: Session
     notify: Notify
+    gateway: Gateway
     machine: MachineDefinition
 
     @model_validator(mode="after")
@@ -665,6 +673,10 @@ ACCEPTED: dict[str, str] = {
     "fit.auto_types": 'a list of GPU type names from fit.gpu_types, e.g. ["A40", "A100fat"]',
     "fit.gpu_memory_utilization": "a fraction above 0 and at most 1, e.g. 0.9",
     "fit.margin_gb": "a number of gigabytes, 0 or more, e.g. 3",
+    "gateway.port": "a whole number from 1 to 65535, e.g. 58080",
+    "gateway.idle_timeout": "a number of seconds greater than 0, e.g. 900 (15 minutes)",
+    "gateway.hold_timeout": "a number of seconds greater than 0, e.g. 540 (under the OpenAI SDK's 600)",
+    "gateway.max_held": "a whole number, at least 1, e.g. 256",
 }
 
 

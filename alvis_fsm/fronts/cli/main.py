@@ -333,6 +333,28 @@ def env(ctx: click.Context, name: str | None, as_json: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--port", cls=DefaultsOption, type=PortType(),
+    help="Local port of the gateway [default: {gateway.port}].",
+)  # fmt: skip
+@click.option(
+    "--idle", cls=DefaultsOption, metavar="DURATION",
+    help="Cancel a model's job after this long without requests: seconds, or 90s, 15m, 1h"
+    " [default: {gateway.idle_timeout} s].",
+)  # fmt: skip
+@global_options
+@click.pass_context
+def gateway(ctx: click.Context, port: int | None, idle: str | None) -> None:
+    """One OpenAI endpoint for every catalog model: eval the two exports it prints.
+
+    A model's job starts with the first request that names it and is cancelled
+    when idle; Ctrl+C cancels every job it started and closes every tunnel."""
+    from alvis_fsm.fronts.cli.commands import gateway as command
+
+    command.run(_verbosity(ctx), port=port, idle=idle)
+
+
+@cli.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--discover", is_flag=True, help="Scan the cluster's model hub over ssh.")
 @click.option(

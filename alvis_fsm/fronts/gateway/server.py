@@ -1,0 +1,278 @@
+"""The gateway's HTTP app (aiohttp, imported only here): the key check,
+``GET /v1/models``, and every ``POST /v1/...`` routed by its JSON ``model``
+to that model's session, held while the session starts, then proxied to the
+session's tunnel with httpx, chunk by chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from aiohttp import web
+
+from alvis_fsm.fronts.gateway.keys import matches
+from alvis_fsm.fronts.gateway.models import READY, Handle, Models, Slot, Unavailable
+
+# Headers that belong to one hop, never passed on.
+_HOP = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "content-length", "date", "server",
+}  # fmt: skip
+RETRY_AFTER = 30  # seconds, for a request refused while its model starts
+
+
+@dataclass
+class Options:
+    hold_timeout: float = 540.0
+    idle_timeout: float = 900.0
+    max_held: int = 256
+    keepalive_interval: float = 5.0  # between SSE comments to a held stream
+    idle_check: float = 5.0  # how often idle sessions are looked for
+
+
+def error(status: int, message: str, kind: str, code: str | int | None = None,
+          headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
+    """An OpenAI-style error body: ``{"error": {"message", "type", "code"}}``."""
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _retry_later(message: str) -> web.Response:
+    return error(503, message, "service_unavailable", "model_starting",
+                 headers={"Retry-After": str(RETRY_AFTER), "x-should-retry": "true"})  # fmt: skip
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+class Gateway:
+    def __init__(self, key: str, models: Models, options: Options | None = None) -> None:
+        self.key = key
+        self.models = models
+        self.options = options or Options()
+        self.held = 0
+        self.client: httpx.AsyncClient | None = None
+        self._idle_task: asyncio.Task[None] | None = None
+        self.started = time.time()
+
+    # -- the app --------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth], client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/gateway/status", self.status)
+        app.router.add_post("/v1/{tail:.*}", self.post)
+        app.router.add_route("*", "/{tail:.*}", self.not_found)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        # No proxies from the environment: the tunnel is on this machine.
+        self.client = httpx.AsyncClient(
+            trust_env=False,
+            timeout=httpx.Timeout(None, connect=10.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+        self._idle_task = asyncio.create_task(self._idle_loop())
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._idle_task
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def _idle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.idle_check)
+            self.models.stop_idle(self.options.idle_timeout)
+
+    @web.middleware
+    async def _auth(self, request: web.Request,
+                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:  # fmt: skip
+        given = request.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not matches(token.strip(), self.key):
+            return error(
+                401,
+                "Missing or wrong API key: send the gateway's key as 'Authorization: Bearer KEY'"
+                " (`alvis-fsm gateway` prints it as OPENAI_API_KEY)",
+                "invalid_request_error", "invalid_api_key",
+            )  # fmt: skip
+        return await handler(request)
+
+    # -- routes -----------------------------------------------------------------
+    def _row(self, slot: Slot) -> dict[str, Any]:
+        return {
+            "id": slot.name, "object": "model", "created": int(self.started),
+            "owned_by": "alvis-fsm", "aliases": [slot.served] if slot.served else [],
+            "state": slot.state, "job_id": slot.job_id or None,
+            "error": slot.error or None,
+        }  # fmt: skip
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        rows = [self._row(slot) for slot in self.models.slots.values()]
+        return web.json_response({"object": "list", "data": rows})
+
+    async def status(self, request: web.Request) -> web.Response:
+        rows = []
+        for slot in self.models.slots.values():
+            obs = slot.observer
+            rows.append({
+                **self._row(slot), "in_flight": slot.in_flight,
+                "requests_served": slot.served_requests, "sessions_started": slot.sessions,
+                "idle_stops": slot.idle_stops, "status": obs.status if obs else None,
+                "log": list(obs.lines)[-10:] if obs else [],
+            })  # fmt: skip
+        return web.json_response({"models": rows, "held": self.held})
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return error(404, f"No route {request.method} {request.path} on the gateway",
+                     "invalid_request_error", "not_found")  # fmt: skip
+
+    async def post(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return error(400, 'The body must be a JSON object naming a "model"',
+                         "invalid_request_error", "invalid_body")  # fmt: skip
+        slot = self.models.find(body["model"])
+        if slot is None:
+            names = ", ".join(self.models.names())
+            return error(404, f"The model '{body['model']}' is not in the gateway's catalog."
+                         f" Available models: {names}", "invalid_request_error",
+                         "model_not_found")  # fmt: skip
+        slot.enter()
+        try:
+            return await self._serve(request, slot, body)
+        finally:
+            slot.leave()
+
+    async def _serve(self, request: web.Request, slot: Slot, body: dict[str, Any]
+                     ) -> web.StreamResponse:  # fmt: skip
+        if slot.handle is not None and slot.state == READY and not slot.stopping:
+            return await self._proxy(request, slot, slot.handle, body, None)
+        if self.held >= self.options.max_held:
+            return _retry_later(f"{self.held} requests are already held while models start"
+                                f" (gateway.max_held); {slot.name} is {slot.state}")  # fmt: skip
+        self.held += 1
+        try:
+            if body.get("stream"):
+                return await self._hold_stream(request, slot, body)
+            try:
+                handle = await asyncio.wait_for(
+                    slot.ready(self.options.keepalive_interval), self.options.hold_timeout
+                )
+            except TimeoutError:
+                return _retry_later(
+                    f"{slot.name} is still starting ({slot.state}"
+                    + (f", job {slot.job_id}" if slot.job_id else "")
+                    + f") after {self.options.hold_timeout:.0f} s; retry later"
+                )
+            except Unavailable as exc:
+                return error(503, str(exc), "service_unavailable", "model_failed")
+        finally:
+            self.held -= 1
+        return await self._proxy(request, slot, handle, body, None)
+
+    async def _hold_stream(self, request: web.Request, slot: Slot, body: dict[str, Any]
+                           ) -> web.StreamResponse:  # fmt: skip
+        """200 at once, SSE comments while the model starts, then its stream."""
+        resp = web.StreamResponse(status=200, headers={
+            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+        })  # fmt: skip
+        await resp.prepare(request)
+
+        async def keep_alive(state: str) -> None:
+            await resp.write(f": keep-alive {state}\n\n".encode())
+
+        try:
+            handle = await slot.ready(self.options.keepalive_interval, keep_alive)
+        except Unavailable as exc:
+            await resp.write(_sse({"error": {"message": str(exc), "type": "service_unavailable",
+                                             "param": None, "code": "model_failed"}}))  # fmt: skip
+            await resp.write_eof()
+            return resp
+        self.held -= 1  # no longer held: proxied (the caller's finally adds it back)
+        try:
+            return await self._proxy(request, slot, handle, body, resp)
+        finally:
+            self.held += 1
+
+    async def _proxy(self, request: web.Request, slot: Slot, handle: Handle,
+                     body: dict[str, Any], prepared: web.StreamResponse | None
+                     ) -> web.StreamResponse:  # fmt: skip
+        """Forward to the session's tunnel with its own key and served name;
+        the answer goes back chunk by chunk as it comes, never buffered."""
+        assert self.client is not None
+        r = handle.record
+        body = {**body, "model": r.served_name or slot.served}
+        headers = {"Content-Type": "application/json",
+                   "Accept": request.headers.get("Accept", "*/*")}  # fmt: skip
+        if r.api_key:
+            headers["Authorization"] = f"Bearer {r.api_key}"
+        url = f"http://127.0.0.1:{r.local_port}{request.path_qs}"
+        upstream = self.client.build_request("POST", url, content=json.dumps(body).encode(),
+                                             headers=headers)  # fmt: skip
+        try:
+            answer = await self.client.send(upstream, stream=True)
+        except httpx.HTTPError as exc:
+            message = f"{slot.name}: its server did not answer ({type(exc).__name__}); retry"
+            if prepared is not None:
+                await prepared.write(_sse({"error": {"message": message, "type":
+                                     "service_unavailable", "param": None, "code": None}}))  # fmt: skip
+                await prepared.write_eof()
+                return prepared
+            return _retry_later(message)
+        try:
+            if prepared is not None and answer.status_code != 200:
+                # The 200 is sent already: the error goes as an SSE event.
+                said = (await answer.aread()).decode("utf-8", "replace")
+                with contextlib.suppress(ValueError):
+                    parsed = json.loads(said)
+                    said = (parsed.get("error") or {}).get("message") or parsed.get("message") or said
+                await prepared.write(_sse({"error": {"message": said, "type": "upstream_error",
+                                                     "param": None, "code": answer.status_code}}))
+                await prepared.write_eof()
+                return prepared
+            resp = prepared
+            if resp is None:
+                resp = web.StreamResponse(status=answer.status_code, headers={
+                    k: v for k, v in answer.headers.items() if k.lower() not in _HOP
+                })  # fmt: skip
+                await resp.prepare(request)
+            async for chunk in answer.aiter_raw():
+                await resp.write(chunk)
+            await resp.write_eof()
+            slot.served_requests += 1
+            return resp
+        finally:
+            await answer.aclose()
+
+
+@dataclass
+class Serving:
+    """A running gateway (``serve``): its runner, and the port it took."""
+
+    runner: web.AppRunner
+    port: int
+
+
+async def serve(gateway: Gateway, host: str, port: int) -> Serving:
+    runner = web.AppRunner(gateway.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = [a for a in runner.addresses if isinstance(a, tuple)]
+    return Serving(runner, int(bound[0][1]) if bound else port)
