@@ -300,10 +300,10 @@ def _session_name(name: str) -> str:
 
 
 def _walltime(text: str, max_time: str, from_flag: bool) -> int:
-    from alvis_fsm.cluster import jobscript
+    from alvis_fsm.cluster import syntax
 
     try:
-        return jobscript.parse_walltime(text, max_time)
+        return syntax.parse_walltime(text, max_time)
     except UsageError as exc:
         if from_flag:
             hint = exc.hint or ""
