@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from alvis_fsm.engine.runner import Runner
     from alvis_fsm.engine.settings import Settings
 
-__all__ = [
+__all__ = (
     "AlreadyLive",
     "NewSession",
     "StartOptions",
@@ -55,7 +55,7 @@ __all__ = [
     "pick_session",
     "start",
     "stop",
-]
+)
 
 # Picks one of several SLURM accounts (a front's prompt); "" for none.
 Chooser = Callable[[list[str]], str]
@@ -249,6 +249,7 @@ def start(settings: Settings, options: StartOptions, ui: Observer, *,
         runner = new.prepare(ui, detach=options.detach, shield=shield, choose=choose, **handles)
         try:
             (drive or _drive)(runner)
+            return Started(new.record, new.account)
         except AlvisError as exc:
             fits = new.fitting_length(exc)
             if fits is None:
