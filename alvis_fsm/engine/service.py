@@ -53,6 +53,7 @@ __all__ = (
     "logs",
     "needs_check",
     "pick_session",
+    "resume",
     "start",
     "stop",
 )
@@ -372,6 +373,64 @@ def stop(settings: Settings, store: Store, name: str, ui: Observer, *,
                         **handles)  # fmt: skip
         runner.stop()
     return None
+
+
+def resume(settings: Settings, store: Store, name: str, ui: Observer, *, detach: bool = False,
+           drive: Callable[[Runner], None] | None = None, shield: Shield | None = None,
+           on_failure: Callable[[SessionRecord, AlvisError], None] | None = None,
+           **handles: Any) -> SessionRecord:  # fmt: skip
+    """Pick a session up where it is (after a killed client, a closed laptop
+    or a detach) and drive it (``drive``: the front's way). A session with
+    nothing left to drive is cleaned up and said so. Whoever drives it must
+    have let go first (a background supervisor: the front asks it)."""
+    from alvis_fsm.engine.runner import Runner
+
+    with store.lock(name):
+        record = store.load(name)  # read under the lock
+        if record.state == State.CLEANED:
+            ui.result(
+                f"Session '{record.name}' is finished ({record.outcome()}). "
+                "Start a new one with `alvis-fsm start`."
+            )
+            return record
+        runner = Runner(settings, record, store, ui, detach=detach,
+                        shield=shield or contextlib.nullcontext, **handles)  # fmt: skip
+        ui.info(f"Resuming session '{record.name}' (job {record.job_id or '-'}, {record.state})")
+        if record.state == State.IDLE:
+            # Stopped before anything was submitted: there is no job script to
+            # submit from here (start renders it), so there is nothing to resume.
+            runner.cleanup("never submitted")
+            ui.result(
+                f"Session '{record.name}' never submitted a job; "
+                "start a new one with `alvis-fsm start`."
+            )
+            return record
+        runner.conn.open()
+        if record.state == State.FAILED:
+            runner.cleanup(record.end_reason or State.FAILED.value)
+            return record
+        if not record.job_id:
+            # Killed while sbatch ran: the job may exist; find it by its unique name.
+            found = runner.agent.find(record.job_name) if record.job_name else None
+            if not found:
+                runner.cleanup("no job was submitted")
+                ui.result(
+                    f"Session '{record.name}' has no job on the cluster; "
+                    "start a new one with `alvis-fsm start`."
+                )
+                return record
+            record.job_id = found
+            store.save(record)
+            ui.info(f"Found the session's job: {found}")
+        if not runner.still_alive():
+            return record
+        try:
+            (drive or _drive)(runner)
+        except AlvisError as exc:
+            if on_failure is not None:
+                on_failure(record, exc)
+            raise
+    return record
 
 
 def logs(settings: Settings, store: Store, name: str | None, ui: Observer, *, lines: int = 50,

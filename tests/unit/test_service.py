@@ -320,3 +320,50 @@ def test_no_terminal_in_the_service(module: str) -> None:
             value = node.value
             mutable = ast.Dict | ast.Set | ast.List | ast.DictComp | ast.SetComp | ast.ListComp
             assert not isinstance(value, mutable), ast.dump(node)
+
+
+# -- resume -----------------------------------------------------------------------------
+def test_resume_drives_a_live_session_again(tmp_path: Path) -> None:
+    cfg = settings(tmp_path)
+    store = Store(cfg.state_dir)
+    record = live(store, "s", free_port())
+    record.state, record.node, record.port = "running", "alvis7-07", 8000
+    store.save(record)
+    agent = Agent()
+    agent.readies.extend([Event("ADDRESS", "alvis7-07:8000"), Event("READY", "alvis7-07:8000")])
+    say = Say()
+    got = service.resume(cfg, store, "s", say, detach=True, **handles(agent))
+    assert got.state == "tunneled" and store.load("s").state == "tunneled"
+    assert "Resuming session 's' (job 41, running)" in say.text("info")
+    assert agent.cancels == []
+
+
+@pytest.mark.parametrize(
+    ("state", "job_id", "said"),
+    [
+        ("idle", "", "never submitted a job"),
+        ("submitted", "", "has no job on the cluster"),
+        ("cleaned", "41", "is finished"),
+    ],
+)
+def test_resume_with_nothing_to_drive_says_so(tmp_path: Path, state: str, job_id: str,
+                                               said: str) -> None:  # fmt: skip
+    cfg = settings(tmp_path)
+    store = Store(cfg.state_dir)
+    record = live(store, "s", free_port())
+    record.state, record.job_id = state, job_id
+    store.save(record)
+    say = Say()
+    got = service.resume(cfg, store, "s", say, **handles(Agent()))
+    assert got.state == "cleaned" and said in say.text("result")
+
+
+def test_resume_of_an_ended_job_records_the_end(tmp_path: Path) -> None:
+    cfg = settings(tmp_path)
+    store = Store(cfg.state_dir)
+    live(store, "s", free_port())
+    agent = Agent()
+    agent.job = CANCELLED
+    say = Say()
+    assert service.resume(cfg, store, "s", say, **handles(agent)).state == "cleaned"
+    assert "Job 41 has ended (CANCELLED" in say.text("info") and agent.cancels == []
