@@ -51,3 +51,24 @@ def test_wait_returns_early_when_stopped() -> None:
     quick = Backoff(first=0.01)
     quick.failed()
     assert quick.wait() is True
+
+
+def test_no_other_backoff_loop_in_the_package() -> None:
+    """One retry policy: a doubling delay is written only in retry.py."""
+    import re
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "alvis_fsm"
+    doubling = re.compile(r"(delay|backoff|wait)\w*\s*(\*=\s*2|=\s*min\(.*\*\s*2)")
+    found = [
+        f"{p.relative_to(package)}:{n}"
+        for p in package.rglob("*.py")
+        if p.name != "retry.py"
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if doubling.search(line)
+    ]
+    assert found == []
+    # ... and the policy is used where the package tries again.
+    users = {p.relative_to(package).as_posix() for p in package.rglob("*.py")
+             if "Backoff(" in p.read_text(encoding="utf-8") and p.name != "retry.py"}  # fmt: skip
+    assert users >= {"cluster/ssh.py", "engine/runner.py", "fronts/cli/commands/supervise.py"}

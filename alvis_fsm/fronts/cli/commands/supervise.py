@@ -22,6 +22,7 @@ from alvis_fsm.errors import AlvisError, ConnectionLost, SessionError
 from alvis_fsm.fronts import signals
 from alvis_fsm.fronts.cli.commands._common import reporter, settings
 from alvis_fsm.fronts.ui import Verbosity
+from alvis_fsm.retry import Backoff
 
 # How long the supervisor waits for the command that started it to let go of
 # the session's lock.
@@ -97,7 +98,7 @@ def run(name: str) -> None:
 
 
 def _supervise(cfg: object, store: Store, name: str, ui: object, runner_cls: type) -> None:
-    delay = 1.0
+    backoff = Backoff(first=1.0, most=60.0)
     while True:
         record = store.load(name)
         if record.state not in (State.SERVING, State.TUNNELED):
@@ -117,8 +118,8 @@ def _supervise(cfg: object, store: Store, name: str, ui: object, runner_cls: typ
         except ConnectionLost as exc:
             # The network (or the login node) is away: keep the session and
             # wait for it, longer than a foreground client would.
-            ui.warn(f"{exc.message}; trying again in {delay:.0f} s")  # type: ignore[attr-defined]
-            time.sleep(delay)
-            delay = min(delay * 2, 60)
+            backoff.failed()
+            ui.warn(f"{exc.message}; trying again in {backoff.delay:.0f} s")  # type: ignore[attr-defined]
+            backoff.wait()
         except AlvisError:
             return  # drive() has already reported and cleaned up
