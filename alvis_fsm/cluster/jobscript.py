@@ -16,27 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alvis_fsm import paths
-from alvis_fsm.cluster import rundir
-from alvis_fsm.errors import ConfigError, UsageError
+from alvis_fsm.cluster import rundir, syntax
+from alvis_fsm.cluster.syntax import parse_walltime as parse_walltime
+from alvis_fsm.errors import ConfigError
 
-WALLTIME_FORMS = "MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
-DEFAULT_MAX_TIME = "7-00:00:00"
-
-_ACCOUNT = re.compile(r"[A-Za-z0-9_.-]+")
-_GPUS = re.compile(r"(?:[A-Za-z0-9_]+:)?([1-9][0-9]*)")
-_JOB_NAME = _ACCOUNT
+_JOB_NAME = syntax.JOB_NAME_RE
 _PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
-
-# Non-leading fields are at most two digits; the leading one is any length
-# (SLURM accepts "90" minutes or "36:00:00").
-_WALLTIME = [
-    re.compile(r"(?P<m>[0-9]+)"),
-    re.compile(r"(?P<m>[0-9]+):(?P<s>[0-9]{1,2})"),
-    re.compile(r"(?P<h>[0-9]+):(?P<m>[0-9]{1,2}):(?P<s>[0-9]{1,2})"),
-    re.compile(r"(?P<d>[0-9]+)-(?P<h>[0-9]{1,2})"),
-    re.compile(r"(?P<d>[0-9]+)-(?P<h>[0-9]{1,2}):(?P<m>[0-9]{1,2})"),
-    re.compile(r"(?P<d>[0-9]+)-(?P<h>[0-9]{1,2}):(?P<m>[0-9]{1,2}):(?P<s>[0-9]{1,2})"),
-]
 
 # The requirements' sed: 's#.*/models--\([^/]*\)--\([^/]*\)/.*#\1/\2#p'.
 _HF_CACHE_PATH = re.compile(r".*/models--([^/]*)--([^/]*)/.*")
@@ -68,51 +53,6 @@ class JobSpec:
     cache_max_files: int = 0
 
 
-def _duration(text: str) -> int | None:
-    """Seconds of a SLURM duration, or None if ``text`` is not one of its forms."""
-    for pattern in _WALLTIME:
-        # fullmatch with ASCII digits only: "٣" or " 5" or "+5" never pass.
-        m = pattern.fullmatch(text)
-        if m is None:
-            continue
-        fields = {k: int(v) for k, v in m.groupdict().items() if v is not None}
-        leading = next(iter(fields))
-        limits = {"h": 24 if "d" in fields else None, "m": 60, "s": 60}
-        for key, value in fields.items():
-            limit = limits.get(key)
-            if key != leading and limit is not None and value >= limit:
-                return None
-        return (
-            fields.get("d", 0) * 86400
-            + fields.get("h", 0) * 3600
-            + fields.get("m", 0) * 60
-            + fields.get("s", 0)
-        )
-    return None
-
-
-def parse_walltime(text: str, max_time: str = DEFAULT_MAX_TIME) -> int:
-    """Seconds of a job duration in one of SLURM's forms, at most ``max_time``."""
-    limit = _duration(max_time)
-    if limit is None or limit <= 0:
-        raise ConfigError(
-            f"Invalid maximum job duration {max_time!r}",
-            hint=f"slurm.max_time must be one of {WALLTIME_FORMS}.",
-        )
-    seconds = _duration(text)
-    if seconds is None or seconds <= 0:
-        raise UsageError(
-            f"Invalid job duration {text!r}: use {WALLTIME_FORMS} (at most {max_time})",
-            hint="For example -t 30 (minutes), -t 2:00:00 (two hours) or -t 1-12 (36 hours).",
-        )
-    if seconds > limit:
-        raise UsageError(
-            f"Job duration {text!r} is longer than the maximum {max_time}",
-            hint=f"Use {WALLTIME_FORMS}, at most {max_time} (slurm.max_time).",
-        )
-    return seconds
-
-
 def format_walltime(seconds: int) -> str:
     """SLURM's ``D-HH:MM:SS`` (or ``H:MM:SS`` under a day) for ``#SBATCH --time``."""
     if seconds <= 0:
@@ -127,7 +67,7 @@ def format_walltime(seconds: int) -> str:
 
 def gpu_count(gpus: str) -> int:
     """GPUs per node of a ``--gpus-per-node`` value (``A40:2`` -> 2, ``4`` -> 4)."""
-    m = _GPUS.fullmatch(gpus)
+    m = syntax.GPUS_RE.fullmatch(gpus)
     if m is None:
         raise ConfigError(
             f"Invalid GPU request {gpus!r}",
@@ -185,14 +125,15 @@ def _listen(route: str) -> str:
 def _values(spec: JobSpec) -> dict[str, str]:
     ident_hint = "Only letters, digits, '_', '.' and '-' are allowed."
     values = {
-        "ACCOUNT": _sbatch_value("account", spec.account, _ACCOUNT, ident_hint),
+        "ACCOUNT": _sbatch_value("account", spec.account, syntax.ACCOUNT_RE, ident_hint),
         "JOB_NAME": _sbatch_value("job name", spec.job_name, _JOB_NAME, ident_hint),
         "TIME": format_walltime(parse_walltime(spec.time, max_time=_NO_POLICY_MAX)),
-        "GPUS": _sbatch_value("GPU request", spec.gpus, _GPUS, "Use TYPE:N or N, e.g. A40:1."),
+        "GPUS": _sbatch_value("GPU request", spec.gpus, syntax.GPUS_RE, "Use TYPE:N or N, e.g. A40:1."),
         "GPU_COUNT": str(gpu_count(spec.gpus)),
         "PARTITION_LINE": (
             "#SBATCH --partition "
-            + _sbatch_value("partition", spec.partition, _ACCOUNT, ident_hint)
+            + _sbatch_value("partition", spec.partition, syntax.PARTITION_RE,
+                            "Only letters, digits, '_', '.', ',' and '-' are allowed.")
             if spec.partition
             else ""
         ),

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from alvis_fsm.cluster import syntax
 from alvis_fsm.errors import ConfigError
 
 GB = 10**9
@@ -237,7 +238,7 @@ def estimate(
 
 # -- GPUs ---------------------------------------------------------------------------
 
-GPU_TYPE_PATTERN = r"^([A-Za-z0-9_]+) ([0-9]+(?:\.[0-9]+)?)GB x([1-9][0-9]*)$"
+GPU_TYPE_PATTERN = rf"^({syntax.GPU_TYPE}) ([0-9]+(?:\.[0-9]+)?)GB x([1-9][0-9]*)$"
 _GPU_TYPE = re.compile(GPU_TYPE_PATTERN)
 
 

@@ -36,6 +36,7 @@ from pydantic_settings import (
 from pydantic_settings.exceptions import SettingsError
 
 from alvis_fsm import paths
+from alvis_fsm.cluster import syntax
 from alvis_fsm.engine.fit import Budget, GpuType, parse_gpu_type
 from alvis_fsm.engine.machine import MachineDefinition
 from alvis_fsm.errors import ConfigError
@@ -48,11 +49,10 @@ DEFAULT_USER_CONFIG = "~/.alvis-vllm.conf"
 DEFAULT_LABEL = "default"
 FLAG_LABEL = "flag"
 
-# TYPE:N or N as in --gpus-per-node, or "auto": chosen by alvis_fsm.engine.fit.
-GPUS_PATTERN = r"^(auto|([A-Za-z0-9_]+:)?[1-9][0-9]*)$"
+# TYPE:N or N as in --gpus-per-node, or "auto": chosen by alvis_fsm.engine.fit
+# (the syntax of every sbatch value is defined once, in cluster/syntax.py).
+GPUS_PATTERN = syntax.anchored(syntax.GPUS_OR_AUTO)
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,100}$"
-# sbatch --time formats: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
-_SLURM_TIME = r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$"
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -107,19 +107,19 @@ class Ssh(_Section):
 
 class Slurm(_Section):
     # Empty: `start` asks the cluster (sacctmgr) which accounts the user has.
-    account: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]*$")]
+    account: Annotated[str, Field(pattern=syntax.anchored(syntax.ACCOUNT, empty=True))]
     gpus: Annotated[str, Field(pattern=GPUS_PATTERN)]
-    time: Annotated[str, Field(pattern=_SLURM_TIME)]
-    max_time: Annotated[str, Field(pattern=_SLURM_TIME)]
-    partition: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.,-]*$")]
+    # SLURM's duration forms (syntax.duration), checked below.
+    time: str
+    max_time: str
+    # Empty: the cluster's default partition.
+    partition: Annotated[str, Field(pattern=syntax.anchored(syntax.PARTITION, empty=True))]
     extra_args: list[SafeStr]
 
     @field_validator("time", "max_time")
     @classmethod
-    def _duration(cls, value: str) -> str:
-        from alvis_fsm.cluster.jobscript import _duration
-
-        seconds = _duration(value)
+    def _slurm_duration(cls, value: str) -> str:
+        seconds = syntax.duration(value)
         if seconds is None or seconds <= 0:
             raise ValueError("not a SLURM duration")
         return value
@@ -127,9 +127,7 @@ class Slurm(_Section):
     @model_validator(mode="after")
     def _time_within_max(self) -> Slurm:
         # `config set slurm.time 9-00:00:00` must be refused as `start -t` would be.
-        from alvis_fsm.cluster.jobscript import _duration
-
-        if (_duration(self.time) or 0) > (_duration(self.max_time) or 0):
+        if (syntax.duration(self.time) or 0) > (syntax.duration(self.max_time) or 0):
             raise SettingValueError(
                 f"{self.time!r} is longer than slurm.max_time ({self.max_time})",
                 loc=("slurm", "time"),
@@ -216,7 +214,7 @@ class Vllm(_Section):
 
 class Fit(_Section):
     gpu_types: list[str]
-    auto_types: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")]]
+    auto_types: list[Annotated[str, Field(pattern=syntax.anchored(syntax.GPU_TYPE))]]
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)]
     margin_gb: Annotated[float, Field(ge=0, allow_inf_nan=False)]
 

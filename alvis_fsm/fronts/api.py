@@ -7,7 +7,8 @@
     # on exit the session is stopped if this block started it (keep=True leaves it)
 
 A live, answering session of the model is reused; otherwise one is started
-as ``alvis-fsm start --detach`` would (so its tunnel is kept up in the
+through the session service (engine/service.py) as ``alvis-fsm start
+--detach`` would (so its tunnel is kept up in the
 background). Progress goes to the ``alvis_fsm`` logger, never to stdout;
 errors are the exceptions the CLI maps to exit codes (``alvis_fsm.errors``).
 Nothing is ever asked: settings the CLI would prompt for (several SLURM
@@ -149,7 +150,7 @@ def session(
     if via != "direct":
         raise UsageError(f"via must be 'direct' or 'gateway', not {via!r}")
     from alvis_fsm.engine.store import Store
-    from alvis_fsm.fronts.cli.commands._common import name_for_model, settings
+    from alvis_fsm.fronts.cli.commands._common import settings
 
     cfg = settings()
     store = Store(cfg.state_dir)
@@ -158,18 +159,39 @@ def session(
     if reused is not None:
         log.info("reusing session %s (job %s) at %s", reused.name, reused.job_id, reused.url)
         return _session(reused, started_here=False, keep=keep)
-    from alvis_fsm.fronts.cli.commands import start
-
     if port is None and not _port_free(int(cfg.tunnel.local_port)):
         port = _free_port()  # the default port is taken: any free one will do here
-    start.run(
-        Verbosity.QUIET, model=model_name, walltime=time, port=port, gpus=gpus, route=None,
-        name=name, detach=True, force_new=False, list_models=False, ui=LogReporter(),
-    )  # fmt: skip
-    record = store.load(name or name_for_model(model_name))
+    record = _start(model_name, time=time, gpus=gpus, name=name, port=port)
     if record.state != State.TUNNELED:
         raise SessionError(f"Session '{record.name}' did not connect ({record.state})")
     return _session(record, started_here=True, keep=keep)
+
+
+def _start(model: str, *, time: str | None, gpus: str | None, name: str | None,
+           port: int | None) -> SessionRecord:
+    """Start a session as ``alvis-fsm start --detach`` does, through the
+    service (no signal handlers: this may run in any thread), and leave a
+    supervisor keeping its tunnel up."""
+    from alvis_fsm.engine import service
+    from alvis_fsm.engine.store import Store
+    from alvis_fsm.errors import AlvisError, Interrupted
+    from alvis_fsm.fronts import notify
+    from alvis_fsm.fronts.cli.commands import supervise
+    from alvis_fsm.fronts.cli.commands._common import flag_settings
+
+    cfg = flag_settings({"tunnel": {"local_port": port} if port is not None else {},
+                         "slurm": {"gpus": gpus} if gpus else {}})  # fmt: skip
+    ui = LogReporter()
+    ui.on_ready = lambda rec: notify.on_ready(cfg, rec)
+
+    def failed(record: SessionRecord, exc: AlvisError) -> None:
+        if not isinstance(exc, Interrupted):
+            notify.on_failure(cfg, record.name, exc.message)
+
+    options = service.StartOptions(model=model, time=time, gpus=gpus, name=name, detach=True)
+    started = service.start(cfg, options, ui, on_failure=failed)
+    supervise.spawn(Store(cfg.state_dir), started.record)
+    return started.record
 
 
 def _session(record: SessionRecord, *, started_here: bool, keep: bool) -> Session:

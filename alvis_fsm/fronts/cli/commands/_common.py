@@ -3,12 +3,11 @@ session when no name is given, the reporter."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from alvis_fsm.engine.store import SessionRecord, Store, check_name
-from alvis_fsm.errors import SessionError, UsageError
+from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.errors import UsageError
 from alvis_fsm.fronts.ui import Reporter, Verbosity
 
 if TYPE_CHECKING:
@@ -55,28 +54,14 @@ def reporter(verbosity: Verbosity | None) -> Reporter:
 
 
 def name_for_model(model: str) -> str:
-    """The default session name: the model's name, made safe for a file name."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-._")[:41] or "session"
-    return check_name(name)
+    """The default session name (engine/session_spec.py)."""
+    from alvis_fsm.engine.session_spec import name_for_model as default_name
+
+    return default_name(model)
 
 
 def pick_session(store: Store, name: str | None) -> SessionRecord:
-    """The named session, or the only live one (or the only one at all)."""
-    if name:
-        return store.load(check_name(name))
-    records, errors = store.all()
-    live = [r for r in records if r.live]
-    candidates = live or records
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        if errors:
-            raise errors[0]
-        raise SessionError(
-            "There is no session", hint="`alvis-fsm start` starts one."
-        )
-    names = ", ".join(r.name for r in candidates)
-    raise SessionError(
-        f"There are several sessions ({names}); name one",
-        hint="For example: alvis-fsm status " + candidates[0].name,
-    )
+    """The named session, or the only live one (engine/service.py)."""
+    from alvis_fsm.engine.service import pick_session as pick
+
+    return pick(store, name)

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from alvis_fsm.engine.durations import fmt_duration
-from alvis_fsm.engine.states import ENDED_STATES, State
+from alvis_fsm.engine.states import ENDED_STATES
 from alvis_fsm.engine.store import SessionRecord, Store, check_name, default_state_dir
-from alvis_fsm.errors import AlvisError, SchedulerError, SessionError
+from alvis_fsm.errors import AlvisError
 from alvis_fsm.fronts.ui import Verbosity
+
+if TYPE_CHECKING:
+    from alvis_fsm.engine.service import Status
 
 
 def offline_time_left(record: SessionRecord) -> str:
@@ -73,15 +76,16 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
     unverified: set[str] = set()
     failed_checks: list[AlvisError] = []
     for record in records:
-        # A failed session whose cancel was not confirmed still has a job to ask about.
-        if offline or not (record.live or (record.state == State.FAILED and record.job_id)):
+        if offline or not _needs_check(record):
             rows.append(row(record))
             continue
-        before = len(problems)
-        rows.append(_live_row(cfg, store, record, verbosity, problems))
-        if len(problems) > before:
+        checked = _check(cfg, store, record, verbosity)
+        rows.append(row(checked.record, job_state=checked.job_state,
+                        time_left=checked.time_left, reachable=checked.reachable))  # fmt: skip
+        if checked.problem is not None:
+            problems.append(checked.problem)
             unverified.add(record.name)
-            failed_checks.append(problems[-1])
+            failed_checks.append(checked.problem)
     errors = [e.message for e in problems]
     # A live check that failed makes the exit code (its own); a damaged file
     # among many is reported but does not stop the listing from being valid.
@@ -105,67 +109,18 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
     return code
 
 
-def _live_row(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosity,
-              errors: list[AlvisError]) -> dict[str, Any]:
-    from alvis_fsm.cluster.tunnel import health
-    from alvis_fsm.engine.runner import Runner
+def _needs_check(record: SessionRecord) -> bool:
+    from alvis_fsm.engine.service import needs_check
+
+    return needs_check(record)
+
+
+def _check(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosity) -> Status:
+    from alvis_fsm.engine import service
     from alvis_fsm.fronts.cli.commands._common import reporter
 
     ui = reporter(Verbosity.QUIET if verbosity < Verbosity.VERBOSE else verbosity)
-    driven = store.locked(record.name)
-    runner = Runner(cfg, record, store, ui, readonly=True)
-    opened = not runner.conn.alive()
-    try:
-        runner.conn.open()
-        job = runner.agent.jobinfo(record.job_id) if record.job_id else None
-        if job is not None and job.unanswered:
-            # No answer is not news: the session is left as it is.
-            errors.append(
-                SchedulerError(
-                    f"{record.name}: could not check job {record.job_id}: {job.unanswered}",
-                    hint="The scheduler may be busy or restarting; the session is kept. "
-                    "Run `alvis-fsm status` again later.",
-                )
-            )
-            return row(record, job_state="UNKNOWN")
-        if job is not None and job.ended:
-            job_state = str(job.state)
-            # A detached session's supervisor (also one still starting up)
-            # lets go by itself once the job has ended: give it a moment,
-            # then record the end here. A foreground client notices itself.
-            deadline = time.monotonic() + 5
-            while driven and time.monotonic() < deadline:
-                holder = store.holder(record.name)
-                fresh = store.load(record.name)
-                if holder is None:
-                    break
-                if holder == fresh.client_pid and holder != fresh.supervisor_pid:
-                    break
-                time.sleep(0.1)
-            driven = store.locked(record.name)
-            if not driven:
-                # Nobody drives it: record how it ended and close what is left
-                # locally (a detached tunnel), under the lock so that a
-                # `resume` starting now cannot race us.
-                try:
-                    with store.lock(record.name):
-                        runner = Runner(cfg, store.load(record.name), store, ui)
-                        runner.still_alive()
-                        opened = True  # still_alive closed the connection
-                        return row(runner.record, job_state=job_state)
-                except SessionError:
-                    pass  # a client took it meanwhile; it will notice itself
-            return row(record, job_state=job_state)
-        reachable = health(record.local_port) if record.state == State.TUNNELED else None
-        return row(record, job_state=str(job.state) if job else None,
-                   time_left=job.time_left if job else None, reachable=reachable)
-    except AlvisError as exc:
-        failed = type(exc)(f"{record.name}: {exc.message}", hint=exc.hint)
-        errors.append(failed)  # the same class: its exit code is status's
-        return row(record)
-    finally:
-        if opened:
-            runner.conn.close()
+    return service.check(cfg, store, record, ui)
 
 
 def _describe(r: dict[str, Any]) -> str:

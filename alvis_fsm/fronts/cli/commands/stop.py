@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 
-from alvis_fsm.engine.states import State
 from alvis_fsm.engine.store import Store
 from alvis_fsm.errors import SessionError
 from alvis_fsm.fronts import signals
@@ -30,15 +29,11 @@ def run(verbosity: Verbosity, *, name: str | None, ui: Reporter | None = None) -
     holder = store.holder(record.name)
     if holder:
         _stop_client(ui, store, record.name, holder if holder > 0 else record.client_pid)
-    with store.lock(record.name):
-        record = store.load(record.name)
-        if record.state == State.CLEANED:
-            ui.result(f"Session '{record.name}' is already stopped ({record.outcome()}).")
-            return
-        from alvis_fsm.engine.runner import Runner
+    from alvis_fsm.engine import service
 
-        runner = Runner(cfg, record, store, ui, shield=signals.shielded)
-        runner.stop()
+    ended = service.stop(cfg, store, record.name, ui, shield=signals.shielded)
+    if ended is not None:
+        ui.result(f"Session '{ended.name}' is already stopped ({ended.outcome()}).")
 
 
 def _stop_client(ui: Reporter, store: Store, name: str, pid: int) -> None:

@@ -1,0 +1,145 @@
+"""What a new session is asked for, and what it becomes before any login:
+the options a front passes (``StartOptions``), each checked and resolved
+against the settings and the catalog (model entry, time, GPUs, session
+name), and the job spec once the account and GPUs are known. No network,
+no terminal: the service (engine/service.py) runs this first."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from alvis_fsm.cluster import jobscript, syntax
+from alvis_fsm.engine.store import SessionRecord, check_name
+from alvis_fsm.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    from alvis_fsm.engine.catalog import ModelEntry
+    from alvis_fsm.engine.settings import Settings
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    """A new session as a front asks for it. ``None`` means "the setting's
+    value"; ``time``, ``gpus`` and ``account`` are kept as given, so that a
+    refusal can say where each value came from. The flags that are settings
+    (port, route, GPUs, account) are already in the Settings the service
+    is given; these copies only name their origin."""
+
+    model: str | None = None
+    time: str | None = None
+    gpus: str | None = None
+    account: str | None = None
+    name: str | None = None
+    detach: bool = False
+    force_new: bool = False
+    # The retry of a context length vLLM refused: the length it said fits.
+    fit_len: int | None = None
+
+
+def name_for_model(model: str) -> str:
+    """The default session name: the model's name, made safe for a file name."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-._")[:41] or "session"
+    return check_name(name)
+
+
+def session_name(name: str) -> str:
+    try:
+        return check_name(name)
+    except UsageError as exc:
+        raise UsageError(f"-n/--name: {exc.message}", hint=f"{exc.hint} For example: -n gpt-test-2.") from None
+
+
+def catalog_entry(catalog: Any, name: str, from_flag: bool) -> ModelEntry:
+    """The catalog entry; an unknown default model is the setting's fault,
+    so the error names the setting and where it was set, not -m."""
+    try:
+        return catalog.get(name)  # type: ignore[no-any-return]
+    except UsageError as exc:
+        if from_flag:
+            raise UsageError(f"-m/--model: {exc.message}", hint=exc.hint, details=exc.details) from None
+        from alvis_fsm.engine.settings import origin_of
+
+        raise ConfigError(
+            f"catalog.default_model {origin_of('catalog.default_model')} names model"
+            f" '{name}', which is not in the catalog. Available models:",
+            hint="Pick one: alvis-fsm config set catalog.default_model NAME (or -m NAME).",
+            details=exc.details,
+        ) from None
+
+
+def time_seconds(text: str, max_time: str, from_flag: bool) -> int:
+    """Seconds of the job's time limit; a bad value names -t or slurm.time."""
+    try:
+        return syntax.parse_walltime(text, max_time)
+    except UsageError as exc:
+        if from_flag:
+            hint = exc.hint or ""
+            if "For example" not in hint:
+                hint += " For example: -t 2:00:00 (two hours)."
+            raise UsageError(f"-t/--time: {exc.message}", hint=hint.strip()) from None
+        # Settings validate slurm.time, so this is reached only if they change.
+        from alvis_fsm.engine.settings import origin_of
+
+        raise ConfigError(
+            f"slurm.time {origin_of('slurm.time')}: {exc.message}",
+            hint="alvis-fsm config set slurm.time 2:00:00 (or -t for one run).",
+        ) from None
+
+
+def job_spec(settings: Settings, record: SessionRecord, entry: ModelEntry, account: str,
+             gpus: str, time: str) -> jobscript.JobSpec:  # fmt: skip
+    """The job to submit for ``record``, checked now (before anything is
+    submitted) by rendering it once."""
+    spec = jobscript.JobSpec(
+        job_name=record.job_name,
+        account=account,
+        time=time,
+        gpus=gpus,
+        run_dir=record.run_dir,
+        model_path=entry.path,
+        max_model_len=entry.max_model_len,
+        served_name=record.served_name,
+        image=settings.remote.image,
+        # The job's own watchdog is for when no client is watching (killed,
+        # detached); it fires after the client's timeout, never before.
+        ready_timeout=int(settings.timeouts.server_ready) + 60,
+        partition=settings.slurm.partition,
+        vllm_args=tuple(settings.vllm.extra_args) + tuple(entry.vllm_args),
+        route=record.route,
+        cache_dir=settings.remote.cache_dir,
+        cache_max_kib=settings.remote.cache_max_kib,
+        cache_max_files=settings.remote.cache_max_files,
+    )
+    jobscript.render(spec)
+    return spec
+
+
+def render_for(spec: jobscript.JobSpec, run_dir: str) -> str:
+    """The job script for the run directory the agent made. The record's run
+    dir may start with "~/": the job script expands it on the cluster, where
+    the remote home is known."""
+    return jobscript.render(dataclasses.replace(spec, run_dir=run_dir))
+
+
+def refusal_hint(charged: str, options: StartOptions, settings: Settings, entry: ModelEntry,
+                 gpus: str, time: str) -> str:  # fmt: skip
+    """Which values sbatch was given and where each came from."""
+    from alvis_fsm.engine.settings import origin_of
+
+    def setting(key: str) -> str:
+        where = origin_of(key)
+        return f"{key}, the default" if "packaged defaults" in where else f"{key} {where}"
+
+    account_from = ("--account" if options.account else setting("slurm.account")
+                    if settings.slurm.account else "your SLURM accounts, by sacctmgr")  # fmt: skip
+    gpus_from = ("--gpus" if options.gpus else "the catalog entry" if entry.gpus
+                 else setting("slurm.gpus"))  # fmt: skip
+    time_from = "-t" if options.time else setting("slurm.time")
+    return (
+        f"sbatch was given: account {charged} (from {account_from}), GPUs {gpus} (from"
+        f" {gpus_from}), time {time} (from {time_from}). `projinfo` on the login node lists"
+        " your projects; `alvis-fsm config set KEY VALUE` changes a setting."
+    )
