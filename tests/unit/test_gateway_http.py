@@ -391,3 +391,26 @@ def test_a_failure_is_told_by_the_exception_vllm_raised_first() -> None:
     assert text == ("vLLM exited with status 1 before it was ready: torch.OutOfMemoryError: CUDA out"
                     " of memory. Tried to allocate 2.00 GiB. | RuntimeError: Engine core"
                     " initialization failed. See root cause above.")  # fmt: skip
+
+
+def test_a_gateway_session_is_made_by_the_service_and_stops_before_login(tmp_path: Path) -> None:
+    """The gateway makes sessions through engine/service.py (as every front):
+    checked with no network at once; a stop that comes before the session's
+    thread has logged in ends it without logging in or submitting."""
+    from alvis_fsm.engine.catalog import load_catalog
+    from alvis_fsm.engine.settings import load_settings
+    from alvis_fsm.engine.store import Store
+    from alvis_fsm.errors import Interrupted
+    from alvis_fsm.fronts.gateway import sessions
+
+    cfg = load_settings({"session": {"state_dir": str(tmp_path / "state")}})
+    store = Store(cfg.state_dir)
+    catalog = load_catalog(cfg)
+    model = next(iter(catalog.entries))
+    handle = sessions.new_session(cfg, catalog, model, store, None)  # type: ignore[arg-type]
+    assert handle.record.name == sessions.session_name(model)
+    assert handle.record.local_port != cfg.tunnel.local_port  # the gateway's own pick
+    assert handle.record.api_key  # the session's own key, as `start` makes it
+    handle.request_stop("shutdown")
+    with pytest.raises(Interrupted, match="Stopped by shutdown before it was submitted"):
+        handle.drive()

@@ -1,26 +1,23 @@
-"""How the gateway makes a model's session: what `start` does inline
-(catalog entry, record, job script), without a terminal and without
-blocking the event loop (the account and an ``auto`` GPU choice, which ask
-the cluster, are settled in the session's own thread, when the job script is
-rendered). Until ``engine/service.py`` makes sessions for every front, this
-one function is the gateway's only way to make one."""
+"""How the gateway makes a model's session: through the session service
+(engine/service.py), as every front does, without blocking the event loop
+(the login, the account and an ``auto`` GPU choice, which ask the cluster,
+happen in the session's own thread)."""
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import re
-import secrets
 import socket
+import threading
 from typing import TYPE_CHECKING
 
 from alvis_fsm.engine.store import SessionRecord, Store
-from alvis_fsm.errors import ConfigError
+from alvis_fsm.errors import Interrupted
 
 if TYPE_CHECKING:
     from alvis_fsm.engine.catalog import Catalog
     from alvis_fsm.engine.observer import Observer
     from alvis_fsm.engine.runner import Runner
+    from alvis_fsm.engine.service import NewSession
     from alvis_fsm.engine.settings import Settings
 
 
@@ -39,79 +36,52 @@ def free_port(bind: str = "127.0.0.1") -> int:
 
 def new_session(
     cfg: Settings, catalog: Catalog, model: str, store: Store, ui: Observer
-) -> Runner:
-    from alvis_fsm.cluster import jobscript
-    from alvis_fsm.engine.runner import Runner, new_api_key
+) -> ServiceSession:
+    """A model's session, made by the session service as for every front:
+    checked at once with no network (catalog entry, time, GPUs, record, API
+    key), prepared (login, account, ``auto`` GPUs, job script) in the
+    session's own thread when it is driven, so the event loop never waits
+    on the cluster. ``catalog`` is the gateway's (already checked) one."""
+    from alvis_fsm.engine import service
+    from alvis_fsm.engine.session_spec import StartOptions
 
-    entry = catalog.get(model)
-    name = session_name(model)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    token = secrets.token_hex(3)
-    seconds = jobscript.parse_walltime(cfg.slurm.time, cfg.slurm.max_time)
-    record = SessionRecord(
-        name=name,
-        model=model,
-        local_port=free_port(cfg.tunnel.bind),
-        run_dir=f"{cfg.remote.run_root.rstrip('/')}/{name}-{stamp}-{token}",
-        started=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        job_name=f"alvis-fsm-{name}-{token}",
-        served_name=jobscript.served_model_name(entry.path),
-        route=cfg.tunnel.route,
-        bind=cfg.tunnel.bind,
-        login_host=cfg.ssh.host,
-        time_limit=cfg.slurm.time,
-        time_limit_s=seconds,
-        gpus=entry.gpus or cfg.slurm.gpus,
+    catalog.get(model)  # an unknown model fails here, as before
+    # The tunnel ends on a port the gateway picks; its clients never see it.
+    local = cfg.model_copy(
+        update={"tunnel": cfg.tunnel.model_copy(update={"local_port": free_port(cfg.tunnel.bind)})}
     )
-    if cfg.vllm.api_key:
-        record.api_key = new_api_key()
-    runner = Runner(cfg, record, store, ui, detach=False)
-
-    def render(run_dir: str) -> str:
-        # In the session's thread, with its connection open (drive opened it).
-        account = cfg.slurm.account or _only_account(runner)
-        gpus = record.gpus
-        if gpus == "auto":
-            from alvis_fsm.engine.autofit import resolve_gpus
-
-            gpus = resolve_gpus(ui, runner.conn, runner.agent.gpus, cfg, entry.path,
-                                entry.max_model_len, gpus, cfg.slurm.time)  # fmt: skip
-            record.gpus = gpus
-        spec = jobscript.JobSpec(
-            job_name=record.job_name,
-            account=account,
-            time=cfg.slurm.time,
-            gpus=gpus,
-            run_dir=run_dir,
-            model_path=entry.path,
-            max_model_len=entry.max_model_len,
-            served_name=record.served_name,
-            image=cfg.remote.image,
-            ready_timeout=int(cfg.timeouts.server_ready) + 60,
-            partition=cfg.slurm.partition,
-            vllm_args=tuple(cfg.vllm.extra_args) + tuple(entry.vllm_args),
-            route=record.route,
-            cache_dir=cfg.remote.cache_dir,
-            cache_max_kib=cfg.remote.cache_max_kib,
-            cache_max_files=cfg.remote.cache_max_files,
-        )
-        return jobscript.render(dataclasses.replace(spec, run_dir=run_dir))
-
-    runner.render = render
-    runner.sbatch_args = list(cfg.slurm.extra_args)
-    return runner
+    new = service.create(local, StartOptions(model=model, name=session_name(model), force_new=True),
+                         store=store)  # fmt: skip
+    return ServiceSession(new, ui)
 
 
-def _only_account(runner: Runner) -> str:
-    """slurm.account unset: the user's only SLURM account (the gateway cannot
-    ask which of several to charge)."""
-    from alvis_fsm.cluster.agent import accounts
+class ServiceSession:
+    """What the gateway drives (its ``Handle``): a prepared-on-drive session
+    of the service, stoppable before and after it has a Runner."""
 
-    found = accounts(runner.agent)
-    if len(found) == 1:
-        return found[0]
-    raise ConfigError(
-        "slurm.account is not set and the cluster lists "
-        + (f"{len(found)} SLURM accounts for you" if found else "no SLURM account for you"),
-        hint="alvis-fsm config set slurm.account NAME (the gateway cannot ask which to charge).",
-    )
+    def __init__(self, new: NewSession, ui: Observer) -> None:
+        self._new = new
+        self._ui = ui
+        self.record: SessionRecord = new.record
+        self._runner: Runner | None = None
+        self._stop: str | None = None
+        self._guard = threading.Lock()
+
+    def drive(self) -> None:
+        # The session's lock, from prepare to the end, as `start` holds it:
+        # `stop NAME` from another shell finds the gateway driving it.
+        with self._new.lock():
+            if self._stop is not None:
+                raise Interrupted(f"Stopped by {self._stop} before it was submitted")
+            runner = self._new.prepare(self._ui)
+            with self._guard:
+                self._runner = runner
+                if self._stop is not None:
+                    runner.request_stop(self._stop)
+            runner.drive()
+
+    def request_stop(self, reason: str = "stopped") -> None:
+        with self._guard:
+            self._stop = reason
+            if self._runner is not None:
+                self._runner.request_stop(reason)
