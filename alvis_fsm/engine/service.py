@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from alvis_fsm.engine.store import SessionRecord, Store, check_name
 from alvis_fsm.errors import (
     AlvisError,
     ConfigError,
+    ConnectionLost,
     SchedulerError,
     ServerError,
     SessionError,
@@ -545,3 +547,47 @@ def _wait_for_driver(store: Store, name: str, driven: bool) -> bool:
             break
         time.sleep(0.1)
     return store.locked(name)
+
+
+# -- a detached session's supervisor ---------------------------------------------------
+# Past its time limit by this much, a job is surely gone: a supervisor
+# started later has nothing left to watch.
+AFTER_LIMIT_S = 300.0
+
+
+def supervise(settings: Settings, store: Store, name: str, ui: Observer, *,
+              drive: Callable[[Runner], None] | None = None,
+              shield: Shield | None = None) -> None:  # fmt: skip
+    """Keep a detached session's tunnel up (call with its lock held): the
+    same engine loop as a foreground client, which never cancels anything —
+    it lets go when the job ends or when `stop`/`resume` take over, and while
+    the network is gone it waits with the one backoff policy."""
+    from alvis_fsm.engine.runner import Runner
+    from alvis_fsm.retry import Backoff
+
+    backoff = Backoff(first=1.0, most=60.0)
+    while True:
+        record = store.load(name)
+        if record.state not in (State.SERVING, State.TUNNELED):
+            return
+        if record.running_since and record.time_limit_s and (
+            time.time() > record.running_since + record.time_limit_s + AFTER_LIMIT_S
+        ):
+            return
+        record.supervisor_pid = os.getpid()
+        store.save(record)
+        runner = Runner(settings, record, store, ui, supervised=True,
+                        shield=shield or contextlib.nullcontext)  # fmt: skip
+        try:
+            (drive or _drive)(runner)  # returns when it lets go
+            record.supervisor_pid = 0
+            store.save(record)
+            return
+        except ConnectionLost as exc:
+            # The network (or the login node) is away: keep the session and
+            # wait for it, longer than a foreground client would.
+            backoff.failed()
+            ui.warn(f"{exc.message}; trying again in {backoff.delay:.0f} s")
+            backoff.wait()
+        except AlvisError:
+            return  # drive() has already reported and cleaned up

@@ -16,19 +16,15 @@ import subprocess
 import sys
 import time
 
-from alvis_fsm.engine.states import State
 from alvis_fsm.engine.store import SessionRecord, Store
-from alvis_fsm.errors import AlvisError, ConnectionLost, SessionError
+from alvis_fsm.errors import SessionError
 from alvis_fsm.fronts import signals
 from alvis_fsm.fronts.cli.commands._common import reporter, settings
 from alvis_fsm.fronts.ui import Verbosity
-from alvis_fsm.retry import Backoff
 
 # How long the supervisor waits for the command that started it to let go of
 # the session's lock.
 HANDOVER_S = 15.0
-# After the job's time limit, there is nothing left to keep up.
-AFTER_LIMIT_S = 300.0
 
 
 def log_path(store: Store, name: str) -> str:
@@ -79,7 +75,7 @@ def take_over(store: Store, record: SessionRecord, timeout: float = 60) -> bool:
 
 
 def run(name: str) -> None:
-    from alvis_fsm.engine.runner import Runner
+    from alvis_fsm.engine import service
 
     cfg = settings()
     store = Store(cfg.state_dir)
@@ -88,38 +84,11 @@ def run(name: str) -> None:
     while True:
         try:
             with store.lock(name):
-                _supervise(cfg, store, name, ui, Runner)
+                service.supervise(cfg, store, name, ui, drive=signals.drive,
+                                  shield=signals.shielded)  # fmt: skip
             return
         except SessionError:
             # The command that started us still holds the lock: wait a moment.
             if time.monotonic() > deadline or not store.exists(name):
                 raise
             time.sleep(0.2)
-
-
-def _supervise(cfg: object, store: Store, name: str, ui: object, runner_cls: type) -> None:
-    backoff = Backoff(first=1.0, most=60.0)
-    while True:
-        record = store.load(name)
-        if record.state not in (State.SERVING, State.TUNNELED):
-            return
-        if record.running_since and record.time_limit_s and (
-            time.time() > record.running_since + record.time_limit_s + AFTER_LIMIT_S
-        ):
-            return
-        record.supervisor_pid = os.getpid()
-        store.save(record)
-        runner = runner_cls(cfg, record, store, ui, supervised=True, shield=signals.shielded)
-        try:
-            signals.drive(runner)  # returns when it lets go
-            record.supervisor_pid = 0
-            store.save(record)
-            return
-        except ConnectionLost as exc:
-            # The network (or the login node) is away: keep the session and
-            # wait for it, longer than a foreground client would.
-            backoff.failed()
-            ui.warn(f"{exc.message}; trying again in {backoff.delay:.0f} s")  # type: ignore[attr-defined]
-            backoff.wait()
-        except AlvisError:
-            return  # drive() has already reported and cleaned up
