@@ -37,7 +37,9 @@ def settings(tmp: Path, **sections: dict[str, Any]) -> Settings:
     base: dict[str, dict[str, Any]] = {
         "session": {"state_dir": str(tmp / "state")},
         "timeouts": {"job_start": 60, "server_ready": 60},
-        "slurm": {"account": "NAISS2025-22-1522"},
+        # An explicit GPU spec: `auto` (the default since issue 15) asks the
+        # cluster for the model's snapshot, which tests/unit/test_autofit.py covers.
+        "slurm": {"account": "NAISS2025-22-1522", "gpus": "A40:1"},
         "tunnel": {"local_port": free_port()},
     }
     for key, values in sections.items():
