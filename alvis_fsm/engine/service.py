@@ -252,17 +252,23 @@ def start(settings: Settings, options: StartOptions, ui: Observer, *,
           drive: Callable[[Runner], None] | None = None, shield: Shield | None = None,
           choose: Chooser | None = None,
           on_failure: Callable[[SessionRecord, AlvisError], None] | None = None,
+          on_detached: Callable[[SessionRecord], None] | None = None,
           **handles: Any) -> Started:  # fmt: skip
     """Create, prepare and drive a new session (``drive``: the front's way,
     by default ``Runner.drive``). When vLLM refuses the context length for
     the KV cache and ``vllm.auto_fit`` is on, the job is cleaned up and the
     session started once more with the length vLLM says fits.
-    ``on_failure`` hears the error that ends the start (not the one retried)."""
+    ``on_failure`` hears the error that ends the start (not the one retried).
+    ``on_detached`` runs, still holding the session's lock, once a detached
+    session is tunneled: the front spawns its supervisor there, so that the
+    supervisor is the next to hold the lock and `resume`/`stop` find it."""
     new = create(settings, options)
     with new.lock():
         runner = new.prepare(ui, detach=options.detach, shield=shield, choose=choose, **handles)
         try:
             (drive or _drive)(runner)
+            if options.detach and on_detached is not None:
+                on_detached(new.record)
             return Started(new.record, new.account)
         except AlvisError as exc:
             fits = new.fitting_length(exc)
@@ -285,7 +291,7 @@ def start(settings: Settings, options: StartOptions, ui: Observer, *,
     )
     again = StartOptions(**{**options.__dict__, "model": model, "fit_len": fits})
     return start(settings, again, ui, drive=drive, shield=shield, choose=choose,
-                 on_failure=on_failure, **handles)  # fmt: skip
+                 on_failure=on_failure, on_detached=on_detached, **handles)  # fmt: skip
 
 
 def _drive(runner: Runner) -> None:
@@ -403,6 +409,7 @@ def stop(settings: Settings, store: Store, name: str, ui: Observer, *,
 def resume(settings: Settings, store: Store, name: str, ui: Observer, *, detach: bool = False,
            drive: Callable[[Runner], None] | None = None, shield: Shield | None = None,
            on_failure: Callable[[SessionRecord, AlvisError], None] | None = None,
+           on_detached: Callable[[SessionRecord], None] | None = None,
            **handles: Any) -> SessionRecord:  # fmt: skip
     """Pick a session up where it is (after a killed client, a closed laptop
     or a detach) and drive it (``drive``: the front's way). A session with
@@ -455,6 +462,8 @@ def resume(settings: Settings, store: Store, name: str, ui: Observer, *, detach:
             if on_failure is not None:
                 on_failure(record, exc)
             raise
+        if detach and on_detached is not None and record.live:
+            on_detached(record)  # under the lock, as in start
     return record
 
 

@@ -189,8 +189,9 @@ def _start(model: str, *, time: str | None, gpus: str | None, name: str | None,
             notify.on_failure(cfg, record.name, exc.message)
 
     options = service.StartOptions(model=model, time=time, gpus=gpus, name=name, detach=True)
-    started = service.start(cfg, options, ui, on_failure=failed)
-    supervise.spawn(Store(cfg.state_dir), started.record)
+    store = Store(cfg.state_dir)
+    started = service.start(cfg, options, ui, on_failure=failed,
+                            on_detached=lambda rec: supervise.spawn(store, rec))  # fmt: skip
     return started.record
 
 

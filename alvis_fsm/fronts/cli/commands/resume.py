@@ -28,7 +28,7 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
             notify.on_failure(cfg, rec.name, exc.message)
 
     record = service.resume(cfg, store, record.name, ui, detach=detach, drive=signals.drive,
-                            shield=signals.shielded, on_failure=failed)  # fmt: skip
+                            shield=signals.shielded, on_failure=failed,
+                            on_detached=lambda rec: supervise.spawn(store, rec))  # fmt: skip
     if detach and store.load(record.name).live:
-        supervise.spawn(store, record)
         ui.result(f"Detached: {record.url} (alvis-fsm stop {record.name} to cancel)")

@@ -64,10 +64,19 @@ def run(
         if not isinstance(exc, Interrupted):  # Ctrl+C is the user's own doing
             notify.on_failure(cfg, record.name, exc.message)
 
+    from alvis_fsm.engine.store import Store
+    from alvis_fsm.fronts.cli.commands import supervise
+
+    def detached(record: SessionRecord) -> None:
+        # While start still holds the session's lock: the supervisor waits
+        # for it and is the next to hold it (see supervise.run).
+        supervise.spawn(Store(cfg.state_dir), record)
+
     try:
         started = service.start(
             cfg, options, ui, drive=signals.drive, shield=signals.shielded,
             choose=lambda found: _choose_account(ui, found), on_failure=failed,
+            on_detached=detached,
         )  # fmt: skip
     except service.AlreadyLive as exc:
         _offer_resume(ui, exc, verbosity, may_ask=not as_json)
@@ -75,10 +84,6 @@ def run(
     record = started.record
     if not detach:
         return
-    from alvis_fsm.engine.store import Store
-    from alvis_fsm.fronts.cli.commands import supervise
-
-    supervise.spawn(Store(cfg.state_dir), record)
     if as_json:
         from alvis_fsm.fronts.cli.commands.status import row
         from alvis_fsm.fronts.output import emit_json
