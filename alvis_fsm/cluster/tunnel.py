@@ -13,6 +13,12 @@ Route "login": the forward is added to the shared connection itself
 (``ssh -O forward``): no new login at all, but the login node can only reach
 a TCP port on the node, which every cluster user can reach too.
 
+The local end is a TCP port on ``bind`` (what `start` gives the user), or a
+unix socket in the private state directory (``local_socket``: the gateway's
+sessions, whose clients never see the tunnel). A loopback port is open to
+every process on the laptop; the socket only to this user (its directory is
+0700, and ssh binds it with ``StreamLocalBindMask`` 0177).
+
 Every local HTTP check goes through httpx with ``trust_env=False``: a proxy
 named in the environment (``http_proxy``, ``ALL_PROXY``, any case) or the
 system's is never used, so the API key only ever goes to our tunnel.
@@ -100,14 +106,29 @@ class Tunnel:
     remote_port: int
     control: Path  # the tunnel ssh's own control socket (route jump)
     remote_socket: str = ""  # vLLM's unix socket on the node (route jump)
+    local_socket: str = ""  # the local end as a unix socket, instead of bind:local_port
 
     @property
     def forward(self) -> str:
-        # OpenSSH forwards a local TCP port to a remote unix socket with the
-        # same -L syntax: LOCAL_ADDR:LOCAL_PORT:/remote/path.
+        # OpenSSH forwards a local TCP port or unix socket to a remote TCP
+        # port or unix socket with the same -L syntax:
+        # LOCAL_ADDR:LOCAL_PORT or /local/path, then :/remote/path or :HOST:PORT.
+        local = self.local_socket or f"{self.bind}:{self.local_port}"
         if self.remote_socket:
-            return f"{self.bind}:{self.local_port}:{self.remote_socket}"
-        return f"{self.bind}:{self.local_port}:{self.node}:{self.remote_port}"
+            return f"{local}:{self.remote_socket}"
+        return f"{local}:{self.node}:{self.remote_port}"
+
+    @property
+    def local(self) -> str:
+        """The local end, for messages."""
+        return f"local socket {self.local_socket}" if self.local_socket else f"local port {self.local_port}"
+
+    def _clear_stale_socket(self) -> None:
+        """A socket file left by a tunnel that was killed would make ssh's bind
+        fail; one that still answers belongs to a live tunnel and is kept."""
+        if self.local_socket and not socket_alive(Path(self.local_socket)):
+            with contextlib.suppress(FileNotFoundError):
+                Path(self.local_socket).unlink()
 
     def open(self) -> str:
         """Open the tunnel; returns what ssh said (e.g. 'Permanently added …')."""
@@ -118,6 +139,7 @@ class Tunnel:
                     "Route login cannot reach a unix socket on the compute node",
                     hint="This session's server listens on a unix socket: use route jump.",
                 )
+            self._clear_stale_socket()
             proc = subprocess.run(
                 [*common_args(self.conn.opts), "-S", str(self.conn.control), "-O", "forward",
                  "-L", self.forward, self.conn.opts.host],
@@ -139,6 +161,7 @@ class Tunnel:
             "-o", "StrictHostKeyChecking=accept-new",
             "-o", "BatchMode=yes",
             "-o", f"ProxyCommand={jump}",
+            *(["-o", "StreamLocalBindMask=0177"] if self.local_socket else []),
             "-L", self.forward,
             self.node,
         ]  # fmt: skip
@@ -149,6 +172,7 @@ class Tunnel:
         if not socket_alive(self.control):
             with contextlib.suppress(FileNotFoundError):
                 self.control.unlink()
+        self._clear_stale_socket()
         # -f: ssh returns once authenticated and the forward is listening
         # (ExitOnForwardFailure makes a failed bind an error, not a warning).
         # BatchMode: the tunnel is re-opened unattended; a prompt there
@@ -163,6 +187,8 @@ class Tunnel:
             err.seek(0)
             said = err.read().strip()
         if tun.returncode != 0:
+            if self.local_socket and ("Address already in use" in said or "cannot listen" in said):
+                raise SSHError(f"Could not listen on {self.local_socket}", details=said)
             if "Address already in use" in said or "cannot listen" in said:
                 raise SSHError(
                     f"Local port {self.local_port} is already in use",
@@ -175,6 +201,8 @@ class Tunnel:
     def up(self) -> bool:
         """Is this tunnel already there (left by a detached or killed client)?"""
         if self.route == "login":
+            if self.local_socket:
+                return socket_alive(self.conn.control) and socket_alive(Path(self.local_socket))
             return socket_alive(self.conn.control) and not local_port_free(
                 self.local_port, self.bind
             )
@@ -191,11 +219,13 @@ class Tunnel:
                  "-L", self.forward, self.conn.opts.host],
                 capture_output=True, start_new_session=True, check=False,
             )  # fmt: skip
-            return
-        subprocess.run(
-            [*common_args(self.conn.opts), "-S", str(self.control), "-O", "exit", self.node],
-            capture_output=True, start_new_session=True, check=False,
-        )  # fmt: skip
+        else:
+            subprocess.run(
+                [*common_args(self.conn.opts), "-S", str(self.control), "-O", "exit", self.node],
+                capture_output=True, start_new_session=True, check=False,
+            )  # fmt: skip
+        # ssh leaves its listening socket file behind.
+        self._clear_stale_socket()
 
 
 def close_tunnel_socket(conn: Connection, control: Path, node: str) -> None:
@@ -206,12 +236,20 @@ def close_tunnel_socket(conn: Connection, control: Path, node: str) -> None:
     )  # fmt: skip
 
 
-def http_client(api_key: str | None, timeout: float) -> httpx.Client:
+def http_client(api_key: str | None, timeout: float, local_socket: str = "") -> httpx.Client:
     """A client for our own tunnel only: ``trust_env=False`` ignores proxy
     variables (any case), netrc and SSL variables, so the key is sent to
-    127.0.0.1 and nowhere else."""
+    127.0.0.1 (or the tunnel's local socket) and nowhere else."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.Client(trust_env=False, timeout=timeout, headers=headers, follow_redirects=False)
+    transport = httpx.HTTPTransport(uds=local_socket) if local_socket else None
+    return httpx.Client(trust_env=False, timeout=timeout, headers=headers, follow_redirects=False,
+                        transport=transport)  # fmt: skip
+
+
+def local_base(local_port: int, local_socket: str = "") -> str:
+    """The base URL of the tunnel's local end (with a socket, the host is
+    only a name: the transport connects to the socket)."""
+    return "http://localhost" if local_socket else f"http://127.0.0.1:{local_port}"
 
 
 def get_json(url: str, api_key: str | None, timeout: float = 5) -> object:
@@ -238,7 +276,8 @@ def _refused_key(exc: httpx.HTTPStatusError, what: str) -> ServerError:
 
 
 def verify(
-    local_port: int, api_key: str | None, deadline_s: float, served_name: str = ""
+    local_port: int, api_key: str | None, deadline_s: float, served_name: str = "",
+    local_socket: str = "",
 ) -> Verified:
     """Through the tunnel, with the key: ``/v1/models`` lists the served model
     and a 1-token completion succeeds. ``/v1/models`` alone is not enough: the
@@ -246,11 +285,11 @@ def verify(
 
     Connection errors are retried until the deadline (the forward is up
     before vLLM listens); an HTTP error from the completion is final."""
-    base = f"http://127.0.0.1:{local_port}"
+    base = local_base(local_port, local_socket)
     end = time.monotonic() + deadline_s
     last = ""
     models: list[str] = []
-    with http_client(api_key, timeout=5) as client:
+    with http_client(api_key, timeout=5, local_socket=local_socket) as client:
         while True:
             try:
                 response = client.get(f"{base}/v1/models")
@@ -317,9 +356,9 @@ def verify(
             time.sleep(0.2)
 
 
-def health(local_port: int, timeout: float = 3) -> bool:
+def health(local_port: int, timeout: float = 3, local_socket: str = "") -> bool:
     try:
-        with http_client(None, timeout) as client:
-            return client.get(f"http://127.0.0.1:{local_port}/health").status_code == 200
+        with http_client(None, timeout, local_socket) as client:
+            return client.get(f"{local_base(local_port, local_socket)}/health").status_code == 200
     except httpx.HTTPError:
         return False

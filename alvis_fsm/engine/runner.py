@@ -114,7 +114,7 @@ class Runner:
         conn: Connection | None = None,
         agent: Agent | None = None,
         tunnel_factory: Callable[..., Tunnel] | None = None,
-        verifier: Callable[[int, str | None, float, str], Verified] | None = None,
+        verifier: Callable[..., Verified] | None = None,
         supervised: bool = False,
         job_script: Callable[[str], str] | None = None,
         sbatch_args: Sequence[str] = (),
@@ -588,6 +588,7 @@ class Runner:
             remote_port=r.port,
             control=Path(r.tunnel_control_path),
             remote_socket=r.remote_socket,
+            local_socket=r.local_socket,
         )
 
     def _open_tunnel(self) -> None:
@@ -595,7 +596,8 @@ class Runner:
         self.tunnel = self._make_tunnel()
         # A tunnel left by a detached or killed client may still be up.
         if not self.tunnel.up():
-            self.ui.info(f"Establishing SSH tunnel (local port {r.local_port})...")
+            where = f"local socket {r.local_socket}" if r.local_socket else f"local port {r.local_port}"
+            self.ui.info(f"Establishing SSH tunnel ({where})...")
             said = self.tunnel.open()
             if "Permanently added" in said:
                 self.ui.info(
@@ -618,7 +620,8 @@ class Runner:
             self._open_tunnel()
         self.ui.info("Testing connection...")
         self._verified = self._verify(
-            r.local_port, r.api_key or None, self.settings.timeouts.connection_test, r.served_name
+            r.local_port, r.api_key or None, self.settings.timeouts.connection_test, r.served_name,
+            local_socket=r.local_socket,
         )
         self._fire("connect")
 
@@ -629,7 +632,7 @@ class Runner:
         if seen is None:
             return
         if self._announced:
-            self.ui.info(f"Tunnel back up: http://localhost:{r.local_port}")
+            self.ui.info(f"Tunnel back up: {r.url}")
             return
         self._announced = True
         self.ui.connected(r, seen.models, seen.first_token_s)
@@ -660,6 +663,7 @@ class Runner:
                     r.api_key or None,
                     self.settings.timeouts.connection_test,
                     r.served_name,
+                    local_socket=r.local_socket,
                 )
                 return
             except AlvisError as exc:
@@ -714,7 +718,7 @@ class Runner:
         self._announce()
         if self._back_up:
             self._back_up = False
-            self.ui.info(f"Tunnel back up: http://localhost:{r.local_port}")
+            self.ui.info(f"Tunnel back up: {r.url}")
         if self.detach:
             raise Detached()
         if not self._said_streaming:

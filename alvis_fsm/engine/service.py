@@ -191,7 +191,7 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
     gpus = options.gpus or entry.gpus or cfg.slurm.gpus
     name = (session_spec.session_name(options.name) if options.name
             else session_spec.name_for_model(model_name))  # fmt: skip
-    local_port = cfg.tunnel.local_port
+    local_port = 0 if options.local_socket else cfg.tunnel.local_port
     store = store or Store(cfg.state_dir)
     store.ensure()
 
@@ -206,13 +206,13 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
                 f"Session '{name}' is live (job {r.job_id}); choose another --name",
                 hint=f"`alvis-fsm resume {r.name}` or `alvis-fsm stop {r.name}`.",
             )
-        if r.live and r.local_port == local_port:
+        if local_port and r.live and r.local_port == local_port:
             raise SessionError(
                 f"Local port {local_port} is claimed by session '{r.name}' (job {r.job_id})",
                 hint=f"Pick another port with --port (e.g. --port {local_port + 1}), "
                 f"or `alvis-fsm stop {r.name}`.",
             )
-    if not local_port_free(local_port, cfg.tunnel.bind):
+    if local_port and not local_port_free(local_port, cfg.tunnel.bind):
         raise SessionError(
             f"Local port {local_port} is already in use", hint=port_busy_hint(local_port)
         )
@@ -233,6 +233,11 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
         time_limit=time_text,
         time_limit_s=seconds,
     )
+    if options.local_socket:
+        from alvis_fsm.cluster.ssh import control_path
+
+        # Short (a socket path has ~100 bytes), private (0700, checked), ours.
+        record.local_socket = str(control_path(store.dir, f"{store.dir.resolve()}|{name}|{token}|http"))
     if cfg.vllm.api_key:
         from alvis_fsm.engine.runner import new_api_key
 
@@ -531,7 +536,7 @@ def check(settings: Settings, store: Store, record: SessionRecord, ui: Observer,
                     return Status(runner.record, job_state=job_state)
             except SessionError:
                 return Status(record, job_state=job_state)  # a client took it meanwhile
-        reachable = health(record.local_port) if record.state == State.TUNNELED else None
+        reachable = health(record.local_port, local_socket=record.local_socket) if record.state == State.TUNNELED else None
         return Status(record, job_state=str(job.state) if job else None,
                       time_left=job.time_left if job else None, reachable=reachable)  # fmt: skip
     except AlvisError as exc:

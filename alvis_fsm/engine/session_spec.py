@@ -37,6 +37,10 @@ class StartOptions:
     force_new: bool = False
     # The retry of a context length vLLM refused: the length it said fits.
     fit_len: int | None = None
+    # The tunnel ends in a unix socket in the private state directory, not on
+    # a local port: for a front whose clients never see the tunnel (the
+    # gateway), so no other process on the laptop can reach the server.
+    local_socket: bool = False
 
 
 def name_for_model(model: str) -> str:

@@ -75,6 +75,7 @@ class SessionRecord:
     port: int = 0  # vLLM's port on the node (route login)
     remote_socket: str = ""  # vLLM's unix socket on the node (route jump)
     local_port: int = 0
+    local_socket: str = ""  # the tunnel's local end as a unix socket (gateway sessions)
     run_dir: str = ""
     started: str = ""  # ISO time the session was created
     job_name: str = ""
@@ -107,6 +108,8 @@ class SessionRecord:
 
     @property
     def url(self) -> str:
+        if self.local_socket:
+            return f"unix:{self.local_socket}"
         return f"http://localhost:{self.local_port}" if self.local_port else ""
 
     def to_json(self) -> dict[str, Any]:

@@ -209,7 +209,7 @@ def make_runner(
         cfg, record, store, say, detach=detach, conn=conn,  # type: ignore[arg-type]
         agent=agent,  # type: ignore[arg-type]
         tunnel_factory=FakeTunnel,  # type: ignore[arg-type]
-        verifier=lambda port, key, deadline, served: Verified(["org/m"], 0.01),
+        verifier=lambda port, key, deadline, served, **_: Verified(["org/m"], 0.01),
         supervised=supervised, job_script=lambda run_dir: "#!/bin/bash\n",
     )  # fmt: skip
     return runner, agent, conn, say, store

@@ -62,7 +62,7 @@ def test_network_lost_keeps_job_and_state(tmp_path: Path, state: str) -> None:
     elif state == "running":
         agent.readies.append(lost)
     elif state == "serving":
-        def verify(*_: object) -> Verified:
+        def verify(*_: object, **__: object) -> Verified:
             raise lost
 
         runner._verify = verify
@@ -98,7 +98,7 @@ def test_a_stop_cancels_and_is_confirmed(tmp_path: Path, state: str, how: str) -
         elif state == "running":
             agent.readies.appendleft(KeyboardInterrupt())
         else:
-            def interrupted(*_: object) -> Verified:
+            def interrupted(*_: object, **__: object) -> Verified:
                 raise KeyboardInterrupt
 
             if state == "serving":

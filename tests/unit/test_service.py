@@ -6,6 +6,7 @@ logs; several sessions at once in threads; and no terminal in the engine."""
 from __future__ import annotations
 
 import ast
+import os
 import socket
 import subprocess
 import threading
@@ -82,7 +83,7 @@ class Conn(FakeConn):
 def handles(agent: FakeAgent, conn: FakeConn | None = None) -> dict[str, Any]:
     return {
         "conn": conn or Conn(), "agent": agent, "tunnel_factory": FakeTunnel,
-        "verifier": lambda port, key, deadline, served: Verified(["openai/gpt-oss-20b"], 0.01),
+        "verifier": lambda port, key, deadline, served, **_: Verified(["openai/gpt-oss-20b"], 0.01),
     }  # fmt: skip
 
 
@@ -106,6 +107,24 @@ def test_create_makes_the_record_and_key_without_the_network(tmp_path: Path) -> 
     assert r.served_name == "openai/gpt-oss-20b"
     assert new.gpus == "A40:1" and new.spec is None
     assert not new.store.exists(r.name)  # nothing saved before the session is driven
+    assert r.local_socket == "" and r.url == f"http://localhost:{r.local_port}"
+
+
+def test_create_with_a_local_socket_takes_no_port(tmp_path: Path) -> None:
+    """The gateway's sessions: the tunnel ends in a socket only this user can
+    open, so neither the port setting nor a busy port matters."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = settings(tmp_path, tunnel={"local_port": port})
+        r = service.create(cfg, StartOptions(name="gw-x", local_socket=True)).record
+    assert r.local_port == 0 and r.url == f"unix:{r.local_socket}"
+    path = Path(r.local_socket)
+    assert len(r.local_socket) < 100  # a socket path's limit (104 bytes on macOS)
+    assert path.parent.stat().st_mode & 0o777 == 0o700 and path.parent.stat().st_uid == os.getuid()
+    other = service.create(cfg.model_copy(), StartOptions(name="gw-y", local_socket=True)).record
+    assert other.local_socket != r.local_socket
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import socketserver
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,6 +70,13 @@ def test_forward_to_a_socket_or_a_port() -> None:
     assert _tunnel(remote_port=41084).forward == "127.0.0.1:58000:alvis7-07:41084"
 
 
+def test_forward_from_a_local_socket() -> None:
+    # The gateway's sessions: no local port at all, only this user's socket.
+    local = {"local_socket": "/s/ctl/ab12", "local_port": 0}
+    assert _tunnel(remote_socket="/t/vllm.sock", **local).forward == "/s/ctl/ab12:/t/vllm.sock"
+    assert _tunnel(remote_port=41084, **local).forward == "/s/ctl/ab12:alvis7-07:41084"
+
+
 # -- a local vLLM-like server ---------------------------------------------------------------
 
 
@@ -79,10 +87,7 @@ class Fake:
         self.requests: list[tuple[str, str, str]] = []  # method, path, authorization
 
 
-@pytest.fixture
-def server() -> Iterator[tuple[int, Fake]]:
-    fake = Fake()
-
+def _handler(fake: Fake) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
             pass
@@ -96,6 +101,8 @@ def server() -> Iterator[tuple[int, Fake]]:
             self.wfile.write(data)
 
         def do_GET(self) -> None:
+            if self.path == "/health":  # open, as vLLM's
+                return self._answer(200, {})
             fake.requests.append(("GET", self.path, self.headers.get("Authorization", "")))
             if self.headers.get("Authorization") != f"Bearer {KEY}":
                 return self._answer(401, {"error": "Unauthorized"})
@@ -110,7 +117,13 @@ def server() -> Iterator[tuple[int, Fake]]:
                 return self._answer(fake.completion_status, {"error": {"message": "engine dead"}})
             self._answer(200, {"choices": [{"text": "Hi"}]})
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    return Handler
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[int, Fake]]:
+    fake = Fake()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
@@ -198,7 +211,7 @@ def test_proxies_in_the_environment_are_ignored(
             client.get(f"http://127.0.0.1:{port}/v1/models")
         assert recorder.hits == 1
         assert verify(port, KEY, 5, SERVED).models == [SERVED]
-        assert health(port) is False  # the fake has no /health; what matters is where it went
+        assert health(port) is True  # to the server, not the proxy
         assert recorder.hits == 1
     finally:
         recorder.sock.close()
@@ -220,3 +233,50 @@ def test_ready_block_shows_first_token_latency(capsys: pytest.CaptureFixture[str
     assert "  First token: 2.50 s (a 1-token completion, through the tunnel)\n" in capsys.readouterr().out
     Reporter().connected(record, [SERVED])  # resume's reconnect: no measurement, no line
     assert "First token" not in capsys.readouterr().out
+
+
+# -- the tunnel's local end as a unix socket (the gateway's sessions) ---------------
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self) -> tuple[Any, Any]:
+        conn, _ = super().get_request()
+        return conn, ("local", 0)  # BaseHTTPRequestHandler wants a (host, port)
+
+
+@pytest.fixture
+def unix_server(tmp_path: Path) -> Iterator[tuple[str, Fake]]:
+    fake = Fake()
+    path = str(tmp_path / "s")
+    httpd = _UnixHTTPServer(path, _handler(fake))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield path, fake
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_verified_through_a_local_socket(unix_server: tuple[str, Fake]) -> None:
+    path, fake = unix_server
+    seen = verify(0, KEY, 5, SERVED, local_socket=path)
+    assert seen.models == [SERVED]
+    assert [(m, p) for m, p, _ in fake.requests] == [("GET", "/v1/models"), ("POST", "/v1/completions")]
+    assert health(0, local_socket=path) is True
+    assert health(0, local_socket=str(Path(path).with_name("gone"))) is False
+
+
+def test_a_stale_local_socket_is_cleared_and_a_live_one_kept(
+    unix_server: tuple[str, Fake], tmp_path: Path
+) -> None:
+    stale = tmp_path / "stale"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(stale))  # bound, never listening: what a killed ssh leaves
+    _tunnel(local_socket=str(stale))._clear_stale_socket()
+    assert not stale.exists()
+    live, _ = unix_server
+    _tunnel(local_socket=live)._clear_stale_socket()
+    assert Path(live).exists()

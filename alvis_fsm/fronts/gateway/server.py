@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 from aiohttp import web
 
+from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.fronts.gateway.keys import matches
 from alvis_fsm.fronts.gateway.models import READY, Handle, Models, Slot, Unavailable
 
@@ -58,7 +59,8 @@ class Gateway:
         self.models = models
         self.options = options or Options()
         self.held = 0
-        self.client: httpx.AsyncClient | None = None
+        self.client: httpx.AsyncClient | None = None  # to sessions' local ports
+        self._socket_clients: dict[str, httpx.AsyncClient] = {}  # one per tunnel socket
         self._idle_task: asyncio.Task[None] | None = None
         self.started = time.time()
 
@@ -74,13 +76,30 @@ class Gateway:
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
+        self.client = self._new_client()
+        self._idle_task = asyncio.create_task(self._idle_loop())
+
+    @staticmethod
+    def _new_client(uds: str = "") -> httpx.AsyncClient:
         # No proxies from the environment: the tunnel is on this machine.
-        self.client = httpx.AsyncClient(
+        return httpx.AsyncClient(
             trust_env=False,
             timeout=httpx.Timeout(None, connect=10.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            transport=httpx.AsyncHTTPTransport(uds=uds) if uds else None,
         )
-        self._idle_task = asyncio.create_task(self._idle_loop())
+
+    def _upstream(self, record: SessionRecord) -> tuple[httpx.AsyncClient, str]:
+        """The client and base URL of a session's tunnel: its unix socket
+        (one pooled client per socket, kept while the gateway runs; a model
+        has at most two sessions at a time), or its local port."""
+        if record.local_socket:
+            client = self._socket_clients.get(record.local_socket)
+            if client is None:
+                client = self._socket_clients[record.local_socket] = self._new_client(record.local_socket)
+            return client, "http://localhost"
+        assert self.client is not None
+        return self.client, f"http://127.0.0.1:{record.local_port}"
 
     async def _on_cleanup(self, app: web.Application) -> None:
         if self._idle_task is not None:
@@ -89,6 +108,8 @@ class Gateway:
                 await self._idle_task
         if self.client is not None:
             await self.client.aclose()
+        for client in self._socket_clients.values():
+            await client.aclose()
 
     async def _idle_loop(self) -> None:
         while True:
@@ -215,18 +236,17 @@ class Gateway:
                      ) -> web.StreamResponse:  # fmt: skip
         """Forward to the session's tunnel with its own key and served name;
         the answer goes back chunk by chunk as it comes, never buffered."""
-        assert self.client is not None
         r = handle.record
+        client, base = self._upstream(r)
         body = {**body, "model": r.served_name or slot.served}
         headers = {"Content-Type": "application/json",
                    "Accept": request.headers.get("Accept", "*/*")}  # fmt: skip
         if r.api_key:
             headers["Authorization"] = f"Bearer {r.api_key}"
-        url = f"http://127.0.0.1:{r.local_port}{request.path_qs}"
-        upstream = self.client.build_request("POST", url, content=json.dumps(body).encode(),
-                                             headers=headers)  # fmt: skip
+        upstream = client.build_request("POST", base + request.path_qs,
+                                        content=json.dumps(body).encode(), headers=headers)  # fmt: skip
         try:
-            answer = await self.client.send(upstream, stream=True)
+            answer = await client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
             message = f"{slot.name}: its server did not answer ({type(exc).__name__}); retry"
             if prepared is not None:

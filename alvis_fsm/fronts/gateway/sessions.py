@@ -6,7 +6,6 @@ happen in the session's own thread)."""
 from __future__ import annotations
 
 import re
-import socket
 import threading
 from typing import TYPE_CHECKING
 
@@ -26,14 +25,6 @@ def session_name(model: str) -> str:
     return "gw-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-._")[:38] or "model")
 
 
-def free_port(bind: str = "127.0.0.1") -> int:
-    """A local port for the session's tunnel, picked by the gateway (the
-    gateway's clients never see it: they go through the gateway)."""
-    with socket.socket() as s:
-        s.bind((bind, 0))
-        return int(s.getsockname()[1])
-
-
 def new_session(
     cfg: Settings, catalog: Catalog, model: str, store: Store, ui: Observer
 ) -> ServiceSession:
@@ -46,12 +37,10 @@ def new_session(
     from alvis_fsm.engine.session_spec import StartOptions
 
     catalog.get(model)  # an unknown model fails here, as before
-    # The tunnel ends on a port the gateway picks; its clients never see it.
-    local = cfg.model_copy(
-        update={"tunnel": cfg.tunnel.model_copy(update={"local_port": free_port(cfg.tunnel.bind)})}
-    )
-    new = service.create(local, StartOptions(model=model, name=session_name(model), force_new=True),
-                         store=store)  # fmt: skip
+    # The tunnel ends in a unix socket in the private state dir: the
+    # gateway's clients never see it, and no other local process can use it.
+    options = StartOptions(model=model, name=session_name(model), force_new=True, local_socket=True)
+    new = service.create(cfg, options, store=store)
     return ServiceSession(new, ui)
 
 
