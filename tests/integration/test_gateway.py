@@ -8,7 +8,9 @@ no job and no ssh left."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import threading
 from typing import Any
 
@@ -95,12 +97,21 @@ def test_gateway_starts_models_on_request_and_ctrl_c_leaves_nothing(lab, tool: T
         jobs = {listed["lab-ok"]["job_id"], listed["gpt-oss-20b"]["job_id"]}
         assert jobs <= set(lab.jobs()) and len(jobs) == 2
 
+        # Each tunnel ends in a unix socket only this user can open, not on a
+        # port any process on the laptop could use.
+        record = json.loads((tool.state_dir / "sessions" / "gw-lab-ok.json").read_text())
+        assert record["local_port"] == 0
+        end = os.stat(record["local_socket"])
+        assert stat.S_ISSOCK(end.st_mode) and end.st_mode & 0o077 == 0
+        assert os.stat(os.path.dirname(record["local_socket"])).st_mode & 0o077 == 0
+
     interrupt(child)
     child.expect_exact("Gateway stopped; nothing left running", timeout=60)
     child.expect(pexpect.EOF)
     child.close()
     assert exit_status(child) == 0
     assert lab.jobs() == []  # root's squeue: nothing of the user's left
+    assert not os.path.exists(record["local_socket"])  # ssh's socket file is removed too
     assert_nothing_left(lab, tool)
 
 
