@@ -1,5 +1,6 @@
 """The syntax of the values sbatch is given, defined once: account,
-partition, GPUs per node, job name and time (SLURM's durations).
+partition, GPUs per node, job name and time (SLURM's durations), and the
+durations people write for the gateway (``15m``).
 
 Settings (flags, environment, config files), catalog entries, ``start`` and
 the job script all check these values with the definitions here, so a value
@@ -52,6 +53,21 @@ def anchored(pattern: str, *, empty: bool = False) -> str:
     """``pattern`` as a whole-string pattern for pydantic; ``empty`` also
     accepts "" (a setting left empty: the cluster's default)."""
     return rf"^(?:{pattern})" + ("?$" if empty else "$")
+
+
+# A duration as people write it on the command line or in a catalog entry
+# (``gateway --idle``, ``idle_timeout``): seconds, or with one unit.
+_SPOKEN = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smh]?)\s*")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def spoken_seconds(text: str) -> float:
+    """Seconds of ``90``, ``90s``, ``15m``, ``1h`` or ``1.5h``; ``ValueError``
+    for anything else (nothing, zero, other units, several units)."""
+    match = _SPOKEN.fullmatch(text.lower())
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a duration: seconds, or with a unit (90s, 15m, 1h)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 def duration(text: str) -> int | None:

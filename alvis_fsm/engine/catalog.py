@@ -9,9 +9,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from alvis_fsm import paths
+from alvis_fsm.cluster.syntax import spoken_seconds
 from alvis_fsm.engine.settings import GPUS_PATTERN, MODEL_NAME_PATTERN, SafeStr, Settings
 from alvis_fsm.engine.store import atomic_write
 from alvis_fsm.errors import ConfigError, UsageError
@@ -31,6 +32,21 @@ class ModelEntry(BaseModel):
     description: str = ""
     gpus: Annotated[str, Field(pattern=GPUS_PATTERN)] | None = None
     vllm_args: list[SafeStr] = Field(default_factory=list)
+    # The gateway cancels this model's job after this many seconds without a
+    # request (default: gateway.idle_timeout): a big model that loads for
+    # minutes deserves a longer stay than a small one.
+    idle_timeout: Annotated[float, Field(gt=0)] | None = None
+
+    @field_validator("idle_timeout", mode="before")
+    @classmethod
+    def _idle_seconds(cls, value: object) -> object:
+        # "15m" as well as 900, as `gateway --idle` takes it.
+        if isinstance(value, str):
+            try:
+                return spoken_seconds(value)
+            except ValueError:
+                return value  # refused below, in the catalog's words
+        return value
 
 
 class Catalog(BaseModel):
@@ -165,6 +181,7 @@ ENTRY_WORDS = {
     "description": 'a string, e.g. "GPT OSS 20B model"',
     "gpus": "a GPU type and a count per node, e.g. A40:1 or A100:4, or only a count, e.g. 2",
     "vllm_args": 'a list of strings without line breaks, e.g. ["--enforce-eager"]',
+    "idle_timeout": 'seconds greater than 0, or with a unit, e.g. 1800 or "30m" (the gateway\'s idle stop)',
 }
 
 

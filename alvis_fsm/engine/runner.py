@@ -458,6 +458,7 @@ class Runner:
                 # the time left (a client that slept must not misjudge it).
                 words = ev.value.split()
                 r.node = words[0] if words else ""
+                r.queue_reason = r.expected_start = ""
                 r.running_since = time.time()
                 if len(words) >= 3 and words[2].isdigit():
                     r.running_since = float(words[2])
@@ -484,9 +485,13 @@ class Runner:
             if why:
                 text += f" — the scheduler is not answering ({why}); retrying"
             elif job is not None and job.state is slurm.JobState.PENDING:
-                text += " — " + slurm.describe_reason(job.reason, self.settings.slurm.gpus)
-                if job.start:
-                    text += f", expected start {job.start.replace('T', ' ')[:16]} (cluster time)"
+                # Kept on the record (saved with its next change) for those
+                # who show the queue without printing: the gateway's models.
+                r.queue_reason = slurm.describe_reason(job.reason, self.settings.slurm.gpus)
+                r.expected_start = job.start.replace("T", " ")[:16] if job.start else ""
+                text += " — " + r.queue_reason
+                if r.expected_start:
+                    text += f", expected start {r.expected_start} (cluster time)"
             self.ui.waiting(text, since=entered)
 
     def await_server(self) -> None:

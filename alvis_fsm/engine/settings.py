@@ -276,6 +276,8 @@ class Gateway(_Section):
     idle_timeout: Seconds
     hold_timeout: Seconds
     max_held: Annotated[int, Field(ge=1)]
+    queue_timeout: Seconds
+    load_timeout: Seconds
 
 
 class Settings(BaseSettings):
@@ -675,6 +677,8 @@ ACCEPTED: dict[str, str] = {
     "gateway.idle_timeout": "a number of seconds greater than 0, e.g. 900 (15 minutes)",
     "gateway.hold_timeout": "a number of seconds greater than 0, e.g. 540 (under the OpenAI SDK's 600)",
     "gateway.max_held": "a whole number, at least 1, e.g. 256",
+    "gateway.queue_timeout": "a number of seconds greater than 0, e.g. 3600 (an hour in the queue)",
+    "gateway.load_timeout": "a number of seconds greater than 0, e.g. 900 (15 minutes to load)",
 }
 
 

@@ -90,6 +90,10 @@ class SessionRecord:
     time_limit_s: int = 0
     gpus: str = ""  # as asked of SLURM (--gpus-per-node), e.g. A40:1
     running_since: float = 0.0  # epoch seconds the job started running
+    # While the job is pending: the scheduler's reason, in words, and its
+    # expected start (cluster time, "YYYY-MM-DD HH:MM"), when it gives one.
+    queue_reason: str = ""
+    expected_start: str = ""
     detached: bool = False
     client_pid: int = 0
     supervisor_pid: int = 0  # the background keeper of a detached session's tunnel

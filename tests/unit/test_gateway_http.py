@@ -409,7 +409,9 @@ def test_a_gateway_session_is_made_by_the_service_and_stops_before_login(tmp_pat
     model = next(iter(catalog.entries))
     handle = sessions.new_session(cfg, catalog, model, store, None)  # type: ignore[arg-type]
     assert handle.record.name == sessions.session_name(model)
-    assert handle.record.local_port != cfg.tunnel.local_port  # the gateway's own pick
+    # No local port: the tunnel ends in a socket only this user can open.
+    assert handle.record.local_port == 0 and handle.record.local_socket
+    assert Path(handle.record.local_socket).parent.stat().st_mode & 0o077 == 0
     assert handle.record.api_key  # the session's own key, as `start` makes it
     handle.request_stop("shutdown")
     with pytest.raises(Interrupted, match="Stopped by shutdown before it was submitted"):

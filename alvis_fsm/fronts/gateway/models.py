@@ -20,6 +20,7 @@ from typing import Protocol
 from alvis_fsm.engine.states import State
 from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.errors import AlvisError, Interrupted
+from alvis_fsm.fronts.gateway import usage
 from alvis_fsm.fronts.gateway.recorder import Recorder
 
 # What clients see (names fixed by issue 14; "failed" is spelt as the session's).
@@ -89,6 +90,9 @@ class Slot:
         self.served_requests = 0
         self.sessions = 0
         self.idle_stops = 0
+        self.idle_timeout: float | None = None  # this model's own (catalog), else the gateway's
+        self.gpu_hours_ended = 0.0  # held by this model's ended sessions
+        self.gpu_hours_saved = 0.0  # left on the jobs its idle stops cancelled
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
 
@@ -102,6 +106,11 @@ class Slot:
             return COLD  # going cold: its job is being cancelled
         # A session cleaning up after a failure is failed already.
         return _OF_RECORD.get(State(handle.record.state), FAILED)
+
+    @property
+    def gpu_hours_used(self) -> float:
+        live = usage.held(self.handle.record) if self.handle is not None else 0.0
+        return self.gpu_hours_ended + live
 
     @property
     def job_id(self) -> str:
@@ -177,6 +186,8 @@ class Slot:
             return
         if self.echo is not None:
             self.echo(f"[{self.name}] " + (f"failed: {error}" if error else "stopped"))
+        if self.handle is not None:
+            self.gpu_hours_ended += usage.held(self.handle.record)
         self.handle = None
         self.thread = None
         self.stopping = False
@@ -241,9 +252,10 @@ class Models:
         for slot in self.slots.values():
             if (
                 slot.handle is not None and not slot.stopping and slot.in_flight == 0
-                and now - slot.last_active >= idle_timeout
+                and now - slot.last_active >= (slot.idle_timeout or idle_timeout)
             ):  # fmt: skip
                 slot.idle_stops += 1
+                slot.gpu_hours_saved += usage.left(slot.handle.record)
                 slot.stop("idle timeout")
                 stopped.append(slot.name)
         return stopped

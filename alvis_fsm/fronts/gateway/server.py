@@ -18,7 +18,7 @@ from aiohttp import web
 
 from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.fronts.gateway.keys import matches
-from alvis_fsm.fronts.gateway.models import READY, Handle, Models, Slot, Unavailable
+from alvis_fsm.fronts.gateway.models import QUEUED, READY, Handle, Models, Slot, Unavailable
 
 # Headers that belong to one hop, never passed on.
 _HOP = {
@@ -133,10 +133,15 @@ class Gateway:
 
     # -- routes -----------------------------------------------------------------
     def _row(self, slot: Slot) -> dict[str, Any]:
+        r = slot.handle.record if slot.handle is not None else None
+        queued = r is not None and slot.state == QUEUED
         return {
             "id": slot.name, "object": "model", "created": int(self.started),
             "owned_by": "alvis-fsm", "aliases": [slot.served] if slot.served else [],
             "state": slot.state, "job_id": slot.job_id or None,
+            "node": (r.node or None) if r is not None else None,
+            "queue_reason": (r.queue_reason or None) if queued and r is not None else None,
+            "expected_start": (r.expected_start or None) if queued and r is not None else None,
             "error": slot.error or None,
         }  # fmt: skip
 
@@ -152,9 +157,18 @@ class Gateway:
                 **self._row(slot), "in_flight": slot.in_flight,
                 "requests_served": slot.served_requests, "sessions_started": slot.sessions,
                 "idle_stops": slot.idle_stops, "status": obs.status if obs else None,
+                "gpu_hours_used": round(slot.gpu_hours_used, 4),
+                "gpu_hours_saved": round(slot.gpu_hours_saved, 4),
                 "log": list(obs.lines)[-10:] if obs else [],
             })  # fmt: skip
-        return web.json_response({"models": rows, "held": self.held})
+        return web.json_response({
+            "models": rows, "held": self.held,
+            "requests_served": sum(s.served_requests for s in self.models.slots.values()),
+            # Saved: what the jobs cancelled for idleness would have held until
+            # their time limit had nobody stopped them.
+            "gpu_hours_used": round(sum(s.gpu_hours_used for s in self.models.slots.values()), 4),
+            "gpu_hours_saved": round(sum(s.gpu_hours_saved for s in self.models.slots.values()), 4),
+        })  # fmt: skip
 
     async def not_found(self, request: web.Request) -> web.Response:
         return error(404, f"No route {request.method} {request.path} on the gateway",

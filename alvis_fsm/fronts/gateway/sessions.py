@@ -25,6 +25,16 @@ def session_name(model: str) -> str:
     return "gw-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-._")[:38] or "model")
 
 
+def budgets(cfg: Settings) -> Settings:
+    """The gateway's own budgets for a model's start (gateway.queue_timeout,
+    gateway.load_timeout) in the session's timeouts, so the engine judges
+    them as every session's: by the cluster's clock, per state."""
+    timeouts = cfg.timeouts.model_copy(update={
+        "job_start": cfg.gateway.queue_timeout, "server_ready": cfg.gateway.load_timeout,
+    })  # fmt: skip
+    return cfg.model_copy(update={"timeouts": timeouts})
+
+
 def new_session(
     cfg: Settings, catalog: Catalog, model: str, store: Store, ui: Observer
 ) -> ServiceSession:
@@ -40,7 +50,7 @@ def new_session(
     # The tunnel ends in a unix socket in the private state dir: the
     # gateway's clients never see it, and no other local process can use it.
     options = StartOptions(model=model, name=session_name(model), force_new=True, local_socket=True)
-    new = service.create(cfg, options, store=store)
+    new = service.create(budgets(cfg), options, store=store)
     return ServiceSession(new, ui)
 
 

@@ -8,7 +8,6 @@ sessions run in threads and are stopped with ``request_stop``."""
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import sys
 import threading
@@ -25,18 +24,17 @@ if TYPE_CHECKING:
     from alvis_fsm.fronts.gateway.models import Handle, Models
     from alvis_fsm.fronts.gateway.server import Gateway
 
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
-
-
 def parse_duration(text: str) -> float:
-    """Seconds, or with a unit: 90s, 15m, 1h (also 1.5h)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text.lower())
-    if not match or float(match.group(1)) <= 0:
+    """--idle: seconds, or with a unit: 90s, 15m, 1h (also 1.5h)."""
+    from alvis_fsm.cluster.syntax import spoken_seconds
+
+    try:
+        return spoken_seconds(text)
+    except ValueError:
         raise UsageError(
             f"--idle: {text!r} is not a duration",
             hint="Seconds, or with a unit: --idle 90s, --idle 15m, --idle 1h.",
-        )
-    return float(match.group(1)) * _UNITS[match.group(2)]
+        ) from None
 
 
 def run(verbosity: Verbosity, *, port: int | None, idle: str | None) -> None:
@@ -76,6 +74,9 @@ def run(verbosity: Verbosity, *, port: int | None, idle: str | None) -> None:
         return sessions.new_session(cfg, catalog, model, store, observer)
 
     models = Models(served, factory, echo)
+    if idle is None:  # --idle is for every model; else each its own, if the catalog says
+        for name, entry in catalog.entries.items():
+            models.slots[name].idle_timeout = entry.idle_timeout
     options = Options(hold_timeout=g.hold_timeout, idle_timeout=g.idle_timeout,
                       max_held=g.max_held, idle_check=max(0.5, min(5.0, g.idle_timeout / 4)))  # fmt: skip
     gateway = Gateway(key, models, options)

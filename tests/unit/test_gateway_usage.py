@@ -1,0 +1,195 @@
+"""The gateway's per-model settings and figures (issue 14): a catalog
+entry's own idle timeout, the separate queue and load budgets of its
+sessions, GPU-hours used and saved, and the queue shown per model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from alvis_fsm.cluster.syntax import spoken_seconds
+from alvis_fsm.engine.catalog import ModelEntry
+from alvis_fsm.engine.settings import load_settings
+from alvis_fsm.engine.store import SessionRecord
+from alvis_fsm.errors import ConfigError, UsageError
+from alvis_fsm.fronts.gateway import usage
+from alvis_fsm.fronts.gateway.models import Models
+from alvis_fsm.fronts.gateway.recorder import Recorder
+from alvis_fsm.fronts.gateway.server import Gateway, Options, serve
+
+KEY = "gw-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("90s", 90), ("15m", 900), ("1h", 3600), ("1.5h", 5400), (" 2M ", 120)],
+)
+def test_durations_people_write(text: str, seconds: float) -> None:
+    assert spoken_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5", "5d", "m", "1h30m", "soon"])
+def test_durations_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        spoken_seconds(text)
+
+
+def test_gateway_idle_flag_says_what_is_wrong() -> None:
+    from alvis_fsm.fronts.cli.commands.gateway import parse_duration as flag
+
+    with pytest.raises(UsageError, match="--idle: '5 days' is not a duration") as err:
+        flag("5 days")
+    assert "--idle 15m" in (err.value.hint or "")
+
+
+def test_a_catalog_entry_may_have_its_own_idle_timeout(tmp_path: Path) -> None:
+    from alvis_fsm.engine.catalog import load_catalog
+
+    base = {"path": "/m/", "max_model_len": 10}
+    assert ModelEntry.model_validate(base).idle_timeout is None
+    assert ModelEntry.model_validate({**base, "idle_timeout": "30m"}).idle_timeout == 1800
+    assert ModelEntry.model_validate({**base, "idle_timeout": 45}).idle_timeout == 45
+    bad = tmp_path / "models.json"
+    bad.write_text(json.dumps({"big": {**base, "idle_timeout": "a while"}}))
+    cfg = load_settings({"catalog": {"paths": [str(bad)]},
+                         "session": {"state_dir": str(tmp_path / "s")}})  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        load_catalog(cfg)
+    assert "field 'idle_timeout': 'a while' is not accepted" in err.value.message
+    assert '"30m"' in err.value.message
+
+
+def test_sessions_get_the_gateway_s_queue_and_load_budgets(tmp_path: Path) -> None:
+    from alvis_fsm.fronts.gateway.sessions import budgets
+
+    cfg = load_settings({"gateway": {"queue_timeout": 7200, "load_timeout": 1200},
+                         "session": {"state_dir": str(tmp_path)}})  # fmt: skip
+    mine = budgets(cfg)
+    assert (mine.timeouts.job_start, mine.timeouts.server_ready) == (7200, 1200)
+    assert mine.timeouts.connection_test == cfg.timeouts.connection_test
+    assert (cfg.timeouts.job_start, cfg.timeouts.server_ready) == (600, 600)  # `start`'s untouched
+
+
+@pytest.mark.parametrize(("gpus", "count"), [("A40:2", 2), ("4", 4), ("A100fat:1", 1), ("auto", 0), ("", 0)])
+def test_gpu_count(gpus: str, count: int) -> None:
+    assert usage.gpu_count(gpus) == count
+
+
+def test_gpu_hours_held_and_left() -> None:
+    now = 1_000_000.0
+    r = SessionRecord(name="gw-m", model="m", gpus="A40:2", time_limit_s=3600,
+                      running_since=now - 1800)  # fmt: skip
+    assert usage.held(r, now) == pytest.approx(1.0)  # 2 GPUs × half an hour
+    assert usage.left(r, now) == pytest.approx(1.0)
+    assert usage.held(r, now + 7200) == pytest.approx(2.0)  # never past the time limit
+    assert usage.left(r, now + 7200) == 0
+    queued = SessionRecord(name="gw-m", model="m", gpus="A40:2", time_limit_s=3600)
+    assert usage.held(queued, now) == 0 and usage.left(queued, now) == 0
+
+
+class Session:
+    """Serves at once (its job started half an hour ago); or waits in the
+    queue until stopped."""
+
+    def __init__(self, model: str, observer: Recorder, queued: bool) -> None:
+        self.record = SessionRecord(name=f"gw-{model}", model=model, gpus="A40:1",
+                                    time_limit_s=7200, job_id="7", state="submitted")  # fmt: skip
+        self.observer = observer
+        self.queued = queued
+        self.reason = ""
+        self._stop = threading.Event()
+
+    def request_stop(self, reason: str = "stopped") -> None:
+        self.reason = reason
+        self._stop.set()
+
+    def drive(self) -> None:
+        from alvis_fsm.errors import Interrupted
+
+        r = self.record
+        if self.queued:
+            r.queue_reason = "waiting for GPUs to free up (Resources)"
+            r.expected_start = "2026-11-27 18:00"
+        else:
+            r.node, r.running_since, r.state = "alvis7-07", time.time() - 1800, "tunneled"
+        self.observer.info("changed")
+        self._stop.wait()
+        r.state = "cleaned"
+        raise Interrupted(f"Stopped by {self.reason}")
+
+
+def _run(scenario: Callable[[httpx.AsyncClient, Models], Awaitable[None]], models: Models,
+         options: Options) -> None:  # fmt: skip
+    async def main() -> None:
+        gateway = Gateway(KEY, models, options)
+        served = await serve(gateway, "127.0.0.1", 0)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{served.port}",
+                                         trust_env=False, timeout=10) as client:  # fmt: skip
+                await scenario(client, models)
+        finally:
+            assert await models.shutdown(5) == []
+            await served.runner.cleanup()
+
+    asyncio.run(main())
+
+
+def _models(queued: set[str]) -> Models:
+    def factory(model: str, observer: Recorder) -> Session:
+        return Session(model, observer, model in queued)
+
+    return Models({"fast": "org/fast", "slow": "org/slow"}, factory)  # type: ignore[arg-type]
+
+
+async def _until(check: Callable[[], bool], seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert check()
+
+
+def test_each_model_idles_by_its_own_timeout_and_the_saving_is_counted() -> None:
+    models = _models(queued=set())
+    models.slots["slow"].idle_timeout = 3600.0  # the catalog's: stays
+
+    async def scenario(client: httpx.AsyncClient, models: Models) -> None:
+        for name in ("fast", "slow"):
+            models.slots[name].ensure_started()
+        await _until(lambda: all(s.state == "ready" for s in models.slots.values()))
+        status = (await client.get("/gateway/status", headers=AUTH)).json()
+        assert status["gpu_hours_used"] == pytest.approx(1.0, abs=0.01)  # 2 × 1 GPU × 0.5 h
+        assert status["gpu_hours_saved"] == 0
+        await _until(lambda: models.slots["fast"].handle is None)  # idle: stopped
+        assert models.slots["slow"].handle is not None and models.slots["slow"].idle_stops == 0
+        status = (await client.get("/gateway/status", headers=AUTH)).json()
+        fast = next(m for m in status["models"] if m["id"] == "fast")
+        # Stopped with 1.5 h of its 2 h left on one GPU; it held half an hour.
+        assert fast["gpu_hours_saved"] == pytest.approx(1.5, abs=0.01)
+        assert fast["gpu_hours_used"] == pytest.approx(0.5, abs=0.01)
+        assert status["gpu_hours_saved"] == pytest.approx(1.5, abs=0.01)
+
+    _run(scenario, models, Options(idle_timeout=0.3, idle_check=0.05))
+
+
+def test_a_queued_model_shows_the_scheduler_s_reason_and_expected_start() -> None:
+    models = _models(queued={"slow"})
+
+    async def scenario(client: httpx.AsyncClient, models: Models) -> None:
+        models.slots["slow"].ensure_started()
+        await _until(lambda: models.slots["slow"].handle is not None
+                     and models.slots["slow"].handle.record.queue_reason != "")  # fmt: skip
+        rows = {m["id"]: m for m in (await client.get("/v1/models", headers=AUTH)).json()["data"]}
+        assert rows["slow"]["state"] == "queued" and rows["slow"]["job_id"] == "7"
+        assert rows["slow"]["queue_reason"] == "waiting for GPUs to free up (Resources)"
+        assert rows["slow"]["expected_start"] == "2026-11-27 18:00"
+        assert rows["fast"]["state"] == "cold" and rows["fast"]["queue_reason"] is None
+
+    _run(scenario, models, Options(idle_timeout=60, idle_check=0.05))
