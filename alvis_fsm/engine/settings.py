@@ -276,6 +276,7 @@ class Gateway(_Section):
     idle_timeout: Seconds
     hold_timeout: Seconds
     max_held: Annotated[int, Field(ge=1)]
+    rollover_lead: Seconds
 
 
 class Settings(BaseSettings):
@@ -675,6 +676,7 @@ ACCEPTED: dict[str, str] = {
     "gateway.idle_timeout": "a number of seconds greater than 0, e.g. 900 (15 minutes)",
     "gateway.hold_timeout": "a number of seconds greater than 0, e.g. 540 (under the OpenAI SDK's 600)",
     "gateway.max_held": "a whole number, at least 1, e.g. 256",
+    "gateway.rollover_lead": "a number of seconds greater than 0, e.g. 600 (10 minutes)",
 }
 
 

@@ -33,7 +33,8 @@ class Options:
     idle_timeout: float = 900.0
     max_held: int = 256
     keepalive_interval: float = 5.0  # between SSE comments to a held stream
-    idle_check: float = 5.0  # how often idle sessions are looked for
+    idle_check: float = 5.0  # how often idle sessions (and time limits) are looked at
+    rollover_lead: float = 600.0  # the least lead of a successor before a job's time limit
 
 
 def error(status: int, message: str, kind: str, code: str | int | None = None,
@@ -94,6 +95,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.options.idle_check)
             self.models.stop_idle(self.options.idle_timeout)
+            self.models.roll_over(self.options.rollover_lead)
 
     @web.middleware
     async def _auth(self, request: web.Request,
@@ -112,10 +114,12 @@ class Gateway:
 
     # -- routes -----------------------------------------------------------------
     def _row(self, slot: Slot) -> dict[str, Any]:
+        left = slot.time_left()
         return {
             "id": slot.name, "object": "model", "created": int(self.started),
             "owned_by": "alvis-fsm", "aliases": [slot.served] if slot.served else [],
             "state": slot.state, "job_id": slot.job_id or None,
+            "time_left": round(left) if left is not None else None,
             "error": slot.error or None,
         }  # fmt: skip
 
@@ -130,7 +134,11 @@ class Gateway:
             rows.append({
                 **self._row(slot), "in_flight": slot.in_flight,
                 "requests_served": slot.served_requests, "sessions_started": slot.sessions,
-                "idle_stops": slot.idle_stops, "status": obs.status if obs else None,
+                "idle_stops": slot.idle_stops, "rollovers": slot.rollovers,
+                "successor_job_id": (slot.successor.job_id or None) if slot.successor else None,
+                "retiring_job_ids": [r.job_id for r in slot.retiring if r.job_id],
+                "rollover_error": slot.rollover_error or None,
+                "status": obs.status if obs else None,
                 "log": list(obs.lines)[-10:] if obs else [],
             })  # fmt: skip
         return web.json_response({"models": rows, "held": self.held})
@@ -214,7 +222,21 @@ class Gateway:
                      body: dict[str, Any], prepared: web.StreamResponse | None
                      ) -> web.StreamResponse:  # fmt: skip
         """Forward to the session's tunnel with its own key and served name;
-        the answer goes back chunk by chunk as it comes, never buffered."""
+        the answer goes back chunk by chunk as it comes, never buffered.
+        Counted in flight on that session (not only on the model), so a
+        session replaced by a rollover is stopped only after its own."""
+        handle = slot.begin(handle)
+        served = False
+        try:
+            resp, served = await self._forward(request, slot, handle, body, prepared)
+            return resp
+        finally:
+            slot.finish(handle, served)
+
+    async def _forward(self, request: web.Request, slot: Slot, handle: Handle,
+                       body: dict[str, Any], prepared: web.StreamResponse | None
+                       ) -> tuple[web.StreamResponse, bool]:  # fmt: skip
+        """``_proxy``'s work: the response, and whether it went out whole."""
         assert self.client is not None
         r = handle.record
         body = {**body, "model": r.served_name or slot.served}
@@ -233,8 +255,8 @@ class Gateway:
                 await prepared.write(_sse({"error": {"message": message, "type":
                                      "service_unavailable", "param": None, "code": None}}))  # fmt: skip
                 await prepared.write_eof()
-                return prepared
-            return _retry_later(message)
+                return prepared, False
+            return _retry_later(message), False
         try:
             if prepared is not None and answer.status_code != 200:
                 # The 200 is sent already: the error goes as an SSE event.
@@ -245,7 +267,7 @@ class Gateway:
                 await prepared.write(_sse({"error": {"message": said, "type": "upstream_error",
                                                      "param": None, "code": answer.status_code}}))
                 await prepared.write_eof()
-                return prepared
+                return prepared, False
             resp = prepared
             if resp is None:
                 resp = web.StreamResponse(status=answer.status_code, headers={
@@ -255,8 +277,7 @@ class Gateway:
             async for chunk in answer.aiter_raw():
                 await resp.write(chunk)
             await resp.write_eof()
-            slot.served_requests += 1
-            return resp
+            return resp, True
         finally:
             await answer.aclose()
 

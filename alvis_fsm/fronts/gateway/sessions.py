@@ -5,12 +5,11 @@ happen in the session's own thread)."""
 
 from __future__ import annotations
 
-import re
 import socket
 import threading
 from typing import TYPE_CHECKING
 
-from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.engine.store import SessionRecord, Store, check_name
 from alvis_fsm.errors import Interrupted
 
 if TYPE_CHECKING:
@@ -21,9 +20,15 @@ if TYPE_CHECKING:
     from alvis_fsm.engine.settings import Settings
 
 
-def session_name(model: str) -> str:
-    """``gw-<model>``, safe for a file name: never the name `start` gives."""
-    return "gw-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-._")[:38] or "model")
+def session_name(model: str, lane: int = 0) -> str:
+    """``gw-<model>`` (lane 0), ``gw-<model>-2`` (lane 1), ...: safe for a file
+    name, never the name `start` gives; a rollover's successor is in another
+    lane than the session it replaces, so the two live sessions differ."""
+    from alvis_fsm.engine.session_spec import name_for_model
+
+    # Room for "gw-" and a lane's "-NN" in a session name's 41 characters.
+    base = name_for_model(model)[:35].rstrip("-._")
+    return check_name("gw-" + base + (f"-{lane + 1}" if lane else ""))
 
 
 def free_port(bind: str = "127.0.0.1") -> int:
@@ -35,13 +40,14 @@ def free_port(bind: str = "127.0.0.1") -> int:
 
 
 def new_session(
-    cfg: Settings, catalog: Catalog, model: str, store: Store, ui: Observer
+    cfg: Settings, catalog: Catalog, model: str, store: Store, ui: Observer, lane: int = 0
 ) -> ServiceSession:
     """A model's session, made by the session service as for every front:
     checked at once with no network (catalog entry, time, GPUs, record, API
     key), prepared (login, account, ``auto`` GPUs, job script) in the
     session's own thread when it is driven, so the event loop never waits
-    on the cluster. ``catalog`` is the gateway's (already checked) one."""
+    on the cluster. ``catalog`` is the gateway's (already checked) one;
+    ``lane`` picks the session name (``session_name``)."""
     from alvis_fsm.engine import service
     from alvis_fsm.engine.session_spec import StartOptions
 
@@ -50,7 +56,7 @@ def new_session(
     local = cfg.model_copy(
         update={"tunnel": cfg.tunnel.model_copy(update={"local_port": free_port(cfg.tunnel.bind)})}
     )
-    new = service.create(local, StartOptions(model=model, name=session_name(model), force_new=True),
+    new = service.create(local, StartOptions(model=model, name=session_name(model, lane), force_new=True),
                          store=store)  # fmt: skip
     return ServiceSession(new, ui)
 
