@@ -32,7 +32,8 @@ class Stream:
     def _one(self, http: httpx.Client, streaming: bool) -> None:
         if not streaming:
             resp = http.post("/chat/completions", headers=self.auth, json=ASK)
-            content = resp.json()["choices"][0]["message"]["content"] if resp.status_code == 200 else ""
+            ok = resp.status_code == 200
+            content = resp.json()["choices"][0]["message"]["content"] if ok else ""
             if "Hello from the alvis-lab stand-in" not in content:
                 self.failures.append(f"{resp.status_code}: {resp.text[:300]}")
             return

@@ -153,7 +153,8 @@ class Harness:
 
     def factory(self, model: str, observer: Recorder, lane: int) -> FakeSession:
         how = self.plan.pop(0) if self.plan else {}
-        session = FakeSession(model, observer, lane, self.upstream.port, str(100 + len(self.sessions)),
+        job_id = str(100 + len(self.sessions))
+        session = FakeSession(model, observer, lane, self.upstream.port, job_id,
                               how.get("hold", False), how.get("fail", False))  # fmt: skip
         self.sessions.append(session)
         return session
@@ -194,7 +195,7 @@ async def ask(client: httpx.AsyncClient, model: str = "m1") -> httpx.Response:
 
 async def listed(client: httpx.AsyncClient, model: str = "m1") -> dict[str, Any]:
     rows = (await client.get("/v1/models", headers=AUTH)).json()["data"]
-    return next(row for row in rows if row["id"] == model)  # type: ignore[no-any-return]
+    return next(row for row in rows if row["id"] == model)
 
 
 async def eventually(check: Callable[[], object], seconds: float = 5.0) -> None:

@@ -228,7 +228,8 @@ class Slot:
         way to the one that replaced it."""
         run = self._run_of(handle)
         current = self.run
-        if run is not current and current is not None and current.state == READY and not current.stopping:
+        serving = current is not None and current.state == READY and not current.stopping
+        if run is not current and serving:
             run = current
         if run is None:
             return handle
@@ -363,7 +364,8 @@ class Slot:
             self.rollover_error = describe(exc)
             self._say(f"rollover failed: {self.rollover_error}; requests stay on job {run.job_id}")
             return False
-        self._say(f"job {run.job_id} reaches its time limit in {left:.0f} s: starting its successor")
+        self._say(f"job {run.job_id} reaches its time limit in {left:.0f} s:"
+                  " starting its successor")  # fmt: skip
         self._notify()
         return True
 
