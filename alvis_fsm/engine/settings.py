@@ -278,6 +278,7 @@ class Gateway(_Section):
     max_held: Annotated[int, Field(ge=1)]
     queue_timeout: Seconds
     load_timeout: Seconds
+    rollover_lead: Seconds
 
 
 class Settings(BaseSettings):
@@ -679,6 +680,7 @@ ACCEPTED: dict[str, str] = {
     "gateway.max_held": "a whole number, at least 1, e.g. 256",
     "gateway.queue_timeout": "a number of seconds greater than 0, e.g. 3600 (an hour in the queue)",
     "gateway.load_timeout": "a number of seconds greater than 0, e.g. 900 (15 minutes to load)",
+    "gateway.rollover_lead": "a number of seconds greater than 0, e.g. 600 (10 minutes)",
 }
 
 

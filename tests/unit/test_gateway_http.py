@@ -112,7 +112,7 @@ class Harness:
         async def main() -> None:
             up, port, self.seen = await _upstream()
 
-            def fake(model: str, observer: Recorder) -> FakeSession:
+            def fake(model: str, observer: Recorder, lane: int) -> FakeSession:
                 session = FakeSession(model, observer, port, self.load_s, self.fail)
                 self.sessions.append(session)
                 return session
@@ -328,7 +328,7 @@ def test_idle_stop_through_the_engine_cancels_the_job(tmp_path: Path) -> None:
     made: list[Any] = []
 
     def factory(port: int) -> Any:
-        def make(model: str, observer: Recorder) -> Any:
+        def make(model: str, observer: Recorder, lane: int) -> Any:
             runner, agent, _, _, store = make_runner(tmp_path, "idle", detach=False, name=f"gw-{model}")
             runner.record.local_port, runner.record.served_name = port, f"org/{model}"
             runner.record.api_key = "session-key"
@@ -367,12 +367,12 @@ def test_the_gateway_key_is_made_once_and_kept_private(tmp_path: Path) -> None:
                                             ("running", "loading"), ("serving", "loading"),
                                             ("tunneled", "ready"), ("failed", "failed")])  # fmt: skip
 def test_model_state_follows_the_session(state: str, expected: str) -> None:
-    from alvis_fsm.fronts.gateway.models import Slot
+    from alvis_fsm.fronts.gateway.models import Run, Slot
 
-    slot = Slot("m", "org/m", lambda model, obs: None)  # type: ignore[arg-type,return-value]
+    slot = Slot("m", "org/m", lambda model, obs, lane: None)  # type: ignore[arg-type,return-value]
     assert slot.state == "cold"
-    slot.handle = FakeSession("m", Recorder("m"), 1, 0, False)
-    slot.handle.record.state = state
+    slot.run = Run(FakeSession("m", Recorder("m"), 1, 0, False), 1, 0, Recorder("m"))
+    slot.run.handle.record.state = state
     assert slot.state == expected
 
 

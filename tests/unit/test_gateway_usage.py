@@ -143,7 +143,7 @@ def _run(scenario: Callable[[httpx.AsyncClient, Models], Awaitable[None]], model
 
 
 def _models(queued: set[str]) -> Models:
-    def factory(model: str, observer: Recorder) -> Session:
+    def factory(model: str, observer: Recorder, lane: int) -> Session:
         return Session(model, observer, model in queued)
 
     return Models({"fast": "org/fast", "slow": "org/slow"}, factory)  # type: ignore[arg-type]

@@ -1,6 +1,9 @@
-"""Each catalog model's place in the gateway: at most one session at a time
+"""Each catalog model's place in the gateway: one session serving at a time
 (started by the first request however many arrive at once), its state as
-clients see it, the requests in flight, the idle stop.
+clients see it, the requests in flight, the idle stop, and the rollover
+before the job's time limit (SLURM does not extend a running job): a
+successor session is started; once it serves, new requests go to it, those
+in flight finish on the old one, then the old one is stopped.
 
 Everything here runs on the gateway's event loop thread, except a session's
 ``drive`` (a thread of its own, as the engine allows); the thread reports
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import re
 import threading
 import time
@@ -45,8 +49,12 @@ class Handle(Protocol):
     def request_stop(self, reason: str = "stopped") -> None: ...
 
 
-# model name, observer -> a new session of the model, not yet driven.
-Factory = Callable[[str, Recorder], Handle]
+# model name, observer, lane -> a new session of the model, not yet driven.
+# The lane (0, 1, ...) is one no other live session of the model has, so that
+# a successor's session name differs from the one it replaces.
+Factory = Callable[[str, Recorder, int], Handle]
+# model, GPUs -> its expected load time in seconds (engine/loadtimes), or None.
+LoadTime = Callable[[str, str], float | None]
 
 
 class Unavailable(Exception):
@@ -69,6 +77,56 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def time_left(record: SessionRecord) -> float | None:
+    """Seconds until the job's time limit (judged by the job's start on the
+    cluster's clock), or None before it runs or without a limit."""
+    if not record.running_since or not record.time_limit_s:
+        return None
+    return max(0.0, record.running_since + record.time_limit_s - time.time())
+
+
+def rollover_lead(record: SessionRecord, floor: float, load_time: LoadTime | None) -> float:
+    """How long before the time limit a successor must be started to serve
+    in time: the job's own queue wait plus the model's expected load time,
+    at least ``floor`` (gateway.rollover_lead)."""
+    at = record.entered_at
+    wait = 0.0
+    if State.SUBMITTED in at and State.RUNNING in at:
+        wait = max(0.0, at[State.RUNNING] - at[State.SUBMITTED])
+    load = (load_time(record.model, record.gpus) if load_time is not None else None) or 0.0
+    return max(floor, wait + load)
+
+
+class Run:
+    """One session of a model as the gateway tracks it: its handle and thread,
+    the requests proxied to it and not yet finished, the requests it served."""
+
+    def __init__(self, handle: Handle, generation: int, lane: int, observer: Recorder) -> None:
+        self.handle = handle
+        self.generation = generation
+        self.lane = lane
+        self.observer = observer
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.in_flight = 0
+        self.served = 0
+        self.no_successor = False  # its successor failed: serve on it until it ends
+
+    @property
+    def state(self) -> str:
+        # A session cleaning up after a failure is failed already.
+        return _OF_RECORD.get(State(self.handle.record.state), FAILED)
+
+    @property
+    def job_id(self) -> str:
+        return self.handle.record.job_id
+
+    def stop(self, reason: str) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.handle.request_stop(reason)
+
+
 class Slot:
     def __init__(
         self, name: str, served: str, factory: Factory, echo: Callable[[str], None] | None = None
@@ -77,19 +135,20 @@ class Slot:
         self.served = served
         self.factory = factory
         self.echo = echo
-        self.handle: Handle | None = None
-        self.observer: Recorder | None = None
-        self.thread: threading.Thread | None = None
+        self.run: Run | None = None  # the session new requests go to
+        self.successor: Run | None = None  # started to replace ``run`` before its time limit
+        self.retiring: list[Run] = []  # replaced or stopped, not yet ended
         self.generation = 0  # one per session started
         self.failed_generation = -1
         self.error = ""  # root cause of the last failure (until the next start)
-        self.stopping = False
+        self.rollover_error = ""  # why the last successor failed (until one serves)
         self.closing = False  # the gateway shuts down: start nothing more
-        self.in_flight = 0
+        self.in_flight = 0  # requests for this model, held or proxied
         self.last_active = time.monotonic()
         self.served_requests = 0
         self.sessions = 0
         self.idle_stops = 0
+        self.rollovers = 0
         self.idle_timeout: float | None = None  # this model's own (catalog), else the gateway's
         self.gpu_hours_ended = 0.0  # held by this model's ended sessions
         self.gpu_hours_saved = 0.0  # left on the jobs its idle stops cancelled
@@ -98,34 +157,59 @@ class Slot:
 
     # -- state --------------------------------------------------------------
     @property
-    def state(self) -> str:
-        handle = self.handle
-        if handle is None:
-            return FAILED if self.error else COLD
-        if self.stopping:
-            return COLD  # going cold: its job is being cancelled
-        # A session cleaning up after a failure is failed already.
-        return _OF_RECORD.get(State(handle.record.state), FAILED)
+    def handle(self) -> Handle | None:
+        return self.run.handle if self.run is not None else None
 
     @property
-    def gpu_hours_used(self) -> float:
-        live = usage.held(self.handle.record) if self.handle is not None else 0.0
-        return self.gpu_hours_ended + live
+    def observer(self) -> Recorder | None:
+        return self.run.observer if self.run is not None else None
+
+    @property
+    def stopping(self) -> bool:
+        return self.run is not None and self.run.stopping
+
+    @property
+    def state(self) -> str:
+        run = self.run
+        if run is None:
+            return FAILED if self.error else COLD
+        if run.stopping:
+            return COLD  # going cold: its job is being cancelled
+        return run.state
 
     @property
     def job_id(self) -> str:
-        return self.handle.record.job_id if self.handle is not None else ""
+        return self.run.job_id if self.run is not None else ""
+
+    @property
+    def gpu_hours_used(self) -> float:
+        return self.gpu_hours_ended + sum(usage.held(r.handle.record) for r in self.runs())
+
+    def time_left(self) -> float | None:
+        return time_left(self.run.handle.record) if self.run is not None else None
+
+    def runs(self) -> list[Run]:
+        """Every session of the model not yet ended."""
+        return [r for r in (self.run, self.successor) if r is not None] + self.retiring
+
+    def _say(self, line: str) -> None:
+        if self.echo is not None:
+            self.echo(f"[{self.name}] {line}")
 
     def _notify(self) -> None:
         """Wake the requests held for this model (loop thread only)."""
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def _session_changed(self) -> None:
+        self._promote()
+        self._notify()
+
     def notify_threadsafe(self) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(self._notify)
+                loop.call_soon_threadsafe(self._session_changed)
 
     async def changed(self, timeout: float) -> None:
         """Until the state may have changed, or ``timeout`` seconds."""
@@ -142,65 +226,166 @@ class Slot:
         self.in_flight -= 1
         self.last_active = time.monotonic()
 
-    # -- the session ---------------------------------------------------------------
+    def _run_of(self, handle: Handle) -> Run | None:
+        return next((r for r in self.runs() if r.handle is handle), None)
+
+    def begin(self, handle: Handle) -> Handle:
+        """A request is proxied to ``handle``'s session: the session to send it
+        to, counted in flight there until ``finish``. A session replaced since
+        the request was given it (a rollover between its wait and now) gives
+        way to the one that replaced it."""
+        run = self._run_of(handle)
+        current = self.run
+        serving = current is not None and current.state == READY and not current.stopping
+        if run is not current and serving:
+            run = current
+        if run is None:
+            return handle
+        run.in_flight += 1
+        return run.handle
+
+    def finish(self, handle: Handle, served: bool) -> None:
+        """The request ``begin`` sent to ``handle`` is done (``served``: answered
+        to the end); a replaced session is stopped once its last one is."""
+        if served:
+            self.served_requests += 1
+        run = self._run_of(handle)
+        if run is None:
+            return
+        run.in_flight -= 1
+        if served:
+            run.served += 1
+        if run in self.retiring and run.in_flight == 0:
+            run.stop(self._retire_reason())
+
+    def _retire_reason(self) -> str:
+        return f"rolled over to job {self.job_id}" if self.job_id else "rolled over"
+
+    # -- the sessions ---------------------------------------------------------------
+    def _start(self) -> Run:
+        """A new session of the model, driven in its own thread."""
+        self._loop = asyncio.get_running_loop()
+        lanes = {r.lane for r in self.runs()}
+        lane = next(n for n in itertools.count() if n not in lanes)
+        observer = Recorder(self.name, self.notify_threadsafe, self.echo)
+        handle = self.factory(self.name, observer, lane)
+        self.generation += 1
+        run = Run(handle, self.generation, lane, observer)
+        self.sessions += 1
+        run.thread = threading.Thread(target=self._drive, args=(run,), name=f"gateway-{self.name}",
+                                      daemon=True)  # fmt: skip
+        run.thread.start()
+        return run
+
     def ensure_started(self) -> int:
         """The generation of the session to wait for, starting one if there
         is none (single flight: this runs on the loop thread, without an
         await between the check and the start, so a burst of requests to a
         cold model makes exactly one session)."""
-        if self.handle is not None:
-            return self.generation
+        if self.run is not None:
+            return self.run.generation
         if self.closing:
             raise Unavailable("the gateway is shutting down")
-        self._loop = asyncio.get_running_loop()
-        self.generation += 1
         self.error = ""
-        self.stopping = False
-        self.observer = Recorder(self.name, self.notify_threadsafe, self.echo)
-        handle = self.factory(self.name, self.observer)
-        self.handle = handle
-        self.sessions += 1
-        self.thread = threading.Thread(
-            target=self._drive, args=(handle, self.generation), name=f"gateway-{self.name}",
-            daemon=True,
-        )  # fmt: skip
-        self.thread.start()
+        self.run = self._start()
         self._notify()
-        return self.generation
+        return self.run.generation
 
-    def _drive(self, handle: Handle, generation: int) -> None:
+    def _drive(self, run: Run) -> None:
         error = ""
         try:
-            handle.drive()
+            run.handle.drive()
         except Interrupted:
-            pass  # stopped by the gateway (idle, shutdown): a normal end
+            pass  # stopped by the gateway (idle, shutdown, rollover): a normal end
         except BaseException as exc:  # reported to the held requests
             error = describe(exc)
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._ended, generation, error)
+                loop.call_soon_threadsafe(self._ended, run, error)
 
-    def _ended(self, generation: int, error: str) -> None:
-        if generation != self.generation:
-            return
-        if self.echo is not None:
-            self.echo(f"[{self.name}] " + (f"failed: {error}" if error else "stopped"))
-        if self.handle is not None:
-            self.gpu_hours_ended += usage.held(self.handle.record)
-        self.handle = None
-        self.thread = None
-        self.stopping = False
-        if error:
-            self.error = error
-            self.failed_generation = generation
+    def _ended(self, run: Run, error: str) -> None:
+        self.gpu_hours_ended += usage.held(run.handle.record)
+        if run is self.run:
+            successor = self.successor
+            if successor is not None and not successor.stopping:
+                # The job ended before its successor served: requests are held
+                # on the successor as for a cold start.
+                self._say(f"job {run.job_id} ended" + (f" ({error})" if error else "")
+                          + f" before job {successor.job_id or '(not yet submitted)'} serves;"
+                          " requests wait for it")  # fmt: skip
+                self.run, self.successor = successor, None
+            else:
+                self._say(f"failed: {error}" if error else "stopped")
+                self.run = None
+                if error:
+                    self.error = error
+                    self.failed_generation = run.generation
+        elif run is self.successor:
+            self.successor = None
+            why = error or "it ended before it served"
+            self.rollover_error = why
+            old = self.run
+            if old is not None:
+                old.no_successor = True
+            self._say(f"rollover failed: {why}; requests stay on job {self.job_id}"
+                      " until its time limit, then the next request starts a new job")  # fmt: skip
+        elif run in self.retiring:
+            self.retiring.remove(run)
         self._notify()
 
+    def _promote(self) -> None:
+        """The successor serves: new requests go to it; the session it replaces
+        is stopped as soon as its requests in flight are done."""
+        successor = self.successor
+        if successor is None or successor.stopping or successor.state != READY:
+            return
+        old = self.run
+        self.run, self.successor = successor, None
+        self.rollover_error = ""
+        self.rollovers += 1
+        if old is None:
+            return
+        self.retiring.append(old)
+        self._say(f"rolled over: job {old.job_id} → job {successor.job_id}")
+        if old.in_flight == 0:
+            old.stop(self._retire_reason())
+
+    def roll_over(self, floor: float, load_time: LoadTime | None = None) -> bool:
+        """Start a successor if the serving session was used and its job is
+        within its rollover lead of its time limit; whether one was started.
+        At most one successor at a time, none while a replaced session still
+        ends, none again for a session whose successor failed."""
+        self._promote()
+        run = self.run
+        if (
+            self.closing or run is None or run.stopping or run.state != READY or not run.served
+            or run.no_successor or self.successor is not None or self.retiring
+        ):  # fmt: skip
+            return False
+        left = time_left(run.handle.record)
+        if left is None or left > rollover_lead(run.handle.record, floor, load_time):
+            return False
+        try:
+            self.successor = self._start()
+        except Exception as exc:  # a session refused before it runs (e.g. a busy port)
+            run.no_successor = True
+            self.rollover_error = describe(exc)
+            self._say(f"rollover failed: {self.rollover_error}; requests stay on job {run.job_id}")
+            return False
+        self._say(f"job {run.job_id} reaches its time limit in {left:.0f} s:"
+                  " starting its successor")  # fmt: skip
+        self._notify()
+        return True
+
     def stop(self, reason: str) -> None:
-        if self.handle is not None and not self.stopping:
-            self.stopping = True
-            self.handle.request_stop(reason)
-            self._notify()
+        """Stop every session of the model (idle stop, shutdown)."""
+        for run in self.runs():
+            run.stop(reason)
+        if self.successor is not None:
+            self.retiring.append(self.successor)
+            self.successor = None
+        self._notify()
 
     async def ready(self, tick: float, on_tick: Callable[[str], object] | None = None) -> Handle:
         """Wait until this model's session serves, starting it if needed.
@@ -210,15 +395,16 @@ class Slot:
         generation = self.ensure_started()
         next_tick = time.monotonic()
         while True:
-            handle = self.handle
-            if handle is not None and self.generation == generation:
-                if self.state == READY and not self.stopping:
-                    return handle
+            run = self.run
+            if run is not None and run.generation == generation:
+                if run.state == READY and not run.stopping:
+                    return run.handle
             elif self.failed_generation == generation:
                 raise Unavailable(f"{self.name} failed to start: {self.error}")
             else:
                 # What we waited for ended without failing (stopped while idle,
-                # or a new session already runs): wait for the current one.
+                # replaced by its successor, or a new session already runs):
+                # wait for the current one.
                 generation = self.ensure_started()
                 continue
             now = time.monotonic()
@@ -234,9 +420,11 @@ class Models:
     """Every catalog model, by name and by the served ORG/NAME alias."""
 
     def __init__(self, served: dict[str, str], factory: Factory,
-                 echo: Callable[[str], None] | None = None) -> None:  # fmt: skip
+                 echo: Callable[[str], None] | None = None,
+                 load_time: LoadTime | None = None) -> None:  # fmt: skip
         self.slots = {name: Slot(name, served[name], factory, echo) for name in sorted(served)}
         self.aliases = {slot.served: slot for slot in self.slots.values() if slot.served}
+        self.load_time = load_time
 
     def find(self, name: str) -> Slot | None:
         return self.slots.get(name) or self.aliases.get(name)
@@ -246,7 +434,8 @@ class Models:
 
     def stop_idle(self, idle_timeout: float) -> list[str]:
         """Stop every session with no request in flight and none finished
-        for ``idle_timeout`` seconds; the names of those stopped."""
+        for the model's own idle timeout, else ``idle_timeout`` seconds; the
+        names of those stopped."""
         now = time.monotonic()
         stopped = []
         for slot in self.slots.values():
@@ -255,24 +444,31 @@ class Models:
                 and now - slot.last_active >= (slot.idle_timeout or idle_timeout)
             ):  # fmt: skip
                 slot.idle_stops += 1
-                slot.gpu_hours_saved += usage.left(slot.handle.record)
+                slot.gpu_hours_saved += sum(usage.left(r.handle.record) for r in slot.runs())
                 slot.stop("idle timeout")
                 stopped.append(slot.name)
         return stopped
 
+    def roll_over(self, lead: float) -> list[str]:
+        """Start a successor for every used model near its job's time limit
+        (``lead``: gateway.rollover_lead, the least lead); the names of those
+        started."""
+        return [name for name, slot in self.slots.items() if slot.roll_over(lead, self.load_time)]
+
     async def shutdown(self, timeout: float) -> list[str]:
-        """Stop every session and wait for each to clean up (its job cancelled
-        and confirmed); the names of those still not ended after ``timeout``."""
+        """Stop every session (successors and replaced ones too) and wait for
+        each to clean up (its job cancelled and confirmed); the names of the
+        models with one still not ended after ``timeout``."""
+        threads: list[tuple[str, threading.Thread]] = []
         for slot in self.slots.values():
             slot.closing = True
             slot.stop("gateway shutdown")
-        threads = [(s.name, s.thread) for s in self.slots.values() if s.thread is not None]
+            threads += [(slot.name, r.thread) for r in slot.runs() if r.thread is not None]
         deadline = time.monotonic() + timeout
 
         def join() -> list[str]:
             for _, thread in threads:
-                assert thread is not None
                 thread.join(max(0.0, deadline - time.monotonic()))
-            return [name for name, thread in threads if thread is not None and thread.is_alive()]
+            return sorted({name for name, thread in threads if thread.is_alive()})
 
         return await asyncio.to_thread(join)

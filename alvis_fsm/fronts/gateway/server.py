@@ -34,7 +34,8 @@ class Options:
     idle_timeout: float = 900.0
     max_held: int = 256
     keepalive_interval: float = 5.0  # between SSE comments to a held stream
-    idle_check: float = 5.0  # how often idle sessions are looked for
+    idle_check: float = 5.0  # how often idle sessions (and time limits) are looked at
+    rollover_lead: float = 600.0  # the least lead of a successor before a job's time limit
 
 
 def error(status: int, message: str, kind: str, code: str | int | None = None,
@@ -62,6 +63,7 @@ class Gateway:
         self.client: httpx.AsyncClient | None = None  # to sessions' local ports
         self._socket_clients: dict[str, httpx.AsyncClient] = {}  # one per tunnel socket
         self._idle_task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # clients of ended sessions, closing
         self.started = time.time()
 
     # -- the app --------------------------------------------------------------
@@ -91,15 +93,24 @@ class Gateway:
 
     def _upstream(self, record: SessionRecord) -> tuple[httpx.AsyncClient, str]:
         """The client and base URL of a session's tunnel: its unix socket
-        (one pooled client per socket, kept while the gateway runs; a model
-        has at most two sessions at a time), or its local port."""
-        if record.local_socket:
-            client = self._socket_clients.get(record.local_socket)
-            if client is None:
-                client = self._socket_clients[record.local_socket] = self._new_client(record.local_socket)
-            return client, "http://localhost"
-        assert self.client is not None
-        return self.client, f"http://127.0.0.1:{record.local_port}"
+        (one pooled client per socket), or its local port."""
+        path = record.local_socket
+        if not path:
+            assert self.client is not None
+            return self.client, f"http://127.0.0.1:{record.local_port}"
+        client = self._socket_clients.get(path)
+        if client is None:
+            # A new session: forget the clients of sessions that ended (each
+            # session has a socket of its own; a gateway runs for days).
+            live = {r.handle.record.local_socket for slot in self.models.slots.values()
+                    for r in slot.runs()}  # fmt: skip
+            for gone in [p for p in self._socket_clients if p not in live]:
+                old = self._socket_clients.pop(gone)
+                task = asyncio.get_running_loop().create_task(old.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+            client = self._socket_clients[path] = self._new_client(path)
+        return client, "http://localhost"
 
     async def _on_cleanup(self, app: web.Application) -> None:
         if self._idle_task is not None:
@@ -115,6 +126,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.options.idle_check)
             self.models.stop_idle(self.options.idle_timeout)
+            self.models.roll_over(self.options.rollover_lead)
 
     @web.middleware
     async def _auth(self, request: web.Request,
@@ -133,6 +145,7 @@ class Gateway:
 
     # -- routes -----------------------------------------------------------------
     def _row(self, slot: Slot) -> dict[str, Any]:
+        left = slot.time_left()
         r = slot.handle.record if slot.handle is not None else None
         queued = r is not None and slot.state == QUEUED
         return {
@@ -142,6 +155,7 @@ class Gateway:
             "node": (r.node or None) if r is not None else None,
             "queue_reason": (r.queue_reason or None) if queued and r is not None else None,
             "expected_start": (r.expected_start or None) if queued and r is not None else None,
+            "time_left": round(left) if left is not None else None,
             "error": slot.error or None,
         }  # fmt: skip
 
@@ -156,18 +170,23 @@ class Gateway:
             rows.append({
                 **self._row(slot), "in_flight": slot.in_flight,
                 "requests_served": slot.served_requests, "sessions_started": slot.sessions,
-                "idle_stops": slot.idle_stops, "status": obs.status if obs else None,
+                "idle_stops": slot.idle_stops, "rollovers": slot.rollovers,
+                "successor_job_id": (slot.successor.job_id or None) if slot.successor else None,
+                "retiring_job_ids": [r.job_id for r in slot.retiring if r.job_id],
+                "rollover_error": slot.rollover_error or None,
+                "status": obs.status if obs else None,
                 "gpu_hours_used": round(slot.gpu_hours_used, 4),
                 "gpu_hours_saved": round(slot.gpu_hours_saved, 4),
                 "log": list(obs.lines)[-10:] if obs else [],
             })  # fmt: skip
+        slots = self.models.slots.values()
         return web.json_response({
             "models": rows, "held": self.held,
-            "requests_served": sum(s.served_requests for s in self.models.slots.values()),
+            "requests_served": sum(s.served_requests for s in slots),
             # Saved: what the jobs cancelled for idleness would have held until
             # their time limit had nobody stopped them.
-            "gpu_hours_used": round(sum(s.gpu_hours_used for s in self.models.slots.values()), 4),
-            "gpu_hours_saved": round(sum(s.gpu_hours_saved for s in self.models.slots.values()), 4),
+            "gpu_hours_used": round(sum(s.gpu_hours_used for s in slots), 4),
+            "gpu_hours_saved": round(sum(s.gpu_hours_saved for s in slots), 4),
         })  # fmt: skip
 
     async def not_found(self, request: web.Request) -> web.Response:
@@ -249,7 +268,21 @@ class Gateway:
                      body: dict[str, Any], prepared: web.StreamResponse | None
                      ) -> web.StreamResponse:  # fmt: skip
         """Forward to the session's tunnel with its own key and served name;
-        the answer goes back chunk by chunk as it comes, never buffered."""
+        the answer goes back chunk by chunk as it comes, never buffered.
+        Counted in flight on that session (not only on the model), so a
+        session replaced by a rollover is stopped only after its own."""
+        handle = slot.begin(handle)
+        served = False
+        try:
+            resp, served = await self._forward(request, slot, handle, body, prepared)
+            return resp
+        finally:
+            slot.finish(handle, served)
+
+    async def _forward(self, request: web.Request, slot: Slot, handle: Handle,
+                       body: dict[str, Any], prepared: web.StreamResponse | None
+                       ) -> tuple[web.StreamResponse, bool]:  # fmt: skip
+        """``_proxy``'s work: the response, and whether it went out whole."""
         r = handle.record
         client, base = self._upstream(r)
         body = {**body, "model": r.served_name or slot.served}
@@ -267,8 +300,8 @@ class Gateway:
                 await prepared.write(_sse({"error": {"message": message, "type":
                                      "service_unavailable", "param": None, "code": None}}))  # fmt: skip
                 await prepared.write_eof()
-                return prepared
-            return _retry_later(message)
+                return prepared, False
+            return _retry_later(message), False
         try:
             if prepared is not None and answer.status_code != 200:
                 # The 200 is sent already: the error goes as an SSE event.
@@ -279,7 +312,7 @@ class Gateway:
                 await prepared.write(_sse({"error": {"message": said, "type": "upstream_error",
                                                      "param": None, "code": answer.status_code}}))
                 await prepared.write_eof()
-                return prepared
+                return prepared, False
             resp = prepared
             if resp is None:
                 resp = web.StreamResponse(status=answer.status_code, headers={
@@ -289,8 +322,7 @@ class Gateway:
             async for chunk in answer.aiter_raw():
                 await resp.write(chunk)
             await resp.write_eof()
-            slot.served_requests += 1
-            return resp
+            return resp, True
         finally:
             await answer.aclose()
 

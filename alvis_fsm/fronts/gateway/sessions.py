@@ -5,11 +5,10 @@ happen in the session's own thread)."""
 
 from __future__ import annotations
 
-import re
 import threading
 from typing import TYPE_CHECKING
 
-from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.engine.store import SessionRecord, Store, check_name
 from alvis_fsm.errors import Interrupted
 
 if TYPE_CHECKING:
@@ -20,9 +19,15 @@ if TYPE_CHECKING:
     from alvis_fsm.engine.settings import Settings
 
 
-def session_name(model: str) -> str:
-    """``gw-<model>``, safe for a file name: never the name `start` gives."""
-    return "gw-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-._")[:38] or "model")
+def session_name(model: str, lane: int = 0) -> str:
+    """``gw-<model>`` (lane 0), ``gw-<model>-2`` (lane 1), ...: safe for a file
+    name, never the name `start` gives; a rollover's successor is in another
+    lane than the session it replaces, so the two live sessions differ."""
+    from alvis_fsm.engine.session_spec import name_for_model
+
+    # Room for "gw-" and a lane's "-NN" in a session name's 41 characters.
+    base = name_for_model(model)[:35].rstrip("-._")
+    return check_name("gw-" + base + (f"-{lane + 1}" if lane else ""))
 
 
 def budgets(cfg: Settings) -> Settings:
@@ -36,20 +41,22 @@ def budgets(cfg: Settings) -> Settings:
 
 
 def new_session(
-    cfg: Settings, catalog: Catalog, model: str, store: Store, ui: Observer
+    cfg: Settings, catalog: Catalog, model: str, store: Store, ui: Observer, lane: int = 0
 ) -> ServiceSession:
     """A model's session, made by the session service as for every front:
     checked at once with no network (catalog entry, time, GPUs, record, API
     key), prepared (login, account, ``auto`` GPUs, job script) in the
     session's own thread when it is driven, so the event loop never waits
-    on the cluster. ``catalog`` is the gateway's (already checked) one."""
+    on the cluster. ``catalog`` is the gateway's (already checked) one;
+    ``lane`` picks the session name (``session_name``)."""
     from alvis_fsm.engine import service
     from alvis_fsm.engine.session_spec import StartOptions
 
     catalog.get(model)  # an unknown model fails here, as before
     # The tunnel ends in a unix socket in the private state dir: the
     # gateway's clients never see it, and no other local process can use it.
-    options = StartOptions(model=model, name=session_name(model), force_new=True, local_socket=True)
+    options = StartOptions(model=model, name=session_name(model, lane), force_new=True,
+                           local_socket=True)  # fmt: skip
     new = service.create(budgets(cfg), options, store=store)
     return ServiceSession(new, ui)
 

@@ -41,6 +41,7 @@ def run(verbosity: Verbosity, *, port: int | None, idle: str | None) -> None:
     from alvis_fsm.cluster import jobscript
     from alvis_fsm.cluster.tunnel import local_port_free, port_busy_hint
     from alvis_fsm.engine.catalog import load_catalog
+    from alvis_fsm.engine.loadtimes import LoadTimes
     from alvis_fsm.engine.store import Store
     from alvis_fsm.fronts.cli.commands.env import exports
     from alvis_fsm.fronts.gateway import sessions
@@ -70,15 +71,20 @@ def run(verbosity: Verbosity, *, port: int | None, idle: str | None) -> None:
             with lock:
                 click.echo(line, err=True)
 
-    def factory(model: str, observer: Recorder) -> Handle:
-        return sessions.new_session(cfg, catalog, model, store, observer)
+    def factory(model: str, observer: Recorder, lane: int) -> Handle:
+        return sessions.new_session(cfg, catalog, model, store, observer, lane)
 
-    models = Models(served, factory, echo)
+    def load_time(model: str, gpus: str) -> float | None:
+        expected = LoadTimes(store.dir).expected(model, gpus)
+        return expected[0] if expected else None
+
+    models = Models(served, factory, echo, load_time)
     if idle is None:  # --idle is for every model; else each its own, if the catalog says
         for name, entry in catalog.entries.items():
             models.slots[name].idle_timeout = entry.idle_timeout
     options = Options(hold_timeout=g.hold_timeout, idle_timeout=g.idle_timeout,
-                      max_held=g.max_held, idle_check=max(0.5, min(5.0, g.idle_timeout / 4)))  # fmt: skip
+                      max_held=g.max_held, idle_check=max(0.5, min(5.0, g.idle_timeout / 4)),
+                      rollover_lead=g.rollover_lead)  # fmt: skip
     gateway = Gateway(key, models, options)
     click.echo(exports(f"http://localhost:{g.port}/v1", key))
     sys.stdout.flush()
