@@ -21,9 +21,18 @@ if TYPE_CHECKING:
     from alvis_fsm.engine.settings import Settings
 
 
+PREFIX = "gw-"
+
+
 def session_name(model: str) -> str:
     """``gw-<model>``, safe for a file name: never the name `start` gives."""
-    return "gw-" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-._")[:38] or "model")
+    return PREFIX + (re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-._")[:38] or "model")
+
+
+def is_gateway_session(name: str) -> bool:
+    """A session the gateway made (``status`` marks them, ``gateway stop``
+    checks them)."""
+    return name.startswith(PREFIX)
 
 
 def free_port(bind: str = "127.0.0.1") -> int:
