@@ -377,8 +377,10 @@ def gateway(ctx: click.Context, port: int | None, idle: str | None, detach: bool
 @global_options
 @click.pass_context
 def gateway_stop(ctx: click.Context) -> None:
-    """Stop the running gateway (background or not): every job it started is
-    cancelled, confirmed by the scheduler, and every tunnel closed."""
+    """End the running gateway and every job it started.
+
+    Background or foreground: it is sent SIGTERM, and this waits until its
+    jobs' cancels are confirmed by the scheduler and its tunnels closed."""
     from alvis_fsm.fronts.cli.commands import gateway as command
 
     command.stop(_verbosity(ctx))
