@@ -112,7 +112,9 @@ def test_models_table() -> None:
 
 
 def test_status_offline_json_is_json() -> None:
-    assert json.loads(run("status", "--offline", "--json").stdout) == {"sessions": [], "errors": []}
+    # No gateway runs either: its key is null, never absent.
+    assert json.loads(run("status", "--offline", "--json").stdout) == {
+        "sessions": [], "errors": [], "gateway": None}
 
 
 # -- errors -------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_status(session: SessionRecord, capsys: pytest.CaptureFixture[str]) -> N
 
     code, data = run(["status", "--offline", "--json"], capsys)
     assert code == 0
-    assert list(data) == documented()["status --json"] == ["sessions", "errors"]
+    assert list(data) == documented()["status --json"] == ["sessions", "errors", "gateway"]
     (item,) = data["sessions"]  # type: ignore[misc]
     assert set(item) == set(row(session))
 

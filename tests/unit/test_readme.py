@@ -155,7 +155,7 @@ def test_status_json_example_has_every_key(readme: str) -> None:
     body = section(readme, "`status --json`")
     example = json.loads(body.split("```json\n", 1)[1].split("```", 1)[0])
     expected = set(row(SessionRecord(name="x", model="m")))
-    assert set(example) == {"sessions", "errors"}
+    assert set(example) == {"sessions", "errors", "gateway"}
     assert set(example["sessions"][0]) == expected
     # and the module's docstring, which promises the schema, agrees
     from alvis_fsm.fronts.cli.commands import status

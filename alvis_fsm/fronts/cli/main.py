@@ -323,16 +323,20 @@ def logs(ctx: click.Context, name: str | None, follow: bool, lines: int) -> None
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("name", required=False, shell_complete=_complete_sessions)
 @click.option("--json", "as_json", is_flag=True, help="Print base_url and api_key as JSON.")
+@click.option(
+    "--gateway", "of_gateway", is_flag=True,
+    help="The gateway's exports (`alvis-fsm gateway`) instead of a session's.",
+)  # fmt: skip
 @global_options
 @click.pass_context
-def env(ctx: click.Context, name: str | None, as_json: bool) -> None:
+def env(ctx: click.Context, name: str | None, as_json: bool, of_gateway: bool) -> None:
     """Print OPENAI_BASE_URL / OPENAI_API_KEY exports: eval "$(alvis-fsm env)"."""
     from alvis_fsm.fronts.cli.commands import env as command
 
-    command.run(_verbosity(ctx), name=name, as_json=as_json)
+    command.run(_verbosity(ctx), name=name, as_json=as_json, of_gateway=of_gateway)
 
 
-@cli.command(context_settings=CONTEXT_SETTINGS)
+@cli.group(cls=Group, context_settings=CONTEXT_SETTINGS, invoke_without_command=True)
 @click.option(
     "--port", cls=DefaultsOption, type=PortType(),
     help="Local port of the gateway [default: {gateway.port}].",
@@ -342,16 +346,44 @@ def env(ctx: click.Context, name: str | None, as_json: bool) -> None:
     help="Cancel a model's job after this long without requests: seconds, or 90s, 15m, 1h"
     " [default: {gateway.idle_timeout} s].",
 )  # fmt: skip
+@click.option(
+    "--detach", is_flag=True,
+    help="Run in the background: return once it listens, after printing the exports;"
+    " `alvis-fsm gateway stop` ends it.",
+)  # fmt: skip
 @global_options
 @click.pass_context
-def gateway(ctx: click.Context, port: int | None, idle: str | None) -> None:
+def gateway(ctx: click.Context, port: int | None, idle: str | None, detach: bool) -> None:
     """One OpenAI endpoint for every catalog model: eval the two exports it prints.
 
     A model's job starts with the first request that names it and is cancelled
-    when idle; Ctrl+C cancels every job it started and closes every tunnel."""
+    when idle; Ctrl+C (or `alvis-fsm gateway stop`) cancels every job it
+    started and closes every tunnel."""
+    if ctx.invoked_subcommand is not None:
+        given = [flag for flag, value in (("--port", port), ("--idle", idle), ("--detach", detach))
+                 if value]  # fmt: skip
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} goes with `alvis-fsm gateway`, not with"
+                f" `alvis-fsm gateway {ctx.invoked_subcommand}`", ctx,
+            )  # fmt: skip
+        return
     from alvis_fsm.fronts.cli.commands import gateway as command
 
-    command.run(_verbosity(ctx), port=port, idle=idle)
+    command.run(_verbosity(ctx), port=port, idle=idle, detach=detach)
+
+
+@gateway.command("stop", context_settings=CONTEXT_SETTINGS)
+@global_options
+@click.pass_context
+def gateway_stop(ctx: click.Context) -> None:
+    """End the running gateway and every job it started.
+
+    Background or foreground: it is sent SIGTERM, and this waits until its
+    jobs' cancels are confirmed by the scheduler and its tunnels closed."""
+    from alvis_fsm.fronts.cli.commands import gateway as command
+
+    command.stop(_verbosity(ctx))
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -468,6 +500,19 @@ def supervise(name: str) -> None:
     from alvis_fsm.fronts.cli.commands import supervise as command
 
     command.run(name)
+
+
+@cli.command(name="_gateway", hidden=True, context_settings=CONTEXT_SETTINGS)
+@click.option("--port", type=PortType(), required=True)
+@click.option("--idle", metavar="DURATION")
+@click.option("--log", required=True)
+@global_options
+@click.pass_context
+def gateway_background(ctx: click.Context, port: int, idle: str | None, log: str) -> None:
+    """The background gateway (started by `gateway --detach`)."""
+    from alvis_fsm.fronts.cli.commands import gateway as command
+
+    command.serve_background(_verbosity(ctx), port=port, idle=idle, log=log)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from alvis_fsm.engine.settings import Settings
 
 
+PREFIX = "gw-"
+
+
 def session_name(model: str, lane: int = 0) -> str:
     """``gw-<model>`` (lane 0), ``gw-<model>-2`` (lane 1), ...: safe for a file
     name, never the name `start` gives; a rollover's successor is in another
@@ -27,7 +30,13 @@ def session_name(model: str, lane: int = 0) -> str:
 
     # Room for "gw-" and a lane's "-NN" in a session name's 41 characters.
     base = name_for_model(model)[:35].rstrip("-._")
-    return check_name("gw-" + base + (f"-{lane + 1}" if lane else ""))
+    return check_name(PREFIX + base + (f"-{lane + 1}" if lane else ""))
+
+
+def is_gateway_session(name: str) -> bool:
+    """A session the gateway made (``status`` marks them, ``gateway stop``
+    checks them)."""
+    return name.startswith(PREFIX)
 
 
 def budgets(cfg: Settings) -> Settings:

@@ -8,13 +8,17 @@ changes nothing."""
 from __future__ import annotations
 
 import shlex
+from typing import TYPE_CHECKING
 
 import click
 
 from alvis_fsm.engine.store import Store
-from alvis_fsm.errors import SessionError
-from alvis_fsm.fronts.cli.commands._common import pick_session, settings
+from alvis_fsm.errors import SessionError, UsageError
+from alvis_fsm.fronts.cli.commands._common import pick_session, reporter, settings
 from alvis_fsm.fronts.ui import Verbosity
+
+if TYPE_CHECKING:
+    from alvis_fsm.engine.settings import Settings
 
 
 def exports(base_url: str, api_key: str) -> str:
@@ -25,8 +29,17 @@ def exports(base_url: str, api_key: str) -> str:
     return "\n".join(lines)
 
 
-def run(verbosity: Verbosity, *, name: str | None, as_json: bool = False) -> None:
+def run(verbosity: Verbosity, *, name: str | None, as_json: bool = False,
+        of_gateway: bool = False) -> None:  # fmt: skip
     cfg = settings()
+    if of_gateway:
+        if name:
+            raise UsageError(
+                f"--gateway prints the gateway's exports, not session '{name}''s",
+                hint=f"alvis-fsm env --gateway, or alvis-fsm env {name}",
+            )
+        _gateway(verbosity, cfg, as_json)
+        return
     record = pick_session(Store(cfg.state_dir), name)
     if not record.live:
         raise SessionError(
@@ -45,3 +58,27 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool = False) -> Non
                    "api_key": record.api_key or "EMPTY", "model": record.served_name or None})  # fmt: skip
         return
     click.echo(exports(f"{record.url}/v1", record.api_key))
+
+
+def _gateway(verbosity: Verbosity, cfg: Settings, as_json: bool) -> None:
+    """The running gateway's port, else the one it would take (said on
+    stderr), and its key (made now if it has none yet: the gateway will
+    use the same)."""
+    from alvis_fsm.fronts.gateway import instance
+    from alvis_fsm.fronts.gateway.keys import gateway_key
+
+    found = instance.running(cfg.state_dir)
+    port = found.port if found is not None else cfg.gateway.port
+    if found is None and not as_json:  # --json: one object, nothing else
+        reporter(verbosity).info(
+            f"No gateway is running; these are for one on gateway.port ({port}):"
+            " start it with `alvis-fsm gateway --detach`."
+        )
+    base_url = f"http://localhost:{port}/v1"
+    key = gateway_key(cfg.state_dir)
+    if as_json:
+        from alvis_fsm.fronts.output import emit_json
+
+        emit_json({"name": "gateway", "base_url": base_url, "api_key": key, "model": None})
+        return
+    click.echo(exports(base_url, key))

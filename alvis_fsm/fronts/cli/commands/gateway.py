@@ -3,26 +3,48 @@
 Prints the two exports on stdout (progress goes to stderr), serves on
 127.0.0.1 until Ctrl+C, SIGTERM or SIGHUP, then cancels every job it started
 (confirmed) and closes every tunnel. The signals are the front's: the
-sessions run in threads and are stopped with ``request_stop``."""
+sessions run in threads and are stopped with ``request_stop``.
+
+``--detach`` runs the same gateway in the background (``_gateway``, in a
+session of its own, its output in ``gateway.log`` in the state dir) and
+returns once it listens; ``gateway stop`` sends it SIGTERM and waits for
+its shutdown. Either way the gateway records itself in the state dir
+(fronts/gateway/instance.py): one gateway per state dir."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from alvis_fsm.errors import CancelUnconfirmed, SessionError, UsageError
-from alvis_fsm.fronts.cli.commands._common import flag_settings
+from alvis_fsm.errors import AlvisError, CancelUnconfirmed, ExitCode, SessionError, UsageError
+from alvis_fsm.fronts.cli.commands._common import flag_settings, reporter, settings
+from alvis_fsm.fronts.gateway import instance
 from alvis_fsm.fronts.ui import Verbosity
 
 if TYPE_CHECKING:
+    from alvis_fsm.engine.settings import Settings
+    from alvis_fsm.engine.store import Store
     from alvis_fsm.fronts.gateway.models import Handle, Models
     from alvis_fsm.fronts.gateway.server import Gateway
+
+# How long `gateway --detach` waits for the background gateway to listen
+# (it reads the settings and the catalog, imports aiohttp: seconds).
+START_S = 60.0
+# `gateway stop` waits for the gateway's own shutdown wait (the cancel
+# confirmation and 60 s, see ``_serve_here``) and this much more.
+STOP_MARGIN_S = 30.0
+
 
 def parse_duration(text: str) -> float:
     """--idle: seconds, or with a unit: 90s, 15m, 1h (also 1.5h)."""
@@ -37,7 +59,34 @@ def parse_duration(text: str) -> float:
         ) from None
 
 
-def run(verbosity: Verbosity, *, port: int | None, idle: str | None) -> None:
+def run(verbosity: Verbosity, *, port: int | None, idle: str | None, detach: bool = False) -> None:
+    if detach:
+        _detach(verbosity, port=port, idle=idle)
+    else:
+        _serve_here(verbosity, port=port, idle=idle, log="")
+
+
+def serve_background(verbosity: Verbosity, *, port: int, idle: str | None, log: str) -> None:
+    """The background gateway that ``--detach`` starts (hidden ``_gateway``):
+    the same gateway, its output going to ``log``."""
+    _serve_here(verbosity, port=port, idle=idle, log=log)
+
+
+def _settings(port: int | None, idle: str | None) -> Settings:
+    overrides: dict[str, object] = {}
+    if port is not None:
+        overrides["port"] = port
+    if idle is not None:
+        overrides["idle_timeout"] = parse_duration(idle)
+    return flag_settings({"gateway": overrides})
+
+
+def _shutdown_wait(cfg: Settings) -> float:
+    """How long the gateway's shutdown waits for its sessions to clean up."""
+    return cfg.timeouts.cancel_confirm + 60
+
+
+def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log: str) -> None:
     from alvis_fsm.cluster import jobscript
     from alvis_fsm.cluster.tunnel import local_port_free, port_busy_hint
     from alvis_fsm.engine.catalog import load_catalog
@@ -50,45 +99,47 @@ def run(verbosity: Verbosity, *, port: int | None, idle: str | None) -> None:
     from alvis_fsm.fronts.gateway.recorder import Recorder
     from alvis_fsm.fronts.gateway.server import Gateway, Options
 
-    overrides: dict[str, object] = {}
-    if port is not None:
-        overrides["port"] = port
-    if idle is not None:
-        overrides["idle_timeout"] = parse_duration(idle)
-    cfg = flag_settings({"gateway": overrides})
+    cfg = _settings(port, idle)
     catalog = load_catalog(cfg)
     g = cfg.gateway
-    if not local_port_free(g.port, "127.0.0.1"):
-        raise SessionError(f"Local port {g.port} is already in use", hint=port_busy_hint(g.port))
-    store = Store(cfg.state_dir)
-    store.ensure()
-    key = gateway_key(cfg.state_dir)
-    served = {name: jobscript.served_model_name(e.path) for name, e in catalog.entries.items()}
-    lock = threading.Lock()
+    with instance.claim(cfg.state_dir) as registration:
+        if not local_port_free(g.port, "127.0.0.1"):
+            raise SessionError(f"Local port {g.port} is already in use", hint=port_busy_hint(g.port))
+        store = Store(cfg.state_dir)
+        store.ensure()
+        key = gateway_key(cfg.state_dir)
+        served = {name: jobscript.served_model_name(e.path) for name, e in catalog.entries.items()}
+        lock = threading.Lock()
 
-    def echo(line: str) -> None:
-        if verbosity is not Verbosity.QUIET:
-            with lock:
-                click.echo(line, err=True)
+        def echo(line: str) -> None:
+            if verbosity is not Verbosity.QUIET:
+                with lock:
+                    # In the background log, each line says when.
+                    click.echo(time.strftime("%Y-%m-%d %H:%M:%S ") + line if log else line, err=True)
 
-    def factory(model: str, observer: Recorder, lane: int) -> Handle:
-        return sessions.new_session(cfg, catalog, model, store, observer, lane)
+        def factory(model: str, observer: Recorder, lane: int) -> Handle:
+            return sessions.new_session(cfg, catalog, model, store, observer, lane)
 
-    def load_time(model: str, gpus: str) -> float | None:
-        expected = LoadTimes(store.dir).expected(model, gpus)
-        return expected[0] if expected else None
+        def load_time(model: str, gpus: str) -> float | None:
+            expected = LoadTimes(store.dir).expected(model, gpus)
+            return expected[0] if expected else None
 
-    models = Models(served, factory, echo, load_time)
-    if idle is None:  # --idle is for every model; else each its own, if the catalog says
-        for name, entry in catalog.entries.items():
-            models.slots[name].idle_timeout = entry.idle_timeout
-    options = Options(hold_timeout=g.hold_timeout, idle_timeout=g.idle_timeout,
-                      max_held=g.max_held, idle_check=max(0.5, min(5.0, g.idle_timeout / 4)),
-                      rollover_lead=g.rollover_lead)  # fmt: skip
-    gateway = Gateway(key, models, options)
-    click.echo(exports(f"http://localhost:{g.port}/v1", key))
-    sys.stdout.flush()
-    left = asyncio.run(_serve(gateway, models, g.port, cfg.timeouts.cancel_confirm + 60, echo))
+        models = Models(served, factory, echo, load_time)
+        if idle is None:  # --idle is for every model; else each its own, if the catalog says
+            for name, entry in catalog.entries.items():
+                models.slots[name].idle_timeout = entry.idle_timeout
+        options = Options(hold_timeout=g.hold_timeout, idle_timeout=g.idle_timeout,
+                          max_held=g.max_held, idle_check=max(0.5, min(5.0, g.idle_timeout / 4)),
+                          rollover_lead=g.rollover_lead)  # fmt: skip
+        gateway = Gateway(key, models, options)
+        if not log:  # the background gateway's parent prints them; the log keeps no key
+            click.echo(exports(f"http://localhost:{g.port}/v1", key))
+            sys.stdout.flush()
+
+        def listening(bound: int) -> None:
+            registration.publish(bound, log)
+
+        left = asyncio.run(_serve(gateway, models, g.port, _shutdown_wait(cfg), echo, listening))
     if left:
         raise CancelUnconfirmed(
             f"Could not confirm that the jobs of {', '.join(left)} were cancelled",
@@ -97,7 +148,7 @@ def run(verbosity: Verbosity, *, port: int | None, idle: str | None) -> None:
 
 
 async def _serve(gateway: Gateway, models: Models, port: int, wait: float,
-                 echo: Callable[[str], None]) -> list[str]:  # fmt: skip
+                 echo: Callable[[str], None], listening: Callable[[int], None]) -> list[str]:  # fmt: skip
     from alvis_fsm.fronts.gateway.server import serve
 
     serving = await serve(gateway, "127.0.0.1", port)
@@ -106,10 +157,11 @@ async def _serve(gateway: Gateway, models: Models, port: int, wait: float,
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         # Later signals while stopping are ignored: every scancel must run.
         loop.add_signal_handler(sig, stop.set)
-    echo(f"Gateway on http://localhost:{serving.port}/v1 for {len(models.slots)} models"
-         f" ({', '.join(models.names())}); each model's job starts with its first request"
-         " and is cancelled when idle. Ctrl+C stops the gateway and cancels its jobs.")  # fmt: skip
     try:
+        listening(serving.port)
+        echo(f"Gateway on http://localhost:{serving.port}/v1 for {len(models.slots)} models"
+             f" ({', '.join(models.names())}); each model's job starts with its first request"
+             " and is cancelled when idle. Ctrl+C stops the gateway and cancels its jobs.")  # fmt: skip
         await stop.wait()
         live = [s.name for s in models.slots.values() if s.handle is not None]
         echo("Stopping the gateway" + (f"; cancelling the jobs of {', '.join(live)}..." if live else "..."))
@@ -118,3 +170,180 @@ async def _serve(gateway: Gateway, models: Models, port: int, wait: float,
         await serving.runner.cleanup()
     echo("Gateway stopped" + (f"; not confirmed: {', '.join(left)}" if left else "; nothing left running"))
     return left
+
+
+# -- --detach ---------------------------------------------------------------------------
+
+
+def _detach(verbosity: Verbosity, *, port: int | None, idle: str | None) -> None:
+    """Start the gateway in the background and return once it listens,
+    printing its exports; if it does not come up, its error, and nothing
+    left running."""
+    from alvis_fsm.cluster.tunnel import local_port_free, port_busy_hint
+    from alvis_fsm.engine.catalog import load_catalog
+    from alvis_fsm.fronts.cli.commands.env import exports
+    from alvis_fsm.fronts.gateway.keys import gateway_key
+
+    # What can be checked here is, so that its error comes with its own
+    # exit code: settings, catalog, a gateway already running, the port.
+    cfg = _settings(port, idle)
+    load_catalog(cfg)
+    state_dir = cfg.state_dir
+    if instance.claimed(state_dir):
+        raise instance.already_running(state_dir)
+    g = cfg.gateway
+    if not local_port_free(g.port, "127.0.0.1"):
+        raise SessionError(f"Local port {g.port} is already in use", hint=port_busy_hint(g.port))
+    key = gateway_key(state_dir)
+    log = instance.log_path(state_dir)
+    argv = [sys.executable, "-m", "alvis_fsm", "_gateway", "--port", str(g.port), "--log", str(log)]
+    if idle is not None:
+        argv += ["--idle", idle]
+    if verbosity is Verbosity.VERBOSE:
+        argv.append("-v")
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a log from before may have been made wider
+        # In a session of its own: a closed terminal does not end it.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                start_new_session=True, close_fds=True)  # fmt: skip
+    finally:
+        os.close(fd)
+    try:
+        found = _wait_listening(state_dir, proc, log)
+    except BaseException:
+        _end(proc, _shutdown_wait(cfg))
+        raise
+    click.echo(exports(found.base_url, key))
+    sys.stdout.flush()
+    if verbosity is not Verbosity.QUIET:
+        click.echo(
+            f"Gateway running in the background (pid {found.pid}) on {found.base_url}; log: {log}\n"
+            "Stop it with `alvis-fsm gateway stop` (it cancels every job it started);"
+            " `alvis-fsm env --gateway` prints the exports again.",
+            err=True,
+        )
+
+
+def _wait_listening(state_dir: Path, proc: subprocess.Popen[bytes], log: Path) -> instance.Instance:
+    deadline = time.monotonic() + START_S
+    while True:
+        found = instance.running(state_dir)
+        if found is not None and found.pid == proc.pid:
+            return found
+        code = proc.poll()
+        if code is not None:
+            raise failure(code, _read(log), log)
+        if time.monotonic() >= deadline:
+            raise SessionError(
+                f"The background gateway did not start listening within {START_S:.0f} s",
+                hint=f"Its log: {log}",
+            )
+        time.sleep(0.1)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def failure(code: int, log_text: str, log: Path) -> AlvisError:
+    """The background gateway's own error (from its log: ``[ERROR]``,
+    indented details, ``[HINT]``) with its exit code."""
+    message = ""
+    details: list[str] = []
+    hints: list[str] = []
+    for line in log_text.splitlines():
+        if line.startswith("[ERROR] "):
+            message, details, hints = line[len("[ERROR] "):], [], []
+        elif line.startswith("[HINT] ") and message:
+            hints.append(line[len("[HINT] "):])
+        elif line.startswith("    ") and message and not hints:
+            details.append(line[4:])
+    hints.append(f"The background gateway's log: {log}")
+    exc = SessionError(message or f"The background gateway exited with status {code}",
+                       hint="\n".join(hints), details="\n".join(details) or None)  # fmt: skip
+    with contextlib.suppress(ValueError):
+        exc.exit_code = ExitCode(code)
+    return exc
+
+
+def _end(proc: subprocess.Popen[bytes], wait: float) -> None:
+    """Make sure a background gateway that did not come up is gone."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()  # its shutdown cancels whatever it started
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# -- gateway stop ----------------------------------------------------------------------
+
+
+def stop(verbosity: Verbosity) -> None:
+    """SIGTERM to the recorded gateway (foreground or background), then wait
+    until it has shut down: its jobs cancelled, confirmed or not."""
+    from alvis_fsm.engine.store import Store
+
+    ui = reporter(verbosity)
+    cfg = settings()
+    state_dir = cfg.state_dir
+    found = instance.running(state_dir)
+    if found is None and not instance.claimed(state_dir):
+        # Idempotent, as `stop` is: nothing to stop is not a failure.
+        ui.result("No gateway is running; nothing to stop.")
+        return
+    if found is None:
+        raise SessionError(
+            "A gateway is starting or stopping in this state directory",
+            hint="Wait a moment, then `alvis-fsm gateway stop` again.",
+        )
+    ui.info(f"Stopping the gateway (pid {found.pid}, {found.base_url}); it cancels every job it started...")
+    try:
+        os.kill(found.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:
+        raise SessionError(f"The gateway (pid {found.pid}) cannot be signalled by this user") from exc
+    wait = _shutdown_wait(cfg) + STOP_MARGIN_S
+    if not _wait_released(state_dir, wait):
+        raise SessionError(
+            f"The gateway (pid {found.pid}) did not stop within {wait:.0f} s",
+            hint=f"Check that process (ps -p {found.pid})"
+            + (f" and its log ({found.log})" if found.log else "")
+            + "; `alvis-fsm gateway stop` again once it is gone.",
+        )
+    left = unconfirmed(Store(state_dir))
+    if left:
+        raise CancelUnconfirmed(
+            "Gateway stopped; not confirmed that these jobs were cancelled: " + ", ".join(left),
+            hint="`alvis-fsm status` lists them; `alvis-fsm stop NAME` tries again.",
+        )
+    ui.result("Gateway stopped; nothing left running")
+
+
+def _wait_released(state_dir: Path, timeout: float) -> bool:
+    # Polls: flock cannot wait with a timeout (as Store.wait_unlocked).
+    deadline = time.monotonic() + timeout
+    while instance.claimed(state_dir):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def unconfirmed(store: Store) -> list[str]:
+    """Gateway sessions whose job may still exist: live, or failed with a
+    cancel the scheduler did not confirm ("NAME (job ID)")."""
+    from alvis_fsm.engine.service import needs_check
+    from alvis_fsm.fronts.gateway.sessions import is_gateway_session
+
+    records, _ = store.all()
+    return [f"{r.name} (job {r.job_id or '-'})" for r in records
+            if is_gateway_session(r.name) and needs_check(r)]  # fmt: skip

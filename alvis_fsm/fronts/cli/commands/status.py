@@ -3,11 +3,14 @@
 ``--offline`` reads only the local state files: no settings validation beyond
 the state directory, no ssh, and none of the heavy imports.
 
-JSON (``--json``), stable: ``{"sessions": [SESSION...], "errors": [TEXT...]}``
-with SESSION = ``{"name", "state", "model", "served_name", "job_id", "node",
-"port", "local_port", "url", "run_dir", "started", "time_limit",
-"time_left", "job_state", "reachable", "end_reason"}``; ``job_state`` and
-``reachable`` are null when not checked (offline, or nothing to check)."""
+JSON (``--json``), stable: ``{"sessions": [SESSION...], "errors": [TEXT...],
+"gateway": GATEWAY}``. GATEWAY is the running gateway (``{"pid", "port",
+"base_url", "started", "log"}``) or null; SESSION = ``{"name", "state",
+"model", "served_name", "job_id", "node", "port", "local_port", "url",
+"run_dir", "started", "time_limit", "time_left", "job_state", "reachable",
+"end_reason", "gateway"}``: ``job_state`` and ``reachable`` are null when
+not checked (offline, or nothing to check), ``gateway`` is true for the
+gateway's sessions (``gw-MODEL``)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from alvis_fsm.engine.durations import fmt_duration
 from alvis_fsm.engine.states import ENDED_STATES
 from alvis_fsm.engine.store import SessionRecord, Store, check_name, default_state_dir
 from alvis_fsm.errors import AlvisError
+from alvis_fsm.fronts.gateway import instance
+from alvis_fsm.fronts.gateway.sessions import is_gateway_session
 from alvis_fsm.fronts.ui import Verbosity
 
 if TYPE_CHECKING:
@@ -52,6 +57,7 @@ def row(record: SessionRecord, job_state: str | None = None, time_left: str | No
         "job_state": job_state,
         "reachable": reachable,
         "end_reason": record.end_reason or None,
+        "gateway": is_gateway_session(record.name),
     }
 
 
@@ -66,6 +72,7 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
 
         cfg = settings()
         store = Store(cfg.state_dir)
+    gateway = None if name else instance.running(store.dir)
     problems: list[AlvisError] = []
     if name:
         records = [store.load(check_name(name))]
@@ -91,11 +98,15 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
     # among many is reported but does not stop the listing from being valid.
     code = int(failed_checks[0].exit_code) if failed_checks else 0
     if as_json:
-        click.echo(json.dumps({"sessions": rows, "errors": errors}, indent=2))
+        click.echo(json.dumps({"sessions": rows, "errors": errors,
+                               "gateway": _gateway_json(gateway)}, indent=2))  # fmt: skip
         return code
-    if not rows and not errors:
-        click.echo("No sessions. Start one with `alvis-fsm start`.")
     from alvis_fsm.fronts.output import clean
+
+    if gateway is not None:
+        click.echo(clean(_describe_gateway(gateway)))
+    elif not rows and not errors:
+        click.echo("No sessions. Start one with `alvis-fsm start`.")
 
     for r in rows:
         line = _describe(r)
@@ -123,8 +134,24 @@ def _check(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosity) 
     return service.check(cfg, store, record, ui)
 
 
+def _gateway_json(found: instance.Instance | None) -> dict[str, Any] | None:
+    if found is None:
+        return None
+    data = found.to_json()
+    data["log"] = found.log or None
+    return data
+
+
+def _describe_gateway(found: instance.Instance) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M", time.localtime(found.started))
+    parts = [f"gateway: running · pid {found.pid} · {found.base_url} · since {since}"]
+    parts.append(f"log {found.log}" if found.log else "in the foreground")
+    parts.append("its sessions are marked (gateway); `alvis-fsm gateway stop` ends them all")
+    return " · ".join(parts)
+
+
 def _describe(r: dict[str, Any]) -> str:
-    parts = [f"{r['name']}: {r['state']}"]
+    parts = [f"{r['name']}{' (gateway)' if r['gateway'] else ''}: {r['state']}"]
     if r["job_id"]:
         parts.append(f"job {r['job_id']}" + (f" ({r['job_state']})" if r["job_state"] else ""))
     if r["node"]:

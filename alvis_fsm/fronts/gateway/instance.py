@@ -1,0 +1,155 @@
+"""The running gateway's entry in the state dir: ``gateway.json`` (pid,
+port, started, log path; 0600, written atomically once it listens, removed
+when it ends) under ``gateway.lock``, an flock the gateway holds for its
+whole life. The lock, not the file, says whether a gateway runs: it goes
+away with the process however it ends, so a file left by a killed gateway
+is stale and is replaced, and a reused pid is never mistaken for it.
+
+Kept light (standard library and the store only): ``status --offline``
+reads it."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from alvis_fsm.engine.store import atomic_write
+from alvis_fsm.errors import SessionError
+
+FILE = "gateway.json"
+LOCK = "gateway.lock"
+LOG = "gateway.log"
+
+
+@dataclass(frozen=True)
+class Instance:
+    pid: int
+    port: int
+    started: float  # epoch seconds
+    log: str = ""  # the background gateway's log ("" in the foreground)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://localhost:{self.port}/v1"
+
+    def to_json(self) -> dict[str, object]:
+        return {**asdict(self), "base_url": self.base_url}
+
+
+def file_path(state_dir: Path) -> Path:
+    return state_dir / FILE
+
+
+def log_path(state_dir: Path) -> Path:
+    return state_dir / LOG
+
+
+def parse(text: str) -> Instance | None:
+    """The instance a ``gateway.json`` describes, or None if it is not one
+    (damaged, half-written by another version): never raises."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    pid, port, started, log = (data.get(k) for k in ("pid", "port", "started", "log"))
+    if not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 0):
+        return None
+    if not (isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536):
+        return None
+    if not isinstance(started, int | float) or isinstance(started, bool):
+        return None
+    return Instance(pid, port, float(started), log if isinstance(log, str) else "")
+
+
+def _lock_held(state_dir: Path) -> bool:
+    try:
+        fd = os.open(state_dir / LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def running(state_dir: Path) -> Instance | None:
+    """The gateway that runs now, or None: a ``gateway.json`` whose lock is
+    held (a stale file, its gateway gone, is ignored). None also while a
+    gateway is starting and not yet listening (it has no port to give)."""
+    if not _lock_held(state_dir):
+        return None
+    try:
+        text = file_path(state_dir).read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return parse(text)
+
+
+def claimed(state_dir: Path) -> bool:
+    """A gateway holds the lock (listening, about to, or stopping)."""
+    return _lock_held(state_dir)
+
+
+class Registration:
+    """This process's claim to be the gateway of ``state_dir`` (``claim``)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    def publish(self, port: int, log: str = "") -> Instance:
+        """Say where this gateway listens: call once it does."""
+        instance = Instance(os.getpid(), port, time.time(), log)
+        atomic_write(file_path(self.state_dir), json.dumps(instance.to_json(), indent=2) + "\n")
+        return instance
+
+
+@contextlib.contextmanager
+def claim(state_dir: Path) -> Iterator[Registration]:
+    """Be the gateway of ``state_dir`` for the block: fails at once, naming
+    the port, if another one is; a stale ``gateway.json`` is replaced. The
+    file is removed when the block ends (the lock goes with the process
+    even if it is killed)."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(state_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise already_running(state_dir) from None
+        # Ours now: whatever gateway.json says is of a gateway that is gone.
+        with contextlib.suppress(FileNotFoundError):
+            file_path(state_dir).unlink()
+        try:
+            yield Registration(state_dir)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                file_path(state_dir).unlink()
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def already_running(state_dir: Path) -> SessionError:
+    """The error for a second gateway of the same state dir."""
+    try:
+        other = parse(file_path(state_dir).read_text(encoding="utf-8"))
+    except OSError:
+        other = None
+    where = f" on port {other.port} (pid {other.pid})" if other else " (starting)"
+    return SessionError(
+        f"A gateway is already running{where}",
+        hint="Use it (`alvis-fsm env --gateway` prints its exports), or end it with"
+        " `alvis-fsm gateway stop` first.",
+    )
