@@ -262,6 +262,7 @@ class Results:
     direct_via: str = ""
     stream: dict[str, list[tuple[int, int, int, float]]] = field(default_factory=dict)
     stream_note: str = ""
+    stream_times: dict[str, list[float]] = field(default_factory=dict)  # per stream, s
     concurrent_n: int = 0
     concurrent_errors: list[str] = field(default_factory=list)
     concurrent_s: float | None = None
@@ -374,6 +375,7 @@ class GatewayBench:
         record = gw.record(MODEL)
         r = self.results
         r.stream = {"gw": [], "direct": []}
+        r.stream_times = {"gw": [], "direct": []}
         with gw.client() as g, direct_client(record) as d:
             legs = {
                 "direct": (d, "/v1/chat/completions", record.served_name),
@@ -381,7 +383,9 @@ class GatewayBench:
             }
             for _ in range(self.setup.rounds):
                 for name, (client, path, model) in legs.items():
-                    r.stream[name].append(self._stream_round(client, path, model))
+                    r.stream[name].append(
+                        self._stream_round(client, path, model, r.stream_times[name])
+                    )
         db, de, dn, dt_ = totals(r.stream["direct"])
         gb, _, gn, gt = totals(r.stream["gw"])
         per_stream = de / dn if dn else 0
@@ -393,24 +397,33 @@ class GatewayBench:
                 f"(one at a time, {self.setup.round_s:g} s rounds, direct and gateway "
                 "alternating), not one long stream's token rate."
             )
+        slow = {k: sum(t > 0.02 for t in v) / max(len(v), 1) for k, v in r.stream_times.items()}
+        if slow["gw"] > 0.05 or slow["direct"] > 0.05:
+            r.stream_note += (
+                f" Per-stream times are bimodal: a few ms, or about 40–50 ms (a stall of the "
+                f"size of a delayed TCP ACK) for {100 * slow['direct']:.0f} % of direct and "
+                f"{100 * slow['gw']:.0f} % of gateway streams; the totals follow how many stall."
+            )
         print(f"  streaming: direct {db / dt_:,.0f} B/s ({dn} streams), gateway "
               f"{gb / gt:,.0f} B/s ({gn} streams): {(gb / gt) / (db / dt_):.3f}×", flush=True)  # fmt: skip
         if r.stream_note:
             print(f"  ({r.stream_note})", flush=True)
 
-    def _stream_round(self, client: httpx.Client, path: str, model: str
+    def _stream_round(self, client: httpx.Client, path: str, model: str, times: list[float]
                       ) -> tuple[int, int, int, float]:  # fmt: skip
         """(bytes, SSE data events, streams, seconds) of back-to-back streams."""
         body = {"model": model, "messages": PROMPT, "stream": True, "max_tokens": 4096}
         nbytes = events = streams = 0
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < self.setup.round_s:
+            t1 = time.perf_counter()
             with client.stream("POST", path, json=body) as resp:
                 if resp.status_code != 200:
                     raise ToolFailure(f"stream to {path}: {resp.status_code} {resp.read()[:300]!r}")
                 data = b"".join(resp.iter_raw())
             if not data.rstrip().endswith(b"data: [DONE]"):
                 raise ToolFailure(f"stream to {path} did not end with [DONE]: {data[-200:]!r}")
+            times.append(time.perf_counter() - t1)
             nbytes += len(data)
             events += data.count(b"data: ")
             streams += 1
@@ -637,6 +650,13 @@ class ToolFailure(Exception):
     """The gateway did not do what it must (not a missed goal)."""
 
 
+def spread_ms(values: list[float]) -> str:
+    if not values:
+        return "—"
+    qs = ", ".join(f"p{round(100 * q)} {ms(quantile(values, q))}" for q in (0.1, 0.5, 0.9, 0.99))
+    return f"{qs}, max {ms(max(values))}"
+
+
 def ms_or_s(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f} s"
 
@@ -770,7 +790,7 @@ def render_markdown(r: Results, table: list[Row]) -> str:
             b, e, n, t = totals(r.stream[name])
             lines.append(f"- Streaming, {'gateway' if name == 'gw' else 'direct'}: {n} streams, "
                          f"{b:,} bytes, {e:,} events in {t:.1f} s = {n / t:.0f} streams/s, "
-                         f"{e / t:,.0f} events/s.")  # fmt: skip
+                         f"{e / t:,.0f} events/s; per stream {spread_ms(r.stream_times[name])}.")  # fmt: skip
     if r.stream_note:
         lines.append(f"- {r.stream_note}")
     for err in r.concurrent_errors[:10]:
