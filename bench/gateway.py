@@ -792,7 +792,7 @@ def render_markdown(r: Results, table: list[Row]) -> str:
                          f"{b:,} bytes, {e:,} events in {t:.1f} s = {n / t:.0f} streams/s, "
                          f"{e / t:,.0f} events/s; per stream {spread_ms(r.stream_times[name])}.")  # fmt: skip
     if r.stream_note:
-        lines.append(f"- {r.stream_note}")
+        lines.append(f"- {r.stream_note.strip()}")
     for err in r.concurrent_errors[:10]:
         lines.append(f"- concurrent error: {err}")
     return "\n".join([*lines, "", METHOD])
