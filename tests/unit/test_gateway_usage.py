@@ -76,6 +76,8 @@ def test_sessions_get_the_gateway_s_queue_and_load_budgets(tmp_path: Path) -> No
     assert (mine.timeouts.job_start, mine.timeouts.server_ready) == (7200, 1200)
     assert mine.timeouts.connection_test == cfg.timeouts.connection_test
     assert (cfg.timeouts.job_start, cfg.timeouts.server_ready) == (600, 600)  # `start`'s untouched
+    # "start --new starts another" is `start`'s advice; the gateway rolls over itself.
+    assert mine.session.warn_before_end == [] and cfg.session.warn_before_end == [600, 60]
 
 
 @pytest.mark.parametrize(("gpus", "count"), [("A40:2", 2), ("4", 4), ("A100fat:1", 1), ("auto", 0), ("", 0)])

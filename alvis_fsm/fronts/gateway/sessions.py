@@ -42,11 +42,14 @@ def is_gateway_session(name: str) -> bool:
 def budgets(cfg: Settings) -> Settings:
     """The gateway's own budgets for a model's start (gateway.queue_timeout,
     gateway.load_timeout) in the session's timeouts, so the engine judges
-    them as every session's: by the cluster's clock, per state."""
+    them as every session's: by the cluster's clock, per state. No warnings
+    before the time limit: they tell a person to start another session,
+    which the gateway does itself (its rollover)."""
     timeouts = cfg.timeouts.model_copy(update={
         "job_start": cfg.gateway.queue_timeout, "server_ready": cfg.gateway.load_timeout,
     })  # fmt: skip
-    return cfg.model_copy(update={"timeouts": timeouts})
+    session = cfg.session.model_copy(update={"warn_before_end": []})
+    return cfg.model_copy(update={"timeouts": timeouts, "session": session})
 
 
 def new_session(
