@@ -17,6 +17,7 @@ import httpx
 from aiohttp import web
 
 from alvis_fsm.engine.store import SessionRecord
+from alvis_fsm.fronts.gateway import upstream
 from alvis_fsm.fronts.gateway.keys import matches
 from alvis_fsm.fronts.gateway.models import QUEUED, READY, Handle, Models, Slot, Unavailable
 
@@ -83,13 +84,7 @@ class Gateway:
 
     @staticmethod
     def _new_client(uds: str = "") -> httpx.AsyncClient:
-        # No proxies from the environment: the tunnel is on this machine.
-        return httpx.AsyncClient(
-            trust_env=False,
-            timeout=httpx.Timeout(None, connect=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            transport=httpx.AsyncHTTPTransport(uds=uds) if uds else None,
-        )
+        return upstream.client(uds)
 
     def _upstream(self, record: SessionRecord) -> tuple[httpx.AsyncClient, str]:
         """The client and base URL of a session's tunnel: its unix socket
@@ -290,10 +285,10 @@ class Gateway:
                    "Accept": request.headers.get("Accept", "*/*")}  # fmt: skip
         if r.api_key:
             headers["Authorization"] = f"Bearer {r.api_key}"
-        upstream = client.build_request("POST", base + request.path_qs,
+        outgoing = client.build_request("POST", base + request.path_qs,
                                         content=json.dumps(body).encode(), headers=headers)  # fmt: skip
         try:
-            answer = await client.send(upstream, stream=True)
+            answer = await client.send(outgoing, stream=True)
         except httpx.HTTPError as exc:
             message = f"{slot.name}: its server did not answer ({type(exc).__name__}); retry"
             if prepared is not None:
