@@ -140,3 +140,42 @@ def test_a_burst_of_50_requests_to_a_cold_model_makes_one_job(lab: Any, gateway_
     stop_gateway(tool)
     assert lab.jobs() == []
     assert_nothing_left(lab, tool)
+
+
+def test_jobs_of_a_killed_gateway_are_cancelled_by_the_next(lab: Any, gateway_tool: Tool) -> None:
+    """A gateway killed with no shutdown (SIGKILL, a crash) leaves a job
+    burning and its session live; the next gateway cancels it (confirmed)
+    and serves the model again with a new job."""
+    from openai import OpenAI
+
+    tool = gateway_tool
+    base, key, _ = detach(tool)
+    client = OpenAI(base_url=base, api_key=key, timeout=120, max_retries=0)
+    assert client.chat.completions.create(**ASK).choices[0].message.content == REPLY  # type: ignore[call-overload]
+    (orphan,) = lab.jobs()
+    pid = int(json.loads((tool.state_dir / "gateway.json").read_text())["pid"])
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (tool.state_dir / "gateway.json").exists():
+        time.sleep(0.1)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+    assert lab.jobs() == [orphan]  # nobody cancelled it
+
+    base, key, _ = detach(tool)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and orphan in lab.jobs():
+        time.sleep(0.5)
+    assert orphan not in lab.jobs()
+    log = (tool.state_dir / "gateway.log").read_text()
+    assert "[gw-lab-ok] left live by a gateway that did not shut down" in log
+    assert f"Cleaned up job {orphan} successfully" in log
+    client = OpenAI(base_url=base, api_key=key, timeout=120, max_retries=0)
+    assert client.chat.completions.create(**ASK).choices[0].message.content == REPLY  # type: ignore[call-overload]
+    (fresh,) = lab.jobs()
+    assert fresh != orphan
+    stop_gateway(tool)
+    assert lab.jobs() == []
+    assert_nothing_left(lab, tool)

@@ -6,6 +6,7 @@ happen in the session's own thread)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from alvis_fsm.engine.store import SessionRecord, Store, check_name
@@ -37,6 +38,34 @@ def is_gateway_session(name: str) -> bool:
     """A session the gateway made (``status`` marks them, ``gateway stop``
     checks them)."""
     return name.startswith(PREFIX)
+
+
+def orphans(store: Store) -> list[SessionRecord]:
+    """Live gateway sessions nobody drives: left by a gateway killed before
+    its shutdown cancelled them (SIGKILL, a crash, a power cut). Their jobs
+    may still hold GPUs, and each keeps its model from starting again (a
+    live session's name is taken)."""
+    records, _ = store.all()
+    return [r for r in records if is_gateway_session(r.name) and r.live and not store.locked(r.name)]
+
+
+def clean_up_orphans(cfg: Settings, store: Store, echo: Callable[[str], None]) -> list[str]:
+    """Cancel the jobs of ``orphans`` (confirmed by the scheduler, as every
+    stop is); the names of those not confirmed, kept for a later try."""
+    from alvis_fsm.engine import service
+    from alvis_fsm.errors import AlvisError
+    from alvis_fsm.fronts.gateway.recorder import Recorder
+
+    left = []
+    for record in orphans(store):
+        echo(f"[{record.name}] left live by a gateway that did not shut down (job"
+             f" {record.job_id or '-'}, {record.state}): cleaning it up")  # fmt: skip
+        try:
+            service.stop(cfg, store, record.name, Recorder(record.name, echo=echo))
+        except AlvisError as exc:
+            echo(f"[{record.name}] not cleaned up: {exc.message}; `alvis-fsm stop {record.name}` tries again")
+            left.append(record.name)
+    return left
 
 
 def budgets(cfg: Settings) -> Settings:

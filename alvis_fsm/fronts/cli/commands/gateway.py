@@ -139,7 +139,11 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
         def listening(bound: int) -> None:
             registration.publish(bound, log)
 
-        left = asyncio.run(_serve(gateway, models, g.port, _shutdown_wait(cfg), echo, listening))
+        def clean_up() -> list[str]:
+            return sessions.clean_up_orphans(cfg, store, echo)
+
+        left = asyncio.run(_serve(gateway, models, g.port, _shutdown_wait(cfg), echo, listening,
+                                  clean_up))  # fmt: skip
     if left:
         raise CancelUnconfirmed(
             f"Could not confirm that the jobs of {', '.join(left)} were cancelled",
@@ -148,7 +152,8 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
 
 
 async def _serve(gateway: Gateway, models: Models, port: int, wait: float,
-                 echo: Callable[[str], None], listening: Callable[[int], None]) -> list[str]:  # fmt: skip
+                 echo: Callable[[str], None], listening: Callable[[int], None],
+                 clean_up: Callable[[], list[str]] = list) -> list[str]:  # fmt: skip
     from alvis_fsm.fronts.gateway.server import serve
 
     serving = await serve(gateway, "127.0.0.1", port)
@@ -162,10 +167,14 @@ async def _serve(gateway: Gateway, models: Models, port: int, wait: float,
         echo(f"Gateway on http://localhost:{serving.port}/v1 for {len(models.slots)} models"
              f" ({', '.join(models.names())}); each model's job starts with its first request"
              " and is cancelled when idle. Ctrl+C stops the gateway and cancels its jobs.")  # fmt: skip
+        # Jobs a killed gateway left: cancelled while this one already serves
+        # (each waits for its confirmation; the other models need not).
+        orphans = asyncio.create_task(asyncio.to_thread(clean_up))
         await stop.wait()
         live = [s.name for s in models.slots.values() if s.handle is not None]
         echo("Stopping the gateway" + (f"; cancelling the jobs of {', '.join(live)}..." if live else "..."))
         left = await models.shutdown(wait)
+        left += await orphans  # its cancels run to their confirmation, as the models' do
     finally:
         await serving.runner.cleanup()
     echo("Gateway stopped" + (f"; not confirmed: {', '.join(left)}" if left else "; nothing left running"))
