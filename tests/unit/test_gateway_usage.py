@@ -11,7 +11,6 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpcore
 import httpx
 import pytest
 
@@ -197,39 +196,3 @@ def test_a_queued_model_shows_the_scheduler_s_reason_and_expected_start() -> Non
 
     _run(scenario, models, Options(idle_timeout=60, idle_check=0.05))
 
-
-class _Recording(httpcore.AsyncNetworkStream):
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self.writes.append(buffer)
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return b""
-
-    async def aclose(self) -> None:
-        pass
-
-
-def test_a_request_to_a_tunnel_goes_out_in_one_write() -> None:
-    """h11 writes headers, then body, then an empty end: held until the end
-    (or a read), so ssh never sends a small second packet that Nagle holds
-    back for a delayed ACK (~40 ms per request)."""
-    from alvis_fsm.fronts.gateway.upstream import OneWriteStream
-
-    async def main() -> None:
-        raw = _Recording()
-        stream = OneWriteStream(raw)
-        await stream.write(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n")
-        await stream.write(b"{}")
-        assert raw.writes == []
-        await stream.write(b"")  # h11's end of the request
-        assert raw.writes == [b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"]
-        await stream.write(b"GET / HTTP/1.1\r\n\r\n")
-        await stream.read(10)  # a read never waits on held bytes
-        assert raw.writes[-1] == b"GET / HTTP/1.1\r\n\r\n" and len(raw.writes) == 2
-        await stream.write(b"x" * 70_000)  # a big body is not held
-        assert len(raw.writes) == 3
-
-    asyncio.run(main())

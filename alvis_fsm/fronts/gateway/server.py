@@ -17,7 +17,6 @@ import httpx
 from aiohttp import web
 
 from alvis_fsm.engine.store import SessionRecord
-from alvis_fsm.fronts.gateway import upstream
 from alvis_fsm.fronts.gateway.keys import matches
 from alvis_fsm.fronts.gateway.models import QUEUED, READY, Handle, Models, Slot, Unavailable
 
@@ -84,7 +83,17 @@ class Gateway:
 
     @staticmethod
     def _new_client(uds: str = "") -> httpx.AsyncClient:
-        return upstream.client(uds)
+        # No proxies from the environment: the tunnel is on this machine.
+        return httpx.AsyncClient(
+            trust_env=False,
+            timeout=httpx.Timeout(None, connect=10.0),
+            # vLLM's uvicorn closes a connection idle for 5 s: reusing one
+            # then would fail a request, so the pool lets go first.
+            limits=httpx.Limits(
+                max_connections=None, max_keepalive_connections=64, keepalive_expiry=4.0
+            ),
+            transport=httpx.AsyncHTTPTransport(uds=uds) if uds else None,
+        )
 
     def _upstream(self, record: SessionRecord) -> tuple[httpx.AsyncClient, str]:
         """The client and base URL of a session's tunnel: its unix socket
