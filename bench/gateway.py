@@ -412,7 +412,10 @@ class GatewayBench:
     def _stream_round(self, client: httpx.Client, path: str, model: str, times: list[float]
                       ) -> tuple[int, int, int, float]:  # fmt: skip
         """(bytes, SSE data events, streams, seconds) of back-to-back streams."""
-        body = {"model": model, "messages": PROMPT, "stream": True, "max_tokens": 4096}
+        # ignore_eos (a vLLM sampling parameter): exactly max_tokens tokens, one
+        # stream long enough to measure a rate, not a per-request stall.
+        body = {"model": model, "messages": PROMPT, "stream": True, "max_tokens": 4096,
+                "ignore_eos": True}  # fmt: skip
         nbytes = events = streams = 0
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < self.setup.round_s:

@@ -97,6 +97,17 @@ def test_gateway_starts_models_on_request_and_ctrl_c_leaves_nothing(lab, tool: T
         jobs = {listed["lab-ok"]["job_id"], listed["gpt-oss-20b"]["job_id"]}
         assert jobs <= set(lab.jobs()) and len(jobs) == 2
 
+        # A long stream (vLLM's ignore_eos: one event per token, each its own
+        # chunk) passes through whole and in order.
+        with http.stream("POST", "/chat/completions", headers=auth, timeout=60,
+                         json={"model": "lab-ok", "stream": True, "max_tokens": 500,
+                               "ignore_eos": True, "messages": []}) as resp:  # fmt: skip
+            assert resp.status_code == 200
+            events = [x[6:] for x in resp.iter_lines() if x.startswith("data: ")]
+        assert events[-1] == "[DONE]" and len(events) == 503  # role, 500 tokens, the end, DONE
+        said = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+        assert said == "".join(f" t{i}" for i in range(500))
+
         # Each tunnel ends in a unix socket only this user can open, not on a
         # port any process on the laptop could use.
         record = json.loads((tool.state_dir / "sessions" / "gw-lab-ok.json").read_text())
