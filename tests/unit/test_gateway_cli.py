@@ -285,3 +285,18 @@ def test_stop_lists_the_sessions_not_confirmed(state: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_orphans_are_the_live_gateway_sessions_nobody_drives(state: Path) -> None:
+    """What a killed gateway left, for the next one to clean up: live `gw-*`
+    sessions whose lock nobody holds; not one being driven (a `resume` in a
+    terminal), not a finished one, not a session of `start`."""
+    from alvis_fsm.fronts.gateway.sessions import orphans
+
+    store = Store(state)
+    for name, st in (("gw-a", State.TUNNELED), ("gw-b", State.SUBMITTED), ("gw-c", State.CLEANED),
+                     ("gw-a-2", State.RUNNING), ("mine", State.TUNNELED)):  # fmt: skip
+        store.save(SessionRecord(name=name, model="m", state=st.value, job_id="1"))
+    with store.lock("gw-b"):
+        assert [r.name for r in orphans(store)] == ["gw-a", "gw-a-2"]
+    assert sorted(r.name for r in orphans(store)) == ["gw-a", "gw-a-2", "gw-b"]
