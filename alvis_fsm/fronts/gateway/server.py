@@ -1,7 +1,7 @@
 """The gateway's HTTP app (aiohttp, imported only here): the key check,
 ``GET /v1/models``, and every ``POST /v1/...`` routed by its JSON ``model``
 to that model's session, held while the session starts, then proxied to the
-session's tunnel with httpx, chunk by chunk."""
+session's tunnel with aiohttp's client, chunk by chunk."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 from aiohttp import web
 
 from alvis_fsm.engine.store import SessionRecord
@@ -60,8 +60,8 @@ class Gateway:
         self.models = models
         self.options = options or Options()
         self.held = 0
-        self.client: httpx.AsyncClient | None = None  # to sessions' local ports
-        self._socket_clients: dict[str, httpx.AsyncClient] = {}  # one per tunnel socket
+        self.client: aiohttp.ClientSession | None = None  # to sessions' local ports
+        self._socket_clients: dict[str, aiohttp.ClientSession] = {}  # one per tunnel socket
         self._idle_task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # clients of ended sessions, closing
         self.started = time.time()
@@ -82,20 +82,25 @@ class Gateway:
         self._idle_task = asyncio.create_task(self._idle_loop())
 
     @staticmethod
-    def _new_client(uds: str = "") -> httpx.AsyncClient:
-        # No proxies from the environment: the tunnel is on this machine.
-        return httpx.AsyncClient(
-            trust_env=False,
-            timeout=httpx.Timeout(None, connect=10.0),
+    def _new_client(uds: str = "") -> aiohttp.ClientSession:
+        """A pooled client to sessions' tunnels (a unix socket, else local
+        ports). aiohttp's, not httpx's: the gateway is aiohttp end to end, and
+        its C parser passes a stream on ~3× faster than httpx's h11 (36 vs 10
+        MB/s of SSE on one core), which a proxy of token streams needs."""
+        connector: aiohttp.BaseConnector = (
+            aiohttp.UnixConnector(path=uds, keepalive_timeout=4.0, limit=0) if uds
             # vLLM's uvicorn closes a connection idle for 5 s: reusing one
             # then would fail a request, so the pool lets go first.
-            limits=httpx.Limits(
-                max_connections=None, max_keepalive_connections=64, keepalive_expiry=4.0
-            ),
-            transport=httpx.AsyncHTTPTransport(uds=uds) if uds else None,
+            else aiohttp.TCPConnector(keepalive_timeout=4.0, limit=0)
         )
+        # trust_env False (the default): no proxy from the environment, the
+        # tunnel is on this machine. auto_decompress False: bytes pass as sent.
+        return aiohttp.ClientSession(
+            connector=connector, trust_env=False, auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
+        )  # fmt: skip
 
-    def _upstream(self, record: SessionRecord) -> tuple[httpx.AsyncClient, str]:
+    def _upstream(self, record: SessionRecord) -> tuple[aiohttp.ClientSession, str]:
         """The client and base URL of a session's tunnel: its unix socket
         (one pooled client per socket), or its local port."""
         path = record.local_socket
@@ -110,7 +115,7 @@ class Gateway:
                     for r in slot.runs()}  # fmt: skip
             for gone in [p for p in self._socket_clients if p not in live]:
                 old = self._socket_clients.pop(gone)
-                task = asyncio.get_running_loop().create_task(old.aclose())
+                task = asyncio.get_running_loop().create_task(old.close())
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
             client = self._socket_clients[path] = self._new_client(path)
@@ -122,9 +127,9 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._idle_task
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.close()
         for client in self._socket_clients.values():
-            await client.aclose()
+            await client.close()
 
     async def _idle_loop(self) -> None:
         while True:
@@ -290,15 +295,17 @@ class Gateway:
         r = handle.record
         client, base = self._upstream(r)
         body = {**body, "model": r.served_name or slot.served}
+        # The client's own Accept-Encoding (else aiohttp's default would ask
+        # for gzip): the answer's bytes pass through as they are.
         headers = {"Content-Type": "application/json",
-                   "Accept": request.headers.get("Accept", "*/*")}  # fmt: skip
+                   "Accept": request.headers.get("Accept", "*/*"),
+                   "Accept-Encoding": request.headers.get("Accept-Encoding", "identity")}  # fmt: skip
         if r.api_key:
             headers["Authorization"] = f"Bearer {r.api_key}"
-        outgoing = client.build_request("POST", base + request.path_qs,
-                                        content=json.dumps(body).encode(), headers=headers)  # fmt: skip
         try:
-            answer = await client.send(outgoing, stream=True)
-        except httpx.HTTPError as exc:
+            answer = await client.post(base + request.path_qs, data=json.dumps(body).encode(),
+                                       headers=headers)  # fmt: skip
+        except (aiohttp.ClientError, OSError) as exc:
             message = f"{slot.name}: its server did not answer ({type(exc).__name__}); retry"
             if prepared is not None:
                 await prepared.write(_sse({"error": {"message": message, "type":
@@ -307,28 +314,29 @@ class Gateway:
                 return prepared, False
             return _retry_later(message), False
         try:
-            if prepared is not None and answer.status_code != 200:
+            if prepared is not None and answer.status != 200:
                 # The 200 is sent already: the error goes as an SSE event.
-                said = (await answer.aread()).decode("utf-8", "replace")
+                said = (await answer.read()).decode("utf-8", "replace")
                 with contextlib.suppress(ValueError):
                     parsed = json.loads(said)
                     said = (parsed.get("error") or {}).get("message") or parsed.get("message") or said
                 await prepared.write(_sse({"error": {"message": said, "type": "upstream_error",
-                                                     "param": None, "code": answer.status_code}}))
+                                                     "param": None, "code": answer.status}}))
                 await prepared.write_eof()
                 return prepared, False
             resp = prepared
             if resp is None:
-                resp = web.StreamResponse(status=answer.status_code, headers={
+                resp = web.StreamResponse(status=answer.status, headers={
                     k: v for k, v in answer.headers.items() if k.lower() not in _HOP
                 })  # fmt: skip
                 await resp.prepare(request)
-            async for chunk in answer.aiter_raw():
+            # As it comes, whatever the upstream's chunks: never buffered.
+            async for chunk in answer.content.iter_any():
                 await resp.write(chunk)
             await resp.write_eof()
             return resp, True
         finally:
-            await answer.aclose()
+            answer.release()
 
 
 @dataclass
