@@ -196,3 +196,62 @@ def test_a_queued_model_shows_the_scheduler_s_reason_and_expected_start() -> Non
 
     _run(scenario, models, Options(idle_timeout=60, idle_check=0.05))
 
+
+
+def test_requests_reach_a_session_through_its_unix_socket(tmp_path: Path) -> None:
+    """The gateway's sessions' tunnels end in a socket, not a port: a stream
+    passes through it whole, with the session's key and served name."""
+    from aiohttp import web
+
+    seen: list[dict[str, object]] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        assert request.headers["Authorization"] == "Bearer session-key"
+        seen.append(await request.json())
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(200):
+            await resp.write(f"data: {i}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    class Ready:
+        def __init__(self, model: str, observer: Recorder, lane: int) -> None:
+            self.record = SessionRecord(name=f"gw-{model}", model=model, state="tunneled",
+                                        served_name=f"org/{model}", api_key="session-key",
+                                        local_socket=str(tmp_path / "s"))  # fmt: skip
+            self._stop = threading.Event()
+
+        def request_stop(self, reason: str = "stopped") -> None:
+            self._stop.set()
+
+        def drive(self) -> None:
+            from alvis_fsm.errors import Interrupted
+
+            self._stop.wait()
+            raise Interrupted("stopped")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        upstream = web.AppRunner(app)
+        await upstream.setup()
+        await web.UnixSite(upstream, str(tmp_path / "s")).start()
+        models = Models({"m": "org/m"}, Ready)  # type: ignore[arg-type]
+        served = await serve(Gateway(KEY, models, Options(idle_timeout=60)), "127.0.0.1", 0)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{served.port}",
+                                         trust_env=False, timeout=10) as client:  # fmt: skip
+                body = {"model": "m", "stream": True, "messages": []}
+                async with client.stream("POST", "/v1/chat/completions", headers=AUTH,
+                                         json=body) as resp:  # fmt: skip
+                    assert resp.status_code == 200
+                    lines = [x async for x in resp.aiter_lines() if x]
+            assert lines == [f"data: {i}" for i in range(200)] + ["data: [DONE]"]
+            assert seen == [{**body, "model": "org/m"}]
+        finally:
+            assert await models.shutdown(5) == []
+            await served.runner.cleanup()
+            await upstream.cleanup()
+
+    asyncio.run(main())
