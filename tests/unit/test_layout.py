@@ -85,3 +85,12 @@ def test_the_layout_diagram_names_every_module_and_the_readme_shows_it() -> None
     assert named == present, f"missing: {present - named}; gone: {named - present}"
     readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
     assert text.strip() in readme, "README's layout diagram differs from diagrams/layout.mmd"
+
+
+def test_no_two_test_modules_share_a_name() -> None:
+    """Both test folders are collected in one run (the README's command) with
+    rootdir imports: a unit and a lab test of the same file name make the
+    second fail to import, and the whole run with it."""
+    tests = Path(__file__).resolve().parents[1]
+    names = [p.name for p in tests.glob("*/test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
