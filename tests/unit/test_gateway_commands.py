@@ -173,7 +173,7 @@ def test_env_status_and_logs_see_a_running_gateway(state: Path) -> None:
 
 
 def test_logs_model_finds_the_gateways_session(state: Path) -> None:
-    from alvis_fsm.fronts.cli.commands.logs import resolve
+    from alvis_fsm.fronts.gateway.sessions import session_of as resolve
 
     store = Store(state)
     assert resolve(store, "lab-ok") == "lab-ok"  # nothing: the usual "no session" later
@@ -188,6 +188,9 @@ def test_logs_model_finds_the_gateways_session(state: Path) -> None:
     store.save(SessionRecord(name="gw-lab-ok-2", model="lab-ok", state="tunneled",
                              started="2026-11-27T09:00:00+00:00"))  # fmt: skip
     assert resolve(store, "lab-ok") == "gw-lab-ok-2"
+    # `status MODEL` shows the same session.
+    shown = json.loads(cli(state, "status", "lab-ok", "--offline", "--json").stdout)
+    assert [s["name"] for s in shown["sessions"]] == ["gw-lab-ok-2"]
     store.save(SessionRecord(name="lab-ok", model="lab-ok"))
     assert resolve(store, "lab-ok") == "lab-ok"  # a session of that name comes first
 

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from alvis_fsm.engine.store import SessionRecord, Store, check_name
+from alvis_fsm.engine.store import NAME_RE, SessionRecord, Store, check_name
 from alvis_fsm.errors import Interrupted
 
 if TYPE_CHECKING:
@@ -38,6 +38,24 @@ def is_gateway_session(name: str) -> bool:
     """A session the gateway made (``status`` marks them, ``gateway stop``
     checks them)."""
     return name.startswith(PREFIX)
+
+
+def session_of(store: Store, name: str | None) -> str | None:
+    """NAME as given, or the gateway's session of model NAME (``gw-NAME``,
+    or ``gw-NAME-2`` after a rollover: the live one, else the newest) when
+    there is no session called NAME but the gateway has served it:
+    `alvis-fsm logs lab-ok` or `status lab-ok` then show what the gateway ran."""
+    if not name or (NAME_RE.fullmatch(name) and store.exists(name)):
+        return name
+    from alvis_fsm.engine.states import State
+
+    lanes = [store.load(n) for n in (session_name(name, lane) for lane in (0, 1))
+             if store.exists(n)]  # fmt: skip
+    if not lanes:
+        return name
+    # The one serving now (after a rollover, the successor), else the newest.
+    lanes.sort(key=lambda r: (r.live and r.state == State.TUNNELED, r.live, r.started))
+    return lanes[-1].name
 
 
 def orphans(store: Store) -> list[SessionRecord]:

@@ -75,7 +75,9 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
     gateway = None if name else instance.running(store.dir)
     problems: list[AlvisError] = []
     if name:
-        records = [store.load(check_name(name))]
+        from alvis_fsm.fronts.gateway.sessions import session_of
+
+        records = [store.load(check_name(session_of(store, name) or name))]
     else:
         records, errs = store.all()
         problems.extend(errs)
