@@ -120,6 +120,7 @@ def test_add_by_repo_id_as_json(lab: object, tool: Tool) -> None:
             "description": "alvislab/tiny-die (found by models --discover)",
             "gpus": None,
             "vllm_args": [],
+            "idle_timeout": None,
         }
     }
     assert_nothing_left(lab, tool)
