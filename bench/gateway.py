@@ -49,7 +49,6 @@ import tempfile
 import time
 import tomllib
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -810,21 +809,6 @@ def render_markdown(r: Results, table: list[Row]) -> str:
 
 
 # ================================================================ main
-@contextlib.contextmanager
-def signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM/SIGHUP unwind like Ctrl+C, so every cleanup below runs."""
-
-    def raise_interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    old = {s: signal.signal(s, raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="short run for CI (40 pairs, 3 s idle)")
@@ -839,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="afsm-gwb-", dir="/tmp"))  # short: ssh control sockets
     tmp.chmod(0o711)
     try:
-        with signals_as_interrupt():
+        with session_bench.signals_as_interrupt():
             lab = bring_up_lab()
             with lab_lock(lab.root):
                 print(f"lab lock held; tool: {' '.join(tool_argv())}; temp {tmp}", flush=True)
