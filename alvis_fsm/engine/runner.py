@@ -641,7 +641,7 @@ class Runner:
             return
         self._announced = True
         self.ui.connected(r, seen.models, seen.first_token_s)
-        left = self._time_left()
+        left = self.record.time_left()
         if left is not None:
             self.ui.info(
                 f"Time left: {fmt_duration(left)} (job {r.job_id} ends at "
@@ -679,15 +679,9 @@ class Runner:
                 if not tries.wait(self._stop):
                     self._check_stop()
 
-    def _time_left(self) -> float | None:
-        r = self.record
-        if not r.running_since or not r.time_limit_s:
-            return None
-        return max(0.0, r.running_since + r.time_limit_s - time.time())
-
     def _warn_before_end(self) -> None:
         """The configured warnings before the time limit, each once."""
-        left = self._time_left()
+        left = self.record.time_left()
         if left is None:
             return
         warned = self._warned

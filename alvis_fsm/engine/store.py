@@ -110,6 +110,14 @@ class SessionRecord:
         """'job 5: stopped by the user' — how a finished session ended."""
         return f"job {self.job_id or '-'}" + (f": {self.end_reason}" if self.end_reason else "")
 
+    def time_left(self, now: float | None = None) -> float | None:
+        """Seconds until the job's time limit, judged by its start on the
+        cluster's clock (``running_since``); None before it runs or without
+        a limit."""
+        if not self.running_since or not self.time_limit_s:
+            return None
+        return max(0.0, self.running_since + self.time_limit_s - (time.time() if now is None else now))
+
     @property
     def url(self) -> str:
         if self.local_socket:

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.errors import Interrupted, ServerError
-from alvis_fsm.fronts.gateway.models import Models, rollover_lead, time_left
+from alvis_fsm.fronts.gateway.models import Models, rollover_lead
 from alvis_fsm.fronts.gateway.recorder import Recorder
 from alvis_fsm.fronts.gateway.server import Gateway, Options, serve
 from alvis_fsm.fronts.gateway.sessions import session_name
@@ -396,9 +396,9 @@ def test_the_lead_is_the_queue_wait_and_load_time_at_least_the_setting() -> None
     assert rollover_lead(record, 600, lambda model, gpus: 30.0) == 600
     assert rollover_lead(record, 10, lambda model, gpus: None) == 50.0
     assert rollover_lead(SessionRecord(name="gw-m", model="m"), 10, None) == 10
-    assert time_left(record) is None  # not running yet
+    assert record.time_left() is None  # not running yet
     record.running_since, record.time_limit_s = time.time() - 100, 160
-    left = time_left(record)
+    left = record.time_left()
     assert left is not None and 0 < left <= 60
 
 

@@ -77,14 +77,6 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def time_left(record: SessionRecord) -> float | None:
-    """Seconds until the job's time limit (judged by the job's start on the
-    cluster's clock), or None before it runs or without a limit."""
-    if not record.running_since or not record.time_limit_s:
-        return None
-    return max(0.0, record.running_since + record.time_limit_s - time.time())
-
-
 def rollover_lead(record: SessionRecord, floor: float, load_time: LoadTime | None) -> float:
     """How long before the time limit a successor must be started to serve
     in time: the job's own queue wait plus the model's expected load time,
@@ -186,7 +178,7 @@ class Slot:
         return self.gpu_hours_ended + sum(usage.held(r.handle.record) for r in self.runs())
 
     def time_left(self) -> float | None:
-        return time_left(self.run.handle.record) if self.run is not None else None
+        return self.run.handle.record.time_left() if self.run is not None else None
 
     def runs(self) -> list[Run]:
         """Every session of the model not yet ended."""
@@ -363,7 +355,7 @@ class Slot:
             or run.no_successor or self.successor is not None or self.retiring
         ):  # fmt: skip
             return False
-        left = time_left(run.handle.record)
+        left = run.handle.record.time_left()
         if left is None or left > rollover_lead(run.handle.record, floor, load_time):
             return False
         try:

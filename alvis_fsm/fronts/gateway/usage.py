@@ -31,7 +31,4 @@ def held(record: SessionRecord, now: float | None = None) -> float:
 def left(record: SessionRecord, now: float | None = None) -> float:
     """GPU-hours the job would still hold until its time limit: what an idle
     stop saves (a job nobody uses runs to its limit otherwise)."""
-    if not record.running_since or not record.time_limit_s:
-        return 0.0
-    end = record.running_since + record.time_limit_s
-    return gpu_count(record.gpus) * max(0.0, end - (time.time() if now is None else now)) / 3600
+    return gpu_count(record.gpus) * (record.time_left(now) or 0.0) / 3600
