@@ -15,13 +15,14 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from gateway_client import client_of
 
 from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.errors import Interrupted, ServerError
 from alvis_fsm.fronts.gateway.keys import gateway_key
 from alvis_fsm.fronts.gateway.models import Models
 from alvis_fsm.fronts.gateway.recorder import Recorder
-from alvis_fsm.fronts.gateway.server import Gateway, Options, serve
+from alvis_fsm.fronts.gateway.server import Gateway, Options
 
 KEY = "gw-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -120,15 +121,14 @@ class Harness:
             made = factory(port) if factory else fake
             models = Models({"m1": "org/m1", "m2": "org/m2"}, made)
             self.gateway = Gateway(KEY, models, self.options)
-            served = await serve(self.gateway, "127.0.0.1", 0)
             try:
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{served.port}",
-                                             trust_env=False, timeout=30) as client:  # fmt: skip
-                    await scenario(client, self)
+                async with client_of(self.gateway) as client:
+                    try:
+                        await scenario(client, self)
+                    finally:
+                        left = await models.shutdown(10)
+                        assert left == []
             finally:
-                left = await models.shutdown(10)
-                assert left == []
-                await served.runner.cleanup()
                 await up.cleanup()
 
         asyncio.run(main())

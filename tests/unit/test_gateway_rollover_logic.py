@@ -16,12 +16,13 @@ from typing import Any
 
 import httpx
 from aiohttp import web
+from gateway_client import client_of
 
 from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.errors import Interrupted, ServerError
 from alvis_fsm.fronts.gateway.models import Models, rollover_lead
 from alvis_fsm.fronts.gateway.recorder import Recorder
-from alvis_fsm.fronts.gateway.server import Gateway, Options, serve
+from alvis_fsm.fronts.gateway.server import Gateway, Options
 from alvis_fsm.fronts.gateway.sessions import session_name
 
 KEY = "gw-test-key"
@@ -165,16 +166,15 @@ class Harness:
             self.models = Models({"m1": "org/m1", "m2": "org/m2"}, self.factory,
                                  self.lines.append, lambda m, g: self.load.get(m))  # fmt: skip
             self.gateway = Gateway(KEY, self.models, self.options)
-            served = await serve(self.gateway, "127.0.0.1", 0)
             try:
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{served.port}",
-                                             trust_env=False, timeout=30) as client:  # fmt: skip
-                    await scenario(client, self)
+                async with client_of(self.gateway) as client:
+                    try:
+                        await scenario(client, self)
+                    finally:
+                        self.upstream.gate.set()
+                        left = await self.models.shutdown(10)
+                        assert left == []
             finally:
-                self.upstream.gate.set()
-                left = await self.models.shutdown(10)
-                assert left == []
-                await served.runner.cleanup()
                 assert self.upstream.runner is not None
                 await self.upstream.runner.cleanup()
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from gateway_client import client_of
 
 from alvis_fsm.cluster.syntax import spoken_seconds
 from alvis_fsm.engine.catalog import ModelEntry
@@ -22,7 +23,7 @@ from alvis_fsm.errors import ConfigError, UsageError
 from alvis_fsm.fronts.gateway import usage
 from alvis_fsm.fronts.gateway.models import Models
 from alvis_fsm.fronts.gateway.recorder import Recorder
-from alvis_fsm.fronts.gateway.server import Gateway, Options, serve
+from alvis_fsm.fronts.gateway.server import Gateway, Options
 
 KEY = "gw-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -131,15 +132,11 @@ class Session:
 def _run(scenario: Callable[[httpx.AsyncClient, Models], Awaitable[None]], models: Models,
          options: Options) -> None:  # fmt: skip
     async def main() -> None:
-        gateway = Gateway(KEY, models, options)
-        served = await serve(gateway, "127.0.0.1", 0)
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{served.port}",
-                                         trust_env=False, timeout=10) as client:  # fmt: skip
+        async with client_of(Gateway(KEY, models, options), timeout=10) as client:
+            try:
                 await scenario(client, models)
-        finally:
-            assert await models.shutdown(5) == []
-            await served.runner.cleanup()
+            finally:
+                assert await models.shutdown(5) == []
 
     asyncio.run(main())
 
@@ -238,20 +235,19 @@ def test_requests_reach_a_session_through_its_unix_socket(tmp_path: Path) -> Non
         await upstream.setup()
         await web.UnixSite(upstream, str(tmp_path / "s")).start()
         models = Models({"m": "org/m"}, Ready)  # type: ignore[arg-type]
-        served = await serve(Gateway(KEY, models, Options(idle_timeout=60)), "127.0.0.1", 0)
+        body = {"model": "m", "stream": True, "messages": []}
         try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{served.port}",
-                                         trust_env=False, timeout=10) as client:  # fmt: skip
-                body = {"model": "m", "stream": True, "messages": []}
-                async with client.stream("POST", "/v1/chat/completions", headers=AUTH,
-                                         json=body) as resp:  # fmt: skip
-                    assert resp.status_code == 200
-                    lines = [x async for x in resp.aiter_lines() if x]
+            async with client_of(Gateway(KEY, models, Options(idle_timeout=60)), timeout=10) as client:
+                try:
+                    async with client.stream("POST", "/v1/chat/completions", headers=AUTH,
+                                             json=body) as resp:  # fmt: skip
+                        assert resp.status_code == 200
+                        lines = [x async for x in resp.aiter_lines() if x]
+                finally:
+                    assert await models.shutdown(5) == []
             assert lines == [f"data: {i}" for i in range(200)] + ["data: [DONE]"]
             assert seen == [{**body, "model": "org/m"}]
         finally:
-            assert await models.shutdown(5) == []
-            await served.runner.cleanup()
             await upstream.cleanup()
 
     asyncio.run(main())
