@@ -190,8 +190,9 @@ def _start(model: str, *, time: str | None, gpus: str | None, name: str | None,
 
     options = service.StartOptions(model=model, time=time, gpus=gpus, name=name, detach=True)
     store = Store(cfg.state_dir)
-    started = service.start(cfg, options, ui, on_failure=failed,
-                            on_detached=lambda rec: supervise.spawn(store, rec))  # fmt: skip
+    handover = supervise.Handover(store)
+    started = service.start(cfg, options, ui, on_failure=failed, on_detached=handover.spawn)
+    handover.wait(ui)
     return started.record
 
 

@@ -332,8 +332,9 @@ STUBS = {
     "module": "#!/bin/sh\nexit 0\n",
     "hostname": f"#!/bin/sh\necho {NODE}\n",
     "apptainer": """#!/bin/bash
-printf '%s\\0' "$@" >"$ARGV_FILE"
+# The key first, then argv by rename: a test that sees argv sees both, whole.
 printf '%s' "${VLLM_API_KEY-<unset>}" >"$ARGV_FILE.key"
+printf '%s\\0' "$@" >"$ARGV_FILE.part" && mv "$ARGV_FILE.part" "$ARGV_FILE"
 case ${STUB_MODE:-ready} in
     ready) echo "INFO:     Application startup complete." >&2; exit 0 ;;
     crash) echo "RuntimeError: boom" >&2; exit 3 ;;

@@ -27,8 +27,10 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
         if not isinstance(exc, Interrupted):
             notify.on_failure(cfg, rec.name, exc.message)
 
+    handover = supervise.Handover(store)
     record = service.resume(cfg, store, record.name, ui, detach=detach, drive=signals.drive,
                             shield=signals.shielded, on_failure=failed,
-                            on_detached=lambda rec: supervise.spawn(store, rec))  # fmt: skip
+                            on_detached=handover.spawn)  # fmt: skip
+    handover.wait(ui)
     if detach and store.load(record.name).live:
         ui.result(f"Detached: {record.url} (alvis-fsm stop {record.name} to cancel)")

@@ -67,20 +67,19 @@ def run(
     from alvis_fsm.engine.store import Store
     from alvis_fsm.fronts.cli.commands import supervise
 
-    def detached(record: SessionRecord) -> None:
-        # While start still holds the session's lock: the supervisor waits
-        # for it and is the next to hold it (see supervise.run).
-        supervise.spawn(Store(cfg.state_dir), record)
-
+    # Spawned while start still holds the session's lock, so the supervisor
+    # is the next to hold it; waited for once start has let go.
+    handover = supervise.Handover(Store(cfg.state_dir))
     try:
         started = service.start(
             cfg, options, ui, drive=signals.drive, shield=signals.shielded,
             choose=lambda found: _choose_account(ui, found), on_failure=failed,
-            on_detached=detached,
+            on_detached=handover.spawn,
         )  # fmt: skip
     except service.AlreadyLive as exc:
         _offer_resume(ui, exc, verbosity, may_ask=not as_json)
         return
+    handover.wait(ui)
     record = started.record
     if not detach:
         return

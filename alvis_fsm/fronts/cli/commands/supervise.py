@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+from alvis_fsm.engine.observer import Observer
 from alvis_fsm.engine.store import SessionRecord, Store
 from alvis_fsm.errors import SessionError
 from alvis_fsm.fronts import signals
@@ -31,19 +32,62 @@ def log_path(store: Store, name: str) -> str:
     return str(store.sessions / f"{name}.supervisor.log")
 
 
-def spawn(store: Store, record: SessionRecord) -> None:
+def spawn(store: Store, record: SessionRecord) -> subprocess.Popen[bytes]:
     """Start the supervisor of a detached session, in the background, in a
     session of its own (a closed terminal does not end it)."""
     path = log_path(store, record.name)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
-        subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "alvis_fsm", "_supervise", record.name],
             stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
             start_new_session=True, close_fds=True,
         )  # fmt: skip
     finally:
         os.close(fd)
+
+
+class Handover:
+    """A detach, in two halves: ``spawn`` runs while the detaching command
+    still holds the session's lock (the engine's ``on_detached``); ``wait``
+    runs once it has let go, and returns only when the supervisor holds the
+    lock. Without the wait a `stop` or `resume` run the moment `start
+    --detach` returns could find the lock free, skip the take-over, and then
+    lose the lock to the supervisor picking it up."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._spawned: tuple[str, subprocess.Popen[bytes]] | None = None
+
+    def spawn(self, record: SessionRecord) -> None:
+        self._spawned = (record.name, spawn(self.store, record))
+
+    def wait(self, ui: Observer, timeout: float = HANDOVER_S) -> bool:
+        """True once the supervisor holds the lock; False (with a warning)
+        if it exited or did not take it in time. Nothing was spawned: True."""
+        if self._spawned is None:
+            return True
+        name, proc = self._spawned
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # The lock, then the pid in the record: `status` names it too.
+            if self.store.holder(name) == proc.pid and self._recorded(name) == proc.pid:
+                return True
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        ui.warn(
+            f"The background supervisor of session '{name}' did not take over "
+            f"(see {log_path(self.store, name)}); the job keeps running, but a dropped "
+            f"tunnel will not be reopened until `alvis-fsm resume {name}`"
+        )
+        return False
+
+    def _recorded(self, name: str) -> int:
+        try:
+            return self.store.load(name).supervisor_pid
+        except SessionError:
+            return 0
 
 
 def take_over(store: Store, record: SessionRecord, timeout: float = 60) -> bool:
