@@ -42,6 +42,14 @@ import httpx
 from alvis_fsm.cluster.ssh import Connection, common_args, socket_alive, ssh_error
 from alvis_fsm.errors import ServerError, SSHError
 
+# The tunnel runs this on the node rather than nothing (-N): sshd turns
+# Nagle's algorithm off on its connection only once a session runs
+# (OpenSSH before 10.1), and without that every answer vLLM writes in two
+# parts (headers, then body) waits ~40 ms for a delayed ACK. It ends by
+# itself once its parent, the connection's sshd, is gone. Plain sh, started
+# with exec from whatever the user's login shell is (bash, zsh, csh, fish).
+HOLD = "exec sh -c 'while kill -0 $PPID 2>/dev/null; do sleep 5; done'"
+
 
 def local_port_free(port: int, bind: str = "127.0.0.1") -> bool:
     """True when nothing listens on bind:port (portable: no lsof/ss needed).
@@ -156,14 +164,14 @@ class Tunnel:
         argv = [
             *common_args(opts),
             "-M", "-S", str(self.control),
-            "-f", "-N",
+            "-f",
             "-o", "ExitOnForwardFailure=yes",
             "-o", "StrictHostKeyChecking=accept-new",
             "-o", "BatchMode=yes",
             "-o", f"ProxyCommand={jump}",
             *(["-o", "StreamLocalBindMask=0177"] if self.local_socket else []),
             "-L", self.forward,
-            self.node,
+            self.node, HOLD,
         ]  # fmt: skip
         self.conn.prompter.command(shlex.join(argv))
         # A socket left by a tunnel ssh that was killed would make the new one
