@@ -72,6 +72,10 @@ def test_the_nodes_sshd_sends_at_once_and_the_tunnel_leaves_nothing_on_the_node(
     assert holds(lab.user) == [], "a tunnel of an earlier test is still open on the node"
     status, out = tool.run("start", "-m", "lab-ok", "--port", str(free_port()), "--detach", timeout=120)
     assert status == 0, out[-2000:]
+    # ssh -f returns once the forward is up, just before the command runs.
+    deadline = time.monotonic() + 20
+    while not holds(lab.user) and time.monotonic() < deadline:
+        time.sleep(0.1)
     [hold] = holds(lab.user)
     sshd = parent(hold)
     with open(f"/proc/{sshd}/cmdline", "rb") as cmdline:
