@@ -7,7 +7,9 @@ and sshd on the node connects to it as this user. The jump goes through the sess
 connection (``ProxyCommand ssh -S <control> -W %h:%p``), so it costs one login
 on the node and none on the login node. The tunnel ssh is itself a control
 master with its own socket: whether it was started by this process or by a
-``start --detach`` long gone, we can find its pid, check it and stop it.
+``start --detach`` long gone, we can find its pid, check it and stop it. It
+runs a small command on the node (``HOLD``) rather than none (``-N``), so
+that the node's sshd sends each answer at once (see ``HOLD``).
 
 Route "login": the forward is added to the shared connection itself
 (``ssh -O forward``): no new login at all, but the login node can only reach
