@@ -231,9 +231,11 @@ def lab() -> Iterator[Lab]:
     mixing its jobs and ssh processes with ours."""
     if os.geteuid() != 0:
         pytest.skip("the lab cluster needs root (tests/lab/up)")
-    lab_obj = bring_up_lab()
-    with lab_lock(lab_obj.root):
-        yield lab_obj
+    # The lock is taken before `up`: `up` installs this checkout's lab tools
+    # (tests/lab/bin) for every user of the machine, so another checkout's run
+    # must not swap them while this session's tests use them.
+    with lab_lock(Path(os.environ.get("ALVIS_LAB_ROOT", "/var/lib/alvis-lab"))):
+        yield bring_up_lab()
 
 
 @contextlib.contextmanager
