@@ -2,8 +2,8 @@
 safe for a terminal, and a stdout that may be closed or full.
 
 JSON (``--json``): exactly one JSON object on stdout, indented, ending in a
-newline. On success its keys depend on the command (documented in the
-README); on failure it is ``{"error": {"message", "hint", "details",
+newline. On success its keys depend on the command (documented in
+docs/commands.md); on failure it is ``{"error": {"message", "hint", "details",
 "exit_code"}}`` and the exit code is the same as without ``--json``.
 
 Imported by every command, so it imports nothing heavy."""

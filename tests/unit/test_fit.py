@@ -412,13 +412,13 @@ def test_parse_test_only() -> None:
     assert fit.parse_test_only("sbatch: error: Batch job submission failed") is None
 
 
-# -- the README's table -------------------------------------------------------------------
+# -- the fit table of docs/how-it-works.md -----------------------------------------------
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+FIT_PAGE = Path(__file__).resolve().parents[2] / "docs" / "how-it-works.md"
 TABLE_START, TABLE_END = "<!-- fit-table:start -->\n", "<!-- fit-table:end -->"
 
 
-def readme_table() -> str:
+def fit_table() -> str:
     from alvis_fsm.engine.settings import load_settings
 
     settings = load_settings().fit
@@ -433,19 +433,19 @@ def readme_table() -> str:
     return fit.render_table(rows, settings.types(), settings.budget)
 
 
-def test_readme_table_is_current() -> None:
-    text = README.read_text(encoding="utf-8")
+def test_fit_table_is_current() -> None:
+    text = FIT_PAGE.read_text(encoding="utf-8")
     head, rest = text.split(TABLE_START, 1)
     _, tail = rest.split(TABLE_END, 1)
-    fresh = f"{head}{TABLE_START}{readme_table()}{TABLE_END}{tail}"
+    fresh = f"{head}{TABLE_START}{fit_table()}{TABLE_END}{tail}"
     if os.environ.get("UPDATE_GOLDEN") and fresh != text:
-        README.write_text(fresh, encoding="utf-8")
+        FIT_PAGE.write_text(fresh, encoding="utf-8")
         text = fresh
-    assert fresh == text, "README's fit table is stale: run with UPDATE_GOLDEN=1"
+    assert fresh == text, "docs/how-it-works.md's fit table is stale: run with UPDATE_GOLDEN=1"
 
 
-def test_readme_table_numbers() -> None:
-    table = readme_table()
+def test_fit_table_numbers() -> None:
+    table = fit_table()
     assert "| gpt-oss-20b | 13.8 GB | 24.6 MB (+53.8 MB for windows) | 10,000 |" in table
     assert "| Qwen3-8B | 16.4 GB | 147.5 MB | 32,768 |" in table
     # 64k tokens no longer fit four A40s (60,097): auto moves to A100fat.

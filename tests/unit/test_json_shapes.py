@@ -1,4 +1,4 @@
-"""`--json` output against the README's "JSON output" table, the documented
+"""`--json` output against the "JSON output" table of docs/commands.md, the documented
 schema: one JSON object on stdout, nothing on stderr, the documented keys,
 and errors as {"error": {...}} with the usual exit code (issue 16)."""
 
@@ -13,12 +13,12 @@ import pytest
 from alvis_fsm.engine.store import SessionRecord, Store
 from alvis_fsm.fronts.cli.main import main
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+COMMANDS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "commands.md"
 
 
 def documented() -> dict[str, list[str]]:
     """Command -> the quoted key names of its row, in order."""
-    text = README.read_text(encoding="utf-8")
+    text = COMMANDS_PAGE.read_text(encoding="utf-8")
     body = text.split("\n## JSON output\n", 1)[1].split("\n## ", 1)[0]
     rows: dict[str, list[str]] = {}
     for line in body.splitlines():
