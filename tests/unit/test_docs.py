@@ -1,6 +1,6 @@
 """docs/ is partly generated and partly a contract: its generated blocks
-(configuration reference, state diagram, layout diagram) must match the
-code, every relative link (anchors included) in the README and docs/ must
+(configuration reference, state diagram, layout diagram) and the comments of
+config/default.toml must match the code, every relative link (anchors included) in the README and docs/ must
 resolve, every command has its section in docs/commands.md, and the exit
 codes and `status --json` keys are documented. Nothing here pins wording."""
 
@@ -173,21 +173,72 @@ def test_reference_lists_every_setting_with_its_default() -> None:
             cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
             assert cells[1] == confref.format_default(defaults[name][key]).replace("|", "\\|")
             assert cells[3], f"{name}.{key} has no description"
+            assert cells[3] == confref.markdown_text(confref.description(name, key)).replace("|", "\\|")
 
 
-def test_comments_become_descriptions() -> None:
-    text = (
-        "# Title line.\n#\n# Header one.\n# Header two.\n\n[a]\n# About x,\n# two lines.\n"
-        "x = 1\ny = 2\n\nz = 3\n# w's own.\nw = [\n  1,\n]\n[a.sub]\nq = 1\n[[b]]\nr = 2\n"
+def test_default_toml_comments_are_generated() -> None:
+    text = read(REPO / "config" / "default.toml")
+    assert confref.render_default_toml(text) == text, (
+        "config/default.toml's comments are stale: run `python -m alvis_fsm.fronts.confref --write`"
     )
-    header, described = confref.parse_comments(text)
-    assert header == "Title line.\n\nHeader one. Header two."
-    assert described == {
-        ("a", "x"): "About x, two lines.",
-        ("a", "y"): "About x, two lines.",  # shares the comment of the key right above
-        ("a", "z"): "",  # a blank line ends the sharing
-        ("a", "w"): "w's own.",
-    }
+
+
+def test_every_setting_has_one_description() -> None:
+    from alvis_fsm.engine import setting_docs
+
+    settings = {f"{s}.{k}" for s, m in SECTIONS.items() if s != "machine" for k in m.model_fields}
+    assert set(setting_docs.SETTINGS) == settings
+    assert set(setting_docs.SECTIONS) <= set(SECTIONS) - {"machine"}
+    assert all(text.strip() for text in setting_docs.SETTINGS.values())
+
+
+def test_a_description_reaches_the_file_and_the_reference() -> None:
+    """The one description is the comment right above the key in
+    default.toml and the reference row's last cell."""
+    from alvis_fsm.engine import setting_docs
+
+    lines = read(REPO / "config" / "default.toml").splitlines()
+    reference = confref.render_reference()
+    section = None
+    for i, line in enumerate(lines):
+        if line.startswith("[machine"):
+            break
+        if m := re.fullmatch(r"\[(\w+)\]", line):
+            section = m.group(1)
+        elif m := re.match(r"^(\w+) = ", line):
+            text = setting_docs.SETTINGS[f"{section}.{m.group(1)}"]
+            above = []
+            for prev in reversed(lines[:i]):
+                if not prev.startswith("# "):
+                    break
+                above.insert(0, prev[2:])
+            assert " ".join(above) == text
+            row = f"| `{section}.{m.group(1)}` |"
+            assert any(r.startswith(row) and r.endswith(f" | {confref.markdown_text(text)} |")
+                       for r in reference.splitlines()), row  # fmt: skip
+
+
+def test_stale_default_toml_is_noticed_and_rewritten(tmp_path: Path) -> None:
+    fresh = read(REPO / "config" / "default.toml")
+    stale = tmp_path / "default.toml"
+    stale.write_text(fresh.replace("# Model used when -m is not given.\n", "# old words\n"))
+    assert confref.main(["--check", str(stale)]) == 1
+    assert confref.main(["--write", str(stale)]) == 0
+    assert stale.read_text() == fresh
+
+
+def test_a_setting_without_description_or_default_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from alvis_fsm.engine import setting_docs
+
+    text = read(REPO / "config" / "default.toml")
+    with pytest.raises(ValueError, match=r"catalog\.default_model .*setting_docs"):
+        monkeypatch.delitem(setting_docs.SETTINGS, "catalog.default_model")
+        confref.render_default_toml(text)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"catalog\.default_model has no default"):
+        confref.render_default_toml(text.replace('default_model = "gpt-oss-20b"\n', ""))
+    with pytest.raises(ValueError, match=r"catalog\.colour"):  # rewriting would drop it
+        confref.render_default_toml(text.replace("[catalog]\n", "[catalog]\ncolour = 1\n"))
 
 
 def test_markdown_escaping() -> None:
