@@ -18,8 +18,9 @@ from alvis_fsm.errors import ConfigError, UsageError
 # Identifiers sbatch reads verbatim from an #SBATCH line: no spaces, quotes, newlines.
 ACCOUNT = r"[A-Za-z0-9_.-]+"
 JOB_NAME = ACCOUNT
-# Several partitions are a comma-separated list (sbatch tries each).
-PARTITION = r"[A-Za-z0-9_.,-]+"
+# Several partitions are a comma-separated list (sbatch tries each): names,
+# never an empty item.
+PARTITION = rf"{ACCOUNT}(?:,{ACCOUNT})*"
 # A GPU type as SLURM names it: the TYPE of --gpus-per-node TYPE:N.
 GPU_TYPE = r"[A-Za-z0-9_]+"
 # --gpus-per-node: TYPE:N or N; the count is group 1.

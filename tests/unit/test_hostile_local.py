@@ -278,7 +278,8 @@ def test_sbatch_line_values_are_checked(value: str) -> None:
         for line in sbatch:
             if line == "#SBATCH --signal=B:USR1@120":  # constant in the template
                 continue
-            assert re.fullmatch(r"#SBATCH [-A-Za-z]+[ =][A-Za-z0-9_.:-]+", line), line
+            # A value is a word, or (partitions) a comma-separated list of words.
+            assert re.fullmatch(r"#SBATCH [-A-Za-z]+[ =][A-Za-z0-9_.:-]+(,[A-Za-z0-9_.:-]+)*", line), line
 
 
 # -- the things a user types: clear errors --------------------------------------------------
