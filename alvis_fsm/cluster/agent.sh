@@ -296,20 +296,32 @@ cmd_gpus() {
         | awk 'NF >= 4 { print "NODE|" $1 "|" $2 "|" $3 "|" $4 }'
 }
 
+# read_small FILE MAX: at most MAX bytes of FILE on one line, only if it is a
+# regular file (hub files are links to blobs: followed). The shared hub is
+# anyone's to fill: a FIFO, a device or a huge file must not stall or flood
+# us, so the open happens inside a bounded child, never in this shell.
+read_small() {
+    [ -f "$1" ] && [ -r "$1" ] || return 1
+    timeout 5 head -c "$2" -- "$1" 2>/dev/null | tr -d '\n\r'
+}
+
 cmd_discover() {
-    # discover HUB: every models--ORG--NAME/snapshots/HASH with its config.json
+    # discover HUB: every models--ORG--NAME/snapshots/HASH with its config.json.
+    # A path no record can carry (a control character: CR, LF, ESC...) is
+    # skipped with a SKIP record that names it with those shown as "?".
     local hub snap cfg
     hub=$(expand_dir "$1")
     for snap in "$hub"/models--*/snapshots/*/; do
         [ -d "$snap" ] || continue
+        case $snap in
+            *[[:cntrl:]]*)
+                printf 'SKIP|%s\n' "${snap//[[:cntrl:]]/?}"
+                continue ;;
+        esac
         cfg="$snap/config.json"
         printf 'SNAPSHOT|%s\n' "$snap"
-        if [ -r "$cfg" ]; then
-            tr -d '\n' <"$cfg" | head -c 65536
-            printf '\n'
-        else
-            printf '{}\n'
-        fi
+        read_small "$cfg" 65536 || printf '{}'
+        printf '\n'
     done
 }
 
