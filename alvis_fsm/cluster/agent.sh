@@ -46,8 +46,11 @@ expand_dir() {
 SCHED_TIMEOUT=${ALVIS_FSM_SCHED_TIMEOUT:-15}
 sched() { timeout "$SCHED_TIMEOUT" "$@"; }
 one_line() { tr '\n|' '  ' | cut -c1-300; }
-ERRF=$(mktemp 2>/dev/null || echo "/tmp/alvis-fsm-agent.$$")
-trap 'rm -f -- "$ERRF"' EXIT
+# A private file (mktemp: unpredictable name, 0600), never a fixed name in
+# /tmp; without one, scheduler errors are dropped rather than put somewhere
+# another user could read or plant.
+ERRF=$(mktemp 2>/dev/null) || ERRF=/dev/null
+trap '[ "$ERRF" = /dev/null ] || rm -f -- "$ERRF"' EXIT
 
 # Terminal job states: only these, from squeue or sacct, end a session.
 terminal() {
