@@ -101,7 +101,16 @@ age() {
 
 # Seconds since the epoch with a fraction, for sub-second deadlines.
 now() { date +%s.%N; }
-before() { awk -v a="$(now)" -v b="$1" 'BEGIN { exit !(a < b) }'; }
+# Every wait loop asks before() whether to go on; once a second it also
+# writes a "." line (no record: the client skips it) to the channel, so a
+# wait whose client has gone ends at once (the write fails) instead of
+# running out its slice on the login node.
+beat() {
+    [ "$SECONDS" = "${BEAT:-}" ] && return 0
+    BEAT=$SECONDS
+    printf '.\n' >&9 2>/dev/null || exit 0
+}
+before() { beat; awk -v a="$(now)" -v b="$1" 'BEGIN { exit !(a < b) }'; }
 deadline() { awk -v a="$(now)" -v s="$1" 'BEGIN { printf "%.3f", a + s }'; }
 
 cmd_submit() {
@@ -211,13 +220,19 @@ cmd_stream() {
     # goes away our stdin reaches EOF and the whole process group is killed,
     # so no tail is left running on the login node.
     # (Read a copy of stdin: bash gives background jobs /dev/null instead.)
+    # The watcher holds no copy of the channel's stdout, so the client sees
+    # EOF as soon as the rest of us is gone. Each tail follows only while
+    # this shell lives (--pid), however it ends (even SIGKILL), and each sed
+    # ends with its tail: nothing of a stream can outlive it.
     exec 3<&0
-    { cat <&3 >/dev/null; kill -TERM 0; } &
+    { cat <&3 >/dev/null; kill -TERM 0; } >/dev/null 2>&1 &
     exec 3<&-
-    tail -n "$lines" -F -- "$outf" 2>/dev/null | sed -u 's/^/O|/' &
-    tail -n "$lines" -F -- "$errf" 2>/dev/null | sed -u 's/^/E|/' &
+    tail -n "$lines" -F --pid=$$ -- "$outf" 2>/dev/null | sed -u 's/^/O|/' &
+    tail -n "$lines" -F --pid=$$ -- "$errf" 2>/dev/null | sed -u 's/^/E|/' &
     last=$(date +%s)
     while :; do
+        # Our parent is the channel's sshd: gone means the session is over.
+        kill -0 "$PPID" 2>/dev/null || break
         # ENDED first: the job script writes it (the time limit, a signal,
         # its watchdog) before it stops vLLM, and it says why.
         if [ -s "$ended" ]; then
