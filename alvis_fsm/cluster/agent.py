@@ -157,15 +157,17 @@ class Agent:
         """sinfo's per-node GPU lines (``node|gres|gres_used|state``)."""
         return _records(self.call("gpus").stdout, "NODE")
 
-    def discover(self, hub: str) -> list[tuple[str, str]]:
-        """(snapshot path, config.json text) for every snapshot in the hub."""
+    def discover(self, hub: str) -> tuple[list[tuple[str, str]], list[str]]:
+        """(snapshot path, config.json text) for every snapshot in the hub,
+        and the hub paths skipped because no record can carry their name
+        (control characters, shown as "?")."""
         proc = self.call("discover", hub, timeout=120)
         lines = _lines(proc.stdout)
         out: list[tuple[str, str]] = []
         for i, line in enumerate(lines):
             if line.startswith("SNAPSHOT|") and i + 1 < len(lines):
                 out.append((line[len("SNAPSHOT|") :], lines[i + 1]))
-        return out
+        return out, _records(proc.stdout, "SKIP")
 
 
 def parse_log_line(line: str) -> tuple[str, str]:

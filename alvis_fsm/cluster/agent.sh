@@ -46,8 +46,11 @@ expand_dir() {
 SCHED_TIMEOUT=${ALVIS_FSM_SCHED_TIMEOUT:-15}
 sched() { timeout "$SCHED_TIMEOUT" "$@"; }
 one_line() { tr '\n|' '  ' | cut -c1-300; }
-ERRF=$(mktemp 2>/dev/null || echo "/tmp/alvis-fsm-agent.$$")
-trap 'rm -f -- "$ERRF"' EXIT
+# A private file (mktemp: unpredictable name, 0600), never a fixed name in
+# /tmp; without one, scheduler errors are dropped rather than put somewhere
+# another user could read or plant.
+ERRF=$(mktemp 2>/dev/null) || ERRF=/dev/null
+trap '[ "$ERRF" = /dev/null ] || rm -f -- "$ERRF"' EXIT
 
 # Terminal job states: only these, from squeue or sacct, end a session.
 terminal() {
@@ -98,7 +101,16 @@ age() {
 
 # Seconds since the epoch with a fraction, for sub-second deadlines.
 now() { date +%s.%N; }
-before() { awk -v a="$(now)" -v b="$1" 'BEGIN { exit !(a < b) }'; }
+# Every wait loop asks before() whether to go on; once a second it also
+# writes a "." line (no record: the client skips it) to the channel, so a
+# wait whose client has gone ends at once (the write fails) instead of
+# running out its slice on the login node.
+beat() {
+    [ "$SECONDS" = "${BEAT:-}" ] && return 0
+    BEAT=$SECONDS
+    printf '.\n' >&9 2>/dev/null || exit 0
+}
+before() { beat; awk -v a="$(now)" -v b="$1" 'BEGIN { exit !(a < b) }'; }
 deadline() { awk -v a="$(now)" -v s="$1" 'BEGIN { printf "%.3f", a + s }'; }
 
 cmd_submit() {
@@ -208,13 +220,19 @@ cmd_stream() {
     # goes away our stdin reaches EOF and the whole process group is killed,
     # so no tail is left running on the login node.
     # (Read a copy of stdin: bash gives background jobs /dev/null instead.)
+    # The watcher holds no copy of the channel's stdout, so the client sees
+    # EOF as soon as the rest of us is gone. Each tail follows only while
+    # this shell lives (--pid), however it ends (even SIGKILL), and each sed
+    # ends with its tail: nothing of a stream can outlive it.
     exec 3<&0
-    { cat <&3 >/dev/null; kill -TERM 0; } &
+    { cat <&3 >/dev/null; kill -TERM 0; } >/dev/null 2>&1 &
     exec 3<&-
-    tail -n "$lines" -F -- "$outf" 2>/dev/null | sed -u 's/^/O|/' &
-    tail -n "$lines" -F -- "$errf" 2>/dev/null | sed -u 's/^/E|/' &
+    tail -n "$lines" -F --pid=$$ -- "$outf" 2>/dev/null | sed -u 's/^/O|/' &
+    tail -n "$lines" -F --pid=$$ -- "$errf" 2>/dev/null | sed -u 's/^/E|/' &
     last=$(date +%s)
     while :; do
+        # Our parent is the channel's sshd: gone means the session is over.
+        kill -0 "$PPID" 2>/dev/null || break
         # ENDED first: the job script writes it (the time limit, a signal,
         # its watchdog) before it stops vLLM, and it says why.
         if [ -s "$ended" ]; then
@@ -296,20 +314,32 @@ cmd_gpus() {
         | awk 'NF >= 4 { print "NODE|" $1 "|" $2 "|" $3 "|" $4 }'
 }
 
+# read_small FILE MAX: at most MAX bytes of FILE on one line, only if it is a
+# regular file (hub files are links to blobs: followed). The shared hub is
+# anyone's to fill: a FIFO, a device or a huge file must not stall or flood
+# us, so the open happens inside a bounded child, never in this shell.
+read_small() {
+    [ -f "$1" ] && [ -r "$1" ] || return 1
+    timeout 5 head -c "$2" -- "$1" 2>/dev/null | tr -d '\n\r'
+}
+
 cmd_discover() {
-    # discover HUB: every models--ORG--NAME/snapshots/HASH with its config.json
+    # discover HUB: every models--ORG--NAME/snapshots/HASH with its config.json.
+    # A path no record can carry (a control character: CR, LF, ESC...) is
+    # skipped with a SKIP record that names it with those shown as "?".
     local hub snap cfg
     hub=$(expand_dir "$1")
     for snap in "$hub"/models--*/snapshots/*/; do
         [ -d "$snap" ] || continue
+        case $snap in
+            *[[:cntrl:]]*)
+                printf 'SKIP|%s\n' "${snap//[[:cntrl:]]/?}"
+                continue ;;
+        esac
         cfg="$snap/config.json"
         printf 'SNAPSHOT|%s\n' "$snap"
-        if [ -r "$cfg" ]; then
-            tr -d '\n' <"$cfg" | head -c 65536
-            printf '\n'
-        else
-            printf '{}\n'
-        fi
+        read_small "$cfg" 65536 || printf '{}'
+        printf '\n'
     done
 }
 

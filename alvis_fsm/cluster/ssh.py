@@ -30,6 +30,33 @@ from alvis_fsm.retry import Backoff
 # ssh's own exit status for "could not connect / connection lost".
 SSH_FAILURE = 255
 
+# The one command line every channel of ours gives the login shell (sshd runs
+# it with ``$SHELL -c``): fixed, on one line, with no backslash, "!" or
+# newline, so bash, zsh, fish and tcsh all read it the same way. It starts
+# bash, which reads the real argv from stdin (``frame``: a line with the byte
+# count, then each word NUL-terminated) and execs it: what we run, and every path or name
+# it is given, is data that no shell re-parses. The rest of stdin is the
+# program's own.
+BOOTSTRAP = (
+    "exec bash -c 'IFS= read -r n && [[ $n =~ ^[1-9][0-9]*$ ]] || exit 3; "
+    "mapfile -d \"\" -t a < <(dd bs=\"$n\" count=1 iflag=fullblock status=none); "
+    "[ ${#a[@]} -gt 0 ] || exit 3; exec \"${a[@]}\"'"
+)
+
+
+def frame(argv: Sequence[str]) -> bytes:
+    """argv as BOOTSTRAP reads it from stdin: the byte count of the words,
+    then each word NUL-terminated (dd reads exactly that many bytes and
+    leaves the rest of stdin to the program). A word cannot hold NUL (no
+    argument of a program can)."""
+    words = [str(word) for word in argv]
+    if not words:
+        raise ValueError("an empty command")
+    if any("\x00" in word for word in words):
+        raise ValueError("a remote command's argument holds a NUL byte")
+    body = b"".join(w.encode() + b"\x00" for w in words)
+    return f"{len(body)}\n".encode() + body
+
 # macOS limits a unix socket path to 104 bytes; ssh appends a random suffix
 # of ~17 bytes while it creates the socket.
 _MAX_SOCKET_PATH = 80
@@ -278,18 +305,20 @@ class Connection:
     ) -> subprocess.CompletedProcess[str]:
         """Run a remote command over the shared connection.
 
-        ``argv`` is quoted for the remote shell. When the connection has been
+        ``argv`` travels on stdin, ahead of ``input`` (see BOOTSTRAP): the
+        login shell sees only the fixed BOOTSTRAP. When the connection has been
         lost (ssh's 255) it is reopened and, if ``retry``, the command is run
         again; a command that must not run twice (sbatch) passes retry=False
         and gets SSHError, and its caller decides."""
         remote = shlex.join(argv)
-        args = [*self._mux_args(), self.opts.host, "--", remote]
+        args = [*self._mux_args(), self.opts.host, "--", BOOTSTRAP]
+        stdin = frame(argv) + (input.encode() if input is not None else b"")
         self.prompter.command(_short(remote))
         for attempt in range(3):
             try:
                 raw = subprocess.run(
                     args,
-                    input=input.encode() if input is not None else None,
+                    input=stdin,
                     capture_output=True,
                     timeout=timeout,
                     start_new_session=True,  # Ctrl+C is ours to handle, not ssh's
@@ -322,17 +351,23 @@ class Connection:
     def popen(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
         """Start a long-running remote command (log streaming) on the shared connection.
 
-        Its stdin is a pipe we keep open: closing it tells the remote side
-        to stop (see agent.sh)."""
-        remote = shlex.join(argv)
-        self.prompter.command(_short(remote))
-        return subprocess.Popen(
-            [*self._mux_args(), self.opts.host, "--", remote],
+        Its stdin is a pipe we keep open after the command's frame (see
+        BOOTSTRAP): closing it tells the remote side to stop (see agent.sh)."""
+        self.prompter.command(_short(shlex.join(argv)))
+        proc = subprocess.Popen(
+            [*self._mux_args(), self.opts.host, "--", BOOTSTRAP],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(frame(argv))
+            proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # ssh died at once: its exit status and stderr say why
+        return proc
 
     def reopen(self) -> None:
         """Reopen a lost shared connection, retrying with backoff for

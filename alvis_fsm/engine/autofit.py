@@ -29,16 +29,20 @@ CACHE_FILE = "snapshots.json"
 # raw newline, so dropping them is safe), the index's total_size, and the
 # size of each top-level *.safetensors file (hub snapshots hold symlinks to
 # blobs: stat -L). Names come last on their line: they may hold anything.
+# The hub is shared: only regular files are read, each open inside a child
+# bounded by `timeout` (a FIFO named config.json must not stall us), each read
+# capped in size.
 PROBE_SCRIPT = r"""
 set -u
 snap=$1
 case $snap in "~/"*) snap=$HOME/${snap#"~/"} ;; esac
 cd -- "$snap" 2>/dev/null || { printf 'MISSING|\n'; exit 0; }
-if [ -r config.json ]; then
-    printf 'CONFIG|'; tr -d '\n\r' <config.json | head -c 1048576; printf '\n'
+small() { [ -f "$1" ] && [ -r "$1" ] && timeout 5 head -c "$2" -- "$1" 2>/dev/null | tr -d '\n\r'; }
+if [ -f config.json ]; then
+    printf 'CONFIG|'; small config.json 1048576; printf '\n'
 fi
-if [ -r model.safetensors.index.json ]; then
-    total=$(head -c 65536 model.safetensors.index.json | tr -d '\n\r' \
+if [ -f model.safetensors.index.json ]; then
+    total=$(small model.safetensors.index.json 65536 \
         | grep -o '"total_size"[[:space:]]*:[[:space:]]*[0-9.eE+]*' | head -n 1 | sed 's/.*://')
     printf 'TOTAL|%s\n' "${total// /}"
 fi

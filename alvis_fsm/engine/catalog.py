@@ -5,7 +5,9 @@ merging fields, so an overlay never inherits a path it did not mean."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +22,91 @@ from alvis_fsm.errors import ConfigError, UsageError
 DEFAULT_USER_CATALOG = "~/.alvis-vllm/models.json"
 
 _NAME_RE = re.compile(MODEL_NAME_PATTERN)
+
+# vLLM 0.11 flags that make `vllm serve` run code or load code by name
+# (vllm/engine/arg_utils.py, vllm/entrypoints/openai/cli_args.py): remote
+# model code, import paths, plugin files, a logging config (dictConfig builds
+# any class), a config file (which may hold any of these), the demo tool
+# server (runs model-written Python). A catalog file the user does not own
+# may not add them unless catalog.allow_code_flags lists it.
+CODE_FLAGS = (
+    "--trust-remote-code",
+    "--middleware",
+    "--tool-parser-plugin",
+    "--reasoning-parser-plugin",
+    "--tool-server",
+    "--logits-processors",
+    "--logits-processor-pattern",
+    "--worker-cls",
+    "--worker-extension-cls",
+    "--distributed-executor-backend",
+    "--scheduler-cls",
+    "--kv-transfer-config",
+    "--compilation-config",
+    "--log-config-file",
+    "--config",
+)
+
+
+def code_flag(arg: str) -> str | None:
+    """The code-running flag ``arg`` names, or None. vLLM reads ``_`` as
+    ``-``, ``--flag=value`` and ``--flag.key=value`` (a field of a JSON
+    config), and argparse takes an unambiguous prefix: all count."""
+    if arg.startswith("-O") and arg[2:3] in ("{", ".", "="):  # -O is --compilation-config
+        return "--compilation-config"
+    if not arg.startswith("--") or len(arg) < 3:
+        return None
+    name = "--" + re.split(r"[=.]", arg[2:], maxsplit=1)[0].replace("_", "-")
+    if name == "--":
+        return None
+    for flag in CODE_FLAGS:
+        if flag == name or (len(name) >= 5 and flag.startswith(name)):
+            return flag
+    return None
+
+
+def owned_by_user(path: Path) -> bool:
+    """Is ``path`` the user's own: owned by them and writable by no one else?"""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def check_code_flags(path: Path, entries: dict[str, ModelEntry], settings: Settings) -> None:
+    """Refuse a catalog file that is not the user's own and adds a code-running
+    flag, unless the user's own settings allow that file by name."""
+    allowed = {_same_file_key(Path(p).expanduser()) for p in settings.catalog.allow_code_flags}
+    if owned_by_user(path) or _same_file_key(path) in allowed:
+        return
+    for name, entry in entries.items():
+        args = list(entry.vllm_args)
+        for i, arg in enumerate(args):
+            flag = code_flag(arg)
+            if arg == "-O" and args[i + 1 : i + 2] and args[i + 1].lstrip().startswith("{"):
+                flag = "--compilation-config"  # -O '{"backend": ...}'
+            if flag is None:
+                continue
+            try:
+                owner = path.stat().st_uid
+            except OSError:
+                owner = -1
+            whose = "not owned by you" if owner != os.getuid() else "writable by others"
+            raise ConfigError(
+                f"Model catalog {path} ({whose}) asks model '{name}' to run vLLM with {arg!r}"
+                f" ({flag} runs code); refusing it.",
+                hint="A catalog that is not your own may not add code-running flags. If you trust"
+                f" {path}, allow it: add it to catalog.allow_code_flags (alvis-fsm config set"
+                f" catalog.allow_code_flags '[\"{path}\"]'); or remove the file from catalog.paths.",
+            )
+
+
+def _same_file_key(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except OSError:
+        return str(path)
 
 
 class ModelEntry(BaseModel):
@@ -91,13 +178,16 @@ def load_catalog(settings: Settings) -> Catalog:
     sources: dict[str, str] = {}
     files: list[str] = []
 
-    def overlay(path: Path, label: str) -> None:
-        for name, entry in _read_catalog(path).items():
+    def overlay(path: Path, label: str, packaged: bool = False) -> None:
+        read = _read_catalog(path)
+        if not packaged:  # the packaged catalog comes with the tool itself
+            check_code_flags(path, read, settings)
+        for name, entry in read.items():
             entries[name] = entry
             sources[name] = label
         files.append(str(path))
 
-    overlay(paths.packaged_catalog(), str(paths.packaged_catalog()))
+    overlay(paths.packaged_catalog(), str(paths.packaged_catalog()), packaged=True)
     listed = [Path(p).expanduser() for p in settings.catalog.paths]
     default_user = Path(DEFAULT_USER_CATALOG).expanduser()
     if default_user.is_file() and default_user not in listed:

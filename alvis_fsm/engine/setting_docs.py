@@ -176,6 +176,12 @@ SETTINGS: dict[str, str] = {
     # [catalog]
     "catalog.paths": "Model catalogs overlaid on the packaged models.json, later files win.",
     "catalog.default_model": "Model used when -m is not given.",
+    "catalog.allow_code_flags": (
+        "Catalog files of catalog.paths that you do not own (e.g. a group's) but"
+        " trust to add code-running vLLM flags (--trust-remote-code, --middleware,"
+        " --tool-parser-plugin, ...) to `vllm serve`. A catalog you do not own that"
+        " asks for one is refused, naming the file, unless it is listed here."
+    ),
     # [session]
     "session.state_dir": "Local state: one file per session, plus ssh control sockets.",
     "session.warn_before_end": (

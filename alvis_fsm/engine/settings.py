@@ -259,6 +259,9 @@ class Fit(_Section):
 class CatalogSettings(_Section):
     paths: list[SafePath]
     default_model: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+    # Catalog files you do not own whose code-running vLLM flags you accept
+    # (engine/catalog.py: CODE_FLAGS).
+    allow_code_flags: list[SafePath]
 
 
 class Notify(_Section):
@@ -661,6 +664,8 @@ ACCEPTED: dict[str, str] = {
     "vllm.auto_fit": "true or false",
     "catalog.paths": 'a list of file paths, e.g. ["~/my-models.json"]',
     "catalog.default_model": "a model name from the catalog (`alvis-fsm models`), e.g. gpt-oss-20b",
+    "catalog.allow_code_flags": "a list of catalog file paths (from catalog.paths) you trust to"
+    ' add code-running vLLM flags, e.g. ["/mimer/NOBACKUP/groups/mygroup/models.json"]',
     "session.state_dir": _PATH_WORDS + ", e.g. ~/.alvis-vllm",
     "session.warn_before_end": "a list of seconds before the time limit, e.g. [600, 60]",
     "notify.enabled": "true or false",

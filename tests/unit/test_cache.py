@@ -192,7 +192,34 @@ def test_unusable_cache_dir_falls_back_to_tmpdir(tmp_path: Path) -> None:
     assert (tmp_path / "argv.cache").read_text().splitlines()[0] == str(
         tmp_path / "scratch" / "vllm-cache"
     )
-    assert b"compiling in $TMPDIR" in err
+    assert b"refusing the compile cache" in err and b"remote.cache_dir" in err
+
+
+@pytest.mark.parametrize("how", ["someone else's", "writable by others"])
+def test_a_cache_dir_that_is_not_yours_is_refused_in_words(tmp_path: Path, how: str) -> None:
+    """Compiled code is loaded from the cache: one that another user owns, or
+    may write to, is not used even though we could write to it (issue 22, finding 7)."""
+    shared = tmp_path / "shared"
+    (shared / "vllm").mkdir(parents=True)
+    if how == "someone else's":
+        if os.getuid() != 0:
+            pytest.skip("making a directory someone else's needs root")
+        os.chown(shared / "vllm", 4242, 4242)
+        (shared / "vllm").chmod(0o777)  # writable by us too: not enough
+    else:
+        (shared / "vllm").chmod(0o777)
+    spec = dataclasses.replace(CACHED, run_dir=str(tmp_path / "run"), cache_dir=str(shared))
+    job = Job(tmp_path, spec)
+    (job.bin / "apptainer").write_text(RECORD_CACHE)
+    proc = job.popen()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert (tmp_path / "argv.cache").read_text().splitlines()[0] == str(
+        tmp_path / "scratch" / "vllm-cache"
+    )
+    assert f"refusing the compile cache {shared}/vllm".encode() in err
+    assert b"not a directory owned by you and closed to others (remote.cache_dir)" in err
+    assert not (shared / "vllm" / MARKER).exists()
 
 
 def test_settings_reach_the_job_script() -> None:

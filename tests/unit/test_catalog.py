@@ -129,3 +129,79 @@ def test_model_entry_validation(raw: dict[str, object]) -> None:
 
     with pytest.raises(ValidationError):
         ModelEntry.model_validate(raw)
+
+
+# -- code-running flags need the user's own consent (issue 22, finding 8) ----------
+
+
+def _catalog_asking(path: Path, *args: str) -> Path:
+    path.write_text(json.dumps({"shared": {"path": "/m/x", "max_model_len": 512,
+                                           "vllm_args": ["--enforce-eager", *args]}}))  # fmt: skip
+    path.chmod(0o644)
+    return path
+
+
+def _not_mine(path: Path) -> Path:
+    """Give the file to another user (only root can); skip where we cannot."""
+    import os
+
+    if os.getuid() != 0:
+        pytest.skip("making a file someone else's needs root")
+    os.chown(path, 4242, 4242)
+    return path
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--trust-remote-code"],
+        ["--trust_remote_code"],
+        ["--middleware", "evil.module.app"],
+        ["--middleware=evil.module.app"],
+        ["--tool-parser-plugin", "/tmp/plugin.py"],
+        ["--compilation-config.backend=evil.backend"],
+        ["-O", '{"backend": "evil.backend"}'],
+        ["--worker-extension-cls", "evil.Worker"],
+        ["--log-config-file", "/tmp/log.json"],
+        ["--config", "/tmp/more-flags.yaml"],
+        ["--trust-remote"],  # argparse takes an unambiguous prefix
+    ],
+)
+def test_a_catalog_of_someone_else_cannot_add_code_flags(tmp_path: Path, args: list[str]) -> None:
+    shared = _not_mine(_catalog_asking(tmp_path / "group.json", *args))
+    with pytest.raises(ConfigError) as caught:
+        load_catalog(settings_with(shared))
+    err = caught.value
+    assert str(shared) in err.message and "'shared'" in err.message
+    assert "catalog.allow_code_flags" in (err.hint or "")
+
+
+def test_a_catalog_writable_by_others_is_not_your_own(tmp_path: Path) -> None:
+    shared = _catalog_asking(tmp_path / "group.json", "--trust-remote-code")
+    shared.chmod(0o664)
+    with pytest.raises(ConfigError, match="writable by others"):
+        load_catalog(settings_with(shared))
+
+
+def test_allow_code_flags_names_the_trusted_file(tmp_path: Path) -> None:
+    shared = _not_mine(_catalog_asking(tmp_path / "group.json", "--trust-remote-code"))
+    other = _not_mine(_catalog_asking(tmp_path / "other.json", "--middleware", "x.y"))
+    allowing = load_settings(
+        {"catalog": {"paths": [str(shared)], "allow_code_flags": [str(shared)]}}
+    )
+    entry = load_catalog(allowing).get("shared")
+    assert "--trust-remote-code" in entry.vllm_args
+    # Allowing one file allows no other.
+    with pytest.raises(ConfigError, match=r"other\.json"):
+        load_catalog(load_settings(
+            {"catalog": {"paths": [str(other)], "allow_code_flags": [str(shared)]}}
+        ))  # fmt: skip
+
+
+def test_your_own_catalog_and_harmless_flags_need_no_consent(tmp_path: Path) -> None:
+    mine = _catalog_asking(tmp_path / "mine.json", "--trust-remote-code")
+    assert "--trust-remote-code" in load_catalog(settings_with(mine)).get("shared").vllm_args
+    harmless_args = ["--max-model-len", "4096", "--tool-call-parser", "hermes",
+                     "--enable-auto-tool-choice", "-O", "3"]  # fmt: skip
+    harmless = _not_mine(_catalog_asking(tmp_path / "group.json", *harmless_args))
+    assert load_catalog(settings_with(harmless)).get("shared").vllm_args[0] == "--enforce-eager"

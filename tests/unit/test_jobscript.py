@@ -470,6 +470,42 @@ def test_caches_go_to_tmpdir_and_no_key_means_no_key(tmp_path: Path) -> None:
     assert (tmp_path / "argv.key").read_text() == "<unset>"
 
 
+RECORD_SCRATCH = STUBS["apptainer"].replace(
+    "case",
+    'for d in "$XDG_CACHE_HOME" "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR" "$VLLM_CACHE_ROOT"; do'
+    ' printf "%s %s\\n" "$d" "$(stat -c "%u %a" -- "${d%/*}")"; done >"$ARGV_FILE.scratch"\ncase',
+    1,
+)
+
+
+@pytest.mark.parametrize("tmpdir", ["unset", "someone else's"])
+def test_caches_live_in_a_private_dir_never_at_fixed_names_in_tmp(
+    tmp_path: Path, tmpdir: str
+) -> None:
+    """Issue 22, finding 7: without a $TMPDIR of our own, the Triton, inductor,
+    XDG and vLLM caches go to a fresh 0700 mktemp directory (another user
+    could have made /tmp/triton-cache first), which the job removes."""
+    job = Job(tmp_path, dataclasses.replace(PLAIN, run_dir=str(tmp_path / "run")))
+    (job.bin / "apptainer").write_text(RECORD_SCRATCH)
+    env = {"TMPDIR": ""}
+    if tmpdir == "someone else's":
+        if os.getuid() != 0:
+            pytest.skip("making a directory someone else's needs root")
+        os.chown(tmp_path / "scratch", 4242, 4242)
+        (tmp_path / "scratch").chmod(0o777)
+        env = {}
+    assert job.run(**env) == 0
+    lines = (tmp_path / "argv.scratch").read_text().splitlines()
+    dirs = {line.rsplit(" ", 2)[0].rsplit("/", 1)[0] for line in lines}
+    assert len(dirs) == 1, lines
+    (scratch,) = dirs
+    assert re.fullmatch(r"/tmp/afsm-scratch\.\w{6}", scratch), scratch
+    for line in lines:
+        assert line.endswith(f" {os.getuid()} 700"), line  # ours, closed to others
+    assert not Path(scratch).exists()  # removed at the job's end
+    assert not list((tmp_path / "scratch").iterdir())
+
+
 def test_run_dir_relative_to_home(tmp_path: Path) -> None:
     job = Job(tmp_path, dataclasses.replace(PLAIN, run_dir=str(tmp_path / "home" / "runs" / "x")))
     job.script.write_text(render(dataclasses.replace(PLAIN, run_dir="~/runs/x")))

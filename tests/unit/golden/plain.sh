@@ -98,6 +98,14 @@ put "$STARTED_FILE" "$(hostname) ${SLURM_JOB_ID:-} $(date +%s)"
 private_dir() {
     [ -d "$1" ] && [ ! -L "$1" ] && [ "$(stat -c '%u %a' -- "$1" 2>/dev/null)" = "$(id -u) 700" ]
 }
+# own_dir DIR: a real directory owned by us that nobody else may write to
+# (so nobody else can plant or swap what we put in it).
+own_dir() {
+    local mode
+    [ -d "$1" ] && [ ! -L "$1" ] || return 1
+    mode=$(stat -c '%u %a' -- "$1" 2>/dev/null) || return 1
+    [ "${mode%% *}" = "$(id -u)" ] && [ $(( 8#${mode#* } & 8#022 )) -eq 0 ]
+}
 # A socket path must fit sockaddr_un.sun_path (108 bytes with the final NUL),
 # and be plain: ssh -L splits its argument at ':' and the client reads it
 # back from the address file.
@@ -115,10 +123,14 @@ fits_socket() {
 
 SOCK_DIR=""
 SOCK_DIR_MADE=""
+SCRATCH_MADE=""
 remove_socket_dir() {  # a /tmp fallback dir is ours to remove; $TMPDIR goes with the job
     if [ -n "$SOCK_DIR_MADE" ]; then
         rm -f -- "$SOCK_DIR_MADE/vllm.sock"
         rmdir -- "$SOCK_DIR_MADE" 2>/dev/null
+    fi
+    if [ -n "$SCRATCH_MADE" ]; then
+        rm -rf -- "$SCRATCH_MADE"
     fi
 }
 trap remove_socket_dir EXIT
@@ -126,8 +138,9 @@ trap remove_socket_dir EXIT
 if [ "$LISTEN" = uds ]; then
     # Node-local, under the job's own $TMPDIR; if that path does not suit a
     # socket (too long, odd characters) or is not private, a fresh directory
-    # in /tmp (mktemp: unpredictable name, made 0700 at once).
-    if [ -n "${TMPDIR:-}" ] && fits_socket "$TMPDIR/afsm-vllm"; then
+    # in /tmp (mktemp: unpredictable name, made 0700 at once). A $TMPDIR that
+    # is not ours alone is not used: its owner could swap our directory.
+    if [ -n "${TMPDIR:-}" ] && own_dir "$TMPDIR" && fits_socket "$TMPDIR/afsm-vllm"; then
         SOCK_DIR=$TMPDIR/afsm-vllm
         mkdir -p -m 0700 -- "$SOCK_DIR" 2>/dev/null
         private_dir "$SOCK_DIR" || SOCK_DIR=""
@@ -160,7 +173,20 @@ fi
 
 module purge >/dev/null 2>&1 || true
 
-SCRATCH=${TMPDIR:-/tmp}
+# Node-side files live in private directories, never at fixed names in a
+# shared one (another user could make /tmp/triton-cache first and plant
+# compiled code there): the job's own $TMPDIR when it is ours and closed to
+# others, else a fresh mktemp directory (0700) that the job removes at exit.
+SCRATCH=""
+if [ -n "${TMPDIR:-}" ] && own_dir "$TMPDIR"; then
+    SCRATCH=$TMPDIR
+else
+    SCRATCH=$(mktemp -d /tmp/afsm-scratch.XXXXXX 2>/dev/null) && private_dir "$SCRATCH" || {
+        put "$ENDED_FILE" "no private scratch directory (TMPDIR is unset or not yours, and mktemp failed)"
+        exit 1
+    }
+    SCRATCH_MADE=$SCRATCH
+fi
 export XDG_CACHE_HOME="$SCRATCH/xdg-cache"
 export TRITON_CACHE_DIR="$SCRATCH/triton-cache"
 export TORCHINDUCTOR_CACHE_DIR="$SCRATCH/torchinductor-cache"
@@ -219,10 +245,12 @@ if [ -n "$CACHE_DIR" ]; then
     if [ ! -e "$VLLM_CACHE_ROOT" ] && mkdir -p -- "$VLLM_CACHE_ROOT"; then
         : >"$VLLM_CACHE_ROOT/$CACHE_MARKER"
     fi
-    if [ -d "$VLLM_CACHE_ROOT" ] && [ -w "$VLLM_CACHE_ROOT" ]; then
+    # Compiled code is loaded from the cache: it must be ours alone (and so
+    # must the directory holding it, which could swap it), not merely writable.
+    if own_dir "$VLLM_CACHE_ROOT" && own_dir "${VLLM_CACHE_ROOT%/*}"; then
         cache_trim "$VLLM_CACHE_ROOT" "$CACHE_MAX_KIB" "$CACHE_MAX_FILES" || true
     else
-        printf 'alvis-fsm: cache %s unusable; compiling in $TMPDIR\n' "$VLLM_CACHE_ROOT" >&2
+        printf 'alvis-fsm: refusing the compile cache %s: it (or its parent) is not a directory owned by you and closed to others (remote.cache_dir); compiling in the job'"'"'s private scratch instead\n' "$VLLM_CACHE_ROOT" >&2
         VLLM_CACHE_ROOT=$SCRATCH/vllm-cache
     fi
 fi

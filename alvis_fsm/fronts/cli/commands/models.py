@@ -102,6 +102,14 @@ def _norm(path: str) -> str:
     return path.rstrip("/")
 
 
+def usable_path(path: str) -> bool:
+    """Can this hub path go into a catalog entry, as the cluster spells it?
+    Not with a control character (the catalog and the job script refuse CR
+    and LF; the others are never a model) or bytes that were not UTF-8
+    (decoded as U+FFFD, the name would no longer match the directory)."""
+    return not any(ord(c) < 32 or 127 <= ord(c) < 160 or c == "\ufffd" for c in path)
+
+
 def discovered_models(
     snapshots: list[tuple[str, str]], catalog: Catalog | None
 ) -> list[Discovered]:
@@ -117,7 +125,7 @@ def discovered_models(
     parsed: list[tuple[str, str, str, str, int | None]] = []
     for path, config_text in snapshots:
         match = _SNAPSHOT_RE.search(_norm(path))
-        if not match:
+        if not match or not usable_path(path):
             continue
         org, model, revision = match.groups()
         parsed.append((org, model, revision, _norm(path) + "/",
@@ -149,7 +157,8 @@ def discovered_models(
 
 def scan_hub(settings: Settings, verbosity: Verbosity) -> list[tuple[str, str]]:
     """Run the remote discovery over the shared connection; close it after
-    if this call opened it."""
+    if this call opened it. Hub entries whose names cannot be used are
+    skipped with a warning that names them."""
     from alvis_fsm.cluster.agent import Agent
     from alvis_fsm.cluster.ssh import Connection, control_path
     from alvis_fsm.engine.runner import ssh_options
@@ -166,10 +175,21 @@ def scan_hub(settings: Settings, verbosity: Verbosity) -> list[tuple[str, str]]:
             ui.info(f"Connecting to {settings.ssh.host}...")
             conn.open()
         ui.info(f"Scanning {settings.remote.model_hub} for Hugging Face snapshots...")
-        return Agent(conn).discover(settings.remote.model_hub)
+        snapshots, skipped = Agent(conn).discover(settings.remote.model_hub)
+        skipped += [path for path, _ in snapshots if not usable_path(path)]
+        for path in skipped:
+            ui.warn(
+                f"Skipped {_printable(path)}: its name holds characters a catalog entry cannot"
+                " (control characters or bytes that are not UTF-8)."
+            )
+        return [(path, text) for path, text in snapshots if usable_path(path)]
     finally:
         if opened:
             conn.close()
+
+
+def _printable(path: str) -> str:
+    return "".join("?" if not usable_path(c) else c for c in path)
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
