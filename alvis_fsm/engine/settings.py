@@ -26,7 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -39,15 +47,21 @@ from alvis_fsm import paths
 from alvis_fsm.cluster import syntax
 from alvis_fsm.engine.fit import Budget, GpuType, parse_gpu_type
 from alvis_fsm.engine.machine import MachineDefinition
+from alvis_fsm.engine.setting_layers import (
+    CONFIG_ENV,
+    DEFAULT_LABEL,
+    DEFAULT_USER_CONFIG,
+    ENV_DELIMITER,
+    ENV_LABEL,
+    ENV_PREFIX,
+    FLAG_LABEL,
+    env_name,
+    user_config_path,
+)
 from alvis_fsm.errors import ConfigError
 
-ENV_PREFIX = "ALVIS_FSM_"
-ENV_DELIMITER = "__"
-CONFIG_ENV = "ALVIS_FSM_CONFIG"
-DEFAULT_USER_CONFIG = "~/.alvis-vllm.conf"
-
-DEFAULT_LABEL = "default"
-FLAG_LABEL = "flag"
+__all__ = ["CONFIG_ENV", "DEFAULT_LABEL", "DEFAULT_USER_CONFIG", "ENV_DELIMITER", "ENV_PREFIX",
+           "FLAG_LABEL", "Settings", "load_settings", "user_config_path"]  # fmt: skip
 
 # TYPE:N or N as in --gpus-per-node, or "auto": chosen by alvis_fsm.engine.fit
 # (the syntax of every sbatch value is defined once, in cluster/syntax.py).
@@ -306,6 +320,8 @@ class Settings(BaseSettings):
     notify: Notify
     gateway: Gateway
     machine: MachineDefinition
+    # The layers the values came from, lowest first (recorded by load_settings).
+    _layers: list[_Layer] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _state_timeouts_exist(self) -> Settings:
@@ -323,6 +339,17 @@ class Settings(BaseSettings):
     @property
     def state_dir(self) -> Path:
         return Path(self.session.state_dir).expanduser()
+
+    def source(self, dotted: str) -> str:
+        """The label of the layer that set ``section.key`` (``DEFAULT_LABEL``,
+        ``FLAG_LABEL``, "env NAME", or the user file's path), as recorded
+        when these settings were loaded."""
+        return _origin(tuple(dotted.split(".")), self._layers)
+
+    def origin_of(self, dotted: str) -> str:
+        """Where the value of ``section.key`` comes from, as words for a
+        message: "in /home/u/.alvis-vllm.conf", "from a command-line flag", ..."""
+        return _where(self.source(dotted))
 
     @classmethod
     def settings_customise_sources(
@@ -386,12 +413,6 @@ _FILE_LAYERS: ContextVar[list[_Layer] | None] = ContextVar("_FILE_LAYERS", defau
 _USE_ENV: ContextVar[bool] = ContextVar("_USE_ENV", default=True)
 
 
-def user_config_path() -> Path:
-    """The user's settings file: ``$ALVIS_FSM_CONFIG`` or ``~/.alvis-vllm.conf``."""
-    configured = os.environ.get(CONFIG_ENV)
-    return Path(configured or DEFAULT_USER_CONFIG).expanduser()
-
-
 def read_toml(path: Path) -> dict[str, Any]:
     """Parse a TOML file; a missing file is an empty one."""
     try:
@@ -438,13 +459,13 @@ def _env_layer() -> _Layer:
     for path in _key_paths(data):
         # The value may come from ALVIS_FSM_A__B or from a JSON ALVIS_FSM_A.
         for depth in range(len(path), 0, -1):
-            name = ENV_PREFIX + ENV_DELIMITER.join(path[:depth]).upper()
+            name = env_name(*path[:depth])
             if name in environ:
-                origins[path] = f"env {environ[name]}"
+                origins[path] = f"{ENV_LABEL} {environ[name]}"
                 break
         else:
-            origins[path] = "env"
-    return _Layer("env", data, origins)
+            origins[path] = ENV_LABEL
+    return _Layer(ENV_LABEL, data, origins)
 
 
 def _key_paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
@@ -500,6 +521,7 @@ def _load(
     finally:
         _FILE_LAYERS.reset(files_token)
         _USE_ENV.reset(env_token)
+    settings._layers = layers
     return _Loaded(settings, layers)
 
 
@@ -539,12 +561,6 @@ def explain(
             loc = ("machine", "states", name, "timeout")
             rows.append((".".join(loc), timeout, _origin(loc, layers)))
     return rows
-
-
-def origin_of(dotted: str) -> str:
-    """Where the value of ``section.key`` comes from, as words for a message:
-    "in /home/u/.alvis-vllm.conf", "from the environment variable ...", ..."""
-    return _where(_origin(tuple(dotted.split(".")), _load(None).layers))
 
 
 def _origin(loc: tuple[str, ...], layers: list[_Layer]) -> str:
@@ -609,9 +625,9 @@ def _unwrap(annotation: Any) -> Any:
 def _where(label: str) -> str:
     if label == FLAG_LABEL:
         return "from a command-line flag"
-    if label.startswith("env "):
-        return f"from the environment variable {label[4:]}"
-    if label == "env":
+    if label.startswith(ENV_LABEL + " "):
+        return f"from the environment variable {label[len(ENV_LABEL) + 1 :]}"
+    if label == ENV_LABEL:
         return "from the environment"
     if label == DEFAULT_LABEL:
         return f"in the packaged defaults {paths.default_config()}"

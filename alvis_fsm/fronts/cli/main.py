@@ -23,34 +23,11 @@ TIME_HELP = "Job duration: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."
 
 
 def effective_defaults() -> dict[str, str]:
-    """``section.key`` -> the value in effect before flags (packaged defaults,
-    the user's file, ALVIS_FSM_* variables), read as plain TOML without
+    """``section.key`` -> the value in effect before flags, read without
     validating, so that `--help` stays fast and works with a broken file."""
-    import os
-    import tomllib
-    from pathlib import Path
+    from alvis_fsm.engine.setting_layers import raw_values
 
-    from alvis_fsm import paths
-
-    merged: dict[str, str] = {}
-    files = [paths.default_config()]
-    files.append(Path(os.environ.get("ALVIS_FSM_CONFIG") or "~/.alvis-vllm.conf").expanduser())
-    for path in files:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        for section, table in data.items():
-            if isinstance(table, dict):
-                for key, value in table.items():
-                    if isinstance(value, str | int | float) and not isinstance(value, bool):
-                        merged[f"{section}.{key}"] = str(value)
-    for name, value in os.environ.items():
-        upper = name.upper()
-        if upper.startswith("ALVIS_FSM_") and "__" in upper:
-            section, _, key = upper[len("ALVIS_FSM_") :].partition("__")
-            merged[f"{section.lower()}.{key.lower()}"] = value
-    return merged
+    return raw_values()
 
 
 class DefaultsOption(click.Option):
