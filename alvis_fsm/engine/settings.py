@@ -45,6 +45,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from alvis_fsm import paths
 from alvis_fsm.cluster import syntax
+from alvis_fsm.engine import setting_docs
 from alvis_fsm.engine.fit import Budget, GpuType, parse_gpu_type
 from alvis_fsm.engine.machine import MachineDefinition
 from alvis_fsm.engine.setting_layers import (
@@ -634,70 +635,10 @@ def _where(label: str) -> str:
     return f"in {label}"
 
 
-_DURATION_WORDS = (
-    "a SLURM duration: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 2:00:00 (two hours)"
-)
-_ARGS_WORDS = 'a list of strings without line breaks, one per argument, e.g. ["--qos=short"]'
-_PATH_WORDS = "a non-empty path without line breaks"
-
 # What each setting accepts, in the words a user reads in an error message
-# (never the pattern or the library's own wording), with an example.
-ACCEPTED: dict[str, str] = {
-    "ssh.host": "an ssh alias or host name, without spaces and not starting with '-', e.g. alvis2",
-    "ssh.user": "a user name without spaces or '@', e.g. your CID; empty for your ssh config's",
-    "ssh.config_file": "a file path without line breaks, e.g. ~/.ssh/config; empty for ssh's own",
-    "ssh.connect_timeout": "a whole number of seconds greater than 0, e.g. 15",
-    "ssh.keepalive_interval": "a whole number of seconds greater than 0, e.g. 5",
-    "ssh.keepalive_count": "a whole number, at least 1, e.g. 3",
-    "ssh.reconnect_window": "a number of seconds greater than 0, e.g. 120",
-    "slurm.account": "letters, digits, '_', '.' and '-', e.g. NAISS2025-22-1522;"
-    " empty to ask the cluster",
-    "slurm.gpus": "a GPU type and a count per node, e.g. A40:1 or A100:4, or only a count, e.g. 2",
-    "slurm.time": _DURATION_WORDS,
-    "slurm.max_time": _DURATION_WORDS,
-    "slurm.partition": "letters, digits, '_', '.', ',' and '-', e.g. alvis;"
-    " empty for the cluster's default",
-    "slurm.extra_args": _ARGS_WORDS,
-    "tunnel.local_port": "a whole number from 1 to 65535, e.g. 58001",
-    "tunnel.bind": "127.0.0.1 or localhost",
-    "tunnel.route": "jump or login",
-    "tunnel.max_reconnects": "a whole number, 0 or more, e.g. 10",
-    "timeouts.job_start": "a number of seconds greater than 0, e.g. 600",
-    "timeouts.server_ready": "a number of seconds greater than 0, e.g. 600",
-    "timeouts.connection_test": "a number of seconds greater than 0, e.g. 30",
-    "polling.scheduler_interval": "a number of seconds greater than 0, e.g. 5",
-    "polling.scheduler_backoff_after": "a number of seconds, 0 or more, e.g. 120",
-    "polling.scheduler_backoff_interval": "a number of seconds greater than 0, e.g. 30",
-    "polling.file_interval": "a number of seconds greater than 0, e.g. 0.2",
-    "remote.run_root": _PATH_WORDS + ", e.g. ~/.alvis-vllm/runs",
-    "remote.image": _PATH_WORDS + ", e.g. /apps/containers/vLLM/vllm-0.11.0.sif",
-    "remote.model_hub": _PATH_WORDS + ", e.g. /mimer/NOBACKUP/Datasets/LLM/huggingface/hub",
-    "vllm.extra_args": 'a list of strings without line breaks, e.g. ["--enforce-eager"]',
-    "vllm.api_key": "true or false",
-    "vllm.auto_fit": "true or false",
-    "catalog.paths": 'a list of file paths, e.g. ["~/my-models.json"]',
-    "catalog.default_model": "a model name from the catalog (`alvis-fsm models`), e.g. gpt-oss-20b",
-    "session.state_dir": _PATH_WORDS + ", e.g. ~/.alvis-vllm",
-    "session.warn_before_end": "a list of seconds before the time limit, e.g. [600, 60]",
-    "notify.enabled": "true or false",
-    "notify.after_wait": "a number of seconds, 0 or more, e.g. 60",
-    "timeouts.cancel_confirm": "a number of seconds greater than 0, e.g. 30",
-    "polling.job_check_interval": "a number of seconds greater than 0, e.g. 30",
-    "remote.cache_dir": "a path without line breaks, e.g. ~/.cache/alvis-fsm; empty for $TMPDIR",
-    "remote.cache_max_gb": "a number of gigabytes greater than 0, e.g. 4",
-    "remote.cache_max_files": "a whole number of files greater than 0, e.g. 5000",
-    "fit.gpu_types": 'a list of "TYPE MEMORYGB xCOUNT" (GPUs per node), e.g. ["A40 48GB x4"]',
-    "fit.auto_types": 'a list of GPU type names from fit.gpu_types, e.g. ["A40", "A100fat"]',
-    "fit.gpu_memory_utilization": "a fraction above 0 and at most 1, e.g. 0.9",
-    "fit.margin_gb": "a number of gigabytes, 0 or more, e.g. 3",
-    "gateway.port": "a whole number from 1 to 65535, e.g. 58080",
-    "gateway.idle_timeout": "a number of seconds greater than 0, e.g. 900 (15 minutes)",
-    "gateway.hold_timeout": "a number of seconds greater than 0, e.g. 540 (under the OpenAI SDK's 600)",
-    "gateway.max_held": "a whole number, at least 1, e.g. 256",
-    "gateway.queue_timeout": "a number of seconds greater than 0, e.g. 3600 (an hour in the queue)",
-    "gateway.load_timeout": "a number of seconds greater than 0, e.g. 900 (15 minutes to load)",
-    "gateway.rollover_lead": "a number of seconds greater than 0, e.g. 600 (10 minutes)",
-}
+# (never the pattern or the library's own wording), with an example: from
+# each setting's one record (engine/setting_docs.py).
+ACCEPTED: dict[str, str] = {key: doc.accepted for key, doc in setting_docs.SETTINGS.items()}
 
 
 def accepted(dotted: str) -> str:

@@ -19,7 +19,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from enum import Enum
+from enum import Enum, auto
 from typing import TYPE_CHECKING, Protocol
 
 from alvis_fsm.engine.states import State
@@ -124,13 +124,13 @@ class Phase(Enum):
     """Where a model's slot is in its life (``Slot.phase``); what clients see
     (``Slot.state``) follows from it and the serving session's own state."""
 
-    COLD = "cold"  # no session: the next request starts one
-    FAILED = "failed"  # no session: the last one failed (``error``); the next request starts one
-    SERVING = "serving"  # one session (queued, loading or ready): new requests go to it
-    ROLLING = "rolling"  # and its successor starts, to take over before the job's time limit
-    LAST = "last"  # its successor failed: serve on it until its job ends
-    STOPPING = "stopping"  # its sessions are stopped (idle timeout): going cold
-    CLOSED = "closed"  # the gateway shuts down: nothing starts any more
+    COLD = auto()  # no session: the next request starts one
+    FAILED = auto()  # no session: the last one failed (``error``); the next request starts one
+    SERVING = auto()  # one session (queued, loading or ready): new requests go to it
+    ROLLING = auto()  # and its successor starts, to take over before the job's time limit
+    LAST = auto()  # its successor failed: serve on it until its job ends
+    STOPPING = auto()  # its sessions are stopped (idle timeout): going cold
+    CLOSED = auto()  # the gateway shuts down: nothing starts any more
 
 
 _ANY = list(Phase)
