@@ -494,18 +494,13 @@ def _without_none(data: Mapping[str, Any]) -> dict[str, Any]:
 # -- loading ------------------------------------------------------------------
 
 
-@dataclass
-class _Loaded:
-    settings: Settings
-    layers: list[_Layer]  # lowest first
-
-
 def _load(
     overrides: Mapping[str, Mapping[str, Any]] | None,
     *,
     use_env: bool = True,
     user_data: dict[str, Any] | None = None,
-) -> _Loaded:
+) -> Settings:
+    """The settings of every layer, each value's layer recorded in them."""
     user_path = user_config_path()
     layers = _read_file_layers(user_path, include_user=True, user_data=user_data)
     if use_env:
@@ -523,19 +518,19 @@ def _load(
         _FILE_LAYERS.reset(files_token)
         _USE_ENV.reset(env_token)
     settings._layers = layers
-    return _Loaded(settings, layers)
+    return settings
 
 
 def load_settings(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
     """Merged, validated settings. ``overrides`` are command-line flags as
     ``{section: {key: value}}``; None values are ignored (flag not given)."""
-    return _load(overrides).settings
+    return _load(overrides)
 
 
 def validate_user_data(data: dict[str, Any]) -> Settings:
     """Validate packaged defaults + ``data`` as the user file (environment and
     flags left out, so a stray variable cannot block editing the file)."""
-    return _load(None, use_env=False, user_data=data).settings
+    return _load(None, use_env=False, user_data=data)
 
 
 def explain(
@@ -544,23 +539,22 @@ def explain(
     """Every setting as ``(dotted key, final value, source label)``. The
     machine is shown only by its initial state and per-state timeouts, the
     parts worth overriding; the rest is drawn by ``alvis-fsm diagram``."""
-    loaded = _load(overrides)
-    settings, layers = loaded.settings, loaded.layers
+    settings = _load(overrides)
     rows: list[tuple[str, Any, str]] = []
     for section in SECTIONS:
         if section == "machine":
             continue
         model = getattr(settings, section)
         for key in type(model).model_fields:
-            path = (section, key)
-            rows.append((".".join(path), getattr(model, key), _origin(path, layers)))
+            dotted = f"{section}.{key}"
+            rows.append((dotted, getattr(model, key), settings.source(dotted)))
     machine = settings.machine
-    rows.append(("machine.initial", machine.initial, _origin(("machine", "initial"), layers)))
+    rows.append(("machine.initial", machine.initial, settings.source("machine.initial")))
     for name, state in machine.states.items():
         timeout = getattr(state, "timeout", None)
         if timeout is not None:
-            loc = ("machine", "states", name, "timeout")
-            rows.append((".".join(loc), timeout, _origin(loc, layers)))
+            dotted = f"machine.states.{name}.timeout"
+            rows.append((dotted, timeout, settings.source(dotted)))
     return rows
 
 
