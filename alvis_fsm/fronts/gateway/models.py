@@ -155,20 +155,17 @@ TRANSITIONS: list[tuple[str, list[Phase], Phase | None, list[str], str | None]] 
 ]
 
 
-class Slot:
-    """One catalog model in the gateway: its sessions and its phase, a
-    declared machine (``Phase``, ``TRANSITIONS``) run by pytransitions. The
-    sessions are the slot's data: ``run`` (new requests go to it),
-    ``successor`` (started to replace it before its time limit) and
-    ``retiring`` (replaced or stopped, not yet ended)."""
+class Lifecycle:
+    """A model's sessions and its phase, a declared machine (``Phase``,
+    ``TRANSITIONS``) run by pytransitions. The sessions are its data:
+    ``run`` (new requests go to it), ``successor`` (started to replace it
+    before its time limit) and ``retiring`` (replaced or stopped, not yet
+    ended). Its callbacks run on the gateway's loop thread."""
 
-    def __init__(
-        self, name: str, served: str, factory: Factory, echo: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, name: str, factory: Factory, echo: Callable[[str], None] | None) -> None:
         from transitions import Machine
 
         self.name = name
-        self.served = served
         self.factory = factory
         self.echo = echo
         self.phase = Phase.COLD
@@ -178,15 +175,9 @@ class Slot:
         self.generation = 0  # one per session started
         self.error = ""  # root cause of the last failure (until the next start)
         self.rollover_error = ""  # why the last successor failed (until one serves)
-        self.in_flight = 0  # requests for this model, held or proxied
-        self.last_active = time.monotonic()
-        self.served_requests = 0
         self.sessions = 0
-        self.idle_stops = 0
         self.rollovers = 0
-        self.idle_timeout: float | None = None  # this model's own (catalog), else the gateway's
         self.gpu_hours_ended = 0.0  # held by this model's ended sessions
-        self.gpu_hours_saved = 0.0  # left on the jobs its idle stops cancelled
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
         Machine(
@@ -213,42 +204,13 @@ class Slot:
         def halt(self, reason: str) -> bool: ...
         def close(self, reason: str) -> bool: ...
 
-    # -- state --------------------------------------------------------------
     @property
     def closing(self) -> bool:
         return self.phase is Phase.CLOSED
 
     @property
-    def handle(self) -> Handle | None:
-        return self.run.handle if self.run is not None else None
-
-    @property
-    def observer(self) -> Recorder | None:
-        return self.run.observer if self.run is not None else None
-
-    @property
-    def stopping(self) -> bool:
-        return self.run is not None and self.run.stopping
-
-    @property
-    def state(self) -> str:
-        run = self.run
-        if run is None:
-            return FAILED if self.error else COLD
-        if run.stopping:
-            return COLD  # going cold: its job is being cancelled
-        return run.state
-
-    @property
     def job_id(self) -> str:
         return self.run.job_id if self.run is not None else ""
-
-    @property
-    def gpu_hours_used(self) -> float:
-        return self.gpu_hours_ended + sum(usage.held(r.handle.record) for r in self.runs())
-
-    def time_left(self) -> float | None:
-        return self.run.handle.record.time_left() if self.run is not None else None
 
     def runs(self) -> list[Run]:
         """Every session of the model not yet ended."""
@@ -273,57 +235,9 @@ class Slot:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(self._session_changed)
 
-    async def changed(self, timeout: float) -> None:
-        """Until the state may have changed, or ``timeout`` seconds."""
-        event = self._changed
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
-
-    # -- requests ----------------------------------------------------------------
-    def enter(self) -> None:
-        self.in_flight += 1
-        self.last_active = time.monotonic()
-
-    def leave(self) -> None:
-        self.in_flight -= 1
-        self.last_active = time.monotonic()
-
-    def _run_of(self, handle: Handle) -> Run | None:
-        return next((r for r in self.runs() if r.handle is handle), None)
-
-    def begin(self, handle: Handle) -> Handle:
-        """A request is proxied to ``handle``'s session: the session to send it
-        to, counted in flight there until ``finish``. A session replaced since
-        the request was given it (a rollover between its wait and now) gives
-        way to the one that replaced it."""
-        run = self._run_of(handle)
-        current = self.run
-        serving = current is not None and current.state == READY and not current.stopping
-        if run is not current and serving:
-            run = current
-        if run is None:
-            return handle
-        run.in_flight += 1
-        return run.handle
-
-    def finish(self, handle: Handle, served: bool) -> None:
-        """The request ``begin`` sent to ``handle`` is done (``served``: answered
-        to the end); a replaced session is stopped once its last one is."""
-        if served:
-            self.served_requests += 1
-        run = self._run_of(handle)
-        if run is None:
-            return
-        run.in_flight -= 1
-        if served:
-            run.served += 1
-        if run in self.retiring and run.in_flight == 0:
-            run.stop(self._retire_reason())
-
     def _retire_reason(self) -> str:
         return f"rolled over to job {self.job_id}" if self.job_id else "rolled over"
 
-    # -- the sessions ---------------------------------------------------------------
     def _start(self) -> Run:
         """A new session of the model, driven in its own thread."""
         self._loop = asyncio.get_running_loop()
@@ -339,14 +253,8 @@ class Slot:
         run.thread.start()
         return run
 
-    def ensure_started(self) -> int:
-        """The generation of the session to wait for, starting one if there
-        is none (single flight: this runs on the loop thread, without an
-        await between the check and the start, so a burst of requests to a
-        cold model makes exactly one session)."""
-        return self._current().generation
-
     def _current(self) -> Run:
+        """The session new requests go to, started if there is none."""
         if self.run is None:
             if self.closing:
                 raise Unavailable("the gateway is shutting down")
@@ -371,7 +279,7 @@ class Slot:
         self.gpu_hours_ended += usage.held(run.handle.record)
         self.ended(run, error)
 
-    # -- the machine's callbacks (conditions, then ``before`` of a transition) ------
+    # -- the machine's callbacks: conditions, then each transition's ``before`` --
     def _is_current(self, run: Run, error: str) -> bool:
         return run is self.run
 
@@ -447,10 +355,107 @@ class Slot:
             self.retiring.append(self.successor)
             self.successor = None
 
-    # -- rollover and stop -----------------------------------------------------------
     def _promote(self) -> None:
         if self.phase is Phase.ROLLING:
             self.promote()
+
+
+class Slot(Lifecycle):
+    """One catalog model in the gateway: its sessions (``Lifecycle``), what
+    clients see of it, and the requests held for it and proxied to it."""
+
+    def __init__(
+        self, name: str, served: str, factory: Factory, echo: Callable[[str], None] | None = None
+    ) -> None:
+        super().__init__(name, factory, echo)
+        self.served = served
+        self.in_flight = 0  # requests for this model, held or proxied
+        self.last_active = time.monotonic()
+        self.served_requests = 0
+        self.idle_stops = 0
+        self.idle_timeout: float | None = None  # this model's own (catalog), else the gateway's
+        self.gpu_hours_saved = 0.0  # left on the jobs its idle stops cancelled
+
+    @property
+    def handle(self) -> Handle | None:
+        return self.run.handle if self.run is not None else None
+
+    @property
+    def observer(self) -> Recorder | None:
+        return self.run.observer if self.run is not None else None
+
+    @property
+    def stopping(self) -> bool:
+        return self.run is not None and self.run.stopping
+
+    @property
+    def state(self) -> str:
+        run = self.run
+        if run is None:
+            return FAILED if self.error else COLD
+        if run.stopping:
+            return COLD  # going cold: its job is being cancelled
+        return run.state
+
+    @property
+    def gpu_hours_used(self) -> float:
+        return self.gpu_hours_ended + sum(usage.held(r.handle.record) for r in self.runs())
+
+    def time_left(self) -> float | None:
+        return self.run.handle.record.time_left() if self.run is not None else None
+
+    async def changed(self, timeout: float) -> None:
+        """Until the state may have changed, or ``timeout`` seconds."""
+        event = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.last_active = time.monotonic()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        self.last_active = time.monotonic()
+
+    def _run_of(self, handle: Handle) -> Run | None:
+        return next((r for r in self.runs() if r.handle is handle), None)
+
+    def begin(self, handle: Handle) -> Handle:
+        """A request is proxied to ``handle``'s session: the session to send it
+        to, counted in flight there until ``finish``. A session replaced since
+        the request was given it (a rollover between its wait and now) gives
+        way to the one that replaced it."""
+        run = self._run_of(handle)
+        current = self.run
+        serving = current is not None and current.state == READY and not current.stopping
+        if run is not current and serving:
+            run = current
+        if run is None:
+            return handle
+        run.in_flight += 1
+        return run.handle
+
+    def finish(self, handle: Handle, served: bool) -> None:
+        """The request ``begin`` sent to ``handle`` is done (``served``: answered
+        to the end); a replaced session is stopped once its last one is."""
+        if served:
+            self.served_requests += 1
+        run = self._run_of(handle)
+        if run is None:
+            return
+        run.in_flight -= 1
+        if served:
+            run.served += 1
+        if run in self.retiring and run.in_flight == 0:
+            run.stop(self._retire_reason())
+
+    def ensure_started(self) -> int:
+        """The generation of the session to wait for, starting one if there
+        is none (single flight: this runs on the loop thread, without an
+        await between the check and the start, so a burst of requests to a
+        cold model makes exactly one session)."""
+        return self._current().generation
 
     def roll_over(self, floor: float, load_time: LoadTime | None = None) -> bool:
         """Start a successor if the serving session was used and its job is
