@@ -32,7 +32,8 @@ def effective_defaults() -> dict[str, str]:
 
 class DefaultsOption(click.Option):
     """An option whose help names ``{section.key}`` placeholders, filled in
-    with the user's effective value when help is shown (never at startup)."""
+    with the user's effective value when help is shown (never at startup),
+    and ``{example:section.key}``, the setting's example (setting_docs)."""
 
     def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
         record = super().get_help_record(ctx)
@@ -42,9 +43,13 @@ class DefaultsOption(click.Option):
         ctx.meta["alvis_fsm.defaults"] = values
 
         def fill(match: re.Match[str]) -> str:
-            return values.get(match.group(1)) or "not set"
+            if match.group(1):  # {example:section.key}: the setting's example
+                from alvis_fsm.engine.setting_docs import SETTINGS
 
-        return record[0], re.sub(r"\{([a-z_]+\.[a-z_]+)\}", fill, record[1])
+                return SETTINGS[match.group(2)].example
+            return values.get(match.group(2)) or "not set"
+
+        return record[0], re.sub(r"\{(example:)?([a-z_]+\.[a-z_]+)\}", fill, record[1])
 
 
 class PortType(click.ParamType[int]):
@@ -181,7 +186,7 @@ def _verbosity(ctx: click.Context) -> Any:
     "--gpus",
     cls=DefaultsOption,
     metavar="TYPE:N",
-    help="GPUs per node, e.g. A40:2 [default: from the catalog, else {slurm.gpus}].",
+    help="GPUs per node, e.g. {example:slurm.gpus} [default: from the catalog, else {slurm.gpus}].",
 )
 @click.option(
     "-A", "--account", cls=DefaultsOption, metavar="ACCOUNT",
