@@ -183,11 +183,13 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
 
     cfg = settings
     model_name = options.model or cfg.catalog.default_model
-    entry = session_spec.catalog_entry(load_catalog(cfg), model_name, from_flag=bool(options.model))
+    entry = session_spec.catalog_entry(load_catalog(cfg), model_name, from_flag=bool(options.model),
+                                         settings=cfg)
     if options.fit_len is not None:
         entry = entry.model_copy(update={"max_model_len": options.fit_len})
     time_text = options.time or cfg.slurm.time
-    seconds = session_spec.time_seconds(time_text, cfg.slurm.max_time, from_flag=bool(options.time))
+    seconds = session_spec.time_seconds(time_text, cfg.slurm.max_time, from_flag=bool(options.time),
+                                         settings=cfg)
     gpus = options.gpus or entry.gpus or cfg.slurm.gpus
     name = (session_spec.session_name(options.name) if options.name
             else session_spec.name_for_model(model_name))  # fmt: skip
@@ -345,9 +347,9 @@ def _auto_fallback(cfg: Settings, gpu_spec: str, from_user: bool) -> str | None:
     first auto type, but only when ``auto`` is the packaged default (an
     ``auto`` the user asked for, by flag, catalog or setting, is refused)."""
     from alvis_fsm.engine.autofit import AUTO
-    from alvis_fsm.engine.settings import DEFAULT_LABEL, origin_of
+    from alvis_fsm.engine.settings import DEFAULT_LABEL
 
-    if gpu_spec != AUTO or from_user or origin_of("slurm.gpus") != DEFAULT_LABEL:
+    if gpu_spec != AUTO or from_user or cfg.source("slurm.gpus") != DEFAULT_LABEL:
         return None
     return f"{cfg.fit.auto_types[0]}:1"
 

@@ -56,7 +56,7 @@ def session_name(name: str) -> str:
         raise UsageError(f"-n/--name: {exc.message}", hint=f"{exc.hint} For example: -n gpt-test-2.") from None
 
 
-def catalog_entry(catalog: Any, name: str, from_flag: bool) -> ModelEntry:
+def catalog_entry(catalog: Any, name: str, from_flag: bool, settings: Settings) -> ModelEntry:
     """The catalog entry; an unknown default model is the setting's fault,
     so the error names the setting and where it was set, not -m."""
     try:
@@ -64,17 +64,15 @@ def catalog_entry(catalog: Any, name: str, from_flag: bool) -> ModelEntry:
     except UsageError as exc:
         if from_flag:
             raise UsageError(f"-m/--model: {exc.message}", hint=exc.hint, details=exc.details) from None
-        from alvis_fsm.engine.settings import origin_of
-
         raise ConfigError(
-            f"catalog.default_model {origin_of('catalog.default_model')} names model"
+            f"catalog.default_model {settings.origin_of('catalog.default_model')} names model"
             f" '{name}', which is not in the catalog. Available models:",
             hint="Pick one: alvis-fsm config set catalog.default_model NAME (or -m NAME).",
             details=exc.details,
         ) from None
 
 
-def time_seconds(text: str, max_time: str, from_flag: bool) -> int:
+def time_seconds(text: str, max_time: str, from_flag: bool, settings: Settings) -> int:
     """Seconds of the job's time limit; a bad value names -t or slurm.time."""
     try:
         return syntax.parse_walltime(text, max_time)
@@ -85,10 +83,8 @@ def time_seconds(text: str, max_time: str, from_flag: bool) -> int:
                 hint += " For example: -t 2:00:00 (two hours)."
             raise UsageError(f"-t/--time: {exc.message}", hint=hint.strip()) from None
         # Settings validate slurm.time, so this is reached only if they change.
-        from alvis_fsm.engine.settings import origin_of
-
         raise ConfigError(
-            f"slurm.time {origin_of('slurm.time')}: {exc.message}",
+            f"slurm.time {settings.origin_of('slurm.time')}: {exc.message}",
             hint="alvis-fsm config set slurm.time 2:00:00 (or -t for one run).",
         ) from None
 
@@ -131,10 +127,8 @@ def render_for(spec: jobscript.JobSpec, run_dir: str) -> str:
 def refusal_hint(charged: str, options: StartOptions, settings: Settings, entry: ModelEntry,
                  gpus: str, time: str) -> str:  # fmt: skip
     """Which values sbatch was given and where each came from."""
-    from alvis_fsm.engine.settings import origin_of
-
     def setting(key: str) -> str:
-        where = origin_of(key)
+        where = settings.origin_of(key)
         return f"{key}, the default" if "packaged defaults" in where else f"{key} {where}"
 
     account_from = ("--account" if options.account else setting("slurm.account")

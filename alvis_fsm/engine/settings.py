@@ -26,7 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -37,17 +45,24 @@ from pydantic_settings.exceptions import SettingsError
 
 from alvis_fsm import paths
 from alvis_fsm.cluster import syntax
+from alvis_fsm.engine import setting_docs
 from alvis_fsm.engine.fit import Budget, GpuType, parse_gpu_type
 from alvis_fsm.engine.machine import MachineDefinition
+from alvis_fsm.engine.setting_layers import (
+    CONFIG_ENV,
+    DEFAULT_LABEL,
+    DEFAULT_USER_CONFIG,
+    ENV_DELIMITER,
+    ENV_LABEL,
+    ENV_PREFIX,
+    FLAG_LABEL,
+    env_name,
+    user_config_path,
+)
 from alvis_fsm.errors import ConfigError
 
-ENV_PREFIX = "ALVIS_FSM_"
-ENV_DELIMITER = "__"
-CONFIG_ENV = "ALVIS_FSM_CONFIG"
-DEFAULT_USER_CONFIG = "~/.alvis-vllm.conf"
-
-DEFAULT_LABEL = "default"
-FLAG_LABEL = "flag"
+__all__ = ["CONFIG_ENV", "DEFAULT_LABEL", "DEFAULT_USER_CONFIG", "ENV_DELIMITER", "ENV_PREFIX",
+           "FLAG_LABEL", "Settings", "load_settings", "user_config_path"]  # fmt: skip
 
 # TYPE:N or N as in --gpus-per-node, or "auto": chosen by alvis_fsm.engine.fit
 # (the syntax of every sbatch value is defined once, in cluster/syntax.py).
@@ -309,6 +324,8 @@ class Settings(BaseSettings):
     notify: Notify
     gateway: Gateway
     machine: MachineDefinition
+    # The layers the values came from, lowest first (recorded by load_settings).
+    _layers: list[_Layer] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _state_timeouts_exist(self) -> Settings:
@@ -326,6 +343,17 @@ class Settings(BaseSettings):
     @property
     def state_dir(self) -> Path:
         return Path(self.session.state_dir).expanduser()
+
+    def source(self, dotted: str) -> str:
+        """The label of the layer that set ``section.key`` (``DEFAULT_LABEL``,
+        ``FLAG_LABEL``, "env NAME", or the user file's path), as recorded
+        when these settings were loaded."""
+        return _origin(tuple(dotted.split(".")), self._layers)
+
+    def origin_of(self, dotted: str) -> str:
+        """Where the value of ``section.key`` comes from, as words for a
+        message: "in /home/u/.alvis-vllm.conf", "from a command-line flag", ..."""
+        return _where(self.source(dotted))
 
     @classmethod
     def settings_customise_sources(
@@ -389,12 +417,6 @@ _FILE_LAYERS: ContextVar[list[_Layer] | None] = ContextVar("_FILE_LAYERS", defau
 _USE_ENV: ContextVar[bool] = ContextVar("_USE_ENV", default=True)
 
 
-def user_config_path() -> Path:
-    """The user's settings file: ``$ALVIS_FSM_CONFIG`` or ``~/.alvis-vllm.conf``."""
-    configured = os.environ.get(CONFIG_ENV)
-    return Path(configured or DEFAULT_USER_CONFIG).expanduser()
-
-
 def read_toml(path: Path) -> dict[str, Any]:
     """Parse a TOML file; a missing file is an empty one."""
     try:
@@ -441,13 +463,13 @@ def _env_layer() -> _Layer:
     for path in _key_paths(data):
         # The value may come from ALVIS_FSM_A__B or from a JSON ALVIS_FSM_A.
         for depth in range(len(path), 0, -1):
-            name = ENV_PREFIX + ENV_DELIMITER.join(path[:depth]).upper()
+            name = env_name(*path[:depth])
             if name in environ:
-                origins[path] = f"env {environ[name]}"
+                origins[path] = f"{ENV_LABEL} {environ[name]}"
                 break
         else:
-            origins[path] = "env"
-    return _Layer("env", data, origins)
+            origins[path] = ENV_LABEL
+    return _Layer(ENV_LABEL, data, origins)
 
 
 def _key_paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
@@ -475,18 +497,13 @@ def _without_none(data: Mapping[str, Any]) -> dict[str, Any]:
 # -- loading ------------------------------------------------------------------
 
 
-@dataclass
-class _Loaded:
-    settings: Settings
-    layers: list[_Layer]  # lowest first
-
-
 def _load(
     overrides: Mapping[str, Mapping[str, Any]] | None,
     *,
     use_env: bool = True,
     user_data: dict[str, Any] | None = None,
-) -> _Loaded:
+) -> Settings:
+    """The settings of every layer, each value's layer recorded in them."""
     user_path = user_config_path()
     layers = _read_file_layers(user_path, include_user=True, user_data=user_data)
     if use_env:
@@ -503,19 +520,20 @@ def _load(
     finally:
         _FILE_LAYERS.reset(files_token)
         _USE_ENV.reset(env_token)
-    return _Loaded(settings, layers)
+    settings._layers = layers
+    return settings
 
 
 def load_settings(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
     """Merged, validated settings. ``overrides`` are command-line flags as
     ``{section: {key: value}}``; None values are ignored (flag not given)."""
-    return _load(overrides).settings
+    return _load(overrides)
 
 
 def validate_user_data(data: dict[str, Any]) -> Settings:
     """Validate packaged defaults + ``data`` as the user file (environment and
     flags left out, so a stray variable cannot block editing the file)."""
-    return _load(None, use_env=False, user_data=data).settings
+    return _load(None, use_env=False, user_data=data)
 
 
 def explain(
@@ -524,30 +542,23 @@ def explain(
     """Every setting as ``(dotted key, final value, source label)``. The
     machine is shown only by its initial state and per-state timeouts, the
     parts worth overriding; the rest is drawn by ``alvis-fsm diagram``."""
-    loaded = _load(overrides)
-    settings, layers = loaded.settings, loaded.layers
+    settings = _load(overrides)
     rows: list[tuple[str, Any, str]] = []
     for section in SECTIONS:
         if section == "machine":
             continue
         model = getattr(settings, section)
         for key in type(model).model_fields:
-            path = (section, key)
-            rows.append((".".join(path), getattr(model, key), _origin(path, layers)))
+            dotted = f"{section}.{key}"
+            rows.append((dotted, getattr(model, key), settings.source(dotted)))
     machine = settings.machine
-    rows.append(("machine.initial", machine.initial, _origin(("machine", "initial"), layers)))
+    rows.append(("machine.initial", machine.initial, settings.source("machine.initial")))
     for name, state in machine.states.items():
         timeout = getattr(state, "timeout", None)
         if timeout is not None:
-            loc = ("machine", "states", name, "timeout")
-            rows.append((".".join(loc), timeout, _origin(loc, layers)))
+            dotted = f"machine.states.{name}.timeout"
+            rows.append((dotted, timeout, settings.source(dotted)))
     return rows
-
-
-def origin_of(dotted: str) -> str:
-    """Where the value of ``section.key`` comes from, as words for a message:
-    "in /home/u/.alvis-vllm.conf", "from the environment variable ...", ..."""
-    return _where(_origin(tuple(dotted.split(".")), _load(None).layers))
 
 
 def _origin(loc: tuple[str, ...], layers: list[_Layer]) -> str:
@@ -612,81 +623,19 @@ def _unwrap(annotation: Any) -> Any:
 def _where(label: str) -> str:
     if label == FLAG_LABEL:
         return "from a command-line flag"
-    if label.startswith("env "):
-        return f"from the environment variable {label[4:]}"
-    if label == "env":
+    if label.startswith(ENV_LABEL + " "):
+        return f"from the environment variable {label[len(ENV_LABEL) + 1 :]}"
+    if label == ENV_LABEL:
         return "from the environment"
     if label == DEFAULT_LABEL:
         return f"in the packaged defaults {paths.default_config()}"
     return f"in {label}"
 
 
-_DURATION_WORDS = (
-    "a SLURM duration: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 2:00:00 (two hours)"
-)
-_ARGS_WORDS = 'a list of strings without line breaks, one per argument, e.g. ["--qos=short"]'
-_PATH_WORDS = "a non-empty path without line breaks"
-
 # What each setting accepts, in the words a user reads in an error message
-# (never the pattern or the library's own wording), with an example.
-ACCEPTED: dict[str, str] = {
-    "ssh.host": "an ssh alias or host name, without spaces and not starting with '-', e.g. alvis2",
-    "ssh.user": "a user name without spaces or '@', e.g. your CID; empty for your ssh config's",
-    "ssh.config_file": "a file path without line breaks, e.g. ~/.ssh/config; empty for ssh's own",
-    "ssh.connect_timeout": "a whole number of seconds greater than 0, e.g. 15",
-    "ssh.keepalive_interval": "a whole number of seconds greater than 0, e.g. 5",
-    "ssh.keepalive_count": "a whole number, at least 1, e.g. 3",
-    "ssh.reconnect_window": "a number of seconds greater than 0, e.g. 120",
-    "slurm.account": "letters, digits, '_', '.' and '-', e.g. NAISS2025-22-1522;"
-    " empty to ask the cluster",
-    "slurm.gpus": "a GPU type and a count per node, e.g. A40:1 or A100:4, or only a count, e.g. 2",
-    "slurm.time": _DURATION_WORDS,
-    "slurm.max_time": _DURATION_WORDS,
-    "slurm.partition": "letters, digits, '_', '.', ',' and '-', e.g. alvis;"
-    " empty for the cluster's default",
-    "slurm.extra_args": _ARGS_WORDS,
-    "tunnel.local_port": "a whole number from 1 to 65535, e.g. 58001",
-    "tunnel.bind": "127.0.0.1 or localhost",
-    "tunnel.route": "jump or login",
-    "tunnel.max_reconnects": "a whole number, 0 or more, e.g. 10",
-    "timeouts.job_start": "a number of seconds greater than 0, e.g. 600",
-    "timeouts.server_ready": "a number of seconds greater than 0, e.g. 600",
-    "timeouts.connection_test": "a number of seconds greater than 0, e.g. 30",
-    "polling.scheduler_interval": "a number of seconds greater than 0, e.g. 5",
-    "polling.scheduler_backoff_after": "a number of seconds, 0 or more, e.g. 120",
-    "polling.scheduler_backoff_interval": "a number of seconds greater than 0, e.g. 30",
-    "polling.file_interval": "a number of seconds greater than 0, e.g. 0.2",
-    "remote.run_root": _PATH_WORDS + ", e.g. ~/.alvis-vllm/runs",
-    "remote.image": _PATH_WORDS + ", e.g. /apps/containers/vLLM/vllm-0.11.0.sif",
-    "remote.model_hub": _PATH_WORDS + ", e.g. /mimer/NOBACKUP/Datasets/LLM/huggingface/hub",
-    "vllm.extra_args": 'a list of strings without line breaks, e.g. ["--enforce-eager"]',
-    "vllm.api_key": "true or false",
-    "vllm.auto_fit": "true or false",
-    "catalog.paths": 'a list of file paths, e.g. ["~/my-models.json"]',
-    "catalog.default_model": "a model name from the catalog (`alvis-fsm models`), e.g. gpt-oss-20b",
-    "catalog.allow_code_flags": "a list of catalog file paths (from catalog.paths) you trust to"
-    ' add code-running vLLM flags, e.g. ["/mimer/NOBACKUP/groups/mygroup/models.json"]',
-    "session.state_dir": _PATH_WORDS + ", e.g. ~/.alvis-vllm",
-    "session.warn_before_end": "a list of seconds before the time limit, e.g. [600, 60]",
-    "notify.enabled": "true or false",
-    "notify.after_wait": "a number of seconds, 0 or more, e.g. 60",
-    "timeouts.cancel_confirm": "a number of seconds greater than 0, e.g. 30",
-    "polling.job_check_interval": "a number of seconds greater than 0, e.g. 30",
-    "remote.cache_dir": "a path without line breaks, e.g. ~/.cache/alvis-fsm; empty for $TMPDIR",
-    "remote.cache_max_gb": "a number of gigabytes greater than 0, e.g. 4",
-    "remote.cache_max_files": "a whole number of files greater than 0, e.g. 5000",
-    "fit.gpu_types": 'a list of "TYPE MEMORYGB xCOUNT" (GPUs per node), e.g. ["A40 48GB x4"]',
-    "fit.auto_types": 'a list of GPU type names from fit.gpu_types, e.g. ["A40", "A100fat"]',
-    "fit.gpu_memory_utilization": "a fraction above 0 and at most 1, e.g. 0.9",
-    "fit.margin_gb": "a number of gigabytes, 0 or more, e.g. 3",
-    "gateway.port": "a whole number from 1 to 65535, e.g. 58080",
-    "gateway.idle_timeout": "a number of seconds greater than 0, e.g. 900 (15 minutes)",
-    "gateway.hold_timeout": "a number of seconds greater than 0, e.g. 540 (under the OpenAI SDK's 600)",
-    "gateway.max_held": "a whole number, at least 1, e.g. 256",
-    "gateway.queue_timeout": "a number of seconds greater than 0, e.g. 3600 (an hour in the queue)",
-    "gateway.load_timeout": "a number of seconds greater than 0, e.g. 900 (15 minutes to load)",
-    "gateway.rollover_lead": "a number of seconds greater than 0, e.g. 600 (10 minutes)",
-}
+# (never the pattern or the library's own wording), with an example: from
+# each setting's one record (engine/setting_docs.py).
+ACCEPTED: dict[str, str] = {key: doc.accepted for key, doc in setting_docs.SETTINGS.items()}
 
 
 def accepted(dotted: str) -> str:

@@ -35,6 +35,9 @@ from pydantic.fields import FieldInfo
 
 from alvis_fsm import paths
 
+if typing.TYPE_CHECKING:
+    from alvis_fsm.engine.setting_docs import Doc
+
 REFERENCE_START = "<!-- config-reference:start -->"
 REFERENCE_END = "<!-- config-reference:end -->"
 DIAGRAM_START = "<!-- diagram:start -->"
@@ -69,6 +72,8 @@ class Key:
     default: Any
     type: str
     description: str
+    accepted: str = ""
+    flag: str = ""
 
     @property
     def dotted(self) -> str:
@@ -118,6 +123,11 @@ def _type_name(annotation: Any) -> str:
 
 def description(section: str, name: str) -> str:
     """The one description of a setting (engine/setting_docs.py)."""
+    return record(section, name).text
+
+
+def record(section: str, name: str) -> Doc:
+    """The one record of a setting (engine/setting_docs.py)."""
     from alvis_fsm.engine import setting_docs
 
     try:
@@ -140,13 +150,16 @@ def keys(default_toml: Path | None = None) -> list[Key]:
             continue
         assert isinstance(model, type) and issubclass(model, BaseModel)
         for name, info in model.model_fields.items():
+            doc = record(section, name)
             out.append(
                 Key(
                     section=section,
                     name=name,
                     default=values.get(section, {}).get(name),
                     type=describe_type(info),
-                    description=description(section, name),
+                    description=doc.text,
+                    accepted=doc.accepted,
+                    flag=doc.flag,
                 )
             )
     return out
@@ -203,11 +216,13 @@ def render_reference(default_toml: Path | None = None) -> str:
             if section in setting_docs.SECTIONS:
                 lines += [markdown_text(setting_docs.SECTIONS[section]), ""]
             lines += [
-                "| Key | Default | Type | Description |",
+                "| Key | Default | Type: accepted values | Description |",
                 "| --- | --- | --- | --- |",
             ]
+        accepts = f"{key.type}: {markdown_text(key.accepted)}"
+        accepts += f"; for one run: `{key.flag}`" if key.flag else ""
         lines.append(
-            f"| `{key.dotted}` | {_cell(format_default(key.default))} | {_cell(key.type)}"
+            f"| `{key.dotted}` | {_cell(format_default(key.default))} | {_cell(accepts)}"
             f" | {_cell(markdown_text(key.description))} |"
         )
         nxt = all_keys.index(key) + 1

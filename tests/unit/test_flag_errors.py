@@ -178,3 +178,24 @@ def test_every_setting_says_in_words_what_it_accepts() -> None:
 
     missing = [k for k, _, _ in explain() if not k.startswith("machine.") and k not in ACCEPTED]
     assert missing == []
+
+
+def test_every_settings_example_is_accepted() -> None:
+    """Each record's example is a value `config set` and the settings take
+    (alone: an example may disagree with another key's default)."""
+    from alvis_fsm.engine.setting_docs import SETTINGS
+    from alvis_fsm.engine.settings import SettingError, validate_user_data
+    from alvis_fsm.errors import UsageError
+    from alvis_fsm.fronts.cli.commands.config import parse_value
+
+    refused = []
+    for dotted, doc in SETTINGS.items():
+        section, key = dotted.split(".")
+        try:
+            validate_user_data({section: {key: parse_value(section, key, doc.example)}})
+        except UsageError as exc:
+            refused.append(f"{dotted} = {doc.example!r}: {exc.message}")
+        except SettingError as exc:
+            if exc.key == dotted:
+                refused.append(f"{dotted} = {doc.example!r}: {exc.message}")
+    assert refused == []

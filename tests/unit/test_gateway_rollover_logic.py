@@ -407,3 +407,22 @@ def test_successor_session_names_differ_and_stay_valid() -> None:
     long = "org/" + "x" * 60
     names = {session_name(long, lane) for lane in range(12)}
     assert len(names) == 12 and all(len(n) <= 41 for n in names)
+
+
+def test_the_slot_is_a_declared_machine() -> None:
+    """Every phase is reached from cold, every phase can shut down, and each
+    callback the table names exists on the slot."""
+    from alvis_fsm.fronts.gateway.models import TRANSITIONS, Phase, Slot
+
+    reached, edges = {Phase.COLD}, True
+    while edges:
+        edges = False
+        for _, sources, dest, _, _ in TRANSITIONS:
+            if dest is not None and dest not in reached and reached & set(sources):
+                reached.add(dest)
+                edges = True
+    assert reached == set(Phase)
+    assert all(Phase.CLOSED is d for t, _, d, _, _ in TRANSITIONS if t == "close")
+    assert {p for t, s, _, _, _ in TRANSITIONS if t == "close" for p in s} == set(Phase)
+    names = {n for *_, conditions, before in TRANSITIONS for n in [*conditions, before] if n}
+    assert all(callable(getattr(Slot, n, None)) for n in names)

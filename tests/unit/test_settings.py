@@ -62,6 +62,22 @@ def test_overrides_beat_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rows["tunnel.local_port"] == "flag"
 
 
+def test_settings_record_where_each_value_came_from(
+    user_conf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each layer is recorded when the settings load, flags too: nothing is
+    read again to say where a value came from."""
+    write(user_conf, "[timeouts]\njob_start = 900\n")
+    monkeypatch.setenv("ALVIS_FSM_SSH__HOST", "alvis1")
+    s = load_settings({"slurm": {"gpus": "A40:2"}})
+    user_conf.unlink()  # gone since: the record says where the value was read
+    assert s.source("slurm.time") == "default"
+    assert s.origin_of("timeouts.job_start") == f"in {user_conf}"
+    assert s.origin_of("ssh.host") == "from the environment variable ALVIS_FSM_SSH__HOST"
+    assert s.source("slurm.gpus") == "flag"
+    assert s.origin_of("slurm.gpus") == "from a command-line flag"
+
+
 def test_alvis_fsm_config_picks_another_file(
     tmp_path: Path, user_conf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

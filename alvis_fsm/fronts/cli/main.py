@@ -23,39 +23,17 @@ TIME_HELP = "Job duration: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."
 
 
 def effective_defaults() -> dict[str, str]:
-    """``section.key`` -> the value in effect before flags (packaged defaults,
-    the user's file, ALVIS_FSM_* variables), read as plain TOML without
+    """``section.key`` -> the value in effect before flags, read without
     validating, so that `--help` stays fast and works with a broken file."""
-    import os
-    import tomllib
-    from pathlib import Path
+    from alvis_fsm.engine.setting_layers import raw_values
 
-    from alvis_fsm import paths
-
-    merged: dict[str, str] = {}
-    files = [paths.default_config()]
-    files.append(Path(os.environ.get("ALVIS_FSM_CONFIG") or "~/.alvis-vllm.conf").expanduser())
-    for path in files:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        for section, table in data.items():
-            if isinstance(table, dict):
-                for key, value in table.items():
-                    if isinstance(value, str | int | float) and not isinstance(value, bool):
-                        merged[f"{section}.{key}"] = str(value)
-    for name, value in os.environ.items():
-        upper = name.upper()
-        if upper.startswith("ALVIS_FSM_") and "__" in upper:
-            section, _, key = upper[len("ALVIS_FSM_") :].partition("__")
-            merged[f"{section.lower()}.{key.lower()}"] = value
-    return merged
+    return raw_values()
 
 
 class DefaultsOption(click.Option):
     """An option whose help names ``{section.key}`` placeholders, filled in
-    with the user's effective value when help is shown (never at startup)."""
+    with the user's effective value when help is shown (never at startup),
+    and ``{example:section.key}``, the setting's example (setting_docs)."""
 
     def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
         record = super().get_help_record(ctx)
@@ -65,9 +43,13 @@ class DefaultsOption(click.Option):
         ctx.meta["alvis_fsm.defaults"] = values
 
         def fill(match: re.Match[str]) -> str:
-            return values.get(match.group(1)) or "not set"
+            if match.group(1):  # {example:section.key}: the setting's example
+                from alvis_fsm.engine.setting_docs import SETTINGS
 
-        return record[0], re.sub(r"\{([a-z_]+\.[a-z_]+)\}", fill, record[1])
+                return SETTINGS[match.group(2)].example
+            return values.get(match.group(2)) or "not set"
+
+        return record[0], re.sub(r"\{(example:)?([a-z_]+\.[a-z_]+)\}", fill, record[1])
 
 
 class PortType(click.ParamType[int]):
@@ -204,7 +186,7 @@ def _verbosity(ctx: click.Context) -> Any:
     "--gpus",
     cls=DefaultsOption,
     metavar="TYPE:N",
-    help="GPUs per node, e.g. A40:2 [default: from the catalog, else {slurm.gpus}].",
+    help="GPUs per node, e.g. {example:slurm.gpus} [default: from the catalog, else {slurm.gpus}].",
 )
 @click.option(
     "-A", "--account", cls=DefaultsOption, metavar="ACCOUNT",

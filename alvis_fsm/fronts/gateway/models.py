@@ -19,7 +19,8 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from enum import Enum, auto
+from typing import TYPE_CHECKING, Protocol
 
 from alvis_fsm.engine.states import State
 from alvis_fsm.engine.store import SessionRecord
@@ -102,7 +103,7 @@ class Run:
         self.stopping = False
         self.in_flight = 0
         self.served = 0
-        self.no_successor = False  # its successor failed: serve on it until it ends
+        self.failure = ""  # root cause, if it ended failed and the model with it
 
     @property
     def state(self) -> str:
@@ -119,35 +120,262 @@ class Run:
             self.handle.request_stop(reason)
 
 
-class Slot:
-    def __init__(
-        self, name: str, served: str, factory: Factory, echo: Callable[[str], None] | None = None
-    ) -> None:
+class Phase(Enum):
+    """Where a model's slot is in its life (``Slot.phase``); what clients see
+    (``Slot.state``) follows from it and the serving session's own state."""
+
+    COLD = auto()  # no session: the next request starts one
+    FAILED = auto()  # no session: the last one failed (``error``); the next request starts one
+    SERVING = auto()  # one session (queued, loading or ready): new requests go to it
+    ROLLING = auto()  # and its successor starts, to take over before the job's time limit
+    LAST = auto()  # its successor failed: serve on it until its job ends
+    STOPPING = auto()  # its sessions are stopped (idle timeout): going cold
+    CLOSED = auto()  # the gateway shuts down: nothing starts any more
+
+
+_ANY = list(Phase)
+_ONE = [Phase.SERVING, Phase.LAST, Phase.STOPPING]  # one current session, no successor
+
+# The slot's machine, as data: (trigger, sources, dest, conditions, before).
+# ``ended`` (a session's drive returned) lists its cases in the order they
+# are tried; dest None keeps the phase. Every callback runs on the loop thread.
+TRANSITIONS: list[tuple[str, list[Phase], Phase | None, list[str], str | None]] = [
+    ("start", [Phase.COLD, Phase.FAILED], Phase.SERVING, [], "_open"),
+    ("roll", [Phase.SERVING], Phase.ROLLING, [], "_open_successor"),
+    ("refused", [Phase.SERVING], Phase.LAST, [], "_successor_refused"),
+    ("promote", [Phase.ROLLING], Phase.SERVING, ["_successor_serves"], "_take_over"),
+    ("ended", [Phase.ROLLING], Phase.SERVING, ["_is_current"], "_hand_over"),
+    ("ended", [Phase.ROLLING], Phase.LAST, ["_is_successor"], "_successor_lost"),
+    ("ended", _ONE, Phase.FAILED, ["_is_current", "_with_error"], "_drop"),
+    ("ended", _ONE, Phase.COLD, ["_is_current"], "_drop"),
+    ("ended", [Phase.CLOSED], None, ["_is_current"], "_drop"),
+    ("ended", _ANY, None, [], "_unretire"),
+    ("halt", [Phase.SERVING, Phase.ROLLING, Phase.LAST], Phase.STOPPING, [], None),
+    ("close", _ANY, Phase.CLOSED, [], None),
+]
+
+
+class Lifecycle:
+    """A model's sessions and its phase, a declared machine (``Phase``,
+    ``TRANSITIONS``) run by pytransitions. The sessions are its data:
+    ``run`` (new requests go to it), ``successor`` (started to replace it
+    before its time limit) and ``retiring`` (replaced or stopped, not yet
+    ended). Its callbacks run on the gateway's loop thread."""
+
+    def __init__(self, name: str, factory: Factory, echo: Callable[[str], None] | None) -> None:
+        from transitions import Machine
+
         self.name = name
-        self.served = served
         self.factory = factory
         self.echo = echo
+        self.phase = Phase.COLD
         self.run: Run | None = None  # the session new requests go to
         self.successor: Run | None = None  # started to replace ``run`` before its time limit
         self.retiring: list[Run] = []  # replaced or stopped, not yet ended
         self.generation = 0  # one per session started
-        self.failed_generation = -1
         self.error = ""  # root cause of the last failure (until the next start)
         self.rollover_error = ""  # why the last successor failed (until one serves)
-        self.closing = False  # the gateway shuts down: start nothing more
+        self.sessions = 0
+        self.rollovers = 0
+        self.gpu_hours_ended = 0.0  # held by this model's ended sessions
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed = asyncio.Event()
+        Machine(
+            model=self,
+            states=Phase,
+            initial=Phase.COLD,
+            transitions=[
+                {"trigger": t, "source": s, "dest": d, "conditions": c, "before": b}
+                for t, s, d, c, b in TRANSITIONS
+            ],
+            model_attribute="phase",
+            after_state_change="_notify",
+            auto_transitions=False,
+            ignore_invalid_triggers=False,
+        )
+
+    if TYPE_CHECKING:  # the triggers, bound by the machine (``TRANSITIONS``)
+
+        def start(self) -> bool: ...
+        def roll(self) -> bool: ...
+        def refused(self, why: str) -> bool: ...
+        def promote(self) -> bool: ...
+        def ended(self, run: Run, error: str) -> bool: ...
+        def halt(self, reason: str) -> bool: ...
+        def close(self, reason: str) -> bool: ...
+
+    @property
+    def closing(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    @property
+    def job_id(self) -> str:
+        return self.run.job_id if self.run is not None else ""
+
+    def runs(self) -> list[Run]:
+        """Every session of the model not yet ended."""
+        return [r for r in (self.run, self.successor) if r is not None] + self.retiring
+
+    def _say(self, line: str) -> None:
+        if self.echo is not None:
+            self.echo(f"[{self.name}] {line}")
+
+    def _notify(self, *_: object) -> None:
+        """Wake the requests held for this model (loop thread only)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _session_changed(self) -> None:
+        self._promote()
+        self._notify()
+
+    def notify_threadsafe(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._session_changed)
+
+    def _retire_reason(self) -> str:
+        return f"rolled over to job {self.job_id}" if self.job_id else "rolled over"
+
+    def _start(self) -> Run:
+        """A new session of the model, driven in its own thread."""
+        self._loop = asyncio.get_running_loop()
+        lanes = {r.lane for r in self.runs()}
+        lane = next(n for n in itertools.count() if n not in lanes)
+        observer = Recorder(self.name, self.notify_threadsafe, self.echo)
+        handle = self.factory(self.name, observer, lane)
+        self.generation += 1
+        run = Run(handle, self.generation, lane, observer)
+        self.sessions += 1
+        run.thread = threading.Thread(target=self._drive, args=(run,), name=f"gateway-{self.name}",
+                                      daemon=True)  # fmt: skip
+        run.thread.start()
+        return run
+
+    def _current(self) -> Run:
+        """The session new requests go to, started if there is none."""
+        if self.run is None:
+            if self.closing:
+                raise Unavailable("the gateway is shutting down")
+            self.start()
+        assert self.run is not None
+        return self.run
+
+    def _drive(self, run: Run) -> None:
+        error = ""
+        try:
+            run.handle.drive()
+        except Interrupted:
+            pass  # stopped by the gateway (idle, shutdown, rollover): a normal end
+        except BaseException as exc:  # reported to the held requests
+            error = describe(exc)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._ended, run, error)
+
+    def _ended(self, run: Run, error: str) -> None:
+        self.gpu_hours_ended += usage.held(run.handle.record)
+        self.ended(run, error)
+
+    # -- the machine's callbacks: conditions, then each transition's ``before`` --
+    def _is_current(self, run: Run, error: str) -> bool:
+        return run is self.run
+
+    def _is_successor(self, run: Run, error: str) -> bool:
+        return run is self.successor
+
+    def _with_error(self, run: Run, error: str) -> bool:
+        return bool(error)
+
+    def _successor_serves(self) -> bool:
+        return self.successor is not None and self.successor.state == READY
+
+    def _open(self) -> None:
+        self.error = ""
+        self.run = self._start()
+
+    def _open_successor(self) -> None:
+        self.successor = self._start()
+
+    def _successor_refused(self, why: str) -> None:
+        self.rollover_error = why
+        self._say(f"rollover failed: {why}; requests stay on job {self.job_id}")
+
+    def _successor_lost(self, run: Run, error: str) -> None:
+        self.successor = None
+        self.rollover_error = why = error or "it ended before it served"
+        self._say(f"rollover failed: {why}; requests stay on job {self.job_id}"
+                  " until its time limit, then the next request starts a new job")  # fmt: skip
+
+    def _hand_over(self, run: Run, error: str) -> None:
+        """The job ended before its successor served: requests are held on
+        the successor as for a cold start."""
+        successor = self.successor
+        assert successor is not None
+        self._say(f"job {run.job_id} ended" + (f" ({error})" if error else "")
+                  + f" before job {successor.job_id or '(not yet submitted)'} serves;"
+                  " requests wait for it")  # fmt: skip
+        self.run, self.successor = successor, None
+
+    def _drop(self, run: Run, error: str) -> None:
+        self._say(f"failed: {error}" if error else "stopped")
+        self.run = None
+        if error:
+            self.error = run.failure = error
+
+    def _unretire(self, run: Run, error: str) -> None:
+        if run in self.retiring:
+            self.retiring.remove(run)
+
+    def _take_over(self) -> None:
+        """The successor serves: new requests go to it; the session it replaces
+        is stopped as soon as its requests in flight are done."""
+        old, self.run, self.successor = self.run, self.successor, None
+        self.rollover_error = ""
+        self.rollovers += 1
+        if old is None or self.run is None:
+            return
+        self.retiring.append(old)
+        self._say(f"rolled over: job {old.job_id} → job {self.run.job_id}")
+        if old.in_flight == 0:
+            old.stop(self._retire_reason())
+
+    def on_enter_STOPPING(self, reason: str) -> None:
+        self._stop_all(reason)
+
+    def on_enter_CLOSED(self, reason: str) -> None:
+        self._stop_all(reason)
+
+    def _stop_all(self, reason: str) -> None:
+        for run in self.runs():
+            run.stop(reason)
+        if self.successor is not None:
+            self.retiring.append(self.successor)
+            self.successor = None
+
+    def _promote(self) -> None:
+        if self.phase is Phase.ROLLING:
+            self.promote()
+
+
+class Slot(Lifecycle):
+    """One catalog model in the gateway: its sessions (``Lifecycle``), what
+    clients see of it, and the requests held for it and proxied to it."""
+
+    def __init__(
+        self, name: str, served: str, factory: Factory, echo: Callable[[str], None] | None = None
+    ) -> None:
+        super().__init__(name, factory, echo)
+        self.served = served
         self.in_flight = 0  # requests for this model, held or proxied
         self.last_active = time.monotonic()
         self.served_requests = 0
-        self.sessions = 0
         self.idle_stops = 0
-        self.rollovers = 0
         self.idle_timeout: float | None = None  # this model's own (catalog), else the gateway's
-        self.gpu_hours_ended = 0.0  # held by this model's ended sessions
         self.gpu_hours_saved = 0.0  # left on the jobs its idle stops cancelled
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._changed = asyncio.Event()
 
-    # -- state --------------------------------------------------------------
     @property
     def handle(self) -> Handle | None:
         return self.run.handle if self.run is not None else None
@@ -170,38 +398,11 @@ class Slot:
         return run.state
 
     @property
-    def job_id(self) -> str:
-        return self.run.job_id if self.run is not None else ""
-
-    @property
     def gpu_hours_used(self) -> float:
         return self.gpu_hours_ended + sum(usage.held(r.handle.record) for r in self.runs())
 
     def time_left(self) -> float | None:
         return self.run.handle.record.time_left() if self.run is not None else None
-
-    def runs(self) -> list[Run]:
-        """Every session of the model not yet ended."""
-        return [r for r in (self.run, self.successor) if r is not None] + self.retiring
-
-    def _say(self, line: str) -> None:
-        if self.echo is not None:
-            self.echo(f"[{self.name}] {line}")
-
-    def _notify(self) -> None:
-        """Wake the requests held for this model (loop thread only)."""
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def _session_changed(self) -> None:
-        self._promote()
-        self._notify()
-
-    def notify_threadsafe(self) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(self._session_changed)
 
     async def changed(self, timeout: float) -> None:
         """Until the state may have changed, or ``timeout`` seconds."""
@@ -209,7 +410,6 @@ class Slot:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
-    # -- requests ----------------------------------------------------------------
     def enter(self) -> None:
         self.in_flight += 1
         self.last_active = time.monotonic()
@@ -250,154 +450,60 @@ class Slot:
         if run in self.retiring and run.in_flight == 0:
             run.stop(self._retire_reason())
 
-    def _retire_reason(self) -> str:
-        return f"rolled over to job {self.job_id}" if self.job_id else "rolled over"
-
-    # -- the sessions ---------------------------------------------------------------
-    def _start(self) -> Run:
-        """A new session of the model, driven in its own thread."""
-        self._loop = asyncio.get_running_loop()
-        lanes = {r.lane for r in self.runs()}
-        lane = next(n for n in itertools.count() if n not in lanes)
-        observer = Recorder(self.name, self.notify_threadsafe, self.echo)
-        handle = self.factory(self.name, observer, lane)
-        self.generation += 1
-        run = Run(handle, self.generation, lane, observer)
-        self.sessions += 1
-        run.thread = threading.Thread(target=self._drive, args=(run,), name=f"gateway-{self.name}",
-                                      daemon=True)  # fmt: skip
-        run.thread.start()
-        return run
-
     def ensure_started(self) -> int:
         """The generation of the session to wait for, starting one if there
         is none (single flight: this runs on the loop thread, without an
         await between the check and the start, so a burst of requests to a
         cold model makes exactly one session)."""
-        if self.run is not None:
-            return self.run.generation
-        if self.closing:
-            raise Unavailable("the gateway is shutting down")
-        self.error = ""
-        self.run = self._start()
-        self._notify()
-        return self.run.generation
-
-    def _drive(self, run: Run) -> None:
-        error = ""
-        try:
-            run.handle.drive()
-        except Interrupted:
-            pass  # stopped by the gateway (idle, shutdown, rollover): a normal end
-        except BaseException as exc:  # reported to the held requests
-            error = describe(exc)
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._ended, run, error)
-
-    def _ended(self, run: Run, error: str) -> None:
-        self.gpu_hours_ended += usage.held(run.handle.record)
-        if run is self.run:
-            successor = self.successor
-            if successor is not None and not successor.stopping:
-                # The job ended before its successor served: requests are held
-                # on the successor as for a cold start.
-                self._say(f"job {run.job_id} ended" + (f" ({error})" if error else "")
-                          + f" before job {successor.job_id or '(not yet submitted)'} serves;"
-                          " requests wait for it")  # fmt: skip
-                self.run, self.successor = successor, None
-            else:
-                self._say(f"failed: {error}" if error else "stopped")
-                self.run = None
-                if error:
-                    self.error = error
-                    self.failed_generation = run.generation
-        elif run is self.successor:
-            self.successor = None
-            why = error or "it ended before it served"
-            self.rollover_error = why
-            old = self.run
-            if old is not None:
-                old.no_successor = True
-            self._say(f"rollover failed: {why}; requests stay on job {self.job_id}"
-                      " until its time limit, then the next request starts a new job")  # fmt: skip
-        elif run in self.retiring:
-            self.retiring.remove(run)
-        self._notify()
-
-    def _promote(self) -> None:
-        """The successor serves: new requests go to it; the session it replaces
-        is stopped as soon as its requests in flight are done."""
-        successor = self.successor
-        if successor is None or successor.stopping or successor.state != READY:
-            return
-        old = self.run
-        self.run, self.successor = successor, None
-        self.rollover_error = ""
-        self.rollovers += 1
-        if old is None:
-            return
-        self.retiring.append(old)
-        self._say(f"rolled over: job {old.job_id} → job {successor.job_id}")
-        if old.in_flight == 0:
-            old.stop(self._retire_reason())
+        return self._current().generation
 
     def roll_over(self, floor: float, load_time: LoadTime | None = None) -> bool:
         """Start a successor if the serving session was used and its job is
         within its rollover lead of its time limit; whether one was started.
         At most one successor at a time, none while a replaced session still
-        ends, none again for a session whose successor failed."""
+        ends, none again for a session whose successor failed (``LAST``)."""
         self._promote()
         run = self.run
-        if (
-            self.closing or run is None or run.stopping or run.state != READY or not run.served
-            or run.no_successor or self.successor is not None or self.retiring
-        ):  # fmt: skip
+        if self.phase is not Phase.SERVING or run is None or run.state != READY or not run.served:
+            return False
+        if self.retiring:
             return False
         left = run.handle.record.time_left()
         if left is None or left > rollover_lead(run.handle.record, floor, load_time):
             return False
         try:
-            self.successor = self._start()
+            self.roll()
         except Exception as exc:  # a session refused before it runs (e.g. a busy port)
-            run.no_successor = True
-            self.rollover_error = describe(exc)
-            self._say(f"rollover failed: {self.rollover_error}; requests stay on job {run.job_id}")
+            self.refused(describe(exc))
             return False
         self._say(f"job {run.job_id} reaches its time limit in {left:.0f} s:"
                   " starting its successor")  # fmt: skip
-        self._notify()
         return True
 
     def stop(self, reason: str) -> None:
-        """Stop every session of the model (idle stop, shutdown)."""
-        for run in self.runs():
-            run.stop(reason)
-        if self.successor is not None:
-            self.retiring.append(self.successor)
-            self.successor = None
-        self._notify()
+        """Stop every session of the model (idle stop)."""
+        if self.phase in (Phase.SERVING, Phase.ROLLING, Phase.LAST):
+            self.halt(reason)
 
     async def ready(self, tick: float, on_tick: Callable[[str], object] | None = None) -> Handle:
         """Wait until this model's session serves, starting it if needed.
         ``on_tick(state)`` is awaited (if it returns an awaitable) about every
         ``tick`` seconds while waiting. Raises ``Unavailable`` with the root
         cause if the session fails."""
-        generation = self.ensure_started()
+        waited = self._current()
         next_tick = time.monotonic()
         while True:
             run = self.run
-            if run is not None and run.generation == generation:
+            if run is waited:
                 if run.state == READY and not run.stopping:
                     return run.handle
-            elif self.failed_generation == generation:
-                raise Unavailable(f"{self.name} failed to start: {self.error}")
+            elif waited.failure:
+                raise Unavailable(f"{self.name} failed to start: {waited.failure}")
             else:
                 # What we waited for ended without failing (stopped while idle,
                 # replaced by its successor, or a new session already runs):
                 # wait for the current one.
-                generation = self.ensure_started()
+                waited = self._current()
                 continue
             now = time.monotonic()
             if on_tick is not None and now >= next_tick:
@@ -453,8 +559,7 @@ class Models:
         models with one still not ended after ``timeout``."""
         threads: list[tuple[str, threading.Thread]] = []
         for slot in self.slots.values():
-            slot.closing = True
-            slot.stop("gateway shutdown")
+            slot.close("gateway shutdown")
             threads += [(slot.name, r.thread) for r in slot.runs() if r.thread is not None]
         deadline = time.monotonic() + timeout
 

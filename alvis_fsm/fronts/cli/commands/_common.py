@@ -20,33 +20,30 @@ def settings(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settin
     return load_settings({k: dict(v) for k, v in (overrides or {}).items() if v})
 
 
-# The settings a command-line flag sets, by the flag's name.
-FLAGS = {
-    "tunnel.local_port": "--port",
-    "tunnel.route": "--route",
-    "slurm.gpus": "--gpus",
-    "slurm.account": "--account",
-}
+def _flags() -> dict[str, str]:
+    """The settings a command-line flag of ``start`` sets: setting -> flag
+    (each setting's record, engine/setting_docs.py)."""
+    from alvis_fsm.engine.setting_docs import SETTINGS
+
+    return {key: doc.flag for key, doc in SETTINGS.items() if doc.flag}
 
 
 def flag_settings(overrides: Mapping[str, Mapping[str, Any]]) -> Settings:
     """Settings with command-line flags on top; a flag's bad value is a usage
     error (exit 2) naming the flag, not a configuration error."""
+    from alvis_fsm.engine.setting_docs import SETTINGS
     from alvis_fsm.engine.settings import FLAG_LABEL, SettingError
 
     try:
         return settings(overrides)
     except SettingError as exc:
-        flag = FLAGS.get(exc.key)
+        flag = _flags().get(exc.key)
         if exc.origin != FLAG_LABEL or flag is None:
             raise
         raise UsageError(
             f"{flag}: {exc.reason}",
-            hint=f"For example: alvis-fsm start {flag} {_EXAMPLES.get(flag, '...')}",
+            hint=f"For example: alvis-fsm start {flag} {SETTINGS[exc.key].example}",
         ) from None
-
-
-_EXAMPLES = {"--port": "58001", "--route": "login", "--gpus": "A40:2", "--account": "NAISS2025-22-1522"}
 
 
 def reporter(verbosity: Verbosity | None) -> Reporter:

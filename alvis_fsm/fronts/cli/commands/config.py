@@ -178,7 +178,14 @@ def parse_value(section: str, key: str, text: str) -> Any:
                 parsed = json.loads(text)
             except json.JSONDecodeError:
                 raise UsageError(_refused(dotted, text)) from None
-            if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            # A list of seconds takes numbers, e.g. [600, 60]; the others strings.
+            item = (typing.get_args(annotation) or (str,))[0]
+            if typing.get_origin(item) is typing.Annotated:
+                item = typing.get_args(item)[0]
+            kinds: tuple[type, ...] = (int, float) if item in (int, float) else (str,)
+            if not isinstance(parsed, list) or not all(
+                isinstance(v, kinds) and not isinstance(v, bool) for v in parsed
+            ):
                 raise UsageError(_refused(dotted, text))
             return parsed
         return [part.strip() for part in text.split(",") if part.strip()]
