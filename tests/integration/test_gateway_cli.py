@@ -91,7 +91,7 @@ def test_detached_gateway_env_status_logs_and_stop(lab: Any, gateway_tool: Tool)
 
     logs = tool.run_piped("logs", "lab-ok", "-n", "20", timeout=60)
     assert logs.returncode == 0, logs.stderr
-    assert "[VLLM ERR] INFO:     Application startup complete." in logs.stdout
+    assert re.search(r"\[VLLM ERR\] \(APIServer pid=\d+\) INFO:     Application startup complete\.", logs.stdout)
     assert any("POST /v1/chat/completions" in x for x in logs.stdout.splitlines()), logs.stdout
 
     stop_gateway(tool)

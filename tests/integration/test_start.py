@@ -52,7 +52,7 @@ def test_clean_run_with_default_model(lab, tool: Tool) -> None:
     child.expect(r"export OPENAI_API_KEY=(\S+)")
     key = child.match.group(1)
     child.expect_exact("[INFO] Streaming logs (Ctrl+C to stop and cleanup)...")
-    child.expect_exact("[VLLM ERR] INFO:     Application startup complete.")
+    child.expect(r"\[VLLM ERR\] \(APIServer pid=\d+\) INFO:     Application startup complete\.")
 
     # A real client, through the tunnel, with the session's key.
     client = OpenAI(base_url=f"http://localhost:{port}/v1", api_key=key, timeout=10)

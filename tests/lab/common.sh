@@ -46,6 +46,10 @@ LAB_MYSQL_LOG="$LAB_LOG/mariadb.log"
 LAB_SLURM_CONF=/etc/slurm/slurm.conf
 LAB_MODELS=/mimer/NOBACKUP/Datasets/LLM/huggingface/hub
 LAB_IMAGE=/apps/containers/vLLM/vllm-0.11.0.sif
+# The real vLLM (CPU build) for models marked real: outside the lab root, so
+# `down --purge` keeps it; tests/lab/bin/apptainer names the same path.
+LAB_REAL_VLLM=/opt/alvis-lab-vllm
+LAB_REAL_VLLM_VERSION=0.11.0
 
 log() { printf '[lab] %s\n' "$*" >&2; }
 

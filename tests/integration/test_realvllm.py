@@ -1,0 +1,220 @@
+"""The REAL vLLM 0.11.0 (CPU build) on the lab (issue 21): `alvis-fsm start -m
+tiny-real` through the normal job script (unix socket, key, readiness), then
+the official openai client against it, then Ctrl+C with nothing left.
+
+One server serves the whole module (a real start costs ~45 s): the tests run
+in file order and the last one stops it. The model is the lab's tiny Llama
+with random weights (tests/lab/realvllm/make_model.py), so answers are
+gibberish: the tests check shapes, counts and framing, never words."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pexpect
+import pytest
+from tool import Tool, assert_nothing_left, exit_status, free_port, interrupt
+
+pytestmark = pytest.mark.realvllm
+# One job for the module (conftest.py: no cancelling between its tests).
+SHARES_ONE_JOB = True
+
+CONNECTED = "✓ Connection successful! Server available at http://localhost:"
+MODEL = "tiny-real"
+SERVED = "alvislab/tiny-real"
+
+
+@dataclass
+class Served:
+    tool: Tool
+    child: pexpect.spawn
+    port: int
+    key: str
+    job_id: str
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _drain: threading.Thread | None = None
+
+    def start_draining(self) -> None:
+        """Read what the tool prints while the tests talk to the server: the
+        real vLLM logs a lot (and every 10 s), and a tool whose terminal is
+        full blocks. Only this thread reads until ``stop_draining``."""
+
+        def drain() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.child.expect(pexpect.TIMEOUT, timeout=0.2)
+                except pexpect.EOF:
+                    return
+                except pexpect.TIMEOUT:
+                    pass
+
+        self._drain = threading.Thread(target=drain, daemon=True)
+        self._drain.start()
+
+    def stop_draining(self) -> None:
+        self._stop.set()
+        if self._drain is not None:
+            self._drain.join(10)
+
+    @property
+    def base(self) -> str:
+        return f"http://localhost:{self.port}/v1"
+
+    def client(self, key: str | None = None) -> Any:
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base, api_key=key or self.key, timeout=60, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def served(lab: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    tool = Tool(lab, tmp_path_factory.mktemp("realvllm") / "home")
+    port = free_port()
+    child = tool.spawn("start", "-m", MODEL, "--port", str(port), timeout=300)
+    try:
+        child.expect(r"Job submitted: (\d+)")
+        job_id = child.match.group(1)
+        # Route jump (the default): the real server on a unix socket on the node.
+        child.expect(r"\[INFO\] Server address: \S+:/\S+/vllm\.sock\s")
+        child.expect_exact(CONNECTED + str(port))
+        child.expect(r"export OPENAI_API_KEY=(\S+)")
+        key = child.match.group(1)
+        child.expect_exact("[INFO] Streaming logs (Ctrl+C to stop and cleanup)...")
+        served = Served(tool, child, port, key, job_id)
+        served.start_draining()
+        yield served
+        served.stop_draining()
+    finally:
+        tool.close()
+        lab.cancel_all()
+        # Shown by pytest when a test of the module failed.
+        print(child.logfile_read.text[-6000:])
+
+
+def real_processes(lab: Any) -> list[str]:
+    """The cluster user's processes of the real vLLM (its API server runs
+    /opt/alvis-lab-vllm/bin/vllm; its engine retitles itself VLLM::...)."""
+    out = subprocess.run(
+        ["ps", "-ww", "-u", lab.user, "-o", "pid=,args="], text=True, capture_output=True
+    ).stdout
+    return [
+        line.strip() for line in out.splitlines()
+        if "/opt/alvis-lab-vllm/" in line or re.match(r"\s*\d+\s+VLLM::", line)
+    ]  # fmt: skip
+
+
+def wait_for_lines(child: pexpect.spawn, patterns: list[str], timeout: float = 30) -> None:
+    """Each pattern on some line the tool printed (in any order: it streams
+    the two files of the run directory side by side; the drain reads them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = child.logfile_read.text
+        missing = [p for p in patterns if not re.search(p, text)]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not shown: {missing}\n--- output\n{text[-4000:]}")
+        time.sleep(0.3)
+
+
+def test_start_runs_the_real_server_through_the_job_script(lab: Any, served: Served) -> None:
+    # Its own lines, streamed from the run directory: vLLM's logger on stdout,
+    # uvicorn's readiness line (what the job script waits for) on stderr.
+    wait_for_lines(served.child, [
+        r"\[VLLM OUT\] .*Starting vLLM API server 0 on unix:/\S+/vllm\.sock",
+        r"\[VLLM ERR\] .*INFO:     Application startup complete\.",
+    ])  # fmt: skip
+    record = json.loads((served.tool.state_dir / "sessions" / f"{MODEL}.json").read_text())
+    assert record["job_id"] == served.job_id
+    script = (Path(record["run_dir"]) / "job.sh").read_text()
+    assert re.search(r"^MAX_MODEL_LEN=2048$", script, re.M)
+    # The real one: the apptainer shim ran /opt/alvis-lab-vllm for this model.
+    assert real_processes(lab), "no process of the real vLLM runs"
+    models = served.client().models.list()
+    assert [(m.id, getattr(m, "max_model_len", None)) for m in models.data] == [(SERVED, 2048)]
+
+
+def test_chat_through_the_official_client(served: Served) -> None:
+    reply = served.client().chat.completions.create(
+        model=SERVED, messages=[{"role": "user", "content": "Hello"}], max_tokens=8
+    )
+    choice = reply.choices[0]
+    assert reply.model == SERVED and reply.object == "chat.completion"
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage is not None and 1 <= reply.usage.completion_tokens <= 8
+    # The chat template (tests/lab/realvllm/make_model.py) wrapped the message.
+    assert reply.usage.prompt_tokens > 2
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_completions_with_ignore_eos_give_exactly_max_tokens(served: Served, n: int) -> None:
+    reply = served.client().completions.create(
+        model=SERVED, prompt="the cluster node", max_tokens=n, extra_body={"ignore_eos": True}
+    )
+    assert reply.object == "text_completion"
+    assert reply.usage is not None and reply.usage.completion_tokens == n
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_stream_through_the_official_client_and_its_framing(served: Served) -> None:
+    stream = served.client().chat.completions.create(
+        model=SERVED, messages=[{"role": "user", "content": "Hello"}], max_tokens=16,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert usage and usage[-1].completion_tokens == 16
+    # On the wire: server-sent events, one `data:` line per event, `[DONE]` last.
+    with httpx.Client(base_url=served.base, trust_env=False, timeout=60) as http, http.stream(
+        "POST", "/chat/completions", headers={"Authorization": f"Bearer {served.key}"},
+        json={"model": SERVED, "stream": True, "max_tokens": 5, "ignore_eos": True,
+              "messages": [{"role": "user", "content": "Hi"}]},
+    ) as resp:  # fmt: skip
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in resp.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_the_key_guards_v1(served: Served) -> None:
+    from openai import AuthenticationError
+
+    with pytest.raises(AuthenticationError):
+        served.client(key="wrong").models.list()
+    with httpx.Client(base_url=served.base, trust_env=False, timeout=30) as http:
+        bare = http.get("/models")
+    assert bare.status_code == 401 and bare.json() == {"error": "Unauthorized"}
+
+
+def test_ctrl_c_leaves_no_job_no_process_no_tunnel(lab: Any, served: Served) -> None:
+    served.stop_draining()
+    child = served.child
+    interrupt(child)
+    child.expect_exact(f"[INFO] Cancelling job {served.job_id}...", timeout=60)
+    child.expect_exact(f"[INFO] Cleaned up job {served.job_id} successfully", timeout=60)
+    child.expect(pexpect.EOF, timeout=30)
+    child.close()
+    assert exit_status(child) == 0, child.logfile_read.text[-3000:]
+    assert_nothing_left(lab, served.tool)  # no job, no ssh (tunnel) of the tool
+    deadline = time.monotonic() + 30
+    while real_processes(lab) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert real_processes(lab) == []
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{served.base}/models", timeout=5)
