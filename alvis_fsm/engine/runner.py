@@ -56,6 +56,7 @@ from alvis_fsm.errors import (
     StopRequested,
 )
 from alvis_fsm.retry import Backoff
+from alvis_fsm.text import inert_line
 
 if TYPE_CHECKING:  # settings imports pydantic; the Runner only reads it
     from alvis_fsm.engine.settings import Settings
@@ -559,7 +560,7 @@ class Runner:
     def _tail_err(self, n: int) -> list[str]:
         try:
             return [
-                slurm.strip_ansi(t)
+                inert_line(t)
                 for s, t in self.agent.tail(self.record.run_dir, n)
                 if s == "err"
             ]
@@ -812,7 +813,7 @@ class Runner:
                 line = raw.decode("utf-8", "replace").rstrip("\n")
                 if line[:2] in ("O|", "E|"):
                     stream, text = parse_log_line(line)
-                    self.ui.log_line(stream, slurm.strip_ansi(text))
+                    self.ui.log_line(stream, inert_line(text))
                 elif "|" in line:
                     head, _, rest = line.partition("|")
                     if head in ("EXITED", "ENDED", "GONE", "UNKNOWN"):
@@ -880,7 +881,7 @@ class Runner:
         try:
             if not follow:
                 for stream, text in self.agent.tail(r.run_dir, lines):
-                    self.ui.log_line(stream, slurm.strip_ansi(text))
+                    self.ui.log_line(stream, inert_line(text))
                 return
             self._start_stream(lines)
             while True:
@@ -967,7 +968,7 @@ def _stderr_of(proc: subprocess.Popen[bytes]) -> str:
     except (OSError, ValueError):
         return ""
     lines = data.decode("utf-8", "replace").strip().splitlines()
-    return slurm.strip_ansi(lines[-1])[:200] if lines else ""
+    return inert_line(lines[-1])[:200] if lines else ""
 
 
 class _LimitReached(Exception):

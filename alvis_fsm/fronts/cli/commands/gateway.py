@@ -98,6 +98,7 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
     from alvis_fsm.fronts.gateway.models import Models
     from alvis_fsm.fronts.gateway.recorder import Recorder
     from alvis_fsm.fronts.gateway.server import Gateway, Options
+    from alvis_fsm.text import inert
 
     cfg = _settings(port, idle)
     catalog = load_catalog(cfg)
@@ -113,6 +114,7 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
 
         def echo(line: str) -> None:
             if verbosity is not Verbosity.QUIET:
+                line = inert(line)  # vLLM's and the cluster's text: never control sequences
                 with lock:
                     # In the background log, each line says when.
                     click.echo(time.strftime("%Y-%m-%d %H:%M:%S ") + line if log else line, err=True)

@@ -103,7 +103,7 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
         click.echo(json.dumps({"sessions": rows, "errors": errors,
                                "gateway": _gateway_json(gateway)}, indent=2))  # fmt: skip
         return code
-    from alvis_fsm.fronts.output import clean
+    from alvis_fsm.text import inert_line as clean
 
     if gateway is not None:
         click.echo(clean(_describe_gateway(gateway)))
