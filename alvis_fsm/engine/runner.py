@@ -96,10 +96,16 @@ class Detached(Exception):
     """Not an error: ``--detach`` returns once the session is tunneled."""
 
 
+# How long a supervisor asks the scheduler to confirm that its job ended.
+END_CONFIRM_S = 30.0
+
+
 class Release(BaseException):
     """The client lets go of the session and leaves job, tunnel and state as
     they are: a background supervisor handing a detached session over (to
-    `resume` or `stop`), or noticing an end it leaves to them to report."""
+    `resume` or `stop`). Raised with the event's kind when its job ends: the
+    supervisor then records the end the scheduler confirms and closes the
+    tunnel (``_confirm_end``), else leaves it to `status`."""
 
 
 class Runner:
@@ -341,6 +347,8 @@ class Runner:
             and not isinstance(exc, ConnectionLost)
         ):
             self._stop_stream()
+            if isinstance(exc, Release) and exc.args and self._confirm_end():
+                return  # ended, recorded, tunnel and connection closed
             r.client_pid = 0
             self._save()
             return
@@ -624,10 +632,11 @@ class Runner:
             return
         if self.tunnel is None:
             self._open_tunnel()
+        assert self.tunnel is not None
         self.ui.info("Testing connection...")
         self._verified = self._verify(
             r.local_port, r.api_key or None, self.settings.timeouts.connection_test, r.served_name,
-            local_socket=r.local_socket,
+            local_socket=r.local_socket, alive=self.tunnel.alive,
         )
         self._fire("connect")
 
@@ -664,12 +673,16 @@ class Runner:
             try:
                 assert self.tunnel is not None
                 self.tunnel.open()
+                # The tunnel's own check too: if its new ssh dies while
+                # the server is being checked, that is noticed at once and
+                # the next try starts (not the connection test's deadline).
                 self._verify(
                     r.local_port,
                     r.api_key or None,
                     self.settings.timeouts.connection_test,
                     r.served_name,
                     local_socket=r.local_socket,
+                    alive=self.tunnel.alive,
                 )
                 return
             except AlvisError as exc:
@@ -723,7 +736,10 @@ class Runner:
             raise Detached()
         if not self._said_streaming:
             self._said_streaming = True
-            self.ui.info("Streaming logs (Ctrl+C to stop and cleanup)...")
+            # For a person at a terminal only (not the gateway's output,
+            # not the Python API's log): nobody else has a Ctrl+C.
+            if self.ui.interactive():
+                self.ui.info("Streaming logs (Ctrl+C to stop and cleanup)...")
         restarts = self._restarts
         while True:
             self._check_stop()
@@ -761,7 +777,7 @@ class Runner:
             if kind == "UNKNOWN":
                 self._unanswered(slurm.JobInfo(source="unknown", state=slurm.JobState.UNKNOWN, reason=value))
             if self.supervised and kind in ("EXITED", "ENDED", "GONE"):
-                raise Release(kind)  # the job is ending: `status` reports it
+                raise Release(kind)  # the job is ending: confirmed and recorded in _finish
             if (kind == "ENDED" and value == "time limit") or (kind == "GONE" and value == "TIMEOUT"):
                 raise _LimitReached()
             if kind == "EXITED":
@@ -864,6 +880,23 @@ class Runner:
         r.client_pid = 0
         self._save()
         return False
+
+    def _confirm_end(self) -> bool:
+        """A supervisor saw its job end (vLLM exited, the job stopped or is
+        gone: a scancel elsewhere, the time limit, a node failure): once the
+        scheduler confirms it, the end is recorded and the tunnel and the
+        connection closed, as a foreground client would; nobody has to run
+        `status` to free the port. Asked for ``END_CONFIRM_S`` at most; no
+        confirmation leaves the session to `status`, as before."""
+        deadline = time.monotonic() + END_CONFIRM_S
+        while True:
+            try:
+                if not self.still_alive():
+                    return True
+            except AlvisError:
+                pass
+            if time.monotonic() >= deadline or self._stop.wait(1.0):
+                return False  # or `stop`/`resume` took over meanwhile
 
     def stop(self) -> None:
         r = self.record
