@@ -68,7 +68,7 @@ def test_verify_still_waits_for_a_server_behind_a_live_tunnel() -> None:
 def test_a_tunnel_that_dies_again_while_reopened_is_reopened_at_once(tmp_path: Path) -> None:
     """Two drops in a row: the second (the new ssh dying during the check)
     restarts the recovery, which then completes."""
-    runner, agent, _, say, _store = make_runner(tmp_path, "tunneled", detach=False)
+    runner, _agent, _, say, _store = make_runner(tmp_path, "tunneled", detach=False)
     opened: list[FakeTunnel] = []
     checks: list[bool] = []
 
