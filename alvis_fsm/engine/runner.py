@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from alvis_fsm.cluster import rundir, slurm
 from alvis_fsm.cluster.agent import Agent, Event, parse_log_line
 from alvis_fsm.cluster.ssh import Connection, SSHOptions, control_path
-from alvis_fsm.cluster.tunnel import Tunnel, Verified, parse_address, verify
+from alvis_fsm.cluster.tunnel import Tunnel, TunnelDied, Verified, parse_address, verify
 from alvis_fsm.engine import loadtimes
 from alvis_fsm.engine.durations import fmt_duration
 from alvis_fsm.engine.machine import Session, build_machine
@@ -686,6 +686,10 @@ class Runner:
                 )
                 return
             except AlvisError as exc:
+                if isinstance(exc, TunnelDied):
+                    # A drop during recovery is a drop: say so, and reopen
+                    # after the shortest backoff (the next failure waits longer).
+                    self.ui.warn("The tunnel dropped again while it was being reopened; reopening...")
                 if tries.failed() >= self.settings.tunnel.max_reconnects:
                     raise self._give_up(
                         f"Could not reopen the tunnel after {tries.failures} tries", exc.message
@@ -875,6 +879,7 @@ class Runner:
         self.ui.info(f"Job {r.job_id} has ended ({how}); nothing to cancel")
         self._close_local()
         r.end_reason = f"job ended: {how}"
+        r.final_job_state = str(job.state)
         if self.state is not State.CLEANED:
             self._fire("clean")
         r.client_pid = 0

@@ -30,6 +30,7 @@ def test_a_supervisor_records_a_confirmed_end_and_closes_tunnel_and_connection(
     assert agent.cancels == []  # nothing to cancel: it ended
     saved = store.load("s")
     assert saved.state == "cleaned" and saved.end_reason == "job ended: CANCELLED"
+    assert saved.final_job_state == "CANCELLED"  # what `status` shows as the job's state
     assert saved.client_pid == 0
     assert runner.tunnel is not None and not runner.tunnel.up()
     assert not conn.up
@@ -102,6 +103,7 @@ def test_a_tunnel_that_dies_again_while_reopened_is_reopened_at_once(tmp_path: P
     with pytest.raises(Interrupted):
         runner.drive()
     assert checks == [True, False, False, True]
+    assert say.text("warn").count("The tunnel dropped again while it was being reopened") == 2
     assert "Tunnel back up: http://localhost:58000" in say.text("info")
 
 
