@@ -663,6 +663,7 @@ class Runner:
         at most tunnel.max_reconnects tries, backing off between them."""
         r = self.record
         tries = Backoff(first=0.5, most=10.0)
+        redropped = False
         while True:
             self._check_stop()
             if not self.conn.alive():
@@ -686,14 +687,17 @@ class Runner:
                 )
                 return
             except AlvisError as exc:
-                if isinstance(exc, TunnelDied):
-                    # A drop during recovery is a drop: say so, and reopen
-                    # after the shortest backoff (the next failure waits longer).
+                again = isinstance(exc, TunnelDied)
+                if again:
+                    # A drop during recovery is a drop: say so, and reopen.
                     self.ui.warn("The tunnel dropped again while it was being reopened; reopening...")
                 if tries.failed() >= self.settings.tunnel.max_reconnects:
                     raise self._give_up(
                         f"Could not reopen the tunnel after {tries.failures} tries", exc.message
                     ) from exc
+                if again and not redropped:
+                    redropped = True  # at once the first time; a tunnel that keeps dying backs off
+                    continue
                 if not tries.wait(self._stop):
                     self._check_stop()
 
