@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from alvis_fsm.errors import SchedulerError
+from alvis_fsm.text import inert_line
 
 
 class JobState(StrEnum):
@@ -190,18 +191,11 @@ FATAL_PATTERNS = re.compile(
     r"CUDA error|RuntimeError|ValueError|FATAL|Traceback \(most recent call last\)|"
     r"EngineCore encountered a fatal error|Error|error:",
 )
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-
-
-def strip_ansi(text: str) -> str:
-    return _ANSI.sub("", text)
-
-
 def root_cause(lines: list[str], tail: int = 8) -> list[str]:
     """The lines that explain a crash: fatal-pattern matches, then the tail.
 
     A WARNING line alone never counts: vLLM prints many harmless ones."""
-    clean = [strip_ansi(line).rstrip() for line in lines]
+    clean = [inert_line(line).rstrip() for line in lines]
     fatal = [
         line
         for line in clean

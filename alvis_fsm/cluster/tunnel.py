@@ -36,6 +36,7 @@ import shlex
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,19 +286,32 @@ def _refused_key(exc: httpx.HTTPStatusError, what: str) -> ServerError:
     )
 
 
+class TunnelDied(SSHError):
+    """The tunnel's ssh ended while its server was being checked through it:
+    a drop like any other, known at once rather than at the deadline."""
+
+
 def verify(
     local_port: int, api_key: str | None, deadline_s: float, served_name: str = "",
-    local_socket: str = "",
+    local_socket: str = "", alive: Callable[[], bool] | None = None,
 ) -> Verified:
     """Through the tunnel, with the key: ``/v1/models`` lists the served model
     and a 1-token completion succeeds. ``/v1/models`` alone is not enough: the
     API server answers it even when its engine is dead.
 
     Connection errors are retried until the deadline (the forward is up
-    before vLLM listens); an HTTP error from the completion is final."""
+    before vLLM listens); an HTTP error from the completion is final. With
+    ``alive`` (the tunnel's own check), a connection error while the tunnel
+    is gone raises ``TunnelDied`` at once: a drop during recovery is a drop."""
     base = local_base(local_port, local_socket)
     end = time.monotonic() + deadline_s
     last = ""
+
+    def still_up(what: str) -> None:
+        if alive is not None and not alive():
+            raise TunnelDied("The tunnel closed while the server was being checked",
+                             details=f"{what}: {last}")  # fmt: skip
+
     models: list[str] = []
     with http_client(api_key, timeout=5, local_socket=local_socket) as client:
         while True:
@@ -320,6 +334,7 @@ def verify(
                     raise _refused_key(exc, f"GET {base}/v1/models") from exc
             except (httpx.HTTPError, ValueError) as exc:
                 last = str(exc) or type(exc).__name__
+                still_up(f"GET {base}/v1/models")
             if time.monotonic() >= end:
                 raise ServerError(
                     f"The server did not answer through the tunnel within {deadline_s:.0f} s",
@@ -357,6 +372,7 @@ def verify(
                 ) from exc
             except (httpx.HTTPError, ValueError) as exc:
                 last = str(exc) or type(exc).__name__
+                still_up(f"POST {url}")
             if time.monotonic() >= end:
                 raise ServerError(
                     f"vLLM lists {model} but a 1-token completion did not succeed "

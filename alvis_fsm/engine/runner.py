@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from alvis_fsm.cluster import rundir, slurm
 from alvis_fsm.cluster.agent import Agent, Event, parse_log_line
 from alvis_fsm.cluster.ssh import Connection, SSHOptions, control_path
-from alvis_fsm.cluster.tunnel import Tunnel, Verified, parse_address, verify
+from alvis_fsm.cluster.tunnel import Tunnel, TunnelDied, Verified, parse_address, verify
 from alvis_fsm.engine import loadtimes
 from alvis_fsm.engine.durations import fmt_duration
 from alvis_fsm.engine.machine import Session, build_machine
@@ -56,6 +56,7 @@ from alvis_fsm.errors import (
     StopRequested,
 )
 from alvis_fsm.retry import Backoff
+from alvis_fsm.text import inert_line
 
 if TYPE_CHECKING:  # settings imports pydantic; the Runner only reads it
     from alvis_fsm.engine.settings import Settings
@@ -95,10 +96,16 @@ class Detached(Exception):
     """Not an error: ``--detach`` returns once the session is tunneled."""
 
 
+# How long a supervisor asks the scheduler to confirm that its job ended.
+END_CONFIRM_S = 30.0
+
+
 class Release(BaseException):
     """The client lets go of the session and leaves job, tunnel and state as
     they are: a background supervisor handing a detached session over (to
-    `resume` or `stop`), or noticing an end it leaves to them to report."""
+    `resume` or `stop`). Raised with the event's kind when its job ends: the
+    supervisor then records the end the scheduler confirms and closes the
+    tunnel (``_confirm_end``), else leaves it to `status`."""
 
 
 class Runner:
@@ -340,6 +347,8 @@ class Runner:
             and not isinstance(exc, ConnectionLost)
         ):
             self._stop_stream()
+            if isinstance(exc, Release) and exc.args and self._confirm_end():
+                return  # ended, recorded, tunnel and connection closed
             r.client_pid = 0
             self._save()
             return
@@ -559,7 +568,7 @@ class Runner:
     def _tail_err(self, n: int) -> list[str]:
         try:
             return [
-                slurm.strip_ansi(t)
+                inert_line(t)
                 for s, t in self.agent.tail(self.record.run_dir, n)
                 if s == "err"
             ]
@@ -623,10 +632,11 @@ class Runner:
             return
         if self.tunnel is None:
             self._open_tunnel()
+        assert self.tunnel is not None
         self.ui.info("Testing connection...")
         self._verified = self._verify(
             r.local_port, r.api_key or None, self.settings.timeouts.connection_test, r.served_name,
-            local_socket=r.local_socket,
+            local_socket=r.local_socket, alive=self.tunnel.alive,
         )
         self._fire("connect")
 
@@ -653,6 +663,7 @@ class Runner:
         at most tunnel.max_reconnects tries, backing off between them."""
         r = self.record
         tries = Backoff(first=0.5, most=10.0)
+        redropped = False
         while True:
             self._check_stop()
             if not self.conn.alive():
@@ -663,19 +674,30 @@ class Runner:
             try:
                 assert self.tunnel is not None
                 self.tunnel.open()
+                # The tunnel's own check too: if its new ssh dies while
+                # the server is being checked, that is noticed at once and
+                # the next try starts (not the connection test's deadline).
                 self._verify(
                     r.local_port,
                     r.api_key or None,
                     self.settings.timeouts.connection_test,
                     r.served_name,
                     local_socket=r.local_socket,
+                    alive=self.tunnel.alive,
                 )
                 return
             except AlvisError as exc:
+                again = isinstance(exc, TunnelDied)
+                if again:
+                    # A drop during recovery is a drop: say so, and reopen.
+                    self.ui.warn("The tunnel dropped again while it was being reopened; reopening...")
                 if tries.failed() >= self.settings.tunnel.max_reconnects:
                     raise self._give_up(
                         f"Could not reopen the tunnel after {tries.failures} tries", exc.message
                     ) from exc
+                if again and not redropped:
+                    redropped = True  # at once the first time; a tunnel that keeps dying backs off
+                    continue
                 if not tries.wait(self._stop):
                     self._check_stop()
 
@@ -722,7 +744,10 @@ class Runner:
             raise Detached()
         if not self._said_streaming:
             self._said_streaming = True
-            self.ui.info("Streaming logs (Ctrl+C to stop and cleanup)...")
+            # For a person at a terminal only (not the gateway's output,
+            # not the Python API's log): nobody else has a Ctrl+C.
+            if self.ui.interactive():
+                self.ui.info("Streaming logs (Ctrl+C to stop and cleanup)...")
         restarts = self._restarts
         while True:
             self._check_stop()
@@ -760,7 +785,7 @@ class Runner:
             if kind == "UNKNOWN":
                 self._unanswered(slurm.JobInfo(source="unknown", state=slurm.JobState.UNKNOWN, reason=value))
             if self.supervised and kind in ("EXITED", "ENDED", "GONE"):
-                raise Release(kind)  # the job is ending: `status` reports it
+                raise Release(kind)  # the job is ending: confirmed and recorded in _finish
             if (kind == "ENDED" and value == "time limit") or (kind == "GONE" and value == "TIMEOUT"):
                 raise _LimitReached()
             if kind == "EXITED":
@@ -812,7 +837,7 @@ class Runner:
                 line = raw.decode("utf-8", "replace").rstrip("\n")
                 if line[:2] in ("O|", "E|"):
                     stream, text = parse_log_line(line)
-                    self.ui.log_line(stream, slurm.strip_ansi(text))
+                    self.ui.log_line(stream, inert_line(text))
                 elif "|" in line:
                     head, _, rest = line.partition("|")
                     if head in ("EXITED", "ENDED", "GONE", "UNKNOWN"):
@@ -858,11 +883,29 @@ class Runner:
         self.ui.info(f"Job {r.job_id} has ended ({how}); nothing to cancel")
         self._close_local()
         r.end_reason = f"job ended: {how}"
+        r.final_job_state = str(job.state)
         if self.state is not State.CLEANED:
             self._fire("clean")
         r.client_pid = 0
         self._save()
         return False
+
+    def _confirm_end(self) -> bool:
+        """A supervisor saw its job end (vLLM exited, the job stopped or is
+        gone: a scancel elsewhere, the time limit, a node failure): once the
+        scheduler confirms it, the end is recorded and the tunnel and the
+        connection closed, as a foreground client would; nobody has to run
+        `status` to free the port. Asked for ``END_CONFIRM_S`` at most; no
+        confirmation leaves the session to `status`, as before."""
+        deadline = time.monotonic() + END_CONFIRM_S
+        while True:
+            try:
+                if not self.still_alive():
+                    return True
+            except AlvisError:
+                pass
+            if time.monotonic() >= deadline or self._stop.wait(1.0):
+                return False  # or `stop`/`resume` took over meanwhile
 
     def stop(self) -> None:
         r = self.record
@@ -880,7 +923,7 @@ class Runner:
         try:
             if not follow:
                 for stream, text in self.agent.tail(r.run_dir, lines):
-                    self.ui.log_line(stream, slurm.strip_ansi(text))
+                    self.ui.log_line(stream, inert_line(text))
                 return
             self._start_stream(lines)
             while True:
@@ -967,7 +1010,7 @@ def _stderr_of(proc: subprocess.Popen[bytes]) -> str:
     except (OSError, ValueError):
         return ""
     lines = data.decode("utf-8", "replace").strip().splitlines()
-    return slurm.strip_ansi(lines[-1])[:200] if lines else ""
+    return inert_line(lines[-1])[:200] if lines else ""
 
 
 class _LimitReached(Exception):

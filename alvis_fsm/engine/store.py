@@ -98,6 +98,9 @@ class SessionRecord:
     client_pid: int = 0
     supervisor_pid: int = 0  # the background keeper of a detached session's tunnel
     end_reason: str = ""
+    # The scheduler's state of the ended job (e.g. CANCELLED), when the end
+    # was recorded from its answer (a supervisor or `status` noticing it).
+    final_job_state: str = ""
     history: list[list[str]] = field(default_factory=list)  # [state, iso time]
     entered_at: dict[str, float] = field(default_factory=dict)
     format: int = FORMAT

@@ -26,6 +26,7 @@ from alvis_fsm.engine.states import State
 from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.errors import SessionError, UsageError
 from alvis_fsm.fronts.ui import Reporter, Verbosity
+from alvis_fsm.text import inert
 
 if TYPE_CHECKING:
     import openai
@@ -35,7 +36,9 @@ log = logging.getLogger("alvis_fsm")
 
 class LogReporter(Reporter):
     """The CLI's reporter, turned into log records: INFO for progress,
-    WARNING for warnings, DEBUG for commands and vLLM's log lines."""
+    WARNING for warnings, DEBUG for commands and vLLM's log lines. Every
+    text is made inert first (``alvis_fsm.text``): a log handler may print
+    it to a terminal."""
 
     def __init__(self, logger: logging.Logger = log) -> None:
         super().__init__(Verbosity.QUIET)
@@ -43,24 +46,24 @@ class LogReporter(Reporter):
         self._last_wait: str | None = None
 
     def info(self, message: str) -> None:
-        self.log.info(message)
+        self.log.info(inert(message))
 
     def warn(self, message: str) -> None:
-        self.log.warning(message)
+        self.log.warning(inert(message))
 
     def result(self, message: str) -> None:
-        self.log.info(message)
+        self.log.info(inert(message))
 
     def command(self, text: str) -> None:
-        self.log.debug("command: %s", text)
+        self.log.debug("command: %s", inert(text))
 
     def log_line(self, stream: str, line: str) -> None:
-        self.log.debug("vllm %s: %s", stream, line)
+        self.log.debug("vllm %s: %s", stream, inert(line))
 
     def waiting(self, text: str, since: float | None = None) -> None:
         if text != self._last_wait:
             self._last_wait = text
-            self.log.info(text)
+            self.log.info(inert(text))
 
     def interrupted(self) -> None:
         self.log.info("interrupted")
@@ -73,7 +76,7 @@ class LogReporter(Reporter):
     ) -> None:
         self.log.info(
             "connected: %s serves %s (first token %.0f ms)",
-            record.url, ", ".join(models), (first_token_s or 0) * 1000,
+            record.url, inert(", ".join(models)), (first_token_s or 0) * 1000,
         )  # fmt: skip
 
     def interactive(self) -> bool:

@@ -1,6 +1,9 @@
 """What every command shares about its output: one JSON shape, text made
 safe for a terminal, and a stdout that may be closed or full.
 
+Text from outside is made safe with ``alvis_fsm.text.inert`` (the one
+sanitizer, for every layer).
+
 JSON (``--json``): exactly one JSON object on stdout, indented, ending in a
 newline. On success its keys depend on the command (documented in
 docs/commands.md); on failure it is ``{"error": {"message", "hint", "details",
@@ -11,28 +14,8 @@ Imported by every command, so it imports nothing heavy."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from typing import Any
-
-# ESC-started sequences (CSI with parameters, OSC up to BEL or ST, and
-# two-character escapes), then any C0/C1 control character left except tab.
-_ESCAPES = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]|\x9b[0-?]*[ -/]*[@-~]"
-)
-_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-
-
-def clean(text: str) -> str:
-    """``text`` (one line from a catalog, a remote file or another program)
-    without terminal control sequences: colours, cursor moves, title
-    changes and bells could otherwise rewrite what the user sees."""
-    return _CONTROLS.sub("", _ESCAPES.sub("", text))
-
-
-def clean_lines(text: str) -> str:
-    """``clean`` for every line of a multi-line text, newlines kept."""
-    return "\n".join(clean(line) for line in text.split("\n"))
 
 
 def emit_json(data: dict[str, Any]) -> None:

@@ -74,11 +74,11 @@ class Reporter:
 
     # -- lines ------------------------------------------------------------
     def _write(self, text: str, stream: IO[str] | None = None) -> None:
-        from alvis_fsm.fronts.output import clean_lines
+        from alvis_fsm.text import inert
 
         # Model paths, scheduler reasons, vLLM's lines: other people's text,
         # never allowed to move the cursor or recolour the terminal.
-        text = clean_lines(text)
+        text = inert(text)
         with self._lock:
             target = stream or self._out
             try:
@@ -122,7 +122,7 @@ class Reporter:
         On a terminal: a spinner line redrawn in place. Otherwise (piped,
         NO_COLOR, TERM=dumb): a plain [INFO] line when what we wait for
         changes, and at most once a minute while it does not."""
-        from alvis_fsm.fronts.output import clean
+        from alvis_fsm.text import inert_line as clean
 
         text = clean(text)
         with self._lock:
@@ -229,7 +229,7 @@ class Reporter:
 
 
 def show_error(exc: AlvisError) -> None:
-    from alvis_fsm.fronts.output import clean
+    from alvis_fsm.text import inert_line as clean
 
     # Details are another program's words (sbatch, ssh, vLLM): no escapes.
     err = sys.stderr

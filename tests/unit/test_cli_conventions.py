@@ -107,7 +107,7 @@ def test_catalog_text_reaches_the_terminal_without_escapes(tmp_path: Path, user_
 
 
 def test_clean() -> None:
-    from alvis_fsm.fronts.output import clean
+    from alvis_fsm.text import inert_line as clean
 
     assert clean("a\x1b[1;31mb\x1b[0mc") == "abc"
     assert clean("t\x1b]2;title\x1b\\x") == "tx"

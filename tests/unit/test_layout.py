@@ -1,7 +1,7 @@
 """The package's layers and their import direction (issue 13).
 
 fronts -> engine -> cluster, each also free to use the foundation
-(``alvis_fsm.errors``, ``alvis_fsm.paths``); nothing imports upwards. Read
+(``alvis_fsm.errors``, ``alvis_fsm.paths``, ``alvis_fsm.retry``, ``alvis_fsm.text``); nothing imports upwards. Read
 from the source with ``ast`` (imports inside functions count too: the
 lazy imports that keep ``--help`` fast are imports all the same)."""
 
@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "alvis_fsm"
 LAYERS = ["cluster", "engine", "fronts"]  # lowest first
-FOUNDATION = {"alvis_fsm", "alvis_fsm.errors", "alvis_fsm.paths", "alvis_fsm.retry"}
+FOUNDATION = {"alvis_fsm", "alvis_fsm.errors", "alvis_fsm.paths", "alvis_fsm.retry", "alvis_fsm.text"}
 
 
 def layer_of(module: str) -> str | None:
@@ -42,7 +42,7 @@ def modules() -> list[Path]:
 
 def test_every_module_lives_in_a_layer_or_the_foundation() -> None:
     loose = {p.name for p in PACKAGE.glob("*.py")}
-    assert loose == {"__init__.py", "__main__.py", "errors.py", "paths.py", "retry.py"}
+    assert loose == {"__init__.py", "__main__.py", "errors.py", "paths.py", "retry.py", "text.py"}
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} >= set(LAYERS)
 
 
@@ -64,7 +64,7 @@ def test_imports_point_down(path: Path) -> None:
 
 
 def test_foundation_imports_nothing_of_the_layers() -> None:
-    for name in ("errors.py", "paths.py", "retry.py"):
+    for name in ("errors.py", "paths.py", "retry.py", "text.py"):
         assert not [n for _, n in imports(PACKAGE / name) if layer_of(n)], name
 
 

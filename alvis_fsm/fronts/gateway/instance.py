@@ -153,3 +153,34 @@ def already_running(state_dir: Path) -> SessionError:
         hint="Use it (`alvis-fsm env --gateway` prints its exports), or end it with"
         " `alvis-fsm gateway stop` first.",
     )
+
+
+class LogFile:
+    """The background gateway's log (its stdout and stderr, ``fd``), rotated:
+    past ``max_bytes`` it becomes ``gateway.log.1`` (the one before is
+    dropped) and a new ``gateway.log`` (0600) takes descriptors 1 and 2, so
+    whatever else the process writes goes there too. Lines from outside
+    arrive inert already; a flood of them costs at most twice ``max_bytes``."""
+
+    def __init__(self, path: Path, fd: int = 2, max_bytes: int = 5 * 1024 * 1024) -> None:
+        self.path = path
+        self.fd = fd
+        self.max_bytes = max_bytes
+
+    def write(self, line: str) -> None:
+        os.write(self.fd, (line + "\n").encode("utf-8", "replace"))
+        if os.fstat(self.fd).st_size >= self.max_bytes:
+            self.rotate()
+
+    def rotate(self) -> None:
+        with contextlib.suppress(OSError):
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        new = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        try:
+            if self.fd in (1, 2):
+                os.dup2(new, 1)
+                os.dup2(new, 2)
+            else:
+                os.dup2(new, self.fd)
+        finally:
+            os.close(new)

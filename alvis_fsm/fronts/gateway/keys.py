@@ -45,4 +45,7 @@ def gateway_key(state_dir: Path) -> str:
 
 
 def matches(given: str, key: str) -> bool:
-    return secrets.compare_digest(given.encode(), key.encode())
+    """In constant time. ``given`` is what a client sent: aiohttp hands
+    header bytes that are not UTF-8 over as surrogates, which are no key
+    (and no 500)."""
+    return secrets.compare_digest(given.encode("utf-8", "surrogateescape"), key.encode())

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from alvis_fsm.errors import ConfigError
+from alvis_fsm.text import inert
 
 
 class Recorder:
@@ -49,7 +50,7 @@ class Recorder:
         pass
 
     def log_line(self, stream: str, line: str) -> None:
-        self.lines.append(f"[{stream}] {line}")
+        self.lines.append(f"[{stream}] {inert(line)}")  # /gateway/status shows them
 
     def waiting(self, text: str, since: float | None = None) -> None:
         self._say("", text)

@@ -1,13 +1,25 @@
 """The gateway's HTTP app (aiohttp, imported only here): the key check,
 ``GET /v1/models``, and every ``POST /v1/...`` routed by its JSON ``model``
 to that model's session, held while the session starts, then proxied to the
-session's tunnel with aiohttp's client, chunk by chunk."""
+session's tunnel with aiohttp's client, chunk by chunk.
+
+Bounded (issue 22, findings 3 and 4): a connection must send its request's
+headers within ``header_timeout`` (also the idle time between requests) and
+its body within ``body_timeout``; at most ``max_connections`` are open (by
+default what the process's descriptor limit leaves room for): at the cap a
+new connection takes the place of the oldest idle one, or is refused with a
+503 when every one is inside a request. Bodies are limited in size and JSON
+in nesting; bad input is a 4xx with an OpenAI-style error body, never a 500;
+a client that goes away mid-answer is not an error. The libraries' own log
+records (aiohttp's, asyncio's) reach the output as single inert lines, at
+most a few a minute."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +38,8 @@ _HOP = {
     "transfer-encoding", "upgrade", "content-length", "date", "server",
 }  # fmt: skip
 RETRY_AFTER = 30  # seconds, for a request refused while its model starts
+MAX_DEPTH = 64  # levels of JSON nesting in a request body
+JSON_TYPES = ("application/json", "text/json")  # or any ``+json``; none given is JSON too
 
 
 @dataclass
@@ -36,6 +50,37 @@ class Options:
     keepalive_interval: float = 5.0  # between SSE comments to a held stream
     idle_check: float = 5.0  # how often idle sessions (and time limits) are looked at
     rollover_lead: float = 600.0  # the least lead of a successor before a job's time limit
+    header_timeout: float = 15.0  # a request's headers, and the idle time between requests
+    body_timeout: float = 60.0  # a request's body, once its headers are in
+    max_body: int = 64 * 1024 * 1024  # bytes
+    max_connections: int = 0  # 0: what the descriptor limit leaves room for
+
+
+def fd_connections() -> int:
+    """How many client connections fit in the process's descriptor limit
+    (macOS's default ``ulimit -n`` is 256): each may hold one more to its
+    session's tunnel, and the sessions' ssh, pipes and logs need some."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft > 65536:
+        soft = 65536
+    return max(8, min(4096, (soft - 64) // 2))
+
+
+def _depth(value: object) -> int:
+    """The nesting depth of parsed JSON, without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            if level > MAX_DEPTH:
+                break
+            todo += [(v, level + 1) for v in item]
+    return deepest
 
 
 def error(status: int, message: str, kind: str, code: str | int | None = None,
@@ -54,6 +99,160 @@ def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
+class BadBody(Exception):
+    """A request body the gateway refuses (4xx), with its answer."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.text)
+        self.response = response
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection over the cap while every open one is inside a request:
+    a 503 at once, and closed (no descriptor kept)."""
+
+    BODY = json.dumps({"error": {
+        "message": "The gateway has too many open connections; retry", "type": "service_unavailable",
+        "param": None, "code": "too_many_connections",
+    }}).encode()  # fmt: skip
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+            + str(len(self.BODY)).encode() + b"\r\n\r\n" + self.BODY
+        )  # fmt: skip
+        transport.close()
+
+
+class _Tracked(asyncio.Protocol):
+    """One accepted connection: aiohttp's handler, seen by ``Connections``
+    from its first to its last moment (aiohttp's own list keeps a closed
+    connection until its handler's task ends)."""
+
+    def __init__(self, owner: Connections, handler: asyncio.Protocol) -> None:
+        self.owner = owner
+        self.handler = handler
+        self.transport: asyncio.Transport | None = None
+        self.since = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.owner.pending -= 1
+        self.transport = transport
+        self.owner.live[self] = None
+        self.handler.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.live.pop(self, None)
+        self.handler.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+
+class Connections:
+    """The cap on open connections (the protocol factory of the listener):
+    at the cap, the oldest connection not inside a request (a half-sent
+    request, an idle keep-alive) is closed to make room; when every one is
+    inside a request, the new one is refused."""
+
+    def __init__(self, server: web.Server, cap: int) -> None:
+        self.server = server
+        self.cap = cap
+        self.live: dict[_Tracked, None] = {}  # open, oldest first
+        self.pending = 0  # accepted, not yet started
+        self.busy: set[object] = set()  # aiohttp handlers inside a request
+        self.evicted = 0
+        self.refused = 0
+
+    @property
+    def open(self) -> int:
+        return len(self.live) + self.pending
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if self.open >= self.cap:
+            oldest = next((c for c in self.live if c.handler not in self.busy), None)
+            if oldest is None:
+                self.refused += 1
+                return _Refuse()
+            del self.live[oldest]
+            assert oldest.transport is not None
+            oldest.transport.close()
+            self.evicted += 1
+        self.pending += 1
+        return _Tracked(self, self.server())
+
+
+class _Site(web.BaseSite):
+    """A TCP listener whose connections go through ``Connections``."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, limit: Connections) -> None:
+        super().__init__(runner, backlog=max(16, min(128, limit.cap // 3)))
+        self._host, self._port, self._limit = host, port, limit
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._limit, self._host, self._port,
+                                                backlog=self._backlog, reuse_address=True)  # fmt: skip
+
+
+class LibraryLog(logging.Handler):
+    """aiohttp's and asyncio's own log records (a server out of descriptors
+    logs one per failed accept), as single inert lines through ``echo``, at
+    most ``burst`` a minute; how many were left out is said with the next."""
+
+    def __init__(self, echo: Callable[[str], None], burst: int = 5) -> None:
+        super().__init__(logging.WARNING)
+        self.echo = echo
+        self.burst = burst
+        self.window = 0.0
+        self.count = 0
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        now = time.monotonic()
+        if now - self.window >= 60:
+            self.window, self.count = now, 0
+        self.count += 1
+        if self.count > self.burst:
+            self.dropped += 1
+            return
+        lines = record.getMessage().splitlines()
+        text = lines[0] if lines else ""
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text += f": {type(exc).__name__}: {exc}".splitlines()[0]
+        if self.dropped:
+            text += f" ({self.dropped} similar lines left out)"
+            self.dropped = 0
+        self.echo(f"[gateway] {record.name}: {text}"[:500])
+
+    @classmethod
+    def install(cls, echo: Callable[[str], None]) -> LibraryLog:
+        handler = cls(echo)
+        for name in ("aiohttp", "asyncio"):
+            logger = logging.getLogger(name)
+            logger.addHandler(handler)
+            logger.propagate = False  # not also to logging's last resort (stderr, tracebacks)
+        return handler
+
+
 class Gateway:
     def __init__(self, key: str, models: Models, options: Options | None = None) -> None:
         self.key = key
@@ -65,10 +264,12 @@ class Gateway:
         self._idle_task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # clients of ended sessions, closing
         self.started = time.time()
+        self.connections: Connections | None = None  # set by serve()
 
     # -- the app --------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._auth], client_max_size=64 * 1024 * 1024)
+        app = web.Application(middlewares=[self._errors, self._auth],
+                              client_max_size=self.options.max_body)  # fmt: skip
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/gateway/status", self.status)
         app.router.add_post("/v1/{tail:.*}", self.post)
@@ -138,6 +339,29 @@ class Gateway:
             self.models.roll_over(self.options.rollover_lead)
 
     @web.middleware
+    async def _errors(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:  # fmt: skip
+        """Outermost: marks the connection inside a request (see
+        ``Connections``); aiohttp's own 4xx answers in OpenAI's shape; no
+        request ever ends in a traceback."""
+        limit = self.connections
+        if limit is not None:
+            limit.busy.add(request.protocol)
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error(exc.status, exc.text or exc.reason, "invalid_request_error",
+                         exc.reason.lower().replace(" ", "_"))  # fmt: skip
+        except BadBody as exc:
+            return exc.response
+        finally:
+            if limit is not None:
+                limit.busy.discard(request.protocol)
+
+    @web.middleware
     async def _auth(self, request: web.Request,
                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:  # fmt: skip
@@ -202,11 +426,38 @@ class Gateway:
         return error(404, f"No route {request.method} {request.path} on the gateway",
                      "invalid_request_error", "not_found")  # fmt: skip
 
-    async def post(self, request: web.Request) -> web.StreamResponse:
+    async def _body(self, request: web.Request) -> object:
+        """The request's JSON, read within ``body_timeout``; ``BadBody``
+        for what is not a JSON document of sane size and nesting."""
+        given = request.headers.get("Content-Type", "")
+        kind = given.partition(";")[0].strip().lower()
+        if given and kind not in JSON_TYPES and not kind.endswith("+json"):
+            raise BadBody(error(415, f"The body must be JSON (Content-Type: application/json), not {kind!r}",
+                                "invalid_request_error", "unsupported_media_type"))  # fmt: skip
         try:
-            body = await request.json()
-        except ValueError:
-            body = None
+            raw = await asyncio.wait_for(request.read(), self.options.body_timeout)
+        except TimeoutError:
+            raise BadBody(error(408, f"The request body did not arrive within {self.options.body_timeout:.0f} s",
+                                "invalid_request_error", "request_timeout")) from None  # fmt: skip
+        except web.HTTPRequestEntityTooLarge:
+            raise BadBody(error(413, f"The request body is larger than {self.options.max_body} bytes",
+                                "invalid_request_error", "request_too_large")) from None  # fmt: skip
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except RecursionError:
+            body, depth = None, MAX_DEPTH + 1
+        except ValueError:  # not UTF-8, not JSON
+            raise BadBody(error(400, 'The body is not valid JSON (a JSON object naming a "model")',
+                                "invalid_request_error", "invalid_json")) from None  # fmt: skip
+        else:
+            depth = _depth(body)
+        if depth > MAX_DEPTH:
+            raise BadBody(error(400, f"The body's JSON is nested deeper than {MAX_DEPTH} levels",
+                                "invalid_request_error", "invalid_json"))  # fmt: skip
+        return body
+
+    async def post(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return error(400, 'The body must be a JSON object naming a "model"',
                          "invalid_request_error", "invalid_body")  # fmt: skip
@@ -258,7 +509,8 @@ class Gateway:
         await resp.prepare(request)
 
         async def keep_alive(state: str) -> None:
-            await resp.write(f": keep-alive {state}\n\n".encode())
+            with contextlib.suppress(ConnectionResetError):  # the client went away: the next write says so
+                await resp.write(f": keep-alive {state}\n\n".encode())
 
         try:
             handle = await slot.ready(self.options.keepalive_interval, keep_alive)
@@ -313,6 +565,7 @@ class Gateway:
                 await prepared.write_eof()
                 return prepared, False
             return _retry_later(message), False
+        resp = prepared
         try:
             if prepared is not None and answer.status != 200:
                 # The 200 is sent already: the error goes as an SSE event.
@@ -324,7 +577,6 @@ class Gateway:
                                                      "param": None, "code": answer.status}}))
                 await prepared.write_eof()
                 return prepared, False
-            resp = prepared
             if resp is None:
                 resp = web.StreamResponse(status=answer.status, headers={
                     k: v for k, v in answer.headers.items() if k.lower() not in _HOP
@@ -333,10 +585,17 @@ class Gateway:
             # As it comes, whatever the upstream's chunks: never buffered.
             async for chunk in answer.content.iter_any():
                 await resp.write(chunk)
-            await resp.write_eof()
-            return resp, True
+        except ConnectionResetError:
+            # The client went away mid-answer (aiohttp's ClientConnectionResetError):
+            # its own choice, not the gateway's error, and nothing to tell it.
+            return resp or web.Response(status=499), False
         finally:
             answer.release()
+        with contextlib.suppress(ConnectionResetError):
+            # The client may close as soon as it has the last chunk: it has
+            # its answer whether or not the end of the stream reaches it.
+            await resp.write_eof()
+        return resp, True
 
 
 @dataclass
@@ -348,9 +607,17 @@ class Serving:
 
 
 async def serve(gateway: Gateway, host: str, port: int) -> Serving:
-    runner = web.AppRunner(gateway.app(), access_log=None, handle_signals=False)
+    o = gateway.options
+    # aiohttp closes a connection that has not sent a whole request within
+    # its keep-alive timeout (from the accept, and between requests): the
+    # header timeout. Its parser refuses long header lines (8190 bytes) and
+    # more than 128 headers with a 400.
+    runner = web.AppRunner(gateway.app(), access_log=None, handle_signals=False,
+                           keepalive_timeout=o.header_timeout)  # fmt: skip
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    assert runner.server is not None
+    gateway.connections = Connections(runner.server, o.max_connections or fd_connections())
+    site = _Site(runner, host, port, gateway.connections)
     await site.start()
     bound = [a for a in runner.addresses if isinstance(a, tuple)]
     return Serving(runner, int(bound[0][1]) if bound else port)

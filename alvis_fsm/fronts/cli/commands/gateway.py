@@ -97,7 +97,8 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
     from alvis_fsm.fronts.gateway.keys import gateway_key
     from alvis_fsm.fronts.gateway.models import Models
     from alvis_fsm.fronts.gateway.recorder import Recorder
-    from alvis_fsm.fronts.gateway.server import Gateway, Options
+    from alvis_fsm.fronts.gateway.server import Gateway, LibraryLog, Options
+    from alvis_fsm.text import inert
 
     cfg = _settings(port, idle)
     catalog = load_catalog(cfg)
@@ -111,11 +112,18 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
         served = {name: jobscript.served_model_name(e.path) for name, e in catalog.entries.items()}
         lock = threading.Lock()
 
+        logfile = instance.LogFile(Path(log)) if log else None  # rotated
+
         def echo(line: str) -> None:
             if verbosity is not Verbosity.QUIET:
+                line = inert(line)  # vLLM's and the cluster's text: never control sequences
                 with lock:
-                    # In the background log, each line says when.
-                    click.echo(time.strftime("%Y-%m-%d %H:%M:%S ") + line if log else line, err=True)
+                    if logfile is not None:  # in the background log, each line says when
+                        logfile.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line)
+                    else:
+                        click.echo(line, err=True)
+
+        LibraryLog.install(echo)  # aiohttp's and asyncio's records: one line each, a few a minute
 
         def factory(model: str, observer: Recorder, lane: int) -> Handle:
             return sessions.new_session(cfg, catalog, model, store, observer, lane)

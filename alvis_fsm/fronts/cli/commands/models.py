@@ -193,7 +193,7 @@ def _printable(path: str) -> str:
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
-    from alvis_fsm.fronts.output import clean
+    from alvis_fsm.text import inert_line as clean
 
     # Catalog descriptions and remote paths are other people's text: no escapes.
     rows = [tuple(clean(cell) for cell in row) for row in rows]

@@ -54,7 +54,7 @@ def row(record: SessionRecord, job_state: str | None = None, time_left: str | No
         "started": record.started or None,
         "time_limit": record.time_limit or None,
         "time_left": (time_left if time_left is not None else offline_time_left(record)) or None,
-        "job_state": job_state,
+        "job_state": job_state if job_state is not None else (record.final_job_state or None),
         "reachable": reachable,
         "end_reason": record.end_reason or None,
         "gateway": is_gateway_session(record.name),
@@ -103,7 +103,7 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
         click.echo(json.dumps({"sessions": rows, "errors": errors,
                                "gateway": _gateway_json(gateway)}, indent=2))  # fmt: skip
         return code
-    from alvis_fsm.fronts.output import clean
+    from alvis_fsm.text import inert_line as clean
 
     if gateway is not None:
         click.echo(clean(_describe_gateway(gateway)))

@@ -1,0 +1,94 @@
+"""A detached session whose job ends elsewhere, and a tunnel killed again
+while it is being reopened, on the lab cluster (issue 22, findings 10 and
+11): real OpenSSH, real SLURM, the tool as the user runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from test_resilience import (
+    BACK_UP,
+    DROPPED,
+    answers,
+    ctrl_c_cleans,
+    master_pid,
+    session,
+    start_tunneled,
+    wait_until,
+)
+from test_sessions import nothing_left, ssh_of, start_detached, state
+from tool import Tool, assert_nothing_left, free_port, report, tool_jobs
+
+from alvis_fsm.cluster.tunnel import local_port_free
+
+AGAIN = "The tunnel dropped again while it was being reopened"
+
+
+def test_a_detached_session_ended_elsewhere_closes_its_tunnel(lab: Any, tool: Tool) -> None:
+    """Finding 10: `start --detach`, then `scancel` on the cluster (a time
+    limit or a node failure take the same path): without any command of the
+    user, the supervisor records the end, the laptop keeps no ssh of the
+    session and the port is free; `status` says how it ended."""
+    port = free_port()
+    job_id = start_detached(tool, port)
+    assert ssh_of(tool) and not local_port_free(port)
+    lab.run(["scancel", job_id])
+    started = time.monotonic()
+    wait_until("the session's ssh processes to end and its port to be free",
+               lambda: not ssh_of(tool) and local_port_free(port), timeout=90, interval=0.3)  # fmt: skip
+    took = time.monotonic() - started
+    record = state(tool, "lab-ok")
+    assert record["state"] == "cleaned", record
+    assert record["end_reason"].startswith("job ended: CANCELLED"), record
+    assert record["supervisor_pid"] == 0 and record["client_pid"] == 0
+    status, out = tool.run("status", "lab-ok")
+    assert status == 0
+    assert "lab-ok: cleaned" in out and f"job {job_id} (CANCELLED)" in out, out
+    assert "job ended: CANCELLED" in out, out
+    print(f"scancel -> no ssh left and port free: {took:.1f} s")
+    nothing_left(lab, tool, [job_id])
+
+
+def test_a_tunnel_killed_again_while_reopened_recovers_at_once(lab: Any, tool: Tool) -> None:
+    """Finding 11: kill the tunnel's ssh, then kill the new one as soon as
+    it appears (while the engine checks the server through it), several
+    times in a row. Every recovery completes, and the engine notices the
+    second death itself (its warning) rather than waiting out the connection
+    test (set to 300 s here, longer than this test may take)."""
+    tool.env["ALVIS_FSM_TIMEOUTS__CONNECTION_TEST"] = "300"
+    child, port, job_id = start_tunneled(tool)
+    record = session(tool)
+    key, control = record["api_key"], record["tunnel_control_path"]
+    rounds, times, survived = 4, [], 0
+    try:
+        for i in range(rounds):
+            first = master_pid(lab, control, lab.node)
+            assert first, f"round {i + 1}: no tunnel master"
+            t0 = time.monotonic()
+            os.kill(first, signal.SIGKILL)
+            child.expect(DROPPED.pattern, timeout=30)
+            second = wait_until("the reopened tunnel's master",
+                                lambda first=first: (p := master_pid(lab, control, lab.node)) != first and p,
+                                timeout=30, interval=0.02)  # fmt: skip
+            os.kill(int(second), signal.SIGKILL)  # while the engine checks through it
+            child.expect_exact(BACK_UP + str(port), timeout=60)
+            wait_until("answers through the third tunnel", lambda: answers(port, key), timeout=30)
+            times.append(time.monotonic() - t0)
+            assert lab.job_state(job_id) == "RUNNING" and tool_jobs(lab, tool) == [job_id]
+            survived += 1
+        seen = child.logfile_read.text
+        # At least once the second kill landed during the check (not after it).
+        assert AGAIN in seen, seen[-3000:]
+        ctrl_c_cleans(child, job_id)
+    finally:
+        report("tunnel ssh killed twice in a row (one session)", rounds, survived,
+               max(times) if times else None, recoveries_s=[round(t, 3) for t in times],
+               note="recovery = first SIGKILL -> /v1/models answers again, the new tunnel having"
+               " been killed too as soon as its master answered")  # fmt: skip
+        if child.isalive():
+            child.kill(signal.SIGKILL)
+    print(f"double-kill recoveries: {[round(t, 2) for t in times]} s")
+    assert_nothing_left(lab, tool)
