@@ -379,3 +379,14 @@ def test_usr1_stops_taking_lines_and_flushes(tmp_path: Path, sock: str) -> None:
     rows = results_of(tmp_path)
     assert 0 < len(rows) < 400 and len({r["custom_id"] for r in rows}) == len(rows)
     assert json.loads((tmp_path / "out" / "shard-0.progress").read_text())["state"] == "stopped"
+
+
+def test_batch_cancel_is_not_the_stop_alias() -> None:
+    from alvis_fsm.fronts.cli.main import cli
+
+    group = cli.commands["batch"]
+    import click
+
+    assert isinstance(group, click.Group)
+    command = group.get_command(click.Context(group), "cancel")
+    assert command is not None and command.name == "cancel"

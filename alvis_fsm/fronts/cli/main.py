@@ -401,7 +401,13 @@ def models(ctx: click.Context, as_json: bool, discover: bool, add: str | None) -
     command.run(_verbosity(ctx), as_json=as_json, discover=discover, add=add)
 
 
-@cli.group(cls=Group, context_settings=CONTEXT_SETTINGS, invoke_without_command=True)
+class SubGroup(Group):
+    """A group whose commands have no aliases (``batch cancel`` is its own)."""
+
+    aliases: ClassVar[dict[str, str]] = {}
+
+
+@cli.group(cls=SubGroup, context_settings=CONTEXT_SETTINGS, invoke_without_command=True)
 @global_options
 @click.pass_context
 def batch(ctx: click.Context) -> None:
