@@ -299,6 +299,41 @@ class BatchStore:
         return sorted(out, key=lambda r: (r.created_at, r.id))
 
 
+def openai_object(record: BatchRecord) -> dict[str, Any]:
+    """OpenAI's Batch object (openai-python types/batch.py) for a record."""
+    times = record.times
+    status = BatchStatus(record.status)
+    errors = None
+    if record.error:
+        errors = {"object": "list", "data": [
+            {"code": "batch_failed", "message": record.error, "param": None, "line": None}]}
+    window = window_seconds(record.completion_window)
+    return {
+        "id": record.id,
+        "object": "batch",
+        "endpoint": record.endpoint,
+        "errors": errors,
+        "input_file_id": record.input_file_id or f"file-{record.id[len('batch_'):]}",
+        "completion_window": record.completion_window,
+        "status": status.value,
+        "output_file_id": record.output_file_id or None,
+        "error_file_id": record.error_file_id or None,
+        "created_at": record.created_at,
+        "in_progress_at": times.get("in_progress_at"),
+        "expires_at": record.created_at + window,
+        "finalizing_at": times.get("finalizing_at"),
+        "completed_at": times.get("completed_at"),
+        "failed_at": times.get("failed_at"),
+        "expired_at": times.get("expired_at"),
+        "cancelling_at": times.get("cancelling_at"),
+        "cancelled_at": times.get("cancelled_at"),
+        "request_counts": {
+            "total": record.total, "completed": record.completed, "failed": record.failed,
+        },
+        "metadata": record.metadata or None,
+    }
+
+
 # -- the cluster's answer -----------------------------------------------------
 
 

@@ -7,7 +7,7 @@ the batch ends and downloads the results. ``status``, ``list``, ``results``
 and ``cancel`` (confirmed) work from any laptop state: the batch runs on
 the cluster without a client.
 
-JSON (``--json``): a batch is OpenAI's batch object (``batch_object``) plus
+JSON (``--json``): a batch is OpenAI's batch object (``engine.batch.openai_object``) plus
 ``model``, ``jobs``, ``gpus``, ``tokens`` and ``run_dir``; ``list`` gives
 ``{"object": "list", "data": [BATCH...]}``."""
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore
+from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore, openai_object
 from alvis_fsm.fronts.cli.commands._common import reporter, settings
 from alvis_fsm.fronts.output import emit_json
 from alvis_fsm.fronts.ui import Reporter, Verbosity
@@ -26,44 +26,9 @@ from alvis_fsm.fronts.ui import Reporter, Verbosity
 POLL_S = 5.0
 
 
-def batch_object(record: BatchRecord) -> dict[str, Any]:
-    """OpenAI's Batch object (openai-python types/batch.py) for a record."""
-    times = record.times
-    status = BatchStatus(record.status)
-    errors = None
-    if record.error:
-        errors = {"object": "list", "data": [
-            {"code": "batch_failed", "message": record.error, "param": None, "line": None}]}
-    window = int(record.completion_window.rstrip("h") or 24) * 3600
-    return {
-        "id": record.id,
-        "object": "batch",
-        "endpoint": record.endpoint,
-        "errors": errors,
-        "input_file_id": record.input_file_id or f"file-{record.id[len('batch_'):]}",
-        "completion_window": record.completion_window,
-        "status": status.value,
-        "output_file_id": record.output_file_id or None,
-        "error_file_id": record.error_file_id or None,
-        "created_at": record.created_at,
-        "in_progress_at": times.get("in_progress_at"),
-        "expires_at": record.created_at + window,
-        "finalizing_at": times.get("finalizing_at"),
-        "completed_at": times.get("completed_at"),
-        "failed_at": times.get("failed_at"),
-        "expired_at": times.get("expired_at"),
-        "cancelling_at": times.get("cancelling_at"),
-        "cancelled_at": times.get("cancelled_at"),
-        "request_counts": {
-            "total": record.total, "completed": record.completed, "failed": record.failed,
-        },
-        "metadata": record.metadata or None,
-    }
-
-
 def _json(record: BatchRecord) -> dict[str, Any]:
     return {
-        **batch_object(record),
+        **openai_object(record),
         "model": record.model,
         "jobs": record.shards,
         "gpus": record.gpus,
