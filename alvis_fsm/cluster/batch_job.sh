@@ -101,6 +101,24 @@ attempt_failed() {  # attempt_failed CAUSE: count it; retry or give up
     fi
 }
 
+go_on() {  # go_on WROTE: stopped with work left, WROTE results in this job.
+    # Three jobs in a row that wrote nothing would go on for ever (a time
+    # limit too short to load the model and answer): the shard fails instead.
+    local idle
+    if [ "${1:-0}" -gt 0 ]; then
+        rm -f -- "$SHARD_DIR/idle"
+        successor "time limit"
+        return
+    fi
+    idle=$(( $(cat "$SHARD_DIR/idle" 2>/dev/null || echo 0) + 1 ))
+    put "$SHARD_DIR/idle" "$idle"
+    if [ "$idle" -ge 3 ]; then
+        put "$SHARD_DIR/failed" "no request answered in $idle jobs in a row: the time limit (-t) is too short for vLLM to start and serve"
+    else
+        successor "time limit (nothing written in this job)"
+    fi
+}
+
 cause_of() {  # the root cause in vLLM's log: the first error line above the last
     local c
     c=$(grep -E '(Error|error):|Exception:' "$SHARD_DIR/vllm.err" "$SHARD_DIR/vllm.out" 2>/dev/null \
@@ -148,7 +166,7 @@ while :; do
         attempt_failed "vLLM was not ready within ${READY_TIMEOUT}s"
         exit 1
     fi
-    if [ -n "${LIMIT_SEEN:-}" ]; then successor "time limit while loading"; exit 0; fi
+    if [ -n "${LIMIT_SEEN:-}" ]; then go_on 0; exit 0; fi
     sleep 1 &
     wait $!
 done
@@ -169,7 +187,7 @@ RUNNER_PID=""
 note "runner exit $rc"
 case $rc in
     0) ;;
-    3) successor "${LIMIT_SEEN:+time limit}" ;;
+    3) go_on "$(grep -o '"this_run": [0-9]*' "results/shard-$K.progress" 2>/dev/null | grep -o '[0-9]*$')" ;;
     4) put "$SHARD_DIR/expired" "$(date +%s)" ;;
     5) attempt_failed "$(tail -n 1 "$SHARD_DIR/runner.log" 2>/dev/null || echo 'the server stopped answering')" ;;
     *) attempt_failed "the batch runner failed (exit $rc): $(tail -n 1 "$SHARD_DIR/runner.log" 2>/dev/null)" ;;

@@ -53,7 +53,8 @@ from typing import Any
 
 FSYNC_S = 2.0
 PROGRESS_S = 1.0
-GRACE_S = 20.0
+GRACE_S = 20.0  # after the time-limit warning: in-flight requests may finish
+TERM_GRACE_S = 1.0  # after SIGTERM (scancel, requeue): SLURM kills soon, flush now
 RETRIES = 6
 BACKOFF_FIRST = 0.5
 BACKOFF_MOST = 30.0
@@ -66,6 +67,7 @@ EXIT_SERVER = 5
 
 RESULTS = "shard-{}.jsonl"
 PROGRESS = "shard-{}.progress"
+RUNS = "shard-{}.runs"  # one line per run of the shard: what it sent and wrote (benchmarks)
 
 
 def shard_range(total: int, shard: int, shards: int) -> tuple[int, int]:
@@ -175,10 +177,14 @@ class Runner:
         self.started = time.time()
         self.last_sync = time.monotonic()
         self.handle: Any = None
+        self.sent = 0  # requests sent by this run (a retry counts once)
+        self.grace = GRACE_S
 
     # -- signals ------------------------------------------------------------
     def on_signal(self, signum: int, _frame: Any) -> None:
         self.why = "time limit" if signum == signal.SIGUSR1 else "signal"
+        if signum != signal.SIGUSR1:
+            self.grace = min(self.grace, TERM_GRACE_S)
         self.stop.set()
 
     # -- results ------------------------------------------------------------
@@ -242,6 +248,8 @@ class Runner:
     def one(self, conn: UnixHTTPConnection | None, index: int, text: str) -> tuple[UnixHTTPConnection | None, dict[str, Any] | None]:
         req = json.loads(text)
         body = json.dumps(req["body"]).encode()
+        with self.lock:
+            self.sent += 1
         delay = BACKOFF_FIRST
         last = ""
         for attempt in range(RETRIES + 1):
@@ -265,7 +273,8 @@ class Runner:
                         "body": parsed,
                     },
                     "error": None,
-                    "_i": index,
+                    "_i": index,  # internal (dropped by the merge): input line, completion time
+                    "_t": round(time.time(), 3),
                 }
             if self.stop.is_set() and attempt > 0:
                 return conn, None  # abandoned: redone by the successor
@@ -349,10 +358,10 @@ class Runner:
                     break
         for _ in threads:
             work.put(None)
-        grace = time.monotonic() + GRACE_S
+        stopping_since = time.monotonic()
         for t in threads:
             while t.is_alive():
-                if self.stop.is_set() and time.monotonic() >= grace:
+                if self.stop.is_set() and time.monotonic() >= stopping_since + self.grace:
                     break  # abandoned in flight: redone by the successor
                 if time.monotonic() - last_progress >= PROGRESS_S:
                     self.progress("running")
@@ -361,6 +370,10 @@ class Runner:
         with self.lock:
             self.handle.flush()
             os.fsync(self.handle.fileno())
+            written = self.sent_now
+        with open(os.path.join(args.out, RUNS.format(args.shard)), "a", encoding="utf-8") as runs:
+            runs.write(json.dumps({"started": self.started, "ended": time.time(), "sent": self.sent,
+                                   "written": written, "why": self.why or self.server_gone}) + "\n")
         if self.server_gone:
             self.progress("server_failed")
             return EXIT_SERVER

@@ -62,6 +62,16 @@ def parse_jobs(text: str) -> int | None:
                      hint="For example: --jobs 4 (or --jobs auto: as many as GPUs are free now).")  # fmt: skip
 
 
+def jobs_for(sinfo_lines: list[str], gpus: str) -> int:
+    """``--jobs auto``: how many jobs of ``gpus`` (TYPE:N) fit on the GPUs
+    free now, node by node (a job runs on one node); at least one."""
+    from alvis_fsm.engine.fit import free_by_node
+
+    gpu_type, _, count = gpus.rpartition(":")
+    per_job = int(count) if count.isdigit() and int(count) > 0 else 1
+    return max(1, sum(n.free // per_job for n in free_by_node(sinfo_lines, gpu_type)))
+
+
 def resolver(settings: Settings) -> dict[str, tuple[str, str]]:
     """Catalog names and served names -> (catalog name, served name)."""
     from alvis_fsm.engine.catalog import load_catalog
@@ -176,7 +186,6 @@ def submit(settings: Settings, options: SubmitOptions, ui: Observer,
     )  # fmt: skip
     with connected(cfg, ui) as remote:
         from alvis_fsm.engine.autofit import resolve_gpus
-        from alvis_fsm.engine.fit import free_by_node
         from alvis_fsm.engine.service import choose_account
 
         record.account = choose_account(ui, remote.agent, cfg.slurm.account)
@@ -192,10 +201,7 @@ def submit(settings: Settings, options: SubmitOptions, ui: Observer,
                                    gpus, time_text, fallback=None if gpus != AUTO else
                                    f"{cfg.fit.auto_types[0]}:1")  # fmt: skip
         if wanted is None:
-            gpu_type, _, count = record.gpus.rpartition(":")
-            per_job = int(count or 1)
-            free = sum(n.free // per_job for n in free_by_node(lines(), gpu_type))
-            wanted = max(1, free)
+            wanted = jobs_for(lines(), record.gpus)
             ui.info(f"Jobs (--jobs auto): {wanted} ({record.gpus} each, from the GPUs free now)")
         record.shards = min(wanted, record.total)
         spec = jobscript.JobSpec(

@@ -390,3 +390,16 @@ def test_batch_cancel_is_not_the_stop_alias() -> None:
     assert isinstance(group, click.Group)
     command = group.get_command(click.Context(group), "cancel")
     assert command is not None and command.name == "cancel"
+
+
+def test_jobs_auto_counts_the_jobs_that_fit_node_by_node() -> None:
+    from alvis_fsm.engine.batch_service import jobs_for
+
+    lines = ["a|gpu:A40:4(S:0-1)|gpu:A40:1(IDX:0)|mix",   # 3 free
+             "b|gpu:A40:4(S:0-1)|gpu:A40:0(IDX:N/A)|idle",  # 4 free
+             "c|gpu:A40:4(S:0-1)|gpu:A40:4(IDX:0-3)|alloc",  # none
+             "d|gpu:A100:4(S:0-1)|gpu:A100:0(IDX:N/A)|idle"]  # another type  # fmt: skip
+    assert jobs_for(lines, "A40:1") == 7
+    assert jobs_for(lines, "A40:2") == 3  # 1 on a, 2 on b: a job is on one node
+    assert jobs_for(lines, "A40:4") == 1
+    assert jobs_for(lines[2:3], "A40:1") == 1  # nothing free: one job, which waits

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore, openai_object
+from alvis_fsm.errors import Interrupted
 from alvis_fsm.fronts.cli.commands._common import reporter, settings
 from alvis_fsm.fronts.output import emit_json
 from alvis_fsm.fronts.ui import Reporter, Verbosity
@@ -67,6 +68,18 @@ def submit(verbosity: Verbosity, *, path: str, model: str | None, time_text: str
 
 
 def _wait(ui: Reporter, cfg: Any, record: BatchRecord, as_json: bool) -> int:
+
+    try:
+        return _follow(ui, cfg, record, as_json)
+    except KeyboardInterrupt:
+        ui.done_waiting()
+        raise Interrupted(
+            f"Stopped waiting; batch {record.id} runs on without this laptop",
+            hint=f"alvis-fsm batch status {record.id}; alvis-fsm batch results {record.id}",
+        ) from None
+
+
+def _follow(ui: Reporter, cfg: Any, record: BatchRecord, as_json: bool) -> int:
     from alvis_fsm.engine import batch_service
 
     store = BatchStore(cfg.state_dir)
