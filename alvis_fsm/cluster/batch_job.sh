@@ -69,6 +69,8 @@ note "start job ${SLURM_JOB_ID:-?} on $(hostname)"
 
 [ -e cancelled ] && { note "batch cancelled: not starting"; exit 0; }
 [ -e "$SHARD_DIR/failed" ] && exit 1
+# A requeue of a shard already done (preempted while finishing) has nothing to do.
+grep -q '"state": "done"' "results/shard-$K.progress" 2>/dev/null && { note "shard already done"; exit 0; }
 if [ "$DEADLINE" -gt 0 ] && [ "$(date +%s)" -ge "$DEADLINE" ]; then
     note "completion window over: not starting"
     put "$SHARD_DIR/expired" "$(date +%s)"
@@ -126,7 +128,13 @@ cause_of() {  # the root cause in vLLM's log: the first error line above the las
     printf '%s' "${c:-vLLM exited with status $1 before it was ready}" | cut -c1-400
 }
 
-SOCK_DIR=$(mktemp -d "${TMPDIR:-/tmp}/afsm-b.XXXXXX") || { attempt_failed "no private socket directory"; exit 1; }
+# A private (mktemp: 0700) directory for vLLM's socket, node-local; /tmp when
+# $TMPDIR is too long for a socket path (sun_path: 108 bytes).
+SOCK_DIR=$(mktemp -d "${TMPDIR:-/tmp}/afsm-b.XXXXXX") || SOCK_DIR=""
+if [ -z "$SOCK_DIR" ] || [ "${#SOCK_DIR}" -gt 90 ]; then
+    [ -n "$SOCK_DIR" ] && rmdir -- "$SOCK_DIR"
+    SOCK_DIR=$(mktemp -d /tmp/afsm-b.XXXXXX) || { attempt_failed "no private socket directory"; exit 1; }
+fi
 SOCKET=$SOCK_DIR/vllm.sock
 VLLM_PID=""
 RUNNER_PID=""

@@ -3,7 +3,8 @@
 Shipped into the batch's run directory and run on the compute node with the
 Python of the vLLM container (or the host's ``python3``), so it uses the
 standard library only: ``http.client`` over the server's unix socket,
-threads, ``json``. It never imports alvis_fsm.
+threads, ``json``, and the package's one retry policy (``alvis_fsm/retry.py``,
+itself stdlib-only, shipped next to it as ``retry.py``).
 
     python3 batch_runner.py run --input IN --shard K --shards N --out DIR \\
         --socket PATH [--concurrency C] [--deadline EPOCH] [--url-path /v1/...]
@@ -50,6 +51,11 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+
+try:
+    from alvis_fsm.retry import Backoff
+except ImportError:  # on the node: shipped next to this file
+    from retry import Backoff  # type: ignore[no-redef,import-untyped,unused-ignore]
 
 FSYNC_S = 2.0
 PROGRESS_S = 1.0
@@ -216,7 +222,7 @@ class Runner:
             "shard": self.args.shard,
             "total": self.total,
             "completed": self.done,
-            "failed": self.failed,
+            "errored": self.failed,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "state": state,
@@ -250,7 +256,7 @@ class Runner:
         body = json.dumps(req["body"]).encode()
         with self.lock:
             self.sent += 1
-        delay = BACKOFF_FIRST
+        backoff = Backoff(first=BACKOFF_FIRST, most=BACKOFF_MOST)
         last = ""
         for attempt in range(RETRIES + 1):
             try:
@@ -278,8 +284,8 @@ class Runner:
                 }
             if self.stop.is_set() and attempt > 0:
                 return conn, None  # abandoned: redone by the successor
-            time.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MOST)
+            backoff.failed()
+            backoff.wait()
         raise ServerGone(last or "the server did not answer")
 
     def worker(self, work: queue.Queue[tuple[int, str] | None]) -> None:

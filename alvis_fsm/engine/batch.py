@@ -15,10 +15,11 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from alvis_fsm.engine.states import BatchStatus as BatchStatus
+from alvis_fsm.engine.states import ShardState as ShardState
 from alvis_fsm.engine.store import atomic_write
 from alvis_fsm.errors import SessionError, UsageError
 
@@ -28,34 +29,6 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 # OpenAI accepts only "24h"; longer windows are for clusters with queues.
 WINDOW_RE = re.compile(r"^([1-9][0-9]{0,3})h$")
 DEFAULT_WINDOW = "24h"
-
-
-class BatchStatus(StrEnum):
-    """OpenAI's batch statuses (openai-python types/batch.py)."""
-
-    VALIDATING = "validating"
-    IN_PROGRESS = "in_progress"
-    FINALIZING = "finalizing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    EXPIRED = "expired"
-    CANCELLING = "cancelling"
-    CANCELLED = "cancelled"
-
-    @property
-    def ended(self) -> bool:
-        return self in (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED,
-                        BatchStatus.CANCELLED)  # fmt: skip
-
-
-class ShardState(StrEnum):
-    """What a shard's progress file says (batch_runner.py writes these words)."""
-
-    RUNNING = "running"
-    DONE = "done"
-    STOPPED = "stopped"
-    EXPIRED = "expired"
-    SERVER_FAILED = "server_failed"
 
 
 def new_id() -> str:
@@ -327,9 +300,7 @@ def openai_object(record: BatchRecord) -> dict[str, Any]:
         "expired_at": times.get("expired_at"),
         "cancelling_at": times.get("cancelling_at"),
         "cancelled_at": times.get("cancelled_at"),
-        "request_counts": {
-            "total": record.total, "completed": record.completed, "failed": record.failed,
-        },
+        "request_counts": dict(total=record.total, completed=record.completed, failed=record.failed),
         "metadata": record.metadata or None,
     }
 
@@ -403,7 +374,7 @@ def apply(record: BatchRecord, snap: Snapshot) -> BatchRecord:
         return record
     now = snap.now or int(time.time())
     record.completed = sum(int(p.get("completed", 0)) for p in snap.progress.values())
-    record.failed = sum(int(p.get("failed", 0)) for p in snap.progress.values())
+    record.failed = sum(int(p.get("errored", 0)) for p in snap.progress.values())
     record.prompt_tokens = sum(int(p.get("prompt_tokens", 0)) for p in snap.progress.values())
     record.completion_tokens = sum(int(p.get("completion_tokens", 0)) for p in snap.progress.values())
     if snap.run_dir_gone:

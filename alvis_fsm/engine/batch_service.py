@@ -235,6 +235,7 @@ def submit(settings: Settings, options: SubmitOptions, ui: Observer,
             for name, text in (
                 ("input.jsonl", "".join(line + "\n" for line in valid.lines)),
                 ("batch_runner.py", _source("batch_runner.py")),
+                ("retry.py", resources.files("alvis_fsm").joinpath("retry.py").read_text(encoding="utf-8")),
                 ("api_key", "afsm-" + secrets.token_urlsafe(32) + "\n"),
                 ("job.sh", script),
             ):

@@ -115,7 +115,7 @@ def record(shards: int = 2, status: BatchStatus = BatchStatus.VALIDATING) -> Bat
 
 
 def progress(k: int, state: str, completed: int, failed: int = 0) -> str:
-    data = {"shard": k, "state": state, "completed": completed, "failed": failed,
+    data = {"shard": k, "state": state, "completed": completed, "errored": failed,
             "prompt_tokens": 3 * completed, "completion_tokens": 7 * completed}  # fmt: skip
     return f"PROGRESS|{k}|{json.dumps(data)}"
 
@@ -312,7 +312,7 @@ def test_refusals_are_not_retried_and_transient_errors_are(tmp_path: Path, sock:
     assert rows["c2"]["response"]["status_code"] == 200 and server.seen.count("c2") == 3
     assert rows["c3"]["response"]["status_code"] == 200 and server.seen.count("c3") == 2
     prog = json.loads((tmp_path / "out" / "shard-0.progress").read_text())
-    assert prog["state"] == "done" and (prog["completed"], prog["failed"]) == (5, 1)
+    assert prog["state"] == "done" and (prog["completed"], prog["errored"]) == (5, 1)
     assert prog["prompt_tokens"] == 10 and prog["completion_tokens"] == 15
 
 
@@ -403,3 +403,21 @@ def test_jobs_auto_counts_the_jobs_that_fit_node_by_node() -> None:
     assert jobs_for(lines, "A40:2") == 3  # 1 on a, 2 on b: a job is on one node
     assert jobs_for(lines, "A40:4") == 1
     assert jobs_for(lines[2:3], "A40:1") == 1  # nothing free: one job, which waits
+
+
+def test_the_shard_job_script_renders_quoted_and_parses() -> None:
+    from alvis_fsm.cluster import jobscript
+    from alvis_fsm.engine.batch_service import _source, warn_seconds
+
+    spec = jobscript.JobSpec(job_name="alvis-fsm-batch_0123456789abcdef", account="NAISS2025-22-1522",
+                             time="1:00:00", gpus="A40:1", run_dir="~/runs/batch_x; rm -rf ~",
+                             model_path="/hub/models--org--m/snapshots/a$(id)/", max_model_len=4096,
+                             served_name="org/m", image="/apps/v.sif", ready_timeout=600)  # fmt: skip
+    extra = {"SHARDS": "4", "CONCURRENCY": "64", "URL_PATH": jobscript.word("endpoint", "/v1/completions"),
+             "MAX_ATTEMPTS": "3", "WARN_S": str(warn_seconds(3600))}  # fmt: skip
+    text = jobscript.render(spec, _source("batch_job.sh"), extra)
+    assert "#SBATCH --signal=B:USR1@120\n" in text and "#SBATCH --requeue\n" in text
+    assert "RUN_DIR='~/runs/batch_x; rm -rf ~'\n" in text
+    assert "HF_MODEL='/hub/models--org--m/snapshots/a$(id)/'\n" in text
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    assert warn_seconds(60) == 15 and warn_seconds(10) == 10 and warn_seconds(7200) == 120

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import BodyPartReader, web
 
 from alvis_fsm.engine import batch
-from alvis_fsm.engine.batch import BatchRecord, BatchStore
+from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore
 from alvis_fsm.engine.store import atomic_write
 from alvis_fsm.errors import AlvisError, UsageError
 
@@ -312,6 +312,6 @@ class Batches:
         except AlvisError as exc:
             # Marked cancelled at least: the scheduler has not confirmed yet.
             record = self._load(record.id) or record
-            if record.status not in ("cancelling", "cancelled"):
+            if record.status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
                 return _error(502, exc.message)
         return web.json_response(batch.openai_object(record))
