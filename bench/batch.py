@@ -212,12 +212,15 @@ def report(args: argparse.Namespace, scale: list[tuple[int, float]], rq: dict[st
     rows.append(f"| requeue at 50 % ({rq['at']} of {args.requeue_lines} done) | lost {rq['lost']}, "
                 f"written twice {rq['twice']}, redone {rq['redone']} (in {rq['runs']} runs) | 0, 0, "
                 f"<= {CONCURRENCY} | {'yes' if rq['lost'] == 0 and rq['twice'] == 0 and rq['redone'] <= CONCURRENCY else 'no'} |")  # fmt: skip
+    sizes = list(ov.values())
+    flat = len(sizes) < 2 or all(sizes[-1][k] <= 1.2 * sizes[0][k] for k in ("submit_rss_mib", "results_rss_mib"))
     for n, v in ov.items():
         per = v["per_request_ms"]
         rows.append(f"| {n} short lines on lab-ok: time per request on the node | "
                     f"{per:.3f} ms ({v['rate']:.0f} req/s) | (runner + stand-in, 2 cores) | — |")  # fmt: skip
         rows.append(f"| {n} lines: laptop peak RSS, submit / results | {v['submit_rss_mib']:.0f} MiB / "
-                    f"{v['results_rss_mib']:.0f} MiB | flat | see below |")  # fmt: skip
+                    f"{v['results_rss_mib']:.0f} MiB | flat (<= 1.2x from N/4 to N) | "
+                    f"{'yes' if flat else 'no'} |")  # fmt: skip
     rows.append("| vs `vllm run-batch` on the real vLLM | not run: the lab has no real vLLM model yet | "
                 ">= 0.95x | — |")
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
