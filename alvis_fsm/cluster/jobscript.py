@@ -102,6 +102,11 @@ def _word(what: str, value: str, *, allow_empty: bool = False) -> str:
     return shlex.quote(value)
 
 
+def word(what: str, value: str) -> str:
+    """``value`` as one single-quoted bash word (for ``render``'s ``extra``)."""
+    return _word(what, value)
+
+
 def _positive_int(what: str, value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"The {what} must be a positive integer, got {value!r}")
@@ -120,6 +125,10 @@ def _listen(route: str) -> str:
         raise ConfigError(
             f"Unknown tunnel route {route!r}", hint="Use 'jump' (the default) or 'login'."
         ) from None
+
+
+def positive_int(what: str, value: object) -> str:
+    return _positive_int(what, value)
 
 
 def _values(spec: JobSpec) -> dict[str, str]:
@@ -169,10 +178,12 @@ def _cache_values(spec: JobSpec) -> dict[str, str]:
 _NO_POLICY_MAX = "100000-00:00:00"
 
 
-def render(spec: JobSpec, template: str | None = None) -> str:
-    """The job script for ``spec``; ``template`` defaults to the packaged one."""
+def render(spec: JobSpec, template: str | None = None, extra: dict[str, str] | None = None) -> str:
+    """The job script for ``spec``; ``template`` defaults to the packaged one.
+    ``extra``: more placeholders (already rendered words) for another
+    template, such as the batch shard's (engine/batch_service.py)."""
     text = template if template is not None else Path(paths.jobscript_template()).read_text()
-    values = _values(spec)
+    values = {**_values(spec), **(extra or {})}
     unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(text)} - values.keys())
     if unknown:
         raise ConfigError(

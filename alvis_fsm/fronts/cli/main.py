@@ -383,6 +383,90 @@ def models(ctx: click.Context, as_json: bool, discover: bool, add: str | None) -
     command.run(_verbosity(ctx), as_json=as_json, discover=discover, add=add)
 
 
+class SubGroup(Group):
+    """A group whose commands have no aliases (``batch cancel`` is its own)."""
+
+    aliases: ClassVar[dict[str, str]] = {}
+
+
+@cli.group(cls=SubGroup, context_settings=CONTEXT_SETTINGS, invoke_without_command=True)
+@global_options
+@click.pass_context
+def batch(ctx: click.Context) -> None:
+    """Run a dataset through a model: the OpenAI Batch API on SLURM (docs/batch.md)."""
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+@batch.command("submit", context_settings=CONTEXT_SETTINGS)
+@click.argument("file", metavar="FILE.jsonl", type=click.Path(dir_okay=False))
+@click.option("-m", "--model", shell_complete=_complete_models,
+              help="Model for lines whose body names none (catalog or served name).")  # fmt: skip
+@click.option("-t", "--time", "walltime", cls=DefaultsOption, metavar="DURATION",
+              help=TIME_HELP + " Per job; a shard goes on in a new job past it"
+              " [default: {slurm.time}].")  # fmt: skip
+@click.option("--jobs", default="1", show_default=True, metavar="N|auto",
+              help="Jobs (shards) at once; auto: as many as GPUs are free now.")  # fmt: skip
+@click.option("--wait", is_flag=True, help="Show progress until the end, then download the results.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@global_options
+@click.pass_context
+def batch_submit(ctx: click.Context, file: str, model: str | None, walltime: str | None,
+                 jobs: str, wait: bool, as_json: bool) -> None:  # fmt: skip
+    """Validate FILE.jsonl, upload it once, submit; print the batch id."""
+    from alvis_fsm.fronts.cli.commands import batch as command
+
+    ctx.exit(command.submit(_verbosity(ctx), path=file, model=model, time_text=walltime,
+                            jobs=jobs, wait=wait, as_json=as_json))  # fmt: skip
+
+
+@batch.command("status", context_settings=CONTEXT_SETTINGS)
+@click.argument("batch_id", metavar="[ID]", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@global_options
+@click.pass_context
+def batch_status(ctx: click.Context, batch_id: str | None, as_json: bool) -> None:
+    """A batch's status (the newest when no ID), asked of the cluster."""
+    from alvis_fsm.fronts.cli.commands import batch as command
+
+    ctx.exit(command.status(_verbosity(ctx), batch_id=batch_id, as_json=as_json))
+
+
+@batch.command("list", context_settings=CONTEXT_SETTINGS)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@global_options
+@click.pass_context
+def batch_list(ctx: click.Context, as_json: bool) -> None:
+    """Every batch, as last seen (no network)."""
+    from alvis_fsm.fronts.cli.commands import batch as command
+
+    ctx.exit(command.list_batches(_verbosity(ctx), as_json=as_json))
+
+
+@batch.command("results", context_settings=CONTEXT_SETTINGS)
+@click.argument("batch_id", metavar="ID")
+@click.option("-o", "--output", "out", metavar="OUT.jsonl", help="Output file [default: ID_output.jsonl].")
+@click.option("--errors", metavar="ERR.jsonl", help="Error file [default: ID_errors.jsonl].")
+@global_options
+@click.pass_context
+def batch_results(ctx: click.Context, batch_id: str, out: str | None, errors: str | None) -> None:
+    """Download the results (so far): OpenAI's output and error files."""
+    from alvis_fsm.fronts.cli.commands import batch as command
+
+    ctx.exit(command.results(_verbosity(ctx), batch_id=batch_id, out=out, errors=errors))
+
+
+@batch.command("cancel", context_settings=CONTEXT_SETTINGS)
+@click.argument("batch_id", metavar="ID")
+@global_options
+@click.pass_context
+def batch_cancel(ctx: click.Context, batch_id: str) -> None:
+    """Cancel a batch: its jobs end (confirmed by the scheduler), results so far kept."""
+    from alvis_fsm.fronts.cli.commands import batch as command
+
+    ctx.exit(command.cancel(_verbosity(ctx), batch_id=batch_id))
+
+
 @cli.group(cls=Group, context_settings=CONTEXT_SETTINGS, invoke_without_command=True)
 @global_options
 @click.pass_context

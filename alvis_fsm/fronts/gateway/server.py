@@ -29,6 +29,7 @@ import aiohttp
 from aiohttp import web
 
 from alvis_fsm.engine.store import SessionRecord
+from alvis_fsm.fronts.gateway.batches import Batches
 from alvis_fsm.fronts.gateway.keys import matches
 from alvis_fsm.fronts.gateway.models import QUEUED, READY, Handle, Models, Slot, Unavailable
 
@@ -254,8 +255,10 @@ class LibraryLog(logging.Handler):
 
 
 class Gateway:
-    def __init__(self, key: str, models: Models, options: Options | None = None) -> None:
+    def __init__(self, key: str, models: Models, options: Options | None = None,
+                 batches: Batches | None = None) -> None:  # fmt: skip
         self.key = key
+        self.batches = batches  # /v1/files and /v1/batches (gateway/batches.py)
         self.models = models
         self.options = options or Options()
         self.held = 0
@@ -272,6 +275,8 @@ class Gateway:
                               client_max_size=self.options.max_body)  # fmt: skip
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/gateway/status", self.status)
+        if self.batches is not None:
+            self.batches.register(app.router)
         app.router.add_post("/v1/{tail:.*}", self.post)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         app.on_startup.append(self._on_startup)

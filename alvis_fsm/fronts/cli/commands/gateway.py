@@ -139,7 +139,9 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
         options = Options(hold_timeout=g.hold_timeout, idle_timeout=g.idle_timeout,
                           max_held=g.max_held, idle_check=max(0.5, min(5.0, g.idle_timeout / 4)),
                           rollover_lead=g.rollover_lead)  # fmt: skip
-        gateway = Gateway(key, models, options)
+        from alvis_fsm.fronts.gateway.batches import Batches, cluster_ops
+
+        gateway = Gateway(key, models, options, Batches(cfg.state_dir, cluster_ops(cfg)))
         if not log:  # the background gateway's parent prints them; the log keeps no key
             click.echo(exports(f"http://localhost:{g.port}/v1", key))
             sys.stdout.flush()

@@ -1,0 +1,345 @@
+"""Batches on the cluster: submit, status, cancel, results.
+
+A batch is a run directory on shared storage (input uploaded once, the
+node-side runner, the shard job script, the key) and a SLURM job array of
+``shards`` tasks; each task runs vLLM and ``cluster/batch_runner.py`` for its
+share of the lines, and continues in successors it submits itself past its
+time limit (``cluster/batch_job.sh``). The laptop is needed only to submit
+and to read: every command here connects, asks, saves the local record and
+closes. Status comes from the run directory (progress files, failure notes)
+and the scheduler on the login node's clock (``cluster/batch_agent.sh``);
+cancels are confirmed by the agent's cancel, as every cancel."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from alvis_fsm.cluster import jobscript
+from alvis_fsm.cluster.agent import Agent
+from alvis_fsm.cluster.ssh import Connection, control_path
+from alvis_fsm.engine import batch
+from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore, Validated
+from alvis_fsm.engine.observer import Observer
+from alvis_fsm.errors import CancelUnconfirmed, SchedulerError, SessionError, UsageError
+
+if TYPE_CHECKING:
+    from alvis_fsm.engine.settings import Settings
+
+# Requests in flight per shard (vLLM batches them on the GPU).
+CONCURRENCY = 64
+# Server start failures (OOM, a crash while loading) a shard survives.
+MAX_ATTEMPTS = 3
+AUTO = "auto"
+
+
+@cache
+def _source(name: str) -> str:
+    return resources.files("alvis_fsm.cluster").joinpath(name).read_text(encoding="utf-8")
+
+
+def warn_seconds(limit_s: int) -> int:
+    """When SLURM warns a shard (``--signal=B:USR1@T``): two minutes before
+    the limit, but never more than a quarter of a short job."""
+    return max(10, min(120, limit_s // 4))
+
+
+def parse_jobs(text: str) -> int | None:
+    """``--jobs N|auto``: N, or None for auto."""
+    if text == AUTO:
+        return None
+    if text.isdigit() and 1 <= int(text) <= 1000:
+        return int(text)
+    raise UsageError(f"--jobs: {text!r} is not a number from 1 to 1000 or 'auto'",
+                     hint="For example: --jobs 4 (or --jobs auto: as many as GPUs are free now).")  # fmt: skip
+
+
+def jobs_for(sinfo_lines: list[str], gpus: str) -> int:
+    """``--jobs auto``: how many jobs of ``gpus`` (TYPE:N) fit on the GPUs
+    free now, node by node (a job runs on one node); at least one."""
+    from alvis_fsm.engine.fit import free_by_node
+
+    gpu_type, _, count = gpus.rpartition(":")
+    per_job = int(count) if count.isdigit() and int(count) > 0 else 1
+    return max(1, sum(n.free // per_job for n in free_by_node(sinfo_lines, gpu_type)))
+
+
+def resolver(settings: Settings) -> dict[str, tuple[str, str]]:
+    """Catalog names and served names -> (catalog name, served name)."""
+    from alvis_fsm.engine.catalog import load_catalog
+
+    catalog = load_catalog(settings)
+    out: dict[str, tuple[str, str]] = {}
+    for name in catalog.names():
+        served = jobscript.served_model_name(catalog.entries[name].path)
+        out.setdefault(served, (name, served))
+    for name in catalog.names():
+        out[name] = (name, jobscript.served_model_name(catalog.entries[name].path))
+    return out
+
+
+def read_input(path: Path) -> list[str]:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return handle.read().split("\n")
+    except FileNotFoundError:
+        raise UsageError(f"No such file: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not UTF-8 text ({exc})") from None
+    except OSError as exc:
+        raise UsageError(f"Cannot read {path}: {exc.strerror}") from None
+
+
+def validate_file(settings: Settings, path: Path, model: str | None) -> Validated:
+    return batch.validate(read_input(path), resolver(settings), model)
+
+
+# -- the connection -----------------------------------------------------------
+
+
+@dataclass
+class Remote:
+    conn: Connection
+    agent: Agent
+
+    def call(self, sub: str, run_dir: str, *args: str, input: str | None = None,
+             timeout: float = 60, retry: bool = True) -> Any:  # fmt: skip
+        argv = ["bash", "-c", _source("batch_agent.sh"), "alvis-fsm-batch", sub, run_dir, *args]
+        proc = self.conn.run(argv, input=input, timeout=timeout, retry=retry)
+        for line in proc.stdout.split("\n"):
+            if line.startswith("CMD|"):
+                self.conn.prompter.command(f"{self.conn.opts.host}: {line[4:]}")
+        return proc
+
+
+@contextlib.contextmanager
+def connected(settings: Settings, ui: Observer) -> Iterator[Remote]:
+    """The shared connection for batch commands; closed after if opened here."""
+    from alvis_fsm.engine.runner import ssh_options
+
+    state_dir = settings.state_dir
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = f"{state_dir.resolve()}|batch@{settings.ssh.host}"
+    conn = Connection(ssh_options(settings), control_path(state_dir, key), ui)
+    opened = not conn.alive()
+    try:
+        if opened:
+            ui.info(f"Connecting to {settings.ssh.host}...")
+            conn.open()
+        yield Remote(conn, Agent(conn))
+    finally:
+        if opened:
+            conn.close()
+
+
+# -- submit -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    path: Path | None = None  # the JSONL file (the CLI), or
+    validated: Validated | None = None  # already validated (the gateway's file)
+    model: str | None = None
+    time: str | None = None
+    jobs: str = "1"
+    completion_window: str = batch.DEFAULT_WINDOW
+    metadata: dict[str, str] | None = None
+    input_file_id: str = ""
+
+
+def submit(settings: Settings, options: SubmitOptions, ui: Observer,
+           store: BatchStore | None = None) -> BatchRecord:  # fmt: skip
+    """Validate (before any network), upload once, submit the job array."""
+    from alvis_fsm.engine import session_spec
+    from alvis_fsm.engine.catalog import load_catalog
+
+    cfg = settings
+    wanted = parse_jobs(options.jobs)
+    window_s = batch.window_seconds(options.completion_window)
+    if options.validated is not None:
+        valid = options.validated
+    elif options.path is not None:
+        valid = validate_file(cfg, options.path, options.model)
+    else:
+        raise UsageError("No batch input given")
+    entry = load_catalog(cfg).get(valid.model)
+    time_text = options.time or cfg.slurm.time
+    limit_s = session_spec.time_seconds(time_text, cfg.slurm.max_time, from_flag=bool(options.time))
+    store = store or BatchStore(cfg.state_dir)
+    batch_id = batch.new_id()
+    token = batch_id[len("batch_"):]
+    record = BatchRecord(
+        id=batch_id, model=valid.model, served_name=valid.served_name, endpoint=valid.endpoint,
+        total=len(valid.ids), shards=0,
+        run_dir=f"{cfg.remote.run_root.rstrip('/')}/{batch_id}",
+        job_name=f"alvis-fsm-{batch_id}", created_at=int(time.time()),
+        completion_window=options.completion_window, time_limit=time_text, host=cfg.ssh.host,
+        metadata=dict(options.metadata or {}), input_file_id=options.input_file_id,
+    )  # fmt: skip
+    with connected(cfg, ui) as remote:
+        from alvis_fsm.engine.autofit import resolve_gpus
+        from alvis_fsm.engine.service import choose_account
+
+        record.account = choose_account(ui, remote.agent, cfg.slurm.account)
+        sinfo: list[list[str]] = []
+
+        def lines() -> list[str]:
+            if not sinfo:
+                sinfo.append(remote.agent.gpus())
+            return sinfo[0]
+
+        gpus = entry.gpus or cfg.slurm.gpus
+        record.gpus = resolve_gpus(ui, remote.conn, lines, cfg, entry.path, entry.max_model_len,
+                                   gpus, time_text, fallback=None if gpus != AUTO else
+                                   f"{cfg.fit.auto_types[0]}:1")  # fmt: skip
+        if wanted is None:
+            wanted = jobs_for(lines(), record.gpus)
+            ui.info(f"Jobs (--jobs auto): {wanted} ({record.gpus} each, from the GPUs free now)")
+        record.shards = min(wanted, record.total)
+        spec = jobscript.JobSpec(
+            job_name=record.job_name, account=record.account, time=time_text, gpus=record.gpus,
+            run_dir=record.run_dir, model_path=entry.path, max_model_len=entry.max_model_len,
+            served_name=record.served_name, image=cfg.remote.image,
+            ready_timeout=int(cfg.timeouts.server_ready) + 60, partition=cfg.slurm.partition,
+            vllm_args=tuple(cfg.vllm.extra_args) + tuple(entry.vllm_args),
+        )  # fmt: skip
+        extra = {
+            "SHARDS": jobscript.positive_int("shard count", record.shards),
+            "CONCURRENCY": jobscript.positive_int("concurrency", CONCURRENCY),
+            "URL_PATH": jobscript.word("endpoint", record.endpoint),
+            "MAX_ATTEMPTS": jobscript.positive_int("attempts", MAX_ATTEMPTS),
+            "WARN_S": str(warn_seconds(limit_s)),
+        }
+        # Rendered (and so checked) before anything is created remotely.
+        script = jobscript.render(spec, _source("batch_job.sh"), extra)
+        ui.info(f"Uploading {record.total} requests for {record.model} ({token})...")
+        proc = remote.call("create", record.run_dir, str(window_s), retry=False)
+        run = [line[4:] for line in proc.stdout.split("\n") if line.startswith("RUN|")]
+        if proc.returncode != 0 or not run:
+            raise SessionError("Could not create the batch's run directory",
+                               details=proc.stderr.strip() or None)  # fmt: skip
+        record.run_dir = run[0]
+        script = jobscript.render(
+            dataclasses.replace(spec, run_dir=record.run_dir),
+            _source("batch_job.sh"), extra,
+        )
+        try:
+            for name, text in (
+                ("input.jsonl", "".join(line + "\n" for line in valid.lines)),
+                ("batch_runner.py", _source("batch_runner.py")),
+                ("retry.py", resources.files("alvis_fsm").joinpath("retry.py").read_text(encoding="utf-8")),
+                ("api_key", "afsm-" + secrets.token_urlsafe(32) + "\n"),
+                ("job.sh", script),
+            ):
+                put = remote.call("put", record.run_dir, name, input=text, timeout=600)
+                if put.returncode != 0:
+                    raise SessionError(f"Could not upload {name}", details=put.stderr.strip() or None)
+            sub = remote.call("submit", record.run_dir, str(record.shards), retry=False)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                remote.call("remove", record.run_dir)
+            raise
+        found = [line[len("SUBMITTED|"):] for line in sub.stdout.split("\n")
+                 if line.startswith("SUBMITTED|")]  # fmt: skip
+        if sub.returncode != 0 or not found:
+            with contextlib.suppress(Exception):
+                remote.call("remove", record.run_dir)
+            raise SchedulerError("sbatch refused the batch's jobs" if sub.returncode == 4
+                                 else "Submitting the batch failed",
+                                 hint="Check the account (slurm.account), the GPU type and the time (-t).",
+                                 details=sub.stderr.strip() or None)  # fmt: skip
+        record.job_id = found[0]
+        store.save(record, valid.ids)
+    return record
+
+
+# -- status, cancel, results --------------------------------------------------
+
+
+def refresh(settings: Settings, record: BatchRecord, ui: Observer, remote: Remote | None = None,
+            store: BatchStore | None = None) -> BatchRecord:  # fmt: skip
+    """Ask the cluster about an unfinished batch; save what it says."""
+    if record.ended:
+        return record
+    store = store or BatchStore(settings.state_dir)
+    with contextlib.ExitStack() as stack:
+        if remote is None:
+            remote = stack.enter_context(connected(settings, ui))
+        proc = remote.call("status", record.run_dir, record.job_name)
+        if proc.returncode == 0:
+            batch.apply(record, batch.parse_status(proc.stdout))
+            store.save(record)
+    return record
+
+
+def cancel(settings: Settings, record: BatchRecord, ui: Observer,
+           store: BatchStore | None = None, confirm_s: float = 60) -> BatchRecord:  # fmt: skip
+    """Mark the batch cancelled (no successor starts), scancel its jobs by
+    name, and wait for the scheduler to confirm none is left."""
+    store = store or BatchStore(settings.state_dir)
+    if record.ended:
+        return record
+    with connected(settings, ui) as remote:
+        proc = remote.call("mark-cancelled", record.run_dir)
+        if proc.returncode != 0:
+            raise SessionError(f"Could not mark batch {record.id} cancelled",
+                               details=proc.stderr.strip() or None)  # fmt: skip
+        record.set_status(BatchStatus.CANCELLING)
+        store.save(record)
+        left = remote.agent.cancel("", record.job_name, confirm_s)
+        if left:
+            raise CancelUnconfirmed(
+                f"The cancel of batch {record.id} is not confirmed: {left}",
+                hint=f"`alvis-fsm batch cancel {record.id}` again, or `batch status {record.id}`.",
+            )
+        refresh(settings, record, ui, remote, store)
+    return record
+
+
+def results(settings: Settings, record: BatchRecord, ui: Observer, out: Path, errors: Path,
+            store: BatchStore | None = None) -> tuple[int, int]:  # fmt: skip
+    """Download the results so far into OpenAI's output and error files
+    (every custom_id once, in input order; for an ended batch, the ones not
+    run go to the error file with the reason). Returns the line counts."""
+    store = store or BatchStore(settings.state_dir)
+    with connected(settings, ui) as remote:
+        if not record.ended:
+            refresh(settings, record, ui, remote, store)
+        proc = remote.call("results", record.run_dir, timeout=600)
+        if proc.returncode != 0:
+            raise SessionError(f"Could not read the results of {record.id}",
+                               details=proc.stderr.strip() or None)  # fmt: skip
+    return write_results(store.ids(record.id), proc.stdout, BatchStatus(record.status), out, errors)
+
+
+def write_results(ids: list[str], text: str, status: BatchStatus, out: Path,
+                  errors: Path) -> tuple[int, int]:  # fmt: skip
+    import json
+
+    from alvis_fsm.engine.store import atomic_write
+
+    ok_lines: list[str] = []
+    err_lines: list[str] = []
+    for ok, row in batch.merge(ids, batch.result_rows(text), status):
+        (ok_lines if ok else err_lines).append(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write(out, "".join(ok_lines), mode=0o600)
+    atomic_write(errors, "".join(err_lines), mode=0o600)
+    return len(ok_lines), len(err_lines)
+
+
+def pick(store: BatchStore, batch_id: str | None) -> BatchRecord:
+    """The named batch, or the newest one."""
+    if batch_id:
+        return store.load(batch.check_id(batch_id))
+    records = store.all()
+    if not records:
+        raise SessionError("No batches yet", hint="alvis-fsm batch submit FILE.jsonl")
+    return records[-1]

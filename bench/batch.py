@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Benchmark `alvis-fsm batch` on the lab cluster (tests/lab), issue 23.
+
+    python bench/batch.py [--smoke] [--lines N] [--out bench/results-batch.md]
+
+One run, with the lab lock held throughout (tests and other benchmarks wait):
+
+  1. scale-out: the same work on `lab-slow` (each request 0.25 s, at most 4
+     at once per server: the figure is the tool's, not this machine's two
+     cores) with 1, 2 and 4 shards; throughput from the first to the last
+     result (start-ups excluded), goal >= 0.9 x N of one shard
+  2. a shard requeued (`scontrol requeue`) at 50 %: lines lost (goal 0),
+     written twice (goal 0), and redone (sent again; goal <= the runner's
+     concurrency), from the shard's own run records
+  3. N short lines (default 20 000, --lines 100000 as the issue asks) on the
+     instant stand-in (`lab-ok`): time per request end to end on the node
+     (an upper bound of the runner's own overhead), and the laptop's peak
+     memory for `batch submit` and `batch results` at N/4 and N lines
+  4. against `vllm run-batch` on the real vLLM: only when the lab has it
+     (the real-vLLM issue); otherwise reported as not run
+
+Each batch is submitted with the CLI and then left alone (no client runs
+while it works); the benchmark reads the result files on the cluster as the
+cluster user. Exit status: 0 when the tool worked (missed goals are
+reported), 1 when it failed (a batch not completed, a line lost or
+duplicated, jobs left), 2 when the benchmark could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+
+from conftest import Lab, bring_up_lab, lab_lock  # noqa: E402
+from tool import tool_argv  # noqa: E402
+
+CONCURRENCY = 64  # engine/batch_service.CONCURRENCY
+SLOW_RATE = 16.0  # lab-slow: 4 at once, 0.25 s each
+
+
+class Client:
+    """The CLI as a user runs it: its own HOME and state dir."""
+
+    def __init__(self, lab: Lab, root: Path) -> None:
+        self.lab = lab
+        self.root = root
+        (root / "home").mkdir(parents=True, exist_ok=True)
+        self.state = Path(tempfile.mkdtemp(prefix="afsm-b-", dir="/tmp"))
+        self.env = {**lab.env, "HOME": str(root / "home"), "ALVIS_FSM_SESSION__STATE_DIR": str(self.state),
+                    "TERM": "dumb", "NO_COLOR": "1"}  # fmt: skip
+
+    def run(self, *args: str, timeout: float = 600) -> tuple[str, int]:
+        """(stdout, 0) of one CLI run; raises on failure."""
+        proc = subprocess.run([*tool_argv(), *args], env=self.env, cwd=self.root, text=True,
+                              capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout)  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"alvis-fsm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        return proc.stdout, 0
+
+    def run_dirs(self) -> list[str]:
+        out = []
+        for path in (self.state / "batches").glob("batch_*.json"):
+            out.append(str(json.loads(path.read_text())["run_dir"]))
+        return out
+
+    def status(self, batch_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.run("batch", "status", batch_id, "--json")[0])
+        return data
+
+
+def peak_rss(client: Client, *args: str) -> tuple[str, int]:
+    """Run the CLI and return (stdout, its peak RSS in KiB), measured with wait4."""
+    proc = subprocess.Popen([*tool_argv(), *args], env=client.env, cwd=client.root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"alvis-fsm {' '.join(args)} failed ({proc.returncode}):\n{err[-2000:]}")
+    return out, usage.ru_maxrss
+
+
+def write_input(path: Path, n: int, model: str) -> list[str]:
+    ids = [f"r{i:07d}" for i in range(n)]
+    with path.open("w") as handle:
+        for cid in ids:
+            handle.write(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions",
+                                     "body": {"model": model, "prompt": cid, "max_tokens": 5}}) + "\n")  # fmt: skip
+    return ids
+
+
+def jobs_of(lab: Lab, batch_id: str) -> list[str]:
+    out = lab.run(["squeue", "-h", "-u", lab.user, "-n", f"alvis-fsm-{batch_id}", "-o", "%i"]).stdout
+    return out.split()
+
+
+def wait_gone(lab: Lab, batch_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while jobs_of(lab, batch_id):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"batch {batch_id} still has jobs after {timeout:.0f} s")
+        time.sleep(1)
+
+
+def cluster_rows(lab: Lab, run_dir: str) -> list[dict[str, Any]]:
+    text = lab.login(f"cat {run_dir}/results/shard-*.jsonl", timeout=300).stdout
+    return [json.loads(x) for x in text.splitlines() if x]
+
+
+def cluster_runs(lab: Lab, run_dir: str) -> list[dict[str, Any]]:
+    text = lab.login(f"cat {run_dir}/results/shard-*.runs", check=False).stdout
+    return [json.loads(x) for x in text.splitlines() if x]
+
+
+def throughput(rows: list[dict[str, Any]]) -> float:
+    times = sorted(float(r["_t"]) for r in rows)
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+
+
+def submit(client: Client, path: Path, *args: str) -> str:
+    out, _ = client.run("batch", "submit", str(path), *args)
+    return out.strip()
+
+
+def check_complete(client: Client, lab: Lab, batch_id: str, ids: list[str]) -> tuple[list[dict[str, Any]], str]:
+    data = client.status(batch_id)
+    if data["status"] != "completed":
+        raise RuntimeError(f"batch {batch_id} ended {data['status']}: {data.get('errors')}")
+    rows = cluster_rows(lab, data["run_dir"])
+    written = [r["custom_id"] for r in rows]
+    if sorted(written) != ids:
+        lost = len(set(ids) - set(written))
+        raise RuntimeError(f"batch {batch_id}: {lost} lost, {len(written) - len(set(written))} written twice")
+    return rows, data["run_dir"]
+
+
+def scale_out(client: Client, lab: Lab, per_shard: int) -> list[tuple[int, float]]:
+    out = []
+    for shards in (1, 2, 4):
+        ids = write_input(client.root / f"slow-{shards}.jsonl", per_shard * shards, "lab-slow")
+        batch_id = submit(client, client.root / f"slow-{shards}.jsonl", "--jobs", str(shards), "-t", "15")
+        wait_gone(lab, batch_id, 600)
+        rows, _ = check_complete(client, lab, batch_id, ids)
+        out.append((shards, throughput(rows)))
+    return out
+
+
+def requeue(client: Client, lab: Lab, lines: int) -> dict[str, Any]:
+    ids = write_input(client.root / "requeue.jsonl", lines, "lab-slow")
+    batch_id = submit(client, client.root / "requeue.jsonl", "-t", "15")
+    deadline = time.monotonic() + 300
+    while True:
+        data = client.status(batch_id)
+        if data["request_counts"]["completed"] >= lines // 2:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError("the requeue batch did not reach 50 %")
+        time.sleep(0.5)
+    at = data["request_counts"]["completed"]
+    lab.run(["scontrol", "requeue", data["job_id"]])
+    wait_gone(lab, batch_id, 600)
+    data = client.status(batch_id)
+    rows = cluster_rows(lab, data["run_dir"])
+    written = [r["custom_id"] for r in rows]
+    runs = cluster_runs(lab, data["run_dir"])
+    return {"status": data["status"], "at": at, "lost": len(set(ids) - set(written)),
+            "twice": len(written) - len(set(written)), "runs": len(runs),
+            "redone": sum(int(r["sent"]) for r in runs) - lines}  # fmt: skip
+
+
+def overhead(client: Client, lab: Lab, lines: int) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for n in (lines // 4, lines):
+        path = client.root / f"short-{n}.jsonl"
+        ids = write_input(path, n, "lab-ok")
+        out, submit_rss = peak_rss(client, "batch", "submit", str(path), "-t", "30")
+        batch_id = out.strip()
+        wait_gone(lab, batch_id, 1800)
+        rows, _ = check_complete(client, lab, batch_id, ids)
+        _, results_rss = peak_rss(client, "batch", "results", batch_id, "-o", str(client.root / "o.jsonl"),
+                                  "--errors", str(client.root / "e.jsonl"))  # fmt: skip
+        rate = throughput(rows)
+        result[str(n)] = {"rate": rate, "per_request_ms": 1000 / rate if rate else None,
+                          "submit_rss_mib": submit_rss / 1024, "results_rss_mib": results_rss / 1024}  # fmt: skip
+    return result
+
+
+def report(args: argparse.Namespace, scale: list[tuple[int, float]], rq: dict[str, Any],
+           ov: dict[str, Any]) -> str:  # fmt: skip
+    one = scale[0][1] if scale else 0.0
+    rows = ["| measure | value | goal | met |", "| --- | --- | --- | --- |"]
+    for shards, rate in scale:
+        ratio = rate / one if one else 0.0
+        goal = 0.9 * shards
+        rows.append(f"| scale-out, {shards} shard(s), lab-slow | {rate:.1f} req/s ({ratio:.2f}x one; "
+                    f"ideal {SLOW_RATE * shards:.0f}) | >= {goal:.1f}x one | "
+                    f"{'yes' if shards == 1 or ratio >= goal else 'no'} |")  # fmt: skip
+    rows.append(f"| requeue at 50 % ({rq['at']} of {args.requeue_lines} done) | lost {rq['lost']}, "
+                f"written twice {rq['twice']}, redone {rq['redone']} (in {rq['runs']} runs) | 0, 0, "
+                f"<= {CONCURRENCY} | {'yes' if rq['lost'] == 0 and rq['twice'] == 0 and rq['redone'] <= CONCURRENCY else 'no'} |")  # fmt: skip
+    sizes = list(ov.values())
+    flat = len(sizes) < 2 or all(sizes[-1][k] <= 1.2 * sizes[0][k] for k in ("submit_rss_mib", "results_rss_mib"))
+    for n, v in ov.items():
+        per = v["per_request_ms"]
+        rows.append(f"| {n} short lines on lab-ok: time per request on the node | "
+                    f"{per:.3f} ms ({v['rate']:.0f} req/s) | (runner + stand-in, 2 cores) | — |")  # fmt: skip
+        rows.append(f"| {n} lines: laptop peak RSS, submit / results | {v['submit_rss_mib']:.0f} MiB / "
+                    f"{v['results_rss_mib']:.0f} MiB | flat (<= 1.2x from N/4 to N) | "
+                    f"{'yes' if flat else 'no'} |")  # fmt: skip
+    rows.append("| vs `vllm run-batch` on the real vLLM | not run: the lab has no real vLLM model yet | "
+                ">= 0.95x | — |")
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"# Batch benchmark ({'smoke' if args.smoke else 'full'})\n\nWritten by `bench/batch.py` "
+            f"on {when}; do not edit by hand.\n\n" + "\n".join(rows) + "\n\n"
+            f"Details: {json.dumps({'scale_out': scale, 'requeue': rq, 'short_lines': ov})}\n")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--lines", type=int, default=0, help="short lines on lab-ok (default 20000; smoke 4000)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    lines = args.lines or (4000 if args.smoke else 20000)
+    per_shard = 120 if args.smoke else 320
+    args.requeue_lines = 240 if args.smoke else 480
+    out = args.out or BENCH / ("results-batch-smoke.md" if args.smoke else "results-batch.md")
+    if os.geteuid() != 0:
+        print("bench/batch.py needs root (the lab does)", file=sys.stderr)
+        return 2
+    with lab_lock(Path(os.environ.get("ALVIS_LAB_ROOT", "/var/lib/alvis-lab"))):
+        lab = bring_up_lab()
+        with tempfile.TemporaryDirectory(prefix="afsm-bench-batch-") as tmp:
+            client = Client(lab, Path(tmp))
+            try:
+                scale = scale_out(client, lab, per_shard)
+                rq = requeue(client, lab, args.requeue_lines)
+                ov = overhead(client, lab, lines)
+            except RuntimeError as exc:
+                print(f"FAILED: {exc}", file=sys.stderr)
+                lab.cancel_all()
+                return 1
+            finally:
+                # What this benchmark made: its batches' run dirs, its state dir.
+                for run_dir in client.run_dirs():
+                    if "/batch_" in run_dir:
+                        lab.login(f"rm -rf -- '{run_dir}'", check=False)
+                subprocess.run(["rm", "-rf", "--", str(client.state)], check=False)
+    text = report(args, scale, rq, ov)
+    out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""Batches (issue 23), the pure parts and the node-side runner: validation
+with line numbers, the status read from the cluster's answer (missing
+information is not bad news), the merge (every custom_id once, in input
+order), and the runner against a real HTTP server on a unix socket
+(classification, retries, resume after a cut, no duplicates)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from alvis_fsm.cluster import batch_runner
+from alvis_fsm.engine import batch
+from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore
+from alvis_fsm.errors import UsageError
+
+RESOLVE = {
+    "lab-ok": ("lab-ok", "alvislab/tiny-ok"),
+    "alvislab/tiny-ok": ("lab-ok", "alvislab/tiny-ok"),
+    "other": ("other", "org/other"),
+}
+
+
+def line(cid: str, url: str = "/v1/chat/completions", model: str | None = "lab-ok", **extra: Any) -> str:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": cid}]}
+    if url == "/v1/completions":
+        body = {"prompt": cid}
+    if url == "/v1/embeddings":
+        body = {"input": cid}
+    if model is not None:
+        body["model"] = model
+    return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body, **extra})
+
+
+# -- validation ---------------------------------------------------------------
+
+
+def test_a_good_file_is_rewritten_with_the_served_name() -> None:
+    valid = batch.validate([line("a"), "", line("b", model="alvislab/tiny-ok")], RESOLVE)
+    assert valid.ids == ["a", "b"] and valid.model == "lab-ok" and valid.endpoint == "/v1/chat/completions"
+    assert all(json.loads(text)["body"]["model"] == "alvislab/tiny-ok" for text in valid.lines)
+
+
+def test_the_model_flag_fills_a_missing_model() -> None:
+    valid = batch.validate([line("a", model=None), line("b")], RESOLVE, "lab-ok")
+    assert valid.served_name == "alvislab/tiny-ok" and len(valid.lines) == 2
+
+
+@pytest.mark.parametrize(
+    ("lines", "flag", "words"),
+    [
+        ([line("a"), "{not json"], None, "Line 2: not valid JSON"),
+        ([line("a"), line("b"), line("a")], None, "Line 3: duplicate custom_id 'a' (first on line 1)"),
+        ([line("a"), line("b", url="/v1/completions")], None, "Line 2: url '/v1/completions' differs"),
+        ([line("a"), line("b", model="other")], None, "Line 2: model 'other' differs from 'lab-ok'"),
+        ([line("a", model="nosuch")], None, "Line 1: unknown model 'nosuch'"),
+        ([line("a", model=None)], None, "Line 1: body.model is missing"),
+        ([line("a", model="other")], "lab-ok", "Line 1: model 'other' differs from 'lab-ok'"),
+        ([json.dumps({"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}})],
+         None, "Line 1: method must be \"POST\""),
+        ([line("a", url="/v1/responses")], None, "Line 1: url '/v1/responses' is not one of"),
+        ([line("a"), "[1, 2]"], None, "Line 2: a request must be a JSON object"),
+        ([line("a", extra_key=1)], None, "Line 1: unknown key(s) 'extra_key'"),
+        ([json.dumps({"custom_id": "", "method": "POST", "url": "/v1/completions", "body": {}})],
+         None, "Line 1: custom_id must be a non-empty string"),
+        (["", "  "], None, "The batch file holds no requests"),
+        ([line("a")], "nosuch", "-m/--model: unknown model 'nosuch'"),
+    ],
+)
+def test_bad_input_is_refused_with_the_line(lines: list[str], flag: str | None, words: str) -> None:
+    with pytest.raises(UsageError) as info:
+        batch.validate(lines, RESOLVE, flag)
+    assert words in info.value.message
+    assert info.value.exit_code == 2
+
+
+def test_the_cli_refuses_a_bad_file_before_any_network(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from alvis_fsm.fronts.cli.main import main
+
+    path = tmp_path / "in.jsonl"
+    path.write_text(line("a", model="gpt-oss-20b") + "\n" + "{oops\n")
+    state = tmp_path / "state"
+    monkeypatch.setenv("ALVIS_FSM_SESSION__STATE_DIR", str(state))
+    monkeypatch.setenv("ALVIS_FSM_SSH__HOST", "host.invalid")
+    with pytest.raises(SystemExit) as exited:
+        main(["batch", "submit", str(path)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "Line 2: not valid JSON" in err and "Nothing was uploaded or submitted" in err
+    assert not (state / "batches").exists()
+
+
+# -- status from the cluster's answer ------------------------------------------
+
+
+def record(shards: int = 2, status: BatchStatus = BatchStatus.VALIDATING) -> BatchRecord:
+    return BatchRecord(id="batch_0123456789abcdef", model="lab-ok", served_name="s", endpoint="/v1/completions",
+                       total=10, shards=shards, run_dir="/r", job_name="alvis-fsm-x", created_at=1,
+                       status=status.value)  # fmt: skip
+
+
+def progress(k: int, state: str, completed: int, failed: int = 0) -> str:
+    data = {"shard": k, "state": state, "completed": completed, "errored": failed,
+            "prompt_tokens": 3 * completed, "completion_tokens": 7 * completed}  # fmt: skip
+    return f"PROGRESS|{k}|{json.dumps(data)}"
+
+
+def answer(*lines: str, now: int = 100, deadline: int = 1000) -> batch.Snapshot:
+    return batch.parse_status("\n".join([f"NOW|{now}", f"DEADLINE|{deadline}", *lines]))
+
+
+def test_running_shards_are_in_progress_with_their_counts() -> None:
+    r = batch.apply(record(), answer(progress(0, "running", 3, 1), "QUEUE|5_0|RUNNING|None"))
+    assert r.status == BatchStatus.IN_PROGRESS and (r.completed, r.failed) == (3, 1)
+    assert r.prompt_tokens == 9 and r.completion_tokens == 21 and r.times["in_progress_at"] == 100
+
+
+def test_every_shard_done_is_completed() -> None:
+    r = batch.apply(record(), answer(progress(0, "done", 5), progress(1, "done", 4, 1)))
+    assert r.status == BatchStatus.COMPLETED and r.completed == 9 and r.times["completed_at"] == 100
+
+
+def test_an_unanswered_queue_does_not_end_a_batch() -> None:
+    snap = answer(progress(0, "stopped", 2), "QUEUE_UNKNOWN|squeue: Socket timed out", deadline=50)
+    r = batch.apply(record(status=BatchStatus.IN_PROGRESS), snap)
+    assert r.status == BatchStatus.IN_PROGRESS and not r.error
+
+
+def test_a_shard_that_failed_for_good_fails_the_batch_once_nothing_runs() -> None:
+    cause = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    running = batch.apply(record(), answer(f"FAILED|0|{cause}", "QUEUE|5_1|RUNNING|None"))
+    assert running.status == BatchStatus.IN_PROGRESS
+    r = batch.apply(record(), answer(f"FAILED|0|{cause}", progress(1, "done", 5)))
+    assert r.status == BatchStatus.FAILED and r.error == f"shard 0: {cause}" and r.completed == 5
+
+
+def test_past_the_window_with_nothing_running_is_expired() -> None:
+    r = batch.apply(record(), answer(progress(0, "expired", 2), "EXPIRED|0", progress(1, "done", 5)))
+    assert r.status == BatchStatus.EXPIRED
+
+
+def test_cancel_is_cancelling_until_the_queue_is_empty() -> None:
+    assert batch.apply(record(), answer("CANCELLED|1", "QUEUE|5_0|RUNNING|None")).status == BatchStatus.CANCELLING
+    assert batch.apply(record(), answer("CANCELLED|1", "QUEUE_UNKNOWN|x")).status == BatchStatus.CANCELLING
+    assert batch.apply(record(), answer("CANCELLED|1")).status == BatchStatus.CANCELLED
+
+
+def test_jobs_gone_without_the_shards_done_is_a_failure_named() -> None:
+    r = batch.apply(record(), answer(progress(0, "done", 5), progress(1, "stopped", 2)))
+    assert r.status == BatchStatus.FAILED and r.error.startswith("shard 1: its job ended")
+
+
+def test_an_ended_batch_is_not_changed() -> None:
+    r = record(status=BatchStatus.CANCELLED)
+    assert batch.apply(r, answer(progress(0, "done", 5), progress(1, "done", 5))).status == BatchStatus.CANCELLED
+
+
+def test_a_cut_record_is_ignored() -> None:
+    snap = batch.parse_status("NOW|100\nPROGRESS|0|{\"state\": \"run\nQUEUE|1_0|RUNNING|None")
+    assert snap.progress == {} and snap.queue == [("1_0", "RUNNING", "None")]
+
+
+# -- merge --------------------------------------------------------------------
+
+
+def row(cid: str, code: int = 200, index: int = 0) -> dict[str, Any]:
+    return {"id": "batch_req_1", "custom_id": cid, "_i": index,
+            "response": {"status_code": code, "request_id": "r", "body": {}}, "error": None}  # fmt: skip
+
+
+def test_merge_keeps_input_order_each_id_once_and_names_what_was_not_run() -> None:
+    ids = ["a", "b", "c", "d"]
+    rows = [row("c"), row("a"), row("b", 400), row("a")]
+    merged = list(batch.merge(ids, rows, BatchStatus.EXPIRED))
+    assert [r["custom_id"] for _, r in merged] == ids
+    assert [ok for ok, _ in merged] == [True, False, True, False]
+    assert merged[3][1]["error"]["code"] == "batch_expired" and merged[3][1]["response"] is None
+    assert all("_i" not in r for _, r in merged)
+
+
+def test_merge_of_a_running_batch_gives_only_what_is_done() -> None:
+    merged = list(batch.merge(["a", "b"], [row("b")], BatchStatus.IN_PROGRESS))
+    assert [r["custom_id"] for _, r in merged] == ["b"]
+
+
+def test_the_store_round_trips_and_lists(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path)
+    r = record()
+    store.save(r, ["x", "y"])
+    assert store.load(r.id) == r and store.ids(r.id) == ["x", "y"] and store.all() == [r]
+    assert oct((tmp_path / "batches").stat().st_mode & 0o777) == "0o700"
+
+
+# -- the runner ---------------------------------------------------------------
+
+
+class Server:
+    """A small HTTP server on a unix socket, answering as vLLM would:
+    ``plan`` maps a custom_id (the prompt) to the statuses of its attempts."""
+
+    def __init__(self, path: str, plan: dict[str, list[int]], delay: float = 0.0) -> None:
+        self.path = path
+        self.plan = plan
+        self.seen: list[str] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                cid = body["prompt"]
+                with outer.lock:
+                    outer.seen.append(cid)
+                    codes = outer.plan.get(cid, [])
+                    code = codes.pop(0) if codes else 200
+                if delay:
+                    time.sleep(delay)
+                if self.headers.get("Authorization") != "Bearer k":
+                    code = 401
+                data = json.dumps({"object": "text_completion", "usage": {"prompt_tokens": 2, "completion_tokens": 3}}
+                                  if code == 200 else {"error": {"message": f"status {code}"}}).encode()  # fmt: skip
+                self.send_response(code)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+            def get_request(self) -> Any:
+                request, _ = super().get_request()
+                return request, ("local", 0)
+
+        self.server = UnixServer(path, Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def sock() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="afsm-t", dir="/tmp") as d:
+        yield os.path.join(d, "s.sock")
+
+
+def make_input(path: Path, n: int) -> list[str]:
+    ids = [f"c{i}" for i in range(n)]
+    path.write_text("".join(line(cid, url="/v1/completions") + "\n" for cid in ids))
+    return ids
+
+
+def run_shard(tmp: Path, sock: str, shard: int = 0, shards: int = 1, concurrency: int = 4,
+              deadline: float = 0.0) -> int:  # fmt: skip
+    os.environ["VLLM_API_KEY"] = "k"
+    try:
+        return batch_runner.main(["run", "--input", str(tmp / "in.jsonl"), "--shard", str(shard),
+                                  "--shards", str(shards), "--out", str(tmp / "out"), "--socket", sock,
+                                  "--concurrency", str(concurrency), "--deadline", str(deadline),
+                                  "--url-path", "/v1/completions"])  # fmt: skip
+    finally:
+        del os.environ["VLLM_API_KEY"]
+
+
+def results_of(tmp: Path, shard: int = 0) -> list[dict[str, Any]]:
+    text = (tmp / "out" / f"shard-{shard}.jsonl").read_text()
+    return [json.loads(x) for x in text.splitlines()]
+
+
+def test_shards_are_contiguous_and_cover_every_line() -> None:
+    for total in (0, 1, 7, 100):
+        for shards in (1, 2, 3, 8):
+            ranges = [batch_runner.shard_range(total, k, shards) for k in range(shards)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == total
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+
+
+def test_refusals_are_not_retried_and_transient_errors_are(tmp_path: Path, sock: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setattr(batch_runner, "BACKOFF_FIRST", 0.01)
+    make_input(tmp_path / "in.jsonl", 6)
+    server = Server(sock, {"c1": [400, 200], "c2": [503, 500, 200], "c3": [429, 200]})
+    try:
+        assert run_shard(tmp_path, sock) == batch_runner.EXIT_DONE
+    finally:
+        server.close()
+    rows = {r["custom_id"]: r for r in results_of(tmp_path)}
+    assert sorted(rows) == [f"c{i}" for i in range(6)]
+    assert rows["c1"]["response"]["status_code"] == 400 and server.seen.count("c1") == 1
+    assert rows["c2"]["response"]["status_code"] == 200 and server.seen.count("c2") == 3
+    assert rows["c3"]["response"]["status_code"] == 200 and server.seen.count("c3") == 2
+    prog = json.loads((tmp_path / "out" / "shard-0.progress").read_text())
+    assert prog["state"] == "done" and (prog["completed"], prog["errored"]) == (5, 1)
+    assert prog["prompt_tokens"] == 10 and prog["completion_tokens"] == 15
+
+
+def test_a_restarted_shard_skips_what_it_wrote_and_repairs_a_cut_line(tmp_path: Path, sock: str) -> None:
+    ids = make_input(tmp_path / "in.jsonl", 20)
+    server = Server(sock, {})
+    try:
+        assert run_shard(tmp_path, sock, shard=1, shards=2) == batch_runner.EXIT_DONE
+        path = tmp_path / "out" / "shard-1.jsonl"
+        lines = path.read_text().splitlines(keepends=True)
+        # A kill: the last 4 results were never written, the 5th is cut.
+        path.write_text("".join(lines[:5]) + lines[5][:17])
+        server.seen.clear()
+        assert run_shard(tmp_path, sock, shard=1, shards=2) == batch_runner.EXIT_DONE
+    finally:
+        server.close()
+    rows = results_of(tmp_path, 1)
+    assert sorted(r["custom_id"] for r in rows) == ids[10:]
+    assert len(server.seen) == 5 and not set(server.seen) & {r["custom_id"] for r in rows[:5]}
+
+
+def test_a_server_gone_stops_the_shard_without_writing_a_line(tmp_path: Path, sock: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setattr(batch_runner, "BACKOFF_FIRST", 0.01)
+    monkeypatch.setattr(batch_runner, "RETRIES", 2)
+    make_input(tmp_path / "in.jsonl", 3)
+    assert run_shard(tmp_path, sock) == batch_runner.EXIT_SERVER  # nothing listens there
+    assert (tmp_path / "out" / "shard-0.jsonl").read_text() == ""
+    prog = json.loads((tmp_path / "out" / "shard-0.progress").read_text())
+    assert prog["state"] == "server_failed" and "stopped answering" in prog["why"]
+
+
+def test_past_the_deadline_the_shard_expires(tmp_path: Path, sock: str) -> None:
+    make_input(tmp_path / "in.jsonl", 3)
+    server = Server(sock, {})
+    try:
+        assert run_shard(tmp_path, sock, deadline=time.time() - 1) == batch_runner.EXIT_EXPIRED
+    finally:
+        server.close()
+    assert json.loads((tmp_path / "out" / "shard-0.progress").read_text())["state"] == "expired"
+
+
+def test_usr1_stops_taking_lines_and_flushes(tmp_path: Path, sock: str) -> None:
+    """The time-limit warning, to the runner as a process (as the job script
+    sends it): it exits 3 soon, with every result it wrote whole."""
+    make_input(tmp_path / "in.jsonl", 400)
+    server = Server(sock, {}, delay=0.02)
+    try:
+        env = {**os.environ, "VLLM_API_KEY": "k"}
+        proc = subprocess.Popen(
+            [sys.executable, batch_runner.__file__, "run", "--input", str(tmp_path / "in.jsonl"),
+             "--shard", "0", "--shards", "1", "--out", str(tmp_path / "out"), "--socket", sock,
+             "--concurrency", "2", "--url-path", "/v1/completions"], env=env,
+        )  # fmt: skip
+        out = tmp_path / "out" / "shard-0.jsonl"
+        for _ in range(600):  # a bound, not a timing: the first result comes at once
+            if out.exists() and out.stat().st_size:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=30) == batch_runner.EXIT_STOPPED
+    finally:
+        server.close()
+    rows = results_of(tmp_path)
+    assert 0 < len(rows) < 400 and len({r["custom_id"] for r in rows}) == len(rows)
+    assert json.loads((tmp_path / "out" / "shard-0.progress").read_text())["state"] == "stopped"
+
+
+def test_batch_cancel_is_not_the_stop_alias() -> None:
+    from alvis_fsm.fronts.cli.main import cli
+
+    group = cli.commands["batch"]
+    import click
+
+    assert isinstance(group, click.Group)
+    command = group.get_command(click.Context(group), "cancel")
+    assert command is not None and command.name == "cancel"
+
+
+def test_jobs_auto_counts_the_jobs_that_fit_node_by_node() -> None:
+    from alvis_fsm.engine.batch_service import jobs_for
+
+    lines = ["a|gpu:A40:4(S:0-1)|gpu:A40:1(IDX:0)|mix",   # 3 free
+             "b|gpu:A40:4(S:0-1)|gpu:A40:0(IDX:N/A)|idle",  # 4 free
+             "c|gpu:A40:4(S:0-1)|gpu:A40:4(IDX:0-3)|alloc",  # none
+             "d|gpu:A100:4(S:0-1)|gpu:A100:0(IDX:N/A)|idle"]  # another type  # fmt: skip
+    assert jobs_for(lines, "A40:1") == 7
+    assert jobs_for(lines, "A40:2") == 3  # 1 on a, 2 on b: a job is on one node
+    assert jobs_for(lines, "A40:4") == 1
+    assert jobs_for(lines[2:3], "A40:1") == 1  # nothing free: one job, which waits
+
+
+def test_the_shard_job_script_renders_quoted_and_parses() -> None:
+    from alvis_fsm.cluster import jobscript
+    from alvis_fsm.engine.batch_service import _source, warn_seconds
+
+    spec = jobscript.JobSpec(job_name="alvis-fsm-batch_0123456789abcdef", account="NAISS2025-22-1522",
+                             time="1:00:00", gpus="A40:1", run_dir="~/runs/batch_x; rm -rf ~",
+                             model_path="/hub/models--org--m/snapshots/a$(id)/", max_model_len=4096,
+                             served_name="org/m", image="/apps/v.sif", ready_timeout=600)  # fmt: skip
+    extra = {"SHARDS": "4", "CONCURRENCY": "64", "URL_PATH": jobscript.word("endpoint", "/v1/completions"),
+             "MAX_ATTEMPTS": "3", "WARN_S": str(warn_seconds(3600))}  # fmt: skip
+    text = jobscript.render(spec, _source("batch_job.sh"), extra)
+    assert "#SBATCH --signal=B:USR1@120\n" in text and "#SBATCH --requeue\n" in text
+    assert "RUN_DIR='~/runs/batch_x; rm -rf ~'\n" in text
+    assert "HF_MODEL='/hub/models--org--m/snapshots/a$(id)/'\n" in text
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+    assert warn_seconds(60) == 15 and warn_seconds(10) == 10 and warn_seconds(7200) == 120
