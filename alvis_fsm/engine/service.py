@@ -536,7 +536,9 @@ def check(settings: Settings, store: Store, record: SessionRecord, ui: Observer,
                     return Status(runner.record, job_state=job_state)
             except SessionError:
                 return Status(record, job_state=job_state)  # a client took it meanwhile
-        reachable = health(record.local_port, local_socket=record.local_socket) if record.state == State.TUNNELED else None
+        reachable = (health(record.local_port, api_key=record.api_key or None,
+                            local_socket=record.local_socket)
+                     if record.state == State.TUNNELED else None)  # fmt: skip
         return Status(record, job_state=str(job.state) if job else None,
                       time_left=job.time_left if job else None, reachable=reachable)  # fmt: skip
     except AlvisError as exc:
