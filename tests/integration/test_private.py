@@ -51,8 +51,7 @@ LOGIN_WARNING = "[WARN] Route login: vLLM listens on a TCP port of the compute n
 PROBE = r"""
 import json, socket, sys
 targets, paths, model, key, host = json.loads(sys.argv[1])
-auth = b"Authorization: Bearer " + key.encode() + b"
-" if key else b""
+auth = b"Authorization: Bearer " + key.encode() + b"\r\n" if key else b""
 for kind, where in targets:
     for path in paths:
         body = {"model": model, "prompt": "hi", "max_tokens": 1}
