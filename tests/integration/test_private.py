@@ -50,7 +50,7 @@ LOGIN_WARNING = "[WARN] Route login: vLLM listens on a TCP port of the compute n
 # With a key, it is sent; the Host header is the one given.
 PROBE = r"""
 import json, socket, sys
-targets, paths, model, key, host = json.loads(sys.argv[1])
+targets, paths, model, key, host_header = json.loads(sys.argv[1])
 auth = b"Authorization: Bearer " + key.encode() + b"\r\n" if key else b""
 for kind, where in targets:
     for path in paths:
@@ -64,7 +64,7 @@ for kind, where in targets:
             else:
                 host, port = where.rsplit(":", 1)
                 s = socket.create_connection((host, int(port)), timeout=5)
-            s.sendall(b"POST " + path.encode() + b" HTTP/1.0\r\nHost: " + host.encode() + b"\r\n"
+            s.sendall(b"POST " + path.encode() + b" HTTP/1.0\r\nHost: " + host_header.encode() + b"\r\n"
                       + auth + b"Content-Type: application/json\r\nContent-Length: "
                       + str(len(data)).encode() + b"\r\n\r\n" + data)
             answer = b""
