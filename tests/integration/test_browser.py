@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -209,36 +210,39 @@ def test_no_web_page_can_use_start_or_the_gateway(lab: Any, gateway_tool: Tool, 
     assert_nothing_left(lab, tool)
 
 
-def test_page_probe_reads_an_unguarded_server(tmp_path: Path, page_server: list[PageServer]) -> None:
-    """Control, without the lab: the same page against a server that grants
-    CORS (as vLLM does) does read answers, so the browser test above can fail."""
+@pytest.mark.parametrize("guarded", [False, True], ids=["as-vllm", "guarded"])
+def test_the_page_against_the_standin(tmp_path: Path, page_server: list[PageServer], guarded: bool) -> None:
+    """Without the lab: the same page against the vLLM stand-in on a TCP
+    port. As vLLM 0.11 (no guard) the page reads /metrics and gets
+    completions from /invocations (what the test above would see without the
+    guard); with the job script's --middleware it gets nothing, and the
+    server runs nothing for it."""
+    from test_private import _model, _spawn, _stop, _wait_accepting
 
-    class Open(BaseHTTPRequestHandler):
-        def log_message(self, *a: Any) -> None:
-            pass
+    from alvis_fsm.cluster import guard
 
-        def _answer(self) -> None:
-            n = int(self.headers.get("content-length") or 0)
-            self.rfile.read(n)
-            self.send_response(200)
-            self.send_header("access-control-allow-origin", "*")
-            self.send_header("access-control-allow-headers", "*")
-            self.send_header("access-control-allow-methods", "*")
-            self.send_header("content-length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        do_GET = do_POST = do_OPTIONS = _answer
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Open)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    shipped = tmp_path / "guard"
+    shipped.mkdir()
+    (shipped / f"{guard.MODULE}.py").write_text(guard.source())
+    port = free_port()
+    middleware = ("--middleware", guard.MIDDLEWARE) if guarded else ()
+    proc = _spawn(_model(tmp_path, "ok"), "--port", str(port), *middleware, pythonpath=str(shipped))
     try:
-        targets = {"open": f"http://127.0.0.1:{httpd.server_address[1]}"}
-        page = PageServer(PAGE.replace("TARGETS", json.dumps(targets)).replace("MODEL", '"m"'))
+        _wait_accepting(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close())
+        page = PageServer(PAGE.replace("TARGETS", json.dumps({"vllm": f"http://127.0.0.1:{port}"}))
+                          .replace("MODEL", '"m"'))  # fmt: skip
         page_server.append(page)
         results = browse(page.url, tmp_path, page)
+        work = served_requests(port, "sekret")
     finally:
-        httpd.shutdown()
-        httpd.server_close()
-    readable = [r for r in results if r.get("status") == 200 and r.get("text") == "ok"]
-    assert len(readable) == 6, results  # all but the two no-cors ones
+        _stop(proc)
+    readable = [r for r in results if r.get("status") == 200]
+    if guarded:
+        assert [r for r in results if "error" not in r and r["type"] != "opaque"] == [], results
+        assert work == 0
+    else:
+        names = {r["name"] for r in readable}
+        assert {"vllm simple GET /metrics", "vllm simple POST /invocations",
+                "vllm preflighted POST /invocations"} <= names, results  # fmt: skip
+        assert any('"choices"' in r["text"] for r in readable)  # a completion, read by the page
+        assert work >= 3  # the no-cors POST ran too, though its answer stayed opaque
