@@ -474,8 +474,16 @@ def test_the_guard_is_shipped_private_and_first_on_pythonpath(tmp_path: Path) ->
 
 @pytest.mark.parametrize("sep", [":", ","])
 def test_a_run_dir_the_guard_cannot_load_from_is_refused_in_words(tmp_path: Path, sep: str) -> None:
-    job = Job(tmp_path, dataclasses.replace(PLAIN, run_dir=str(tmp_path / f"run{sep}x")))
-    assert job.run() == 1
+    with pytest.raises(ConfigError, match="holds ':' or ','") as err:
+        render(dataclasses.replace(PLAIN, run_dir=f"~/runs{sep}x/s"))
+    assert err.value.hint and "remote.run_root" in err.value.hint
+    # The script checks again after expanding ~ (a home with ':' in it).
+    job = Job(tmp_path, dataclasses.replace(PLAIN, run_dir=str(tmp_path / "home" / "runs" / "x")))
+    (tmp_path / "home").rename(tmp_path / f"ho{sep}me")
+    (tmp_path / "home").mkdir()
+    job.run_dir = tmp_path / f"ho{sep}me" / "runs" / "x"
+    job.script.write_text(render(dataclasses.replace(PLAIN, run_dir="~/runs/x")))
+    assert job.run(HOME=str(tmp_path / f"ho{sep}me")) == 1
     assert "holds ':' or ','" in job.file(rundir.ENDED)
     assert not job.argv_file.exists()  # vLLM never started
 
