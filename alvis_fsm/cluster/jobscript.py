@@ -102,19 +102,6 @@ def _word(what: str, value: str, *, allow_empty: bool = False) -> str:
     return shlex.quote(value)
 
 
-def _guard_loadable(run_dir: str) -> str:
-    # The guard loads from RUN_DIR/guard: PYTHONPATH splits at ':', apptainer's
-    # --bind at ',' and ':' (the job script checks again, after expanding ~).
-    if ":" in run_dir or "," in run_dir:
-        raise ConfigError(
-            f"The run directory {run_dir!r} holds ':' or ','",
-            hint="vLLM loads the tool's guard from the run directory, and a path with ':' "
-            "or ',' cannot be put on PYTHONPATH or bound into the container: "
-            "choose a remote.run_root without them.",
-        )
-    return run_dir
-
-
 def _positive_int(what: str, value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"The {what} must be a positive integer, got {value!r}")
@@ -150,7 +137,7 @@ def _values(spec: JobSpec) -> dict[str, str]:
             if spec.partition
             else ""
         ),
-        "RUN_DIR": _word("run directory", _guard_loadable(spec.run_dir)),
+        "RUN_DIR": _word("run directory", spec.run_dir),
         "MODEL_PATH": _word("model path", spec.model_path),
         "SERVED_NAME": _word(
             "served model name", spec.served_name or served_model_name(spec.model_path)

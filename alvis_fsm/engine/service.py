@@ -217,6 +217,13 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
             f"Local port {local_port} is already in use", hint=port_busy_hint(local_port)
         )
 
+    if ":" in cfg.remote.run_root or "," in cfg.remote.run_root:
+        # vLLM loads the tool's guard from the run directory (jobscript.sh).
+        raise ConfigError(
+            f"remote.run_root {cfg.remote.run_root!r} holds ':' or ','",
+            hint="vLLM loads the tool's guard from the run directory, and a path with ':' or ',' "
+            "cannot be put on PYTHONPATH or bound into the container: choose one without them.",
+        )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     token = secrets.token_hex(3)
     record = SessionRecord(

@@ -474,10 +474,8 @@ def test_the_guard_is_shipped_private_and_first_on_pythonpath(tmp_path: Path) ->
 
 @pytest.mark.parametrize("sep", [":", ","])
 def test_a_run_dir_the_guard_cannot_load_from_is_refused_in_words(tmp_path: Path, sep: str) -> None:
-    with pytest.raises(ConfigError, match="holds ':' or ','") as err:
-        render(dataclasses.replace(PLAIN, run_dir=f"~/runs{sep}x/s"))
-    assert err.value.hint and "remote.run_root" in err.value.hint
-    # The script checks again after expanding ~ (a home with ':' in it).
+    # The client refuses such a remote.run_root (test_service); the script
+    # checks again after expanding ~ (a home with ':' in it).
     job = Job(tmp_path, dataclasses.replace(PLAIN, run_dir=str(tmp_path / "home" / "runs" / "x")))
     (tmp_path / "home").rename(tmp_path / f"ho{sep}me")
     (tmp_path / "home").mkdir()
