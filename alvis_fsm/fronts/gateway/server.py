@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -20,12 +20,17 @@ from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.fronts.gateway.keys import matches
 from alvis_fsm.fronts.gateway.models import QUEUED, READY, Handle, Models, Slot, Unavailable
 
+if TYPE_CHECKING:
+    from alvis_fsm.fronts.gateway.page import Page
+    from alvis_fsm.fronts.gateway.watch import Meter
+
 # Headers that belong to one hop, never passed on.
 _HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "transfer-encoding", "upgrade", "content-length", "date", "server",
 }  # fmt: skip
 RETRY_AFTER = 30  # seconds, for a request refused while its model starts
+METER = "alvis_fsm.meter"  # the request's Meter (page.py), if the gateway has a page
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Gateway:
         self._idle_task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # clients of ended sessions, closing
         self.started = time.time()
+        self.page: Page | None = None  # the browser page, /metrics and the request log
 
     # -- the app --------------------------------------------------------------
     def app(self) -> web.Application:
@@ -72,6 +78,8 @@ class Gateway:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/gateway/status", self.status)
         app.router.add_post("/v1/{tail:.*}", self.post)
+        if self.page is not None:
+            self.page.register(app)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
@@ -141,6 +149,8 @@ class Gateway:
     async def _auth(self, request: web.Request,
                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:  # fmt: skip
+        if self.page is not None and self.page.owns(request.path):
+            return await handler(request)  # the page checks its own access
         given = request.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not matches(token.strip(), self.key):
@@ -203,6 +213,19 @@ class Gateway:
                      "invalid_request_error", "not_found")  # fmt: skip
 
     async def post(self, request: web.Request) -> web.StreamResponse:
+        if self.page is None:
+            return await self._post(request, None)
+        meter = request[METER] = self.page.watch.begin(request.path)
+        resp: web.StreamResponse | None = None
+        try:
+            resp = await self._post(request, meter)
+            return resp
+        finally:
+            # 499: the client went away first (as nginx logs it).
+            self.page.watch.done(meter, resp.status if resp is not None else 499,
+                                 _said(resp) if resp is not None and resp.status >= 400 else "")
+
+    async def _post(self, request: web.Request, meter: Meter | None) -> web.StreamResponse:
         try:
             body = await request.json()
         except ValueError:
@@ -216,6 +239,8 @@ class Gateway:
             return error(404, f"The model '{body['model']}' is not in the gateway's catalog."
                          f" Available models: {names}", "invalid_request_error",
                          "model_not_found")  # fmt: skip
+        if meter is not None:
+            meter.model, meter.stream = slot.name, bool(body.get("stream"))
         slot.enter()
         try:
             return await self._serve(request, slot, body)
@@ -287,6 +312,8 @@ class Gateway:
             return resp
         finally:
             slot.finish(handle, served)
+            if (meter := request.get(METER)) is not None:
+                meter.served = served
 
     async def _forward(self, request: web.Request, slot: Slot, handle: Handle,
                        body: dict[str, Any], prepared: web.StreamResponse | None
@@ -331,12 +358,23 @@ class Gateway:
                 })  # fmt: skip
                 await resp.prepare(request)
             # As it comes, whatever the upstream's chunks: never buffered.
+            meter = request.get(METER)
             async for chunk in answer.content.iter_any():
                 await resp.write(chunk)
+                if meter is not None:
+                    meter.feed(chunk)
             await resp.write_eof()
             return resp, True
         finally:
             answer.release()
+
+
+def _said(resp: web.StreamResponse) -> str:
+    """The message of an error body the gateway made (for the page)."""
+    if isinstance(resp, web.Response) and isinstance(resp.body, bytes):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return str(json.loads(resp.body)["error"]["message"])
+    return ""
 
 
 @dataclass
