@@ -5,21 +5,22 @@ interface the batch feature plugs into (``Gateway.page`` takes any
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from enum import StrEnum
+from enum import StrEnum, auto
 from typing import Any, Protocol
 
 
 class BatchStatus(StrEnum):
-    """OpenAI's batch statuses (openai-python ``types/batch.py``)."""
+    """OpenAI's batch statuses (openai-python ``types/batch.py``): each
+    value is its member's name in lower case."""
 
-    VALIDATING = "validating"
-    IN_PROGRESS = "in_progress"
-    FINALIZING = "finalizing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    EXPIRED = "expired"
-    CANCELLING = "cancelling"
-    CANCELLED = "cancelled"
+    VALIDATING = auto()
+    IN_PROGRESS = auto()
+    FINALIZING = auto()
+    COMPLETED = auto()
+    FAILED = auto()
+    EXPIRED = auto()
+    CANCELLING = auto()
+    CANCELLED = auto()
 
 
 RUNNING = {BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING,
@@ -40,7 +41,7 @@ class BatchView:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "status": self.status.value,
-                "running": self.status in RUNNING}  # fmt: skip
+                "active": self.status in RUNNING}  # fmt: skip
 
 
 class CancelRefused(Exception):

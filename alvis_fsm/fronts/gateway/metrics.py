@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from alvis_fsm.fronts.gateway import models as gm
+from alvis_fsm.fronts.gateway.batches import BatchStatus
 from alvis_fsm.fronts.gateway.requestlog import Entry
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ class _Live(Collector):
                                      " (total, completed, failed)",
                                      labels=["batch", "model", "outcome"])  # fmt: skip
         for b in self.batches.list():
-            for outcome, value in (("total", b.total), ("completed", b.completed),
-                                   ("failed", b.failed)):  # fmt: skip
+            for outcome, value in (("total", b.total), (BatchStatus.COMPLETED.value, b.completed),
+                                   (BatchStatus.FAILED.value, b.failed)):  # fmt: skip
                 progress.add_metric([b.id, b.model, outcome], float(value))
         yield progress

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 FILE = "gateway-requests.jsonl"
 MAX_BYTES = 10 * 1024 * 1024  # a file this large is rotated
@@ -138,26 +138,32 @@ def read(state_dir: Path, last: int | None = None) -> list[Entry]:
 
 
 def follow(state_dir: Path, poll: float = 0.5) -> Iterator[Entry]:
-    """New entries as they are written (``tail -f``), across rotations;
-    until the caller stops iterating."""
+    """New entries as they are written from this call on (``tail -f``),
+    across rotations; until the caller stops iterating."""
     path = path_of(state_dir)
-    handle = None
-    inode = None
+    handle: BinaryIO | None
+    try:  # opened now, not at the generator's first next(): "new" is from here
+        handle = path.open("rb")
+        handle.seek(0, os.SEEK_END)
+    except FileNotFoundError:
+        handle = None  # a file made later is read whole
+    return _follow(path, poll, handle)
+
+
+def _follow(path: Path, poll: float, handle: BinaryIO | None) -> Iterator[Entry]:
+    inode = os.fstat(handle.fileno()).st_ino if handle is not None else None
     partial = ""
-    at_end = path.exists()  # lines already there are not new; a file made later is read whole
     try:
         while True:
             if handle is None:
                 try:
-                    handle = path.open(encoding="utf-8", errors="replace")
-                    inode = os.fstat(handle.fileno()).st_ino
-                    if at_end:
-                        handle.seek(0, os.SEEK_END)
-                    at_end, partial = False, ""
+                    handle = path.open("rb")
                 except FileNotFoundError:
                     time.sleep(poll)
                     continue
-            chunk = handle.read()
+                inode = os.fstat(handle.fileno()).st_ino
+                partial = ""
+            chunk = handle.read().decode("utf-8", "replace")
             if chunk:
                 partial += chunk
                 *lines, partial = partial.split("\n")

@@ -30,7 +30,6 @@ _HOP = {
     "transfer-encoding", "upgrade", "content-length", "date", "server",
 }  # fmt: skip
 RETRY_AFTER = 30  # seconds, for a request refused while its model starts
-METER = "alvis_fsm.meter"  # the request's Meter (page.py), if the gateway has a page
 
 
 @dataclass
@@ -71,6 +70,7 @@ class Gateway:
         self._closing: set[asyncio.Task[None]] = set()  # clients of ended sessions, closing
         self.started = time.time()
         self.page: Page | None = None  # the browser page, /metrics and the request log
+        self._meters: dict[int, Meter] = {}  # id(request) -> its meter, while the page is on
 
     # -- the app --------------------------------------------------------------
     def app(self) -> web.Application:
@@ -215,12 +215,13 @@ class Gateway:
     async def post(self, request: web.Request) -> web.StreamResponse:
         if self.page is None:
             return await self._post(request, None)
-        meter = request[METER] = self.page.watch.begin(request.path)
+        meter = self._meters[id(request)] = self.page.watch.begin(request.path)
         resp: web.StreamResponse | None = None
         try:
             resp = await self._post(request, meter)
             return resp
         finally:
+            del self._meters[id(request)]
             # 499: the client went away first (as nginx logs it).
             self.page.watch.done(meter, resp.status if resp is not None else 499,
                                  _said(resp) if resp is not None and resp.status >= 400 else "")
@@ -312,7 +313,7 @@ class Gateway:
             return resp
         finally:
             slot.finish(handle, served)
-            if (meter := request.get(METER)) is not None:
+            if (meter := self._meters.get(id(request))) is not None:
                 meter.served = served
 
     async def _forward(self, request: web.Request, slot: Slot, handle: Handle,
@@ -358,7 +359,7 @@ class Gateway:
                 })  # fmt: skip
                 await resp.prepare(request)
             # As it comes, whatever the upstream's chunks: never buffered.
-            meter = request.get(METER)
+            meter = self._meters.get(id(request))
             async for chunk in answer.content.iter_any():
                 await resp.write(chunk)
                 if meter is not None:

@@ -101,7 +101,7 @@ function drawBatches(batches) {
     const done = b.total ? (b.completed + b.failed) / b.total : 0;
     const bar = el("div", { class: "bar" }, el("div", { style: "width:" + (done * 100).toFixed(1) + "%" }));
     const cancel = el("button", {}, "Cancel");
-    cancel.disabled = !b.running || busy.has("b:" + b.id);
+    cancel.disabled = !b.active || busy.has("b:" + b.id);
     cancel.addEventListener("click", () => {
       if (confirm("Cancel batch " + b.id + " (" + b.model + ")?")) {
         act("/gateway/page/batches/" + encodeURIComponent(b.id) + "/cancel", "Cancelling " + b.id, "b:" + b.id);
@@ -109,7 +109,7 @@ function drawBatches(batches) {
     });
     return el("tr", {}, td(b.id), td(b.model), td(b.status), el("td", {}, bar),
       td(b.completed + b.failed + " / " + b.total + (b.failed ? " (" + b.failed + " failed)" : ""), "num"),
-      td(b.running ? duration(b.eta_s) : ""), el("td", {}, cancel));
+      td(b.active ? duration(b.eta_s) : ""), el("td", {}, cancel));
   });
   box.replaceChildren(el("table", {}, el("thead", {}, el("tr", {}, ...["Batch", "Model", "Status",
     "Progress", "Done", "ETA", ""].map((h) => el("th", {}, h)))), el("tbody", {}, ...rows)));
