@@ -125,7 +125,7 @@ function drawRecent(recent, errors) {
 }
 
 function chart(target, series, unit) {
-  const w = 420, h = 140, pad = 28;
+  const w = 420, h = 140, pad = 44;
   const svg = document.createElementNS(SVG, "svg");
   svg.setAttribute("width", w); svg.setAttribute("height", h); svg.setAttribute("role", "img");
   const n = Math.max(2, ...series.map((s) => s.points.length));
@@ -159,11 +159,16 @@ function chart(target, series, unit) {
 }
 
 function drawCharts(models) {
+  // Only the models used so far (a colour each, kept by catalog order); each
+  // line starts from 0 at the gateway's start, so one minute is a line too.
   const color = (i) => COLORS[i % COLORS.length];
-  chart("chart-rpm", models.map((m, i) => ({ points: m.per_minute, color: color(i) })), "rpm");
-  chart("chart-gpuh", models.map((m, i) => ({ points: m.gpu_hours_series, color: color(i) })), "gpuh");
-  document.getElementById("legend").replaceChildren(...models.map((m, i) =>
-    el("div", {}, el("span", { style: "background:" + color(i) }), m.name)));
+  const used = models.map((m, i) => ({ m, c: color(i) }))
+    .filter(({ m }) => m.requests || m.gpu_hours_used || m.state !== "cold");
+  chart("chart-rpm", used.map(({ m, c }) => ({ points: [0, ...m.per_minute], color: c })), "rpm");
+  chart("chart-gpuh", used.map(({ m, c }) => ({ points: [0, ...m.gpu_hours_series], color: c })), "gpuh");
+  document.getElementById("legend").replaceChildren(...(used.length ? used.map(({ m, c }) =>
+    el("div", {}, el("span", { style: "background:" + c }), m.name))
+    : [el("div", { class: "none" }, "No model used yet.")]));
 }
 
 function drawSummary(s) {
