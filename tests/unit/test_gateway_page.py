@@ -222,3 +222,31 @@ def test_the_request_log_rotates_and_follows(tmp_path: Path) -> None:
     follower.close()
     assert [e.time for e in got] == [1e9 + i for i in range(100, 110)]
     assert requestlog.format_entry(got[0]).split()[2:5] == ["m", "/v1/x", "200"]
+
+
+def test_detach_prints_a_sign_in_link_and_gateway_open_makes_another(tmp_path: Path) -> None:
+    from test_gateway_commands import cli, free_port
+
+    state = tmp_path / "state"
+    port = free_port()
+    done = cli(state, "gateway", "--detach", "--port", str(port))
+    try:
+        assert done.returncode == 0, done.stderr
+        found = re.search(rf"Page: (http://localhost:{port}/\?token=\S+)", done.stderr)
+        assert found and "token" not in done.stdout  # stdout: only the exports
+        assert found.group(1) not in (state / "gateway.log").read_text()
+        again = cli(state, "gateway", "open", "--no-browser")
+        assert again.returncode == 0, again.stderr
+        other = re.search(rf"Page: (http://localhost:{port}/\?token=\S+)", again.stderr)
+        assert other and other.group(1) != found.group(1)
+        with httpx.Client(trust_env=False, timeout=10) as http:
+            first = http.get(other.group(1))
+            assert first.status_code == 303 and "HttpOnly" in first.headers["Set-Cookie"]
+            assert http.get(other.group(1)).status_code == 401  # one time
+        log = cli(state, "gateway", "log")
+        assert log.returncode == 0 and "No requests logged yet" in log.stderr
+    finally:
+        stopped = cli(state, "gateway", "stop")
+        assert stopped.returncode == 0, stopped.stderr
+    missing = cli(state, "gateway", "open", "--no-browser")
+    assert missing.returncode != 0 and "No gateway is running" in missing.stderr
