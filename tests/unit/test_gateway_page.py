@@ -5,6 +5,7 @@ may see and press what, what the counters say, what the log keeps."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,6 +32,15 @@ SECRET = "a prompt nobody else may read"
 async def _upstream() -> tuple[web.AppRunner, int]:
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if body.get("stream"):  # one event per word, the usage last (include_usage)
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for word in ("one", "two"):
+                await resp.write(b"data: " + json.dumps({"choices": [{"delta": {"content": word}}]}).encode() + b"\n\n")
+            usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+            await resp.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
         return web.json_response({
             "object": "chat.completion", "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}}],
@@ -156,6 +166,8 @@ def test_metrics_parse_and_count_the_requests_and_the_log_keeps_no_body(tmp_path
         ask = {"model": "m1", "messages": [{"role": "user", "content": SECRET}]}
         for _ in range(3):
             assert (await client.post("/v1/chat/completions", headers=AUTH, json=ask)).status_code == 200
+        streamed = await client.post("/v1/chat/completions", headers=AUTH, json={**ask, "stream": True})
+        assert streamed.status_code == 200 and "[DONE]" in streamed.text
         missing = await client.post("/v1/chat/completions", headers=AUTH, json={"model": "zz"})
         assert missing.status_code == 404
         resp = await client.get("/metrics", headers=AUTH)
@@ -163,12 +175,12 @@ def test_metrics_parse_and_count_the_requests_and_the_log_keeps_no_body(tmp_path
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for f in text_string_to_metric_families(resp.text) for s in f.samples}  # fmt: skip
         route = ("route", "/v1/chat/completions")
-        assert samples[("alvis_fsm_requests_total", (("model", "m1"), route, ("status", "200")))] == 3
+        assert samples[("alvis_fsm_requests_total", (("model", "m1"), route, ("status", "200")))] == 4
         assert samples[("alvis_fsm_requests_total", (("model", "-"), route, ("status", "404")))] == 1
         assert samples[("alvis_fsm_request_errors_total", (("model", "-"), route))] == 1
-        assert samples[("alvis_fsm_request_duration_seconds_count", (("model", "m1"),))] == 3
-        assert samples[("alvis_fsm_prompt_tokens_total", (("model", "m1"),))] == 21
-        assert samples[("alvis_fsm_completion_tokens_total", (("model", "m1"),))] == 9
+        assert samples[("alvis_fsm_request_duration_seconds_count", (("model", "m1"),))] == 4
+        assert samples[("alvis_fsm_prompt_tokens_total", (("model", "m1"),))] == 21 + 5
+        assert samples[("alvis_fsm_completion_tokens_total", (("model", "m1"),))] == 9 + 2
         assert samples[("alvis_fsm_model_state", (("model", "m1"), ("state", "ready")))] == 1
         assert samples[("alvis_fsm_model_state", (("model", "m2"), ("state", "cold")))] == 1
         assert ("alvis_fsm_gpu_hours_used_total", (("model", "m1"),)) in samples
@@ -177,16 +189,16 @@ def test_metrics_parse_and_count_the_requests_and_the_log_keeps_no_body(tmp_path
         await _sign_in(client, page)
         data = (await client.get("/gateway/page/state")).json()
         m1 = data["models"][0]
-        assert (m1["requests"], m1["prompt_tokens"], m1["completion_tokens"]) == (3, 21, 9)
-        assert m1["p50_s"] is not None and sum(m1["per_minute"]) == 3
+        assert (m1["requests"], m1["prompt_tokens"], m1["completion_tokens"]) == (4, 26, 11)
+        assert m1["p50_s"] is not None and sum(m1["per_minute"]) == 4
         assert data["errors"][0]["status"] == 404 and "'zz'" in data["errors"][0]["message"]
 
     run(scenario, tmp_path)
     text = requestlog.path_of(tmp_path).read_text()
     assert SECRET not in text and KEY not in text and "session-key" not in text
     entries = requestlog.read(tmp_path)
-    assert [(e.model, e.status, e.ok, e.prompt_tokens) for e in entries] == [
-        ("m1", 200, True, 7)] * 3 + [("", 404, False, None)]
+    assert [(e.model, e.status, e.ok, e.prompt_tokens, e.stream) for e in entries] == [
+        ("m1", 200, True, 7, False)] * 3 + [("m1", 200, True, 5, True), ("", 404, False, None, False)]
     assert requestlog.path_of(tmp_path).stat().st_mode & 0o077 == 0
 
 
