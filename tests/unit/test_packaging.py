@@ -35,6 +35,10 @@ def test_wheel_contains_data_files(wheel: Path) -> None:
         "alvis_fsm/data/models.json",
         "alvis_fsm/data/jobscript.sh",
         "alvis_fsm/cluster/agent.sh",
+        # The gateway's page, served from the package (no internet, no build step).
+        "alvis_fsm/fronts/gateway/static/index.html",
+        "alvis_fsm/fronts/gateway/static/app.js",
+        "alvis_fsm/fronts/gateway/static/app.css",
     ):
         assert member in names
 

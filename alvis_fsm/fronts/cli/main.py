@@ -333,17 +333,22 @@ def env(ctx: click.Context, name: str | None, as_json: bool, of_gateway: bool) -
     help="Run in the background: return once it listens, after printing the exports;"
     " `alvis-fsm gateway stop` ends it.",
 )  # fmt: skip
+@click.option(
+    "--open", "open_page", is_flag=True,
+    help="Open the gateway's page in the browser (the one-time link it prints).",
+)  # fmt: skip
 @global_options
 @click.pass_context
-def gateway(ctx: click.Context, port: int | None, idle: str | None, detach: bool) -> None:
+def gateway(ctx: click.Context, port: int | None, idle: str | None, detach: bool,
+            open_page: bool) -> None:  # fmt: skip
     """One OpenAI endpoint for every catalog model: eval the two exports it prints.
 
     A model's job starts with the first request that names it and is cancelled
     when idle; Ctrl+C (or `alvis-fsm gateway stop`) cancels every job it
     started and closes every tunnel."""
     if ctx.invoked_subcommand is not None:
-        given = [flag for flag, value in (("--port", port), ("--idle", idle), ("--detach", detach))
-                 if value]  # fmt: skip
+        given = [flag for flag, value in (("--port", port), ("--idle", idle), ("--detach", detach),
+                                          ("--open", open_page)) if value]  # fmt: skip
         if given:
             raise click.UsageError(
                 f"{', '.join(given)} goes with `alvis-fsm gateway`, not with"
@@ -352,7 +357,7 @@ def gateway(ctx: click.Context, port: int | None, idle: str | None, detach: bool
         return
     from alvis_fsm.fronts.cli.commands import gateway as command
 
-    command.run(_verbosity(ctx), port=port, idle=idle, detach=detach)
+    command.run(_verbosity(ctx), port=port, idle=idle, detach=detach, open_page=open_page)
 
 
 @gateway.command("stop", context_settings=CONTEXT_SETTINGS)
@@ -366,6 +371,34 @@ def gateway_stop(ctx: click.Context) -> None:
     from alvis_fsm.fronts.cli.commands import gateway as command
 
     command.stop(_verbosity(ctx))
+
+
+@gateway.command("open", context_settings=CONTEXT_SETTINGS)
+@click.option("--no-browser", is_flag=True, help="Only print the link.")
+@global_options
+@click.pass_context
+def gateway_open(ctx: click.Context, no_browser: bool) -> None:
+    """Open the running gateway's page (a new one-time sign-in link)."""
+    from alvis_fsm.fronts.cli.commands import gateway as command
+
+    command.open_page(_verbosity(ctx), no_browser=no_browser)
+
+
+@gateway.command("log", context_settings=CONTEXT_SETTINGS)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new requests as they come.")
+@click.option("-n", "--lines", "last", type=click.IntRange(min=0), default=20, show_default=True,
+              help="How many of the last requests to show (0: all).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@global_options
+@click.pass_context
+def gateway_log(ctx: click.Context, follow: bool, last: int, as_json: bool) -> None:
+    """The gateway's request log: time, model, route, status, latency, tokens.
+
+    No bodies and no keys are logged; the file (gateway-requests.jsonl in the
+    state dir) is rotated at 10 MB, three old files kept."""
+    from alvis_fsm.fronts.cli.commands import gateway as command
+
+    command.show_log(_verbosity(ctx), follow=follow, last=last, as_json=as_json)
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)

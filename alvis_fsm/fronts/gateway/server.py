@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -33,6 +33,10 @@ from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.fronts.gateway.batches import Batches
 from alvis_fsm.fronts.gateway.keys import matches
 from alvis_fsm.fronts.gateway.models import QUEUED, READY, Handle, Models, Slot, Unavailable
+
+if TYPE_CHECKING:
+    from alvis_fsm.fronts.gateway.page import Page
+    from alvis_fsm.fronts.gateway.watch import Meter
 
 # Headers that belong to one hop, never passed on.
 _HOP = {
@@ -269,6 +273,8 @@ class Gateway:
         self._closing: set[asyncio.Task[None]] = set()  # clients of ended sessions, closing
         self.started = time.time()
         self.connections: Connections | None = None  # set by serve()
+        self.page: Page | None = None  # the browser page, /metrics and the request log
+        self._meters: dict[int, Meter] = {}  # id(request) -> its meter, while the page is on
 
     # -- the app --------------------------------------------------------------
     def app(self) -> web.Application:
@@ -279,6 +285,8 @@ class Gateway:
         if self.batches is not None:
             self.batches.register(app.router)
         app.router.add_post("/v1/{tail:.*}", self.post)
+        if self.page is not None:
+            self.page.register(app)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
@@ -371,6 +379,10 @@ class Gateway:
     async def _auth(self, request: web.Request,
                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:  # fmt: skip
+        if self.page is not None and self.page.owns(request.path):
+            # The page checks its own access: cookie, CSRF, its own origin and
+            # a loopback Host with the gateway's port.
+            return await handler(request)
         # No web page may use the gateway: loopback Host only (DNS rebinding),
         # no other origin, no CORS grant; the same check guards vLLM itself.
         seen = guard.header_map(request.headers.items())
@@ -469,6 +481,23 @@ class Gateway:
         return body
 
     async def post(self, request: web.Request) -> web.StreamResponse:
+        if self.page is None:
+            return await self._post(request, None)
+        meter = self._meters[id(request)] = self.page.watch.begin(request.path)
+        resp: web.StreamResponse | None = None
+        try:
+            resp = await self._post(request, meter)
+            return resp
+        except BadBody as bad:
+            resp = bad.response
+            raise
+        finally:
+            del self._meters[id(request)]
+            # 499: the client went away first (as nginx logs it).
+            self.page.watch.done(meter, resp.status if resp is not None else 499,
+                                 _said(resp) if resp is not None and resp.status >= 400 else "")
+
+    async def _post(self, request: web.Request, meter: Meter | None) -> web.StreamResponse:
         body = await self._body(request)
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return error(400, 'The body must be a JSON object naming a "model"',
@@ -479,6 +508,8 @@ class Gateway:
             return error(404, f"The model '{body['model']}' is not in the gateway's catalog."
                          f" Available models: {names}", "invalid_request_error",
                          "model_not_found")  # fmt: skip
+        if meter is not None:
+            meter.model, meter.stream = slot.name, bool(body.get("stream"))
         slot.enter()
         try:
             return await self._serve(request, slot, body)
@@ -551,6 +582,8 @@ class Gateway:
             return resp
         finally:
             slot.finish(handle, served)
+            if (meter := self._meters.get(id(request))) is not None:
+                meter.served = served
 
     async def _forward(self, request: web.Request, slot: Slot, handle: Handle,
                        body: dict[str, Any], prepared: web.StreamResponse | None
@@ -595,8 +628,11 @@ class Gateway:
                 })  # fmt: skip
                 await resp.prepare(request)
             # As it comes, whatever the upstream's chunks: never buffered.
+            meter = self._meters.get(id(request))
             async for chunk in answer.content.iter_any():
                 await resp.write(chunk)
+                if meter is not None:
+                    meter.feed(chunk)
         except ConnectionResetError:
             # The client went away mid-answer (aiohttp's ClientConnectionResetError):
             # its own choice, not the gateway's error, and nothing to tell it.
@@ -608,6 +644,14 @@ class Gateway:
             # its answer whether or not the end of the stream reaches it.
             await resp.write_eof()
         return resp, True
+
+
+def _said(resp: web.StreamResponse) -> str:
+    """The message of an error body the gateway made (for the page)."""
+    if isinstance(resp, web.Response) and isinstance(resp.body, bytes):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return str(json.loads(resp.body)["error"]["message"])
+    return ""
 
 
 @dataclass

@@ -59,11 +59,12 @@ def parse_duration(text: str) -> float:
         ) from None
 
 
-def run(verbosity: Verbosity, *, port: int | None, idle: str | None, detach: bool = False) -> None:
+def run(verbosity: Verbosity, *, port: int | None, idle: str | None, detach: bool = False,
+        open_page: bool = False) -> None:  # fmt: skip
     if detach:
-        _detach(verbosity, port=port, idle=idle)
+        _detach(verbosity, port=port, idle=idle, open_page=open_page)
     else:
-        _serve_here(verbosity, port=port, idle=idle, log="")
+        _serve_here(verbosity, port=port, idle=idle, log="", open_page=open_page)
 
 
 def serve_background(verbosity: Verbosity, *, port: int, idle: str | None, log: str) -> None:
@@ -86,7 +87,8 @@ def _shutdown_wait(cfg: Settings) -> float:
     return cfg.timeouts.cancel_confirm + 60
 
 
-def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log: str) -> None:
+def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log: str,
+                open_page: bool = False) -> None:  # fmt: skip
     from alvis_fsm.cluster import jobscript
     from alvis_fsm.cluster.tunnel import local_port_free, port_busy_hint
     from alvis_fsm.engine.catalog import load_catalog
@@ -96,7 +98,9 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
     from alvis_fsm.fronts.gateway import sessions
     from alvis_fsm.fronts.gateway.keys import gateway_key
     from alvis_fsm.fronts.gateway.models import Models
+    from alvis_fsm.fronts.gateway.page import Page
     from alvis_fsm.fronts.gateway.recorder import Recorder
+    from alvis_fsm.fronts.gateway.requestlog import RequestLog
     from alvis_fsm.fronts.gateway.server import Gateway, LibraryLog, Options
     from alvis_fsm.text import inert
 
@@ -140,14 +144,20 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
                           max_held=g.max_held, idle_check=max(0.5, min(5.0, g.idle_timeout / 4)),
                           rollover_lead=g.rollover_lead)  # fmt: skip
         from alvis_fsm.fronts.gateway.batches import Batches, cluster_ops
+        from alvis_fsm.fronts.gateway.batchview import Board
 
-        gateway = Gateway(key, models, options, Batches(cfg.state_dir, cluster_ops(cfg)))
+        batches = Batches(cfg.state_dir, cluster_ops(cfg))
+        gateway = Gateway(key, models, options, batches)
+        page = gateway.page = Page(gateway, RequestLog(cfg.state_dir), batches=Board(batches),
+                                   stop_timeout=_shutdown_wait(cfg))  # fmt: skip
         if not log:  # the background gateway's parent prints them; the log keeps no key
             click.echo(exports(f"http://localhost:{g.port}/v1", key))
             sys.stdout.flush()
 
         def listening(bound: int) -> None:
             registration.publish(bound, log)
+            if not log:  # the background gateway's log keeps no login link: its parent asks for one
+                show_link(f"http://localhost:{bound}/?token={page.new_login_token()}", open_page)
 
         def clean_up() -> list[str]:
             return sessions.clean_up_orphans(cfg, store, echo)
@@ -194,7 +204,8 @@ async def _serve(gateway: Gateway, models: Models, port: int, wait: float,
 # -- --detach ---------------------------------------------------------------------------
 
 
-def _detach(verbosity: Verbosity, *, port: int | None, idle: str | None) -> None:
+def _detach(verbosity: Verbosity, *, port: int | None, idle: str | None,
+            open_page: bool = False) -> None:  # fmt: skip
     """Start the gateway in the background and return once it listens,
     printing its exports; if it does not come up, its error, and nothing
     left running."""
@@ -242,6 +253,7 @@ def _detach(verbosity: Verbosity, *, port: int | None, idle: str | None) -> None
             " `alvis-fsm env --gateway` prints the exports again.",
             err=True,
         )
+    show_link(login_link(found, key), open_page)
 
 
 def _wait_listening(state_dir: Path, proc: subprocess.Popen[bytes], log: Path) -> instance.Instance:
@@ -366,3 +378,71 @@ def unconfirmed(store: Store) -> list[str]:
     records, _ = store.all()
     return [f"{r.name} (job {r.job_id or '-'})" for r in records
             if is_gateway_session(r.name) and needs_check(r)]  # fmt: skip
+
+
+# -- the page ----------------------------------------------------------------------------
+
+
+def show_link(url: str, open_page: bool) -> None:
+    """The page's one-time login link, on stderr (stdout is for the exports
+    a shell evals); opened in the browser with --open."""
+    click.echo(f"Page: {url}  (a one-time link: it signs this browser in)", err=True)
+    if open_page:
+        import webbrowser
+
+        if not webbrowser.open(url):
+            click.echo("[WARN] No browser could be opened here: open the link above by hand.", err=True)
+
+
+def login_link(found: instance.Instance, key: str) -> str:
+    """A new one-time login link from the running gateway (asked with its key)."""
+    import httpx
+
+    try:
+        resp = httpx.post(f"http://127.0.0.1:{found.port}/gateway/login-link", trust_env=False,
+                          headers={"Authorization": f"Bearer {key}"}, timeout=10)  # fmt: skip
+        resp.raise_for_status()
+        return str(resp.json()["url"])
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        raise SessionError(
+            f"The gateway on port {found.port} did not give a login link ({exc})",
+            hint="Is it a gateway of this version? `alvis-fsm gateway stop`, then start it again.",
+        ) from exc
+
+
+def open_page(verbosity: Verbosity, *, no_browser: bool = False) -> None:
+    """`gateway open`: a new one-time link to the running gateway's page, opened."""
+    from alvis_fsm.fronts.gateway.keys import gateway_key
+
+    cfg = settings()
+    found = instance.running(cfg.state_dir)
+    if found is None:
+        raise SessionError("No gateway is running",
+                           hint="Start one: `alvis-fsm gateway --open` (or --detach --open).")  # fmt: skip
+    show_link(login_link(found, gateway_key(cfg.state_dir)), not no_browser)
+
+
+def show_log(verbosity: Verbosity, *, follow: bool, last: int, as_json: bool) -> None:
+    """`gateway log`: the request log's last lines; with -f, new ones as they come."""
+    import json
+
+    from alvis_fsm.fronts.gateway import requestlog
+
+    state_dir = settings().state_dir
+
+    def say(entry: requestlog.Entry) -> None:
+        click.echo(json.dumps(entry.to_json()) if as_json else requestlog.format_entry(entry))
+
+    entries = requestlog.read(state_dir, last)
+    if not entries and not follow and not as_json and verbosity is not Verbosity.QUIET:
+        click.echo(f"No requests logged yet ({requestlog.path_of(state_dir)}).", err=True)
+    for entry in entries:
+        say(entry)
+    if follow:
+        sys.stdout.flush()
+        try:
+            for entry in requestlog.follow(state_dir):
+                say(entry)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            return
