@@ -39,7 +39,7 @@ from alvis_fsm.cluster.agent import Agent, Event, parse_log_line
 from alvis_fsm.cluster.ssh import Connection, SSHOptions, control_path
 from alvis_fsm.cluster.tunnel import Tunnel, Verified, parse_address, verify
 from alvis_fsm.engine import loadtimes
-from alvis_fsm.engine.durations import fmt_duration
+from alvis_fsm.engine.durations import fmt_duration, in_words
 from alvis_fsm.engine.machine import Session, build_machine
 from alvis_fsm.engine.observer import Observer
 from alvis_fsm.engine.states import LIVE_STATES, State
@@ -392,7 +392,8 @@ class Runner:
         r = self.record
         if r.route == "login":
             self.ui.warn(LOGIN_ROUTE_WARNING)
-        self.ui.info(f"Submitting job (duration: {r.time_limit})...")
+        asked = f" = {in_words(r.time_limit_s)}" if r.time_limit_s else ""
+        self.ui.info(f"Submitting job (duration: {r.time_limit}{asked})...")
         # The job script expands a "~/" run dir itself, on the cluster.
         script = self.render(r.run_dir)
         key = r.api_key or None

@@ -15,11 +15,12 @@ from typing import Any, ClassVar
 import click
 
 from alvis_fsm import __version__
+from alvis_fsm.cluster.syntax import WALLTIME_FORMS
 from alvis_fsm.errors import AlvisError, ExitCode
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-TIME_HELP = "Job duration: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."
+TIME_HELP = f"Job duration: {WALLTIME_FORMS}; a bare number is minutes."
 
 
 def effective_defaults() -> dict[str, str]:
