@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = (
     "AlreadyLive",
     "NewSession",
+    "NoLiveSession",
     "StartOptions",
     "Started",
     "Status",
@@ -194,6 +195,7 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
     local_port = 0 if options.local_socket else cfg.tunnel.local_port
     store = store or Store(cfg.state_dir)
     store.ensure()
+    store.prune(cfg.session.keep_days)
 
     records, _ = store.all()
     if not options.force_new:
@@ -372,24 +374,35 @@ def _report_free_gpus(ui: Observer, sinfo: Callable[[], list[str]], gpu_spec: st
 
 
 # -- one session by name ---------------------------------------------------------
-def pick_session(store: Store, name: str | None) -> SessionRecord:
-    """The named session, or the only live one (or the only one at all)."""
+class NoLiveSession(SessionError):
+    """No session is live (a bare command has nothing to act on)."""
+
+
+def pick_session(store: Store, name: str | None, command: str = "status", *,
+                 latest: bool = False) -> SessionRecord:  # fmt: skip
+    """The named session, or the only live one. Finished sessions are
+    history: a bare command never picks one (``latest``: the newest of them
+    when none is live, for `logs`), they are named to act on them."""
     if name:
         return store.load(check_name(name))
     records, errors = store.all()
     live = [r for r in records if r.live]
-    candidates = live or records
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        if errors:
-            raise errors[0]
-        raise SessionError("There is no session", hint="`alvis-fsm start` starts one.")
-    names = ", ".join(r.name for r in candidates)
-    raise SessionError(
-        f"There are several sessions ({names}); name one",
-        hint="For example: alvis-fsm status " + candidates[0].name,
-    )
+    if len(live) == 1:
+        return live[0]
+    if len(live) > 1:
+        names = ", ".join(r.name for r in live)
+        raise SessionError(
+            f"There are several live sessions ({names}); name one",
+            hint=f"For example: alvis-fsm {command} {live[0].name}",
+        )
+    if latest and records:
+        return max(records, key=lambda r: r.started)
+    if errors and not records:
+        raise errors[0]
+    finished = f" ({len(records)} finished: `alvis-fsm status` lists them)" if records else ""
+    raise NoLiveSession(f"There is no live session{finished}" if records else "There is no session",
+                        hint="`alvis-fsm start` starts one; a finished session is named to act on it"
+                        f" (alvis-fsm {command} NAME).")  # fmt: skip
 
 
 def stop(settings: Settings, store: Store, name: str, ui: Observer, *,
@@ -478,7 +491,7 @@ def logs(settings: Settings, store: Store, name: str | None, ui: Observer, *, li
     ``follow`` streams until the job ends (or KeyboardInterrupt)."""
     from alvis_fsm.engine.runner import Runner
 
-    record = pick_session(store, name)
+    record = pick_session(store, name, "logs", latest=True)
     Runner(settings, record, store, ui, readonly=True, **handles).show_logs(lines, follow)
 
 

@@ -109,7 +109,7 @@ class Slurm(_Section):
     # Empty: `start` asks the cluster (sacctmgr) which accounts the user has.
     account: Annotated[str, Field(pattern=syntax.anchored(syntax.ACCOUNT, empty=True))]
     gpus: Annotated[str, Field(pattern=GPUS_PATTERN)]
-    # SLURM's duration forms (syntax.duration), checked below.
+    # A job duration (syntax.duration: SLURM's forms or units), checked below.
     time: str
     max_time: str
     # Empty: the cluster's default partition.
@@ -121,7 +121,7 @@ class Slurm(_Section):
     def _slurm_duration(cls, value: str) -> str:
         seconds = syntax.duration(value)
         if seconds is None or seconds <= 0:
-            raise ValueError("not a SLURM duration")
+            raise ValueError("not a job duration")
         return value
 
     @model_validator(mode="after")
@@ -269,6 +269,7 @@ class Notify(_Section):
 class Session(_Section):
     state_dir: SafePath
     warn_before_end: list[Seconds]
+    keep_days: Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class Gateway(_Section):
@@ -618,9 +619,7 @@ def _where(label: str) -> str:
     return f"in {label}"
 
 
-_DURATION_WORDS = (
-    "a SLURM duration: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 2:00:00 (two hours)"
-)
+_DURATION_WORDS = f"a SLURM duration or one with units: {syntax.WALLTIME_FORMS}, e.g. 2h or 2:00:00"
 _ARGS_WORDS = 'a list of strings without line breaks, one per argument, e.g. ["--qos=short"]'
 _PATH_WORDS = "a non-empty path without line breaks"
 
@@ -663,6 +662,7 @@ ACCEPTED: dict[str, str] = {
     "catalog.default_model": "a model name from the catalog (`alvis-fsm models`), e.g. gpt-oss-20b",
     "session.state_dir": _PATH_WORDS + ", e.g. ~/.alvis-vllm",
     "session.warn_before_end": "a list of seconds before the time limit, e.g. [600, 60]",
+    "session.keep_days": "a number of days, 0 or more (0 keeps every finished session), e.g. 7",
     "notify.enabled": "true or false",
     "notify.after_wait": "a number of seconds, 0 or more, e.g. 60",
     "timeouts.cancel_confirm": "a number of seconds greater than 0, e.g. 30",
