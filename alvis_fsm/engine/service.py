@@ -194,6 +194,12 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
             else session_spec.name_for_model(model_name))  # fmt: skip
     local_port = 0 if options.local_socket else cfg.tunnel.local_port
     store = store or Store(cfg.state_dir)
+    if not options.short_ok:
+        from alvis_fsm.engine.loadtimes import LoadTimes
+
+        session_spec.check_long_enough(seconds, time_text, model_name,
+                                       LoadTimes(store.dir).longest(model_name),
+                                       from_flag=bool(options.time))  # fmt: skip
     store.ensure()
     store.prune(cfg.session.keep_days)
 
@@ -551,13 +557,24 @@ def check(settings: Settings, store: Store, record: SessionRecord, ui: Observer,
                 return Status(record, job_state=job_state)  # a client took it meanwhile
         reachable = health(record.local_port, local_socket=record.local_socket) if record.state == State.TUNNELED else None
         return Status(record, job_state=str(job.state) if job else None,
-                      time_left=job.time_left if job else None, reachable=reachable)  # fmt: skip
+                      time_left=_time_left(job.time_left) if job else None,
+                      reachable=reachable)  # fmt: skip
     except AlvisError as exc:
         # The same class: its exit code is status's.
         return Status(record, problem=type(exc)(f"{record.name}: {exc.message}", hint=exc.hint))
     finally:
         if opened:
             runner.conn.close()
+
+
+def _time_left(squeue: str) -> str | None:
+    """squeue's time left (``59:28``, ``1-02:00:00``) written one way, as every
+    time left is (``0:59:28``: engine/durations.py); as given if unreadable."""
+    from alvis_fsm.cluster.syntax import duration
+    from alvis_fsm.engine.durations import fmt_duration
+
+    seconds = duration(squeue) if squeue else None
+    return fmt_duration(seconds) if seconds is not None else (squeue or None)
 
 
 def _wait_for_driver(store: Store, name: str, driven: bool) -> bool:

@@ -137,11 +137,13 @@ def session(
     port: int | None = None,
     keep: bool = False,
     via: Literal["direct", "gateway"] = "direct",
+    yes: bool = False,
 ) -> Session:
     """A session of ``model`` (the catalog's default when None): a live one of
     that model if it answers, else a new one, started and connected before
     this returns. As a context manager it stops what it started on exit,
-    unless ``keep``."""
+    unless ``keep``. ``yes``: start even if ``time`` is shorter than the
+    model's expected load time plus a margin (``start --yes``)."""
     if via == "gateway":
         raise UsageError(
             "via='gateway' needs `alvis-fsm gateway`, which this version does not have yet",
@@ -161,14 +163,14 @@ def session(
         return _session(reused, started_here=False, keep=keep)
     if port is None and not _port_free(int(cfg.tunnel.local_port)):
         port = _free_port()  # the default port is taken: any free one will do here
-    record = _start(model_name, time=time, gpus=gpus, name=name, port=port)
+    record = _start(model_name, time=time, gpus=gpus, name=name, port=port, yes=yes)
     if record.state != State.TUNNELED:
         raise SessionError(f"Session '{record.name}' did not connect ({record.state})")
     return _session(record, started_here=True, keep=keep)
 
 
 def _start(model: str, *, time: str | None, gpus: str | None, name: str | None,
-           port: int | None) -> SessionRecord:
+           port: int | None, yes: bool = False) -> SessionRecord:
     """Start a session as ``alvis-fsm start --detach`` does, through the
     service (no signal handlers: this may run in any thread), and leave a
     supervisor keeping its tunnel up."""
@@ -188,7 +190,8 @@ def _start(model: str, *, time: str | None, gpus: str | None, name: str | None,
         if not isinstance(exc, Interrupted):
             notify.on_failure(cfg, record.name, exc.message)
 
-    options = service.StartOptions(model=model, time=time, gpus=gpus, name=name, detach=True)
+    options = service.StartOptions(model=model, time=time, gpus=gpus, name=name, detach=True,
+                                   short_ok=yes)  # fmt: skip
     store = Store(cfg.state_dir)
     handover = supervise.Handover(store)
     started = service.start(cfg, options, ui, on_failure=failed, on_detached=handover.spawn)

@@ -40,7 +40,7 @@ def test_clean_run_with_default_model(lab, tool: Tool) -> None:
     child.expect_exact(
         "[INFO] Model path: /mimer/NOBACKUP/Datasets/LLM/huggingface/hub/models--openai--gpt-oss-20b/"
     )
-    child.expect_exact("[INFO] Submitting job (duration: 1:00:00)...")
+    child.expect_exact("[INFO] Submitting job (duration: 1:00:00 = 1 h)...")
     child.expect(r"Job submitted: (\d+)")
     job_id = child.match.group(1)
     child.expect_exact("[INFO] Job is running on node: alvis7-07")
@@ -82,7 +82,7 @@ def test_custom_model_and_time(lab, tool: Tool) -> None:
     port = free_port()
     child = tool.spawn("start", "-m", "lab-ok", "-t", "0:30:00", "--port", str(port), timeout=90)
     child.expect_exact("[INFO] Loading model configuration for: lab-ok")
-    child.expect_exact("[INFO] Submitting job (duration: 0:30:00)...")
+    child.expect_exact("[INFO] Submitting job (duration: 0:30:00 = 30 min)...")
     child.expect(r"Job submitted: (\d+)")
     job_id = child.match.group(1)
     child.expect_exact(CONNECTED + str(port))

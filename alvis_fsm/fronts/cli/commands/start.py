@@ -32,6 +32,7 @@ def run(
     list_models: bool,
     account: str | None = None,
     as_json: bool = False,
+    yes: bool = False,
     ui: Reporter | None = None,
 ) -> None:
     if ui is None:
@@ -57,7 +58,8 @@ def run(
     from alvis_fsm.fronts import notify
 
     options = service.StartOptions(model=model, time=walltime, gpus=gpus, account=account,
-                                   name=name, detach=detach, force_new=force_new)  # fmt: skip
+                                   name=name, detach=detach, force_new=force_new,
+                                   short_ok=yes)  # fmt: skip
     ui.on_ready = lambda rec: notify.on_ready(cfg, rec)
 
     def failed(record: SessionRecord, exc: AlvisError) -> None:
