@@ -140,6 +140,7 @@ def job_spec(settings: Settings, record: SessionRecord, entry: ModelEntry, accou
         model_path=entry.path,
         max_model_len=entry.max_model_len,
         served_name=record.served_name,
+        catalog_name=record.model,
         image=settings.remote.image,
         # The job's own watchdog is for when no client is watching (killed,
         # detached); it fires after the client's timeout, never before.

@@ -57,7 +57,7 @@ def test_clean_run_with_default_model(lab, tool: Tool) -> None:
     # A real client, through the tunnel, with the session's key.
     client = OpenAI(base_url=f"http://localhost:{port}/v1", api_key=key, timeout=10)
     models = client.models.list()
-    assert [m.id for m in models.data] == ["openai/gpt-oss-20b"]
+    assert [m.id for m in models.data] == ["openai/gpt-oss-20b", "gpt-oss-20b"]
     reply = client.chat.completions.create(
         model="openai/gpt-oss-20b", messages=[{"role": "user", "content": "Hello"}]
     )
