@@ -68,16 +68,41 @@ Shield = Callable[[], AbstractContextManager[object]]
 
 class AlreadyLive(SessionError):
     """A live session of the model (or of the name) exists; ``record`` is it.
-    A terminal front may offer to resume it; the message says what to do."""
+    A terminal front may offer to resume it; the message says what to do.
+    ``second`` is the command that starts a second session anyway (a free
+    name and port picked), when known."""
 
-    def __init__(self, record: SessionRecord) -> None:
+    def __init__(self, record: SessionRecord, second: str = "") -> None:
+        another = (f"`{second}` starts a second one" if second
+                   else "`--new` starts another session (with another --name and --port)")  # fmt: skip
         super().__init__(
             f"Session '{record.name}' ({record.model}, job {record.job_id or '?'}, "
             f"{record.state}) is already live",
-            hint=f"`alvis-fsm resume {record.name}` reattaches; `--new` starts another session "
-            f"(with another --name and --port); `alvis-fsm stop {record.name}` cancels it.",
+            hint=f"`alvis-fsm resume {record.name}` reattaches; {another}; "
+            f"`alvis-fsm stop {record.name}` cancels it.",
         )
         self.record = record
+        self.second = second
+
+
+def second_session(store: Store, records: list[SessionRecord], model: str, name: str,
+                   port: int, bind: str) -> str:  # fmt: skip
+    """The `start` command line for a second session of ``model`` that works:
+    a name no session has (NAME-2, NAME-3, ...) and a local port that is free
+    and no live session's (``port`` + 1, ...); ``port`` 0: a unix socket."""
+    from alvis_fsm.cluster.tunnel import local_port_free
+
+    taken = {r.name for r in records}
+    base = name[:38].rstrip("-._")
+    free_name = next(f"{base}-{n}" for n in range(2, 1000) if f"{base}-{n}" not in taken)
+    flags = f" --new -n {free_name}"
+    if port:
+        claimed = {r.local_port for r in records if r.live}
+        free_port = next((p for p in range(port + 1, min(port + 200, 65536))
+                          if p not in claimed and local_port_free(p, bind)), 0)  # fmt: skip
+        if free_port:
+            flags += f" --port {free_port}"
+    return f"alvis-fsm start -m {model}{flags}"
 
 
 @dataclass
@@ -207,7 +232,8 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
     if not options.force_new:
         same = [r for r in records if r.live and (r.model == model_name or r.name == name)]
         if same:
-            raise AlreadyLive(same[0])
+            raise AlreadyLive(same[0], second_session(store, records, model_name, name,
+                                                      local_port, cfg.tunnel.bind))  # fmt: skip
     for r in records:
         if r.live and r.name == name:
             raise SessionError(
@@ -498,6 +524,9 @@ def logs(settings: Settings, store: Store, name: str | None, ui: Observer, *, li
     from alvis_fsm.engine.runner import Runner
 
     record = pick_session(store, name, "logs", latest=True)
+    # Say which job the lines are from (NAME may have picked the gateway's).
+    ui.info(f"Logs of session '{record.name}' (job {record.job_id or '-'}, {record.state},"
+            f" model {record.model})")  # fmt: skip
     Runner(settings, record, store, ui, readonly=True, **handles).show_logs(lines, follow)
 
 

@@ -161,6 +161,11 @@ def session(
     if reused is not None:
         log.info("reusing session %s (job %s) at %s", reused.name, reused.job_id, reused.url)
         return _session(reused, started_here=False, keep=keep)
+    through = None if name else _gateway_session(store, model_name, keep)
+    if through is not None:
+        log.info("reusing the gateway's session %s (job %s) at %s", through.name, through.job_id,
+                 through.base_url)  # fmt: skip
+        return through
     if port is None and not _port_free(int(cfg.tunnel.local_port)):
         port = _free_port()  # the default port is taken: any free one will do here
     record = _start(model_name, time=time, gpus=gpus, name=name, port=port, yes=yes)
@@ -209,6 +214,7 @@ def _session(record: SessionRecord, *, started_here: bool, keep: bool) -> Sessio
 
 def _live_session(store: Any, model: str, name: str | None) -> SessionRecord | None:
     from alvis_fsm.cluster.tunnel import health
+    from alvis_fsm.fronts.gateway.sessions import is_gateway_session
 
     records, _ = store.all()
     for record in records:
@@ -216,8 +222,33 @@ def _live_session(store: Any, model: str, name: str | None) -> SessionRecord | N
             continue
         if name and record.name != name:
             continue
+        if is_gateway_session(record.name):
+            continue  # reached through the gateway (_gateway_session), not its socket
         if health(record.local_port, local_socket=record.local_socket):
             return record  # type: ignore[no-any-return]
+    return None
+
+
+def _gateway_session(store: Any, model: str, keep: bool) -> Session | None:
+    """The running gateway's session of ``model``, as a Session through the
+    gateway (its URL and key; the model by its catalog name): one live
+    session per model, whoever started it. Never stopped from here."""
+    from alvis_fsm.cluster.tunnel import health
+    from alvis_fsm.fronts.gateway import instance
+    from alvis_fsm.fronts.gateway.keys import gateway_key
+    from alvis_fsm.fronts.gateway.sessions import is_gateway_session
+
+    found = instance.running(store.dir)
+    if found is None:
+        return None
+    records, _ = store.all()
+    for record in records:
+        if not is_gateway_session(record.name) or record.model != model:
+            continue
+        if record.state == State.TUNNELED and health(0, local_socket=record.local_socket):
+            return Session(name=record.name, model=model, served_name=model,
+                           base_url=found.base_url, api_key=gateway_key(store.dir),
+                           job_id=record.job_id, started_here=False, keep=keep)  # fmt: skip
     return None
 
 

@@ -45,12 +45,23 @@ def session_of(store: Store, name: str | None) -> str | None:
     or ``gw-NAME-2`` after a rollover: the live one, else the newest) when
     there is no session called NAME but the gateway has served it:
     `alvis-fsm logs lab-ok` or `status lab-ok` then show what the gateway ran."""
-    if not name or (NAME_RE.fullmatch(name) and store.exists(name)):
+    if not name or not NAME_RE.fullmatch(name) or is_gateway_session(name):
         return name
     from alvis_fsm.engine.states import State
+    from alvis_fsm.errors import SessionError
 
     lanes = [store.load(n) for n in (session_name(name, lane) for lane in (0, 1))
              if store.exists(n)]  # fmt: skip
+    if store.exists(name):
+        # A session called NAME: it, unless it has ended while the gateway's
+        # session of model NAME is live (the one serving it now).
+        try:
+            own_live = store.load(name).live
+        except SessionError:
+            return name  # its own error is reported by whoever loads it
+        if own_live or not any(r.live for r in lanes):
+            return name
+        lanes = [r for r in lanes if r.live]
     if not lanes:
         return name
     # The one serving now (after a rollover, the successor), else the newest.
