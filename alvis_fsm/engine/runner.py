@@ -181,7 +181,9 @@ class Runner:
         self._verified: Verified | None = None
         self._announced = False
         self._said_streaming = False
-        self._stream_lines = 50
+        # Only lines new since the ready block: replaying the load log after
+        # it would scroll it away (`alvis-fsm logs` shows the earlier lines).
+        self._stream_lines = 0
         self._warned: set[float] = set()
         self._restarts = Backoff(first=0.5, most=60.0, immediate=True, healthy=30.0)
         self.tunnel: Tunnel | None = None
