@@ -39,6 +39,8 @@ trap 'LIMIT_SEEN=1' USR1
 RUN_DIR={{RUN_DIR}}
 HF_MODEL={{MODEL_PATH}}
 MODEL_NAME={{SERVED_NAME}}
+# Also served under the catalog's name ('' when it is the same).
+ALSO_SERVED={{ALSO_SERVED}}
 SIF_IMAGE={{IMAGE}}
 EXTRA=({{VLLM_ARGS}})
 MAX_MODEL_LEN={{MAX_MODEL_LEN}}
@@ -292,7 +294,7 @@ apptainer exec "${CONTAINER_ARGS[@]}" "$SIF_IMAGE" vllm serve "$HF_MODEL" \
     --middleware "$GUARD_MIDDLEWARE" \
     --tensor-parallel-size "${SLURM_GPUS_ON_NODE:-{{GPU_COUNT}}}" \
     --max-model-len "$MAX_MODEL_LEN" \
-    --served-model-name "$MODEL_NAME" \
+    --served-model-name "$MODEL_NAME" ${ALSO_SERVED:+"$ALSO_SERVED"} \
     "${EXTRA[@]}" >"$OUT_FILE" 2>"$ERR_FILE" &
 VLLM_PID=$!
 

@@ -51,6 +51,9 @@ class JobSpec:
     cache_dir: str = ""
     cache_max_kib: int = 0
     cache_max_files: int = 0
+    # The catalog's name of the model: vLLM serves it too (--served-model-name
+    # takes several), so model="<catalog name>" works on the direct endpoint.
+    catalog_name: str = ""
 
 
 def format_walltime(seconds: int) -> str:
@@ -151,6 +154,7 @@ def _values(spec: JobSpec) -> dict[str, str]:
         "SERVED_NAME": _word(
             "served model name", spec.served_name or served_model_name(spec.model_path)
         ),
+        "ALSO_SERVED": _also_served(spec),
         "IMAGE": _word("container image", spec.image),
         "VLLM_ARGS": " ".join(_word("vLLM argument", a, allow_empty=True) for a in spec.vllm_args),
         "MAX_MODEL_LEN": _positive_int("max model length", spec.max_model_len),
@@ -164,6 +168,15 @@ def _values(spec: JobSpec) -> dict[str, str]:
     for name, value in rundir.placeholders().items():
         values[name] = _word(name, value)
     return values
+
+
+def _also_served(spec: JobSpec) -> str:
+    """The catalog name, quoted, when vLLM should serve it besides the served
+    name; '' (nothing more) when there is none or it is the same."""
+    served = spec.served_name or served_model_name(spec.model_path)
+    if not spec.catalog_name or spec.catalog_name == served:
+        return "''"
+    return _word("catalog name", spec.catalog_name)
 
 
 def _cache_values(spec: JobSpec) -> dict[str, str]:

@@ -1,6 +1,10 @@
 """The syntax of the values sbatch is given, defined once: account,
-partition, GPUs per node, job name and time (SLURM's durations), and the
-durations people write for the gateway (``15m``).
+partition, GPUs per node, job name and time, and the one duration syntax
+every duration takes (``-t``, ``slurm.time``, ``gateway --idle``, a catalog
+entry's ``idle_timeout``): SLURM's forms (``MM``, ``MM:SS``, ``H:MM:SS``,
+``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``) and units (``90m``, ``2h``,
+``1h30m``, ``2d``). Only a bare number depends on where it is written: a
+job's time counts minutes (as sbatch does), the gateway's durations seconds.
 
 Settings (flags, environment, config files), catalog entries, ``start`` and
 the job script all check these values with the definitions here, so a value
@@ -28,7 +32,7 @@ GPUS = rf"(?:{GPU_TYPE}:)?([1-9][0-9]*)"
 # What a user may ask for: GPUS, or "auto" (chosen by alvis_fsm.engine.fit).
 GPUS_OR_AUTO = rf"auto|{GPUS}"
 
-WALLTIME_FORMS = "MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+WALLTIME_FORMS = "MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, or with units (90m, 2h, 1h30m, 2d)"
 DEFAULT_MAX_TIME = "7-00:00:00"
 
 # sbatch --time. Non-leading fields are at most two digits; the leading one
@@ -56,23 +60,51 @@ def anchored(pattern: str, *, empty: bool = False) -> str:
     return rf"^(?:{pattern})" + ("?$" if empty else "$")
 
 
-# A duration as people write it on the command line or in a catalog entry
-# (``gateway --idle``, ``idle_timeout``): seconds, or with one unit.
-_SPOKEN = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smh]?)\s*")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+# Units, largest first, each at most once: "2d", "1h30m", "90m", "1.5h", "45s".
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_WITH_UNITS = re.compile(
+    r"(?:(?P<d>[0-9]+(?:\.[0-9]+)?)d)?\s*(?:(?P<h>[0-9]+(?:\.[0-9]+)?)h)?\s*"
+    r"(?:(?P<m>[0-9]+(?:\.[0-9]+)?)m(?:in)?)?\s*(?:(?P<s>[0-9]+(?:\.[0-9]+)?)s)?"
+)
+_BARE = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+def _unit_seconds(text: str) -> float | None:
+    """Seconds of a duration with units (``2h``, ``1h30m``), else None."""
+    m = _WITH_UNITS.fullmatch(text.lower())
+    if m is None or not any(m.groupdict().values()):
+        return None
+    return sum(float(v) * _UNIT_SECONDS[k] for k, v in m.groupdict().items() if v is not None)
 
 
 def spoken_seconds(text: str) -> float:
-    """Seconds of ``90``, ``90s``, ``15m``, ``1h`` or ``1.5h``; ``ValueError``
-    for anything else (nothing, zero, other units, several units)."""
-    match = _SPOKEN.fullmatch(text.lower())
-    if not match or float(match.group(1)) <= 0:
-        raise ValueError(f"{text!r} is not a duration: seconds, or with a unit (90s, 15m, 1h)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    """Seconds of a duration the gateway is given (``--idle``, a catalog
+    entry's ``idle_timeout``): ``90`` (seconds), ``90s``, ``15m``, ``1h30m``,
+    ``1.5h``, ``2d`` or one of SLURM's forms (``15:00``, ``1:30:00``);
+    ``ValueError`` for anything else (nothing, zero, other words)."""
+    stripped = text.strip()
+    if stripped.isascii() and _BARE.fullmatch(stripped):
+        seconds: float | None = float(stripped)
+    else:
+        seconds = _unit_seconds(stripped) if stripped.isascii() else None
+        if seconds is None:
+            seconds = duration(stripped)  # SLURM's forms; a bare number was seconds above
+    if not seconds or seconds <= 0:
+        raise ValueError(
+            f"{text!r} is not a duration: seconds, or with units (90s, 15m, 1h30m, 2d),"
+            " or H:MM:SS"
+        )
+    return seconds
 
 
 def duration(text: str) -> int | None:
-    """Seconds of a SLURM duration, or None if ``text`` is not one of its forms."""
+    """Seconds of a job duration, or None if ``text`` is none of SLURM's forms
+    (a bare number is minutes) nor a duration with units (``2h``, ``1h30m``;
+    rounded to whole seconds)."""
+    if text.isascii() and text == text.strip() and not _BARE.fullmatch(text):
+        with_units = _unit_seconds(text)
+        if with_units is not None:
+            return round(with_units)
     for pattern in _DURATIONS:
         # fullmatch with ASCII digits only: "٣" or " 5" or "+5" never pass.
         m = pattern.fullmatch(text)
@@ -106,7 +138,8 @@ def parse_walltime(text: str, max_time: str = DEFAULT_MAX_TIME) -> int:
     if seconds is None or seconds <= 0:
         raise UsageError(
             f"Invalid job duration {text!r}: use {WALLTIME_FORMS} (at most {max_time})",
-            hint="For example -t 30 (minutes), -t 2:00:00 (two hours) or -t 1-12 (36 hours).",
+            hint="For example -t 2h, -t 1h30m, -t 30 (minutes), -t 2:00:00 (two hours)"
+            " or -t 1-12 (36 hours).",
         )
     if seconds > limit:
         raise UsageError(

@@ -320,6 +320,9 @@ class Session:
     def may_disconnect(self) -> bool:
         _undefined("disconnect")
 
+    def may_resume(self) -> bool:
+        _undefined("resume")
+
     def may_timeout(self) -> bool:
         _undefined("timeout")
 
@@ -404,6 +407,7 @@ def build_machine(
     the diagram and tests of the definition)."""
     from transitions import Machine
 
+    _quiet_library_logs()
     _check_timeouts(definition, timeouts)
     start = definition.initial if initial is None else _restore_name(initial, definition)
     states: list[dict[str, Any]] = []
@@ -438,6 +442,19 @@ def build_machine(
                 model, f"may_{trigger}", lambda *a, _t=trigger, **k: model.may_trigger(_t, *a, **k)
             )
     return machine
+
+
+def _quiet_library_logs() -> None:
+    """transitions logs every transition at INFO: a user's
+    ``logging.basicConfig(level=logging.INFO)`` would print dozens of its
+    lines per session. Its logger is set to WARNING unless the user has set
+    its level (asked for them); alvis-fsm's own progress goes to the
+    ``alvis_fsm`` logger."""
+    import logging
+
+    library = logging.getLogger("transitions")
+    if library.level == logging.NOTSET:
+        library.setLevel(logging.WARNING)
 
 
 # -- the diagram -------------------------------------------------------------------

@@ -39,7 +39,7 @@ from alvis_fsm.cluster.agent import Agent, Event, parse_log_line
 from alvis_fsm.cluster.ssh import Connection, SSHOptions, control_path
 from alvis_fsm.cluster.tunnel import Tunnel, TunnelDied, Verified, parse_address, verify
 from alvis_fsm.engine import loadtimes
-from alvis_fsm.engine.durations import fmt_duration
+from alvis_fsm.engine.durations import fmt_duration, in_words
 from alvis_fsm.engine.machine import Session, build_machine
 from alvis_fsm.engine.observer import Observer
 from alvis_fsm.engine.states import LIVE_STATES, State
@@ -189,7 +189,9 @@ class Runner:
         self._verified: Verified | None = None
         self._announced = False
         self._said_streaming = False
-        self._stream_lines = 50
+        # Only lines new since the ready block: replaying the load log after
+        # it would scroll it away (`alvis-fsm logs` shows the earlier lines).
+        self._stream_lines = 0
         self._warned: set[float] = set()
         self._restarts = Backoff(first=0.5, most=60.0, immediate=True, healthy=30.0)
         self.tunnel: Tunnel | None = None
@@ -402,7 +404,8 @@ class Runner:
         r = self.record
         if r.route == "login":
             self.ui.warn(LOGIN_ROUTE_WARNING)
-        self.ui.info(f"Submitting job (duration: {r.time_limit})...")
+        asked = f" = {in_words(r.time_limit_s)}" if r.time_limit_s else ""
+        self.ui.info(f"Submitting job (duration: {r.time_limit}{asked})...")
         # The job script expands a "~/" run dir itself, on the cluster.
         script = self.render(r.run_dir)
         key = r.api_key or None

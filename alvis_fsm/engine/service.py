@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = (
     "AlreadyLive",
     "NewSession",
+    "NoLiveSession",
     "StartOptions",
     "Started",
     "Status",
@@ -67,16 +68,41 @@ Shield = Callable[[], AbstractContextManager[object]]
 
 class AlreadyLive(SessionError):
     """A live session of the model (or of the name) exists; ``record`` is it.
-    A terminal front may offer to resume it; the message says what to do."""
+    A terminal front may offer to resume it; the message says what to do.
+    ``second`` is the command that starts a second session anyway (a free
+    name and port picked), when known."""
 
-    def __init__(self, record: SessionRecord) -> None:
+    def __init__(self, record: SessionRecord, second: str = "") -> None:
+        another = (f"`{second}` starts a second one" if second
+                   else "`--new` starts another session (with another --name and --port)")  # fmt: skip
         super().__init__(
             f"Session '{record.name}' ({record.model}, job {record.job_id or '?'}, "
             f"{record.state}) is already live",
-            hint=f"`alvis-fsm resume {record.name}` reattaches; `--new` starts another session "
-            f"(with another --name and --port); `alvis-fsm stop {record.name}` cancels it.",
+            hint=f"`alvis-fsm resume {record.name}` reattaches; {another}; "
+            f"`alvis-fsm stop {record.name}` cancels it.",
         )
         self.record = record
+        self.second = second
+
+
+def second_session(store: Store, records: list[SessionRecord], model: str, name: str,
+                   port: int, bind: str) -> str:  # fmt: skip
+    """The `start` command line for a second session of ``model`` that works:
+    a name no session has (NAME-2, NAME-3, ...) and a local port that is free
+    and no live session's (``port`` + 1, ...); ``port`` 0: a unix socket."""
+    from alvis_fsm.cluster.tunnel import local_port_free
+
+    taken = {r.name for r in records}
+    base = name[:38].rstrip("-._")
+    free_name = next(f"{base}-{n}" for n in range(2, 1000) if f"{base}-{n}" not in taken)
+    flags = f" --new -n {free_name}"
+    if port:
+        claimed = {r.local_port for r in records if r.live}
+        free_port = next((p for p in range(port + 1, min(port + 200, 65536))
+                          if p not in claimed and local_port_free(p, bind)), 0)  # fmt: skip
+        if free_port:
+            flags += f" --port {free_port}"
+    return f"alvis-fsm start -m {model}{flags}"
 
 
 @dataclass
@@ -195,13 +221,21 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
             else session_spec.name_for_model(model_name))  # fmt: skip
     local_port = 0 if options.local_socket else cfg.tunnel.local_port
     store = store or Store(cfg.state_dir)
+    if not options.short_ok:
+        from alvis_fsm.engine.loadtimes import LoadTimes
+
+        session_spec.check_long_enough(seconds, time_text, model_name,
+                                       LoadTimes(store.dir).longest(model_name),
+                                       from_flag=bool(options.time))  # fmt: skip
     store.ensure()
+    store.prune(cfg.session.keep_days)
 
     records, _ = store.all()
     if not options.force_new:
         same = [r for r in records if r.live and (r.model == model_name or r.name == name)]
         if same:
-            raise AlreadyLive(same[0])
+            raise AlreadyLive(same[0], second_session(store, records, model_name, name,
+                                                      local_port, cfg.tunnel.bind))  # fmt: skip
     for r in records:
         if r.live and r.name == name:
             raise SessionError(
@@ -381,24 +415,35 @@ def _report_free_gpus(ui: Observer, sinfo: Callable[[], list[str]], gpu_spec: st
 
 
 # -- one session by name ---------------------------------------------------------
-def pick_session(store: Store, name: str | None) -> SessionRecord:
-    """The named session, or the only live one (or the only one at all)."""
+class NoLiveSession(SessionError):
+    """No session is live (a bare command has nothing to act on)."""
+
+
+def pick_session(store: Store, name: str | None, command: str = "status", *,
+                 latest: bool = False) -> SessionRecord:  # fmt: skip
+    """The named session, or the only live one. Finished sessions are
+    history: a bare command never picks one (``latest``: the newest of them
+    when none is live, for `logs`), they are named to act on them."""
     if name:
         return store.load(check_name(name))
     records, errors = store.all()
     live = [r for r in records if r.live]
-    candidates = live or records
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        if errors:
-            raise errors[0]
-        raise SessionError("There is no session", hint="`alvis-fsm start` starts one.")
-    names = ", ".join(r.name for r in candidates)
-    raise SessionError(
-        f"There are several sessions ({names}); name one",
-        hint="For example: alvis-fsm status " + candidates[0].name,
-    )
+    if len(live) == 1:
+        return live[0]
+    if len(live) > 1:
+        names = ", ".join(r.name for r in live)
+        raise SessionError(
+            f"There are several live sessions ({names}); name one",
+            hint=f"For example: alvis-fsm {command} {live[0].name}",
+        )
+    if latest and records:
+        return max(records, key=lambda r: r.started)
+    if errors and not records:
+        raise errors[0]
+    finished = f" ({len(records)} finished: `alvis-fsm status` lists them)" if records else ""
+    raise NoLiveSession(f"There is no live session{finished}" if records else "There is no session",
+                        hint="`alvis-fsm start` starts one; a finished session is named to act on it"
+                        f" (alvis-fsm {command} NAME).")  # fmt: skip
 
 
 def stop(settings: Settings, store: Store, name: str, ui: Observer, *,
@@ -487,7 +532,10 @@ def logs(settings: Settings, store: Store, name: str | None, ui: Observer, *, li
     ``follow`` streams until the job ends (or KeyboardInterrupt)."""
     from alvis_fsm.engine.runner import Runner
 
-    record = pick_session(store, name)
+    record = pick_session(store, name, "logs", latest=True)
+    # Say which job the lines are from (NAME may have picked the gateway's).
+    ui.info(f"Logs of session '{record.name}' (job {record.job_id or '-'}, {record.state},"
+            f" model {record.model})")  # fmt: skip
     Runner(settings, record, store, ui, readonly=True, **handles).show_logs(lines, follow)
 
 
@@ -549,13 +597,24 @@ def check(settings: Settings, store: Store, record: SessionRecord, ui: Observer,
                             local_socket=record.local_socket)
                      if record.state == State.TUNNELED else None)  # fmt: skip
         return Status(record, job_state=str(job.state) if job else None,
-                      time_left=job.time_left if job else None, reachable=reachable)  # fmt: skip
+                      time_left=_time_left(job.time_left) if job else None,
+                      reachable=reachable)  # fmt: skip
     except AlvisError as exc:
         # The same class: its exit code is status's.
         return Status(record, problem=type(exc)(f"{record.name}: {exc.message}", hint=exc.hint))
     finally:
         if opened:
             runner.conn.close()
+
+
+def _time_left(squeue: str) -> str | None:
+    """squeue's time left (``59:28``, ``1-02:00:00``) written one way, as every
+    time left is (``0:59:28``: engine/durations.py); as given if unreadable."""
+    from alvis_fsm.cluster.syntax import duration
+    from alvis_fsm.engine.durations import fmt_duration
+
+    seconds = duration(squeue) if squeue else None
+    return fmt_duration(seconds) if seconds is not None else (squeue or None)
 
 
 def _wait_for_driver(store: Store, name: str, driven: bool) -> bool:

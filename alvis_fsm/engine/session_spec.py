@@ -37,6 +37,9 @@ class StartOptions:
     force_new: bool = False
     # The retry of a context length vLLM refused: the length it said fits.
     fit_len: int | None = None
+    # Start even when the job's time is shorter than the model's expected
+    # load plus a margin (`start --yes`; the gateway plans its own rollover).
+    short_ok: bool = False
     # The tunnel ends in a unix socket in the private state directory, not on
     # a local port: for a front whose clients never see the tunnel (the
     # gateway), so no other process on the laptop can reach the server.
@@ -89,6 +92,37 @@ def time_seconds(text: str, max_time: str, from_flag: bool, settings: Settings) 
         ) from None
 
 
+# Without an earlier start of the model: a guess at its load time. And the
+# least time a session should have left to be of use once it serves.
+LOAD_GUESS_S = 300.0
+MARGIN_S = 300.0
+
+
+def check_long_enough(seconds: int, text: str, model: str,
+                      expected: tuple[float, int] | None, from_flag: bool) -> None:  # fmt: skip
+    """Refuse a job time shorter than the model's expected load time plus a
+    margin, with the numbers: `-t 1:30` is SLURM's MM:SS (90 s), rarely what
+    was meant. ``expected``: (seconds, earlier starts) from loadtimes."""
+    from alvis_fsm.engine.durations import in_words
+    from alvis_fsm.engine.loadtimes import describe
+
+    load = expected[0] if expected else LOAD_GUESS_S
+    need = load + MARGIN_S
+    if seconds >= need:
+        return
+    where = "-t/--time" if from_flag else "slurm.time"
+    known = (describe(expected).replace("ready in", "it loads in") if expected
+             else f"with no earlier start, allow ~{in_words(load)} to load")  # fmt: skip
+    mmss = re.fullmatch(r"([0-9]+):([0-9]{2})", text)
+    meant = (f"Did you mean {text}:00 ({in_words(seconds * 60)})? SLURM reads {text} as"
+             " minutes:seconds. " if mmss else "")  # fmt: skip
+    raise UsageError(
+        f"{where}: {text} is {in_words(seconds)}, too short for {model}: {known}, and a"
+        f" session needs {in_words(MARGIN_S)} more to be of use: at least {in_words(need)}",
+        hint=f"{meant}Units say it plainly: -t 90m, -t 2h, -t 1h30m. To start it anyway, add --yes.",
+    )
+
+
 def job_spec(settings: Settings, record: SessionRecord, entry: ModelEntry, account: str,
              gpus: str, time: str) -> jobscript.JobSpec:  # fmt: skip
     """The job to submit for ``record``, checked now (before anything is
@@ -102,6 +136,7 @@ def job_spec(settings: Settings, record: SessionRecord, entry: ModelEntry, accou
         model_path=entry.path,
         max_model_len=entry.max_model_len,
         served_name=record.served_name,
+        catalog_name=record.model,
         image=settings.remote.image,
         # The job's own watchdog is for when no client is watching (killed,
         # detached); it fires after the client's timeout, never before.

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from alvis_fsm.cluster.syntax import WALLTIME_FORMS
+
 
 @dataclass(frozen=True)
 class Doc:
@@ -63,9 +65,7 @@ SECTIONS: dict[str, str] = {
 
 
 # Words several settings share.
-_DURATION = (
-    "a SLURM duration: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. {example} (two hours)"
-)
+_DURATION = "a SLURM duration or one with units: " + WALLTIME_FORMS + ", e.g. 2h or {example}"
 _ARGS = "a list of strings without line breaks, one per argument, e.g. {example}"
 _PATH = "a non-empty path without line breaks, e.g. {example}"
 
@@ -386,6 +386,14 @@ SETTINGS: dict[str, Doc] = {
         ),
         accepts="a list of seconds before the time limit, e.g. {example}",
         example="[600, 60]",
+    ),
+    "session.keep_days": Doc(
+        text=(
+            "Days a finished session's file is kept (history: `alvis-fsm status`, `alvis-fsm "
+            "logs NAME`) before a new start removes it; 0 keeps them all."
+        ),
+        accepts="a number of days, 0 or more (0 keeps every finished session), e.g. {example}",
+        example="7",
     ),
     # [notify]
     "notify.enabled": Doc(

@@ -124,7 +124,7 @@ class Slurm(_Section):
     # Empty: `start` asks the cluster (sacctmgr) which accounts the user has.
     account: Annotated[str, Field(pattern=syntax.anchored(syntax.ACCOUNT, empty=True))]
     gpus: Annotated[str, Field(pattern=GPUS_PATTERN)]
-    # SLURM's duration forms (syntax.duration), checked below.
+    # A job duration (syntax.duration: SLURM's forms or units), checked below.
     time: str
     max_time: str
     # Empty: the cluster's default partition.
@@ -136,7 +136,7 @@ class Slurm(_Section):
     def _slurm_duration(cls, value: str) -> str:
         seconds = syntax.duration(value)
         if seconds is None or seconds <= 0:
-            raise ValueError("not a SLURM duration")
+            raise ValueError("not a job duration")
         return value
 
     @model_validator(mode="after")
@@ -287,6 +287,7 @@ class Notify(_Section):
 class Session(_Section):
     state_dir: SafePath
     warn_before_end: list[Seconds]
+    keep_days: Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class Gateway(_Section):

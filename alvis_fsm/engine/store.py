@@ -319,6 +319,31 @@ class Store:
                 errors.append(exc)
         return records, errors
 
+    def prune(self, keep_days: float, now: float | None = None) -> list[str]:
+        """Remove the files of sessions finished (cleaned) more than
+        ``keep_days`` ago, judged by the file's last write; the names removed.
+        Failed sessions are kept (their job's cancel may be unconfirmed), as
+        are those someone holds the lock of, and everything when
+        ``keep_days`` is 0."""
+        if keep_days <= 0:
+            return []
+        cutoff = (time.time() if now is None else now) - keep_days * 86400
+        removed = []
+        records, _ = self.all()
+        for record in records:
+            if record.state != State.CLEANED or self.locked(record.name):
+                continue
+            try:
+                if self.path(record.name).stat().st_mtime >= cutoff:
+                    continue
+            except OSError:
+                continue
+            self.delete(record.name)
+            with contextlib.suppress(OSError):
+                self._lock_path(record.name).unlink()
+            removed.append(record.name)
+        return removed
+
     def _lock_path(self, name: str) -> Path:
         return self.sessions / f".{check_name(name)}.lock"
 

@@ -140,11 +140,13 @@ def session(
     port: int | None = None,
     keep: bool = False,
     via: Literal["direct", "gateway"] = "direct",
+    yes: bool = False,
 ) -> Session:
     """A session of ``model`` (the catalog's default when None): a live one of
     that model if it answers, else a new one, started and connected before
     this returns. As a context manager it stops what it started on exit,
-    unless ``keep``."""
+    unless ``keep``. ``yes``: start even if ``time`` is shorter than the
+    model's expected load time plus a margin (``start --yes``)."""
     if via == "gateway":
         raise UsageError(
             "via='gateway' needs `alvis-fsm gateway`, which this version does not have yet",
@@ -162,16 +164,21 @@ def session(
     if reused is not None:
         log.info("reusing session %s (job %s) at %s", reused.name, reused.job_id, reused.url)
         return _session(reused, started_here=False, keep=keep)
+    through = None if name else _gateway_session(store, model_name, keep)
+    if through is not None:
+        log.info("reusing the gateway's session %s (job %s) at %s", through.name, through.job_id,
+                 through.base_url)  # fmt: skip
+        return through
     if port is None and not _port_free(int(cfg.tunnel.local_port)):
         port = _free_port()  # the default port is taken: any free one will do here
-    record = _start(model_name, time=time, gpus=gpus, name=name, port=port)
+    record = _start(model_name, time=time, gpus=gpus, name=name, port=port, yes=yes)
     if record.state != State.TUNNELED:
         raise SessionError(f"Session '{record.name}' did not connect ({record.state})")
     return _session(record, started_here=True, keep=keep)
 
 
 def _start(model: str, *, time: str | None, gpus: str | None, name: str | None,
-           port: int | None) -> SessionRecord:
+           port: int | None, yes: bool = False) -> SessionRecord:
     """Start a session as ``alvis-fsm start --detach`` does, through the
     service (no signal handlers: this may run in any thread), and leave a
     supervisor keeping its tunnel up."""
@@ -191,7 +198,8 @@ def _start(model: str, *, time: str | None, gpus: str | None, name: str | None,
         if not isinstance(exc, Interrupted):
             notify.on_failure(cfg, record.name, exc.message)
 
-    options = service.StartOptions(model=model, time=time, gpus=gpus, name=name, detach=True)
+    options = service.StartOptions(model=model, time=time, gpus=gpus, name=name, detach=True,
+                                   short_ok=yes)  # fmt: skip
     store = Store(cfg.state_dir)
     handover = supervise.Handover(store)
     started = service.start(cfg, options, ui, on_failure=failed, on_detached=handover.spawn)
@@ -209,6 +217,7 @@ def _session(record: SessionRecord, *, started_here: bool, keep: bool) -> Sessio
 
 def _live_session(store: Any, model: str, name: str | None) -> SessionRecord | None:
     from alvis_fsm.cluster.tunnel import health
+    from alvis_fsm.fronts.gateway.sessions import is_gateway_session
 
     records, _ = store.all()
     for record in records:
@@ -216,8 +225,33 @@ def _live_session(store: Any, model: str, name: str | None) -> SessionRecord | N
             continue
         if name and record.name != name:
             continue
+        if is_gateway_session(record.name):
+            continue  # reached through the gateway (_gateway_session), not its socket
         if health(record.local_port, api_key=record.api_key or None, local_socket=record.local_socket):
             return record  # type: ignore[no-any-return]
+    return None
+
+
+def _gateway_session(store: Any, model: str, keep: bool) -> Session | None:
+    """The running gateway's session of ``model``, as a Session through the
+    gateway (its URL and key; the model by its catalog name): one live
+    session per model, whoever started it. Never stopped from here."""
+    from alvis_fsm.cluster.tunnel import health
+    from alvis_fsm.fronts.gateway import instance
+    from alvis_fsm.fronts.gateway.keys import gateway_key
+    from alvis_fsm.fronts.gateway.sessions import is_gateway_session
+
+    found = instance.running(store.dir)
+    if found is None:
+        return None
+    records, _ = store.all()
+    for record in records:
+        if not is_gateway_session(record.name) or record.model != model:
+            continue
+        if record.state == State.TUNNELED and health(0, local_socket=record.local_socket):
+            return Session(name=record.name, model=model, served_name=model,
+                           base_url=found.base_url, api_key=gateway_key(store.dir),
+                           job_id=record.job_id, started_here=False, keep=keep)  # fmt: skip
     return None
 
 

@@ -81,7 +81,7 @@ def get_models(port: int, key: str, timeout: float = 2) -> list[str] | None:
 
 
 def answers(port: int, key: str) -> bool:
-    return get_models(port, key) == ["alvislab/tiny-ok"]
+    return get_models(port, key) == ["alvislab/tiny-ok", "lab-ok"]
 
 
 def master_pid(lab: Any, control: str, host: str) -> int | None:

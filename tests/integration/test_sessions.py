@@ -43,7 +43,7 @@ def models(port: int, key: str) -> list[str]:
 
 def answers(port: int, key: str) -> bool:
     try:
-        return models(port, key) == ["alvislab/tiny-ok"]
+        return models(port, key) == ["alvislab/tiny-ok", "lab-ok"]
     except Exception:
         return False
 
@@ -117,7 +117,7 @@ def test_resume_after_sigkill_reattaches_same_job(lab: Any, tool: Tool) -> None:
     assert f"export OPENAI_BASE_URL=http://localhost:{port}/v1" in env.stdout
     key = re.search(r"export OPENAI_API_KEY=(\S+)", env.stdout)
     assert key and key.group(1) == record["api_key"]
-    assert models(port, record["api_key"]) == ["alvislab/tiny-ok"]
+    assert models(port, record["api_key"]) == ["alvislab/tiny-ok", "lab-ok"]
 
     interrupt(resumed)
     resumed.expect_exact(f"[INFO] Cancelling job {job_id}...")

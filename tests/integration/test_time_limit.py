@@ -16,7 +16,7 @@ CONNECTED = "✓ Connection successful! Server available at http://localhost:"
 
 def test_job_ends_at_its_time_limit(lab: Any, tool: Tool) -> None:
     port = free_port()
-    child = tool.spawn("start", "-m", "lab-ok", "-t", "1", "--port", str(port), timeout=240)
+    child = tool.spawn("start", "-m", "lab-ok", "-t", "1", "--yes", "--port", str(port), timeout=240)
     child.expect(r"Job submitted: (\d+)")
     job_id = child.match.group(1)
     child.expect_exact(CONNECTED + str(port))

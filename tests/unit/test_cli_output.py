@@ -251,11 +251,16 @@ def test_env_without_api_key_says_empty(tmp_path: Path) -> None:
 def test_env_of_an_ended_session_prints_nothing(tmp_path: Path) -> None:
     state = tmp_path / "state"
     save_session(state, state="cleaned")
-    proc = run("env", env={"ALVIS_FSM_SESSION__STATE_DIR": str(state)})
+    proc = run("env", "lab-ok", env={"ALVIS_FSM_SESSION__STATE_DIR": str(state)})
     assert proc.returncode == ExitCode.SESSION
     assert proc.stdout == ""  # eval "$(alvis-fsm env)" then changes nothing
     lines = assert_error_format(proc.stderr)
     assert lines[0] == "[ERROR] Session 'lab-ok' is cleaned; there is no server to point at"
+    # Bare, it acts on live sessions only: a finished one is history (issue 26).
+    proc = run("env", env={"ALVIS_FSM_SESSION__STATE_DIR": str(state)})
+    assert proc.returncode == ExitCode.SESSION and proc.stdout == ""
+    lines = assert_error_format(proc.stderr)
+    assert lines[0] == "[ERROR] There is no live session (1 finished: `alvis-fsm status` lists them)"
 
 
 def test_env_without_sessions(tmp_path: Path) -> None:

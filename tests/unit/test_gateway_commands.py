@@ -191,8 +191,17 @@ def test_logs_model_finds_the_gateways_session(state: Path) -> None:
     # `status MODEL` shows the same session.
     shown = json.loads(cli(state, "status", "lab-ok", "--offline", "--json").stdout)
     assert [s["name"] for s in shown["sessions"]] == ["gw-lab-ok-2"]
+    store.save(SessionRecord(name="lab-ok", model="lab-ok", state="running"))
+    assert resolve(store, "lab-ok") == "lab-ok"  # a live session of that name comes first
+    # A finished (or never submitted) one gives way to the gateway's live
+    # session of the model, the one serving it (issue 26, item 6)...
+    store.save(SessionRecord(name="lab-ok", model="lab-ok", state="cleaned"))
+    assert resolve(store, "lab-ok") == "gw-lab-ok-2"
     store.save(SessionRecord(name="lab-ok", model="lab-ok"))
-    assert resolve(store, "lab-ok") == "lab-ok"  # a session of that name comes first
+    assert resolve(store, "lab-ok") == "gw-lab-ok-2"
+    # ... and is history again once nothing of the model is live.
+    store.save(SessionRecord(name="gw-lab-ok-2", model="lab-ok", state="cleaned"))
+    assert resolve(store, "lab-ok") == "lab-ok"
 
 
 # -- --detach and stop, real processes --------------------------------------------------

@@ -31,13 +31,15 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("90", 90), ("90s", 90), ("15m", 900), ("1h", 3600), ("1.5h", 5400), (" 2M ", 120)],
+    [("90", 90), ("90s", 90), ("15m", 900), ("1h", 3600), ("1.5h", 5400), (" 2M ", 120),
+     # One duration syntax everywhere (issue 26): several units, days, SLURM's forms.
+     ("1h30m", 5400), ("2d", 172800), ("15:00", 900), ("1:30:00", 5400)],
 )
 def test_durations_people_write(text: str, seconds: float) -> None:
     assert spoken_seconds(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "0", "-5", "5d", "m", "1h30m", "soon"])
+@pytest.mark.parametrize("text", ["", "0", "-5", "5y", "m", "1m30h", "soon", "0:00", "5 days"])
 def test_durations_refused(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
         spoken_seconds(text)

@@ -335,7 +335,7 @@ def test_times(text: str) -> None:
         assert "duration" in exc.message
         return
     assert seconds > 0
-    assert re.fullmatch(r"[0-9:-]+", text)
+    assert re.fullmatch(r"[0-9:. dhminsDHMINS-]+", text)
     assert re.fullmatch(r"(\d+-)?\d+:\d\d:\d\d", jobscript.format_walltime(seconds))
 
 

@@ -45,6 +45,7 @@ PLAIN = JobSpec(
     served_name="openai/gpt-oss-20b",
     image="/apps/containers/vLLM/vllm-0.11.0.sif",
     ready_timeout=600,
+    catalog_name="gpt-oss-20b",
 )
 
 # submitit's weird_tmp_path idea: every shell metacharacter in every body value.
@@ -59,6 +60,7 @@ HOSTILE = dataclasses.replace(
     run_dir="/cephyr/users/me/" + EVIL,
     model_path=f"{HUB}/models--evil--na'me $(touch PWNED4)/snapshots/`touch PWNED5`;\nx",
     served_name="x'; touch PWNED6; echo '",
+    catalog_name="y $(touch PWNED10)",
     image="/apps/img $(touch PWNED7).sif",
     vllm_args=("--chat-template", "$(touch PWNED8)", "a b\nc", "'", "", '"; touch PWNED9 #'),
 )
@@ -249,6 +251,14 @@ def test_gpu_count_refused(gpus: str) -> None:
     "text, seconds",
     [
         ("30", 1800),  # MM
+        ("2h", 7200),  # with units (issue 26)
+        ("90m", 5400),
+        ("1h30m", 5400),
+        ("1h 30m", 5400),
+        ("2d", 172800),
+        ("1.5h", 5400),
+        ("45min", 2700),
+        ("1D", 86400),
         ("1", 60),
         ("90", 5400),  # the leading field is unbounded
         ("5:30", 330),  # MM:SS
@@ -275,8 +285,8 @@ def test_walltime_accepted(text: str, seconds: int) -> None:
     [
         "", " ", " 1:00:00", "1:00:00 ", "1: 00", "+5", "-5", "0", "00", "0:00", "0:0:0", "0-0",
         "1:60", "1:00:60", "1:60:00", "1-24", "1-23:60", "1-1:1:60", "1:2:3:4", "1-2-3",
-        "1-2:3:4:5", "abc", "1h", "1.5", "1,5", "\u0661", "UNLIMITED", "infinite", "1-", "-1",
-        ":30", "1::00", "1:000", "1-001", "1:00:00\n", "5\x00",
+        "1-2:3:4:5", "abc", "1.5", "1,5", "\u0661", "UNLIMITED", "infinite", "1-", "-1",
+        ":30", "1::00", "1:000", "1-001", "1:00:00\n", "5\x00", "1y", "0h", "1m1h", "2 h ", "h",
     ],
 )  # fmt: skip
 def test_walltime_rejected(text: str) -> None:
@@ -427,6 +437,7 @@ def expected_argv(spec: JobSpec, gpus: str = "1", socket: str = "") -> list[str]
         "--tensor-parallel-size", gpus,
         "--max-model-len", str(spec.max_model_len),
         "--served-model-name", spec.served_name,
+        *([spec.catalog_name] if spec.catalog_name and spec.catalog_name != spec.served_name else []),
         *spec.vllm_args,
     ]  # fmt: skip
 
@@ -741,3 +752,22 @@ def test_any_text_round_trips(
     job = Job(root, spec)
     assert job.run() == 0
     assert job.argv() == expected_argv(spec, socket=job.socket_path())
+
+
+def _served_names(spec: JobSpec) -> list[str]:
+    """The --served-model-name values vLLM gets from the rendered script."""
+    text = render(spec)
+    lines = [x for x in text.splitlines() if x.startswith(("MODEL_NAME=", "ALSO_SERVED="))]
+    snippet = "\n".join(lines) + '\nprintf "%s\\n" "$MODEL_NAME" ${ALSO_SERVED:+"$ALSO_SERVED"}\n'
+    assert '--served-model-name "$MODEL_NAME" ${ALSO_SERVED:+"$ALSO_SERVED"}' in text
+    proc = subprocess.run(["bash", "-c", snippet], capture_output=True, text=True, timeout=10)
+    return proc.stdout.splitlines()
+
+
+def test_vllm_serves_the_catalog_name_too() -> None:
+    """Issue 26, item 9: model="<catalog name>" works on the direct endpoint."""
+    assert _served_names(PLAIN) == ["openai/gpt-oss-20b", "gpt-oss-20b"]
+    same = dataclasses.replace(PLAIN, catalog_name="openai/gpt-oss-20b")
+    assert _served_names(same) == ["openai/gpt-oss-20b"]
+    assert _served_names(dataclasses.replace(PLAIN, catalog_name="")) == ["openai/gpt-oss-20b"]
+    assert _served_names(HOSTILE)[1] == "y $(touch PWNED10)"

@@ -15,11 +15,12 @@ from typing import Any, ClassVar
 import click
 
 from alvis_fsm import __version__
+from alvis_fsm.cluster.syntax import WALLTIME_FORMS
 from alvis_fsm.errors import AlvisError, ExitCode
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-TIME_HELP = "Job duration: MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."
+TIME_HELP = f"Job duration: {WALLTIME_FORMS}; a bare number is minutes."
 
 
 def effective_defaults() -> dict[str, str]:
@@ -218,6 +219,10 @@ def _verbosity(ctx: click.Context) -> Any:
 )
 @click.option("--list-models", is_flag=True, help="List the models in the catalog and exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --detach: print the session as JSON.")
+@click.option(
+    "-y", "--yes", is_flag=True,
+    help="Start even if -t is shorter than the model's expected load time plus 5 min.",
+)  # fmt: skip
 @global_options
 @click.pass_context
 def start(ctx: click.Context, /, **options: Any) -> None:
@@ -629,6 +634,7 @@ def main(argv: list[str] | None = None) -> None:
             code = ExitCode.INTERRUPTED
         except click.ClickException as exc:
             # Same shape as our own errors: [ERROR] what, [HINT] what to do.
+            exc = _time_words(exc)
             ctx = getattr(exc, "ctx", None)
             where = ctx.command_path if ctx is not None else "alvis-fsm"
             code = _report(exc.format_message(), f"`{where} --help` lists the options.", None,
@@ -641,6 +647,23 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         code = _output_failed(exc)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+# Options people type for a job's time; difflib would suggest --gpus.
+_TIME_WORDS = frozenset({"hours", "hour", "minutes", "minute", "mins", "days", "walltime",
+                         "wall-time", "duration", "time-limit", "timelimit", "runtime"})  # fmt: skip
+
+
+def _time_words(exc: click.ClickException) -> click.ClickException:
+    """`--hours 2` and the like: suggest -t/--time."""
+    if isinstance(exc, click.NoSuchOption) and exc.option_name.lstrip("-").lower() in _TIME_WORDS:
+        ctx = exc.ctx
+        if ctx is not None and any("--time" in p.opts for p in ctx.command.params):
+            return click.NoSuchOption(
+                exc.option_name, f"No such option {exc.option_name!r}. Did you mean '--time'"
+                " (-t 2h, -t 90m, -t 1:30:00)?", ctx=ctx,
+            )  # fmt: skip
+    return exc
 
 
 def _report(message: str, hint: str | None, details: str | None, code: int, as_json: bool) -> int:

@@ -542,7 +542,9 @@ class Models:
                 and now - slot.last_active >= (slot.idle_timeout or idle_timeout)
             ):  # fmt: skip
                 slot.idle_stops += 1
-                slot.gpu_hours_saved += sum(usage.left(r.handle.record) for r in slot.runs())
+                # An adopted session (someone else's) is let go, not cancelled.
+                slot.gpu_hours_saved += sum(usage.left(r.handle.record) for r in slot.runs()
+                                            if not getattr(r.handle, "adopted", False))  # fmt: skip
                 slot.stop("idle timeout")
                 stopped.append(slot.name)
         return stopped

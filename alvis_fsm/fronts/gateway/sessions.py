@@ -45,12 +45,23 @@ def session_of(store: Store, name: str | None) -> str | None:
     or ``gw-NAME-2`` after a rollover: the live one, else the newest) when
     there is no session called NAME but the gateway has served it:
     `alvis-fsm logs lab-ok` or `status lab-ok` then show what the gateway ran."""
-    if not name or (NAME_RE.fullmatch(name) and store.exists(name)):
+    if not name or not NAME_RE.fullmatch(name) or is_gateway_session(name):
         return name
     from alvis_fsm.engine.states import State
+    from alvis_fsm.errors import SessionError
 
     lanes = [store.load(n) for n in (session_name(name, lane) for lane in (0, 1))
              if store.exists(n)]  # fmt: skip
+    if store.exists(name):
+        # A session called NAME: it, unless it has ended while the gateway's
+        # session of model NAME is live (the one serving it now).
+        try:
+            own_live = store.load(name).live
+        except SessionError:
+            return name  # its own error is reported by whoever loads it
+        if own_live or not any(r.live for r in lanes):
+            return name
+        lanes = [r for r in lanes if r.live]
     if not lanes:
         return name
     # The one serving now (after a rollover, the successor), else the newest.
@@ -114,25 +125,66 @@ def new_session(
     catalog.get(model)  # an unknown model fails here, as before
     # The tunnel ends in a unix socket in the private state dir: the
     # gateway's clients never see it, and no other local process can use it.
+    # short_ok: the gateway plans for the job's time limit itself (its rollover).
     options = StartOptions(model=model, name=session_name(model, lane), force_new=True,
-                           local_socket=True)  # fmt: skip
+                           local_socket=True, short_ok=True)  # fmt: skip
     new = service.create(budgets(cfg), options, store=store)
-    return ServiceSession(new, ui)
+    # Lane 0 only: a rollover's successor is the gateway's own session, never
+    # the session it replaces adopted again.
+    lead = float(cfg.gateway.rollover_lead) if lane == 0 else None
+    return ServiceSession(new, ui, adopt_if_left=lead)
+
+
+# How often an adopted session's record is read again (its owner may stop it).
+FOLLOW_S = 1.0
+
+
+def adoptable(store: Store, model: str, least_left: float = 0.0) -> SessionRecord | None:
+    """A live session of ``model`` started by someone else (`start`, the
+    Python API, `start --detach`) that answers now: one live session per
+    model, whoever started it. Not one about to reach its time limit
+    (``least_left`` seconds), which the gateway would replace at once."""
+    from alvis_fsm.cluster.tunnel import health
+    from alvis_fsm.engine.states import State
+
+    records, _ = store.all()
+    for record in sorted(records, key=lambda r: r.started, reverse=True):
+        if is_gateway_session(record.name) or record.model != model:
+            continue
+        if record.state != State.TUNNELED or not record.url:
+            continue
+        left = record.time_left()
+        if left is not None and left <= least_left:
+            continue
+        if health(record.local_port, local_socket=record.local_socket):
+            return record
+    return None
 
 
 class ServiceSession:
     """What the gateway drives (its ``Handle``): a prepared-on-drive session
     of the service, stoppable before and after it has a Runner."""
 
-    def __init__(self, new: NewSession, ui: Observer) -> None:
+    def __init__(self, new: NewSession, ui: Observer, adopt_if_left: float | None = None) -> None:
         self._new = new
         self._ui = ui
         self.record: SessionRecord = new.record
         self._runner: Runner | None = None
         self._stop: str | None = None
         self._guard = threading.Lock()
+        self._woken = threading.Event()
+        # Look for a live session of the model to adopt first (with at least
+        # this many seconds left), in the session's own thread (it asks the
+        # server whether it answers); None: never adopt.
+        self._adopt_if_left = adopt_if_left
+        self.adopted = False
 
     def drive(self) -> None:
+        if self._adopt_if_left is not None and self._stop is None:
+            found = adoptable(self._new.store, self.record.model, self._adopt_if_left)
+            if found is not None:
+                self._follow(found)
+                return
         # The session's lock, from prepare to the end, as `start` holds it:
         # `stop NAME` from another shell finds the gateway driving it.
         with self._new.lock():
@@ -145,8 +197,34 @@ class ServiceSession:
                     runner.request_stop(self._stop)
             runner.drive()
 
+    def _follow(self, record: SessionRecord) -> None:
+        """Serve through a session someone else started, and never stop it:
+        route to it while it is live; a stop (idle, shutdown, rollover) only
+        lets go of it. Its owner (`alvis-fsm stop`, Ctrl+C) ends it."""
+        store = self._new.store
+        self.adopted = True
+        self.record = record
+        self._ui.info(
+            f"serving through session '{record.name}' (job {record.job_id}, started outside"
+            f" the gateway) at {record.url}: no second job; the gateway never stops it"
+        )
+        while self._stop is None:
+            self._woken.wait(FOLLOW_S)
+            try:
+                fresh = store.load(record.name)
+            except Exception:  # removed or unreadable: it is not ours to judge
+                break
+            self.record = fresh
+            if not fresh.live:
+                self._ui.info(f"session '{record.name}' ended ({fresh.outcome()}); "
+                              "the next request starts the gateway's own")  # fmt: skip
+                break
+        if self._stop is not None:
+            self._ui.info(f"let go of session '{record.name}' ({self._stop}); it keeps running")
+
     def request_stop(self, reason: str = "stopped") -> None:
         with self._guard:
             self._stop = reason
+            self._woken.set()
             if self._runner is not None:
                 self._runner.request_stop(reason)

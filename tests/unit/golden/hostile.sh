@@ -41,6 +41,8 @@ line2 {{RUN_DIR}}'
 HF_MODEL='/mimer/NOBACKUP/Datasets/LLM/huggingface/hub/models--evil--na'"'"'me $(touch PWNED4)/snapshots/`touch PWNED5`;
 x'
 MODEL_NAME='x'"'"'; touch PWNED6; echo '"'"''
+# Also served under the catalog's name ('' when it is the same).
+ALSO_SERVED='y $(touch PWNED10)'
 SIF_IMAGE='/apps/img $(touch PWNED7).sif'
 EXTRA=(--chat-template '$(touch PWNED8)' 'a b
 c' ''"'"'' '' '"; touch PWNED9 #')
@@ -499,7 +501,7 @@ apptainer exec "${CONTAINER_ARGS[@]}" "$SIF_IMAGE" vllm serve "$HF_MODEL" \
     --middleware "$GUARD_MIDDLEWARE" \
     --tensor-parallel-size "${SLURM_GPUS_ON_NODE:-4}" \
     --max-model-len "$MAX_MODEL_LEN" \
-    --served-model-name "$MODEL_NAME" \
+    --served-model-name "$MODEL_NAME" ${ALSO_SERVED:+"$ALSO_SERVED"} \
     "${EXTRA[@]}" >"$OUT_FILE" 2>"$ERR_FILE" &
 VLLM_PID=$!
 

@@ -39,6 +39,8 @@ trap 'LIMIT_SEEN=1' USR1
 RUN_DIR=/cephyr/users/me/Alvis/.alvis-vllm/runs/default-20250101-120000-a1b2c3
 HF_MODEL=/mimer/NOBACKUP/Datasets/LLM/huggingface/hub/models--openai--gpt-oss-20b/snapshots/6cee5e81ee83917806bbde320786a8fb61efebee
 MODEL_NAME=openai/gpt-oss-20b
+# Also served under the catalog's name ('' when it is the same).
+ALSO_SERVED=gpt-oss-20b
 SIF_IMAGE=/apps/containers/vLLM/vllm-0.11.0.sif
 EXTRA=()
 MAX_MODEL_LEN=32768
@@ -496,7 +498,7 @@ apptainer exec "${CONTAINER_ARGS[@]}" "$SIF_IMAGE" vllm serve "$HF_MODEL" \
     --middleware "$GUARD_MIDDLEWARE" \
     --tensor-parallel-size "${SLURM_GPUS_ON_NODE:-1}" \
     --max-model-len "$MAX_MODEL_LEN" \
-    --served-model-name "$MODEL_NAME" \
+    --served-model-name "$MODEL_NAME" ${ALSO_SERVED:+"$ALSO_SERVED"} \
     "${EXTRA[@]}" >"$OUT_FILE" 2>"$ERR_FILE" &
 VLLM_PID=$!
 

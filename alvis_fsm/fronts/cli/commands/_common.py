@@ -57,8 +57,8 @@ def name_for_model(model: str) -> str:
     return default_name(model)
 
 
-def pick_session(store: Store, name: str | None) -> SessionRecord:
+def pick_session(store: Store, name: str | None, command: str = "status") -> SessionRecord:
     """The named session, or the only live one (engine/service.py)."""
     from alvis_fsm.engine.service import pick_session as pick
 
-    return pick(store, name)
+    return pick(store, name, command)

@@ -40,7 +40,7 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool = False,
             )
         _gateway(verbosity, cfg, as_json)
         return
-    record = pick_session(Store(cfg.state_dir), name)
+    record = pick_session(Store(cfg.state_dir), name, "env")
     if not record.live:
         raise SessionError(
             f"Session '{record.name}' is {record.state}; there is no server to point at",

@@ -14,7 +14,7 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
     ui = reporter(verbosity)
     cfg = settings()
     store = Store(cfg.state_dir)
-    record = pick_session(store, name)
+    record = pick_session(store, name, "resume")
     from alvis_fsm.engine import service
     from alvis_fsm.fronts import notify
     from alvis_fsm.fronts.cli.commands import supervise

@@ -32,6 +32,7 @@ def run(
     list_models: bool,
     account: str | None = None,
     as_json: bool = False,
+    yes: bool = False,
     ui: Reporter | None = None,
 ) -> None:
     if ui is None:
@@ -57,7 +58,8 @@ def run(
     from alvis_fsm.fronts import notify
 
     options = service.StartOptions(model=model, time=walltime, gpus=gpus, account=account,
-                                   name=name, detach=detach, force_new=force_new)  # fmt: skip
+                                   name=name, detach=detach, force_new=force_new,
+                                   short_ok=yes)  # fmt: skip
     ui.on_ready = lambda rec: notify.on_ready(cfg, rec)
 
     def failed(record: SessionRecord, exc: AlvisError) -> None:
@@ -99,14 +101,42 @@ def run(
 
 def _offer_resume(ui: Reporter, live: AlreadyLive, verbosity: Verbosity, may_ask: bool = True) -> None:
     """A live session of the model exists: in a terminal, offer to resume it."""
+    from alvis_fsm.fronts.gateway.sessions import is_gateway_session
+
+    record = live.record
+    if is_gateway_session(record.name) and _use_the_gateway(ui, record):
+        return
     if not may_ask or not ui.interactive():
         raise live
     answer = ui.ask(f"{live.message}. Resume it? [Y/n] ").strip().lower()
     if answer not in ("", "y", "yes"):
-        raise UsageError("Not starting a second session", hint="Use --new to start one anyway.")
+        raise UsageError(
+            "Not starting a second session",
+            hint=f"To start one anyway (a free name and port): {live.second}" if live.second
+            else "Use --new with another --name and --port to start one anyway.",
+        )
     from alvis_fsm.fronts.cli.commands import resume
 
     resume.run(verbosity, name=live.record.name, detach=False)
+
+
+def _use_the_gateway(ui: Reporter, record: SessionRecord) -> bool:
+    """The gateway serves the model: one live session per model, so `start`
+    points at it rather than submitting a second job. False when no gateway
+    runs (its session is an orphan: the usual offer applies)."""
+    from alvis_fsm.engine.store import default_state_dir
+    from alvis_fsm.fronts.gateway import instance
+
+    found = instance.running(default_state_dir())
+    if found is None:
+        return False
+    ui.result(
+        f"{record.model} is already served by the gateway at {found.base_url} (session"
+        f" '{record.name}', job"
+        f" {record.job_id or '-'}): no second job started. Use it with model=\"{record.model}\":"
+        '\n  eval "$(alvis-fsm env --gateway)"'
+    )
+    return True
 
 
 def _account(ui: Reporter, runner: Any, configured: str) -> str:

@@ -21,7 +21,14 @@ def run(verbosity: Verbosity, *, name: str | None, ui: Reporter | None = None) -
     ui = ui or reporter(verbosity)
     cfg = settings()
     store = Store(cfg.state_dir)
-    record = pick_session(store, name)
+    from alvis_fsm.engine.service import NoLiveSession
+
+    try:
+        record = pick_session(store, name, "stop")
+    except NoLiveSession as exc:
+        # Nothing live: nothing to stop (finished sessions are history).
+        ui.result(f"Nothing to stop: {exc.message[0].lower()}{exc.message[1:]}.")
+        return
     from alvis_fsm.fronts.cli.commands import supervise
 
     # A detached session's supervisor lets go; the cancel is ours to confirm.
