@@ -248,7 +248,7 @@ def _gateway_session(store: Any, model: str, keep: bool) -> Session | None:
     for record in records:
         if not is_gateway_session(record.name) or record.model != model:
             continue
-        if record.state == State.TUNNELED and health(0, local_socket=record.local_socket):
+        if record.state == State.TUNNELED and health(0, api_key=record.api_key or None, local_socket=record.local_socket):
             return Session(name=record.name, model=model, served_name=model,
                            base_url=found.base_url, api_key=gateway_key(store.dir),
                            job_id=record.job_id, started_here=False, keep=keep)  # fmt: skip

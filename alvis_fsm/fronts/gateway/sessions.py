@@ -156,7 +156,7 @@ def adoptable(store: Store, model: str, least_left: float = 0.0) -> SessionRecor
         left = record.time_left()
         if left is not None and left <= least_left:
             continue
-        if health(record.local_port, local_socket=record.local_socket):
+        if health(record.local_port, api_key=record.api_key or None, local_socket=record.local_socket):
             return record
     return None
 
