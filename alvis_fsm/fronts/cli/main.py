@@ -253,14 +253,20 @@ def resume(ctx: click.Context, name: str | None, detach: bool) -> None:
     "--json", "as_json", is_flag=True, help="Machine-readable output (stable, documented)."
 )
 @click.option("--offline", is_flag=True, help="Only read local state; make no connection.")
+@click.option(
+    "--all", "show_all", is_flag=True,
+    help="Also list sessions that finished more than a day ago (history).",
+)
 @global_options
 @click.pass_context
-def status(ctx: click.Context, name: str | None, as_json: bool, offline: bool) -> None:
-    """Show every session (or one): state, job, node, model, URL, time left."""
+def status(ctx: click.Context, name: str | None, as_json: bool, offline: bool,
+           show_all: bool) -> None:  # fmt: skip
+    """Show the sessions (or one): state, job, node, model, URL, time left."""
     from alvis_fsm.fronts.cli.commands import status as command
 
     # Non-zero when a live check failed: scripts must not trust the lines then.
-    ctx.exit(command.run(_verbosity(ctx), name=name, as_json=as_json, offline=offline))
+    ctx.exit(command.run(_verbosity(ctx), name=name, as_json=as_json, offline=offline,
+                         show_all=show_all))  # fmt: skip
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)

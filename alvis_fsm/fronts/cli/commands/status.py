@@ -1,4 +1,8 @@
-"""alvis-fsm status: every session (or one), with a live check unless --offline.
+"""alvis-fsm status: the sessions (or one), with a live check unless --offline.
+
+Without a name it lists live sessions and those that ended in the last
+``RECENT_S`` (a day); older finished ones are history, listed with ``--all``
+(and pruned after ``session.keep_days``), and a line says how many are left out.
 
 ``--offline`` reads only the local state files: no settings validation beyond
 the state directory, no ssh, and none of the heavy imports.
@@ -32,6 +36,19 @@ if TYPE_CHECKING:
     from alvis_fsm.engine.service import Status
 
 
+# Finished sessions older than this are history: `status --all` lists them.
+RECENT_S = 86400.0
+
+
+def is_history(record: SessionRecord, now: float | None = None) -> bool:
+    """A session that ended more than ``RECENT_S`` ago (by when it entered
+    its final state, else by its file's last write)."""
+    if record.state not in ENDED_STATES:
+        return False
+    ended = record.entered_at.get(record.state, 0.0)
+    return bool(ended) and (time.time() if now is None else now) - ended > RECENT_S
+
+
 def offline_time_left(record: SessionRecord) -> str:
     if not record.live or not record.running_since or not record.time_limit_s:
         return ""
@@ -61,7 +78,8 @@ def row(record: SessionRecord, job_state: str | None = None, time_left: str | No
     }
 
 
-def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool) -> int:
+def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool,
+        show_all: bool = False) -> int:
     """Prints the sessions; returns the exit code: non-zero when a session
     could not be checked (its line is then what was last saved, and says so)."""
     cfg: Any = None
@@ -81,6 +99,10 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
     else:
         records, errs = store.all()
         problems.extend(errs)
+    hidden = 0
+    if not name and not show_all:
+        kept = [r for r in records if not is_history(r)]
+        hidden, records = len(records) - len(kept), kept
     rows: list[dict[str, Any]] = []
     unverified: set[str] = set()
     failed_checks: list[AlvisError] = []
@@ -107,7 +129,7 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
 
     if gateway is not None:
         click.echo(clean(_describe_gateway(gateway)))
-    elif not rows and not errors:
+    elif not rows and not errors and not hidden:
         click.echo("No sessions. Start one with `alvis-fsm start`.")
 
     for r in rows:
@@ -115,6 +137,9 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool)
         if r["name"] in unverified:
             line += " · UNVERIFIED (the check failed; this is the last saved state)"
         click.echo(clean(line))
+    if hidden:
+        click.echo(f"({hidden} finished session{'s' if hidden != 1 else ''} older than a day:"
+                   " `alvis-fsm status --all`)")  # fmt: skip
     for e in problems:
         click.echo(f"[ERROR] {e.message}", err=True)
         if e.hint:
