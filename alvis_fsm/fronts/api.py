@@ -9,7 +9,10 @@
 A live, answering session of the model is reused; otherwise one is started
 through the session service (engine/service.py) as ``alvis-fsm start
 --detach`` would (so its tunnel is kept up in the
-background). Progress goes to the ``alvis_fsm`` logger, never to stdout;
+background). ``via="gateway"`` returns a client of the running gateway
+instead (one is started in the background if none runs): one endpoint for
+every model, whose jobs start on the first request and stop when idle.
+Progress goes to the ``alvis_fsm`` logger, never to stdout;
 errors are the exceptions the CLI maps to exit codes (``alvis_fsm.errors``).
 Nothing is ever asked: settings the CLI would prompt for (several SLURM
 accounts) must be set (``alvis-fsm config set slurm.account ...``)."""
@@ -102,6 +105,7 @@ class Session:
     job_id: str
     started_here: bool = False
     keep: bool = False
+    via_gateway: bool = False  # a client of the gateway, which runs the model's jobs
     _stopped: bool = field(default=False, repr=False)
 
     def openai(self, **kwargs: Any) -> openai.OpenAI:
@@ -115,10 +119,17 @@ class Session:
         return _openai.OpenAI(base_url=self.base_url, api_key=self.api_key or "none", **kwargs)
 
     def stop(self) -> None:
-        """Cancel the job (confirmed by the scheduler) and close the tunnel."""
-        from alvis_fsm.fronts.cli.commands import stop
+        """Cancel the job (confirmed by the scheduler) and close the tunnel;
+        through the gateway: stop the gateway, which cancels every job it
+        started (confirmed)."""
+        if self.via_gateway:
+            from alvis_fsm.fronts.cli.commands import gateway
 
-        stop.run(Verbosity.QUIET, name=self.name, ui=LogReporter())
+            gateway.stop(Verbosity.QUIET, ui=LogReporter())
+        else:
+            from alvis_fsm.fronts.cli.commands import stop
+
+            stop.run(Verbosity.QUIET, name=self.name, ui=LogReporter())
         self._stopped = True
 
     def __enter__(self) -> Session:
@@ -147,12 +158,7 @@ def session(
     this returns. As a context manager it stops what it started on exit,
     unless ``keep``. ``yes``: start even if ``time`` is shorter than the
     model's expected load time plus a margin (``start --yes``)."""
-    if via == "gateway":
-        raise UsageError(
-            "via='gateway' needs `alvis-fsm gateway`, which this version does not have yet",
-            hint="Use via='direct' (the default): a session of its own for the model.",
-        )
-    if via != "direct":
+    if via not in ("direct", "gateway"):
         raise UsageError(f"via must be 'direct' or 'gateway', not {via!r}")
     from alvis_fsm.engine.store import Store
     from alvis_fsm.fronts.cli.commands._common import settings
@@ -160,6 +166,8 @@ def session(
     cfg = settings()
     store = Store(cfg.state_dir)
     model_name = model or cfg.catalog.default_model
+    if via == "gateway":
+        return _via_gateway(cfg, model_name, keep)
     reused = _live_session(store, model_name, name)
     if reused is not None:
         log.info("reusing session %s (job %s) at %s", reused.name, reused.job_id, reused.url)
@@ -175,6 +183,41 @@ def session(
     if record.state != State.TUNNELED:
         raise SessionError(f"Session '{record.name}' did not connect ({record.state})")
     return _session(record, started_here=True, keep=keep)
+
+
+def _via_gateway(cfg: Any, model: str, keep: bool) -> Session:
+    """A client of the running gateway for ``model`` (its URL and key), after
+    starting one in the background (``alvis-fsm gateway --detach``) if none
+    runs. The gateway starts the model's job on the first request and stops
+    it when idle; on exit, a gateway started here is stopped (unless ``keep``)."""
+    import subprocess
+    import sys
+
+    from alvis_fsm.engine.catalog import load_catalog
+    from alvis_fsm.fronts.gateway import instance
+    from alvis_fsm.fronts.gateway.keys import gateway_key
+
+    catalog = load_catalog(cfg)
+    if catalog.get(model) is None:
+        raise UsageError(f"Unknown model '{model}'", hint="`alvis-fsm models` lists the catalog.")
+    found = instance.running(cfg.state_dir)
+    started = found is None
+    if found is None:
+        done = subprocess.run([sys.executable, "-m", "alvis_fsm", "-q", "gateway", "--detach"],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True)  # fmt: skip
+        found = instance.running(cfg.state_dir)
+        if done.returncode != 0 or found is None:
+            said = done.stderr.strip().splitlines()
+            raise SessionError(
+                "The gateway did not start" + (f": {said[0]}" if said else ""),
+                hint="Run `alvis-fsm gateway` in a terminal to see why.",
+            )
+        log.info("started the gateway (pid %s) on %s", found.pid, found.base_url)
+    else:
+        log.info("using the running gateway (pid %s) on %s", found.pid, found.base_url)
+    return Session(name="gateway", model=model, served_name=model, base_url=found.base_url,
+                   api_key=gateway_key(cfg.state_dir), job_id="", started_here=started,
+                   keep=keep, via_gateway=True)  # fmt: skip
 
 
 def _start(model: str, *, time: str | None, gpus: str | None, name: str | None,

@@ -30,7 +30,7 @@ import click
 from alvis_fsm.errors import AlvisError, CancelUnconfirmed, ExitCode, SessionError, UsageError
 from alvis_fsm.fronts.cli.commands._common import flag_settings, reporter, settings
 from alvis_fsm.fronts.gateway import instance
-from alvis_fsm.fronts.ui import Verbosity
+from alvis_fsm.fronts.ui import Reporter, Verbosity
 
 if TYPE_CHECKING:
     from alvis_fsm.engine.settings import Settings
@@ -317,12 +317,13 @@ def _end(proc: subprocess.Popen[bytes], wait: float) -> None:
 # -- gateway stop ----------------------------------------------------------------------
 
 
-def stop(verbosity: Verbosity) -> None:
+def stop(verbosity: Verbosity, ui: Reporter | None = None) -> None:
     """SIGTERM to the recorded gateway (foreground or background), then wait
-    until it has shut down: its jobs cancelled, confirmed or not."""
+    until it has shut down: its jobs cancelled, confirmed or not. ``ui``: where
+    its words go (the Python API passes its logger's)."""
     from alvis_fsm.engine.store import Store
 
-    ui = reporter(verbosity)
+    ui = ui or reporter(verbosity)
     cfg = settings()
     state_dir = cfg.state_dir
     found = instance.running(state_dir)
