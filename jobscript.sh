@@ -24,8 +24,11 @@
 #        $TMPDIR, so only this user can connect; no TCP port at all. The
 #        address file reads "HOST:/path/vllm.sock".
 #   tcp  (route login): a port from find_ports on all interfaces, which the
-#        login node must reach; "HOST:PORT". Paths outside /v1 (/invocations,
-#        /tokenize, /metrics) answer anyone on the cluster without the key.
+#        login node must reach (and so can every cluster user); "HOST:PORT".
+# Either way vLLM runs with the tool's guard (alvis_fsm/cluster/guard.py, shipped
+# below): vLLM itself checks the key only under /v1, the guard on every path
+# (/invocations, /tokenize, /metrics ...), and it refuses a Host that is not
+# loopback and requests from web pages of other origins.
 
 set -u
 umask 077
@@ -50,6 +53,9 @@ EXIT_FILE={{FILE_VLLM_EXIT}}
 ENDED_FILE={{FILE_ENDED}}
 LIMIT_FILE={{FILE_LIMIT}}
 LISTEN={{LISTEN}}
+GUARD_SOURCE={{GUARD_SOURCE}}
+GUARD_FILE={{GUARD_FILE}}
+GUARD_MIDDLEWARE={{GUARD_MIDDLEWARE}}
 
 # The client may name the run directory relative to the remote home.
 case $RUN_DIR in
@@ -265,8 +271,25 @@ else
     unset VLLM_API_KEY
 fi
 
+# The guard module goes to a private directory of the run directory, bound
+# into the container and first on vLLM's PYTHONPATH. PYTHONPATH splits at ':'
+# and apptainer's --bind at ',' and ':', so such a run directory cannot work.
+GUARD_DIR=$RUN_DIR/{{FILE_GUARD_DIR}}
+case $GUARD_DIR in
+    *[:,]*)
+        put "$ENDED_FILE" "the run directory's path holds ':' or ',' (the guard cannot load)"
+        exit 1 ;;
+esac
+if ! { mkdir -p -m 0700 -- "$GUARD_DIR" && put "$GUARD_DIR/$GUARD_FILE" "$GUARD_SOURCE"; }; then
+    put "$ENDED_FILE" "cannot write the guard module into $GUARD_DIR"
+    exit 1
+fi
+export PYTHONPATH=$GUARD_DIR${PYTHONPATH:+:$PYTHONPATH}
+CONTAINER_ARGS+=(--bind "$GUARD_DIR")
+
 apptainer exec "${CONTAINER_ARGS[@]}" "$SIF_IMAGE" vllm serve "$HF_MODEL" \
     "${LISTEN_ARGS[@]}" \
+    --middleware "$GUARD_MIDDLEWARE" \
     --tensor-parallel-size "${SLURM_GPUS_ON_NODE:-{{GPU_COUNT}}}" \
     --max-model-len "$MAX_MODEL_LEN" \
     --served-model-name "$MODEL_NAME" \

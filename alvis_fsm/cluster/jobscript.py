@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alvis_fsm import paths
-from alvis_fsm.cluster import rundir, syntax
+from alvis_fsm.cluster import guard, rundir, syntax
 from alvis_fsm.cluster.syntax import parse_walltime as parse_walltime
 from alvis_fsm.errors import ConfigError
 
@@ -156,6 +156,9 @@ def _values(spec: JobSpec) -> dict[str, str]:
         "MAX_MODEL_LEN": _positive_int("max model length", spec.max_model_len),
         "READY_TIMEOUT": _positive_int("server ready timeout", spec.ready_timeout),
         "LISTEN": _listen(spec.route),
+        # The guard vLLM loads (--middleware): shipped inside the script, so
+        # the job needs nothing else from the client.
+        "GUARD_SOURCE": _word("guard module", guard.source()),
         **_cache_values(spec),
     }
     for name, value in rundir.placeholders().items():

@@ -7,6 +7,8 @@ the remote agent and the client all take these names from this module."""
 
 from __future__ import annotations
 
+from alvis_fsm.cluster import guard
+
 JOB_SCRIPT = "job.sh"
 SLURM_OUTPUT = "slurm-%j.out"  # sbatch's default, in the directory it runs in (the run dir)
 API_KEY = "api_key"  # 0600; read by the job into VLLM_API_KEY, never on a command line
@@ -17,6 +19,7 @@ VLLM_ERR = "vllm.err"
 VLLM_EXIT = "vllm.exit"  # vLLM's exit status, written when it exits
 ENDED = "job.ended"  # why the job script stopped early (signal, startup watchdog, time limit)
 LIMIT = "job.limit"  # written when SLURM warns of the time limit (--signal=B:USR1@120)
+GUARD_DIR = "guard"  # 0700; the guard module vLLM loads (--middleware), on its PYTHONPATH
 
 # The line uvicorn prints to stderr when vLLM's API server is ready.
 STARTUP_LINE = "Application startup complete."
@@ -33,5 +36,8 @@ def placeholders() -> dict[str, str]:
         "FILE_VLLM_EXIT": VLLM_EXIT,
         "FILE_ENDED": ENDED,
         "FILE_LIMIT": LIMIT,
+        "FILE_GUARD_DIR": GUARD_DIR,
+        "GUARD_FILE": guard.MODULE + ".py",
+        "GUARD_MIDDLEWARE": guard.MIDDLEWARE,
         "STARTUP_LINE": STARTUP_LINE,
     }

@@ -32,6 +32,8 @@ still refused with OpenSSH's warning. Never ``StrictHostKeyChecking=no``."""
 from __future__ import annotations
 
 import contextlib
+import hmac
+import secrets
 import shlex
 import subprocess
 import tempfile
@@ -42,6 +44,7 @@ from pathlib import Path
 
 import httpx
 
+from alvis_fsm.cluster import guard
 from alvis_fsm.cluster.ssh import Connection, common_args, socket_alive, ssh_error
 from alvis_fsm.errors import ServerError, SSHError
 
@@ -382,9 +385,27 @@ def verify(
             time.sleep(0.2)
 
 
-def health(local_port: int, timeout: float = 3, local_socket: str = "") -> bool:
+def health(local_port: int, *, api_key: str | None, timeout: float = 3, local_socket: str = "") -> bool:
+    """True when our own server answers ``/health`` through the tunnel.
+
+    With a key, the server first proves it holds the key (the guard answers
+    a keyless challenge with ``guard.proof``, see cluster/guard.py); only then
+    does the key go out, with the real check. So a local process that merely
+    took the port (a crashed tunnel's port reused) never receives the key,
+    and neither do the prompts of whoever trusts this check."""
+    base = local_base(local_port, local_socket)
     try:
         with http_client(None, timeout, local_socket) as client:
-            return client.get(f"{local_base(local_port, local_socket)}/health").status_code == 200
+            if not api_key:
+                return client.get(f"{base}/health").status_code == 200
+            challenge = secrets.token_urlsafe(24)
+            answer = client.get(f"{base}/health", headers={guard.CHALLENGE_HEADER: challenge})
+            said = answer.headers.get(guard.PROOF_HEADER, "")
+            if answer.status_code != 401 or not hmac.compare_digest(
+                said.encode(), guard.proof(api_key, challenge).encode()
+            ):
+                return False
+            checked = client.get(f"{base}/health", headers={"Authorization": f"Bearer {api_key}"})
+            return checked.status_code == 200
     except httpx.HTTPError:
         return False

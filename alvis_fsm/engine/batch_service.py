@@ -172,8 +172,9 @@ def submit(settings: Settings, options: SubmitOptions, ui: Observer,
         raise UsageError("No batch input given")
     entry = load_catalog(cfg).get(valid.model)
     time_text = options.time or cfg.slurm.time
-    limit_s = session_spec.time_seconds(time_text, cfg.slurm.max_time, from_flag=bool(options.time),
-                                        settings=cfg)
+    limit_s = session_spec.time_seconds(
+        time_text, cfg.slurm.max_time, from_flag=bool(options.time), settings=cfg
+    )
     store = store or BatchStore(cfg.state_dir)
     batch_id = batch.new_id()
     token = batch_id[len("batch_"):]

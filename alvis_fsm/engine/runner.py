@@ -62,12 +62,13 @@ if TYPE_CHECKING:  # settings imports pydantic; the Runner only reads it
     from alvis_fsm.engine.settings import Settings
 
 
-# Route login needs vLLM on a TCP port of the node, where vLLM's key guards
-# only /v1: say so before anything is submitted.
+# Route login needs vLLM on a TCP port of the node that every cluster user
+# can connect to; only the key (the guard asks for it on every path, see
+# cluster/guard.py) keeps them out: say so before anything is submitted.
 LOGIN_ROUTE_WARNING = (
-    "Route login: vLLM listens on a TCP port of the compute node; its paths outside /v1 "
-    "(/invocations, /tokenize, /metrics) answer any cluster user without the API key "
-    "(route jump does not expose them)."
+    "Route login: vLLM listens on a TCP port of the compute node that any cluster user can "
+    "connect to; only the API key keeps them out (asked on every path, /invocations, /tokenize "
+    "and /metrics included; route jump opens no port)."
 )
 
 

@@ -219,6 +219,13 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
             f"Local port {local_port} is already in use", hint=port_busy_hint(local_port)
         )
 
+    if ":" in cfg.remote.run_root or "," in cfg.remote.run_root:
+        # vLLM loads the tool's guard from the run directory (jobscript.sh).
+        raise ConfigError(
+            f"remote.run_root {cfg.remote.run_root!r} holds ':' or ','",
+            hint="vLLM loads the tool's guard from the run directory, and a path with ':' or ',' "
+            "cannot be put on PYTHONPATH or bound into the container: choose one without them.",
+        )
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     token = secrets.token_hex(3)
     record = SessionRecord(
@@ -538,7 +545,9 @@ def check(settings: Settings, store: Store, record: SessionRecord, ui: Observer,
                     return Status(runner.record, job_state=job_state)
             except SessionError:
                 return Status(record, job_state=job_state)  # a client took it meanwhile
-        reachable = health(record.local_port, local_socket=record.local_socket) if record.state == State.TUNNELED else None
+        reachable = (health(record.local_port, api_key=record.api_key or None,
+                            local_socket=record.local_socket)
+                     if record.state == State.TUNNELED else None)  # fmt: skip
         return Status(record, job_state=str(job.state) if job else None,
                       time_left=job.time_left if job else None, reachable=reachable)  # fmt: skip
     except AlvisError as exc:

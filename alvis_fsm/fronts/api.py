@@ -216,7 +216,7 @@ def _live_session(store: Any, model: str, name: str | None) -> SessionRecord | N
             continue
         if name and record.name != name:
             continue
-        if health(record.local_port, local_socket=record.local_socket):
+        if health(record.local_port, api_key=record.api_key or None, local_socket=record.local_socket):
             return record  # type: ignore[no-any-return]
     return None
 

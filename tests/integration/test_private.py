@@ -47,9 +47,11 @@ LOGIN_WARNING = "[WARN] Route login: vLLM listens on a TCP port of the compute n
 
 # Run on the compute node (python3 on stdin): try every listener with every
 # path, print one JSON line per try: [kind, where, path, HTTP status or error].
+# With a key, it is sent; the Host header is the one given.
 PROBE = r"""
 import json, socket, sys
-targets, paths, model = json.loads(sys.argv[1])
+targets, paths, model, key, host_header = json.loads(sys.argv[1])
+auth = b"Authorization: Bearer " + key.encode() + b"\r\n" if key else b""
 for kind, where in targets:
     for path in paths:
         body = {"model": model, "prompt": "hi", "max_tokens": 1}
@@ -62,8 +64,8 @@ for kind, where in targets:
             else:
                 host, port = where.rsplit(":", 1)
                 s = socket.create_connection((host, int(port)), timeout=5)
-            s.sendall(b"POST " + path.encode() + b" HTTP/1.0\r\nHost: node\r\n"
-                      b"Content-Type: application/json\r\nContent-Length: "
+            s.sendall(b"POST " + path.encode() + b" HTTP/1.0\r\nHost: " + host_header.encode() + b"\r\n"
+                      + auth + b"Content-Type: application/json\r\nContent-Length: "
                       + str(len(data)).encode() + b"\r\n\r\n" + data)
             answer = b""
             while chunk := s.recv(65536):  # HTTP/1.0: the server closes when done
@@ -154,10 +156,11 @@ def listeners(pids: list[int], node: str) -> list[tuple[str, str]]:
     return found
 
 
-def probe_as(lab: Any, user: str, targets: list[tuple[str, str]], model: str) -> list[list[Any]]:
+def probe_as(lab: Any, user: str, targets: list[tuple[str, str]], model: str,
+             key: str = "", host: str = "localhost") -> list[list[Any]]:  # fmt: skip
     """Run PROBE on the compute node as ``user`` (kovacs over ssh with its own
     key; the owner inside the node's namespace)."""
-    arg = json.dumps([targets, list(PATHS), model])
+    arg = json.dumps([targets, list(PATHS), model, key, host])
     if user == lab.user:
         proc = lab.node_exec(f"python3 -c {shlex.quote(PROBE)} {shlex.quote(arg)}", timeout=60)
     else:
@@ -177,6 +180,36 @@ def through_tunnel(port: int, key: str | None, path: str, body: dict[str, Any]) 
     with httpx.Client(trust_env=False, timeout=10) as client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return client.post(f"http://127.0.0.1:{port}{path}", json=body, headers=headers).status_code
+
+
+def assert_guarded(port: int, key: str, served: str) -> None:
+    """Issue 22, finding 1, on the laptop's port: every path wants the key
+    (vLLM's own check covers only /v1), a Host that is not loopback (DNS
+    rebinding) and a page of another origin are refused, a cross-origin
+    preflight gets no CORS grant; with the key, each path answers."""
+    base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {key}"}
+    ask = {"model": served, "prompt": "hi", "max_tokens": 1}
+    tries = [("GET", "/health", None), ("GET", "/metrics", None), ("POST", "/invocations", ask),
+             ("POST", "/tokenize", {"model": served, "prompt": "hi"}), ("GET", "/v1/models", None)]
+    with httpx.Client(trust_env=False, timeout=10) as client:
+        for method, path, body in tries:
+            bare = client.request(method, base + path, json=body)
+            assert bare.status_code == 401, (path, bare.status_code, bare.text)
+            assert bare.json()["error"]["code"] == "invalid_api_key"
+            assert served not in bare.text
+            for extra in ({"Host": "rebind.attacker.test:58000"}, {"Origin": "http://evil.example"}):
+                refused = client.request(method, base + path, json=body, headers={**auth, **extra})
+                assert refused.status_code == 403, (path, extra, refused.status_code)
+                assert not [h for h in refused.headers if h.startswith("access-control")]
+            ok = client.request(method, base + path, json=body, headers=auth)
+            assert ok.status_code == 200, (path, ok.status_code, ok.text)
+        for headers in ({}, auth):
+            preflight = client.options(base + "/invocations", headers={
+                **headers, "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type"})  # fmt: skip
+            assert preflight.status_code in (401, 403), preflight.status_code
+            assert not [h for h in preflight.headers if h.startswith("access-control")]
 
 
 # -- route jump: nobody but the owner ----------------------------------------------------
@@ -220,10 +253,16 @@ def test_second_user_reaches_no_listener(lab: Any, tool: Tool) -> None:
     assert answered == [], f"{user2} got answers: {answered}"
     assert all(isinstance(r[3], str) and "PermissionError" in r[3] for r in theirs), theirs
 
-    # Control: the same probe as the owner on the node does reach vLLM (the
-    # open paths answer without the key, /v1 refuses without it).
+    # Control: the same probe as the owner on the node does reach vLLM, and
+    # the guard asks for the key on every path (vLLM itself only under /v1)
+    # and refuses a Host that is not loopback (issue 22, finding 1).
+    mine = {r[2]: r[3] for r in probe_as(lab, lab.user, found, served, key)}
+    assert mine == {"/invocations": 200, "/tokenize": 200, "/v1/completions": 200}, mine
     mine = {r[2]: r[3] for r in probe_as(lab, lab.user, found, served)}
-    assert mine == {"/invocations": 200, "/tokenize": 200, "/v1/completions": 401}, mine
+    assert mine == {"/invocations": 401, "/tokenize": 401, "/v1/completions": 401}, mine
+    mine = {r[2]: r[3] for r in probe_as(lab, lab.user, found, served, key, host="node")}
+    assert mine == {"/invocations": 403, "/tokenize": 403, "/v1/completions": 403}, mine
+    assert_guarded(port, key, served)
 
     # The owner's tunnel answers with the key, and refuses without it.
     body = {"model": served, "prompt": "hi", "max_tokens": 1}
@@ -261,10 +300,14 @@ def test_route_login_works_and_warns(lab: Any, tool: Tool) -> None:
     body = {"model": served, "prompt": "hi", "max_tokens": 1}
     assert through_tunnel(port, key, "/v1/completions", body) == 200
     assert through_tunnel(port, None, "/v1/completions", body) == 401
-    # The warning is true: another user on the cluster gets the open paths.
-    theirs = {r[2]: r[3] for r in probe_as(lab, lab.values["LAB_USER2"],
-                                           [("tcp", f"{lab.node}:{node_port}")], served)}  # fmt: skip
-    assert theirs == {"/invocations": 200, "/tokenize": 200, "/v1/completions": 401}, theirs
+    # The warning is true: another user on the cluster can connect, and
+    # only the key keeps them out, on every path (issue 22, finding 1).
+    user2, target = lab.values["LAB_USER2"], [("tcp", f"{lab.node}:{node_port}")]
+    theirs = {r[2]: r[3] for r in probe_as(lab, user2, target, served)}
+    assert theirs == {"/invocations": 401, "/tokenize": 401, "/v1/completions": 401}, theirs
+    theirs = {r[2]: r[3] for r in probe_as(lab, user2, target, served, host=f"{lab.node}:{node_port}")}
+    assert theirs == {"/invocations": 403, "/tokenize": 403, "/v1/completions": 403}, theirs
+    assert_guarded(port, key, served)
 
     interrupt(child)
     child.expect_exact("Cleaned up job")
@@ -369,9 +412,11 @@ def _model(tmp_path: Path, mode: str) -> Path:
     return model
 
 
-def _spawn(model: Path, *listen: str, key: str = "sekret") -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+def _spawn(model: Path, *listen: str, key: str = "sekret", pythonpath: str = "") -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "PYTHONPATH")}
     env["VLLM_API_KEY"] = key
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     return subprocess.Popen(
         [sys.executable, str(STANDIN), "serve", str(model), *listen, "--served-model-name", "m"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -456,6 +501,43 @@ def test_standin_tcp_host_and_port(tmp_path: Path) -> None:
     finally:
         out, _ = _stop(proc)
     assert f"Starting vLLM API server 0 on http://127.0.0.1:{port}" in out
+
+
+def test_standin_grants_cors_as_vllm_and_honours_the_guard_middleware(tmp_path: Path) -> None:
+    """As vLLM 0.11: any origin's preflight is granted and /metrics answers
+    without the key; with the job script's ``--middleware`` the stand-in
+    applies the shipped guard module's own check first."""
+    from alvis_fsm.cluster import guard
+
+    shipped = tmp_path / "guard"
+    shipped.mkdir()
+    (shipped / f"{guard.MODULE}.py").write_text(guard.source())
+    preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}  # fmt: skip
+    for middleware in ((), ("--middleware", guard.MIDDLEWARE)):
+        port = free_port()
+        proc = _spawn(_model(tmp_path / str(len(middleware)), "ok"), "--port", str(port),
+                      *middleware, pythonpath=str(shipped))  # fmt: skip
+        try:
+            _wait_accepting(lambda p=port: socket.create_connection(("127.0.0.1", p), timeout=1).close())
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as c:
+                granted = c.options("/invocations", headers=preflight)
+                metrics = c.get("/metrics", headers={"Origin": "http://evil.example"})
+                keyed = c.post("/invocations", json={"prompt": "hi"},
+                               headers={"Authorization": "Bearer sekret"})  # fmt: skip
+                if not middleware:
+                    assert granted.headers["access-control-allow-origin"] == "*"
+                    assert metrics.status_code == 200 and "vllm:" in metrics.text
+                    assert metrics.headers["access-control-allow-origin"] == "*"
+                else:
+                    assert granted.status_code == 403
+                    assert "access-control-allow-origin" not in granted.headers
+                    assert metrics.status_code == 403 and "vllm:" not in metrics.text
+                    assert c.get("/health").status_code == 401
+                    assert c.get("/health", headers={"Host": "evil.example"}).status_code == 403
+                assert keyed.status_code == 200
+        finally:
+            _stop(proc)
 
 
 def test_standin_dead_engine_lists_models_but_cannot_generate(tmp_path: Path) -> None:

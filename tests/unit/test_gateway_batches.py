@@ -78,9 +78,12 @@ def run(state_dir: Path, test: Any) -> Any:
     async def main() -> Any:
         served = await serve(gateway, "127.0.0.1", 0)
         try:
-            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{served.port}/v1", api_key=KEY,
-                                        max_retries=0)  # fmt: skip
-            return await test(client, cluster)
+            # Closed inside the loop: a client left to the garbage collector
+            # closes itself on a dead loop and logs it into a later test.
+            async with openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{served.port}/v1", api_key=KEY, max_retries=0
+            ) as client:
+                return await test(client, cluster)
         finally:
             await served.runner.cleanup()
 

@@ -154,6 +154,32 @@ def test_every_request_needs_the_gateway_key() -> None:
     harness().run(scenario)
 
 
+def test_no_web_page_can_use_the_gateway() -> None:
+    """Issue 22, finding 1: a rebound DNS name (Host) or a page of another
+    origin is refused even with the key; a preflight gets no CORS grant."""
+
+    async def scenario(client: httpx.AsyncClient, h: Harness) -> None:
+        for extra in ({"Host": "rebind.attacker.test"}, {"Host": "192.168.1.5:8000"},
+                      {"Origin": "http://evil.example"}, {"Origin": "null"}):  # fmt: skip
+            for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+                resp = await client.request(method, path, headers={**AUTH, **extra},
+                                            json={"model": "m1", **CHAT})  # fmt: skip
+                assert resp.status_code == 403, (extra, path)
+                assert resp.json()["error"]["code"] in ("host_not_allowed", "origin_not_allowed")
+                assert not [k for k in resp.headers if k.lower().startswith("access-control")]
+        preflight = await client.options("/v1/chat/completions", headers={
+            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})  # fmt: skip
+        assert preflight.status_code == 403
+        assert not [k for k in preflight.headers if k.lower().startswith("access-control")]
+        assert h.sessions == []
+        for host in ("localhost", "127.0.0.1:1234", "[::1]:80"):
+            ok = await client.get("/v1/models", headers={**AUTH, "Host": host})
+            assert ok.status_code == 200, host
+
+    harness().run(scenario)
+
+
 def test_models_lists_the_catalog_with_states_and_starts_nothing() -> None:
     async def scenario(client: httpx.AsyncClient, h: Harness) -> None:
         resp = await client.get("/v1/models", headers=AUTH)

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alvis_fsm.cluster import jobscript, rundir
+from alvis_fsm.cluster import guard, jobscript, rundir
 from alvis_fsm.cluster.jobscript import (
     JobSpec,
     format_walltime,
@@ -419,9 +419,11 @@ def expected_argv(spec: JobSpec, gpus: str = "1", socket: str = "") -> list[str]
         container, listen = [], ["--port", PORT]
     else:
         container, listen = ["--bind", socket.rsplit("/", 1)[0]], ["--uds", socket]
+    container += ["--bind", f"{spec.run_dir}/{rundir.GUARD_DIR}"]
     return [
         "exec", *container, spec.image, "vllm", "serve", spec.model_path,
         *listen,
+        "--middleware", guard.MIDDLEWARE,
         "--tensor-parallel-size", gpus,
         "--max-model-len", str(spec.max_model_len),
         "--served-model-name", spec.served_name,
@@ -452,6 +454,36 @@ def test_hostile_script_runs_without_executing_anything(tmp_path: Path, route: s
     # The key reaches vLLM through its environment, never its command line.
     assert (tmp_path / "argv.key").read_text() == API_KEY
     assert API_KEY not in job.argv_file.read_bytes().decode()
+
+
+def test_the_guard_is_shipped_private_and_first_on_pythonpath(tmp_path: Path) -> None:
+    stub = STUBS["apptainer"].replace(
+        "case", 'printf "%s\\n" "$PYTHONPATH" >"$ARGV_FILE.env"\ncase', 1
+    )
+    spec = dataclasses.replace(PLAIN, run_dir=str(tmp_path / "run"))
+    job = Job(tmp_path, spec)
+    (job.bin / "apptainer").write_text(stub)
+    assert job.run(PYTHONPATH="/site/of/the/login/shell") == 0
+    guard_dir = job.run_dir / rundir.GUARD_DIR
+    assert _mode(guard_dir) == (os.getuid(), 0o700)
+    shipped = (guard_dir / f"{guard.MODULE}.py").read_text()
+    assert shipped == guard.source() + "\n"  # put() adds a newline
+    assert (tmp_path / "argv.env").read_text() == f"{guard_dir}:/site/of/the/login/shell\n"
+    assert job.argv() == expected_argv(spec, socket=job.socket_path())
+
+
+@pytest.mark.parametrize("sep", [":", ","])
+def test_a_run_dir_the_guard_cannot_load_from_is_refused_in_words(tmp_path: Path, sep: str) -> None:
+    # The client refuses such a remote.run_root (test_service); the script
+    # checks again after expanding ~ (a home with ':' in it).
+    job = Job(tmp_path, dataclasses.replace(PLAIN, run_dir=str(tmp_path / "home" / "runs" / "x")))
+    (tmp_path / "home").rename(tmp_path / f"ho{sep}me")
+    (tmp_path / "home").mkdir()
+    job.run_dir = tmp_path / f"ho{sep}me" / "runs" / "x"
+    job.script.write_text(render(dataclasses.replace(PLAIN, run_dir="~/runs/x")))
+    assert job.run(HOME=str(tmp_path / f"ho{sep}me")) == 1
+    assert "holds ':' or ','" in job.file(rundir.ENDED)
+    assert not job.argv_file.exists()  # vLLM never started
 
 
 def test_caches_go_to_tmpdir_and_no_key_means_no_key(tmp_path: Path) -> None:

@@ -110,6 +110,14 @@ def test_create_makes_the_record_and_key_without_the_network(tmp_path: Path) -> 
     assert r.local_socket == "" and r.url == f"http://localhost:{r.local_port}"
 
 
+@pytest.mark.parametrize("root", ["~/runs:x", "/scratch/a,b/runs"])
+def test_a_run_root_the_guard_cannot_load_from_is_refused_in_words(tmp_path: Path, root: str) -> None:
+    cfg = settings(tmp_path, remote={"run_root": root})
+    with pytest.raises(ConfigError, match=r"remote\.run_root .* holds ':' or ','") as err:
+        service.create(cfg, StartOptions(time="2:00:00"))
+    assert err.value.hint and "PYTHONPATH" in err.value.hint
+
+
 def test_create_with_a_local_socket_takes_no_port(tmp_path: Path) -> None:
     """The gateway's sessions: the tunnel ends in a socket only this user can
     open, so neither the port setting nor a busy port matters."""

@@ -170,7 +170,7 @@ def test_nothing_listening_until_the_deadline() -> None:
         port = s.getsockname()[1]
         with pytest.raises(ServerError, match="did not answer through the tunnel within 1 s"):
             verify(port, KEY, 1, SERVED)
-    assert health(port) is False
+    assert health(port, api_key=None) is False
 
 
 class Recorder:
@@ -211,7 +211,7 @@ def test_proxies_in_the_environment_are_ignored(
             client.get(f"http://127.0.0.1:{port}/v1/models")
         assert recorder.hits == 1
         assert verify(port, KEY, 5, SERVED).models == [SERVED]
-        assert health(port) is True  # to the server, not the proxy
+        assert health(port, api_key=None) is True  # to the server, not the proxy
         assert recorder.hits == 1
     finally:
         recorder.sock.close()
@@ -265,8 +265,8 @@ def test_verified_through_a_local_socket(unix_server: tuple[str, Fake]) -> None:
     seen = verify(0, KEY, 5, SERVED, local_socket=path)
     assert seen.models == [SERVED]
     assert [(m, p) for m, p, _ in fake.requests] == [("GET", "/v1/models"), ("POST", "/v1/completions")]
-    assert health(0, local_socket=path) is True
-    assert health(0, local_socket=str(Path(path).with_name("gone"))) is False
+    assert health(0, api_key=None, local_socket=path) is True
+    assert health(0, api_key=None, local_socket=str(Path(path).with_name("gone"))) is False
 
 
 def test_a_stale_local_socket_is_cleared_and_a_live_one_kept(

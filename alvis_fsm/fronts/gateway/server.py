@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from alvis_fsm.cluster import guard
 from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.fronts.gateway.batches import Batches
 from alvis_fsm.fronts.gateway.keys import matches
@@ -370,6 +371,12 @@ class Gateway:
     async def _auth(self, request: web.Request,
                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                     ) -> web.StreamResponse:  # fmt: skip
+        # No web page may use the gateway: loopback Host only (DNS rebinding),
+        # no other origin, no CORS grant; the same check guards vLLM itself.
+        seen = guard.header_map(request.headers.items())
+        refused = guard.host_refusal(seen) or guard.origin_refusal(seen)
+        if refused is not None:
+            return error(refused.status, refused.message, "permission_error", refused.code)
         given = request.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not matches(token.strip(), self.key):
