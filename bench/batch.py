@@ -16,8 +16,21 @@ One run, with the lab lock held throughout (tests and other benchmarks wait):
      instant stand-in (`lab-ok`): time per request end to end on the node
      (an upper bound of the runner's own overhead), and the laptop's peak
      memory for `batch submit` and `batch results` at N/4 and N lines
-  4. against `vllm run-batch` on the real vLLM: only when the lab has it
-     (the real-vLLM issue); otherwise reported as not run
+  4. against `vllm run-batch` on the real vLLM (`tiny-real`, the lab's
+     /opt/alvis-lab-vllm): the same chat input (--real-lines lines, each
+     --real-tokens tokens with ignore_eos, so both generate the same tokens)
+     through the batch runner (one shard) and through `vllm run-batch` in a
+     job on the same node with the same server arguments; requests/s and
+     generated tokens/s excluding both start-ups (goal >= 0.95x run-batch's).
+     Both over the same stretch: from the moment C answers were in to the
+     last answer, where C is what run-batch's progress bar (refreshed every
+     5 s, each refresh stamped with the node's clock on arrival) first shows
+     above 0; the runner's from its results' times. So both start-ups and the
+     first request's warm-up (a compile on this CPU build) are excluded.
+     tokens/s = requests/s x the mean generated tokens per line (from the
+     answers' usage). Skipped
+     when the lab has no real vLLM. `--real-only` runs this part alone and
+     replaces its row in the results file
 
 Each batch is submitted with the CLI and then left alone (no client runs
 while it works); the benchmark reads the result files on the cluster as the
@@ -32,6 +45,8 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -47,6 +62,9 @@ from conftest import Lab, bring_up_lab, lab_lock  # noqa: E402
 from tool import tool_argv  # noqa: E402
 
 CONCURRENCY = 64  # engine/batch_service.CONCURRENCY
+REAL_VLLM = Path("/opt/alvis-lab-vllm/bin/vllm")
+REAL_MODEL = "tiny-real"
+REAL_ROW = "| vs `vllm run-batch` on the real vLLM"
 SLOW_RATE = 16.0  # lab-slow: 4 at once, 0.25 s each
 
 
@@ -199,8 +217,115 @@ def overhead(client: Client, lab: Lab, lines: int) -> dict[str, Any]:
     return result
 
 
+def write_chat_input(path: Path, n: int, model: str, tokens: int) -> list[str]:
+    ids = [f"c{i:06d}" for i in range(n)]
+    with path.open("w") as handle:
+        for cid in ids:
+            body = {"model": model, "max_tokens": tokens, "ignore_eos": True,
+                    "messages": [{"role": "user", "content": f"Say something about {cid}"}]}
+            handle.write(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                                     "body": body}) + "\n")  # fmt: skip
+    return ids
+
+
+# `vllm run-batch` in a job on the node the runner used, with the server
+# arguments of the batch's own job script (its variables, read from job.sh),
+# each output line stamped with the node's clock on arrival.
+RUN_BATCH_JOB = """#!/usr/bin/env bash
+#SBATCH --job-name alvis-fsm-bench-run-batch
+#SBATCH --time 20
+#SBATCH --nodes 1
+#SBATCH --nodelist {node}
+#SBATCH --output run-batch.slurm
+{sbatch}
+set -u
+cd {run_dir}
+STAMP={stamp}
+eval "$(grep -E '^(HF_MODEL|MODEL_NAME|SIF_IMAGE|MAX_MODEL_LEN|EXTRA)=' job.sh)"
+export XDG_CACHE_HOME="${{TMPDIR:-/tmp}}/xdg-cache" VLLM_CACHE_ROOT="${{TMPDIR:-/tmp}}/vllm-cache"
+apptainer exec "$SIF_IMAGE" vllm run-batch -i input.jsonl -o run-batch-output.jsonl \\
+    --model "$HF_MODEL" --served-model-name "$MODEL_NAME" --max-model-len "$MAX_MODEL_LEN" \\
+    --tensor-parallel-size "${{SLURM_GPUS_ON_NODE:-1}}" "${{EXTRA[@]}}" 2>&1 \\
+    | python3 -u -c "$STAMP" >run-batch.log
+echo "exit ${{PIPESTATUS[0]}}" >>run-batch.log
+"""
+# Each line (and each tqdm refresh, which ends in a carriage return) with the
+# node's clock at its arrival.
+STAMP = r"""
+import sys, time
+buf = b""
+while chunk := sys.stdin.buffer.read1(65536):
+    buf += chunk.replace(b"\r", b"\n")
+    *lines, buf = buf.split(b"\n")
+    for line in lines:
+        if line.strip():
+            sys.stdout.write("%.3f %s\n" % (time.time(), line.decode(errors="replace")))
+"""
+
+
+def vs_run_batch(client: Client, lab: Lab, lines: int, tokens: int) -> dict[str, Any]:
+    path = client.root / "real.jsonl"
+    ids = write_chat_input(path, lines, REAL_MODEL, tokens)
+    batch_id = submit(client, path, "--jobs", "1", "-t", "20")
+    wait_gone(lab, batch_id, 900)
+    rows, run_dir = check_complete(client, lab, batch_id, ids)
+    runner_tokens = sum(int(r["response"]["body"]["usage"]["completion_tokens"]) for r in rows)
+    times = sorted(float(r["_t"]) for r in rows)
+    events = lab.login(f"cat {run_dir}/shards/0/events").stdout
+    node = [line.split()[-1] for line in events.splitlines() if " start job " in line][-1]
+    header = lab.login(f"cat {run_dir}/job.sh").stdout.splitlines()
+    sbatch = "\n".join(line for line in header if line.startswith("#SBATCH")
+                       and line.split()[1].split("=")[0] in ("--account", "--gpus-per-node", "--partition"))  # fmt: skip
+    job = RUN_BATCH_JOB.format(node=node, sbatch=sbatch, run_dir=run_dir, stamp=shlex.quote(STAMP))
+    lab.run([*lab.ssh_argv(lab.login_host), "--", f"cat > {run_dir}/run-batch.sh"], input=job)
+    job_id = lab.login(f"cd {run_dir} && sbatch --parsable run-batch.sh").stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 900
+    while lab.job_state(job_id):
+        if time.monotonic() > deadline:
+            lab.run(["scancel", job_id], check=False)
+            raise RuntimeError(f"vllm run-batch (job {job_id}) did not end in 900 s")
+        time.sleep(2)
+    log = lab.login(f"cat {run_dir}/run-batch.log", check=False).stdout
+    # Its tqdm bar ("Running batch: ... | 37/400 [...]"), as the runner's
+    # results: from the first answer seen to the last (warm-up excluded).
+    seen = [(float(m[1]), int(m[2])) for m in re.finditer(r"^(\S+) Running batch:.*?\| *(\d+)/(\d+)", log, re.M)]
+    done = [(t, n) for t, n in seen if n > 0]
+    if not log.rstrip().endswith("exit 0") or not done or done[-1][1] != lines:
+        raise RuntimeError(f"vllm run-batch failed:\n{log[-3000:]}")
+    first = done[0]
+    last = next((t, n) for t, n in done if n == lines)
+    if first[1] >= lines:
+        raise RuntimeError("vllm run-batch's progress showed no answer before the last: give it more lines")
+    out = [json.loads(x) for x in lab.login(f"cat {run_dir}/run-batch-output.jsonl").stdout.splitlines() if x]
+    if sorted(r["custom_id"] for r in out) != ids or any(r["response"]["status_code"] != 200 for r in out):
+        raise RuntimeError("vllm run-batch did not answer every line with 200")
+    rb_tokens = sum(int(r["response"]["body"]["usage"]["completion_tokens"]) for r in out)
+    # The same stretch for both: from the moment `first[1]` answers were in
+    # (run-batch's first refresh after its first answer) to the last answer.
+    since = max(first[1], 1)
+    spans = {"runner": times[-1] - times[since - 1], "run_batch": last[0] - first[0]}
+    used = {"runner": runner_tokens, "run_batch": rb_tokens}
+    result: dict[str, Any] = {"lines": lines, "tokens_per_line": tokens, "node": node, "from_answers": since}
+    for who, span in spans.items():
+        rate = (lines - since) / span
+        result[who] = {"span_s": span, "req_s": rate, "tok_s": rate * used[who] / lines, "tokens": used[who]}
+    return result
+
+def real_rows(real: dict[str, Any] | None, why: str = "") -> list[str]:
+    if real is None:
+        return [f"{REAL_ROW} | not run: {why} | >= 0.95x | — |"]
+    runner, rb = real["runner"], real["run_batch"]
+    ratio_r, ratio_t = runner["req_s"] / rb["req_s"], runner["tok_s"] / rb["tok_s"]
+    met = "yes" if min(ratio_r, ratio_t) >= 0.95 else "no"
+    what = f"{real['lines']} chat lines x {real['tokens_per_line']} tokens, tiny-real, one node"
+    return [f"{REAL_ROW} ({what}): requests/s | runner {runner['req_s']:.1f}, run-batch {rb['req_s']:.1f} "
+            f"({ratio_r:.2f}x) | >= 0.95x | {met} |",
+            f"{REAL_ROW} ({what}): generated tokens/s | runner {runner['tok_s']:.0f}, run-batch "
+            f"{rb['tok_s']:.0f} ({ratio_t:.2f}x) | >= 0.95x | {met} |"]  # fmt: skip
+
+
 def report(args: argparse.Namespace, scale: list[tuple[int, float]], rq: dict[str, Any],
-           ov: dict[str, Any]) -> str:  # fmt: skip
+           ov: dict[str, Any], real: dict[str, Any] | None, why: str) -> str:  # fmt: skip
     one = scale[0][1] if scale else 0.0
     rows = ["| measure | value | goal | met |", "| --- | --- | --- | --- |"]
     for shards, rate in scale:
@@ -221,35 +346,60 @@ def report(args: argparse.Namespace, scale: list[tuple[int, float]], rq: dict[st
         rows.append(f"| {n} lines: laptop peak RSS, submit / results | {v['submit_rss_mib']:.0f} MiB / "
                     f"{v['results_rss_mib']:.0f} MiB | flat (<= 1.2x from N/4 to N) | "
                     f"{'yes' if flat else 'no'} |")  # fmt: skip
-    rows.append("| vs `vllm run-batch` on the real vLLM | not run: the lab has no real vLLM model yet | "
-                ">= 0.95x | — |")
+    rows.extend(real_rows(real, why))
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (f"# Batch benchmark ({'smoke' if args.smoke else 'full'})\n\nWritten by `bench/batch.py` "
             f"on {when}; do not edit by hand.\n\n" + "\n".join(rows) + "\n\n"
-            f"Details: {json.dumps({'scale_out': scale, 'requeue': rq, 'short_lines': ov})}\n")  # fmt: skip
+            f"Details: {json.dumps({'scale_out': scale, 'requeue': rq, 'short_lines': ov, 'run_batch': real})}\n")  # fmt: skip
+
+
+def replace_real_rows(text: str, real: dict[str, Any]) -> str:
+    """The results file with its run-batch rows replaced (--real-only)."""
+    lines = [line for line in text.splitlines() if not line.startswith(REAL_ROW)]
+    at = max(i for i, line in enumerate(lines) if line.startswith("|")) + 1
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines[at:at] = real_rows(real)
+    lines = [line for line in lines if not line.startswith("Details of the run-batch comparison")]
+    lines.append(f"Details of the run-batch comparison ({when}, `bench/batch.py --real-only`): {json.dumps(real)}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--lines", type=int, default=0, help="short lines on lab-ok (default 20000; smoke 4000)")
+    parser.add_argument("--real-only", action="store_true", help="only the comparison with vllm run-batch")
+    parser.add_argument("--real-lines", type=int, default=0, help="chat lines on tiny-real (default 400; smoke 100)")
+    parser.add_argument("--real-tokens", type=int, default=16, help="tokens per line (ignore_eos)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     lines = args.lines or (4000 if args.smoke else 20000)
+    real_lines = args.real_lines or (100 if args.smoke else 400)
     per_shard = 120 if args.smoke else 320
     args.requeue_lines = 240 if args.smoke else 480
     out = args.out or BENCH / ("results-batch-smoke.md" if args.smoke else "results-batch.md")
     if os.geteuid() != 0:
         print("bench/batch.py needs root (the lab does)", file=sys.stderr)
         return 2
+    if args.real_only and not (REAL_VLLM.exists() and out.exists()):
+        print(f"--real-only needs {REAL_VLLM} (tests/lab/up installs it) and {out} of a full run", file=sys.stderr)
+        return 2
+    scale: list[tuple[int, float]] = []
+    rq: dict[str, Any] = {}
+    ov: dict[str, Any] = {}
+    real: dict[str, Any] | None = None
+    why = "" if REAL_VLLM.exists() else f"the lab has no real vLLM ({REAL_VLLM})"
     with lab_lock(Path(os.environ.get("ALVIS_LAB_ROOT", "/var/lib/alvis-lab"))):
         lab = bring_up_lab()
         with tempfile.TemporaryDirectory(prefix="afsm-bench-batch-") as tmp:
             client = Client(lab, Path(tmp))
             try:
-                scale = scale_out(client, lab, per_shard)
-                rq = requeue(client, lab, args.requeue_lines)
-                ov = overhead(client, lab, lines)
+                if not args.real_only:
+                    scale = scale_out(client, lab, per_shard)
+                    rq = requeue(client, lab, args.requeue_lines)
+                    ov = overhead(client, lab, lines)
+                if not why:
+                    real = vs_run_batch(client, lab, real_lines, args.real_tokens)
             except RuntimeError as exc:
                 print(f"FAILED: {exc}", file=sys.stderr)
                 lab.cancel_all()
@@ -260,11 +410,14 @@ def main(argv: list[str] | None = None) -> int:
                     if "/batch_" in run_dir:
                         lab.login(f"rm -rf -- '{run_dir}'", check=False)
                 subprocess.run(["rm", "-rf", "--", str(client.state)], check=False)
-    text = report(args, scale, rq, ov)
+    if args.real_only:
+        assert real is not None
+        text = replace_real_rows(out.read_text(), real)
+    else:
+        text = report(args, scale, rq, ov, real, why)
     out.write_text(text)
     print(text)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

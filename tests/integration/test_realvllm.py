@@ -1,6 +1,8 @@
 """The REAL vLLM 0.11.0 (CPU build) on the lab (issue 21): `alvis-fsm start -m
 tiny-real` through the normal job script (unix socket, key, readiness), then
-the official openai client against it, then Ctrl+C with nothing left.
+the official openai client against it, the routes vLLM 0.11 leaves open
+(`/invocations`, `/tokenize`, `/metrics`, `/pooling`, ...) behind the tool's
+guard (key, loopback Host, no other origin), then Ctrl+C with nothing left.
 
 One server serves the whole module (a real start costs ~45 s): the tests run
 in file order and the last one stops it. The model is the lab's tiny Llama
@@ -199,7 +201,76 @@ def test_the_key_guards_v1(served: Served) -> None:
         served.client(key="wrong").models.list()
     with httpx.Client(base_url=served.base, trust_env=False, timeout=30) as http:
         bare = http.get("/models")
-    assert bare.status_code == 401 and bare.json() == {"error": "Unauthorized"}
+    # The tool's guard (alvis_fsm/cluster/guard.py, loaded with --middleware)
+    # answers before vLLM's own key check, with an OpenAI-style body.
+    assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+
+
+# -- the guard (issue 22 finding 1; issue 21: the routes vLLM 0.11 leaves
+# unguarded, on the real server). `start`'s local port reaches the real vLLM
+# through the guard the job script loads (`--middleware`): every path wants
+# the key, a Host that is not loopback and a foreign Origin are refused.
+UNGUARDED_BY_VLLM = [
+    ("POST", "/invocations", {"model": SERVED, "prompt": "the cluster", "max_tokens": 3}),
+    ("POST", "/tokenize", {"model": SERVED, "prompt": "the cluster node"}),
+    ("GET", "/metrics", None),
+    ("POST", "/pooling", {"model": SERVED, "input": "the cluster node"}),
+    ("GET", "/health", None),
+    ("GET", "/version", None),
+    ("POST", "/detokenize", {"model": SERVED, "tokens": [1, 2, 3]}),
+]
+
+
+def guarded(served: Served, method: str, path: str, body: Any, **headers: str) -> httpx.Response:
+    with httpx.Client(base_url=f"http://localhost:{served.port}", trust_env=False, timeout=60) as http:
+        return http.request(method, path, json=body, headers=headers)
+
+
+@pytest.mark.parametrize(("method", "path", "body"), UNGUARDED_BY_VLLM, ids=[p for _, p, _ in UNGUARDED_BY_VLLM])
+def test_every_path_vllm_leaves_open_wants_the_key(served: Served, method: str, path: str, body: Any) -> None:
+    bare = guarded(served, method, path, body)
+    assert bare.status_code == 401, (bare.status_code, bare.text[:300])
+    assert bare.json()["error"]["code"] == "invalid_api_key"
+    wrong = guarded(served, method, path, body, authorization="Bearer not-the-key")
+    assert wrong.status_code == 401, wrong.text[:300]
+    answered = guarded(served, method, path, body, authorization=f"Bearer {served.key}")
+    # Past the guard, vLLM itself answers: /pooling is not served for a
+    # generative model (its own 4xx); every other path answers 200.
+    if path == "/pooling":
+        assert answered.status_code not in (401, 403) and answered.status_code < 500, answered.text[:300]
+    else:
+        assert answered.status_code == 200, (path, answered.status_code, answered.text[:300])
+    if path == "/invocations":
+        assert answered.json()["object"] == "text_completion"
+        assert answered.json()["usage"]["completion_tokens"] >= 1
+    if path == "/tokenize":
+        assert answered.json()["count"] >= 1
+    if path == "/metrics":
+        assert "vllm:" in answered.text
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "192.168.1.7:{port}", "alvis.localhost.evil.example"])
+def test_a_host_that_is_not_loopback_is_refused_even_with_the_key(served: Served, host: str) -> None:
+    # DNS rebinding: the browser sends the attacker's name as Host.
+    resp = guarded(served, "POST", "/invocations", UNGUARDED_BY_VLLM[0][2],
+                   authorization=f"Bearer {served.key}", host=host.format(port=served.port))  # fmt: skip
+    assert resp.status_code == 403, resp.text[:300]
+    assert resp.json()["error"]["code"] == "host_not_allowed"
+    assert not [h for h in resp.headers if h.lower().startswith("access-control-")]
+
+
+def test_a_cross_origin_preflight_gets_no_grant(served: Served) -> None:
+    for path in ("/invocations", "/v1/chat/completions", "/metrics"):
+        resp = guarded(served, "OPTIONS", path, None, origin="http://evil.example",
+                       **{"access-control-request-method": "POST",
+                          "access-control-request-headers": "authorization,content-type"})  # fmt: skip
+        assert resp.status_code == 403, (path, resp.status_code, resp.text[:300])
+        assert not [h for h in resp.headers if h.lower().startswith("access-control-")], resp.headers
+    # A cross-origin request itself, even one carrying the key, is refused too.
+    resp = guarded(served, "GET", "/metrics", None, origin="http://evil.example",
+                   authorization=f"Bearer {served.key}")  # fmt: skip
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "origin_not_allowed"
+    assert not [h for h in resp.headers if h.lower().startswith("access-control-")]
 
 
 def test_ctrl_c_leaves_no_job_no_process_no_tunnel(lab: Any, served: Served) -> None:
