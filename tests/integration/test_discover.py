@@ -25,6 +25,8 @@ EXPECTED = {
     "tiny-die": ("alvislab/tiny-die", 16384),
     "tiny-dead": ("alvislab/tiny-dead", 4096),
     "tiny-long": ("alvislab/tiny-long", 32768),
+    "tiny-slow": ("alvislab/tiny-slow", 4096),  # a fixed time per request (batch scale-out)
+    "tiny-real": ("alvislab/tiny-real", 262144),  # served by the real vLLM 0.11 (CPU)
     # Real shapes and sizes, for fitting to GPUs (sparse weights).
     "qwen3-8b": ("Qwen/Qwen3-8B", 32768),
     "qwen2.5-32b-instruct": ("Qwen/Qwen2.5-32B-Instruct", 32768),

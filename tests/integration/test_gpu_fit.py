@@ -44,14 +44,15 @@ def _serve_and_stop(
     child.expect_exact(f"Job is running on node: {node}")
     child.expect_exact(CONNECTED + str(port))
     child.expect_exact("Streaming logs")
-    if loaded:
-        child.expect_exact(loaded, timeout=30)
+    # The load log is not replayed after the ready block: `logs` shows it.
+    load_log = tool.run_piped("logs", model, "-n", "200").stdout if loaded else ""
+    assert loaded in load_log, load_log[-3000:]
     gres = _gres(lab, job_id)
     interrupt(child)
     child.expect_exact(f"Cleaned up job {job_id} successfully", timeout=60)
     child.expect(pexpect.EOF, timeout=30)
     child.close()
-    out: str = child.logfile_read.text
+    out: str = child.logfile_read.text + load_log
     assert exit_status(child) == 0, out[-3000:]
     spec = choice.split(" ", 1)[0]
     assert gres.endswith(f"gpu:{spec}"), gres  # what was asked of SLURM

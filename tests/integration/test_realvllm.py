@@ -142,7 +142,10 @@ def test_start_runs_the_real_server_through_the_job_script(lab: Any, served: Ser
     # The real one: the apptainer shim ran /opt/alvis-lab-vllm for this model.
     assert real_processes(lab), "no process of the real vLLM runs"
     models = served.client().models.list()
-    assert [(m.id, getattr(m, "max_model_len", None)) for m in models.data] == [(SERVED, 2048)]
+    # The served name and the catalog name (--served-model-name takes both).
+    assert [(m.id, getattr(m, "max_model_len", None)) for m in models.data] == [
+        (SERVED, 2048), ("tiny-real", 2048)
+    ]
 
 
 def test_chat_through_the_official_client(served: Served) -> None:
