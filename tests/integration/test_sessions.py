@@ -207,7 +207,7 @@ def test_two_named_sessions_stopped_independently(lab: Any, tool: Tool) -> None:
     # Several sessions and no name: stop refuses to guess.
     proc = tool.run_piped("stop")
     assert proc.returncode == 7
-    assert "several sessions" in proc.stderr
+    assert "several live sessions" in proc.stderr
 
     out = stop(tool, "a")
     assert f"Cleaned up job {job_a} successfully" in out
