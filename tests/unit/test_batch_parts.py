@@ -78,3 +78,37 @@ def test_submit_without_input_is_refused_before_anything(tmp_path: Path) -> None
     with pytest.raises(UsageError, match="--jobs"):
         batch_service.submit(settings, batch_service.SubmitOptions(jobs="none"), Silent())  # type: ignore[arg-type]
     assert not (settings.state_dir / "batches").exists()  # nothing recorded
+
+
+RESOLVE = {"lab-ok": ("lab-ok", "alvislab/tiny-ok"), "alvislab/tiny-ok": ("lab-ok", "alvislab/tiny-ok")}
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "said"),
+    [
+        ("/v1/completions", "text", "body must be a JSON object"),
+        ("/v1/completions", {"prompt": "x"}, "body.model is missing"),
+        ("/v1/completions", {"model": "lab-ok", "prompt": "x", "stream": True}, "stream"),
+        ("/v1/chat/completions", {"model": "lab-ok", "messages": "hi"}, "body.messages"),
+        ("/v1/completions", {"model": "lab-ok"}, "body.prompt"),
+        ("/v1/embeddings", {"model": "lab-ok"}, "body.input"),
+    ],
+)
+def test_a_bad_body_is_refused_with_its_line(url: str, body: object, said: str) -> None:
+    import json
+
+    from alvis_fsm.engine import batch
+
+    line = json.dumps({"custom_id": "a", "method": "POST", "url": url, "body": body})
+    with pytest.raises(UsageError, match=said) as info:
+        batch.validate([line], RESOLVE, None)
+    assert info.value.message.startswith("Line 1: ")
+
+
+def test_ids_and_windows_are_checked() -> None:
+    from alvis_fsm.engine import batch
+
+    with pytest.raises(UsageError, match="Invalid batch id"):
+        batch.check_id("batch_../../x")
+    with pytest.raises(UsageError, match="completion window"):
+        batch.window_seconds("tomorrow")
