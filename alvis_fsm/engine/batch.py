@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alvis_fsm.cluster import batch_runner
 from alvis_fsm.engine.states import BatchStatus as BatchStatus
 from alvis_fsm.engine.states import ShardState as ShardState
 from alvis_fsm.engine.store import atomic_write
@@ -423,14 +424,8 @@ _UNDONE = {
 }  # fmt: skip
 
 
-def is_ok(row: Mapping[str, Any]) -> bool:
-    response = row.get("response")
-    return (
-        row.get("error") is None
-        and isinstance(response, dict)
-        and isinstance(response.get("status_code"), int)
-        and 200 <= response["status_code"] < 300
-    )
+# What counts as an answer (not an error): the runner's own rule, once.
+is_ok = batch_runner.is_ok
 
 
 def merge(
