@@ -18,6 +18,9 @@ One run, with the lab lock held throughout (tests and other benchmarks wait):
      memory for `batch submit` and `batch results` at N/4 and N lines
   4. against `vllm run-batch` on the real vLLM: only when the lab has it
      (the real-vLLM issue); otherwise reported as not run
+  5. local only (no lab): the laptop's peak memory (RSS) of validating N/4
+     and N lines and merging their results from shard files, in a child
+     process each (`--local-only` runs just this part, without root)
 
 Each batch is submitted with the CLI and then left alone (no client runs
 while it works); the benchmark reads the result files on the cluster as the
@@ -92,6 +95,55 @@ def peak_rss(client: Client, *args: str) -> tuple[str, int]:
     if proc.returncode != 0:
         raise RuntimeError(f"alvis-fsm {' '.join(args)} failed ({proc.returncode}):\n{err[-2000:]}")
     return out, usage.ru_maxrss
+
+
+LOCAL_CHILD = """
+import json, sys
+from pathlib import Path
+from alvis_fsm.engine import batch, batch_service
+from alvis_fsm.engine.batch import BatchStatus
+src, raw, out, err = map(Path, sys.argv[1:5])
+resolve = {"lab-ok": ("lab-ok", "alvislab/tiny-ok")}
+valid = batch.validate(batch_service.read_input(src), resolve)
+with raw.open(encoding="utf-8") as lines:
+    counts = batch_service.write_results(valid.iter_ids(), lines, BatchStatus.COMPLETED, out, err)
+print(json.dumps({"total": valid.total, "ok": counts[0], "errors": counts[1]}))
+"""
+
+
+def local_memory(root: Path, lines: int) -> dict[str, Any]:
+    """Peak RSS (MiB) of validate + merge, as `batch submit` and `batch
+    results` do them, for N/4 and N lines: no network, so the figure is the
+    streaming's alone. The shards' raw results come in completion order
+    (reversed within each of 4 shards)."""
+    result: dict[str, Any] = {}
+    for n in (lines // 4, lines):
+        src = root / f"local-{n}.jsonl"
+        ids = write_input(src, n, "lab-ok")
+        raw = root / f"local-{n}.raw"
+        with raw.open("w") as handle:
+            for k in range(4):
+                for i in reversed(range(k * n // 4, (k + 1) * n // 4)):
+                    handle.write(json.dumps({"id": f"batch_req_{i}", "custom_id": ids[i], "_i": i, "error": None,
+                                             "response": {"status_code": 200, "request_id": str(i),
+                                                          "body": {"choices": [{"text": "ok"}]}}}) + "\n")
+        del ids
+        started = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-c", LOCAL_CHILD, str(src), str(raw), str(root / "lo.jsonl"),
+                                 str(root / "le.jsonl")], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = proc.stdout.read(), proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.monotonic() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"local validate+merge failed:\n{err[-2000:]}")
+        counts = json.loads(out)
+        if counts != {"total": n, "ok": n, "errors": 0}:
+            raise RuntimeError(f"local validate+merge: {counts}, expected {n} ok")
+        result[str(n)] = {"rss_mib": usage.ru_maxrss / 1024, "seconds": seconds}
+    return result
 
 
 def write_input(path: Path, n: int, model: str) -> list[str]:
@@ -199,8 +251,16 @@ def overhead(client: Client, lab: Lab, lines: int) -> dict[str, Any]:
     return result
 
 
+def local_rows(local: dict[str, Any]) -> list[str]:
+    sizes = list(local.values())
+    flat = len(sizes) < 2 or sizes[-1]["rss_mib"] <= 1.2 * sizes[0]["rss_mib"]
+    return [f"| {n} lines, local only: peak RSS of validate + merge (as submit / results) | "
+            f"{v['rss_mib']:.0f} MiB ({v['seconds']:.1f} s) | flat (<= 1.2x from N/4 to N) | "
+            f"{'yes' if flat else 'no'} |" for n, v in local.items()]  # fmt: skip
+
+
 def report(args: argparse.Namespace, scale: list[tuple[int, float]], rq: dict[str, Any],
-           ov: dict[str, Any]) -> str:  # fmt: skip
+           ov: dict[str, Any], local: dict[str, Any]) -> str:  # fmt: skip
     one = scale[0][1] if scale else 0.0
     rows = ["| measure | value | goal | met |", "| --- | --- | --- | --- |"]
     for shards, rate in scale:
@@ -221,12 +281,13 @@ def report(args: argparse.Namespace, scale: list[tuple[int, float]], rq: dict[st
         rows.append(f"| {n} lines: laptop peak RSS, submit / results | {v['submit_rss_mib']:.0f} MiB / "
                     f"{v['results_rss_mib']:.0f} MiB | flat (<= 1.2x from N/4 to N) | "
                     f"{'yes' if flat else 'no'} |")  # fmt: skip
+    rows.extend(local_rows(local))
     rows.append("| vs `vllm run-batch` on the real vLLM | not run: the lab has no real vLLM model yet | "
                 ">= 0.95x | — |")
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (f"# Batch benchmark ({'smoke' if args.smoke else 'full'})\n\nWritten by `bench/batch.py` "
             f"on {when}; do not edit by hand.\n\n" + "\n".join(rows) + "\n\n"
-            f"Details: {json.dumps({'scale_out': scale, 'requeue': rq, 'short_lines': ov})}\n")  # fmt: skip
+            f"Details: {json.dumps({'scale_out': scale, 'requeue': rq, 'short_lines': ov, 'local': local})}\n")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,8 +295,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--lines", type=int, default=0, help="short lines on lab-ok (default 20000; smoke 4000)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--local-only", action="store_true",
+                        help="only the laptop's memory of validate + merge (no lab, no root)")  # fmt: skip
     args = parser.parse_args(argv)
     lines = args.lines or (4000 if args.smoke else 20000)
+    if args.local_only:
+        with tempfile.TemporaryDirectory(prefix="afsm-bench-local-") as tmp:
+            local = local_memory(Path(tmp), lines)
+        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        text = (f"# Batch benchmark (local only)\n\nWritten by `bench/batch.py --local-only` on {when}; "
+                "do not edit by hand.\n\n| measure | value | goal | met |\n| --- | --- | --- | --- |\n"
+                + "\n".join(local_rows(local)) + f"\n\nDetails: {json.dumps({'local': local})}\n")  # fmt: skip
+        (args.out or BENCH / "results-batch-local.md").write_text(text)
+        print(text)
+        return 0
     per_shard = 120 if args.smoke else 320
     args.requeue_lines = 240 if args.smoke else 480
     out = args.out or BENCH / ("results-batch-smoke.md" if args.smoke else "results-batch.md")
@@ -250,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                 scale = scale_out(client, lab, per_shard)
                 rq = requeue(client, lab, args.requeue_lines)
                 ov = overhead(client, lab, lines)
+                local = local_memory(Path(tmp), lines)
             except RuntimeError as exc:
                 print(f"FAILED: {exc}", file=sys.stderr)
                 lab.cancel_all()
@@ -260,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                     if "/batch_" in run_dir:
                         lab.login(f"rm -rf -- '{run_dir}'", check=False)
                 subprocess.run(["rm", "-rf", "--", str(client.state)], check=False)
-    text = report(args, scale, rq, ov)
+    text = report(args, scale, rq, ov, local)
     out.write_text(text)
     print(text)
     return 0
