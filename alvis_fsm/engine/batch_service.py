@@ -157,6 +157,9 @@ class Remote:
                 code, stdout, stderr = _pump(proc, source, sink)
             finally:
                 timer.cancel()
+                if proc.poll() is None:  # interrupted (Ctrl+C, a full disk): nothing left running
+                    proc.kill()
+                    proc.wait()
             if late.is_set():
                 raise ConnectionLost(f"A command on {self.conn.opts.host} did not finish within {timeout:.0f} s",
                                      details=f"batch agent {sub}")  # fmt: skip
