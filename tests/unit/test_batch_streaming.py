@@ -213,3 +213,53 @@ def test_the_gateway_receives_a_large_upload_in_chunks_and_serves_it_back(tmp_pa
     state = tmp_path / "state"
     run(state, test)
     assert not list((state / "files").glob(".upload-*"))  # no staging file left
+
+
+class LocalConnection:
+    """The ssh connection's popen, run here: the real batch agent script on
+    a local directory (the lab tests run it over ssh). ``fail`` makes the
+    first n runs end as ssh does when the connection is lost (255);
+    ``hang`` makes them never end."""
+
+    def __init__(self, fail: int = 0, hang: bool = False) -> None:
+        self.fail, self.hang, self.reopened = fail, hang, 0
+        self.opts = type("Opts", (), {"host": "local"})()
+        self.prompter = type("P", (), {"command": staticmethod(lambda text: None)})()
+
+    def popen(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        if self.hang:
+            argv = ["sleep", "30"]
+        elif self.fail:
+            self.fail -= 1
+            argv = ["sh", "-c", "cat >/dev/null; echo lost >&2; exit 255"]
+        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def reopen(self) -> None:
+        self.reopened += 1
+
+
+def remote(conn: LocalConnection) -> batch_service.Remote:
+    return batch_service.Remote(conn, None)  # type: ignore[arg-type]
+
+
+def test_put_and_results_stream_through_the_agent_and_survive_a_lost_connection(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    src = write_input(tmp_path / "in.jsonl", 20_000)  # ~2.4 MB
+    conn = LocalConnection(fail=1)
+    put = remote(conn).stream("put", str(run), "input.jsonl", source=src)
+    assert put.returncode == 0 and conn.reopened == 1
+    assert (run / "input.jsonl").read_bytes() == src.read_bytes()
+    (run / "results").mkdir()
+    (run / "results" / "shard-0.jsonl").write_text(result(0) + "\n")
+    (run / "results" / "shard-1.jsonl").write_text(result(1) + "\n")
+    sink = io.BytesIO(b"left from an earlier try")
+    got = remote(LocalConnection(fail=1)).stream("results", str(run), sink=sink)
+    assert got.returncode == 0 and sink.getvalue() == (result(0) + "\n" + result(1) + "\n").encode()
+    with pytest.raises(batch_service.ConnectionLost, match="Lost the connection"):
+        remote(LocalConnection(fail=3)).stream("results", str(run), sink=io.BytesIO())
+
+
+def test_a_transfer_that_does_not_finish_in_time_is_ended(tmp_path: Path) -> None:
+    with pytest.raises(batch_service.ConnectionLost, match="did not finish within"):
+        remote(LocalConnection(hang=True)).stream("results", str(tmp_path), sink=io.BytesIO(), timeout=0.5)
