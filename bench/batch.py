@@ -31,6 +31,9 @@ One run, with the lab lock held throughout (tests and other benchmarks wait):
      answers' usage). Skipped
      when the lab has no real vLLM. `--real-only` runs this part alone and
      replaces its row in the results file
+  5. local only (no lab): the laptop's peak memory (RSS) of validating N/4
+     and N lines and merging their results from shard files, in a child
+     process each (`--local-only` runs just this part, without root)
 
 Each batch is submitted with the CLI and then left alone (no client runs
 while it works); the benchmark reads the result files on the cluster as the
@@ -50,6 +53,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -99,17 +103,94 @@ class Client:
 
 
 def peak_rss(client: Client, *args: str) -> tuple[str, int]:
-    """Run the CLI and return (stdout, its peak RSS in KiB), measured with wait4."""
+    """Run the CLI and return (stdout, its peak RSS in KiB): the child's own
+    VmHWM, sampled every 50 ms until it exits (wait4's ru_maxrss would
+    include this benchmark's RSS at the fork: Linux keeps the larger across
+    execve); ru_maxrss where there is no /proc."""
     proc = subprocess.Popen([*tool_argv(), *args], env=client.env, cwd=client.root, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
+    hwm = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            try:
+                with open(f"/proc/{proc.pid}/status") as status:
+                    hwm[0] = max(hwm[0], *(int(x.split()[1]) for x in status if x.startswith("VmHWM:")))
+            except (OSError, ValueError, TypeError):
+                continue
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read() if proc.stderr else ""), daemon=True)
+    reader.start()
     out = proc.stdout.read()
-    err = proc.stderr.read()
+    reader.join()
+    done.set()
+    sampler.join()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RuntimeError(f"alvis-fsm {' '.join(args)} failed ({proc.returncode}):\n{err[-2000:]}")
-    return out, usage.ru_maxrss
+        raise RuntimeError(f"alvis-fsm {' '.join(args)} failed ({proc.returncode}):\n{''.join(err)[-2000:]}")
+    return out, hwm[0] or usage.ru_maxrss
+
+
+LOCAL_CHILD = """
+import json, sys
+from pathlib import Path
+from alvis_fsm.engine import batch, batch_service
+from alvis_fsm.engine.batch import BatchStatus
+src, raw, out, err = map(Path, sys.argv[1:5])
+resolve = {"lab-ok": ("lab-ok", "alvislab/tiny-ok")}
+valid = batch.validate(batch_service.read_input(src), resolve)
+with raw.open(encoding="utf-8") as lines:
+    counts = batch_service.write_results(valid.iter_ids(), lines, BatchStatus.COMPLETED, out, err)
+# The child's own peak (VmHWM): ru_maxrss would include the parent's RSS at
+# the fork (Linux keeps the larger of the two across execve).
+try:
+    hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    import resource
+    hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"total": valid.total, "ok": counts[0], "errors": counts[1], "hwm_kib": hwm}))
+"""
+
+
+def local_memory(root: Path, lines: int) -> dict[str, Any]:
+    """Peak RSS (MiB) of validate + merge, as `batch submit` and `batch
+    results` do them, for N/4 and N lines: no network, so the figure is the
+    streaming's alone. The shards' raw results come in completion order
+    (reversed within each of 4 shards)."""
+    result: dict[str, Any] = {}
+    for n in (lines // 4, lines):
+        src = root / f"local-{n}.jsonl"
+        ids = write_input(src, n, "lab-ok")
+        raw = root / f"local-{n}.raw"
+        with raw.open("w") as handle:
+            for k in range(4):
+                for i in reversed(range(k * n // 4, (k + 1) * n // 4)):
+                    handle.write(json.dumps({"id": f"batch_req_{i}", "custom_id": ids[i], "_i": i, "error": None,
+                                             "response": {"status_code": 200, "request_id": str(i),
+                                                          "body": {"choices": [{"text": "ok"}]}}}) + "\n")
+        del ids
+        started = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-c", LOCAL_CHILD, str(src), str(raw), str(root / "lo.jsonl"),
+                                 str(root / "le.jsonl")], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = proc.stdout.read(), proc.stderr.read()
+        proc.wait()
+        seconds = time.monotonic() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"local validate+merge failed:\n{err[-2000:]}")
+        counts = json.loads(out)
+        hwm = counts.pop("hwm_kib")
+        if counts != {"total": n, "ok": n, "errors": 0}:
+            raise RuntimeError(f"local validate+merge: {counts}, expected {n} ok")
+        result[str(n)] = {"rss_mib": hwm / 1024, "seconds": seconds}
+    return result
 
 
 def write_input(path: Path, n: int, model: str) -> list[str]:
@@ -324,8 +405,17 @@ def real_rows(real: dict[str, Any] | None, why: str = "") -> list[str]:
             f"{rb['tok_s']:.0f} ({ratio_t:.2f}x) | >= 0.95x | {met} |"]  # fmt: skip
 
 
+def local_rows(local: dict[str, Any]) -> list[str]:
+    sizes = list(local.values())
+    flat = len(sizes) < 2 or sizes[-1]["rss_mib"] <= 1.2 * sizes[0]["rss_mib"]
+    return [f"| {n} lines, local only: peak RSS of validate + merge (as submit / results) | "
+            f"{v['rss_mib']:.0f} MiB ({v['seconds']:.1f} s) | flat (<= 1.2x from N/4 to N) | "
+            f"{'yes' if flat else 'no'} |" for n, v in local.items()]  # fmt: skip
+
+
 def report(args: argparse.Namespace, scale: list[tuple[int, float]], rq: dict[str, Any],
-           ov: dict[str, Any], real: dict[str, Any] | None, why: str) -> str:  # fmt: skip
+           ov: dict[str, Any], real: dict[str, Any] | None, why: str,
+           local: dict[str, Any]) -> str:  # fmt: skip
     one = scale[0][1] if scale else 0.0
     rows = ["| measure | value | goal | met |", "| --- | --- | --- | --- |"]
     for shards, rate in scale:
@@ -346,11 +436,12 @@ def report(args: argparse.Namespace, scale: list[tuple[int, float]], rq: dict[st
         rows.append(f"| {n} lines: laptop peak RSS, submit / results | {v['submit_rss_mib']:.0f} MiB / "
                     f"{v['results_rss_mib']:.0f} MiB | flat (<= 1.2x from N/4 to N) | "
                     f"{'yes' if flat else 'no'} |")  # fmt: skip
+    rows.extend(local_rows(local))
     rows.extend(real_rows(real, why))
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (f"# Batch benchmark ({'smoke' if args.smoke else 'full'})\n\nWritten by `bench/batch.py` "
             f"on {when}; do not edit by hand.\n\n" + "\n".join(rows) + "\n\n"
-            f"Details: {json.dumps({'scale_out': scale, 'requeue': rq, 'short_lines': ov, 'run_batch': real})}\n")  # fmt: skip
+            f"Details: {json.dumps({'scale_out': scale, 'requeue': rq, 'short_lines': ov, 'run_batch': real, 'local': local})}\n")  # fmt: skip
 
 
 def replace_real_rows(text: str, real: dict[str, Any]) -> str:
@@ -372,9 +463,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-lines", type=int, default=0, help="chat lines on tiny-real (default 400; smoke 100)")
     parser.add_argument("--real-tokens", type=int, default=16, help="tokens per line (ignore_eos)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--local-only", action="store_true",
+                        help="only the laptop's memory of validate + merge (no lab, no root)")  # fmt: skip
     args = parser.parse_args(argv)
     lines = args.lines or (4000 if args.smoke else 20000)
     real_lines = args.real_lines or (100 if args.smoke else 400)
+    if args.local_only:
+        with tempfile.TemporaryDirectory(prefix="afsm-bench-local-") as tmp:
+            local = local_memory(Path(tmp), lines)
+        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        text = (f"# Batch benchmark (local only)\n\nWritten by `bench/batch.py --local-only` on {when}; "
+                "do not edit by hand.\n\n| measure | value | goal | met |\n| --- | --- | --- | --- |\n"
+                + "\n".join(local_rows(local)) + f"\n\nDetails: {json.dumps({'local': local})}\n")  # fmt: skip
+        (args.out or BENCH / "results-batch-local.md").write_text(text)
+        print(text)
+        return 0
     per_shard = 120 if args.smoke else 320
     args.requeue_lines = 240 if args.smoke else 480
     out = args.out or BENCH / ("results-batch-smoke.md" if args.smoke else "results-batch.md")
@@ -386,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     scale: list[tuple[int, float]] = []
     rq: dict[str, Any] = {}
+    local: dict[str, Any] = {}
     ov: dict[str, Any] = {}
     real: dict[str, Any] | None = None
     why = "" if REAL_VLLM.exists() else f"the lab has no real vLLM ({REAL_VLLM})"
@@ -398,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                     scale = scale_out(client, lab, per_shard)
                     rq = requeue(client, lab, args.requeue_lines)
                     ov = overhead(client, lab, lines)
+                    local = local_memory(Path(tmp), lines)
                 if not why:
                     real = vs_run_batch(client, lab, real_lines, args.real_tokens)
             except RuntimeError as exc:
@@ -414,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         assert real is not None
         text = replace_real_rows(out.read_text(), real)
     else:
-        text = report(args, scale, rq, ov, real, why)
+        text = report(args, scale, rq, ov, real, why, local)
     out.write_text(text)
     print(text)
     return 0

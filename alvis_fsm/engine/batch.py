@@ -12,16 +12,20 @@ import dataclasses
 import json
 import re
 import secrets
+import shutil
+import sqlite3
+import tempfile
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from alvis_fsm.cluster import batch_runner
 from alvis_fsm.engine.states import BatchStatus as BatchStatus
 from alvis_fsm.engine.states import ShardState as ShardState
-from alvis_fsm.engine.store import atomic_write
+from alvis_fsm.engine.store import atomic_write, atomic_writer
 from alvis_fsm.errors import SessionError, UsageError
 
 FORMAT = 1
@@ -59,13 +63,65 @@ def window_seconds(window: str) -> int:
 
 @dataclass(frozen=True)
 class Validated:
-    """An input file that passed: what to upload and what to remember."""
+    """An input file that passed: what to upload and what to remember. The
+    re-serialised requests and the custom_ids are on disk, in a private
+    temporary directory removed with this object, so the laptop's memory
+    does not grow with the file."""
 
     endpoint: str
     model: str  # the catalog name
     served_name: str
-    ids: list[str]
-    lines: list[str]  # re-serialised, body.model set to the served name
+    total: int  # the number of requests
+    dir: Path  # requests.jsonl (what to upload) and ids.jsonl (the custom_ids, in order)
+
+    @property
+    def requests_path(self) -> Path:
+        """One request a line, body.model set to the served name."""
+        return self.dir / "requests.jsonl"
+
+    @property
+    def ids_path(self) -> Path:
+        """The custom_ids in input order, one JSON string a line."""
+        return self.dir / "ids.jsonl"
+
+    def iter_ids(self) -> Iterator[str]:
+        return read_ids(self.ids_path)
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.iter_ids())
+
+    @property
+    def lines(self) -> list[str]:
+        with self.requests_path.open(encoding="utf-8") as handle:
+            return [line.rstrip("\n") for line in handle]
+
+
+def read_ids(path: Path) -> Iterator[str]:
+    """The custom_ids of an ids file (``Validated.ids_path``, ``ID.ids``), streamed."""
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _index(path: Path, table: str) -> sqlite3.Connection:
+    """An on-disk table keyed by custom_id (duplicates at validation, the
+    results at the merge): its memory is SQLite's page cache, bounded by
+    ``CACHE_KIB`` whatever the number of lines."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+    db.execute("PRAGMA journal_mode=OFF")
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute("PRAGMA temp_store=FILE")
+    db.execute(f"CREATE TABLE {table}(cid TEXT PRIMARY KEY, value) WITHOUT ROWID")
+    db.execute("BEGIN")
+    return db
+
+
+# SQLite's page cache for the on-disk indexes (KiB): the bound on the memory
+# they take, whatever the number of lines.
+CACHE_KIB = 2048
 
 
 def _refuse(number: int, what: str, hint: str | None = None) -> UsageError:
@@ -80,7 +136,34 @@ def validate(
     """Check every line of an OpenAI batch file; the first problem is refused
     with its line number. ``resolve`` maps both catalog names and served
     names to (catalog name, served name); ``model_flag`` (``-m``) fills a
-    missing ``body.model`` and must agree with any given."""
+    missing ``body.model`` and must agree with any given.
+
+    Streaming: ``lines`` is read once, line by line; the re-serialised
+    requests and the custom_ids go to files and the duplicate check to an
+    on-disk index, so memory stays flat whatever the number of lines."""
+    work = Path(tempfile.mkdtemp(prefix="alvis-fsm-batch-"))  # 0700
+    try:
+        with (
+            (work / "requests.jsonl").open("w", encoding="utf-8") as out,
+            (work / "ids.jsonl").open("w", encoding="utf-8") as ids,
+        ):
+            endpoint, model, total = _validate(lines, resolve, model_flag, work, out, ids)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    valid = Validated(endpoint=endpoint, model=model[0], served_name=model[1], total=total, dir=work)
+    weakref.finalize(valid, shutil.rmtree, work, True)
+    return valid
+
+
+def _validate(
+    lines: Iterable[str],
+    resolve: Mapping[str, tuple[str, str]],
+    model_flag: str | None,
+    work: Path,
+    out: TextIO,
+    ids: TextIO,
+) -> tuple[str, tuple[str, str], int]:
     endpoint = ""
     model: tuple[str, str] | None = None
     if model_flag is not None:
@@ -90,9 +173,24 @@ def validate(
                 hint="`alvis-fsm models` lists the catalog.",
             )
         model = resolve[model_flag]
-    seen: dict[str, int] = {}
-    ids: list[str] = []
-    out: list[str] = []
+    seen = _index(work / "seen.db", "seen")
+    try:
+        return _check_lines(lines, resolve, endpoint, model, seen, out, ids)
+    finally:
+        seen.close()
+        (work / "seen.db").unlink(missing_ok=True)
+
+
+def _check_lines(
+    lines: Iterable[str],
+    resolve: Mapping[str, tuple[str, str]],
+    endpoint: str,
+    model: tuple[str, str] | None,
+    seen: sqlite3.Connection,
+    out: TextIO,
+    ids: TextIO,
+) -> tuple[str, tuple[str, str], int]:
+    total = 0
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
@@ -109,9 +207,11 @@ def validate(
         cid = req.get("custom_id")
         if not isinstance(cid, str) or not cid:
             raise _refuse(number, "custom_id must be a non-empty string")
-        if cid in seen:
-            raise _refuse(number, f"duplicate custom_id {cid!r} (first on line {seen[cid]})")
-        seen[cid] = number
+        try:
+            seen.execute("INSERT INTO seen VALUES (?, ?)", (cid, number))
+        except sqlite3.IntegrityError:
+            (first,) = seen.execute("SELECT value FROM seen WHERE cid = ?", (cid,)).fetchone()
+            raise _refuse(number, f"duplicate custom_id {cid!r} (first on line {first})") from None
         if req.get("method") != "POST":
             raise _refuse(number, f"method must be \"POST\", not {req.get('method')!r}")
         url = req.get("url")
@@ -144,11 +244,12 @@ def validate(
             raise _refuse(number, "body.prompt is missing for /v1/completions")
         if endpoint == "/v1/embeddings" and "input" not in body:
             raise _refuse(number, "body.input is missing for /v1/embeddings")
-        ids.append(cid)
-        out.append(json.dumps({**req, "body": {**body, "model": model[1]}}, ensure_ascii=False))
-    if not ids or model is None:
+        total += 1
+        ids.write(json.dumps(cid, ensure_ascii=False) + "\n")
+        out.write(json.dumps({**req, "body": {**body, "model": model[1]}}, ensure_ascii=False) + "\n")
+    if not total or model is None:
         raise UsageError("The batch file holds no requests", hint="One JSON request per line.")
-    return Validated(endpoint=endpoint, model=model[0], served_name=model[1], ids=ids, lines=out)
+    return endpoint, model, total
 
 
 # -- the local record ---------------------------------------------------------
@@ -239,10 +340,13 @@ class BatchStore:
     def path(self, batch_id: str, suffix: str = ".json") -> Path:
         return self.dir / f"{check_id(batch_id)}{suffix}"
 
-    def save(self, record: BatchRecord, ids: list[str] | None = None) -> None:
+    def save(self, record: BatchRecord, ids: Iterable[str] | None = None) -> None:
+        """``ids`` (streamed: e.g. ``Validated.iter_ids()``) are written once, at submit."""
         self.ensure()
         if ids is not None:
-            atomic_write(self.path(record.id, ".ids"), "".join(json.dumps(i) + "\n" for i in ids))
+            with atomic_writer(self.path(record.id, ".ids")) as handle:
+                for cid in ids:
+                    handle.write(json.dumps(cid) + "\n")
         atomic_write(self.path(record.id), json.dumps(record.to_json(), indent=2) + "\n")
 
     def load(self, batch_id: str) -> BatchRecord:
@@ -258,8 +362,11 @@ class BatchStore:
         return BatchRecord.from_json(data, path)
 
     def ids(self, batch_id: str) -> list[str]:
-        text = self.path(batch_id, ".ids").read_text(encoding="utf-8")
-        return [json.loads(line) for line in text.splitlines() if line]
+        return list(self.iter_ids(batch_id))
+
+    def iter_ids(self, batch_id: str) -> Iterator[str]:
+        """The input's custom_ids in order, streamed from ``ID.ids``."""
+        return read_ids(self.path(batch_id, ".ids"))
 
     def all(self) -> list[BatchRecord]:
         if not self.dir.is_dir():
@@ -429,33 +536,48 @@ is_ok = batch_runner.is_ok
 
 
 def merge(
-    ids: list[str], rows: Iterable[Mapping[str, Any]], status: BatchStatus
+    ids: Iterable[str], rows: Iterable[Mapping[str, Any]], status: BatchStatus
 ) -> Iterator[tuple[bool, dict[str, Any]]]:
     """(ok, line) for every custom_id of the input, once each and in input
     order: its result when a shard wrote one (the first, should a shard have
     written one twice), else, for an ended batch, an error line saying why
-    it was not run. Internal keys (``_i``) are dropped."""
-    found: dict[str, dict[str, Any]] = {}
-    for raw in rows:
-        cid = raw.get("custom_id")
-        if isinstance(cid, str) and cid not in found:
-            found[cid] = {k: v for k, v in raw.items() if not k.startswith("_")}
+    it was not run. Internal keys (``_i``) are dropped.
+
+    Streaming: ``rows`` (in any order: a shard writes its results as they
+    complete, and a resumed shard after the ones it kept) go to an on-disk
+    index by custom_id, then ``ids`` is walked in input order with one
+    lookup each; memory stays flat whatever the number of lines."""
     undone = _UNDONE.get(status)
-    for cid in ids:
-        row = found.get(cid)
-        if row is not None:
-            yield is_ok(row), row
-        elif undone is not None:
-            yield False, {
-                "id": "batch_req_" + secrets.token_hex(12),
-                "custom_id": cid,
-                "response": None,
-                "error": {"code": undone[0], "message": undone[1]},
-            }
+    with tempfile.TemporaryDirectory(prefix="alvis-fsm-merge-") as tmp:
+        db = _index(Path(tmp) / "results.db", "res")
+        try:
+            for raw in rows:
+                cid = raw.get("custom_id")
+                if isinstance(cid, str):
+                    row = {k: v for k, v in raw.items() if not k.startswith("_")}
+                    db.execute("INSERT OR IGNORE INTO res VALUES (?, ?)",
+                               (cid, json.dumps(row, ensure_ascii=False)))  # fmt: skip
+            db.execute("COMMIT")
+            for cid in ids:
+                hit = db.execute("SELECT value FROM res WHERE cid = ?", (cid,)).fetchone()
+                if hit is not None:
+                    found: dict[str, Any] = json.loads(hit[0])
+                    yield is_ok(found), found
+                elif undone is not None:
+                    yield False, {
+                        "id": "batch_req_" + secrets.token_hex(12),
+                        "custom_id": cid,
+                        "response": None,
+                        "error": {"code": undone[0], "message": undone[1]},
+                    }
+        finally:
+            db.close()
 
 
-def result_rows(text: str) -> Iterator[dict[str, Any]]:
-    for line in text.split("\n"):
+def result_rows(text: str | Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The result rows of the shards' raw files: their text, or their lines
+    (a file handle, streamed)."""
+    for line in text.split("\n") if isinstance(text, str) else text:
         if not line.strip():
             continue
         try:

@@ -15,21 +15,31 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import secrets
+import shutil
+import subprocess
+import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from alvis_fsm.cluster import jobscript
 from alvis_fsm.cluster.agent import Agent
-from alvis_fsm.cluster.ssh import Connection, control_path
+from alvis_fsm.cluster.ssh import SSH_FAILURE, Connection, control_path
 from alvis_fsm.engine import batch
 from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore, Validated
 from alvis_fsm.engine.observer import Observer
-from alvis_fsm.errors import CancelUnconfirmed, SchedulerError, SessionError, UsageError
+from alvis_fsm.errors import (
+    CancelUnconfirmed,
+    ConnectionLost,
+    SchedulerError,
+    SessionError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from alvis_fsm.engine.settings import Settings
@@ -39,6 +49,8 @@ CONCURRENCY = 64
 # Server start failures (OOM, a crash while loading) a shard survives.
 MAX_ATTEMPTS = 3
 AUTO = "auto"
+# Bytes per read/write when streaming a batch's input or results over ssh.
+CHUNK = 1 << 20
 
 
 @cache
@@ -86,10 +98,12 @@ def resolver(settings: Settings) -> dict[str, tuple[str, str]]:
     return out
 
 
-def read_input(path: Path) -> list[str]:
+def read_input(path: Path) -> Iterator[str]:
+    """The file's lines, one at a time (its size does not matter)."""
     try:
         with path.open(encoding="utf-8") as handle:
-            return handle.read().split("\n")
+            for line in handle:
+                yield line.removesuffix("\n")
     except FileNotFoundError:
         raise UsageError(f"No such file: {path}") from None
     except UnicodeDecodeError as exc:
@@ -118,6 +132,77 @@ class Remote:
             if line.startswith("CMD|"):
                 self.conn.prompter.command(f"{self.conn.opts.host}: {line[4:]}")
         return proc
+
+    def stream(self, sub: str, run_dir: str, *args: str, source: Path | None = None,
+               sink: BinaryIO | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """``call`` for data too large to hold in memory: ``source`` is copied
+        to the command's stdin and its stdout into ``sink``, a chunk at a
+        time. A lost connection is reopened and the command run again (so
+        only for idempotent commands: put, results); the sink is rewound."""
+        argv = ["bash", "-c", _source("batch_agent.sh"), "alvis-fsm-batch", sub, run_dir, *args]
+        for attempt in range(3):
+            if sink is not None:
+                sink.seek(0)
+                sink.truncate()
+            proc = self.conn.popen(argv)
+            late = threading.Event()
+
+            def kill(proc: subprocess.Popen[bytes] = proc, late: threading.Event = late) -> None:
+                late.set()
+                proc.kill()
+
+            timer = threading.Timer(timeout, kill)
+            timer.start()
+            try:
+                code, stdout, stderr = _pump(proc, source, sink)
+            finally:
+                timer.cancel()
+                if proc.poll() is None:  # interrupted (Ctrl+C, a full disk): nothing left running
+                    proc.kill()
+                    proc.wait()
+            if late.is_set():
+                raise ConnectionLost(f"A command on {self.conn.opts.host} did not finish within {timeout:.0f} s",
+                                     details=f"batch agent {sub}")  # fmt: skip
+            if code == SSH_FAILURE and attempt < 2:
+                self.conn.reopen()
+                continue
+            if code == SSH_FAILURE:
+                raise ConnectionLost(f"Lost the connection to {self.conn.opts.host}",
+                                     details=stderr.strip() or None)  # fmt: skip
+            return subprocess.CompletedProcess(argv, code, stdout, stderr)
+        raise AssertionError("unreachable")
+
+
+def _pump(proc: subprocess.Popen[bytes], source: Path | None,
+          sink: BinaryIO | None) -> tuple[int, str, str]:  # fmt: skip
+    """Feed ``source`` to ``proc`` and drain its output (stderr in a thread,
+    so that neither side can block the other); the exit status and the
+    text of stdout (when not sunk) and stderr."""
+    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+    assert stdin is not None and stdout is not None and stderr is not None
+    err: list[bytes] = []
+    out: list[bytes] = []
+    drains = [threading.Thread(target=lambda: err.append(stderr.read()), daemon=True)]
+    if source is not None:
+        # stdout is drained while stdin is fed (the command may answer early).
+        drains.append(threading.Thread(target=lambda: out.append(stdout.read()), daemon=True))
+    for thread in drains:
+        thread.start()
+    with contextlib.suppress(BrokenPipeError):  # the command ended early: its status says why
+        if source is not None:
+            with source.open("rb") as handle:
+                shutil.copyfileobj(handle, stdin, CHUNK)
+        stdin.close()
+    if source is None:
+        while chunk := stdout.read(CHUNK):
+            if sink is not None:
+                sink.write(chunk)
+            else:
+                out.append(chunk)
+    code = proc.wait()
+    for thread in drains:
+        thread.join()
+    return code, b"".join(out).decode("utf-8", "replace"), b"".join(err).decode("utf-8", "replace")
 
 
 @contextlib.contextmanager
@@ -180,7 +265,7 @@ def submit(settings: Settings, options: SubmitOptions, ui: Observer,
     token = batch_id[len("batch_"):]
     record = BatchRecord(
         id=batch_id, model=valid.model, served_name=valid.served_name, endpoint=valid.endpoint,
-        total=len(valid.ids), shards=0,
+        total=valid.total, shards=0,
         run_dir=f"{cfg.remote.run_root.rstrip('/')}/{batch_id}",
         job_name=f"alvis-fsm-{batch_id}", created_at=int(time.time()),
         completion_window=options.completion_window, time_limit=time_text, host=cfg.ssh.host,
@@ -234,8 +319,10 @@ def submit(settings: Settings, options: SubmitOptions, ui: Observer,
             _source("batch_job.sh"), extra,
         )
         try:
+            put = remote.stream("put", record.run_dir, "input.jsonl", source=valid.requests_path)
+            if put.returncode != 0:
+                raise SessionError("Could not upload input.jsonl", details=put.stderr.strip() or None)
             for name, text in (
-                ("input.jsonl", "".join(line + "\n" for line in valid.lines)),
                 ("batch_runner.py", _source("batch_runner.py")),
                 ("retry.py", resources.files("alvis_fsm").joinpath("retry.py").read_text(encoding="utf-8")),
                 ("api_key", "afsm-" + secrets.token_urlsafe(32) + "\n"),
@@ -259,7 +346,7 @@ def submit(settings: Settings, options: SubmitOptions, ui: Observer,
                                  hint="Check the account (slurm.account), the GPU type and the time (-t).",
                                  details=sub.stderr.strip() or None)  # fmt: skip
         record.job_id = found[0]
-        store.save(record, valid.ids)
+        store.save(record, valid.iter_ids())
     return record
 
 
@@ -312,29 +399,35 @@ def results(settings: Settings, record: BatchRecord, ui: Observer, out: Path, er
     (every custom_id once, in input order; for an ended batch, the ones not
     run go to the error file with the reason). Returns the line counts."""
     store = store or BatchStore(settings.state_dir)
-    with connected(settings, ui) as remote:
-        if not record.ended:
-            refresh(settings, record, ui, remote, store)
-        proc = remote.call("results", record.run_dir, timeout=600)
-        if proc.returncode != 0:
-            raise SessionError(f"Could not read the results of {record.id}",
-                               details=proc.stderr.strip() or None)  # fmt: skip
-    return write_results(store.ids(record.id), proc.stdout, BatchStatus(record.status), out, errors)
+    store.ensure()
+    with tempfile.TemporaryFile(dir=store.dir) as raw:  # the shards' raw results, on disk
+        with connected(settings, ui) as remote:
+            if not record.ended:
+                refresh(settings, record, ui, remote, store)
+            proc = remote.stream("results", record.run_dir, sink=raw)
+            if proc.returncode != 0:
+                raise SessionError(f"Could not read the results of {record.id}",
+                                   details=proc.stderr.strip() or None)  # fmt: skip
+        raw.seek(0)
+        lines = (line.decode("utf-8", "replace") for line in raw)
+        return write_results(store.iter_ids(record.id), lines, BatchStatus(record.status), out, errors)
 
 
-def write_results(ids: list[str], text: str, status: BatchStatus, out: Path,
+def write_results(ids: Iterable[str], rows: str | Iterable[str], status: BatchStatus, out: Path,
                   errors: Path) -> tuple[int, int]:  # fmt: skip
+    """Merge the shards' raw results (their text, or their lines streamed)
+    into OpenAI's output and error files, each replaced atomically, a line
+    at a time. Returns the line counts."""
     import json
 
-    from alvis_fsm.engine.store import atomic_write
+    from alvis_fsm.engine.store import atomic_writer
 
-    ok_lines: list[str] = []
-    err_lines: list[str] = []
-    for ok, row in batch.merge(ids, batch.result_rows(text), status):
-        (ok_lines if ok else err_lines).append(json.dumps(row, ensure_ascii=False) + "\n")
-    atomic_write(out, "".join(ok_lines), mode=0o600)
-    atomic_write(errors, "".join(err_lines), mode=0o600)
-    return len(ok_lines), len(err_lines)
+    n_ok = n_err = 0
+    with atomic_writer(out) as ok_file, atomic_writer(errors) as err_file:
+        for ok, row in batch.merge(ids, batch.result_rows(rows), status):
+            (ok_file if ok else err_file).write(json.dumps(row, ensure_ascii=False) + "\n")
+            n_ok, n_err = n_ok + ok, n_err + (not ok)
+    return n_ok, n_err
 
 
 def pick(store: BatchStore, batch_id: str | None) -> BatchRecord:

@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from alvis_fsm.engine.states import LIVE_STATES, State
 from alvis_fsm.errors import SessionError, UsageError
@@ -213,12 +213,21 @@ def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
     directory, fsync, rename, fsync the directory (so a crash right after
     cannot bring back the previous content, e.g. a lost job id). Used for
     every file the tool writes: session state, settings, user catalog."""
+    with atomic_writer(path, mode) as handle:
+        handle.write(text)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, mode: int = 0o600) -> Iterator[TextIO]:
+    """``atomic_write`` for content written piece by piece (a file too large
+    to hold in memory): the handle's content replaces ``path`` when the
+    block ends normally; on an exception ``path`` is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

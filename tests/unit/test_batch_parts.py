@@ -36,15 +36,15 @@ def test_jobs_auto_counts_whole_jobs_node_by_node() -> None:
 def test_read_input(tmp_path: Path) -> None:
     good = tmp_path / "in.jsonl"
     good.write_text('{"a": 1}\n{"b": 2}\n', encoding="utf-8")
-    assert batch_service.read_input(good) == ['{"a": 1}', '{"b": 2}', ""]
+    assert list(batch_service.read_input(good)) == ['{"a": 1}', '{"b": 2}']  # streamed, a line at a time
     with pytest.raises(UsageError, match="No such file"):
-        batch_service.read_input(tmp_path / "missing.jsonl")
+        list(batch_service.read_input(tmp_path / "missing.jsonl"))
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"a": "\xe9"}\n')
     with pytest.raises(UsageError, match="not UTF-8"):
-        batch_service.read_input(latin)
+        list(batch_service.read_input(latin))
     with pytest.raises(UsageError, match="Cannot read"):
-        batch_service.read_input(tmp_path)  # a folder
+        list(batch_service.read_input(tmp_path))  # a folder
 
 
 def test_raw_values_merge_packaged_user_file_and_environment(

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 FILE_ID_CHARS = "0123456789abcdef"
 MAX_FILE = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
+CHUNK = 1 << 20  # bytes per read when receiving an upload
 
 
 class Quiet:
@@ -87,6 +90,25 @@ def cluster_ops(settings: Settings) -> Ops:
     )
 
 
+async def _receive(part: BodyPartReader, path: Path) -> int:
+    """Write an upload's part to ``path`` a chunk at a time (stopping past
+    MAX_FILE); the bytes received."""
+    size = 0
+    with path.open("wb") as handle:
+        while chunk := await part.read_chunk(CHUNK):
+            size += len(chunk)
+            if size > MAX_FILE:
+                break
+            handle.write(chunk)
+    return size
+
+
+def _validate_file(path: Path, resolve: dict[str, tuple[str, str]]) -> batch.Validated:
+    """An uploaded input file, validated line by line (see batch.validate)."""
+    with path.open(encoding="utf-8") as handle:
+        return batch.validate((line.removesuffix("\n") for line in handle), resolve)
+
+
 def _error(status: int, message: str, code: str | None = None) -> web.Response:
     body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
     return web.json_response(body, status=status)
@@ -105,15 +127,23 @@ class Files:
     def content_path(self, file_id: str) -> Path:
         return self._meta(file_id).with_suffix(".jsonl")
 
-    def add(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+    def staging(self) -> Path:
+        """A new private file in the store's directory, for content written
+        piece by piece before ``add`` moves it into place."""
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".upload-", suffix=".tmp", dir=self.dir)  # 0600
+        os.close(fd)
+        return Path(name)
+
+    def add(self, source: Path, filename: str, purpose: str) -> dict[str, Any]:
+        """Move ``source`` (a file in ``self.dir``, e.g. from ``staging``)
+        into the store as a new file; its object."""
         file_id = "file-" + secrets.token_hex(12)
-        obj = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
-               "filename": filename, "purpose": purpose, "status": "processed",
-               "status_details": None, "expires_at": None}  # fmt: skip
-        path = self.content_path(file_id)
-        path.touch(mode=0o600)
-        path.write_bytes(data)
+        obj = {"id": file_id, "object": "file", "bytes": source.stat().st_size,
+               "created_at": int(time.time()), "filename": filename, "purpose": purpose,
+               "status": "processed", "status_details": None, "expires_at": None}  # fmt: skip
+        source.chmod(0o600)
+        os.replace(source, self.content_path(file_id))
         atomic_write(self._meta(file_id), json.dumps(obj))
         return obj
 
@@ -160,24 +190,28 @@ class Batches:
     async def upload(self, request: web.Request) -> web.Response:
         if not request.content_type.startswith("multipart/"):
             return _error(400, "Upload a file as multipart/form-data with 'file' and 'purpose'")
-        purpose, filename, data = "", "upload.jsonl", b""
-        reader = await request.multipart()
-        async for part in reader:
-            if not isinstance(part, BodyPartReader):
-                continue
-            if part.name == "purpose":
-                purpose = (await part.text()).strip()
-            elif part.name == "file":
-                filename = part.filename or filename
-                data = await part.read()
-                if len(data) > MAX_FILE:
-                    return _error(413, f"The file is larger than {MAX_FILE // (1024 * 1024)} MB")
-        if purpose != "batch":
-            return _error(400, f"purpose {purpose!r} is not supported: the gateway keeps files for batches"
-                          " (purpose=batch)")  # fmt: skip
-        if not data:
-            return _error(400, "No file in the upload ('file' part)")
-        return web.json_response(self.files.add(data, filename, purpose))
+        purpose, filename, size = "", "upload.jsonl", 0
+        staged = self.files.staging()
+        try:
+            reader = await request.multipart()
+            async for part in reader:
+                if not isinstance(part, BodyPartReader):
+                    continue
+                if part.name == "purpose":
+                    purpose = (await part.text()).strip()
+                elif part.name == "file":
+                    filename = part.filename or filename
+                    size = await _receive(part, staged)
+                    if size > MAX_FILE:
+                        return _error(413, f"The file is larger than {MAX_FILE // (1024 * 1024)} MB")
+            if purpose != "batch":
+                return _error(400, f"purpose {purpose!r} is not supported: the gateway keeps files for batches"
+                              " (purpose=batch)")  # fmt: skip
+            if not size:
+                return _error(400, "No file in the upload ('file' part)")
+            return web.json_response(self.files.add(staged, filename, purpose))
+        finally:
+            staged.unlink(missing_ok=True)  # gone already when added
 
     async def list_files(self, request: web.Request) -> web.Response:
         data = self.files.all()
@@ -233,8 +267,8 @@ class Batches:
             return _error(400, f"endpoint {endpoint!r} is not one of {', '.join(batch.ENDPOINTS)}")
         path = self.files.content_path(str(file_id))
         try:
-            text = path.read_text(encoding="utf-8")
-            valid = batch.validate(text.split("\n"), await asyncio.to_thread(self.ops.resolve))
+            resolve = await asyncio.to_thread(self.ops.resolve)
+            valid = await asyncio.to_thread(_validate_file, path, resolve)
         except UnicodeDecodeError:
             return _error(400, "The input file is not UTF-8 text")
         except UsageError as exc:
@@ -272,11 +306,9 @@ class Batches:
         self.files.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         n_ok, n_err = self.ops.results(record, out, err)
         if n_ok:
-            record.output_file_id = self.files.add(out.read_bytes(), f"{record.id}_output.jsonl",
-                                                   "batch_output")["id"]  # fmt: skip
+            record.output_file_id = self.files.add(out, f"{record.id}_output.jsonl", "batch_output")["id"]
         if n_err:
-            record.error_file_id = self.files.add(err.read_bytes(), f"{record.id}_errors.jsonl",
-                                                  "batch_output")["id"]  # fmt: skip
+            record.error_file_id = self.files.add(err, f"{record.id}_errors.jsonl", "batch_output")["id"]
         out.unlink(missing_ok=True)
         err.unlink(missing_ok=True)
         self.store.save(record)
