@@ -30,22 +30,8 @@
 # (/invocations, /tokenize, /metrics ...), and it refuses a Host that is not
 # loopback and requests from web pages of other origins.
 
-set -u
-umask 077
-# SLURM's time-limit warning (USR1) must never kill the script, even if it
-# comes before the real handler below is set.
-trap 'LIMIT_SEEN=1' USR1
+{{JOB_START}}
 
-RUN_DIR={{RUN_DIR}}
-HF_MODEL={{MODEL_PATH}}
-MODEL_NAME={{SERVED_NAME}}
-# Also served under the catalog's name ('' when it is the same).
-ALSO_SERVED={{ALSO_SERVED}}
-SIF_IMAGE={{IMAGE}}
-EXTRA=({{VLLM_ARGS}})
-MAX_MODEL_LEN={{MAX_MODEL_LEN}}
-READY_TIMEOUT={{READY_TIMEOUT}}
-STARTUP_LINE={{STARTUP_LINE}}
 API_KEY_FILE={{FILE_API_KEY}}
 STARTED_FILE={{FILE_STARTED}}
 ADDRESS_FILE={{FILE_ADDRESS}}
@@ -58,19 +44,6 @@ LISTEN={{LISTEN}}
 GUARD_SOURCE={{GUARD_SOURCE}}
 GUARD_FILE={{GUARD_FILE}}
 GUARD_MIDDLEWARE={{GUARD_MIDDLEWARE}}
-
-# The client may name the run directory relative to the remote home.
-case $RUN_DIR in
-    "~") RUN_DIR=$HOME ;;
-    "~/"*) RUN_DIR=$HOME/${RUN_DIR#"~/"} ;;
-    /*) ;;
-    *) RUN_DIR=$HOME/$RUN_DIR ;;
-esac
-cd -- "$RUN_DIR" || { printf 'alvis-fsm: cannot enter run directory %s\n' "$RUN_DIR" >&2; exit 1; }
-
-put() {  # put FILE TEXT: atomic replace
-    printf '%s\n' "$2" >"$1.tmp.$$" && mv -f -- "$1.tmp.$$" "$1"
-}
 
 VLLM_PID=""
 stop_vllm() {  # stop_vllm WHY: record why, stop vLLM, record its status, exit with it
@@ -242,14 +215,10 @@ cache_trim() {  # cache_trim ROOT MAX_KIB MAX_FILES
     )
 }
 
-case $CACHE_DIR in
-    "") VLLM_CACHE_ROOT=$SCRATCH/vllm-cache ;;
-    "~") VLLM_CACHE_ROOT=$HOME/vllm ;;
-    "~/"*) VLLM_CACHE_ROOT=$HOME/${CACHE_DIR#"~/"}/vllm ;;
-    /*) VLLM_CACHE_ROOT=$CACHE_DIR/vllm ;;
-    *) VLLM_CACHE_ROOT=$HOME/$CACHE_DIR/vllm ;;
-esac
+VLLM_CACHE_ROOT=$SCRATCH/vllm-cache
 if [ -n "$CACHE_DIR" ]; then
+    home_path VLLM_CACHE_ROOT "$CACHE_DIR"
+    VLLM_CACHE_ROOT=$VLLM_CACHE_ROOT/vllm
     if [ ! -e "$VLLM_CACHE_ROOT" ] && mkdir -p -- "$VLLM_CACHE_ROOT"; then
         : >"$VLLM_CACHE_ROOT/$CACHE_MARKER"
     fi

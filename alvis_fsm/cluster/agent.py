@@ -7,19 +7,24 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 
-from alvis_fsm.cluster import rundir
+from alvis_fsm.cluster import protocol
 from alvis_fsm.cluster.slurm import JobInfo, JobState, parse_job_id, parse_jobinfo
 from alvis_fsm.cluster.ssh import Connection
 from alvis_fsm.errors import SchedulerError, SSHError
 
 
-@cache
 def agent_source() -> str:
-    return resources.files("alvis_fsm.cluster").joinpath("agent.sh").read_text(encoding="utf-8")
+    """The agent as it is sent (``protocol.agent_script``)."""
+    return protocol.agent_script("agent.sh")
+
+
+def agent_argv(command: str, args: Mapping[str, object], rest: Sequence[str] = ()) -> list[str]:
+    """The local argv that runs one agent command (``protocol.COMMANDS``)."""
+    return ["bash", "-c", agent_source(), "alvis-fsm-agent",
+            *protocol.command_args(command, args, rest)]  # fmt: skip
 
 
 def _lines(text: str) -> list[str]:
@@ -52,15 +57,16 @@ class Event:
 class Agent:
     conn: Connection
 
-    def _argv(self, *args: str) -> list[str]:
-        return ["bash", "-c", agent_source(), "alvis-fsm-agent", *args]
-
     def call(
-        self, *args: str, input: str | None = None, timeout: float = 60, retry: bool = True
+        self, command: str, args: Mapping[str, object] | None = None, *,
+        rest: Sequence[str] = (), input: str | None = None, timeout: float = 60,
+        retry: bool = True,
     ) -> subprocess.CompletedProcess[str]:
-        proc = self.conn.run(self._argv(*args), input=input, timeout=timeout, retry=retry)
-        for command in _records(proc.stdout, "CMD"):
-            self.conn.prompter.command(f"{self.conn.opts.host}: {command}")
+        """Run one agent command with its named arguments (``protocol.COMMANDS``)."""
+        argv = agent_argv(command, args or {}, rest)
+        proc = self.conn.run(argv, input=input, timeout=timeout, retry=retry)
+        for line in _records(proc.stdout, "CMD"):
+            self.conn.prompter.command(f"{self.conn.opts.host}: {line}")
         return proc
 
     # -- submission ---------------------------------------------------------
@@ -72,8 +78,8 @@ class Agent:
         blindly: a lost connection during sbatch is ambiguous (see ``find``)."""
         payload = (api_key + "\n" if api_key else "") + job_script
         proc = self.call(
-            "submit", run_dir, rundir.API_KEY, "1" if api_key else "0", rundir.JOB_SCRIPT,
-            *sbatch_args, input=payload, retry=False,
+            "submit", {"run": run_dir, "has_key": 1 if api_key else 0}, rest=sbatch_args,
+            input=payload, retry=False,
         )  # fmt: skip
         if proc.returncode == 4:
             raise SchedulerError(
@@ -89,12 +95,12 @@ class Agent:
         return _records(proc.stdout, "RUN")[0], parse_job_id(found[0])
 
     def find(self, job_name: str) -> str | None:
-        found = _records(self.call("find", job_name).stdout, "FOUND")
+        found = _records(self.call("find", {"job_name": job_name}).stdout, "FOUND")
         return found[0] if found and found[0] else None
 
     # -- waiting ------------------------------------------------------------
     def jobinfo(self, job_id: str) -> JobInfo:
-        proc = self.call("jobinfo", job_id)
+        proc = self.call("jobinfo", {"job": job_id})
         lines = [line for line in _lines(proc.stdout) if line.startswith("JOB|")]
         if not lines:
             # No answer is not an answer: the caller keeps the job and retries.
@@ -104,8 +110,8 @@ class Agent:
 
     def wait_start(self, run_dir: str, job_id: str, slice_s: float, interval: float) -> Event:
         proc = self.call(
-            "wait-start", run_dir, job_id, f"{slice_s:.3f}", f"{interval:.3f}", rundir.STARTED,
-            rundir.JOB_SCRIPT,
+            "wait-start", {"run": run_dir, "job": job_id, "slice": f"{slice_s:.3f}",
+                           "interval": f"{interval:.3f}"},
             timeout=slice_s + 60,
         )  # fmt: skip
         return _event(proc)
@@ -114,9 +120,8 @@ class Agent:
         self, run_dir: str, job_id: str, slice_s: float, interval: float, address_known: bool
     ) -> Event:
         proc = self.call(
-            "wait-ready", run_dir, job_id, f"{slice_s:.3f}", f"{interval:.3f}",
-            rundir.ADDRESS, rundir.VLLM_ERR, rundir.VLLM_EXIT, rundir.ENDED, rundir.STARTUP_LINE,
-            "1" if address_known else "0", rundir.STARTED,
+            "wait-ready", {"run": run_dir, "job": job_id, "slice": f"{slice_s:.3f}",
+                           "interval": f"{interval:.3f}", "known": 1 if address_known else 0},
             timeout=slice_s + 60,
         )  # fmt: skip
         return _event(proc)
@@ -124,9 +129,8 @@ class Agent:
     def tail(self, run_dir: str, lines: int) -> list[tuple[str, str]]:
         """The last lines of both logs, as (stream, line) with stream 'out'/'err'."""
         proc = self.call(
-            "stream", run_dir, "0", str(lines), "0", "1", "30",
-            rundir.VLLM_OUT, rundir.VLLM_ERR, rundir.VLLM_EXIT, rundir.ENDED,
-        )  # fmt: skip
+            "stream", {"run": run_dir, "job": 0, "lines": lines, "follow": 0, "interval": 1, "check": 30}
+        )
         return [
             parse_log_line(line) for line in _lines(proc.stdout) if line[:2] in ("O|", "E|")
         ]
@@ -135,9 +139,9 @@ class Agent:
         self, run_dir: str, job_id: str, lines: int, check_every: float = 30
     ) -> subprocess.Popen[bytes]:
         return self.conn.popen(
-            self._argv(
-                "stream", run_dir, job_id, str(lines), "1", "0.2", str(max(1, round(check_every))),
-                rundir.VLLM_OUT, rundir.VLLM_ERR, rundir.VLLM_EXIT, rundir.ENDED,
+            agent_argv(
+                "stream", {"run": run_dir, "job": job_id, "lines": lines, "follow": 1,
+                           "interval": 0.2, "check": max(1, round(check_every))},
             )
         )  # fmt: skip
 
@@ -145,7 +149,8 @@ class Agent:
         """scancel, then wait up to ``confirm_s`` for the scheduler to confirm a
         terminal state. Returns "" when confirmed, else what is still unknown."""
         proc = self.call(
-            "cancel", job_id, job_name, f"{confirm_s:.0f}", timeout=confirm_s + 60, retry=True
+            "cancel", {"job": job_id, "job_name": job_name, "confirm": f"{confirm_s:.0f}"},
+            timeout=confirm_s + 60, retry=True,
         )
         found = _records(proc.stdout, "CANCEL")
         if proc.returncode != 0 or not found:
@@ -161,7 +166,7 @@ class Agent:
         """(snapshot path, config.json text) for every snapshot in the hub,
         and the hub paths skipped because no record can carry their name
         (control characters, shown as "?")."""
-        proc = self.call("discover", hub, timeout=120)
+        proc = self.call("discover", {"hub": hub}, timeout=120)
         lines = _lines(proc.stdout)
         out: list[tuple[str, str]] = []
         for i, line in enumerate(lines):

@@ -1,6 +1,9 @@
 # alvis-fsm remote agent: runs on the login node, one subcommand per call,
 # over the session's shared ssh connection, as
-#     bash -c "<this file>" alvis-fsm-agent SUBCOMMAND ARGS...
+#     bash -c "<definitions, common.sh, agent_start.sh, this file>" \
+#         alvis-fsm-agent SUBCOMMAND NAME=VALUE... [-- ARGS...]
+# (put together by alvis_fsm/cluster/protocol.py, which also defines each
+# subcommand's argument names: AGENT_ARGS_*).
 # Waiting happens here, next to the files, so the client learns of an event
 # within one poll interval instead of one ssh round trip plus a local sleep,
 # and so each wait costs one channel on the shared connection, not a login.
@@ -19,46 +22,13 @@
 # from the run directory's files, so timeouts never count a client's sleep.
 # Exit codes: 0 ok, 3 usage, 4 sbatch refused (its stderr is passed on).
 #
-# File names come from the client as environment-free arguments so that
-# they are defined once (alvis_fsm/rundir.py).
-set -u
-export LC_ALL=C
-
-die() { printf '%s\n' "$*" >&2; exit 3; }
-
-# Every scheduler command is announced as a CMD record (the client shows
-# them with --verbose). fd 9 is our real stdout, also inside $( ).
-exec 9>&1
-note() { printf 'CMD|%s\n' "$*" >&9; }
-
-expand_dir() {
-    # "~/x" means the remote home: the client cannot know it.
-    case $1 in
-        "~") printf '%s\n' "$HOME" ;;
-        "~/"*) printf '%s/%s\n' "$HOME" "${1#\~/}" ;;
-        /*) printf '%s\n' "$1" ;;
-        *) printf '%s/%s\n' "$HOME" "$1" ;;
-    esac
-}
-
-# Scheduler commands may block for a long time while the controller is away;
-# a bounded wait turns that into "unknown" instead of a hung client.
-SCHED_TIMEOUT=${ALVIS_FSM_SCHED_TIMEOUT:-15}
-sched() { timeout "$SCHED_TIMEOUT" "$@"; }
-one_line() { tr '\n|' '  ' | cut -c1-300; }
+# The run directory's file names (FILE_*) and vLLM's STARTUP_LINE come
+# defined from alvis_fsm/cluster/rundir.py, so they are written once.
 # A private file (mktemp: unpredictable name, 0600), never a fixed name in
 # /tmp; without one, scheduler errors are dropped rather than put somewhere
 # another user could read or plant.
 ERRF=$(mktemp 2>/dev/null) || ERRF=/dev/null
 trap '[ "$ERRF" = /dev/null ] || rm -f -- "$ERRF"' EXIT
-
-# Terminal job states: only these, from squeue or sacct, end a session.
-terminal() {
-    case ${1%% *} in
-        COMPLETED|CANCELLED|FAILED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|PREEMPTED|BOOT_FAIL|DEADLINE|REVOKED|SPECIAL_EXIT) return 0 ;;
-    esac
-    return 1
-}
 
 # One scheduler query: squeue while the job is known to the controller,
 # sacct once it has left (the controller forgets finished jobs, and sacct
@@ -114,18 +84,17 @@ before() { beat; awk -v a="$(now)" -v b="$1" 'BEGIN { exit !(a < b) }'; }
 deadline() { awk -v a="$(now)" -v s="$1" 'BEGIN { printf "%.3f", a + s }'; }
 
 cmd_submit() {
-    # submit RUN_DIR KEY_NAME HAS_KEY SCRIPT_NAME [sbatch args...]
-    # stdin: the API key line (when HAS_KEY=1), then the job script.
+    # submit run=DIR has_key=0|1 -- [sbatch args...]
+    # stdin: the API key line (when has_key=1), then the job script.
     # One round trip: create the run dir (0700), write the key (0600) and
     # the script, sbatch. The key comes on stdin so it is on no command line.
-    local run keyfile=$2 haskey=$3 script=$4 key out err rc
-    run=$(expand_dir "$1")
-    shift 4
+    local run keyfile=$FILE_API_KEY script=$FILE_JOB_SCRIPT key out err rc
+    home_path run "$arg_run"
     umask 077
     mkdir -p -- "$run" || die "cannot create run directory $run"
     chmod 700 -- "$run"
     cd -- "$run" || die "cannot enter run directory $run"
-    if [ "$haskey" = 1 ]; then
+    if [ "$arg_has_key" = 1 ]; then
         IFS= read -r key || die "no API key on stdin"
         printf '%s\n' "$key" >"$keyfile"
         chmod 600 -- "$keyfile"
@@ -133,8 +102,8 @@ cmd_submit() {
     cat >"$script" || die "cannot write $run/$script"
     printf 'RUN|%s\n' "$run"
     err=$(mktemp) || exit 3
-    note sbatch --parsable "$@" "$script"
-    out=$(sbatch --parsable "$@" "$script" 2>"$err"); rc=$?
+    note sbatch --parsable "${REST[@]}" "$script"
+    out=$(sbatch --parsable "${REST[@]}" "$script" 2>"$err"); rc=$?
     if [ $rc -ne 0 ]; then
         # Refused: nothing was queued, so leave nothing behind either (the
         # run dir holds only the script and the key written just now).
@@ -147,17 +116,18 @@ cmd_submit() {
 }
 
 cmd_find() {
-    # find JOB_NAME: the job of ours with this unique name, if the controller has one
-    note squeue -h -u "$(id -un)" -n "$1" -o %i
-    squeue -h -u "$(id -un)" -n "$1" -o '%i' 2>/dev/null | head -n 1 | sed 's/^/FOUND|/'
+    # find job_name=NAME: the job of ours with this unique name, if the controller has one
+    note squeue -h -u "$(id -un)" -n "$arg_job_name" -o %i
+    squeue -h -u "$(id -un)" -n "$arg_job_name" -o '%i' 2>/dev/null | head -n 1 | sed 's/^/FOUND|/'
 }
 
-cmd_jobinfo() { jobinfo "$1"; }
+cmd_jobinfo() { jobinfo "$arg_job"; }
 
 cmd_wait_start() {
-    # wait-start RUN JOBID SLICE INTERVAL STARTED_FILE SUBMITTED_FILE
-    local run=$1 id=$2 slice=$3 interval=$4 started=$5 submitted=${6:-} end
-    run=$(expand_dir "$run")
+    # wait-start run= job= slice= interval=
+    local run id=$arg_job slice=$arg_slice interval=$arg_interval end
+    local started=$FILE_STARTED submitted=$FILE_JOB_SCRIPT
+    home_path run "$arg_run"
     if [ -s "$run/$started" ]; then
         printf 'STARTED|%s\n' "$(head -n 1 -- "$run/$started")"; return
     fi
@@ -170,17 +140,18 @@ cmd_wait_start() {
         fi
         sleep "$interval"
     done
-    [ -n "$submitted" ] && age "$run/$submitted"
+    age "$run/$submitted"
     printf 'WAIT|\n'
 }
 
 cmd_wait_ready() {
-    # wait-ready RUN JOBID SLICE INTERVAL ADDRESS ERR EXIT ENDED STARTUP_LINE KNOWN
-    # Returns as soon as the address is known (unless KNOWN=1), so the
+    # wait-ready run= job= slice= interval= known=0|1
+    # Returns as soon as the address is known (unless known=1), so the
     # client can open the tunnel while vLLM is still loading the model.
-    local run=$1 id=$2 slice=$3 interval=$4 address=$5 errf=$6 exitf=$7 ended=$8 line=$9
-    local known=${10} end
-    run=$(expand_dir "$run")
+    local run id=$arg_job slice=$arg_slice interval=$arg_interval known=$arg_known end
+    local address=$FILE_ADDRESS errf=$FILE_VLLM_ERR exitf=$FILE_VLLM_EXIT ended=$FILE_ENDED
+    local line=$STARTUP_LINE
+    home_path run "$arg_run"
     end=$(deadline "$slice")
     while before "$end"; do
         if [ -s "$run/$exitf" ]; then
@@ -201,15 +172,16 @@ cmd_wait_ready() {
     done
     # Once per slice, ask the scheduler whether the job is still there: a
     # node failure or a cancel from elsewhere leaves no file behind.
-    age "$run/${11:-job.started}"
+    age "$run/$FILE_STARTED"
     jobinfo "$id"
 }
 
 cmd_stream() {
-    # stream RUN JOBID LINES FOLLOW INTERVAL CHECK_EVERY OUT ERR EXIT ENDED
-    local run=$1 id=$2 lines=$3 follow=$4 interval=$5 check=$6
-    local outf=$7 errf=$8 exitf=$9 ended=${10} last st
-    run=$(expand_dir "$run")
+    # stream run= job= lines= follow=0|1 interval= check= (seconds between scheduler checks)
+    local run id=$arg_job lines=$arg_lines follow=$arg_follow interval=$arg_interval
+    local check=$arg_check outf=$FILE_VLLM_OUT errf=$FILE_VLLM_ERR exitf=$FILE_VLLM_EXIT
+    local ended=$FILE_ENDED last st
+    home_path run "$arg_run"
     cd -- "$run" || die "run directory $run is gone"
     if [ "$follow" != 1 ]; then
         tail -n "$lines" -- "$outf" 2>/dev/null | sed 's/^/O|/'
@@ -249,7 +221,9 @@ cmd_stream() {
             IFS='|' read -r _ src st _ reason _ <<<"$(jobinfo "$id" 9>/dev/null)"
             case $src in
                 squeue|sacct)
-                    if [ "$st" != RUNNING ] && { terminal "$st" || [ "$src" = squeue ]; }; then
+                    # The controller lists a job that no longer runs; sacct
+                    # answers for one it has forgotten, which may have ended.
+                    if { [ "$src" = squeue ] && ! running "$st"; } || over "$st"; then
                         printf 'GONE|%s\n' "$st"; break
                     fi ;;
                 none) printf 'UNKNOWN|the scheduler has no record of job %s\n' "$id" ;;
@@ -262,12 +236,12 @@ cmd_stream() {
 }
 
 cmd_cancel() {
-    # cancel JOBID JOBNAME CONFIRM_SECONDS: by id when known, else by our
+    # cancel job= job_name= confirm=SECONDS: by id when known, else by our
     # unique job name (an interrupted sbatch may have queued a job whose id we
     # never saw). Then confirm: "confirmed" only when the scheduler says the
     # job reached a terminal state (or, by name, that nothing of ours is
     # left), so "Cleaned up" is true when the client prints it.
-    local id=$1 name=$2 confirm=${3:-30} why="" end src st reason left
+    local id=$arg_job name=$arg_job_name confirm=$arg_confirm why="" end src st reason left
     if [ -n "$id" ]; then
         note scancel "$id"
         sched scancel "$id" 2>"$ERRF" || why="scancel: $(one_line <"$ERRF")"
@@ -293,8 +267,11 @@ cmd_cancel() {
             if [ $? -ne 0 ]; then
                 left="squeue: $(one_line <"$ERRF")"
             else
-                st=$(printf '%s\n' "$st" | grep -vE '^(COMPLETED|CANCELLED|FAILED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|PREEMPTED|BOOT_FAIL|DEADLINE)?$' | head -n 1)
-                [ -n "$st" ] && left="a job named $name is $st"
+                while read -r st; do
+                    if [ -n "$st" ] && ! terminal "$st"; then
+                        left="a job named $name is $st"; break
+                    fi
+                done <<<"$st"
             fi
         fi
         if [ -z "$left" ]; then
@@ -324,11 +301,11 @@ read_small() {
 }
 
 cmd_discover() {
-    # discover HUB: every models--ORG--NAME/snapshots/HASH with its config.json.
+    # discover hub=DIR: every models--ORG--NAME/snapshots/HASH with its config.json.
     # A path no record can carry (a control character: CR, LF, ESC...) is
     # skipped with a SKIP record that names it with those shown as "?".
     local hub snap cfg
-    hub=$(expand_dir "$1")
+    home_path hub "$arg_hub"
     for snap in "$hub"/models--*/snapshots/*/; do
         [ -d "$snap" ] || continue
         case $snap in
@@ -354,16 +331,17 @@ cmd_accounts() {
 }
 
 sub=${1:-}; [ $# -gt 0 ] && shift
+take_args "$sub" "$@"
 case $sub in
-    accounts) cmd_accounts "$@" ;;
-    submit) cmd_submit "$@" ;;
-    find) cmd_find "$@" ;;
-    jobinfo) cmd_jobinfo "$@" ;;
-    wait-start) cmd_wait_start "$@" ;;
-    wait-ready) cmd_wait_ready "$@" ;;
-    stream) cmd_stream "$@" ;;
-    cancel) cmd_cancel "$@" ;;
-    discover) cmd_discover "$@" ;;
-    gpus) cmd_gpus "$@" ;;
+    accounts) cmd_accounts ;;
+    submit) cmd_submit ;;
+    find) cmd_find ;;
+    jobinfo) cmd_jobinfo ;;
+    wait-start) cmd_wait_start ;;
+    wait-ready) cmd_wait_ready ;;
+    stream) cmd_stream ;;
+    cancel) cmd_cancel ;;
+    discover) cmd_discover ;;
+    gpus) cmd_gpus ;;
     *) die "alvis-fsm agent: unknown subcommand '$sub'" ;;
 esac

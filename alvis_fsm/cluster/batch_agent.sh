@@ -1,5 +1,7 @@
 # alvis-fsm batch agent: runs on the login node over the shared connection,
-#     bash -c "<this file>" alvis-fsm-batch SUBCOMMAND RUN_DIR ARGS...
+#     bash -c "<definitions, common.sh, agent_start.sh, this file>" \
+#         alvis-fsm-batch SUBCOMMAND RUN_DIR ARGS...
+# (put together by alvis_fsm/cluster/protocol.py)
 # next to a batch's run directory (see batch_job.sh for its files).
 #   create RUN WINDOW_S    make RUN (0700); deadline = now + WINDOW_S (cluster clock)
 #   put RUN NAME           stdin -> RUN/NAME (0600, atomic)
@@ -10,24 +12,9 @@
 #   mark-cancelled RUN     touch RUN/cancelled (no successor will start)
 #   results RUN            the result lines of every shard
 #   remove RUN             rm -rf RUN (a submission that did not happen)
-set -u
-export LC_ALL=C
-die() { printf '%s\n' "$*" >&2; exit 3; }
-expand_dir() {
-    case $1 in
-        "~") printf '%s\n' "$HOME" ;;
-        "~/"*) printf '%s/%s\n' "$HOME" "${1#\~/}" ;;
-        /*) printf '%s\n' "$1" ;;
-        *) printf '%s/%s\n' "$HOME" "$1" ;;
-    esac
-}
-SCHED_TIMEOUT=${ALVIS_FSM_SCHED_TIMEOUT:-15}
-one_line() { tr '\n|' '  ' | cut -c1-300; }
-exec 9>&1
-note() { printf 'CMD|%s\n' "$*" >&9; }
 
 sub=${1:-}; [ $# -gt 0 ] && shift
-RUN=$(expand_dir "${1:-}"); [ $# -gt 0 ] && shift
+home_path RUN "${1:-}"; [ $# -gt 0 ] && shift
 umask 077
 case $sub in
     create)

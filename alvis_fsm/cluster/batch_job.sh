@@ -13,7 +13,8 @@
 #
 # Rendered by alvis_fsm/engine/batch_service.py from this template with the
 # same rules as jobscript.sh: #SBATCH values matched a strict pattern, every
-# other value is one single-quoted bash word.
+# other value is one single-quoted bash word. Its start (the values both
+# scripts share, put, entering the run directory) is job_start.sh.
 #
 # Files, in the batch's run directory (shared storage):
 #   input.jsonl, batch_runner.py, api_key        uploaded once by the client
@@ -32,37 +33,16 @@
 # `scontrol requeue`) runs this script again from the top: the runner skips
 # what is already written.
 
-set -u
-umask 077
-trap 'LIMIT_SEEN=1' USR1
+{{JOB_START}}
 
-RUN_DIR={{RUN_DIR}}
-HF_MODEL={{MODEL_PATH}}
-MODEL_NAME={{SERVED_NAME}}
-SIF_IMAGE={{IMAGE}}
-EXTRA=({{VLLM_ARGS}})
-MAX_MODEL_LEN={{MAX_MODEL_LEN}}
-READY_TIMEOUT={{READY_TIMEOUT}}
-STARTUP_LINE={{STARTUP_LINE}}
 SHARDS={{SHARDS}}
 CONCURRENCY={{CONCURRENCY}}
 URL_PATH={{URL_PATH}}
 MAX_ATTEMPTS={{MAX_ATTEMPTS}}
 
-case $RUN_DIR in
-    "~") RUN_DIR=$HOME ;;
-    "~/"*) RUN_DIR=$HOME/${RUN_DIR#"~/"} ;;
-    /*) ;;
-    *) RUN_DIR=$HOME/$RUN_DIR ;;
-esac
-cd -- "$RUN_DIR" || { printf 'alvis-fsm: cannot enter run directory %s\n' "$RUN_DIR" >&2; exit 1; }
-
 K=${SLURM_ARRAY_TASK_ID:-0}
 SHARD_DIR=shards/$K
 mkdir -p -- "$SHARD_DIR" results logs
-put() {  # put FILE TEXT: atomic replace
-    printf '%s\n' "$2" >"$1.tmp.$$" && mv -f -- "$1.tmp.$$" "$1"
-}
 note() { printf '%s %s\n' "$(date +%s)" "$*" >>"$SHARD_DIR/events"; }
 DEADLINE=$(cat deadline 2>/dev/null || echo 0)
 note "start job ${SLURM_JOB_ID:-?} on $(hostname)"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alvis_fsm import paths
-from alvis_fsm.cluster import guard, rundir, syntax
+from alvis_fsm.cluster import guard, protocol, rundir, syntax
 from alvis_fsm.cluster.syntax import parse_walltime as parse_walltime
 from alvis_fsm.errors import ConfigError
 
@@ -199,6 +199,8 @@ def render(spec: JobSpec, template: str | None = None, extra: dict[str, str] | N
     ``extra``: more placeholders (already rendered words) for another
     template, such as the batch shard's (engine/batch_service.py)."""
     text = template if template is not None else Path(paths.jobscript_template()).read_text()
+    # The start both job scripts share goes in first, then every value in one pass.
+    text = text.replace("{{JOB_START}}", protocol.job_start().rstrip("\n"))
     values = {**_values(spec), **(extra or {})}
     unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(text)} - values.keys())
     if unknown:

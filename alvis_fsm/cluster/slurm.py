@@ -11,11 +11,33 @@ from alvis_fsm.errors import SchedulerError
 from alvis_fsm.text import inert_line
 
 
+class Phase(StrEnum):
+    """Where a job is in its life, as the tool needs to know it."""
+
+    WAITING = "waiting"  # queued, held or suspended: no server yet, it may still run
+    RUNNING = "running"  # its script runs on its node
+    ENDING = "ending"  # its script is over; SLURM is still releasing its node
+    ENDED = "ended"  # over: SLURM holds nothing of it any more
+
+
 class JobState(StrEnum):
+    """Every state SLURM prints (squeue %T, sacct State): the names of
+    ``job_state_string`` in SchedMD/slurm src/common/slurm_protocol_defs.c,
+    flags first, as SLURM prints a flag in place of the base state."""
+
     PENDING = "PENDING"
     CONFIGURING = "CONFIGURING"
+    REQUEUED = "REQUEUED"
+    REQUEUE_FED = "REQUEUE_FED"
+    REQUEUE_HOLD = "REQUEUE_HOLD"
+    RESV_DEL_HOLD = "RESV_DEL_HOLD"
+    SUSPENDED = "SUSPENDED"
     RUNNING = "RUNNING"
+    RESIZING = "RESIZING"
+    SIGNALING = "SIGNALING"
+    STOPPED = "STOPPED"
     COMPLETING = "COMPLETING"
+    STAGE_OUT = "STAGE_OUT"
     COMPLETED = "COMPLETED"
     CANCELLED = "CANCELLED"
     FAILED = "FAILED"
@@ -23,11 +45,11 @@ class JobState(StrEnum):
     NODE_FAIL = "NODE_FAIL"
     PREEMPTED = "PREEMPTED"
     OUT_OF_MEMORY = "OUT_OF_MEMORY"
-    SUSPENDED = "SUSPENDED"
-    REQUEUED = "REQUEUED"
     BOOT_FAIL = "BOOT_FAIL"
     DEADLINE = "DEADLINE"
-    UNKNOWN = "UNKNOWN"  # the scheduler has no record of it
+    REVOKED = "REVOKED"
+    SPECIAL_EXIT = "SPECIAL_EXIT"
+    UNKNOWN = "UNKNOWN"  # the scheduler has no record of it, or a word we do not know
 
     @classmethod
     def parse(cls, text: str) -> JobState:
@@ -38,17 +60,48 @@ class JobState(StrEnum):
             return cls.UNKNOWN
 
     @property
+    def phase(self) -> Phase | None:
+        """None for UNKNOWN: missing information is no phase at all."""
+        return PHASES.get(self)
+
+    @property
     def waiting(self) -> bool:
-        return self in (
-            JobState.PENDING,
-            JobState.CONFIGURING,
-            JobState.REQUEUED,
-            JobState.SUSPENDED,
-        )
+        return self.phase is Phase.WAITING
 
     @property
     def ended(self) -> bool:
-        return not self.waiting and self is not JobState.RUNNING
+        """The job's run is over (its script has ended), though SLURM may
+        still hold its node a moment (COMPLETING): a session on it is over."""
+        return self.phase in (Phase.ENDING, Phase.ENDED)
+
+    @property
+    def released(self) -> bool:
+        """SLURM holds nothing of the job any more (COMPLETING is not yet):
+        what a cancel waits for before it says "Cleaned up"."""
+        return self.phase is Phase.ENDED
+
+
+# Each state's phase, written once: the agent gets it as shell variables
+# (``protocol.shell_definitions``). SPECIAL_EXIT is a job its epilog held
+# after it ended (only a person can release it) and REVOKED a federated
+# sibling another cluster runs: both ended for this tool.
+PHASES: dict[JobState, Phase] = {
+    **dict.fromkeys(
+        (JobState.PENDING, JobState.CONFIGURING, JobState.REQUEUED, JobState.REQUEUE_FED,
+         JobState.REQUEUE_HOLD, JobState.RESV_DEL_HOLD, JobState.SUSPENDED),
+        Phase.WAITING,
+    ),
+    **dict.fromkeys(
+        (JobState.RUNNING, JobState.RESIZING, JobState.SIGNALING, JobState.STOPPED), Phase.RUNNING
+    ),
+    **dict.fromkeys((JobState.COMPLETING, JobState.STAGE_OUT), Phase.ENDING),
+    **dict.fromkeys(
+        (JobState.COMPLETED, JobState.CANCELLED, JobState.FAILED, JobState.TIMEOUT,
+         JobState.NODE_FAIL, JobState.PREEMPTED, JobState.OUT_OF_MEMORY, JobState.BOOT_FAIL,
+         JobState.DEADLINE, JobState.REVOKED, JobState.SPECIAL_EXIT),
+        Phase.ENDED,
+    ),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,7 +127,7 @@ class JobInfo:
     def ended(self) -> bool:
         """Authoritatively over: a terminal state from squeue or sacct. Missing
         information (a failed query, no record) is never an end."""
-        return self.known and self.state.ended and self.state is not JobState.UNKNOWN
+        return self.known and self.state.ended
 
     @property
     def unanswered(self) -> str:

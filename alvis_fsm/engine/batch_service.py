@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from alvis_fsm.cluster import jobscript
+from alvis_fsm.cluster import jobscript, protocol
 from alvis_fsm.cluster.agent import Agent
 from alvis_fsm.cluster.ssh import SSH_FAILURE, Connection, control_path
 from alvis_fsm.engine import batch
@@ -126,7 +126,7 @@ class Remote:
 
     def call(self, sub: str, run_dir: str, *args: str, input: str | None = None,
              timeout: float = 60, retry: bool = True) -> Any:  # fmt: skip
-        argv = ["bash", "-c", _source("batch_agent.sh"), "alvis-fsm-batch", sub, run_dir, *args]
+        argv = ["bash", "-c", protocol.agent_script("batch_agent.sh"), "alvis-fsm-batch", sub, run_dir, *args]
         proc = self.conn.run(argv, input=input, timeout=timeout, retry=retry)
         for line in proc.stdout.split("\n"):
             if line.startswith("CMD|"):
@@ -139,7 +139,7 @@ class Remote:
         to the command's stdin and its stdout into ``sink``, a chunk at a
         time. A lost connection is reopened and the command run again (so
         only for idempotent commands: put, results); the sink is rewound."""
-        argv = ["bash", "-c", _source("batch_agent.sh"), "alvis-fsm-batch", sub, run_dir, *args]
+        argv = ["bash", "-c", protocol.agent_script("batch_agent.sh"), "alvis-fsm-batch", sub, run_dir, *args]
         for attempt in range(3):
             if sink is not None:
                 sink.seek(0)

@@ -10,8 +10,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from alvis_fsm.cluster import rundir
-from alvis_fsm.cluster.agent import agent_source
+from alvis_fsm.cluster.agent import agent_argv
 
 
 def test_a_wait_ends_when_its_reader_is_gone(tmp_path: Path) -> None:
@@ -24,8 +23,7 @@ def test_a_wait_ends_when_its_reader_is_gone(tmp_path: Path) -> None:
         (bin_dir / tool).chmod(0o755)
     read_end, write_end = os.pipe()
     proc = subprocess.Popen(
-        ["bash", "-c", agent_source(), "alvis-fsm-agent", "wait-start", str(run), "42",
-         "600", "0.1", rundir.STARTED, rundir.JOB_SCRIPT],
+        agent_argv("wait-start", {"run": run, "job": 42, "slice": 600, "interval": 0.1}),
         stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.DEVNULL,
         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
     )  # fmt: skip

@@ -212,12 +212,12 @@ def expected_run_dir(run_dir: str, home: Path) -> str:
 
 
 def script_run_dir(spec: jobscript.JobSpec, home: Path) -> str:
-    """RUN_DIR after the job script's own '~/' expansion (its case block)."""
+    """RUN_DIR after the job script's own '~/' expansion (up to its cd)."""
     script = jobscript.render(spec)
     head = prelude(script)
     rest = script[len(head) :]
-    case = rest[rest.index("case $RUN_DIR in") : rest.index("esac") + len("esac")]
-    out = run_bash(head + case + "\nprintf '%s' \"$RUN_DIR\"\n", home)
+    expand = rest[: rest.index("\ncd -- ")]
+    out = run_bash(head + expand + "\nprintf '%s' \"$RUN_DIR\"\n", home)
     return out.decode("utf-8", "surrogateescape")
 
 

@@ -30,6 +30,24 @@
 # (/invocations, /tokenize, /metrics ...), and it refuses a Host that is not
 # loopback and requests from web pages of other origins.
 
+# Shell functions every script the tool runs on the cluster shares: sent
+# ahead of the agents and rendered into the job scripts by
+# alvis_fsm/cluster/protocol.py, so each is written once.
+
+# home_path VAR PATH: set VAR to PATH as this machine sees it. "~" and "~/x"
+# are the remote home (the client cannot know it), and so is a relative path.
+home_path() {
+    case $2 in
+        "~") printf -v "$1" '%s' "$HOME" ;;
+        "~/"*) printf -v "$1" '%s/%s' "$HOME" "${2#\~/}" ;;
+        /*) printf -v "$1" '%s' "$2" ;;
+        *) printf -v "$1" '%s/%s' "$HOME" "$2" ;;
+    esac
+}
+
+# The start both job scripts share (jobscript.sh, batch_job.sh): rendered in
+# place of their JOB_START placeholder by alvis_fsm/cluster/jobscript.py, after
+# common.sh, then filled in like the rest of the template.
 set -u
 umask 077
 # SLURM's time-limit warning (USR1) must never kill the script, even if it
@@ -46,6 +64,15 @@ EXTRA=()
 MAX_MODEL_LEN=32768
 READY_TIMEOUT=600
 STARTUP_LINE='Application startup complete.'
+
+put() {  # put FILE TEXT: atomic replace
+    printf '%s\n' "$2" >"$1.tmp.$$" && mv -f -- "$1.tmp.$$" "$1"
+}
+
+# The client may name the run directory relative to the remote home.
+home_path RUN_DIR "$RUN_DIR"
+cd -- "$RUN_DIR" || { printf 'alvis-fsm: cannot enter run directory %s\n' "$RUN_DIR" >&2; exit 1; }
+
 API_KEY_FILE=api_key
 STARTED_FILE=job.started
 ADDRESS_FILE=server_address.txt
@@ -263,19 +290,6 @@ def source() -> str:
 GUARD_FILE=alvis_fsm_guard.py
 GUARD_MIDDLEWARE=alvis_fsm_guard.Guard
 
-# The client may name the run directory relative to the remote home.
-case $RUN_DIR in
-    "~") RUN_DIR=$HOME ;;
-    "~/"*) RUN_DIR=$HOME/${RUN_DIR#"~/"} ;;
-    /*) ;;
-    *) RUN_DIR=$HOME/$RUN_DIR ;;
-esac
-cd -- "$RUN_DIR" || { printf 'alvis-fsm: cannot enter run directory %s\n' "$RUN_DIR" >&2; exit 1; }
-
-put() {  # put FILE TEXT: atomic replace
-    printf '%s\n' "$2" >"$1.tmp.$$" && mv -f -- "$1.tmp.$$" "$1"
-}
-
 VLLM_PID=""
 stop_vllm() {  # stop_vllm WHY: record why, stop vLLM, record its status, exit with it
     trap '' TERM INT HUP
@@ -446,14 +460,10 @@ cache_trim() {  # cache_trim ROOT MAX_KIB MAX_FILES
     )
 }
 
-case $CACHE_DIR in
-    "") VLLM_CACHE_ROOT=$SCRATCH/vllm-cache ;;
-    "~") VLLM_CACHE_ROOT=$HOME/vllm ;;
-    "~/"*) VLLM_CACHE_ROOT=$HOME/${CACHE_DIR#"~/"}/vllm ;;
-    /*) VLLM_CACHE_ROOT=$CACHE_DIR/vllm ;;
-    *) VLLM_CACHE_ROOT=$HOME/$CACHE_DIR/vllm ;;
-esac
+VLLM_CACHE_ROOT=$SCRATCH/vllm-cache
 if [ -n "$CACHE_DIR" ]; then
+    home_path VLLM_CACHE_ROOT "$CACHE_DIR"
+    VLLM_CACHE_ROOT=$VLLM_CACHE_ROOT/vllm
     if [ ! -e "$VLLM_CACHE_ROOT" ] && mkdir -p -- "$VLLM_CACHE_ROOT"; then
         : >"$VLLM_CACHE_ROOT/$CACHE_MARKER"
     fi

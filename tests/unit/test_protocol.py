@@ -1,0 +1,107 @@
+"""The cluster protocol's facts, once (issue 24 item 4): SLURM's job states
+by phase, the agent's named arguments, "~" expansion; the agent runs here
+under bash with a stand-in squeue/sacct."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from alvis_fsm.cluster import protocol
+from alvis_fsm.cluster.agent import agent_argv
+from alvis_fsm.cluster.slurm import PHASES, JobInfo, JobState, Phase
+
+# Every name SLURM's job_state_string prints (SchedMD/slurm,
+# src/common/slurm_protocol_defs.c), flags and base states.
+SLURM_PRINTS = [
+    "COMPLETING", "STAGE_OUT", "CONFIGURING", "RESIZING", "REQUEUED", "REQUEUE_FED",
+    "REQUEUE_HOLD", "SPECIAL_EXIT", "STOPPED", "REVOKED", "RESV_DEL_HOLD", "SIGNALING",
+    "PENDING", "RUNNING", "SUSPENDED", "COMPLETED", "CANCELLED", "FAILED", "TIMEOUT",
+    "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY",
+]  # fmt: skip
+
+
+def test_every_state_slurm_prints_has_one_phase() -> None:
+    assert sorted(s.value for s in PHASES) == sorted(SLURM_PRINTS)
+    assert JobState.UNKNOWN.phase is None and not JobState.UNKNOWN.ended
+
+
+def test_completing_is_over_but_not_released() -> None:
+    assert JobState.COMPLETING.ended and not JobState.COMPLETING.released
+    assert JobState.CANCELLED.ended and JobState.CANCELLED.released
+    assert not JobState.RUNNING.ended and not JobState.PENDING.ended
+    assert JobInfo(source="squeue", state=JobState.COMPLETING).ended
+    assert not JobInfo(source="unknown", state=JobState.UNKNOWN).ended
+    assert JobState.parse("CANCELLED by 1000") is JobState.CANCELLED
+    assert JobState.parse("SOMETHING_NEW") is JobState.UNKNOWN
+
+
+def test_command_args_are_named_and_checked() -> None:
+    assert protocol.command_args("jobinfo", {"job": 7}) == ["jobinfo", "job=7"]
+    assert protocol.command_args("submit", {"run": "~/r", "has_key": 1}, ["-t", "1:00"]) == [
+        "submit", "run=~/r", "has_key=1", "--", "-t", "1:00",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="takes"):
+        protocol.command_args("jobinfo", {})
+    with pytest.raises(ValueError, match="takes"):
+        protocol.command_args("jobinfo", {"job": 1, "extra": 2})
+    with pytest.raises(ValueError, match="no command"):
+        protocol.command_args("nope", {})
+
+
+def test_shell_definitions_carry_the_tables() -> None:
+    out = subprocess.run(
+        ["bash", "-c", protocol.shell_definitions()
+         + 'printf "%s\\n" "$JOB_STATES_ENDED" "$AGENT_ARGS_wait_ready" "$FILE_STARTED"'],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert out[0].split() == [s.value for s, p in PHASES.items() if p is Phase.ENDED]
+    assert out[1].split() == list(protocol.COMMANDS["wait-ready"])
+    assert out[2] == "job.started"
+
+
+def _run(tmp_path: Path, argv: list[str], squeue: str = "", sacct: str = "") -> subprocess.CompletedProcess[str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool, out in (("squeue", squeue), ("sacct", sacct), ("scancel", "")):
+        (bin_dir / tool).write_text(f"#!/bin/sh\nprintf '%s' '{out}'\n")
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("queue", "verdict"),
+    [("COMPLETING\n", "unconfirmed"), ("CANCELLED\n", "confirmed"), ("REVOKED\n", "confirmed"),
+     ("SPECIAL_EXIT\n", "confirmed"), ("PENDING\n", "unconfirmed"), ("", "confirmed")],
+)  # fmt: skip
+def test_cancel_by_name_waits_for_a_released_job(tmp_path: Path, queue: str, verdict: str) -> None:
+    proc = _run(tmp_path, agent_argv("cancel", {"job": "", "job_name": "n", "confirm": 0}), squeue=queue)
+    assert proc.returncode == 0, proc.stderr
+    assert f"CANCEL|{verdict}|" in proc.stdout
+
+
+def test_the_agent_refuses_arguments_it_does_not_take(tmp_path: Path) -> None:
+    base = ["bash", "-c", protocol.agent_script("agent.sh"), "alvis-fsm-agent"]
+    for words, why in (
+        (["jobinfo"], "missing argument job="),
+        (["jobinfo", "job=1", "run=x"], "unexpected argument 'run=x'"),
+        (["jobinfo", "1"], "unexpected argument '1'"),
+        (["nope"], "unknown subcommand 'nope'"),
+    ):
+        proc = _run(tmp_path, base + words)
+        assert proc.returncode == 3 and why in proc.stderr, (words, proc.stderr)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("~", "{h}"), ("~/a b", "{h}/a b"), ("rel/x", "{h}/rel/x"), ("/abs/x", "/abs/x"),
+     ("~x", "{h}/~x"), ("a\nb\n", "{h}/a\nb\n")],
+)  # fmt: skip
+def test_home_path_is_the_one_tilde_expansion(tmp_path: Path, given: str, expected: str) -> None:
+    script = protocol.fragment("common.sh") + 'home_path out "$1"; printf "%s" "$out"'
+    proc = _run(tmp_path, ["bash", "-c", script, "x", given])
+    assert proc.stdout == expected.format(h=tmp_path)
