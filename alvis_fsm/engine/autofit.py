@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from alvis_fsm.cluster import protocol
 from alvis_fsm.engine import fit
 from alvis_fsm.engine.observer import Observer
 from alvis_fsm.engine.store import atomic_write
@@ -32,10 +33,10 @@ CACHE_FILE = "snapshots.json"
 # The hub is shared: only regular files are read, each open inside a child
 # bounded by `timeout` (a FIFO named config.json must not stall us), each read
 # capped in size.
-PROBE_SCRIPT = r"""
+# "~" is expanded by common.sh's home_path, as in every remote script.
+PROBE_SCRIPT = protocol.fragment("common.sh") + r"""
 set -u
-snap=$1
-case $snap in "~/"*) snap=$HOME/${snap#"~/"} ;; esac
+home_path snap "$1"
 cd -- "$snap" 2>/dev/null || { printf 'MISSING|\n'; exit 0; }
 small() { [ -f "$1" ] && [ -r "$1" ] && timeout 5 head -c "$2" -- "$1" 2>/dev/null | tr -d '\n\r'; }
 if [ -f config.json ]; then
