@@ -22,10 +22,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from alvis_fsm.errors import ConnectionLost, SessionError, SSHError
 from alvis_fsm.retry import Backoff
+
+if TYPE_CHECKING:
+    import pexpect
 
 # ssh's own exit status for "could not connect / connection lost".
 SSH_FAILURE = 255
@@ -197,6 +200,19 @@ class Connection:
         """Open the shared connection, or reuse one that is already up."""
         if self.alive():
             return
+        child = self._spawn_master()
+        try:
+            transcript = self._log_in(child)
+        finally:
+            child.close()
+        if child.exitstatus == 0 and self.alive():
+            self.logins += 1
+            return
+        raise ssh_error(self.opts.host, transcript)
+
+    def _spawn_master(self) -> pexpect.spawn:
+        """ssh as the master, on a terminal of its own (pexpect) so that its
+        prompts reach us; a stale control socket is removed first."""
         import pexpect  # only commands that talk to the cluster pay for it
 
         with_master = [
@@ -216,7 +232,7 @@ class Connection:
         # process group, which can include the master still on its way to
         # the background. With SIGHUP ignored (ssh keeps an inherited
         # SIG_IGN), that race cannot kill the master.
-        child = pexpect.spawn(
+        return pexpect.spawn(
             with_master[0],
             with_master[1:],
             encoding="utf-8",
@@ -224,43 +240,42 @@ class Connection:
             timeout=5,
             preexec_fn=_ignore_sighup,
         )
+
+    def _log_in(self, child: pexpect.spawn) -> str:
+        """Answer ssh's prompts (host key, passphrase, 2FA, password) until it
+        goes to the background; returns what it printed since the last answer."""
+        import pexpect
+
         transcript = ""
         deadline = time.monotonic() + self.opts.connect_timeout + 120
-        try:
-            while True:
-                if time.monotonic() > deadline:
-                    raise ConnectionLost(
-                        f"Timed out logging in to {self.opts.host}",
-                        hint="Check your network/VPN and that `ssh " + self.opts.host + "` works.",
-                        details=transcript.strip() or None,
-                    )
-                index = child.expect(
-                    [
-                        _HOSTKEY_PROMPT,
-                        _PASSPHRASE_PROMPT,
-                        _OTP_PROMPT,
-                        _PASSWORD_PROMPT,
-                        pexpect.EOF,
-                        pexpect.TIMEOUT,
-                    ]
+        while True:
+            if time.monotonic() > deadline:
+                raise ConnectionLost(
+                    f"Timed out logging in to {self.opts.host}",
+                    hint="Check your network/VPN and that `ssh " + self.opts.host + "` works.",
+                    details=transcript.strip() or None,
                 )
-                transcript += child.before or ""
-                if index == 0:
-                    transcript += child.after
-                    child.sendline(self._answer_host_key(transcript))
-                    transcript = ""
-                elif index in (1, 2, 3):
-                    answer = self._ask_secret(str(child.after).strip())
-                    child.sendline(answer)
-                elif index == 4:
-                    break
-                # index 5: keep waiting (slow login, 2FA push)
-        finally:
-            child.close()
-        if child.exitstatus == 0 and self.alive():
-            self.logins += 1
-            return
-        raise ssh_error(self.opts.host, transcript)
+            index = child.expect(
+                [
+                    _HOSTKEY_PROMPT,
+                    _PASSPHRASE_PROMPT,
+                    _OTP_PROMPT,
+                    _PASSWORD_PROMPT,
+                    pexpect.EOF,
+                    pexpect.TIMEOUT,
+                ]
+            )
+            transcript += child.before or ""
+            if index == 0:
+                transcript += child.after
+                child.sendline(self._answer_host_key(transcript))
+                transcript = ""
+            elif index in (1, 2, 3):
+                answer = self._ask_secret(str(child.after).strip())
+                child.sendline(answer)
+            elif index == 4:
+                return transcript
+            # index 5: keep waiting (slow login, 2FA push)
 
     def _answer_host_key(self, text: str) -> str:
         if not self.prompter.interactive():

@@ -147,38 +147,9 @@ class Tunnel:
     def open(self) -> str:
         """Open the tunnel; returns what ssh said (e.g. 'Permanently added …')."""
         if self.route == "login":
-            if self.remote_socket:
-                # The login node's sshd would look for the path on the login node.
-                raise SSHError(
-                    "Route login cannot reach a unix socket on the compute node",
-                    hint="This session's server listens on a unix socket: use route jump.",
-                )
-            self._clear_stale_socket()
-            proc = subprocess.run(
-                [*common_args(self.conn.opts), "-S", str(self.conn.control), "-O", "forward",
-                 "-L", self.forward, self.conn.opts.host],
-                capture_output=True, text=True, start_new_session=True, check=False,
-            )  # fmt: skip
-            if proc.returncode != 0:
-                raise SSHError("Could not open the tunnel", details=proc.stderr.strip() or None)
+            self._open_on_login_node()
             return ""
-        opts = self.conn.opts
-        jump = shlex.join(
-            [*common_args(opts), "-S", str(self.conn.control), "-o", "ControlMaster=no",
-             "-o", "ProxyCommand=false", "-W", "%h:%p", opts.host]
-        )  # fmt: skip
-        argv = [
-            *common_args(opts),
-            "-M", "-S", str(self.control),
-            "-f",
-            "-o", "ExitOnForwardFailure=yes",
-            "-o", "StrictHostKeyChecking=accept-new",
-            "-o", "BatchMode=yes",
-            "-o", f"ProxyCommand={jump}",
-            *(["-o", "StreamLocalBindMask=0177"] if self.local_socket else []),
-            "-L", self.forward,
-            self.node, HOLD,
-        ]  # fmt: skip
+        argv = self._jump_argv()
         self.conn.prompter.command(shlex.join(argv))
         # A socket left by a tunnel ssh that was killed would make the new one
         # "disable multiplexing": it would run on, but alive() and close()
@@ -201,16 +172,59 @@ class Tunnel:
             err.seek(0)
             said = err.read().strip()
         if tun.returncode != 0:
-            if self.local_socket and ("Address already in use" in said or "cannot listen" in said):
-                raise SSHError(f"Could not listen on {self.local_socket}", details=said)
-            if "Address already in use" in said or "cannot listen" in said:
-                raise SSHError(
-                    f"Local port {self.local_port} is already in use",
-                    hint=port_busy_hint(self.local_port),
-                    details=said,
-                )
-            raise ssh_error(self.node, said, "no tunnel was opened")
+            raise self._not_opened(said)
         return said
+
+    def _open_on_login_node(self) -> None:
+        """Route login: a forward on the shared connection to the login node."""
+        if self.remote_socket:
+            # The login node's sshd would look for the path on the login node.
+            raise SSHError(
+                "Route login cannot reach a unix socket on the compute node",
+                hint="This session's server listens on a unix socket: use route jump.",
+            )
+        self._clear_stale_socket()
+        proc = subprocess.run(
+            [*common_args(self.conn.opts), "-S", str(self.conn.control), "-O", "forward",
+             "-L", self.forward, self.conn.opts.host],
+            capture_output=True, text=True, start_new_session=True, check=False,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            raise SSHError("Could not open the tunnel", details=proc.stderr.strip() or None)
+
+    def _jump_argv(self) -> list[str]:
+        """Route jump: ssh to the node through the shared connection, holding
+        the forward, as a master of its own (``control``)."""
+        opts = self.conn.opts
+        jump = shlex.join(
+            [*common_args(opts), "-S", str(self.conn.control), "-o", "ControlMaster=no",
+             "-o", "ProxyCommand=false", "-W", "%h:%p", opts.host]
+        )  # fmt: skip
+        return [
+            *common_args(opts),
+            "-M", "-S", str(self.control),
+            "-f",
+            "-o", "ExitOnForwardFailure=yes",
+            "-o", "StrictHostKeyChecking=accept-new",
+            "-o", "BatchMode=yes",
+            "-o", f"ProxyCommand={jump}",
+            *(["-o", "StreamLocalBindMask=0177"] if self.local_socket else []),
+            "-L", self.forward,
+            self.node, HOLD,
+        ]  # fmt: skip
+
+    def _not_opened(self, said: str) -> SSHError:
+        """Why the tunnel ssh failed, from what it said."""
+        busy = "Address already in use" in said or "cannot listen" in said
+        if self.local_socket and busy:
+            return SSHError(f"Could not listen on {self.local_socket}", details=said)
+        if busy:
+            return SSHError(
+                f"Local port {self.local_port} is already in use",
+                hint=port_busy_hint(self.local_port),
+                details=said,
+            )
+        return ssh_error(self.node, said, "no tunnel was opened")
 
     def up(self) -> bool:
         """Is this tunnel already there (left by a detached or killed client)?"""
@@ -308,52 +322,71 @@ def verify(
     is gone raises ``TunnelDied`` at once: a drop during recovery is a drop."""
     base = local_base(local_port, local_socket)
     end = time.monotonic() + deadline_s
-    last = ""
-
-    def still_up(what: str) -> None:
-        if alive is not None and not alive():
-            raise TunnelDied("The tunnel closed while the server was being checked",
-                             details=f"{what}: {last}")  # fmt: skip
-
-    models: list[str] = []
     with http_client(api_key, timeout=5, local_socket=local_socket) as client:
+        check = _Check(client, base, end, deadline_s, alive)
+        models = check.models(served_name)
+        return check.first_token(models, served_name or (models[0] if models else ""))
+
+
+@dataclass
+class _Check:
+    """One connection test through the tunnel (``verify``), step by step."""
+
+    client: httpx.Client
+    base: str
+    end: float  # time.monotonic() deadline
+    deadline_s: float
+    alive: Callable[[], bool] | None
+    last: str = ""  # the last failure, for the message at the deadline
+
+    def _failed(self, exc: Exception, what: str) -> None:
+        """A connection error, retried; but if the tunnel is gone, a drop."""
+        self.last = str(exc) or type(exc).__name__
+        if self.alive is not None and not self.alive():
+            raise TunnelDied("The tunnel closed while the server was being checked",
+                             details=f"{what}: {self.last}")  # fmt: skip
+
+    def models(self, served_name: str) -> list[str]:
+        """``/v1/models``, until it lists ``served_name`` (any model if "")."""
+        url = f"{self.base}/v1/models"
         while True:
             try:
-                response = client.get(f"{base}/v1/models")
+                response = self.client.get(url)
                 response.raise_for_status()
                 data = response.json()
                 if isinstance(data, dict) and isinstance(data.get("data"), list):
                     models = [str(m.get("id")) for m in data["data"] if isinstance(m, dict)]
                     if not served_name or served_name in models:
-                        break
+                        return models
                     raise ServerError(
                         f"The server does not serve {served_name}",
-                        details=f"GET {base}/v1/models lists: {', '.join(models) or 'nothing'}",
+                        details=f"GET {url} lists: {', '.join(models) or 'nothing'}",
                     )
-                last = f"unexpected answer: {str(data)[:200]}"
+                self.last = f"unexpected answer: {str(data)[:200]}"
             except httpx.HTTPStatusError as exc:
-                last = f"HTTP {exc.response.status_code} {exc.response.reason_phrase}"
+                self.last = f"HTTP {exc.response.status_code} {exc.response.reason_phrase}"
                 if exc.response.status_code in (401, 403):
-                    raise _refused_key(exc, f"GET {base}/v1/models") from exc
+                    raise _refused_key(exc, f"GET {url}") from exc
             except (httpx.HTTPError, ValueError) as exc:
-                last = str(exc) or type(exc).__name__
-                still_up(f"GET {base}/v1/models")
-            if time.monotonic() >= end:
+                self._failed(exc, f"GET {url}")
+            if time.monotonic() >= self.end:
                 raise ServerError(
-                    f"The server did not answer through the tunnel within {deadline_s:.0f} s",
-                    details=f"GET {base}/v1/models: {last}",
+                    f"The server did not answer through the tunnel within {self.deadline_s:.0f} s",
+                    details=f"GET {url}: {self.last}",
                 )
             time.sleep(0.2)
-        model = served_name or (models[0] if models else "")
+
+    def first_token(self, models: list[str], model: str) -> Verified:
+        """A 1-token completion of ``model``: the engine behind the API works."""
         body = {"model": model, "prompt": "Hi", "max_tokens": 1, "temperature": 0}
-        url = f"{base}/v1/completions"
+        url = f"{self.base}/v1/completions"
         while True:
             # The first request after start-up may be slow (warm-up): give it
             # what is left of the deadline, and never less than 10 s.
-            budget = max(10.0, end - time.monotonic())
+            budget = max(10.0, self.end - time.monotonic())
             started = time.monotonic()
             try:
-                response = client.post(url, json=body, timeout=budget)
+                response = self.client.post(url, json=body, timeout=budget)
                 elapsed = time.monotonic() - started
                 response.raise_for_status()
                 data = response.json()
@@ -365,24 +398,27 @@ def verify(
                     details=f"POST {url}: {str(data)[:300]}",
                 )
             except httpx.HTTPStatusError as exc:
-                if exc.response.status_code in (401, 403):
-                    raise _refused_key(exc, f"POST {url}") from exc
-                raise ServerError(
-                    f"vLLM lists {model} but cannot generate: a 1-token completion failed "
-                    f"with HTTP {exc.response.status_code}",
-                    hint="The inference engine is probably dead; the log above may say why.",
-                    details=f"POST {url}: {exc.response.text[:300]}",
-                ) from exc
+                raise _cannot_generate(exc, model, url) from exc
             except (httpx.HTTPError, ValueError) as exc:
-                last = str(exc) or type(exc).__name__
-                still_up(f"POST {url}")
-            if time.monotonic() >= end:
+                self._failed(exc, f"POST {url}")
+            if time.monotonic() >= self.end:
                 raise ServerError(
                     f"vLLM lists {model} but a 1-token completion did not succeed "
-                    f"within {deadline_s:.0f} s",
-                    details=f"POST {url}: {last}",
+                    f"within {self.deadline_s:.0f} s",
+                    details=f"POST {url}: {self.last}",
                 )
             time.sleep(0.2)
+
+
+def _cannot_generate(exc: httpx.HTTPStatusError, model: str, url: str) -> ServerError:
+    if exc.response.status_code in (401, 403):
+        return _refused_key(exc, f"POST {url}")
+    return ServerError(
+        f"vLLM lists {model} but cannot generate: a 1-token completion failed "
+        f"with HTTP {exc.response.status_code}",
+        hint="The inference engine is probably dead; the log above may say why.",
+        details=f"POST {url}: {exc.response.text[:300]}",
+    )
 
 
 def health(local_port: int, *, api_key: str | None, timeout: float = 3, local_socket: str = "") -> bool:
