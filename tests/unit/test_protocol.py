@@ -105,3 +105,37 @@ def test_home_path_is_the_one_tilde_expansion(tmp_path: Path, given: str, expect
     script = protocol.fragment("common.sh") + 'home_path out "$1"; printf "%s" "$out"'
     proc = _run(tmp_path, ["bash", "-c", script, "x", given])
     assert proc.stdout == expected.format(h=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("squeue", "sacct", "gone"),
+    [("COMPLETING|n|||", "", "COMPLETING"), ("PENDING|||||", "", "PENDING"),
+     ("", "TIMEOUT|n|||0:0", "TIMEOUT"), ("", "COMPLETING|n|||0:0", "COMPLETING")],
+)  # fmt: skip
+def test_a_stream_ends_when_the_job_no_longer_runs(
+    tmp_path: Path, squeue: str, sacct: str, gone: str
+) -> None:
+    (tmp_path / "run").mkdir()
+    argv = agent_argv("stream", {"run": "run", "job": 7, "lines": 1, "follow": 1,
+                                 "interval": 0.1, "check": 1})  # fmt: skip
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, out in (("squeue", squeue), ("sacct", sacct)):
+        (bin_dir / tool).write_text(f"#!/bin/sh\nprintf '%s\\n' '{out}'\n")
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    # stdin open, as the ssh channel's is: its EOF ends the stream.
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("GONE|"):
+                assert line.strip() == f"GONE|{gone}"
+                break
+        else:
+            pytest.fail("the stream ended without GONE")
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=10)
