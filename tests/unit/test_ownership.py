@@ -206,3 +206,23 @@ def test_a_supervisor_whose_starter_keeps_the_lock_gives_up(tmp_path: Path) -> N
     live(store, detached=True)
     with store.lock("s"), pytest.raises(SessionError):
         ownership.run_supervisor(cfg, store, "s", Say(), wait=0.3)
+
+
+def test_a_handover_spawns_the_fronts_command_with_its_output_in_the_log(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    record = live(store, detached=True)
+    said = "print('supervisor of', __import__('sys').argv[1])"
+    handover = ownership.Handover(store, lambda name: [sys.executable, "-c", said, name])
+    say = Say()
+    handover.spawn(record)
+    assert handover.wait(say, timeout=30) is False  # it exited without taking the lock
+    assert [kind for kind, _ in say.lines] == ["warn"]
+    log = ownership.supervisor_log(store, "s")
+    assert log.read_text(encoding="utf-8") == "supervisor of s\n"
+    assert log.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_driver_that_let_go_is_not_waited_for(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    live(store, detached=True)
+    assert ownership.wait_for_driver(store, "s", driven=True) is False
