@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
 import secrets
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -29,7 +27,6 @@ from alvis_fsm.engine.store import SessionRecord, Store, check_name
 from alvis_fsm.errors import (
     AlvisError,
     ConfigError,
-    ConnectionLost,
     SchedulerError,
     ServerError,
     SessionError,
@@ -198,16 +195,45 @@ class NewSession:
         return fits if fits is not None and 0 < fits < asked else None
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """What ``create`` read from the settings and options, before any check."""
+
+    model: str
+    entry: ModelEntry
+    time_text: str
+    seconds: int
+    gpus: str
+    name: str
+    local_port: int
+
+
 def create(settings: Settings, options: StartOptions, *, store: Store | None = None) -> NewSession:
     """A new session, checked with no network: the model's catalog entry,
     time, GPUs, name, the local port (free, and no other live session's),
     the record and its API key. Raises ``AlreadyLive`` when a live session
     of the model (or name) exists and ``options.force_new`` is not set."""
-    from alvis_fsm.cluster import jobscript
-    from alvis_fsm.cluster.tunnel import local_port_free, port_busy_hint
+    cfg = settings
+    spec = _spec(cfg, options)
+    store = store or Store(cfg.state_dir)
+    if not options.short_ok:
+        from alvis_fsm.engine.loadtimes import LoadTimes
+
+        session_spec.check_long_enough(spec.seconds, spec.time_text, spec.model,
+                                       LoadTimes(store.dir).longest(spec.model),
+                                       from_flag=bool(options.time))  # fmt: skip
+    store.ensure()
+    store.prune(cfg.session.keep_days)
+    _check_no_clash(cfg, options, store, spec)
+    _check_run_root(cfg)
+    record = _new_record(cfg, options, store, spec)
+    return NewSession(cfg, store, options, record, spec.entry, spec.time_text, spec.gpus)
+
+
+def _spec(cfg: Settings, options: StartOptions) -> _Spec:
+    """The model's catalog entry, the time, GPUs, name and local port."""
     from alvis_fsm.engine.catalog import load_catalog
 
-    cfg = settings
     model_name = options.model or cfg.catalog.default_model
     entry = session_spec.catalog_entry(load_catalog(cfg), model_name, from_flag=bool(options.model),
                                          settings=cfg)
@@ -216,25 +242,24 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
     time_text = options.time or cfg.slurm.time
     seconds = session_spec.time_seconds(time_text, cfg.slurm.max_time, from_flag=bool(options.time),
                                          settings=cfg)
-    gpus = options.gpus or entry.gpus or cfg.slurm.gpus
     name = (session_spec.session_name(options.name) if options.name
             else session_spec.name_for_model(model_name))  # fmt: skip
-    local_port = 0 if options.local_socket else cfg.tunnel.local_port
-    store = store or Store(cfg.state_dir)
-    if not options.short_ok:
-        from alvis_fsm.engine.loadtimes import LoadTimes
+    return _Spec(model=model_name, entry=entry, time_text=time_text, seconds=seconds,
+                 gpus=options.gpus or entry.gpus or cfg.slurm.gpus, name=name,
+                 local_port=0 if options.local_socket else cfg.tunnel.local_port)  # fmt: skip
 
-        session_spec.check_long_enough(seconds, time_text, model_name,
-                                       LoadTimes(store.dir).longest(model_name),
-                                       from_flag=bool(options.time))  # fmt: skip
-    store.ensure()
-    store.prune(cfg.session.keep_days)
 
+def _check_no_clash(cfg: Settings, options: StartOptions, store: Store, spec: _Spec) -> None:
+    """No live session of the model (unless ``force_new``) or of the name,
+    and the local port is free and no other live session's."""
+    from alvis_fsm.cluster.tunnel import local_port_free, port_busy_hint
+
+    name, local_port = spec.name, spec.local_port
     records, _ = store.all()
     if not options.force_new:
-        same = [r for r in records if r.live and (r.model == model_name or r.name == name)]
+        same = [r for r in records if r.live and (r.model == spec.model or r.name == name)]
         if same:
-            raise AlreadyLive(same[0], second_session(store, records, model_name, name,
+            raise AlreadyLive(same[0], second_session(store, records, spec.model, name,
                                                       local_port, cfg.tunnel.bind))  # fmt: skip
     for r in records:
         if r.live and r.name == name:
@@ -253,6 +278,8 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
             f"Local port {local_port} is already in use", hint=port_busy_hint(local_port)
         )
 
+
+def _check_run_root(cfg: Settings) -> None:
     if ":" in cfg.remote.run_root or "," in cfg.remote.run_root:
         # vLLM loads the tool's guard from the run directory (jobscript.sh).
         raise ConfigError(
@@ -260,21 +287,28 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
             hint="vLLM loads the tool's guard from the run directory, and a path with ':' or ',' "
             "cannot be put on PYTHONPATH or bound into the container: choose one without them.",
         )
+
+
+def _new_record(cfg: Settings, options: StartOptions, store: Store, spec: _Spec) -> SessionRecord:
+    """The session's record: its run directory, job name, URL parts, key."""
+    from alvis_fsm.cluster import jobscript
+
+    name = spec.name
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     token = secrets.token_hex(3)
     record = SessionRecord(
         name=name,
-        model=model_name,
-        local_port=local_port,
+        model=spec.model,
+        local_port=spec.local_port,
         run_dir=f"{cfg.remote.run_root.rstrip('/')}/{name}-{stamp}-{token}",
         started=dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         job_name=f"alvis-fsm-{name}-{token}",
-        served_name=jobscript.served_model_name(entry.path),
+        served_name=jobscript.served_model_name(spec.entry.path),
         route=cfg.tunnel.route,
         bind=cfg.tunnel.bind,
         login_host=cfg.ssh.host,
-        time_limit=time_text,
-        time_limit_s=seconds,
+        time_limit=spec.time_text,
+        time_limit_s=spec.seconds,
     )
     if options.local_socket:
         from alvis_fsm.cluster.ssh import control_path
@@ -285,7 +319,7 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
         from alvis_fsm.engine.runner import new_api_key
 
         record.api_key = new_api_key()
-    return NewSession(cfg, store, options, record, entry, time_text, gpus)
+    return record
 
 
 @dataclass(frozen=True)
@@ -308,8 +342,9 @@ def start(settings: Settings, options: StartOptions, ui: Observer, *,
     session started once more with the length vLLM says fits.
     ``on_failure`` hears the error that ends the start (not the one retried).
     ``on_detached`` runs, still holding the session's lock, once a detached
-    session is tunneled: the front spawns its supervisor there, so that the
-    supervisor is the next to hold the lock and `resume`/`stop` find it."""
+    session is tunneled: the front spawns its supervisor there (an
+    ``ownership.Handover``), so that the supervisor is the next to hold the
+    lock and `resume`/`stop` find it."""
     new = create(settings, options)
     with new.lock():
         runner = new.prepare(ui, detach=options.detach, shield=shield, choose=choose, **handles)
@@ -451,8 +486,7 @@ def stop(settings: Settings, store: Store, name: str, ui: Observer, *,
     """Cancel the session's job (confirmed by the scheduler), close its
     tunnel, state cleaned. None when it was already stopped: its record
     is returned then, for the front to say how it ended. Whoever drives the
-    session must have let go first (the front asks its client or supervisor:
-    a signal to another process is the front's business)."""
+    session must have let go first (``ownership.stop_session`` sees to that)."""
     from alvis_fsm.engine.runner import Runner
 
     with store.lock(name):
@@ -473,7 +507,7 @@ def resume(settings: Settings, store: Store, name: str, ui: Observer, *, detach:
     """Pick a session up where it is (after a killed client, a closed laptop
     or a detach) and drive it (``drive``: the front's way). A session with
     nothing left to drive is cleaned up and said so. Whoever drives it must
-    have let go first (a background supervisor: the front asks it)."""
+    have let go first (a background supervisor: ``ownership.take_over``)."""
     from alvis_fsm.engine.runner import Runner
 
     with store.lock(name):
@@ -563,6 +597,7 @@ def check(settings: Settings, store: Store, record: SessionRecord, ui: Observer,
     """Ask the cluster about one session, read-only unless nobody drives it
     and its job has ended: then the end is recorded (under its lock)."""
     from alvis_fsm.cluster.tunnel import health
+    from alvis_fsm.engine import ownership
     from alvis_fsm.engine.runner import Runner
 
     driven = store.locked(record.name)
@@ -580,7 +615,7 @@ def check(settings: Settings, store: Store, record: SessionRecord, ui: Observer,
             ))  # fmt: skip
         if job is not None and job.ended:
             job_state = str(job.state)
-            if _wait_for_driver(store, record.name, driven):
+            if ownership.wait_for_driver(store, record.name, driven):
                 return Status(record, job_state=job_state)
             # Nobody drives it: record how it ended and close what is left
             # locally (a detached tunnel), under the lock so that a `resume`
@@ -615,63 +650,3 @@ def _time_left(squeue: str) -> str | None:
 
     seconds = duration(squeue) if squeue else None
     return fmt_duration(seconds) if seconds is not None else (squeue or None)
-
-
-def _wait_for_driver(store: Store, name: str, driven: bool) -> bool:
-    """A detached session's supervisor (also one still starting up) lets go
-    by itself once the job has ended: give it a moment. True when someone
-    still drives the session (a foreground client notices the end itself)."""
-    deadline = time.monotonic() + 5
-    while driven and time.monotonic() < deadline:
-        holder = store.holder(name)
-        fresh = store.load(name)
-        if holder is None:
-            break
-        if holder == fresh.client_pid and holder != fresh.supervisor_pid:
-            break
-        time.sleep(0.1)
-    return store.locked(name)
-
-
-# -- a detached session's supervisor ---------------------------------------------------
-# Past its time limit by this much, a job is surely gone: a supervisor
-# started later has nothing left to watch.
-AFTER_LIMIT_S = 300.0
-
-
-def supervise(settings: Settings, store: Store, name: str, ui: Observer, *,
-              drive: Callable[[Runner], None] | None = None,
-              shield: Shield | None = None) -> None:  # fmt: skip
-    """Keep a detached session's tunnel up (call with its lock held): the
-    same engine loop as a foreground client, which never cancels anything —
-    it lets go when the job ends or when `stop`/`resume` take over, and while
-    the network is gone it waits with the one backoff policy."""
-    from alvis_fsm.engine.runner import Runner
-    from alvis_fsm.retry import Backoff
-
-    backoff = Backoff(first=1.0, most=60.0)
-    while True:
-        record = store.load(name)
-        if record.state not in (State.SERVING, State.TUNNELED):
-            return
-        if record.running_since and record.time_limit_s and (
-            time.time() > record.running_since + record.time_limit_s + AFTER_LIMIT_S
-        ):
-            return
-        record.supervisor_pid = os.getpid()
-        store.save(record)
-        runner = Runner(settings, record, store, ui, supervised=True,
-                        shield=shield or contextlib.nullcontext)  # fmt: skip
-        try:
-            (drive or _drive)(runner)  # returns when it lets go
-            record.supervisor_pid = 0
-            store.save(record)
-            return
-        except ConnectionLost as exc:
-            # The network (or the login node) is away: keep the session and
-            # wait for it, longer than a foreground client would.
-            backoff.failed()
-            ui.warn(f"{exc.message}; trying again in {backoff.delay:.0f} s")
-            backoff.wait()
-        except AlvisError:
-            return  # drive() has already reported and cleaned up

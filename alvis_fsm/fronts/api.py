@@ -122,14 +122,19 @@ class Session:
         """Cancel the job (confirmed by the scheduler) and close the tunnel;
         through the gateway: stop the gateway, which cancels every job it
         started (confirmed)."""
+        from alvis_fsm.fronts.common import settings
+
+        cfg, ui = settings(), LogReporter()
         if self.via_gateway:
-            from alvis_fsm.fronts.cli.commands import gateway
+            from alvis_fsm.fronts.gateway import instance
 
-            gateway.stop(Verbosity.QUIET, ui=LogReporter())
+            instance.stop(cfg, ui)
         else:
-            from alvis_fsm.fronts.cli.commands import stop
+            from alvis_fsm.engine import ownership
+            from alvis_fsm.engine.store import Store
+            from alvis_fsm.fronts import signals
 
-            stop.run(Verbosity.QUIET, name=self.name, ui=LogReporter())
+            ownership.stop_session(cfg, Store(cfg.state_dir), self.name, ui, shield=signals.shielded)
         self._stopped = True
 
     def __enter__(self) -> Session:
@@ -161,7 +166,7 @@ def session(
     if via not in ("direct", "gateway"):
         raise UsageError(f"via must be 'direct' or 'gateway', not {via!r}")
     from alvis_fsm.engine.store import Store
-    from alvis_fsm.fronts.cli.commands._common import settings
+    from alvis_fsm.fronts.common import settings
 
     cfg = settings()
     store = Store(cfg.state_dir)
@@ -225,12 +230,11 @@ def _start(model: str, *, time: str | None, gpus: str | None, name: str | None,
     """Start a session as ``alvis-fsm start --detach`` does, through the
     service (no signal handlers: this may run in any thread), and leave a
     supervisor keeping its tunnel up."""
-    from alvis_fsm.engine import service
+    from alvis_fsm.engine import ownership, service
     from alvis_fsm.engine.store import Store
     from alvis_fsm.errors import AlvisError, Interrupted
     from alvis_fsm.fronts import notify
-    from alvis_fsm.fronts.cli.commands import supervise
-    from alvis_fsm.fronts.cli.commands._common import flag_settings
+    from alvis_fsm.fronts.common import flag_settings, supervisor_command
 
     cfg = flag_settings({"tunnel": {"local_port": port} if port is not None else {},
                          "slurm": {"gpus": gpus} if gpus else {}})  # fmt: skip
@@ -244,7 +248,7 @@ def _start(model: str, *, time: str | None, gpus: str | None, name: str | None,
     options = service.StartOptions(model=model, time=time, gpus=gpus, name=name, detach=True,
                                    short_ok=yes)  # fmt: skip
     store = Store(cfg.state_dir)
-    handover = supervise.Handover(store)
+    handover = ownership.Handover(store, supervisor_command)
     started = service.start(cfg, options, ui, on_failure=failed, on_detached=handover.spawn)
     handover.wait(ui)
     return started.record

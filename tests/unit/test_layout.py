@@ -63,6 +63,20 @@ def test_imports_point_down(path: Path) -> None:
     assert not wrong, f"{path.relative_to(PACKAGE)} imports upwards:\n" + "\n".join(wrong)
 
 
+def test_only_the_cli_imports_the_cli() -> None:
+    """The Python API, the gateway and the fronts' shared modules use the
+    engine (or fronts/common.py), never the CLI's commands: what two fronts
+    need lives below the CLI (issue 24)."""
+    wrong = []
+    for path in modules():
+        rel = path.relative_to(PACKAGE).parts
+        if rel[0] != "fronts" or rel[1] == "cli":
+            continue
+        wrong += [f"{'/'.join(rel)} line {line}: {name}" for line, name in imports(path)
+                  if name == "alvis_fsm.fronts.cli" or name.startswith("alvis_fsm.fronts.cli.")]  # fmt: skip
+    assert not wrong, "only fronts/cli/ may import the CLI:\n" + "\n".join(wrong)
+
+
 def test_foundation_imports_nothing_of_the_layers() -> None:
     for name in ("errors.py", "paths.py", "retry.py", "text.py"):
         assert not [n for _, n in imports(PACKAGE / name) if layer_of(n)], name

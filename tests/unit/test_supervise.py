@@ -10,8 +10,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+from alvis_fsm.engine import ownership
 from alvis_fsm.engine.store import SessionRecord, Store
-from alvis_fsm.fronts.cli.commands import supervise
+from alvis_fsm.fronts.common import supervisor_command
 from tests.unit.fake_cluster import Say
 
 # A stand-in for `alvis-fsm _supervise NAME`: it waits for the lock the way
@@ -36,8 +37,8 @@ STAND_IN = textwrap.dedent(
 )
 
 
-def _handover(store: Store, argv: list[str]) -> supervise.Handover:
-    handover = supervise.Handover(store)
+def _handover(store: Store, argv: list[str]) -> ownership.Handover:
+    handover = ownership.Handover(store, supervisor_command)
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     handover._spawned = ("s", proc)
     return handover
@@ -75,5 +76,5 @@ def test_a_supervisor_that_exits_is_reported_not_waited_for(tmp_path: Path) -> N
 
 def test_nothing_spawned_nothing_to_wait_for(tmp_path: Path) -> None:
     say = Say()
-    assert supervise.Handover(Store(tmp_path / "state")).wait(say, timeout=0.1) is True
+    assert ownership.Handover(Store(tmp_path / "state"), supervisor_command).wait(say, timeout=0.1) is True
     assert say.lines == []

@@ -5,8 +5,9 @@ whole life. The lock, not the file, says whether a gateway runs: it goes
 away with the process however it ends, so a file left by a killed gateway
 is stale and is replaced, and a reused pid is never mistaken for it.
 
-Kept light (standard library and the store only): ``status --offline``
-reads it."""
+``stop`` ends the running gateway (the CLI's `gateway stop`, the Python
+API's). Kept light (standard library and the store only; ``stop`` imports
+the rest when called): ``status --offline`` reads it."""
 
 from __future__ import annotations
 
@@ -18,13 +19,22 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alvis_fsm.engine.store import atomic_write
-from alvis_fsm.errors import SessionError
+from alvis_fsm.errors import CancelUnconfirmed, SessionError
+
+if TYPE_CHECKING:
+    from alvis_fsm.engine.observer import Observer
+    from alvis_fsm.engine.settings import Settings
+    from alvis_fsm.engine.store import Store
 
 FILE = "gateway.json"
 LOCK = "gateway.lock"
 LOG = "gateway.log"
+# `gateway stop` waits for the gateway's own shutdown wait (``shutdown_wait``)
+# and this much more.
+STOP_MARGIN_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,73 @@ def already_running(state_dir: Path) -> SessionError:
         hint="Use it (`alvis-fsm env --gateway` prints its exports), or end it with"
         " `alvis-fsm gateway stop` first.",
     )
+
+
+# -- stopping the gateway ----------------------------------------------------------------
+
+
+def shutdown_wait(cfg: Settings) -> float:
+    """How long the gateway's shutdown waits for its sessions to clean up
+    (the cancel confirmation and 60 s)."""
+    return cfg.timeouts.cancel_confirm + 60
+
+
+def stop(cfg: Settings, ui: Observer) -> None:
+    """SIGTERM to the recorded gateway (foreground or background), then wait
+    until it has shut down: its jobs cancelled, confirmed or not (the CLI's
+    `gateway stop`, and the Python API's through the gateway)."""
+    from alvis_fsm.engine.ownership import terminate
+    from alvis_fsm.engine.store import Store
+
+    state_dir = cfg.state_dir
+    found = running(state_dir)
+    if found is None and not claimed(state_dir):
+        # Idempotent, as `stop` is: nothing to stop is not a failure.
+        ui.result("No gateway is running; nothing to stop.")
+        return
+    if found is None:
+        raise SessionError(
+            "A gateway is starting or stopping in this state directory",
+            hint="Wait a moment, then `alvis-fsm gateway stop` again.",
+        )
+    ui.info(f"Stopping the gateway (pid {found.pid}, {found.base_url}); it cancels every job it started...")
+    terminate(found.pid, f"The gateway (pid {found.pid}) cannot be signalled by this user")
+    wait = shutdown_wait(cfg) + STOP_MARGIN_S
+    if not _wait_released(state_dir, wait):
+        raise SessionError(
+            f"The gateway (pid {found.pid}) did not stop within {wait:.0f} s",
+            hint=f"Check that process (ps -p {found.pid})"
+            + (f" and its log ({found.log})" if found.log else "")
+            + "; `alvis-fsm gateway stop` again once it is gone.",
+        )
+    left = unconfirmed(Store(state_dir))
+    if left:
+        raise CancelUnconfirmed(
+            "Gateway stopped; not confirmed that these jobs were cancelled: " + ", ".join(left),
+            hint="`alvis-fsm status` lists them; `alvis-fsm stop NAME` tries again.",
+        )
+    ui.result("Gateway stopped; nothing left running")
+
+
+def _wait_released(state_dir: Path, timeout: float) -> bool:
+    # Polls: flock cannot wait with a timeout (as Store.wait_unlocked).
+    deadline = time.monotonic() + timeout
+    while claimed(state_dir):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def unconfirmed(store: Store) -> list[str]:
+    """Gateway sessions whose job may still exist: live, or failed with a
+    cancel the scheduler did not confirm ("NAME (job ID)")."""
+    from alvis_fsm.engine.service import needs_check
+    from alvis_fsm.fronts.gateway.sessions import is_gateway_session
+
+    records, _ = store.all()
+    return [f"{r.name} (job {r.job_id or '-'})" for r in records
+            if is_gateway_session(r.name) and needs_check(r)]  # fmt: skip
 
 
 class LogFile:

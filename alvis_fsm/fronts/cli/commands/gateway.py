@@ -34,16 +34,12 @@ from alvis_fsm.fronts.ui import Reporter, Verbosity
 
 if TYPE_CHECKING:
     from alvis_fsm.engine.settings import Settings
-    from alvis_fsm.engine.store import Store
     from alvis_fsm.fronts.gateway.models import Handle, Models
     from alvis_fsm.fronts.gateway.server import Gateway
 
 # How long `gateway --detach` waits for the background gateway to listen
 # (it reads the settings and the catalog, imports aiohttp: seconds).
 START_S = 60.0
-# `gateway stop` waits for the gateway's own shutdown wait (the cancel
-# confirmation and 60 s, see ``_serve_here``) and this much more.
-STOP_MARGIN_S = 30.0
 
 
 def parse_duration(text: str) -> float:
@@ -80,11 +76,6 @@ def _settings(port: int | None, idle: str | None) -> Settings:
     if idle is not None:
         overrides["idle_timeout"] = parse_duration(idle)
     return flag_settings({"gateway": overrides})
-
-
-def _shutdown_wait(cfg: Settings) -> float:
-    """How long the gateway's shutdown waits for its sessions to clean up."""
-    return cfg.timeouts.cancel_confirm + 60
 
 
 def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log: str,
@@ -149,7 +140,7 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
         batches = Batches(cfg.state_dir, cluster_ops(cfg))
         gateway = Gateway(key, models, options, batches)
         page = gateway.page = Page(gateway, RequestLog(cfg.state_dir), batches=Board(batches),
-                                   stop_timeout=_shutdown_wait(cfg))  # fmt: skip
+                                   stop_timeout=instance.shutdown_wait(cfg))  # fmt: skip
         if not log:  # the background gateway's parent prints them; the log keeps no key
             click.echo(exports(f"http://localhost:{g.port}/v1", key))
             sys.stdout.flush()
@@ -162,7 +153,7 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
         def clean_up() -> list[str]:
             return sessions.clean_up_orphans(cfg, store, echo)
 
-        left = asyncio.run(_serve(gateway, models, g.port, _shutdown_wait(cfg), echo, listening,
+        left = asyncio.run(_serve(gateway, models, g.port, instance.shutdown_wait(cfg), echo, listening,
                                   clean_up))  # fmt: skip
     if left:
         raise CancelUnconfirmed(
@@ -242,7 +233,7 @@ def _detach(verbosity: Verbosity, *, port: int | None, idle: str | None,
     try:
         found = _wait_listening(state_dir, proc, log)
     except BaseException:
-        _end(proc, _shutdown_wait(cfg))
+        _end(proc, instance.shutdown_wait(cfg))
         raise
     click.echo(exports(found.base_url, key))
     sys.stdout.flush()
@@ -318,67 +309,9 @@ def _end(proc: subprocess.Popen[bytes], wait: float) -> None:
 
 
 def stop(verbosity: Verbosity, ui: Reporter | None = None) -> None:
-    """SIGTERM to the recorded gateway (foreground or background), then wait
-    until it has shut down: its jobs cancelled, confirmed or not. ``ui``: where
-    its words go (the Python API passes its logger's)."""
-    from alvis_fsm.engine.store import Store
-
-    ui = ui or reporter(verbosity)
-    cfg = settings()
-    state_dir = cfg.state_dir
-    found = instance.running(state_dir)
-    if found is None and not instance.claimed(state_dir):
-        # Idempotent, as `stop` is: nothing to stop is not a failure.
-        ui.result("No gateway is running; nothing to stop.")
-        return
-    if found is None:
-        raise SessionError(
-            "A gateway is starting or stopping in this state directory",
-            hint="Wait a moment, then `alvis-fsm gateway stop` again.",
-        )
-    ui.info(f"Stopping the gateway (pid {found.pid}, {found.base_url}); it cancels every job it started...")
-    try:
-        os.kill(found.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    except PermissionError as exc:
-        raise SessionError(f"The gateway (pid {found.pid}) cannot be signalled by this user") from exc
-    wait = _shutdown_wait(cfg) + STOP_MARGIN_S
-    if not _wait_released(state_dir, wait):
-        raise SessionError(
-            f"The gateway (pid {found.pid}) did not stop within {wait:.0f} s",
-            hint=f"Check that process (ps -p {found.pid})"
-            + (f" and its log ({found.log})" if found.log else "")
-            + "; `alvis-fsm gateway stop` again once it is gone.",
-        )
-    left = unconfirmed(Store(state_dir))
-    if left:
-        raise CancelUnconfirmed(
-            "Gateway stopped; not confirmed that these jobs were cancelled: " + ", ".join(left),
-            hint="`alvis-fsm status` lists them; `alvis-fsm stop NAME` tries again.",
-        )
-    ui.result("Gateway stopped; nothing left running")
-
-
-def _wait_released(state_dir: Path, timeout: float) -> bool:
-    # Polls: flock cannot wait with a timeout (as Store.wait_unlocked).
-    deadline = time.monotonic() + timeout
-    while instance.claimed(state_dir):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.2)
-    return True
-
-
-def unconfirmed(store: Store) -> list[str]:
-    """Gateway sessions whose job may still exist: live, or failed with a
-    cancel the scheduler did not confirm ("NAME (job ID)")."""
-    from alvis_fsm.engine.service import needs_check
-    from alvis_fsm.fronts.gateway.sessions import is_gateway_session
-
-    records, _ = store.all()
-    return [f"{r.name} (job {r.job_id or '-'})" for r in records
-            if is_gateway_session(r.name) and needs_check(r)]  # fmt: skip
+    """SIGTERM to the recorded gateway, then wait until it has shut down
+    (fronts/gateway/instance.py ``stop``)."""
+    instance.stop(settings(), ui or reporter(verbosity))
 
 
 # -- the page ----------------------------------------------------------------------------

@@ -242,6 +242,31 @@ def _add(
 ) -> None:
     from alvis_fsm.engine.catalog import ModelEntry, add_entry, check_model_name, user_catalog_path
 
+    chosen, max_len = _chosen(settings, found, name)
+    check_model_name(chosen.name)
+    entry = ModelEntry(
+        path=chosen.path,
+        max_model_len=max_len,
+        description=f"{chosen.repo} (found by models --discover)",
+    )
+    target = user_catalog_path(settings)
+    shadowed = catalog.sources.get(chosen.name)
+    add_entry(target, chosen.name, entry)
+    if as_json:
+        click.echo(json.dumps({"added": {chosen.name: entry.model_dump()}, "catalog": str(target)},
+                              indent=2))  # fmt: skip
+        return
+    if verbosity <= Verbosity.QUIET:
+        click.echo(chosen.name)
+        return
+    _say_added(chosen, max_len, target, shadowed)
+
+
+def _chosen(settings: Settings, found: list[Discovered], name: str) -> tuple[Discovered, int]:
+    """The one discovered snapshot ``name`` names (its name, repo or path),
+    and its context length (it must have one)."""
+    from alvis_fsm.engine.catalog import user_catalog_path
+
     wanted = name.strip()
     matches = [d for d in found if d.name == wanted] or [
         d for d in found if d.repo.lower() == wanted.lower() or _norm(d.path) == _norm(wanted)
@@ -266,29 +291,17 @@ def _add(
             f" ({user_catalog_path(settings)}).",
             details=json.dumps({chosen.name: {"path": chosen.path, "max_model_len": 4096}}),
         )
-    check_model_name(chosen.name)
-    entry = ModelEntry(
-        path=chosen.path,
-        max_model_len=chosen.max_model_len,
-        description=f"{chosen.repo} (found by models --discover)",
-    )
-    target = user_catalog_path(settings)
-    shadowed = catalog.sources.get(chosen.name)
-    add_entry(target, chosen.name, entry)
-    if as_json:
-        click.echo(json.dumps({"added": {chosen.name: entry.model_dump()}, "catalog": str(target)},
-                              indent=2))  # fmt: skip
-        return
-    if verbosity <= Verbosity.QUIET:
-        click.echo(chosen.name)
-        return
-    click.echo(f"Added '{chosen.name}' to {target} (max_model_len {chosen.max_model_len}).")
+    return chosen, chosen.max_model_len
+
+
+def _say_added(chosen: Discovered, max_len: int, target: Path, shadowed: str | None) -> None:
+    click.echo(f"Added '{chosen.name}' to {target} (max_model_len {max_len}).")
     if shadowed and Path(shadowed).expanduser() != target:
         click.echo(f"It overrides the entry of the same name in {shadowed}.")
     others = [n for n in chosen.catalog_names if n != chosen.name]
     if others:
         click.echo(f"The same snapshot is also in the catalog as: {', '.join(others)}.")
-    if chosen.max_model_len > 32768:
+    if max_len > 32768:
         click.echo(
             "A long context needs GPU memory; lower max_model_len in the catalog if vLLM runs"
             " out of memory."

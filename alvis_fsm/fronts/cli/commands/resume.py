@@ -15,11 +15,11 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
     cfg = settings()
     store = Store(cfg.state_dir)
     record = pick_session(store, name, "resume")
-    from alvis_fsm.engine import service
+    from alvis_fsm.engine import ownership, service
     from alvis_fsm.fronts import notify
-    from alvis_fsm.fronts.cli.commands import supervise
+    from alvis_fsm.fronts.common import supervisor_command
 
-    if supervise.take_over(store, record):
+    if ownership.take_over(store, record):
         ui.info(f"Took session '{record.name}' over from its background supervisor")
     ui.on_ready = lambda rec: notify.on_ready(cfg, rec)
 
@@ -27,7 +27,7 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
         if not isinstance(exc, Interrupted):
             notify.on_failure(cfg, rec.name, exc.message)
 
-    handover = supervise.Handover(store)
+    handover = ownership.Handover(store, supervisor_command)
     record = service.resume(cfg, store, record.name, ui, detach=detach, drive=signals.drive,
                             shield=signals.shielded, on_failure=failed,
                             on_detached=handover.spawn)  # fmt: skip

@@ -14,7 +14,8 @@ from alvis_fsm.fronts.cli.commands._common import flag_settings, reporter
 from alvis_fsm.fronts.ui import Reporter, Verbosity
 
 if TYPE_CHECKING:
-    from alvis_fsm.engine.service import AlreadyLive
+    from alvis_fsm.engine.service import AlreadyLive, Started, StartOptions
+    from alvis_fsm.engine.settings import Settings
     from alvis_fsm.engine.store import SessionRecord
 
 
@@ -42,36 +43,53 @@ def run(
             "--json goes with --detach: without it `start` streams logs until Ctrl+C",
             hint="alvis-fsm start --detach --json",
         )
-    slurm_flags = {k: v for k, v in (("gpus", gpus), ("account", account)) if v}
-    cfg = flag_settings(
-        {
-            "tunnel": {k: v for k, v in (("local_port", port), ("route", route)) if v is not None},
-            "slurm": slurm_flags,
-        }
-    )
+    cfg = _settings(port=port, route=route, gpus=gpus, account=account)
     if list_models:
         from alvis_fsm.fronts.cli.commands import models
 
         models.run(verbosity, as_json=as_json, discover=False, add=None)
         return
     from alvis_fsm.engine import service
-    from alvis_fsm.fronts import notify
 
     options = service.StartOptions(model=model, time=walltime, gpus=gpus, account=account,
                                    name=name, detach=detach, force_new=force_new,
                                    short_ok=yes)  # fmt: skip
+    started = _start(cfg, options, ui, verbosity, may_ask=not as_json)
+    if started is not None and detach:
+        _say_detached(ui, started, as_json)
+
+
+def _settings(*, port: int | None, route: str | None, gpus: str | None,
+              account: str | None) -> Settings:  # fmt: skip
+    """The settings, with start's flags on top."""
+    slurm_flags = {k: v for k, v in (("gpus", gpus), ("account", account)) if v}
+    return flag_settings(
+        {
+            "tunnel": {k: v for k, v in (("local_port", port), ("route", route)) if v is not None},
+            "slurm": slurm_flags,
+        }
+    )
+
+
+def _start(cfg: Settings, options: StartOptions, ui: Reporter, verbosity: Verbosity, *,
+           may_ask: bool) -> Started | None:  # fmt: skip
+    """Start the session through the service, in the terminal's way (signals,
+    prompts, notifications; a detached one handed to its supervisor). None
+    when a live session of the model was offered instead."""
+    from alvis_fsm.engine import ownership, service
+    from alvis_fsm.engine.store import Store
+    from alvis_fsm.fronts import notify
+    from alvis_fsm.fronts.common import supervisor_command
+
     ui.on_ready = lambda rec: notify.on_ready(cfg, rec)
 
     def failed(record: SessionRecord, exc: AlvisError) -> None:
         if not isinstance(exc, Interrupted):  # Ctrl+C is the user's own doing
             notify.on_failure(cfg, record.name, exc.message)
 
-    from alvis_fsm.engine.store import Store
-    from alvis_fsm.fronts.cli.commands import supervise
-
     # Spawned while start still holds the session's lock, so the supervisor
     # is the next to hold it; waited for once start has let go.
-    handover = supervise.Handover(Store(cfg.state_dir))
+    handover = ownership.Handover(Store(cfg.state_dir), supervisor_command)
     try:
         started = service.start(
             cfg, options, ui, drive=signals.drive, shield=signals.shielded,
@@ -79,12 +97,14 @@ def run(
             on_detached=handover.spawn,
         )  # fmt: skip
     except service.AlreadyLive as exc:
-        _offer_resume(ui, exc, verbosity, may_ask=not as_json)
-        return
+        _offer_resume(ui, exc, verbosity, may_ask=may_ask)
+        return None
     handover.wait(ui)
+    return started
+
+
+def _say_detached(ui: Reporter, started: Started, as_json: bool) -> None:
     record = started.record
-    if not detach:
-        return
     if as_json:
         from alvis_fsm.fronts.cli.commands.status import row
         from alvis_fsm.fronts.output import emit_json

@@ -91,6 +91,24 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool,
         cfg = settings()
         store = Store(cfg.state_dir)
     gateway = None if name else instance.running(store.dir)
+    records, problems, hidden = _records(store, name, show_all)
+    rows, failed_checks = _rows(cfg, store, records, offline, verbosity)
+    problems.extend(failed_checks)
+    # A live check that failed makes the exit code (its own); a damaged file
+    # among many is reported but does not stop the listing from being valid.
+    code = int(failed_checks[0].exit_code) if failed_checks else 0
+    if as_json:
+        click.echo(json.dumps({"sessions": [r for r, _ in rows], "errors": [e.message for e in problems],
+                               "gateway": _gateway_json(gateway)}, indent=2))  # fmt: skip
+        return code
+    _print(rows, problems, gateway, hidden)
+    return code
+
+
+def _records(store: Store, name: str | None,
+             show_all: bool) -> tuple[list[SessionRecord], list[AlvisError], int]:  # fmt: skip
+    """The sessions to show, the damaged files among them, and how many
+    finished ones are left out as history."""
     problems: list[AlvisError] = []
     if name:
         from alvis_fsm.fronts.gateway.sessions import session_of
@@ -103,38 +121,39 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool,
     if not name and not show_all:
         kept = [r for r in records if not is_history(r)]
         hidden, records = len(records) - len(kept), kept
-    rows: list[dict[str, Any]] = []
-    unverified: set[str] = set()
+    return records, problems, hidden
+
+
+def _rows(cfg: Any, store: Store, records: list[SessionRecord], offline: bool,
+          verbosity: Verbosity) -> tuple[list[tuple[dict[str, Any], bool]], list[AlvisError]]:  # fmt: skip
+    """Each session's row (checked live unless offline) and whether its
+    check failed; the failed checks' errors, in order."""
+    rows: list[tuple[dict[str, Any], bool]] = []
     failed_checks: list[AlvisError] = []
     for record in records:
         if offline or not _needs_check(record):
-            rows.append(row(record))
+            rows.append((row(record), False))
             continue
         checked = _check(cfg, store, record, verbosity)
-        rows.append(row(checked.record, job_state=checked.job_state,
-                        time_left=checked.time_left, reachable=checked.reachable))  # fmt: skip
+        rows.append((row(checked.record, job_state=checked.job_state, time_left=checked.time_left,
+                         reachable=checked.reachable), checked.problem is not None))  # fmt: skip
         if checked.problem is not None:
-            problems.append(checked.problem)
-            unverified.add(record.name)
             failed_checks.append(checked.problem)
-    errors = [e.message for e in problems]
-    # A live check that failed makes the exit code (its own); a damaged file
-    # among many is reported but does not stop the listing from being valid.
-    code = int(failed_checks[0].exit_code) if failed_checks else 0
-    if as_json:
-        click.echo(json.dumps({"sessions": rows, "errors": errors,
-                               "gateway": _gateway_json(gateway)}, indent=2))  # fmt: skip
-        return code
+    return rows, failed_checks
+
+
+def _print(rows: list[tuple[dict[str, Any], bool]], problems: list[AlvisError],
+           gateway: instance.Instance | None, hidden: int) -> None:  # fmt: skip
     from alvis_fsm.text import inert_line as clean
 
     if gateway is not None:
         click.echo(clean(_describe_gateway(gateway)))
-    elif not rows and not errors and not hidden:
+    elif not rows and not problems and not hidden:
         click.echo("No sessions. Start one with `alvis-fsm start`.")
 
-    for r in rows:
+    for r, unverified in rows:
         line = _describe(r)
-        if r["name"] in unverified:
+        if unverified:
             line += " · UNVERIFIED (the check failed; this is the last saved state)"
         click.echo(clean(line))
     if hidden:
@@ -144,7 +163,6 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool,
         click.echo(f"[ERROR] {e.message}", err=True)
         if e.hint:
             click.echo(f"[HINT] {e.hint}", err=True)
-    return code
 
 
 def _needs_check(record: SessionRecord) -> bool:
