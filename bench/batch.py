@@ -65,7 +65,8 @@ sys.path.insert(0, str(REPO / "tests" / "integration"))
 from conftest import Lab, bring_up_lab, lab_lock  # noqa: E402
 from tool import tool_argv  # noqa: E402
 
-CONCURRENCY = 64  # engine/batch_service.CONCURRENCY
+from alvis_fsm.engine.batch_service import CONCURRENCY  # noqa: E402
+
 REAL_VLLM = Path("/opt/alvis-lab-vllm/bin/vllm")
 REAL_MODEL = "tiny-real"
 REAL_ROW = "| vs `vllm run-batch` on the real vLLM"
