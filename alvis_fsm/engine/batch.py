@@ -380,10 +380,17 @@ class BatchStore:
         return sorted(out, key=lambda r: (r.created_at, r.id))
 
 
-def openai_object(record: BatchRecord) -> dict[str, Any]:
-    """OpenAI's Batch object (openai-python types/batch.py) for a record."""
-    times = record.times
+def openai_object(record: BatchRecord, assembling: bool = False) -> dict[str, Any]:
+    """OpenAI's Batch object (openai-python types/batch.py) for a record.
+    ``assembling``: a completed batch whose output and error files are not
+    ready yet (the gateway is downloading them) shows as ``finalizing``."""
+    times = dict(record.times)
     status = BatchStatus(record.status)
+    if status == BatchStatus.COMPLETED and "completed_at" in times:  # a record from before finalizing
+        times.setdefault("finalizing_at", times["completed_at"])
+    if assembling and status == BatchStatus.COMPLETED:
+        status = BatchStatus.FINALIZING
+        times.pop("completed_at", None)
     errors = None
     if record.error:
         errors = {"object": "list", "data": [
@@ -491,7 +498,12 @@ def apply(record: BatchRecord, snap: Snapshot) -> BatchRecord:
     answered = not snap.queue_unknown
     all_done = all(_shard_done(snap, k) for k in range(record.shards))
     if all_done:
-        record.set_status(BatchStatus.COMPLETED, now)
+        # Every line has run (as OpenAI's finalizing): the results are being
+        # assembled while a shard's job is still finishing; completed once
+        # none is left (or the queue cannot say: every result is written).
+        record.set_status(BatchStatus.FINALIZING, now)
+        if not live:
+            record.set_status(BatchStatus.COMPLETED, now)
         return record
     if snap.cancelled_mark:
         if answered and not live:
