@@ -85,7 +85,7 @@ class Batch:
     @property
     def request_counts(self) -> dict[str, int]:
         r = self.record
-        return {"total": r.total, "completed": r.completed, "failed": r.failed}
+        return dict(total=r.total, completed=r.completed, failed=r.failed)
 
     @property
     def error(self) -> str:
