@@ -22,8 +22,8 @@ there: a requeued or successor shard redoes at most what was in flight.
 
 **Stopping.** SIGUSR1 (the job's time-limit warning) or SIGTERM: take no
 more lines, give the requests in flight ``GRACE_S`` seconds (at most half
-the warning time), flush, exit 3
-(work left: the job script starts a successor). Past ``--deadline`` (the
+the warning time), flush, exit 3 (work left: the job script starts a
+successor). Past ``--deadline`` (the
 batch's completion window, the cluster's clock) it stops the same way and
 exits 4. A server that stops answering (connection refused or reset past the
 retries) exits 5 with nothing written for the lines it could not send.
