@@ -1,6 +1,7 @@
 """alvis-fsm: a private vLLM server on the Chalmers Alvis cluster, one command away.
 
-For scripts and notebooks: ``alvis_fsm.session(...)`` (see ``alvis_fsm.fronts.api``)."""
+For scripts and notebooks: ``alvis_fsm.session(...)`` (see ``alvis_fsm.fronts.api``);
+batches: ``alvis_fsm.batch(...)``, ``alvis_fsm.batches()`` (``alvis_fsm.fronts.batch_api``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from alvis_fsm.fronts.api import Session, session
+    from alvis_fsm.fronts.batch_api import Batch, batch, batches, get_batch
 
-__all__ = ["Session", "__version__", "session"]
+__all__ = ["Batch", "Session", "__version__", "batch", "batches", "get_batch", "session"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +22,8 @@ def __getattr__(name: str) -> Any:
         from alvis_fsm.fronts import api
 
         return getattr(api, name)
+    if name in ("batch", "batches", "get_batch", "Batch"):
+        from alvis_fsm.fronts import batch_api
+
+        return getattr(batch_api, name)
     raise AttributeError(f"module 'alvis_fsm' has no attribute {name!r}")

@@ -21,8 +21,9 @@ last line a kill left half-written, and skips every ``custom_id`` already
 there: a requeued or successor shard redoes at most what was in flight.
 
 **Stopping.** SIGUSR1 (the job's time-limit warning) or SIGTERM: take no
-more lines, give the requests in flight ``GRACE_S`` seconds, flush, exit 3
-(work left: the job script starts a successor). Past ``--deadline`` (the
+more lines, give the requests in flight ``GRACE_S`` seconds (at most half
+the warning time), flush, exit 3 (work left: the job script starts a
+successor). Past ``--deadline`` (the
 batch's completion window, the cluster's clock) it stops the same way and
 exits 4. A server that stops answering (connection refused or reset past the
 retries) exits 5 with nothing written for the lines it could not send.
@@ -60,6 +61,13 @@ except ImportError:  # on the node: shipped next to this file
 FSYNC_S = 2.0
 PROGRESS_S = 1.0
 GRACE_S = 20.0  # after the time-limit warning: in-flight requests may finish
+# Requests in flight: all Alvis GPUs get vLLM 0.11's default running batch
+# (max_num_seqs 256; 128 on the CPU build), so the engine's batches are as
+# full as with `vllm run-batch`, which hands it every line at once.
+CONCURRENCY = 256
+# Written by the client next to the input: {"warn_s": T} of the job's
+# --signal=B:USR1@T, so the grace ends well before the limit's SIGTERM.
+SETTINGS = "runner.json"
 TERM_GRACE_S = 1.0  # after SIGTERM (scancel, requeue): SLURM kills soon, flush now
 RETRIES = 6
 BACKOFF_FIRST = 0.5
@@ -134,6 +142,19 @@ def recover(path: str) -> dict[str, dict[str, Any]]:
     return done
 
 
+def grace_after_warning(path: str = SETTINGS) -> float:
+    """Seconds the requests in flight get after the time-limit warning:
+    GRACE_S, but at most half the warning time (``runner.json`` next to
+    the input, in the run directory), so the runner has flushed and the job script has submitted
+    the successor before SLURM's SIGTERM at the limit."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            warn = float(json.load(handle)["warn_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return GRACE_S
+    return max(1.0, min(GRACE_S, warn / 2))
+
+
 def is_ok(row: dict[str, Any]) -> bool:
     response = row.get("response")
     return (
@@ -182,9 +203,11 @@ class Runner:
         self.total = 0
         self.started = time.time()
         self.last_sync = time.monotonic()
+        self.last_progress = time.monotonic()
+        self.span = (0, 0)  # this shard's input lines [start, end)
         self.handle: Any = None
         self.sent = 0  # requests sent by this run (a retry counts once)
-        self.grace = GRACE_S
+        self.grace = grace_after_warning(os.path.join(os.path.dirname(os.path.abspath(args.input)), SETTINGS))
 
     # -- signals ------------------------------------------------------------
     def on_signal(self, signum: int, _frame: Any) -> None:
@@ -309,53 +332,67 @@ class Runner:
 
     # -- the shard ----------------------------------------------------------
     def run(self) -> int:
+        """Resume, feed the lines to the workers, drain, record: the exit status."""
+        done = self.resume()
+        work: queue.Queue[tuple[int, str] | None] = queue.Queue(maxsize=self.args.concurrency * 2)
+        threads = [
+            threading.Thread(target=self.worker, args=(work,), daemon=True)
+            for _ in range(self.args.concurrency)
+        ]
+        for t in threads:
+            t.start()
+        expired = self.feed(work, done)
+        self.drain(work, threads)
+        self.record_run()
+        return self.finish(expired)
+
+    def resume(self) -> set[str]:
+        """Open the results file after what a previous run wrote (counted
+        again); the custom_ids already done."""
         args = self.args
         os.makedirs(args.out, exist_ok=True)
         done = recover(self.results_path)
         for row in done.values():
             self.count(row)
-        lines = count_lines(args.input)
-        start, end = shard_range(lines, args.shard, args.shards)
-        self.total = end - start
+        self.span = shard_range(count_lines(args.input), args.shard, args.shards)
+        self.total = self.span[1] - self.span[0]
         self.handle = open(self.results_path, "a", encoding="utf-8")  # noqa: SIM115
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
         self.progress("running")
-        work: queue.Queue[tuple[int, str] | None] = queue.Queue(maxsize=args.concurrency * 2)
-        threads = [
-            threading.Thread(target=self.worker, args=(work,), daemon=True)
-            for _ in range(args.concurrency)
-        ]
-        for t in threads:
-            t.start()
-        last_progress = time.monotonic()
-        expired = False
-        for index, text in read_lines(args.input, start, end):
-            cid = json.loads(text).get("custom_id")
-            if cid in done:
+        return set(done)
+
+    def tick(self) -> None:
+        """The progress file, about once a second."""
+        if time.monotonic() - self.last_progress >= PROGRESS_S:
+            self.progress("running")
+            self.last_progress = time.monotonic()
+
+    def feed(self, work: queue.Queue[tuple[int, str] | None], done: set[str]) -> bool:
+        """Queue this shard's lines not done yet, until they run out or a
+        stop; True when the batch's completion window ended it."""
+        for index, text in read_lines(self.args.input, *self.span):
+            if json.loads(text).get("custom_id") in done:
                 continue
-            while True:
-                if self.stop.is_set():
-                    break
-                if args.deadline and time.time() >= args.deadline:
-                    expired = True
+            while not self.stop.is_set():
+                if self.args.deadline and time.time() >= self.args.deadline:
                     self.stop.set()
-                    break
+                    return True
                 try:
                     work.put((index, text), timeout=0.2)
                     break
                 except queue.Full:
-                    pass
-                if time.monotonic() - last_progress >= PROGRESS_S:
-                    self.progress("running")
-                    last_progress = time.monotonic()
+                    self.tick()
             if self.stop.is_set():
-                break
-            if time.monotonic() - last_progress >= PROGRESS_S:
-                self.progress("running")
-                last_progress = time.monotonic()
-        # No more lines: let the workers drain the queue (or, when stopping,
-        # skip what is queued) and finish what is in flight.
+                return False
+            self.tick()
+        return False
+
+    def drain(self, work: queue.Queue[tuple[int, str] | None], threads: list[threading.Thread]) -> None:
+        """No more lines: let the workers empty the queue (or, when stopping,
+        skip what is queued) and finish what is in flight, within the grace
+        when stopping (what is still in flight then is redone by the
+        successor)."""
         if self.stop.is_set():
             while True:
                 try:
@@ -368,18 +405,22 @@ class Runner:
         for t in threads:
             while t.is_alive():
                 if self.stop.is_set() and time.monotonic() >= stopping_since + self.grace:
-                    break  # abandoned in flight: redone by the successor
-                if time.monotonic() - last_progress >= PROGRESS_S:
-                    self.progress("running")
-                    last_progress = time.monotonic()
+                    return  # abandoned in flight: redone by the successor
+                self.tick()
                 t.join(timeout=0.2)
+
+    def record_run(self) -> None:
+        """Flush and fsync the results; one line in the shard's runs file."""
         with self.lock:
             self.handle.flush()
             os.fsync(self.handle.fileno())
             written = self.sent_now
-        with open(os.path.join(args.out, RUNS.format(args.shard)), "a", encoding="utf-8") as runs:
+        with open(os.path.join(self.args.out, RUNS.format(self.args.shard)), "a", encoding="utf-8") as runs:
             runs.write(json.dumps({"started": self.started, "ended": time.time(), "sent": self.sent,
                                    "written": written, "why": self.why or self.server_gone}) + "\n")
+
+    def finish(self, expired: bool) -> int:
+        """The last progress state and the exit status that says it."""
         if self.server_gone:
             self.progress("server_failed")
             return EXIT_SERVER
@@ -402,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--shards", type=int, required=True)
     run.add_argument("--out", required=True)
     run.add_argument("--socket", required=True)
-    run.add_argument("--concurrency", type=int, default=64)
+    run.add_argument("--concurrency", type=int, default=CONCURRENCY)
     run.add_argument("--deadline", type=float, default=0.0)
     run.add_argument("--url-path", default="/v1/chat/completions")
     args = parser.parse_args(argv)

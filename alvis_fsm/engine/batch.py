@@ -194,62 +194,84 @@ def _check_lines(
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
-        try:
-            req = json.loads(text)
-        except ValueError as exc:
-            raise _refuse(number, f"not valid JSON ({exc})") from None
-        if not isinstance(req, dict):
-            raise _refuse(number, "a request must be a JSON object")
-        extra = sorted(set(req) - {"custom_id", "method", "url", "body"})
-        if extra:
-            raise _refuse(number, f"unknown key(s) {', '.join(map(repr, extra))}",
-                          "Each line is {custom_id, method, url, body}.")  # fmt: skip
-        cid = req.get("custom_id")
-        if not isinstance(cid, str) or not cid:
-            raise _refuse(number, "custom_id must be a non-empty string")
+        req = _parse_line(number, text)
+        cid = req["custom_id"]
         try:
             seen.execute("INSERT INTO seen VALUES (?, ?)", (cid, number))
         except sqlite3.IntegrityError:
             (first,) = seen.execute("SELECT value FROM seen WHERE cid = ?", (cid,)).fetchone()
             raise _refuse(number, f"duplicate custom_id {cid!r} (first on line {first})") from None
-        if req.get("method") != "POST":
-            raise _refuse(number, f"method must be \"POST\", not {req.get('method')!r}")
-        url = req.get("url")
-        if url not in ENDPOINTS:
-            raise _refuse(number, f"url {url!r} is not one of {', '.join(ENDPOINTS)}")
-        if endpoint and url != endpoint:
-            raise _refuse(number, f"url {url!r} differs from {endpoint!r} above",
-                          "One endpoint per batch: split the file.")  # fmt: skip
-        endpoint = str(url)
-        body = req.get("body")
-        if not isinstance(body, dict):
-            raise _refuse(number, "body must be a JSON object")
-        name = body.get("model")
-        if name is None:
-            if model is None:
-                raise _refuse(number, "body.model is missing", "Name the model in each body, or -m MODEL.")
-        elif not isinstance(name, str) or name not in resolve:
-            raise _refuse(number, f"unknown model {name!r}", "`alvis-fsm models` lists the catalog.")
-        elif model is None:
-            model = resolve[name]
-        elif resolve[name] != model:
-            raise _refuse(number, f"model {name!r} differs from {model[0]!r}",
-                          "One model per batch: split the file.")  # fmt: skip
-        assert model is not None
-        if endpoint != "/v1/embeddings" and body.get("stream"):
-            raise _refuse(number, "body.stream is not allowed in a batch")
-        if endpoint == "/v1/chat/completions" and not isinstance(body.get("messages"), list):
-            raise _refuse(number, "body.messages must be a list for /v1/chat/completions")
-        if endpoint == "/v1/completions" and "prompt" not in body:
-            raise _refuse(number, "body.prompt is missing for /v1/completions")
-        if endpoint == "/v1/embeddings" and "input" not in body:
-            raise _refuse(number, "body.input is missing for /v1/embeddings")
+        endpoint = _check_url(number, req, endpoint)
+        model = _check_model(number, req["body"], resolve, model)
+        _check_body(number, req["body"], endpoint)
         total += 1
         ids.write(json.dumps(cid, ensure_ascii=False) + "\n")
-        out.write(json.dumps({**req, "body": {**body, "model": model[1]}}, ensure_ascii=False) + "\n")
+        out.write(json.dumps({**req, "body": {**req["body"], "model": model[1]}}, ensure_ascii=False) + "\n")
     if not total or model is None:
         raise UsageError("The batch file holds no requests", hint="One JSON request per line.")
     return endpoint, model, total
+
+
+def _parse_line(number: int, text: str) -> dict[str, Any]:
+    """A line as a request object with its keys and a custom_id (the rest
+    is checked by the steps after)."""
+    try:
+        req = json.loads(text)
+    except ValueError as exc:
+        raise _refuse(number, f"not valid JSON ({exc})") from None
+    if not isinstance(req, dict):
+        raise _refuse(number, "a request must be a JSON object")
+    extra = sorted(set(req) - {"custom_id", "method", "url", "body"})
+    if extra:
+        raise _refuse(number, f"unknown key(s) {', '.join(map(repr, extra))}",
+                      "Each line is {custom_id, method, url, body}.")  # fmt: skip
+    cid = req.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        raise _refuse(number, "custom_id must be a non-empty string")
+    return req
+
+
+def _check_url(number: int, req: dict[str, Any], endpoint: str) -> str:
+    """The method and the url (one url per batch): the batch's endpoint."""
+    if req.get("method") != "POST":
+        raise _refuse(number, f"method must be \"POST\", not {req.get('method')!r}")
+    url = req.get("url")
+    if url not in ENDPOINTS:
+        raise _refuse(number, f"url {url!r} is not one of {', '.join(ENDPOINTS)}")
+    if endpoint and url != endpoint:
+        raise _refuse(number, f"url {url!r} differs from {endpoint!r} above",
+                      "One endpoint per batch: split the file.")  # fmt: skip
+    if not isinstance(req.get("body"), dict):
+        raise _refuse(number, "body must be a JSON object")
+    return str(url)
+
+
+def _check_model(number: int, body: dict[str, Any], resolve: Mapping[str, tuple[str, str]],
+                 model: tuple[str, str] | None) -> tuple[str, str]:  # fmt: skip
+    """body.model (or -m's), one model per batch: (catalog name, served name)."""
+    name = body.get("model")
+    if name is None:
+        if model is None:
+            raise _refuse(number, "body.model is missing", "Name the model in each body, or -m MODEL.")
+        return model
+    if not isinstance(name, str) or name not in resolve:
+        raise _refuse(number, f"unknown model {name!r}", "`alvis-fsm models` lists the catalog.")
+    if model is not None and resolve[name] != model:
+        raise _refuse(number, f"model {name!r} differs from {model[0]!r}",
+                      "One model per batch: split the file.")  # fmt: skip
+    return resolve[name]
+
+
+def _check_body(number: int, body: dict[str, Any], endpoint: str) -> None:
+    """What the endpoint needs in the body (and no streaming)."""
+    if endpoint != "/v1/embeddings" and body.get("stream"):
+        raise _refuse(number, "body.stream is not allowed in a batch")
+    if endpoint == "/v1/chat/completions" and not isinstance(body.get("messages"), list):
+        raise _refuse(number, "body.messages must be a list for /v1/chat/completions")
+    if endpoint == "/v1/completions" and "prompt" not in body:
+        raise _refuse(number, "body.prompt is missing for /v1/completions")
+    if endpoint == "/v1/embeddings" and "input" not in body:
+        raise _refuse(number, "body.input is missing for /v1/embeddings")
 
 
 # -- the local record ---------------------------------------------------------
@@ -380,10 +402,17 @@ class BatchStore:
         return sorted(out, key=lambda r: (r.created_at, r.id))
 
 
-def openai_object(record: BatchRecord) -> dict[str, Any]:
-    """OpenAI's Batch object (openai-python types/batch.py) for a record."""
-    times = record.times
+def openai_object(record: BatchRecord, assembling: bool = False) -> dict[str, Any]:
+    """OpenAI's Batch object (openai-python types/batch.py) for a record.
+    ``assembling``: a completed batch whose output and error files are not
+    ready yet (the gateway is downloading them) shows as ``finalizing``."""
+    times = dict(record.times)
     status = BatchStatus(record.status)
+    if status == BatchStatus.COMPLETED and "completed_at" in times:  # a record from before finalizing
+        times.setdefault("finalizing_at", times["completed_at"])
+    if assembling and status == BatchStatus.COMPLETED:
+        status = BatchStatus.FINALIZING
+        times.pop("completed_at", None)
     errors = None
     if record.error:
         errors = {"object": "list", "data": [
@@ -491,7 +520,12 @@ def apply(record: BatchRecord, snap: Snapshot) -> BatchRecord:
     answered = not snap.queue_unknown
     all_done = all(_shard_done(snap, k) for k in range(record.shards))
     if all_done:
-        record.set_status(BatchStatus.COMPLETED, now)
+        # Every line has run (as OpenAI's finalizing): the results are being
+        # assembled while a shard's job is still finishing; completed once
+        # none is left (or the queue cannot say: every result is written).
+        record.set_status(BatchStatus.FINALIZING, now)
+        if not live:
+            record.set_status(BatchStatus.COMPLETED, now)
         return record
     if snap.cancelled_mark:
         if answered and not live:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import secrets
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from alvis_fsm.cluster import jobscript, protocol
+from alvis_fsm.cluster import batch_runner, jobscript, protocol
 from alvis_fsm.cluster.agent import Agent
 from alvis_fsm.cluster.ssh import SSH_FAILURE, Connection, control_path
 from alvis_fsm.engine import batch
@@ -44,8 +45,8 @@ from alvis_fsm.errors import (
 if TYPE_CHECKING:
     from alvis_fsm.engine.settings import Settings
 
-# Requests in flight per shard (vLLM batches them on the GPU).
-CONCURRENCY = 64
+# Requests in flight per shard (vLLM batches them on the GPU): the runner's.
+CONCURRENCY = batch_runner.CONCURRENCY
 # Server start failures (OOM, a crash while loading) a shard survives.
 MAX_ATTEMPTS = 3
 AUTO = "auto"
@@ -244,26 +245,44 @@ def submit(settings: Settings, options: SubmitOptions, ui: Observer,
            store: BatchStore | None = None) -> BatchRecord:  # fmt: skip
     """Validate (before any network), upload once, submit the job array."""
     from alvis_fsm.engine import session_spec
-    from alvis_fsm.engine.catalog import load_catalog
 
-    cfg = settings
     wanted = parse_jobs(options.jobs)
     window_s = batch.window_seconds(options.completion_window)
     if options.validated is not None:
         valid = options.validated
     elif options.path is not None:
-        valid = validate_file(cfg, options.path, options.model)
+        valid = validate_file(settings, options.path, options.model)
     else:
         raise UsageError("No batch input given")
-    entry = load_catalog(cfg).get(valid.model)
-    time_text = options.time or cfg.slurm.time
+    time_text = options.time or settings.slurm.time
     limit_s = session_spec.time_seconds(
-        time_text, cfg.slurm.max_time, from_flag=bool(options.time), settings=cfg
+        time_text, settings.slurm.max_time, from_flag=bool(options.time), settings=settings
     )
-    store = store or BatchStore(cfg.state_dir)
+    record = _new_record(settings, options, valid, time_text)
+    with connected(settings, ui) as remote:
+        job = _plan(settings, ui, remote, record, wanted, limit_s)
+        _create_run_dir(ui, remote, record, window_s)
+        _upload_and_submit(remote, record, valid, job)
+        (store or BatchStore(settings.state_dir)).save(record, valid.iter_ids())
+    return record
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every shard's job runs: its script's values and the runner's settings."""
+
+    spec: jobscript.JobSpec
+    extra: dict[str, str]
+    warn_s: int
+
+    def script(self, run_dir: str) -> str:
+        return jobscript.render(dataclasses.replace(self.spec, run_dir=run_dir), _source("batch_job.sh"),
+                                self.extra)  # fmt: skip
+
+
+def _new_record(cfg: Settings, options: SubmitOptions, valid: Validated, time_text: str) -> BatchRecord:
     batch_id = batch.new_id()
-    token = batch_id[len("batch_"):]
-    record = BatchRecord(
+    return BatchRecord(
         id=batch_id, model=valid.model, served_name=valid.served_name, endpoint=valid.endpoint,
         total=valid.total, shards=0,
         run_dir=f"{cfg.remote.run_root.rstrip('/')}/{batch_id}",
@@ -271,83 +290,95 @@ def submit(settings: Settings, options: SubmitOptions, ui: Observer,
         completion_window=options.completion_window, time_limit=time_text, host=cfg.ssh.host,
         metadata=dict(options.metadata or {}), input_file_id=options.input_file_id,
     )  # fmt: skip
-    with connected(cfg, ui) as remote:
-        from alvis_fsm.engine.autofit import resolve_gpus
-        from alvis_fsm.engine.service import choose_account
 
-        record.account = choose_account(ui, remote.agent, cfg.slurm.account)
-        sinfo: list[list[str]] = []
 
-        def lines() -> list[str]:
-            if not sinfo:
-                sinfo.append(remote.agent.gpus())
-            return sinfo[0]
+def _plan(cfg: Settings, ui: Observer, remote: Remote, record: BatchRecord, wanted: int | None,
+          limit_s: int) -> _Job:  # fmt: skip
+    """The account, the GPUs and the number of shards (into ``record``), and
+    the job script's values, checked by a first rendering before anything
+    is created on the cluster."""
+    from alvis_fsm.engine.autofit import resolve_gpus
+    from alvis_fsm.engine.catalog import load_catalog
+    from alvis_fsm.engine.service import choose_account
 
-        gpus = entry.gpus or cfg.slurm.gpus
-        record.gpus = resolve_gpus(ui, remote.conn, lines, cfg, entry.path, entry.max_model_len,
-                                   gpus, time_text, fallback=None if gpus != AUTO else
-                                   f"{cfg.fit.auto_types[0]}:1")  # fmt: skip
-        if wanted is None:
-            wanted = jobs_for(lines(), record.gpus)
-            ui.info(f"Jobs (--jobs auto): {wanted} ({record.gpus} each, from the GPUs free now)")
-        record.shards = min(wanted, record.total)
-        spec = jobscript.JobSpec(
-            job_name=record.job_name, account=record.account, time=time_text, gpus=record.gpus,
-            run_dir=record.run_dir, model_path=entry.path, max_model_len=entry.max_model_len,
-            served_name=record.served_name, image=cfg.remote.image,
-            ready_timeout=int(cfg.timeouts.server_ready) + 60, partition=cfg.slurm.partition,
-            vllm_args=tuple(cfg.vllm.extra_args) + tuple(entry.vllm_args),
-        )  # fmt: skip
-        extra = {
-            "SHARDS": jobscript.positive_int("shard count", record.shards),
-            "CONCURRENCY": jobscript.positive_int("concurrency", CONCURRENCY),
-            "URL_PATH": jobscript.word("endpoint", record.endpoint),
-            "MAX_ATTEMPTS": jobscript.positive_int("attempts", MAX_ATTEMPTS),
-            "WARN_S": str(warn_seconds(limit_s)),
-        }
-        # Rendered (and so checked) before anything is created remotely.
-        script = jobscript.render(spec, _source("batch_job.sh"), extra)
-        ui.info(f"Uploading {record.total} requests for {record.model} ({token})...")
-        proc = remote.call("create", record.run_dir, str(window_s), retry=False)
-        run = [line[4:] for line in proc.stdout.split("\n") if line.startswith("RUN|")]
-        if proc.returncode != 0 or not run:
-            raise SessionError("Could not create the batch's run directory",
-                               details=proc.stderr.strip() or None)  # fmt: skip
-        record.run_dir = run[0]
-        script = jobscript.render(
-            dataclasses.replace(spec, run_dir=record.run_dir),
-            _source("batch_job.sh"), extra,
-        )
-        try:
-            put = remote.stream("put", record.run_dir, "input.jsonl", source=valid.requests_path)
+    entry = load_catalog(cfg).get(record.model)
+    record.account = choose_account(ui, remote.agent, cfg.slurm.account)
+    sinfo: list[list[str]] = []
+
+    def lines() -> list[str]:
+        if not sinfo:
+            sinfo.append(remote.agent.gpus())
+        return sinfo[0]
+
+    gpus = entry.gpus or cfg.slurm.gpus
+    record.gpus = resolve_gpus(ui, remote.conn, lines, cfg, entry.path, entry.max_model_len,
+                               gpus, record.time_limit, fallback=None if gpus != AUTO else
+                               f"{cfg.fit.auto_types[0]}:1")  # fmt: skip
+    if wanted is None:
+        wanted = jobs_for(lines(), record.gpus)
+        ui.info(f"Jobs (--jobs auto): {wanted} ({record.gpus} each, from the GPUs free now)")
+    record.shards = min(wanted, record.total)
+    spec = jobscript.JobSpec(
+        job_name=record.job_name, account=record.account, time=record.time_limit, gpus=record.gpus,
+        run_dir=record.run_dir, model_path=entry.path, max_model_len=entry.max_model_len,
+        served_name=record.served_name, image=cfg.remote.image,
+        ready_timeout=int(cfg.timeouts.server_ready) + 60, partition=cfg.slurm.partition,
+        vllm_args=tuple(cfg.vllm.extra_args) + tuple(entry.vllm_args),
+    )  # fmt: skip
+    job = _Job(spec, {
+        "SHARDS": jobscript.positive_int("shard count", record.shards),
+        "CONCURRENCY": jobscript.positive_int("concurrency", CONCURRENCY),
+        "URL_PATH": jobscript.word("endpoint", record.endpoint),
+        "MAX_ATTEMPTS": jobscript.positive_int("attempts", MAX_ATTEMPTS),
+        "WARN_S": str(warn_seconds(limit_s)),
+    }, warn_seconds(limit_s))  # fmt: skip
+    job.script(record.run_dir)  # rendered (and so checked) before anything is created remotely
+    return job
+
+
+def _create_run_dir(ui: Observer, remote: Remote, record: BatchRecord, window_s: int) -> None:
+    """The private run directory (its deadline on the cluster's clock)."""
+    token = record.id[len("batch_"):]
+    ui.info(f"Uploading {record.total} requests for {record.model} ({token})...")
+    proc = remote.call("create", record.run_dir, str(window_s), retry=False)
+    run = [line[4:] for line in proc.stdout.split("\n") if line.startswith("RUN|")]
+    if proc.returncode != 0 or not run:
+        raise SessionError("Could not create the batch's run directory",
+                           details=proc.stderr.strip() or None)  # fmt: skip
+    record.run_dir = run[0]
+
+
+def _upload_and_submit(remote: Remote, record: BatchRecord, valid: Validated, job: _Job) -> None:
+    """Upload the input (streamed), the runner, the key and the job script,
+    then submit the job array; on any failure the run directory is removed
+    (nothing half-done)."""
+    try:
+        put = remote.stream("put", record.run_dir, "input.jsonl", source=valid.requests_path)
+        if put.returncode != 0:
+            raise SessionError("Could not upload input.jsonl", details=put.stderr.strip() or None)
+        for name, text in (
+            ("batch_runner.py", _source("batch_runner.py")),
+            ("retry.py", resources.files("alvis_fsm").joinpath("retry.py").read_text(encoding="utf-8")),
+            (batch_runner.SETTINGS, json.dumps({"warn_s": job.warn_s}) + "\n"),
+            ("api_key", "afsm-" + secrets.token_urlsafe(32) + "\n"),
+            ("job.sh", job.script(record.run_dir)),
+        ):
+            put = remote.call("put", record.run_dir, name, input=text, timeout=600)
             if put.returncode != 0:
-                raise SessionError("Could not upload input.jsonl", details=put.stderr.strip() or None)
-            for name, text in (
-                ("batch_runner.py", _source("batch_runner.py")),
-                ("retry.py", resources.files("alvis_fsm").joinpath("retry.py").read_text(encoding="utf-8")),
-                ("api_key", "afsm-" + secrets.token_urlsafe(32) + "\n"),
-                ("job.sh", script),
-            ):
-                put = remote.call("put", record.run_dir, name, input=text, timeout=600)
-                if put.returncode != 0:
-                    raise SessionError(f"Could not upload {name}", details=put.stderr.strip() or None)
-            sub = remote.call("submit", record.run_dir, str(record.shards), retry=False)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                remote.call("remove", record.run_dir)
-            raise
+                raise SessionError(f"Could not upload {name}", details=put.stderr.strip() or None)
+        sub = remote.call("submit", record.run_dir, str(record.shards), retry=False)
         found = [line[len("SUBMITTED|"):] for line in sub.stdout.split("\n")
                  if line.startswith("SUBMITTED|")]  # fmt: skip
         if sub.returncode != 0 or not found:
-            with contextlib.suppress(Exception):
-                remote.call("remove", record.run_dir)
             raise SchedulerError("sbatch refused the batch's jobs" if sub.returncode == 4
                                  else "Submitting the batch failed",
                                  hint="Check the account (slurm.account), the GPU type and the time (-t).",
                                  details=sub.stderr.strip() or None)  # fmt: skip
-        record.job_id = found[0]
-        store.save(record, valid.iter_ids())
-    return record
+    except BaseException:
+        with contextlib.suppress(Exception):
+            remote.call("remove", record.run_dir)
+        raise
+    record.job_id = found[0]
 
 
 # -- status, cancel, results --------------------------------------------------

@@ -135,6 +135,27 @@ def test_every_shard_done_is_completed() -> None:
     assert r.status == BatchStatus.COMPLETED and r.completed == 9 and r.times["completed_at"] == 100
 
 
+def test_every_line_run_while_a_job_still_finishes_is_finalizing_then_completed() -> None:
+    done = (progress(0, "done", 5), progress(1, "done", 4, 1))
+    r = batch.apply(record(), answer(*done, "QUEUE|5_1|COMPLETING|None"))
+    assert r.status == BatchStatus.FINALIZING and r.times["finalizing_at"] == 100 and "completed_at" not in r.times
+    assert batch.openai_object(r)["status"] == "finalizing" and batch.openai_object(r)["completed_at"] is None
+    r = batch.apply(r, answer(*done, now=107))
+    assert r.status == BatchStatus.COMPLETED and (r.times["finalizing_at"], r.times["completed_at"]) == (100, 107)
+    view = batch.openai_object(r, assembling=True)  # the gateway, while it downloads the files
+    assert (view["status"], view["finalizing_at"], view["completed_at"]) == ("finalizing", 100, None)
+    assert batch.openai_object(r)["status"] == "completed" and r.times["completed_at"] == 107
+
+
+def test_the_grace_after_the_warning_is_at_most_half_of_it(tmp_path: Path) -> None:
+    path = tmp_path / batch_runner.SETTINGS
+    assert batch_runner.grace_after_warning(str(path)) == batch_runner.GRACE_S  # no file: the default
+    for text, grace in (('{"warn_s": 15}', 7.5), ('{"warn_s": 120}', batch_runner.GRACE_S),
+                        ('{"warn_s": 1}', 1.0), ("{", batch_runner.GRACE_S), ("{}", batch_runner.GRACE_S)):  # fmt: skip
+        path.write_text(text)
+        assert batch_runner.grace_after_warning(str(path)) == grace, text
+
+
 def test_an_unanswered_queue_does_not_end_a_batch() -> None:
     snap = answer(progress(0, "stopped", 2), "QUEUE_UNKNOWN|squeue: Socket timed out", deadline=50)
     r = batch.apply(record(status=BatchStatus.IN_PROGRESS), snap)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ class Cluster:
     def __init__(self, state_dir: Path) -> None:
         self.store = BatchStore(state_dir)
         self.cancelled: list[str] = []
+        self.hold: threading.Event | None = None  # set: results wait for it
+        self.downloading = threading.Event()
 
     def submit(self, valid: batch.Validated, window: str, metadata: dict[str, str], file_id: str) -> BatchRecord:
         r = BatchRecord(id=batch.new_id(), model=valid.model, served_name=valid.served_name,
@@ -54,6 +57,9 @@ class Cluster:
         return r
 
     def results(self, r: BatchRecord, out: Path, err: Path) -> tuple[int, int]:
+        self.downloading.set()
+        if self.hold is not None:
+            self.hold.wait(10)
         ids = self.store.ids(r.id)
         rows = [{"id": "batch_req_x", "custom_id": cid, "error": None,
                  "response": {"status_code": 400 if cid == "bad" else 200, "request_id": "q",
@@ -154,5 +160,23 @@ def test_cancel_and_refusals(tmp_path: Path) -> None:
         assert c.status == "cancelled" and cluster.cancelled == [b.id]
         with pytest.raises(openai.NotFoundError):
             await client.batches.retrieve("batch_ffffffffffffffff")
+
+    run(tmp_path, test)
+
+
+def test_a_completed_batch_is_finalizing_while_its_files_are_downloaded(tmp_path: Path) -> None:
+    async def test(client: openai.AsyncOpenAI, cluster: Cluster) -> None:
+        f = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl("a", "c"))), purpose="batch")
+        b = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                        completion_window="24h")  # fmt: skip
+        release = cluster.hold = threading.Event()
+        first = asyncio.ensure_future(client.batches.retrieve(b.id))  # downloads, held
+        assert await asyncio.to_thread(cluster.downloading.wait, 10)
+        meanwhile = await client.batches.retrieve(b.id)
+        assert meanwhile.status == "finalizing" and meanwhile.finalizing_at and meanwhile.completed_at is None
+        assert meanwhile.output_file_id is None
+        release.set()
+        done = await first
+        assert done.status == "completed" and done.output_file_id and done.completed_at
 
     run(tmp_path, test)

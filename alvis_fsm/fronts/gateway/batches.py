@@ -29,6 +29,7 @@ from aiohttp import BodyPartReader, web
 
 from alvis_fsm.engine import batch
 from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore
+from alvis_fsm.engine.observer import Quiet
 from alvis_fsm.engine.store import atomic_write
 from alvis_fsm.errors import AlvisError, UsageError
 
@@ -38,26 +39,6 @@ if TYPE_CHECKING:
 FILE_ID_CHARS = "0123456789abcdef"
 MAX_FILE = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 CHUNK = 1 << 20  # bytes per read when receiving an upload
-
-
-class Quiet:
-    """An engine observer that keeps nothing (the gateway's batch calls)."""
-
-    def info(self, message: str) -> None: ...
-    def warn(self, message: str) -> None: ...
-    def result(self, message: str) -> None: ...
-    def command(self, text: str) -> None: ...
-    def log_line(self, stream: str, line: str) -> None: ...
-    def waiting(self, text: str, since: float | None = None) -> None: ...
-    def interrupted(self) -> None: ...
-    def done_waiting(self) -> None: ...
-    def connected(self, record: Any, models: list[str], first_token_s: float | None = None) -> None: ...
-
-    def interactive(self) -> bool:
-        return False
-
-    def ask(self, prompt: str, secret: bool = False) -> str:
-        raise UsageError("The gateway cannot answer a prompt", hint="Load your ssh key into ssh-agent.")
 
 
 @dataclass
@@ -174,6 +155,7 @@ class Batches:
         self.files = Files(state_dir)
         self.store = BatchStore(state_dir)
         self.ops = ops
+        self.assembling: set[str] = set()  # batches whose results are being downloaded
 
     def register(self, router: web.UrlDispatcher) -> None:
         router.add_post("/v1/files", self.upload)
@@ -294,11 +276,19 @@ class Batches:
         try:
             if not record.ended:
                 record = await asyncio.to_thread(self.ops.refresh, record)
-            if record.ended and not (record.output_file_id or record.error_file_id):
-                await asyncio.to_thread(self._download, record)
+            # Checked and marked with no await between: one download per batch.
+            if record.ended and not (record.output_file_id or record.error_file_id) \
+                    and record.id not in self.assembling:  # fmt: skip
+                self.assembling.add(record.id)
+                try:
+                    await asyncio.to_thread(self._download, record)
+                finally:
+                    self.assembling.discard(record.id)
         except AlvisError:
             pass  # missing information is not bad news: the last known state
-        return web.json_response(batch.openai_object(record))
+        # A completed batch is finalizing until its files are in the store.
+        ready = bool(record.output_file_id or record.error_file_id)
+        return web.json_response(batch.openai_object(record, assembling=not ready))
 
     def _download(self, record: BatchRecord) -> None:
         out = self.files.dir / f".{record.id}.out"
