@@ -279,8 +279,8 @@ def parse_gpu_type(text: str) -> GpuType:
 class Budget:
     """vLLM's share of each GPU and what is kept free beyond the estimate."""
 
-    gpu_memory_utilization: float = 0.9
-    margin_gb: float = 3.0
+    gpu_memory_utilization: float
+    margin_gb: float
 
     def usable_bytes(self, gpu: GpuType) -> int:
         """Bytes per GPU for weights + KV cache."""

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -34,19 +34,27 @@ from alvis_fsm.fronts.gateway.batches import Batches
 from alvis_fsm.fronts.gateway.keys import matches
 from alvis_fsm.fronts.gateway.models import QUEUED, Models, Slot
 from alvis_fsm.fronts.gateway.proxy import BadBody, Proxy, error
+from alvis_fsm.paths import packaged_default
 
 if TYPE_CHECKING:
     from alvis_fsm.fronts.gateway.page import Page
 
 
+def _setting(key: str) -> Any:
+    """A field whose default is the setting's packaged one (default.toml)."""
+    return field(default_factory=lambda: packaged_default(key))
+
+
 @dataclass
 class Options:
-    hold_timeout: float = 540.0
-    idle_timeout: float = 900.0
-    max_held: int = 256
+    """The gateway's bounds; those that are settings default to the packaged values."""
+
+    hold_timeout: float = _setting("gateway.hold_timeout")
+    idle_timeout: float = _setting("gateway.idle_timeout")
+    max_held: int = _setting("gateway.max_held")
     keepalive_interval: float = 5.0  # between SSE comments to a held stream
     idle_check: float = 5.0  # how often idle sessions (and time limits) are looked at
-    rollover_lead: float = 600.0  # the least lead of a successor before a job's time limit
+    rollover_lead: float = _setting("gateway.rollover_lead")  # a successor's least lead before the time limit
     header_timeout: float = 15.0  # a request's headers, and the idle time between requests
     body_timeout: float = 60.0  # a request's body, once its headers are in
     max_body: int = 64 * 1024 * 1024  # bytes
