@@ -6,7 +6,10 @@ the repository."""
 
 from __future__ import annotations
 
+import functools
+import tomllib
 from pathlib import Path
+from typing import Any
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _REPO_DIR = _PACKAGE_DIR.parent
@@ -29,6 +32,19 @@ def data_file(name: str) -> Path:
 
 def default_config() -> Path:
     return data_file("default.toml")
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    return tomllib.loads(default_config().read_text(encoding="utf-8"))
+
+
+def packaged_default(key: str) -> Any:
+    """The packaged default of the setting ``section.key``: ``default.toml``'s
+    own value, for code that needs a default without loading the settings
+    (so that no setting's default is written a second time)."""
+    section, _, name = key.partition(".")
+    return _defaults()[section][name]
 
 
 def packaged_catalog() -> Path:

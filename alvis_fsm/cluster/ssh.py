@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from alvis_fsm.errors import ConnectionLost, SessionError, SSHError
+from alvis_fsm.paths import packaged_default
 from alvis_fsm.retry import Backoff
 
 if TYPE_CHECKING:
@@ -87,10 +88,11 @@ class SSHOptions:
     host: str
     user: str = ""
     config_file: str = ""
-    connect_timeout: int = 15
-    keepalive_interval: int = 5
-    keepalive_count: int = 3
-    reconnect_window: float = 120
+    # The rest default to the settings' packaged values (ssh.*).
+    connect_timeout: int = field(default_factory=lambda: packaged_default("ssh.connect_timeout"))
+    keepalive_interval: int = field(default_factory=lambda: packaged_default("ssh.keepalive_interval"))
+    keepalive_count: int = field(default_factory=lambda: packaged_default("ssh.keepalive_count"))
+    reconnect_window: float = field(default_factory=lambda: packaged_default("ssh.reconnect_window"))
 
 
 def control_path(state_dir: Path, key: str) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 
 from alvis_fsm.errors import ConfigError, UsageError
+from alvis_fsm.paths import packaged_default
 
 # Identifiers sbatch reads verbatim from an #SBATCH line: no spaces, quotes, newlines.
 ACCOUNT = r"[A-Za-z0-9_.-]+"
@@ -33,7 +34,6 @@ GPUS = rf"(?:{GPU_TYPE}:)?([1-9][0-9]*)"
 GPUS_OR_AUTO = rf"auto|{GPUS}"
 
 WALLTIME_FORMS = "MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, or with units (90m, 2h, 1h30m, 2d)"
-DEFAULT_MAX_TIME = "7-00:00:00"
 
 # sbatch --time. Non-leading fields are at most two digits; the leading one
 # is any length (SLURM accepts "90" minutes or "36:00:00"). ASCII digits only.
@@ -126,8 +126,11 @@ def duration(text: str) -> int | None:
     return None
 
 
-def parse_walltime(text: str, max_time: str = DEFAULT_MAX_TIME) -> int:
-    """Seconds of a job duration in one of SLURM's forms, at most ``max_time``."""
+def parse_walltime(text: str, max_time: str | None = None) -> int:
+    """Seconds of a job duration in one of SLURM's forms, at most ``max_time``
+    (by default slurm.max_time's packaged value)."""
+    if max_time is None:
+        max_time = str(packaged_default("slurm.max_time"))
     limit = duration(max_time)
     if limit is None or limit <= 0:
         raise ConfigError(

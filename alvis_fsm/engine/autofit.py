@@ -181,64 +181,83 @@ def resolve_gpus(
     (``auto`` as the packaged default, not asked for): then a warning and
     ``fallback``, so a model that started before ``auto`` became the default
     still starts."""
-    budget = settings.fit.budget
     if gpu_spec != AUTO:
-        gpu_type, _, count = gpu_spec.rpartition(":")
-        known = settings.fit.gpu_type(gpu_type) if gpu_type else None
-        if known is None:
-            return gpu_spec
-        try:
-            snap = read_snapshot(conn, model_path, settings.state_dir)
-            fp = (
-                fit.estimate(snap.config, snap.weight_bytes) if snap and snap.weight_bytes else None
-            )
-        except AlvisError:
-            return gpu_spec
-        if fp is not None:
-            warning = fit.context_warning(fp, known, int(count), max_model_len, budget)
-            if warning:
-                ui.warn(f"{warning} (the catalog's max_model_len; lower it, or try --gpus auto)")
+        _warn_context(ui, conn, settings, model_path, max_model_len, gpu_spec)
         return gpu_spec
+    fp = _footprint(ui, conn, settings, model_path, fallback)
+    if fp is None:
+        assert fallback  # _footprint refuses a model it cannot size without one
+        return fallback
+    try:
+        lines = sinfo()
+    except AlvisError:
+        lines = []
+    starts = _start_times(conn, settings, fp, max_model_len, time)
+    choice = fit.choose(fp, max_model_len, settings.fit.types(), settings.fit.budget, lines, starts)
+    ui.info(f"GPUs (--gpus auto): {choice.reason}")
+    return choice.gpus
 
+
+def _warn_context(ui: Observer, conn: _Runs, settings: Settings, model_path: str,
+                  max_model_len: int, gpu_spec: str) -> None:  # fmt: skip
+    """An explicit ``TYPE:N``: a warning when max_model_len cannot fit it
+    (best effort: a snapshot that cannot be read warns about nothing)."""
+    gpu_type, _, count = gpu_spec.rpartition(":")
+    known = settings.fit.gpu_type(gpu_type) if gpu_type else None
+    if known is None:
+        return
+    try:
+        snap = read_snapshot(conn, model_path, settings.state_dir)
+        fp = fit.estimate(snap.config, snap.weight_bytes) if snap and snap.weight_bytes else None
+    except AlvisError:
+        return
+    if fp is not None:
+        warning = fit.context_warning(fp, known, int(count), max_model_len, settings.fit.budget)
+        if warning:
+            ui.warn(f"{warning} (the catalog's max_model_len; lower it, or try --gpus auto)")
+
+
+def _footprint(ui: Observer, conn: _Runs, settings: Settings, model_path: str,
+               fallback: str | None) -> fit.Footprint | None:  # fmt: skip
+    """What the snapshot needs, for ``auto``; None (with a warning) when it
+    cannot be sized and ``fallback`` is given, else refused."""
     snap = read_snapshot(conn, model_path, settings.state_dir)
     problem = ""
-    fp = None
     if snap is None:
         problem = "no config.json there"
     elif snap.weight_bytes <= 0:
         problem = "no *.safetensors weights there"
     else:
         try:
-            fp = fit.estimate(snap.config, snap.weight_bytes)
+            return fit.estimate(snap.config, snap.weight_bytes)
         except ConfigError as exc:
             problem = exc.message
-    if fp is None:
-        if fallback:
-            ui.warn(
-                f"--gpus auto cannot size the model at {model_path} ({problem}): asking for "
-                f"{fallback}; --gpus TYPE:N (or `gpus` in the catalog) chooses"
-            )
-            return fallback
-        raise ConfigError(
-            f"--gpus auto cannot size the model at {model_path}: {problem}",
-            hint="Give the GPUs yourself, e.g. --gpus A40:1 (or `gpus` in the catalog).",
+    if fallback:
+        ui.warn(
+            f"--gpus auto cannot size the model at {model_path} ({problem}): asking for "
+            f"{fallback}; --gpus TYPE:N (or `gpus` in the catalog) chooses"
         )
-    types = settings.fit.types()
-    try:
-        lines = sinfo()
-    except AlvisError:
-        lines = []
+        return None
+    raise ConfigError(
+        f"--gpus auto cannot size the model at {model_path}: {problem}",
+        hint="Give the GPUs yourself, e.g. --gpus A40:1 (or `gpus` in the catalog).",
+    )
 
+
+def _start_times(conn: _Runs, settings: Settings, fp: fit.Footprint, max_model_len: int,
+                 time: str) -> Callable[[str], str | None]:  # fmt: skip
+    """When a candidate would start, for ``fit.choose``: asked only when no
+    candidate is free now, then one round trip asks sbatch --test-only about
+    every candidate at once."""
     answers: dict[str, str] | None = None
+    budget = settings.fit.budget
 
     def starts(spec: str) -> str | None:
-        # Asked by fit.choose only when no candidate is free now: then one
-        # round trip asks sbatch --test-only about every candidate at once.
         nonlocal answers
         if answers is None:
             candidates = [
                 f"{t.name}:{c}"
-                for t in types
+                for t in settings.fit.types()
                 if (c := fit.smallest_count(fp, t, max_model_len, budget)) is not None
             ]
             try:
@@ -250,6 +269,4 @@ def resolve_gpus(
                 answers = {}
         return answers.get(spec)
 
-    choice = fit.choose(fp, max_model_len, types, budget, lines, starts)
-    ui.info(f"GPUs (--gpus auto): {choice.reason}")
-    return choice.gpus
+    return starts

@@ -157,11 +157,8 @@ def dtype_bytes(name: Any, kv_cache_dtype: str = "auto") -> tuple[int, str | Non
     return 2, f"unknown dtype {name!r}: assumed 16-bit"
 
 
-def estimate(
-    config: str | Mapping[str, Any], weight_bytes: int, kv_cache_dtype: str = "auto"
-) -> Footprint:
-    """The footprint of a model from its ``config.json`` (text or parsed)
-    and its weight bytes (see ``weight_bytes``)."""
+def _parse_config(config: str | Mapping[str, Any]) -> Mapping[str, Any]:
+    """``config.json`` as a mapping (text is parsed), or refused in words."""
     if isinstance(config, str):
         try:
             parsed = json.loads(config)
@@ -171,6 +168,40 @@ def estimate(
         parsed = config
     if not isinstance(parsed, Mapping):
         raise ConfigError("config.json is not a JSON object")
+    return parsed
+
+
+def _layer_kinds(parsed: Mapping[str, Any], text: Mapping[str, Any], layers: int,
+                 notes: list[str]) -> tuple[int, int, int]:  # fmt: skip
+    """(full-attention layers, sliding-window layers, the window); how
+    sliding windows were counted goes into ``notes``."""
+    # Sliding-window layers are counted as such only when config.json says
+    # which layers they are (``layer_types``, as gpt-oss, Gemma 3 and recent
+    # Qwen configs do). A bare ``sliding_window`` (Mistral 7B v0.1, Qwen with
+    # use_sliding_window) is counted as full attention: too large for contexts
+    # past the window, never too small. Other layer kinds (linear attention,
+    # Mamba) are counted as full attention too, for the same reason.
+    full, sliding, window = layers, 0, 0
+    layer_types = _get(parsed, text, "layer_types")
+    raw_window = _get(parsed, text, "sliding_window")
+    enabled = _get(parsed, text, "use_sliding_window") is not False
+    if isinstance(layer_types, list) and raw_window and enabled:
+        sliding = sum(1 for t in layer_types[:layers] if t == "sliding_attention")
+        if sliding:
+            window = _positive_int(raw_window, "sliding_window")
+            full = layers - sliding
+            notes.append(f"{sliding} of {layers} layers keep only the last {window} tokens")
+    elif raw_window and enabled:
+        notes.append("sliding_window without layer_types: counted as full attention")
+    return full, sliding, window
+
+
+def estimate(
+    config: str | Mapping[str, Any], weight_bytes: int, kv_cache_dtype: str = "auto"
+) -> Footprint:
+    """The footprint of a model from its ``config.json`` (text or parsed)
+    and its weight bytes (see ``weight_bytes``)."""
+    parsed = _parse_config(config)
     text = _text_config(parsed)
     notes: list[str] = []
 
@@ -202,24 +233,7 @@ def estimate(
         token_bytes = kv_heads * head_dim * 2 * size  # K and V
         replicated = False
 
-    # Sliding-window layers are counted as such only when config.json says
-    # which layers they are (``layer_types``, as gpt-oss, Gemma 3 and recent
-    # Qwen configs do). A bare ``sliding_window`` (Mistral 7B v0.1, Qwen with
-    # use_sliding_window) is counted as full attention: too large for contexts
-    # past the window, never too small. Other layer kinds (linear attention,
-    # Mamba) are counted as full attention too, for the same reason.
-    full, sliding, window = layers, 0, 0
-    layer_types = _get(parsed, text, "layer_types")
-    raw_window = _get(parsed, text, "sliding_window")
-    enabled = _get(parsed, text, "use_sliding_window") is not False
-    if isinstance(layer_types, list) and raw_window and enabled:
-        sliding = sum(1 for t in layer_types[:layers] if t == "sliding_attention")
-        if sliding:
-            window = _positive_int(raw_window, "sliding_window")
-            full = layers - sliding
-            notes.append(f"{sliding} of {layers} layers keep only the last {window} tokens")
-    elif raw_window and enabled:
-        notes.append("sliding_window without layer_types: counted as full attention")
+    full, sliding, window = _layer_kinds(parsed, text, layers, notes)
 
     max_pos = _get(parsed, text, "max_position_embeddings")
     return Footprint(
@@ -265,8 +279,8 @@ def parse_gpu_type(text: str) -> GpuType:
 class Budget:
     """vLLM's share of each GPU and what is kept free beyond the estimate."""
 
-    gpu_memory_utilization: float = 0.9
-    margin_gb: float = 3.0
+    gpu_memory_utilization: float
+    margin_gb: float
 
     def usable_bytes(self, gpu: GpuType) -> int:
         """Bytes per GPU for weights + KV cache."""

@@ -102,87 +102,99 @@ class MachineDefinition(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> MachineDefinition:
-        known = [s.value for s in State]
-        listing = ", ".join(known)
-        for name in self.states:
-            if name not in known:
-                raise ValueError(
-                    f"unknown state {name!r} in [machine.states] (states are: {listing})"
-                )
-        for required in (State.FAILED, State.CLEANED):
-            if required.value not in self.states:
-                raise ValueError(f"the machine must define the state {required.value!r}")
-        missing = [s for s in known if s not in self.states]
-        if missing:
-            raise ValueError("the machine does not define the state(s) " + ", ".join(missing))
-        if self.initial not in self.states:
-            raise ValueError(
-                f"initial state {self.initial!r} is not a state (states are: {listing})"
-            )
+        _check_states(self)
         reserved = _reserved_names()
         for t in self.transitions:
-            where = f"transition {t.trigger!r}"
-            if not t.sources:
-                raise ValueError(f"{where} has no source state")
-            for name in [*t.sources, *([] if t.dest == SAME else [t.dest])]:
-                if name == "*":
-                    raise ValueError(f"{where}: the wildcard '*' is not allowed, list the states")
-                if name not in self.states:
-                    raise ValueError(
-                        f"{where} names unknown state {name!r} (states are: {listing})"
-                    )
-            if not t.trigger.isidentifier() or keyword.iskeyword(t.trigger):
-                raise ValueError(f"trigger {t.trigger!r} is not a valid identifier")
-            if t.trigger.startswith("_"):
-                raise ValueError(f"trigger {t.trigger!r} must not start with '_'")
-            # A trigger may only replace its own stubs (submit, may_submit).
-            own = {t.trigger, f"may_{t.trigger}"} if t.trigger in TRIGGERS else set()
-            for attr in (t.trigger, f"may_{t.trigger}"):
-                if attr in reserved - own:
-                    raise ValueError(
-                        f"trigger {t.trigger!r} clashes with the session attribute {attr!r}"
-                    )
-        live_names = {s.value for s in LIVE_STATES}
-        for name, sdef in self.states.items():
-            is_live = name in live_names
-            if sdef.on_enter is not None and sdef.on_enter not in BEHAVIOURS:
-                raise ValueError(
-                    f"state {name!r}: on_enter {sdef.on_enter!r} is not an engine step "
-                    f"(steps are: {', '.join(BEHAVIOURS)})"
-                )
-            if is_live and sdef.on_enter is None:
-                raise ValueError(
-                    f"state {name!r} has no on_enter step: a session entering it would stop there"
-                )
-            if not is_live and sdef.on_enter is not None:
-                raise ValueError(
-                    f"state {name!r} takes no on_enter step (the engine enters it itself)"
-                )
-        reachable = _reachable(self.initial, self.transitions)
-        unreachable = [s for s in self.states if s not in reachable]
-        if unreachable:
-            raise ValueError(
-                f"state(s) unreachable from {self.initial!r}: " + ", ".join(unreachable)
-            )
-        for live in sorted(LIVE_STATES):
-            if State.CLEANED.value not in _reachable(live.value, self.transitions):
-                raise ValueError(
-                    f"state {live.value!r} cannot reach 'cleaned': a job could be left running"
-                )
-        fired = {(t.trigger, src): t.dest for t in self.transitions for src in t.sources}
-        for back in sorted(live_names):
-            if fired.get(("resume", back)) not in (SAME, back):
-                raise ValueError(
-                    f"the machine needs the transition 'resume' from {back!r} back into "
-                    f"itself (dest = {SAME!r}): `resume` picks a session up in that state"
-                )
-        for trigger, src in _driver_fires(self.states):
-            if (trigger, src) not in fired:
-                raise ValueError(
-                    f"the machine has no transition {trigger!r} from {src!r}, which the "
-                    "session driver fires there (a session could be left stuck)"
-                )
+            _check_transition(t, self.states, reserved)
+        _check_steps(self.states)
+        _check_paths(self)
         return self
+
+
+def _listing() -> str:
+    return ", ".join(s.value for s in State)
+
+
+def _check_states(d: MachineDefinition) -> None:
+    """Every state known, every one defined, the initial one among them."""
+    known = [s.value for s in State]
+    for name in d.states:
+        if name not in known:
+            raise ValueError(f"unknown state {name!r} in [machine.states] (states are: {_listing()})")
+    for required in (State.FAILED, State.CLEANED):
+        if required.value not in d.states:
+            raise ValueError(f"the machine must define the state {required.value!r}")
+    missing = [s for s in known if s not in d.states]
+    if missing:
+        raise ValueError("the machine does not define the state(s) " + ", ".join(missing))
+    if d.initial not in d.states:
+        raise ValueError(f"initial state {d.initial!r} is not a state (states are: {_listing()})")
+
+
+def _check_transition(t: TransitionDef, states: Mapping[str, StateDef], reserved: set[str]) -> None:
+    """Known states on both ends, no wildcard, a trigger that is a name of its own."""
+    where = f"transition {t.trigger!r}"
+    if not t.sources:
+        raise ValueError(f"{where} has no source state")
+    for name in [*t.sources, *([] if t.dest == SAME else [t.dest])]:
+        if name == "*":
+            raise ValueError(f"{where}: the wildcard '*' is not allowed, list the states")
+        if name not in states:
+            raise ValueError(f"{where} names unknown state {name!r} (states are: {_listing()})")
+    if not t.trigger.isidentifier() or keyword.iskeyword(t.trigger):
+        raise ValueError(f"trigger {t.trigger!r} is not a valid identifier")
+    if t.trigger.startswith("_"):
+        raise ValueError(f"trigger {t.trigger!r} must not start with '_'")
+    # A trigger may only replace its own stubs (submit, may_submit).
+    own = {t.trigger, f"may_{t.trigger}"} if t.trigger in TRIGGERS else set()
+    for attr in (t.trigger, f"may_{t.trigger}"):
+        if attr in reserved - own:
+            raise ValueError(f"trigger {t.trigger!r} clashes with the session attribute {attr!r}")
+
+
+def _check_steps(states: Mapping[str, StateDef]) -> None:
+    """An engine step on entering each live state, and only there."""
+    live_names = {s.value for s in LIVE_STATES}
+    for name, sdef in states.items():
+        is_live = name in live_names
+        if sdef.on_enter is not None and sdef.on_enter not in BEHAVIOURS:
+            raise ValueError(
+                f"state {name!r}: on_enter {sdef.on_enter!r} is not an engine step "
+                f"(steps are: {', '.join(BEHAVIOURS)})"
+            )
+        if is_live and sdef.on_enter is None:
+            raise ValueError(
+                f"state {name!r} has no on_enter step: a session entering it would stop there"
+            )
+        if not is_live and sdef.on_enter is not None:
+            raise ValueError(f"state {name!r} takes no on_enter step (the engine enters it itself)")
+
+
+def _check_paths(d: MachineDefinition) -> None:
+    """Every state reachable, `cleaned` reachable from every live one, and
+    every transition the driver fires (resume included) defined."""
+    reachable = _reachable(d.initial, d.transitions)
+    unreachable = [s for s in d.states if s not in reachable]
+    if unreachable:
+        raise ValueError(f"state(s) unreachable from {d.initial!r}: " + ", ".join(unreachable))
+    for live in sorted(LIVE_STATES):
+        if State.CLEANED.value not in _reachable(live.value, d.transitions):
+            raise ValueError(
+                f"state {live.value!r} cannot reach 'cleaned': a job could be left running"
+            )
+    fired = {(t.trigger, src): t.dest for t in d.transitions for src in t.sources}
+    for back in sorted(s.value for s in LIVE_STATES):
+        if fired.get(("resume", back)) not in (SAME, back):
+            raise ValueError(
+                f"the machine needs the transition 'resume' from {back!r} back into "
+                f"itself (dest = {SAME!r}): `resume` picks a session up in that state"
+            )
+    for trigger, src in _driver_fires(d.states):
+        if (trigger, src) not in fired:
+            raise ValueError(
+                f"the machine has no transition {trigger!r} from {src!r}, which the "
+                "session driver fires there (a session could be left stuck)"
+            )
 
 
 def _driver_fires(states: Mapping[str, StateDef]) -> list[tuple[str, str]]:

@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from alvis_fsm.engine.setting_layers import env_name, user_config_path
 from alvis_fsm.engine.states import LIVE_STATES, State
 from alvis_fsm.errors import SessionError, UsageError
+from alvis_fsm.paths import packaged_default
 
 FORMAT = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
 _KNOWN_STATES = frozenset(State)
-DEFAULT_STATE_DIR = "~/.alvis-vllm"
-STATE_DIR_ENV = "ALVIS_FSM_SESSION__STATE_DIR"
+STATE_DIR_ENV = env_name("session", "state_dir")
 
 
 def default_state_dir() -> Path:
@@ -40,7 +41,7 @@ def default_state_dir() -> Path:
     for key, value in os.environ.items():
         if key.upper() == STATE_DIR_ENV and value:
             return Path(value).expanduser()
-    conf = Path(os.environ.get("ALVIS_FSM_CONFIG") or "~/.alvis-vllm.conf").expanduser()
+    conf = user_config_path()
     try:
         with conf.open("rb") as handle:
             section = tomllib.load(handle).get("session", {})
@@ -49,7 +50,7 @@ def default_state_dir() -> Path:
             return Path(configured).expanduser()
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
         pass  # the full settings load reports a bad file; here, fall back
-    return Path(DEFAULT_STATE_DIR).expanduser()
+    return Path(packaged_default("session.state_dir")).expanduser()
 
 
 def check_name(name: str) -> str:

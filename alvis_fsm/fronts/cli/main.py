@@ -15,12 +15,9 @@ from typing import Any, ClassVar
 import click
 
 from alvis_fsm import __version__
-from alvis_fsm.cluster.syntax import WALLTIME_FORMS
 from alvis_fsm.errors import AlvisError, ExitCode
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-TIME_HELP = f"Job duration: {WALLTIME_FORMS}; a bare number is minutes."
 
 
 def effective_defaults() -> dict[str, str]:
@@ -31,26 +28,34 @@ def effective_defaults() -> dict[str, str]:
     return raw_values()
 
 
-class DefaultsOption(click.Option):
-    """An option whose help names ``{section.key}`` placeholders, filled in
-    with the user's effective value when help is shown (never at startup),
-    and ``{example:section.key}``, the setting's example (setting_docs)."""
+class SettingOption(click.Option):
+    """An option that stands for a setting (``setting="section.key"``): its
+    help is the setting's ``cli`` line (engine/setting_docs.py), filled in
+    with the user's value in effect when help is shown (never at startup)
+    and the setting's example; it has no default of its own (unset, the
+    setting applies). ``help`` given here is added after the setting's line."""
+
+    def __init__(self, *args: Any, setting: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.setting = setting
+        self.extra_help = self.help or ""
 
     def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
-        record = super().get_help_record(ctx)
-        if record is None or "{" not in record[1]:
-            return record
-        values = ctx.meta.setdefault("alvis_fsm.defaults", None) or effective_defaults()
+        from alvis_fsm.engine.setting_docs import SETTINGS
+
+        doc = SETTINGS[self.setting]
+        values = ctx.meta.get("alvis_fsm.defaults") or effective_defaults()
         ctx.meta["alvis_fsm.defaults"] = values
 
         def fill(match: re.Match[str]) -> str:
-            if match.group(1):  # {example:section.key}: the setting's example
-                from alvis_fsm.engine.setting_docs import SETTINGS
+            if match.group(1) == "example":
+                return doc.example
+            key = self.setting if match.group(1) == "default" else match.group(1)
+            return values.get(key) or "not set"
 
-                return SETTINGS[match.group(2)].example
-            return values.get(match.group(2)) or "not set"
-
-        return record[0], re.sub(r"\{(example:)?([a-z_]+\.[a-z_]+)\}", fill, record[1])
+        line = re.sub(r"\{(default|example|[a-z_]+\.[a-z_]+)\}", fill, doc.cli)
+        self.help = f"{line} {self.extra_help}".strip()
+        return super().get_help_record(ctx)
 
 
 class PortType(click.ParamType[int]):
@@ -169,38 +174,14 @@ def _verbosity(ctx: click.Context) -> Any:
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.option(
-    "-m",
-    "--model",
-    cls=DefaultsOption,
+    "-m", "--model", cls=SettingOption, setting="catalog.default_model",
     shell_complete=_complete_models,
-    help="Model from the catalog [default: {catalog.default_model}].",
-)
-@click.option(
-    "-t", "--time", "walltime", cls=DefaultsOption, metavar="DURATION",
-    help=TIME_HELP + " [default: {slurm.time}, at most {slurm.max_time}]",
 )  # fmt: skip
-@click.option(
-    "--port", cls=DefaultsOption, type=PortType(),
-    help="Local tunnel port [default: {tunnel.local_port}].",
-)  # fmt: skip
-@click.option(
-    "--gpus",
-    cls=DefaultsOption,
-    metavar="TYPE:N",
-    help="GPUs per node, e.g. {example:slurm.gpus} [default: from the catalog, else {slurm.gpus}].",
-)
-@click.option(
-    "-A", "--account", cls=DefaultsOption, metavar="ACCOUNT",
-    help="SLURM account (project) to charge [default: {slurm.account}]. Not set: your only"
-    " account, or one you choose.",
-)  # fmt: skip
-@click.option(
-    "--route",
-    type=click.Choice(["jump", "login"]),
-    cls=DefaultsOption,
-    help="Tunnel through the login node to the compute node (jump) or forward from the login node"
-    " (login) [default: {tunnel.route}].",
-)
+@click.option("-t", "--time", "walltime", cls=SettingOption, setting="slurm.time", metavar="DURATION")
+@click.option("--port", cls=SettingOption, setting="tunnel.local_port", type=PortType())
+@click.option("--gpus", cls=SettingOption, setting="slurm.gpus", metavar="TYPE:N")
+@click.option("-A", "--account", cls=SettingOption, setting="slurm.account", metavar="ACCOUNT")
+@click.option("--route", type=click.Choice(["jump", "login"]), cls=SettingOption, setting="tunnel.route")
 @click.option(
     "-n",
     "--name",
@@ -330,15 +311,8 @@ def env(ctx: click.Context, name: str | None, as_json: bool, of_gateway: bool) -
 
 
 @cli.group(cls=Group, context_settings=CONTEXT_SETTINGS, invoke_without_command=True)
-@click.option(
-    "--port", cls=DefaultsOption, type=PortType(),
-    help="Local port of the gateway [default: {gateway.port}].",
-)  # fmt: skip
-@click.option(
-    "--idle", cls=DefaultsOption, metavar="DURATION",
-    help="Cancel a model's job after this long without requests: seconds, or 90s, 15m, 1h"
-    " [default: {gateway.idle_timeout} s].",
-)  # fmt: skip
+@click.option("--port", cls=SettingOption, setting="gateway.port", type=PortType())
+@click.option("--idle", cls=SettingOption, setting="gateway.idle_timeout", metavar="DURATION")
 @click.option(
     "--detach", is_flag=True,
     help="Run in the background: return once it listens, after printing the exports;"
@@ -446,9 +420,8 @@ def batch(ctx: click.Context) -> None:
 @click.argument("file", metavar="FILE.jsonl", type=click.Path(dir_okay=False))
 @click.option("-m", "--model", shell_complete=_complete_models,
               help="Model for lines whose body names none (catalog or served name).")  # fmt: skip
-@click.option("-t", "--time", "walltime", cls=DefaultsOption, metavar="DURATION",
-              help=TIME_HELP + " Per job; a shard goes on in a new job past it"
-              " [default: {slurm.time}].")  # fmt: skip
+@click.option("-t", "--time", "walltime", cls=SettingOption, setting="slurm.time", metavar="DURATION",
+              help="Per job; a shard goes on in a new job past it.")  # fmt: skip
 @click.option("--jobs", default="1", show_default=True, metavar="N|auto",
               help="Jobs (shards) at once; auto: as many as GPUs are free now.")  # fmt: skip
 @click.option("--wait", is_flag=True, help="Show progress until the end, then download the results.")

@@ -1,7 +1,9 @@
-"""The gateway's HTTP app (aiohttp, imported only here): the key check,
-``GET /v1/models``, and every ``POST /v1/...`` routed by its JSON ``model``
+"""The gateway's HTTP app (aiohttp): the key check, ``GET /v1/models``,
+``/gateway/status``, and every ``POST /v1/...`` routed by its JSON ``model``
 to that model's session, held while the session starts, then proxied to the
-session's tunnel with aiohttp's client, chunk by chunk.
+session's tunnel with aiohttp's client, chunk by chunk (that route is
+``Proxy``'s, gateway/proxy.py; the files and batches routes are
+gateway/batches.py's, the page's gateway/page.py's).
 
 Bounded (issue 22, findings 3 and 4): a connection must send its request's
 headers within ``header_timeout`` (also the idle time between requests) and
@@ -22,40 +24,37 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from aiohttp import web
 
 from alvis_fsm.cluster import guard
-from alvis_fsm.engine.store import SessionRecord
 from alvis_fsm.fronts.gateway.batches import Batches
 from alvis_fsm.fronts.gateway.keys import matches
-from alvis_fsm.fronts.gateway.models import QUEUED, READY, Handle, Models, Slot, Unavailable
+from alvis_fsm.fronts.gateway.models import QUEUED, Models, Slot
+from alvis_fsm.fronts.gateway.proxy import BadBody, Proxy, error
+from alvis_fsm.paths import packaged_default
 
 if TYPE_CHECKING:
     from alvis_fsm.fronts.gateway.page import Page
-    from alvis_fsm.fronts.gateway.watch import Meter
 
-# Headers that belong to one hop, never passed on.
-_HOP = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "content-length", "date", "server",
-}  # fmt: skip
-RETRY_AFTER = 30  # seconds, for a request refused while its model starts
-MAX_DEPTH = 64  # levels of JSON nesting in a request body
-JSON_TYPES = ("application/json", "text/json")  # or any ``+json``; none given is JSON too
+
+def _setting(key: str) -> Any:
+    """A field whose default is the setting's packaged one (default.toml)."""
+    return field(default_factory=lambda: packaged_default(key))
 
 
 @dataclass
 class Options:
-    hold_timeout: float = 540.0
-    idle_timeout: float = 900.0
-    max_held: int = 256
+    """The gateway's bounds; those that are settings default to the packaged values."""
+
+    hold_timeout: float = _setting("gateway.hold_timeout")
+    idle_timeout: float = _setting("gateway.idle_timeout")
+    max_held: int = _setting("gateway.max_held")
     keepalive_interval: float = 5.0  # between SSE comments to a held stream
     idle_check: float = 5.0  # how often idle sessions (and time limits) are looked at
-    rollover_lead: float = 600.0  # the least lead of a successor before a job's time limit
+    rollover_lead: float = _setting("gateway.rollover_lead")  # a successor's least lead before the time limit
     header_timeout: float = 15.0  # a request's headers, and the idle time between requests
     body_timeout: float = 60.0  # a request's body, once its headers are in
     max_body: int = 64 * 1024 * 1024  # bytes
@@ -72,45 +71,6 @@ def fd_connections() -> int:
     if soft == resource.RLIM_INFINITY or soft > 65536:
         soft = 65536
     return max(8, min(4096, (soft - 64) // 2))
-
-
-def _depth(value: object) -> int:
-    """The nesting depth of parsed JSON, without recursion."""
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        item, level = todo.pop()
-        if isinstance(item, dict):
-            item = list(item.values())
-        if isinstance(item, list):
-            deepest = max(deepest, level)
-            if level > MAX_DEPTH:
-                break
-            todo += [(v, level + 1) for v in item]
-    return deepest
-
-
-def error(status: int, message: str, kind: str, code: str | int | None = None,
-          headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
-    """An OpenAI-style error body: ``{"error": {"message", "type", "code"}}``."""
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
-
-
-def _retry_later(message: str) -> web.Response:
-    return error(503, message, "service_unavailable", "model_starting",
-                 headers={"Retry-After": str(RETRY_AFTER), "x-should-retry": "true"})  # fmt: skip
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
-
-
-class BadBody(Exception):
-    """A request body the gateway refuses (4xx), with its answer."""
-
-    def __init__(self, response: web.Response) -> None:
-        super().__init__(response.text)
-        self.response = response
 
 
 class _Refuse(asyncio.Protocol):
@@ -266,15 +226,11 @@ class Gateway:
         self.batches = batches  # /v1/files and /v1/batches (gateway/batches.py)
         self.models = models
         self.options = options or Options()
-        self.held = 0
-        self.client: aiohttp.ClientSession | None = None  # to sessions' local ports
-        self._socket_clients: dict[str, aiohttp.ClientSession] = {}  # one per tunnel socket
+        self.proxy = Proxy(models, self.options)  # POST /v1/... (gateway/proxy.py)
         self._idle_task: asyncio.Task[None] | None = None
-        self._closing: set[asyncio.Task[None]] = set()  # clients of ended sessions, closing
         self.started = time.time()
         self.connections: Connections | None = None  # set by serve()
         self.page: Page | None = None  # the browser page, /metrics and the request log
-        self._meters: dict[int, Meter] = {}  # id(request) -> its meter, while the page is on
 
     # -- the app --------------------------------------------------------------
     def app(self) -> web.Application:
@@ -293,58 +249,15 @@ class Gateway:
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
-        self.client = self._new_client()
+        self.proxy.open()
         self._idle_task = asyncio.create_task(self._idle_loop())
-
-    @staticmethod
-    def _new_client(uds: str = "") -> aiohttp.ClientSession:
-        """A pooled client to sessions' tunnels (a unix socket, else local
-        ports). aiohttp's, not httpx's: the gateway is aiohttp end to end, and
-        its C parser passes a stream on ~3× faster than httpx's h11 (36 vs 10
-        MB/s of SSE on one core), which a proxy of token streams needs."""
-        connector: aiohttp.BaseConnector = (
-            aiohttp.UnixConnector(path=uds, keepalive_timeout=4.0, limit=0) if uds
-            # vLLM's uvicorn closes a connection idle for 5 s: reusing one
-            # then would fail a request, so the pool lets go first.
-            else aiohttp.TCPConnector(keepalive_timeout=4.0, limit=0)
-        )
-        # trust_env False (the default): no proxy from the environment, the
-        # tunnel is on this machine. auto_decompress False: bytes pass as sent.
-        return aiohttp.ClientSession(
-            connector=connector, trust_env=False, auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
-        )  # fmt: skip
-
-    def _upstream(self, record: SessionRecord) -> tuple[aiohttp.ClientSession, str]:
-        """The client and base URL of a session's tunnel: its unix socket
-        (one pooled client per socket), or its local port."""
-        path = record.local_socket
-        if not path:
-            assert self.client is not None
-            return self.client, f"http://127.0.0.1:{record.local_port}"
-        client = self._socket_clients.get(path)
-        if client is None:
-            # A new session: forget the clients of sessions that ended (each
-            # session has a socket of its own; a gateway runs for days).
-            live = {r.handle.record.local_socket for slot in self.models.slots.values()
-                    for r in slot.runs()}  # fmt: skip
-            for gone in [p for p in self._socket_clients if p not in live]:
-                old = self._socket_clients.pop(gone)
-                task = asyncio.get_running_loop().create_task(old.close())
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
-            client = self._socket_clients[path] = self._new_client(path)
-        return client, "http://localhost"
 
     async def _on_cleanup(self, app: web.Application) -> None:
         if self._idle_task is not None:
             self._idle_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._idle_task
-        if self.client is not None:
-            await self.client.close()
-        for client in self._socket_clients.values():
-            await client.close()
+        await self.proxy.close()
 
     async def _idle_loop(self) -> None:
         while True:
@@ -446,212 +359,17 @@ class Gateway:
             "gpu_hours_saved": round(sum(s.gpu_hours_saved for s in slots), 4),
         })  # fmt: skip
 
+    @property
+    def held(self) -> int:
+        """Requests held while their model starts."""
+        return self.proxy.held
+
+    async def post(self, request: web.Request) -> web.StreamResponse:
+        return await self.proxy.post(request, self.page.watch if self.page is not None else None)
+
     async def not_found(self, request: web.Request) -> web.Response:
         return error(404, f"No route {request.method} {request.path} on the gateway",
                      "invalid_request_error", "not_found")  # fmt: skip
-
-    async def _body(self, request: web.Request) -> object:
-        """The request's JSON, read within ``body_timeout``; ``BadBody``
-        for what is not a JSON document of sane size and nesting."""
-        given = request.headers.get("Content-Type", "")
-        kind = given.partition(";")[0].strip().lower()
-        if given and kind not in JSON_TYPES and not kind.endswith("+json"):
-            raise BadBody(error(415, f"The body must be JSON (Content-Type: application/json), not {kind!r}",
-                                "invalid_request_error", "unsupported_media_type"))  # fmt: skip
-        try:
-            raw = await asyncio.wait_for(request.read(), self.options.body_timeout)
-        except TimeoutError:
-            raise BadBody(error(408, f"The request body did not arrive within {self.options.body_timeout:.0f} s",
-                                "invalid_request_error", "request_timeout")) from None  # fmt: skip
-        except web.HTTPRequestEntityTooLarge:
-            raise BadBody(error(413, f"The request body is larger than {self.options.max_body} bytes",
-                                "invalid_request_error", "request_too_large")) from None  # fmt: skip
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except RecursionError:
-            body, depth = None, MAX_DEPTH + 1
-        except ValueError:  # not UTF-8, not JSON
-            raise BadBody(error(400, 'The body is not valid JSON (a JSON object naming a "model")',
-                                "invalid_request_error", "invalid_json")) from None  # fmt: skip
-        else:
-            depth = _depth(body)
-        if depth > MAX_DEPTH:
-            raise BadBody(error(400, f"The body's JSON is nested deeper than {MAX_DEPTH} levels",
-                                "invalid_request_error", "invalid_json"))  # fmt: skip
-        return body
-
-    async def post(self, request: web.Request) -> web.StreamResponse:
-        if self.page is None:
-            return await self._post(request, None)
-        meter = self._meters[id(request)] = self.page.watch.begin(request.path)
-        resp: web.StreamResponse | None = None
-        try:
-            resp = await self._post(request, meter)
-            return resp
-        except BadBody as bad:
-            resp = bad.response
-            raise
-        finally:
-            del self._meters[id(request)]
-            # 499: the client went away first (as nginx logs it).
-            self.page.watch.done(meter, resp.status if resp is not None else 499,
-                                 _said(resp) if resp is not None and resp.status >= 400 else "")
-
-    async def _post(self, request: web.Request, meter: Meter | None) -> web.StreamResponse:
-        body = await self._body(request)
-        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            return error(400, 'The body must be a JSON object naming a "model"',
-                         "invalid_request_error", "invalid_body")  # fmt: skip
-        slot = self.models.find(body["model"])
-        if slot is None:
-            names = ", ".join(self.models.names())
-            return error(404, f"The model '{body['model']}' is not in the gateway's catalog."
-                         f" Available models: {names}", "invalid_request_error",
-                         "model_not_found")  # fmt: skip
-        if meter is not None:
-            meter.model, meter.stream = slot.name, bool(body.get("stream"))
-        slot.enter()
-        try:
-            return await self._serve(request, slot, body)
-        finally:
-            slot.leave()
-
-    async def _serve(self, request: web.Request, slot: Slot, body: dict[str, Any]
-                     ) -> web.StreamResponse:  # fmt: skip
-        if slot.handle is not None and slot.state == READY and not slot.stopping:
-            return await self._proxy(request, slot, slot.handle, body, None)
-        if self.held >= self.options.max_held:
-            return _retry_later(f"{self.held} requests are already held while models start"
-                                f" (gateway.max_held); {slot.name} is {slot.state}")  # fmt: skip
-        self.held += 1
-        try:
-            if body.get("stream"):
-                return await self._hold_stream(request, slot, body)
-            try:
-                handle = await asyncio.wait_for(
-                    slot.ready(self.options.keepalive_interval), self.options.hold_timeout
-                )
-            except TimeoutError:
-                return _retry_later(
-                    f"{slot.name} is still starting ({slot.state}"
-                    + (f", job {slot.job_id}" if slot.job_id else "")
-                    + f") after {self.options.hold_timeout:.0f} s; retry later"
-                )
-            except Unavailable as exc:
-                return error(503, str(exc), "service_unavailable", "model_failed")
-        finally:
-            self.held -= 1
-        return await self._proxy(request, slot, handle, body, None)
-
-    async def _hold_stream(self, request: web.Request, slot: Slot, body: dict[str, Any]
-                           ) -> web.StreamResponse:  # fmt: skip
-        """200 at once, SSE comments while the model starts, then its stream."""
-        resp = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-        })  # fmt: skip
-        await resp.prepare(request)
-
-        async def keep_alive(state: str) -> None:
-            with contextlib.suppress(ConnectionResetError):  # the client went away: the next write says so
-                await resp.write(f": keep-alive {state}\n\n".encode())
-
-        try:
-            handle = await slot.ready(self.options.keepalive_interval, keep_alive)
-        except Unavailable as exc:
-            await resp.write(_sse({"error": {"message": str(exc), "type": "service_unavailable",
-                                             "param": None, "code": "model_failed"}}))  # fmt: skip
-            await resp.write_eof()
-            return resp
-        self.held -= 1  # no longer held: proxied (the caller's finally adds it back)
-        try:
-            return await self._proxy(request, slot, handle, body, resp)
-        finally:
-            self.held += 1
-
-    async def _proxy(self, request: web.Request, slot: Slot, handle: Handle,
-                     body: dict[str, Any], prepared: web.StreamResponse | None
-                     ) -> web.StreamResponse:  # fmt: skip
-        """Forward to the session's tunnel with its own key and served name;
-        the answer goes back chunk by chunk as it comes, never buffered.
-        Counted in flight on that session (not only on the model), so a
-        session replaced by a rollover is stopped only after its own."""
-        handle = slot.begin(handle)
-        served = False
-        try:
-            resp, served = await self._forward(request, slot, handle, body, prepared)
-            return resp
-        finally:
-            slot.finish(handle, served)
-            if (meter := self._meters.get(id(request))) is not None:
-                meter.served = served
-
-    async def _forward(self, request: web.Request, slot: Slot, handle: Handle,
-                       body: dict[str, Any], prepared: web.StreamResponse | None
-                       ) -> tuple[web.StreamResponse, bool]:  # fmt: skip
-        """``_proxy``'s work: the response, and whether it went out whole."""
-        r = handle.record
-        client, base = self._upstream(r)
-        body = {**body, "model": r.served_name or slot.served}
-        # The client's own Accept-Encoding (else aiohttp's default would ask
-        # for gzip): the answer's bytes pass through as they are.
-        headers = {"Content-Type": "application/json",
-                   "Accept": request.headers.get("Accept", "*/*"),
-                   "Accept-Encoding": request.headers.get("Accept-Encoding", "identity")}  # fmt: skip
-        if r.api_key:
-            headers["Authorization"] = f"Bearer {r.api_key}"
-        try:
-            answer = await client.post(base + request.path_qs, data=json.dumps(body).encode(),
-                                       headers=headers)  # fmt: skip
-        except (aiohttp.ClientError, OSError) as exc:
-            message = f"{slot.name}: its server did not answer ({type(exc).__name__}); retry"
-            if prepared is not None:
-                await prepared.write(_sse({"error": {"message": message, "type":
-                                     "service_unavailable", "param": None, "code": None}}))  # fmt: skip
-                await prepared.write_eof()
-                return prepared, False
-            return _retry_later(message), False
-        resp = prepared
-        try:
-            if prepared is not None and answer.status != 200:
-                # The 200 is sent already: the error goes as an SSE event.
-                said = (await answer.read()).decode("utf-8", "replace")
-                with contextlib.suppress(ValueError):
-                    parsed = json.loads(said)
-                    said = (parsed.get("error") or {}).get("message") or parsed.get("message") or said
-                await prepared.write(_sse({"error": {"message": said, "type": "upstream_error",
-                                                     "param": None, "code": answer.status}}))
-                await prepared.write_eof()
-                return prepared, False
-            if resp is None:
-                resp = web.StreamResponse(status=answer.status, headers={
-                    k: v for k, v in answer.headers.items() if k.lower() not in _HOP
-                })  # fmt: skip
-                await resp.prepare(request)
-            # As it comes, whatever the upstream's chunks: never buffered.
-            meter = self._meters.get(id(request))
-            async for chunk in answer.content.iter_any():
-                await resp.write(chunk)
-                if meter is not None:
-                    meter.feed(chunk)
-        except ConnectionResetError:
-            # The client went away mid-answer (aiohttp's ClientConnectionResetError):
-            # its own choice, not the gateway's error, and nothing to tell it.
-            return resp or web.Response(status=499), False
-        finally:
-            answer.release()
-        with contextlib.suppress(ConnectionResetError):
-            # The client may close as soon as it has the last chunk: it has
-            # its answer whether or not the end of the stream reaches it.
-            await resp.write_eof()
-        return resp, True
-
-
-def _said(resp: web.StreamResponse) -> str:
-    """The message of an error body the gateway made (for the page)."""
-    if isinstance(resp, web.Response) and isinstance(resp.body, bytes):
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            return str(json.loads(resp.body)["error"]["message"])
-    return ""
 
 
 @dataclass

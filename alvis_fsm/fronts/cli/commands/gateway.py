@@ -33,8 +33,11 @@ from alvis_fsm.fronts.gateway import instance
 from alvis_fsm.fronts.ui import Reporter, Verbosity
 
 if TYPE_CHECKING:
+    from alvis_fsm.engine.catalog import Catalog
     from alvis_fsm.engine.settings import Settings
+    from alvis_fsm.engine.store import Store
     from alvis_fsm.fronts.gateway.models import Handle, Models
+    from alvis_fsm.fronts.gateway.recorder import Recorder
     from alvis_fsm.fronts.gateway.server import Gateway
 
 # How long `gateway --detach` waits for the background gateway to listen
@@ -80,20 +83,13 @@ def _settings(port: int | None, idle: str | None) -> Settings:
 
 def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log: str,
                 open_page: bool = False) -> None:  # fmt: skip
-    from alvis_fsm.cluster import jobscript
     from alvis_fsm.cluster.tunnel import local_port_free, port_busy_hint
     from alvis_fsm.engine.catalog import load_catalog
-    from alvis_fsm.engine.loadtimes import LoadTimes
     from alvis_fsm.engine.store import Store
     from alvis_fsm.fronts.cli.commands.env import exports
     from alvis_fsm.fronts.gateway import sessions
     from alvis_fsm.fronts.gateway.keys import gateway_key
-    from alvis_fsm.fronts.gateway.models import Models
-    from alvis_fsm.fronts.gateway.page import Page
-    from alvis_fsm.fronts.gateway.recorder import Recorder
-    from alvis_fsm.fronts.gateway.requestlog import RequestLog
-    from alvis_fsm.fronts.gateway.server import Gateway, LibraryLog, Options
-    from alvis_fsm.text import inert
+    from alvis_fsm.fronts.gateway.server import LibraryLog
 
     cfg = _settings(port, idle)
     catalog = load_catalog(cfg)
@@ -104,51 +100,19 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
         store = Store(cfg.state_dir)
         store.ensure()
         key = gateway_key(cfg.state_dir)
-        served = {name: jobscript.served_model_name(e.path) for name, e in catalog.entries.items()}
-        lock = threading.Lock()
-
-        logfile = instance.LogFile(Path(log)) if log else None  # rotated
-
-        def echo(line: str) -> None:
-            if verbosity is not Verbosity.QUIET:
-                line = inert(line)  # vLLM's and the cluster's text: never control sequences
-                with lock:
-                    if logfile is not None:  # in the background log, each line says when
-                        logfile.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line)
-                    else:
-                        click.echo(line, err=True)
-
+        echo = _echo(verbosity, log)
         LibraryLog.install(echo)  # aiohttp's and asyncio's records: one line each, a few a minute
-
-        def factory(model: str, observer: Recorder, lane: int) -> Handle:
-            return sessions.new_session(cfg, catalog, model, store, observer, lane)
-
-        def load_time(model: str, gpus: str) -> float | None:
-            expected = LoadTimes(store.dir).expected(model, gpus)
-            return expected[0] if expected else None
-
-        models = Models(served, factory, echo, load_time)
-        if idle is None:  # --idle is for every model; else each its own, if the catalog says
-            for name, entry in catalog.entries.items():
-                models.slots[name].idle_timeout = entry.idle_timeout
-        options = Options(hold_timeout=g.hold_timeout, idle_timeout=g.idle_timeout,
-                          max_held=g.max_held, idle_check=max(0.5, min(5.0, g.idle_timeout / 4)),
-                          rollover_lead=g.rollover_lead)  # fmt: skip
-        from alvis_fsm.fronts.gateway.batches import Batches, cluster_ops
-        from alvis_fsm.fronts.gateway.batchview import Board
-
-        batches = Batches(cfg.state_dir, cluster_ops(cfg))
-        gateway = Gateway(key, models, options, batches)
-        page = gateway.page = Page(gateway, RequestLog(cfg.state_dir), batches=Board(batches),
-                                   stop_timeout=instance.shutdown_wait(cfg))  # fmt: skip
+        models = _models(cfg, catalog, store, echo, every_idle=idle is not None)
+        gateway = _gateway(cfg, key, models)
         if not log:  # the background gateway's parent prints them; the log keeps no key
             click.echo(exports(f"http://localhost:{g.port}/v1", key))
             sys.stdout.flush()
 
         def listening(bound: int) -> None:
             registration.publish(bound, log)
-            if not log:  # the background gateway's log keeps no login link: its parent asks for one
-                show_link(f"http://localhost:{bound}/?token={page.new_login_token()}", open_page)
+            if not log and gateway.page is not None:
+                # The background gateway's log keeps no login link: its parent asks for one.
+                show_link(f"http://localhost:{bound}/?token={gateway.page.new_login_token()}", open_page)
 
         def clean_up() -> list[str]:
             return sessions.clean_up_orphans(cfg, store, echo)
@@ -160,6 +124,71 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
             f"Could not confirm that the jobs of {', '.join(left)} were cancelled",
             hint="`alvis-fsm status` lists them; `alvis-fsm stop NAME` tries again.",
         )
+
+
+def _echo(verbosity: Verbosity, log: str) -> Callable[[str], None]:
+    """Where the gateway's lines go: stderr, or the background gateway's log
+    (rotated, each line dated); nothing when quiet."""
+    from alvis_fsm.text import inert
+
+    lock = threading.Lock()
+    logfile = instance.LogFile(Path(log)) if log else None  # rotated
+
+    def echo(line: str) -> None:
+        if verbosity is not Verbosity.QUIET:
+            line = inert(line)  # vLLM's and the cluster's text: never control sequences
+            with lock:
+                if logfile is not None:  # in the background log, each line says when
+                    logfile.write(time.strftime("%Y-%m-%d %H:%M:%S ") + line)
+                else:
+                    click.echo(line, err=True)
+
+    return echo
+
+
+def _models(cfg: Settings, catalog: Catalog, store: Store, echo: Callable[[str], None],
+            every_idle: bool) -> Models:  # fmt: skip
+    """A slot per catalog model, each starting its sessions in the store;
+    with ``every_idle`` (--idle) every model idles out alike, else each as
+    its catalog entry says."""
+    from alvis_fsm.cluster import jobscript
+    from alvis_fsm.engine.loadtimes import LoadTimes
+    from alvis_fsm.fronts.gateway import sessions
+    from alvis_fsm.fronts.gateway.models import Models
+
+    served = {name: jobscript.served_model_name(e.path) for name, e in catalog.entries.items()}
+
+    def factory(model: str, observer: Recorder, lane: int) -> Handle:
+        return sessions.new_session(cfg, catalog, model, store, observer, lane)
+
+    def load_time(model: str, gpus: str) -> float | None:
+        expected = LoadTimes(store.dir).expected(model, gpus)
+        return expected[0] if expected else None
+
+    models = Models(served, factory, echo, load_time)
+    if not every_idle:
+        for name, entry in catalog.entries.items():
+            models.slots[name].idle_timeout = entry.idle_timeout
+    return models
+
+
+def _gateway(cfg: Settings, key: str, models: Models) -> Gateway:
+    """The gateway of the settings, with its batches and its page."""
+    from alvis_fsm.fronts.gateway.batches import Batches, cluster_ops
+    from alvis_fsm.fronts.gateway.batchview import Board
+    from alvis_fsm.fronts.gateway.page import Page
+    from alvis_fsm.fronts.gateway.requestlog import RequestLog
+    from alvis_fsm.fronts.gateway.server import Gateway, Options
+
+    g = cfg.gateway
+    options = Options(hold_timeout=g.hold_timeout, idle_timeout=g.idle_timeout,
+                      max_held=g.max_held, idle_check=max(0.5, min(5.0, g.idle_timeout / 4)),
+                      rollover_lead=g.rollover_lead)  # fmt: skip
+    batches = Batches(cfg.state_dir, cluster_ops(cfg))
+    gateway = Gateway(key, models, options, batches)
+    gateway.page = Page(gateway, RequestLog(cfg.state_dir), batches=Board(batches),
+                        stop_timeout=instance.shutdown_wait(cfg))  # fmt: skip
+    return gateway
 
 
 async def _serve(gateway: Gateway, models: Models, port: int, wait: float,
