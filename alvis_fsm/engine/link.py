@@ -97,21 +97,14 @@ class Link:
             self.store.save(self.record)
 
 
-def open_link(
-    settings: Settings,
-    record: SessionRecord,
-    store: Store,
-    ui: Observer,
-    *,
-    look: bool = False,
-    conn: Connection | None = None,
-    agent: Agent | None = None,
-    shield: Shield = contextlib.nullcontext,
-    **_tunnel_handles: object,  # tunnel_factory, verifier: the runner's, not the link's
-) -> Link:
+def open_link(settings: Settings, record: SessionRecord, store: Store, ui: Observer, *,
+              look: bool = False, conn: Connection | None = None, agent: Agent | None = None,
+              shield: Shield = contextlib.nullcontext,
+              **_tunnel_handles: object) -> Link:  # fmt: skip
     """The session's link; ``conn`` and ``agent`` can be handed in (unit tests
     drive the session with a fake agent object), by default OpenSSH and
-    agent.sh. ``look``: read-only (see ``_connection``)."""
+    agent.sh; the tunnel's handles (``tunnel_factory``, ``verifier``) are
+    the runner's, not the link's. ``look``: read-only (see ``_connection``)."""
     store.ensure()
     if not record.control_path:
         record.control_path = str(

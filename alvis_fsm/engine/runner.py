@@ -158,6 +158,8 @@ class Runner:
         self.supervised = supervised
         self.detach = detach
         self.link: Link = open_link(settings, record, store, ui, conn=conn, agent=agent, shield=shield)
+        # The session's parts by their usual names (the same objects as the link's).
+        self.settings, self.record, self.conn, self.agent = settings, record, self.link.conn, self.link.agent
         self.tunnels = TunnelKeeper(self.link, tunnel_factory, verifier)
         self.stream = LogStream(self.link)
         self.model = Session()
@@ -184,23 +186,6 @@ class Runner:
         # and extra sbatch arguments. Only a session still idle needs them.
         self.render = job_script or _no_job_script
         self.sbatch_args = list(sbatch_args)
-
-    # -- the session's parts, by their usual names ------------------------------
-    @property
-    def settings(self) -> Settings:
-        return self.link.settings
-
-    @property
-    def record(self) -> SessionRecord:
-        return self.link.record
-
-    @property
-    def conn(self) -> Connection:
-        return self.link.conn
-
-    @property
-    def agent(self) -> Agent:
-        return self.link.agent
 
     @property
     def ui(self) -> Observer:
