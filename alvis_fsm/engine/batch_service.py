@@ -209,7 +209,7 @@ def _pump(proc: subprocess.Popen[bytes], source: Path | None,
 @contextlib.contextmanager
 def connected(settings: Settings, ui: Observer) -> Iterator[Remote]:
     """The shared connection for batch commands; closed after if opened here."""
-    from alvis_fsm.engine.runner import ssh_options
+    from alvis_fsm.engine.link import ssh_options
 
     state_dir = settings.state_dir
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -264,10 +264,23 @@ class Session:
         self.history: list[tuple[str, str]] = []
         self.on_change: Callable[[State], None] | None = None
         self._left: str | None = None
+        self._visited: set[str] = set()
 
     @property
     def state_enum(self) -> State:
         return State(self.state)
+
+    # -- conditions the steps read (the driver keeps no flags of its own) --
+    @property
+    def came_from(self) -> str | None:
+        """The state the last transition left (its own for ``resume``;
+        None before the first transition of this process)."""
+        return self._left
+
+    def has_been(self, state: State) -> bool:
+        """Whether this process's machine has entered ``state`` (``resume``
+        re-entering it counts; the state a session was restored in does not)."""
+        return state.value in self._visited
 
     # -- callbacks (named in build_machine) --
     def before_state_change(self, *_: object, **__: object) -> None:
@@ -276,6 +289,7 @@ class Session:
     def entered(self, *_: object, **__: object) -> None:
         """Every state's first on_enter callback: the bookkeeping (and the
         record saved) comes before the state's step runs."""
+        self._visited.add(self.state)
         if self._left == self.state:
             return  # ``resume`` re-entered the state: it has not changed
         self.entered_at[self.state] = time.time()

@@ -487,15 +487,15 @@ def stop(settings: Settings, store: Store, name: str, ui: Observer, *,
     tunnel, state cleaned. None when it was already stopped: its record
     is returned then, for the front to say how it ended. Whoever drives the
     session must have let go first (``ownership.stop_session`` sees to that)."""
-    from alvis_fsm.engine.runner import Runner
+    from alvis_fsm.engine.job_control import cancel_session
+    from alvis_fsm.engine.link import open_link
 
     with store.lock(name):
         record = store.load(name)
         if record.state == State.CLEANED:
             return record
-        runner = Runner(settings, record, store, ui, shield=shield or contextlib.nullcontext,
-                        **handles)  # fmt: skip
-        runner.stop()
+        cancel_session(open_link(settings, record, store, ui, shield=shield or contextlib.nullcontext,
+                                 **handles))  # fmt: skip
     return None
 
 
@@ -564,13 +564,13 @@ def logs(settings: Settings, store: Store, name: str | None, ui: Observer, *, li
          follow: bool = False, **handles: Any) -> None:  # fmt: skip
     """vLLM's log lines (``ui.log_line``), from the shared run directory;
     ``follow`` streams until the job ends (or KeyboardInterrupt)."""
-    from alvis_fsm.engine.runner import Runner
+    from alvis_fsm.engine.looks import look, show_logs
 
     record = pick_session(store, name, "logs", latest=True)
     # Say which job the lines are from (NAME may have picked the gateway's).
     ui.info(f"Logs of session '{record.name}' (job {record.job_id or '-'}, {record.state},"
             f" model {record.model})")  # fmt: skip
-    Runner(settings, record, store, ui, readonly=True, **handles).show_logs(lines, follow)
+    show_logs(look(settings, record, store, ui, **handles), lines, follow)
 
 
 @dataclass(frozen=True)
@@ -598,14 +598,16 @@ def check(settings: Settings, store: Store, record: SessionRecord, ui: Observer,
     and its job has ended: then the end is recorded (under its lock)."""
     from alvis_fsm.cluster.tunnel import health
     from alvis_fsm.engine import ownership
-    from alvis_fsm.engine.runner import Runner
+    from alvis_fsm.engine.job_control import JobControl
+    from alvis_fsm.engine.link import open_link
+    from alvis_fsm.engine.looks import look
 
     driven = store.locked(record.name)
-    runner = Runner(settings, record, store, ui, readonly=True, **handles)
-    opened = not runner.conn.alive()
+    link = look(settings, record, store, ui, **handles)
+    opened = not link.conn.alive()
     try:
-        runner.conn.open()
-        job = runner.agent.jobinfo(record.job_id) if record.job_id else None
+        link.conn.open()
+        job = link.agent.jobinfo(record.job_id) if record.job_id else None
         if job is not None and job.unanswered:
             # No answer is not news: the session is left as it is.
             return Status(record, job_state="UNKNOWN", problem=SchedulerError(
@@ -622,10 +624,10 @@ def check(settings: Settings, store: Store, record: SessionRecord, ui: Observer,
             # starting now cannot race us.
             try:
                 with store.lock(record.name):
-                    runner = Runner(settings, store.load(record.name), store, ui, **handles)
-                    runner.still_alive()
+                    link = open_link(settings, store.load(record.name), store, ui, **handles)
+                    JobControl(link).still_alive()
                     opened = True  # still_alive closed the connection
-                    return Status(runner.record, job_state=job_state)
+                    return Status(link.record, job_state=job_state)
             except SessionError:
                 return Status(record, job_state=job_state)  # a client took it meanwhile
         reachable = (health(record.local_port, api_key=record.api_key or None,
@@ -639,7 +641,7 @@ def check(settings: Settings, store: Store, record: SessionRecord, ui: Observer,
         return Status(record, problem=type(exc)(f"{record.name}: {exc.message}", hint=exc.hint))
     finally:
         if opened:
-            runner.conn.close()
+            link.conn.close()
 
 
 def _time_left(squeue: str) -> str | None:

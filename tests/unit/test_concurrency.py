@@ -71,7 +71,7 @@ def test_twenty_sessions_in_threads_serve_then_stop_cleanly(tmp_path: Path) -> N
         saved = store.load(name)
         assert saved.state == "cleaned" and saved.client_pid == 0, name
         assert "Cleaned up job 42 successfully" in say.text("info"), name
-        assert r._stream is None  # the log stream process was stopped
+        assert r.stream.proc is None  # the log stream process was stopped
     # Each session kept to its own record: 20 files, no two mixed up.
     assert sorted(rec.name for rec in store.all()[0]) == [f"s{i:02d}" for i in range(N)]
 

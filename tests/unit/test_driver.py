@@ -185,7 +185,7 @@ def test_signal_in_a_waiting_state_cancels(tmp_path: Path, state: str, exc: Base
 
 def test_ctrl_c_while_streaming_is_a_normal_end(tmp_path: Path) -> None:
     runner, agent, _, _, store = make_runner(tmp_path, "tunneled", detach=False)
-    runner._tunnel_factory = _interrupt_after(3)  # type: ignore[assignment]
+    runner.tunnels.factory = _interrupt_after(3)  # type: ignore[assignment]
     runner.drive()  # returns: Ctrl+C after connecting is how a session ends
     assert saved_state(store) == "cleaned" and len(agent.cancels) == 1
 
@@ -226,7 +226,7 @@ def test_lost_network_before_submitting_is_a_plain_error(tmp_path: Path) -> None
 def test_stream_unknown_warns_and_keeps_serving(tmp_path: Path) -> None:
     runner, agent, _, say, store = make_runner(tmp_path, "tunneled", detach=False)
     agent.stream_script = "import time; print('UNKNOWN|squeue: Socket timed out', flush=True); time.sleep(30)"
-    runner._tunnel_factory = _interrupt_after(8)  # type: ignore[assignment]
+    runner.tunnels.factory = _interrupt_after(8)  # type: ignore[assignment]
     runner.drive()
     assert "did not answer about job 42" in say.text("warn")
     assert saved_state(store) == "cleaned"
@@ -243,7 +243,7 @@ def test_stream_gone_ends_the_session(tmp_path: Path) -> None:
 def test_failing_stream_restarts_are_bounded(tmp_path: Path) -> None:
     runner, agent, _, say, _ = make_runner(tmp_path, "tunneled", detach=False)
     agent.stream_script = "import sys; sys.stderr.write('run directory is gone\\n'); sys.exit(3)"
-    runner._tunnel_factory = _interrupt_after(12)  # type: ignore[assignment]  # ~6 s of serving
+    runner.tunnels.factory = _interrupt_after(12)  # type: ignore[assignment]  # ~6 s of serving
     t0 = time.monotonic()
     runner.drive()
     elapsed = time.monotonic() - t0
@@ -333,7 +333,7 @@ def test_supervisor_adopts_a_live_tunnel_without_leaving_tunneled(tmp_path: Path
         tunnel.raise_after = (3, StopRequested("SIGTERM"))  # `stop` takes over
         return tunnel
 
-    runner._tunnel_factory = live  # type: ignore[assignment]
+    runner.tunnels.factory = live  # type: ignore[assignment]
     runner.drive()
     assert [state for state, _ in store.load("s").history] == []  # no transition at all
     assert agent.cancels == [] and saved_state(store) == "tunneled"

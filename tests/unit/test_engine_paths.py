@@ -13,6 +13,7 @@ import pytest
 
 from alvis_fsm.cluster.agent import Event
 from alvis_fsm.cluster.slurm import JobInfo, JobState
+from alvis_fsm.engine.looks import show_logs
 from alvis_fsm.errors import ConnectionLost, Interrupted, ServerError, SessionError, SSHError
 from tests.unit.fake_cluster import FakeAgent, make_runner
 
@@ -118,10 +119,10 @@ def test_vllm_dying_while_loading_fails_with_its_root_cause(tmp_path: Path, even
 
 def test_logs_tail_and_follow(tmp_path: Path) -> None:
     runner, agent, conn, say, _ = make_runner(tmp_path, "tunneled")
-    runner.show_logs(10, follow=False)
+    show_logs(runner.link, 10, follow=False)
     assert say.text("log") == "RuntimeError: boom"
     agent.stream_script = "print('O|INFO loaded', flush=True); print('EXITED|3', flush=True)"
-    runner.show_logs(10, follow=True)
+    show_logs(runner.link, 10, follow=True)
     assert "INFO loaded" in say.text("log")
     assert "vLLM exited with status 3" in say.text("info")
     assert not conn.up  # a look closes the connection it opened
@@ -130,7 +131,7 @@ def test_logs_tail_and_follow(tmp_path: Path) -> None:
 def test_logs_of_a_session_without_a_job(tmp_path: Path) -> None:
     runner, *_ = make_runner(tmp_path, "idle")
     with pytest.raises(SessionError, match="no job yet"):
-        runner.show_logs(10, follow=False)
+        show_logs(runner.link, 10, follow=False)
 
 
 def test_stop_requested_while_waiting_is_noticed_between_queries(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def test_network_lost_keeps_job_and_state(tmp_path: Path, state: str) -> None:
         def verify(*_: object, **__: object) -> Verified:
             raise lost
 
-        runner._verify = verify
+        runner.tunnels.verify = verify
     else:
         # The link goes while streaming: the stream (a channel on it) ends
         # and the login node no longer answers.
@@ -102,7 +102,7 @@ def test_a_stop_cancels_and_is_confirmed(tmp_path: Path, state: str, how: str) -
                 raise KeyboardInterrupt
 
             if state == "serving":
-                runner._verify = interrupted
+                runner.tunnels.verify = interrupted
             else:
                 # Ctrl+C lands while the session streams (the tunnel's 2nd check).
                 def factory(**kw: object) -> FakeTunnel:
@@ -110,7 +110,7 @@ def test_a_stop_cancels_and_is_confirmed(tmp_path: Path, state: str, how: str) -
                     tunnel.raise_after = (2, KeyboardInterrupt())
                     return tunnel
 
-                runner._tunnel_factory = factory
+                runner.tunnels.factory = factory
     else:
         runner.request_stop("idle")
     # A start-up interrupted raises Interrupted (exit 130); while streaming

@@ -98,8 +98,8 @@ def test_a_tunnel_that_dies_again_while_reopened_is_reopened_at_once(tmp_path: P
             runner.request_stop("test")
         return Verified(["org/m"], 0.01)
 
-    runner._tunnel_factory = tunnel  # type: ignore[assignment]
-    runner._verify = verifier
+    runner.tunnels.factory = tunnel  # type: ignore[assignment]
+    runner.tunnels.verify = verifier
     with pytest.raises(Interrupted):
         runner.drive()
     assert checks == [True, False, False, True]
@@ -118,13 +118,13 @@ def test_the_ctrl_c_hint_is_for_a_terminal_only(tmp_path: Path, ui: Say) -> None
     showed "Streaming logs (Ctrl+C to stop and cleanup)..."."""
     runner, _agent, _, _, _store = make_runner(tmp_path, "tunneled", detach=False)
     runner.ui = ui
-    original = runner._announce
+    original = runner.tunnels.announce
 
     def announce() -> None:
         original()
         runner.request_stop("test")
 
-    runner._announce = announce  # type: ignore[method-assign]
+    runner.tunnels.announce = announce  # type: ignore[method-assign]
     with pytest.raises(Interrupted):
         runner.drive()
     said = "Streaming logs (Ctrl+C to stop and cleanup)..." in ui.text("info")

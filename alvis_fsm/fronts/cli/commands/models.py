@@ -161,7 +161,7 @@ def scan_hub(settings: Settings, verbosity: Verbosity) -> list[tuple[str, str]]:
     skipped with a warning that names them."""
     from alvis_fsm.cluster.agent import Agent
     from alvis_fsm.cluster.ssh import Connection, control_path
-    from alvis_fsm.engine.runner import ssh_options
+    from alvis_fsm.engine.link import ssh_options
     from alvis_fsm.fronts.cli.commands._common import reporter
 
     ui = reporter(verbosity)
