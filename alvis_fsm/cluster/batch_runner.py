@@ -221,7 +221,9 @@ class Connection:
         self.writer.write(head.encode("latin-1") + body)
         await self.writer.drain()
         status, fields = await self._head()
-        if fields.get("transfer-encoding", "").lower() == "chunked":
+        if status in (204, 304):
+            data = b""  # no body, whatever the fields say
+        elif fields.get("transfer-encoding", "").lower() == "chunked":
             data = await self._chunked()
         elif "content-length" in fields:
             data = await self.reader.readexactly(int(fields["content-length"]))

@@ -452,12 +452,12 @@ def test_the_runner_client_reads_chunked_and_unsized_answers_and_reconnects(sock
     sized = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\n{}"
     unsized = b"HTTP/1.1 200 OK\r\n\r\n[1, 2]"
     server = RawServer(sock, [(chunked, False), (sized, True), (b"HTTP/1.1 100 Continue\r\n\r\n" + sized, False),
-                              (unsized, True)])  # fmt: skip
+                              (b"HTTP/1.1 204 No Content\r\n\r\n", False), (unsized, True)])  # fmt: skip
 
     async def exchange() -> list[tuple[int, bytes, str]]:
         conn = batch_runner.Connection(sock)
         try:
-            return [await conn.request("/v1/x", b"{}", {}) for _ in range(4)]
+            return [await conn.request("/v1/x", b"{}", {}) for _ in range(5)]
         finally:
             conn.close()
 
@@ -465,7 +465,7 @@ def test_the_runner_client_reads_chunked_and_unsized_answers_and_reconnects(sock
         got = asyncio.run(exchange())
     finally:
         server.close()
-    assert got == [(200, b'{"a": 1}', "r1"), (400, b"{}", ""), (400, b"{}", ""), (200, b"[1, 2]", "")]
+    assert got == [(200, b'{"a": 1}', "r1"), (400, b"{}", ""), (400, b"{}", ""), (204, b"", ""), (200, b"[1, 2]", "")]
     assert server.connections == 2  # the one the server closed was opened again
 
 
