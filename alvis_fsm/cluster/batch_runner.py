@@ -2,8 +2,10 @@
 
 Shipped into the batch's run directory and run on the compute node with the
 Python of the vLLM container (or the host's ``python3``), so it uses the
-standard library only: ``http.client`` over the server's unix socket,
-threads, ``json``, and the package's one retry policy (``alvis_fsm/retry.py``,
+standard library only: one ``asyncio`` event loop with a minimal HTTP/1.1
+client over the server's unix socket (``--concurrency`` keep-alive
+connections, one request in flight on each), ``json``, and the package's one
+retry policy (``alvis_fsm/retry.py``,
 itself stdlib-only, shipped next to it as ``retry.py``).
 
     python3 batch_runner.py run --input IN --shard K --shards N --out DIR \\
@@ -40,15 +42,12 @@ resume, and has no ``/v1/completions``."""
 from __future__ import annotations
 
 import argparse
-import http.client
+import asyncio
 import json
 import os
-import queue
 import secrets
 import signal
-import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -73,6 +72,8 @@ RETRIES = 6
 BACKOFF_FIRST = 0.5
 BACKOFF_MOST = 30.0
 TIMEOUT_S = 600.0
+READ_LIMIT = 1 << 24  # longest header block or chunk-size line the client reads
+DRAIN_POLL_S = 0.05
 
 EXIT_DONE = 0
 EXIT_STOPPED = 3
@@ -169,16 +170,103 @@ def transient(status: int) -> bool:
     return status in (408, 429) or status >= 500
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = TIMEOUT_S) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
+class HTTPError(Exception):
+    """The server's answer was not HTTP/1.1 as expected."""
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
+
+# A request that failed this way was not answered: transient, retried.
+FAILURES = (OSError, EOFError, ValueError, HTTPError, asyncio.TimeoutError, asyncio.LimitOverrunError)
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection over the server's unix socket: a
+    minimal client (Content-Length and chunked answers), one request at a
+    time, opened on first use and again after the server closed it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def request(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, str]:
+        """(status, body, x-request-id) of one POST. A kept-alive connection
+        the server closed meanwhile is opened again once, at no cost."""
+        reused = self.writer is not None
+        try:
+            return await asyncio.wait_for(self._exchange(path, body, headers), TIMEOUT_S)
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            self.close()
+            if not reused or (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
+                raise  # not a kept-alive connection the server had closed
+        except BaseException:
+            self.close()
+            raise
+        try:
+            return await asyncio.wait_for(self._exchange(path, body, headers), TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _exchange(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, str]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_unix_connection(self.path, limit=READ_LIMIT)
+        assert self.reader is not None
+        head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        self.writer.write(head.encode("latin-1") + body)
+        await self.writer.drain()
+        status, fields = await self._head()
+        if status in (204, 304):
+            data = b""  # no body, whatever the fields say
+        elif fields.get("transfer-encoding", "").lower() == "chunked":
+            data = await self._chunked()
+        elif "content-length" in fields:
+            data = await self.reader.readexactly(int(fields["content-length"]))
+        else:  # neither: the body runs to the end of the connection
+            data = await self.reader.read()
+            fields["connection"] = "close"
+        if fields.get("connection", "").lower() == "close":
+            self.close()
+        return status, data, fields.get("x-request-id", "")
+
+    async def _head(self) -> tuple[int, dict[str, str]]:
+        """The status and the header fields (names in lower case) of an answer."""
+        assert self.reader is not None
+        while True:
+            raw = await self.reader.readuntil(b"\r\n\r\n")
+            lines = raw.decode("latin-1").split("\r\n")
+            parts = lines[0].split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+                raise HTTPError(f"not an HTTP answer: {lines[0][:80]!r}")
+            status = int(parts[1])
+            if status >= 200 or status == 101:
+                break  # 1xx (100 Continue) precede the answer
+        fields: dict[str, str] = {}
+        for text in lines[1:]:
+            name, sep, value = text.partition(":")
+            if sep:
+                fields[name.strip().lower()] = value.strip()
+        return status, fields
+
+    async def _chunked(self) -> bytes:
+        assert self.reader is not None
+        parts: list[bytes] = []
+        while True:
+            size_line = await self.reader.readuntil(b"\r\n")
+            try:
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise HTTPError(f"bad chunk size {size_line[:40]!r}") from None
+            if size == 0:
+                while await self.reader.readuntil(b"\r\n") != b"\r\n":
+                    pass  # trailer fields, then the blank line
+                return b"".join(parts)
+            parts.append((await self.reader.readexactly(size + 2))[:-2])
 
 
 class ServerGone(Exception):
@@ -191,8 +279,8 @@ class Runner:
         self.key = os.environ.get("VLLM_API_KEY", "")
         self.results_path = os.path.join(args.out, RESULTS.format(args.shard))
         self.progress_path = os.path.join(args.out, PROGRESS.format(args.shard))
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
+        self.stopping = False
+        self.stopped_at = 0.0  # time.monotonic() of the stop
         self.why = ""
         self.server_gone = ""
         self.done = 0
@@ -201,6 +289,7 @@ class Runner:
         self.completion_tokens = 0
         self.sent_now = 0
         self.total = 0
+        self.pending = 0  # lines queued or in flight
         self.started = time.time()
         self.last_sync = time.monotonic()
         self.last_progress = time.monotonic()
@@ -214,19 +303,24 @@ class Runner:
         self.why = "time limit" if signum == signal.SIGUSR1 else "signal"
         if signum != signal.SIGUSR1:
             self.grace = min(self.grace, TERM_GRACE_S)
-        self.stop.set()
+        self.halt()
+
+    def halt(self) -> None:
+        """Take no more lines (the signal handler, the deadline, a server gone)."""
+        if not self.stopping:
+            self.stopping = True
+            self.stopped_at = time.monotonic()
 
     # -- results ------------------------------------------------------------
     def write(self, row: dict[str, Any]) -> None:
         line = json.dumps(row, separators=(",", ":")) + "\n"
-        with self.lock:
-            self.handle.write(line)
-            self.handle.flush()
-            self.sent_now += 1
-            self.count(row)
-            if time.monotonic() - self.last_sync >= FSYNC_S:
-                os.fsync(self.handle.fileno())
-                self.last_sync = time.monotonic()
+        self.handle.write(line)
+        self.handle.flush()
+        self.sent_now += 1
+        self.count(row)
+        if time.monotonic() - self.last_sync >= FSYNC_S:
+            os.fsync(self.handle.fileno())
+            self.last_sync = time.monotonic()
 
     def count(self, row: dict[str, Any]) -> None:
         if is_ok(row):
@@ -260,32 +354,19 @@ class Runner:
         os.replace(tmp, self.progress_path)
 
     # -- requests -----------------------------------------------------------
-    def send(self, conn: UnixHTTPConnection | None, body: bytes) -> tuple[UnixHTTPConnection, int, bytes, str]:
+    async def one(self, conn: Connection, index: int, text: str) -> dict[str, Any] | None:
+        req = json.loads(text)
+        body = json.dumps(req["body"]).encode()
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
-        conn = conn or UnixHTTPConnection(self.args.socket)
-        try:
-            conn.request("POST", self.args.url_path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            return conn, resp.status, data, resp.getheader("x-request-id") or ""
-        except Exception:
-            conn.close()
-            raise
-
-    def one(self, conn: UnixHTTPConnection | None, index: int, text: str) -> tuple[UnixHTTPConnection | None, dict[str, Any] | None]:
-        req = json.loads(text)
-        body = json.dumps(req["body"]).encode()
-        with self.lock:
-            self.sent += 1
+        self.sent += 1
         backoff = Backoff(first=BACKOFF_FIRST, most=BACKOFF_MOST)
         last = ""
         for attempt in range(RETRIES + 1):
             try:
-                conn, status, data, request_id = self.send(conn, body)
-            except (OSError, http.client.HTTPException) as exc:
-                conn = None
+                status, data, request_id = await conn.request(self.args.url_path, body, headers)
+            except FAILURES as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 status, data, request_id = 0, b"", ""
             if status and not (transient(status) and attempt < RETRIES):
@@ -293,7 +374,7 @@ class Runner:
                     parsed: Any = json.loads(data) if data else None
                 except ValueError:
                     parsed = data.decode("utf-8", "replace")
-                return conn, {
+                return {
                     "id": "batch_req_" + secrets.token_hex(12),
                     "custom_id": req["custom_id"],
                     "response": {
@@ -305,46 +386,52 @@ class Runner:
                     "_i": index,  # internal (dropped by the merge): input line, completion time
                     "_t": round(time.time(), 3),
                 }
-            if self.stop.is_set() and attempt > 0:
-                return conn, None  # abandoned: redone by the successor
+            if self.stopping and attempt > 0:
+                return None  # abandoned: redone by the successor
             backoff.failed()
-            backoff.wait()
+            await asyncio.sleep(backoff.delay)
         raise ServerGone(last or "the server did not answer")
 
-    def worker(self, work: queue.Queue[tuple[int, str] | None]) -> None:
-        conn: UnixHTTPConnection | None = None
-        while True:
-            item = work.get()
-            if item is None:
-                break
-            if self.server_gone:
-                continue
-            try:
-                conn, row = self.one(conn, *item)
-            except ServerGone as exc:
-                self.server_gone = f"the server stopped answering ({exc})"
-                self.stop.set()
-                continue
-            if row is not None:
-                self.write(row)
-        if conn is not None:
+    async def worker(self, work: asyncio.Queue[tuple[int, str]]) -> None:
+        """Lines from the queue, one request at a time on one kept-alive connection."""
+        conn = Connection(self.args.socket)
+        try:
+            while True:
+                index, text = await work.get()
+                try:
+                    if not self.server_gone:
+                        row = await self.one(conn, index, text)
+                        if row is not None:
+                            self.write(row)
+                except ServerGone as exc:
+                    self.server_gone = f"the server stopped answering ({exc})"
+                    self.halt()
+                finally:
+                    self.pending -= 1
+        finally:
             conn.close()
 
     # -- the shard ----------------------------------------------------------
     def run(self) -> int:
-        """Resume, feed the lines to the workers, drain, record: the exit status."""
+        """Resume, send the lines, drain, record: the exit status."""
         done = self.resume()
-        work: queue.Queue[tuple[int, str] | None] = queue.Queue(maxsize=self.args.concurrency * 2)
-        threads = [
-            threading.Thread(target=self.worker, args=(work,), daemon=True)
-            for _ in range(self.args.concurrency)
-        ]
-        for t in threads:
-            t.start()
-        expired = self.feed(work, done)
-        self.drain(work, threads)
+        expired = asyncio.run(self.shard(done))
         self.record_run()
         return self.finish(expired)
+
+    async def shard(self, done: set[str]) -> bool:
+        """One event loop: ``concurrency`` workers fed from a bounded queue;
+        True when the batch's completion window ended it."""
+        work: asyncio.Queue[tuple[int, str]] = asyncio.Queue(maxsize=self.args.concurrency * 2)
+        workers = [asyncio.ensure_future(self.worker(work)) for _ in range(self.args.concurrency)]
+        try:
+            expired = await self.feed(work, done)
+            await self.drain(work)
+        finally:
+            for task in workers:
+                task.cancel()  # idle, or abandoned in flight: redone by the successor
+            await asyncio.gather(*workers, return_exceptions=True)
+        return expired
 
     def resume(self) -> set[str]:
         """Open the results file after what a previous run wrote (counted
@@ -368,53 +455,57 @@ class Runner:
             self.progress("running")
             self.last_progress = time.monotonic()
 
-    def feed(self, work: queue.Queue[tuple[int, str] | None], done: set[str]) -> bool:
+    async def feed(self, work: asyncio.Queue[tuple[int, str]], done: set[str]) -> bool:
         """Queue this shard's lines not done yet, until they run out or a
         stop; True when the batch's completion window ended it."""
         for index, text in read_lines(self.args.input, *self.span):
             if json.loads(text).get("custom_id") in done:
                 continue
-            while not self.stop.is_set():
+            while not self.stopping:
                 if self.args.deadline and time.time() >= self.args.deadline:
-                    self.stop.set()
+                    self.halt()
                     return True
-                try:
-                    work.put((index, text), timeout=0.2)
+                if await self.put(work, (index, text)):
                     break
-                except queue.Full:
-                    self.tick()
-            if self.stop.is_set():
+                self.tick()
+            if self.stopping:
                 return False
             self.tick()
         return False
 
-    def drain(self, work: queue.Queue[tuple[int, str] | None], threads: list[threading.Thread]) -> None:
+    async def put(self, work: asyncio.Queue[tuple[int, str]], item: tuple[int, str]) -> bool:
+        """Queue one line, waiting at most 0.2 s for room: whether it went in."""
+        if work.full():
+            try:
+                await asyncio.wait_for(work.put(item), 0.2)
+            except asyncio.TimeoutError:  # noqa: UP041 (not the builtin before Python 3.11)
+                return False
+        else:
+            work.put_nowait(item)
+        self.pending += 1
+        return True
+
+    async def drain(self, work: asyncio.Queue[tuple[int, str]]) -> None:
         """No more lines: let the workers empty the queue (or, when stopping,
         skip what is queued) and finish what is in flight, within the grace
         when stopping (what is still in flight then is redone by the
         successor)."""
-        if self.stop.is_set():
-            while True:
-                try:
+        fed = time.monotonic()
+        while self.pending > 0:
+            if self.stopping:
+                while not work.empty():
                     work.get_nowait()
-                except queue.Empty:
-                    break
-        for _ in threads:
-            work.put(None)
-        stopping_since = time.monotonic()
-        for t in threads:
-            while t.is_alive():
-                if self.stop.is_set() and time.monotonic() >= stopping_since + self.grace:
+                    self.pending -= 1
+                if time.monotonic() >= max(fed, self.stopped_at) + self.grace:
                     return  # abandoned in flight: redone by the successor
-                self.tick()
-                t.join(timeout=0.2)
+            self.tick()
+            await asyncio.sleep(DRAIN_POLL_S)
 
     def record_run(self) -> None:
         """Flush and fsync the results; one line in the shard's runs file."""
-        with self.lock:
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
-            written = self.sent_now
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        written = self.sent_now
         with open(os.path.join(self.args.out, RUNS.format(self.args.shard)), "a", encoding="utf-8") as runs:
             runs.write(json.dumps({"started": self.started, "ended": time.time(), "sent": self.sent,
                                    "written": written, "why": self.why or self.server_gone}) + "\n")

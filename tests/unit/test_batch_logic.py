@@ -6,6 +6,7 @@ order), and the runner against a real HTTP server on a unix socket
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -400,6 +401,87 @@ def test_usr1_stops_taking_lines_and_flushes(tmp_path: Path, sock: str) -> None:
     rows = results_of(tmp_path)
     assert 0 < len(rows) < 400 and len({r["custom_id"] for r in rows}) == len(rows)
     assert json.loads((tmp_path / "out" / "shard-0.progress").read_text())["state"] == "stopped"
+
+
+class RawServer:
+    """A unix-socket server that answers each request with the next of
+    ``answers`` (raw bytes) and then closes the connection when it says so."""
+
+    def __init__(self, path: str, answers: list[tuple[bytes, bool]]) -> None:
+        self.answers = answers
+        self.connections = 0
+
+        outer = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                outer.connections += 1
+                while outer.answers:
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n"):
+                        byte = self.rfile.read(1)
+                        if not byte:
+                            return
+                        head += byte
+                    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    self.rfile.read(length)
+                    answer, close = outer.answers.pop(0)
+                    self.wfile.write(answer)
+                    self.wfile.flush()
+                    if close:
+                        return
+
+        class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+        self.server = UnixServer(path, Handler)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_runner_client_reads_chunked_and_unsized_answers_and_reconnects(sock: str) -> None:
+    """The runner's own HTTP/1.1 client: a chunked answer (with a trailer),
+    a Content-Length one on the same kept-alive connection, a connection the
+    server closed in between (opened again at no cost), and an answer that
+    runs to the end of its connection."""
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nx-request-id: r1\r\n\r\n" \
+              b"5\r\n{\"a\":\r\n3;x=y\r\n 1}\r\n0\r\nT: v\r\n\r\n"  # fmt: skip
+    sized = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\n{}"
+    unsized = b"HTTP/1.1 200 OK\r\n\r\n[1, 2]"
+    server = RawServer(sock, [(chunked, False), (sized, True), (b"HTTP/1.1 100 Continue\r\n\r\n" + sized, False),
+                              (b"HTTP/1.1 204 No Content\r\n\r\n", False), (unsized, True)])  # fmt: skip
+
+    async def exchange() -> list[tuple[int, bytes, str]]:
+        conn = batch_runner.Connection(sock)
+        try:
+            return [await conn.request("/v1/x", b"{}", {}) for _ in range(5)]
+        finally:
+            conn.close()
+
+    try:
+        got = asyncio.run(exchange())
+    finally:
+        server.close()
+    assert got == [(200, b'{"a": 1}', "r1"), (400, b"{}", ""), (400, b"{}", ""), (204, b"", ""), (200, b"[1, 2]", "")]
+    assert server.connections == 2  # the one the server closed was opened again
+
+
+def test_a_garbled_answer_is_a_failed_attempt(sock: str) -> None:
+    server = RawServer(sock, [(b"SPDY/9 what\r\n\r\n", True)])
+
+    async def exchange() -> None:
+        conn = batch_runner.Connection(sock)
+        with pytest.raises(batch_runner.FAILURES):
+            await conn.request("/v1/x", b"{}", {})
+        assert conn.writer is None
+
+    try:
+        asyncio.run(exchange())
+    finally:
+        server.close()
 
 
 def test_batch_cancel_is_not_the_stop_alias() -> None:
