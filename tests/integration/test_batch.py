@@ -11,24 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from batchfiles import read_jsonl, request_body, write_batch
 from tool import Tool, assert_nothing_left, tool_argv
 
 
 def write_input(path: Path, n: int, url: str = "/v1/chat/completions", model: str = "lab-ok") -> list[str]:
     ids = [f"req-{i:05d}" for i in range(n)]
-    with path.open("w") as handle:
-        for cid in ids:
-            body: dict[str, Any] = {"model": model, "max_tokens": 5}
-            if url == "/v1/completions":
-                body["prompt"] = f"line {cid}"
-            else:
-                body["messages"] = [{"role": "user", "content": f"line {cid}"}]
-            handle.write(json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body}) + "\n")
-    return ids
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return write_batch(path, ids, url, lambda _i, cid: request_body(model, url, f"line {cid}", max_tokens=5))
 
 
 def status(tool: Tool, batch_id: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from batchfiles import read_jsonl, request_body, write_batch
 from tool import Tool, assert_nothing_left, tool_argv
 
 pytestmark = pytest.mark.realvllm
@@ -26,22 +27,14 @@ N = 12
 
 
 def write_input(path: Path, url: str) -> list[str]:
+    # Lengths differ per line (ignore_eos: exactly that many tokens), so a
+    # body given to the wrong custom_id shows.
+    text = "the cluster node {}" if url == "/v1/completions" else "Hello {}"
     ids = [f"real-{i:03d}" for i in range(N)]
-    with path.open("w") as handle:
-        for i, cid in enumerate(ids):
-            # Lengths differ per line (ignore_eos: exactly that many tokens),
-            # so a body given to the wrong custom_id shows.
-            body: dict[str, Any] = {"model": MODEL, "max_tokens": 1 + i, "ignore_eos": True}
-            if url == "/v1/completions":
-                body["prompt"] = f"the cluster node {cid}"
-            else:
-                body["messages"] = [{"role": "user", "content": f"Hello {cid}"}]
-            handle.write(json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body}) + "\n")
-    return ids
+    def body(i: int, cid: str) -> dict[str, Any]:
+        return request_body(MODEL, url, text.format(cid), max_tokens=1 + i, ignore_eos=True)
 
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return write_batch(path, ids, url, body)
 
 
 @pytest.mark.parametrize(

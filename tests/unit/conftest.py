@@ -25,3 +25,25 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
 def user_conf(isolated_home: Path) -> Path:
     """Path of the default user settings file (not created)."""
     return isolated_home / ".alvis-vllm.conf"
+
+
+@pytest.fixture
+def no_gateway_left() -> Iterator[list[Path]]:
+    """State directories to check after the test: a gateway a failed test
+    left running there is ended as `gateway stop` would (SIGTERM, then wait
+    until it lets go of its claim)."""
+    import signal
+    import time
+
+    from alvis_fsm.fronts.gateway import instance
+
+    watched: list[Path] = []
+    yield watched
+    for state in watched:
+        found = instance.running(state)
+        if found is None:
+            continue
+        os.kill(found.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while instance.claimed(state) and time.monotonic() < deadline:
+            time.sleep(0.1)

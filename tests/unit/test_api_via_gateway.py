@@ -5,11 +5,7 @@ when the block started it (issue 24, item 2)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,17 +22,12 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_gateway_left: list[Path]) -> Path:
     state = tmp_path / "state"
     monkeypatch.setenv("ALVIS_FSM_SESSION__STATE_DIR", str(state))
     monkeypatch.setenv("ALVIS_FSM_GATEWAY__PORT", str(free_port()))
-    yield state
-    found = instance.running(state)
-    if found is not None:  # the test failed half-way: end it as `gateway stop` would
-        os.kill(found.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while instance.claimed(state) and time.monotonic() < deadline:
-            time.sleep(0.1)
+    no_gateway_left.append(state)
+    return state
 
 
 def test_via_gateway_starts_one_uses_it_and_stops_what_it_started(state: Path) -> None:
