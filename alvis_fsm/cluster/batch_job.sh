@@ -134,8 +134,10 @@ export XDG_CACHE_HOME="$SCRATCH/xdg-cache" VLLM_CACHE_ROOT="$SCRATCH/vllm-cache"
 VLLM_API_KEY=$(cat -- api_key)
 export VLLM_API_KEY
 
+# No access log: a line per request (a million for a million-line batch) in
+# the shared run directory, written by the API server on the engine's cores.
 apptainer exec --bind "$SOCK_DIR" "$SIF_IMAGE" vllm serve "$HF_MODEL" \
-    --uds "$SOCKET" \
+    --uds "$SOCKET" --disable-uvicorn-access-log \
     --tensor-parallel-size "${SLURM_GPUS_ON_NODE:-{{GPU_COUNT}}}" \
     --max-model-len "$MAX_MODEL_LEN" \
     --served-model-name "$MODEL_NAME" \

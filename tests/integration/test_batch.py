@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from batchfiles import read_jsonl, request_body, write_batch
+from batchfiles import assert_no_access_log, read_jsonl, request_body, write_batch
 from tool import Tool, assert_nothing_left, tool_argv
 
 
@@ -70,6 +70,7 @@ def test_submit_wait_downloads_every_answer_once_in_order(lab: Any, tool: Tool, 
     assert again == rows and errors == []
     assert all(r["response"]["status_code"] == 200 for r in rows)
     assert rows[0]["response"]["body"]["object"] == "chat.completion"
+    assert_no_access_log(lab, data["run_dir"])
     assert_nothing_left(lab, tool)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from batchfiles import read_jsonl, request_body, write_batch
+from batchfiles import assert_no_access_log, read_jsonl, request_body, write_batch
 from tool import Tool, assert_nothing_left, tool_argv
 
 pytestmark = pytest.mark.realvllm
@@ -73,4 +73,5 @@ def test_submit_wait_on_the_real_engine(lab: Any, tool: Tool, tmp_path: Path, ur
     data = json.loads(status.stdout)
     assert data["status"] == "completed"
     assert data["request_counts"] == {"total": N, "completed": N, "failed": 0}
+    assert_no_access_log(lab, data["run_dir"])
     assert_nothing_left(lab, tool)
