@@ -148,18 +148,13 @@ cmd_wait_ready() {
     # wait-ready run= job= slice= interval= known=0|1
     # Returns as soon as the address is known (unless known=1), so the
     # client can open the tunnel while vLLM is still loading the model.
-    local run id=$arg_job slice=$arg_slice interval=$arg_interval known=$arg_known end
+    local run id=$arg_job slice=$arg_slice interval=$arg_interval known=$arg_known end info
     local address=$FILE_ADDRESS errf=$FILE_VLLM_ERR exitf=$FILE_VLLM_EXIT ended=$FILE_ENDED
     local line=$STARTUP_LINE
     home_path run "$arg_run"
     end=$(deadline "$slice")
     while before "$end"; do
-        if [ -s "$run/$exitf" ]; then
-            printf 'EXITED|%s\n' "$(head -n 1 -- "$run/$exitf")"; return
-        fi
-        if [ -s "$run/$ended" ]; then
-            printf 'ENDED|%s\n' "$(head -n 1 -- "$run/$ended")"; return
-        fi
+        job_ended "$run/$exitf" "$run/$ended" && return
         if [ -s "$run/$address" ]; then
             if grep -qF -- "$line" "$run/$errf" 2>/dev/null; then
                 printf 'READY|%s\n' "$(head -n 1 -- "$run/$address")"; return
@@ -172,8 +167,24 @@ cmd_wait_ready() {
     done
     # Once per slice, ask the scheduler whether the job is still there: a
     # node failure or a cancel from elsewhere leaves no file behind.
+    info=$(jobinfo "$id")
+    # The job writes its files before it ends: one that ended since the last
+    # look is told by them (vLLM's status, the signal), not by its state alone.
+    job_ended "$run/$exitf" "$run/$ended" && return
     age "$run/$FILE_STARTED"
-    jobinfo "$id"
+    printf '%s\n' "$info"
+}
+
+# job_ended EXIT_FILE ENDED_FILE: print what the job's files say of its end
+# (EXITED|vLLM's status, or ENDED|why), if they say anything.
+job_ended() {
+    if [ -s "$1" ]; then
+        printf 'EXITED|%s\n' "$(head -n 1 -- "$1")"
+    elif [ -s "$2" ]; then
+        printf 'ENDED|%s\n' "$(head -n 1 -- "$2")"
+    else
+        return 1
+    fi
 }
 
 cmd_stream() {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.cluster import protocol
+from alvis_fsm.cluster import protocol, rundir
 from alvis_fsm.cluster.agent import agent_argv
 from alvis_fsm.cluster.slurm import PHASES, JobInfo, JobState, Phase
 
@@ -139,3 +139,31 @@ def test_a_stream_ends_when_the_job_no_longer_runs(
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(("target", "content", "event"), [(rundir.VLLM_EXIT, "1", "EXITED|1"),
+                                                           (rundir.ENDED, "signal TERM", "ENDED|signal TERM")])
+def test_wait_ready_tells_a_job_that_ended_during_the_slice_by_its_files(
+    tmp_path: Path, target: str, content: str, event: str
+) -> None:
+    """The job writes its files, then ends, between the agent's last look and
+    its scheduler query: the files' word (vLLM's status, the signal) is what
+    comes back, not the bare FAILED the scheduler gives."""
+    (tmp_path / "run").mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scripts = {
+        # The controller has forgotten the job; it wrote its file just before.
+        "squeue": f"#!/bin/sh\nprintf '%s\\n' '{content}' > '{tmp_path}/run/{target}'\n"
+                  "echo 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n",
+        "sacct": "#!/bin/sh\nprintf '%s\\n' 'FAILED|n|||00:00:05|1:0'\n",
+    }  # fmt: skip
+    for tool, body in scripts.items():
+        (bin_dir / tool).write_text(body)
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    argv = agent_argv("wait-ready", {"run": "run", "job": 7, "slice": 0.2, "interval": 0.05, "known": 0})
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == event, proc.stdout
+    assert "JOB|" not in proc.stdout

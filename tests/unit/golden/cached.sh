@@ -295,6 +295,9 @@ stop_vllm() {  # stop_vllm WHY: record why, stop vLLM, record its status, exit w
     trap '' TERM INT HUP
     put "$ENDED_FILE" "$1"
     local status=1
+    # A signal between vLLM's launch and `VLLM_PID=$!` finds VLLM_PID empty;
+    # $! is then vLLM's (nothing is started in the background before it).
+    VLLM_PID=${VLLM_PID:-$!}
     if [ -n "$VLLM_PID" ]; then
         kill -TERM "$VLLM_PID" 2>/dev/null
         wait "$VLLM_PID"
