@@ -63,13 +63,20 @@ def test_shell_definitions_carry_the_tables() -> None:
     assert out[2] == "job.started"
 
 
-def _run(tmp_path: Path, argv: list[str], squeue: str = "", sacct: str = "") -> subprocess.CompletedProcess[str]:
+def _scheduler(tmp_path: Path, scripts: dict[str, str]) -> dict[str, str]:
+    """An environment whose PATH holds these stand-in scheduler commands
+    (name -> the body of a /bin/sh script), with HOME at tmp_path."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for tool, out in (("squeue", squeue), ("sacct", sacct), ("scancel", "")):
-        (bin_dir / tool).write_text(f"#!/bin/sh\nprintf '%s' '{out}'\n")
+    for tool, body in scripts.items():
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{body}")
         (bin_dir / tool).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+
+
+def _run(tmp_path: Path, argv: list[str], squeue: str = "", sacct: str = "") -> subprocess.CompletedProcess[str]:
+    scripts = {tool: f"printf '%s' '{out}'\n" for tool, out in (("squeue", squeue), ("sacct", sacct), ("scancel", ""))}
+    env = _scheduler(tmp_path, scripts)
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
 
 
@@ -118,12 +125,7 @@ def test_a_stream_ends_when_the_job_no_longer_runs(
     (tmp_path / "run").mkdir()
     argv = agent_argv("stream", {"run": "run", "job": 7, "lines": 1, "follow": 1,
                                  "interval": 0.1, "check": 1})  # fmt: skip
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool, out in (("squeue", squeue), ("sacct", sacct)):
-        (bin_dir / tool).write_text(f"#!/bin/sh\nprintf '%s\\n' '{out}'\n")
-        (bin_dir / tool).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    env = _scheduler(tmp_path, {tool: f"printf '%s\\n' '{out}'\n" for tool, out in (("squeue", squeue), ("sacct", sacct))})
     # stdin open, as the ssh channel's is: its EOF ends the stream.
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)  # fmt: skip
@@ -150,18 +152,12 @@ def test_wait_ready_tells_a_job_that_ended_during_the_slice_by_its_files(
     its scheduler query: the files' word (vLLM's status, the signal) is what
     comes back, not the bare FAILED the scheduler gives."""
     (tmp_path / "run").mkdir()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    scripts = {
+    env = _scheduler(tmp_path, {
         # The controller has forgotten the job; it wrote its file just before.
-        "squeue": f"#!/bin/sh\nprintf '%s\\n' '{content}' > '{tmp_path}/run/{target}'\n"
+        "squeue": f"printf '%s\\n' '{content}' > '{tmp_path}/run/{target}'\n"
                   "echo 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n",
-        "sacct": "#!/bin/sh\nprintf '%s\\n' 'FAILED|n|||00:00:05|1:0'\n",
-    }  # fmt: skip
-    for tool, body in scripts.items():
-        (bin_dir / tool).write_text(body)
-        (bin_dir / tool).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+        "sacct": "printf '%s\\n' 'FAILED|n|||00:00:05|1:0'\n",
+    })  # fmt: skip
     argv = agent_argv("wait-ready", {"run": "run", "job": 7, "slice": 0.2, "interval": 0.05, "known": 0})
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
     assert proc.returncode == 0, proc.stderr
