@@ -79,19 +79,16 @@ class Reporter:
         # Model paths, scheduler reasons, vLLM's lines: other people's text,
         # never allowed to move the cursor or recolour the terminal.
         text = inert(text)
+        # A terminal that went away (SIGHUP, closed pipe) does not raise
+        # here: the command line's streams are steady (fronts/output.py).
         with self._lock:
             target = stream or self._out
-            try:
-                if self._live is not None and target.isatty():
-                    # The spinner's terminal: print above it, not through it.
-                    self._live.console.print(text, markup=False, highlight=False, soft_wrap=True)
-                else:
-                    target.write(text + "\n")
-                    target.flush()
-            except OSError:
-                # The terminal went away (SIGHUP, closed pipe): cleanup must
-                # still run to the end, so output is best effort.
-                pass
+            if self._live is not None and target.isatty():
+                # The spinner's terminal: print above it, not through it.
+                self._live.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            else:
+                target.write(text + "\n")
+                target.flush()
 
     def info(self, message: str) -> None:
         # Progress goes to stderr, results to stdout (as gh, uv and kubectl do).

@@ -147,3 +147,53 @@ def test_reporter_strips_remote_text(capsys: pytest.CaptureFixture[str]) -> None
     assert out.out == "[VLLM ERR] INFO ready\n"
     assert out.err.startswith("[INFO] Model path: /m/evil/\n[INFO] Waiting for job 1 — Priority (")
     assert "\x1b" not in out.err and "\x07" not in out.err
+
+
+# A process whose terminal closed (issue 31): the pty's other end is gone, so
+# every write fails with EIO. With the command line's streams steady, each of
+# the ways output is written goes on (print, logging's last resort, rich's
+# console, click, a child that inherits the descriptor, the exit-time
+# flush) and the work after them still runs.
+_HANGUP = r"""
+import logging, os, signal, subprocess, sys, time
+import click
+from rich.console import Console
+from alvis_fsm.fronts.output import lost, steady_streams
+
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the test: what runs after it
+report, go = int(sys.argv[1]), int(sys.argv[2])
+steady_streams()
+os.write(report, b"ready\n")
+while os.read(go, 1) != b"g":
+    pass
+print("a line for nobody", flush=True)
+logging.getLogger("x").warning("a record for nobody")
+Console(file=sys.stderr, force_terminal=True).print("[bold]rich for nobody[/bold]")
+click.echo("click for nobody", err=True)
+subprocess.run(["sh", "-c", "echo child for nobody; echo child >&2"], check=True)
+sys.stdout.write("unflushed at exit")
+os.write(report, f"cleanup ran {lost().errno}\n".encode())
+"""
+
+
+def test_vanished_terminal_does_not_stop_the_work() -> None:
+    import errno
+    import pty
+
+    master, slave = pty.openpty()
+    report_r, report_w = os.pipe()
+    go_r, go_w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", _HANGUP, str(report_w), str(go_r)], cwd=REPO,
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                            pass_fds=(report_w, go_r), env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    os.close(slave)
+    os.close(report_w)
+    os.close(go_r)
+    with os.fdopen(report_r, "rb") as report:
+        assert report.readline() == b"ready\n"
+        os.close(master)  # the terminal closes
+        os.write(go_w, b"g")
+        rest = report.read().decode()
+    os.close(go_w)
+    assert proc.wait(timeout=60) == 0
+    assert rest == f"cleanup ran {errno.EIO}\n"

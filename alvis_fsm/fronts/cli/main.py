@@ -600,8 +600,11 @@ def gateway_background(ctx: click.Context, port: int, idle: str | None, log: str
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; the one place where errors become messages and exit codes."""
-    from alvis_fsm.fronts.output import wants_json
+    from alvis_fsm.fronts.output import lost, steady_streams, wants_json
 
+    # A terminal closed mid-command (SIGHUP, then EIO on every write) must
+    # not cut a cleanup short: writes stop raising; a lost stdout is told below.
+    steady_streams()
     args = sys.argv[1:] if argv is None else argv
     as_json = wants_json(args)
     try:
@@ -624,7 +627,14 @@ def main(argv: list[str] | None = None) -> None:
             click.echo("Interrupted.", err=True)
             code = ExitCode.INTERRUPTED
     except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EBADF, errno.EIO, errno.EDQUOT):
+            raise
         code = _output_failed(exc)
+    failure = lost()
+    if failure is not None and not code:
+        code = _output_failed(failure)
     sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -658,13 +668,12 @@ def _report(message: str, hint: str | None, details: str | None, code: int, as_j
 
 
 def _output_failed(exc: OSError) -> int:
-    """stdout closed (`| head`) or full (`>/dev/full`): say so at most once,
-    without a traceback, and make sure the exit-time flush stays quiet."""
+    """stdout closed (`| head`), full (`>/dev/full`) or its terminal gone:
+    say so at most once, without a traceback, and make sure the exit-time
+    flush stays quiet."""
     import errno
     import os
 
-    if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EBADF, errno.EIO, errno.EDQUOT):
-        raise exc
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -390,6 +390,7 @@ def show_log(verbosity: Verbosity, *, follow: bool, last: int, as_json: bool) ->
     import json
 
     from alvis_fsm.fronts.gateway import requestlog
+    from alvis_fsm.fronts.output import lost
 
     state_dir = settings().state_dir
 
@@ -407,5 +408,7 @@ def show_log(verbosity: Verbosity, *, follow: bool, last: int, as_json: bool) ->
             for entry in requestlog.follow(state_dir):
                 say(entry)
                 sys.stdout.flush()
+                if lost() is not None:  # the reader went away (`| head`): main says so
+                    return
         except KeyboardInterrupt:
             return
