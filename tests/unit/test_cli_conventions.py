@@ -197,3 +197,30 @@ def test_vanished_terminal_does_not_stop_the_work() -> None:
     os.close(go_w)
     assert proc.wait(timeout=60) == 0
     assert rest == f"cleanup ran {errno.EIO}\n"
+
+
+def test_follower_stops_when_its_reader_is_gone(tmp_path: Path) -> None:
+    """`gateway log -f | head -0`: writes no longer raise, so the follower
+    asks whether its stdout is lost, and ends (exit 1, nothing said)."""
+    import time
+
+    from alvis_fsm.fronts.gateway.requestlog import Entry, RequestLog
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ALVIS_FSM_SESSION__STATE_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "alvis_fsm", "gateway", "log", "-f"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader went away
+    log = RequestLog(tmp_path)
+    deadline = time.monotonic() + 30
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            log.write(Entry(time=time.time(), model="m", route="/v1/x", status=200,
+                            latency_s=0.01, ok=True))  # fmt: skip
+            time.sleep(0.2)
+    finally:
+        log.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.wait(timeout=5) == ExitCode.OUTPUT
+    assert proc.stderr.read().decode() == ""
