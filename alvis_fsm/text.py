@@ -53,3 +53,13 @@ def inert(text: str) -> str:
 def inert_line(text: str) -> str:
     """``inert`` for a text shown as one line: newlines go too."""
     return inert(text).replace("\n", "")
+
+
+def has_controls(text: str) -> bool:
+    """Whether ``text`` holds a control character of any kind (C0 with tab
+    and newline, DEL, C1): what a name that must be one plain line (an
+    uploaded file's) may not."""
+    return _ANY_CONTROL.search(text) is not None
+
+
+_ANY_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

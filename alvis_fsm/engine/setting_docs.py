@@ -491,5 +491,24 @@ SETTINGS: dict[str, Doc] = {
         accepts="a number of seconds greater than 0, e.g. {example} (10 minutes)",
         example="600",
     ),
+    "gateway.body_timeout": Doc(
+        text=(
+            "Seconds a request's body may take to arrive once its headers are in, on every route "
+            "that reads one (chat and completions, files, batches); past it the request gets 408 "
+            "and its connection is closed, so a client that stops sending cannot hold a "
+            "connection. The gateway listens on loopback only: even a 200 MB upload takes well "
+            "under a second there."
+        ),
+        accepts="a number of seconds greater than 0, e.g. {example}",
+        example="60",
+    ),
+    "gateway.login_link_life": Doc(
+        text=(
+            "Seconds a login link to the gateway's page stays valid (each link also works only "
+            "once). Made to be clicked at once: `alvis-fsm gateway open` makes a new one any time."
+        ),
+        accepts="a number of seconds greater than 0, e.g. {example} (5 minutes)",
+        example="300",
+    ),
 
 }

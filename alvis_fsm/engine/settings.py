@@ -298,6 +298,8 @@ class Gateway(_Section):
     queue_timeout: Seconds
     load_timeout: Seconds
     rollover_lead: Seconds
+    body_timeout: Seconds
+    login_link_life: Seconds
 
 
 class Settings(BaseSettings):

@@ -180,3 +180,31 @@ def test_a_completed_batch_is_finalizing_while_its_files_are_downloaded(tmp_path
         assert done.status == "completed" and done.output_file_id and done.completed_at
 
     run(tmp_path, test)
+
+
+def test_bad_bodies_and_upload_names_are_400s_in_openai_shape(tmp_path: Path) -> None:
+    """Issue 31, item 9: deep JSON to /v1/batches, file names with control
+    characters or 300 characters long: 400s in OpenAI's shape, nothing kept."""
+
+    async def test(client: openai.AsyncOpenAI, cluster: Cluster) -> None:
+        import httpx
+
+        async with httpx.AsyncClient(base_url=str(client.base_url), trust_env=False,
+                                     headers={"Authorization": f"Bearer {KEY}"}) as http:  # fmt: skip
+            resp = await http.post("batches", content=b"[" * 200_000,
+                                   headers={"Content-Type": "application/json"})  # fmt: skip
+            assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.files.create(file=("x" * 300, io.BytesIO(jsonl("a"))), purpose="batch")
+            assert refused.value.code == "invalid_filename"
+            # Control characters (httpx would percent-encode them: sent by hand).
+            for name in (b"a%00b", b"a%0Ab", b"a%1b%5d52%3bc%3bx%07"):
+                form = (b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+                        b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename*=utf-8''" + name +
+                        b'\r\n\r\n{"custom_id": "a"}\n\r\n--B--\r\n')  # fmt: skip
+                resp = await http.post("files", content=form,
+                                       headers={"Content-Type": "multipart/form-data; boundary=B"})  # fmt: skip
+                assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_filename", name
+            assert [f async for f in client.files.list()] == []
+
+    run(tmp_path, test)

@@ -236,6 +236,17 @@ def test_the_request_log_rotates_and_follows(tmp_path: Path) -> None:
     assert requestlog.format_entry(got[0]).split()[2:5] == ["m", "/v1/x", "200"]
 
 
+def test_routes_are_a_fixed_set_and_printed_lines_are_inert() -> None:
+    """Issue 31, items 10 and 11: a client's path is never a route's text;
+    a line from the file (another version, edited) prints inert."""
+    assert requestlog.route_of("/v1/chat/completions") == "/v1/chat/completions"
+    for path in ("/v1/\x1b]52;c;cHduZWQ=\x07", "/v1/made-up-1", "/v1/chat/completions/x", ""):
+        assert requestlog.route_of(path) == requestlog.OTHER
+    hostile = Entry(time=1e9, model="m\x1b[2J", route="/v1/\x1b]52;c;x\x07", status=404, latency_s=0.0, ok=False)
+    line = requestlog.format_entry(hostile)
+    assert "\x1b" not in line and "\x07" not in line and "/v1/" in line
+
+
 def test_detach_prints_a_sign_in_link_and_gateway_open_makes_another(tmp_path: Path) -> None:
     from test_gateway_commands import cli, free_port
 
@@ -262,3 +273,24 @@ def test_detach_prints_a_sign_in_link_and_gateway_open_makes_another(tmp_path: P
         assert stopped.returncode == 0, stopped.stderr
     missing = cli(state, "gateway", "open", "--no-browser")
     assert missing.returncode != 0 and "No gateway is running" in missing.stderr
+
+
+def test_a_login_link_expires_and_a_cross_site_sign_in_moves_on_by_itself(tmp_path: Path) -> None:
+    """Issue 31, item 12: a link past its life is refused in words; one
+    reached from another site (the browser's file:// page) signs in with a
+    page that moves on to / itself (a redirect would drop the Strict cookie)."""
+
+    async def scenario(client: httpx.AsyncClient, page: Page, host: str) -> None:
+        page.login_life = 60
+        old = page.new_login_token()
+        page._logins[old] -= 61  # made 61 s ago
+        resp = await client.get(f"/?token={old}")
+        assert resp.status_code == 401 and "expired" in resp.text and "gateway open" in resp.text
+        assert "Set-Cookie" not in resp.headers
+        fresh = page.new_login_token()
+        resp = await client.get(f"/?token={fresh}", headers={"Sec-Fetch-Site": "cross-site"})
+        assert resp.status_code == 200 and 'http-equiv="refresh" content="0;url=/"' in resp.text
+        assert "SameSite=Strict" in resp.headers["Set-Cookie"]
+        assert (await client.get("/gateway/page/state")).status_code == 200
+
+    run(scenario, tmp_path)

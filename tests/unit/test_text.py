@@ -137,3 +137,11 @@ def test_no_other_stripping_function_exists() -> None:
         offenders += [f"{path.relative_to(PACKAGE)}: defines {m}" for m in
                       re.findall(r"def ((?:strip|clean)_?(?:ansi|escapes?|controls?)\w*)", source)]  # fmt: skip
     assert offenders == [], "Sanitize with alvis_fsm.text.inert only:\n" + "\n".join(offenders)
+
+
+def test_has_controls_finds_any_control_character() -> None:
+    from alvis_fsm.text import has_controls
+
+    assert not has_controls("in put-1.jsonl") and not has_controls("résumé ✓.jsonl")
+    for bad in ("a\x00b", "a\nb", "a\tb", "a\x1b]52;c;x\x07", "a\x7fb", "a\x9bb"):
+        assert has_controls(bad), repr(bad)

@@ -32,6 +32,8 @@ from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore
 from alvis_fsm.engine.observer import Quiet
 from alvis_fsm.engine.store import atomic_write
 from alvis_fsm.errors import AlvisError, UsageError
+from alvis_fsm.fronts.gateway.proxy import BadBody, read_json
+from alvis_fsm.text import has_controls
 
 if TYPE_CHECKING:
     from alvis_fsm.engine.settings import Settings
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 FILE_ID_CHARS = "0123456789abcdef"
 MAX_FILE = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 CHUNK = 1 << 20  # bytes per read when receiving an upload
+MAX_FILENAME = 255  # characters in an uploaded file's name (most file systems' limit)
 
 
 @dataclass
@@ -88,6 +91,20 @@ def _validate_file(path: Path, resolve: dict[str, tuple[str, str]]) -> batch.Val
     """An uploaded input file, validated line by line (see batch.validate)."""
     with path.open(encoding="utf-8") as handle:
         return batch.validate((line.removesuffix("\n") for line in handle), resolve)
+
+
+def _filename(given: str | None) -> str:
+    """An upload's file name as given (it is shown back, as OpenAI does),
+    or ``BadBody`` for one that is not a short plain line."""
+    if given is None:
+        return "upload.jsonl"
+    if has_controls(given):
+        raise BadBody(_error(400, "The file name holds control characters (a NUL, a newline, an"
+                             " escape...): give the file a plain name", "invalid_filename"))  # fmt: skip
+    if len(given) > MAX_FILENAME:
+        raise BadBody(_error(400, f"The file name is {len(given)} characters long: at most"
+                             f" {MAX_FILENAME} are kept", "invalid_filename"))  # fmt: skip
+    return given
 
 
 def _error(status: int, message: str, code: str | None = None) -> web.Response:
@@ -182,7 +199,7 @@ class Batches:
                 if part.name == "purpose":
                     purpose = (await part.text()).strip()
                 elif part.name == "file":
-                    filename = part.filename or filename
+                    filename = _filename(part.filename)
                     size = await _receive(part, staged)
                     if size > MAX_FILE:
                         return _error(413, f"The file is larger than {MAX_FILE // (1024 * 1024)} MB")
@@ -226,10 +243,7 @@ class Batches:
 
     # -- batches --------------------------------------------------------------
     async def create(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, "The request body is not JSON")
+        body = await read_json(request, 'a JSON object with "input_file_id" and "endpoint"')
         if not isinstance(body, dict):
             return _error(400, "The request body must be a JSON object")
         file_id = body.get("input_file_id")

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 FILE = "gateway.json"
 LOCK = "gateway.lock"
 LOG = "gateway.log"
+OPEN = "gateway-open.html"  # the browser's way to a login link (``open_file``)
 # `gateway stop` waits for the gateway's own shutdown wait (``shutdown_wait``)
 # and this much more.
 STOP_MARGIN_S = 30.0
@@ -58,6 +59,27 @@ def file_path(state_dir: Path) -> Path:
 
 def log_path(state_dir: Path) -> Path:
     return state_dir / LOG
+
+
+def open_file(state_dir: Path, url: str) -> Path:
+    """A page that sends the browser on to ``url`` (a login link), written
+    0600 in the private state dir, to open as ``file://``: the browser is
+    started with this file's path, never the link's token on a command line
+    another local user could read (as Jupyter's ``jupyter-*-open.html``).
+    Replaced by the next; its token works once, for a short while."""
+    from html import escape
+
+    link = escape(url, quote=True)
+    path = state_dir / OPEN
+    atomic_write(path, (
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\">"
+        "<meta name=\"referrer\" content=\"no-referrer\">"
+        f"<meta http-equiv=\"refresh\" content=\"0;url={link}\">"
+        "<title>alvis-fsm gateway</title></head>\n"
+        f"<body><p>Opening the gateway's page: <a href=\"{link}\">follow this link</a>"
+        " if nothing happens.</p></body></html>\n"
+    ))  # fmt: skip
+    return path
 
 
 def parse(text: str) -> Instance | None:

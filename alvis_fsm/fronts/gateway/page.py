@@ -1,7 +1,8 @@
 """The gateway's page in the browser (``GET /``), its data, its buttons,
 and ``GET /metrics``; their access check, as Jupyter's:
 
-- ``/?token=T`` with a one-time login token (the gateway prints the link;
+- ``/?token=T`` with a one-time login token, used within
+  ``gateway.login_link_life`` of its making (the gateway prints the link;
   ``POST /gateway/login-link`` with the gateway key makes another) sets a
   session cookie, ``HttpOnly; SameSite=Strict``, named after the port
   (cookies are not kept apart by port), and redirects to ``/``;
@@ -37,6 +38,7 @@ from alvis_fsm.fronts.gateway.keys import matches
 from alvis_fsm.fronts.gateway.metrics import CONTENT_TYPE, Metrics
 from alvis_fsm.fronts.gateway.requestlog import RequestLog
 from alvis_fsm.fronts.gateway.watch import Watch
+from alvis_fsm.paths import packaged_default
 
 if TYPE_CHECKING:
     from alvis_fsm.fronts.gateway.server import Gateway
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 LOGIN_TOKENS = 16  # unused login links kept at most (the oldest go first)
 SWEEP_S = 5.0  # how often the charts' points and the start times are taken
 STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
+SIGNED_IN = ('<!doctype html><meta charset=utf-8><meta http-equiv="refresh" content="0;url=/">'
+             '<title>alvis-fsm gateway</title><p>Signed in: <a href="/">open the page</a>.</p>')  # fmt: skip
 LOOPBACK = {"localhost", "127.0.0.1", "[::1]"}
 # The page loads only what it ships; nothing may frame it (its buttons).
 SECURITY_HEADERS = {
@@ -64,8 +68,11 @@ def _static(name: str) -> bytes:
 
 class Page:
     def __init__(self, gateway: Gateway, log: RequestLog | None = None,
-                 batches: Batches | None = None, stop_timeout: float = 180.0) -> None:  # fmt: skip
+                 batches: Batches | None = None, stop_timeout: float = 180.0,
+                 login_life: float | None = None) -> None:  # fmt: skip
         self.gateway = gateway
+        # How long a login link stays valid: seconds from its making.
+        self.login_life = float(login_life or packaged_default("gateway.login_link_life"))
         self.batches: Batches = batches or NoBatches()
         self.metrics = Metrics(gateway.models, self.batches)
         self.watch = Watch(gateway.models, log, self.metrics)
@@ -114,7 +121,10 @@ class Page:
     # -- access --------------------------------------------------------------------------
     def new_login_token(self) -> str:
         token = secrets.token_urlsafe(24)
-        self._logins[token] = time.time()
+        now = time.time()  # the wall clock: a link left over a laptop's sleep has aged too
+        for old in [t for t, made in self._logins.items() if now - made > self.login_life]:
+            del self._logins[old]
+        self._logins[token] = now
         while len(self._logins) > LOGIN_TOKENS:
             del self._logins[min(self._logins, key=self._logins.__getitem__)]
         return token
@@ -189,10 +199,21 @@ class Page:
             if known is None:
                 return self._refused(401, "This link was used already or is not this gateway's:"
                                      " run `alvis-fsm gateway open` for a new one", page=True)  # fmt: skip
-            del self._logins[known]  # one time
+            made = self._logins.pop(known)  # one time
+            if time.time() - made > self.login_life:
+                return self._refused(401, f"This link has expired: a login link is valid for"
+                                     f" {self.login_life:g} s after it is made; run"
+                                     " `alvis-fsm gateway open` for a new one", page=True)  # fmt: skip
             cookie = secrets.token_urlsafe(32)
             self._sessions[cookie] = secrets.token_urlsafe(32)
-            resp = web.Response(status=303, headers={**SECURITY_HEADERS, "Location": "/"})
+            if request.headers.get("Sec-Fetch-Site", "none") in ("none", "same-origin"):
+                resp = web.Response(status=303, headers={**SECURITY_HEADERS, "Location": "/"})
+            else:
+                # Sent here from another site (``gateway --open``'s file:// page):
+                # a redirect would go on without the SameSite=Strict cookie,
+                # so this page moves on to / itself, a same-site navigation.
+                resp = web.Response(status=200, text=SIGNED_IN, content_type="text/html",
+                                    headers=SECURITY_HEADERS)  # fmt: skip
             resp.set_cookie(self._cookie_name(request), cookie, httponly=True, samesite="Strict",
                             path="/")  # fmt: skip
             return resp

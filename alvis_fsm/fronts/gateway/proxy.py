@@ -57,6 +57,64 @@ class BadBody(Exception):
         self.response = response
 
 
+class BodyTimeout(BadBody, TimeoutError):
+    """A body that did not arrive within ``body_timeout``: the 408 every
+    route's read raises. Set on the request's body stream when the time is
+    up (``arm``), so it reaches whatever is waiting on it (``request.read``,
+    ``request.json``, a multipart reader) and aiohttp's own read of the
+    rest, which takes a ``TimeoutError`` as its cue to close the connection."""
+
+    def __init__(self, seconds: float) -> None:
+        response = error(408, f"The request body did not arrive within {seconds:g} s",
+                         "invalid_request_error", "request_timeout")  # fmt: skip
+        response.force_close()  # the rest of the body may still come: never read as a request
+        super().__init__(response)
+
+    @classmethod
+    def arm(cls, request: web.Request, seconds: float) -> asyncio.TimerHandle | None:
+        """The request's body deadline, ``seconds`` from now (its headers are
+        in); None for a request without a body. Cancel it once the request ends."""
+        if not request.body_exists:
+            return None
+        stream = request.content
+
+        def due() -> None:
+            if not stream.is_eof():
+                stream.set_exception(cls(seconds))
+
+        return asyncio.get_running_loop().call_later(seconds, due)
+
+
+async def read_json(request: web.Request, expected: str) -> object:
+    """A request's JSON body (any route's): ``BadBody`` for what is not a
+    JSON document of sane size and nesting (``expected`` says what the
+    route wants, for the message); its time is bounded by the request's
+    ``BodyTimeout``."""
+    given = request.headers.get("Content-Type", "")
+    kind = given.partition(";")[0].strip().lower()
+    if given and kind not in JSON_TYPES and not kind.endswith("+json"):
+        raise BadBody(error(415, f"The body must be JSON (Content-Type: application/json), not {kind!r}",
+                            "invalid_request_error", "unsupported_media_type"))  # fmt: skip
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BadBody(error(413, f"The request body is larger than {request.client_max_size} bytes",
+                            "invalid_request_error", "request_too_large")) from None  # fmt: skip
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        body, depth = None, MAX_DEPTH + 1
+    except ValueError:  # not UTF-8, not JSON
+        raise BadBody(error(400, f"The body is not valid JSON ({expected})", "invalid_request_error",
+                            "invalid_json")) from None  # fmt: skip
+    else:
+        depth = _depth(body)
+    if depth > MAX_DEPTH:
+        raise BadBody(error(400, f"The body's JSON is nested deeper than {MAX_DEPTH} levels",
+                            "invalid_request_error", "invalid_json"))  # fmt: skip
+    return body
+
+
 def _depth(value: object) -> int:
     """The nesting depth of parsed JSON, without recursion."""
     deepest, todo = 0, [(value, 1)]
@@ -135,36 +193,6 @@ class Proxy:
             client = self._socket_clients[path] = self._new_client(path)
         return client, "http://localhost"
 
-    async def _body(self, request: web.Request) -> object:
-        """The request's JSON, read within ``body_timeout``; ``BadBody``
-        for what is not a JSON document of sane size and nesting."""
-        given = request.headers.get("Content-Type", "")
-        kind = given.partition(";")[0].strip().lower()
-        if given and kind not in JSON_TYPES and not kind.endswith("+json"):
-            raise BadBody(error(415, f"The body must be JSON (Content-Type: application/json), not {kind!r}",
-                                "invalid_request_error", "unsupported_media_type"))  # fmt: skip
-        try:
-            raw = await asyncio.wait_for(request.read(), self.options.body_timeout)
-        except TimeoutError:
-            raise BadBody(error(408, f"The request body did not arrive within {self.options.body_timeout:.0f} s",
-                                "invalid_request_error", "request_timeout")) from None  # fmt: skip
-        except web.HTTPRequestEntityTooLarge:
-            raise BadBody(error(413, f"The request body is larger than {self.options.max_body} bytes",
-                                "invalid_request_error", "request_too_large")) from None  # fmt: skip
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except RecursionError:
-            body, depth = None, MAX_DEPTH + 1
-        except ValueError:  # not UTF-8, not JSON
-            raise BadBody(error(400, 'The body is not valid JSON (a JSON object naming a "model")',
-                                "invalid_request_error", "invalid_json")) from None  # fmt: skip
-        else:
-            depth = _depth(body)
-        if depth > MAX_DEPTH:
-            raise BadBody(error(400, f"The body's JSON is nested deeper than {MAX_DEPTH} levels",
-                                "invalid_request_error", "invalid_json"))  # fmt: skip
-        return body
-
     async def post(self, request: web.Request, watch: Watch | None) -> web.StreamResponse:
         """The route, metered on ``watch`` (the page's) when there is one."""
         if watch is None:
@@ -183,7 +211,7 @@ class Proxy:
                        _said(resp) if resp is not None and resp.status >= 400 else "")
 
     async def _post(self, request: web.Request, meter: Meter | None) -> web.StreamResponse:
-        body = await self._body(request)
+        body = await read_json(request, 'a JSON object naming a "model"')
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return error(400, 'The body must be a JSON object naming a "model"',
                          "invalid_request_error", "invalid_body")  # fmt: skip

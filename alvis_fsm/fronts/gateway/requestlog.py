@@ -4,7 +4,8 @@ was and how it went (time, model, route, status, latency, tokens), never
 its body or a key. The page shows the last ones; ``alvis-fsm gateway log``
 reads the file.
 
-Kept light (standard library only): the CLI's ``gateway log`` imports it."""
+Kept light (standard library and the foundation's text.py only): the CLI's
+``gateway log`` imports it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from alvis_fsm.text import inert_line
+
 FILE = "gateway-requests.jsonl"
+# The routes a request is logged and counted under (``route_of``): vLLM's
+# OpenAI routes the gateway passes on; any other path is OTHER. A fixed set:
+# a client's path never becomes a log line's or a metric label's text, and
+# ``/metrics`` keeps a bounded number of series whatever paths are tried.
+ROUTES = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+    "/v1/score", "/v1/rerank", "/v1/audio/transcriptions", "/v1/audio/translations",
+})  # fmt: skip
+OTHER = "other"
 MAX_BYTES = 10 * 1024 * 1024  # a file this large is rotated
 KEEP = 3  # rotated files kept: gateway-requests.jsonl.1 .. .3
 
@@ -28,7 +40,7 @@ class Entry:
 
     time: float  # epoch seconds, when it arrived
     model: str  # the catalog name ("" for a request naming none)
-    route: str  # the path, e.g. /v1/chat/completions
+    route: str  # one of ROUTES (e.g. /v1/chat/completions), or OTHER
     status: int  # the HTTP status sent (a stream's error event keeps its 200)
     latency_s: float  # arrival to the last byte sent
     ok: bool  # answered to the end without an error
@@ -53,6 +65,12 @@ class Entry:
             )  # fmt: skip
         except (ValueError, KeyError, TypeError):
             return None
+
+
+def route_of(path: str) -> str:
+    """The route a request's path is logged and counted under: one of
+    ``ROUTES``, else ``OTHER``."""
+    return path if path in ROUTES else OTHER
 
 
 def _int(value: Any) -> int | None:
@@ -112,12 +130,14 @@ class RequestLog:
 
 
 def format_entry(entry: Entry) -> str:
-    """One line for a terminal: when, model, route, status, latency, tokens."""
+    """One line for a terminal: when, model, route, status, latency, tokens
+    (the file's text made inert: it may come from another version, or be edited)."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.time))
     tokens = "-" if entry.prompt_tokens is None else str(entry.prompt_tokens)
     tokens += "/" + ("-" if entry.completion_tokens is None else str(entry.completion_tokens))
     mark = "" if entry.ok else "  error"
-    return (f"{when}  {entry.model or '-':<20} {entry.route:<24} {entry.status:>3}"
+    model, route = inert_line(entry.model) or "-", inert_line(entry.route)
+    return (f"{when}  {model:<20} {route:<24} {entry.status:>3}"
             f" {entry.latency_s * 1000:>9.1f} ms  tokens {tokens}"
             f"{'  stream' if entry.stream else ''}{mark}")  # fmt: skip
 

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from alvis_fsm.cluster import guard
 from alvis_fsm.fronts.gateway.batches import Batches
 from alvis_fsm.fronts.gateway.keys import matches
 from alvis_fsm.fronts.gateway.models import QUEUED, Models, Slot
-from alvis_fsm.fronts.gateway.proxy import BadBody, Proxy, error
+from alvis_fsm.fronts.gateway.proxy import BadBody, BodyTimeout, Proxy, error
 from alvis_fsm.paths import packaged_default
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class Options:
     idle_check: float = 5.0  # how often idle sessions (and time limits) are looked at
     rollover_lead: float = _setting("gateway.rollover_lead")  # a successor's least lead before the time limit
     header_timeout: float = 15.0  # a request's headers, and the idle time between requests
-    body_timeout: float = 60.0  # a request's body, once its headers are in
+    body_timeout: float = _setting("gateway.body_timeout")  # a request's body, once its headers are in
     max_body: int = 64 * 1024 * 1024  # bytes
     max_connections: int = 0  # 0: what the descriptor limit leaves room for
 
@@ -270,11 +271,14 @@ class Gateway:
                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                       ) -> web.StreamResponse:  # fmt: skip
         """Outermost: marks the connection inside a request (see
-        ``Connections``); aiohttp's own 4xx answers in OpenAI's shape; no
-        request ever ends in a traceback."""
+        ``Connections``); gives its body ``body_timeout`` to arrive, whatever
+        the route reads it with (``BodyTimeout``); bad input, and aiohttp's
+        own 4xx answers, in OpenAI's shape; no request ever ends in a
+        traceback."""
         limit = self.connections
         if limit is not None:
             limit.busy.add(request.protocol)
+        deadline = BodyTimeout.arm(request, self.options.body_timeout)
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -284,7 +288,12 @@ class Gateway:
                          exc.reason.lower().replace(" ", "_"))  # fmt: skip
         except BadBody as exc:
             return exc.response
+        except BadHttpMessage as exc:  # aiohttp's parser on a body part (multipart headers)
+            return error(400, f"The request body is malformed: {exc.message}"[:300],
+                         "invalid_request_error", "invalid_body")  # fmt: skip
         finally:
+            if deadline is not None:
+                deadline.cancel()
             if limit is not None:
                 limit.busy.discard(request.protocol)
 

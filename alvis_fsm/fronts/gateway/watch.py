@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from alvis_fsm.engine.states import State
-from alvis_fsm.fronts.gateway.requestlog import Entry, RequestLog
+from alvis_fsm.fronts.gateway.requestlog import Entry, RequestLog, route_of
+from alvis_fsm.text import inert_line
 
 if TYPE_CHECKING:
     from alvis_fsm.fronts.gateway.metrics import Metrics
@@ -95,8 +96,9 @@ class Watch:
         self._seen_starts: set[tuple[str, int]] = set()
 
     # -- requests -------------------------------------------------------------------
-    def begin(self, route: str) -> Meter:
-        return Meter(route)
+    def begin(self, path: str) -> Meter:
+        """A request to ``path`` begins: metered under its fixed route (``route_of``)."""
+        return Meter(route_of(path))
 
     def done(self, meter: Meter, status: int, message: str = "") -> None:
         """A request ended with ``status`` (``message``: its error, if the
@@ -115,7 +117,7 @@ class Watch:
         row = entry.to_json()
         self.recent.append(row)
         if not ok:
-            self.errors.append({**row, "message": message[:300]})
+            self.errors.append({**row, "message": inert_line(message)[:300]})
         figures = self.figures.get(meter.model)
         if figures is not None:
             self._advance()

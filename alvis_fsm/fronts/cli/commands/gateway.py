@@ -112,7 +112,8 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
             registration.publish(bound, log)
             if not log and gateway.page is not None:
                 # The background gateway's log keeps no login link: its parent asks for one.
-                show_link(f"http://localhost:{bound}/?token={gateway.page.new_login_token()}", open_page)
+                show_link(f"http://localhost:{bound}/?token={gateway.page.new_login_token()}", open_page,
+                          cfg.state_dir)  # fmt: skip
 
         def clean_up() -> list[str]:
             return sessions.clean_up_orphans(cfg, store, echo)
@@ -183,11 +184,11 @@ def _gateway(cfg: Settings, key: str, models: Models) -> Gateway:
     g = cfg.gateway
     options = Options(hold_timeout=g.hold_timeout, idle_timeout=g.idle_timeout,
                       max_held=g.max_held, idle_check=max(0.5, min(5.0, g.idle_timeout / 4)),
-                      rollover_lead=g.rollover_lead)  # fmt: skip
+                      rollover_lead=g.rollover_lead, body_timeout=g.body_timeout)  # fmt: skip
     batches = Batches(cfg.state_dir, cluster_ops(cfg))
     gateway = Gateway(key, models, options, batches)
     gateway.page = Page(gateway, RequestLog(cfg.state_dir), batches=Board(batches),
-                        stop_timeout=instance.shutdown_wait(cfg))  # fmt: skip
+                        stop_timeout=instance.shutdown_wait(cfg), login_life=g.login_link_life)  # fmt: skip
     return gateway
 
 
@@ -273,7 +274,7 @@ def _detach(verbosity: Verbosity, *, port: int | None, idle: str | None,
             " `alvis-fsm env --gateway` prints the exports again.",
             err=True,
         )
-    show_link(login_link(found, key), open_page)
+    show_link(login_link(found, key), open_page, state_dir)
 
 
 def _wait_listening(state_dir: Path, proc: subprocess.Popen[bytes], log: Path) -> instance.Instance:
@@ -346,14 +347,15 @@ def stop(verbosity: Verbosity, ui: Reporter | None = None) -> None:
 # -- the page ----------------------------------------------------------------------------
 
 
-def show_link(url: str, open_page: bool) -> None:
+def show_link(url: str, open_page: bool, state_dir: Path) -> None:
     """The page's one-time login link, on stderr (stdout is for the exports
-    a shell evals); opened in the browser with --open."""
+    a shell evals); opened in the browser with --open, through a private
+    file that leads to it (``instance.open_file``): no token on a command line."""
     click.echo(f"Page: {url}  (a one-time link: it signs this browser in)", err=True)
     if open_page:
         import webbrowser
 
-        if not webbrowser.open(url):
+        if not webbrowser.open(instance.open_file(state_dir, url).as_uri()):
             click.echo("[WARN] No browser could be opened here: open the link above by hand.", err=True)
 
 
@@ -382,7 +384,7 @@ def open_page(verbosity: Verbosity, *, no_browser: bool = False) -> None:
     if found is None:
         raise SessionError("No gateway is running",
                            hint="Start one: `alvis-fsm gateway --open` (or --detach --open).")  # fmt: skip
-    show_link(login_link(found, gateway_key(cfg.state_dir)), not no_browser)
+    show_link(login_link(found, gateway_key(cfg.state_dir)), not no_browser, cfg.state_dir)
 
 
 def show_log(verbosity: Verbosity, *, follow: bool, last: int, as_json: bool) -> None:
