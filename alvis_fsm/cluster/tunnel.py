@@ -15,11 +15,21 @@ Route "login": the forward is added to the shared connection itself
 (``ssh -O forward``): no new login at all, but the login node can only reach
 a TCP port on the node, which every cluster user can reach too.
 
-The local end is a TCP port on ``bind`` (what `start` gives the user), or a
-unix socket in the private state directory (``local_socket``: the gateway's
-sessions, whose clients never see the tunnel). A loopback port is open to
-every process on the laptop; the socket only to this user (its directory is
-0700, and ssh binds it with ``StreamLocalBindMask`` 0177).
+The local ends: every session has a unix socket in the private state
+directory (``local_socket``: its directory is 0700, and ssh binds it with
+``StreamLocalBindMask`` 0177, so only this user can connect); ``start``'s
+sessions also have a TCP port on ``bind`` (``local_port``, what the user's
+clients are given), the gateway's have none (their clients never see the
+tunnel). One ssh holds both forwards, the port first: when the port cannot
+be had, there is no socket either (the jump tunnel exits, ExitOnForwardFailure;
+route login asks the shared connection for the socket only once it holds
+the port). A loopback port
+is open to every process on the laptop, and after a drop any of them may
+take it; the tool's own checks (``health``, ``verify``) therefore go through
+the socket, never the port: a live socket means our ssh is up and holds the
+port too, and nothing the server answers has to be trusted for that (a
+proof the server signed could be relayed from another listener holding the
+key, issue 31).
 
 Every local HTTP check goes through httpx with ``trust_env=False``: a proxy
 named in the environment (``http_proxy``, ``ALL_PROXY``, any case) or the
@@ -32,8 +42,6 @@ still refused with OpenSSH's warning. Never ``StrictHostKeyChecking=no``."""
 from __future__ import annotations
 
 import contextlib
-import hmac
-import secrets
 import shlex
 import subprocess
 import tempfile
@@ -44,7 +52,6 @@ from pathlib import Path
 
 import httpx
 
-from alvis_fsm.cluster import guard
 from alvis_fsm.cluster.ssh import Connection, common_args, socket_alive, ssh_error
 from alvis_fsm.errors import ServerError, SSHError
 
@@ -123,19 +130,24 @@ class Tunnel:
     local_socket: str = ""  # the local end as a unix socket, instead of bind:local_port
 
     @property
-    def forward(self) -> str:
-        # OpenSSH forwards a local TCP port or unix socket to a remote TCP
-        # port or unix socket with the same -L syntax:
-        # LOCAL_ADDR:LOCAL_PORT or /local/path, then :/remote/path or :HOST:PORT.
-        local = self.local_socket or f"{self.bind}:{self.local_port}"
-        if self.remote_socket:
-            return f"{local}:{self.remote_socket}"
-        return f"{local}:{self.node}:{self.remote_port}"
+    def forwards(self) -> list[str]:
+        """The ``-L`` specs: the user's port first (``start``), then the
+        private socket (every session but those of an older version).
+        OpenSSH forwards a local TCP port or unix socket to a remote TCP
+        port or unix socket with the same syntax: LOCAL_ADDR:LOCAL_PORT or
+        /local/path, then :/remote/path or :HOST:PORT."""
+        remote = self.remote_socket or f"{self.node}:{self.remote_port}"
+        ends = [f"{self.bind}:{self.local_port}"] if self.local_port else []
+        ends += [self.local_socket] if self.local_socket else []
+        return [f"{end}:{remote}" for end in ends]
+
+    def _forward_args(self) -> list[str]:
+        return [arg for spec in self.forwards for arg in ("-L", spec)]
 
     @property
     def local(self) -> str:
         """The local end, for messages."""
-        return f"local socket {self.local_socket}" if self.local_socket else f"local port {self.local_port}"
+        return f"local port {self.local_port}" if self.local_port else f"local socket {self.local_socket}"
 
     def _clear_stale_socket(self) -> None:
         """A socket file left by a tunnel that was killed would make ssh's bind
@@ -184,13 +196,19 @@ class Tunnel:
                 hint="This session's server listens on a unix socket: use route jump.",
             )
         self._clear_stale_socket()
-        proc = subprocess.run(
-            [*common_args(self.conn.opts), "-S", str(self.conn.control), "-O", "forward",
-             "-L", self.forward, self.conn.opts.host],
-            capture_output=True, text=True, start_new_session=True, check=False,
-        )  # fmt: skip
-        if proc.returncode != 0:
-            raise SSHError("Could not open the tunnel", details=proc.stderr.strip() or None)
+        # One forward at a time, the port first: given both, the master adds
+        # every one it can, the private socket too when the port is another
+        # process's, and the tool's checks would call that port ours.
+        for i, spec in enumerate(self.forwards):
+            proc = subprocess.run(
+                [*common_args(self.conn.opts), "-S", str(self.conn.control), "-O", "forward",
+                 "-L", spec, self.conn.opts.host],
+                capture_output=True, text=True, start_new_session=True, check=False,
+            )  # fmt: skip
+            if proc.returncode != 0:
+                if i:
+                    self.close()
+                raise SSHError("Could not open the tunnel", details=proc.stderr.strip() or None)
 
     def _jump_argv(self) -> list[str]:
         """Route jump: ssh to the node through the shared connection, holding
@@ -209,14 +227,14 @@ class Tunnel:
             "-o", "BatchMode=yes",
             "-o", f"ProxyCommand={jump}",
             *(["-o", "StreamLocalBindMask=0177"] if self.local_socket else []),
-            "-L", self.forward,
+            *self._forward_args(),
             self.node, HOLD,
         ]  # fmt: skip
 
     def _not_opened(self, said: str) -> SSHError:
         """Why the tunnel ssh failed, from what it said."""
         busy = "Address already in use" in said or "cannot listen" in said
-        if self.local_socket and busy:
+        if self.local_socket and busy and (not self.local_port or self.local_socket in said):
             return SSHError(f"Could not listen on {self.local_socket}", details=said)
         if busy:
             return SSHError(
@@ -229,7 +247,7 @@ class Tunnel:
     def up(self) -> bool:
         """Is this tunnel already there (left by a detached or killed client)?"""
         if self.route == "login":
-            if self.local_socket:
+            if self.local_socket:  # held with the port, if any, by one ssh
                 return socket_alive(self.conn.control) and socket_alive(Path(self.local_socket))
             return socket_alive(self.conn.control) and not local_port_free(
                 self.local_port, self.bind
@@ -244,7 +262,7 @@ class Tunnel:
         if self.route == "login":
             subprocess.run(
                 [*common_args(self.conn.opts), "-S", str(self.conn.control), "-O", "cancel",
-                 "-L", self.forward, self.conn.opts.host],
+                 *self._forward_args(), self.conn.opts.host],
                 capture_output=True, start_new_session=True, check=False,
             )  # fmt: skip
         else:
@@ -424,24 +442,20 @@ def _cannot_generate(exc: httpx.HTTPStatusError, model: str, url: str) -> Server
 def health(local_port: int, *, api_key: str | None, timeout: float = 3, local_socket: str = "") -> bool:
     """True when our own server answers ``/health`` through the tunnel.
 
-    With a key, the server first proves it holds the key (the guard answers
-    a keyless challenge with ``guard.proof``, see cluster/guard.py); only then
-    does the key go out, with the real check. So a local process that merely
-    took the port (a crashed tunnel's port reused) never receives the key,
-    and neither do the prompts of whoever trusts this check."""
+    Through the private socket (``local_socket``) when the session has one:
+    only this user can listen there, and our ssh holds it together with the
+    session's port, so a live socket is our tunnel and the key may go at
+    once (one request). The key never goes to the public port: a local
+    process may hold it after a drop, and whatever it answers, even a proof
+    relayed from another listener holding the key, proves nothing (issue
+    31). A session without a socket (started by an older version) and with
+    a key is not known to be ours: False. Without a key there is nothing to
+    give away, and the port is asked."""
+    if api_key and not local_socket:
+        return False
     base = local_base(local_port, local_socket)
     try:
-        with http_client(None, timeout, local_socket) as client:
-            if not api_key:
-                return client.get(f"{base}/health").status_code == 200
-            challenge = secrets.token_urlsafe(24)
-            answer = client.get(f"{base}/health", headers={guard.CHALLENGE_HEADER: challenge})
-            said = answer.headers.get(guard.PROOF_HEADER, "")
-            if answer.status_code != 401 or not hmac.compare_digest(
-                said.encode(), guard.proof(api_key, challenge).encode()
-            ):
-                return False
-            checked = client.get(f"{base}/health", headers={"Authorization": f"Bearer {api_key}"})
-            return checked.status_code == 200
+        with http_client(api_key, timeout, local_socket) as client:
+            return client.get(f"{base}/health").status_code == 200
     except httpx.HTTPError:
         return False

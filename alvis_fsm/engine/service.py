@@ -310,11 +310,11 @@ def _new_record(cfg: Settings, options: StartOptions, store: Store, spec: _Spec)
         time_limit=spec.time_text,
         time_limit_s=spec.seconds,
     )
-    if options.local_socket:
-        from alvis_fsm.cluster.ssh import control_path
+    from alvis_fsm.cluster.ssh import control_path
 
-        # Short (a socket path has ~100 bytes), private (0700, checked), ours.
-        record.local_socket = str(control_path(store.dir, f"{store.dir.resolve()}|{name}|{token}|http"))
+    # Every session's private end, beside start's port (the gateway's have
+    # no port): short (a socket path has ~100 bytes), private (0700, checked).
+    record.local_socket = str(control_path(store.dir, f"{store.dir.resolve()}|{name}|{token}|http"))
     if cfg.vllm.api_key:
         from alvis_fsm.engine.runner import new_api_key
 

@@ -40,9 +40,10 @@ class StartOptions:
     # Start even when the job's time is shorter than the model's expected
     # load plus a margin (`start --yes`; the gateway plans its own rollover).
     short_ok: bool = False
-    # The tunnel ends in a unix socket in the private state directory, not on
-    # a local port: for a front whose clients never see the tunnel (the
-    # gateway), so no other process on the laptop can reach the server.
+    # The tunnel ends only in its unix socket in the private state directory
+    # (every session has one), with no local port: for a front whose clients
+    # never see the tunnel (the gateway), so no other process on the laptop
+    # can reach the server.
     local_socket: bool = False
 
 

@@ -76,7 +76,9 @@ class SessionRecord:
     port: int = 0  # vLLM's port on the node (route login)
     remote_socket: str = ""  # vLLM's unix socket on the node (route jump)
     local_port: int = 0
-    local_socket: str = ""  # the tunnel's local end as a unix socket (gateway sessions)
+    # The tunnel's private local end, a unix socket: the tool's own checks go
+    # there (cluster/tunnel.py); the only end of a gateway session.
+    local_socket: str = ""
     run_dir: str = ""
     started: str = ""  # ISO time the session was created
     job_name: str = ""
@@ -124,9 +126,9 @@ class SessionRecord:
 
     @property
     def url(self) -> str:
-        if self.local_socket:
-            return f"unix:{self.local_socket}"
-        return f"http://localhost:{self.local_port}" if self.local_port else ""
+        if self.local_port:
+            return f"http://localhost:{self.local_port}"
+        return f"unix:{self.local_socket}" if self.local_socket else ""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

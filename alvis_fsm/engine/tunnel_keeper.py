@@ -96,7 +96,7 @@ class TunnelKeeper:
         self.tunnel = self._make()
         # A tunnel left by a detached or killed client may still be up.
         if not self.tunnel.up():
-            where = f"local socket {r.local_socket}" if r.local_socket else f"local port {r.local_port}"
+            where = f"local port {r.local_port}" if r.local_port else f"local socket {r.local_socket}"
             ui.info(f"Establishing SSH tunnel ({where})...")
             said = self.tunnel.open()
             if "Permanently added" in said:

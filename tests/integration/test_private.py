@@ -8,7 +8,9 @@
   listeners were found and the probe works), and the owner's tunnel answers
   with the key.
 * Route login still works and warns that its TCP port is open to the
-  cluster; the second user's probe shows the warning is true.
+  cluster; the second user's probe shows the warning is true. A local
+  process that takes the laptop's port after a drop and relays it to that
+  TCP port is not taken for the server and never receives the key (issue 31).
 * A server whose engine is dead while ``/v1/models`` answers is refused with
   a clear error and cleaned up.
 * Proxies in the environment are never used for the checks.
@@ -308,6 +310,109 @@ def test_route_login_works_and_warns(lab: Any, tool: Tool) -> None:
     theirs = {r[2]: r[3] for r in probe_as(lab, user2, target, served, host=f"{lab.node}:{node_port}")}
     assert theirs == {"/invocations": 403, "/tokenize": 403, "/v1/completions": 403}, theirs
     assert_guarded(port, key, served)
+
+    interrupt(child)
+    child.expect_exact("Cleaned up job")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert exit_status(child) == 0
+    assert_nothing_left(lab, tool)
+
+
+class _Relay:
+    """A local process that takes the laptop's port once the tunnel is gone
+    and relays every connection, byte for byte, to the node's TCP listener of
+    route login (which every cluster user can reach; the lab's node shares
+    the host's network, so 127.0.0.1 reaches it), keeping what it was sent."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.target, self.seen, self.listener = target, bytearray(), socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        end = time.monotonic() + 10
+        while True:  # the dead ssh's listener may take a moment to go
+            try:
+                self.listener.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.01)
+        self.listener.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=30)
+                threading.Thread(target=self._pump, args=(conn, upstream, True), daemon=True).start()
+                threading.Thread(target=self._pump, args=(upstream, conn, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, keep: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if keep:
+                    self.seen += data
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the accept (a bare close would not free the port)
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+
+def test_a_relayed_port_never_receives_the_key(lab: Any, tool: Tool) -> None:
+    """Issue 31, item 7: route login; the shared connection dies (and with it
+    the laptop's forward), a local process takes the port at once and relays
+    it to the node's TCP listener, which holds the key. The tool's health
+    check (as `status`, the Python API and the gateway call it, from the
+    record) must not call that ours, and the key must never reach the
+    impostor, before or after the engine tries to reopen the tunnel. Once
+    the impostor lets go, the tunnel comes back and answers as before."""
+    from alvis_fsm.cluster.tunnel import health
+
+    port = free_port()
+    child = tool.spawn("start", "-m", "lab-ok", "--route", "login", "--port", str(port), timeout=90)
+    child.expect(r"\[INFO\] Server address: alvis7-07:(\d+)\s")
+    node_port = int(child.match.group(1))
+    child.expect_exact(CONNECTED + str(port))
+    child.expect_exact("[INFO] Streaming logs")
+    record = session(tool, "lab-ok")
+    key = record["api_key"]
+
+    def ours() -> bool:
+        return health(record["local_port"], api_key=key, local_socket=record.get("local_socket", ""))
+
+    assert ours() is True
+    check = subprocess.run(["ssh", "-F", str(lab.ssh_config), "-S", record["control_path"], "-O", "check",
+                            record["login_host"]], capture_output=True, text=True, timeout=10)  # fmt: skip
+    master = int(re.search(r"pid=(\d+)", check.stderr).group(1))  # type: ignore[union-attr]
+    os.kill(master, signal.SIGKILL)
+    relay = _Relay(port, node_port)
+    try:
+        end = time.monotonic() + 20  # the engine notices, logs in again, fails to forward the port
+        while time.monotonic() < end:
+            assert ours() is False, "health() called the impostor's relayed port ours"
+            assert key.encode() not in relay.seen, "the impostor received the key"
+            time.sleep(0.5)
+    finally:
+        relay.close()
+    assert b"Authorization" not in relay.seen
+    # The port was not to be had: the client reopens once it is free again,
+    # or (it gave up meanwhile, keeping the job) `resume` does.
+    back = child.expect_exact(["Tunnel back up: http://localhost:" + str(port),
+                               "`alvis-fsm resume lab-ok` reconnects"], timeout=120)  # fmt: skip
+    if back == 1:
+        child.expect(pexpect.EOF)
+        child.close()
+        child = tool.spawn("resume", "lab-ok", timeout=90)
+        child.expect_exact(CONNECTED + str(port))
+        child.expect_exact("[INFO] Streaming logs")
+    assert ours() is True
+    served = record["served_name"]
+    assert through_tunnel(port, key, "/v1/completions", {"model": served, "prompt": "hi", "max_tokens": 1}) == 200
 
     interrupt(child)
     child.expect_exact("Cleaned up job")

@@ -1,14 +1,16 @@
 """The guard in front of vLLM (alvis_fsm/cluster/guard.py): its one decision,
-its ASGI class, and the tool's health check that proves the server before
-it sends the key (issue 22, finding 1)."""
+its ASGI class (issue 22, finding 1), and the tool's health check, which
+sends the key only through the tunnel's private socket (issue 31, item 7)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socketserver
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -92,16 +94,18 @@ def test_the_server_own_origin_passes() -> None:
     assert _status([*OK, ("Origin", "http://127.0.0.1:58000")]) == 0
 
 
-def test_a_refusal_answers_a_challenge_with_the_proof_only() -> None:
-    challenge = "c" * 32
-    refused = guard.refusal([("Host", "localhost"), (guard.CHALLENGE_HEADER, challenge)], KEY)
-    assert refused is not None and refused.status == 401
-    said = dict(refused.all_headers())[guard.PROOF_HEADER]
-    assert said == guard.proof(KEY, challenge) and KEY not in said
-    assert guard.proof("other", challenge) != said and guard.proof(KEY, "d" * 32) != said
-    for bad in ("short", "x" * 129, "a b" * 10, "é" * 20):
-        refused = guard.refusal([("Host", "localhost"), (guard.CHALLENGE_HEADER, bad)], KEY)
-        assert refused is not None and guard.PROOF_HEADER not in dict(refused.all_headers())
+def test_a_refusal_answers_no_challenge_and_proves_nothing() -> None:
+    """Issue 31, item 7: a guard that signed a nonce for anyone would be an
+    oracle on every listener holding the key (route login's TCP port on the
+    node serves every cluster user), and a local process holding the
+    laptop's port could relay the tool's challenge to it. It answers a
+    challenge as any keyless request: the same refusal, nothing computed."""
+    plain = guard.refusal([("Host", "localhost")], KEY)
+    for challenge in ("c" * 32, "d" * 64):
+        refused = guard.refusal([("Host", "localhost"), ("x-alvis-fsm-challenge", challenge)], KEY)
+        assert refused is not None and plain is not None and refused.status == 401
+        assert refused.all_headers() == plain.all_headers() and refused.body() == plain.body()
+    assert not hasattr(guard, "proof") and "x-alvis-fsm-proof" not in guard.source()
 
 
 # -- the ASGI class, as vLLM runs it --------------------------------------------------------------
@@ -168,56 +172,108 @@ def test_the_shipped_source_is_stdlib_only() -> None:
                if line.startswith(("import ", "from "))]  # fmt: skip
     assert "alvis_fsm" not in " ".join(imports)
     assert not {i.split(".")[0] for i in imports} - {
-        "__future__", "hashlib", "hmac", "ipaddress", "json", "os", "re", "collections", "dataclasses",
+        "__future__", "hmac", "ipaddress", "json", "os", "re", "collections", "dataclasses",
         "typing",
     }
 
 
-# -- the tool's health check: prove, then send the key -------------------------------------------
+# -- the tool's health check: the private channel, never the public port --------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """The guard in front of a server that answers 200 (``guarded``), or a
+    local process holding a port that relays every request to ``relay_to``
+    (the node's TCP listener of route login) and keeps what it saw."""
+
+    seen: list[dict[str, str]]
+    guarded = True
+    relay_to: int = 0
+
+    def log_message(self, *a: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.seen.append(dict(self.headers.items()))
+        if self.relay_to:
+            import http.client
+
+            upstream = http.client.HTTPConnection("127.0.0.1", self.relay_to, timeout=5)
+            upstream.request("GET", self.path, headers=dict(self.headers.items()))
+            answer = upstream.getresponse()
+            status, headers, body = answer.status, answer.getheaders(), answer.read()
+        else:
+            refused = guard.refusal(self.headers.items(), KEY) if self.guarded else None
+            if refused is None:
+                status, headers, body = 200, [("content-length", "0")], b""
+            else:
+                status, headers, body = refused.status, refused.all_headers(), refused.body()
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _Unix(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def get_request(self) -> tuple[Any, Any]:
+        conn, _ = super().get_request()
+        return conn, ("local", 0)  # BaseHTTPRequestHandler wants a (host, port)
 
 
 class _Server:
-    def __init__(self, guarded: bool) -> None:
+    def __init__(self, guarded: bool = True, relay_to: int = 0, path: str = "") -> None:
         self.seen: list[dict[str, str]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                outer.seen.append(dict(self.headers.items()))
-                refused = guard.refusal(self.headers.items(), KEY) if guarded else None
-                if refused is None:
-                    status, headers, body = 200, [("content-length", "0")], b""
-                else:
-                    status, headers, body = refused.status, refused.all_headers(), refused.body()
-                self.send_response(status)
-                for name, value in headers:
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
+        handler = type("H", (_Handler,), {"seen": self.seen, "guarded": guarded, "relay_to": relay_to})
+        self.httpd: socketserver.BaseServer = (
+            _Unix(path, handler) if path else ThreadingHTTPServer(("127.0.0.1", 0), handler))
+        self.port = 0 if path else self.httpd.server_address[1]  # type: ignore[index]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 @pytest.fixture
-def servers() -> Iterator[tuple[_Server, _Server]]:
-    ours, rogue = _Server(guarded=True), _Server(guarded=False)
-    yield ours, rogue
-    for s in (ours, rogue):
-        s.httpd.shutdown()
-        s.httpd.server_close()
+def servers(tmp_path: Path) -> Iterator[tuple[_Server, _Server, _Server]]:
+    """The session's private socket (to a guarded server), the node's TCP
+    listener of route login (guarded), and an impostor on the laptop's port
+    relaying to the latter."""
+    ours = _Server(path=str(tmp_path / "s"))
+    node = _Server()
+    impostor = _Server(relay_to=node.port)
+    yield ours, node, impostor
+    for s in (ours, node, impostor):
+        s.close()
 
 
-def test_health_proves_the_server_before_sending_the_key(servers: tuple[_Server, _Server]) -> None:
-    ours, rogue = servers
-    assert health(ours.port, api_key=KEY) is True
-    assert [("Authorization" in h) for h in ours.seen] == [False, True]
-    # A local process that merely holds the port answers 200 to anything:
-    # it is not our server, and it never sees the key.
-    assert health(rogue.port, api_key=KEY) is False
-    assert len(rogue.seen) == 1 and not any(KEY in v for h in rogue.seen for v in h.values())
-    assert health(ours.port, api_key="another session's key") is False
+def test_health_sends_the_key_only_through_the_private_socket(
+    servers: tuple[_Server, _Server, _Server], tmp_path: Path
+) -> None:
+    ours, _, _ = servers
+    path = str(tmp_path / "s")
+    # One request, with the key: the socket is ours by construction.
+    assert health(0, api_key=KEY, local_socket=path) is True
+    assert [h.get("Authorization") for h in ours.seen] == [f"Bearer {KEY}"]
+    assert health(0, api_key="another session's key", local_socket=path) is False
+    assert health(0, api_key=KEY, local_socket=str(tmp_path / "gone")) is False
+
+
+def test_a_relayed_port_never_receives_the_key(
+    servers: tuple[_Server, _Server, _Server], tmp_path: Path
+) -> None:
+    """Issue 31, item 7: after a drop, a local process holding the laptop's
+    port relays everything to a listener holding the key. The check never
+    asks the port (with a live socket, a dead one, or none: an older
+    session), so the impostor sees nothing, let alone the key."""
+    ours, node, impostor = servers
+    assert health(impostor.port, api_key=KEY, local_socket=str(tmp_path / "s")) is True
+    assert len(ours.seen) == 1  # the socket answered, not the port
+    assert health(impostor.port, api_key=KEY, local_socket=str(tmp_path / "gone")) is False
+    assert health(impostor.port, api_key=KEY, local_socket="") is False
+    assert impostor.seen == [] and node.seen == []
+    # Without a key there is nothing to give away: the port is asked.
+    assert health(impostor.port, api_key=None) is False  # the guard wants a key it does not get
+    assert impostor.seen and not any(KEY in v for h in impostor.seen for v in h.values())

@@ -107,7 +107,10 @@ def test_create_makes_the_record_and_key_without_the_network(tmp_path: Path) -> 
     assert r.served_name == "openai/gpt-oss-20b"
     assert new.gpus == "A40:1" and new.spec is None
     assert not new.store.exists(r.name)  # nothing saved before the session is driven
-    assert r.local_socket == "" and r.url == f"http://localhost:{r.local_port}"
+    # The user's URL is the port; the tool's own checks use the private
+    # socket beside it (issue 31, item 7).
+    assert r.url == f"http://localhost:{r.local_port}"
+    assert Path(r.local_socket).parent.stat().st_mode & 0o077 == 0
 
 
 @pytest.mark.parametrize("root", ["~/runs:x", "/scratch/a,b/runs"])

@@ -66,15 +66,25 @@ def _tunnel(**kw: Any) -> Tunnel:
 
 
 def test_forward_to_a_socket_or_a_port() -> None:
-    assert _tunnel(remote_socket="/t/vllm.sock").forward == "127.0.0.1:58000:/t/vllm.sock"
-    assert _tunnel(remote_port=41084).forward == "127.0.0.1:58000:alvis7-07:41084"
+    assert _tunnel(remote_socket="/t/vllm.sock").forwards == ["127.0.0.1:58000:/t/vllm.sock"]
+    assert _tunnel(remote_port=41084).forwards == ["127.0.0.1:58000:alvis7-07:41084"]
 
 
 def test_forward_from_a_local_socket() -> None:
     # The gateway's sessions: no local port at all, only this user's socket.
     local = {"local_socket": "/s/ctl/ab12", "local_port": 0}
-    assert _tunnel(remote_socket="/t/vllm.sock", **local).forward == "/s/ctl/ab12:/t/vllm.sock"
-    assert _tunnel(remote_port=41084, **local).forward == "/s/ctl/ab12:alvis7-07:41084"
+    assert _tunnel(remote_socket="/t/vllm.sock", **local).forwards == ["/s/ctl/ab12:/t/vllm.sock"]
+    assert _tunnel(remote_port=41084, **local).forwards == ["/s/ctl/ab12:alvis7-07:41084"]
+
+
+def test_start_forwards_its_port_then_its_private_socket() -> None:
+    """Issue 31, item 7: start's sessions have both ends in one ssh, the
+    port first (no socket when the port cannot be had); the tool's own
+    checks use the socket."""
+    t = _tunnel(remote_port=41084, local_socket="/s/ctl/ab12")
+    assert t.forwards == ["127.0.0.1:58000:alvis7-07:41084", "/s/ctl/ab12:alvis7-07:41084"]
+    assert t.local == "local port 58000"
+    assert t._forward_args() == ["-L", "127.0.0.1:58000:alvis7-07:41084", "-L", "/s/ctl/ab12:alvis7-07:41084"]
 
 
 # -- a local vLLM-like server ---------------------------------------------------------------

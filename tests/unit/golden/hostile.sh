@@ -105,15 +105,16 @@ function of a request'"'"'s method and headers. ``Guard`` (ASGI, for vLLM), the
 lab'"'"'s stand-in for vLLM (``tests/lab/bin/vllm --middleware``) and the
 gateway all apply it.
 
-The tool'"'"'s own checks prove the server is its own before they send the key
-(``proof``): a request without the key but with ``x-alvis-fsm-challenge:
-NONCE`` is refused with ``x-alvis-fsm-proof: HMAC(key, NONCE)``, which only a
-holder of the key can compute; so a local process that merely took the port
-never receives the key or a prompt."""
+It answers no challenge and proves nothing: a listener others can reach
+(route ``login``'"'"'s TCP port on the node) that signed a nonce for anyone
+would be an oracle, and a local process holding the laptop'"'"'s port could
+relay the tool'"'"'s challenge to it and be trusted with the key (issue 31).
+The tool'"'"'s own checks trust a channel instead of an answer: they go
+through the tunnel'"'"'s private unix socket (``cluster/tunnel.py``,
+``health``)."""
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import json
@@ -127,11 +128,6 @@ MODULE = "alvis_fsm_guard"  # the name the job script ships this file under
 CLASS = "Guard"
 MIDDLEWARE = f"{MODULE}.{CLASS}"  # vllm serve --middleware MIDDLEWARE
 KEY_ENV = "VLLM_API_KEY"  # the key vLLM itself reads (the job script sets it)
-
-CHALLENGE_HEADER = "x-alvis-fsm-challenge"
-PROOF_HEADER = "x-alvis-fsm-proof"
-_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{16,128}")
-_PROOF_CONTEXT = b"alvis-fsm guard proof v1\n"
 
 # host[:port]; an IPv6 address in brackets.
 _HOST = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^:\[\]]+))(?::(?P<port>[0-9]{1,5}))?")
@@ -181,15 +177,6 @@ def loopback_host(value: str) -> bool:
         return False
 
 
-def proof(key: str, challenge: str) -> str:
-    """What only a holder of ``key`` can answer to ``challenge``."""
-    return hmac.new(key.encode(), _PROOF_CONTEXT + challenge.encode(), hashlib.sha256).hexdigest()
-
-
-def valid_challenge(challenge: str) -> bool:
-    return _CHALLENGE.fullmatch(challenge) is not None
-
-
 def _one(headers: dict[str, list[str]], name: str) -> str | None:
     values = headers.get(name, [])
     return values[0] if len(values) == 1 else None
@@ -220,17 +207,13 @@ def origin_refusal(headers: dict[str, list[str]]) -> Refusal | None:
 
 def key_refusal(headers: dict[str, list[str]], key: str) -> Refusal | None:
     """``Authorization: Bearer KEY``, compared in constant time. A refusal
-    answers a valid challenge with its proof."""
+    says nothing a key holder computed (no proof of any kind)."""
     given = _one(headers, "authorization") or ""
     expected = ("Bearer " + key).encode()
     if hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
         return None
-    extra: tuple[tuple[str, str], ...] = ()
-    challenge = _one(headers, CHALLENGE_HEADER)
-    if challenge is not None and valid_challenge(challenge):
-        extra = ((PROOF_HEADER, proof(key, challenge)),)
     return Refusal(401, "Unauthorized", "Missing or wrong API key: send the session'"'"'s key as "
-                   "'"'"'Authorization: Bearer KEY'"'"'", "invalid_api_key", extra)  # fmt: skip
+                   "'"'"'Authorization: Bearer KEY'"'"'", "invalid_api_key")  # fmt: skip
 
 
 def header_map(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
