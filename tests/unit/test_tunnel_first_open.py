@@ -68,7 +68,7 @@ def test_a_refused_tunnel_login_is_not_tried_again(tmp_path: Path) -> None:
 
 
 def test_the_tunnel_that_never_connects_gives_up_and_keeps_the_job(tmp_path: Path) -> None:
-    runner, agent, _conn, _say, store = make_runner(tmp_path, "serving", detach=False,
+    runner, agent, conn, _say, store = make_runner(tmp_path, "serving", detach=False,
                                                    tunnel={"max_reconnects": 2})  # fmt: skip
     opened: list[int] = []
     lost = [ConnectionLost("Cannot connect to alvis7-07.", details=TIMED_OUT) for _ in range(5)]
@@ -79,3 +79,4 @@ def test_the_tunnel_that_never_connects_gives_up_and_keeps_the_job(tmp_path: Pat
     assert caught.value.message == "Could not open the tunnel after 2 tries; job 42 is still running"
     assert agent.cancels == []
     assert store.load("s").state == "serving"
+    assert not conn.up  # a client that gives up leaves no master behind (item 3)
