@@ -53,6 +53,12 @@ def reopen_or_give_up(link: Link) -> None:
         raise give_up(link, f"Could not reach {link.conn.opts.host} again", exc.details) from exc
 
 
+def _trying_again(exc: AlvisError, delay: float) -> str:
+    """A failed try, with the first line of what ssh said (its reason)."""
+    why = (exc.details or "").strip().partition("\n")[0]
+    return f"{exc.message.rstrip('.')}" + (f" ({why})" if why else "") + f"; trying again in {delay:.1f} s"
+
+
 class TunnelKeeper:
     def __init__(
         self,
@@ -166,7 +172,8 @@ class TunnelKeeper:
         self._persist(reopen, AlvisError, "reopen the tunnel")
 
     def _persist(self, attempt: Callable[[], str], transient: type[AlvisError], what: str) -> str:
-        """``attempt`` until it succeeds, at most tunnel.max_reconnects tries, backing off between them (the one policy, retry.Backoff); a
+        """``attempt`` until it succeeds, at most tunnel.max_reconnects
+        tries, backing off between them (the one policy, retry.Backoff); a
         failure that is not ``transient`` is final. The shared connection
         (the tunnel's jump) is reopened first when it went too."""
         link = self.link
@@ -193,9 +200,7 @@ class TunnelKeeper:
                     redropped = True  # at once the first time; a tunnel that keeps dying backs off
                     continue
                 if not again:
-                    why = (exc.details or "").strip().partition("\n")[0]
-                    link.ui.warn(f"{exc.message.rstrip('.')}" + (f" ({why})" if why else "")
-                                 + f"; trying again in {tries.delay:.1f} s")  # fmt: skip
+                    link.ui.warn(_trying_again(exc, tries.delay))
                 if not tries.wait(link.stop.event):
                     link.stop.check()
 
