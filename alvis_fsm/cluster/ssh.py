@@ -93,6 +93,7 @@ class SSHOptions:
     keepalive_interval: int = field(default_factory=lambda: packaged_default("ssh.keepalive_interval"))
     keepalive_count: int = field(default_factory=lambda: packaged_default("ssh.keepalive_count"))
     reconnect_window: float = field(default_factory=lambda: packaged_default("ssh.reconnect_window"))
+    control_persist: int = field(default_factory=lambda: packaged_default("ssh.control_persist"))
 
 
 def control_path(state_dir: Path, key: str) -> Path:
@@ -217,11 +218,15 @@ class Connection:
         prompts reach us; a stale control socket is removed first."""
         import pexpect  # only commands that talk to the cluster pay for it
 
+        # ControlPersist: the master goes to the background and outlives this
+        # process (a detached session's supervisor takes it over), but only
+        # for ``control_persist`` seconds with no channel on it: one left by a
+        # client that died ends by itself, never lingers for good (issue 31).
         with_master = [
             *common_args(self.opts),
             "-S", str(self.control),
             "-o", "ControlMaster=yes",
-            "-o", "ControlPersist=yes",
+            "-o", f"ControlPersist={self.opts.control_persist}",
             "-N", self.opts.host,
         ]  # fmt: skip
         self.prompter.command(shlex.join(with_master))

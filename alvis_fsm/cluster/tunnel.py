@@ -53,7 +53,7 @@ from pathlib import Path
 import httpx
 
 from alvis_fsm.cluster.ssh import Connection, common_args, socket_alive, ssh_error
-from alvis_fsm.errors import ServerError, SSHError
+from alvis_fsm.errors import ConnectionLost, ServerError, SSHError
 
 # The tunnel runs this on the node rather than nothing (-N): sshd turns
 # Nagle's algorithm off on its connection only once a session runs
@@ -62,6 +62,9 @@ from alvis_fsm.errors import ServerError, SSHError
 # itself once its parent, the connection's sshd, is gone. Plain sh, started
 # with exec from whatever the user's login shell is (bash, zsh, csh, fish).
 HOLD = "exec sh -c 'while kill -0 $PPID 2>/dev/null; do sleep 5; done'"
+
+# How long the tunnel ssh may take to log in to the node and listen.
+OPEN_TIMEOUT_S = 60
 
 
 def local_port_free(port: int, bind: str = "127.0.0.1") -> bool:
@@ -176,11 +179,20 @@ class Tunnel:
         # would hang, so a node that wants one is an error instead.
         # stderr goes to a file, not a pipe: the backgrounded ssh may keep
         # the descriptor open, and reading a pipe to EOF would then block.
+        # A time-out, ssh's own (ConnectTimeout) or ours, is ConnectionLost:
+        # the node or the way to it did not answer in time, which is also what
+        # a laptop that slept through the handshake sees on waking. The
+        # caller tries again (TunnelKeeper); a refusal is final.
         with tempfile.TemporaryFile(mode="w+") as err:
-            tun = subprocess.run(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                start_new_session=True, check=False, timeout=60,
-            )  # fmt: skip
+            try:
+                tun = subprocess.run(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                    start_new_session=True, check=False, timeout=OPEN_TIMEOUT_S,
+                )  # fmt: skip
+            except subprocess.TimeoutExpired as exc:
+                raise ConnectionLost(
+                    f"The tunnel to {self.node} did not open within {OPEN_TIMEOUT_S} s"
+                ) from exc
             err.seek(0)
             said = err.read().strip()
         if tun.returncode != 0:

@@ -48,6 +48,7 @@ def ssh_options(settings: Settings) -> SSHOptions:
         keepalive_interval=int(s.keepalive_interval),
         keepalive_count=int(s.keepalive_count),
         reconnect_window=float(s.reconnect_window),
+        control_persist=int(s.control_persist),
     )
 
 

@@ -340,6 +340,9 @@ class Runner:
         self.stream.stop()
         if self.tunnels.tunnel is not None:
             self.tunnels.tunnel.close()
+        # The master too (a local step, no network needed): a client that
+        # gives up leaves no ssh behind; `resume` logs in again.
+        self.link.conn.close()
         r.client_pid = 0
         self.link.save()
         if isinstance(exc, GiveUp):

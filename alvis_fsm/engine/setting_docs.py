@@ -124,6 +124,17 @@ SETTINGS: dict[str, Doc] = {
         accepts="a number of seconds greater than 0, e.g. {example}",
         example="120",
     ),
+    "ssh.control_persist": Doc(
+        text=(
+            "Seconds the shared connection to the login node stays open once nothing uses it "
+            "(ssh's ControlPersist): one left by a client that died (a crash, a kill) ends by "
+            "itself after this long. A running session always uses it (log stream, tunnel, "
+            "scheduler queries), so it never ends under one; when it has ended, the next "
+            "command logs in again."
+        ),
+        accepts="a whole number of seconds greater than 0, e.g. {example}",
+        example="300",
+    ),
     # [slurm]
     "slurm.account": Doc(
         text=(
@@ -203,7 +214,11 @@ SETTINGS: dict[str, Doc] = {
         ),
     ),
     "tunnel.max_reconnects": Doc(
-        text="Reconnect attempts after the tunnel drops before giving up (the job is kept).",
+        text=(
+            "Attempts to open the tunnel, after it dropped or when it could not connect for now "
+            "(a time-out, e.g. a laptop that slept through ssh's handshake), before giving up "
+            "(the job is kept)."
+        ),
         accepts="a whole number, 0 or more, e.g. {example}",
         example="10",
     ),

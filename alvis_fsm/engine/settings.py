@@ -100,6 +100,7 @@ class Ssh(_Section):
     keepalive_interval: Annotated[int, Field(gt=0)]
     keepalive_count: Annotated[int, Field(ge=1)]
     reconnect_window: Annotated[float, Field(gt=0)]
+    control_persist: Annotated[int, Field(gt=0)]
 
     @field_validator("host")
     @classmethod

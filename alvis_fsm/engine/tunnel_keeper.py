@@ -53,6 +53,12 @@ def reopen_or_give_up(link: Link) -> None:
         raise give_up(link, f"Could not reach {link.conn.opts.host} again", exc.details) from exc
 
 
+def _trying_again(exc: AlvisError, delay: float) -> str:
+    """A failed try, with the first line of what ssh said (its reason)."""
+    why = (exc.details or "").strip().partition("\n")[0]
+    return f"{exc.message.rstrip('.')}" + (f" ({why})" if why else "") + f"; trying again in {delay:.1f} s"
+
+
 class TunnelKeeper:
     def __init__(
         self,
@@ -91,14 +97,17 @@ class TunnelKeeper:
 
     def open(self) -> None:
         """Open the tunnel (vLLM may still be loading: the node's login and
-        the forward are then off the critical path)."""
+        the forward are then off the critical path). A connection that
+        failed for now (a time-out: the node slow to answer, or a laptop that
+        slept through ssh's handshake) is tried again as after a drop; a
+        refusal (login, host key, port taken) is final."""
         r, ui = self.link.record, self.link.ui
-        self.tunnel = self._make()
+        tunnel = self.tunnel = self._make()
         # A tunnel left by a detached or killed client may still be up.
-        if not self.tunnel.up():
+        if not tunnel.up():
             where = f"local port {r.local_port}" if r.local_port else f"local socket {r.local_socket}"
             ui.info(f"Establishing SSH tunnel ({where})...")
-            said = self.tunnel.open()
+            said = self._persist(tunnel.open, ConnectionLost, "open the tunnel")
             if "Permanently added" in said:
                 ui.info(f"Accepted the host key of {r.node} (first connection) and recorded it")
 
@@ -149,38 +158,49 @@ class TunnelKeeper:
         self.phase = TunnelPhase.DROPPED
 
     def _reconnect(self) -> None:
-        """Reopen a dropped tunnel (and, if it went too, the shared connection),
-        at most tunnel.max_reconnects tries, backing off between them."""
+        """Reopen a dropped tunnel and verify the server through it: its new
+        ssh may die while the server is being checked, which is noticed at
+        once (``TunnelDied``) and the next try starts."""
+        tunnel = self.tunnel
+        assert tunnel is not None
+
+        def reopen() -> str:
+            said = tunnel.open()
+            self._check(tunnel)
+            return said
+
+        self._persist(reopen, AlvisError, "reopen the tunnel")
+
+    def _persist(self, attempt: Callable[[], str], transient: type[AlvisError], what: str) -> str:
+        """``attempt`` until it succeeds, at most tunnel.max_reconnects
+        tries, backing off between them (the one policy, retry.Backoff); a
+        failure that is not ``transient`` is final. The shared connection
+        (the tunnel's jump) is reopened first when it went too."""
         link = self.link
         tries = Backoff(first=0.5, most=10.0)
         redropped = False
         while True:
             link.stop.check()
             if not link.conn.alive():
-                # The shared connection (the tunnel's jump) is gone too: wait
-                # for the login node as long as ssh.reconnect_window says, as
-                # everywhere else, not max_reconnects tries.
+                # Wait for the login node as long as ssh.reconnect_window
+                # says, as everywhere else, not max_reconnects tries.
                 reopen_or_give_up(link)
             try:
-                assert self.tunnel is not None
-                self.tunnel.open()
-                # The tunnel's own check too: if its new ssh dies while the
-                # server is being checked, that is noticed at once and the
-                # next try starts (not the connection test's deadline).
-                self._check(self.tunnel)
-                return
-            except AlvisError as exc:
+                return attempt()
+            except transient as exc:
                 again = isinstance(exc, TunnelDied)
                 if again:
                     # A drop during recovery is a drop: say so, and reopen.
                     link.ui.warn("The tunnel dropped again while it was being reopened; reopening...")
                 if tries.failed() >= link.settings.tunnel.max_reconnects:
                     raise give_up(
-                        link, f"Could not reopen the tunnel after {tries.failures} tries", exc.message
+                        link, f"Could not {what} after {tries.failures} tries", exc.message
                     ) from exc
                 if again and not redropped:
                     redropped = True  # at once the first time; a tunnel that keeps dying backs off
                     continue
+                if not again:
+                    link.ui.warn(_trying_again(exc, tries.delay))
                 if not tries.wait(link.stop.event):
                     link.stop.check()
 
