@@ -20,7 +20,7 @@ from fake_cluster import (
     make_runner,
 )
 
-from alvis_fsm.cluster.agent import Event
+from alvis_fsm.cluster.agent import Event, Mark
 from alvis_fsm.cluster.slurm import parse_jobinfo
 from alvis_fsm.engine.job_control import warning_leads
 from alvis_fsm.errors import (
@@ -239,6 +239,25 @@ def test_stream_gone_ends_the_session(tmp_path: Path) -> None:
     with pytest.raises(SchedulerError, match="no longer running"):
         runner.drive()
     assert saved_state(store) == "cleaned"
+
+
+def test_the_stream_starts_at_the_mark_taken_when_vllm_was_ready(tmp_path: Path) -> None:
+    """Issue 31, item 4: from the READY's mark (no extra call), and only its
+    first start: a restart follows new lines only."""
+    runner, agent, _, _, _ = make_runner(tmp_path, "running", detach=False)
+    agent.readies.append(Event("READY", "alvis7-07:8000", mark=Mark(7, 9)))
+    agent.stream_script = "pass"  # ends at once: restarted
+    runner.tunnels.factory = _interrupt_after(8)  # type: ignore[assignment]
+    runner.drive()
+    assert agent.marks == 0 and agent.stream_from[:2] == [Mark(7, 9), None]
+
+
+def test_a_session_picked_up_served_marks_before_its_ready_block(tmp_path: Path) -> None:
+    runner, agent, _, say, _ = make_runner(tmp_path, "tunneled", detach=False)
+    runner.tunnels.factory = _interrupt_after(4)  # type: ignore[assignment]
+    runner.drive()
+    assert agent.marks == 1 and agent.stream_from == [Mark(100, 10)]
+    assert say.text("connected")  # and the ready block was shown
 
 
 def test_failing_stream_restarts_are_bounded(tmp_path: Path) -> None:
