@@ -59,7 +59,6 @@ from alvis_fsm.errors import (
     Interrupted,
     SchedulerError,
     SessionError,
-    SSHError,
     StopRequested,
 )
 
@@ -271,8 +270,8 @@ class Runner:
         if self.stream.proc is None and self.stream.mark is None:
             # Picked up served (resume, a supervisor): the stream starts where
             # the logs stand now, before the ready block (see log_stream.py).
-            with contextlib.suppress(SSHError):
-                self.stream.mark = self.agent.mark(self.record.run_dir)
+            # A lost connection here is one as in any step (the job is kept).
+            self.stream.mark = self.agent.mark(self.record.run_dir)
         self.tunnels.bring_up()
         self._fire("connect")
 
