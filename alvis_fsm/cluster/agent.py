@@ -40,6 +40,24 @@ def _records(text: str, kind: str) -> list[str]:
 
 
 @dataclass(frozen=True)
+class Mark:
+    """A point in vLLM's logs: the bytes of ``vllm.out`` and ``vllm.err``
+    written so far (the agent's ``MARK|OUT,ERR``). A stream started from it
+    shows every line written since."""
+
+    out: int
+    err: int
+
+    @classmethod
+    def parse(cls, text: str) -> Mark | None:
+        out, _, err = text.partition(",")
+        return cls(int(out), int(err)) if out.isdigit() and err.isdigit() else None
+
+    def __str__(self) -> str:
+        return f"{self.out},{self.err}"
+
+
+@dataclass(frozen=True)
 class Event:
     """One outcome of a wait: STARTED, READY, EXITED, ENDED, or WAIT plus the
     scheduler's view (``job``) when it was asked."""
@@ -51,6 +69,8 @@ class Event:
     # when the agent could not tell): timeouts are judged by this, never by
     # the client's own clock, which stops while a laptop sleeps.
     age: float | None = None
+    # With READY: where vLLM's logs stood when it was found ready (``Mark``).
+    mark: Mark | None = None
 
 
 @dataclass
@@ -129,18 +149,27 @@ class Agent:
     def tail(self, run_dir: str, lines: int) -> list[tuple[str, str]]:
         """The last lines of both logs, as (stream, line) with stream 'out'/'err'."""
         proc = self.call(
-            "stream", {"run": run_dir, "job": 0, "lines": lines, "follow": 0, "interval": 1, "check": 30}
-        )
+            "stream", {"run": run_dir, "job": 0, "lines": lines, "from": "", "follow": 0,
+                       "interval": 1, "check": 30},
+        )  # fmt: skip
         return [
             parse_log_line(line) for line in _lines(proc.stdout) if line[:2] in ("O|", "E|")
         ]
 
+    def mark(self, run_dir: str) -> Mark | None:
+        """Where vLLM's logs stand now (None if the agent could not tell)."""
+        found = _records(self.call("mark", {"run": run_dir}).stdout, "MARK")
+        return Mark.parse(found[0]) if found else None
+
     def stream(
-        self, run_dir: str, job_id: str, lines: int, check_every: float = 30
+        self, run_dir: str, job_id: str, lines: int, check_every: float = 30,
+        since: Mark | None = None,
     ) -> subprocess.Popen[bytes]:
+        """Follow both logs: from ``since`` when given, else their last ``lines``."""
         return self.conn.popen(
             agent_argv(
-                "stream", {"run": run_dir, "job": job_id, "lines": lines, "follow": 1,
+                "stream", {"run": run_dir, "job": job_id, "lines": lines,
+                           "from": str(since) if since else "", "follow": 1,
                            "interval": 0.2, "check": max(1, round(check_every))},
             )
         )  # fmt: skip
@@ -186,17 +215,20 @@ def _event(proc: subprocess.CompletedProcess[str]) -> Event:
     job: JobInfo | None = None
     kind, value = "WAIT", ""
     age: float | None = None
+    mark: Mark | None = None
     for line in _lines(proc.stdout):
         if line.startswith("JOB|"):
             job = parse_jobinfo(line)
         elif line.startswith("AGE|"):
             with contextlib.suppress(ValueError):
                 age = float(line[4:])
+        elif line.startswith("MARK|"):
+            mark = Mark.parse(line[5:])
         elif "|" in line:
             head, _, rest = line.partition("|")
             if head in ("STARTED", "ADDRESS", "READY", "EXITED", "ENDED", "WAIT"):
                 kind, value = head, rest
-    return Event(kind=kind, value=value, job=job, age=age)
+    return Event(kind=kind, value=value, job=job, age=age, mark=mark)
 
 
 def accounts(agent: Agent) -> list[str]:

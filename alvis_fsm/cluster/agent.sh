@@ -157,6 +157,7 @@ cmd_wait_ready() {
         job_ended "$run/$exitf" "$run/$ended" && return
         if [ -s "$run/$address" ]; then
             if grep -qF -- "$line" "$run/$errf" 2>/dev/null; then
+                mark "$run"
                 printf 'READY|%s\n' "$(head -n 1 -- "$run/$address")"; return
             fi
             if [ "$known" != 1 ]; then
@@ -175,6 +176,24 @@ cmd_wait_ready() {
     printf '%s\n' "$info"
 }
 
+# mark RUN: where vLLM's logs stand now, as MARK|OUT,ERR (each log's size in
+# bytes). Said with READY (and by `mark` on its own for a client that picks a
+# served session up): a stream given from=OUT,ERR shows every line written
+# since, so a request sent the moment the client connects is never skipped.
+mark() {
+    local out err
+    out=$(wc -c 2>/dev/null <"$1/$FILE_VLLM_OUT") || out=0
+    err=$(wc -c 2>/dev/null <"$1/$FILE_VLLM_ERR") || err=0
+    printf 'MARK|%s,%s\n' "${out//[!0-9]/}" "${err//[!0-9]/}"
+}
+
+cmd_mark() {
+    # mark run=
+    local run
+    home_path run "$arg_run"
+    mark "$run"
+}
+
 # job_ended EXIT_FILE ENDED_FILE: print what the job's files say of its end
 # (EXITED|vLLM's status, or ENDED|why), if they say anything.
 job_ended() {
@@ -188,15 +207,22 @@ job_ended() {
 }
 
 cmd_stream() {
-    # stream run= job= lines= follow=0|1 interval= check= (seconds between scheduler checks)
+    # stream run= job= lines= from=[OUT,ERR] follow=0|1 interval= check= (seconds
+    # between scheduler checks). With from= (a MARK's bytes), each log from there
+    # on instead of its last lines.
     local run id=$arg_job lines=$arg_lines follow=$arg_follow interval=$arg_interval
     local check=$arg_check outf=$FILE_VLLM_OUT errf=$FILE_VLLM_ERR exitf=$FILE_VLLM_EXIT
     local ended=$FILE_ENDED last st
+    local -a outpos=(-n "$lines") errpos=(-n "$lines")
+    if [ -n "$arg_from" ]; then
+        [[ $arg_from =~ ^([0-9]+),([0-9]+)$ ]] || die "alvis-fsm agent: from=$arg_from is not OUT,ERR"
+        outpos=(-c "+$((10#${BASH_REMATCH[1]} + 1))") errpos=(-c "+$((10#${BASH_REMATCH[2]} + 1))")
+    fi
     home_path run "$arg_run"
     cd -- "$run" || die "run directory $run is gone"
     if [ "$follow" != 1 ]; then
-        tail -n "$lines" -- "$outf" 2>/dev/null | sed 's/^/O|/'
-        tail -n "$lines" -- "$errf" 2>/dev/null | sed 's/^/E|/'
+        tail "${outpos[@]}" -- "$outf" 2>/dev/null | sed 's/^/O|/'
+        tail "${errpos[@]}" -- "$errf" 2>/dev/null | sed 's/^/E|/'
         return
     fi
     # Everything started here dies with the ssh channel: when the client
@@ -210,8 +236,8 @@ cmd_stream() {
     exec 3<&0
     { cat <&3 >/dev/null; kill -TERM 0; } >/dev/null 2>&1 &
     exec 3<&-
-    tail -n "$lines" -F --pid=$$ -- "$outf" 2>/dev/null | sed -u 's/^/O|/' &
-    tail -n "$lines" -F --pid=$$ -- "$errf" 2>/dev/null | sed -u 's/^/E|/' &
+    tail "${outpos[@]}" -F --pid=$$ -- "$outf" 2>/dev/null | sed -u 's/^/O|/' &
+    tail "${errpos[@]}" -F --pid=$$ -- "$errf" 2>/dev/null | sed -u 's/^/E|/' &
     last=$(date +%s)
     while :; do
         # Our parent is the channel's sshd: gone means the session is over.
@@ -351,6 +377,7 @@ case $sub in
     wait-start) cmd_wait_start ;;
     wait-ready) cmd_wait_ready ;;
     stream) cmd_stream ;;
+    mark) cmd_mark ;;
     cancel) cmd_cancel ;;
     discover) cmd_discover ;;
     gpus) cmd_gpus ;;

@@ -22,6 +22,20 @@ from alvis_fsm.engine.tunnel_keeper import TunnelKeeper
 from alvis_fsm.errors import AlvisError, CancelUnconfirmed, ServerError
 from alvis_fsm.text import inert_line
 
+# Time left is short relative to the job when at most this share of its
+# time limit is left: no warning comes sooner (never at the start of a job
+# that got exactly the time it asked for).
+SHORT_SHARE = 0.25
+
+
+def warning_leads(leads: list[float], limit_s: float) -> list[float]:
+    """The leads (seconds before the limit) that apply to a job of
+    ``limit_s``: those at most ``SHORT_SHARE`` of it; if none is, one
+    warning at that share (a one-minute job is warned 15 s before its end)."""
+    short = limit_s * SHORT_SHARE
+    kept = [lead for lead in leads if lead <= short]
+    return kept or ([short] if leads else [])
+
 
 class JobControl:
     def __init__(
@@ -166,12 +180,13 @@ class JobControl:
         self.cleanup(r.end_reason)
 
     def warn_before_end(self) -> None:
-        """The configured warnings before the time limit, each once."""
+        """The warnings before the time limit (``warning_leads``), each
+        once; leads passed together are one warning."""
         r = self.link.record
         left = r.time_left()
         if left is None:
             return
-        leads = self.link.settings.session.warn_before_end
+        leads = warning_leads(self.link.settings.session.warn_before_end, r.time_limit_s)
         due = [lead for lead in leads if left <= lead and lead not in self._warned]
         if due:
             self._warned.update(due)

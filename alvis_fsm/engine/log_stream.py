@@ -7,8 +7,13 @@ driver (``next_event``). A stream the remote side ends on its own is
 restarted with the one backoff policy (``keep``), the first time at once;
 a stream that ended because the shared connection went is restarted once
 the connection is back. The stream's own small state: the process, when it
-started, whether its end was already counted, and whether the person at the
-terminal was told how to stop."""
+started, whether its end was already counted, whether the person at the
+terminal was told how to stop, and the ``mark`` its first start begins at.
+
+The mark is where vLLM's logs stood when it was found ready (the agent's
+READY, or ``Agent.mark`` for a session picked up served): taken before the
+ready block is printed, so a request sent the moment it shows has its line
+streamed, however late the stream itself starts."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from alvis_fsm.cluster.agent import parse_log_line
+from alvis_fsm.cluster.agent import Mark, parse_log_line
 from alvis_fsm.engine.link import Link
 from alvis_fsm.retry import Backoff
 from alvis_fsm.text import inert_line
@@ -48,6 +53,7 @@ class LogStream:
         self._since = 0.0
         self._dead = False  # its end already counted against the restarts
         self._told = False  # "Streaming logs (Ctrl+C …)" said once per client
+        self.mark: Mark | None = None  # where the first start begins (else: new lines only)
         self._restarts = Backoff(first=0.5, most=60.0, immediate=True, healthy=30.0)
 
     def tell_once(self) -> None:
@@ -58,7 +64,8 @@ class LogStream:
             if self.link.ui.interactive():
                 self.link.ui.info("Streaming logs (Ctrl+C to stop and cleanup)...")
 
-    def start(self, lines: int) -> None:
+    def start(self, lines: int, since: Mark | None = None) -> None:
+        """Follow the logs from ``since``, else from their last ``lines``."""
         self.stop()
         link = self.link
         proc = link.agent.stream(
@@ -66,6 +73,7 @@ class LogStream:
             link.record.job_id,
             lines,
             check_every=link.settings.polling.job_check_interval,
+            since=since,
         )
         self.proc = proc
         self._since = time.monotonic()
@@ -95,9 +103,11 @@ class LogStream:
         connection back when the stream ended with it."""
         proc = self.proc
         if proc is None:
-            # Only lines new since the ready block: replaying the load log
-            # after it would scroll it away (`alvis-fsm logs` shows them).
-            self.start(0)
+            # The lines written since the mark (vLLM found ready, before the
+            # ready block), not the load log: replayed after the block it
+            # would scroll it away (`alvis-fsm logs` shows it).
+            since, self.mark = self.mark, None
+            self.start(0, since)
             return
         if proc.poll() is None:
             return

@@ -259,7 +259,7 @@ class Runner:
         """Step of `running`: wait for vLLM's address, then for it to be ready."""
         if self.model.came_from == State.SUBMITTED:
             self.start_up.announce_node()
-        self.start_up.wait_for_server()
+        self.stream.mark = self.start_up.wait_for_server()
         self._fire("ready")
 
     def connect(self) -> None:
@@ -267,6 +267,11 @@ class Runner:
         after a drop (from `tunneled`), the same with retries. The banner is
         shown by `serve`, once `tunneled` is saved."""
         self.link.stop.check()
+        if self.stream.proc is None and self.stream.mark is None:
+            # Picked up served (resume, a supervisor): the stream starts where
+            # the logs stand now, before the ready block (see log_stream.py).
+            # A lost connection here is one as in any step (the job is kept).
+            self.stream.mark = self.agent.mark(self.record.run_dir)
         self.tunnels.bring_up()
         self._fire("connect")
 

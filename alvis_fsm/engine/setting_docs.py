@@ -416,8 +416,11 @@ SETTINGS: dict[str, Doc] = {
     ),
     "session.warn_before_end": Doc(
         text=(
-            "While the logs stream, warn this many seconds before the job's time limit (SLURM "
-            "does not let a user extend a running job; start a new session)."
+            "While the logs stream, warn this many seconds before the job's time limit, once "
+            "each (SLURM does not let a user extend a running job; start a new session). A lead "
+            "longer than a quarter of the job's time limit is left out, so a job that got the "
+            "time it asked for is not warned as it starts; if every lead is, the job is warned "
+            "once, when a quarter of its time is left."
         ),
         accepts="a list of seconds before the time limit, e.g. {example}",
         example="[600, 60]",

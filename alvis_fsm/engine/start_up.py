@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from alvis_fsm.cluster import rundir, slurm
-from alvis_fsm.cluster.agent import Event
+from alvis_fsm.cluster.agent import Event, Mark
 from alvis_fsm.cluster.tunnel import parse_address
 from alvis_fsm.engine import loadtimes
 from alvis_fsm.engine.durations import in_words
@@ -215,8 +215,9 @@ class StartUp:
         self.link.ui.info(f"Job is running on node: {r.node}")
         self.link.ui.info("Waiting for server address...")
 
-    def wait_for_server(self) -> None:
-        """Step of `running`: wait for vLLM's address, then for it to be ready."""
+    def wait_for_server(self) -> Mark | None:
+        """Step of `running`: wait for vLLM's address, then for it to be
+        ready. Returns where its logs stood then (the log stream's mark)."""
         link = self.link
         r = link.record
         entered = self.model.entered_at.get(State.RUNNING, time.time())
@@ -237,7 +238,7 @@ class StartUp:
                 if r.running_since:
                     # For the next start's estimate (and the gateway's rollover lead).
                     self._load_times.add(r.model, r.gpus, time.time() - r.running_since)
-                return
+                return ev.mark
             if ev.kind == "ADDRESS":
                 continue
             self._not_ready(ev)

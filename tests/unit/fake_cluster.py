@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alvis_fsm.cluster.agent import Event
+from alvis_fsm.cluster.agent import Event, Mark
 from alvis_fsm.cluster.slurm import JobInfo, JobState
 from alvis_fsm.cluster.ssh import SSHOptions
 from alvis_fsm.cluster.tunnel import Verified
@@ -143,6 +143,8 @@ class FakeAgent:
         self.cancels: list[tuple[str, str]] = []
         self.stream_script = "import time; time.sleep(30)"
         self.streams = 0
+        self.stream_from: list[Mark | None] = []  # each stream's start (``since``)
+        self.marks = 0
         self.submitted = 0
 
     def submit(self, run_dir: str, key: str | None, script: str, args: list[str]) -> tuple[str, str]:
@@ -171,8 +173,15 @@ class FakeAgent:
     def tail(self, run_dir: str, lines: int) -> list[tuple[str, str]]:
         return [("err", "RuntimeError: boom")]
 
-    def stream(self, run_dir: str, job_id: str, lines: int, check_every: float = 30) -> subprocess.Popen[bytes]:
+    def mark(self, run_dir: str) -> Mark | None:
+        self.marks += 1
+        return Mark(100 * self.marks, 10 * self.marks)
+
+    def stream(
+        self, run_dir: str, job_id: str, lines: int, check_every: float = 30, since: Mark | None = None
+    ) -> subprocess.Popen[bytes]:
         self.streams += 1
+        self.stream_from.append(since)
         # A real local process in place of the ssh channel: it prints the
         # agent's records as the remote side would.
         return subprocess.Popen(

@@ -20,8 +20,9 @@ from fake_cluster import (
     make_runner,
 )
 
-from alvis_fsm.cluster.agent import Event
+from alvis_fsm.cluster.agent import Event, Mark
 from alvis_fsm.cluster.slurm import parse_jobinfo
+from alvis_fsm.engine.job_control import warning_leads
 from alvis_fsm.errors import (
     CancelUnconfirmed,
     ConnectionLost,
@@ -240,6 +241,25 @@ def test_stream_gone_ends_the_session(tmp_path: Path) -> None:
     assert saved_state(store) == "cleaned"
 
 
+def test_the_stream_starts_at_the_mark_taken_when_vllm_was_ready(tmp_path: Path) -> None:
+    """Issue 31, item 4: from the READY's mark (no extra call), and only its
+    first start: a restart follows new lines only."""
+    runner, agent, _, _, _ = make_runner(tmp_path, "running", detach=False)
+    agent.readies.append(Event("READY", "alvis7-07:8000", mark=Mark(7, 9)))
+    agent.stream_script = "pass"  # ends at once: restarted
+    runner.tunnels.factory = _interrupt_after(8)  # type: ignore[assignment]
+    runner.drive()
+    assert agent.marks == 0 and agent.stream_from[:2] == [Mark(7, 9), None]
+
+
+def test_a_session_picked_up_served_marks_before_its_ready_block(tmp_path: Path) -> None:
+    runner, agent, _, say, _ = make_runner(tmp_path, "tunneled", detach=False)
+    runner.tunnels.factory = _interrupt_after(4)  # type: ignore[assignment]
+    runner.drive()
+    assert agent.marks == 1 and agent.stream_from == [Mark(100, 10)]
+    assert say.text("connected")  # and the ready block was shown
+
+
 def test_failing_stream_restarts_are_bounded(tmp_path: Path) -> None:
     runner, agent, _, say, _ = make_runner(tmp_path, "tunneled", detach=False)
     agent.stream_script = "import sys; sys.stderr.write('run directory is gone\\n'); sys.exit(3)"
@@ -278,13 +298,37 @@ def test_backoff_policy() -> None:
 def test_time_limit_ends_the_session_cleanly(tmp_path: Path) -> None:
     runner, agent, _, say, store = make_runner(tmp_path, "tunneled", detach=False)
     runner.record.time_limit, runner.record.time_limit_s = "0:01:00", 60
-    runner.record.running_since = time.time() - 30
+    runner.record.running_since = time.time() - 50
     agent.stream_script = "import time; time.sleep(1); print('ENDED|time limit', flush=True); time.sleep(30)"
     runner.drive()  # returns: exit 0
     assert "Job 42 reached its time limit (0:01:00)" in say.text("result")
-    assert "reaches its time limit (0:01:00) in 0:00:" in say.text("warn")  # the 60 s warning
+    # A one-minute job is warned once, when a quarter of it (15 s) is left.
+    assert say.text("warn").count("reaches its time limit (0:01:00) in 0:00:") == 1
     saved = store.load("s")
     assert saved.state == "cleaned" and saved.end_reason == "time limit (0:01:00)"
+
+
+@pytest.mark.parametrize(
+    ("limit", "leads"),
+    [(60, [15.0]), (600, [60]), (1800, [60]), (2400, [600, 60]), (3600, [600, 60]), (120, [30.0])],
+)
+def test_warnings_come_when_a_quarter_of_the_job_is_left_at_most(limit: int, leads: list[float]) -> None:
+    assert warning_leads([600, 60], limit) == leads
+    assert warning_leads([], limit) == []
+
+
+def test_no_time_limit_warning_at_connect_for_the_time_asked(tmp_path: Path) -> None:
+    """`start -t 0:10:00` connects with 9:55 left: the 600 s lead is more than
+    a quarter of the job, so nothing is said; the 60 s one comes once."""
+    runner, _, _, say, _ = make_runner(tmp_path, "tunneled", detach=False)
+    runner.record.time_limit, runner.record.time_limit_s = "0:10:00", 600
+    runner.record.running_since = time.time() - 5
+    runner.jobs.warn_before_end()
+    assert say.text("warn") == ""
+    runner.record.running_since = time.time() - 545
+    runner.jobs.warn_before_end()
+    runner.jobs.warn_before_end()
+    assert say.text("warn").count("reaches its time limit (0:10:00) in 0:00:5") == 1
 
 
 def test_sacct_timeout_is_the_time_limit(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from alvis_fsm.cluster import protocol, rundir
-from alvis_fsm.cluster.agent import agent_argv
+from alvis_fsm.cluster.agent import Mark, agent_argv
 from alvis_fsm.cluster.slurm import PHASES, JobInfo, JobState, Phase
 
 # Every name SLURM's job_state_string prints (SchedMD/slurm,
@@ -123,7 +123,7 @@ def test_a_stream_ends_when_the_job_no_longer_runs(
     tmp_path: Path, squeue: str, sacct: str, gone: str
 ) -> None:
     (tmp_path / "run").mkdir()
-    argv = agent_argv("stream", {"run": "run", "job": 7, "lines": 1, "follow": 1,
+    argv = agent_argv("stream", {"run": "run", "job": 7, "lines": 1, "from": "", "follow": 1,
                                  "interval": 0.1, "check": 1})  # fmt: skip
     env = _scheduler(tmp_path, {tool: f"printf '%s\\n' '{out}'\n" for tool, out in (("squeue", squeue), ("sacct", sacct))})
     # stdin open, as the ssh channel's is: its EOF ends the stream.
@@ -163,3 +163,40 @@ def test_wait_ready_tells_a_job_that_ended_during_the_slice_by_its_files(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == event, proc.stdout
     assert "JOB|" not in proc.stdout
+
+
+def test_ready_comes_with_the_mark_a_stream_starts_from(tmp_path: Path) -> None:
+    """Issue 31, item 4: READY says where vLLM's logs stood (MARK|OUT,ERR);
+    a stream given that mark shows every line written since, the first of
+    them written before the stream itself started."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rundir.ADDRESS).write_text("node:8000\n")
+    (run / rundir.VLLM_OUT).write_text("loading\n")
+    err = (run / rundir.VLLM_ERR).write_text(f"x\n{rundir.STARTUP_LINE}\n")  # ASCII: bytes
+    ready = _run(tmp_path, agent_argv("wait-ready", {"run": "run", "job": 7, "slice": 1, "interval": 0.05,
+                                                     "known": 1}))  # fmt: skip
+    records = [line for line in ready.stdout.splitlines() if "|" in line]
+    assert records == [f"MARK|8,{err}", "READY|node:8000"], ready.stderr
+    mark = Mark.parse(records[0][5:])
+    assert mark == Mark(8, err)
+    with (run / rundir.VLLM_OUT).open("a") as f:
+        f.write('"POST /v1/chat/completions HTTP/1.1" 200 OK\n')  # sent at connect
+    alone = _run(tmp_path, agent_argv("mark", {"run": "run"}))
+    assert alone.stdout == f"MARK|{(run / rundir.VLLM_OUT).stat().st_size},{err}\n", alone.stderr
+    argv = agent_argv("stream", {"run": "run", "job": 7, "lines": 0, "from": str(mark), "follow": 0,
+                                 "interval": 0.1, "check": 30})  # fmt: skip
+    shown = _run(tmp_path, argv)
+    assert shown.stdout == 'O|"POST /v1/chat/completions HTTP/1.1" 200 OK\n', shown.stderr
+    proc = subprocess.Popen(["follow=1" if w == "follow=0" else w for w in argv], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=_scheduler(tmp_path, {}),
+                            start_new_session=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == 'O|"POST /v1/chat/completions HTTP/1.1" 200 OK\n'
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    bad = _run(tmp_path, ["from=1;2" if w == f"from={mark}" else w for w in argv])
+    assert bad.returncode == 3 and "from=1;2 is not OUT,ERR" in bad.stderr
