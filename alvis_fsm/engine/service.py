@@ -624,10 +624,9 @@ def check(settings: Settings, store: Store, record: SessionRecord, ui: Observer,
             # starting now cannot race us.
             try:
                 with store.lock(record.name):
-                    link = open_link(settings, store.load(record.name), store, ui, **handles)
-                    JobControl(link).still_alive()
-                    opened = True  # still_alive closed the connection
-                    return Status(link.record, job_state=job_state)
+                    owned = open_link(settings, store.load(record.name), store, ui, **handles)
+                    JobControl(owned).still_alive()  # closes the session's connection
+                    return Status(owned.record, job_state=job_state)
             except SessionError:
                 return Status(record, job_state=job_state)  # a client took it meanwhile
         reachable = (health(record.local_port, api_key=record.api_key or None,
