@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pexpect
 import pytest
 from test_gateway_cli import detach, gateway_tool, stop_gateway
-from tool import Tool, assert_nothing_left, exit_status, free_port, interrupt
+from tool import Tool, ctrl_c_leaves_nothing, free_port
 
 __all__ = ["gateway_tool"]  # the fixture, used by name below
 
@@ -202,12 +201,7 @@ def test_no_web_page_can_use_start_or_the_gateway(lab: Any, gateway_tool: Tool, 
     assert "lab-ok" in [m.id for m in gateway.models.list().data]
 
     stop_gateway(tool)
-    interrupt(child)
-    child.expect_exact("Cleaned up job")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert exit_status(child) == 0
-    assert_nothing_left(lab, tool)
+    ctrl_c_leaves_nothing(child, lab, tool)
 
 
 @pytest.mark.parametrize("guarded", [False, True], ids=["as-vllm", "guarded"])

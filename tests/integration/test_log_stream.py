@@ -20,7 +20,7 @@ from typing import Any
 
 import pexpect
 import pytest
-from tool import Tool, assert_nothing_left, exit_status, free_port, interrupt
+from tool import Tool, ctrl_c_leaves_nothing, free_port
 
 CONNECTED = "✓ Connection successful! Server available at http://localhost:"
 OUR_LINE = r'\[VLLM OUT\] .*"POST /v1/chat/completions HTTP/1\.1" 200'
@@ -60,15 +60,6 @@ def ask_while_held(child: pexpect.spawn, tool: Tool, port: int) -> None:
     child.expect_exact("[INFO] Streaming logs (Ctrl+C to stop and cleanup)...")
 
 
-def end(child: pexpect.spawn, lab: Any, tool: Tool) -> None:
-    interrupt(child)
-    child.expect_exact("Cleaned up job")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert exit_status(child) == 0
-    assert_nothing_left(lab, tool)
-
-
 def test_a_request_at_connect_is_streamed_after_start(lab: Any, tool: Tool) -> None:
     port = free_port()
     child = tool.spawn("start", "-m", "lab-slow", "--port", str(port), timeout=120)
@@ -76,7 +67,7 @@ def test_a_request_at_connect_is_streamed_after_start(lab: Any, tool: Tool) -> N
     child.expect(OUR_LINE, timeout=15)
     # The load log is still not replayed after the ready block.
     assert "Application startup complete" not in child.before
-    end(child, lab, tool)
+    ctrl_c_leaves_nothing(child, lab, tool)
 
 
 def test_a_request_at_connect_is_streamed_after_resume(lab: Any, tool: Tool) -> None:
@@ -88,4 +79,4 @@ def test_a_request_at_connect_is_streamed_after_resume(lab: Any, tool: Tool) -> 
     ask_while_held(child, tool, port)
     child.expect(OUR_LINE, timeout=15)
     assert "Application startup complete" not in child.before
-    end(child, lab, tool)
+    ctrl_c_leaves_nothing(child, lab, tool)

@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import pexpect
 import pytest
-from tool import Tool, assert_nothing_left, exit_status, free_port, interrupt
+from tool import Tool, assert_nothing_left, ctrl_c_leaves_nothing, exit_status, free_port, interrupt
 
 CONNECTED = "✓ Connection successful! Server available at http://localhost:"
 RESULTS_ENV = "ALVIS_RELIABILITY_RESULTS"
@@ -271,12 +271,7 @@ def test_second_user_reaches_no_listener(lab: Any, tool: Tool) -> None:
     assert through_tunnel(port, key, "/v1/completions", body) == 200
     assert through_tunnel(port, None, "/v1/completions", body) == 401
 
-    interrupt(child)
-    child.expect_exact("Cleaned up job")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert exit_status(child) == 0
-    assert_nothing_left(lab, tool)
+    ctrl_c_leaves_nothing(child, lab, tool)
 
 
 # -- route login: works, and says what it exposes ------------------------------------------
@@ -311,12 +306,7 @@ def test_route_login_works_and_warns(lab: Any, tool: Tool) -> None:
     assert theirs == {"/invocations": 403, "/tokenize": 403, "/v1/completions": 403}, theirs
     assert_guarded(port, key, served)
 
-    interrupt(child)
-    child.expect_exact("Cleaned up job")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert exit_status(child) == 0
-    assert_nothing_left(lab, tool)
+    ctrl_c_leaves_nothing(child, lab, tool)
 
 
 class _Relay:
@@ -414,12 +404,7 @@ def test_a_relayed_port_never_receives_the_key(lab: Any, tool: Tool) -> None:
     served = record["served_name"]
     assert through_tunnel(port, key, "/v1/completions", {"model": served, "prompt": "hi", "max_tokens": 1}) == 200
 
-    interrupt(child)
-    child.expect_exact("Cleaned up job")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert exit_status(child) == 0
-    assert_nothing_left(lab, tool)
+    ctrl_c_leaves_nothing(child, lab, tool)
 
 
 # -- verified serving ------------------------------------------------------------------------

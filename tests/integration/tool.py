@@ -225,6 +225,17 @@ def assert_nothing_left(lab: Lab, tool: Tool) -> None:
 RESULTS_ENV = "ALVIS_RELIABILITY_RESULTS"
 
 
+def ctrl_c_leaves_nothing(child: pexpect.spawn, lab: Lab, tool: Tool) -> None:
+    """Ctrl+C as a user gives it: the job is cleaned up, the tool exits 0,
+    and no job or ssh of this tool is left."""
+    interrupt(child)
+    child.expect_exact("Cleaned up job")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert exit_status(child) == 0
+    assert_nothing_left(lab, tool)
+
+
 def report(fault: str, tries: int, survived: int, worst: float | None, **extra: Any) -> None:
     """Append one fault's outcome to $ALVIS_RELIABILITY_RESULTS (if set), as
     one JSON line: ``tools/reliability.py`` turns them into docs/reliability.md."""
