@@ -83,15 +83,29 @@ class Client:
         self.root = root
         (root / "home").mkdir(parents=True, exist_ok=True)
         self.state = Path(tempfile.mkdtemp(prefix="afsm-b-", dir="/tmp"))
-        self.env = {**lab.env, "HOME": str(root / "home"), "ALVIS_FSM_SESSION__STATE_DIR": str(self.state),
-                    "TERM": "dumb", "NO_COLOR": "1"}  # fmt: skip
+        self.env = {
+            **lab.env,
+            "HOME": str(root / "home"),
+            "ALVIS_FSM_SESSION__STATE_DIR": str(self.state),
+            "TERM": "dumb",
+            "NO_COLOR": "1",
+        }
 
     def run(self, *args: str, timeout: float = 600) -> tuple[str, int]:
         """(stdout, 0) of one CLI run; raises on failure."""
-        proc = subprocess.run([*tool_argv(), *args], env=self.env, cwd=self.root, text=True,
-                              capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout)  # fmt: skip
+        proc = subprocess.run(
+            [*tool_argv(), *args],
+            env=self.env,
+            cwd=self.root,
+            text=True,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+        )
         if proc.returncode != 0:
-            raise RuntimeError(f"alvis-fsm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+            raise RuntimeError(
+                f"alvis-fsm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}"
+            )
         return proc.stdout, 0
 
     def run_dirs(self) -> list[str]:
@@ -110,8 +124,15 @@ def peak_rss(client: Client, *args: str) -> tuple[str, int]:
     VmHWM, sampled every 50 ms until it exits (wait4's ru_maxrss would
     include this benchmark's RSS at the fork: Linux keeps the larger across
     execve); ru_maxrss where there is no /proc."""
-    proc = subprocess.Popen([*tool_argv(), *args], env=client.env, cwd=client.root, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [*tool_argv(), *args],
+        env=client.env,
+        cwd=client.root,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.stdout is not None and proc.stderr is not None
     hwm = [0]
     done = threading.Event()
@@ -120,14 +141,18 @@ def peak_rss(client: Client, *args: str) -> tuple[str, int]:
         while not done.wait(0.05):
             try:
                 with open(f"/proc/{proc.pid}/status") as status:
-                    hwm[0] = max(hwm[0], *(int(x.split()[1]) for x in status if x.startswith("VmHWM:")))
+                    hwm[0] = max(
+                        hwm[0], *(int(x.split()[1]) for x in status if x.startswith("VmHWM:"))
+                    )
             except (OSError, ValueError, TypeError):
                 continue
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     err: list[str] = []
-    reader = threading.Thread(target=lambda: err.append(proc.stderr.read() if proc.stderr else ""), daemon=True)
+    reader = threading.Thread(
+        target=lambda: err.append(proc.stderr.read() if proc.stderr else ""), daemon=True
+    )
     reader.start()
     out = proc.stdout.read()
     reader.join()
@@ -136,7 +161,9 @@ def peak_rss(client: Client, *args: str) -> tuple[str, int]:
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RuntimeError(f"alvis-fsm {' '.join(args)} failed ({proc.returncode}):\n{''.join(err)[-2000:]}")
+        raise RuntimeError(
+            f"alvis-fsm {' '.join(args)} failed ({proc.returncode}):\n{''.join(err)[-2000:]}"
+        )
     return out, hwm[0] or usage.ru_maxrss
 
 
@@ -174,14 +201,39 @@ def local_memory(root: Path, lines: int) -> dict[str, Any]:
         with raw.open("w") as handle:
             for k in range(4):
                 for i in reversed(range(k * n // 4, (k + 1) * n // 4)):
-                    handle.write(json.dumps({"id": f"batch_req_{i}", "custom_id": ids[i], "_i": i, "error": None,
-                                             "response": {"status_code": 200, "request_id": str(i),
-                                                          "body": {"choices": [{"text": "ok"}]}}}) + "\n")
+                    handle.write(
+                        json.dumps(
+                            {
+                                "id": f"batch_req_{i}",
+                                "custom_id": ids[i],
+                                "_i": i,
+                                "error": None,
+                                "response": {
+                                    "status_code": 200,
+                                    "request_id": str(i),
+                                    "body": {"choices": [{"text": "ok"}]},
+                                },
+                            }
+                        )
+                        + "\n"
+                    )
         del ids
         started = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-c", LOCAL_CHILD, str(src), str(raw), str(root / "lo.jsonl"),
-                                 str(root / "le.jsonl")], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                LOCAL_CHILD,
+                str(src),
+                str(raw),
+                str(root / "lo.jsonl"),
+                str(root / "le.jsonl"),
+            ],
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         assert proc.stdout is not None and proc.stderr is not None
         out, err = proc.stdout.read(), proc.stderr.read()
         proc.wait()
@@ -200,13 +252,24 @@ def write_input(path: Path, n: int, model: str) -> list[str]:
     ids = [f"r{i:07d}" for i in range(n)]
     with path.open("w") as handle:
         for cid in ids:
-            handle.write(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions",
-                                     "body": {"model": model, "prompt": cid, "max_tokens": 5}}) + "\n")  # fmt: skip
+            handle.write(
+                json.dumps(
+                    {
+                        "custom_id": cid,
+                        "method": "POST",
+                        "url": "/v1/completions",
+                        "body": {"model": model, "prompt": cid, "max_tokens": 5},
+                    }
+                )
+                + "\n"
+            )
     return ids
 
 
 def jobs_of(lab: Lab, batch_id: str) -> list[str]:
-    out = lab.run(["squeue", "-h", "-u", lab.user, "-n", f"alvis-fsm-{batch_id}", "-o", "%i"]).stdout
+    out = lab.run(
+        ["squeue", "-h", "-u", lab.user, "-n", f"alvis-fsm-{batch_id}", "-o", "%i"]
+    ).stdout
     return out.split()
 
 
@@ -230,7 +293,11 @@ def cluster_runs(lab: Lab, run_dir: str) -> list[dict[str, Any]]:
 
 def throughput(rows: list[dict[str, Any]]) -> float:
     times = sorted(float(r["_t"]) for r in rows)
-    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+    return (
+        (len(times) - 1) / (times[-1] - times[0])
+        if len(times) > 1 and times[-1] > times[0]
+        else 0.0
+    )
 
 
 def submit(client: Client, path: Path, *args: str) -> str:
@@ -238,7 +305,9 @@ def submit(client: Client, path: Path, *args: str) -> str:
     return out.strip()
 
 
-def check_complete(client: Client, lab: Lab, batch_id: str, ids: list[str]) -> tuple[list[dict[str, Any]], str]:
+def check_complete(
+    client: Client, lab: Lab, batch_id: str, ids: list[str]
+) -> tuple[list[dict[str, Any]], str]:
     data = client.status(batch_id)
     if data["status"] != "completed":
         raise RuntimeError(f"batch {batch_id} ended {data['status']}: {data.get('errors')}")
@@ -246,7 +315,9 @@ def check_complete(client: Client, lab: Lab, batch_id: str, ids: list[str]) -> t
     written = [r["custom_id"] for r in rows]
     if sorted(written) != ids:
         lost = len(set(ids) - set(written))
-        raise RuntimeError(f"batch {batch_id}: {lost} lost, {len(written) - len(set(written))} written twice")
+        raise RuntimeError(
+            f"batch {batch_id}: {lost} lost, {len(written) - len(set(written))} written twice"
+        )
     return rows, data["run_dir"]
 
 
@@ -254,7 +325,9 @@ def scale_out(client: Client, lab: Lab, per_shard: int) -> list[tuple[int, float
     out = []
     for shards in (1, 2, 4):
         ids = write_input(client.root / f"slow-{shards}.jsonl", per_shard * shards, "lab-slow")
-        batch_id = submit(client, client.root / f"slow-{shards}.jsonl", "--jobs", str(shards), "-t", "15")
+        batch_id = submit(
+            client, client.root / f"slow-{shards}.jsonl", "--jobs", str(shards), "-t", "15"
+        )
         wait_gone(lab, batch_id, 600)
         rows, _ = check_complete(client, lab, batch_id, ids)
         out.append((shards, throughput(rows)))
@@ -279,9 +352,14 @@ def requeue(client: Client, lab: Lab, lines: int) -> dict[str, Any]:
     rows = cluster_rows(lab, data["run_dir"])
     written = [r["custom_id"] for r in rows]
     runs = cluster_runs(lab, data["run_dir"])
-    return {"status": data["status"], "at": at, "lost": len(set(ids) - set(written)),
-            "twice": len(written) - len(set(written)), "runs": len(runs),
-            "redone": sum(int(r["sent"]) for r in runs) - lines}  # fmt: skip
+    return {
+        "status": data["status"],
+        "at": at,
+        "lost": len(set(ids) - set(written)),
+        "twice": len(written) - len(set(written)),
+        "runs": len(runs),
+        "redone": sum(int(r["sent"]) for r in runs) - lines,
+    }
 
 
 def overhead(client: Client, lab: Lab, lines: int) -> dict[str, Any]:
@@ -293,11 +371,23 @@ def overhead(client: Client, lab: Lab, lines: int) -> dict[str, Any]:
         batch_id = out.strip()
         wait_gone(lab, batch_id, 1800)
         rows, _ = check_complete(client, lab, batch_id, ids)
-        _, results_rss = peak_rss(client, "batch", "results", batch_id, "-o", str(client.root / "o.jsonl"),
-                                  "--errors", str(client.root / "e.jsonl"))  # fmt: skip
+        _, results_rss = peak_rss(
+            client,
+            "batch",
+            "results",
+            batch_id,
+            "-o",
+            str(client.root / "o.jsonl"),
+            "--errors",
+            str(client.root / "e.jsonl"),
+        )
         rate = throughput(rows)
-        result[str(n)] = {"rate": rate, "per_request_ms": 1000 / rate if rate else None,
-                          "submit_rss_mib": submit_rss / 1024, "results_rss_mib": results_rss / 1024}  # fmt: skip
+        result[str(n)] = {
+            "rate": rate,
+            "per_request_ms": 1000 / rate if rate else None,
+            "submit_rss_mib": submit_rss / 1024,
+            "results_rss_mib": results_rss / 1024,
+        }
     return result
 
 
@@ -305,10 +395,23 @@ def write_chat_input(path: Path, n: int, model: str, tokens: int) -> list[str]:
     ids = [f"c{i:06d}" for i in range(n)]
     with path.open("w") as handle:
         for cid in ids:
-            body = {"model": model, "max_tokens": tokens, "ignore_eos": True,
-                    "messages": [{"role": "user", "content": f"Say something about {cid}"}]}
-            handle.write(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
-                                     "body": body}) + "\n")  # fmt: skip
+            body = {
+                "model": model,
+                "max_tokens": tokens,
+                "ignore_eos": True,
+                "messages": [{"role": "user", "content": f"Say something about {cid}"}],
+            }
+            handle.write(
+                json.dumps(
+                    {
+                        "custom_id": cid,
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": body,
+                    }
+                )
+                + "\n"
+            )
     return ids
 
 
@@ -358,11 +461,17 @@ def vs_run_batch(client: Client, lab: Lab, lines: int, tokens: int) -> dict[str,
     events = lab.login(f"cat {run_dir}/shards/0/events").stdout
     node = [line.split()[-1] for line in events.splitlines() if " start job " in line][-1]
     header = lab.login(f"cat {run_dir}/job.sh").stdout.splitlines()
-    sbatch = "\n".join(line for line in header if line.startswith("#SBATCH")
-                       and line.split()[1].split("=")[0] in ("--account", "--gpus-per-node", "--partition"))  # fmt: skip
+    sbatch = "\n".join(
+        line
+        for line in header
+        if line.startswith("#SBATCH")
+        and line.split()[1].split("=")[0] in ("--account", "--gpus-per-node", "--partition")
+    )
     job = RUN_BATCH_JOB.format(node=node, sbatch=sbatch, run_dir=run_dir, stamp=shlex.quote(STAMP))
     lab.run([*lab.ssh_argv(lab.login_host), "--", f"cat > {run_dir}/run-batch.sh"], input=job)
-    job_id = lab.login(f"cd {run_dir} && sbatch --parsable run-batch.sh").stdout.strip().split(";")[0]
+    job_id = (
+        lab.login(f"cd {run_dir} && sbatch --parsable run-batch.sh").stdout.strip().split(";")[0]
+    )
     deadline = time.monotonic() + 900
     while lab.job_state(job_id):
         if time.monotonic() > deadline:
@@ -372,16 +481,27 @@ def vs_run_batch(client: Client, lab: Lab, lines: int, tokens: int) -> dict[str,
     log = lab.login(f"cat {run_dir}/run-batch.log", check=False).stdout
     # Its tqdm bar ("Running batch: ... | 37/400 [...]"), as the runner's
     # results: from the first answer seen to the last (warm-up excluded).
-    seen = [(float(m[1]), int(m[2])) for m in re.finditer(r"^(\S+) Running batch:.*?\| *(\d+)/(\d+)", log, re.M)]
+    seen = [
+        (float(m[1]), int(m[2]))
+        for m in re.finditer(r"^(\S+) Running batch:.*?\| *(\d+)/(\d+)", log, re.M)
+    ]
     done = [(t, n) for t, n in seen if n > 0]
     if not log.rstrip().endswith("exit 0") or not done or done[-1][1] != lines:
         raise RuntimeError(f"vllm run-batch failed:\n{log[-3000:]}")
     first = done[0]
     last = next((t, n) for t, n in done if n == lines)
     if first[1] >= lines:
-        raise RuntimeError("vllm run-batch's progress showed no answer before the last: give it more lines")
-    out = [json.loads(x) for x in lab.login(f"cat {run_dir}/run-batch-output.jsonl").stdout.splitlines() if x]
-    if sorted(r["custom_id"] for r in out) != ids or any(r["response"]["status_code"] != 200 for r in out):
+        raise RuntimeError(
+            "vllm run-batch's progress showed no answer before the last: give it more lines"
+        )
+    out = [
+        json.loads(x)
+        for x in lab.login(f"cat {run_dir}/run-batch-output.jsonl").stdout.splitlines()
+        if x
+    ]
+    if sorted(r["custom_id"] for r in out) != ids or any(
+        r["response"]["status_code"] != 200 for r in out
+    ):
         raise RuntimeError("vllm run-batch did not answer every line with 200")
     rb_tokens = sum(int(r["response"]["body"]["usage"]["completion_tokens"]) for r in out)
     # The same stretch for both: from the moment `first[1]` answers were in
@@ -389,10 +509,20 @@ def vs_run_batch(client: Client, lab: Lab, lines: int, tokens: int) -> dict[str,
     since = max(first[1], 1)
     spans = {"runner": times[-1] - times[since - 1], "run_batch": last[0] - first[0]}
     used = {"runner": runner_tokens, "run_batch": rb_tokens}
-    result: dict[str, Any] = {"lines": lines, "tokens_per_line": tokens, "node": node, "from_answers": since}
+    result: dict[str, Any] = {
+        "lines": lines,
+        "tokens_per_line": tokens,
+        "node": node,
+        "from_answers": since,
+    }
     for who, span in spans.items():
         rate = (lines - since) / span
-        result[who] = {"span_s": span, "req_s": rate, "tok_s": rate * used[who] / lines, "tokens": used[who]}
+        result[who] = {
+            "span_s": span,
+            "req_s": rate,
+            "tok_s": rate * used[who] / lines,
+            "tokens": used[who],
+        }
     # The whole batch, from its start to the last answer (the server's
     # start-up excluded, the warm-up and every request's preparation in the
     # API server included): the runner from its start (its run record, once
@@ -405,6 +535,7 @@ def vs_run_batch(client: Client, lab: Lab, lines: int, tokens: int) -> dict[str,
     whole = {"runner": times[-1] - started, "run_batch": last[0] - seen[0][0]}
     result["whole"] = {who: {"span_s": span, "req_s": lines / span} for who, span in whole.items()}
     return result
+
 
 def ratios(run: dict[str, Any]) -> dict[str, float]:
     """One comparison's runner / run-batch ratios: requests/s and tokens/s
@@ -429,65 +560,95 @@ def real_rows(real: dict[str, Any] | None, why: str = "") -> list[str]:
         return [f"{REAL_ROW} | not run: {why} | >= 0.95x | — |"]
     runs = real["runs"]
     first = runs[0]
-    what = (f"{first['lines']} chat lines x {first['tokens_per_line']} tokens, tiny-real, one node; "
-            f"median of {len(runs)} run(s)")  # fmt: skip
+    what = (
+        f"{first['lines']} chat lines x {first['tokens_per_line']} tokens, tiny-real, one node; "
+        f"median of {len(runs)} run(s)"
+    )
     rows = []
-    for key, label, unit, fmt in (("req", "requests/s", "req_s", ".1f"), ("tok", "generated tokens/s", "tok_s", ".0f")):
+    for key, label, unit, fmt in (
+        ("req", "requests/s", "req_s", ".1f"),
+        ("tok", "generated tokens/s", "tok_s", ".0f"),
+    ):
         mid = median_run(runs, key)
         ratio = ratios(mid)[key]
         each = ", ".join(f"{ratios(r)[key]:.2f}x" for r in runs)
-        rows.append(f"{REAL_ROW} ({what}): {label} | runner {mid['runner'][unit]:{fmt}}, run-batch "
-                    f"{mid['run_batch'][unit]:{fmt}} ({ratio:.2f}x; each run: {each}) | >= 0.95x | "
-                    f"{'yes' if ratio >= 0.95 else 'no'} |")  # fmt: skip
+        rows.append(
+            f"{REAL_ROW} ({what}): {label} | runner {mid['runner'][unit]:{fmt}}, run-batch "
+            f"{mid['run_batch'][unit]:{fmt}} ({ratio:.2f}x; each run: {each}) | >= 0.95x | "
+            f"{'yes' if ratio >= 0.95 else 'no'} |"
+        )
     if all("whole" in r for r in runs):
         mid = median_run(runs, "whole")
         w_r, w_b = mid["whole"]["runner"], mid["whole"]["run_batch"]
         ratio = ratios(mid)["whole"]
         each = ", ".join(f"{ratios(r)['whole']:.2f}x" for r in runs)
-        rows.append(f"{REAL_ROW} ({what}): requests/s over the whole batch (start to last answer, warm-up and "
-                    f"request preparation included) | runner {w_r['req_s']:.1f} ({w_r['span_s']:.0f} s), run-batch "
-                    f"{w_b['req_s']:.1f} ({w_b['span_s']:.0f} s) ({ratio:.2f}x; each run: {each}) | >= 0.95x | "
-                    f"{'yes' if ratio >= 0.95 else 'no'} |")  # fmt: skip
+        rows.append(
+            f"{REAL_ROW} ({what}): requests/s over the whole batch (start to last answer, warm-up and "
+            f"request preparation included) | runner {w_r['req_s']:.1f} ({w_r['span_s']:.0f} s), run-batch "
+            f"{w_b['req_s']:.1f} ({w_b['span_s']:.0f} s) ({ratio:.2f}x; each run: {each}) | >= 0.95x | "
+            f"{'yes' if ratio >= 0.95 else 'no'} |"
+        )
     return rows
 
 
 def local_rows(local: dict[str, Any]) -> list[str]:
     sizes = list(local.values())
     flat = len(sizes) < 2 or sizes[-1]["rss_mib"] <= 1.2 * sizes[0]["rss_mib"]
-    return [f"| {n} lines, local only: peak RSS of validate + merge (as submit / results) | "
-            f"{v['rss_mib']:.0f} MiB ({v['seconds']:.1f} s) | flat (<= 1.2x from N/4 to N) | "
-            f"{'yes' if flat else 'no'} |" for n, v in local.items()]  # fmt: skip
+    return [
+        f"| {n} lines, local only: peak RSS of validate + merge (as submit / results) | "
+        f"{v['rss_mib']:.0f} MiB ({v['seconds']:.1f} s) | flat (<= 1.2x from N/4 to N) | "
+        f"{'yes' if flat else 'no'} |"
+        for n, v in local.items()
+    ]
 
 
-def report(args: argparse.Namespace, scale: list[tuple[int, float]], rq: dict[str, Any],
-           ov: dict[str, Any], real: dict[str, Any] | None, why: str,
-           local: dict[str, Any]) -> str:  # fmt: skip
+def report(
+    args: argparse.Namespace,
+    scale: list[tuple[int, float]],
+    rq: dict[str, Any],
+    ov: dict[str, Any],
+    real: dict[str, Any] | None,
+    why: str,
+    local: dict[str, Any],
+) -> str:
     one = scale[0][1] if scale else 0.0
     rows = ["| measure | value | goal | met |", "| --- | --- | --- | --- |"]
     for shards, rate in scale:
         ratio = rate / one if one else 0.0
         goal = 0.9 * shards
-        rows.append(f"| scale-out, {shards} shard(s), lab-slow | {rate:.1f} req/s ({ratio:.2f}x one; "
-                    f"ideal {SLOW_RATE * shards:.0f}) | >= {goal:.1f}x one | "
-                    f"{'yes' if shards == 1 or ratio >= goal else 'no'} |")  # fmt: skip
-    rows.append(f"| requeue at 50 % ({rq['at']} of {args.requeue_lines} done) | lost {rq['lost']}, "
-                f"written twice {rq['twice']}, redone {rq['redone']} (in {rq['runs']} runs) | 0, 0, "
-                f"<= {CONCURRENCY} | {'yes' if rq['lost'] == 0 and rq['twice'] == 0 and rq['redone'] <= CONCURRENCY else 'no'} |")  # fmt: skip
+        rows.append(
+            f"| scale-out, {shards} shard(s), lab-slow | {rate:.1f} req/s ({ratio:.2f}x one; "
+            f"ideal {SLOW_RATE * shards:.0f}) | >= {goal:.1f}x one | "
+            f"{'yes' if shards == 1 or ratio >= goal else 'no'} |"
+        )
+    rows.append(
+        f"| requeue at 50 % ({rq['at']} of {args.requeue_lines} done) | lost {rq['lost']}, "
+        f"written twice {rq['twice']}, redone {rq['redone']} (in {rq['runs']} runs) | 0, 0, "
+        f"<= {CONCURRENCY} | {'yes' if rq['lost'] == 0 and rq['twice'] == 0 and rq['redone'] <= CONCURRENCY else 'no'} |"
+    )
     sizes = list(ov.values())
-    flat = len(sizes) < 2 or all(sizes[-1][k] <= 1.2 * sizes[0][k] for k in ("submit_rss_mib", "results_rss_mib"))
+    flat = len(sizes) < 2 or all(
+        sizes[-1][k] <= 1.2 * sizes[0][k] for k in ("submit_rss_mib", "results_rss_mib")
+    )
     for n, v in ov.items():
         per = v["per_request_ms"]
-        rows.append(f"| {n} short lines on lab-ok: time per request on the node | "
-                    f"{per:.3f} ms ({v['rate']:.0f} req/s) | (runner + stand-in, 2 cores) | — |")  # fmt: skip
-        rows.append(f"| {n} lines: laptop peak RSS, submit / results | {v['submit_rss_mib']:.0f} MiB / "
-                    f"{v['results_rss_mib']:.0f} MiB | flat (<= 1.2x from N/4 to N) | "
-                    f"{'yes' if flat else 'no'} |")  # fmt: skip
+        rows.append(
+            f"| {n} short lines on lab-ok: time per request on the node | "
+            f"{per:.3f} ms ({v['rate']:.0f} req/s) | (runner + stand-in, 2 cores) | — |"
+        )
+        rows.append(
+            f"| {n} lines: laptop peak RSS, submit / results | {v['submit_rss_mib']:.0f} MiB / "
+            f"{v['results_rss_mib']:.0f} MiB | flat (<= 1.2x from N/4 to N) | "
+            f"{'yes' if flat else 'no'} |"
+        )
     rows.extend(local_rows(local))
     rows.extend(real_rows(real, why))
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"# Batch benchmark ({'smoke' if args.smoke else 'full'})\n\nWritten by `bench/batch.py` "
-            f"on {when}; do not edit by hand.\n\n" + "\n".join(rows) + "\n\n"
-            f"Details: {json.dumps({'scale_out': scale, 'requeue': rq, 'short_lines': ov, 'run_batch': real, 'local': local})}\n")  # fmt: skip
+    return (
+        f"# Batch benchmark ({'smoke' if args.smoke else 'full'})\n\nWritten by `bench/batch.py` "
+        f"on {when}; do not edit by hand.\n\n" + "\n".join(rows) + "\n\n"
+        f"Details: {json.dumps({'scale_out': scale, 'requeue': rq, 'short_lines': ov, 'run_batch': real, 'local': local})}\n"
+    )
 
 
 def replace_real_rows(text: str, real: dict[str, Any]) -> str:
@@ -497,22 +658,37 @@ def replace_real_rows(text: str, real: dict[str, Any]) -> str:
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines[at:at] = real_rows(real)
     lines = [line for line in lines if not line.startswith("Details of the run-batch comparison")]
-    lines.append(f"Details of the run-batch comparison ({when}, `bench/batch.py --real-only`): {json.dumps(real)}")
+    lines.append(
+        f"Details of the run-batch comparison ({when}, `bench/batch.py --real-only`): {json.dumps(real)}"
+    )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--lines", type=int, default=0, help="short lines on lab-ok (default 20000; smoke 4000)")
-    parser.add_argument("--real-only", action="store_true", help="only the comparison with vllm run-batch")
-    parser.add_argument("--real-lines", type=int, default=0, help="chat lines on tiny-real (default 400; smoke 100)")
+    parser.add_argument(
+        "--lines", type=int, default=0, help="short lines on lab-ok (default 20000; smoke 4000)"
+    )
+    parser.add_argument(
+        "--real-only", action="store_true", help="only the comparison with vllm run-batch"
+    )
+    parser.add_argument(
+        "--real-lines", type=int, default=0, help="chat lines on tiny-real (default 400; smoke 100)"
+    )
     parser.add_argument("--real-tokens", type=int, default=16, help="tokens per line (ignore_eos)")
-    parser.add_argument("--real-runs", type=int, default=0,
-                        help="comparisons with run-batch, the median reported (default 3; smoke 1)")  # fmt: skip
+    parser.add_argument(
+        "--real-runs",
+        type=int,
+        default=0,
+        help="comparisons with run-batch, the median reported (default 3; smoke 1)",
+    )
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--local-only", action="store_true",
-                        help="only the laptop's memory of validate + merge (no lab, no root)")  # fmt: skip
+    parser.add_argument(
+        "--local-only",
+        action="store_true",
+        help="only the laptop's memory of validate + merge (no lab, no root)",
+    )
     args = parser.parse_args(argv)
     lines = args.lines or (4000 if args.smoke else 20000)
     real_lines = args.real_lines or (100 if args.smoke else 400)
@@ -521,9 +697,12 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="afsm-bench-local-") as tmp:
             local = local_memory(Path(tmp), lines)
         when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        text = (f"# Batch benchmark (local only)\n\nWritten by `bench/batch.py --local-only` on {when}; "
-                "do not edit by hand.\n\n| measure | value | goal | met |\n| --- | --- | --- | --- |\n"
-                + "\n".join(local_rows(local)) + f"\n\nDetails: {json.dumps({'local': local})}\n")  # fmt: skip
+        text = (
+            f"# Batch benchmark (local only)\n\nWritten by `bench/batch.py --local-only` on {when}; "
+            "do not edit by hand.\n\n| measure | value | goal | met |\n| --- | --- | --- | --- |\n"
+            + "\n".join(local_rows(local))
+            + f"\n\nDetails: {json.dumps({'local': local})}\n"
+        )
         (args.out or BENCH / "results-batch-local.md").write_text(text)
         print(text)
         return 0
@@ -534,7 +713,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/batch.py needs root (the lab does)", file=sys.stderr)
         return 2
     if args.real_only and not (REAL_VLLM.exists() and out.exists()):
-        print(f"--real-only needs {REAL_VLLM} (tests/lab/up installs it) and {out} of a full run", file=sys.stderr)
+        print(
+            f"--real-only needs {REAL_VLLM} (tests/lab/up installs it) and {out} of a full run",
+            file=sys.stderr,
+        )
         return 2
     scale: list[tuple[int, float]] = []
     rq: dict[str, Any] = {}
@@ -556,7 +738,10 @@ def main(argv: list[str] | None = None) -> int:
                     runs = []
                     for i in range(real_runs):
                         runs.append(vs_run_batch(client, lab, real_lines, args.real_tokens))
-                        print(f"run-batch comparison {i + 1} of {real_runs}: {ratios(runs[-1])}", flush=True)
+                        print(
+                            f"run-batch comparison {i + 1} of {real_runs}: {ratios(runs[-1])}",
+                            flush=True,
+                        )
                     real = {"runs": runs}
             except RuntimeError as exc:
                 print(f"FAILED: {exc}", file=sys.stderr)
@@ -576,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(text)
     print(text)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -124,8 +124,9 @@ def direct_target(record: Any) -> tuple[str, dict[str, str], str | None]:
 def direct_client(record: Any, timeout: float = 30) -> httpx.Client:
     base, headers, uds = direct_target(record)
     transport = httpx.HTTPTransport(uds=uds) if uds else None
-    return httpx.Client(base_url=base, headers=headers, transport=transport, trust_env=False,
-                        timeout=timeout)  # fmt: skip
+    return httpx.Client(
+        base_url=base, headers=headers, transport=transport, trust_env=False, timeout=timeout
+    )
 
 
 # ================================================================ the gateway process
@@ -143,9 +144,14 @@ class GatewayProc:
         self.port = free_port()
         self.err_path = root / "gateway.err"
         self.env = {
-            **lab.env, "HOME": str(self.home), "ALVIS_FSM_SESSION__STATE_DIR": str(self.state),
-            "TERM": "dumb", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1", **extra_env,
-        }  # fmt: skip
+            **lab.env,
+            "HOME": str(self.home),
+            "ALVIS_FSM_SESSION__STATE_DIR": str(self.state),
+            "TERM": "dumb",
+            "NO_COLOR": "1",
+            "PYTHONUNBUFFERED": "1",
+            **extra_env,
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = ""
         self.key = ""
@@ -155,18 +161,23 @@ class GatewayProc:
         argv = [*tool_argv(), "gateway", "--port", str(self.port)]
         with open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
-                argv, env=self.env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                argv,
+                env=self.env,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
                 stderr=err,
                 # Ctrl+C as in a terminal, even when the bench runs in the
                 # background of a shell without job control (SIGINT ignored).
                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-            )  # fmt: skip
+            )
         exports = self._read_exports()
         self.base, self.key = exports.get("OPENAI_BASE_URL", ""), exports.get("OPENAI_API_KEY", "")
         if not self.base or not self.key:
             raise RuntimeError(f"the gateway printed no exports\n{self.tail()}")
-        if not probes.wait_until(lambda: "Gateway on " in self.stderr() or not self.alive(),
-                                 START_TIMEOUT):  # fmt: skip
+        if not probes.wait_until(
+            lambda: "Gateway on " in self.stderr() or not self.alive(), START_TIMEOUT
+        ):
             raise RuntimeError(f"the gateway did not say it serves\n{self.tail()}")
         if not self.alive():
             raise RuntimeError(f"the gateway exited at once\n{self.tail()}")
@@ -210,15 +221,21 @@ class GatewayProc:
         return "\n".join(self.stderr().splitlines()[-lines:])
 
     def client(self, timeout: float = 30) -> httpx.Client:
-        return httpx.Client(base_url=self.base, trust_env=False, timeout=timeout,
-                            headers={"Authorization": f"Bearer {self.key}"})  # fmt: skip
+        return httpx.Client(
+            base_url=self.base,
+            trust_env=False,
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {self.key}"},
+        )
 
     def async_client(self, timeout: float = 30) -> httpx.AsyncClient:
         return httpx.AsyncClient(
-            base_url=self.base, trust_env=False, timeout=timeout,
+            base_url=self.base,
+            trust_env=False,
+            timeout=timeout,
             headers={"Authorization": f"Bearer {self.key}"},
             limits=httpx.Limits(max_connections=400, max_keepalive_connections=400),
-        )  # fmt: skip
+        )
 
     def models(self) -> dict[str, dict[str, Any]]:
         with self.client() as c:
@@ -308,8 +325,11 @@ class GatewayBench:
         res = bench.session("jump")
         self.jobs_seen |= bench.jobs_seen
         self.results.start_connected = res.time_to_connected
-        print(f"  start -m {MODEL}: connected after {ms_or_s(res.time_to_connected)}, "
-              f"exit {res.exit_status}", flush=True)  # fmt: skip
+        print(
+            f"  start -m {MODEL}: connected after {ms_or_s(res.time_to_connected)}, "
+            f"exit {res.exit_status}",
+            flush=True,
+        )
         if res.problem:
             self.fail(f"start: {res.problem}")
 
@@ -323,8 +343,9 @@ class GatewayBench:
         with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
             text = resp.json()["choices"][0]["message"]["content"]
         if resp.status_code != 200 or text != ANSWER:
-            raise ToolFailure(f"cold request to {MODEL}: {resp.status_code} {resp.text[:300]}\n"
-                              f"{gw.tail()}")  # fmt: skip
+            raise ToolFailure(
+                f"cold request to {MODEL}: {resp.status_code} {resp.text[:300]}\n{gw.tail()}"
+            )
         self.results.cold = took
         print(f"  first request to cold {MODEL}: answered after {took:.2f} s", flush=True)
 
@@ -351,8 +372,10 @@ class GatewayBench:
 
             for i in range(warm + self.setup.requests):
                 # Alternate which goes first, so drift and caching cancel out.
-                legs = [("gw", g, "/chat/completions", gw_body),
-                        ("direct", d, "/v1/chat/completions", direct_body)]  # fmt: skip
+                legs = [
+                    ("gw", g, "/chat/completions", gw_body),
+                    ("direct", d, "/v1/chat/completions", direct_body),
+                ]
                 if i % 2:
                     legs.reverse()
                 took = {name: one(client, path, body) for name, client, path, body in legs}
@@ -367,10 +390,13 @@ class GatewayBench:
         if r.latency_errors:
             self.fail(f"added latency: {r.latency_errors} of {self.setup.requests} pairs failed")
         if r.added:
-            print(f"  added latency over {len(r.added)} pairs ({r.direct_via}): "
-                  f"p50 {ms(quantile(r.added, 0.5))}, p99 {ms(quantile(r.added, 0.99))} "
-                  f"(gateway p50 {ms(quantile(r.gw_times, 0.5))}, "
-                  f"direct p50 {ms(quantile(r.direct_times, 0.5))})", flush=True)  # fmt: skip
+            print(
+                f"  added latency over {len(r.added)} pairs ({r.direct_via}): "
+                f"p50 {ms(quantile(r.added, 0.5))}, p99 {ms(quantile(r.added, 0.99))} "
+                f"(gateway p50 {ms(quantile(r.gw_times, 0.5))}, "
+                f"direct p50 {ms(quantile(r.direct_times, 0.5))})",
+                flush=True,
+            )
 
     # -- 5. streaming throughput -------------------------------------------------------
     def measure_streaming(self, gw: GatewayProc) -> None:
@@ -414,18 +440,27 @@ class GatewayBench:
                 f"size of a delayed TCP ACK) for {100 * slow['direct']:.0f} % of direct and "
                 f"{100 * slow['gw']:.0f} % of gateway streams; the totals follow how many stall."
             )
-        print(f"  streaming: direct {db / dt_:,.0f} B/s ({dn} streams), gateway "
-              f"{gb / gt:,.0f} B/s ({gn} streams): {(gb / gt) / (db / dt_):.3f}×", flush=True)  # fmt: skip
+        print(
+            f"  streaming: direct {db / dt_:,.0f} B/s ({dn} streams), gateway "
+            f"{gb / gt:,.0f} B/s ({gn} streams): {(gb / gt) / (db / dt_):.3f}×",
+            flush=True,
+        )
         if r.stream_note:
             print(f"  ({r.stream_note})", flush=True)
 
-    def _stream_round(self, client: httpx.Client, path: str, model: str, times: list[float]
-                      ) -> tuple[int, int, int, float]:  # fmt: skip
+    def _stream_round(
+        self, client: httpx.Client, path: str, model: str, times: list[float]
+    ) -> tuple[int, int, int, float]:
         """(bytes, SSE data events, streams, seconds) of back-to-back streams."""
         # ignore_eos (a vLLM sampling parameter): exactly max_tokens tokens, one
         # stream long enough to measure a rate, not a per-request stall.
-        body = {"model": model, "messages": PROMPT, "stream": True, "max_tokens": 4096,
-                "ignore_eos": True}  # fmt: skip
+        body = {
+            "model": model,
+            "messages": PROMPT,
+            "stream": True,
+            "max_tokens": 4096,
+            "ignore_eos": True,
+        }
         nbytes = events = streams = 0
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < self.setup.round_s:
@@ -450,13 +485,18 @@ class GatewayBench:
         t0 = time.perf_counter()
         r.concurrent_errors = asyncio.run(self._concurrent(gw, n))
         r.concurrent_s = time.perf_counter() - t0
-        print(f"  {n} concurrent streams ({MODEL} ready, {SECOND} cold): "
-              f"{len(r.concurrent_errors)} errors in {r.concurrent_s:.1f} s", flush=True)  # fmt: skip
+        print(
+            f"  {n} concurrent streams ({MODEL} ready, {SECOND} cold): "
+            f"{len(r.concurrent_errors)} errors in {r.concurrent_s:.1f} s",
+            flush=True,
+        )
         for e in r.concurrent_errors[:5]:
             print(f"    {e}", flush=True)
         if r.concurrent_errors:
-            self.fail(f"{len(r.concurrent_errors)} of {n} concurrent streams failed: "
-                      f"{r.concurrent_errors[0]}")  # fmt: skip
+            self.fail(
+                f"{len(r.concurrent_errors)} of {n} concurrent streams failed: "
+                f"{r.concurrent_errors[0]}"
+            )
 
     async def _concurrent(self, gw: GatewayProc, n: int) -> list[str]:
         async with gw.async_client(timeout=COLD_TIMEOUT) as c:
@@ -502,16 +542,21 @@ class GatewayBench:
             if now is None:
                 break
             last, max_rss = now, max(max_rss, now[0])
-            helpers_rss = max(helpers_rss, sum(
-                s[0] for p in probes.ssh_pids(marker) if (s := probes.rss_and_cpu(p))))  # fmt: skip
+            helpers_rss = max(
+                helpers_rss,
+                sum(s[0] for p in probes.ssh_pids(marker) if (s := probes.rss_and_cpu(p))),
+            )
         took = time.monotonic() - t0
         cpu = 100 * (last[1] - first[1]) / took if first and last and took else 0.0
-        used = sum(e[1] - s[1] for p, s in helpers0.items()
-                   if s and (e := probes.rss_and_cpu(p)))  # fmt: skip
+        used = sum(e[1] - s[1] for p, s in helpers0.items() if s and (e := probes.rss_and_cpu(p)))
         helpers = (helpers_rss, 100 * used / took if took else 0.0)
-        print(f"  idle, {what}: RSS {max_rss:.1f} MB, CPU {cpu:.2f} % over {took:.0f} s"
-              + (f" (its ssh processes: {helpers[0]:.1f} MB, {helpers[1]:.2f} %)"
-                 if helpers0 else ""), flush=True)  # fmt: skip
+        print(
+            f"  idle, {what}: RSS {max_rss:.1f} MB, CPU {cpu:.2f} % over {took:.0f} s"
+            + (
+                f" (its ssh processes: {helpers[0]:.1f} MB, {helpers[1]:.2f} %)" if helpers0 else ""
+            ),
+            flush=True,
+        )
         return (max_rss, cpu), helpers
 
     # -- 8. Ctrl+C ------------------------------------------------------------------------
@@ -524,22 +569,27 @@ class GatewayBench:
         said = "nothing left running" in gw.stderr()
         left_jobs = [j for j in jobs if j in self.lab.jobs()] if jobs else []
         if left_jobs and probes.wait_until(
-                lambda: not [j for j in jobs if j in self.lab.jobs()], 20):  # fmt: skip
+            lambda: not [j for j in jobs if j in self.lab.jobs()], 20
+        ):
             left_jobs = []
         marker = str(gw.state)
         probes.wait_until(lambda: not probes.ssh_pids(marker), 5)
         left_ssh = probes.ssh_pids(marker)
         if gw.exit_status != 0 or not said:
-            self.fail(f"gateway: exit {gw.exit_status}, "
-                      f"{'said' if said else 'did not say'} 'nothing left running'\n{gw.tail()}")  # fmt: skip
+            self.fail(
+                f"gateway: exit {gw.exit_status}, "
+                f"{'said' if said else 'did not say'} 'nothing left running'\n{gw.tail()}"
+            )
         if left_jobs:
             self.fail(f"gateway: jobs left in squeue after Ctrl+C: {left_jobs}")
         if left_ssh:
             self.fail(f"gateway: ssh processes left after Ctrl+C: {left_ssh}")
             probes.kill_pids(left_ssh)
-        verdict = (f"exit {gw.exit_status}; jobs {', '.join(sorted(jobs)) or '—'} "
-                   + ("gone from squeue" if not left_jobs else f"LEFT: {left_jobs}")
-                   + ("; no ssh left" if not left_ssh else f"; ssh LEFT: {left_ssh}"))  # fmt: skip
+        verdict = (
+            f"exit {gw.exit_status}; jobs {', '.join(sorted(jobs)) or '—'} "
+            + ("gone from squeue" if not left_jobs else f"LEFT: {left_jobs}")
+            + ("; no ssh left" if not left_ssh else f"; ssh LEFT: {left_ssh}")
+        )
         print(f"  Ctrl+C: {verdict}", flush=True)
         ok = gw.exit_status == 0 and said and not left_jobs and not left_ssh
         return verdict, ok
@@ -560,8 +610,12 @@ class GatewayBench:
         limit_s, lead_s = 120, 60
         root = self.tmp / "roll"
         root.mkdir()
-        gw = GatewayProc(self.lab, root, ALVIS_FSM_SLURM__TIME="0:02:00",
-                         ALVIS_FSM_GATEWAY__ROLLOVER_LEAD=str(lead_s))  # fmt: skip
+        gw = GatewayProc(
+            self.lab,
+            root,
+            ALVIS_FSM_SLURM__TIME="0:02:00",
+            ALVIS_FSM_GATEWAY__ROLLOVER_LEAD=str(lead_s),
+        )
         jobs: set[str] = set()
         try:
             gw.start()
@@ -574,8 +628,10 @@ class GatewayBench:
                     body: dict[str, Any] = {"model": MODEL, "messages": PROMPT}
                     try:
                         resp = c.post("/chat/completions", json=body)
-                        ok = resp.status_code == 200 and resp.json()["choices"][0]["message"][
-                            "content"] == ANSWER  # fmt: skip
+                        ok = (
+                            resp.status_code == 200
+                            and resp.json()["choices"][0]["message"]["content"] == ANSWER
+                        )
                     except (httpx.HTTPError, ValueError, KeyError, IndexError):
                         ok = False
                     sent += 1
@@ -591,12 +647,15 @@ class GatewayBench:
                     time.sleep(0.05)
             r.rollover_failed, r.rollover_requests = failed, sent
             if t_change is None:
-                r.rollover = (f"no job change seen within {limit_s + 60} s "
-                              f"({sent} requests, {failed} failed)")  # fmt: skip
+                r.rollover = (
+                    f"no job change seen within {limit_s + 60} s ({sent} requests, {failed} failed)"
+                )
                 self.fail(f"rollover: {r.rollover}")
             else:
-                r.rollover = (f"{failed} failed of {sent} requests across the change "
-                              f"from job {first_job} to {', '.join(sorted(jobs - {first_job}))}")  # fmt: skip
+                r.rollover = (
+                    f"{failed} failed of {sent} requests across the change "
+                    f"from job {first_job} to {', '.join(sorted(jobs - {first_job}))}"
+                )
             print(f"  rollover: {r.rollover}", flush=True)
         finally:
             self.stop(gw, jobs)
@@ -675,8 +734,12 @@ def ms_or_s(x: float | None) -> str:
 
 
 def totals(rounds: list[tuple[int, int, int, float]]) -> tuple[int, int, int, float]:
-    return (sum(x[0] for x in rounds), sum(x[1] for x in rounds), sum(x[2] for x in rounds),
-            sum(x[3] for x in rounds) or 1e-9)  # fmt: skip
+    return (
+        sum(x[0] for x in rounds),
+        sum(x[1] for x in rounds),
+        sum(x[2] for x in rounds),
+        sum(x[3] for x in rounds) or 1e-9,
+    )
 
 
 def rollover_supported() -> bool:
@@ -691,37 +754,73 @@ def rows(r: Results) -> list[Row]:
     out: list[Row] = []
     if r.added:
         p50, p99 = quantile(r.added, 0.5), quantile(r.added, 0.99)
-        out.append(Row("Added latency per request, p50 (gateway − direct)", ms(p50),
-                       f"≤ {GOAL_ADDED_P50 * 1000:g} ms", p50 <= GOAL_ADDED_P50))  # fmt: skip
+        out.append(
+            Row(
+                "Added latency per request, p50 (gateway − direct)",
+                ms(p50),
+                f"≤ {GOAL_ADDED_P50 * 1000:g} ms",
+                p50 <= GOAL_ADDED_P50,
+            )
+        )
         out.append(Row("Added latency per request, p99", ms(p99)))
         direct = quantile(r.direct_times, 0.5)
-        out.append(Row("A request through the model's tunnel, p50 (direct)", ms(direct),
-                       f"≤ {GOAL_TUNNEL_P50 * 1000:g} ms", direct <= GOAL_TUNNEL_P50))  # fmt: skip
+        out.append(
+            Row(
+                "A request through the model's tunnel, p50 (direct)",
+                ms(direct),
+                f"≤ {GOAL_TUNNEL_P50 * 1000:g} ms",
+                direct <= GOAL_TUNNEL_P50,
+            )
+        )
     else:
-        out.append(Row("Added latency per request, p50 (gateway − direct)", "—",
-                       f"≤ {GOAL_ADDED_P50 * 1000:g} ms"))  # fmt: skip
+        out.append(
+            Row(
+                "Added latency per request, p50 (gateway − direct)",
+                "—",
+                f"≤ {GOAL_ADDED_P50 * 1000:g} ms",
+            )
+        )
     if r.stream.get("gw") and r.stream.get("direct"):
         db, _, _, dtt = totals(r.stream["direct"])
         gb, _, _, gtt = totals(r.stream["gw"])
         ratio = (gb / gtt) / (db / dtt)
-        out.append(Row("Streaming throughput, gateway ÷ direct",
-                       f"{ratio:.3f}× ({gb / gtt / 1000:,.0f} kB/s / {db / dtt / 1000:,.0f} kB/s)",
-                       f"≥ {GOAL_THROUGHPUT:g}×", ratio >= GOAL_THROUGHPUT))  # fmt: skip
+        out.append(
+            Row(
+                "Streaming throughput, gateway ÷ direct",
+                f"{ratio:.3f}× ({gb / gtt / 1000:,.0f} kB/s / {db / dtt / 1000:,.0f} kB/s)",
+                f"≥ {GOAL_THROUGHPUT:g}×",
+                ratio >= GOAL_THROUGHPUT,
+            )
+        )
     else:
         out.append(Row("Streaming throughput, gateway ÷ direct", "—", f"≥ {GOAL_THROUGHPUT:g}×"))
     if r.cold is not None and r.start_connected is not None:
         over = r.cold - r.start_connected
-        out.append(Row("Cold model: first request → answer, vs `start` → connected",
-                       f"{r.cold:.2f} s vs {r.start_connected:.2f} s ({over:+.2f} s)",
-                       f"≤ +{GOAL_COLD_OVER_START:g} s", over <= GOAL_COLD_OVER_START))  # fmt: skip
+        out.append(
+            Row(
+                "Cold model: first request → answer, vs `start` → connected",
+                f"{r.cold:.2f} s vs {r.start_connected:.2f} s ({over:+.2f} s)",
+                f"≤ +{GOAL_COLD_OVER_START:g} s",
+                over <= GOAL_COLD_OVER_START,
+            )
+        )
     else:
-        out.append(Row("Cold model: first request → answer, vs `start` → connected",
-                       f"{ms_or_s(r.cold)} vs {ms_or_s(r.start_connected)}",
-                       f"≤ +{GOAL_COLD_OVER_START:g} s"))  # fmt: skip
+        out.append(
+            Row(
+                "Cold model: first request → answer, vs `start` → connected",
+                f"{ms_or_s(r.cold)} vs {ms_or_s(r.start_connected)}",
+                f"≤ +{GOAL_COLD_OVER_START:g} s",
+            )
+        )
     if r.concurrent_n:
-        out.append(Row(f"{r.concurrent_n} concurrent streams, {MODEL} + {SECOND} (cold)",
-                       f"{len(r.concurrent_errors)} errors ({r.concurrent_s:.1f} s)",
-                       "0 errors", not r.concurrent_errors))  # fmt: skip
+        out.append(
+            Row(
+                f"{r.concurrent_n} concurrent streams, {MODEL} + {SECOND} (cold)",
+                f"{len(r.concurrent_errors)} errors ({r.concurrent_s:.1f} s)",
+                "0 errors",
+                not r.concurrent_errors,
+            )
+        )
     else:
         out.append(Row("100 concurrent streams across two models", "—", "0 errors"))
     met = None if r.rollover_failed is None else r.rollover_failed == 0
@@ -734,8 +833,14 @@ def rows(r: Results) -> list[Row]:
         out.append(
             Row("… its ssh processes, two models ready", f"RSS {rss:.1f} MB, CPU {cpu:.2f} %")
         )
-    out.append(Row("Ctrl+C: jobs cancelled, nothing left", r.shutdown or "—",
-                   "exit 0, nothing left", r.shutdown_ok))  # fmt: skip
+    out.append(
+        Row(
+            "Ctrl+C: jobs cancelled, nothing left",
+            r.shutdown or "—",
+            "exit 0, nothing left",
+            r.shutdown_ok,
+        )
+    )
     return out
 
 
@@ -771,8 +876,10 @@ METHOD = """\
 def render_markdown(r: Results, table: list[Row]) -> str:
     commit = subprocess.run(
         ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-        text=True, capture_output=True, check=False,
-    ).stdout.strip()  # fmt: skip
+        text=True,
+        capture_output=True,
+        check=False,
+    ).stdout.strip()
     s = r.setup
     command = "python bench/gateway.py" + (" --smoke" if s.smoke else "")
     lines = [
@@ -800,13 +907,16 @@ def render_markdown(r: Results, table: list[Row]) -> str:
             f"p50 {ms(quantile(r.gw_times, 0.5))} / p99 {ms(quantile(r.gw_times, 0.99))}; "
             f"direct p50 {ms(quantile(r.direct_times, 0.5))} / p99 "
             f"{ms(quantile(r.direct_times, 0.99))}; gateway − direct mean "
-            f"{ms(statistics.fmean(r.added))}.")  # fmt: skip
+            f"{ms(statistics.fmean(r.added))}."
+        )
     for name in ("direct", "gw"):
         if r.stream.get(name):
             b, e, n, t = totals(r.stream[name])
-            lines.append(f"- Streaming, {'gateway' if name == 'gw' else 'direct'}: {n} streams, "
-                         f"{b:,} bytes, {e:,} events in {t:.1f} s = {n / t:.0f} streams/s, "
-                         f"{e / t:,.0f} events/s; per stream {spread_ms(r.stream_times[name])}.")  # fmt: skip
+            lines.append(
+                f"- Streaming, {'gateway' if name == 'gw' else 'direct'}: {n} streams, "
+                f"{b:,} bytes, {e:,} events in {t:.1f} s = {n / t:.0f} streams/s, "
+                f"{e / t:,.0f} events/s; per stream {spread_ms(r.stream_times[name])}."
+            )
     if r.stream_note:
         lines.append(f"- {r.stream_note.strip()}")
     for err in r.concurrent_errors[:10]:
@@ -818,8 +928,9 @@ def render_markdown(r: Results, table: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="short run for CI (40 pairs, 3 s idle)")
-    ap.add_argument("--out", type=Path,
-                    help="report file (default bench/results-gateway.md, or -smoke.md)")  # fmt: skip
+    ap.add_argument(
+        "--out", type=Path, help="report file (default bench/results-gateway.md, or -smoke.md)"
+    )
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench/gateway.py needs root (the lab cluster does)", file=sys.stderr)

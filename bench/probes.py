@@ -77,12 +77,18 @@ class ToolRun:
         self.transcript = TimedTranscript()
         self.t_spawn = time.time()
         self.child = pexpect.spawn(
-            argv[0], argv[1:], env=env, cwd=str(cwd), encoding="utf-8",
-            codec_errors="replace", timeout=30, dimensions=(50, 200),
+            argv[0],
+            argv[1:],
+            env=env,
+            cwd=str(cwd),
+            encoding="utf-8",
+            codec_errors="replace",
+            timeout=30,
+            dimensions=(50, 200),
             # Ctrl+C as in a terminal, even when the bench itself runs in the
             # background of a shell without job control (SIGINT inherited ignored).
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )  # fmt: skip
+        )
         self.child.logfile_read = self.transcript
         self.t_exit: float | None = None
         self.t_interrupt: float | None = None
@@ -455,9 +461,14 @@ class BaselineRun:
     def start(cls, argv: list[str], env: dict[str, str]) -> BaselineRun:
         t = time.time()
         proc = subprocess.Popen(
-            argv, env=env, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, start_new_session=True,  # our Ctrl+C is handled by us
-        )  # fmt: skip
+            argv,
+            env=env,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # our Ctrl+C is handled by us
+        )
         run = cls(proc=proc, t_spawn=t)
         run._reader = threading.Thread(target=run._read, daemon=True)
         run._reader.start()
@@ -515,9 +526,15 @@ def time_command(argv: list[str], env: dict[str, str], cwd: Path, runs: int) -> 
     for i in range(runs + 1):
         t0 = time.perf_counter()
         proc = subprocess.run(
-            argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True, check=False,
-        )  # fmt: skip
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
         dt = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr[-500:]}")

@@ -265,8 +265,14 @@ def _connect_rows(r: Results) -> list[Row]:
         rows.append(Row("Time to connected (route login)", spread(login_ttc)))
     if med is not None and bmed:
         ratio = med / bmed
-        rows.append(Row("… ÷ baseline (medians)", f"{ratio:.2f}× ({med:.2f} s / {bmed:.2f} s)",
-                        "≤ 0.6×", ratio <= 0.6))  # fmt: skip
+        rows.append(
+            Row(
+                "… ÷ baseline (medians)",
+                f"{ratio:.2f}× ({med:.2f} s / {bmed:.2f} s)",
+                "≤ 0.6×",
+                ratio <= 0.6,
+            )
+        )
     else:
         rows.append(Row("… ÷ baseline (medians)", "—", "≤ 0.6×"))
     over = present([s.over_floor for s in r.jump])
@@ -277,8 +283,14 @@ def _connect_rows(r: Results) -> list[Row]:
             f"floor median {statistics.median(floors):.2f} s; tool − floor median "
             f"{statistics.median(over):+.2f} s ({within}/{len(over)} sessions within)"
         )
-        rows.append(Row("… vs floor (job start + load + 1 s)", value, "≤ floor (median)",
-                        statistics.median(over) <= 0))  # fmt: skip
+        rows.append(
+            Row(
+                "… vs floor (job start + load + 1 s)",
+                value,
+                "≤ floor (median)",
+                statistics.median(over) <= 0,
+            )
+        )
     else:
         rows.append(Row("… vs floor (job start + load + 1 s)", "—", "≤ floor (median)"))
     return rows
@@ -293,8 +305,14 @@ def _login_rows(r: Results) -> list[Row]:
             continue
         worst = max(done, key=lambda s: s.logins)
         value = f"max {worst.logins} ({worst.logins_login} login node + {worst.logins_node} node)"
-        rows.append(Row(f"SSH logins per session (route {route})", value, f"≤ {limit}",
-                        worst.logins <= limit))  # fmt: skip
+        rows.append(
+            Row(
+                f"SSH logins per session (route {route})",
+                value,
+                f"≤ {limit}",
+                worst.logins <= limit,
+            )
+        )
     tool = [s.logins for s in r.jump if s.connected]
     base = [b.logins for b in r.baseline if b.time_to_connected is not None]
     if tool and base:
@@ -305,8 +323,12 @@ def _login_rows(r: Results) -> list[Row]:
 
 def _readiness_row(r: Results) -> Row:
     ready = present([s.readiness_latency for s in r.jump + r.login])
-    return Row("Readiness noticed (startup line → Testing connection)", spread(ready),
-               "≤ 0.5 s (every session)", max(ready) <= 0.5 if ready else None)  # fmt: skip
+    return Row(
+        "Readiness noticed (startup line → Testing connection)",
+        spread(ready),
+        "≤ 0.5 s (every session)",
+        max(ready) <= 0.5 if ready else None,
+    )
 
 
 def _sched_rows(r: Results) -> list[Row]:
@@ -318,24 +340,34 @@ def _sched_rows(r: Results) -> list[Row]:
     early, late = tool.early(), tool.late()
     rate = len(early) * p.scheduler_interval / tool.early_window() if tool.early_window() else 0
     rows = [
-        Row(f"Scheduler queries, first {p.backoff_after:g} s pending",
+        Row(
+            f"Scheduler queries, first {p.backoff_after:g} s pending",
             f"{len(early)} in {tool.early_window():.0f} s = {rate:.2f} per "
             f"{p.scheduler_interval:g} s; max {tool.early_max()} in any {p.scheduler_interval:g} s",
-            f"≤ 1 per {p.scheduler_interval:g} s", tool.early_max() <= 1),
-    ]  # fmt: skip
+            f"≤ 1 per {p.scheduler_interval:g} s",
+            tool.early_max() <= 1,
+        ),
+    ]
     if tool.late_window() > 0:
         rate = len(late) * p.backoff_interval / tool.late_window()
-        rows.append(Row(
-            f"Scheduler queries after {p.backoff_after:g} s",
-            f"{len(late)} in {tool.late_window():.0f} s = {rate:.2f} per {p.backoff_interval:g} s; "
-            f"max {tool.late_max()} in any {p.backoff_interval:g} s",
-            f"≤ 1 per {p.backoff_interval:g} s", tool.late_max() <= 1,
-        ))  # fmt: skip
+        rows.append(
+            Row(
+                f"Scheduler queries after {p.backoff_after:g} s",
+                f"{len(late)} in {tool.late_window():.0f} s = {rate:.2f} per {p.backoff_interval:g} s; "
+                f"max {tool.late_max()} in any {p.backoff_interval:g} s",
+                f"≤ 1 per {p.backoff_interval:g} s",
+                tool.late_max() <= 1,
+            )
+        )
     if base is not None and base.times:
         ratio = len(tool.times) / len(base.times)
-        rows.append(Row("… baseline, same window",
-                        f"{len(base.times)} in {base.window_s:.0f} s (alvis-fsm "
-                        f"{len(tool.times)} in {tool.window_s:.0f} s: {ratio:.2f}×)"))  # fmt: skip
+        rows.append(
+            Row(
+                "… baseline, same window",
+                f"{len(base.times)} in {base.window_s:.0f} s (alvis-fsm "
+                f"{len(tool.times)} in {tool.window_s:.0f} s: {ratio:.2f}×)",
+            )
+        )
     return rows
 
 
@@ -343,17 +375,27 @@ def _crash_rows(r: Results) -> list[Row]:
     rows = []
     for model in ("lab-oom", "lab-die"):
         lat = present([c.crash_latency for c in r.crashes if c.model == model])
-        rows.append(Row(f"Crash → exit ({model})", spread(lat), "≤ 5 s (every run)",
-                        max(lat) <= 5 if lat else None))  # fmt: skip
+        rows.append(
+            Row(
+                f"Crash → exit ({model})",
+                spread(lat),
+                "≤ 5 s (every run)",
+                max(lat) <= 5 if lat else None,
+            )
+        )
     return rows
 
 
 def _cli_rows(r: Results) -> list[Row]:
     return [
-        Row(f"`alvis-fsm {c.name}`", f"median {c.median:.3f} s (n={len(c.times)})",
-            "≤ 0.25 s median", c.median <= 0.25)
+        Row(
+            f"`alvis-fsm {c.name}`",
+            f"median {c.median:.3f} s (n={len(c.times)})",
+            "≤ 0.25 s median",
+            c.median <= 0.25,
+        )
         for c in r.cli
-    ]  # fmt: skip
+    ]
 
 
 def _footprint_rows(r: Results) -> list[Row]:
@@ -361,14 +403,20 @@ def _footprint_rows(r: Results) -> list[Row]:
     if fp is None or not fp.samples:
         return [Row("Client footprint while streaming", "—", "≤ 80 MB, ≤ 1 % CPU")]
     return [
-        Row("Client RSS while streaming",
+        Row(
+            "Client RSS while streaming",
             f"max {fp.max_rss_mb:.1f} MB (its ssh processes: {fp.helpers_max_rss_mb:.1f} MB)",
-            "≤ 80 MB", fp.max_rss_mb <= 80),
-        Row("Client CPU while streaming",
+            "≤ 80 MB",
+            fp.max_rss_mb <= 80,
+        ),
+        Row(
+            "Client CPU while streaming",
             f"mean {fp.cpu_pct:.2f} % over {fp.seconds:.0f} s "
             f"(its ssh processes: {fp.helpers_cpu_pct:.2f} %)",
-            "≤ 1 %", fp.cpu_pct <= 1),
-    ]  # fmt: skip
+            "≤ 1 %",
+            fp.cpu_pct <= 1,
+        ),
+    ]
 
 
 # ================================================================ output
@@ -452,8 +500,10 @@ METHOD = """## How each figure is measured
 def render_markdown(r: Results, rows: list[Row], smoke: bool) -> str:
     commit = subprocess.run(
         ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-        text=True, capture_output=True, check=False,
-    ).stdout.strip()  # fmt: skip
+        text=True,
+        capture_output=True,
+        check=False,
+    ).stdout.strip()
     p = r.plan
     command = "python bench/run.py" + (" --smoke" if smoke else "")
     lines = [

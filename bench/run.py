@@ -137,8 +137,10 @@ class Bench:
         res.logins_login, res.logins_node = delta(self.logins(), before)
         cleaned = run.mark("cleaned") is not None and res.exit_status == 0
         if res.connected and not res.problem and not cleaned:
-            res.problem = (f"{route}: Ctrl+C while streaming should print 'Cleaned up job' "
-                           f"and exit 0 (exit {res.exit_status})\n{run.transcript.tail()}")  # fmt: skip
+            res.problem = (
+                f"{route}: Ctrl+C while streaming should print 'Cleaned up job' "
+                f"and exit 0 (exit {res.exit_status})\n{run.transcript.tail()}"
+            )
         self._read_files(run, res)
         return res
 
@@ -221,9 +223,15 @@ class Bench:
 
     def baseline(self, max_wait: float = 300) -> BaselineRun:
         argv = [
-            "bash", str(BENCH / "baseline.sh"), "--max-wait", str(max_wait),
-            str(self.lab.ssh_config), self.model_path, str(self.model_len), str(free_port()),
-        ]  # fmt: skip
+            "bash",
+            str(BENCH / "baseline.sh"),
+            "--max-wait",
+            str(max_wait),
+            str(self.lab.ssh_config),
+            self.model_path,
+            str(self.model_len),
+            str(free_port()),
+        ]
         # TMPDIR: its throwaway known_hosts, named on its tunnel's command line.
         env = {**self.lab.env, "TMPDIR": str(self.tmp), "BASELINE_ACCOUNT": self.lab.account}
         return BaselineRun.start(argv, env)
@@ -242,8 +250,11 @@ class Bench:
             res.logins_login, res.logins_node = delta(self.logins(), before)
             self.results.baseline.append(res)
             logins = f"{res.logins_login}+{res.logins_node}"
-            print(f"  baseline #{i + 1}: connected {secs(res.time_to_connected)}, "
-                  f"logins {logins}, exit {res.exit_status}", flush=True)  # fmt: skip
+            print(
+                f"  baseline #{i + 1}: connected {secs(res.time_to_connected)}, "
+                f"logins {logins}, exit {res.exit_status}",
+                flush=True,
+            )
             if res.time_to_connected is None or res.exit_status != 0:
                 # Not the tool's failure: shown in the report, does not fail the run.
                 res.problem = f"baseline did not connect: {run.stderr.strip()[-300:]}"
@@ -277,8 +288,10 @@ class Bench:
                 res.problem = f"pending: no 'Job submitted'\n{run.transcript.tail()}"
                 return
             base.wait_event("submitted", 30)
-            print(f"  pending for {p.pending_s:g} s (backoff after {p.backoff_after:g} s)...",
-                  flush=True)  # fmt: skip
+            print(
+                f"  pending for {p.pending_s:g} s (backoff after {p.backoff_after:g} s)...",
+                flush=True,
+            )
             run.pump(p.pending_s)
             if not run.alive():
                 res.problem = f"pending: the tool exited while pending\n{run.transcript.tail()}"
@@ -300,10 +313,13 @@ class Bench:
             return
         p = self.plan
         count = SchedulerCount(
-            who=who, window_s=t1 - t0, backoff_after=p.backoff_after,
-            interval=p.scheduler_interval, backoff_interval=p.backoff_interval,
+            who=who,
+            window_s=t1 - t0,
+            backoff_after=p.backoff_after,
+            interval=p.scheduler_interval,
+            backoff_interval=p.backoff_interval,
             times=[c.t - t0 for c in calls if c.caller == caller and t0 <= c.t <= t1],
-        )  # fmt: skip
+        )
         self.results.sched.append(count)
         n, window = len(count.times), count.window_s
         when = ", ".join(f"{t:.1f}" for t in count.times)

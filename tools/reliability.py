@@ -136,7 +136,9 @@ def test_for(fault: str) -> str:
             # {last}: the parametrized case named in the fault's text
             # ("... while pending (timeout 6 s)" -> pending).
             words = fault.replace("(", " ").split()
-            last = next((w for w in reversed(words) if w in ("pending", "loading", "streaming")), "")
+            last = next(
+                (w for w in reversed(words) if w in ("pending", "loading", "streaming")), ""
+            )
             return test.format(state=fault.removeprefix(prefix), last=last)
     return ""
 
@@ -146,9 +148,12 @@ def fmt_s(value: Any) -> str:
 
 
 def render(
-    rows: list[dict[str, Any]], tests: dict[str, tuple[str, str]], source: str,
-    duration: float, command: str,
-) -> str:  # fmt: skip
+    rows: list[dict[str, Any]],
+    tests: dict[str, tuple[str, str]],
+    source: str,
+    duration: float,
+    command: str,
+) -> str:
     now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     ssh_version = _run(["ssh", "-V"]) or "unknown"
     slurm_version = _run(["sinfo", "--version"]) or "unknown"
@@ -184,16 +189,18 @@ def render(
 
     fates = [r for r in rows if "jobs_lost" in r]
     if fates:
-        total = {k: sum(int(r.get(k, 0)) for r in fates)
-                 for k in ("jobs_kept", "jobs_lost", "orphaned", "false_cleanup")}  # fmt: skip
+        total = {
+            k: sum(int(r.get(k, 0)) for r in fates)
+            for k in ("jobs_kept", "jobs_lost", "orphaned", "false_cleanup")
+        }
         lines += [
             "### The job's fate under each fault",
             "",
             "Asked of the scheduler itself (root's `squeue`, which the fault switches never",
-            "touch) when the fault was over; a \"cleaned up\" claim is false when the job was",
+            'touch) when the fault was over; a "cleaned up" claim is false when the job was',
             "still running when the tool printed it.",
             "",
-            "| Fault | Tries | Jobs kept | Jobs lost | Orphaned jobs | False \"cleaned up\" |",
+            '| Fault | Tries | Jobs kept | Jobs lost | Orphaned jobs | False "cleaned up" |',
             "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in fates:
@@ -268,22 +275,38 @@ def render(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "reliability.md")
-    parser.add_argument("--tool-src", type=Path, default=REPO,
-                        help="directory whose alvis_fsm the tests run (default: this checkout)")  # fmt: skip
+    parser.add_argument(
+        "--tool-src",
+        type=Path,
+        default=REPO,
+        help="directory whose alvis_fsm the tests run (default: this checkout)",
+    )
     parser.add_argument("-k", dest="select", default="", help="pytest -k expression")
     parser.add_argument("--results", type=Path, help="keep the raw JSON lines here")
     args = parser.parse_args(argv)
     if args.tool_src.resolve() != REPO and shutil.which("alvis-fsm"):
         # tests/integration/tool.py prefers an installed console script.
-        print(f"warning: alvis-fsm is installed; the tests may run it, not {args.tool_src}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: alvis-fsm is installed; the tests may run it, not {args.tool_src}",
+            file=sys.stderr,
+        )
 
     with tempfile.TemporaryDirectory(prefix="afsm-reliability-") as tmp:
         results = args.results or Path(tmp) / "results.jsonl"
         results.unlink(missing_ok=True)
         junit = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", *map(str, TESTS), "-p", "no:cacheprovider", "-q",
-               "-rfE", f"--junitxml={junit}", f"--rootdir={REPO}"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            *map(str, TESTS),
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rfE",
+            f"--junitxml={junit}",
+            f"--rootdir={REPO}",
+        ]
         if args.select:
             cmd += ["-k", args.select]
         env = {**os.environ, RESULTS_ENV: str(results)}
@@ -293,8 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         # The tool runs as `python -m alvis_fsm` from the working directory.
         status = subprocess.run(cmd, cwd=args.tool_src, env=env, check=False).returncode
         duration = time.monotonic() - t0
-        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] \
-            if results.exists() else []  # fmt: skip
+        rows = (
+            [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+            if results.exists()
+            else []
+        )
         tests = outcomes(junit)
 
     command = "python tools/reliability.py" + (f" -k {args.select!r}" if args.select else "")

@@ -204,9 +204,18 @@ class Pane:
     def start(self, cwd: Path, rcfile: Path) -> None:
         shell = shlex.join(["bash", "--noprofile", "--rcfile", str(rcfile), "-i"])
         self.tmux(
-            "new-session", "-d", "-s", self.name, "-x", str(WIDTH), "-y", str(HEIGHT),
-            "-c", str(cwd), shell,
-        )  # fmt: skip
+            "new-session",
+            "-d",
+            "-s",
+            self.name,
+            "-x",
+            str(WIDTH),
+            "-y",
+            str(HEIGHT),
+            "-c",
+            str(cwd),
+            shell,
+        )
 
     def type(self, text: str) -> None:
         self.tmux("send-keys", "-t", self.name, "-l", text)
@@ -284,9 +293,14 @@ def spinner_frames(screen: list[str]) -> list[tuple[Frame, str]]:
 
 
 def record(
-    pane: Pane, port: int, cwd: Path, rcfile: Path, pending: bool,
-    command: str = "", answers: list[tuple[str, str]] | None = None,
-) -> Recording:  # fmt: skip
+    pane: Pane,
+    port: int,
+    cwd: Path,
+    rcfile: Path,
+    pending: bool,
+    command: str = "",
+    answers: list[tuple[str, str]] | None = None,
+) -> Recording:
     rec = Recording(port=port)
     seen: dict[str, Frame] = {}
     anchors: dict[str, str] = {}
@@ -512,8 +526,7 @@ def first_run_doc(rec: Recording) -> str:
         "without a terminal it would list them and stop. Then it says what it\n"
         "charges, as every `start` does, and goes on as usual: the ready block,\n"
         f"the logs, Ctrl+C (exit status {rec.exit_status}).\n"
-        "The API key is a throwaway key of that lab session, dead since.\n\n"
-        + _fence(rec.lines)
+        "The API key is a throwaway key of that lab session, dead since.\n\n" + _fence(rec.lines)
     )
 
 
@@ -527,8 +540,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-write", action="store_true", help="print the markdown instead")
     parser.add_argument("--raw", type=Path, help="keep the raw pane captures in this dir")
-    parser.add_argument("--only", choices=RUNS, action="append",
-                        help="record only this run (repeatable); the others' docs are kept")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        choices=RUNS,
+        action="append",
+        help="record only this run (repeatable); the others' docs are kept",
+    )
     args = parser.parse_args()
     runs = args.only or list(RUNS)
     if os.geteuid() != 0:
@@ -586,8 +603,11 @@ def main() -> int:
                         cwd = root / "home-first-run"
                         cwd.mkdir()
                         env = {k: v for k, v in env.items() if k != "ALVIS_FSM_CONFIG"}
-                        env.update(HOME=str(cwd), HISTFILE=str(cwd / ".bash_history"),
-                                   ALVIS_FSM_SSH__CONFIG_FILE=f"{lab['LAB_CLIENT']}/ssh_config")  # fmt: skip
+                        env.update(
+                            HOME=str(cwd),
+                            HISTFILE=str(cwd / ".bash_history"),
+                            ALVIS_FSM_SSH__CONFIG_FILE=f"{lab['LAB_CLIENT']}/ssh_config",
+                        )
                         command, answers = f"alvis-fsm start --port {port}", FIRST_ANSWERS
                     # A tmux server per run: a server's environment is the one it
                     # was started with, and each run has a state dir of its own.
@@ -612,9 +632,7 @@ def main() -> int:
                             blocker("stop")
                     all_jobs.update(rec.job_ids)
                     recs[name] = rec
-                    problems += [
-                        f"{name}: {p}" for p in check(rec, pending, name == "first-run")
-                    ]
+                    problems += [f"{name}: {p}" for p in check(rec, pending, name == "first-run")]
                     if args.raw:
                         args.raw.mkdir(parents=True, exist_ok=True)
                         (args.raw / f"{name}.txt").write_text(rec.raw)
@@ -633,6 +651,7 @@ def main() -> int:
             log(f"PROBLEM: {p}")
         log("docs not written")
         return 1
+
     def clean_run_doc(rec: Recording) -> str:
         return clean_doc(rec, lab["ALVIS_FSM_CONFIG"])
 

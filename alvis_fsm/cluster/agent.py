@@ -23,8 +23,13 @@ def agent_source() -> str:
 
 def agent_argv(command: str, args: Mapping[str, object], rest: Sequence[str] = ()) -> list[str]:
     """The local argv that runs one agent command (``protocol.COMMANDS``)."""
-    return ["bash", "-c", agent_source(), "alvis-fsm-agent",
-            *protocol.command_args(command, args, rest)]  # fmt: skip
+    return [
+        "bash",
+        "-c",
+        agent_source(),
+        "alvis-fsm-agent",
+        *protocol.command_args(command, args, rest),
+    ]
 
 
 def _lines(text: str) -> list[str]:
@@ -78,8 +83,13 @@ class Agent:
     conn: Connection
 
     def call(
-        self, command: str, args: Mapping[str, object] | None = None, *,
-        rest: Sequence[str] = (), input: str | None = None, timeout: float = 60,
+        self,
+        command: str,
+        args: Mapping[str, object] | None = None,
+        *,
+        rest: Sequence[str] = (),
+        input: str | None = None,
+        timeout: float = 60,
         retry: bool = True,
     ) -> subprocess.CompletedProcess[str]:
         """Run one agent command with its named arguments (``protocol.COMMANDS``)."""
@@ -98,9 +108,12 @@ class Agent:
         blindly: a lost connection during sbatch is ambiguous (see ``find``)."""
         payload = (api_key + "\n" if api_key else "") + job_script
         proc = self.call(
-            "submit", {"run": run_dir, "has_key": 1 if api_key else 0}, rest=sbatch_args,
-            input=payload, retry=False,
-        )  # fmt: skip
+            "submit",
+            {"run": run_dir, "has_key": 1 if api_key else 0},
+            rest=sbatch_args,
+            input=payload,
+            retry=False,
+        )
         if proc.returncode == 4:
             raise SchedulerError(
                 "sbatch refused the job",
@@ -130,31 +143,48 @@ class Agent:
 
     def wait_start(self, run_dir: str, job_id: str, slice_s: float, interval: float) -> Event:
         proc = self.call(
-            "wait-start", {"run": run_dir, "job": job_id, "slice": f"{slice_s:.3f}",
-                           "interval": f"{interval:.3f}"},
+            "wait-start",
+            {
+                "run": run_dir,
+                "job": job_id,
+                "slice": f"{slice_s:.3f}",
+                "interval": f"{interval:.3f}",
+            },
             timeout=slice_s + 60,
-        )  # fmt: skip
+        )
         return _event(proc)
 
     def wait_ready(
         self, run_dir: str, job_id: str, slice_s: float, interval: float, address_known: bool
     ) -> Event:
         proc = self.call(
-            "wait-ready", {"run": run_dir, "job": job_id, "slice": f"{slice_s:.3f}",
-                           "interval": f"{interval:.3f}", "known": 1 if address_known else 0},
+            "wait-ready",
+            {
+                "run": run_dir,
+                "job": job_id,
+                "slice": f"{slice_s:.3f}",
+                "interval": f"{interval:.3f}",
+                "known": 1 if address_known else 0,
+            },
             timeout=slice_s + 60,
-        )  # fmt: skip
+        )
         return _event(proc)
 
     def tail(self, run_dir: str, lines: int) -> list[tuple[str, str]]:
         """The last lines of both logs, as (stream, line) with stream 'out'/'err'."""
         proc = self.call(
-            "stream", {"run": run_dir, "job": 0, "lines": lines, "from": "", "follow": 0,
-                       "interval": 1, "check": 30},
-        )  # fmt: skip
-        return [
-            parse_log_line(line) for line in _lines(proc.stdout) if line[:2] in ("O|", "E|")
-        ]
+            "stream",
+            {
+                "run": run_dir,
+                "job": 0,
+                "lines": lines,
+                "from": "",
+                "follow": 0,
+                "interval": 1,
+                "check": 30,
+            },
+        )
+        return [parse_log_line(line) for line in _lines(proc.stdout) if line[:2] in ("O|", "E|")]
 
     def mark(self, run_dir: str) -> Mark | None:
         """Where vLLM's logs stand now (None if the agent could not tell)."""
@@ -162,24 +192,37 @@ class Agent:
         return Mark.parse(found[0]) if found else None
 
     def stream(
-        self, run_dir: str, job_id: str, lines: int, check_every: float = 30,
+        self,
+        run_dir: str,
+        job_id: str,
+        lines: int,
+        check_every: float = 30,
         since: Mark | None = None,
     ) -> subprocess.Popen[bytes]:
         """Follow both logs: from ``since`` when given, else their last ``lines``."""
         return self.conn.popen(
             agent_argv(
-                "stream", {"run": run_dir, "job": job_id, "lines": lines,
-                           "from": str(since) if since else "", "follow": 1,
-                           "interval": 0.2, "check": max(1, round(check_every))},
+                "stream",
+                {
+                    "run": run_dir,
+                    "job": job_id,
+                    "lines": lines,
+                    "from": str(since) if since else "",
+                    "follow": 1,
+                    "interval": 0.2,
+                    "check": max(1, round(check_every)),
+                },
             )
-        )  # fmt: skip
+        )
 
     def cancel(self, job_id: str, job_name: str, confirm_s: float = 30) -> str:
         """scancel, then wait up to ``confirm_s`` for the scheduler to confirm a
         terminal state. Returns "" when confirmed, else what is still unknown."""
         proc = self.call(
-            "cancel", {"job": job_id, "job_name": job_name, "confirm": f"{confirm_s:.0f}"},
-            timeout=confirm_s + 60, retry=True,
+            "cancel",
+            {"job": job_id, "job_name": job_name, "confirm": f"{confirm_s:.0f}"},
+            timeout=confirm_s + 60,
+            retry=True,
         )
         found = _records(proc.stdout, "CANCEL")
         if proc.returncode != 0 or not found:

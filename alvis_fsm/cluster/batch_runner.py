@@ -175,7 +175,14 @@ class HTTPError(Exception):
 
 
 # A request that failed this way was not answered: transient, retried.
-FAILURES = (OSError, EOFError, ValueError, HTTPError, asyncio.TimeoutError, asyncio.LimitOverrunError)
+FAILURES = (
+    OSError,
+    EOFError,
+    ValueError,
+    HTTPError,
+    asyncio.TimeoutError,
+    asyncio.LimitOverrunError,
+)
 
 
 class Connection:
@@ -193,7 +200,9 @@ class Connection:
             self.writer.close()
         self.reader = self.writer = None
 
-    async def request(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, str]:
+    async def request(
+        self, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes, str]:
         """(status, body, x-request-id) of one POST. A kept-alive connection
         the server closed meanwhile is opened again once, at no cost."""
         reused = self.writer is not None
@@ -212,9 +221,13 @@ class Connection:
             self.close()
             raise
 
-    async def _exchange(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, str]:
+    async def _exchange(
+        self, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes, str]:
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_unix_connection(self.path, limit=READ_LIMIT)
+            self.reader, self.writer = await asyncio.open_unix_connection(
+                self.path, limit=READ_LIMIT
+            )
         assert self.reader is not None
         head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
@@ -296,7 +309,9 @@ class Runner:
         self.span = (0, 0)  # this shard's input lines [start, end)
         self.handle: Any = None
         self.sent = 0  # requests sent by this run (a retry counts once)
-        self.grace = grace_after_warning(os.path.join(os.path.dirname(os.path.abspath(args.input)), SETTINGS))
+        self.grace = grace_after_warning(
+            os.path.join(os.path.dirname(os.path.abspath(args.input)), SETTINGS)
+        )
 
     # -- signals ------------------------------------------------------------
     def on_signal(self, signum: int, _frame: Any) -> None:
@@ -506,9 +521,21 @@ class Runner:
         self.handle.flush()
         os.fsync(self.handle.fileno())
         written = self.sent_now
-        with open(os.path.join(self.args.out, RUNS.format(self.args.shard)), "a", encoding="utf-8") as runs:
-            runs.write(json.dumps({"started": self.started, "ended": time.time(), "sent": self.sent,
-                                   "written": written, "why": self.why or self.server_gone}) + "\n")
+        with open(
+            os.path.join(self.args.out, RUNS.format(self.args.shard)), "a", encoding="utf-8"
+        ) as runs:
+            runs.write(
+                json.dumps(
+                    {
+                        "started": self.started,
+                        "ended": time.time(),
+                        "sent": self.sent,
+                        "written": written,
+                        "why": self.why or self.server_gone,
+                    }
+                )
+                + "\n"
+            )
 
     def finish(self, expired: bool) -> int:
         """The last progress state and the exit status that says it."""
@@ -543,8 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(args)
     code = runner.run()
     if code != EXIT_DONE:
-        print(f"batch runner: shard {args.shard}: {runner.why or runner.server_gone or 'stopped'}",
-              file=sys.stderr)
+        print(
+            f"batch runner: shard {args.shard}: {runner.why or runner.server_gone or 'stopped'}",
+            file=sys.stderr,
+        )
     return code
 
 

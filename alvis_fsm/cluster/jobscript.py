@@ -140,12 +140,18 @@ def _values(spec: JobSpec) -> dict[str, str]:
         "ACCOUNT": _sbatch_value("account", spec.account, syntax.ACCOUNT_RE, ident_hint),
         "JOB_NAME": _sbatch_value("job name", spec.job_name, _JOB_NAME, ident_hint),
         "TIME": format_walltime(parse_walltime(spec.time, max_time=_NO_POLICY_MAX)),
-        "GPUS": _sbatch_value("GPU request", spec.gpus, syntax.GPUS_RE, "Use TYPE:N or N, e.g. A40:1."),
+        "GPUS": _sbatch_value(
+            "GPU request", spec.gpus, syntax.GPUS_RE, "Use TYPE:N or N, e.g. A40:1."
+        ),
         "GPU_COUNT": str(gpu_count(spec.gpus)),
         "PARTITION_LINE": (
             "#SBATCH --partition "
-            + _sbatch_value("partition", spec.partition, syntax.PARTITION_RE,
-                            "Only letters, digits, '_', '.', ',' and '-' are allowed.")
+            + _sbatch_value(
+                "partition",
+                spec.partition,
+                syntax.PARTITION_RE,
+                "Only letters, digits, '_', '.', ',' and '-' are allowed.",
+            )
             if spec.partition
             else ""
         ),

@@ -87,8 +87,15 @@ class JobState(StrEnum):
 # sibling another cluster runs: both ended for this tool.
 PHASES: dict[JobState, Phase] = {
     **dict.fromkeys(
-        (JobState.PENDING, JobState.CONFIGURING, JobState.REQUEUED, JobState.REQUEUE_FED,
-         JobState.REQUEUE_HOLD, JobState.RESV_DEL_HOLD, JobState.SUSPENDED),
+        (
+            JobState.PENDING,
+            JobState.CONFIGURING,
+            JobState.REQUEUED,
+            JobState.REQUEUE_FED,
+            JobState.REQUEUE_HOLD,
+            JobState.RESV_DEL_HOLD,
+            JobState.SUSPENDED,
+        ),
         Phase.WAITING,
     ),
     **dict.fromkeys(
@@ -96,12 +103,22 @@ PHASES: dict[JobState, Phase] = {
     ),
     **dict.fromkeys((JobState.COMPLETING, JobState.STAGE_OUT), Phase.ENDING),
     **dict.fromkeys(
-        (JobState.COMPLETED, JobState.CANCELLED, JobState.FAILED, JobState.TIMEOUT,
-         JobState.NODE_FAIL, JobState.PREEMPTED, JobState.OUT_OF_MEMORY, JobState.BOOT_FAIL,
-         JobState.DEADLINE, JobState.REVOKED, JobState.SPECIAL_EXIT),
+        (
+            JobState.COMPLETED,
+            JobState.CANCELLED,
+            JobState.FAILED,
+            JobState.TIMEOUT,
+            JobState.NODE_FAIL,
+            JobState.PREEMPTED,
+            JobState.OUT_OF_MEMORY,
+            JobState.BOOT_FAIL,
+            JobState.DEADLINE,
+            JobState.REVOKED,
+            JobState.SPECIAL_EXIT,
+        ),
         Phase.ENDED,
     ),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -244,6 +261,8 @@ FATAL_PATTERNS = re.compile(
     r"CUDA error|RuntimeError|ValueError|FATAL|Traceback \(most recent call last\)|"
     r"EngineCore encountered a fatal error|Error|error:",
 )
+
+
 def root_cause(lines: list[str], tail: int = 8) -> list[str]:
     """The lines that explain a crash: fatal-pattern matches, then the tail.
 

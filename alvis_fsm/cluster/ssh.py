@@ -43,8 +43,8 @@ SSH_FAILURE = 255
 # program's own.
 BOOTSTRAP = (
     "exec bash -c 'IFS= read -r n && [[ $n =~ ^[1-9][0-9]*$ ]] || exit 3; "
-    "mapfile -d \"\" -t a < <(dd bs=\"$n\" count=1 iflag=fullblock status=none); "
-    "[ ${#a[@]} -gt 0 ] || exit 3; exec \"${a[@]}\"'"
+    'mapfile -d "" -t a < <(dd bs="$n" count=1 iflag=fullblock status=none); '
+    '[ ${#a[@]} -gt 0 ] || exit 3; exec "${a[@]}"\''
 )
 
 
@@ -60,6 +60,7 @@ def frame(argv: Sequence[str]) -> bytes:
         raise ValueError("a remote command's argument holds a NUL byte")
     body = b"".join(w.encode() + b"\x00" for w in words)
     return f"{len(body)}\n".encode() + body
+
 
 # macOS limits a unix socket path to 104 bytes; ssh appends a random suffix
 # of ~17 bytes while it creates the socket.
@@ -90,9 +91,13 @@ class SSHOptions:
     config_file: str = ""
     # The rest default to the settings' packaged values (ssh.*).
     connect_timeout: int = field(default_factory=lambda: packaged_default("ssh.connect_timeout"))
-    keepalive_interval: int = field(default_factory=lambda: packaged_default("ssh.keepalive_interval"))
+    keepalive_interval: int = field(
+        default_factory=lambda: packaged_default("ssh.keepalive_interval")
+    )
     keepalive_count: int = field(default_factory=lambda: packaged_default("ssh.keepalive_count"))
-    reconnect_window: float = field(default_factory=lambda: packaged_default("ssh.reconnect_window"))
+    reconnect_window: float = field(
+        default_factory=lambda: packaged_default("ssh.reconnect_window")
+    )
     control_persist: int = field(default_factory=lambda: packaged_default("ssh.control_persist"))
 
 
@@ -130,10 +135,13 @@ def common_args(opts: SSHOptions) -> list[str]:
     if opts.config_file:
         args += ["-F", os.path.expanduser(opts.config_file)]
     args += [
-        "-o", f"ConnectTimeout={opts.connect_timeout}",
-        "-o", f"ServerAliveInterval={opts.keepalive_interval}",
-        "-o", f"ServerAliveCountMax={opts.keepalive_count}",
-    ]  # fmt: skip
+        "-o",
+        f"ConnectTimeout={opts.connect_timeout}",
+        "-o",
+        f"ServerAliveInterval={opts.keepalive_interval}",
+        "-o",
+        f"ServerAliveCountMax={opts.keepalive_count}",
+    ]
     if opts.user:
         args += ["-l", opts.user]
     return args
@@ -177,10 +185,13 @@ class Connection:
         # silently logging in again (which would hide a prompt or count a login).
         return [
             *common_args(self.opts),
-            "-S", str(self.control),
-            "-o", "ControlMaster=no",
-            "-o", "ProxyCommand=false",
-        ]  # fmt: skip
+            "-S",
+            str(self.control),
+            "-o",
+            "ControlMaster=no",
+            "-o",
+            "ProxyCommand=false",
+        ]
 
     def alive(self) -> bool:
         proc = subprocess.run(
@@ -224,11 +235,15 @@ class Connection:
         # client that died ends by itself, never lingers for good (issue 31).
         with_master = [
             *common_args(self.opts),
-            "-S", str(self.control),
-            "-o", "ControlMaster=yes",
-            "-o", f"ControlPersist={self.opts.control_persist}",
-            "-N", self.opts.host,
-        ]  # fmt: skip
+            "-S",
+            str(self.control),
+            "-o",
+            "ControlMaster=yes",
+            "-o",
+            f"ControlPersist={self.opts.control_persist}",
+            "-N",
+            self.opts.host,
+        ]
         self.prompter.command(shlex.join(with_master))
         # A socket left by a master that died uncleanly would make ssh
         # "disable multiplexing" and run without one.
@@ -408,8 +423,7 @@ class Connection:
                 backoff.failed()
                 if time.monotonic() + backoff.delay > deadline:
                     raise ConnectionLost(
-                        f"Could not reach {self.opts.host} for "
-                        f"{self.opts.reconnect_window:.0f} s",
+                        f"Could not reach {self.opts.host} for {self.opts.reconnect_window:.0f} s",
                         hint=exc.hint,
                         details=exc.details,
                     ) from exc

@@ -33,7 +33,9 @@ GPUS = rf"(?:{GPU_TYPE}:)?([1-9][0-9]*)"
 # What a user may ask for: GPUS, or "auto" (chosen by alvis_fsm.engine.fit).
 GPUS_OR_AUTO = rf"auto|{GPUS}"
 
-WALLTIME_FORMS = "MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, or with units (90m, 2h, 1h30m, 2d)"
+WALLTIME_FORMS = (
+    "MM, MM:SS, H:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, or with units (90m, 2h, 1h30m, 2d)"
+)
 
 # sbatch --time. Non-leading fields are at most two digits; the leading one
 # is any length (SLURM accepts "90" minutes or "36:00:00"). ASCII digits only.
@@ -91,8 +93,7 @@ def spoken_seconds(text: str) -> float:
             seconds = duration(stripped)  # SLURM's forms; a bare number was seconds above
     if not seconds or seconds <= 0:
         raise ValueError(
-            f"{text!r} is not a duration: seconds, or with units (90s, 15m, 1h30m, 2d),"
-            " or H:MM:SS"
+            f"{text!r} is not a duration: seconds, or with units (90s, 15m, 1h30m, 2d), or H:MM:SS"
         )
     return seconds
 

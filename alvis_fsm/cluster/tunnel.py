@@ -151,7 +151,11 @@ class Tunnel:
     @property
     def local(self) -> str:
         """The local end, for messages."""
-        return f"local port {self.local_port}" if self.local_port else f"local socket {self.local_socket}"
+        return (
+            f"local port {self.local_port}"
+            if self.local_port
+            else f"local socket {self.local_socket}"
+        )
 
     def _clear_stale_socket(self) -> None:
         """A socket file left by a tunnel that was killed would make ssh's bind
@@ -187,9 +191,14 @@ class Tunnel:
         with tempfile.TemporaryFile(mode="w+") as err:
             try:
                 tun = subprocess.run(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                    start_new_session=True, check=False, timeout=OPEN_TIMEOUT_S,
-                )  # fmt: skip
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    start_new_session=True,
+                    check=False,
+                    timeout=OPEN_TIMEOUT_S,
+                )
             except subprocess.TimeoutExpired as exc:
                 raise ConnectionLost(
                     f"The tunnel to {self.node} did not open within {OPEN_TIMEOUT_S} s"
@@ -214,10 +223,21 @@ class Tunnel:
         # process's, and the tool's checks would call that port ours.
         for i, spec in enumerate(self.forwards):
             proc = subprocess.run(
-                [*common_args(self.conn.opts), "-S", str(self.conn.control), "-O", "forward",
-                 "-L", spec, self.conn.opts.host],
-                capture_output=True, text=True, start_new_session=True, check=False,
-            )  # fmt: skip
+                [
+                    *common_args(self.conn.opts),
+                    "-S",
+                    str(self.conn.control),
+                    "-O",
+                    "forward",
+                    "-L",
+                    spec,
+                    self.conn.opts.host,
+                ],
+                capture_output=True,
+                text=True,
+                start_new_session=True,
+                check=False,
+            )
             if proc.returncode != 0:
                 if i:
                     self.close()
@@ -228,21 +248,38 @@ class Tunnel:
         the forward, as a master of its own (``control``)."""
         opts = self.conn.opts
         jump = shlex.join(
-            [*common_args(opts), "-S", str(self.conn.control), "-o", "ControlMaster=no",
-             "-o", "ProxyCommand=false", "-W", "%h:%p", opts.host]
-        )  # fmt: skip
+            [
+                *common_args(opts),
+                "-S",
+                str(self.conn.control),
+                "-o",
+                "ControlMaster=no",
+                "-o",
+                "ProxyCommand=false",
+                "-W",
+                "%h:%p",
+                opts.host,
+            ]
+        )
         return [
             *common_args(opts),
-            "-M", "-S", str(self.control),
+            "-M",
+            "-S",
+            str(self.control),
             "-f",
-            "-o", "ExitOnForwardFailure=yes",
-            "-o", "StrictHostKeyChecking=accept-new",
-            "-o", "BatchMode=yes",
-            "-o", f"ProxyCommand={jump}",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ProxyCommand={jump}",
             *(["-o", "StreamLocalBindMask=0177"] if self.local_socket else []),
             *self._forward_args(),
-            self.node, HOLD,
-        ]  # fmt: skip
+            self.node,
+            HOLD,
+        ]
 
     def _not_opened(self, said: str) -> SSHError:
         """Why the tunnel ssh failed, from what it said."""
@@ -274,15 +311,26 @@ class Tunnel:
     def close(self) -> None:
         if self.route == "login":
             subprocess.run(
-                [*common_args(self.conn.opts), "-S", str(self.conn.control), "-O", "cancel",
-                 *self._forward_args(), self.conn.opts.host],
-                capture_output=True, start_new_session=True, check=False,
-            )  # fmt: skip
+                [
+                    *common_args(self.conn.opts),
+                    "-S",
+                    str(self.conn.control),
+                    "-O",
+                    "cancel",
+                    *self._forward_args(),
+                    self.conn.opts.host,
+                ],
+                capture_output=True,
+                start_new_session=True,
+                check=False,
+            )
         else:
             subprocess.run(
                 [*common_args(self.conn.opts), "-S", str(self.control), "-O", "exit", self.node],
-                capture_output=True, start_new_session=True, check=False,
-            )  # fmt: skip
+                capture_output=True,
+                start_new_session=True,
+                check=False,
+            )
         # ssh leaves its listening socket file behind.
         self._clear_stale_socket()
 
@@ -291,8 +339,10 @@ def close_tunnel_socket(conn: Connection, control: Path, node: str) -> None:
     """Stop a route-jump tunnel known only by its control socket (stop/resume)."""
     subprocess.run(
         [*common_args(conn.opts), "-S", str(control), "-O", "exit", node or "node"],
-        capture_output=True, start_new_session=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        start_new_session=True,
+        check=False,
+    )
 
 
 def http_client(api_key: str | None, timeout: float, local_socket: str = "") -> httpx.Client:
@@ -305,8 +355,14 @@ def http_client(api_key: str | None, timeout: float, local_socket: str = "") -> 
     # context that would refuse any TLS server, were one ever asked.
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     transport = httpx.HTTPTransport(uds=local_socket or None, verify=tls)
-    return httpx.Client(trust_env=False, timeout=timeout, headers=headers, follow_redirects=False,
-                        transport=transport, verify=tls)  # fmt: skip
+    return httpx.Client(
+        trust_env=False,
+        timeout=timeout,
+        headers=headers,
+        follow_redirects=False,
+        transport=transport,
+        verify=tls,
+    )
 
 
 def local_base(local_port: int, local_socket: str = "") -> str:
@@ -344,8 +400,12 @@ class TunnelDied(SSHError):
 
 
 def verify(
-    local_port: int, api_key: str | None, deadline_s: float, served_name: str = "",
-    local_socket: str = "", alive: Callable[[], bool] | None = None,
+    local_port: int,
+    api_key: str | None,
+    deadline_s: float,
+    served_name: str = "",
+    local_socket: str = "",
+    alive: Callable[[], bool] | None = None,
 ) -> Verified:
     """Through the tunnel, with the key: ``/v1/models`` lists the served model
     and a 1-token completion succeeds. ``/v1/models`` alone is not enough: the
@@ -378,8 +438,10 @@ class _Check:
         """A connection error, retried; but if the tunnel is gone, a drop."""
         self.last = str(exc) or type(exc).__name__
         if self.alive is not None and not self.alive():
-            raise TunnelDied("The tunnel closed while the server was being checked",
-                             details=f"{what}: {self.last}")  # fmt: skip
+            raise TunnelDied(
+                "The tunnel closed while the server was being checked",
+                details=f"{what}: {self.last}",
+            )
 
     def models(self, served_name: str) -> list[str]:
         """``/v1/models``, until it lists ``served_name`` (any model if "")."""
@@ -456,7 +518,9 @@ def _cannot_generate(exc: httpx.HTTPStatusError, model: str, url: str) -> Server
     )
 
 
-def health(local_port: int, *, api_key: str | None, timeout: float = 3, local_socket: str = "") -> bool:
+def health(
+    local_port: int, *, api_key: str | None, timeout: float = 3, local_socket: str = ""
+) -> bool:
     """True when our own server answers ``/health`` through the tunnel.
 
     Through the private socket (``local_socket``) when the session has one:

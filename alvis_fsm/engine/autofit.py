@@ -34,7 +34,9 @@ CACHE_FILE = "snapshots.json"
 # bounded by `timeout` (a FIFO named config.json must not stall us), each read
 # capped in size.
 # "~" is expanded by common.sh's home_path, as in every remote script.
-PROBE_SCRIPT = protocol.fragment("common.sh") + r"""
+PROBE_SCRIPT = (
+    protocol.fragment("common.sh")
+    + r"""
 set -u
 home_path snap "$1"
 cd -- "$snap" 2>/dev/null || { printf 'MISSING|\n'; exit 0; }
@@ -52,6 +54,7 @@ for f in *.safetensors; do
 done
 exit 0
 """
+)
 
 # sbatch --test-only for each candidate: when would it start? Nothing is queued.
 TEST_ONLY_SCRIPT = r"""
@@ -151,11 +154,25 @@ def read_snapshot(conn: _Runs, path: str, state_dir: Path) -> Snapshot | None:
 
 
 def expected_starts(
-    conn: _Runs, specs: Sequence[str], account: str, time: str, partition: str,
+    conn: _Runs,
+    specs: Sequence[str],
+    account: str,
+    time: str,
+    partition: str,
     extra_args: Sequence[str],
-) -> dict[str, str]:  # fmt: skip
-    argv = ["bash", "-c", TEST_ONLY_SCRIPT, "alvis-fsm-test-only", account, time, partition,
-            str(len(extra_args)), *extra_args, *specs]  # fmt: skip
+) -> dict[str, str]:
+    argv = [
+        "bash",
+        "-c",
+        TEST_ONLY_SCRIPT,
+        "alvis-fsm-test-only",
+        account,
+        time,
+        partition,
+        str(len(extra_args)),
+        *extra_args,
+        *specs,
+    ]
     proc = conn.run(argv, timeout=30 + 15 * len(specs))
     return parse_test_only_answers(proc.stdout)
 
@@ -198,8 +215,14 @@ def resolve_gpus(
     return choice.gpus
 
 
-def _warn_context(ui: Observer, conn: _Runs, settings: Settings, model_path: str,
-                  max_model_len: int, gpu_spec: str) -> None:  # fmt: skip
+def _warn_context(
+    ui: Observer,
+    conn: _Runs,
+    settings: Settings,
+    model_path: str,
+    max_model_len: int,
+    gpu_spec: str,
+) -> None:
     """An explicit ``TYPE:N``: a warning when max_model_len cannot fit it
     (best effort: a snapshot that cannot be read warns about nothing)."""
     gpu_type, _, count = gpu_spec.rpartition(":")
@@ -217,8 +240,9 @@ def _warn_context(ui: Observer, conn: _Runs, settings: Settings, model_path: str
             ui.warn(f"{warning} (the catalog's max_model_len; lower it, or try --gpus auto)")
 
 
-def _footprint(ui: Observer, conn: _Runs, settings: Settings, model_path: str,
-               fallback: str | None) -> fit.Footprint | None:  # fmt: skip
+def _footprint(
+    ui: Observer, conn: _Runs, settings: Settings, model_path: str, fallback: str | None
+) -> fit.Footprint | None:
     """What the snapshot needs, for ``auto``; None (with a warning) when it
     cannot be sized and ``fallback`` is given, else refused."""
     snap = read_snapshot(conn, model_path, settings.state_dir)
@@ -244,8 +268,9 @@ def _footprint(ui: Observer, conn: _Runs, settings: Settings, model_path: str,
     )
 
 
-def _start_times(conn: _Runs, settings: Settings, fp: fit.Footprint, max_model_len: int,
-                 time: str) -> Callable[[str], str | None]:  # fmt: skip
+def _start_times(
+    conn: _Runs, settings: Settings, fp: fit.Footprint, max_model_len: int, time: str
+) -> Callable[[str], str | None]:
     """When a candidate would start, for ``fit.choose``: asked only when no
     candidate is free now, then one round trip asks sbatch --test-only about
     every candidate at once."""
@@ -262,9 +287,13 @@ def _start_times(conn: _Runs, settings: Settings, fp: fit.Footprint, max_model_l
             ]
             try:
                 answers = expected_starts(
-                    conn, candidates, settings.slurm.account, time, settings.slurm.partition,
+                    conn,
+                    candidates,
+                    settings.slurm.account,
+                    time,
+                    settings.slurm.partition,
                     settings.slurm.extra_args,
-                )  # fmt: skip
+                )
             except AlvisError:
                 answers = {}
         return answers.get(spec)

@@ -151,7 +151,9 @@ def validate(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    valid = Validated(endpoint=endpoint, model=model[0], served_name=model[1], total=total, dir=work)
+    valid = Validated(
+        endpoint=endpoint, model=model[0], served_name=model[1], total=total, dir=work
+    )
     weakref.finalize(valid, shutil.rmtree, work, True)
     return valid
 
@@ -206,7 +208,10 @@ def _check_lines(
         _check_body(number, req["body"], endpoint)
         total += 1
         ids.write(json.dumps(cid, ensure_ascii=False) + "\n")
-        out.write(json.dumps({**req, "body": {**req["body"], "model": model[1]}}, ensure_ascii=False) + "\n")
+        out.write(
+            json.dumps({**req, "body": {**req["body"], "model": model[1]}}, ensure_ascii=False)
+            + "\n"
+        )
     if not total or model is None:
         raise UsageError("The batch file holds no requests", hint="One JSON request per line.")
     return endpoint, model, total
@@ -223,8 +228,11 @@ def _parse_line(number: int, text: str) -> dict[str, Any]:
         raise _refuse(number, "a request must be a JSON object")
     extra = sorted(set(req) - {"custom_id", "method", "url", "body"})
     if extra:
-        raise _refuse(number, f"unknown key(s) {', '.join(map(repr, extra))}",
-                      "Each line is {custom_id, method, url, body}.")  # fmt: skip
+        raise _refuse(
+            number,
+            f"unknown key(s) {', '.join(map(repr, extra))}",
+            "Each line is {custom_id, method, url, body}.",
+        )
     cid = req.get("custom_id")
     if not isinstance(cid, str) or not cid:
         raise _refuse(number, "custom_id must be a non-empty string")
@@ -234,31 +242,43 @@ def _parse_line(number: int, text: str) -> dict[str, Any]:
 def _check_url(number: int, req: dict[str, Any], endpoint: str) -> str:
     """The method and the url (one url per batch): the batch's endpoint."""
     if req.get("method") != "POST":
-        raise _refuse(number, f"method must be \"POST\", not {req.get('method')!r}")
+        raise _refuse(number, f'method must be "POST", not {req.get("method")!r}')
     url = req.get("url")
     if url not in ENDPOINTS:
         raise _refuse(number, f"url {url!r} is not one of {', '.join(ENDPOINTS)}")
     if endpoint and url != endpoint:
-        raise _refuse(number, f"url {url!r} differs from {endpoint!r} above",
-                      "One endpoint per batch: split the file.")  # fmt: skip
+        raise _refuse(
+            number,
+            f"url {url!r} differs from {endpoint!r} above",
+            "One endpoint per batch: split the file.",
+        )
     if not isinstance(req.get("body"), dict):
         raise _refuse(number, "body must be a JSON object")
     return str(url)
 
 
-def _check_model(number: int, body: dict[str, Any], resolve: Mapping[str, tuple[str, str]],
-                 model: tuple[str, str] | None) -> tuple[str, str]:  # fmt: skip
+def _check_model(
+    number: int,
+    body: dict[str, Any],
+    resolve: Mapping[str, tuple[str, str]],
+    model: tuple[str, str] | None,
+) -> tuple[str, str]:
     """body.model (or -m's), one model per batch: (catalog name, served name)."""
     name = body.get("model")
     if name is None:
         if model is None:
-            raise _refuse(number, "body.model is missing", "Name the model in each body, or -m MODEL.")
+            raise _refuse(
+                number, "body.model is missing", "Name the model in each body, or -m MODEL."
+            )
         return model
     if not isinstance(name, str) or name not in resolve:
         raise _refuse(number, f"unknown model {name!r}", "`alvis-fsm models` lists the catalog.")
     if model is not None and resolve[name] != model:
-        raise _refuse(number, f"model {name!r} differs from {model[0]!r}",
-                      "One model per batch: split the file.")  # fmt: skip
+        raise _refuse(
+            number,
+            f"model {name!r} differs from {model[0]!r}",
+            "One model per batch: split the file.",
+        )
     return resolve[name]
 
 
@@ -318,11 +338,14 @@ class BatchRecord:
         if self.status != status:
             self.status = status.value
         key = {
-            BatchStatus.IN_PROGRESS: "in_progress_at", BatchStatus.FINALIZING: "finalizing_at",
-            BatchStatus.COMPLETED: "completed_at", BatchStatus.FAILED: "failed_at",
-            BatchStatus.EXPIRED: "expired_at", BatchStatus.CANCELLING: "cancelling_at",
+            BatchStatus.IN_PROGRESS: "in_progress_at",
+            BatchStatus.FINALIZING: "finalizing_at",
+            BatchStatus.COMPLETED: "completed_at",
+            BatchStatus.FAILED: "failed_at",
+            BatchStatus.EXPIRED: "expired_at",
+            BatchStatus.CANCELLING: "cancelling_at",
             BatchStatus.CANCELLED: "cancelled_at",
-        }.get(status)  # fmt: skip
+        }.get(status)
         if key and key not in self.times:
             self.times[key] = int(time.time() if now is None else now)
 
@@ -408,22 +431,28 @@ def openai_object(record: BatchRecord, assembling: bool = False) -> dict[str, An
     ready yet (the gateway is downloading them) shows as ``finalizing``."""
     times = dict(record.times)
     status = BatchStatus(record.status)
-    if status == BatchStatus.COMPLETED and "completed_at" in times:  # a record from before finalizing
+    if (
+        status == BatchStatus.COMPLETED and "completed_at" in times
+    ):  # a record from before finalizing
         times.setdefault("finalizing_at", times["completed_at"])
     if assembling and status == BatchStatus.COMPLETED:
         status = BatchStatus.FINALIZING
         times.pop("completed_at", None)
     errors = None
     if record.error:
-        errors = {"object": "list", "data": [
-            {"code": "batch_failed", "message": record.error, "param": None, "line": None}]}
+        errors = {
+            "object": "list",
+            "data": [
+                {"code": "batch_failed", "message": record.error, "param": None, "line": None}
+            ],
+        }
     window = window_seconds(record.completion_window)
     return {
         "id": record.id,
         "object": "batch",
         "endpoint": record.endpoint,
         "errors": errors,
-        "input_file_id": record.input_file_id or f"file-{record.id[len('batch_'):]}",
+        "input_file_id": record.input_file_id or f"file-{record.id[len('batch_') :]}",
         "completion_window": record.completion_window,
         "status": status.value,
         "output_file_id": record.output_file_id or None,
@@ -437,7 +466,9 @@ def openai_object(record: BatchRecord, assembling: bool = False) -> dict[str, An
         "expired_at": times.get("expired_at"),
         "cancelling_at": times.get("cancelling_at"),
         "cancelled_at": times.get("cancelled_at"),
-        "request_counts": dict(total=record.total, completed=record.completed, failed=record.failed),
+        "request_counts": dict(
+            total=record.total, completed=record.completed, failed=record.failed
+        ),
         "metadata": record.metadata or None,
     }
 
@@ -513,7 +544,9 @@ def apply(record: BatchRecord, snap: Snapshot) -> BatchRecord:
     record.completed = sum(int(p.get("completed", 0)) for p in snap.progress.values())
     record.failed = sum(int(p.get("errored", 0)) for p in snap.progress.values())
     record.prompt_tokens = sum(int(p.get("prompt_tokens", 0)) for p in snap.progress.values())
-    record.completion_tokens = sum(int(p.get("completion_tokens", 0)) for p in snap.progress.values())
+    record.completion_tokens = sum(
+        int(p.get("completion_tokens", 0)) for p in snap.progress.values()
+    )
     if snap.run_dir_gone:
         return record  # not ours to judge: the run dir may be on a file system that is away
     live = bool(snap.queue)
@@ -559,10 +592,16 @@ def apply(record: BatchRecord, snap: Snapshot) -> BatchRecord:
 # -- results ------------------------------------------------------------------
 
 _UNDONE = {
-    BatchStatus.EXPIRED: ("batch_expired", "This request could not be executed before the completion window expired."),
-    BatchStatus.CANCELLED: ("batch_cancelled", "This request was not executed because the batch was cancelled."),
+    BatchStatus.EXPIRED: (
+        "batch_expired",
+        "This request could not be executed before the completion window expired.",
+    ),
+    BatchStatus.CANCELLED: (
+        "batch_cancelled",
+        "This request was not executed because the batch was cancelled.",
+    ),
     BatchStatus.FAILED: ("batch_failed", "This request was not executed because the batch failed."),
-}  # fmt: skip
+}
 
 
 # What counts as an answer (not an error): the runner's own rule, once.
@@ -589,8 +628,10 @@ def merge(
                 cid = raw.get("custom_id")
                 if isinstance(cid, str):
                     row = {k: v for k, v in raw.items() if not k.startswith("_")}
-                    db.execute("INSERT OR IGNORE INTO res VALUES (?, ?)",
-                               (cid, json.dumps(row, ensure_ascii=False)))  # fmt: skip
+                    db.execute(
+                        "INSERT OR IGNORE INTO res VALUES (?, ?)",
+                        (cid, json.dumps(row, ensure_ascii=False)),
+                    )
             db.execute("COMMIT")
             for cid in ids:
                 hit = db.execute("SELECT value FROM res WHERE cid = ?", (cid,)).fetchone()
@@ -598,12 +639,15 @@ def merge(
                     found: dict[str, Any] = json.loads(hit[0])
                     yield is_ok(found), found
                 elif undone is not None:
-                    yield False, {
-                        "id": "batch_req_" + secrets.token_hex(12),
-                        "custom_id": cid,
-                        "response": None,
-                        "error": {"code": undone[0], "message": undone[1]},
-                    }
+                    yield (
+                        False,
+                        {
+                            "id": "batch_req_" + secrets.token_hex(12),
+                            "custom_id": cid,
+                            "response": None,
+                            "error": {"code": undone[0], "message": undone[1]},
+                        },
+                    )
         finally:
             db.close()
 

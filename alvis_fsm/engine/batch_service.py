@@ -43,6 +43,7 @@ from alvis_fsm.errors import (
 )
 
 if TYPE_CHECKING:
+    from alvis_fsm.engine.catalog import ModelEntry
     from alvis_fsm.engine.settings import Settings
 
 # Requests in flight per shard (vLLM batches them on the GPU): the runner's.
@@ -71,8 +72,10 @@ def parse_jobs(text: str) -> int | None:
         return None
     if text.isdigit() and 1 <= int(text) <= 1000:
         return int(text)
-    raise UsageError(f"--jobs: {text!r} is not a number from 1 to 1000 or 'auto'",
-                     hint="For example: --jobs 4 (or --jobs auto: as many as GPUs are free now).")  # fmt: skip
+    raise UsageError(
+        f"--jobs: {text!r} is not a number from 1 to 1000 or 'auto'",
+        hint="For example: --jobs 4 (or --jobs auto: as many as GPUs are free now).",
+    )
 
 
 def jobs_for(sinfo_lines: list[str], gpus: str) -> int:
@@ -125,22 +128,52 @@ class Remote:
     conn: Connection
     agent: Agent
 
-    def call(self, sub: str, run_dir: str, *args: str, input: str | None = None,
-             timeout: float = 60, retry: bool = True) -> Any:  # fmt: skip
-        argv = ["bash", "-c", protocol.agent_script("batch_agent.sh"), "alvis-fsm-batch", sub, run_dir, *args]
+    def call(
+        self,
+        sub: str,
+        run_dir: str,
+        *args: str,
+        input: str | None = None,
+        timeout: float = 60,
+        retry: bool = True,
+    ) -> Any:
+        argv = [
+            "bash",
+            "-c",
+            protocol.agent_script("batch_agent.sh"),
+            "alvis-fsm-batch",
+            sub,
+            run_dir,
+            *args,
+        ]
         proc = self.conn.run(argv, input=input, timeout=timeout, retry=retry)
         for line in proc.stdout.split("\n"):
             if line.startswith("CMD|"):
                 self.conn.prompter.command(f"{self.conn.opts.host}: {line[4:]}")
         return proc
 
-    def stream(self, sub: str, run_dir: str, *args: str, source: Path | None = None,
-               sink: BinaryIO | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    def stream(
+        self,
+        sub: str,
+        run_dir: str,
+        *args: str,
+        source: Path | None = None,
+        sink: BinaryIO | None = None,
+        timeout: float = 600,
+    ) -> subprocess.CompletedProcess[str]:
         """``call`` for data too large to hold in memory: ``source`` is copied
         to the command's stdin and its stdout into ``sink``, a chunk at a
         time. A lost connection is reopened and the command run again (so
         only for idempotent commands: put, results); the sink is rewound."""
-        argv = ["bash", "-c", protocol.agent_script("batch_agent.sh"), "alvis-fsm-batch", sub, run_dir, *args]
+        argv = [
+            "bash",
+            "-c",
+            protocol.agent_script("batch_agent.sh"),
+            "alvis-fsm-batch",
+            sub,
+            run_dir,
+            *args,
+        ]
         for attempt in range(3):
             if sink is not None:
                 sink.seek(0)
@@ -162,20 +195,24 @@ class Remote:
                     proc.kill()
                     proc.wait()
             if late.is_set():
-                raise ConnectionLost(f"A command on {self.conn.opts.host} did not finish within {timeout:.0f} s",
-                                     details=f"batch agent {sub}")  # fmt: skip
+                raise ConnectionLost(
+                    f"A command on {self.conn.opts.host} did not finish within {timeout:.0f} s",
+                    details=f"batch agent {sub}",
+                )
             if code == SSH_FAILURE and attempt < 2:
                 self.conn.reopen()
                 continue
             if code == SSH_FAILURE:
-                raise ConnectionLost(f"Lost the connection to {self.conn.opts.host}",
-                                     details=stderr.strip() or None)  # fmt: skip
+                raise ConnectionLost(
+                    f"Lost the connection to {self.conn.opts.host}", details=stderr.strip() or None
+                )
             return subprocess.CompletedProcess(argv, code, stdout, stderr)
         raise AssertionError("unreachable")
 
 
-def _pump(proc: subprocess.Popen[bytes], source: Path | None,
-          sink: BinaryIO | None) -> tuple[int, str, str]:  # fmt: skip
+def _pump(
+    proc: subprocess.Popen[bytes], source: Path | None, sink: BinaryIO | None
+) -> tuple[int, str, str]:
     """Feed ``source`` to ``proc`` and drain its output (stderr in a thread,
     so that neither side can block the other); the exit status and the
     text of stdout (when not sunk) and stderr."""
@@ -241,8 +278,9 @@ class SubmitOptions:
     input_file_id: str = ""
 
 
-def submit(settings: Settings, options: SubmitOptions, ui: Observer,
-           store: BatchStore | None = None) -> BatchRecord:  # fmt: skip
+def submit(
+    settings: Settings, options: SubmitOptions, ui: Observer, store: BatchStore | None = None
+) -> BatchRecord:
     """Validate (before any network), upload once, submit the job array."""
     from alvis_fsm.engine import session_spec
 
@@ -276,24 +314,41 @@ class _Job:
     warn_s: int
 
     def script(self, run_dir: str) -> str:
-        return jobscript.render(dataclasses.replace(self.spec, run_dir=run_dir), _source("batch_job.sh"),
-                                self.extra)  # fmt: skip
+        return jobscript.render(
+            dataclasses.replace(self.spec, run_dir=run_dir), _source("batch_job.sh"), self.extra
+        )
 
 
-def _new_record(cfg: Settings, options: SubmitOptions, valid: Validated, time_text: str) -> BatchRecord:
+def _new_record(
+    cfg: Settings, options: SubmitOptions, valid: Validated, time_text: str
+) -> BatchRecord:
     batch_id = batch.new_id()
     return BatchRecord(
-        id=batch_id, model=valid.model, served_name=valid.served_name, endpoint=valid.endpoint,
-        total=valid.total, shards=0,
+        id=batch_id,
+        model=valid.model,
+        served_name=valid.served_name,
+        endpoint=valid.endpoint,
+        total=valid.total,
+        shards=0,
         run_dir=f"{cfg.remote.run_root.rstrip('/')}/{batch_id}",
-        job_name=f"alvis-fsm-{batch_id}", created_at=int(time.time()),
-        completion_window=options.completion_window, time_limit=time_text, host=cfg.ssh.host,
-        metadata=dict(options.metadata or {}), input_file_id=options.input_file_id,
-    )  # fmt: skip
+        job_name=f"alvis-fsm-{batch_id}",
+        created_at=int(time.time()),
+        completion_window=options.completion_window,
+        time_limit=time_text,
+        host=cfg.ssh.host,
+        metadata=dict(options.metadata or {}),
+        input_file_id=options.input_file_id,
+    )
 
 
-def _plan(cfg: Settings, ui: Observer, remote: Remote, record: BatchRecord, wanted: int | None,
-          limit_s: int) -> _Job:  # fmt: skip
+def _plan(
+    cfg: Settings,
+    ui: Observer,
+    remote: Remote,
+    record: BatchRecord,
+    wanted: int | None,
+    limit_s: int,
+) -> _Job:
     """The account, the GPUs and the number of shards (into ``record``), and
     the job script's values, checked by a first rendering before anything
     is created on the cluster."""
@@ -311,40 +366,65 @@ def _plan(cfg: Settings, ui: Observer, remote: Remote, record: BatchRecord, want
         return sinfo[0]
 
     gpus = entry.gpus or cfg.slurm.gpus
-    record.gpus = resolve_gpus(ui, remote.conn, lines, cfg, entry.path, entry.max_model_len,
-                               gpus, record.time_limit, fallback=None if gpus != AUTO else
-                               f"{cfg.fit.auto_types[0]}:1")  # fmt: skip
+    record.gpus = resolve_gpus(
+        ui,
+        remote.conn,
+        lines,
+        cfg,
+        entry.path,
+        entry.max_model_len,
+        gpus,
+        record.time_limit,
+        fallback=None if gpus != AUTO else f"{cfg.fit.auto_types[0]}:1",
+    )
     if wanted is None:
         wanted = jobs_for(lines(), record.gpus)
         ui.info(f"Jobs (--jobs auto): {wanted} ({record.gpus} each, from the GPUs free now)")
     record.shards = min(wanted, record.total)
-    spec = jobscript.JobSpec(
-        job_name=record.job_name, account=record.account, time=record.time_limit, gpus=record.gpus,
-        run_dir=record.run_dir, model_path=entry.path, max_model_len=entry.max_model_len,
-        served_name=record.served_name, image=cfg.remote.image,
-        ready_timeout=int(cfg.timeouts.server_ready) + 60, partition=cfg.slurm.partition,
-        vllm_args=tuple(cfg.vllm.extra_args) + tuple(entry.vllm_args),
-    )  # fmt: skip
-    job = _Job(spec, {
-        "SHARDS": jobscript.positive_int("shard count", record.shards),
-        "CONCURRENCY": jobscript.positive_int("concurrency", CONCURRENCY),
-        "URL_PATH": jobscript.word("endpoint", record.endpoint),
-        "MAX_ATTEMPTS": jobscript.positive_int("attempts", MAX_ATTEMPTS),
-        "WARN_S": str(warn_seconds(limit_s)),
-    }, warn_seconds(limit_s))  # fmt: skip
+    job = _job_for(cfg, record, entry, limit_s)
     job.script(record.run_dir)  # rendered (and so checked) before anything is created remotely
     return job
 
 
+def _job_for(cfg: Settings, record: BatchRecord, entry: ModelEntry, limit_s: int) -> _Job:
+    """The job script's values for ``record``'s shards."""
+    spec = jobscript.JobSpec(
+        job_name=record.job_name,
+        account=record.account,
+        time=record.time_limit,
+        gpus=record.gpus,
+        run_dir=record.run_dir,
+        model_path=entry.path,
+        max_model_len=entry.max_model_len,
+        served_name=record.served_name,
+        image=cfg.remote.image,
+        ready_timeout=int(cfg.timeouts.server_ready) + 60,
+        partition=cfg.slurm.partition,
+        vllm_args=tuple(cfg.vllm.extra_args) + tuple(entry.vllm_args),
+    )
+    return _Job(
+        spec,
+        {
+            "SHARDS": jobscript.positive_int("shard count", record.shards),
+            "CONCURRENCY": jobscript.positive_int("concurrency", CONCURRENCY),
+            "URL_PATH": jobscript.word("endpoint", record.endpoint),
+            "MAX_ATTEMPTS": jobscript.positive_int("attempts", MAX_ATTEMPTS),
+            "WARN_S": str(warn_seconds(limit_s)),
+        },
+        warn_seconds(limit_s),
+    )
+
+
 def _create_run_dir(ui: Observer, remote: Remote, record: BatchRecord, window_s: int) -> None:
     """The private run directory (its deadline on the cluster's clock)."""
-    token = record.id[len("batch_"):]
+    token = record.id[len("batch_") :]
     ui.info(f"Uploading {record.total} requests for {record.model} ({token})...")
     proc = remote.call("create", record.run_dir, str(window_s), retry=False)
     run = [line[4:] for line in proc.stdout.split("\n") if line.startswith("RUN|")]
     if proc.returncode != 0 or not run:
-        raise SessionError("Could not create the batch's run directory",
-                           details=proc.stderr.strip() or None)  # fmt: skip
+        raise SessionError(
+            "Could not create the batch's run directory", details=proc.stderr.strip() or None
+        )
     record.run_dir = run[0]
 
 
@@ -358,7 +438,10 @@ def _upload_and_submit(remote: Remote, record: BatchRecord, valid: Validated, jo
             raise SessionError("Could not upload input.jsonl", details=put.stderr.strip() or None)
         for name, text in (
             ("batch_runner.py", _source("batch_runner.py")),
-            ("retry.py", resources.files("alvis_fsm").joinpath("retry.py").read_text(encoding="utf-8")),
+            (
+                "retry.py",
+                resources.files("alvis_fsm").joinpath("retry.py").read_text(encoding="utf-8"),
+            ),
             (batch_runner.SETTINGS, json.dumps({"warn_s": job.warn_s}) + "\n"),
             ("api_key", "afsm-" + secrets.token_urlsafe(32) + "\n"),
             ("job.sh", job.script(record.run_dir)),
@@ -367,13 +450,19 @@ def _upload_and_submit(remote: Remote, record: BatchRecord, valid: Validated, jo
             if put.returncode != 0:
                 raise SessionError(f"Could not upload {name}", details=put.stderr.strip() or None)
         sub = remote.call("submit", record.run_dir, str(record.shards), retry=False)
-        found = [line[len("SUBMITTED|"):] for line in sub.stdout.split("\n")
-                 if line.startswith("SUBMITTED|")]  # fmt: skip
+        found = [
+            line[len("SUBMITTED|") :]
+            for line in sub.stdout.split("\n")
+            if line.startswith("SUBMITTED|")
+        ]
         if sub.returncode != 0 or not found:
-            raise SchedulerError("sbatch refused the batch's jobs" if sub.returncode == 4
-                                 else "Submitting the batch failed",
-                                 hint="Check the account (slurm.account), the GPU type and the time (-t).",
-                                 details=sub.stderr.strip() or None)  # fmt: skip
+            raise SchedulerError(
+                "sbatch refused the batch's jobs"
+                if sub.returncode == 4
+                else "Submitting the batch failed",
+                hint="Check the account (slurm.account), the GPU type and the time (-t).",
+                details=sub.stderr.strip() or None,
+            )
     except BaseException:
         with contextlib.suppress(Exception):
             remote.call("remove", record.run_dir)
@@ -384,8 +473,13 @@ def _upload_and_submit(remote: Remote, record: BatchRecord, valid: Validated, jo
 # -- status, cancel, results --------------------------------------------------
 
 
-def refresh(settings: Settings, record: BatchRecord, ui: Observer, remote: Remote | None = None,
-            store: BatchStore | None = None) -> BatchRecord:  # fmt: skip
+def refresh(
+    settings: Settings,
+    record: BatchRecord,
+    ui: Observer,
+    remote: Remote | None = None,
+    store: BatchStore | None = None,
+) -> BatchRecord:
     """Ask the cluster about an unfinished batch; save what it says."""
     if record.ended:
         return record
@@ -400,8 +494,13 @@ def refresh(settings: Settings, record: BatchRecord, ui: Observer, remote: Remot
     return record
 
 
-def cancel(settings: Settings, record: BatchRecord, ui: Observer,
-           store: BatchStore | None = None, confirm_s: float = 60) -> BatchRecord:  # fmt: skip
+def cancel(
+    settings: Settings,
+    record: BatchRecord,
+    ui: Observer,
+    store: BatchStore | None = None,
+    confirm_s: float = 60,
+) -> BatchRecord:
     """Mark the batch cancelled (no successor starts), scancel its jobs by
     name, and wait for the scheduler to confirm none is left."""
     store = store or BatchStore(settings.state_dir)
@@ -410,8 +509,9 @@ def cancel(settings: Settings, record: BatchRecord, ui: Observer,
     with connected(settings, ui) as remote:
         proc = remote.call("mark-cancelled", record.run_dir)
         if proc.returncode != 0:
-            raise SessionError(f"Could not mark batch {record.id} cancelled",
-                               details=proc.stderr.strip() or None)  # fmt: skip
+            raise SessionError(
+                f"Could not mark batch {record.id} cancelled", details=proc.stderr.strip() or None
+            )
         record.set_status(BatchStatus.CANCELLING)
         store.save(record)
         left = remote.agent.cancel("", record.job_name, confirm_s)
@@ -424,8 +524,14 @@ def cancel(settings: Settings, record: BatchRecord, ui: Observer,
     return record
 
 
-def results(settings: Settings, record: BatchRecord, ui: Observer, out: Path, errors: Path,
-            store: BatchStore | None = None) -> tuple[int, int]:  # fmt: skip
+def results(
+    settings: Settings,
+    record: BatchRecord,
+    ui: Observer,
+    out: Path,
+    errors: Path,
+    store: BatchStore | None = None,
+) -> tuple[int, int]:
     """Download the results so far into OpenAI's output and error files
     (every custom_id once, in input order; for an ended batch, the ones not
     run go to the error file with the reason). Returns the line counts."""
@@ -437,15 +543,20 @@ def results(settings: Settings, record: BatchRecord, ui: Observer, out: Path, er
                 refresh(settings, record, ui, remote, store)
             proc = remote.stream("results", record.run_dir, sink=raw)
             if proc.returncode != 0:
-                raise SessionError(f"Could not read the results of {record.id}",
-                                   details=proc.stderr.strip() or None)  # fmt: skip
+                raise SessionError(
+                    f"Could not read the results of {record.id}",
+                    details=proc.stderr.strip() or None,
+                )
         raw.seek(0)
         lines = (line.decode("utf-8", "replace") for line in raw)
-        return write_results(store.iter_ids(record.id), lines, BatchStatus(record.status), out, errors)
+        return write_results(
+            store.iter_ids(record.id), lines, BatchStatus(record.status), out, errors
+        )
 
 
-def write_results(ids: Iterable[str], rows: str | Iterable[str], status: BatchStatus, out: Path,
-                  errors: Path) -> tuple[int, int]:  # fmt: skip
+def write_results(
+    ids: Iterable[str], rows: str | Iterable[str], status: BatchStatus, out: Path, errors: Path
+) -> tuple[int, int]:
     """Merge the shards' raw results (their text, or their lines streamed)
     into OpenAI's output and error files, each replaced atomically, a line
     at a time. Returns the line counts."""

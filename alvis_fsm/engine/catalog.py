@@ -250,7 +250,9 @@ def _entry_error(path: Path, name: str, exc: ValidationError) -> ConfigError:
                 f"field {field!r}: unknown field (valid: {', '.join(ModelEntry.model_fields)})"
             )
         elif error["type"] == "missing":
-            problems.append(f"field {field!r} is missing; it is {ENTRY_WORDS.get(field, 'required')}")
+            problems.append(
+                f"field {field!r} is missing; it is {ENTRY_WORDS.get(field, 'required')}"
+            )
         else:
             value = error.get("input")
             shown = repr(value) if isinstance(value, str | int | float) else "its value"

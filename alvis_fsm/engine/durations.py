@@ -15,7 +15,7 @@ def fmt_duration(seconds: float) -> str:
 
 
 def in_words(seconds: float) -> str:
-    """"1 h 30 min", "2 d 3 h", "1 min 30 s": a duration as a person says it
+    """ "1 h 30 min", "2 d 3 h", "1 min 30 s": a duration as a person says it
     (every start says the time it asked for this way)."""
     seconds = max(0, round(seconds))
     parts = []

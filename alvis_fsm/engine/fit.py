@@ -43,10 +43,18 @@ BLOCK_TOKENS = 16
 # (vLLM's "--dtype auto" picks a 16-bit type for them). So 2 bytes unless
 # the user asks for an fp8 cache.
 _DTYPE_BYTES = {
-    "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "half": 2,
-    "float32": 2, "fp32": 2, "float": 2,
-    "float8_e4m3fn": 1, "float8_e5m2": 1, "fp8": 1,
-}  # fmt: skip
+    "bfloat16": 2,
+    "bf16": 2,
+    "float16": 2,
+    "fp16": 2,
+    "half": 2,
+    "float32": 2,
+    "fp32": 2,
+    "float": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "fp8": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -171,8 +179,9 @@ def _parse_config(config: str | Mapping[str, Any]) -> Mapping[str, Any]:
     return parsed
 
 
-def _layer_kinds(parsed: Mapping[str, Any], text: Mapping[str, Any], layers: int,
-                 notes: list[str]) -> tuple[int, int, int]:  # fmt: skip
+def _layer_kinds(
+    parsed: Mapping[str, Any], text: Mapping[str, Any], layers: int, notes: list[str]
+) -> tuple[int, int, int]:
     """(full-attention layers, sliding-window layers, the window); how
     sliding windows were counted goes into ``notes``."""
     # Sliding-window layers are counted as such only when config.json says
@@ -205,13 +214,16 @@ def estimate(
     text = _text_config(parsed)
     notes: list[str] = []
 
-    layers = _positive_int(_get(parsed, text, "num_hidden_layers", "n_layer", "num_layers"),
-                           "num_hidden_layers")  # fmt: skip
-    heads = _positive_int(_get(parsed, text, "num_attention_heads", "n_head"),
-                          "num_attention_heads")  # fmt: skip
+    layers = _positive_int(
+        _get(parsed, text, "num_hidden_layers", "n_layer", "num_layers"), "num_hidden_layers"
+    )
+    heads = _positive_int(
+        _get(parsed, text, "num_attention_heads", "n_head"), "num_attention_heads"
+    )
     # Absent means plain multi-head attention: one KV head per query head.
-    kv_heads = _positive_int(_get(parsed, text, "num_key_value_heads") or heads,
-                             "num_key_value_heads")  # fmt: skip
+    kv_heads = _positive_int(
+        _get(parsed, text, "num_key_value_heads") or heads, "num_key_value_heads"
+    )
     head_dim_raw = _get(parsed, text, "head_dim")
     if head_dim_raw is None:
         hidden = _positive_int(_get(parsed, text, "hidden_size", "n_embd"), "hidden_size")
@@ -408,8 +420,12 @@ def choose(
         nodes = free_by_node(sinfo_lines, gpu.name)
         if nodes and nodes[0].free >= count:
             best = nodes[0]
-            return Choice(gpu, count, f"{gpu.name}:{count} — {need}; {best.free} of "
-                          f"{best.total} {gpu.name} free now on {best.node}")  # fmt: skip
+            return Choice(
+                gpu,
+                count,
+                f"{gpu.name}:{count} — {need}; {best.free} of "
+                f"{best.total} {gpu.name} free now on {best.node}",
+            )
 
     if expected_start is not None:
         lookup = expected_start.get if isinstance(expected_start, Mapping) else expected_start
@@ -418,12 +434,19 @@ def choose(
         if known:
             start, i = known[0]
             gpu, count = candidates[i]
-            return Choice(gpu, count, f"{gpu.name}:{count} — {need}; none free now, "
-                          f"expected to start first ({start})")  # fmt: skip
+            return Choice(
+                gpu,
+                count,
+                f"{gpu.name}:{count} — {need}; none free now, expected to start first ({start})",
+            )
 
     gpu, count = candidates[0]
-    return Choice(gpu, count, f"{gpu.name}:{count} — {need}; none free now and no start "
-                  "estimate: the first type in fit.gpu_types that fits")  # fmt: skip
+    return Choice(
+        gpu,
+        count,
+        f"{gpu.name}:{count} — {need}; none free now and no start "
+        "estimate: the first type in fit.gpu_types that fits",
+    )
 
 
 def _too_large(fp: Footprint, tokens: int, types: Sequence[GpuType], budget: Budget) -> ConfigError:
@@ -432,8 +455,10 @@ def _too_large(fp: Footprint, tokens: int, types: Sequence[GpuType], budget: Bud
         counts = [c for c in range(1, gpu.per_node + 1) if tp_allows(fp, c)]
         count = max(counts) if counts else 0
         if not count:
-            lines.append(f"{gpu.name}: no count up to {gpu.per_node} divides the "
-                         f"{fp.attention_heads} attention heads")  # fmt: skip
+            lines.append(
+                f"{gpu.name}: no count up to {gpu.per_node} divides the "
+                f"{fp.attention_heads} attention heads"
+            )
             continue
         usable = budget.usable_bytes(gpu) * count
         longest = max_tokens(fp, gpu, count, budget)
@@ -468,8 +493,10 @@ def context_warning(
     spec = f"{gpu.name}:{count}"
     longest = max_tokens(fp, gpu, count, budget)
     if longest == 0:
-        return (f"{spec} cannot hold the weights: {_gb(fp.weight_bytes)} GB against "
-                f"{_gb(budget.usable_bytes(gpu) * count)} GB usable; expect CUDA out of memory")  # fmt: skip
+        return (
+            f"{spec} cannot hold the weights: {_gb(fp.weight_bytes)} GB against "
+            f"{_gb(budget.usable_bytes(gpu) * count)} GB usable; expect CUDA out of memory"
+        )
     return (
         f"max_model_len {tokens} needs {_gb(fp.kv_bytes(tokens))} GB of KV cache, more than "
         f"{spec} has left after the weights; about {longest} tokens fit"

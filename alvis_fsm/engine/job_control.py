@@ -209,7 +209,11 @@ class JobControl:
 
     def tail_err(self, n: int) -> list[str]:
         try:
-            return [inert_line(t) for s, t in self.link.agent.tail(self.link.record.run_dir, n) if s == "err"]
+            return [
+                inert_line(t)
+                for s, t in self.link.agent.tail(self.link.record.run_dir, n)
+                if s == "err"
+            ]
         except AlvisError:
             return []
 

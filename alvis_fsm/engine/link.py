@@ -98,10 +98,18 @@ class Link:
             self.store.save(self.record)
 
 
-def open_link(settings: Settings, record: SessionRecord, store: Store, ui: Observer, *,
-              look: bool = False, conn: Connection | None = None, agent: Agent | None = None,
-              shield: Shield = contextlib.nullcontext,
-              **_tunnel_handles: object) -> Link:  # fmt: skip
+def open_link(
+    settings: Settings,
+    record: SessionRecord,
+    store: Store,
+    ui: Observer,
+    *,
+    look: bool = False,
+    conn: Connection | None = None,
+    agent: Agent | None = None,
+    shield: Shield = contextlib.nullcontext,
+    **_tunnel_handles: object,
+) -> Link:
     """The session's link; ``conn`` and ``agent`` can be handed in (unit tests
     drive the session with a fake agent object), by default OpenSSH and
     agent.sh; the tunnel's handles (``tunnel_factory``, ``verifier``) are

@@ -45,8 +45,11 @@ class LoadTimes:
     def longest(self, model: str) -> tuple[float, int] | None:
         """The model's slowest GPU type's ``expected``: what a start on any
         GPUs (or ``auto``, not chosen yet) should plan for; None without any."""
-        found = [(statistics.median(v), len(v)) for k, v in self._read().items()
-                 if k.rpartition("|")[0] == model and v]  # fmt: skip
+        found = [
+            (statistics.median(v), len(v))
+            for k, v in self._read().items()
+            if k.rpartition("|")[0] == model and v
+        ]
         return max(found) if found else None
 
     def add(self, model: str, gpus: str, seconds: float) -> None:

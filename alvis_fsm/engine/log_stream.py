@@ -78,7 +78,9 @@ class LogStream:
         self.proc = proc
         self._since = time.monotonic()
         self._dead = False
-        self._reader = threading.Thread(target=self._read, args=(proc,), name="log-reader", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read, args=(proc,), name="log-reader", daemon=True
+        )
         self._reader.start()
 
     def _read(self, proc: subprocess.Popen[bytes]) -> None:

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from alvis_fsm.engine.settings import Settings
 
 
-def look(settings: Settings, record: SessionRecord, store: Store, ui: Observer,
-         **handles: Any) -> Link:  # fmt: skip
+def look(
+    settings: Settings, record: SessionRecord, store: Store, ui: Observer, **handles: Any
+) -> Link:
     """The session's read-only link (``handles``: a connection and an agent
     handed in, as unit tests do)."""
     return open_link(settings, record, store, ui, look=True, **handles)

@@ -45,7 +45,15 @@ if TYPE_CHECKING:
 
 # The triggers the engine fires; each has a typed stub on Session.
 TRIGGERS = (
-    "submit", "start", "ready", "connect", "disconnect", "resume", "timeout", "fail", "clean",
+    "submit",
+    "start",
+    "ready",
+    "connect",
+    "disconnect",
+    "resume",
+    "timeout",
+    "fail",
+    "clean",
 )
 
 # The engine steps a live state may name as its ``on_enter`` (see runner.py).
@@ -120,7 +128,9 @@ def _check_states(d: MachineDefinition) -> None:
     known = [s.value for s in State]
     for name in d.states:
         if name not in known:
-            raise ValueError(f"unknown state {name!r} in [machine.states] (states are: {_listing()})")
+            raise ValueError(
+                f"unknown state {name!r} in [machine.states] (states are: {_listing()})"
+            )
     for required in (State.FAILED, State.CLEANED):
         if required.value not in d.states:
             raise ValueError(f"the machine must define the state {required.value!r}")

@@ -18,14 +18,30 @@ class Observer(Protocol):
     no-ops here, so that a class deriving from it keeps only what it wants
     (``Quiet``); ``interactive`` and ``ask`` each front must say."""
 
-    def info(self, message: str) -> None: return None
-    def warn(self, message: str) -> None: return None
-    def result(self, message: str) -> None: return None
-    def command(self, text: str) -> None: return None
-    def log_line(self, stream: str, line: str) -> None: return None
-    def waiting(self, text: str, since: float | None = None) -> None: return None
-    def interrupted(self) -> None: return None
-    def done_waiting(self) -> None: return None
+    def info(self, message: str) -> None:
+        return None
+
+    def warn(self, message: str) -> None:
+        return None
+
+    def result(self, message: str) -> None:
+        return None
+
+    def command(self, text: str) -> None:
+        return None
+
+    def log_line(self, stream: str, line: str) -> None:
+        return None
+
+    def waiting(self, text: str, since: float | None = None) -> None:
+        return None
+
+    def interrupted(self) -> None:
+        return None
+
+    def done_waiting(self) -> None:
+        return None
+
     def interactive(self) -> bool: ...
     def ask(self, prompt: str, secret: bool = False) -> str: ...
     def connected(
@@ -44,5 +60,6 @@ class Quiet(Observer):
     def ask(self, prompt: str, secret: bool = False) -> str:
         from alvis_fsm.errors import UsageError
 
-        raise UsageError(f"alvis-fsm cannot ask here: {prompt.strip()}",
-                         hint="Load your ssh key into ssh-agent.")  # fmt: skip
+        raise UsageError(
+            f"alvis-fsm cannot ask here: {prompt.strip()}", hint="Load your ssh key into ssh-agent."
+        )

@@ -114,8 +114,15 @@ def stop_client(ui: Observer, store: Store, name: str, pid: int) -> None:
         )
 
 
-def stop_session(settings: Settings, store: Store, name: str, ui: Observer, *,
-                 shield: Shield | None = None, **handles: Any) -> SessionRecord | None:  # fmt: skip
+def stop_session(
+    settings: Settings,
+    store: Store,
+    name: str,
+    ui: Observer,
+    *,
+    shield: Shield | None = None,
+    **handles: Any,
+) -> SessionRecord | None:
     """Stop the session whoever drives it: a detached session's supervisor
     lets go, a foreground client is asked to stop and waited for; then the
     job is cancelled (confirmed by the scheduler), the tunnel closed, the
@@ -158,15 +165,21 @@ def supervisor_log(store: Store, name: str) -> Path:
     return store.sessions / f"{name}.supervisor.log"
 
 
-def spawn_supervisor(store: Store, name: str, command: SupervisorCommand) -> subprocess.Popen[bytes]:
+def spawn_supervisor(
+    store: Store, name: str, command: SupervisorCommand
+) -> subprocess.Popen[bytes]:
     """Start the supervisor of a detached session, in the background, in a
     session of its own (a closed terminal does not end it)."""
     fd = os.open(supervisor_log(store, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         return subprocess.Popen(
-            list(command(name)), stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
-            start_new_session=True, close_fds=True,
-        )  # fmt: skip
+            list(command(name)),
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            start_new_session=True,
+            close_fds=True,
+        )
     finally:
         os.close(fd)
 
@@ -218,9 +231,17 @@ class Handover:
 # -- the supervisor ----------------------------------------------------------------------
 
 
-def run_supervisor(settings: Settings, store: Store, name: str, ui: Observer, *,
-                   drive: Drive | None = None, shield: Shield | None = None,
-                   wait: float = HANDOVER_S, **handles: Any) -> None:  # fmt: skip
+def run_supervisor(
+    settings: Settings,
+    store: Store,
+    name: str,
+    ui: Observer,
+    *,
+    drive: Drive | None = None,
+    shield: Shield | None = None,
+    wait: float = HANDOVER_S,
+    **handles: Any,
+) -> None:
     """The supervisor's life: take the session's lock once the command that
     started it lets go (within ``wait``), then ``supervise``."""
     deadline = time.monotonic() + wait
@@ -236,9 +257,16 @@ def run_supervisor(settings: Settings, store: Store, name: str, ui: Observer, *,
             time.sleep(0.2)
 
 
-def supervise(settings: Settings, store: Store, name: str, ui: Observer, *,
-              drive: Drive | None = None, shield: Shield | None = None,
-              **handles: Any) -> None:  # fmt: skip
+def supervise(
+    settings: Settings,
+    store: Store,
+    name: str,
+    ui: Observer,
+    *,
+    drive: Drive | None = None,
+    shield: Shield | None = None,
+    **handles: Any,
+) -> None:
     """Keep a detached session's tunnel up (call with its lock held): the
     same engine loop as a foreground client, which never cancels anything —
     it lets go when the job ends or when `stop`/`resume` take over, and while
@@ -253,8 +281,15 @@ def supervise(settings: Settings, store: Store, name: str, ui: Observer, *,
             return
         record.supervisor_pid = os.getpid()
         store.save(record)
-        runner = Runner(settings, record, store, ui, supervised=True,
-                        shield=shield or contextlib.nullcontext, **handles)  # fmt: skip
+        runner = Runner(
+            settings,
+            record,
+            store,
+            ui,
+            supervised=True,
+            shield=shield or contextlib.nullcontext,
+            **handles,
+        )
         try:
             (drive or Runner.drive)(runner)  # returns when it lets go
             record.supervisor_pid = 0
@@ -274,6 +309,8 @@ def _worth_watching(record: SessionRecord) -> bool:
     """Serving or tunneled, and not long past its time limit."""
     if record.state not in (State.SERVING, State.TUNNELED):
         return False
-    return not (record.running_since and record.time_limit_s and (
-        time.time() > record.running_since + record.time_limit_s + AFTER_LIMIT_S
-    ))  # fmt: skip
+    return not (
+        record.running_since
+        and record.time_limit_s
+        and (time.time() > record.running_since + record.time_limit_s + AFTER_LIMIT_S)
+    )

@@ -157,15 +157,23 @@ class Runner:
         # when it is asked to stop: `stop`, `resume` and `status` decide.
         self.supervised = supervised
         self.detach = detach
-        self.link: Link = open_link(settings, record, store, ui, conn=conn, agent=agent, shield=shield)
+        self.link: Link = open_link(
+            settings, record, store, ui, conn=conn, agent=agent, shield=shield
+        )
         # The session's parts by their usual names (the same objects as the link's).
-        self.settings, self.record, self.conn, self.agent = settings, record, self.link.conn, self.link.agent
+        self.settings, self.record, self.conn, self.agent = (
+            settings,
+            record,
+            self.link.conn,
+            self.link.agent,
+        )
         self.tunnels = TunnelKeeper(self.link, tunnel_factory, verifier)
         self.stream = LogStream(self.link)
         self.model = Session()
         self.model.on_change = self._on_change
-        self.jobs = JobControl(self.link, tunnels=self.tunnels, stream=self.stream,
-                               clean=lambda: self._fire("clean"))  # fmt: skip
+        self.jobs = JobControl(
+            self.link, tunnels=self.tunnels, stream=self.stream, clean=lambda: self._fire("clean")
+        )
         self.start_up = StartUp(self.link, self.model, self.jobs, self.tunnels)
         # The behaviour of each state, attached to the machine (``on_enter``
         # in [machine]); see engine/machine.py.
@@ -296,7 +304,9 @@ class Runner:
     def _job_news(self, kind: str, value: str) -> None:
         """What the stream's news about the job mean while serving."""
         if kind == "UNKNOWN":
-            self.jobs.unanswered(slurm.JobInfo(source="unknown", state=slurm.JobState.UNKNOWN, reason=value))
+            self.jobs.unanswered(
+                slurm.JobInfo(source="unknown", state=slurm.JobState.UNKNOWN, reason=value)
+            )
         if self.supervised and kind in ("EXITED", "ENDED", "GONE"):
             raise Release(kind)  # the job is ending: confirmed and recorded in _finish
         if (kind == "ENDED" and value == "time limit") or (kind == "GONE" and value == "TIMEOUT"):

@@ -70,8 +70,11 @@ class AlreadyLive(SessionError):
     name and port picked), when known."""
 
     def __init__(self, record: SessionRecord, second: str = "") -> None:
-        another = (f"`{second}` starts a second one" if second
-                   else "`--new` starts another session (with another --name and --port)")  # fmt: skip
+        another = (
+            f"`{second}` starts a second one"
+            if second
+            else "`--new` starts another session (with another --name and --port)"
+        )
         super().__init__(
             f"Session '{record.name}' ({record.model}, job {record.job_id or '?'}, "
             f"{record.state}) is already live",
@@ -82,8 +85,9 @@ class AlreadyLive(SessionError):
         self.second = second
 
 
-def second_session(store: Store, records: list[SessionRecord], model: str, name: str,
-                   port: int, bind: str) -> str:  # fmt: skip
+def second_session(
+    store: Store, records: list[SessionRecord], model: str, name: str, port: int, bind: str
+) -> str:
     """The `start` command line for a second session of ``model`` that works:
     a name no session has (NAME-2, NAME-3, ...) and a local port that is free
     and no live session's (``port`` + 1, ...); ``port`` 0: a unix socket."""
@@ -95,8 +99,14 @@ def second_session(store: Store, records: list[SessionRecord], model: str, name:
     flags = f" --new -n {free_name}"
     if port:
         claimed = {r.local_port for r in records if r.live}
-        free_port = next((p for p in range(port + 1, min(port + 200, 65536))
-                          if p not in claimed and local_port_free(p, bind)), 0)  # fmt: skip
+        free_port = next(
+            (
+                p
+                for p in range(port + 1, min(port + 200, 65536))
+                if p not in claimed and local_port_free(p, bind)
+            ),
+            0,
+        )
         if free_port:
             flags += f" --port {free_port}"
     return f"alvis-fsm start -m {model}{flags}"
@@ -126,8 +136,15 @@ class NewSession:
             raise SessionError(f"Session '{self.record.name}' was not prepared: no job to submit")
         return session_spec.render_for(self.spec, run_dir)
 
-    def prepare(self, ui: Observer, *, detach: bool = False, shield: Shield | None = None,
-                choose: Chooser | None = None, **handles: Any) -> Runner:  # fmt: skip
+    def prepare(
+        self,
+        ui: Observer,
+        *,
+        detach: bool = False,
+        shield: Shield | None = None,
+        choose: Chooser | None = None,
+        **handles: Any,
+    ) -> Runner:
         """Log in, choose the account, resolve the GPUs and build the job:
         a Runner ready to drive (call with the lock held). ``handles``
         (``conn``, ``agent``, ``tunnel_factory``, ``verifier``) replace
@@ -136,10 +153,16 @@ class NewSession:
 
         cfg = self.settings
         runner = Runner(
-            cfg, self.record, self.store, ui, detach=detach,
-            shield=shield or contextlib.nullcontext, job_script=self.job_script,
-            sbatch_args=list(cfg.slurm.extra_args), **handles,
-        )  # fmt: skip
+            cfg,
+            self.record,
+            self.store,
+            ui,
+            detach=detach,
+            shield=shield or contextlib.nullcontext,
+            job_script=self.job_script,
+            sbatch_args=list(cfg.slurm.extra_args),
+            **handles,
+        )
         ui.info(f"Checking SSH connection to {cfg.ssh.host}...")
         runner.conn.open()
         ui.info("SSH connection successful")
@@ -148,25 +171,7 @@ class NewSession:
             ui.info(f"Charging {self.account}")
             ui.info(f"Loading model configuration for: {self.record.model}")
             ui.info(f"Model path: {self.entry.path}")
-            from alvis_fsm.engine.autofit import resolve_gpus
-
-            # One sinfo round trip serves the choice and the "free right now" line.
-            sinfo_lines: list[list[str]] = []
-
-            def sinfo() -> list[str]:
-                if not sinfo_lines:
-                    sinfo_lines.append(runner.agent.gpus())
-                return sinfo_lines[0]
-
-            self.gpus = resolve_gpus(
-                ui, runner.conn, sinfo, cfg, self.entry.path,
-                self.entry.max_model_len, self.gpus, self.time,
-                fallback=_auto_fallback(
-                    cfg, self.gpus, from_user=bool(self.options.gpus or self.entry.gpus)
-                ),
-            )  # fmt: skip
-            _report_free_gpus(ui, sinfo, self.gpus)
-            self.record.gpus = self.gpus
+            self._resolve_gpus(ui, runner)
             self.spec = session_spec.job_spec(
                 cfg, self.record, self.entry, self.account, self.gpus, self.time
             )
@@ -174,6 +179,35 @@ class NewSession:
             runner.conn.close()  # nothing submitted: leave no ssh behind
             raise
         return runner
+
+    def _resolve_gpus(self, ui: Observer, runner: Runner) -> None:
+        """``--gpus`` made concrete (``auto`` chosen from what is free)."""
+        from alvis_fsm.engine.autofit import resolve_gpus
+
+        cfg = self.settings
+        # One sinfo round trip serves the choice and the "free right now" line.
+        sinfo_lines: list[list[str]] = []
+
+        def sinfo() -> list[str]:
+            if not sinfo_lines:
+                sinfo_lines.append(runner.agent.gpus())
+            return sinfo_lines[0]
+
+        self.gpus = resolve_gpus(
+            ui,
+            runner.conn,
+            sinfo,
+            cfg,
+            self.entry.path,
+            self.entry.max_model_len,
+            self.gpus,
+            self.time,
+            fallback=_auto_fallback(
+                cfg, self.gpus, from_user=bool(self.options.gpus or self.entry.gpus)
+            ),
+        )
+        _report_free_gpus(ui, sinfo, self.gpus)
+        self.record.gpus = self.gpus
 
     def explain(self, exc: AlvisError) -> None:
         """Say in ``exc`` which values sbatch was given, when it refused the job."""
@@ -186,8 +220,11 @@ class NewSession:
         """The context length vLLM said would fit, when it refused this one
         for the KV cache (once per start, and only with ``vllm.auto_fit``)."""
         asked = self.entry.max_model_len
-        if (not self.settings.vllm.auto_fit or self.options.fit_len is not None
-                or not isinstance(exc, ServerError)):  # fmt: skip
+        if (
+            not self.settings.vllm.auto_fit
+            or self.options.fit_len is not None
+            or not isinstance(exc, ServerError)
+        ):
             return None
         from alvis_fsm.engine.fit import parse_kv_refusal
 
@@ -219,9 +256,13 @@ def create(settings: Settings, options: StartOptions, *, store: Store | None = N
     if not options.short_ok:
         from alvis_fsm.engine.loadtimes import LoadTimes
 
-        session_spec.check_long_enough(spec.seconds, spec.time_text, spec.model,
-                                       LoadTimes(store.dir).longest(spec.model),
-                                       from_flag=bool(options.time))  # fmt: skip
+        session_spec.check_long_enough(
+            spec.seconds,
+            spec.time_text,
+            spec.model,
+            LoadTimes(store.dir).longest(spec.model),
+            from_flag=bool(options.time),
+        )
     store.ensure()
     store.prune(cfg.session.keep_days)
     _check_no_clash(cfg, options, store, spec)
@@ -235,18 +276,29 @@ def _spec(cfg: Settings, options: StartOptions) -> _Spec:
     from alvis_fsm.engine.catalog import load_catalog
 
     model_name = options.model or cfg.catalog.default_model
-    entry = session_spec.catalog_entry(load_catalog(cfg), model_name, from_flag=bool(options.model),
-                                         settings=cfg)
+    entry = session_spec.catalog_entry(
+        load_catalog(cfg), model_name, from_flag=bool(options.model), settings=cfg
+    )
     if options.fit_len is not None:
         entry = entry.model_copy(update={"max_model_len": options.fit_len})
     time_text = options.time or cfg.slurm.time
-    seconds = session_spec.time_seconds(time_text, cfg.slurm.max_time, from_flag=bool(options.time),
-                                         settings=cfg)
-    name = (session_spec.session_name(options.name) if options.name
-            else session_spec.name_for_model(model_name))  # fmt: skip
-    return _Spec(model=model_name, entry=entry, time_text=time_text, seconds=seconds,
-                 gpus=options.gpus or entry.gpus or cfg.slurm.gpus, name=name,
-                 local_port=0 if options.local_socket else cfg.tunnel.local_port)  # fmt: skip
+    seconds = session_spec.time_seconds(
+        time_text, cfg.slurm.max_time, from_flag=bool(options.time), settings=cfg
+    )
+    name = (
+        session_spec.session_name(options.name)
+        if options.name
+        else session_spec.name_for_model(model_name)
+    )
+    return _Spec(
+        model=model_name,
+        entry=entry,
+        time_text=time_text,
+        seconds=seconds,
+        gpus=options.gpus or entry.gpus or cfg.slurm.gpus,
+        name=name,
+        local_port=0 if options.local_socket else cfg.tunnel.local_port,
+    )
 
 
 def _check_no_clash(cfg: Settings, options: StartOptions, store: Store, spec: _Spec) -> None:
@@ -259,8 +311,10 @@ def _check_no_clash(cfg: Settings, options: StartOptions, store: Store, spec: _S
     if not options.force_new:
         same = [r for r in records if r.live and (r.model == spec.model or r.name == name)]
         if same:
-            raise AlreadyLive(same[0], second_session(store, records, spec.model, name,
-                                                      local_port, cfg.tunnel.bind))  # fmt: skip
+            raise AlreadyLive(
+                same[0],
+                second_session(store, records, spec.model, name, local_port, cfg.tunnel.bind),
+            )
     for r in records:
         if r.live and r.name == name:
             raise SessionError(
@@ -330,12 +384,18 @@ class Started:
     account: str
 
 
-def start(settings: Settings, options: StartOptions, ui: Observer, *,
-          drive: Callable[[Runner], None] | None = None, shield: Shield | None = None,
-          choose: Chooser | None = None,
-          on_failure: Callable[[SessionRecord, AlvisError], None] | None = None,
-          on_detached: Callable[[SessionRecord], None] | None = None,
-          **handles: Any) -> Started:  # fmt: skip
+def start(
+    settings: Settings,
+    options: StartOptions,
+    ui: Observer,
+    *,
+    drive: Callable[[Runner], None] | None = None,
+    shield: Shield | None = None,
+    choose: Chooser | None = None,
+    on_failure: Callable[[SessionRecord, AlvisError], None] | None = None,
+    on_detached: Callable[[SessionRecord], None] | None = None,
+    **handles: Any,
+) -> Started:
     """Create, prepare and drive a new session (``drive``: the front's way,
     by default ``Runner.drive``). When vLLM refuses the context length for
     the KV cache and ``vllm.auto_fit`` is on, the job is cleaned up and the
@@ -373,8 +433,17 @@ def start(settings: Settings, options: StartOptions, ui: Observer, *,
         f"{model} in your catalog (`alvis-fsm models --add`)."
     )
     again = StartOptions(**{**options.__dict__, "model": model, "fit_len": fits})
-    return start(settings, again, ui, drive=drive, shield=shield, choose=choose,
-                 on_failure=on_failure, on_detached=on_detached, **handles)  # fmt: skip
+    return start(
+        settings,
+        again,
+        ui,
+        drive=drive,
+        shield=shield,
+        choose=choose,
+        on_failure=on_failure,
+        on_detached=on_detached,
+        **handles,
+    )
 
 
 def _drive(runner: Runner) -> None:
@@ -442,11 +511,15 @@ def _report_free_gpus(ui: Observer, sinfo: Callable[[], list[str]], gpu_spec: st
     except AlvisError:
         return
     if total == 0:
-        ui.warn(f"The cluster reports no {label}; sbatch will probably refuse --gpus-per-node={gpu_spec}")
+        ui.warn(
+            f"The cluster reports no {label}; sbatch will probably refuse --gpus-per-node={gpu_spec}"
+        )
     elif free == 0:
         ui.info(f"No {label} free right now ({total} in all): expect to wait in the queue")
     else:
-        ui.info(f"{label} free right now: {free} of {total} (on {nodes} node{'s' if nodes != 1 else ''})")
+        ui.info(
+            f"{label} free right now: {free} of {total} (on {nodes} node{'s' if nodes != 1 else ''})"
+        )
 
 
 # -- one session by name ---------------------------------------------------------
@@ -454,8 +527,9 @@ class NoLiveSession(SessionError):
     """No session is live (a bare command has nothing to act on)."""
 
 
-def pick_session(store: Store, name: str | None, command: str = "status", *,
-                 latest: bool = False) -> SessionRecord:  # fmt: skip
+def pick_session(
+    store: Store, name: str | None, command: str = "status", *, latest: bool = False
+) -> SessionRecord:
     """The named session, or the only live one. Finished sessions are
     history: a bare command never picks one (``latest``: the newest of them
     when none is live, for `logs`), they are named to act on them."""
@@ -476,13 +550,22 @@ def pick_session(store: Store, name: str | None, command: str = "status", *,
     if errors and not records:
         raise errors[0]
     finished = f" ({len(records)} finished: `alvis-fsm status` lists them)" if records else ""
-    raise NoLiveSession(f"There is no live session{finished}" if records else "There is no session",
-                        hint="`alvis-fsm start` starts one; a finished session is named to act on it"
-                        f" (alvis-fsm {command} NAME).")  # fmt: skip
+    raise NoLiveSession(
+        f"There is no live session{finished}" if records else "There is no session",
+        hint="`alvis-fsm start` starts one; a finished session is named to act on it"
+        f" (alvis-fsm {command} NAME).",
+    )
 
 
-def stop(settings: Settings, store: Store, name: str, ui: Observer, *,
-         shield: Shield | None = None, **handles: Any) -> SessionRecord | None:  # fmt: skip
+def stop(
+    settings: Settings,
+    store: Store,
+    name: str,
+    ui: Observer,
+    *,
+    shield: Shield | None = None,
+    **handles: Any,
+) -> SessionRecord | None:
     """Cancel the session's job (confirmed by the scheduler), close its
     tunnel, state cleaned. None when it was already stopped: its record
     is returned then, for the front to say how it ended. Whoever drives the
@@ -494,16 +577,27 @@ def stop(settings: Settings, store: Store, name: str, ui: Observer, *,
         record = store.load(name)
         if record.state == State.CLEANED:
             return record
-        cancel_session(open_link(settings, record, store, ui, shield=shield or contextlib.nullcontext,
-                                 **handles))  # fmt: skip
+        cancel_session(
+            open_link(
+                settings, record, store, ui, shield=shield or contextlib.nullcontext, **handles
+            )
+        )
     return None
 
 
-def resume(settings: Settings, store: Store, name: str, ui: Observer, *, detach: bool = False,
-           drive: Callable[[Runner], None] | None = None, shield: Shield | None = None,
-           on_failure: Callable[[SessionRecord, AlvisError], None] | None = None,
-           on_detached: Callable[[SessionRecord], None] | None = None,
-           **handles: Any) -> SessionRecord:  # fmt: skip
+def resume(
+    settings: Settings,
+    store: Store,
+    name: str,
+    ui: Observer,
+    *,
+    detach: bool = False,
+    drive: Callable[[Runner], None] | None = None,
+    shield: Shield | None = None,
+    on_failure: Callable[[SessionRecord, AlvisError], None] | None = None,
+    on_detached: Callable[[SessionRecord], None] | None = None,
+    **handles: Any,
+) -> SessionRecord:
     """Pick a session up where it is (after a killed client, a closed laptop
     or a detach) and drive it (``drive``: the front's way). A session with
     nothing left to drive is cleaned up and said so. Whoever drives it must
@@ -518,36 +612,17 @@ def resume(settings: Settings, store: Store, name: str, ui: Observer, *, detach:
                 "Start a new one with `alvis-fsm start`."
             )
             return record
-        runner = Runner(settings, record, store, ui, detach=detach,
-                        shield=shield or contextlib.nullcontext, **handles)  # fmt: skip
+        runner = Runner(
+            settings,
+            record,
+            store,
+            ui,
+            detach=detach,
+            shield=shield or contextlib.nullcontext,
+            **handles,
+        )
         ui.info(f"Resuming session '{record.name}' (job {record.job_id or '-'}, {record.state})")
-        if record.state == State.IDLE:
-            # Stopped before anything was submitted: there is no job script to
-            # submit from here (start renders it), so there is nothing to resume.
-            runner.cleanup("never submitted")
-            ui.result(
-                f"Session '{record.name}' never submitted a job; "
-                "start a new one with `alvis-fsm start`."
-            )
-            return record
-        runner.conn.open()
-        if record.state == State.FAILED:
-            runner.cleanup(record.end_reason or State.FAILED.value)
-            return record
-        if not record.job_id:
-            # Killed while sbatch ran: the job may exist; find it by its unique name.
-            found = runner.agent.find(record.job_name) if record.job_name else None
-            if not found:
-                runner.cleanup("no job was submitted")
-                ui.result(
-                    f"Session '{record.name}' has no job on the cluster; "
-                    "start a new one with `alvis-fsm start`."
-                )
-                return record
-            record.job_id = found
-            store.save(record)
-            ui.info(f"Found the session's job: {found}")
-        if not runner.still_alive():
+        if not _has_a_job_to_drive(runner, store, ui):
             return record
         try:
             (drive or _drive)(runner)
@@ -560,16 +635,59 @@ def resume(settings: Settings, store: Store, name: str, ui: Observer, *, detach:
     return record
 
 
-def logs(settings: Settings, store: Store, name: str | None, ui: Observer, *, lines: int = 50,
-         follow: bool = False, **handles: Any) -> None:  # fmt: skip
+def _has_a_job_to_drive(runner: Runner, store: Store, ui: Observer) -> bool:
+    """Whether a resumed session has a live job to drive; when not, it is
+    cleaned up and said so."""
+    record = runner.record
+    if record.state == State.IDLE:
+        # Stopped before anything was submitted: there is no job script to
+        # submit from here (start renders it), so there is nothing to resume.
+        runner.cleanup("never submitted")
+        ui.result(
+            f"Session '{record.name}' never submitted a job; "
+            "start a new one with `alvis-fsm start`."
+        )
+        return False
+    runner.conn.open()
+    if record.state == State.FAILED:
+        runner.cleanup(record.end_reason or State.FAILED.value)
+        return False
+    if not record.job_id:
+        # Killed while sbatch ran: the job may exist; find it by its unique name.
+        found = runner.agent.find(record.job_name) if record.job_name else None
+        if not found:
+            runner.cleanup("no job was submitted")
+            ui.result(
+                f"Session '{record.name}' has no job on the cluster; "
+                "start a new one with `alvis-fsm start`."
+            )
+            return False
+        record.job_id = found
+        store.save(record)
+        ui.info(f"Found the session's job: {found}")
+    return runner.still_alive()
+
+
+def logs(
+    settings: Settings,
+    store: Store,
+    name: str | None,
+    ui: Observer,
+    *,
+    lines: int = 50,
+    follow: bool = False,
+    **handles: Any,
+) -> None:
     """vLLM's log lines (``ui.log_line``), from the shared run directory;
     ``follow`` streams until the job ends (or KeyboardInterrupt)."""
     from alvis_fsm.engine.looks import look, show_logs
 
     record = pick_session(store, name, "logs", latest=True)
     # Say which job the lines are from (NAME may have picked the gateway's).
-    ui.info(f"Logs of session '{record.name}' (job {record.job_id or '-'}, {record.state},"
-            f" model {record.model})")  # fmt: skip
+    ui.info(
+        f"Logs of session '{record.name}' (job {record.job_id or '-'}, {record.state},"
+        f" model {record.model})"
+    )
     show_logs(look(settings, record, store, ui, **handles), lines, follow)
 
 
@@ -592,14 +710,12 @@ def needs_check(record: SessionRecord) -> bool:
     return record.live or (record.state == State.FAILED and bool(record.job_id))
 
 
-def check(settings: Settings, store: Store, record: SessionRecord, ui: Observer,
-          **handles: Any) -> Status:  # fmt: skip
+def check(
+    settings: Settings, store: Store, record: SessionRecord, ui: Observer, **handles: Any
+) -> Status:
     """Ask the cluster about one session, read-only unless nobody drives it
     and its job has ended: then the end is recorded (under its lock)."""
     from alvis_fsm.cluster.tunnel import health
-    from alvis_fsm.engine import ownership
-    from alvis_fsm.engine.job_control import JobControl
-    from alvis_fsm.engine.link import open_link
     from alvis_fsm.engine.looks import look
 
     driven = store.locked(record.name)
@@ -610,37 +726,64 @@ def check(settings: Settings, store: Store, record: SessionRecord, ui: Observer,
         job = link.agent.jobinfo(record.job_id) if record.job_id else None
         if job is not None and job.unanswered:
             # No answer is not news: the session is left as it is.
-            return Status(record, job_state="UNKNOWN", problem=SchedulerError(
-                f"{record.name}: could not check job {record.job_id}: {job.unanswered}",
-                hint="The scheduler may be busy or restarting; the session is kept. "
-                "Run `alvis-fsm status` again later.",
-            ))  # fmt: skip
+            return Status(
+                record,
+                job_state="UNKNOWN",
+                problem=SchedulerError(
+                    f"{record.name}: could not check job {record.job_id}: {job.unanswered}",
+                    hint="The scheduler may be busy or restarting; the session is kept. "
+                    "Run `alvis-fsm status` again later.",
+                ),
+            )
         if job is not None and job.ended:
-            job_state = str(job.state)
-            if ownership.wait_for_driver(store, record.name, driven):
-                return Status(record, job_state=job_state)
-            # Nobody drives it: record how it ended and close what is left
-            # locally (a detached tunnel), under the lock so that a `resume`
-            # starting now cannot race us.
-            try:
-                with store.lock(record.name):
-                    owned = open_link(settings, store.load(record.name), store, ui, **handles)
-                    JobControl(owned).still_alive()  # closes the session's connection
-                    return Status(owned.record, job_state=job_state)
-            except SessionError:
-                return Status(record, job_state=job_state)  # a client took it meanwhile
-        reachable = (health(record.local_port, api_key=record.api_key or None,
-                            local_socket=record.local_socket)
-                     if record.state == State.TUNNELED else None)  # fmt: skip
-        return Status(record, job_state=str(job.state) if job else None,
-                      time_left=_time_left(job.time_left) if job else None,
-                      reachable=reachable)  # fmt: skip
+            return _ended(settings, store, record, ui, str(job.state), driven, **handles)
+        reachable = (
+            health(
+                record.local_port, api_key=record.api_key or None, local_socket=record.local_socket
+            )
+            if record.state == State.TUNNELED
+            else None
+        )
+        return Status(
+            record,
+            job_state=str(job.state) if job else None,
+            time_left=_time_left(job.time_left) if job else None,
+            reachable=reachable,
+        )
     except AlvisError as exc:
         # The same class: its exit code is status's.
         return Status(record, problem=type(exc)(f"{record.name}: {exc.message}", hint=exc.hint))
     finally:
         if opened:
             link.conn.close()
+
+
+def _ended(
+    settings: Settings,
+    store: Store,
+    record: SessionRecord,
+    ui: Observer,
+    job_state: str,
+    driven: bool,
+    **handles: Any,
+) -> Status:
+    """A check that found the job ended: its driver records the end; when
+    nobody drives it, the end is recorded here and what is left locally (a
+    detached tunnel) closed, under the lock so that a `resume` starting now
+    cannot race us."""
+    from alvis_fsm.engine import ownership
+    from alvis_fsm.engine.job_control import JobControl
+    from alvis_fsm.engine.link import open_link
+
+    if ownership.wait_for_driver(store, record.name, driven):
+        return Status(record, job_state=job_state)
+    try:
+        with store.lock(record.name):
+            owned = open_link(settings, store.load(record.name), store, ui, **handles)
+            JobControl(owned).still_alive()  # closes the session's connection
+            return Status(owned.record, job_state=job_state)
+    except SessionError:
+        return Status(record, job_state=job_state)  # a client took it meanwhile
 
 
 def _time_left(squeue: str) -> str | None:

@@ -57,7 +57,9 @@ def session_name(name: str) -> str:
     try:
         return check_name(name)
     except UsageError as exc:
-        raise UsageError(f"-n/--name: {exc.message}", hint=f"{exc.hint} For example: -n gpt-test-2.") from None
+        raise UsageError(
+            f"-n/--name: {exc.message}", hint=f"{exc.hint} For example: -n gpt-test-2."
+        ) from None
 
 
 def catalog_entry(catalog: Any, name: str, from_flag: bool, settings: Settings) -> ModelEntry:
@@ -67,7 +69,9 @@ def catalog_entry(catalog: Any, name: str, from_flag: bool, settings: Settings) 
         return catalog.get(name)  # type: ignore[no-any-return]
     except UsageError as exc:
         if from_flag:
-            raise UsageError(f"-m/--model: {exc.message}", hint=exc.hint, details=exc.details) from None
+            raise UsageError(
+                f"-m/--model: {exc.message}", hint=exc.hint, details=exc.details
+            ) from None
         raise ConfigError(
             f"catalog.default_model {settings.origin_of('catalog.default_model')} names model"
             f" '{name}', which is not in the catalog. Available models:",
@@ -99,8 +103,9 @@ LOAD_GUESS_S = 300.0
 MARGIN_S = 300.0
 
 
-def check_long_enough(seconds: int, text: str, model: str,
-                      expected: tuple[float, int] | None, from_flag: bool) -> None:  # fmt: skip
+def check_long_enough(
+    seconds: int, text: str, model: str, expected: tuple[float, int] | None, from_flag: bool
+) -> None:
     """Refuse a job time shorter than the model's expected load time plus a
     margin, with the numbers: `-t 1:30` is SLURM's MM:SS (90 s), rarely what
     was meant. ``expected``: (seconds, earlier starts) from loadtimes."""
@@ -112,11 +117,18 @@ def check_long_enough(seconds: int, text: str, model: str,
     if seconds >= need:
         return
     where = "-t/--time" if from_flag else "slurm.time"
-    known = (describe(expected).replace("ready in", "it loads in") if expected
-             else f"with no earlier start, allow ~{in_words(load)} to load")  # fmt: skip
+    known = (
+        describe(expected).replace("ready in", "it loads in")
+        if expected
+        else f"with no earlier start, allow ~{in_words(load)} to load"
+    )
     mmss = re.fullmatch(r"([0-9]+):([0-9]{2})", text)
-    meant = (f"Did you mean {text}:00 ({in_words(seconds * 60)})? SLURM reads {text} as"
-             " minutes:seconds. " if mmss else "")  # fmt: skip
+    meant = (
+        f"Did you mean {text}:00 ({in_words(seconds * 60)})? SLURM reads {text} as"
+        " minutes:seconds. "
+        if mmss
+        else ""
+    )
     raise UsageError(
         f"{where}: {text} is {in_words(seconds)}, too short for {model}: {known}, and a"
         f" session needs {in_words(MARGIN_S)} more to be of use: at least {in_words(need)}",
@@ -124,8 +136,9 @@ def check_long_enough(seconds: int, text: str, model: str,
     )
 
 
-def job_spec(settings: Settings, record: SessionRecord, entry: ModelEntry, account: str,
-             gpus: str, time: str) -> jobscript.JobSpec:  # fmt: skip
+def job_spec(
+    settings: Settings, record: SessionRecord, entry: ModelEntry, account: str, gpus: str, time: str
+) -> jobscript.JobSpec:
     """The job to submit for ``record``, checked now (before anything is
     submitted) by rendering it once."""
     spec = jobscript.JobSpec(
@@ -160,17 +173,25 @@ def render_for(spec: jobscript.JobSpec, run_dir: str) -> str:
     return jobscript.render(dataclasses.replace(spec, run_dir=run_dir))
 
 
-def refusal_hint(charged: str, options: StartOptions, settings: Settings, entry: ModelEntry,
-                 gpus: str, time: str) -> str:  # fmt: skip
+def refusal_hint(
+    charged: str, options: StartOptions, settings: Settings, entry: ModelEntry, gpus: str, time: str
+) -> str:
     """Which values sbatch was given and where each came from."""
+
     def setting(key: str) -> str:
         where = settings.origin_of(key)
         return f"{key}, the default" if "packaged defaults" in where else f"{key} {where}"
 
-    account_from = ("--account" if options.account else setting("slurm.account")
-                    if settings.slurm.account else "your SLURM accounts, by sacctmgr")  # fmt: skip
-    gpus_from = ("--gpus" if options.gpus else "the catalog entry" if entry.gpus
-                 else setting("slurm.gpus"))  # fmt: skip
+    account_from = (
+        "--account"
+        if options.account
+        else setting("slurm.account")
+        if settings.slurm.account
+        else "your SLURM accounts, by sacctmgr"
+    )
+    gpus_from = (
+        "--gpus" if options.gpus else "the catalog entry" if entry.gpus else setting("slurm.gpus")
+    )
     time_from = "-t" if options.time else setting("slurm.time")
     return (
         f"sbatch was given: account {charged} (from {account_from}), GPUs {gpus} (from"

@@ -58,8 +58,7 @@ SECTIONS: dict[str, str] = {
         " state: past one, the session fails and its job is cancelled."
     ),
     "notify": (
-        "Desktop notifications (macOS osascript, Linux notify-send; skipped where"
-        " neither exists)."
+        "Desktop notifications (macOS osascript, Linux notify-send; skipped where neither exists)."
     ),
     "gateway": (
         "`alvis-fsm gateway`: one private OpenAI-compatible endpoint for every"
@@ -152,7 +151,7 @@ SETTINGS: dict[str, Doc] = {
     ),
     "slurm.gpus": Doc(
         text=(
-            "GPU type and count per node, as in --gpus-per-node, e.g. \"A40:2\" (a catalog entry's "
+            'GPU type and count per node, as in --gpus-per-node, e.g. "A40:2" (a catalog entry\'s '
             'gpus and --gpus win), or "auto": the fewest GPUs of a type in fit.auto_types that '
             "hold the model and its max_model_len, preferring what is free now (see [fit]). With "
             "this default, a model auto cannot size (no config.json or safetensors) gets one GPU "
@@ -528,5 +527,4 @@ SETTINGS: dict[str, Doc] = {
         accepts="a number of seconds greater than 0, e.g. {example} (5 minutes)",
         example="300",
     ),
-
 }

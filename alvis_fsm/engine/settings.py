@@ -61,8 +61,17 @@ from alvis_fsm.engine.setting_layers import (
 )
 from alvis_fsm.errors import ConfigError
 
-__all__ = ["CONFIG_ENV", "DEFAULT_LABEL", "DEFAULT_USER_CONFIG", "ENV_DELIMITER", "ENV_PREFIX",
-           "FLAG_LABEL", "Settings", "load_settings", "user_config_path"]  # fmt: skip
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_LABEL",
+    "DEFAULT_USER_CONFIG",
+    "ENV_DELIMITER",
+    "ENV_PREFIX",
+    "FLAG_LABEL",
+    "Settings",
+    "load_settings",
+    "user_config_path",
+]
 
 # TYPE:N or N as in --gpus-per-node, or "auto": chosen by alvis_fsm.engine.fit
 # (the syntax of every sbatch value is defined once, in cluster/syntax.py).
@@ -246,9 +255,10 @@ class Fit(_Section):
         names = [parse_gpu_type(t).name for t in self.gpu_types]
         if len(set(names)) != len(names):
             raise SettingValueError(
-                "a GPU type is listed twice", loc=("fit", "gpu_types"),
-                hint="List each TYPE once, e.g. \"A40 48GB x4\".",
-            )  # fmt: skip
+                "a GPU type is listed twice",
+                loc=("fit", "gpu_types"),
+                hint='List each TYPE once, e.g. "A40 48GB x4".',
+            )
         unknown = [t for t in self.auto_types if t not in names]
         if unknown:
             raise SettingValueError(
@@ -664,8 +674,16 @@ class SettingError(ConfigError):
     and where it came from (``origin``: a file, "flag", "env ..."), so the
     CLI can name the flag instead when a flag gave it."""
 
-    def __init__(self, message: str, hint: str | None, details: str | None, key: str,
-                 value: str, origin: str, reason: str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        message: str,
+        hint: str | None,
+        details: str | None,
+        key: str,
+        value: str,
+        origin: str,
+        reason: str,
+    ) -> None:
         super().__init__(message, hint=hint, details=details)
         self.key = key
         self.value = value
@@ -697,13 +715,20 @@ def _describe(error: Any, layers: list[_Layer]) -> tuple[str, str | None, str, s
         if not parent:
             return (
                 f"Unknown section [{dotted}] {where}{suggestion}",
-                "Valid sections: " + ", ".join(valid), dotted, "", label, "unknown section",
-            )  # fmt: skip
+                "Valid sections: " + ", ".join(valid),
+                dotted,
+                "",
+                label,
+                "unknown section",
+            )
         return (
             f"Unknown setting {dotted!r} {where}{suggestion}",
-            f"Valid keys of [{_dotted(parent)}]: " + ", ".join(valid), dotted, "", label,
+            f"Valid keys of [{_dotted(parent)}]: " + ", ".join(valid),
+            dotted,
+            "",
+            label,
             "unknown setting",
-        )  # fmt: skip
+        )
     if error["type"] == "missing":
         reason = "is missing"
         return f"Setting {dotted!r} is missing {where}", hint, dotted, "", label, reason

@@ -185,10 +185,12 @@ class StartUp:
             )
         if self.clock.timed_out(ev):
             limit = self.clock.limit(State.SUBMITTED)
-            raise TimedOut(SchedulerError(
-                f"Job {r.job_id} did not start within {limit:.0f} s",
-                hint="The queue is busy: try a shorter -t, fewer GPUs, or raise timeouts.job_start.",
-            ))  # fmt: skip
+            raise TimedOut(
+                SchedulerError(
+                    f"Job {r.job_id} did not start within {limit:.0f} s",
+                    hint="The queue is busy: try a shorter -t, fewer GPUs, or raise timeouts.job_start.",
+                )
+            )
 
     def _queue_text(self, job: slurm.JobInfo | None) -> str:
         r = self.link.record
@@ -277,8 +279,10 @@ class StartUp:
             self.link.ui.done_waiting()
             raise self.jobs.crash(crashed)
         if self.clock.timed_out(ev):
-            raise TimedOut(ServerError(
-                f"vLLM did not start within {self.clock.limit(State.RUNNING):.0f} s",
-                hint="Raise timeouts.server_ready for a large model, or check the log above.",
-                details="\n".join(self.jobs.tail_err(20)) or None,
-            ))  # fmt: skip
+            raise TimedOut(
+                ServerError(
+                    f"vLLM did not start within {self.clock.limit(State.RUNNING):.0f} s",
+                    hint="Raise timeouts.server_ready for a large model, or check the log above.",
+                    details="\n".join(self.jobs.tail_err(20)) or None,
+                )
+            )

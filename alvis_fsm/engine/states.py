@@ -46,8 +46,12 @@ class BatchStatus(StrEnum):
 
     @property
     def ended(self) -> bool:
-        return self in (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED,
-                        BatchStatus.CANCELLED)  # fmt: skip
+        return self in (
+            BatchStatus.COMPLETED,
+            BatchStatus.FAILED,
+            BatchStatus.EXPIRED,
+            BatchStatus.CANCELLED,
+        )
 
 
 class ShardState(StrEnum):

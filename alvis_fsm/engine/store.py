@@ -122,7 +122,9 @@ class SessionRecord:
         a limit."""
         if not self.running_since or not self.time_limit_s:
             return None
-        return max(0.0, self.running_since + self.time_limit_s - (time.time() if now is None else now))
+        return max(
+            0.0, self.running_since + self.time_limit_s - (time.time() if now is None else now)
+        )
 
     @property
     def url(self) -> str:

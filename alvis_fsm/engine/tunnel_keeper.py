@@ -56,7 +56,11 @@ def reopen_or_give_up(link: Link) -> None:
 def _trying_again(exc: AlvisError, delay: float) -> str:
     """A failed try, with the first line of what ssh said (its reason)."""
     why = (exc.details or "").strip().partition("\n")[0]
-    return f"{exc.message.rstrip('.')}" + (f" ({why})" if why else "") + f"; trying again in {delay:.1f} s"
+    return (
+        f"{exc.message.rstrip('.')}"
+        + (f" ({why})" if why else "")
+        + f"; trying again in {delay:.1f} s"
+    )
 
 
 class TunnelKeeper:
@@ -105,7 +109,9 @@ class TunnelKeeper:
         tunnel = self.tunnel = self._make()
         # A tunnel left by a detached or killed client may still be up.
         if not tunnel.up():
-            where = f"local port {r.local_port}" if r.local_port else f"local socket {r.local_socket}"
+            where = (
+                f"local port {r.local_port}" if r.local_port else f"local socket {r.local_socket}"
+            )
             ui.info(f"Establishing SSH tunnel ({where})...")
             said = self._persist(tunnel.open, ConnectionLost, "open the tunnel")
             if "Permanently added" in said:
@@ -127,9 +133,13 @@ class TunnelKeeper:
     def _check(self, tunnel: Tunnel) -> Verified:
         r, timeouts = self.link.record, self.link.settings.timeouts
         return self.verify(
-            r.local_port, r.api_key or None, timeouts.connection_test, r.served_name,
-            local_socket=r.local_socket, alive=tunnel.alive,
-        )  # fmt: skip
+            r.local_port,
+            r.api_key or None,
+            timeouts.connection_test,
+            r.served_name,
+            local_socket=r.local_socket,
+            alive=tunnel.alive,
+        )
 
     def announce(self) -> None:
         """The ready banner, once per client; later verifications say less."""
@@ -191,7 +201,9 @@ class TunnelKeeper:
                 again = isinstance(exc, TunnelDied)
                 if again:
                     # A drop during recovery is a drop: say so, and reopen.
-                    link.ui.warn("The tunnel dropped again while it was being reopened; reopening...")
+                    link.ui.warn(
+                        "The tunnel dropped again while it was being reopened; reopening..."
+                    )
                 if tries.failed() >= link.settings.tunnel.max_reconnects:
                     raise give_up(
                         link, f"Could not {what} after {tries.failures} tries", exc.message

@@ -74,13 +74,13 @@ class LogReporter(Reporter):
     def done_waiting(self) -> None:
         self._last_wait = None
 
-    def connected(
-        self, record: Any, models: list[str], first_token_s: float | None = None
-    ) -> None:
+    def connected(self, record: Any, models: list[str], first_token_s: float | None = None) -> None:
         self.log.info(
             "connected: %s serves %s (first token %.0f ms)",
-            record.url, inert(", ".join(models)), (first_token_s or 0) * 1000,
-        )  # fmt: skip
+            record.url,
+            inert(", ".join(models)),
+            (first_token_s or 0) * 1000,
+        )
 
     def interactive(self) -> bool:
         return False
@@ -134,7 +134,9 @@ class Session:
             from alvis_fsm.engine.store import Store
             from alvis_fsm.fronts import signals
 
-            ownership.stop_session(cfg, Store(cfg.state_dir), self.name, ui, shield=signals.shielded)
+            ownership.stop_session(
+                cfg, Store(cfg.state_dir), self.name, ui, shield=signals.shielded
+            )
         self._stopped = True
 
     def __enter__(self) -> Session:
@@ -179,8 +181,12 @@ def session(
         return _session(reused, started_here=False, keep=keep)
     through = None if name else _gateway_session(store, model_name, keep)
     if through is not None:
-        log.info("reusing the gateway's session %s (job %s) at %s", through.name, through.job_id,
-                 through.base_url)  # fmt: skip
+        log.info(
+            "reusing the gateway's session %s (job %s) at %s",
+            through.name,
+            through.job_id,
+            through.base_url,
+        )
         return through
     if port is None and not _port_free(int(cfg.tunnel.local_port)):
         port = _free_port()  # the default port is taken: any free one will do here
@@ -208,8 +214,12 @@ def _via_gateway(cfg: Any, model: str, keep: bool) -> Session:
     found = instance.running(cfg.state_dir)
     started = found is None
     if found is None:
-        done = subprocess.run([sys.executable, "-m", "alvis_fsm", "-q", "gateway", "--detach"],
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "alvis_fsm", "-q", "gateway", "--detach"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
         found = instance.running(cfg.state_dir)
         if done.returncode != 0 or found is None:
             said = done.stderr.strip().splitlines()
@@ -220,13 +230,28 @@ def _via_gateway(cfg: Any, model: str, keep: bool) -> Session:
         log.info("started the gateway (pid %s) on %s", found.pid, found.base_url)
     else:
         log.info("using the running gateway (pid %s) on %s", found.pid, found.base_url)
-    return Session(name="gateway", model=model, served_name=model, base_url=found.base_url,
-                   api_key=gateway_key(cfg.state_dir), job_id="", started_here=started,
-                   keep=keep, via_gateway=True)  # fmt: skip
+    return Session(
+        name="gateway",
+        model=model,
+        served_name=model,
+        base_url=found.base_url,
+        api_key=gateway_key(cfg.state_dir),
+        job_id="",
+        started_here=started,
+        keep=keep,
+        via_gateway=True,
+    )
 
 
-def _start(model: str, *, time: str | None, gpus: str | None, name: str | None,
-           port: int | None, yes: bool = False) -> SessionRecord:
+def _start(
+    model: str,
+    *,
+    time: str | None,
+    gpus: str | None,
+    name: str | None,
+    port: int | None,
+    yes: bool = False,
+) -> SessionRecord:
     """Start a session as ``alvis-fsm start --detach`` does, through the
     service (no signal handlers: this may run in any thread), and leave a
     supervisor keeping its tunnel up."""
@@ -236,8 +261,12 @@ def _start(model: str, *, time: str | None, gpus: str | None, name: str | None,
     from alvis_fsm.fronts import notify
     from alvis_fsm.fronts.common import flag_settings, supervisor_command
 
-    cfg = flag_settings({"tunnel": {"local_port": port} if port is not None else {},
-                         "slurm": {"gpus": gpus} if gpus else {}})  # fmt: skip
+    cfg = flag_settings(
+        {
+            "tunnel": {"local_port": port} if port is not None else {},
+            "slurm": {"gpus": gpus} if gpus else {},
+        }
+    )
     ui = LogReporter()
     ui.on_ready = lambda rec: notify.on_ready(cfg, rec)
 
@@ -245,8 +274,9 @@ def _start(model: str, *, time: str | None, gpus: str | None, name: str | None,
         if not isinstance(exc, Interrupted):
             notify.on_failure(cfg, record.name, exc.message)
 
-    options = service.StartOptions(model=model, time=time, gpus=gpus, name=name, detach=True,
-                                   short_ok=yes)  # fmt: skip
+    options = service.StartOptions(
+        model=model, time=time, gpus=gpus, name=name, detach=True, short_ok=yes
+    )
     store = Store(cfg.state_dir)
     handover = ownership.Handover(store, supervisor_command)
     started = service.start(cfg, options, ui, on_failure=failed, on_detached=handover.spawn)
@@ -256,10 +286,15 @@ def _start(model: str, *, time: str | None, gpus: str | None, name: str | None,
 
 def _session(record: SessionRecord, *, started_here: bool, keep: bool) -> Session:
     return Session(
-        name=record.name, model=record.model, served_name=record.served_name,
-        base_url=f"{record.url}/v1", api_key=record.api_key, job_id=record.job_id,
-        started_here=started_here, keep=keep,
-    )  # fmt: skip
+        name=record.name,
+        model=record.model,
+        served_name=record.served_name,
+        base_url=f"{record.url}/v1",
+        api_key=record.api_key,
+        job_id=record.job_id,
+        started_here=started_here,
+        keep=keep,
+    )
 
 
 def _live_session(store: Any, model: str, name: str | None) -> SessionRecord | None:
@@ -274,7 +309,9 @@ def _live_session(store: Any, model: str, name: str | None) -> SessionRecord | N
             continue
         if is_gateway_session(record.name):
             continue  # reached through the gateway (_gateway_session), not its socket
-        if health(record.local_port, api_key=record.api_key or None, local_socket=record.local_socket):
+        if health(
+            record.local_port, api_key=record.api_key or None, local_socket=record.local_socket
+        ):
             return record  # type: ignore[no-any-return]
     return None
 
@@ -295,10 +332,19 @@ def _gateway_session(store: Any, model: str, keep: bool) -> Session | None:
     for record in records:
         if not is_gateway_session(record.name) or record.model != model:
             continue
-        if record.state == State.TUNNELED and health(0, api_key=record.api_key or None, local_socket=record.local_socket):
-            return Session(name=record.name, model=model, served_name=model,
-                           base_url=found.base_url, api_key=gateway_key(store.dir),
-                           job_id=record.job_id, started_here=False, keep=keep)  # fmt: skip
+        if record.state == State.TUNNELED and health(
+            0, api_key=record.api_key or None, local_socket=record.local_socket
+        ):
+            return Session(
+                name=record.name,
+                model=model,
+                served_name=model,
+                base_url=found.base_url,
+                api_key=gateway_key(store.dir),
+                job_id=record.job_id,
+                started_here=False,
+                keep=keep,
+            )
     return None
 
 

@@ -97,8 +97,12 @@ class Batch:
         self.service.refresh(self.settings, self.record, _observer(), store=self.store)
         return self
 
-    def wait(self, timeout: float | None = None, poll: float = POLL_S,
-             progress: Callable[[Batch], None] | None = None) -> Batch:  # fmt: skip
+    def wait(
+        self,
+        timeout: float | None = None,
+        poll: float = POLL_S,
+        progress: Callable[[Batch], None] | None = None,
+    ) -> Batch:
         """Poll the cluster (one connection) until the batch ends; ``progress``
         is called after each poll. Past ``timeout`` seconds: ``TimeoutError``
         (the batch runs on)."""
@@ -112,18 +116,30 @@ class Batch:
                 if self.record.ended:
                     return self
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"Batch {self.id} is still {self.record.status} after {timeout:.0f} s; "
-                                       "it runs on without this process")  # fmt: skip
-                log.info("batch %s: %s, %d done, %d failed of %d", self.id, self.record.status,
-                         self.record.completed, self.record.failed, self.record.total)  # fmt: skip
-                time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+                    raise TimeoutError(
+                        f"Batch {self.id} is still {self.record.status} after {timeout:.0f} s; "
+                        "it runs on without this process"
+                    )
+                log.info(
+                    "batch %s: %s, %d done, %d failed of %d",
+                    self.id,
+                    self.record.status,
+                    self.record.completed,
+                    self.record.failed,
+                    self.record.total,
+                )
+                time.sleep(
+                    poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
+                )
 
     def download(self, out: str | Path, errors: str | Path) -> tuple[int, int]:
         """OpenAI's output and error files (every custom_id once across the
         two, in input order; for a batch still running, the results so far):
         their line counts."""
-        return self.service.results(self.settings, self.record, _observer(), Path(out), Path(errors),  # type: ignore[no-any-return]
-                                    self.store)  # fmt: skip
+        lines: tuple[int, int] = self.service.results(
+            self.settings, self.record, _observer(), Path(out), Path(errors), self.store
+        )
+        return lines
 
     def results(self) -> Iterator[dict[str, Any]]:
         """The output file's lines (the answers), one at a time."""
@@ -139,7 +155,9 @@ class Batch:
             out, err = Path(tmp) / "output.jsonl", Path(tmp) / "errors.jsonl"
             self.download(out, err)
             if not self.record.ended:
-                log.warning("batch %s is %s: these are the results so far", self.id, self.record.status)
+                log.warning(
+                    "batch %s is %s: these are the results so far", self.id, self.record.status
+                )
             with (err if errors else out).open(encoding="utf-8") as handle:
                 for line in handle:
                     if line.strip():
@@ -157,13 +175,22 @@ def _request_lines(requests: Iterable[Mapping[str, Any]]) -> Iterator[str]:
         try:
             yield json.dumps(request, ensure_ascii=False)
         except (TypeError, ValueError) as exc:
-            raise UsageError(f"Line {number}: the request is not JSON ({exc})",
-                             hint="Nothing was uploaded or submitted.") from None  # fmt: skip
+            raise UsageError(
+                f"Line {number}: the request is not JSON ({exc})",
+                hint="Nothing was uploaded or submitted.",
+            ) from None
 
 
-def batch(requests: str | Path | Iterable[Mapping[str, Any]], *, model: str | None = None,
-          time: str | None = None, jobs: int | str = 1, completion_window: str = "24h",
-          metadata: Mapping[str, str] | None = None, service: Any = None) -> Batch:  # fmt: skip
+def batch(
+    requests: str | Path | Iterable[Mapping[str, Any]],
+    *,
+    model: str | None = None,
+    time: str | None = None,
+    jobs: int | str = 1,
+    completion_window: str = "24h",
+    metadata: Mapping[str, str] | None = None,
+    service: Any = None,
+) -> Batch:
     """Submit a batch: ``requests`` is a JSONL file (OpenAI's batch format)
     or the requests themselves (dicts of that format, read once: a
     generator is fine). ``model`` fills a missing ``body.model``; ``time``
@@ -173,14 +200,27 @@ def batch(requests: str | Path | Iterable[Mapping[str, Any]], *, model: str | No
     Returns once the jobs are submitted."""
     service = service or _service()
     cfg = _settings()
-    options: dict[str, Any] = {"model": model, "time": time, "jobs": str(jobs),
-                               "completion_window": completion_window, "metadata": dict(metadata or {})}  # fmt: skip
+    options: dict[str, Any] = {
+        "model": model,
+        "time": time,
+        "jobs": str(jobs),
+        "completion_window": completion_window,
+        "metadata": dict(metadata or {}),
+    }
     if isinstance(requests, (str, Path)):
         options["path"] = Path(requests)
     else:
-        options["validated"] = engine_batch.validate(_request_lines(requests), service.resolver(cfg), model)
+        options["validated"] = engine_batch.validate(
+            _request_lines(requests), service.resolver(cfg), model
+        )
     record = service.submit(cfg, service.SubmitOptions(**options), _observer())
-    log.info("batch %s: %d requests in %d job(s) of %s", record.id, record.total, record.shards, record.gpus)
+    log.info(
+        "batch %s: %d requests in %d job(s) of %s",
+        record.id,
+        record.total,
+        record.shards,
+        record.gpus,
+    )
     return Batch(record, cfg, service)
 
 

@@ -232,15 +232,21 @@ def render_reference(default_toml: Path | None = None) -> str:
         "The `[machine]` section (the session state machine: states, transitions"
         " and which `[timeouts]` key bounds each state) is drawn by `alvis-fsm diagram`;"
         " a user file may override a state's timeout, e.g."
-        " `[machine.states.running]` `timeout = \"job_start\"`.",
+        ' `[machine.states.running]` `timeout = "job_start"`.',
     ]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def comment(text: str) -> list[str]:
     """Text as TOML comment lines."""
-    return textwrap.wrap(text, COMMENT_WIDTH, initial_indent="# ", subsequent_indent="# ",
-                         break_long_words=False, break_on_hyphens=False)  # fmt: skip
+    return textwrap.wrap(
+        text,
+        COMMENT_WIDTH,
+        initial_indent="# ",
+        subsequent_indent="# ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 def render_default_toml(text: str) -> str:
@@ -254,8 +260,13 @@ def render_default_toml(text: str) -> str:
     doc = tomlkit.parse(text)
     known = {s: set(m.model_fields) for s, m in SECTIONS.items() if s not in SKIPPED_SECTIONS}
     unknown = [f"[{s}]" for s in doc if s not in known and s not in SKIPPED_SECTIONS]
-    unknown += [f"{s}.{k}" for s in known if isinstance(doc.get(s), dict) for k in doc[s]
-                if k not in known[s]]  # fmt: skip
+    unknown += [
+        f"{s}.{k}"
+        for s in known
+        if isinstance(doc.get(s), dict)
+        for k in doc[s]
+        if k not in known[s]
+    ]
     if unknown:  # rewriting would drop them
         raise ValueError(f"not settings of the model: {', '.join(unknown)}")
     out = [f"# {TOML_TITLE}", "#", *comment(setting_docs.HEADER), "#", *comment(TOML_NOTE)]
@@ -271,7 +282,9 @@ def render_default_toml(text: str) -> str:
             out += [*comment(setting_docs.SECTIONS[section]), ""]
         for name in model.model_fields:
             if name not in table:
-                raise ValueError(f"{section}.{name} has no default (no `{name} = ...` under [{section}])")
+                raise ValueError(
+                    f"{section}.{name} has no default (no `{name} = ...` under [{section}])"
+                )
             value = table.item(name)
             if not isinstance(value, tomlkit.items.Item):  # [section.name] tables: not a setting
                 raise ValueError(f"{section}.{name} is a table, not a value")
@@ -292,7 +305,11 @@ def _machine_part(text: str) -> str:
 def render_diagram() -> str:
     from alvis_fsm.engine.machine import packaged_definition, packaged_timeouts, to_mermaid
 
-    return "```mermaid\n" + to_mermaid(packaged_definition(), packaged_timeouts()).rstrip("\n") + "\n```\n"
+    return (
+        "```mermaid\n"
+        + to_mermaid(packaged_definition(), packaged_timeouts()).rstrip("\n")
+        + "\n```\n"
+    )
 
 
 def render_layout() -> str:
@@ -329,13 +346,26 @@ def refresh(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alvis_fsm.fronts.confref", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m alvis_fsm.fronts.confref",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--write", metavar="FILE", type=Path, nargs="*",
-                       help="refresh FILE in place (default: config/default.toml and every docs block)")
-    group.add_argument("--check", metavar="FILE", type=Path, nargs="*",
-                       help="exit 1 if FILE is stale (default: config/default.toml and every docs block)")  # fmt: skip
+    group.add_argument(
+        "--write",
+        metavar="FILE",
+        type=Path,
+        nargs="*",
+        help="refresh FILE in place (default: config/default.toml and every docs block)",
+    )
+    group.add_argument(
+        "--check",
+        metavar="FILE",
+        type=Path,
+        nargs="*",
+        help="exit 1 if FILE is stale (default: config/default.toml and every docs block)",
+    )
     args = parser.parse_args(argv)
     if args.write is None and args.check is None:
         sys.stdout.write(render_reference())

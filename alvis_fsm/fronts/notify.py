@@ -18,7 +18,11 @@ def send(title: str, message: str) -> bool:
     message = message[:300]
     if sys.platform == "darwin" and shutil.which("osascript"):
         quote = lambda text: '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'  # noqa: E731
-        argv = ["osascript", "-e", f"display notification {quote(message)} with title {quote(title)}"]
+        argv = [
+            "osascript",
+            "-e",
+            f"display notification {quote(message)} with title {quote(title)}",
+        ]
     elif shutil.which("notify-send"):
         argv = ["notify-send", "--app-name=alvis-fsm", title, message]
     else:

@@ -167,9 +167,7 @@ class Reporter:
                 self._live = None
             self._status_text = ""
 
-    def connected(
-        self, record: Any, models: list[str], first_token_s: float | None = None
-    ) -> None:
+    def connected(self, record: Any, models: list[str], first_token_s: float | None = None) -> None:
         """The ready block: what to paste to use the server. Printed only
         once a 1-token completion came back through the tunnel."""
         if self.on_ready is not None:

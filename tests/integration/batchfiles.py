@@ -36,7 +36,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def assert_no_access_log(lab: Any, run_dir: str) -> None:
     """Every shard's server ran without uvicorn's access log (a line per
     request in the shared run directory), and its log was written."""
-    out = lab.login(f"cat {run_dir}/shards/*/vllm.out {run_dir}/shards/*/vllm.err", check=False).stdout
+    out = lab.login(
+        f"cat {run_dir}/shards/*/vllm.out {run_dir}/shards/*/vllm.err", check=False
+    ).stdout
     assert "Application startup complete" in out, out[-2000:]
     requests = [line for line in out.splitlines() if '"POST /v1/' in line]
     assert requests == [], requests[:3]

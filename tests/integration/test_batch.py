@@ -15,9 +15,13 @@ from batchfiles import assert_no_access_log, read_jsonl, request_body, write_bat
 from tool import Tool, assert_nothing_left, tool_argv
 
 
-def write_input(path: Path, n: int, url: str = "/v1/chat/completions", model: str = "lab-ok") -> list[str]:
+def write_input(
+    path: Path, n: int, url: str = "/v1/chat/completions", model: str = "lab-ok"
+) -> list[str]:
     ids = [f"req-{i:05d}" for i in range(n)]
-    return write_batch(path, ids, url, lambda _i, cid: request_body(model, url, f"line {cid}", max_tokens=5))
+    return write_batch(
+        path, ids, url, lambda _i, cid: request_body(model, url, f"line {cid}", max_tokens=5)
+    )
 
 
 def status(tool: Tool, batch_id: str) -> dict[str, Any]:
@@ -37,24 +41,36 @@ def wait_status(tool: Tool, batch_id: str, done: set[str], timeout: float) -> di
 
 
 def batch_jobs(lab: Any, batch_id: str) -> list[str]:
-    out = lab.run(["squeue", "-h", "-u", lab.user, "-n", f"alvis-fsm-{batch_id}", "-o", "%i|%T"]).stdout
+    out = lab.run(
+        ["squeue", "-h", "-u", lab.user, "-n", f"alvis-fsm-{batch_id}", "-o", "%i|%T"]
+    ).stdout
     return [line for line in out.splitlines() if line.strip()]
 
 
-def results(tool: Tool, batch_id: str, tmp_path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def results(
+    tool: Tool, batch_id: str, tmp_path: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
-    proc = tool.run_piped("batch", "results", batch_id, "-o", str(out), "--errors", str(err), timeout=120)
+    proc = tool.run_piped(
+        "batch", "results", batch_id, "-o", str(out), "--errors", str(err), timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return read_jsonl(out), read_jsonl(err)
 
 
-def test_submit_wait_downloads_every_answer_once_in_order(lab: Any, tool: Tool, tmp_path: Path) -> None:
+def test_submit_wait_downloads_every_answer_once_in_order(
+    lab: Any, tool: Tool, tmp_path: Path
+) -> None:
     ids = write_input(tmp_path / "in.jsonl", 40)
     proc = subprocess.run(
         [*tool_argv(), "batch", "submit", "in.jsonl", "--jobs", "2", "-t", "10", "--wait"],
-        cwd=tmp_path, env=tool.env, text=True, capture_output=True, timeout=300,
+        cwd=tmp_path,
+        env=tool.env,
+        text=True,
+        capture_output=True,
+        timeout=300,
         stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     batch_id = proc.stdout.splitlines()[0].strip()
     assert batch_id.startswith("batch_")
@@ -74,7 +90,9 @@ def test_submit_wait_downloads_every_answer_once_in_order(lab: Any, tool: Tool, 
     assert_nothing_left(lab, tool)
 
 
-def test_bad_input_is_refused_with_its_line_and_nothing_uploaded(lab: Any, tool: Tool, tmp_path: Path) -> None:
+def test_bad_input_is_refused_with_its_line_and_nothing_uploaded(
+    lab: Any, tool: Tool, tmp_path: Path
+) -> None:
     path = tmp_path / "bad.jsonl"
     write_input(path, 5)
     lines = path.read_text().splitlines()
@@ -120,7 +138,9 @@ def wait_done_at_least(tool: Tool, batch_id: str, n: int, timeout: float = 90) -
         time.sleep(1)
 
 
-def test_a_requeued_shard_resumes_with_nothing_lost_and_nothing_twice(lab: Any, tool: Tool, tmp_path: Path) -> None:
+def test_a_requeued_shard_resumes_with_nothing_lost_and_nothing_twice(
+    lab: Any, tool: Tool, tmp_path: Path
+) -> None:
     ids = write_input(tmp_path / "in.jsonl", 240, model="lab-slow")
     batch_id = submit(tool, tmp_path / "in.jsonl", "-t", "10")
     data = wait_done_at_least(tool, batch_id, 40)
@@ -137,7 +157,9 @@ def test_a_requeued_shard_resumes_with_nothing_lost_and_nothing_twice(lab: Any, 
     assert_nothing_left(lab, tool)
 
 
-def test_a_batch_longer_than_a_job_completes_with_no_client(lab: Any, tool: Tool, tmp_path: Path) -> None:
+def test_a_batch_longer_than_a_job_completes_with_no_client(
+    lab: Any, tool: Tool, tmp_path: Path
+) -> None:
     # 0.25 s a request, 4 at once: 16 requests/s, so 900 lines need about a
     # minute of serving: more than one 1-minute job gives after start-up.
     ids = write_input(tmp_path / "in.jsonl", 900, model="lab-slow")
@@ -158,7 +180,9 @@ def test_a_batch_longer_than_a_job_completes_with_no_client(lab: Any, tool: Tool
     assert_nothing_left(lab, tool)
 
 
-def test_cancel_is_confirmed_and_keeps_the_results_so_far(lab: Any, tool: Tool, tmp_path: Path) -> None:
+def test_cancel_is_confirmed_and_keeps_the_results_so_far(
+    lab: Any, tool: Tool, tmp_path: Path
+) -> None:
     ids = write_input(tmp_path / "in.jsonl", 2000, model="lab-slow")
     batch_id = submit(tool, tmp_path / "in.jsonl", "--jobs", "2", "-t", "10")
     wait_done_at_least(tool, batch_id, 10)
@@ -176,7 +200,9 @@ def test_cancel_is_confirmed_and_keeps_the_results_so_far(lab: Any, tool: Tool, 
     assert_nothing_left(lab, tool)
 
 
-def test_a_server_that_ooms_fails_the_batch_with_the_cause(lab: Any, tool: Tool, tmp_path: Path) -> None:
+def test_a_server_that_ooms_fails_the_batch_with_the_cause(
+    lab: Any, tool: Tool, tmp_path: Path
+) -> None:
     ids = write_input(tmp_path / "in.jsonl", 5, model="lab-oom")
     batch_id = submit(tool, tmp_path / "in.jsonl", "-t", "10")
     data = wait_status(tool, batch_id, {"failed", "completed"}, timeout=180)

@@ -36,22 +36,43 @@ def test_the_openai_client_runs_a_batch_through_the_gateway(lab: Any, tool: Tool
     from openai import OpenAI
 
     ids = [f"q{i}" for i in range(30)]
-    data = b"".join(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions",
-                                "body": {"model": "lab-ok", "prompt": cid, "max_tokens": 3}}).encode() + b"\n"
-                    for cid in ids)  # fmt: skip
+    data = b"".join(
+        json.dumps(
+            {
+                "custom_id": cid,
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": "lab-ok", "prompt": cid, "max_tokens": 3},
+            }
+        ).encode()
+        + b"\n"
+        for cid in ids
+    )
     child, base, key = _gateway(tool)
     client = OpenAI(base_url=base, api_key=key, max_retries=0)
     f = client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
-    b = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h",
-                              metadata={"test": "lab"})  # fmt: skip
-    assert b.id.startswith("batch_") and b.request_counts is not None and b.request_counts.total == 30
+    b = client.batches.create(
+        input_file_id=f.id,
+        endpoint="/v1/completions",
+        completion_window="24h",
+        metadata={"test": "lab"},
+    )
+    assert (
+        b.id.startswith("batch_") and b.request_counts is not None and b.request_counts.total == 30
+    )
     _stop(child)  # the batch runs on the cluster, not in the gateway
-    assert [j for j in lab.run(["squeue", "-h", "-u", lab.user, "-o", "%j"]).stdout.split()
-            if j == f"alvis-fsm-{b.id}"]  # fmt: skip
+    assert [
+        j
+        for j in lab.run(["squeue", "-h", "-u", lab.user, "-o", "%j"]).stdout.split()
+        if j == f"alvis-fsm-{b.id}"
+    ]
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and lab.run(
-        ["squeue", "-h", "-u", lab.user, "-n", f"alvis-fsm-{b.id}", "-o", "%i"]
-    ).stdout.strip():
+    while (
+        time.monotonic() < deadline
+        and lab.run(
+            ["squeue", "-h", "-u", lab.user, "-n", f"alvis-fsm-{b.id}", "-o", "%i"]
+        ).stdout.strip()
+    ):
         time.sleep(2)
     child, base, key = _gateway(tool)  # a restarted gateway sees it
     client = OpenAI(base_url=base, api_key=key, max_retries=0)

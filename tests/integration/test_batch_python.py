@@ -31,8 +31,15 @@ print(json.dumps({"id": b.id, "status": b.status.value, "seen": seen, "counts": 
 
 
 def test_a_script_submits_waits_and_reads_a_batch(lab: Any, tool: Tool, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp_path, env=tool.env, text=True,
-                          capture_output=True, timeout=400, stdin=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=tmp_path,
+        env=tool.env,
+        text=True,
+        capture_output=True,
+        timeout=400,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["status"] == "completed" and out["seen"][-1] == "completed", out
@@ -41,6 +48,8 @@ def test_a_script_submits_waits_and_reads_a_batch(lab: Any, tool: Tool, tmp_path
     assert out["counts"] == {"total": 30, "completed": 30, "failed": 0}
     assert out["object"] == "text_completion" and out["listed"] == [out["id"]]
     cli = tool.run_piped("batch", "status", out["id"], "--json", timeout=90)
-    assert cli.returncode == 0 and json.loads(cli.stdout)["status"] == "completed", cli.stderr[-2000:]
+    assert cli.returncode == 0 and json.loads(cli.stdout)["status"] == "completed", cli.stderr[
+        -2000:
+    ]
     assert "finalizing_at" in json.loads(cli.stdout) and json.loads(cli.stdout)["finalizing_at"]
     assert_nothing_left(lab, tool)

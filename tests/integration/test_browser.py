@@ -34,8 +34,16 @@ from tool import Tool, ctrl_c_leaves_nothing, free_port
 __all__ = ["gateway_tool"]  # the fixture, used by name below
 
 CONNECTED = "✓ Connection successful! Server available at http://localhost:"
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>a page on the web</title><script>
 const targets = TARGETS;
@@ -120,14 +128,19 @@ def browse(url: str, tmp_path: Path, page: PageServer, timeout: float = 60) -> l
     (its own process group, which we started)."""
     chromium = shutil.which("chromium")
     if chromium is None:
-        pytest.fail("Debian's chromium is needed for this test: apt-get install chromium (.ci/run does)")
+        pytest.fail(
+            "Debian's chromium is needed for this test: apt-get install chromium (.ci/run does)"
+        )
     profile = tmp_path / "chromium-profile"
     profile.mkdir()
     with open(tmp_path / "chromium.log", "wb") as log:
         proc = subprocess.Popen(
             [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", url],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        )  # fmt: skip
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     try:
         arrived = page.arrived.wait(timeout)
     finally:
@@ -146,8 +159,9 @@ def browse(url: str, tmp_path: Path, page: PageServer, timeout: float = 60) -> l
 def served_requests(port: int, key: str) -> float:
     """Completions the server has run (its own /metrics, asked with the key)."""
     with httpx.Client(trust_env=False, timeout=10) as client:
-        text = client.get(f"http://127.0.0.1:{port}/metrics",
-                          headers={"Authorization": f"Bearer {key}"}).text  # fmt: skip
+        text = client.get(
+            f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {key}"}
+        ).text
     m = re.search(r"^vllm:request_success_total\{[^}]*\} (\S+)$", text, re.M)
     assert m, text
     return float(m.group(1))
@@ -161,8 +175,9 @@ def page_server() -> Iterator[list[PageServer]]:
         server.close()
 
 
-def test_no_web_page_can_use_start_or_the_gateway(lab: Any, gateway_tool: Tool, tmp_path: Path,
-                                                   page_server: list[PageServer]) -> None:  # fmt: skip
+def test_no_web_page_can_use_start_or_the_gateway(
+    lab: Any, gateway_tool: Tool, tmp_path: Path, page_server: list[PageServer]
+) -> None:
     from openai import OpenAI
 
     tool = gateway_tool
@@ -178,14 +193,21 @@ def test_no_web_page_can_use_start_or_the_gateway(lab: Any, gateway_tool: Tool, 
 
     before = served_requests(port, key)
     jobs = lab.jobs()
-    targets = {"start": f"http://127.0.0.1:{port}", "start-localhost": f"http://localhost:{port}",
-               "gateway": gw_origin}  # fmt: skip
-    page = PageServer(PAGE.replace("TARGETS", json.dumps(targets)).replace("MODEL", json.dumps(served)))
+    targets = {
+        "start": f"http://127.0.0.1:{port}",
+        "start-localhost": f"http://localhost:{port}",
+        "gateway": gw_origin,
+    }
+    page = PageServer(
+        PAGE.replace("TARGETS", json.dumps(targets)).replace("MODEL", json.dumps(served))
+    )
     page_server.append(page)
     results = browse(page.url, tmp_path, page)
 
     assert len(results) == 8 * len(targets), results
-    usable = [r for r in results if "error" not in r and (r["type"] != "opaque" or r["status"] != 0)]
+    usable = [
+        r for r in results if "error" not in r and (r["type"] != "opaque" or r["status"] != 0)
+    ]
     assert usable == [], json.dumps(usable, indent=1)
     # Nothing the page could read, and no work done for it either (no-cors
     # requests are sent even though their answer stays opaque).
@@ -194,7 +216,9 @@ def test_no_web_page_can_use_start_or_the_gateway(lab: Any, gateway_tool: Tool, 
 
     # The openai client with the key works on both.
     direct = OpenAI(base_url=f"http://localhost:{port}/v1", api_key=key, max_retries=0, timeout=60)
-    reply = direct.chat.completions.create(model=served, messages=[{"role": "user", "content": "hi"}])
+    reply = direct.chat.completions.create(
+        model=served, messages=[{"role": "user", "content": "hi"}]
+    )
     assert reply.choices[0].message.content
     assert served_requests(port, key) == before + 1
     gateway = OpenAI(base_url=gw_base, api_key=gw_key, max_retries=0, timeout=60)
@@ -205,7 +229,9 @@ def test_no_web_page_can_use_start_or_the_gateway(lab: Any, gateway_tool: Tool, 
 
 
 @pytest.mark.parametrize("guarded", [False, True], ids=["as-vllm", "guarded"])
-def test_the_page_against_the_standin(tmp_path: Path, page_server: list[PageServer], guarded: bool) -> None:
+def test_the_page_against_the_standin(
+    tmp_path: Path, page_server: list[PageServer], guarded: bool
+) -> None:
     """Without the lab: the same page against the vLLM stand-in on a TCP
     port. As vLLM 0.11 (no guard) the page reads /metrics and gets
     completions from /invocations (what the test above would see without the
@@ -223,8 +249,11 @@ def test_the_page_against_the_standin(tmp_path: Path, page_server: list[PageServ
     proc = _spawn(_model(tmp_path, "ok"), "--port", str(port), *middleware, pythonpath=str(shipped))
     try:
         _wait_accepting(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close())
-        page = PageServer(PAGE.replace("TARGETS", json.dumps({"vllm": f"http://127.0.0.1:{port}"}))
-                          .replace("MODEL", '"m"'))  # fmt: skip
+        page = PageServer(
+            PAGE.replace("TARGETS", json.dumps({"vllm": f"http://127.0.0.1:{port}"})).replace(
+                "MODEL", '"m"'
+            )
+        )
         page_server.append(page)
         results = browse(page.url, tmp_path, page)
         work = served_requests(port, "sekret")
@@ -236,7 +265,10 @@ def test_the_page_against_the_standin(tmp_path: Path, page_server: list[PageServ
         assert work == 0
     else:
         names = {r["name"] for r in readable}
-        assert {"vllm simple GET /metrics", "vllm simple POST /invocations",
-                "vllm preflighted POST /invocations"} <= names, results  # fmt: skip
+        assert {
+            "vllm simple GET /metrics",
+            "vllm simple POST /invocations",
+            "vllm preflighted POST /invocations",
+        } <= names, results
         assert any('"choices"' in r["text"] for r in readable)  # a completion, read by the page
         assert work >= 3  # the no-cors POST ran too, though its answer stayed opaque

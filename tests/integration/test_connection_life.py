@@ -41,8 +41,11 @@ def tool(lab: Any, tmp_path: Path) -> Any:
 
 def masters(tool: Tool) -> list[int]:
     """The tool's login masters (``ssh -N`` with ControlMaster=yes)."""
-    return [int(line.split()[0]) for line in ssh_clients(str(tool.state_dir))
-            if "ControlMaster=yes" in line]  # fmt: skip
+    return [
+        int(line.split()[0])
+        for line in ssh_clients(str(tool.state_dir))
+        if "ControlMaster=yes" in line
+    ]
 
 
 def signal_all(pids: list[int], sig: int) -> None:
@@ -70,15 +73,18 @@ def test_a_laptop_asleep_during_the_tunnel_handshake_still_connects(
     hook = hook_dir / "hook.sh"
     hook.write_text(f'[ -e "{started}" ] && exit 1\n: > "{started}"\nsleep 1\nexit 1\n')
     config = tmp_path / "ssh_config"
-    config.write_text(
-        f"Include {lab.ssh_config}\n"
-        f'Match originalhost {lab.node} exec "sh {hook}"\n'
-    )
+    config.write_text(f'Include {lab.ssh_config}\nMatch originalhost {lab.node} exec "sh {hook}"\n')
     port = free_port()
     child = tool.spawn(
-        "start", "-m", "lab-ok", "--port", str(port), timeout=120,
-        ALVIS_FSM_SSH__CONFIG_FILE=str(config), ALVIS_FSM_SSH__CONNECT_TIMEOUT="2",
-    )  # fmt: skip
+        "start",
+        "-m",
+        "lab-ok",
+        "--port",
+        str(port),
+        timeout=120,
+        ALVIS_FSM_SSH__CONFIG_FILE=str(config),
+        ALVIS_FSM_SSH__CONNECT_TIMEOUT="2",
+    )
     child.expect(r"Job submitted: (\d+)")
     job_id = child.match.group(1)
     deadline = time.monotonic() + 60
@@ -90,8 +96,11 @@ def test_a_laptop_asleep_during_the_tunnel_handshake_still_connects(
     signal_all(master, signal.SIGSTOP)  # the network goes
     try:
         time.sleep(1.5)  # the hook's second is over: the handshake has begun
-        laptop = [child.pid] + [int(line.split()[0]) for line in ssh_clients(str(tool.state_dir))
-                                if int(line.split()[0]) not in master]  # fmt: skip
+        laptop = [child.pid] + [
+            int(line.split()[0])
+            for line in ssh_clients(str(tool.state_dir))
+            if int(line.split()[0]) not in master
+        ]
         assert len(laptop) >= 2, ssh_clients(str(tool.state_dir))  # the tool and its tunnel ssh
         signal_all(laptop, signal.SIGSTOP)  # the laptop sleeps
         time.sleep(4)  # twice ssh.connect_timeout
@@ -119,8 +128,15 @@ def test_a_master_left_by_a_killed_client_ends_by_itself(lab: Any, tool: Tool) -
     (the wait in flight) has gone. With ControlPersist=yes it never did."""
     port = free_port()
     with lab.blocker():
-        child = tool.spawn("start", "-m", "lab-ok", "--port", str(port), timeout=120,
-                           ALVIS_FSM_SSH__CONTROL_PERSIST="3")  # fmt: skip
+        child = tool.spawn(
+            "start",
+            "-m",
+            "lab-ok",
+            "--port",
+            str(port),
+            timeout=120,
+            ALVIS_FSM_SSH__CONTROL_PERSIST="3",
+        )
         child.expect(r"Job submitted: (\d+)")
         child.expect_exact("Waiting for job")
         left = masters(tool)
@@ -157,14 +173,16 @@ def test_what_a_re_login_costs(lab: Any) -> None:
 
     times = []
     for _ in range(5):
-        conn = Connection(SSHOptions(host=lab.login_host, config_file=str(lab.ssh_config)),
-                          ctl_dir / "c", Quiet())  # fmt: skip
+        conn = Connection(
+            SSHOptions(host=lab.login_host, config_file=str(lab.ssh_config)), ctl_dir / "c", Quiet()
+        )
         t0 = time.monotonic()
         conn.open()
         times.append(time.monotonic() - t0)
         conn.close()
-    print(f"re-login: median {statistics.median(times):.3f} s, "
-          f"{', '.join(f'{t:.3f}' for t in times)}")  # fmt: skip
+    print(
+        f"re-login: median {statistics.median(times):.3f} s, {', '.join(f'{t:.3f}' for t in times)}"
+    )
     deadline = time.monotonic() + 5
     while ssh_clients(str(ctl_dir)) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -180,8 +198,9 @@ def test_a_detached_session_keeps_its_master_past_its_idle_life(lab: Any, tool: 
 
     env = {"ALVIS_FSM_SSH__CONTROL_PERSIST": "2"}
     port = free_port()
-    status, out = tool.run("start", "-m", "lab-ok", "--port", str(port), "--detach",
-                           timeout=120, **env)  # fmt: skip
+    status, out = tool.run(
+        "start", "-m", "lab-ok", "--port", str(port), "--detach", timeout=120, **env
+    )
     assert status == 0, out[-2000:]
     first = masters(tool)
     assert len(first) == 1, ssh_clients(str(tool.state_dir))
@@ -192,9 +211,12 @@ def test_a_detached_session_keeps_its_master_past_its_idle_life(lab: Any, tool: 
     status, out = tool.run("status", "lab-ok", timeout=60, **env)
     assert status == 0 and "tunneled" in out, out[-2000:]
     assert lab.count_accepted("login") == logins  # status used the supervisor's master
-    key = __import__("json").loads((tool.state_dir / "sessions" / "lab-ok.json").read_text())["api_key"]
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models",
-                                     headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+    key = __import__("json").loads((tool.state_dir / "sessions" / "lab-ok.json").read_text())[
+        "api_key"
+    ]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {key}"}
+    )
     with urllib.request.urlopen(request, timeout=5) as response:
         assert response.status == 200
     status, out = tool.run("stop", "lab-ok", timeout=120, **env)
@@ -210,8 +232,9 @@ def test_the_gateway_keeps_its_masters_past_their_idle_life(lab: Any, tool: Tool
     import httpx
 
     port = free_port()
-    child = tool.spawn("gateway", "--port", str(port), timeout=90,
-                       ALVIS_FSM_SSH__CONTROL_PERSIST="2")  # fmt: skip
+    child = tool.spawn(
+        "gateway", "--port", str(port), timeout=90, ALVIS_FSM_SSH__CONTROL_PERSIST="2"
+    )
     child.expect(r"export OPENAI_API_KEY=(\S+)")
     key = child.match.group(1)
     child.expect_exact(f"Gateway on http://localhost:{port}/v1")

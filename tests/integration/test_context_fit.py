@@ -47,9 +47,14 @@ def test_kv_cache_refusal_is_retried_once_with_the_length_that_fits(lab: Any, to
 
 def test_auto_fit_off_fails_with_the_cause(lab: Any, tool: Tool) -> None:
     status, out = tool.run(
-        "start", "-m", "lab-long", "--port", str(free_port()), timeout=180,
+        "start",
+        "-m",
+        "lab-long",
+        "--port",
+        str(free_port()),
+        timeout=180,
         ALVIS_FSM_VLLM__AUTO_FIT="false",
-    )  # fmt: skip
+    )
     assert status == 6, out[-3000:]
     assert "estimated maximum model length is 8192" in out
     assert "Starting once more" not in out

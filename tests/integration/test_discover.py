@@ -182,20 +182,28 @@ def test_suggested_names_and_catalog_match() -> None:
 
     hub = "/hub"
     snaps = [
-        (f"{hub}/models--Qwen--Qwen2.5-7B-Instruct/snapshots/abc/", '{"max_position_embeddings": 32768}'),
+        (
+            f"{hub}/models--Qwen--Qwen2.5-7B-Instruct/snapshots/abc/",
+            '{"max_position_embeddings": 32768}',
+        ),
         (f"{hub}/models--a--llama/snapshots/1111aaaa9/", "{}"),
         (f"{hub}/models--a--llama/snapshots/2222bbbb9/", "not json"),
         (f"{hub}/models--b--Llama/snapshots/3/", '{"text_config": {"seq_length": 4096}}'),
         (f"{hub}/not-a-model/snapshots/4/", "{}"),
     ]
-    entry = ModelEntry(path=f"{hub}/models--Qwen--Qwen2.5-7B-Instruct/snapshots/abc", max_model_len=1)
+    entry = ModelEntry(
+        path=f"{hub}/models--Qwen--Qwen2.5-7B-Instruct/snapshots/abc", max_model_len=1
+    )
     catalog = Catalog(entries={"qwen": entry}, sources={"qwen": "x"})
     found = {d.name: d for d in discovered_models(snaps, catalog)}
     assert set(found) == {"qwen2.5-7b-instruct", "a-llama-1111aaaa", "a-llama-2222bbbb", "b-llama"}
     qwen = found["qwen2.5-7b-instruct"]
     assert (qwen.repo, qwen.max_model_len, qwen.in_catalog, qwen.catalog_names) == (
-        "Qwen/Qwen2.5-7B-Instruct", 32768, True, ["qwen"],
-    )  # fmt: skip
+        "Qwen/Qwen2.5-7B-Instruct",
+        32768,
+        True,
+        ["qwen"],
+    )
     assert found["a-llama-1111aaaa"].max_model_len is None
     assert found["b-llama"].max_model_len == 4096
     assert not found["b-llama"].in_catalog

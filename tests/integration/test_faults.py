@@ -133,9 +133,14 @@ def test_scheduler_away_while_streaming_keeps_the_job(lab: Any, tool: Tool, faul
     status, out = finish(child)
     assert status == 0 and CLEANED.format(job_id) in out, out[-2000:]
     assert "no longer running" not in out
-    report("scheduler controller away 25 s while streaming", 1, figures["jobs_kept"], None,
-           note="slurmctld stopped; squeue fails, sacct answers RUNNING; job kept, then Ctrl+C",
-           **figures)  # fmt: skip
+    report(
+        "scheduler controller away 25 s while streaming",
+        1,
+        figures["jobs_kept"],
+        None,
+        note="slurmctld stopped; squeue fails, sacct answers RUNNING; job kept, then Ctrl+C",
+        **figures,
+    )
     assert_nothing_left(lab, tool)
 
 
@@ -177,9 +182,14 @@ def test_scheduler_not_answering_is_unknown(lab: Any, tool: Tool, faults: Any, w
     interrupt(child)
     status, out = finish(child)
     assert status == 0 and CLEANED.format(job_id) in out, out[-2000:]
-    report(f"squeue and sacct failing while {where}", 1, kept, None,
-           note="the wrappers answer 'Socket timed out'; the tool warns, keeps the job and goes on",
-           **figures)  # fmt: skip
+    report(
+        f"squeue and sacct failing while {where}",
+        1,
+        kept,
+        None,
+        note="the wrappers answer 'Socket timed out'; the tool warns, keeps the job and goes on",
+        **figures,
+    )
     assert_nothing_left(lab, tool)
 
 
@@ -201,9 +211,14 @@ def test_failed_scancel_is_not_cleaned_up(lab: Any, tool: Tool, faults: Any) -> 
     status, out = tool.run("stop", "lab-ok")
     assert status == 0 and CLEANED.format(job_id) in out, out[-2000:]
     assert record(tool)["state"] == "cleaned"
-    report("scancel failing at Ctrl+C, then `stop`", 1, 1 - figures["false_cleanup"], None,
-           note="exit 8 and the session kept; `stop` retried once scancel worked",
-           **figures)  # fmt: skip
+    report(
+        "scancel failing at Ctrl+C, then `stop`",
+        1,
+        1 - figures["false_cleanup"],
+        None,
+        note="exit 8 and the session kept; `stop` retried once scancel worked",
+        **figures,
+    )
     assert_nothing_left(lab, tool)
 
 
@@ -237,10 +252,14 @@ def test_stop_status_resume_with_scheduler_away(lab: Any, tool: Tool, faults: An
     assert record(tool)["state"] == "tunneled"
     status, out = tool.run("stop", "lab-ok", timeout=120)
     assert status == 0 and CLEANED.format(job_id) in out, out[-2000:]
-    report("status, resume and stop while the scheduler is silent or away", 1,
-           figures["jobs_kept"], None,
-           note="status: unchecked, session kept; resume: reattached; stop: exit 8, then cleaned",
-           **figures)  # fmt: skip
+    report(
+        "status, resume and stop while the scheduler is silent or away",
+        1,
+        figures["jobs_kept"],
+        None,
+        note="status: unchecked, session kept; resume: reattached; stop: exit 8, then cleaned",
+        **figures,
+    )
     assert_nothing_left(lab, tool)
 
 
@@ -285,10 +304,14 @@ def test_suspended_client_finds_the_session_where_the_cluster_left_it(
     status, out = finish(child)
     assert status == 0 and CLEANED.format(job_id) in out, out[-2000:]
     assert "did not start within" not in out
-    report(f"client suspended {t_suspended:.0f} s while {where} (timeout 6 s)", 1,
-           figures["jobs_kept"], None,
-           note="SIGSTOP of the tool and its ssh; the timeout is judged by the cluster's files",
-           **figures)  # fmt: skip
+    report(
+        f"client suspended {t_suspended:.0f} s while {where} (timeout 6 s)",
+        1,
+        figures["jobs_kept"],
+        None,
+        note="SIGSTOP of the tool and its ssh; the timeout is judged by the cluster's files",
+        **figures,
+    )
     assert_nothing_left(lab, tool)
 
 
@@ -310,8 +333,9 @@ def test_network_loss_keeps_the_job_then_resume(
             gave_up = time.monotonic() - t_down
             faults("network", "up")
             assert lab.job_state(job_id) == "PENDING"
-            figures = fate(lab, job_id, cleaned_claimed=CLEANED.format(job_id) in out,
-                           kept_wanted=True)  # fmt: skip
+            figures = fate(
+                lab, job_id, cleaned_claimed=CLEANED.format(job_id) in out, kept_wanted=True
+            )
     else:
         child, port, job_id = start_tunneled(tool)
         t_down = time.monotonic()
@@ -320,8 +344,7 @@ def test_network_loss_keeps_the_job_then_resume(
         gave_up = time.monotonic() - t_down
         faults("network", "up")
         assert lab.job_state(job_id) == "RUNNING"
-        figures = fate(lab, job_id, cleaned_claimed=CLEANED.format(job_id) in out,
-                       kept_wanted=True)  # fmt: skip
+        figures = fate(lab, job_id, cleaned_claimed=CLEANED.format(job_id) in out, kept_wanted=True)
     assert status == 4, out[-3000:]
     assert re.search(rf"job {job_id} is (kept|still running)", out), out[-3000:]
     assert "alvis-fsm resume lab-ok" in out
@@ -334,11 +357,15 @@ def test_network_loss_keeps_the_job_then_resume(
     interrupt(child)
     status, out = finish(child)
     assert status == 0 and CLEANED.format(job_id) in out, out[-2000:]
-    report(f"network lost for longer than ssh.reconnect_window (5 s) while {where}", 1,
-           figures["jobs_kept"], gave_up,
-           note="login sshd gone (new ssh refused, live connections cut); the client gives "
-           "up with exit 4, the job stays, `resume` reattaches (recovery = time to give up)",
-           **figures)  # fmt: skip
+    report(
+        f"network lost for longer than ssh.reconnect_window (5 s) while {where}",
+        1,
+        figures["jobs_kept"],
+        gave_up,
+        note="login sshd gone (new ssh refused, live connections cut); the client gives "
+        "up with exit 4, the job stays, `resume` reattaches (recovery = time to give up)",
+        **figures,
+    )
     assert_nothing_left(lab, tool)
 
 
@@ -370,8 +397,11 @@ def test_detached_tunnel_is_reopened_by_its_supervisor(lab: Any, tool: Tool) -> 
     assert holder == str(supervisor)
     recoveries = []
     for _ in range(3):
-        tunnel = [line for line in ssh_clients(str(tool.state_dir))
-                  if f"-S {rec['tunnel_control_path']} " in line]  # fmt: skip
+        tunnel = [
+            line
+            for line in ssh_clients(str(tool.state_dir))
+            if f"-S {rec['tunnel_control_path']} " in line
+        ]
         assert tunnel, ssh_clients(str(tool.state_dir))
         assert answers()
         t_kill = time.monotonic()
@@ -390,8 +420,16 @@ def test_detached_tunnel_is_reopened_by_its_supervisor(lab: Any, tool: Tool) -> 
     while os.path.exists(f"/proc/{supervisor}") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{supervisor}"), "the supervisor outlived `stop`"
-    report("detached session: tunnel ssh SIGKILLed (no client attached)", 3, len(recoveries),
-           max(recoveries), recoveries_s=[round(r, 3) for r in recoveries],
-           note="`start --detach`; its background supervisor reopens the tunnel",
-           jobs_kept=1, jobs_lost=0, orphaned=0, false_cleanup=0)  # fmt: skip
+    report(
+        "detached session: tunnel ssh SIGKILLed (no client attached)",
+        3,
+        len(recoveries),
+        max(recoveries),
+        recoveries_s=[round(r, 3) for r in recoveries],
+        note="`start --detach`; its background supervisor reopens the tunnel",
+        jobs_kept=1,
+        jobs_lost=0,
+        orphaned=0,
+        false_cleanup=0,
+    )
     assert_nothing_left(lab, tool)

@@ -27,8 +27,7 @@ def newcomer(lab: Any, tmp_path: Path) -> Iterator[Tool]:
     Only the lab's ssh config is given (an environment variable), since the
     lab's login node is not the real alvis2."""
     home = tmp_path / "home"
-    t = Tool(lab, home, ALVIS_FSM_CONFIG="",
-             ALVIS_FSM_SSH__CONFIG_FILE=str(lab.ssh_config))  # fmt: skip
+    t = Tool(lab, home, ALVIS_FSM_CONFIG="", ALVIS_FSM_SSH__CONFIG_FILE=str(lab.ssh_config))
     yield t
     t.close()
 
@@ -37,8 +36,10 @@ def newcomer(lab: Any, tmp_path: Path) -> Iterator[Tool]:
 def only_one_account(lab: Any) -> Iterator[None]:
     """Remove the user's second association for the duration (we hold the lab lock)."""
     cluster = "cluster=alvis"
-    lab.run(["sacctmgr", "-i", "delete", "user", f"name={lab.user}", f"account={SECOND}", cluster],
-            check=False)  # fmt: skip
+    lab.run(
+        ["sacctmgr", "-i", "delete", "user", f"name={lab.user}", f"account={SECOND}", cluster],
+        check=False,
+    )
     try:
         yield
     finally:
@@ -83,7 +84,7 @@ def test_two_accounts_in_a_terminal_asks_and_saves(lab: Any, newcomer: Tool) -> 
     conf = newcomer.home / ".alvis-vllm.conf"
     child.expect_exact(f"Save {SECOND} as slurm.account in {conf}? [Y/n] ")
     child.sendline("")
-    child.expect_exact(f"[INFO] Set slurm.account = \"{SECOND}\" in {conf}")
+    child.expect_exact(f'[INFO] Set slurm.account = "{SECOND}" in {conf}')
     child.expect_exact(f"[INFO] Charging {SECOND}")
     child.expect(r"Job submitted: (\d+)")
     job_id = child.match.group(1)
@@ -130,8 +131,9 @@ def test_configured_account_is_said_and_detach_json(lab: Any, tmp_path: Path) ->
     tool = Tool(lab, tmp_path / "home")  # the lab's settings name NAISS2025-22-1522
     try:
         port = free_port()
-        proc = tool.run_piped("start", "-m", "lab-ok", "--port", str(port), "--detach", "--json",
-                              timeout=90)  # fmt: skip
+        proc = tool.run_piped(
+            "start", "-m", "lab-ok", "--port", str(port), "--detach", "--json", timeout=90
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "[INFO] Charging NAISS2025-22-1522\n" in proc.stderr
         data = json.loads(proc.stdout)  # stdout is only the JSON object
@@ -142,8 +144,12 @@ def test_configured_account_is_said_and_detach_json(lab: Any, tmp_path: Path) ->
         assert session["account"] == "NAISS2025-22-1522"
         assert session["api_key"].startswith("afsm-")
         env = json.loads(tool.run_piped("env", "--json").stdout)
-        assert env == {"name": "lab-ok", "base_url": f"http://localhost:{port}/v1",
-                       "api_key": session["api_key"], "model": "alvislab/tiny-ok"}  # fmt: skip
+        assert env == {
+            "name": "lab-ok",
+            "base_url": f"http://localhost:{port}/v1",
+            "api_key": session["api_key"],
+            "model": "alvislab/tiny-ok",
+        }
         stop(tool, "lab-ok")
         assert_nothing_left(lab, tool)
     finally:

@@ -40,7 +40,9 @@ def test_gateway_starts_models_on_request_and_ctrl_c_leaves_nothing(lab, tool: T
         # Wrong key: 401 with an OpenAI-style body; unknown model: 404 listing the catalog.
         wrong = http.get("/models", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
-        unknown = http.post("/chat/completions", headers=auth, json={"model": "nope", "messages": []})
+        unknown = http.post(
+            "/chat/completions", headers=auth, json={"model": "nope", "messages": []}
+        )
         assert unknown.status_code == 404 and "lab-ok" in unknown.json()["error"]["message"]
         listed = {m["id"]: m for m in http.get("/models", headers=auth).json()["data"]}
         assert listed["lab-ok"]["state"] == "cold" and listed["lab-ok"]["job_id"] is None
@@ -52,24 +54,34 @@ def test_gateway_starts_models_on_request_and_ctrl_c_leaves_nothing(lab, tool: T
         def plain() -> None:  # cold start by a non-streaming request, the official client
             client = OpenAI(base_url=base, api_key=key, timeout=120, max_retries=0)
             reply = client.chat.completions.create(
-                model="lab-ok", messages=[{"role": "user", "content": "Hello"}])
+                model="lab-ok", messages=[{"role": "user", "content": "Hello"}]
+            )
             results["plain"] = reply
 
         def stream() -> None:  # a stream to a cold model, named by its served alias
             lines = []
-            with httpx.Client(base_url=base, trust_env=False, timeout=120) as c, c.stream(
-                "POST", "/chat/completions", headers=auth,
-                json={"model": "openai/gpt-oss-20b", "stream": True,
-                      "messages": [{"role": "user", "content": "Hello"}]},
-            ) as resp:  # fmt: skip
+            with (
+                httpx.Client(base_url=base, trust_env=False, timeout=120) as c,
+                c.stream(
+                    "POST",
+                    "/chat/completions",
+                    headers=auth,
+                    json={
+                        "model": "openai/gpt-oss-20b",
+                        "stream": True,
+                        "messages": [{"role": "user", "content": "Hello"}],
+                    },
+                ) as resp,
+            ):
                 results["stream_status"] = resp.status_code
                 lines = [x for x in resp.iter_lines() if x]
             results["stream"] = lines
 
         def oom() -> None:
             with httpx.Client(base_url=base, trust_env=False, timeout=120) as c:
-                results["oom"] = c.post("/chat/completions", headers=auth,
-                                        json={"model": "lab-oom", "messages": []})  # fmt: skip
+                results["oom"] = c.post(
+                    "/chat/completions", headers=auth, json={"model": "lab-oom", "messages": []}
+                )
 
         threads = [threading.Thread(target=f) for f in (plain, stream, oom)]
         for t in threads:
@@ -81,11 +93,14 @@ def test_gateway_starts_models_on_request_and_ctrl_c_leaves_nothing(lab, tool: T
         assert results["stream_status"] == 200
         lines = results["stream"]
         comments = [x for x in lines if x.startswith(":")]
-        assert comments and all(re.match(r": keep-alive (queued|loading|ready)", c) for c in comments)
+        assert comments and all(
+            re.match(r": keep-alive (queued|loading|ready)", c) for c in comments
+        )
         data = [x for x in lines if x.startswith("data: ")]
         assert data[-1] == "data: [DONE]"
         assert "Hello from the alvis-lab stand-in" in "".join(
-            json.loads(x[6:])["choices"][0]["delta"].get("content") or "" for x in data[:-1])
+            json.loads(x[6:])["choices"][0]["delta"].get("content") or "" for x in data[:-1]
+        )
         assert lines.index(data[0]) > lines.index(comments[-1])
         oomed = results["oom"]
         assert oomed.status_code == 503
@@ -99,13 +114,27 @@ def test_gateway_starts_models_on_request_and_ctrl_c_leaves_nothing(lab, tool: T
 
         # A long stream (vLLM's ignore_eos: one event per token, each its own
         # chunk) passes through whole and in order.
-        with http.stream("POST", "/chat/completions", headers=auth, timeout=60,
-                         json={"model": "lab-ok", "stream": True, "max_tokens": 500,
-                               "ignore_eos": True, "messages": []}) as resp:  # fmt: skip
+        with http.stream(
+            "POST",
+            "/chat/completions",
+            headers=auth,
+            timeout=60,
+            json={
+                "model": "lab-ok",
+                "stream": True,
+                "max_tokens": 500,
+                "ignore_eos": True,
+                "messages": [],
+            },
+        ) as resp:
             assert resp.status_code == 200
             events = [x[6:] for x in resp.iter_lines() if x.startswith("data: ")]
-        assert events[-1] == "[DONE]" and len(events) == 502  # role, 500 tokens (the last one ends), DONE
-        said = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+        assert (
+            events[-1] == "[DONE]" and len(events) == 502
+        )  # role, 500 tokens (the last one ends), DONE
+        said = "".join(
+            json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]
+        )
         assert said == "".join(f" t{i}" for i in range(500))
 
         # Each tunnel ends in a unix socket only this user can open, not on a

@@ -23,8 +23,16 @@ from tool import Tool, assert_nothing_left, exit_status, free_port, interrupt
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ASK = {"model": "lab-ok", "messages": [{"role": "user", "content": "Hello"}]}
 
 # A page of another origin that tries the gateway's data and its Stop button
@@ -74,11 +82,16 @@ def evil_site(tmp_path: Path) -> Iterator[tuple[Path, int]]:
 def _counts(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
-def test_the_page_in_a_browser(lab, tool: Tool, tmp_path: Path, evil_site: tuple[Path, int]) -> None:
+def test_the_page_in_a_browser(
+    lab, tool: Tool, tmp_path: Path, evil_site: tuple[Path, int]
+) -> None:
     from openai import OpenAI
     from playwright.sync_api import expect, sync_playwright
 
@@ -157,7 +170,12 @@ def test_the_page_in_a_browser(lab, tool: Tool, tmp_path: Path, evil_site: tuple
             assert metrics.status_code == 200
             counts = _counts(metrics.text)
             route = ("route", "/v1/chat/completions")
-            assert counts[("alvis_fsm_requests_total", (("model", "lab-ok"), route, ("status", "200")))] == 2
+            assert (
+                counts[
+                    ("alvis_fsm_requests_total", (("model", "lab-ok"), route, ("status", "200")))
+                ]
+                == 2
+            )
             assert counts[("alvis_fsm_request_duration_seconds_count", (("model", "lab-ok"),))] == 2
             assert counts[("alvis_fsm_model_state", (("model", "lab-ok"), ("state", "ready")))] == 1
             assert counts[("alvis_fsm_prompt_tokens_total", (("model", "lab-ok"),))] > 0
@@ -165,8 +183,9 @@ def test_the_page_in_a_browser(lab, tool: Tool, tmp_path: Path, evil_site: tuple
 
             # The Stop button: done only once the scheduler confirms the cancel.
             row.locator("button").click()
-            expect(page.locator("#notice")).to_contain_text("confirmed by the scheduler",
-                                                            timeout=90_000)  # fmt: skip
+            expect(page.locator("#notice")).to_contain_text(
+                "confirmed by the scheduler", timeout=90_000
+            )
             assert job not in lab.jobs()
             expect(row).to_have_attribute("data-state", "cold", timeout=5_000)
         finally:

@@ -91,7 +91,9 @@ def test_detached_gateway_env_status_logs_and_stop(lab: Any, gateway_tool: Tool)
 
     logs = tool.run_piped("logs", "lab-ok", "-n", "20", timeout=60)
     assert logs.returncode == 0, logs.stderr
-    assert re.search(r"\[VLLM ERR\] \(APIServer pid=\d+\) INFO:     Application startup complete\.", logs.stdout)
+    assert re.search(
+        r"\[VLLM ERR\] \(APIServer pid=\d+\) INFO:     Application startup complete\.", logs.stdout
+    )
     assert any("POST /v1/chat/completions" in x for x in logs.stdout.splitlines()), logs.stdout
 
     stop_gateway(tool)
@@ -118,7 +120,9 @@ def test_a_burst_of_50_requests_to_a_cold_model_makes_one_job(lab: Any, gateway_
         with httpx.Client(base_url=base, trust_env=False, timeout=150) as http:
             resp = http.post("/chat/completions", headers=auth, json=ASK)
             body = resp.json()
-            return resp.status_code, body["choices"][0]["message"]["content"] if resp.is_success else str(body)
+            return resp.status_code, body["choices"][0]["message"][
+                "content"
+            ] if resp.is_success else str(body)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -170,7 +174,9 @@ def test_jobs_of_a_killed_gateway_are_cancelled_by_the_next(lab: Any, gateway_to
     cleaned = f"Cleaned up job {orphan} successfully"
     log_file = tool.state_dir / "gateway.log"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (orphan in lab.jobs() or cleaned not in log_file.read_text()):
+    while time.monotonic() < deadline and (
+        orphan in lab.jobs() or cleaned not in log_file.read_text()
+    ):
         time.sleep(0.5)
     assert orphan not in lab.jobs()
     log = log_file.read_text()

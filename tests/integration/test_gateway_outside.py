@@ -22,8 +22,15 @@ import pexpect
 from tool import Tool, exit_status, free_port, interrupt
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 # OSC 52 (writes the clipboard), percent-encoded in a path.
 CLIPBOARD = "/v1/%1b%5d52%3bc%3bcHduZWQ%3d%07"
 
@@ -46,7 +53,9 @@ def _stop(child: pexpect.spawn) -> None:
     assert exit_status(child) == 0
 
 
-async def _raw(port: int, data: bytes, wait: float, closes: bool = False) -> tuple[bytes, float, bool]:
+async def _raw(
+    port: int, data: bytes, wait: float, closes: bool = False
+) -> tuple[bytes, float, bool]:
     """Send ``data``, read one answer (or until ``wait``): its bytes, the
     seconds it took, and, with ``closes``, whether the gateway then closed
     the connection (without, a kept-alive connection is not waited on)."""
@@ -78,8 +87,10 @@ def _complete(raw: bytes) -> bool:
 
 
 def _head(path: str, key: str, kind: str, length: int) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: {kind}\r\nContent-Length: {length}\r\n\r\n").encode()  # fmt: skip
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: {kind}\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 def _error(raw: bytes) -> tuple[int, dict[str, object]]:
@@ -94,8 +105,11 @@ def test_a_body_that_stops_coming_is_a_408_on_every_route(lab, tool: Tool) -> No
     answers 408 once gateway.body_timeout (here 1 s) has passed, and closes
     the connection (before: files and batches held it for good)."""
     child, port, key = _gateway(tool, ALVIS_FSM_GATEWAY__BODY_TIMEOUT="1")
-    routes = [("/v1/files", "multipart/form-data; boundary=B"), ("/v1/batches", "application/json"),
-              ("/v1/chat/completions", "application/json")]  # fmt: skip
+    routes = [
+        ("/v1/files", "multipart/form-data; boundary=B"),
+        ("/v1/batches", "application/json"),
+        ("/v1/chat/completions", "application/json"),
+    ]
 
     async def slow(path: str, kind: str) -> tuple[bytes, float, bool]:
         return await _raw(port, _head(path, key, kind, 1000) + b"-", wait=15, closes=True)
@@ -113,9 +127,12 @@ def test_a_body_that_stops_coming_is_a_408_on_every_route(lab, tool: Tool) -> No
 
 
 def _multipart(disposition: bytes) -> bytes:
-    return (b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
-            b'--B\r\nContent-Disposition: form-data; name="file"; ' + disposition +
-            b'\r\nContent-Type: application/octet-stream\r\n\r\n{"custom_id": "a"}\n\r\n--B--\r\n')  # fmt: skip
+    return (
+        b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="file"; '
+        + disposition
+        + b'\r\nContent-Type: application/octet-stream\r\n\r\n{"custom_id": "a"}\n\r\n--B--\r\n'
+    )
 
 
 def test_bad_uploads_and_bodies_are_4xx_in_openai_shape(lab, tool: Tool) -> None:
@@ -123,30 +140,59 @@ def test_bad_uploads_and_bodies_are_4xx_in_openai_shape(lab, tool: Tool) -> None
     form = "multipart/form-data; boundary=B"
     cases = {
         "a NUL in the file name": ("/v1/files", form, _multipart(b'filename="a\x00b.jsonl"')),
-        "an encoded NUL in the file name": ("/v1/files", form, _multipart(b"filename*=utf-8''a%00b.jsonl")),
-        "an escape in the file name": ("/v1/files", form, _multipart(b"filename*=utf-8''a%1b%5d52%3bc%3bx%07")),
-        "a 100 KB file name": ("/v1/files", form, _multipart(b'filename="' + b"x" * 100_000 + b'"')),
-        "a 300-character file name": ("/v1/files", form, _multipart(b'filename="' + b"x" * 300 + b'"')),
+        "an encoded NUL in the file name": (
+            "/v1/files",
+            form,
+            _multipart(b"filename*=utf-8''a%00b.jsonl"),
+        ),
+        "an escape in the file name": (
+            "/v1/files",
+            form,
+            _multipart(b"filename*=utf-8''a%1b%5d52%3bc%3bx%07"),
+        ),
+        "a 100 KB file name": (
+            "/v1/files",
+            form,
+            _multipart(b'filename="' + b"x" * 100_000 + b'"'),
+        ),
+        "a 300-character file name": (
+            "/v1/files",
+            form,
+            _multipart(b'filename="' + b"x" * 300 + b'"'),
+        ),
         "200 000 [ to /v1/batches": ("/v1/batches", "application/json", b"[" * 200_000),
         "not JSON to /v1/batches": ("/v1/batches", "application/json", b"{nope"),
-    }  # fmt: skip
+    }
     for what, (path, kind, body) in cases.items():
         raw, _, _ = asyncio.run(_raw(port, _head(path, key, kind, len(body)) + body, wait=15))
         assert raw.startswith(b"HTTP/1.1 4"), f"{what}: {raw[:300]!r}"
         _, err = _error(raw)
-        assert err["type"] == "invalid_request_error" and isinstance(err["message"], str), (what, err)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", trust_env=False, timeout=10,
-                      headers={"Authorization": f"Bearer {key}"}) as http:  # fmt: skip
+        assert err["type"] == "invalid_request_error" and isinstance(err["message"], str), (
+            what,
+            err,
+        )
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{port}/v1",
+        trust_env=False,
+        timeout=10,
+        headers={"Authorization": f"Bearer {key}"},
+    ) as http:
         listed = http.get("/files").json()["data"]
         assert listed == []  # none of them was kept
         # A plain name still uploads.
-        ok = http.post("/files", files={"file": ("in put.jsonl", b'{"custom_id": "a"}\n')},
-                       data={"purpose": "batch"})  # fmt: skip
+        ok = http.post(
+            "/files",
+            files={"file": ("in put.jsonl", b'{"custom_id": "a"}\n')},
+            data={"purpose": "batch"},
+        )
         assert ok.status_code == 200 and ok.json()["filename"] == "in put.jsonl", ok.text
     _stop(child)
 
 
-ASK = {"model": "nope", "messages": [{"role": "user", "content": "x"}]}  # no job: 404 model_not_found
+ASK = {
+    "model": "nope",
+    "messages": [{"role": "user", "content": "x"}],
+}  # no job: 404 model_not_found
 CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
@@ -163,7 +209,9 @@ def test_a_clients_path_reaches_neither_the_terminal_nor_metrics(lab, tool: Tool
     assert code == 0, out
     assert len(out.strip().splitlines()) == 1 and " 404 " in out, out
     assert not CONTROLS.search(out.replace("\r\n", "\n")), repr(out)
-    assert not CONTROLS.search(metrics), [line for line in metrics.splitlines() if CONTROLS.search(line)]
+    assert not CONTROLS.search(metrics), [
+        line for line in metrics.splitlines() if CONTROLS.search(line)
+    ]
     _stop(child)
 
 
@@ -199,7 +247,10 @@ def test_a_login_link_works_once_and_for_a_short_while(lab, tool: Tool) -> None:
     assert late, out
     with httpx.Client(trust_env=False, timeout=10) as http:
         signed = http.get(fresh.group(1))
-        assert signed.status_code == 303 and f"alvis_fsm_gateway_{port}" in signed.headers["set-cookie"]
+        assert (
+            signed.status_code == 303
+            and f"alvis_fsm_gateway_{port}" in signed.headers["set-cookie"]
+        )
         again = http.get(fresh.group(1))
         assert again.status_code == 401 and "used already" in again.text
         time.sleep(4)
@@ -216,7 +267,9 @@ printf '%s\\n' "$@" >> {argv}
 """
 
 
-def test_the_browser_is_opened_with_a_private_file_not_the_token(lab, tool: Tool, tmp_path: Path) -> None:
+def test_the_browser_is_opened_with_a_private_file_not_the_token(
+    lab, tool: Tool, tmp_path: Path
+) -> None:
     """`gateway --open` and `gateway open` start the browser with a file://
     URL of a 0600 file in the state dir that leads to the link (as
     Jupyter's): no token on a command line, where another local user could
@@ -255,7 +308,9 @@ def test_the_browser_is_opened_with_a_private_file_not_the_token(lab, tool: Tool
                 page = browser.new_context().new_page()
                 page.goto(link)  # the file sends the browser on; the link signs it in
                 page.wait_for_url(page_url, timeout=10_000)
-                page.locator('#models tr[data-model="lab-ok"]').wait_for(state="attached", timeout=10_000)
+                page.locator('#models tr[data-model="lab-ok"]').wait_for(
+                    state="attached", timeout=10_000
+                )
         finally:
             browser.close()
     _stop(child)

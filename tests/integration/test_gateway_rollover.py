@@ -37,13 +37,15 @@ class Stream:
             if "Hello from the alvis-lab stand-in" not in content:
                 self.failures.append(f"{resp.status_code}: {resp.text[:300]}")
             return
-        with http.stream("POST", "/chat/completions", headers=self.auth,
-                         json={**ASK, "stream": True}) as resp:  # fmt: skip
+        with http.stream(
+            "POST", "/chat/completions", headers=self.auth, json={**ASK, "stream": True}
+        ) as resp:
             lines = [x for x in resp.iter_lines() if x.startswith("data: ")]
         text = "".join(
             json.loads(x[6:])["choices"][0]["delta"].get("content") or ""
-            for x in lines[:-1] if '"choices"' in x
-        )  # fmt: skip
+            for x in lines[:-1]
+            if '"choices"' in x
+        )
         if resp.status_code != 200 or lines[-1:] != ["data: [DONE]"] or "Hello from" not in text:
             self.failures.append(f"stream {resp.status_code}: {lines[-3:]}")
 
@@ -59,9 +61,14 @@ class Stream:
 
 def test_rollover_under_a_request_stream_fails_no_request(lab, tool: Tool) -> None:
     port = free_port()
-    child = tool.spawn("gateway", "--port", str(port), timeout=90,
-                       ALVIS_FSM_SLURM__TIME="0:03:00",
-                       ALVIS_FSM_GATEWAY__ROLLOVER_LEAD="150")  # fmt: skip
+    child = tool.spawn(
+        "gateway",
+        "--port",
+        str(port),
+        timeout=90,
+        ALVIS_FSM_SLURM__TIME="0:03:00",
+        ALVIS_FSM_GATEWAY__ROLLOVER_LEAD="150",
+    )
     child.expect(r"export OPENAI_API_KEY=(\S+)")
     key = child.match.group(1)
     child.expect_exact(f"Gateway on http://localhost:{port}/v1")

@@ -64,10 +64,13 @@ def _serve_and_stop(
 def test_65gb_model_gets_two_a40s_while_the_a100fat_node_is_busy(lab: Any, tool: Tool) -> None:
     with lab.blocker("A100fat"):
         out = _serve_and_stop(
-            lab, tool, "lab-qwen-32b",
-            f"A40:2 — {NEED_32B}; 4 of 4 A40 free now on {lab.node}", lab.node,
+            lab,
+            tool,
+            "lab-qwen-32b",
+            f"A40:2 — {NEED_32B}; 4 of 4 A40 free now on {lab.node}",
+            lab.node,
             loaded="Model loading took 30.51 GiB",
-        )  # fmt: skip
+        )
     # The stand-in loaded half of the weights on each of its two GPUs.
     assert "Model loading took 30.51 GiB" in out, out[-3000:]
     assert_nothing_left(lab, tool)
@@ -76,10 +79,13 @@ def test_65gb_model_gets_two_a40s_while_the_a100fat_node_is_busy(lab: Any, tool:
 def test_65gb_model_gets_one_80gb_gpu_while_the_a40s_are_busy(lab: Any, tool: Tool) -> None:
     with lab.blocker("A40"):
         out = _serve_and_stop(
-            lab, tool, "lab-qwen-32b",
-            f"A100fat:1 — {NEED_32B}; 4 of 4 A100fat free now on {lab.node2}", lab.node2,
+            lab,
+            tool,
+            "lab-qwen-32b",
+            f"A100fat:1 — {NEED_32B}; 4 of 4 A100fat free now on {lab.node2}",
+            lab.node2,
             loaded="Model loading took 61.03 GiB",
-        )  # fmt: skip
+        )
     assert "Model loading took 61.03 GiB" in out, out[-3000:]
     assert_nothing_left(lab, tool)
 
@@ -132,9 +138,16 @@ def test_computed_kv_refusal_is_retried_with_the_length_that_fits(lab: Any, tool
     per token, in blocks of 16); the tool starts once more with that."""
     port = free_port()
     child = tool.spawn(
-        "start", "-m", "lab-qwen-32b", "--gpus", "A100fat:1", "--port", str(port), timeout=180,
+        "start",
+        "-m",
+        "lab-qwen-32b",
+        "--gpus",
+        "A100fat:1",
+        "--port",
+        str(port),
+        timeout=180,
         ALVIS_FSM_VLLM__EXTRA_ARGS='["--gpu-memory-utilization", "0.8"]',
-    )  # fmt: skip
+    )
     child.expect(r"Job submitted: (\d+)")
     first = child.match.group(1)
     child.expect_exact(f"Cleaned up job {first} successfully")

@@ -44,16 +44,24 @@ class Terminal:
 
     def tmux(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TMUX")}
-        return subprocess.run(["tmux", "-S", str(self.socket), "-f", "/dev/null", *args],
-                              env=env, text=True, capture_output=True, check=check, timeout=30)  # fmt: skip
+        return subprocess.run(
+            ["tmux", "-S", str(self.socket), "-f", "/dev/null", *args],
+            env=env,
+            text=True,
+            capture_output=True,
+            check=check,
+            timeout=30,
+        )
 
     def open(self, *args: str) -> None:
         env = {k: v for k, v in self.tool.env.items() if k not in ("TERM", "NO_COLOR")}
         script = self.dir / "run.sh"
         script.write_text(
             "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
-            + "exec " + shlex.join(tool_argv() + list(args)) + "\n"
-        )  # fmt: skip
+            + "exec "
+            + shlex.join(tool_argv() + list(args))
+            + "\n"
+        )
         self.tmux("new-session", "-d", "-s", "run", "-x", "200", "-y", "50", f"sh {script}")
 
     def screen(self) -> str:
@@ -103,8 +111,9 @@ def cancelled(lab: Any, tool: Tool, job_id: str) -> None:
     deadline = time.monotonic() + 30
     state = ""
     while time.monotonic() < deadline:
-        state = lab.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
-                        check=False).stdout.strip()  # fmt: skip
+        state = lab.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], check=False
+        ).stdout.strip()
         if state:
             break
         time.sleep(0.5)
@@ -121,8 +130,13 @@ def test_gateway_terminal_closed_cancels_its_job(lab: Any, tool: Tool, terminal:
     assert env.returncode == 0, env.stderr
     key = re.search(r"OPENAI_API_KEY=(\S+)", env.stdout)
     assert key, env.stdout
-    reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=ASK, timeout=180,
-                       headers={"Authorization": f"Bearer {key.group(1)}"}, trust_env=False)  # fmt: skip
+    reply = httpx.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        json=ASK,
+        timeout=180,
+        headers={"Authorization": f"Bearer {key.group(1)}"},
+        trust_env=False,
+    )
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["message"]["content"] == REPLY
     (job_id,) = tool_jobs(lab, tool)

@@ -59,9 +59,11 @@ def _pwned(lab: Any) -> list[str]:
 def _user_procs(lab: Any) -> dict[int, str]:
     """The cluster user's processes on the login-node side: pid -> command line."""
     out = subprocess.run(
-        ["ps", "-ww", "-u", lab.user, "-o", "pid=,args="], text=True, capture_output=True,
+        ["ps", "-ww", "-u", lab.user, "-o", "pid=,args="],
+        text=True,
+        capture_output=True,
         check=False,
-    ).stdout  # fmt: skip
+    ).stdout
     procs: dict[int, str] = {}
     for line in out.splitlines():
         pid, _, args = line.strip().partition(" ")
@@ -75,8 +77,11 @@ def _new_procs(lab: Any, before: dict[int, str], pattern: str, wait: float = 8) 
     ``wait`` seconds have passed without them going away."""
     deadline = time.monotonic() + wait
     while True:
-        left = [f"{pid} {args}" for pid, args in _user_procs(lab).items()
-                if pid not in before and re.search(pattern, args)]  # fmt: skip
+        left = [
+            f"{pid} {args}"
+            for pid, args in _user_procs(lab).items()
+            if pid not in before and re.search(pattern, args)
+        ]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.3)
@@ -106,7 +111,11 @@ def hostile_hub(lab: Any) -> Iterator[Path]:
     the hostile name, a snapshot whose config.json is a FIFO, one whose
     directory name holds a "\\r"."""
     hub = _hub(lab)
-    made = [hub / f"models--{HOSTILE_ORG_NAME}", hub / "models--org--fifo", hub / "models--org--cr\r"]
+    made = [
+        hub / f"models--{HOSTILE_ORG_NAME}",
+        hub / "models--org--fifo",
+        hub / "models--org--cr\r",
+    ]
     for path in _pwned(lab):
         os.unlink(path)
     snap = made[0] / "snapshots" / "abc123"
@@ -135,8 +144,9 @@ def hostile_hub(lab: Any) -> Iterator[Path]:
 def login_shell(lab: Any, request: pytest.FixtureRequest) -> Iterator[str]:
     """The cluster user's login shell, for one test (login and compute nodes
     share /etc/passwd)."""
-    path = subprocess.run(["sh", "-c", f"command -v {request.param}"], text=True,
-                          capture_output=True, check=False).stdout.strip()  # fmt: skip
+    path = subprocess.run(
+        ["sh", "-c", f"command -v {request.param}"], text=True, capture_output=True, check=False
+    ).stdout.strip()
     if not path:
         pytest.skip(f"{request.param} is not installed (tests/lab/up installs it)")
     before = pwd.getpwnam(lab.user).pw_shell
@@ -172,8 +182,10 @@ def test_hostile_names_under_every_login_shell(
     logs = tool.run_piped("logs", HOSTILE_NAME, "-n", "5")
     assert logs.returncode == 0, logs.stderr
     # uvicorn's line, with vLLM's process prefix as the real server writes it.
-    assert re.search(r"\[VLLM ERR\] (\(APIServer pid=\d+\) )?INFO:     Application startup complete\.",
-                     logs.stdout), logs.stdout  # fmt: skip
+    assert re.search(
+        r"\[VLLM ERR\] (\(APIServer pid=\d+\) )?INFO:     Application startup complete\.",
+        logs.stdout,
+    ), logs.stdout
     stopped = tool.run_piped("stop", HOSTILE_NAME, timeout=90)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert "Cleaned up job" in stopped.stdout + stopped.stderr
@@ -219,13 +231,18 @@ def test_nothing_of_a_log_stream_outlives_it(lab: Any, tool: Tool, how: str) -> 
     child = _stream(tool, "lab-ok")
     streaming = _new_procs(lab, before, r"^tail |^sed ", wait=0)
     assert len(streaming) >= 2, streaming  # the stream is there, on the login node
-    agents = [int(line.split()[0]) for line in
-              _new_procs(lab, before, r"alvis-fsm-agent stream", wait=0)]  # fmt: skip
+    agents = [
+        int(line.split()[0]) for line in _new_procs(lab, before, r"alvis-fsm-agent stream", wait=0)
+    ]
     assert agents, _user_procs(lab)
     if how == "client killed":
         # The window closed: the tool and every ssh it started die at once.
-        ours = [int(line.split()[0]) for line in subprocess.run(
-            ["pgrep", "-f", str(tool.state_dir)], text=True, capture_output=True).stdout.split()]  # fmt: skip
+        ours = [
+            int(line.split()[0])
+            for line in subprocess.run(
+                ["pgrep", "-f", str(tool.state_dir)], text=True, capture_output=True
+            ).stdout.split()
+        ]
         for pid in [child.pid, *ours]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

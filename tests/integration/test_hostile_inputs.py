@@ -104,9 +104,20 @@ def pwned(lab: Any) -> list[str]:
     found = glob.glob(f"{home}/PWNED*") + glob.glob("/tmp/PWNED*")
     ns_pid = (lab.root / "run" / "node-ns.pid").read_text().strip()
     inside = subprocess.run(
-        ["nsenter", "-t", ns_pid, "-m", "-u", "sh", "-c", f"ls -d {home}/PWNED* /tmp/PWNED* 2>/dev/null"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            "nsenter",
+            "-t",
+            ns_pid,
+            "-m",
+            "-u",
+            "sh",
+            "-c",
+            f"ls -d {home}/PWNED* /tmp/PWNED* 2>/dev/null",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return found + [f"(node) {line}" for line in inside.stdout.splitlines()]
 
 
@@ -185,10 +196,18 @@ def test_hostile_run_root_through_the_agent(lab: Any, agent: Agent, value: str, 
     job_id = ""
     try:
         made, job_id = agent.submit(
-            run_dir, key, script,
-            ["--hold", f"--account={lab.account}", "--gpus-per-node=A40:1", "--time=1",
-             f"--job-name={name}", "--output=/dev/null"],
-        )  # fmt: skip
+            run_dir,
+            key,
+            script,
+            [
+                "--hold",
+                f"--account={lab.account}",
+                "--gpus-per-node=A40:1",
+                "--time=1",
+                f"--job-name={name}",
+                "--output=/dev/null",
+            ],
+        )
         assert made == expected, f"run dir {made!r}, not the literal {expected!r}"
         path = Path(expected)
         assert path.is_dir()
@@ -229,10 +248,16 @@ def test_hostile_run_root_end_to_end(lab: Any, tool: Tool, value: str) -> None:
     root = f"~/{TAG}/{value}"
     port = free_port()
     child = tool.spawn(
-        "start", "-m", "lab-ok", "--port", str(port), timeout=90,
-        ALVIS_FSM_REMOTE__RUN_ROOT=root, ALVIS_FSM_TIMEOUTS__JOB_START="30",
+        "start",
+        "-m",
+        "lab-ok",
+        "--port",
+        str(port),
+        timeout=90,
+        ALVIS_FSM_REMOTE__RUN_ROOT=root,
+        ALVIS_FSM_TIMEOUTS__JOB_START="30",
         ALVIS_FSM_TIMEOUTS__SERVER_READY="30",
-    )  # fmt: skip
+    )
     child.expect(r"Job submitted: (\d+)")
     job_id = child.match.group(1)
     child.expect_exact(CONNECTED + str(port))

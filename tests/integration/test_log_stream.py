@@ -34,8 +34,12 @@ def ask(port: int, key: str) -> None:
     end = time.monotonic() + 10
     while True:
         try:
-            reply = httpx.post(f"http://localhost:{port}/v1/chat/completions", json=body,
-                               headers={"Authorization": f"Bearer {key}"}, timeout=5)  # fmt: skip
+            reply = httpx.post(
+                f"http://localhost:{port}/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=5,
+            )
             reply.raise_for_status()
             return
         except httpx.TransportError:

@@ -36,11 +36,18 @@ def test_the_gateway_adopts_a_live_start_session(lab: Any, tool: Tool) -> None:
     child.expect(r"export OPENAI_API_KEY=(\S+)")
     key = child.match.group(1)
     child.expect_exact(f"Gateway on http://localhost:{gw_port}/v1")
-    with httpx.Client(base_url=f"http://localhost:{gw_port}/v1", trust_env=False, timeout=120) as http:
-        reply = http.post("/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                          json={**ASK, "model": "lab-ok"})  # fmt: skip
+    with httpx.Client(
+        base_url=f"http://localhost:{gw_port}/v1", trust_env=False, timeout=120
+    ) as http:
+        reply = http.post(
+            "/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={**ASK, "model": "lab-ok"},
+        )
     assert reply.status_code == 200, reply.text
-    child.expect_exact(f"serving through session 'lab-ok' (job {job_id}, started outside the gateway)")
+    child.expect_exact(
+        f"serving through session 'lab-ok' (job {job_id}, started outside the gateway)"
+    )
     assert lab.jobs() == [job_id]  # no second job for the model
     assert not (tool.state_dir / "sessions" / "gw-lab-ok.json").exists()
 
@@ -48,7 +55,9 @@ def test_the_gateway_adopts_a_live_start_session(lab: Any, tool: Tool) -> None:
     child.expect(pexpect.EOF, timeout=120)
     child.close()
     assert lab.jobs() == [job_id]
-    assert json.loads((tool.state_dir / "sessions" / "lab-ok.json").read_text())["state"] == "tunneled"
+    assert (
+        json.loads((tool.state_dir / "sessions" / "lab-ok.json").read_text())["state"] == "tunneled"
+    )
 
     done = tool.run_piped("stop", timeout=90)  # bare: the one live session
     assert done.returncode == 0, done.stdout + done.stderr

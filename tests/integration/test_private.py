@@ -158,16 +158,30 @@ def listeners(pids: list[int], node: str) -> list[tuple[str, str]]:
     return found
 
 
-def probe_as(lab: Any, user: str, targets: list[tuple[str, str]], model: str,
-             key: str = "", host: str = "localhost") -> list[list[Any]]:  # fmt: skip
+def probe_as(
+    lab: Any,
+    user: str,
+    targets: list[tuple[str, str]],
+    model: str,
+    key: str = "",
+    host: str = "localhost",
+) -> list[list[Any]]:
     """Run PROBE on the compute node as ``user`` (kovacs over ssh with its own
     key; the owner inside the node's namespace)."""
     arg = json.dumps([targets, list(PATHS), model, key, host])
     if user == lab.user:
         proc = lab.node_exec(f"python3 -c {shlex.quote(PROBE)} {shlex.quote(arg)}", timeout=60)
     else:
-        argv = ["ssh", "-F", lab.values["LAB_USER2_SSH_CONFIG"], "-o", "BatchMode=yes",
-                lab.node, "--", f"python3 - {shlex.quote(arg)}"]  # fmt: skip
+        argv = [
+            "ssh",
+            "-F",
+            lab.values["LAB_USER2_SSH_CONFIG"],
+            "-o",
+            "BatchMode=yes",
+            lab.node,
+            "--",
+            f"python3 - {shlex.quote(arg)}",
+        ]
         proc = lab.run(argv, input=PROBE, timeout=60)
         assert proc.stdout, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
@@ -192,24 +206,38 @@ def assert_guarded(port: int, key: str, served: str) -> None:
     base = f"http://127.0.0.1:{port}"
     auth = {"Authorization": f"Bearer {key}"}
     ask = {"model": served, "prompt": "hi", "max_tokens": 1}
-    tries = [("GET", "/health", None), ("GET", "/metrics", None), ("POST", "/invocations", ask),
-             ("POST", "/tokenize", {"model": served, "prompt": "hi"}), ("GET", "/v1/models", None)]
+    tries = [
+        ("GET", "/health", None),
+        ("GET", "/metrics", None),
+        ("POST", "/invocations", ask),
+        ("POST", "/tokenize", {"model": served, "prompt": "hi"}),
+        ("GET", "/v1/models", None),
+    ]
     with httpx.Client(trust_env=False, timeout=10) as client:
         for method, path, body in tries:
             bare = client.request(method, base + path, json=body)
             assert bare.status_code == 401, (path, bare.status_code, bare.text)
             assert bare.json()["error"]["code"] == "invalid_api_key"
             assert served not in bare.text
-            for extra in ({"Host": "rebind.attacker.test:58000"}, {"Origin": "http://evil.example"}):
+            for extra in (
+                {"Host": "rebind.attacker.test:58000"},
+                {"Origin": "http://evil.example"},
+            ):
                 refused = client.request(method, base + path, json=body, headers={**auth, **extra})
                 assert refused.status_code == 403, (path, extra, refused.status_code)
                 assert not [h for h in refused.headers if h.startswith("access-control")]
             ok = client.request(method, base + path, json=body, headers=auth)
             assert ok.status_code == 200, (path, ok.status_code, ok.text)
         for headers in ({}, auth):
-            preflight = client.options(base + "/invocations", headers={
-                **headers, "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "authorization,content-type"})  # fmt: skip
+            preflight = client.options(
+                base + "/invocations",
+                headers={
+                    **headers,
+                    "Origin": "http://evil.example",
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization,content-type",
+                },
+            )
             assert preflight.status_code in (401, 403), preflight.status_code
             assert not [h for h in preflight.headers if h.startswith("access-control")]
 
@@ -246,11 +274,14 @@ def test_second_user_reaches_no_listener(lab: Any, tool: Tool) -> None:
     # Reported before the asserts, so a failure is measured too.
     report(
         "isolation: a second cluster user tries every listener of vLLM (route jump)",
-        len(theirs), len(theirs) - len(answered),
-        note=(f"{len(found)} listener(s) of the session's vLLM ({', '.join(k for k, _ in found)}), "
-              f"each tried by `{user2}` on the compute node with {', '.join(PATHS)}: "
-              f"{len(answered)} answered 200"),
-    )  # fmt: skip
+        len(theirs),
+        len(theirs) - len(answered),
+        note=(
+            f"{len(found)} listener(s) of the session's vLLM ({', '.join(k for k, _ in found)}), "
+            f"each tried by `{user2}` on the compute node with {', '.join(PATHS)}: "
+            f"{len(answered)} answered 200"
+        ),
+    )
     assert len(theirs) == len(found) * len(PATHS)
     assert answered == [], f"{user2} got answers: {answered}"
     assert all(isinstance(r[3], str) and "PermissionError" in r[3] for r in theirs), theirs
@@ -302,7 +333,9 @@ def test_route_login_works_and_warns(lab: Any, tool: Tool) -> None:
     user2, target = lab.values["LAB_USER2"], [("tcp", f"{lab.node}:{node_port}")]
     theirs = {r[2]: r[3] for r in probe_as(lab, user2, target, served)}
     assert theirs == {"/invocations": 401, "/tokenize": 401, "/v1/completions": 401}, theirs
-    theirs = {r[2]: r[3] for r in probe_as(lab, user2, target, served, host=f"{lab.node}:{node_port}")}
+    theirs = {
+        r[2]: r[3] for r in probe_as(lab, user2, target, served, host=f"{lab.node}:{node_port}")
+    }
     assert theirs == {"/invocations": 403, "/tokenize": 403, "/v1/completions": 403}, theirs
     assert_guarded(port, key, served)
 
@@ -335,8 +368,12 @@ class _Relay:
             while True:
                 conn, _ = self.listener.accept()
                 upstream = socket.create_connection(("127.0.0.1", self.target), timeout=30)
-                threading.Thread(target=self._pump, args=(conn, upstream, True), daemon=True).start()
-                threading.Thread(target=self._pump, args=(upstream, conn, False), daemon=True).start()
+                threading.Thread(
+                    target=self._pump, args=(conn, upstream, True), daemon=True
+                ).start()
+                threading.Thread(
+                    target=self._pump, args=(upstream, conn, False), daemon=True
+                ).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, keep: bool) -> None:
         with contextlib.suppress(OSError):
@@ -348,7 +385,9 @@ class _Relay:
             dst.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):  # wakes the accept (a bare close would not free the port)
+        with contextlib.suppress(
+            OSError
+        ):  # wakes the accept (a bare close would not free the port)
             self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
 
@@ -373,11 +412,26 @@ def test_a_relayed_port_never_receives_the_key(lab: Any, tool: Tool) -> None:
     key = record["api_key"]
 
     def ours() -> bool:
-        return health(record["local_port"], api_key=key, local_socket=record.get("local_socket", ""))
+        return health(
+            record["local_port"], api_key=key, local_socket=record.get("local_socket", "")
+        )
 
     assert ours() is True
-    check = subprocess.run(["ssh", "-F", str(lab.ssh_config), "-S", record["control_path"], "-O", "check",
-                            record["login_host"]], capture_output=True, text=True, timeout=10)  # fmt: skip
+    check = subprocess.run(
+        [
+            "ssh",
+            "-F",
+            str(lab.ssh_config),
+            "-S",
+            record["control_path"],
+            "-O",
+            "check",
+            record["login_host"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     master = int(re.search(r"pid=(\d+)", check.stderr).group(1))  # type: ignore[union-attr]
     os.kill(master, signal.SIGKILL)
     relay = _Relay(port, node_port)
@@ -392,8 +446,10 @@ def test_a_relayed_port_never_receives_the_key(lab: Any, tool: Tool) -> None:
     assert b"Authorization" not in relay.seen
     # The port was not to be had: the client reopens once it is free again,
     # or (it gave up meanwhile, keeping the job) `resume` does.
-    back = child.expect_exact(["Tunnel back up: http://localhost:" + str(port),
-                               "`alvis-fsm resume lab-ok` reconnects"], timeout=120)  # fmt: skip
+    back = child.expect_exact(
+        ["Tunnel back up: http://localhost:" + str(port), "`alvis-fsm resume lab-ok` reconnects"],
+        timeout=120,
+    )
     if back == 1:
         child.expect(pexpect.EOF)
         child.close()
@@ -402,7 +458,12 @@ def test_a_relayed_port_never_receives_the_key(lab: Any, tool: Tool) -> None:
         child.expect_exact("[INFO] Streaming logs")
     assert ours() is True
     served = record["served_name"]
-    assert through_tunnel(port, key, "/v1/completions", {"model": served, "prompt": "hi", "max_tokens": 1}) == 200
+    assert (
+        through_tunnel(
+            port, key, "/v1/completions", {"model": served, "prompt": "hi", "max_tokens": 1}
+        )
+        == 200
+    )
 
     ctrl_c_leaves_nothing(child, lab, tool)
 
@@ -468,8 +529,9 @@ def test_proxies_in_the_environment_are_never_used(lab: Any, tool: Tool) -> None
             tool.env.pop(name, None)
         names = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
         port = free_port()
-        child = tool.spawn("start", "-m", "lab-ok", "--port", str(port), timeout=90,
-                           **dict.fromkeys(names, proxy))  # fmt: skip
+        child = tool.spawn(
+            "start", "-m", "lab-ok", "--port", str(port), timeout=90, **dict.fromkeys(names, proxy)
+        )
         child.expect_exact(CONNECTED + str(port))
         child.expect_exact("[INFO] Streaming logs")
         # Control: the recorder does see a client sent through it as a proxy.
@@ -502,15 +564,20 @@ def _model(tmp_path: Path, mode: str) -> Path:
     return model
 
 
-def _spawn(model: Path, *listen: str, key: str = "sekret", pythonpath: str = "") -> subprocess.Popen[str]:
+def _spawn(
+    model: Path, *listen: str, key: str = "sekret", pythonpath: str = ""
+) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "PYTHONPATH")}
     env["VLLM_API_KEY"] = key
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     return subprocess.Popen(
         [sys.executable, str(STANDIN), "serve", str(model), *listen, "--served-model-name", "m"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
@@ -561,16 +628,22 @@ def test_standin_unix_socket_bound_early_listening_late(tmp_path: Path) -> None:
             assert c.post("/tokenize", json={"prompt": "a b c"}).json()["count"] == 3
             assert "vllm:" in c.get("/metrics").text
             assert c.get("/health").status_code == 200
-            one = c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 1},
-                         headers={"Authorization": "Bearer sekret"})  # fmt: skip
+            one = c.post(
+                "/v1/completions",
+                json={"model": "m", "prompt": "hi", "max_tokens": 1},
+                headers={"Authorization": "Bearer sekret"},
+            )
             assert one.json()["usage"]["completion_tokens"] == 1
     finally:
         out, err = _stop(proc)
     assert "\x1b[1;36m(APIServer pid=" in out
     assert f"Starting vLLM API server 0 on unix:{sock}" in out
     assert not [line for line in out.splitlines() if "Started server process" in line]
-    for line in ("Started server process", "Waiting for application startup.",
-                 "Application startup complete."):  # fmt: skip
+    for line in (
+        "Started server process",
+        "Waiting for application startup.",
+        "Application startup complete.",
+    ):
         assert line in err
     assert "Uvicorn running on" not in out + err
     # As the real vLLM 0.11 writes them (test_realvllm_contract.py): uvicorn's
@@ -604,19 +677,32 @@ def test_standin_grants_cors_as_vllm_and_honours_the_guard_middleware(tmp_path: 
     shipped = tmp_path / "guard"
     shipped.mkdir()
     (shipped / f"{guard.MODULE}.py").write_text(guard.source())
-    preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "content-type"}  # fmt: skip
+    preflight = {
+        "Origin": "http://evil.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
     for middleware in ((), ("--middleware", guard.MIDDLEWARE)):
         port = free_port()
-        proc = _spawn(_model(tmp_path / str(len(middleware)), "ok"), "--port", str(port),
-                      *middleware, pythonpath=str(shipped))  # fmt: skip
+        proc = _spawn(
+            _model(tmp_path / str(len(middleware)), "ok"),
+            "--port",
+            str(port),
+            *middleware,
+            pythonpath=str(shipped),
+        )
         try:
-            _wait_accepting(lambda p=port: socket.create_connection(("127.0.0.1", p), timeout=1).close())
+            _wait_accepting(
+                lambda p=port: socket.create_connection(("127.0.0.1", p), timeout=1).close()
+            )
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False) as c:
                 granted = c.options("/invocations", headers=preflight)
                 metrics = c.get("/metrics", headers={"Origin": "http://evil.example"})
-                keyed = c.post("/invocations", json={"prompt": "hi"},
-                               headers={"Authorization": "Bearer sekret"})  # fmt: skip
+                keyed = c.post(
+                    "/invocations",
+                    json={"prompt": "hi"},
+                    headers={"Authorization": "Bearer sekret"},
+                )
                 if not middleware:
                     assert granted.headers["access-control-allow-origin"] == "*"
                     assert metrics.status_code == 200 and "vllm:" in metrics.text

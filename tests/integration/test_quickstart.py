@@ -39,15 +39,25 @@ def account_command() -> str:
 def scratch(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     home = tmp_path / "home"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ALVIS_FSM_", "VIRTUAL_ENV", "PYTHONPATH"))}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ALVIS_FSM_", "VIRTUAL_ENV", "PYTHONPATH"))
+    }
     env["HOME"] = str(home)
     return tmp_path, env
 
 
 def sh(line: str, cwd: Path, env: dict[str, str], timeout: float = 600) -> str:
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", line], cwd=cwd, env=env, text=True,
-                          capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", line],
+        cwd=cwd,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, f"{line}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     return proc.stdout
 
@@ -60,7 +70,9 @@ def as_run_here(line: str) -> str:
 def clone(root: Path, env: dict[str, str]) -> Path:
     """The README's folder, as a user has it: a clone (the quickstart runs in it)."""
     for name in ("uv", "pipx", "venv"):  # no placeholder address to fill in
-        assert not any("REPOSITORY-URL" in cmd or cmd.startswith("git clone") for cmd in block(name))
+        assert not any(
+            "REPOSITORY-URL" in cmd or cmd.startswith("git clone") for cmd in block(name)
+        )
     sh(f"git clone -q {REPO} alvis-fsm", root, env)
     return root / "alvis-fsm"
 

@@ -109,9 +109,10 @@ def real_processes(lab: Any) -> list[str]:
         ["ps", "-ww", "-u", lab.user, "-o", "pid=,args="], text=True, capture_output=True
     ).stdout
     return [
-        line.strip() for line in out.splitlines()
+        line.strip()
+        for line in out.splitlines()
         if "/opt/alvis-lab-vllm/" in line or re.match(r"\s*\d+\s+VLLM::", line)
-    ]  # fmt: skip
+    ]
 
 
 def test_start_runs_the_real_server_through_the_job_script(lab: Any, served: Served) -> None:
@@ -120,8 +121,10 @@ def test_start_runs_the_real_server_through_the_job_script(lab: Any, served: Ser
     # came before the ready block, which is not followed by a replay of the
     # load log: `logs` shows them.
     logs = served.tool.run_piped("logs", MODEL, "-n", "400").stdout
-    for pattern in (r"\[VLLM OUT\] .*Starting vLLM API server 0 on unix:/\S+/vllm\.sock",
-                    r"\[VLLM ERR\] .*INFO:     Application startup complete\."):  # fmt: skip
+    for pattern in (
+        r"\[VLLM OUT\] .*Starting vLLM API server 0 on unix:/\S+/vllm\.sock",
+        r"\[VLLM ERR\] .*INFO:     Application startup complete\.",
+    ):
         assert re.search(pattern, logs), f"not in the logs: {pattern}\n{logs[-4000:]}"
     record = json.loads((served.tool.state_dir / "sessions" / f"{MODEL}.json").read_text())
     assert record["job_id"] == served.job_id
@@ -132,7 +135,8 @@ def test_start_runs_the_real_server_through_the_job_script(lab: Any, served: Ser
     models = served.client().models.list()
     # The served name and the catalog name (--served-model-name takes both).
     assert [(m.id, getattr(m, "max_model_len", None)) for m in models.data] == [
-        (SERVED, 2048), ("tiny-real", 2048)
+        (SERVED, 2048),
+        ("tiny-real", 2048),
     ]
 
 
@@ -161,20 +165,34 @@ def test_completions_with_ignore_eos_give_exactly_max_tokens(served: Served, n: 
 
 def test_stream_through_the_official_client_and_its_framing(served: Served) -> None:
     stream = served.client().chat.completions.create(
-        model=SERVED, messages=[{"role": "user", "content": "Hello"}], max_tokens=16,
-        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-    )  # fmt: skip
+        model=SERVED,
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
     usage = [c.usage for c in chunks if c.usage is not None]
     assert usage and usage[-1].completion_tokens == 16
     # On the wire: server-sent events, one `data:` line per event, `[DONE]` last.
-    with httpx.Client(base_url=served.base, trust_env=False, timeout=60) as http, http.stream(
-        "POST", "/chat/completions", headers={"Authorization": f"Bearer {served.key}"},
-        json={"model": SERVED, "stream": True, "max_tokens": 5, "ignore_eos": True,
-              "messages": [{"role": "user", "content": "Hi"}]},
-    ) as resp:  # fmt: skip
+    with (
+        httpx.Client(base_url=served.base, trust_env=False, timeout=60) as http,
+        http.stream(
+            "POST",
+            "/chat/completions",
+            headers={"Authorization": f"Bearer {served.key}"},
+            json={
+                "model": SERVED,
+                "stream": True,
+                "max_tokens": 5,
+                "ignore_eos": True,
+                "messages": [{"role": "user", "content": "Hi"}],
+            },
+        ) as resp,
+    ):
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in resp.iter_lines() if line]
@@ -213,12 +231,18 @@ UNGUARDED_BY_VLLM = [
 
 
 def guarded(served: Served, method: str, path: str, body: Any, **headers: str) -> httpx.Response:
-    with httpx.Client(base_url=f"http://localhost:{served.port}", trust_env=False, timeout=60) as http:
+    with httpx.Client(
+        base_url=f"http://localhost:{served.port}", trust_env=False, timeout=60
+    ) as http:
         return http.request(method, path, json=body, headers=headers)
 
 
-@pytest.mark.parametrize(("method", "path", "body"), UNGUARDED_BY_VLLM, ids=[p for _, p, _ in UNGUARDED_BY_VLLM])
-def test_every_path_vllm_leaves_open_wants_the_key(served: Served, method: str, path: str, body: Any) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "body"), UNGUARDED_BY_VLLM, ids=[p for _, p, _ in UNGUARDED_BY_VLLM]
+)
+def test_every_path_vllm_leaves_open_wants_the_key(
+    served: Served, method: str, path: str, body: Any
+) -> None:
     bare = guarded(served, method, path, body)
     assert bare.status_code == 401, (bare.status_code, bare.text[:300])
     assert bare.json()["error"]["code"] == "invalid_api_key"
@@ -228,7 +252,9 @@ def test_every_path_vllm_leaves_open_wants_the_key(served: Served, method: str, 
     # Past the guard, vLLM itself answers: /pooling is not served for a
     # generative model (its own 4xx); every other path answers 200.
     if path == "/pooling":
-        assert answered.status_code not in (401, 403) and answered.status_code < 500, answered.text[:300]
+        assert answered.status_code not in (401, 403) and answered.status_code < 500, answered.text[
+            :300
+        ]
     else:
         assert answered.status_code == 200, (path, answered.status_code, answered.text[:300])
     if path == "/invocations":
@@ -240,11 +266,22 @@ def test_every_path_vllm_leaves_open_wants_the_key(served: Served, method: str, 
         assert "vllm:" in answered.text
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "192.168.1.7:{port}", "alvis.localhost.evil.example"])
-def test_a_host_that_is_not_loopback_is_refused_even_with_the_key(served: Served, host: str) -> None:
+@pytest.mark.parametrize(
+    "host",
+    ["evil.example", "evil.example:{port}", "192.168.1.7:{port}", "alvis.localhost.evil.example"],
+)
+def test_a_host_that_is_not_loopback_is_refused_even_with_the_key(
+    served: Served, host: str
+) -> None:
     # DNS rebinding: the browser sends the attacker's name as Host.
-    resp = guarded(served, "POST", "/invocations", UNGUARDED_BY_VLLM[0][2],
-                   authorization=f"Bearer {served.key}", host=host.format(port=served.port))  # fmt: skip
+    resp = guarded(
+        served,
+        "POST",
+        "/invocations",
+        UNGUARDED_BY_VLLM[0][2],
+        authorization=f"Bearer {served.key}",
+        host=host.format(port=served.port),
+    )
     assert resp.status_code == 403, resp.text[:300]
     assert resp.json()["error"]["code"] == "host_not_allowed"
     assert not [h for h in resp.headers if h.lower().startswith("access-control-")]
@@ -252,14 +289,30 @@ def test_a_host_that_is_not_loopback_is_refused_even_with_the_key(served: Served
 
 def test_a_cross_origin_preflight_gets_no_grant(served: Served) -> None:
     for path in ("/invocations", "/v1/chat/completions", "/metrics"):
-        resp = guarded(served, "OPTIONS", path, None, origin="http://evil.example",
-                       **{"access-control-request-method": "POST",
-                          "access-control-request-headers": "authorization,content-type"})  # fmt: skip
+        resp = guarded(
+            served,
+            "OPTIONS",
+            path,
+            None,
+            origin="http://evil.example",
+            **{
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "authorization,content-type",
+            },
+        )
         assert resp.status_code == 403, (path, resp.status_code, resp.text[:300])
-        assert not [h for h in resp.headers if h.lower().startswith("access-control-")], resp.headers
+        assert not [h for h in resp.headers if h.lower().startswith("access-control-")], (
+            resp.headers
+        )
     # A cross-origin request itself, even one carrying the key, is refused too.
-    resp = guarded(served, "GET", "/metrics", None, origin="http://evil.example",
-                   authorization=f"Bearer {served.key}")  # fmt: skip
+    resp = guarded(
+        served,
+        "GET",
+        "/metrics",
+        None,
+        origin="http://evil.example",
+        authorization=f"Bearer {served.key}",
+    )
     assert resp.status_code == 403 and resp.json()["error"]["code"] == "origin_not_allowed"
     assert not [h for h in resp.headers if h.lower().startswith("access-control-")]
 

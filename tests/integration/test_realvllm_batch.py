@@ -31,6 +31,7 @@ def write_input(path: Path, url: str) -> list[str]:
     # body given to the wrong custom_id shows.
     text = "the cluster node {}" if url == "/v1/completions" else "Hello {}"
     ids = [f"real-{i:03d}" for i in range(N)]
+
     def body(i: int, cid: str) -> dict[str, Any]:
         return request_body(MODEL, url, text.format(cid), max_tokens=1 + i, ignore_eos=True)
 
@@ -38,15 +39,22 @@ def write_input(path: Path, url: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("url", "obj"), [("/v1/chat/completions", "chat.completion"), ("/v1/completions", "text_completion")]
+    ("url", "obj"),
+    [("/v1/chat/completions", "chat.completion"), ("/v1/completions", "text_completion")],
 )
-def test_submit_wait_on_the_real_engine(lab: Any, tool: Tool, tmp_path: Path, url: str, obj: str) -> None:
+def test_submit_wait_on_the_real_engine(
+    lab: Any, tool: Tool, tmp_path: Path, url: str, obj: str
+) -> None:
     ids = write_input(tmp_path / "in.jsonl", url)
     proc = subprocess.run(
         [*tool_argv(), "batch", "submit", "in.jsonl", "--jobs", "1", "-t", "10", "--wait"],
-        cwd=tmp_path, env=tool.env, text=True, capture_output=True, timeout=420,
+        cwd=tmp_path,
+        env=tool.env,
+        text=True,
+        capture_output=True,
+        timeout=420,
         stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     batch_id = proc.stdout.splitlines()[0].strip()
     assert batch_id.startswith("batch_"), proc.stdout

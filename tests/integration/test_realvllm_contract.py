@@ -48,9 +48,11 @@ class Server:
 
     def http(self) -> httpx.Client:
         return httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(self.sock)), base_url="http://vllm",
-            timeout=60, trust_env=False,
-        )  # fmt: skip
+            transport=httpx.HTTPTransport(uds=str(self.sock)),
+            base_url="http://vllm",
+            timeout=60,
+            trust_env=False,
+        )
 
     def lines(self, which: str) -> list[str]:
         path = self.out if which == "out" else self.err
@@ -65,10 +67,23 @@ def serve(name: str, model: str, where: Path, *args: str, real: bool = True) -> 
     env.update(VLLM_API_KEY=KEY, VLLM_CACHE_ROOT=str(where / "cache"))
     vllm = ["vllm"] if real else [str(REPO / "tests" / "lab" / "bin" / "vllm")]
     argv = [
-        "bash", str(REPO / "tests" / "lab" / "bin" / "apptainer"), "exec", "--bind", str(where),
-        "/apps/containers/vLLM/vllm-0.11.0.sif", *vllm, "serve", model, "--uds", str(sock),
-        "--tensor-parallel-size", "1", "--served-model-name", SERVED, *args,
-    ]  # fmt: skip
+        "bash",
+        str(REPO / "tests" / "lab" / "bin" / "apptainer"),
+        "exec",
+        "--bind",
+        str(where),
+        "/apps/containers/vLLM/vllm-0.11.0.sif",
+        *vllm,
+        "serve",
+        model,
+        "--uds",
+        str(sock),
+        "--tensor-parallel-size",
+        "1",
+        "--served-model-name",
+        SERVED,
+        *args,
+    ]
     with open(out, "wb") as o, open(err, "wb") as e:
         proc = subprocess.Popen(
             argv, stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=env, start_new_session=True
@@ -82,8 +97,7 @@ def wait_ready(servers: list[Server], timeout: float = 400) -> None:
         while STARTUP_LINE not in s.err.read_text(errors="replace"):
             if s.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(
-                    f"{s.name} did not start ({s.proc.poll()}):\n"
-                    + "\n".join(s.lines("err")[-30:])
+                    f"{s.name} did not start ({s.proc.poll()}):\n" + "\n".join(s.lines("err")[-30:])
                 )
             time.sleep(0.5)
 
@@ -115,10 +129,15 @@ def stop(s: Server) -> None:
 
 def live_in_group(pgid: int) -> list[str]:
     """Processes of the group that still run (zombies waiting for a reaper do not)."""
-    out = subprocess.run(["ps", "-ww", "-eo", "pgid=,stat=,pid=,args="], text=True,
-                         capture_output=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["ps", "-ww", "-eo", "pgid=,stat=,pid=,args="], text=True, capture_output=True
+    ).stdout
     rows = [line.split(None, 3) for line in out.splitlines()]
-    return [" ".join(r[2:]) for r in rows if len(r) >= 3 and r[0] == str(pgid) and not r[1].startswith("Z")]
+    return [
+        " ".join(r[2:])
+        for r in rows
+        if len(r) >= 3 and r[0] == str(pgid) and not r[1].startswith("Z")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +153,18 @@ def where() -> Iterator[Path]:
 def pair(lab: Any, where: Path) -> Iterator[dict[str, Server]]:
     """The real server and the stand-in, up together for the whole module."""
     servers = {
-        "real": serve("real", lab.model_path("alvislab", "tiny-real"), where,
-                      "--max-model-len", str(MAX_LEN)),
-        "standin": serve("standin", lab.model_path("alvislab", "tiny-ok"), where,
-                         "--max-model-len", str(MAX_LEN), real=False),
-    }  # fmt: skip
+        "real": serve(
+            "real", lab.model_path("alvislab", "tiny-real"), where, "--max-model-len", str(MAX_LEN)
+        ),
+        "standin": serve(
+            "standin",
+            lab.model_path("alvislab", "tiny-ok"),
+            where,
+            "--max-model-len",
+            str(MAX_LEN),
+            real=False,
+        ),
+    }
     try:
         wait_ready(list(servers.values()))
         yield servers
@@ -164,10 +190,17 @@ def test_kv_cache_refusal_reads_the_same(lab: Any, where: Path) -> None:
     """The real engine with its 1 GiB CPU KV cache (131072 tokens of this
     model) and the stand-in's lab-long (8192) refuse a longer context in
     the same words, on stderr, and the tool reads both."""
-    real = serve("kv-real", lab.model_path("alvislab", "tiny-real"), where,
-                 "--max-model-len", "262144")  # fmt: skip
-    standin = serve("kv-standin", lab.model_path("alvislab", "tiny-long"), where,
-                    "--max-model-len", "32768", real=False)  # fmt: skip
+    real = serve(
+        "kv-real", lab.model_path("alvislab", "tiny-real"), where, "--max-model-len", "262144"
+    )
+    standin = serve(
+        "kv-standin",
+        lab.model_path("alvislab", "tiny-long"),
+        where,
+        "--max-model-len",
+        "32768",
+        real=False,
+    )
     assert wait_exit(standin) == 1
     assert wait_exit(real) == 1
     said = {}
@@ -180,9 +213,15 @@ def test_kv_cache_refusal_reads_the_same(lab: Any, where: Path) -> None:
             r"\(\d+\.\d\d GiB KV cache is needed, which is larger than the available KV cache "
             r"memory \(\d+\.\d\d GiB\)\. Based on the available memory, the estimated maximum "
             r"model length is \d+\. Try increasing `gpu_memory_utilization` or decreasing "
-            r"`max_model_len` when initializing the engine\.", line), (s.name, line)  # fmt: skip
-        assert re.search(r"RuntimeError: Engine core initialization failed\. See root cause "
-                         r"above\. Failed core proc\(s\): \{.*\}$", err, re.M), s.name  # fmt: skip
+            r"`max_model_len` when initializing the engine\.",
+            line,
+        ), (s.name, line)
+        assert re.search(
+            r"RuntimeError: Engine core initialization failed\. See root cause "
+            r"above\. Failed core proc\(s\): \{.*\}$",
+            err,
+            re.M,
+        ), s.name
     assert said == {"kv-real": 131072, "kv-standin": 8192}
 
 
@@ -198,17 +237,24 @@ def test_start_up_lines_go_to_the_same_streams(pair: dict[str, Server]) -> None:
         assert not any(STARTUP_LINE in x for x in out), name
         # vLLM's own lines on stdout, with its prefix.
         assert any(
-            re.fullmatch(rf"\(APIServer pid=\d+\) INFO .*Starting vLLM API server 0 on unix:{s.sock}", x)
+            re.fullmatch(
+                rf"\(APIServer pid=\d+\) INFO .*Starting vLLM API server 0 on unix:{s.sock}", x
+            )
             for x in out
         ), (name, out[-20:])
-        assert any(re.search(r"\(APIServer pid=\d+\) INFO .*vLLM API server version 0\.11\.0", x)
-                   for x in out), name  # fmt: skip
+        assert any(
+            re.search(r"\(APIServer pid=\d+\) INFO .*vLLM API server version 0\.11\.0", x)
+            for x in out
+        ), name
         assert not any("Uvicorn running on" in x for x in out + err), name
 
 
 def test_v1_needs_the_key_on_both(pair: dict[str, Server]) -> None:
-    for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/chat/completions", CHAT),
-                               ("POST", "/v1/completions", COMPLETION)):  # fmt: skip
+    for method, path, body in (
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/chat/completions", CHAT),
+        ("POST", "/v1/completions", COMPLETION),
+    ):
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             got = both(pair, method, path, json=body, headers=headers)
             for name, r in got.items():
@@ -219,12 +265,14 @@ def test_v1_needs_the_key_on_both(pair: dict[str, Server]) -> None:
 
 def test_routes_outside_v1_answer_alike(pair: dict[str, Server]) -> None:
     for method, path, body in (
-        ("GET", "/health", None), ("GET", "/version", None), ("GET", "/metrics", None),
+        ("GET", "/health", None),
+        ("GET", "/version", None),
+        ("GET", "/metrics", None),
         ("POST", "/tokenize", {"prompt": "hello world"}),
         ("POST", "/detokenize", {"tokens": [300, 301]}),
         ("POST", "/invocations", {"prompt": "hello", "max_tokens": 2}),
         ("GET", "/no/such/route", None),
-    ):  # fmt: skip
+    ):
         got = both(pair, method, path, json=body)
         codes = {n: r.status_code for n, r in got.items()}
         assert codes["real"] == codes["standin"], (path, codes)
@@ -255,8 +303,10 @@ def test_stream_framing_is_the_same(pair: dict[str, Server], ignore_eos: bool) -
     body = {**CHAT, "stream": True, "max_tokens": 5, "ignore_eos": ignore_eos}
     framed = {}
     for name, s in pair.items():
-        with s.http() as http, http.stream("POST", "/v1/chat/completions", json=body,
-                                           headers=AUTH) as resp:  # fmt: skip
+        with (
+            s.http() as http,
+            http.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as resp,
+        ):
             assert resp.status_code == 200, name
             assert resp.headers["content-type"] == "text/event-stream; charset=utf-8", name
             raw = resp.read().decode()
@@ -284,13 +334,19 @@ def test_error_bodies_and_codes_are_the_same(pair: dict[str, Server]) -> None:
         e = r.json()["error"]
         return r.status_code, e["type"], e["param"], e["code"]
 
-    unknown = both(pair, "POST", "/v1/chat/completions", json={**CHAT, "model": "nope"},
-                   headers=AUTH)  # fmt: skip
+    unknown = both(
+        pair, "POST", "/v1/chat/completions", json={**CHAT, "model": "nope"}, headers=AUTH
+    )
     for name, r in unknown.items():
         assert error_of(r) == (404, "NotFoundError", None, 404), name
         assert r.json()["error"]["message"] == "The model `nope` does not exist.", name
-    for name, r in both(pair, "POST", "/v1/chat/completions", content=b"{not json",
-                        headers={**AUTH, "content-type": "application/json"}).items():  # fmt: skip
+    for name, r in both(
+        pair,
+        "POST",
+        "/v1/chat/completions",
+        content=b"{not json",
+        headers={**AUTH, "content-type": "application/json"},
+    ).items():
         assert r.status_code == 400 and r.json()["error"]["code"] == 400, (name, r.text)
     for name, r in both(pair, "GET", "/v1/no-such-route", headers=AUTH).items():
         assert (r.status_code, r.json()) == (404, {"detail": "Not Found"}), name
@@ -301,11 +357,15 @@ def test_error_bodies_and_codes_are_the_same(pair: dict[str, Server]) -> None:
 def test_a_prompt_longer_than_the_context_is_refused_alike(pair: dict[str, Server]) -> None:
     # Far more tokens than max_model_len by any tokenizer (a word is at least one).
     long_prompt = " ".join(f"w{i}" for i in range(MAX_LEN + 500))
-    got = both(pair, "POST", "/v1/completions", headers=AUTH,
-               json={**COMPLETION, "prompt": long_prompt})  # fmt: skip
+    got = both(
+        pair, "POST", "/v1/completions", headers=AUTH, json={**COMPLETION, "prompt": long_prompt}
+    )
     for name, r in got.items():
         assert r.status_code == 400, (name, r.text[:300])
         e = r.json()["error"]
         assert (e["type"], e["code"]) == ("BadRequestError", 400), name
-        assert re.match(r"This model's maximum context length is \d+ tokens\. However, your "
-                        r"request has \d+ input tokens\.", e["message"]), (name, e["message"])  # fmt: skip
+        assert re.match(
+            r"This model's maximum context length is \d+ tokens\. However, your "
+            r"request has \d+ input tokens\.",
+            e["message"],
+        ), (name, e["message"])

@@ -47,13 +47,19 @@ def test_auto_fit_answers_the_real_kv_cache_refusal(
 ) -> None:
     where, entries = catalog
     entries["tiny-real-long"] = {
-        "path": lab.model_path("alvislab", "tiny-real"), "max_model_len": 262144,
-    }  # fmt: skip
+        "path": lab.model_path("alvislab", "tiny-real"),
+        "max_model_len": 262144,
+    }
     port = free_port()
     child = tool.spawn(
-        "start", "-m", "tiny-real-long", "--port", str(port), timeout=400,
+        "start",
+        "-m",
+        "tiny-real-long",
+        "--port",
+        str(port),
+        timeout=400,
         **write_catalog(where, entries),
-    )  # fmt: skip
+    )
     child.expect(r"Job submitted: (\d+)")
     first = child.match.group(1)
     child.expect_exact(f"Cleaned up job {first} successfully")
@@ -90,9 +96,14 @@ def test_a_broken_snapshot_fails_with_its_cause(
             os.chmod(os.path.join(root, d), 0o755)
     entries["tiny-broken"] = {"path": f"{snap}/", "max_model_len": 2048, "gpus": "A40:1"}
     status, out = tool.run(
-        "start", "-m", "tiny-broken", "--port", str(free_port()), timeout=400,
+        "start",
+        "-m",
+        "tiny-broken",
+        "--port",
+        str(free_port()),
+        timeout=400,
         **write_catalog(where, entries),
-    )  # fmt: skip
+    )
     assert status == 6, out[-3000:]
     assert "[ERROR] vLLM exited with status 1 before it was ready" in out, out[-3000:]
     assert "Cannot find any model weights" in out, out[-3000:]

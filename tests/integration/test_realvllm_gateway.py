@@ -34,14 +34,26 @@ def test_gateway_cold_starts_the_real_server_on_a_request(lab: Any, tool: Tool) 
         try:
             client = OpenAI(base_url=base, api_key=key, timeout=400, max_retries=0)
             results["chat"] = client.chat.completions.create(
-                model="tiny-real", messages=[{"role": "user", "content": "Hello"}],
-                max_tokens=6, extra_body={"ignore_eos": True},
-            )  # fmt: skip
-            with httpx.Client(base_url=base, trust_env=False, timeout=60) as http, http.stream(
-                "POST", "/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                json={"model": "tiny-real", "stream": True, "max_tokens": 4, "ignore_eos": True,
-                      "messages": [{"role": "user", "content": "Hi"}]},
-            ) as resp:  # fmt: skip
+                model="tiny-real",
+                messages=[{"role": "user", "content": "Hello"}],
+                max_tokens=6,
+                extra_body={"ignore_eos": True},
+            )
+            with (
+                httpx.Client(base_url=base, trust_env=False, timeout=60) as http,
+                http.stream(
+                    "POST",
+                    "/chat/completions",
+                    headers={"Authorization": f"Bearer {key}"},
+                    json={
+                        "model": "tiny-real",
+                        "stream": True,
+                        "max_tokens": 4,
+                        "ignore_eos": True,
+                        "messages": [{"role": "user", "content": "Hi"}],
+                    },
+                ) as resp,
+            ):
                 results["stream_status"] = resp.status_code
                 results["stream"] = [x for x in resp.iter_lines() if x]
         except Exception as exc:  # shown by the assertions below

@@ -88,8 +88,11 @@ def master_pid(lab: Any, control: str, host: str) -> int | None:
     """Pid of the ssh master on a control socket (``ssh -O check``), or None."""
     proc = subprocess.run(
         ["ssh", "-F", str(lab.ssh_config), "-S", control, "-O", "check", host],
-        capture_output=True, text=True, timeout=10, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
     match = re.search(r"pid=(\d+)", proc.stderr + proc.stdout)
     return int(match.group(1)) if proc.returncode == 0 and match else None
 
@@ -189,11 +192,14 @@ def test_tunnel_ssh_killed_20_times(lab: Any, tool: Tool) -> None:
         ctrl_c_cleans(child, job_id)
     finally:
         report(
-            "tunnel ssh SIGKILLed (one session)", TUNNEL_KILLS, survived,
-            max(times) if times else None, recoveries_s=[round(t, 3) for t in times],
+            "tunnel ssh SIGKILLed (one session)",
+            TUNNEL_KILLS,
+            survived,
+            max(times) if times else None,
+            recoveries_s=[round(t, 3) for t in times],
             note="recovery = SIGKILL -> /v1/models answers through a new tunnel whose control"
             " socket answers `ssh -O check` (so the tool can still find and close it)",
-        )  # fmt: skip
+        )
     assert not port_listening(port)
     assert_nothing_left(lab, tool)
 
@@ -245,8 +251,9 @@ def test_login_sshd_down_10s_while_pending(lab: Any, tool: Tool) -> None:
             # The shared connection really dropped: its master exits.
             wait_until(
                 "the shared connection's master to exit",
-                lambda: not os.path.exists(f"/proc/{old_master}"), timeout=20,
-            )  # fmt: skip
+                lambda: not os.path.exists(f"/proc/{old_master}"),
+                timeout=20,
+            )
             assert not port_listening(22022)
             time.sleep(max(0.0, t_down + SSHD_OUTAGE_S - time.monotonic()))
             assert lab.job_state(job_id) == "PENDING"  # an outage never touches the job
@@ -255,8 +262,10 @@ def test_login_sshd_down_10s_while_pending(lab: Any, tool: Tool) -> None:
             t_up = time.monotonic()
             new_master = wait_until(
                 "the tool to reopen its shared connection",
-                lambda: master_pid(lab, control, lab.login_host), timeout=30, interval=0.05,
-            )  # fmt: skip
+                lambda: master_pid(lab, control, lab.login_host),
+                timeout=30,
+                interval=0.05,
+            )
             recovery = time.monotonic() - t_up
             assert new_master != old_master
             subprocess.run(["bash", str(LAB_BLOCKER), "stop"], capture_output=True, timeout=60)
@@ -273,9 +282,12 @@ def test_login_sshd_down_10s_while_pending(lab: Any, tool: Tool) -> None:
         if not restored:
             restore_login_sshd(lab)
         report(
-            f"login sshd stopped {SSHD_OUTAGE_S:.0f} s while pending", 1, survived, recovery,
+            f"login sshd stopped {SSHD_OUTAGE_S:.0f} s while pending",
+            1,
+            survived,
+            recovery,
             note="recovery = login sshd back -> shared connection reopened",
-        )  # fmt: skip
+        )
     assert_nothing_left(lab, tool)
 
 
@@ -331,9 +343,12 @@ def test_login_sshd_down_10s_while_tunneled(lab: Any, tool: Tool) -> None:
         if not restored:
             restore_login_sshd(lab)
         report(
-            f"login sshd stopped {SSHD_OUTAGE_S:.0f} s while tunneled", 1, survived, recovery,
+            f"login sshd stopped {SSHD_OUTAGE_S:.0f} s while tunneled",
+            1,
+            survived,
+            recovery,
             note="recovery = login sshd back -> /v1/models answers through the tunnel again",
-        )  # fmt: skip
+        )
     assert_nothing_left(lab, tool)
 
 
@@ -367,9 +382,12 @@ def test_vllm_dies_after_ready(lab: Any, tool: Tool) -> None:
         assert wait_jobs_gone(lab, [job_id]) == []
     finally:
         report(
-            "vLLM dies after ready (lab-die)", 1, int(delay is not None and delay <= DETECT_LIMIT_S),
-            delay, note="recovery = vllm.exit written -> tool exited (code 6)",
-        )  # fmt: skip
+            "vLLM dies after ready (lab-die)",
+            1,
+            int(delay is not None and delay <= DETECT_LIMIT_S),
+            delay,
+            note="recovery = vllm.exit written -> tool exited (code 6)",
+        )
     assert not port_listening(port)
     assert_nothing_left(lab, tool)
 
@@ -401,9 +419,12 @@ def test_client_sigkill_then_resume(lab: Any, tool: Tool) -> None:
         ctrl_c_cleans(resumed, job_id)
     finally:
         report(
-            "client SIGKILLed while tunneled, then resume", 1, survived, recovery,
+            "client SIGKILLed while tunneled, then resume",
+            1,
+            survived,
+            recovery,
             note="recovery = resume started -> connection verified",
-        )  # fmt: skip
+        )
     assert_nothing_left(lab, tool)
 
 
@@ -461,9 +482,13 @@ def test_ctrl_c_in_each_live_state(lab: Any, tool: Tool, where: str) -> None:
         assert_nothing_left(lab, tool)
     finally:
         report(
-            f"Ctrl+C while {where}", 1, int(cleaned_in is not None), cleaned_in,
-            state_hit=hit, note="recovery = Ctrl+C -> cleaned and exited",
-        )  # fmt: skip
+            f"Ctrl+C while {where}",
+            1,
+            int(cleaned_in is not None),
+            cleaned_in,
+            state_hit=hit,
+            note="recovery = Ctrl+C -> cleaned and exited",
+        )
 
 
 # -- 6. a changed compute-node host key ------------------------------------------------------
@@ -471,8 +496,9 @@ def test_changed_node_host_key_is_refused(lab: Any, tool: Tool, tmp_path: Path) 
     keyfile = tmp_path / "throwaway"
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "throwaway", "-f", str(keyfile)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+    )
     kind, blob = Path(f"{keyfile}.pub").read_text().split()[:2]
     node_port = lab.values.get("LAB_NODE_PORT", "22023")
     refused = False
@@ -495,8 +521,13 @@ def test_changed_node_host_key_is_refused(lab: Any, tool: Tool, tmp_path: Path) 
         refused = True
     finally:
         lab.reset_known_hosts()
-        report("changed compute-node host key", 1, int(refused), None,
-               note="refused with OpenSSH's warning, job cancelled, exit 4")  # fmt: skip
+        report(
+            "changed compute-node host key",
+            1,
+            int(refused),
+            None,
+            note="refused with OpenSSH's warning, job cancelled, exit 4",
+        )
     assert_nothing_left(lab, tool)
 
 
@@ -505,8 +536,10 @@ def _argv_everywhere(ns_pid: str) -> list[str]:
     """Every process's argv, as ps shows it on the host and inside the node's
     namespace, plus /proc/*/cmdline read directly."""
     lines: list[str] = []
-    for argv in (["ps", "-ww", "-eo", "args="],
-                 ["nsenter", "-t", ns_pid, "-m", "-u", "ps", "-ww", "-eo", "args="]):  # fmt: skip
+    for argv in (
+        ["ps", "-ww", "-eo", "args="],
+        ["nsenter", "-t", ns_pid, "-m", "-u", "ps", "-ww", "-eo", "args="],
+    ):
         lines += subprocess.run(
             argv, capture_output=True, text=True, check=True
         ).stdout.splitlines()
@@ -584,10 +617,12 @@ def test_api_key_never_on_a_command_line(lab: Any, tool: Tool) -> None:
 
         # The key reaches vLLM through its environment, not its argv.
         vllm = [
-            p for p in Path("/proc").iterdir()
-            if p.name.isdigit() and b"vllm\0serve" in _read(p / "cmdline")
+            p
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit()
+            and b"vllm\0serve" in _read(p / "cmdline")
             and record["run_dir"].encode() in _read(p / "environ") + _read_link(p / "cwd")
-        ]  # fmt: skip
+        ]
         assert vllm, "the vLLM stand-in of this session was not found"
         assert any(f"VLLM_API_KEY={key}".encode() in _read(p / "environ") for p in vllm)
 
@@ -629,11 +664,14 @@ def test_api_key_never_on_a_command_line(lab: Any, tool: Tool) -> None:
         leaked = len(sampler.leaks)
         total = sum(sampler.samples.values())
         report(
-            "API key on a command line (ps sampling, both sides)", total,
-            total - sampler.leaky_samples, None, leaked_keys=leaked,
+            "API key on a command line (ps sampling, both sides)",
+            total,
+            total - sampler.leaky_samples,
+            None,
+            leaked_keys=leaked,
             samples_by_state=sampler.samples,
             note="a try = one sample of every argv on the host and in the node namespace",
-        )  # fmt: skip
+        )
     assert sampler.leaks == [], "\n".join(sampler.leaks[:10])
     assert sampler.samples.get("running", 0) >= 1, sampler.samples  # sampled while loading
     assert sampler.saw_tool >= sum(sampler.samples.values()) // 2

@@ -50,7 +50,9 @@ def answers(port: int, key: str) -> bool:
 
 def start_detached(tool: Tool, port: int, *flags: str) -> str:
     """`start -m lab-ok --detach`; returns the job id."""
-    proc = tool.run_piped("start", "-m", "lab-ok", "--port", str(port), "--detach", *flags, timeout=90)
+    proc = tool.run_piped(
+        "start", "-m", "lab-ok", "--port", str(port), "--detach", *flags, timeout=90
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert CONNECTED + str(port) in proc.stdout
     match = re.search(r"Job submitted: (\d+)", proc.stdout)
@@ -62,8 +64,9 @@ def ssh_of(tool: Tool) -> list[str]:
     """The tool's ssh clients (their command lines name its state dir).
     ``ps -ww``: without it ps cuts lines to the width of a terminal it may
     find on stdin/stderr (it does under pytest), hiding the marker."""
-    out = subprocess.run(["ps", "-ww", "-eo", "pid=,comm=,args="], text=True,
-                         capture_output=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,comm=,args="], text=True, capture_output=True, check=True
+    ).stdout
     marker = str(tool.state_dir)
     return [
         line.strip()
@@ -227,10 +230,14 @@ GARBAGE = b'{"name": "broken", "model": \xff\x00 not json at all\n'
 
 @pytest.mark.parametrize(
     "content",
-    [GARBAGE, b'{"name": "broken", "model": "lab-ok", "format": 99}\n',
-     b'{"name": "broken", "model": "lab-ok", "port": "many"}\n', b"[]"],
+    [
+        GARBAGE,
+        b'{"name": "broken", "model": "lab-ok", "format": 99}\n',
+        b'{"name": "broken", "model": "lab-ok", "port": "many"}\n',
+        b"[]",
+    ],
     ids=["garbage", "newer-format", "wrong-type", "not-a-session"],
-)  # fmt: skip
+)
 def test_corrupt_state_file(lab: Any, tool: Tool, tmp_path: Path, content: bytes) -> None:
     sessions = tool.state_dir / "sessions"
     sessions.mkdir(parents=True, mode=0o700)
@@ -238,8 +245,13 @@ def test_corrupt_state_file(lab: Any, tool: Tool, tmp_path: Path, content: bytes
     path.write_bytes(content)
     before = lab.count_accepted("login")
 
-    for args in (["status", "broken"], ["status", "--offline", "broken"], ["resume", "broken"],
-                 ["stop", "broken"], ["logs", "broken"]):  # fmt: skip
+    for args in (
+        ["status", "broken"],
+        ["status", "--offline", "broken"],
+        ["resume", "broken"],
+        ["stop", "broken"],
+        ["logs", "broken"],
+    ):
         proc = tool.run_piped(*args)
         assert proc.returncode == 7, (args, proc.stdout, proc.stderr)
         assert f"[ERROR] Session file {path} " in proc.stderr, (args, proc.stderr)
@@ -255,12 +267,16 @@ def test_corrupt_state_file(lab: Any, tool: Tool, tmp_path: Path, content: bytes
 
     # A start under that name must not overwrite it either.
     port = free_port()
-    proc = tool.run_piped("start", "-m", "lab-ok", "--name", "broken", "--port", str(port), timeout=90)
+    proc = tool.run_piped(
+        "start", "-m", "lab-ok", "--name", "broken", "--port", str(port), timeout=90
+    )
     assert proc.returncode == 7, proc.stdout + proc.stderr
     assert str(path) in proc.stderr
     assert "Job submitted" not in proc.stdout
     assert path.read_bytes() == content
-    assert sorted(p.name for p in sessions.iterdir() if not p.name.startswith(".")) == ["broken.json"]
+    assert sorted(p.name for p in sessions.iterdir() if not p.name.startswith(".")) == [
+        "broken.json"
+    ]
     assert not list(sessions.glob("*.tmp"))
     assert lab.count_accepted("login") == before  # refused before logging in
     path.rename(tmp_path / "broken.json")  # (tool_jobs reads the session files)
@@ -339,7 +355,9 @@ def test_lock_and_stop_while_driven(lab: Any, tool: Tool) -> None:
 
     proc = tool.run_piped("resume", "lab-ok")
     assert proc.returncode == 7, proc.stdout + proc.stderr
-    assert f"Session 'lab-ok' is being driven by another alvis-fsm (pid {driver.pid})" in proc.stderr
+    assert (
+        f"Session 'lab-ok' is being driven by another alvis-fsm (pid {driver.pid})" in proc.stderr
+    )
     assert "Job submitted" not in proc.stdout
     # status still works while it is driven, and changes nothing.
     proc = tool.run_piped("status", "lab-ok")
@@ -384,7 +402,9 @@ def test_logs_of_detached_session(lab: Any, tool: Tool) -> None:
     assert 1 <= len(out) <= 5 and 1 <= len(err) <= 5, proc.stdout
     assert len(out) + len(err) == len(lines), proc.stdout
     assert any(
-        re.fullmatch(r"\[VLLM ERR\] \(APIServer pid=\d+\) INFO:     Application startup complete\.", line)
+        re.fullmatch(
+            r"\[VLLM ERR\] \(APIServer pid=\d+\) INFO:     Application startup complete\.", line
+        )
         for line in err
     ), proc.stdout
     assert any("GET /v1/models" in line for line in out), proc.stdout

@@ -122,9 +122,13 @@ def test_local_port_in_use(lab, tool: Tool) -> None:
 
 def test_ssh_host_unreachable(lab, tool: Tool) -> None:
     status, out = tool.run(
-        "start", "-m", "lab-ok", "--port", str(free_port()),
+        "start",
+        "-m",
+        "lab-ok",
+        "--port",
+        str(free_port()),
         ALVIS_FSM_SSH__HOST="alvis-nowhere.invalid",
-    )  # fmt: skip
+    )
     assert status == 4
     assert "[ERROR] Cannot resolve alvis-nowhere.invalid" in out
     assert "Job submitted" not in out
@@ -144,12 +148,19 @@ def test_ssh_key_refused(lab, tool: Tool) -> None:
 @pytest.mark.parametrize(
     ("env", "flags", "slurm_says"),
     [
-        ({}, ["--gpus", "V100:1"], r"Invalid generic resource|Requested node configuration is not available"),
-        ({"ALVIS_FSM_SLURM__ACCOUNT": "NAISS2099-1-1"}, [],
-         r"Invalid account or account/partition combination specified"),
+        (
+            {},
+            ["--gpus", "V100:1"],
+            r"Invalid generic resource|Requested node configuration is not available",
+        ),
+        (
+            {"ALVIS_FSM_SLURM__ACCOUNT": "NAISS2099-1-1"},
+            [],
+            r"Invalid account or account/partition combination specified",
+        ),
     ],
     ids=["gpu-type-missing", "wrong-account"],
-)  # fmt: skip
+)
 def test_sbatch_refused(
     lab, tool: Tool, env: dict[str, str], flags: list[str], slurm_says: str
 ) -> None:
@@ -169,9 +180,14 @@ def test_sbatch_refused(
 def test_job_never_starts(lab, tool: Tool) -> None:
     with lab.blocker() as blocker:
         child = tool.spawn(
-            "start", "-m", "lab-ok", "--port", str(free_port()), timeout=60,
+            "start",
+            "-m",
+            "lab-ok",
+            "--port",
+            str(free_port()),
+            timeout=60,
             ALVIS_FSM_TIMEOUTS__JOB_START="6",
-        )  # fmt: skip
+        )
         child.expect(r"Job submitted: (\d+)")
         job_id = child.match.group(1)
         child.expect_exact(f"[ERROR] Job {job_id} did not start within 6 s")

@@ -16,7 +16,9 @@ CONNECTED = "✓ Connection successful! Server available at http://localhost:"
 
 def test_job_ends_at_its_time_limit(lab: Any, tool: Tool) -> None:
     port = free_port()
-    child = tool.spawn("start", "-m", "lab-ok", "-t", "1", "--yes", "--port", str(port), timeout=240)
+    child = tool.spawn(
+        "start", "-m", "lab-ok", "-t", "1", "--yes", "--port", str(port), timeout=240
+    )
     child.expect(r"Job submitted: (\d+)")
     job_id = child.match.group(1)
     child.expect_exact(CONNECTED + str(port))
@@ -36,7 +38,10 @@ def test_job_ends_at_its_time_limit(lab: Any, tool: Tool) -> None:
     assert exit_status(child) == 0, out[-3000:]
     assert "vLLM exited" not in out and "The job stopped" not in out
     assert out.count("reaches its time limit") == 1, out[-3000:]
-    assert lab.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"]).stdout.strip() == "TIMEOUT"
+    assert (
+        lab.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"]).stdout.strip()
+        == "TIMEOUT"
+    )
     proc = tool.run_piped("status", "--offline", "--json")
     (row,) = json.loads(proc.stdout)["sessions"]
     assert row["state"] == "cleaned" and row["end_reason"] == "time limit (0:01:00)"
@@ -48,7 +53,9 @@ def test_no_warning_at_connect_for_the_time_asked(lab: Any, tool: Tool) -> None:
     for, so no time-limit warning comes with the ready block; the 10-minute
     lead is longer than a quarter of the job and is not applied to it."""
     port = free_port()
-    child = tool.spawn("start", "-m", "lab-ok", "-t", "0:10:00", "--yes", "--port", str(port), timeout=120)
+    child = tool.spawn(
+        "start", "-m", "lab-ok", "-t", "0:10:00", "--yes", "--port", str(port), timeout=120
+    )
     child.expect(r"Job submitted: (\d+)")
     child.expect_exact(CONNECTED + str(port))
     child.expect(r"Time left: 0:09:\d\d")

@@ -57,7 +57,10 @@ def tcp_nodelay(pid: int) -> list[int]:
             assert fd >= 0, os.strerror(ctypes.get_errno())
             sock = socket.socket(fileno=fd)
             try:
-                if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+                if (
+                    sock.family in (socket.AF_INET, socket.AF_INET6)
+                    and sock.type == socket.SOCK_STREAM
+                ):
                     values.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
             finally:
                 sock.close()
@@ -72,7 +75,9 @@ def test_the_nodes_sshd_sends_at_once_and_the_tunnel_leaves_nothing_on_the_node(
     # Another test's tunnel whose connection died with a fault may linger on
     # the node until its sshd notices: only the one this test opens counts.
     before = set(holds(lab.user))
-    status, out = tool.run("start", "-m", "lab-ok", "--port", str(free_port()), "--detach", timeout=120)
+    status, out = tool.run(
+        "start", "-m", "lab-ok", "--port", str(free_port()), "--detach", timeout=120
+    )
     assert status == 0, out[-2000:]
     # ssh -f returns once the forward is up, just before the command runs.
     deadline = time.monotonic() + 20
@@ -81,7 +86,9 @@ def test_the_nodes_sshd_sends_at_once_and_the_tunnel_leaves_nothing_on_the_node(
     [hold] = set(holds(lab.user)) - before
     sshd = parent(hold)
     with open(f"/proc/{sshd}/cmdline", "rb") as cmdline:
-        assert cmdline.read().startswith(b"sshd: "), "the tunnel's command is not run by the node's sshd"
+        assert cmdline.read().startswith(b"sshd: "), (
+            "the tunnel's command is not run by the node's sshd"
+        )
     # Its one TCP socket is the connection from the login node (the jump).
     assert tcp_nodelay(sshd) == [1]
     status, out = tool.run("stop", "lab-ok", timeout=120)

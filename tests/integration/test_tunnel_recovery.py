@@ -37,8 +37,12 @@ def test_a_detached_session_ended_elsewhere_closes_its_tunnel(lab: Any, tool: To
     assert ssh_of(tool) and not local_port_free(port)
     lab.run(["scancel", job_id])
     started = time.monotonic()
-    wait_until("the session's ssh processes to end and its port to be free",
-               lambda: not ssh_of(tool) and local_port_free(port), timeout=90, interval=0.3)  # fmt: skip
+    wait_until(
+        "the session's ssh processes to end and its port to be free",
+        lambda: not ssh_of(tool) and local_port_free(port),
+        timeout=90,
+        interval=0.3,
+    )
     took = time.monotonic() - started
     record = state(tool, "lab-ok")
     assert record["state"] == "cleaned", record
@@ -70,9 +74,12 @@ def test_a_tunnel_killed_again_while_reopened_recovers_at_once(lab: Any, tool: T
             t0 = time.monotonic()
             os.kill(first, signal.SIGKILL)
             child.expect(DROPPED.pattern, timeout=30)
-            second = wait_until("the reopened tunnel's master",
-                                lambda first=first: (p := master_pid(lab, control, lab.node)) != first and p,
-                                timeout=30, interval=0.02)  # fmt: skip
+            second = wait_until(
+                "the reopened tunnel's master",
+                lambda first=first: (p := master_pid(lab, control, lab.node)) != first and p,
+                timeout=30,
+                interval=0.02,
+            )
             os.kill(int(second), signal.SIGKILL)  # while the engine checks through it
             child.expect_exact(BACK_UP + str(port), timeout=60)
             wait_until("answers through the third tunnel", lambda: answers(port, key), timeout=30)
@@ -84,10 +91,15 @@ def test_a_tunnel_killed_again_while_reopened_recovers_at_once(lab: Any, tool: T
         assert AGAIN in seen, seen[-3000:]
         ctrl_c_cleans(child, job_id)
     finally:
-        report("tunnel ssh killed twice in a row (one session)", rounds, survived,
-               max(times) if times else None, recoveries_s=[round(t, 3) for t in times],
-               note="recovery = first SIGKILL -> /v1/models answers again, the new tunnel having"
-               " been killed too as soon as its master answered")  # fmt: skip
+        report(
+            "tunnel ssh killed twice in a row (one session)",
+            rounds,
+            survived,
+            max(times) if times else None,
+            recoveries_s=[round(t, 3) for t in times],
+            note="recovery = first SIGKILL -> /v1/models answers again, the new tunnel having"
+            " been killed too as soon as its master answered",
+        )
         if child.isalive():
             child.kill(signal.SIGKILL)
     print(f"double-kill recoveries: {[round(t, 2) for t in times]} s")

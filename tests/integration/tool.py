@@ -69,10 +69,15 @@ class Tool:
     def spawn(self, *args: str, timeout: float = 60, **env: str) -> pexpect.spawn:
         argv = tool_argv() + list(args)
         child = pexpect.spawn(
-            argv[0], argv[1:], env={**self.env, **env}, encoding="utf-8",
-            codec_errors="replace", timeout=timeout, dimensions=(50, 200),
+            argv[0],
+            argv[1:],
+            env={**self.env, **env},
+            encoding="utf-8",
+            codec_errors="replace",
+            timeout=timeout,
+            dimensions=(50, 200),
             preexec_fn=terminal_signals,
-        )  # fmt: skip
+        )
         child.logfile_read = _Log()
         self.children.append(child)
         return child
@@ -117,9 +122,13 @@ class Tool:
     ) -> subprocess.CompletedProcess[str]:
         """Run with plain pipes (not a terminal)."""
         return subprocess.run(
-            tool_argv() + list(args), env={**self.env, **env}, text=True, capture_output=True,
-            timeout=timeout, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            tool_argv() + list(args),
+            env={**self.env, **env},
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 class _Log:

@@ -31,7 +31,9 @@ async def main() -> None:
         return FakeSession(model, observer, port, 0.1, False)
 
     models = Models({"m1": "org/m1"}, fake, echo)
-    gateway = Gateway(KEY, models, Options(idle_timeout=600, keepalive_interval=0.1, idle_check=0.5))
+    gateway = Gateway(
+        KEY, models, Options(idle_timeout=600, keepalive_interval=0.1, idle_check=0.5)
+    )
     served = await serve(gateway, "127.0.0.1", 0)
     print(served.port, flush=True)
     await asyncio.to_thread(sys.stdin.read)

@@ -147,7 +147,9 @@ class FakeAgent:
         self.marks = 0
         self.submitted = 0
 
-    def submit(self, run_dir: str, key: str | None, script: str, args: list[str]) -> tuple[str, str]:
+    def submit(
+        self, run_dir: str, key: str | None, script: str, args: list[str]
+    ) -> tuple[str, str]:
         self.submitted += 1
         return "/home/u/run", "42"
 
@@ -167,7 +169,9 @@ class FakeAgent:
     def wait_start(self, run_dir: str, job_id: str, slice_s: float, interval: float) -> Event:
         return self._next(self.starts)
 
-    def wait_ready(self, run_dir: str, job_id: str, slice_s: float, interval: float, address_known: bool) -> Event:
+    def wait_ready(
+        self, run_dir: str, job_id: str, slice_s: float, interval: float, address_known: bool
+    ) -> Event:
         return self._next(self.readies)
 
     def tail(self, run_dir: str, lines: int) -> list[tuple[str, str]]:
@@ -178,7 +182,12 @@ class FakeAgent:
         return Mark(100 * self.marks, 10 * self.marks)
 
     def stream(
-        self, run_dir: str, job_id: str, lines: int, check_every: float = 30, since: Mark | None = None
+        self,
+        run_dir: str,
+        job_id: str,
+        lines: int,
+        check_every: float = 30,
+        since: Mark | None = None,
     ) -> subprocess.Popen[bytes]:
         self.streams += 1
         self.stream_from.append(since)
@@ -186,8 +195,10 @@ class FakeAgent:
         # agent's records as the remote side would.
         return subprocess.Popen(
             [sys.executable, "-c", self.stream_script],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     def cancel(self, job_id: str, job_name: str, confirm_s: float = 30) -> str:
         self.cancels.append((job_id, job_name))
@@ -195,18 +206,34 @@ class FakeAgent:
 
 
 def make_runner(
-    tmp: Path, state: str = "idle", *, detach: bool = True, supervised: bool = False,
-    name: str = "s", **settings: dict[str, Any],
+    tmp: Path,
+    state: str = "idle",
+    *,
+    detach: bool = True,
+    supervised: bool = False,
+    name: str = "s",
+    **settings: dict[str, Any],
 ) -> tuple[Runner, FakeAgent, FakeConn, Say, Store]:
     cfg = load_settings(
-        {"session": {"state_dir": str(tmp / "state")}, "timeouts": {"job_start": 60, "server_ready": 60}, **settings}
+        {
+            "session": {"state_dir": str(tmp / "state")},
+            "timeouts": {"job_start": 60, "server_ready": 60},
+            **settings,
+        }
     )
     store = Store(cfg.state_dir)
     record = SessionRecord(
-        name=name, model="m", state=state, local_port=58000, run_dir=f"~/runs/{name}",
-        job_name=f"alvis-fsm-{name}-abc", served_name="org/m", api_key="k",
-        control_path=str(tmp / f"ctl-{name}"), tunnel_control_path=str(tmp / f"ctl-{name}.t"),
-    )  # fmt: skip
+        name=name,
+        model="m",
+        state=state,
+        local_port=58000,
+        run_dir=f"~/runs/{name}",
+        job_name=f"alvis-fsm-{name}-abc",
+        served_name="org/m",
+        api_key="k",
+        control_path=str(tmp / f"ctl-{name}"),
+        tunnel_control_path=str(tmp / f"ctl-{name}.t"),
+    )
     if state != "idle":
         record.job_id = "42"
         record.entered_at[state] = time.time()
@@ -215,10 +242,16 @@ def make_runner(
     store.save(record)
     agent, conn, say = FakeAgent(), FakeConn(), Say()
     runner = Runner(
-        cfg, record, store, say, detach=detach, conn=conn,  # type: ignore[arg-type]
+        cfg,
+        record,
+        store,
+        say,
+        detach=detach,
+        conn=conn,  # type: ignore[arg-type]
         agent=agent,  # type: ignore[arg-type]
         tunnel_factory=FakeTunnel,  # type: ignore[arg-type]
         verifier=lambda port, key, deadline, served, **_: Verified(["org/m"], 0.01),
-        supervised=supervised, job_script=lambda run_dir: "#!/bin/bash\n",
-    )  # fmt: skip
+        supervised=supervised,
+        job_script=lambda run_dir: "#!/bin/bash\n",
+    )
     return runner, agent, conn, say, store

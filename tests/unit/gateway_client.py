@@ -17,8 +17,9 @@ async def client_of(gateway: Gateway, timeout: float = 30) -> AsyncIterator[http
     test shuts its models down) the gateway stops."""
     served = await serve(gateway, "127.0.0.1", 0)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{served.port}",
-                                     trust_env=False, timeout=timeout) as client:  # fmt: skip
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{served.port}", trust_env=False, timeout=timeout
+        ) as client:
             yield client
     finally:
         await served.runner.cleanup()

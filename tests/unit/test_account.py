@@ -120,8 +120,13 @@ def _agent(tmp_path: Path, script: str) -> Any:
     fake.write_text("#!/bin/sh\n" + script)
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "USER": "pradas"}
-    return subprocess.run(["bash", "-c", agent_source(), "alvis-fsm-agent", "accounts"],
-                          env=env, capture_output=True, text=True, timeout=30)  # fmt: skip
+    return subprocess.run(
+        ["bash", "-c", agent_source(), "alvis-fsm-agent", "accounts"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_agent_lists_each_account_once(tmp_path: Path) -> None:
@@ -129,8 +134,10 @@ def test_agent_lists_each_account_once(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert "show assoc user=pradas format=Account" in proc.stderr
     assert proc.stdout.splitlines() == [
-        "CMD|sacctmgr -nP show assoc user=pradas format=Account", "ACCOUNT|b2", "ACCOUNT|a1",
-    ]  # fmt: skip
+        "CMD|sacctmgr -nP show assoc user=pradas format=Account",
+        "ACCOUNT|b2",
+        "ACCOUNT|a1",
+    ]
     from alvis_fsm.cluster.agent import _records
 
     assert sorted(set(_records(proc.stdout, "ACCOUNT"))) == ["a1", "b2"]

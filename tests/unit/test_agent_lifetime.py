@@ -24,9 +24,11 @@ def test_a_wait_ends_when_its_reader_is_gone(tmp_path: Path) -> None:
     read_end, write_end = os.pipe()
     proc = subprocess.Popen(
         agent_argv("wait-start", {"run": run, "job": 42, "slice": 600, "interval": 0.1}),
-        stdin=subprocess.DEVNULL, stdout=write_end, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        stdout=write_end,
+        stderr=subprocess.DEVNULL,
         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
-    )  # fmt: skip
+    )
     os.close(write_end)
     with os.fdopen(read_end, "rb") as out:
         seen = b""

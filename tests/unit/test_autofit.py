@@ -56,14 +56,19 @@ class LocalConn:
         }
 
     def run(
-        self, argv: Sequence[str], *, input: str | None = None, timeout: float = 60,
+        self,
+        argv: Sequence[str],
+        *,
+        input: str | None = None,
+        timeout: float = 60,
         retry: bool = True,
-    ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    ) -> subprocess.CompletedProcess[str]:
         self.calls.append(argv[3])
         if self.fail:
             raise SSHError("connection lost")
-        return subprocess.run(list(argv), capture_output=True, text=True, env=self.env,
-                              timeout=timeout, check=False)  # fmt: skip
+        return subprocess.run(
+            list(argv), capture_output=True, text=True, env=self.env, timeout=timeout, check=False
+        )
 
 
 class Ui:
@@ -107,12 +112,16 @@ A40_BUSY = "alvis4-13|gpu:A40:4(S:0-1)|gpu:A40:4(IDX:0-3)|alloc"
 
 
 def test_probe_reads_config_index_and_shards(tmp_path: Path) -> None:
-    snap = snapshot(tmp_path, GPT_OSS, {
-        "model-00000-of-00002.safetensors": 4_625_017_896,
-        "model-00001-of-00002.safetensors": 4_115_586_736,
-        "model-00002-of-00002.safetensors": 5_020_712_272,
-        "original/model.safetensors": 13_761_300_984,
-    })  # fmt: skip
+    snap = snapshot(
+        tmp_path,
+        GPT_OSS,
+        {
+            "model-00000-of-00002.safetensors": 4_625_017_896,
+            "model-00001-of-00002.safetensors": 4_115_586_736,
+            "model-00002-of-00002.safetensors": 5_020_712_272,
+            "original/model.safetensors": 13_761_300_984,
+        },
+    )
     conn = LocalConn(tmp_path)
     out = conn.run(["bash", "-c", autofit.PROBE_SCRIPT, "alvis-fsm-probe", f"{snap}/"]).stdout
     got = autofit.parse_probe(out)
@@ -140,9 +149,13 @@ def test_test_only_asks_each_candidate_with_the_job_options(tmp_path: Path) -> N
     conn = LocalConn(tmp_path)
     conn.starts.write_text("A40:2 2026-11-27T15:00:00\nA100fat:1 2026-11-27T13:30:00\n")
     answers = autofit.expected_starts(
-        conn, ["A40:2", "A100:4", "A100fat:1"], "NAISS2025-22-1522", "2:00:00", "alvis",
+        conn,
+        ["A40:2", "A100:4", "A100fat:1"],
+        "NAISS2025-22-1522",
+        "2:00:00",
+        "alvis",
         ["--qos=short"],
-    )  # fmt: skip
+    )
     assert answers == {"A40:2": "2026-11-27T15:00:00", "A100fat:1": "2026-11-27T13:30:00"}
     log = (tmp_path / "sbatch.log").read_text().splitlines()
     assert log[0] == (

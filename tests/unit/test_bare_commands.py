@@ -21,16 +21,34 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ALVIS_FSM_SESSION__STATE_DIR": str(state), "NO_COLOR": "1",
-           "PYTHONPATH": str(REPO)}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "alvis_fsm", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60, input="")  # fmt: skip
+    env = {
+        **os.environ,
+        "ALVIS_FSM_SESSION__STATE_DIR": str(state),
+        "NO_COLOR": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "alvis_fsm", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        input="",
+    )
 
 
 def finished(store: Store, *names: str) -> None:
     for name in names:
-        store.save(SessionRecord(name=name, model=name.removeprefix("gw-"), state="cleaned",
-                                 job_id="7", end_reason="stopped by the user"))  # fmt: skip
+        store.save(
+            SessionRecord(
+                name=name,
+                model=name.removeprefix("gw-"),
+                state="cleaned",
+                job_id="7",
+                end_reason="stopped by the user",
+            )
+        )
 
 
 def test_with_nothing_live_bare_stop_has_nothing_to_stop(tmp_path: Path) -> None:
@@ -100,8 +118,9 @@ def test_keep_days_is_a_setting_with_default_7(tmp_path: Path) -> None:
 
 
 def test_a_new_start_prunes(tmp_path: Path) -> None:
-    cfg = load_settings({"session": {"state_dir": str(tmp_path / "s")},
-                         "slurm": {"account": "A", "gpus": "A40:1"}})  # fmt: skip
+    cfg = load_settings(
+        {"session": {"state_dir": str(tmp_path / "s")}, "slurm": {"account": "A", "gpus": "A40:1"}}
+    )
     store = Store(cfg.state_dir)
     finished(store, "old")
     week = time.time() - 8 * 86400

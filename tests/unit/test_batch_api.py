@@ -21,7 +21,10 @@ from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore
 from alvis_fsm.errors import UsageError
 from alvis_fsm.fronts import batch_api
 
-RESOLVE = {"lab-ok": ("lab-ok", "alvislab/tiny-ok"), "alvislab/tiny-ok": ("lab-ok", "alvislab/tiny-ok")}
+RESOLVE = {
+    "lab-ok": ("lab-ok", "alvislab/tiny-ok"),
+    "alvislab/tiny-ok": ("lab-ok", "alvislab/tiny-ok"),
+}
 
 
 def request(cid: str, model: str | None = "lab-ok") -> dict[str, Any]:
@@ -47,11 +50,22 @@ class Service:
         return RESOLVE
 
     def submit(self, cfg: Any, options: Any, ui: Any) -> BatchRecord:
-        valid = options.validated or batch.validate(batch_service.read_input(options.path), RESOLVE, options.model)
-        r = BatchRecord(id=batch.new_id(), model=valid.model, served_name=valid.served_name,
-                        endpoint=valid.endpoint, total=valid.total, shards=2, run_dir="/r", job_name="j",
-                        created_at=1, completion_window=options.completion_window,
-                        metadata=options.metadata)  # fmt: skip
+        valid = options.validated or batch.validate(
+            batch_service.read_input(options.path), RESOLVE, options.model
+        )
+        r = BatchRecord(
+            id=batch.new_id(),
+            model=valid.model,
+            served_name=valid.served_name,
+            endpoint=valid.endpoint,
+            total=valid.total,
+            shards=2,
+            run_dir="/r",
+            job_name="j",
+            created_at=1,
+            completion_window=options.completion_window,
+            metadata=options.metadata,
+        )
         self.submitted.append((options, valid.lines))
         self.store.save(r, valid.iter_ids())
         return r
@@ -61,18 +75,34 @@ class Service:
         self.connections += 1
         yield "remote"
 
-    def refresh(self, cfg: Any, record: BatchRecord, ui: Any, remote: Any = None, store: Any = None) -> BatchRecord:
+    def refresh(
+        self, cfg: Any, record: BatchRecord, ui: Any, remote: Any = None, store: Any = None
+    ) -> BatchRecord:
         if not record.ended and self.answers:
             batch.apply(record, batch.parse_status(self.answers.pop(0)))
             self.store.save(record)
         return record
 
-    def results(self, cfg: Any, record: BatchRecord, ui: Any, out: Path, err: Path, store: Any) -> tuple[int, int]:
+    def results(
+        self, cfg: Any, record: BatchRecord, ui: Any, out: Path, err: Path, store: Any
+    ) -> tuple[int, int]:
         ids = list(self.store.iter_ids(record.id))
-        rows = [{"id": "batch_req_1", "custom_id": cid, "error": None,
-                 "response": {"status_code": 400 if cid == "bad" else 200, "request_id": "r",
-                              "body": {"echo": cid}}} for cid in reversed(ids)]  # fmt: skip
-        return batch_service.write_results(ids, [json.dumps(x) for x in rows], BatchStatus(record.status), out, err)
+        rows = [
+            {
+                "id": "batch_req_1",
+                "custom_id": cid,
+                "error": None,
+                "response": {
+                    "status_code": 400 if cid == "bad" else 200,
+                    "request_id": "r",
+                    "body": {"echo": cid},
+                },
+            }
+            for cid in reversed(ids)
+        ]
+        return batch_service.write_results(
+            ids, [json.dumps(x) for x in rows], BatchStatus(record.status), out, err
+        )
 
     def cancel(self, cfg: Any, record: BatchRecord, ui: Any, store: Any) -> BatchRecord:
         self.cancelled.append(record.id)
@@ -85,7 +115,9 @@ def progress(k: int, state: str, done: int) -> str:
 
 
 RUNNING = f"NOW|100\n{progress(0, 'running', 1)}\nQUEUE|7_0|RUNNING|None"
-LAST_JOB_FINISHING = f"NOW|110\n{progress(0, 'done', 2)}\n{progress(1, 'done', 1)}\nQUEUE|7_1|RUNNING|None"
+LAST_JOB_FINISHING = (
+    f"NOW|110\n{progress(0, 'done', 2)}\n{progress(1, 'done', 1)}\nQUEUE|7_1|RUNNING|None"
+)
 ALL_GONE = f"NOW|120\n{progress(0, 'done', 2)}\n{progress(1, 'done', 1)}"
 
 
@@ -97,12 +129,20 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_a_list_is_validated_submitted_waited_for_through_finalizing_and_read(state: Path) -> None:
     service = Service(state, [RUNNING, LAST_JOB_FINISHING, ALL_GONE])
-    b = alvis_fsm.batch(iter([request("a"), request("bad", model=None), request("c")]), model="lab-ok",
-                        metadata={"run": "1"}, service=service)  # fmt: skip
+    b = alvis_fsm.batch(
+        iter([request("a"), request("bad", model=None), request("c")]),
+        model="lab-ok",
+        metadata={"run": "1"},
+        service=service,
+    )
     options, lines = service.submitted[0]
     assert options.path is None and options.metadata == {"run": "1"} and options.jobs == "1"
     assert [json.loads(x)["body"]["model"] for x in lines] == ["alvislab/tiny-ok"] * 3
-    assert b.id.startswith("batch_") and b.request_counts == {"total": 3, "completed": 0, "failed": 0}
+    assert b.id.startswith("batch_") and b.request_counts == {
+        "total": 3,
+        "completed": 0,
+        "failed": 0,
+    }
     seen: list[BatchStatus] = []
     assert b.wait(poll=0, progress=lambda x: seen.append(x.status)) is b
     assert seen == [BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING, BatchStatus.COMPLETED]
@@ -144,7 +184,9 @@ def test_wait_past_its_timeout_says_the_batch_runs_on(state: Path) -> None:
     assert b.cancel().status == BatchStatus.CANCELLED and service.cancelled == [b.id]
 
 
-def test_the_results_of_a_running_batch_are_the_ones_so_far(state: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_results_of_a_running_batch_are_the_ones_so_far(
+    state: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     service = Service(state, [RUNNING])
     b = alvis_fsm.batch([request("a"), request("b")], service=service).refresh()
     assert [r["custom_id"] for r in b.results()] == ["a", "b"]
@@ -155,5 +197,7 @@ def test_the_batch_api_does_not_import_the_cli() -> None:
     source = Path(batch_api.__file__).read_text()
     assert "fronts.cli" not in source
     code = "import sys, alvis_fsm.fronts.batch_api; print([m for m in sys.modules if 'fronts.cli' in m])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"

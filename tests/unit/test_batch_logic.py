@@ -36,7 +36,9 @@ RESOLVE = {
 }
 
 
-def line(cid: str, url: str = "/v1/chat/completions", model: str | None = "lab-ok", **extra: Any) -> str:
+def line(
+    cid: str, url: str = "/v1/chat/completions", model: str | None = "lab-ok", **extra: Any
+) -> str:
     body: dict[str, Any] = {"messages": [{"role": "user", "content": cid}]}
     if url == "/v1/completions":
         body = {"prompt": cid}
@@ -52,7 +54,11 @@ def line(cid: str, url: str = "/v1/chat/completions", model: str | None = "lab-o
 
 def test_a_good_file_is_rewritten_with_the_served_name() -> None:
     valid = batch.validate([line("a"), "", line("b", model="alvislab/tiny-ok")], RESOLVE)
-    assert valid.ids == ["a", "b"] and valid.model == "lab-ok" and valid.endpoint == "/v1/chat/completions"
+    assert (
+        valid.ids == ["a", "b"]
+        and valid.model == "lab-ok"
+        and valid.endpoint == "/v1/chat/completions"
+    )
     assert all(json.loads(text)["body"]["model"] == "alvislab/tiny-ok" for text in valid.lines)
 
 
@@ -65,19 +71,37 @@ def test_the_model_flag_fills_a_missing_model() -> None:
     ("lines", "flag", "words"),
     [
         ([line("a"), "{not json"], None, "Line 2: not valid JSON"),
-        ([line("a"), line("b"), line("a")], None, "Line 3: duplicate custom_id 'a' (first on line 1)"),
-        ([line("a"), line("b", url="/v1/completions")], None, "Line 2: url '/v1/completions' differs"),
-        ([line("a"), line("b", model="other")], None, "Line 2: model 'other' differs from 'lab-ok'"),
+        (
+            [line("a"), line("b"), line("a")],
+            None,
+            "Line 3: duplicate custom_id 'a' (first on line 1)",
+        ),
+        (
+            [line("a"), line("b", url="/v1/completions")],
+            None,
+            "Line 2: url '/v1/completions' differs",
+        ),
+        (
+            [line("a"), line("b", model="other")],
+            None,
+            "Line 2: model 'other' differs from 'lab-ok'",
+        ),
         ([line("a", model="nosuch")], None, "Line 1: unknown model 'nosuch'"),
         ([line("a", model=None)], None, "Line 1: body.model is missing"),
         ([line("a", model="other")], "lab-ok", "Line 1: model 'other' differs from 'lab-ok'"),
-        ([json.dumps({"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}})],
-         None, "Line 1: method must be \"POST\""),
+        (
+            [json.dumps({"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}})],
+            None,
+            'Line 1: method must be "POST"',
+        ),
         ([line("a", url="/v1/responses")], None, "Line 1: url '/v1/responses' is not one of"),
         ([line("a"), "[1, 2]"], None, "Line 2: a request must be a JSON object"),
         ([line("a", extra_key=1)], None, "Line 1: unknown key(s) 'extra_key'"),
-        ([json.dumps({"custom_id": "", "method": "POST", "url": "/v1/completions", "body": {}})],
-         None, "Line 1: custom_id must be a non-empty string"),
+        (
+            [json.dumps({"custom_id": "", "method": "POST", "url": "/v1/completions", "body": {}})],
+            None,
+            "Line 1: custom_id must be a non-empty string",
+        ),
         (["", "  "], None, "The batch file holds no requests"),
         ([line("a")], "nosuch", "-m/--model: unknown model 'nosuch'"),
     ],
@@ -89,8 +113,9 @@ def test_bad_input_is_refused_with_the_line(lines: list[str], flag: str | None, 
     assert info.value.exit_code == 2
 
 
-def test_the_cli_refuses_a_bad_file_before_any_network(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_the_cli_refuses_a_bad_file_before_any_network(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from alvis_fsm.fronts.cli.main import main
 
     path = tmp_path / "in.jsonl"
@@ -110,14 +135,29 @@ def test_the_cli_refuses_a_bad_file_before_any_network(tmp_path: Path, capsys: p
 
 
 def record(shards: int = 2, status: BatchStatus = BatchStatus.VALIDATING) -> BatchRecord:
-    return BatchRecord(id="batch_0123456789abcdef", model="lab-ok", served_name="s", endpoint="/v1/completions",
-                       total=10, shards=shards, run_dir="/r", job_name="alvis-fsm-x", created_at=1,
-                       status=status.value)  # fmt: skip
+    return BatchRecord(
+        id="batch_0123456789abcdef",
+        model="lab-ok",
+        served_name="s",
+        endpoint="/v1/completions",
+        total=10,
+        shards=shards,
+        run_dir="/r",
+        job_name="alvis-fsm-x",
+        created_at=1,
+        status=status.value,
+    )
 
 
 def progress(k: int, state: str, completed: int, failed: int = 0) -> str:
-    data = {"shard": k, "state": state, "completed": completed, "errored": failed,
-            "prompt_tokens": 3 * completed, "completion_tokens": 7 * completed}  # fmt: skip
+    data = {
+        "shard": k,
+        "state": state,
+        "completed": completed,
+        "errored": failed,
+        "prompt_tokens": 3 * completed,
+        "completion_tokens": 7 * completed,
+    }
     return f"PROGRESS|{k}|{json.dumps(data)}"
 
 
@@ -139,20 +179,41 @@ def test_every_shard_done_is_completed() -> None:
 def test_every_line_run_while_a_job_still_finishes_is_finalizing_then_completed() -> None:
     done = (progress(0, "done", 5), progress(1, "done", 4, 1))
     r = batch.apply(record(), answer(*done, "QUEUE|5_1|COMPLETING|None"))
-    assert r.status == BatchStatus.FINALIZING and r.times["finalizing_at"] == 100 and "completed_at" not in r.times
-    assert batch.openai_object(r)["status"] == "finalizing" and batch.openai_object(r)["completed_at"] is None
+    assert (
+        r.status == BatchStatus.FINALIZING
+        and r.times["finalizing_at"] == 100
+        and "completed_at" not in r.times
+    )
+    assert (
+        batch.openai_object(r)["status"] == "finalizing"
+        and batch.openai_object(r)["completed_at"] is None
+    )
     r = batch.apply(r, answer(*done, now=107))
-    assert r.status == BatchStatus.COMPLETED and (r.times["finalizing_at"], r.times["completed_at"]) == (100, 107)
+    assert r.status == BatchStatus.COMPLETED and (
+        r.times["finalizing_at"],
+        r.times["completed_at"],
+    ) == (100, 107)
     view = batch.openai_object(r, assembling=True)  # the gateway, while it downloads the files
-    assert (view["status"], view["finalizing_at"], view["completed_at"]) == ("finalizing", 100, None)
+    assert (view["status"], view["finalizing_at"], view["completed_at"]) == (
+        "finalizing",
+        100,
+        None,
+    )
     assert batch.openai_object(r)["status"] == "completed" and r.times["completed_at"] == 107
 
 
 def test_the_grace_after_the_warning_is_at_most_half_of_it(tmp_path: Path) -> None:
     path = tmp_path / batch_runner.SETTINGS
-    assert batch_runner.grace_after_warning(str(path)) == batch_runner.GRACE_S  # no file: the default
-    for text, grace in (('{"warn_s": 15}', 7.5), ('{"warn_s": 120}', batch_runner.GRACE_S),
-                        ('{"warn_s": 1}', 1.0), ("{", batch_runner.GRACE_S), ("{}", batch_runner.GRACE_S)):  # fmt: skip
+    assert (
+        batch_runner.grace_after_warning(str(path)) == batch_runner.GRACE_S
+    )  # no file: the default
+    for text, grace in (
+        ('{"warn_s": 15}', 7.5),
+        ('{"warn_s": 120}', batch_runner.GRACE_S),
+        ('{"warn_s": 1}', 1.0),
+        ("{", batch_runner.GRACE_S),
+        ("{}", batch_runner.GRACE_S),
+    ):
         path.write_text(text)
         assert batch_runner.grace_after_warning(str(path)) == grace, text
 
@@ -172,13 +233,21 @@ def test_a_shard_that_failed_for_good_fails_the_batch_once_nothing_runs() -> Non
 
 
 def test_past_the_window_with_nothing_running_is_expired() -> None:
-    r = batch.apply(record(), answer(progress(0, "expired", 2), "EXPIRED|0", progress(1, "done", 5)))
+    r = batch.apply(
+        record(), answer(progress(0, "expired", 2), "EXPIRED|0", progress(1, "done", 5))
+    )
     assert r.status == BatchStatus.EXPIRED
 
 
 def test_cancel_is_cancelling_until_the_queue_is_empty() -> None:
-    assert batch.apply(record(), answer("CANCELLED|1", "QUEUE|5_0|RUNNING|None")).status == BatchStatus.CANCELLING
-    assert batch.apply(record(), answer("CANCELLED|1", "QUEUE_UNKNOWN|x")).status == BatchStatus.CANCELLING
+    assert (
+        batch.apply(record(), answer("CANCELLED|1", "QUEUE|5_0|RUNNING|None")).status
+        == BatchStatus.CANCELLING
+    )
+    assert (
+        batch.apply(record(), answer("CANCELLED|1", "QUEUE_UNKNOWN|x")).status
+        == BatchStatus.CANCELLING
+    )
     assert batch.apply(record(), answer("CANCELLED|1")).status == BatchStatus.CANCELLED
 
 
@@ -189,11 +258,14 @@ def test_jobs_gone_without_the_shards_done_is_a_failure_named() -> None:
 
 def test_an_ended_batch_is_not_changed() -> None:
     r = record(status=BatchStatus.CANCELLED)
-    assert batch.apply(r, answer(progress(0, "done", 5), progress(1, "done", 5))).status == BatchStatus.CANCELLED
+    assert (
+        batch.apply(r, answer(progress(0, "done", 5), progress(1, "done", 5))).status
+        == BatchStatus.CANCELLED
+    )
 
 
 def test_a_cut_record_is_ignored() -> None:
-    snap = batch.parse_status("NOW|100\nPROGRESS|0|{\"state\": \"run\nQUEUE|1_0|RUNNING|None")
+    snap = batch.parse_status('NOW|100\nPROGRESS|0|{"state": "run\nQUEUE|1_0|RUNNING|None')
     assert snap.progress == {} and snap.queue == [("1_0", "RUNNING", "None")]
 
 
@@ -201,8 +273,13 @@ def test_a_cut_record_is_ignored() -> None:
 
 
 def row(cid: str, code: int = 200, index: int = 0) -> dict[str, Any]:
-    return {"id": "batch_req_1", "custom_id": cid, "_i": index,
-            "response": {"status_code": code, "request_id": "r", "body": {}}, "error": None}  # fmt: skip
+    return {
+        "id": "batch_req_1",
+        "custom_id": cid,
+        "_i": index,
+        "response": {"status_code": code, "request_id": "r", "body": {}},
+        "error": None,
+    }
 
 
 def test_merge_keeps_input_order_each_id_once_and_names_what_was_not_run() -> None:
@@ -259,8 +336,14 @@ class Server:
                     time.sleep(delay)
                 if self.headers.get("Authorization") != "Bearer k":
                     code = 401
-                data = json.dumps({"object": "text_completion", "usage": {"prompt_tokens": 2, "completion_tokens": 3}}
-                                  if code == 200 else {"error": {"message": f"status {code}"}}).encode()  # fmt: skip
+                data = json.dumps(
+                    {
+                        "object": "text_completion",
+                        "usage": {"prompt_tokens": 2, "completion_tokens": 3},
+                    }
+                    if code == 200
+                    else {"error": {"message": f"status {code}"}}
+                ).encode()
                 self.send_response(code)
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
@@ -274,7 +357,9 @@ class Server:
                 return request, ("local", 0)
 
         self.server = UnixServer(path, Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def close(self) -> None:
@@ -294,14 +379,37 @@ def make_input(path: Path, n: int) -> list[str]:
     return ids
 
 
-def run_shard(tmp: Path, sock: str, shard: int = 0, shards: int = 1, concurrency: int = 4,
-              deadline: float = 0.0) -> int:  # fmt: skip
+def run_shard(
+    tmp: Path,
+    sock: str,
+    shard: int = 0,
+    shards: int = 1,
+    concurrency: int = 4,
+    deadline: float = 0.0,
+) -> int:
     os.environ["VLLM_API_KEY"] = "k"
     try:
-        return batch_runner.main(["run", "--input", str(tmp / "in.jsonl"), "--shard", str(shard),
-                                  "--shards", str(shards), "--out", str(tmp / "out"), "--socket", sock,
-                                  "--concurrency", str(concurrency), "--deadline", str(deadline),
-                                  "--url-path", "/v1/completions"])  # fmt: skip
+        return batch_runner.main(
+            [
+                "run",
+                "--input",
+                str(tmp / "in.jsonl"),
+                "--shard",
+                str(shard),
+                "--shards",
+                str(shards),
+                "--out",
+                str(tmp / "out"),
+                "--socket",
+                sock,
+                "--concurrency",
+                str(concurrency),
+                "--deadline",
+                str(deadline),
+                "--url-path",
+                "/v1/completions",
+            ]
+        )
     finally:
         del os.environ["VLLM_API_KEY"]
 
@@ -319,8 +427,9 @@ def test_shards_are_contiguous_and_cover_every_line() -> None:
             assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
 
 
-def test_refusals_are_not_retried_and_transient_errors_are(tmp_path: Path, sock: str,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_refusals_are_not_retried_and_transient_errors_are(
+    tmp_path: Path, sock: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(batch_runner, "BACKOFF_FIRST", 0.01)
     make_input(tmp_path / "in.jsonl", 6)
     server = Server(sock, {"c1": [400, 200], "c2": [503, 500, 200], "c3": [429, 200]})
@@ -338,7 +447,9 @@ def test_refusals_are_not_retried_and_transient_errors_are(tmp_path: Path, sock:
     assert prog["prompt_tokens"] == 10 and prog["completion_tokens"] == 15
 
 
-def test_a_restarted_shard_skips_what_it_wrote_and_repairs_a_cut_line(tmp_path: Path, sock: str) -> None:
+def test_a_restarted_shard_skips_what_it_wrote_and_repairs_a_cut_line(
+    tmp_path: Path, sock: str
+) -> None:
     ids = make_input(tmp_path / "in.jsonl", 20)
     server = Server(sock, {})
     try:
@@ -356,8 +467,9 @@ def test_a_restarted_shard_skips_what_it_wrote_and_repairs_a_cut_line(tmp_path: 
     assert len(server.seen) == 5 and not set(server.seen) & {r["custom_id"] for r in rows[:5]}
 
 
-def test_a_server_gone_stops_the_shard_without_writing_a_line(tmp_path: Path, sock: str,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_a_server_gone_stops_the_shard_without_writing_a_line(
+    tmp_path: Path, sock: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(batch_runner, "BACKOFF_FIRST", 0.01)
     monkeypatch.setattr(batch_runner, "RETRIES", 2)
     make_input(tmp_path / "in.jsonl", 3)
@@ -385,10 +497,27 @@ def test_usr1_stops_taking_lines_and_flushes(tmp_path: Path, sock: str) -> None:
     try:
         env = {**os.environ, "VLLM_API_KEY": "k"}
         proc = subprocess.Popen(
-            [sys.executable, batch_runner.__file__, "run", "--input", str(tmp_path / "in.jsonl"),
-             "--shard", "0", "--shards", "1", "--out", str(tmp_path / "out"), "--socket", sock,
-             "--concurrency", "2", "--url-path", "/v1/completions"], env=env,
-        )  # fmt: skip
+            [
+                sys.executable,
+                batch_runner.__file__,
+                "run",
+                "--input",
+                str(tmp_path / "in.jsonl"),
+                "--shard",
+                "0",
+                "--shards",
+                "1",
+                "--out",
+                str(tmp_path / "out"),
+                "--socket",
+                sock,
+                "--concurrency",
+                "2",
+                "--url-path",
+                "/v1/completions",
+            ],
+            env=env,
+        )
         out = tmp_path / "out" / "shard-0.jsonl"
         for _ in range(600):  # a bound, not a timing: the first result comes at once
             if out.exists() and out.stat().st_size:
@@ -435,7 +564,9 @@ class RawServer:
             daemon_threads = True
 
         self.server = UnixServer(path, Handler)
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -447,12 +578,22 @@ def test_the_runner_client_reads_chunked_and_unsized_answers_and_reconnects(sock
     a Content-Length one on the same kept-alive connection, a connection the
     server closed in between (opened again at no cost), and an answer that
     runs to the end of its connection."""
-    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nx-request-id: r1\r\n\r\n" \
-              b"5\r\n{\"a\":\r\n3;x=y\r\n 1}\r\n0\r\nT: v\r\n\r\n"  # fmt: skip
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nx-request-id: r1\r\n\r\n"
+        b'5\r\n{"a":\r\n3;x=y\r\n 1}\r\n0\r\nT: v\r\n\r\n'
+    )
     sized = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 2\r\n\r\n{}"
     unsized = b"HTTP/1.1 200 OK\r\n\r\n[1, 2]"
-    server = RawServer(sock, [(chunked, False), (sized, True), (b"HTTP/1.1 100 Continue\r\n\r\n" + sized, False),
-                              (b"HTTP/1.1 204 No Content\r\n\r\n", False), (unsized, True)])  # fmt: skip
+    server = RawServer(
+        sock,
+        [
+            (chunked, False),
+            (sized, True),
+            (b"HTTP/1.1 100 Continue\r\n\r\n" + sized, False),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", False),
+            (unsized, True),
+        ],
+    )
 
     async def exchange() -> list[tuple[int, bytes, str]]:
         conn = batch_runner.Connection(sock)
@@ -465,7 +606,13 @@ def test_the_runner_client_reads_chunked_and_unsized_answers_and_reconnects(sock
         got = asyncio.run(exchange())
     finally:
         server.close()
-    assert got == [(200, b'{"a": 1}', "r1"), (400, b"{}", ""), (400, b"{}", ""), (204, b"", ""), (200, b"[1, 2]", "")]
+    assert got == [
+        (200, b'{"a": 1}', "r1"),
+        (400, b"{}", ""),
+        (400, b"{}", ""),
+        (204, b"", ""),
+        (200, b"[1, 2]", ""),
+    ]
     assert server.connections == 2  # the one the server closed was opened again
 
 
@@ -498,10 +645,12 @@ def test_batch_cancel_is_not_the_stop_alias() -> None:
 def test_jobs_auto_counts_the_jobs_that_fit_node_by_node() -> None:
     from alvis_fsm.engine.batch_service import jobs_for
 
-    lines = ["a|gpu:A40:4(S:0-1)|gpu:A40:1(IDX:0)|mix",   # 3 free
-             "b|gpu:A40:4(S:0-1)|gpu:A40:0(IDX:N/A)|idle",  # 4 free
-             "c|gpu:A40:4(S:0-1)|gpu:A40:4(IDX:0-3)|alloc",  # none
-             "d|gpu:A100:4(S:0-1)|gpu:A100:0(IDX:N/A)|idle"]  # another type  # fmt: skip
+    lines = [
+        "a|gpu:A40:4(S:0-1)|gpu:A40:1(IDX:0)|mix",  # 3 free
+        "b|gpu:A40:4(S:0-1)|gpu:A40:0(IDX:N/A)|idle",  # 4 free
+        "c|gpu:A40:4(S:0-1)|gpu:A40:4(IDX:0-3)|alloc",  # none
+        "d|gpu:A100:4(S:0-1)|gpu:A100:0(IDX:N/A)|idle",
+    ]  # another type
     assert jobs_for(lines, "A40:1") == 7
     assert jobs_for(lines, "A40:2") == 3  # 1 on a, 2 on b: a job is on one node
     assert jobs_for(lines, "A40:4") == 1
@@ -512,12 +661,25 @@ def test_the_shard_job_script_renders_quoted_and_parses() -> None:
     from alvis_fsm.cluster import jobscript
     from alvis_fsm.engine.batch_service import _source, warn_seconds
 
-    spec = jobscript.JobSpec(job_name="alvis-fsm-batch_0123456789abcdef", account="NAISS2025-22-1522",
-                             time="1:00:00", gpus="A40:1", run_dir="~/runs/batch_x; rm -rf ~",
-                             model_path="/hub/models--org--m/snapshots/a$(id)/", max_model_len=4096,
-                             served_name="org/m", image="/apps/v.sif", ready_timeout=600)  # fmt: skip
-    extra = {"SHARDS": "4", "CONCURRENCY": "64", "URL_PATH": jobscript.word("endpoint", "/v1/completions"),
-             "MAX_ATTEMPTS": "3", "WARN_S": str(warn_seconds(3600))}  # fmt: skip
+    spec = jobscript.JobSpec(
+        job_name="alvis-fsm-batch_0123456789abcdef",
+        account="NAISS2025-22-1522",
+        time="1:00:00",
+        gpus="A40:1",
+        run_dir="~/runs/batch_x; rm -rf ~",
+        model_path="/hub/models--org--m/snapshots/a$(id)/",
+        max_model_len=4096,
+        served_name="org/m",
+        image="/apps/v.sif",
+        ready_timeout=600,
+    )
+    extra = {
+        "SHARDS": "4",
+        "CONCURRENCY": "64",
+        "URL_PATH": jobscript.word("endpoint", "/v1/completions"),
+        "MAX_ATTEMPTS": "3",
+        "WARN_S": str(warn_seconds(3600)),
+    }
     text = jobscript.render(spec, _source("batch_job.sh"), extra)
     assert "#SBATCH --signal=B:USR1@120\n" in text and "#SBATCH --requeue\n" in text
     assert "RUN_DIR='~/runs/batch_x; rm -rf ~'\n" in text

@@ -36,7 +36,10 @@ def test_jobs_auto_counts_whole_jobs_node_by_node() -> None:
 def test_read_input(tmp_path: Path) -> None:
     good = tmp_path / "in.jsonl"
     good.write_text('{"a": 1}\n{"b": 2}\n', encoding="utf-8")
-    assert list(batch_service.read_input(good)) == ['{"a": 1}', '{"b": 2}']  # streamed, a line at a time
+    assert list(batch_service.read_input(good)) == [
+        '{"a": 1}',
+        '{"b": 2}',
+    ]  # streamed, a line at a time
     with pytest.raises(UsageError, match="No such file"):
         list(batch_service.read_input(tmp_path / "missing.jsonl"))
     latin = tmp_path / "latin.jsonl"
@@ -80,7 +83,10 @@ def test_submit_without_input_is_refused_before_anything(tmp_path: Path) -> None
     assert not (settings.state_dir / "batches").exists()  # nothing recorded
 
 
-RESOLVE = {"lab-ok": ("lab-ok", "alvislab/tiny-ok"), "alvislab/tiny-ok": ("lab-ok", "alvislab/tiny-ok")}
+RESOLVE = {
+    "lab-ok": ("lab-ok", "alvislab/tiny-ok"),
+    "alvislab/tiny-ok": ("lab-ok", "alvislab/tiny-ok"),
+}
 
 
 @pytest.mark.parametrize(

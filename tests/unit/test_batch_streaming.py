@@ -24,19 +24,37 @@ from alvis_fsm.engine import batch, batch_service
 from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore
 from alvis_fsm.errors import UsageError
 
-RESOLVE = {"lab-ok": ("lab-ok", "alvislab/tiny-ok"), "alvislab/tiny-ok": ("lab-ok", "alvislab/tiny-ok")}
+RESOLVE = {
+    "lab-ok": ("lab-ok", "alvislab/tiny-ok"),
+    "alvislab/tiny-ok": ("lab-ok", "alvislab/tiny-ok"),
+}
 
 
 def request(i: int) -> str:
-    return json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/completions",
-                       "body": {"model": "lab-ok", "prompt": f"say {i}", "max_tokens": 4}})  # fmt: skip
+    return json.dumps(
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": "lab-ok", "prompt": f"say {i}", "max_tokens": 4},
+        }
+    )
 
 
 def result(i: int, ok: bool = True) -> str:
-    return json.dumps({"id": f"batch_req_{i}", "custom_id": f"req-{i}", "_i": i,
-                       "response": {"status_code": 200 if ok else 400, "request_id": f"q{i}",
-                                    "body": {"choices": [{"text": f"answer {i}"}]}},
-                       "error": None})  # fmt: skip
+    return json.dumps(
+        {
+            "id": f"batch_req_{i}",
+            "custom_id": f"req-{i}",
+            "_i": i,
+            "response": {
+                "status_code": 200 if ok else 400,
+                "request_id": f"q{i}",
+                "body": {"choices": [{"text": f"answer {i}"}]},
+            },
+            "error": None,
+        }
+    )
 
 
 def write_input(path: Path, n: int) -> Path:
@@ -85,17 +103,25 @@ def test_validate_reads_a_generator_once_and_keeps_the_requests_on_disk(tmp_path
     assert not work.exists()  # the temp directory goes with the object
 
 
-def test_a_duplicate_far_down_is_refused_with_both_line_numbers_and_nothing_left(tmp_path: Path) -> None:
+def test_a_duplicate_far_down_is_refused_with_both_line_numbers_and_nothing_left(
+    tmp_path: Path,
+) -> None:
     lines = [request(i) for i in range(3000)] + [request(1234)]
     before = set(Path(batch.tempfile.gettempdir()).glob("alvis-fsm-batch-*"))
-    with pytest.raises(UsageError, match=r"Line 3001: duplicate custom_id 'req-1234' \(first on line 1235\)"):
+    with pytest.raises(
+        UsageError, match=r"Line 3001: duplicate custom_id 'req-1234' \(first on line 1235\)"
+    ):
         batch.validate(iter(lines), RESOLVE)
     assert set(Path(batch.tempfile.gettempdir()).glob("alvis-fsm-batch-*")) == before
 
 
 def test_read_input_streams_the_file_and_says_what_is_wrong(tmp_path: Path) -> None:
     path = write_input(tmp_path / "in.jsonl", 3)
-    assert [json.loads(x)["custom_id"] for x in batch_service.read_input(path) if x] == ["req-0", "req-1", "req-2"]
+    assert [json.loads(x)["custom_id"] for x in batch_service.read_input(path) if x] == [
+        "req-0",
+        "req-1",
+        "req-2",
+    ]
     (tmp_path / "bad.jsonl").write_bytes(request(0).encode() + b"\n\xff\xfe\n")
     with pytest.raises(UsageError, match="not UTF-8"):
         batch.validate(batch_service.read_input(tmp_path / "bad.jsonl"), RESOLVE)
@@ -108,8 +134,17 @@ def test_read_input_streams_the_file_and_says_what_is_wrong(tmp_path: Path) -> N
 
 def test_the_store_streams_the_ids(tmp_path: Path) -> None:
     store = BatchStore(tmp_path)
-    r = BatchRecord(id=batch.new_id(), model="m", served_name="s", endpoint="/v1/completions", total=3,
-                    shards=1, run_dir="/r", job_name="j", created_at=1)  # fmt: skip
+    r = BatchRecord(
+        id=batch.new_id(),
+        model="m",
+        served_name="s",
+        endpoint="/v1/completions",
+        total=3,
+        shards=1,
+        run_dir="/r",
+        job_name="j",
+        created_at=1,
+    )
     store.save(r, (f"id-{i}" for i in range(3)))
     assert list(store.iter_ids(r.id)) == ["id-0", "id-1", "id-2"] == store.ids(r.id)
 
@@ -119,7 +154,9 @@ def test_merge_puts_shards_in_completion_order_back_in_input_order(tmp_path: Pat
     raw = write_raw(tmp_path / "raw.jsonl", n, shards)
     # A shard that wrote a line twice (a resume): the first is kept.
     with raw.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"custom_id": "req-5", "response": None, "error": {"code": "x"}}) + "\n")
+        handle.write(
+            json.dumps({"custom_id": "req-5", "response": None, "error": {"code": "x"}}) + "\n"
+        )
         handle.write('{"custom_id": "req-7", "cut')  # a line being written: ignored
     ids = (f"req-{i}" for i in range(n))
     out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
@@ -132,7 +169,11 @@ def test_merge_puts_shards_in_completion_order_back_in_input_order(tmp_path: Pat
     assert order == sorted(order) and all("_i" not in r for r in ok_rows)
     assert sorted(order + [int(r["custom_id"][4:]) for r in err_rows]) == list(range(n))
     last = [(k + 1) * n // shards - 1 for k in range(shards)]
-    expired = [int(r["custom_id"][4:]) for r in err_rows if r["error"] and r["error"]["code"] == "batch_expired"]
+    expired = [
+        int(r["custom_id"][4:])
+        for r in err_rows
+        if r["error"] and r["error"]["code"] == "batch_expired"
+    ]
     assert expired == last
     assert 5 in order  # the first of the two lines for req-5
     assert (out.stat().st_mode & 0o777) == 0o600
@@ -151,8 +192,13 @@ def peak_of_validate_and_merge(tmp_path: Path, n: int) -> int:
     try:
         valid = batch.validate(batch_service.read_input(path), RESOLVE)
         with raw.open(encoding="utf-8") as lines:
-            counts = batch_service.write_results(valid.iter_ids(), lines, BatchStatus.COMPLETED,
-                                                 tmp_path / f"out-{n}", tmp_path / f"err-{n}")  # fmt: skip
+            counts = batch_service.write_results(
+                valid.iter_ids(),
+                lines,
+                BatchStatus.COMPLETED,
+                tmp_path / f"out-{n}",
+                tmp_path / f"err-{n}",
+            )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -176,15 +222,20 @@ def test_the_pump_streams_both_ways_without_blocking(tmp_path: Path) -> None:
     data = tmp_path / "big"
     data.write_bytes(b"".join(b"%08d %s\n" % (i, b"x" * 100) for i in range(60_000)))  # ~6.5 MB
     # Upload: stdin from the file while the command also answers (more than a pipe holds).
-    proc = subprocess.Popen(["sh", "-c", "tee copy | wc -c; head -c 200000 /dev/zero >&2"],
-                            cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        ["sh", "-c", "tee copy | wc -c; head -c 200000 /dev/zero >&2"],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     code, out, err = batch_service._pump(proc, data, None)
     assert code == 0 and int(out) == data.stat().st_size and len(err) == 200_000
     assert (tmp_path / "copy").read_bytes() == data.read_bytes()
     # Download: stdout into a sink, chunk by chunk.
-    proc = subprocess.Popen(["cat", str(data)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        ["cat", str(data)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     sink = io.BytesIO()
     code, out, err = batch_service._pump(proc, None, sink)
     assert code == 0 and out == "" and sink.getvalue() == data.read_bytes()
@@ -203,7 +254,9 @@ def test_the_gateway_receives_a_large_upload_in_chunks_and_serves_it_back(tmp_pa
         f = await client.files.create(file=("in.jsonl", io.BytesIO(body)), purpose="batch")
         assert f.bytes == len(body)
         assert (await client.files.content(f.id)).content == body
-        b = await client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+        b = await client.batches.create(
+            input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"
+        )
         assert b.request_counts is not None and b.request_counts.total == n
         b = await client.batches.retrieve(b.id)
         assert b.output_file_id
@@ -232,7 +285,9 @@ class LocalConnection:
         elif self.fail:
             self.fail -= 1
             argv = ["sh", "-c", "cat >/dev/null; echo lost >&2; exit 255"]
-        return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
 
     def reopen(self) -> None:
         self.reopened += 1
@@ -242,7 +297,9 @@ def remote(conn: LocalConnection) -> batch_service.Remote:
     return batch_service.Remote(conn, None)  # type: ignore[arg-type]
 
 
-def test_put_and_results_stream_through_the_agent_and_survive_a_lost_connection(tmp_path: Path) -> None:
+def test_put_and_results_stream_through_the_agent_and_survive_a_lost_connection(
+    tmp_path: Path,
+) -> None:
     run = tmp_path / "run"
     run.mkdir()
     src = write_input(tmp_path / "in.jsonl", 20_000)  # ~2.4 MB
@@ -262,4 +319,6 @@ def test_put_and_results_stream_through_the_agent_and_survive_a_lost_connection(
 
 def test_a_transfer_that_does_not_finish_in_time_is_ended(tmp_path: Path) -> None:
     with pytest.raises(batch_service.ConnectionLost, match="did not finish within"):
-        remote(LocalConnection(hang=True)).stream("results", str(tmp_path), sink=io.BytesIO(), timeout=0.5)
+        remote(LocalConnection(hang=True)).stream(
+            "results", str(tmp_path), sink=io.BytesIO(), timeout=0.5
+        )

@@ -19,9 +19,16 @@ def test_a_bad_time_names_the_flag_before_any_network(tmp_path: Path) -> None:
     model = next(iter(load_catalog(cfg).names()))
     path = tmp_path / "in.jsonl"
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-    path.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")
+    path.write_text(
+        json.dumps(
+            {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
+        )
+        + "\n"
+    )
     options = batch_service.SubmitOptions(path=path, time="soon")
     with pytest.raises(UsageError) as caught:
         batch_service.submit(cfg, options, ui=None)  # type: ignore[arg-type]  # never reached: no network
     assert caught.value.message.startswith("-t/--time: ")
-    assert not (tmp_path / "state" / "batches").exists() or not list((tmp_path / "state" / "batches").iterdir())
+    assert not (tmp_path / "state" / "batches").exists() or not list(
+        (tmp_path / "state" / "batches").iterdir()
+    )

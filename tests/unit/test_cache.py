@@ -38,10 +38,19 @@ def trim_function() -> str:
 
 def trim(root: Path, max_kib: int, max_files: int) -> None:
     subprocess.run(
-        ["bash", "-c", trim_function() + 'cache_trim "$@"', "trim", str(root),
-         str(max_kib), str(max_files)],
-        check=True, timeout=30, env={"PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+        [
+            "bash",
+            "-c",
+            trim_function() + 'cache_trim "$@"',
+            "trim",
+            str(root),
+            str(max_kib),
+            str(max_files),
+        ],
+        check=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin"},
+    )
 
 
 def entry(root: Path, name: str, kib: int, used: float, files: int = 1) -> Path:
@@ -156,9 +165,11 @@ def test_job_trims_before_vllm_starts(tmp_path: Path) -> None:
     entry(root, "torch_compile_cache/old", 1000, T0)
     entry(root, "torch_compile_cache/new", 1000, T0 + DAY)
     spec = dataclasses.replace(
-        CACHED, run_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "shared"),
+        CACHED,
+        run_dir=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "shared"),
         cache_max_kib=1500,
-    )  # fmt: skip
+    )
     job = Job(tmp_path, spec)
     (job.bin / "apptainer").write_text(RECORD_CACHE)
     assert job.run() == 0

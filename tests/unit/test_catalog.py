@@ -135,8 +135,17 @@ def test_model_entry_validation(raw: dict[str, object]) -> None:
 
 
 def _catalog_asking(path: Path, *args: str) -> Path:
-    path.write_text(json.dumps({"shared": {"path": "/m/x", "max_model_len": 512,
-                                           "vllm_args": ["--enforce-eager", *args]}}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "shared": {
+                    "path": "/m/x",
+                    "max_model_len": 512,
+                    "vllm_args": ["--enforce-eager", *args],
+                }
+            }
+        )
+    )
     path.chmod(0o644)
     return path
 
@@ -193,15 +202,22 @@ def test_allow_code_flags_names_the_trusted_file(tmp_path: Path) -> None:
     assert "--trust-remote-code" in entry.vllm_args
     # Allowing one file allows no other.
     with pytest.raises(ConfigError, match=r"other\.json"):
-        load_catalog(load_settings(
-            {"catalog": {"paths": [str(other)], "allow_code_flags": [str(shared)]}}
-        ))  # fmt: skip
+        load_catalog(
+            load_settings({"catalog": {"paths": [str(other)], "allow_code_flags": [str(shared)]}})
+        )
 
 
 def test_your_own_catalog_and_harmless_flags_need_no_consent(tmp_path: Path) -> None:
     mine = _catalog_asking(tmp_path / "mine.json", "--trust-remote-code")
     assert "--trust-remote-code" in load_catalog(settings_with(mine)).get("shared").vllm_args
-    harmless_args = ["--max-model-len", "4096", "--tool-call-parser", "hermes",
-                     "--enable-auto-tool-choice", "-O", "3"]  # fmt: skip
+    harmless_args = [
+        "--max-model-len",
+        "4096",
+        "--tool-call-parser",
+        "hermes",
+        "--enable-auto-tool-choice",
+        "-O",
+        "3",
+    ]
     harmless = _not_mine(_catalog_asking(tmp_path / "group.json", *harmless_args))
     assert load_catalog(settings_with(harmless)).get("shared").vllm_args[0] == "--enforce-eager"

@@ -153,8 +153,15 @@ def test_models_json_parses() -> None:
     data = json.loads(run_cli("models", "--json"))
     entry = data["models"]["gpt-oss-20b"]
     assert entry["max_model_len"] == 10000
-    assert set(entry) == {"path", "max_model_len", "description", "gpus", "vllm_args", "idle_timeout",
-                          "source"}
+    assert set(entry) == {
+        "path",
+        "max_model_len",
+        "description",
+        "gpus",
+        "vllm_args",
+        "idle_timeout",
+        "source",
+    }
 
 
 def test_models_add_needs_discover() -> None:

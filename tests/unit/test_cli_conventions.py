@@ -18,14 +18,22 @@ from alvis_fsm.errors import ExitCode
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run(*args: str, env: dict[str, str] | None = None, stdout: int | None = None,
-        ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdout: int | None = None,
+) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "alvis_fsm", *args], cwd=REPO, env=full, text=True,
-        stdout=stdout if stdout is not None else subprocess.PIPE, stderr=subprocess.PIPE,
-        timeout=60, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        [sys.executable, "-m", "alvis_fsm", *args],
+        cwd=REPO,
+        env=full,
+        text=True,
+        stdout=stdout if stdout is not None else subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.mark.parametrize("args", [(), ("config",), ("-q",), ("-v", "config")])
@@ -82,8 +90,11 @@ def test_config_get_and_unset(user_conf: Path) -> None:
 
 
 def test_setting_names_complete() -> None:
-    env = {"_ALVIS_FSM_COMPLETE": "bash_complete", "COMP_WORDS": "alvis-fsm config set slurm.",
-           "COMP_CWORD": "3"}  # fmt: skip
+    env = {
+        "_ALVIS_FSM_COMPLETE": "bash_complete",
+        "COMP_WORDS": "alvis-fsm config set slurm.",
+        "COMP_CWORD": "3",
+    }
     proc = run(env=env)
     words = [line.split(",", 1)[1] for line in proc.stdout.splitlines()]
     assert "slurm.account" in words and "slurm.time" in words
@@ -96,8 +107,9 @@ def test_setting_names_complete() -> None:
 def test_catalog_text_reaches_the_terminal_without_escapes(tmp_path: Path, user_conf: Path) -> None:
     catalog = tmp_path / "models.json"
     hostile = "Nice\x1b]0;owned\x07 model \x1b[2J\x1b[31mred\x1b[0m\x07 \x9b1m end"
-    catalog.write_text(json.dumps({"evil": {"path": "/m/evil/", "max_model_len": 8,
-                                            "description": hostile}}))  # fmt: skip
+    catalog.write_text(
+        json.dumps({"evil": {"path": "/m/evil/", "max_model_len": 8, "description": hostile}})
+    )
     user_conf.write_text(f'[catalog]\npaths = ["{catalog}"]\n')
     proc = run("models")
     assert proc.returncode == 0, proc.stderr
@@ -127,8 +139,13 @@ def test_full_stdout_ends_quietly(args: tuple[str, ...]) -> None:
 
 def test_closed_stdout_ends_quietly() -> None:
     full = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "alvis_fsm", "diagram"], cwd=REPO, env=full,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alvis_fsm", "diagram"],
+        cwd=REPO,
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # the reader went away before reading anything (`| head -0`)
     err = proc.stderr.read().decode()
@@ -183,9 +200,15 @@ def test_vanished_terminal_does_not_stop_the_work() -> None:
     master, slave = pty.openpty()
     report_r, report_w = os.pipe()
     go_r, go_w = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-c", _HANGUP, str(report_w), str(go_r)], cwd=REPO,
-                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-                            pass_fds=(report_w, go_r), env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HANGUP, str(report_w), str(go_r)],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        pass_fds=(report_w, go_r),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     os.close(slave)
     os.close(report_w)
     os.close(go_r)
@@ -207,16 +230,24 @@ def test_follower_stops_when_its_reader_is_gone(tmp_path: Path) -> None:
     from alvis_fsm.fronts.gateway.requestlog import Entry, RequestLog
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "ALVIS_FSM_SESSION__STATE_DIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "alvis_fsm", "gateway", "log", "-f"], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alvis_fsm", "gateway", "log", "-f"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # the reader went away
     log = RequestLog(tmp_path)
     deadline = time.monotonic() + 30
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            log.write(Entry(time=time.time(), model="m", route="/v1/x", status=200,
-                            latency_s=0.01, ok=True))  # fmt: skip
+            log.write(
+                Entry(
+                    time=time.time(), model="m", route="/v1/x", status=200, latency_s=0.01, ok=True
+                )
+            )
             time.sleep(0.2)
     finally:
         log.close()

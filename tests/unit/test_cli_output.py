@@ -26,8 +26,9 @@ ANSI = re.compile(r"\x1b[\[\]()#;?0-9A-Za-z]")
 SPINNER = set("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏")
 
 
-def run(*args: str, env: dict[str, str] | None = None, input: str | None = None
-        ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run(
+    *args: str, env: dict[str, str] | None = None, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     full = dict(os.environ)
     full.pop("NO_COLOR", None)
     full.update({"TERM": "xterm-256color", "COLUMNS": "120", "FORCE_COLOR": ""})
@@ -35,9 +36,13 @@ def run(*args: str, env: dict[str, str] | None = None, input: str | None = None
     full["PYTHONPATH"] = str(REPO) + os.pathsep + full.get("PYTHONPATH", "")
     return subprocess.run(
         [sys.executable, "-m", "alvis_fsm", *args],
-        cwd=REPO, env=full, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=60,
         input=input if input is not None else "",
-    )  # fmt: skip
+    )
 
 
 def assert_plain(proc: subprocess.CompletedProcess[str]) -> None:
@@ -114,7 +119,10 @@ def test_models_table() -> None:
 def test_status_offline_json_is_json() -> None:
     # No gateway runs either: its key is null, never absent.
     assert json.loads(run("status", "--offline", "--json").stdout) == {
-        "sessions": [], "errors": [], "gateway": None}
+        "sessions": [],
+        "errors": [],
+        "gateway": None,
+    }
 
 
 # -- errors -------------------------------------------------------------------------
@@ -195,9 +203,15 @@ def test_click_usage_errors_exit_2() -> None:
 
 def save_session(state_dir: Path, **fields: object) -> SessionRecord:
     values: dict[str, object] = {
-        "name": "lab-ok", "model": "lab-ok", "state": "tunneled", "job_id": "42",
-        "node": "alvis7-07", "port": 41084, "local_port": 58123, "api_key": "afsm-abc_DEF-123",
-    }  # fmt: skip
+        "name": "lab-ok",
+        "model": "lab-ok",
+        "state": "tunneled",
+        "job_id": "42",
+        "node": "alvis7-07",
+        "port": 41084,
+        "local_port": 58123,
+        "api_key": "afsm-abc_DEF-123",
+    }
     values.update(fields)
     record = SessionRecord(**values)  # type: ignore[arg-type]
     Store(state_dir).save(record)
@@ -211,15 +225,16 @@ def test_env_output_is_valid_shell(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert proc.stdout == (
-        "export OPENAI_BASE_URL=http://localhost:58123/v1\n"
-        "export OPENAI_API_KEY=afsm-abc_DEF-123\n"
+        "export OPENAI_BASE_URL=http://localhost:58123/v1\nexport OPENAI_API_KEY=afsm-abc_DEF-123\n"
     )
     syntax = subprocess.run(["bash", "-n"], input=proc.stdout, capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
     evaluated = subprocess.run(
         ["bash", "-c", 'eval "$(cat)"; echo "$OPENAI_BASE_URL"; echo "$OPENAI_API_KEY"'],
-        input=proc.stdout, capture_output=True, text=True,
-    )  # fmt: skip
+        input=proc.stdout,
+        capture_output=True,
+        text=True,
+    )
     assert evaluated.stdout == "http://localhost:58123/v1\nafsm-abc_DEF-123\n"
 
 
@@ -234,8 +249,10 @@ def test_env_quotes_hostile_values(tmp_path: Path) -> None:
     for shell in ("bash", "sh"):
         evaluated = subprocess.run(
             [shell, "-c", 'eval "$(cat)"; printf %s "$OPENAI_API_KEY"'],
-            input=proc.stdout, capture_output=True, text=True,
-        )  # fmt: skip
+            input=proc.stdout,
+            capture_output=True,
+            text=True,
+        )
         assert evaluated.returncode == 0, evaluated.stderr
         assert evaluated.stdout == key
     assert not marker.exists()
@@ -260,7 +277,9 @@ def test_env_of_an_ended_session_prints_nothing(tmp_path: Path) -> None:
     proc = run("env", env={"ALVIS_FSM_SESSION__STATE_DIR": str(state)})
     assert proc.returncode == ExitCode.SESSION and proc.stdout == ""
     lines = assert_error_format(proc.stderr)
-    assert lines[0] == "[ERROR] There is no live session (1 finished: `alvis-fsm status` lists them)"
+    assert (
+        lines[0] == "[ERROR] There is no live session (1 finished: `alvis-fsm status` lists them)"
+    )
 
 
 def test_env_without_sessions(tmp_path: Path) -> None:

@@ -27,8 +27,12 @@ def env_for(**extra: str) -> dict[str, str]:
 def script(shell: str) -> str:
     proc = subprocess.run(
         [sys.executable, "-m", "alvis_fsm", "completion", shell],
-        cwd=REPO, env=env_for(), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env_for(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     return proc.stdout
@@ -46,8 +50,12 @@ def complete(words: str, shell: str = "bash", **extra: str) -> list[str]:
     )
     proc = subprocess.run(
         [sys.executable, "-m", "alvis_fsm"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     return proc.stdout.splitlines()
@@ -123,8 +131,18 @@ def test_session_names(isolated_home: Path) -> None:
 
 def test_commands_and_options() -> None:
     commands = values(complete("alvis-fsm "))
-    for name in ("start", "resume", "status", "stop", "logs", "env", "models", "config",
-                 "diagram", "completion"):  # fmt: skip
+    for name in (
+        "start",
+        "resume",
+        "status",
+        "stop",
+        "logs",
+        "env",
+        "models",
+        "config",
+        "diagram",
+        "completion",
+    ):
         assert name in commands
     assert values(complete("alvis-fsm config s")) == ["show", "set"]
     assert "--route" in values(complete("alvis-fsm start --r"))
@@ -154,7 +172,9 @@ def test_bash_script_end_to_end(tmp_path: Path, user_catalog: Path) -> None:
     proc = subprocess.run(
         ["bash", "-c", program],
         env=env_for(PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}"),
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["mistral-7b", "my-llama"]

@@ -19,8 +19,12 @@ N = 20
 
 
 def _scripted(agent: FakeAgent, i: int) -> None:
-    agent.starts.extend([Event("WAIT", job=PENDING, age=1), Event("STARTED", f"alvis7-{i:02d} {100 + i}")])
-    agent.readies.extend([Event("ADDRESS", f"alvis7-{i:02d}:8000"), Event("READY", f"alvis7-{i:02d}:8000")])
+    agent.starts.extend(
+        [Event("WAIT", job=PENDING, age=1), Event("STARTED", f"alvis7-{i:02d} {100 + i}")]
+    )
+    agent.readies.extend(
+        [Event("ADDRESS", f"alvis7-{i:02d}:8000"), Event("READY", f"alvis7-{i:02d}:8000")]
+    )
 
 
 def _drive(runner: Runner, outcome: dict[str, BaseException | None]) -> None:
@@ -48,14 +52,21 @@ def test_twenty_sessions_in_threads_serve_then_stop_cleanly(tmp_path: Path) -> N
         runners.append((runner, agent, say))
     assert threading.current_thread() is threading.main_thread()
     outcome: dict[str, BaseException | None] = {}
-    threads = [threading.Thread(target=_drive, args=(r, outcome), name=r.record.name) for r, _, _ in runners]
+    threads = [
+        threading.Thread(target=_drive, args=(r, outcome), name=r.record.name)
+        for r, _, _ in runners
+    ]
     for t in threads:
         t.start()
     # Every session reaches `tunneled` (its log stream running) on its own thread.
     # (The record says tunneled as soon as the state is entered; its step,
     # serve, starts the log stream right after.)
-    assert _wait_for(lambda: all(store.load(r.record.name).state == "tunneled" and a.streams == 1
-                                 for r, a, _ in runners), timeout=60)  # fmt: skip
+    assert _wait_for(
+        lambda: all(
+            store.load(r.record.name).state == "tunneled" and a.streams == 1 for r, a, _ in runners
+        ),
+        timeout=60,
+    )
     assert all(a.streams == 1 and a.submitted == 1 for _, a, _ in runners)
     for r, _, _ in runners:
         r.request_stop("gateway shutdown")

@@ -23,8 +23,17 @@ DOCS = REPO / "docs"
 COMMANDS = DOCS / "commands.md"
 PAGES = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
 # The pages issue 24 asks for (benchmarks: bench/README.md).
-REQUIRED = ("commands", "gateway", "batch", "how-it-works", "configuration", "troubleshooting",
-            "development", "security", "reliability")  # fmt: skip
+REQUIRED = (
+    "commands",
+    "gateway",
+    "batch",
+    "how-it-works",
+    "configuration",
+    "troubleshooting",
+    "development",
+    "security",
+    "reliability",
+)
 
 
 def read(path: Path) -> str:
@@ -82,7 +91,9 @@ def command_heading(name: str) -> str | None:
 
 def test_the_pages_exist_and_the_readme_links_every_one() -> None:
     readme = read(REPO / "README.md")
-    linked = {(REPO / t).resolve() for t in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", prose(readme))}
+    linked = {
+        (REPO / t).resolve() for t in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", prose(readme))
+    }
     for name in REQUIRED:
         assert (DOCS / f"{name}.md").exists(), f"docs/{name}.md missing"
     for page in DOCS.glob("*.md"):
@@ -140,7 +151,9 @@ def test_check_mode_notices_a_stale_copy(tmp_path: Path) -> None:
     assert confref.main(["--check"]) == 0  # every page of the checkout
 
 
-def test_a_file_without_blocks_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_file_without_blocks_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     plain = tmp_path / "plain.md"
     plain.write_text("# nothing generated here\n")
     assert confref.main(["--check", str(plain)]) == 2
@@ -173,7 +186,9 @@ def test_reference_lists_every_setting_with_its_default() -> None:
             cells = [c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]]
             assert cells[1] == confref.format_default(defaults[name][key]).replace("|", "\\|")
             assert cells[3], f"{name}.{key} has no description"
-            assert cells[3] == confref.markdown_text(confref.description(name, key)).replace("|", "\\|")
+            assert cells[3] == confref.markdown_text(confref.description(name, key)).replace(
+                "|", "\\|"
+            )
 
 
 def test_default_toml_comments_are_generated() -> None:
@@ -189,8 +204,10 @@ def test_every_setting_has_one_description() -> None:
     settings = {f"{s}.{k}" for s, m in SECTIONS.items() if s != "machine" for k in m.model_fields}
     assert set(setting_docs.SETTINGS) == settings
     assert set(setting_docs.SECTIONS) <= set(SECTIONS) - {"machine"}
-    assert all(doc.text.strip() and doc.accepts.strip() and doc.example.strip()
-               for doc in setting_docs.SETTINGS.values())  # fmt: skip
+    assert all(
+        doc.text.strip() and doc.accepts.strip() and doc.example.strip()
+        for doc in setting_docs.SETTINGS.values()
+    )
 
 
 def test_a_description_reaches_the_file_and_the_reference() -> None:
@@ -215,8 +232,10 @@ def test_a_description_reaches_the_file_and_the_reference() -> None:
                 above.insert(0, prev[2:])
             assert " ".join(above) == text
             row = f"| `{section}.{m.group(1)}` |"
-            assert any(r.startswith(row) and r.endswith(f" | {confref.markdown_text(text)} |")
-                       for r in reference.splitlines()), row  # fmt: skip
+            assert any(
+                r.startswith(row) and r.endswith(f" | {confref.markdown_text(text)} |")
+                for r in reference.splitlines()
+            ), row
 
 
 def test_stale_default_toml_is_noticed_and_rewritten(tmp_path: Path) -> None:
@@ -228,7 +247,9 @@ def test_stale_default_toml_is_noticed_and_rewritten(tmp_path: Path) -> None:
     assert stale.read_text() == fresh
 
 
-def test_a_setting_without_description_or_default_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_setting_without_description_or_default_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from alvis_fsm.engine import setting_docs
 
     text = read(REPO / "config" / "default.toml")
@@ -245,8 +266,7 @@ def test_a_setting_without_description_or_default_is_refused(monkeypatch: pytest
 def test_markdown_escaping() -> None:
     text = "set ALVIS_FSM_A__B=1 or $ALVIS_FSM_CONFIG, see http://h:<port>; `ALVIS_FSM_X` kept"
     assert confref.markdown_text(text) == (
-        "set `ALVIS_FSM_A__B=1` or `$ALVIS_FSM_CONFIG`, see http://h:&lt;port>;"
-        " `ALVIS_FSM_X` kept"
+        "set `ALVIS_FSM_A__B=1` or `$ALVIS_FSM_CONFIG`, see http://h:&lt;port>; `ALVIS_FSM_X` kept"
     )
 
 
@@ -269,7 +289,9 @@ def test_every_command_has_its_section_and_examples() -> None:
         assert re.search(example, body, re.M), f"no example of {name} in its section"
         if isinstance(command, click.Group):
             for sub in command.commands:
-                assert re.search(rf"^(eval \"\$\()?alvis-fsm {name} {sub}\b", body, re.M), f"{name} {sub}"
+                assert re.search(rf"^(eval \"\$\()?alvis-fsm {name} {sub}\b", body, re.M), (
+                    f"{name} {sub}"
+                )
     for alias in Group.aliases:
         assert re.search(rf"^alvis-fsm {alias}\b", text, re.M)
 

@@ -44,8 +44,14 @@ def saved_state(store: object, name: str = "s") -> str:
 # -- missing information is not bad news ------------------------------------------
 def test_unknown_scheduler_while_pending_keeps_waiting(tmp_path: Path) -> None:
     runner, agent, _, say, store = make_runner(tmp_path, "submitted")
-    agent.starts.extend([Event("WAIT", job=UNKNOWN, age=1), Event("WAIT", job=UNKNOWN, age=2),
-                         Event("WAIT", job=PENDING, age=3), Event("STARTED", "alvis7-07 42")])  # fmt: skip
+    agent.starts.extend(
+        [
+            Event("WAIT", job=UNKNOWN, age=1),
+            Event("WAIT", job=UNKNOWN, age=2),
+            Event("WAIT", job=PENDING, age=3),
+            Event("STARTED", "alvis7-07 42"),
+        ]
+    )
     agent.readies.extend([Event("ADDRESS", "alvis7-07:8000"), Event("READY", "alvis7-07:8000")])
     runner.drive()  # detached once tunneled
     assert saved_state(store) == "tunneled"
@@ -65,7 +71,9 @@ def test_no_record_of_the_job_is_not_an_end(tmp_path: Path) -> None:
 
 def test_sacct_running_while_controller_away_is_an_answer(tmp_path: Path) -> None:
     runner, agent, _, say, store = make_runner(tmp_path, "running")
-    agent.readies.extend([Event("WAIT", job=RUNNING_SACCT, age=1), Event("READY", "alvis7-07:8000")])
+    agent.readies.extend(
+        [Event("WAIT", job=RUNNING_SACCT, age=1), Event("READY", "alvis7-07:8000")]
+    )
     runner.drive()
     assert saved_state(store) == "tunneled" and agent.cancels == []
     assert "did not answer" not in say.text("warn")
@@ -113,7 +121,9 @@ def test_client_sleep_while_loading_does_not_time_out(tmp_path: Path) -> None:
     runner.model.entered_at["running"] = time.time() - 10_000
     runner.record.node, runner.record.port = "alvis7-07", 8000
     # The cluster says the job started 5 s ago: not late, whatever our clock says.
-    agent.readies.extend([Event("WAIT", job=RUNNING_SACCT, age=5), Event("READY", "alvis7-07:8000")])
+    agent.readies.extend(
+        [Event("WAIT", job=RUNNING_SACCT, age=5), Event("READY", "alvis7-07:8000")]
+    )
     runner.drive()
     assert saved_state(store) == "tunneled" and agent.cancels == []
 
@@ -174,7 +184,9 @@ def test_stop_retries_and_confirms(tmp_path: Path) -> None:
 
 # -- signals in each state ----------------------------------------------------------------
 @pytest.mark.parametrize("state", ["submitted", "running"])
-@pytest.mark.parametrize("exc", [KeyboardInterrupt(), StopRequested("SIGTERM"), StopRequested("SIGHUP")])
+@pytest.mark.parametrize(
+    "exc", [KeyboardInterrupt(), StopRequested("SIGTERM"), StopRequested("SIGHUP")]
+)
 def test_signal_in_a_waiting_state_cancels(tmp_path: Path, state: str, exc: BaseException) -> None:
     runner, agent, _, _, store = make_runner(tmp_path, state)
     (agent.starts if state == "submitted" else agent.readies).append(exc)
@@ -226,7 +238,9 @@ def test_lost_network_before_submitting_is_a_plain_error(tmp_path: Path) -> None
 # -- while streaming --------------------------------------------------------------------------
 def test_stream_unknown_warns_and_keeps_serving(tmp_path: Path) -> None:
     runner, agent, _, say, store = make_runner(tmp_path, "tunneled", detach=False)
-    agent.stream_script = "import time; print('UNKNOWN|squeue: Socket timed out', flush=True); time.sleep(30)"
+    agent.stream_script = (
+        "import time; print('UNKNOWN|squeue: Socket timed out', flush=True); time.sleep(30)"
+    )
     runner.tunnels.factory = _interrupt_after(8)  # type: ignore[assignment]
     runner.drive()
     assert "did not answer about job 42" in say.text("warn")
@@ -299,7 +313,9 @@ def test_time_limit_ends_the_session_cleanly(tmp_path: Path) -> None:
     runner, agent, _, say, store = make_runner(tmp_path, "tunneled", detach=False)
     runner.record.time_limit, runner.record.time_limit_s = "0:01:00", 60
     runner.record.running_since = time.time() - 50
-    agent.stream_script = "import time; time.sleep(1); print('ENDED|time limit', flush=True); time.sleep(30)"
+    agent.stream_script = (
+        "import time; time.sleep(1); print('ENDED|time limit', flush=True); time.sleep(30)"
+    )
     runner.drive()  # returns: exit 0
     assert "Job 42 reached its time limit (0:01:00)" in say.text("result")
     # A one-minute job is warned once, when a quarter of it (15 s) is left.
@@ -312,7 +328,9 @@ def test_time_limit_ends_the_session_cleanly(tmp_path: Path) -> None:
     ("limit", "leads"),
     [(60, [15.0]), (600, [60]), (1800, [60]), (2400, [600, 60]), (3600, [600, 60]), (120, [30.0])],
 )
-def test_warnings_come_when_a_quarter_of_the_job_is_left_at_most(limit: int, leads: list[float]) -> None:
+def test_warnings_come_when_a_quarter_of_the_job_is_left_at_most(
+    limit: int, leads: list[float]
+) -> None:
     assert warning_leads([600, 60], limit) == leads
     assert warning_leads([], limit) == []
 
@@ -353,8 +371,9 @@ def test_started_record_carries_the_cluster_start_time(tmp_path: Path) -> None:
 
 # -- a detached session's supervisor never ends a job ----------------------------------------
 @pytest.mark.parametrize("record", ["ENDED|signal TERM", "EXITED|1", "GONE|CANCELLED"])
-def test_supervisor_lets_go_when_the_job_ends(tmp_path: Path, record: str,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_supervisor_lets_go_when_the_job_ends(
+    tmp_path: Path, record: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """... and the scheduler does not confirm the end (see test_recovery for
     when it does): how long it asks is not this test's matter."""
     from alvis_fsm.engine import runner as runner_module

@@ -27,17 +27,26 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("90m", 5400), ("2h", 7200), ("1h30m", 5400), ("2d", 172800), ("1:30:00", 5400),
-     ("1-12", 129600), ("45", 2700), ("1:30", 90)],
-)  # fmt: skip
+    [
+        ("90m", 5400),
+        ("2h", 7200),
+        ("1h30m", 5400),
+        ("2d", 172800),
+        ("1:30:00", 5400),
+        ("1-12", 129600),
+        ("45", 2700),
+        ("1:30", 90),
+    ],
+)
 def test_a_job_time_in_any_form(text: str, seconds: int) -> None:
     assert syntax.parse_walltime(text) == seconds
     # What sbatch is given is always SLURM's own form.
     assert syntax.duration(jobscript.format_walltime(seconds)) == seconds
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("15m", 900), ("1h30m", 5400), ("2d", 172800),
-                                               ("15:00", 900), ("90", 90)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("15m", 900), ("1h30m", 5400), ("2d", 172800), ("15:00", 900), ("90", 90)]
+)
 def test_the_gateway_durations_take_the_same_syntax(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
@@ -51,15 +60,18 @@ def test_settings_and_catalog_take_units(tmp_path: Path) -> None:
     assert entry.idle_timeout == 5400
 
 
-@pytest.mark.parametrize(("seconds", "words"), [(5400, "1 h 30 min"), (90, "1 min 30 s"),
-                                                (3600, "1 h"), (93600, "1 d 2 h"), (0, "0 s")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("seconds", "words"),
+    [(5400, "1 h 30 min"), (90, "1 min 30 s"), (3600, "1 h"), (93600, "1 d 2 h"), (0, "0 s")],
+)
 def test_in_words(seconds: int, words: str) -> None:
     assert in_words(seconds) == words
 
 
 def cfg(tmp_path: Path) -> Settings:
-    return load_settings({"session": {"state_dir": str(tmp_path / "s")},
-                          "slurm": {"account": "A", "gpus": "A40:1"}})  # fmt: skip
+    return load_settings(
+        {"session": {"state_dir": str(tmp_path / "s")}, "slurm": {"account": "A", "gpus": "A40:1"}}
+    )
 
 
 def test_mm_ss_is_refused_with_the_numbers(tmp_path: Path) -> None:
@@ -77,23 +89,39 @@ def test_the_threshold_follows_earlier_starts(tmp_path: Path) -> None:
     settings = cfg(tmp_path)
     store = Store(settings.state_dir)
     LoadTimes(store.dir).add("gpt-oss-20b", "A40:1", 1200.0)
-    with pytest.raises(UsageError, match=r"it loads in ~1200 s, based on 1 earlier start.*at least 25 min"):
+    with pytest.raises(
+        UsageError, match=r"it loads in ~1200 s, based on 1 earlier start.*at least 25 min"
+    ):
         service.create(settings, service.StartOptions(model="gpt-oss-20b", time="20m"))
     new = service.create(settings, service.StartOptions(model="gpt-oss-20b", time="30m"))
     assert new.record.time_limit_s == 1800
 
 
 def test_confirmed_short_time_starts(tmp_path: Path) -> None:
-    new = service.create(cfg(tmp_path), service.StartOptions(model="gpt-oss-20b", time="1:30",
-                                                             short_ok=True))  # fmt: skip
+    new = service.create(
+        cfg(tmp_path), service.StartOptions(model="gpt-oss-20b", time="1:30", short_ok=True)
+    )
     assert new.record.time_limit_s == 90
 
 
 def run(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HOME": str(home), "NO_COLOR": "1", "PYTHONPATH": str(REPO),
-           "ALVIS_FSM_SESSION__STATE_DIR": str(home / "state"), "ALVIS_FSM_SSH__HOST": "nohost.invalid"}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "alvis_fsm", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60, input="")  # fmt: skip
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "NO_COLOR": "1",
+        "PYTHONPATH": str(REPO),
+        "ALVIS_FSM_SESSION__STATE_DIR": str(home / "state"),
+        "ALVIS_FSM_SSH__HOST": "nohost.invalid",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "alvis_fsm", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        input="",
+    )
 
 
 def test_cli_refuses_before_connecting(tmp_path: Path) -> None:
@@ -115,8 +143,10 @@ def test_the_help_names_the_units(tmp_path: Path) -> None:
     assert "90m, 2h, 1h30m, 2d" in " ".join(out.split())
 
 
-@pytest.mark.parametrize(("squeue", "shown"), [("59:28", "0:59:28"), ("1:02:03", "1:02:03"),
-                                               ("1-02:00:00", "1-2:00:00"), ("", None)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("squeue", "shown"),
+    [("59:28", "0:59:28"), ("1:02:03", "1:02:03"), ("1-02:00:00", "1-2:00:00"), ("", None)],
+)
 def test_time_left_is_written_one_way(squeue: str, shown: str | None) -> None:
     from alvis_fsm.engine.service import _time_left
 

@@ -45,7 +45,9 @@ def test_a_dropped_tunnel_heals_through_serving_and_keeps_the_log_stream(tmp_pat
     assert agent.cancels == [("42", "alvis-fsm-s-abc")]
 
 
-def test_a_tunnel_that_will_not_reopen_gives_up_the_client_and_keeps_the_job(tmp_path: Path) -> None:
+def test_a_tunnel_that_will_not_reopen_gives_up_the_client_and_keeps_the_job(
+    tmp_path: Path,
+) -> None:
     runner, agent, _, _say, store = make_runner(
         tmp_path, "tunneled", detach=False, tunnel={"max_reconnects": 2}
     )
@@ -103,10 +105,15 @@ def test_resumed_without_a_job_id_never_submits(tmp_path: Path) -> None:
     [
         (Event("EXITED", "1"), "vLLM exited with status 1 before it was ready"),
         (Event("ENDED", "signal TERM"), "The job stopped before vLLM was ready (signal TERM)"),
-        (Event("WAIT", job=JobInfo(source="sacct", state=JobState.FAILED)), "ended (FAILED) before vLLM was ready"),
+        (
+            Event("WAIT", job=JobInfo(source="sacct", state=JobState.FAILED)),
+            "ended (FAILED) before vLLM was ready",
+        ),
     ],
 )
-def test_vllm_dying_while_loading_fails_with_its_root_cause(tmp_path: Path, event: Event, said: str) -> None:
+def test_vllm_dying_while_loading_fails_with_its_root_cause(
+    tmp_path: Path, event: Event, said: str
+) -> None:
     runner, agent, _, _say, store = make_runner(tmp_path, "running")
     agent.readies.append(event)
     with pytest.raises(ServerError) as err:

@@ -32,7 +32,9 @@ def _happy(agent: FakeAgent, state: str, first: list[Any] | None = None) -> None
         agent.starts.extend([*first, Event("STARTED", "alvis7-07 42 1700000000")])
         agent.readies.extend([Event("ADDRESS", "alvis7-07:8000"), Event("READY", "alvis7-07:8000")])
     elif state == "running":
-        agent.readies.extend([*first, Event("ADDRESS", "alvis7-07:8000"), Event("READY", "alvis7-07:8000")])
+        agent.readies.extend(
+            [*first, Event("ADDRESS", "alvis7-07:8000"), Event("READY", "alvis7-07:8000")]
+        )
 
 
 @pytest.mark.parametrize("state", LIVE)
@@ -41,8 +43,10 @@ def test_scheduler_not_answering_keeps_the_job(tmp_path: Path, state: str) -> No
     unknown = [Event("WAIT", job=UNKNOWN, age=1), Event("WAIT", job=UNKNOWN, age=2)]
     _happy(agent, state, unknown)
     if state == "tunneled":
-        agent.stream_script = ("import time; print('UNKNOWN|squeue: Socket timed out', flush=True); "
-                               "time.sleep(1); print('ENDED|time limit', flush=True); time.sleep(5)")  # fmt: skip
+        agent.stream_script = (
+            "import time; print('UNKNOWN|squeue: Socket timed out', flush=True); "
+            "time.sleep(1); print('ENDED|time limit', flush=True); time.sleep(5)"
+        )
         runner.drive()  # the stream says unknown, later the time limit ends it
         assert agent.cancels == [JOB] and store.load("s").state == "cleaned"
     else:
@@ -54,14 +58,16 @@ def test_scheduler_not_answering_keeps_the_job(tmp_path: Path, state: str) -> No
 
 @pytest.mark.parametrize("state", LIVE)
 def test_network_lost_keeps_job_and_state(tmp_path: Path, state: str) -> None:
-    runner, agent, conn, _, store = make_runner(tmp_path, state, detach=False,
-                                                ssh={"reconnect_window": 1})  # fmt: skip
+    runner, agent, conn, _, store = make_runner(
+        tmp_path, state, detach=False, ssh={"reconnect_window": 1}
+    )
     lost = ConnectionLost("Lost the connection to alvis2")
     if state == "submitted":
         agent.starts.append(lost)
     elif state == "running":
         agent.readies.append(lost)
     elif state == "serving":
+
         def verify(*_: object, **__: object) -> Verified:
             raise lost
 
@@ -98,6 +104,7 @@ def test_a_stop_cancels_and_is_confirmed(tmp_path: Path, state: str, how: str) -
         elif state == "running":
             agent.readies.appendleft(KeyboardInterrupt())
         else:
+
             def interrupted(*_: object, **__: object) -> Verified:
                 raise KeyboardInterrupt
 

@@ -98,9 +98,15 @@ def test_llama3_70b() -> None:
     ],
 )
 def test_published_weight_sizes_are_the_parameter_counts(
-    vocab: int, hidden: int, layers: int, inter: int, heads: int, kv: int, head_dim: int,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    inter: int,
+    heads: int,
+    kv: int,
+    head_dim: int,
     total: int,
-) -> None:  # fmt: skip
+) -> None:
     """The fixtures' total_size values are 2 bytes × the parameters of their shape."""
     qk_norms = 2 * head_dim if vocab == 151_936 else 0
     per_layer = (
@@ -172,16 +178,26 @@ def test_bare_sliding_window_counts_as_full() -> None:
 
 
 def test_sliding_layers_ignored_when_disabled() -> None:
-    cfg = {**BASE, "sliding_window": 64, "use_sliding_window": False,
-           "layer_types": ["sliding_attention", "full_attention"] * 2}  # fmt: skip
+    cfg = {
+        **BASE,
+        "sliding_window": 64,
+        "use_sliding_window": False,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    }
     assert estimate(cfg, 0).sliding_layers == 0
 
 
 def test_mla_latent_is_not_split() -> None:
     # DeepSeek-V2-Lite's attention shape: 27 layers, kv_lora_rank 512, rope dim 64.
-    cfg = {"num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
-           "hidden_size": 2048, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
-           "torch_dtype": "bfloat16"}  # fmt: skip
+    cfg = {
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "hidden_size": 2048,
+        "kv_lora_rank": 512,
+        "qk_rope_head_dim": 64,
+        "torch_dtype": "bfloat16",
+    }
     fp = estimate(cfg, 0)
     assert fp.kv_bytes_per_token == 27 * (512 + 64) * 2 == 31_104
     assert fp.kv_bytes_per_gpu(1000, 4) == fp.kv_bytes(1000)
@@ -321,8 +337,11 @@ def test_a40_busy_a100_node_free() -> None:
 
 
 def test_nothing_free_earliest_expected_start_wins() -> None:
-    starts = {"A40:2": "2026-11-27T15:00:00", "A100:4": "2026-11-28T09:00:00",
-              "A100fat:1": "2026-11-27T13:30:00"}  # fmt: skip
+    starts = {
+        "A40:2": "2026-11-27T15:00:00",
+        "A100:4": "2026-11-28T09:00:00",
+        "A100fat:1": "2026-11-27T13:30:00",
+    }
     choice = fit.choose(model_65gb(), 8192, AUTO, BUDGET, [A40_FREE_0], starts)
     assert choice.gpus == "A100fat:1"
     assert choice.reason.endswith("; none free now, expected to start first (2026-11-27T13:30:00)")
@@ -363,8 +382,10 @@ def test_too_large_for_any_type_is_refused_with_the_numbers() -> None:
 def test_free_by_node_ignores_down_nodes_and_other_types() -> None:
     nodes = fit.free_by_node([A40_FREE_0, FAT_FREE_1, A40_FREE_2, A40_DRAINED], "A40")
     assert [(n.node, n.free, n.total) for n in nodes] == [
-        ("alvis4-12", 2, 4), ("alvis4-13", 0, 4), ("alvis4-14", 0, 4),
-    ]  # fmt: skip
+        ("alvis4-12", 2, 4),
+        ("alvis4-13", 0, 4),
+        ("alvis4-14", 0, 4),
+    ]
 
 
 # -- warnings and vLLM's answers ----------------------------------------------------------------
@@ -399,15 +420,19 @@ def test_parse_kv_refusal() -> None:
         + "\x1b[0m\nRuntimeError: Engine core initialization failed."
     )
     assert fit.parse_kv_refusal(log) == 47_872
-    v0 = ("ValueError: The model's max seq len (32768) is larger than the maximum number of tokens"
-          " that can be stored in KV cache (20224). Try increasing `gpu_memory_utilization`")  # fmt: skip
+    v0 = (
+        "ValueError: The model's max seq len (32768) is larger than the maximum number of tokens"
+        " that can be stored in KV cache (20224). Try increasing `gpu_memory_utilization`"
+    )
     assert fit.parse_kv_refusal(v0) == 20_224
     assert fit.parse_kv_refusal("torch.OutOfMemoryError: CUDA out of memory.") is None
 
 
 def test_parse_test_only() -> None:
-    text = ("sbatch: Job 5382690 to start at 2026-11-27T13:05:00 using 16 processors on nodes"
-            " alvis4-12 in partition alvis\n")  # fmt: skip
+    text = (
+        "sbatch: Job 5382690 to start at 2026-11-27T13:05:00 using 16 processors on nodes"
+        " alvis4-12 in partition alvis\n"
+    )
     assert fit.parse_test_only(text) == "2026-11-27T13:05:00"
     assert fit.parse_test_only("sbatch: error: Batch job submission failed") is None
 

@@ -37,12 +37,15 @@ def test_env_sets_a_list(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         ({"auto_types": ["A40", "H100"]}, "fit.auto_types", "'H100' not in fit.gpu_types"),
         ({"gpu_types": ["A40:48:4"]}, "fit.gpu_types", 'e.g. ["A40 48GB x4"]'),
-        ({"gpu_types": ["A40 48GB x4", "A40 48GB x2"], "auto_types": ["A40"]},
-         "fit.gpu_types", "listed twice"),
+        (
+            {"gpu_types": ["A40 48GB x4", "A40 48GB x2"], "auto_types": ["A40"]},
+            "fit.gpu_types",
+            "listed twice",
+        ),
         ({"gpu_memory_utilization": 1.5}, "fit.gpu_memory_utilization", "at most 1, e.g. 0.9"),
         ({"margin_gb": -1}, "fit.margin_gb", "0 or more, e.g. 3"),
     ],
-)  # fmt: skip
+)
 def test_invalid_fit_settings_named(fit: dict[str, object], key: str, words: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings({"fit": fit})

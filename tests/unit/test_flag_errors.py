@@ -12,8 +12,18 @@ import pytest
 from alvis_fsm.fronts.cli.main import main
 
 # The wording of pydantic, click and regular expressions: never shown.
-INTERNALS = ("String should", "Input should", "pattern", "^(", "[0-9]", "valid integer",
-             "type=", "pydantic", "Traceback", "<=x<=")  # fmt: skip
+INTERNALS = (
+    "String should",
+    "Input should",
+    "pattern",
+    "^(",
+    "[0-9]",
+    "valid integer",
+    "type=",
+    "pydantic",
+    "Traceback",
+    "<=x<=",
+)
 
 # (argv, exit code, what the first [ERROR] line must contain, an example somewhere)
 CASES: list[tuple[list[str], int, list[str], str]] = [
@@ -22,8 +32,12 @@ CASES: list[tuple[list[str], int, list[str], str]] = [
     (["start", "--port", "65536"], 2, ["--port", "'65536'", "from 1 to 65535"], "--port 58001"),
     (["start", "--port", "-1"], 2, ["--port", "'-1'", "from 1 to 65535"], "--port 58001"),
     (["start", "-t", "99:99"], 2, ["-t/--time", "'99:99'", "MM, MM:SS, H:MM:SS"], "-t 2:00:00"),
-    (["start", "-t", "8-00"], 2, ["-t/--time", "'8-00'", "longer than the maximum 7-00:00:00"],
-     "-t 2:00:00"),
+    (
+        ["start", "-t", "8-00"],
+        2,
+        ["-t/--time", "'8-00'", "longer than the maximum 7-00:00:00"],
+        "-t 2:00:00",
+    ),
     (["start", "-t", "abc"], 2, ["-t/--time", "'abc'", "D-HH:MM:SS"], "-t 30"),
     (["start", "--gpus", "A40:0"], 2, ["--gpus", "'A40:0'", "GPU type and a count"], "A40:1"),
     (["start", "--gpus", "A40:1 --wrap=x"], 2, ["--gpus", "'A40:1 --wrap=x'", "count"], "A40:2"),
@@ -37,29 +51,73 @@ CASES: list[tuple[list[str], int, list[str], str]] = [
     (["models", "--add", "x"], 2, ["--add", "--discover"], "--discover --add x"),
     (["status", "--bogus"], 2, ["--bogus"], "--help"),
     (["bogus"], 2, ["bogus"], "--help"),
-    (["config", "set", "tunnel.local_port", "0"], 2, ["tunnel.local_port", "0", "from 1 to 65535"],
-     "58001"),
-    (["config", "set", "tunnel.local_port", "abc"], 2,
-     ["tunnel.local_port", "'abc'", "from 1 to 65535"], "58001"),
-    (["config", "set", "slurm.time", "99:99"], 2, ["slurm.time", "'99:99'", "SLURM duration"],
-     "2:00:00"),
-    (["config", "set", "slurm.time", "8-00:00:00"], 2,
-     ["slurm.time", "'8-00:00:00'", "longer than slurm.max_time"], "2:00:00"),
-    (["config", "set", "slurm.max_time", "30"], 2,
-     ["slurm.max_time", "refused", "slurm.time would be invalid"], '"7-00:00:00"'),
+    (
+        ["config", "set", "tunnel.local_port", "0"],
+        2,
+        ["tunnel.local_port", "0", "from 1 to 65535"],
+        "58001",
+    ),
+    (
+        ["config", "set", "tunnel.local_port", "abc"],
+        2,
+        ["tunnel.local_port", "'abc'", "from 1 to 65535"],
+        "58001",
+    ),
+    (
+        ["config", "set", "slurm.time", "99:99"],
+        2,
+        ["slurm.time", "'99:99'", "SLURM duration"],
+        "2:00:00",
+    ),
+    (
+        ["config", "set", "slurm.time", "8-00:00:00"],
+        2,
+        ["slurm.time", "'8-00:00:00'", "longer than slurm.max_time"],
+        "2:00:00",
+    ),
+    (
+        ["config", "set", "slurm.max_time", "30"],
+        2,
+        ["slurm.max_time", "refused", "slurm.time would be invalid"],
+        '"7-00:00:00"',
+    ),
     (["config", "set", "slurm.gpus", "A40:x"], 2, ["slurm.gpus", "'A40:x'", "GPU type"], "A40:1"),
-    (["config", "set", "slurm.account", "a;b"], 2, ["slurm.account", "'a;b'", "letters"],
-     "NAISS2025-22-1522"),
-    (["config", "set", "catalog.default_model", "nosuch"], 2,
-     ["catalog.default_model", "'nosuch'", "no such model"], "gpt-oss-20b"),
-    (["config", "set", "tunnel.route", "direct"], 2, ["tunnel.route", "'direct'", "jump or login"],
-     "login"),
-    (["config", "set", "vllm.api_key", "maybe"], 2, ["vllm.api_key", "'maybe'", "true or false"],
-     "false"),
-    (["config", "set", "timeouts.job_start", "0"], 2, ["timeouts.job_start", "0", "greater than 0"],
-     "600"),
-    (["config", "set", "slurm.extra_args", "[1]"], 2, ["slurm.extra_args", "'[1]'", "list"],
-     "--qos=short"),
+    (
+        ["config", "set", "slurm.account", "a;b"],
+        2,
+        ["slurm.account", "'a;b'", "letters"],
+        "NAISS2025-22-1522",
+    ),
+    (
+        ["config", "set", "catalog.default_model", "nosuch"],
+        2,
+        ["catalog.default_model", "'nosuch'", "no such model"],
+        "gpt-oss-20b",
+    ),
+    (
+        ["config", "set", "tunnel.route", "direct"],
+        2,
+        ["tunnel.route", "'direct'", "jump or login"],
+        "login",
+    ),
+    (
+        ["config", "set", "vllm.api_key", "maybe"],
+        2,
+        ["vllm.api_key", "'maybe'", "true or false"],
+        "false",
+    ),
+    (
+        ["config", "set", "timeouts.job_start", "0"],
+        2,
+        ["timeouts.job_start", "0", "greater than 0"],
+        "600",
+    ),
+    (
+        ["config", "set", "slurm.extra_args", "[1]"],
+        2,
+        ["slurm.extra_args", "'[1]'", "list"],
+        "--qos=short",
+    ),
     (["config", "set", "tunnel.bogus", "1"], 2, ["tunnel.bogus"], "tunnel.bind"),
     (["config", "get", "tunnel.bogus"], 2, ["tunnel.bogus"], "tunnel.bind"),
     (["config", "unset", "tunnel.bogus"], 2, ["tunnel.bogus"], "tunnel.bind"),
@@ -73,10 +131,17 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return int(done.value.code or 0), out.out, out.err
 
 
-@pytest.mark.parametrize(("argv", "code", "words", "example"), CASES,
-                         ids=[" ".join(c[0]) for c in CASES])  # fmt: skip
-def test_flag_error(argv: list[str], code: int, words: list[str], example: str,
-                    capsys: pytest.CaptureFixture[str], user_conf: Path) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("argv", "code", "words", "example"), CASES, ids=[" ".join(c[0]) for c in CASES]
+)
+def test_flag_error(
+    argv: list[str],
+    code: int,
+    words: list[str],
+    example: str,
+    capsys: pytest.CaptureFixture[str],
+    user_conf: Path,
+) -> None:
     status, out, err = run(argv, capsys)
     assert status == code, err
     assert out == ""

@@ -23,7 +23,10 @@ from alvis_fsm.fronts.gateway.models import Models
 from alvis_fsm.fronts.gateway.server import Gateway, serve
 
 KEY = "gw-test-key"
-RESOLVE = {"lab-ok": ("lab-ok", "alvislab/tiny-ok"), "alvislab/tiny-ok": ("lab-ok", "alvislab/tiny-ok")}
+RESOLVE = {
+    "lab-ok": ("lab-ok", "alvislab/tiny-ok"),
+    "alvislab/tiny-ok": ("lab-ok", "alvislab/tiny-ok"),
+}
 
 
 class Cluster:
@@ -35,11 +38,23 @@ class Cluster:
         self.hold: threading.Event | None = None  # set: results wait for it
         self.downloading = threading.Event()
 
-    def submit(self, valid: batch.Validated, window: str, metadata: dict[str, str], file_id: str) -> BatchRecord:
-        r = BatchRecord(id=batch.new_id(), model=valid.model, served_name=valid.served_name,
-                        endpoint=valid.endpoint, total=len(valid.ids), shards=1, run_dir="/r",
-                        job_name="j", created_at=1700000000, completion_window=window,
-                        metadata=metadata, input_file_id=file_id)  # fmt: skip
+    def submit(
+        self, valid: batch.Validated, window: str, metadata: dict[str, str], file_id: str
+    ) -> BatchRecord:
+        r = BatchRecord(
+            id=batch.new_id(),
+            model=valid.model,
+            served_name=valid.served_name,
+            endpoint=valid.endpoint,
+            total=len(valid.ids),
+            shards=1,
+            run_dir="/r",
+            job_name="j",
+            created_at=1700000000,
+            completion_window=window,
+            metadata=metadata,
+            input_file_id=file_id,
+        )
         r.set_status(BatchStatus.IN_PROGRESS)
         self.store.save(r, valid.ids)
         return r
@@ -61,24 +76,48 @@ class Cluster:
         if self.hold is not None:
             self.hold.wait(10)
         ids = self.store.ids(r.id)
-        rows = [{"id": "batch_req_x", "custom_id": cid, "error": None,
-                 "response": {"status_code": 400 if cid == "bad" else 200, "request_id": "q",
-                              "body": {"object": "chat.completion", "echo": cid}}}
-                for cid in reversed(ids)]  # fmt: skip
-        return batch_service.write_results(ids, "\n".join(json.dumps(x) for x in rows),
-                                           BatchStatus(r.status), out, err)  # fmt: skip
+        rows = [
+            {
+                "id": "batch_req_x",
+                "custom_id": cid,
+                "error": None,
+                "response": {
+                    "status_code": 400 if cid == "bad" else 200,
+                    "request_id": "q",
+                    "body": {"object": "chat.completion", "echo": cid},
+                },
+            }
+            for cid in reversed(ids)
+        ]
+        return batch_service.write_results(
+            ids, "\n".join(json.dumps(x) for x in rows), BatchStatus(r.status), out, err
+        )
 
 
 def jsonl(*ids: str, model: str = "lab-ok") -> bytes:
-    return b"".join(json.dumps({"custom_id": i, "method": "POST", "url": "/v1/chat/completions",
-                                "body": {"model": model, "messages": [{"role": "user", "content": i}]}}
-                               ).encode() + b"\n" for i in ids)  # fmt: skip
+    return b"".join(
+        json.dumps(
+            {
+                "custom_id": i,
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": model, "messages": [{"role": "user", "content": i}]},
+            }
+        ).encode()
+        + b"\n"
+        for i in ids
+    )
 
 
 def run(state_dir: Path, test: Any) -> Any:
     cluster = Cluster(state_dir)
-    ops = Ops(submit=cluster.submit, refresh=cluster.refresh, cancel=cluster.cancel,
-              results=cluster.results, resolve=lambda: RESOLVE)  # fmt: skip
+    ops = Ops(
+        submit=cluster.submit,
+        refresh=cluster.refresh,
+        cancel=cluster.cancel,
+        results=cluster.results,
+        resolve=lambda: RESOLVE,
+    )
     gateway = Gateway(KEY, Models({}, lambda *a: None), batches=Batches(state_dir, ops))  # type: ignore[arg-type,return-value]
 
     async def main() -> Any:
@@ -98,12 +137,22 @@ def run(state_dir: Path, test: Any) -> Any:
 
 def test_the_openai_client_runs_a_batch_unchanged(tmp_path: Path) -> None:
     async def test(client: openai.AsyncOpenAI, cluster: Cluster) -> None:
-        f = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl("a", "bad", "c"))), purpose="batch")
+        f = await client.files.create(
+            file=("in.jsonl", io.BytesIO(jsonl("a", "bad", "c"))), purpose="batch"
+        )
         assert f.id.startswith("file-") and f.purpose == "batch" and f.bytes > 0
         assert (await client.files.retrieve(f.id)).filename == "in.jsonl"
-        b = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h", metadata={"job": "eval"})  # fmt: skip
-        assert b.id.startswith("batch_") and b.status == "in_progress" and b.metadata == {"job": "eval"}
+        b = await client.batches.create(
+            input_file_id=f.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"job": "eval"},
+        )
+        assert (
+            b.id.startswith("batch_")
+            and b.status == "in_progress"
+            and b.metadata == {"job": "eval"}
+        )
         assert b.request_counts is not None and b.request_counts.total == 3
         b = await client.batches.retrieve(b.id)
         assert b.status == "completed" and b.completed_at and b.output_file_id and b.error_file_id
@@ -129,8 +178,13 @@ def test_list_pages_with_after_and_limit_newest_first(tmp_path: Path) -> None:
         f = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl("a"))), purpose="batch")
         made = []
         for _ in range(3):
-            made.append((await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                                     completion_window="24h")).id)  # fmt: skip
+            made.append(
+                (
+                    await client.batches.create(
+                        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+                    )
+                ).id
+            )
             await asyncio.sleep(0)
         page = await client.batches.list(limit=2)
         assert len(page.data) == 2 and page.has_more
@@ -143,19 +197,24 @@ def test_list_pages_with_after_and_limit_newest_first(tmp_path: Path) -> None:
 
 def test_cancel_and_refusals(tmp_path: Path) -> None:
     async def test(client: openai.AsyncOpenAI, cluster: Cluster) -> None:
-        f = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl("a", "a"))), purpose="batch")
+        f = await client.files.create(
+            file=("in.jsonl", io.BytesIO(jsonl("a", "a"))), purpose="batch"
+        )
         with pytest.raises(openai.BadRequestError) as info:
-            await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")  # fmt: skip
+            await client.batches.create(
+                input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
         assert "Line 2: duplicate custom_id 'a'" in str(info.value)
         g = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl("x"))), purpose="batch")
         with pytest.raises(openai.BadRequestError):
-            await client.batches.create(input_file_id=g.id, endpoint="/v1/completions",
-                                        completion_window="24h")  # fmt: skip
+            await client.batches.create(
+                input_file_id=g.id, endpoint="/v1/completions", completion_window="24h"
+            )
         with pytest.raises(openai.BadRequestError):
             await client.files.create(file=("in.jsonl", io.BytesIO(b"x")), purpose="fine-tune")
-        b = await client.batches.create(input_file_id=g.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")  # fmt: skip
+        b = await client.batches.create(
+            input_file_id=g.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
         c = await client.batches.cancel(b.id)
         assert c.status == "cancelled" and cluster.cancelled == [b.id]
         with pytest.raises(openai.NotFoundError):
@@ -166,14 +225,21 @@ def test_cancel_and_refusals(tmp_path: Path) -> None:
 
 def test_a_completed_batch_is_finalizing_while_its_files_are_downloaded(tmp_path: Path) -> None:
     async def test(client: openai.AsyncOpenAI, cluster: Cluster) -> None:
-        f = await client.files.create(file=("in.jsonl", io.BytesIO(jsonl("a", "c"))), purpose="batch")
-        b = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                        completion_window="24h")  # fmt: skip
+        f = await client.files.create(
+            file=("in.jsonl", io.BytesIO(jsonl("a", "c"))), purpose="batch"
+        )
+        b = await client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
         release = cluster.hold = threading.Event()
         first = asyncio.ensure_future(client.batches.retrieve(b.id))  # downloads, held
         assert await asyncio.to_thread(cluster.downloading.wait, 10)
         meanwhile = await client.batches.retrieve(b.id)
-        assert meanwhile.status == "finalizing" and meanwhile.finalizing_at and meanwhile.completed_at is None
+        assert (
+            meanwhile.status == "finalizing"
+            and meanwhile.finalizing_at
+            and meanwhile.completed_at is None
+        )
         assert meanwhile.output_file_id is None
         release.set()
         done = await first
@@ -189,22 +255,34 @@ def test_bad_bodies_and_upload_names_are_400s_in_openai_shape(tmp_path: Path) ->
     async def test(client: openai.AsyncOpenAI, cluster: Cluster) -> None:
         import httpx
 
-        async with httpx.AsyncClient(base_url=str(client.base_url), trust_env=False,
-                                     headers={"Authorization": f"Bearer {KEY}"}) as http:  # fmt: skip
-            resp = await http.post("batches", content=b"[" * 200_000,
-                                   headers={"Content-Type": "application/json"})  # fmt: skip
+        async with httpx.AsyncClient(
+            base_url=str(client.base_url),
+            trust_env=False,
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as http:
+            resp = await http.post(
+                "batches", content=b"[" * 200_000, headers={"Content-Type": "application/json"}
+            )
             assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
             with pytest.raises(openai.BadRequestError) as refused:
                 await client.files.create(file=("x" * 300, io.BytesIO(jsonl("a"))), purpose="batch")
             assert refused.value.code == "invalid_filename"
             # Control characters (httpx would percent-encode them: sent by hand).
             for name in (b"a%00b", b"a%0Ab", b"a%1b%5d52%3bc%3bx%07"):
-                form = (b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
-                        b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename*=utf-8''" + name +
-                        b'\r\n\r\n{"custom_id": "a"}\n\r\n--B--\r\n')  # fmt: skip
-                resp = await http.post("files", content=form,
-                                       headers={"Content-Type": "multipart/form-data; boundary=B"})  # fmt: skip
-                assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_filename", name
+                form = (
+                    b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+                    b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename*=utf-8''"
+                    + name
+                    + b'\r\n\r\n{"custom_id": "a"}\n\r\n--B--\r\n'
+                )
+                resp = await http.post(
+                    "files",
+                    content=form,
+                    headers={"Content-Type": "multipart/form-data; boundary=B"},
+                )
+                assert (
+                    resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_filename"
+                ), name
             assert [f async for f in client.files.list()] == []
 
     run(tmp_path, test)

@@ -66,7 +66,9 @@ def _status_and_error(raw: bytes) -> tuple[int, dict[str, object]]:
     return status, json.loads(body)["error"]
 
 
-def _request(body: bytes, headers: dict[str, str] | None = None, auth: bytes | None = None) -> bytes:
+def _request(
+    body: bytes, headers: dict[str, str] | None = None, auth: bytes | None = None
+) -> bytes:
     given = {"Host": "127.0.0.1", "Content-Type": "application/json", **(headers or {})}
     lines = [b"POST /v1/chat/completions HTTP/1.1"]
     lines += [f"{k}: {v}".encode() for k, v in given.items()]
@@ -86,7 +88,9 @@ def _no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
         frames = traceback.extract_tb(r.exc_info[2])
         return any(f.filename.endswith("test_gateway_http.py") and f.name == "chat" for f in frames)
 
-    records = [r for r in caplog.records if r.name.startswith(("aiohttp", "asyncio")) and not fake_vllms(r)]
+    records = [
+        r for r in caplog.records if r.name.startswith(("aiohttp", "asyncio")) and not fake_vllms(r)
+    ]
     said = [r.getMessage() for r in records]
     assert not [r for r in records if r.exc_info], said
     assert not [m for m in said if "Error handling request" in m or "Unhandled" in m], said
@@ -96,18 +100,39 @@ HOSTILE: list[tuple[str, bytes, int, str]] = [
     ("non-UTF-8 key", _request(b"{}", auth=b"Bearer \xff\xfe\x80key"), 401, "invalid_api_key"),
     ("non-UTF-8 scheme", _request(b"{}", auth=b"\xc3\x28 x"), 401, "invalid_api_key"),
     ("deeply nested JSON", _request(b"[" * 4_000 + b"]" * 4_000), 400, "invalid_json"),
-    ("nested past the limit", _request(json.dumps({"model": "m1", "x": [[[[[[[[[[[[]]]]]]]]]]]] * 1}
-                                                  | {"y": json.loads("[" * 70 + "]" * 70)}).encode()),
-     400, "invalid_json"),
+    (
+        "nested past the limit",
+        _request(
+            json.dumps(
+                {"model": "m1", "x": [[[[[[[[[[[[]]]]]]]]]]]] * 1}
+                | {"y": json.loads("[" * 70 + "]" * 70)}
+            ).encode()
+        ),
+        400,
+        "invalid_json",
+    ),
     ("bad JSON", _request(b'{"model": "m1", '), 400, "invalid_json"),
     ("not UTF-8 JSON", _request(b'{"model": "\xff"}'), 400, "invalid_json"),
     ("not an object", _request(b"[1, 2]"), 400, "invalid_body"),
-    ("wrong content type", _request(json.dumps({"model": "m1", **CHAT}).encode(),
-                                    {"Content-Type": "text/plain"}), 415, "unsupported_media_type"),
-    ("form content type", _request(b"model=m1", {"Content-Type": "application/x-www-form-urlencoded"}),
-     415, "unsupported_media_type"),
-    ("huge body", _request(b'{"model": "m1", "x": "' + b"a" * 20_000 + b'"}'), 413, "request_too_large"),
-]  # fmt: skip
+    (
+        "wrong content type",
+        _request(json.dumps({"model": "m1", **CHAT}).encode(), {"Content-Type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    ),
+    (
+        "form content type",
+        _request(b"model=m1", {"Content-Type": "application/x-www-form-urlencoded"}),
+        415,
+        "unsupported_media_type",
+    ),
+    (
+        "huge body",
+        _request(b'{"model": "m1", "x": "' + b"a" * 20_000 + b'"}'),
+        413,
+        "request_too_large",
+    ),
+]
 
 
 @pytest.mark.parametrize(("what", "raw", "status", "code"), HOSTILE, ids=[h[0] for h in HOSTILE])
@@ -149,7 +174,9 @@ def test_huge_headers_are_a_4xx_not_a_500() -> None:
             logging.getLogger(name).removeHandler(handler)
             logging.getLogger(name).propagate = True
     assert shown and all("\n" not in line and "Traceback" not in line for line in shown)
-    assert all(line.startswith("[gateway] aiohttp.server: Error handling request") for line in shown)
+    assert all(
+        line.startswith("[gateway] aiohttp.server: Error handling request") for line in shown
+    )
 
 
 def test_a_body_that_never_arrives_is_a_408() -> None:
@@ -178,15 +205,19 @@ def test_a_half_sent_request_is_closed_after_the_header_timeout() -> None:
 def test_at_the_connection_cap_the_oldest_idle_connection_makes_room() -> None:
     async def scenario(client: httpx.AsyncClient, h: Harness) -> None:
         port = _port(client)
-        assert (await client.post("/v1/chat/completions", json={"model": "m1", **CHAT},
-                                  headers=AUTH)).status_code == 200  # fmt: skip
+        assert (
+            await client.post("/v1/chat/completions", json={"model": "m1", **CHAT}, headers=AUTH)
+        ).status_code == 200
         flood = [await asyncio.open_connection("127.0.0.1", port) for _ in range(40)]
         for _, writer in flood:
             writer.write(b"POST /v1/chat/completions HTTP/1.1\r\n")  # and never more
         await asyncio.sleep(0.2)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False,
-                                     timeout=10) as fresh:  # fmt: skip
-            resp = await fresh.post("/v1/chat/completions", json={"model": "m1", **CHAT}, headers=AUTH)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10
+        ) as fresh:
+            resp = await fresh.post(
+                "/v1/chat/completions", json={"model": "m1", **CHAT}, headers=AUTH
+            )
         assert resp.status_code == 200
         gw = h.gateway
         assert gw is not None and gw.connections is not None
@@ -229,7 +260,9 @@ def test_library_log_records_are_single_inert_lines_and_rate_limited() -> None:
             raise OSError(24, "Too many open files")
         except OSError:
             for _ in range(1000):
-                logger.error("socket.accept() out of system resource\x1b]52;c;eA==\x07", exc_info=True)
+                logger.error(
+                    "socket.accept() out of system resource\x1b]52;c;eA==\x07", exc_info=True
+                )
     finally:
         logger.removeHandler(handler)
     assert len(shown) == 3
@@ -260,15 +293,24 @@ def test_300_half_open_connections_under_a_256_descriptor_limit(tmp_path: Path) 
     printed, not asserted), and the log stays small."""
     log = tmp_path / "gateway.log"
     with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, str(HERE / "bounded_gateway.py"), "256"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                cwd=HERE)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "bounded_gateway.py"), "256"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            cwd=HERE,
+        )
     assert proc.stdout is not None and proc.stdin is not None
     flood: list[socket.socket] = []
     try:
         port = int(proc.stdout.readline())
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=30) as c:
-            assert c.post("/v1/chat/completions", json={"model": "m1", **CHAT}, headers=AUTH).status_code == 200
+            assert (
+                c.post(
+                    "/v1/chat/completions", json={"model": "m1", **CHAT}, headers=AUTH
+                ).status_code
+                == 200
+            )
         for _ in range(300):
             s = socket.create_connection(("127.0.0.1", port))
             s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")

@@ -30,11 +30,21 @@ def state(tmp_path: Path) -> Path:
 
 
 def cli(state: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ALVIS_FSM_SESSION__STATE_DIR": str(state), "NO_COLOR": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "alvis_fsm", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)  # fmt: skip
+    env = {
+        **os.environ,
+        "ALVIS_FSM_SESSION__STATE_DIR": str(state),
+        "NO_COLOR": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "alvis_fsm", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def free_port() -> int:
@@ -68,7 +78,9 @@ def test_a_second_gateway_is_refused_naming_the_port_and_gateway_stop(state: Pat
         me.publish(58123)
         with pytest.raises(SessionError) as refused, instance.claim(state):
             pass
-        assert "port 58123" in refused.value.message and f"pid {os.getpid()}" in refused.value.message
+        assert (
+            "port 58123" in refused.value.message and f"pid {os.getpid()}" in refused.value.message
+        )
         assert refused.value.hint and "alvis-fsm gateway stop" in refused.value.hint
         assert instance.running(state) is not None  # the first one's entry is untouched
 
@@ -88,9 +100,16 @@ def test_a_stale_entry_is_ignored_and_replaced(state: Path) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "{", "[]", '{"pid": 0, "port": 1, "started": 1}', '{"pid": 5, "port": 70000, "started": 1}',
-     '{"pid": true, "port": 5, "started": 1}', '{"pid": 5, "port": 5}'],
-)  # fmt: skip
+    [
+        "",
+        "{",
+        "[]",
+        '{"pid": 0, "port": 1, "started": 1}',
+        '{"pid": 5, "port": 70000, "started": 1}',
+        '{"pid": true, "port": 5, "started": 1}',
+        '{"pid": 5, "port": 5}',
+    ],
+)
 def test_a_damaged_entry_is_no_gateway(text: str) -> None:
     assert instance.parse(text) is None
 
@@ -98,10 +117,15 @@ def test_a_damaged_entry_is_no_gateway(text: str) -> None:
 def test_the_background_gateways_error_is_its_own(tmp_path: Path) -> None:
     from alvis_fsm.fronts.cli.commands.gateway import failure
 
-    log = "\n".join([
-        "2025-01-01 10:00:00 something before", "[ERROR] Local port 58080 is already in use",
-        "    verbatim detail", "[HINT] Find what holds it", "[HINT] or pick another port",
-    ])  # fmt: skip
+    log = "\n".join(
+        [
+            "2025-01-01 10:00:00 something before",
+            "[ERROR] Local port 58080 is already in use",
+            "    verbatim detail",
+            "[HINT] Find what holds it",
+            "[HINT] or pick another port",
+        ]
+    )
     exc = failure(7, log, tmp_path / "gateway.log")
     assert exc.message == "Local port 58080 is already in use"
     assert exc.details == "verbatim detail" and exc.exit_code == ExitCode.SESSION
@@ -138,20 +162,32 @@ def test_env_gateway_without_one_running_uses_the_setting_and_says_so(state: Pat
     done = cli(state, "env", "--gateway")
     assert done.returncode == 0
     key = gateway_key(state)  # made by env, the one the gateway will use
-    assert done.stdout == (f"export OPENAI_BASE_URL=http://localhost:58080/v1\n"
-                           f"export OPENAI_API_KEY={key}\n")  # fmt: skip
+    assert done.stdout == (
+        f"export OPENAI_BASE_URL=http://localhost:58080/v1\nexport OPENAI_API_KEY={key}\n"
+    )
     assert "No gateway is running" in done.stderr
     as_json = cli(state, "env", "--gateway", "--json")
-    assert json.loads(as_json.stdout) == {"name": "gateway", "api_key": key, "model": None,
-                                          "base_url": "http://localhost:58080/v1"}  # fmt: skip
+    assert json.loads(as_json.stdout) == {
+        "name": "gateway",
+        "api_key": key,
+        "model": None,
+        "base_url": "http://localhost:58080/v1",
+    }
     assert as_json.stderr == ""
     assert cli(state, "env", "--gateway", "lab-ok").returncode == ExitCode.USAGE
 
 
 def test_env_status_and_logs_see_a_running_gateway(state: Path) -> None:
     store = Store(state)
-    store.save(SessionRecord(name="gw-lab-ok", model="lab-ok", state=State.CLEANED.value,
-                             job_id="17", end_reason="idle timeout"))  # fmt: skip
+    store.save(
+        SessionRecord(
+            name="gw-lab-ok",
+            model="lab-ok",
+            state=State.CLEANED.value,
+            job_id="17",
+            end_reason="idle timeout",
+        )
+    )
     store.save(SessionRecord(name="other", model="lab-ok", state=State.CLEANED.value))
     with instance.claim(state) as me:  # this test process is "the gateway"
         me.publish(58777)
@@ -160,7 +196,9 @@ def test_env_status_and_logs_see_a_running_gateway(state: Path) -> None:
         assert env.stdout.startswith("export OPENAI_BASE_URL=http://localhost:58777/v1\n")
         status = cli(state, "status", "--offline")
         lines = status.stdout.splitlines()
-        assert lines[0].startswith(f"gateway: running · pid {os.getpid()} · http://localhost:58777/v1")
+        assert lines[0].startswith(
+            f"gateway: running · pid {os.getpid()} · http://localhost:58777/v1"
+        )
         assert any(x.startswith("gw-lab-ok (gateway): cleaned · job 17") for x in lines)
         assert any(x.startswith("other: cleaned") for x in lines)
         data = json.loads(cli(state, "status", "--offline", "--json").stdout)
@@ -181,10 +219,19 @@ def test_logs_model_finds_the_gateways_session(state: Path) -> None:
     assert resolve(store, None) is None
     assert resolve(store, "openai/x") == "openai/x"  # refused later, as before
     # After a rollover: the successor's lane serves, the first lane is cleaned.
-    store.save(SessionRecord(name="gw-lab-ok", model="lab-ok", state="cleaned",
-                             started="2026-11-27T10:00:00+00:00"))  # fmt: skip
-    store.save(SessionRecord(name="gw-lab-ok-2", model="lab-ok", state="tunneled",
-                             started="2026-11-27T09:00:00+00:00"))  # fmt: skip
+    store.save(
+        SessionRecord(
+            name="gw-lab-ok", model="lab-ok", state="cleaned", started="2026-11-27T10:00:00+00:00"
+        )
+    )
+    store.save(
+        SessionRecord(
+            name="gw-lab-ok-2",
+            model="lab-ok",
+            state="tunneled",
+            started="2026-11-27T09:00:00+00:00",
+        )
+    )
     assert resolve(store, "lab-ok") == "gw-lab-ok-2"
     # `status MODEL` shows the same session.
     shown = json.loads(cli(state, "status", "lab-ok", "--offline", "--json").stdout)
@@ -220,11 +267,16 @@ def test_detach_returns_listening_and_stop_ends_it(state: Path, gateway_reaped: 
     assert found is not None and found.port == port
     assert found.log == str(state / "gateway.log")
     key = (state / "gateway.key").read_text().strip()
-    assert done.stdout == f"export OPENAI_BASE_URL=http://localhost:{port}/v1\nexport OPENAI_API_KEY={key}\n"
+    assert (
+        done.stdout
+        == f"export OPENAI_BASE_URL=http://localhost:{port}/v1\nexport OPENAI_API_KEY={key}\n"
+    )
     assert str(state / "gateway.log") in done.stderr and "alvis-fsm gateway stop" in done.stderr
     # It listens (returned only once it did), and the key is not in its log.
     with httpx.Client(trust_env=False, timeout=10) as http:
-        listed = http.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {key}"})
+        listed = http.get(
+            f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {key}"}
+        )
     assert listed.status_code == 200 and listed.json()["object"] == "list"
     assert key not in (state / "gateway.log").read_text()
     # A second one is refused, naming the port and `gateway stop`.
@@ -244,7 +296,9 @@ def test_detach_returns_listening_and_stop_ends_it(state: Path, gateway_reaped: 
 
 def alive(pid: int) -> bool:
     """Running (a zombie waiting for its reaper has ended)."""
-    stat = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout
+    stat = subprocess.run(
+        ["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True
+    ).stdout
     return bool(stat.strip()) and not stat.strip().startswith("Z")
 
 
@@ -275,11 +329,14 @@ def test_stop_lists_the_sessions_not_confirmed(state: Path) -> None:
             print("up", flush=True)
             while not stop:
                 time.sleep(0.05)
-    """)  # fmt: skip
-    Store(state).save(SessionRecord(name="gw-lab-ok", model="lab-ok", state=State.TUNNELED.value,
-                                    job_id="99"))  # fmt: skip
+    """)
+    Store(state).save(
+        SessionRecord(name="gw-lab-ok", model="lab-ok", state=State.TUNNELED.value, job_id="99")
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
         done = cli(state, "gateway", "stop")
@@ -298,8 +355,13 @@ def test_orphans_are_the_live_gateway_sessions_nobody_drives(state: Path) -> Non
     from alvis_fsm.fronts.gateway.sessions import orphans
 
     store = Store(state)
-    for name, st in (("gw-a", State.TUNNELED), ("gw-b", State.SUBMITTED), ("gw-c", State.CLEANED),
-                     ("gw-a-2", State.RUNNING), ("mine", State.TUNNELED)):  # fmt: skip
+    for name, st in (
+        ("gw-a", State.TUNNELED),
+        ("gw-b", State.SUBMITTED),
+        ("gw-c", State.CLEANED),
+        ("gw-a-2", State.RUNNING),
+        ("mine", State.TUNNELED),
+    ):
         store.save(SessionRecord(name=name, model="m", state=st.value, job_id="1"))
     with store.lock("gw-b"):
         assert [r.name for r in orphans(store)] == ["gw-a", "gw-a-2"]

@@ -32,9 +32,16 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 class FakeSession:
     """Queues, loads, serves until stopped; or fails while loading."""
 
-    def __init__(self, model: str, observer: Recorder, port: int, load_s: float, fail: bool) -> None:
-        self.record = SessionRecord(name=f"gw-{model}", model=model, local_port=port,
-                                    served_name=f"org/{model}", api_key="session-key")  # fmt: skip
+    def __init__(
+        self, model: str, observer: Recorder, port: int, load_s: float, fail: bool
+    ) -> None:
+        self.record = SessionRecord(
+            name=f"gw-{model}",
+            model=model,
+            local_port=port,
+            served_name=f"org/{model}",
+            api_key="session-key",
+        )
         self.observer = observer
         self.load_s = load_s
         self.fail = fail
@@ -56,8 +63,10 @@ class FakeSession:
                 raise Interrupted(f"Stopped by {self.stopped_by}")
         if self.fail:
             r.state = "cleaned"
-            raise ServerError("vLLM exited with status 1 before it was ready",
-                              details="torch.OutOfMemoryError: CUDA out of memory")  # fmt: skip
+            raise ServerError(
+                "vLLM exited with status 1 before it was ready",
+                details="torch.OutOfMemoryError: CUDA out of memory",
+            )
         r.state = "tunneled"
         self.observer.connected(r, [r.served_name])
         self._stop.wait()
@@ -74,14 +83,27 @@ async def _upstream() -> tuple[web.AppRunner, int, list[dict[str, Any]]]:
         body = await request.json()
         seen.append(body)
         if not body.get("stream"):
-            return web.json_response({"object": "chat.completion", "model": body["model"],
-                                      "choices": [{"index": 0, "message": {"role": "assistant",
-                                                   "content": "hello"}, "finish_reason": "stop"}]})  # fmt: skip
+            return web.json_response(
+                {
+                    "object": "chat.completion",
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "hello"},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                }
+            )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for word in ("one", "two", "three"):
-            chunk = {"object": "chat.completion.chunk", "model": body["model"],
-                     "choices": [{"index": 0, "delta": {"content": word}}]}  # fmt: skip
+            chunk = {
+                "object": "chat.completion.chunk",
+                "model": body["model"],
+                "choices": [{"index": 0, "delta": {"content": word}}],
+            }
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             await asyncio.sleep(0.05)
         await resp.write(b"data: [DONE]\n\n")
@@ -135,8 +157,13 @@ class Harness:
 
 
 def harness(load_s: float = 0.2, fail: bool = False, **options: Any) -> Harness:
-    opts = {"hold_timeout": 10.0, "idle_timeout": 60.0, "keepalive_interval": 0.1,
-            "idle_check": 0.05, **options}  # fmt: skip
+    opts = {
+        "hold_timeout": 10.0,
+        "idle_timeout": 60.0,
+        "keepalive_interval": 0.1,
+        "idle_check": 0.05,
+        **options,
+    }
     return Harness(Options(**opts), load_s, fail)
 
 
@@ -159,17 +186,27 @@ def test_no_web_page_can_use_the_gateway() -> None:
     origin is refused even with the key; a preflight gets no CORS grant."""
 
     async def scenario(client: httpx.AsyncClient, h: Harness) -> None:
-        for extra in ({"Host": "rebind.attacker.test"}, {"Host": "192.168.1.5:8000"},
-                      {"Origin": "http://evil.example"}, {"Origin": "null"}):  # fmt: skip
+        for extra in (
+            {"Host": "rebind.attacker.test"},
+            {"Host": "192.168.1.5:8000"},
+            {"Origin": "http://evil.example"},
+            {"Origin": "null"},
+        ):
             for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
-                resp = await client.request(method, path, headers={**AUTH, **extra},
-                                            json={"model": "m1", **CHAT})  # fmt: skip
+                resp = await client.request(
+                    method, path, headers={**AUTH, **extra}, json={"model": "m1", **CHAT}
+                )
                 assert resp.status_code == 403, (extra, path)
                 assert resp.json()["error"]["code"] in ("host_not_allowed", "origin_not_allowed")
                 assert not [k for k in resp.headers if k.lower().startswith("access-control")]
-        preflight = await client.options("/v1/chat/completions", headers={
-            "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type"})  # fmt: skip
+        preflight = await client.options(
+            "/v1/chat/completions",
+            headers={
+                "Origin": "http://evil.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
         assert preflight.status_code == 403
         assert not [k for k in preflight.headers if k.lower().startswith("access-control")]
         assert h.sessions == []
@@ -186,12 +223,19 @@ def test_models_lists_the_catalog_with_states_and_starts_nothing() -> None:
         assert resp.status_code == 200
         data = resp.json()["data"]
         assert [(m["id"], m["aliases"], m["state"], m["job_id"]) for m in data] == [
-            ("m1", ["org/m1"], "cold", None), ("m2", ["org/m2"], "cold", None)]
+            ("m1", ["org/m1"], "cold", None),
+            ("m2", ["org/m2"], "cold", None),
+        ]
         assert h.sessions == []
         # The served ORG/NAME is an alias: it starts m1, and m1 is listed ready.
-        resp = await client.post("/v1/chat/completions", headers=AUTH, json={"model": "org/m1", **CHAT})
+        resp = await client.post(
+            "/v1/chat/completions", headers=AUTH, json={"model": "org/m1", **CHAT}
+        )
         assert resp.status_code == 200 and resp.json()["model"] == "org/m1"
-        states = {m["id"]: (m["state"], m["job_id"]) for m in (await client.get("/v1/models", headers=AUTH)).json()["data"]}
+        states = {
+            m["id"]: (m["state"], m["job_id"])
+            for m in (await client.get("/v1/models", headers=AUTH)).json()["data"]
+        }
         assert states == {"m1": ("ready", "100"), "m2": ("cold", None)}
 
     harness().run(scenario)
@@ -199,7 +243,9 @@ def test_models_lists_the_catalog_with_states_and_starts_nothing() -> None:
 
 def test_unknown_model_is_404_listing_the_catalog() -> None:
     async def scenario(client: httpx.AsyncClient, h: Harness) -> None:
-        resp = await client.post("/v1/chat/completions", headers=AUTH, json={"model": "nope", **CHAT})
+        resp = await client.post(
+            "/v1/chat/completions", headers=AUTH, json={"model": "nope", **CHAT}
+        )
         assert resp.status_code == 404
         err = resp.json()["error"]
         assert err["code"] == "model_not_found" and "'nope'" in err["message"]
@@ -214,8 +260,9 @@ def test_unknown_model_is_404_listing_the_catalog() -> None:
 def test_a_burst_of_50_requests_to_a_cold_model_makes_one_session() -> None:
     async def scenario(client: httpx.AsyncClient, h: Harness) -> None:
         async def one(i: int) -> httpx.Response:
-            return await client.post("/v1/chat/completions", headers=AUTH,
-                                     json={"model": "m1", **CHAT, "user": str(i)})  # fmt: skip
+            return await client.post(
+                "/v1/chat/completions", headers=AUTH, json={"model": "m1", **CHAT, "user": str(i)}
+            )
 
         answers = await asyncio.gather(*(one(i) for i in range(50)))
         assert [a.status_code for a in answers] == [200] * 50
@@ -232,8 +279,12 @@ def test_a_held_stream_gets_200_and_keep_alive_comments_then_the_chunks() -> Non
         started = time.monotonic()
         first: float | None = None
         lines: list[str] = []
-        async with client.stream("POST", "/v1/chat/completions", headers=AUTH,
-                                 json={"model": "m2", "stream": True, **CHAT}) as resp:  # fmt: skip
+        async with client.stream(
+            "POST",
+            "/v1/chat/completions",
+            headers=AUTH,
+            json={"model": "m2", "stream": True, **CHAT},
+        ) as resp:
             assert resp.status_code == 200
             assert resp.headers["content-type"].startswith("text/event-stream")
             async for line in resp.aiter_lines():
@@ -259,8 +310,12 @@ def test_a_stream_to_a_ready_model_passes_chunks_as_they_come() -> None:
         resp = await client.post("/v1/chat/completions", headers=AUTH, json={"model": "m1", **CHAT})
         assert resp.status_code == 200
         arrivals = []
-        async with client.stream("POST", "/v1/chat/completions", headers=AUTH,
-                                 json={"model": "m1", "stream": True, **CHAT}) as resp:  # fmt: skip
+        async with client.stream(
+            "POST",
+            "/v1/chat/completions",
+            headers=AUTH,
+            json={"model": "m1", "stream": True, **CHAT},
+        ) as resp:
             async for line in resp.aiter_lines():
                 if line.startswith("data: {"):
                     arrivals.append(time.monotonic())
@@ -286,8 +341,9 @@ def test_a_non_streaming_request_held_too_long_gets_503_retry_after() -> None:
 
 def test_too_many_held_requests_get_503() -> None:
     async def scenario(client: httpx.AsyncClient, h: Harness) -> None:
-        first = asyncio.create_task(client.post("/v1/chat/completions", headers=AUTH,
-                                                json={"model": "m1", **CHAT}))  # fmt: skip
+        first = asyncio.create_task(
+            client.post("/v1/chat/completions", headers=AUTH, json={"model": "m1", **CHAT})
+        )
         await asyncio.sleep(0.1)
         resp = await client.post("/v1/chat/completions", headers=AUTH, json={"model": "m2", **CHAT})
         assert resp.status_code == 503 and "gateway.max_held" in resp.json()["error"]["message"]
@@ -305,8 +361,9 @@ def test_a_failed_session_answers_503_with_the_cause_and_the_next_request_retrie
         listed = (await client.get("/v1/models", headers=AUTH)).json()["data"][0]
         assert listed["state"] == "failed" and "CUDA out of memory" in listed["error"]
         # A stream held for a failing model gets the cause as an SSE error event.
-        resp = await client.post("/v1/chat/completions", headers=AUTH,
-                                 json={"model": "m1", "stream": True, **CHAT})  # fmt: skip
+        resp = await client.post(
+            "/v1/chat/completions", headers=AUTH, json={"model": "m1", "stream": True, **CHAT}
+        )
         assert resp.status_code == 200
         event = next(x for x in resp.text.splitlines() if x.startswith("data: "))
         assert "CUDA out of memory" in json.loads(event[6:])["error"]["message"]
@@ -324,7 +381,9 @@ def test_an_idle_model_is_stopped_and_the_next_request_starts_it_again() -> None
             await asyncio.sleep(0.05)
         assert h.sessions[0].stopped_by == "idle timeout"
         while time.monotonic() < deadline:
-            states = [m["state"] for m in (await client.get("/v1/models", headers=AUTH)).json()["data"]]
+            states = [
+                m["state"] for m in (await client.get("/v1/models", headers=AUTH)).json()["data"]
+            ]
             if states[0] == "cold" and h.gateway and h.gateway.models.slots["m1"].handle is None:
                 break
             await asyncio.sleep(0.05)
@@ -355,12 +414,18 @@ def test_idle_stop_through_the_engine_cancels_the_job(tmp_path: Path) -> None:
 
     def factory(port: int) -> Any:
         def make(model: str, observer: Recorder, lane: int) -> Any:
-            runner, agent, _, _, store = make_runner(tmp_path, "idle", detach=False, name=f"gw-{model}")
+            runner, agent, _, _, store = make_runner(
+                tmp_path, "idle", detach=False, name=f"gw-{model}"
+            )
             runner.record.local_port, runner.record.served_name = port, f"org/{model}"
             runner.record.api_key = "session-key"
             agent.stream_script = "import sys; sys.stdin.read()"  # ends when the stream is stopped
-            agent.starts.extend([Event("WAIT", job=PENDING, age=1), Event("STARTED", "alvis7-07 42")])
-            agent.readies.extend([Event("ADDRESS", "alvis7-07:8000"), Event("READY", "alvis7-07:8000")])
+            agent.starts.extend(
+                [Event("WAIT", job=PENDING, age=1), Event("STARTED", "alvis7-07 42")]
+            )
+            agent.readies.extend(
+                [Event("ADDRESS", "alvis7-07:8000"), Event("READY", "alvis7-07:8000")]
+            )
             made.append((runner, agent, store))
             return runner
 
@@ -389,9 +454,17 @@ def test_the_gateway_key_is_made_once_and_kept_private(tmp_path: Path) -> None:
     assert gateway_key(tmp_path / "state") == key and path.stat().st_mode & 0o777 == 0o600
 
 
-@pytest.mark.parametrize("state,expected", [("idle", "queued"), ("submitted", "queued"),
-                                            ("running", "loading"), ("serving", "loading"),
-                                            ("tunneled", "ready"), ("failed", "failed")])  # fmt: skip
+@pytest.mark.parametrize(
+    "state,expected",
+    [
+        ("idle", "queued"),
+        ("submitted", "queued"),
+        ("running", "loading"),
+        ("serving", "loading"),
+        ("tunneled", "ready"),
+        ("failed", "failed"),
+    ],
+)
 def test_model_state_follows_the_session(state: str, expected: str) -> None:
     from alvis_fsm.fronts.gateway.models import Run, Slot
 
@@ -405,18 +478,22 @@ def test_model_state_follows_the_session(state: str, expected: str) -> None:
 def test_a_failure_is_told_by_the_exception_vllm_raised_first() -> None:
     from alvis_fsm.fronts.gateway.models import describe
 
-    details = "\n".join([
-        "Traceback (most recent call last):",
-        '  File "core.py", line 699, in run_engine_core',
-        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.",
-        "Traceback (most recent call last):",
-        '    raise RuntimeError("Engine core initialization failed. "',
-        "RuntimeError: Engine core initialization failed. See root cause above.",
-    ])  # fmt: skip
+    details = "\n".join(
+        [
+            "Traceback (most recent call last):",
+            '  File "core.py", line 699, in run_engine_core',
+            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.",
+            "Traceback (most recent call last):",
+            '    raise RuntimeError("Engine core initialization failed. "',
+            "RuntimeError: Engine core initialization failed. See root cause above.",
+        ]
+    )
     text = describe(ServerError("vLLM exited with status 1 before it was ready", details=details))
-    assert text == ("vLLM exited with status 1 before it was ready: torch.OutOfMemoryError: CUDA out"
-                    " of memory. Tried to allocate 2.00 GiB. | RuntimeError: Engine core"
-                    " initialization failed. See root cause above.")  # fmt: skip
+    assert text == (
+        "vLLM exited with status 1 before it was ready: torch.OutOfMemoryError: CUDA out"
+        " of memory. Tried to allocate 2.00 GiB. | RuntimeError: Engine core"
+        " initialization failed. See root cause above."
+    )
 
 
 def test_a_gateway_session_is_made_by_the_service_and_stops_before_login(tmp_path: Path) -> None:

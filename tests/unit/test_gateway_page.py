@@ -36,16 +36,25 @@ async def _upstream() -> tuple[web.AppRunner, int]:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
             for word in ("one", "two"):
-                await resp.write(b"data: " + json.dumps({"choices": [{"delta": {"content": word}}]}).encode() + b"\n\n")
+                await resp.write(
+                    b"data: "
+                    + json.dumps({"choices": [{"delta": {"content": word}}]}).encode()
+                    + b"\n\n"
+                )
             usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
-            await resp.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+            await resp.write(
+                b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
+            )
             await resp.write(b"data: [DONE]\n\n")
             return resp
-        return web.json_response({
-            "object": "chat.completion", "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}}],
-            "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
-        })  # fmt: skip
+        return web.json_response(
+            {
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+            }
+        )
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
@@ -66,8 +75,11 @@ def run(scenario: Scenario, state_dir: Path) -> None:
             return FakeSession(model, observer, port, 0.1, False)
 
         models = Models({"m1": "org/m1", "m2": "org/m2"}, fake)
-        gateway = Gateway(KEY, models, Options(hold_timeout=10, idle_timeout=60,
-                                               keepalive_interval=0.1, idle_check=0.05))  # fmt: skip
+        gateway = Gateway(
+            KEY,
+            models,
+            Options(hold_timeout=10, idle_timeout=60, keepalive_interval=0.1, idle_check=0.05),
+        )
         page = gateway.page = Page(gateway, RequestLog(state_dir), stop_timeout=10)
         try:
             async with client_of(gateway) as client:
@@ -110,8 +122,9 @@ def test_without_the_cookie_nothing_is_shown_and_a_link_works_once(tmp_path: Pat
         assert cookie.startswith(f"alvis_fsm_gateway_{port}=")
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
         # The same link again (another browser): refused.
-        async with httpx.AsyncClient(base_url=client.base_url, headers={"Host": host},
-                                     trust_env=False) as other:  # fmt: skip
+        async with httpx.AsyncClient(
+            base_url=client.base_url, headers={"Host": host}, trust_env=False
+        ) as other:
             again = await other.get(f"/?token={token}")
             assert again.status_code == 401 and "used already" in again.text
             assert (await other.get("/gateway/page/state")).status_code == 401
@@ -126,7 +139,9 @@ def test_without_the_cookie_nothing_is_shown_and_a_link_works_once(tmp_path: Pat
         assert [m["state"] for m in state["models"]] == ["cold", "cold"]
         assert state["batches"] == []
         # Another Host (DNS rebinding): refused even with the cookie.
-        assert (await client.get("/gateway/page/state", headers={"Host": "evil.example:80"})).status_code == 403
+        assert (
+            await client.get("/gateway/page/state", headers={"Host": "evil.example:80"})
+        ).status_code == 403
         # The login link needs the gateway key.
         assert (await client.post("/gateway/login-link")).status_code == 401
         made = (await client.post("/gateway/login-link", headers=AUTH)).json()["url"]
@@ -138,15 +153,18 @@ def test_without_the_cookie_nothing_is_shown_and_a_link_works_once(tmp_path: Pat
 def test_buttons_need_the_csrf_token_and_the_same_origin(tmp_path: Path) -> None:
     async def scenario(client: httpx.AsyncClient, page: Page, host: str) -> None:
         csrf = await _sign_in(client, page)
-        resp = await client.post("/v1/chat/completions", headers=AUTH,
-                                 json={"model": "m1", "messages": []})  # fmt: skip
+        resp = await client.post(
+            "/v1/chat/completions", headers=AUTH, json={"model": "m1", "messages": []}
+        )
         assert resp.status_code == 200
         slot = page.gateway.models.slots["m1"]
         assert slot.state == "ready"
         stop = "/gateway/page/models/m1/stop"
         assert (await client.post(stop)).status_code == 403
         assert (await client.post(stop, headers={"X-CSRF-Token": "nope"})).status_code == 403
-        other = await client.post(stop, headers={"X-CSRF-Token": csrf, "Origin": "http://localhost:1"})
+        other = await client.post(
+            stop, headers={"X-CSRF-Token": csrf, "Origin": "http://localhost:1"}
+        )
         assert other.status_code == 403 and "another origin" in other.json()["error"]["message"]
         assert slot.state == "ready"
         # The page's own button: answered once the session has ended.
@@ -165,18 +183,29 @@ def test_metrics_parse_and_count_the_requests_and_the_log_keeps_no_body(tmp_path
     async def scenario(client: httpx.AsyncClient, page: Page, host: str) -> None:
         ask = {"model": "m1", "messages": [{"role": "user", "content": SECRET}]}
         for _ in range(3):
-            assert (await client.post("/v1/chat/completions", headers=AUTH, json=ask)).status_code == 200
-        streamed = await client.post("/v1/chat/completions", headers=AUTH, json={**ask, "stream": True})
+            assert (
+                await client.post("/v1/chat/completions", headers=AUTH, json=ask)
+            ).status_code == 200
+        streamed = await client.post(
+            "/v1/chat/completions", headers=AUTH, json={**ask, "stream": True}
+        )
         assert streamed.status_code == 200 and "[DONE]" in streamed.text
         missing = await client.post("/v1/chat/completions", headers=AUTH, json={"model": "zz"})
         assert missing.status_code == 404
         resp = await client.get("/metrics", headers=AUTH)
         assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain")
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in text_string_to_metric_families(resp.text) for s in f.samples}  # fmt: skip
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(resp.text)
+            for s in f.samples
+        }
         route = ("route", "/v1/chat/completions")
-        assert samples[("alvis_fsm_requests_total", (("model", "m1"), route, ("status", "200")))] == 4
-        assert samples[("alvis_fsm_requests_total", (("model", "-"), route, ("status", "404")))] == 1
+        assert (
+            samples[("alvis_fsm_requests_total", (("model", "m1"), route, ("status", "200")))] == 4
+        )
+        assert (
+            samples[("alvis_fsm_requests_total", (("model", "-"), route, ("status", "404")))] == 1
+        )
         assert samples[("alvis_fsm_request_errors_total", (("model", "-"), route))] == 1
         assert samples[("alvis_fsm_request_duration_seconds_count", (("model", "m1"),))] == 4
         assert samples[("alvis_fsm_prompt_tokens_total", (("model", "m1"),))] == 21 + 5
@@ -198,7 +227,8 @@ def test_metrics_parse_and_count_the_requests_and_the_log_keeps_no_body(tmp_path
     assert SECRET not in text and KEY not in text and "session-key" not in text
     entries = requestlog.read(tmp_path)
     assert [(e.model, e.status, e.ok, e.prompt_tokens, e.stream) for e in entries] == [
-        ("m1", 200, True, 7, False)] * 3 + [("m1", 200, True, 5, True), ("", 404, False, None, False)]
+        ("m1", 200, True, 7, False)
+    ] * 3 + [("m1", 200, True, 5, True), ("", 404, False, None, False)]
     assert requestlog.path_of(tmp_path).stat().st_mode & 0o077 == 0
 
 
@@ -213,7 +243,11 @@ def test_the_request_log_rotates_and_follows(tmp_path: Path) -> None:
         log.write(_entry(i))
     log.close()
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["gateway-requests.jsonl", "gateway-requests.jsonl.1", "gateway-requests.jsonl.2"]
+    assert files == [
+        "gateway-requests.jsonl",
+        "gateway-requests.jsonl.1",
+        "gateway-requests.jsonl.2",
+    ]
     assert all(p.stat().st_size <= 400 + 200 for p in tmp_path.iterdir())
     kept = requestlog.read(tmp_path)
     assert [e.time for e in kept] == sorted(e.time for e in kept) and kept[-1].time == 1e9 + 19
@@ -242,7 +276,9 @@ def test_routes_are_a_fixed_set_and_printed_lines_are_inert() -> None:
     assert requestlog.route_of("/v1/chat/completions") == "/v1/chat/completions"
     for path in ("/v1/\x1b]52;c;cHduZWQ=\x07", "/v1/made-up-1", "/v1/chat/completions/x", ""):
         assert requestlog.route_of(path) == requestlog.OTHER
-    hostile = Entry(time=1e9, model="m\x1b[2J", route="/v1/\x1b]52;c;x\x07", status=404, latency_s=0.0, ok=False)
+    hostile = Entry(
+        time=1e9, model="m\x1b[2J", route="/v1/\x1b]52;c;x\x07", status=404, latency_s=0.0, ok=False
+    )
     line = requestlog.format_entry(hostile)
     assert "\x1b" not in line and "\x07" not in line and "/v1/" in line
 

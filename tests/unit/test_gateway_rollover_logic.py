@@ -41,11 +41,24 @@ class FakeSession:
     stopped or its job reaches its time limit (``end``); or fails instead of
     serving. Each has its own job id and its own vLLM key."""
 
-    def __init__(self, model: str, observer: Recorder, lane: int, port: int, job_id: str,
-                 hold: bool, fail: bool) -> None:  # fmt: skip
-        self.record = SessionRecord(name=session_name(model, lane), model=model, local_port=port,
-                                    served_name=f"org/{model}", api_key=f"key-{job_id}",
-                                    time_limit_s=HOUR)  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        observer: Recorder,
+        lane: int,
+        port: int,
+        job_id: str,
+        hold: bool,
+        fail: bool,
+    ) -> None:
+        self.record = SessionRecord(
+            name=session_name(model, lane),
+            model=model,
+            local_port=port,
+            served_name=f"org/{model}",
+            api_key=f"key-{job_id}",
+            time_limit_s=HOUR,
+        )
         self.observer = observer
         self.lane = lane
         self.job_id = job_id
@@ -80,8 +93,10 @@ class FakeSession:
             r.state, r.running_since = "running", time.time()
             self.observer.info("loading")
             if self.fail:
-                raise ServerError("vLLM exited with status 1 before it was ready",
-                                  details="torch.OutOfMemoryError: CUDA out of memory")  # fmt: skip
+                raise ServerError(
+                    "vLLM exited with status 1 before it was ready",
+                    details="torch.OutOfMemoryError: CUDA out of memory",
+                )
             r.state = "tunneled"
             self.observer.connected(r, [r.served_name])
             _until(self.stop, self.limit)
@@ -109,8 +124,9 @@ class Upstream:
         self.keys.append(key)
         body = await request.json()
         if not body.get("stream"):
-            return web.json_response({"object": "chat.completion", "model": body["model"],
-                                      "key": key, "choices": []})  # fmt: skip
+            return web.json_response(
+                {"object": "chat.completion", "model": body["model"], "key": key, "choices": []}
+            )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for i, word in enumerate(("one", "two", "three")):
@@ -141,8 +157,14 @@ class Harness:
     tests call ``models.roll_over`` themselves."""
 
     def __init__(self, plan: list[dict[str, bool]] | None = None, **options: Any) -> None:
-        opts = {"hold_timeout": 10.0, "idle_timeout": 60.0, "keepalive_interval": 0.1,
-                "idle_check": 3600.0, "rollover_lead": 60.0, **options}  # fmt: skip
+        opts = {
+            "hold_timeout": 10.0,
+            "idle_timeout": 60.0,
+            "keepalive_interval": 0.1,
+            "idle_check": 3600.0,
+            "rollover_lead": 60.0,
+            **options,
+        }
         self.options = Options(**opts)
         self.plan = list(plan or [])
         self.sessions: list[FakeSession] = []
@@ -155,16 +177,27 @@ class Harness:
     def factory(self, model: str, observer: Recorder, lane: int) -> FakeSession:
         how = self.plan.pop(0) if self.plan else {}
         job_id = str(100 + len(self.sessions))
-        session = FakeSession(model, observer, lane, self.upstream.port, job_id,
-                              how.get("hold", False), how.get("fail", False))  # fmt: skip
+        session = FakeSession(
+            model,
+            observer,
+            lane,
+            self.upstream.port,
+            job_id,
+            how.get("hold", False),
+            how.get("fail", False),
+        )
         self.sessions.append(session)
         return session
 
     def run(self, scenario: Scenario) -> None:
         async def main() -> None:
             await self.upstream.start()
-            self.models = Models({"m1": "org/m1", "m2": "org/m2"}, self.factory,
-                                 self.lines.append, lambda m, g: self.load.get(m))  # fmt: skip
+            self.models = Models(
+                {"m1": "org/m1", "m2": "org/m2"},
+                self.factory,
+                self.lines.append,
+                lambda m, g: self.load.get(m),
+            )
             self.gateway = Gateway(KEY, self.models, self.options)
             try:
                 async with client_of(self.gateway) as client:
@@ -245,9 +278,12 @@ def test_in_flight_requests_finish_on_the_old_session_and_new_ones_go_to_the_suc
         lines: list[str] = []
 
         async def slow() -> None:  # in flight on the old session across the rollover
-            async with client.stream("POST", "/v1/chat/completions", headers=AUTH,
-                                     json={"model": "m1", "stream": True, "user": "slow", **CHAT},
-                                     ) as resp:  # fmt: skip
+            async with client.stream(
+                "POST",
+                "/v1/chat/completions",
+                headers=AUTH,
+                json={"model": "m1", "stream": True, "user": "slow", **CHAT},
+            ) as resp:
                 assert resp.status_code == 200
                 lines.extend([x async for x in resp.aiter_lines() if x])
 
@@ -358,9 +394,13 @@ def test_idle_stop_and_shutdown_stop_successors_and_replaced_sessions() -> None:
         h.near_limit(h.sessions[0])
         h.roll_over()
         assert (await ask(client, "m2")).status_code == 200
-        stream = asyncio.create_task(client.post(
-            "/v1/chat/completions", headers=AUTH,
-            json={"model": "m2", "stream": True, "user": "slow", **CHAT}))  # fmt: skip
+        stream = asyncio.create_task(
+            client.post(
+                "/v1/chat/completions",
+                headers=AUTH,
+                json={"model": "m2", "stream": True, "user": "slow", **CHAT},
+            )
+        )
         await eventually(lambda: len(h.upstream.keys) == 3)
         h.near_limit(h.sessions[2])
         h.roll_over()
@@ -390,8 +430,9 @@ def test_an_idle_stop_stops_the_successor_too() -> None:
 
 
 def test_the_lead_is_the_queue_wait_and_load_time_at_least_the_setting() -> None:
-    record = SessionRecord(name="gw-m", model="m", gpus="A40:1",
-                           entered_at={"submitted": 1000.0, "running": 1050.0})  # fmt: skip
+    record = SessionRecord(
+        name="gw-m", model="m", gpus="A40:1", entered_at={"submitted": 1000.0, "running": 1050.0}
+    )
     assert rollover_lead(record, 10, lambda model, gpus: 30.0) == 80.0
     assert rollover_lead(record, 600, lambda model, gpus: 30.0) == 600
     assert rollover_lead(record, 10, lambda model, gpus: None) == 50.0

@@ -31,9 +31,19 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("90", 90), ("90s", 90), ("15m", 900), ("1h", 3600), ("1.5h", 5400), (" 2M ", 120),
-     # One duration syntax everywhere (issue 26): several units, days, SLURM's forms.
-     ("1h30m", 5400), ("2d", 172800), ("15:00", 900), ("1:30:00", 5400)],
+    [
+        ("90", 90),
+        ("90s", 90),
+        ("15m", 900),
+        ("1h", 3600),
+        ("1.5h", 5400),
+        (" 2M ", 120),
+        # One duration syntax everywhere (issue 26): several units, days, SLURM's forms.
+        ("1h30m", 5400),
+        ("2d", 172800),
+        ("15:00", 900),
+        ("1:30:00", 5400),
+    ],
 )
 def test_durations_people_write(text: str, seconds: float) -> None:
     assert spoken_seconds(text) == seconds
@@ -62,8 +72,9 @@ def test_a_catalog_entry_may_have_its_own_idle_timeout(tmp_path: Path) -> None:
     assert ModelEntry.model_validate({**base, "idle_timeout": 45}).idle_timeout == 45
     bad = tmp_path / "models.json"
     bad.write_text(json.dumps({"big": {**base, "idle_timeout": "a while"}}))
-    cfg = load_settings({"catalog": {"paths": [str(bad)]},
-                         "session": {"state_dir": str(tmp_path / "s")}})  # fmt: skip
+    cfg = load_settings(
+        {"catalog": {"paths": [str(bad)]}, "session": {"state_dir": str(tmp_path / "s")}}
+    )
     with pytest.raises(ConfigError) as err:
         load_catalog(cfg)
     assert "field 'idle_timeout': 'a while' is not accepted" in err.value.message
@@ -73,8 +84,12 @@ def test_a_catalog_entry_may_have_its_own_idle_timeout(tmp_path: Path) -> None:
 def test_sessions_get_the_gateway_s_queue_and_load_budgets(tmp_path: Path) -> None:
     from alvis_fsm.fronts.gateway.sessions import budgets
 
-    cfg = load_settings({"gateway": {"queue_timeout": 7200, "load_timeout": 1200},
-                         "session": {"state_dir": str(tmp_path)}})  # fmt: skip
+    cfg = load_settings(
+        {
+            "gateway": {"queue_timeout": 7200, "load_timeout": 1200},
+            "session": {"state_dir": str(tmp_path)},
+        }
+    )
     mine = budgets(cfg)
     assert (mine.timeouts.job_start, mine.timeouts.server_ready) == (7200, 1200)
     assert mine.timeouts.connection_test == cfg.timeouts.connection_test
@@ -83,15 +98,18 @@ def test_sessions_get_the_gateway_s_queue_and_load_budgets(tmp_path: Path) -> No
     assert mine.session.warn_before_end == [] and cfg.session.warn_before_end == [600, 60]
 
 
-@pytest.mark.parametrize(("gpus", "count"), [("A40:2", 2), ("4", 4), ("A100fat:1", 1), ("auto", 0), ("", 0)])
+@pytest.mark.parametrize(
+    ("gpus", "count"), [("A40:2", 2), ("4", 4), ("A100fat:1", 1), ("auto", 0), ("", 0)]
+)
 def test_gpu_count(gpus: str, count: int) -> None:
     assert usage.gpu_count(gpus) == count
 
 
 def test_gpu_hours_held_and_left() -> None:
     now = 1_000_000.0
-    r = SessionRecord(name="gw-m", model="m", gpus="A40:2", time_limit_s=3600,
-                      running_since=now - 1800)  # fmt: skip
+    r = SessionRecord(
+        name="gw-m", model="m", gpus="A40:2", time_limit_s=3600, running_since=now - 1800
+    )
     assert usage.held(r, now) == pytest.approx(1.0)  # 2 GPUs × half an hour
     assert usage.left(r, now) == pytest.approx(1.0)
     assert usage.held(r, now + 7200) == pytest.approx(2.0)  # never past the time limit
@@ -105,8 +123,14 @@ class Session:
     queue until stopped."""
 
     def __init__(self, model: str, observer: Recorder, queued: bool) -> None:
-        self.record = SessionRecord(name=f"gw-{model}", model=model, gpus="A40:1",
-                                    time_limit_s=7200, job_id="7", state="submitted")  # fmt: skip
+        self.record = SessionRecord(
+            name=f"gw-{model}",
+            model=model,
+            gpus="A40:1",
+            time_limit_s=7200,
+            job_id="7",
+            state="submitted",
+        )
         self.observer = observer
         self.queued = queued
         self.reason = ""
@@ -131,8 +155,11 @@ class Session:
         raise Interrupted(f"Stopped by {self.reason}")
 
 
-def _run(scenario: Callable[[httpx.AsyncClient, Models], Awaitable[None]], models: Models,
-         options: Options) -> None:  # fmt: skip
+def _run(
+    scenario: Callable[[httpx.AsyncClient, Models], Awaitable[None]],
+    models: Models,
+    options: Options,
+) -> None:
     async def main() -> None:
         async with client_of(Gateway(KEY, models, options), timeout=10) as client:
             try:
@@ -185,8 +212,12 @@ def test_a_queued_model_shows_the_scheduler_s_reason_and_expected_start() -> Non
 
     async def scenario(client: httpx.AsyncClient, models: Models) -> None:
         models.slots["slow"].ensure_started()
-        await _until(lambda: models.slots["slow"].handle is not None
-                     and models.slots["slow"].handle.record.queue_reason != "")  # fmt: skip
+        await _until(
+            lambda: (
+                models.slots["slow"].handle is not None
+                and models.slots["slow"].handle.record.queue_reason != ""
+            )
+        )
         rows = {m["id"]: m for m in (await client.get("/v1/models", headers=AUTH)).json()["data"]}
         assert rows["slow"]["state"] == "queued" and rows["slow"]["job_id"] == "7"
         assert rows["slow"]["queue_reason"] == "waiting for GPUs to free up (Resources)"
@@ -194,7 +225,6 @@ def test_a_queued_model_shows_the_scheduler_s_reason_and_expected_start() -> Non
         assert rows["fast"]["state"] == "cold" and rows["fast"]["queue_reason"] is None
 
     _run(scenario, models, Options(idle_timeout=60, idle_check=0.05))
-
 
 
 def test_requests_reach_a_session_through_its_unix_socket(tmp_path: Path) -> None:
@@ -216,9 +246,14 @@ def test_requests_reach_a_session_through_its_unix_socket(tmp_path: Path) -> Non
 
     class Ready:
         def __init__(self, model: str, observer: Recorder, lane: int) -> None:
-            self.record = SessionRecord(name=f"gw-{model}", model=model, state="tunneled",
-                                        served_name=f"org/{model}", api_key="session-key",
-                                        local_socket=str(tmp_path / "s"))  # fmt: skip
+            self.record = SessionRecord(
+                name=f"gw-{model}",
+                model=model,
+                state="tunneled",
+                served_name=f"org/{model}",
+                api_key="session-key",
+                local_socket=str(tmp_path / "s"),
+            )
             self._stop = threading.Event()
 
         def request_stop(self, reason: str = "stopped") -> None:
@@ -239,10 +274,13 @@ def test_requests_reach_a_session_through_its_unix_socket(tmp_path: Path) -> Non
         models = Models({"m": "org/m"}, Ready)  # type: ignore[arg-type]
         body = {"model": "m", "stream": True, "messages": []}
         try:
-            async with client_of(Gateway(KEY, models, Options(idle_timeout=60)), timeout=10) as client:
+            async with client_of(
+                Gateway(KEY, models, Options(idle_timeout=60)), timeout=10
+            ) as client:
                 try:
-                    async with client.stream("POST", "/v1/chat/completions", headers=AUTH,
-                                             json=body) as resp:  # fmt: skip
+                    async with client.stream(
+                        "POST", "/v1/chat/completions", headers=AUTH, json=body
+                    ) as resp:
                         assert resp.status_code == 200
                         lines = [x async for x in resp.aiter_lines() if x]
                 finally:

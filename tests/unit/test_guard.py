@@ -27,20 +27,42 @@ def _status(headers: list[tuple[str, str]], key: str = KEY) -> int:
     return 0 if refused is None else refused.status
 
 
-@pytest.mark.parametrize("host", [
-    "127.0.0.1:58000", "localhost:58000", "LOCALHOST", "127.0.0.1", "127.1.2.3:1", "[::1]:58000",
-    "[::1]", " localhost:8000 ",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1:58000",
+        "localhost:58000",
+        "LOCALHOST",
+        "127.0.0.1",
+        "127.1.2.3:1",
+        "[::1]:58000",
+        "[::1]",
+        " localhost:8000 ",
+    ],
+)
 def test_loopback_hosts_pass(host: str) -> None:
     assert guard.loopback_host(host)
     assert _status([("Host", host), ("Authorization", f"Bearer {KEY}")]) == 0
 
 
-@pytest.mark.parametrize("host", [
-    "evil.example:58000", "rebind.attacker.test", "192.168.1.5:58000", "0.0.0.0:58000",
-    "localhost.evil.test", "127.0.0.1.nip.io", "[::2]", "[::1", "localhost:99999", "",
-    "localhost:58000:1", "user@localhost", "[fe80::1]:80",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example:58000",
+        "rebind.attacker.test",
+        "192.168.1.5:58000",
+        "0.0.0.0:58000",
+        "localhost.evil.test",
+        "127.0.0.1.nip.io",
+        "[::2]",
+        "[::1",
+        "localhost:99999",
+        "",
+        "localhost:58000:1",
+        "user@localhost",
+        "[fe80::1]:80",
+    ],
+)
 def test_other_hosts_are_refused(host: str) -> None:
     assert not guard.loopback_host(host)
     refused = guard.refusal([("Host", host), ("Authorization", f"Bearer {KEY}")], KEY)
@@ -53,10 +75,20 @@ def test_no_host_or_two_hosts_are_refused() -> None:
     assert _status([*OK, ("Host", "evil.example")]) == 403
 
 
-@pytest.mark.parametrize("given", [
-    None, "", "Bearer", f"Bearer {KEY}x", f"bearer {KEY}", KEY, f"Bearer  {KEY}", f"Basic {KEY}",
-    "Bearer k-0123456789abcdeé",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "given",
+    [
+        None,
+        "",
+        "Bearer",
+        f"Bearer {KEY}x",
+        f"bearer {KEY}",
+        KEY,
+        f"Bearer  {KEY}",
+        f"Basic {KEY}",
+        "Bearer k-0123456789abcdeé",
+    ],
+)
 def test_the_key_is_required_on_every_request(given: str | None) -> None:
     headers = [("Host", "localhost:58000")]
     if given is not None:
@@ -80,10 +112,17 @@ def test_no_key_configured_keeps_the_host_and_origin_checks() -> None:
     assert _status([("Host", "localhost:1"), ("Origin", "http://evil.example")], key="") == 403
 
 
-@pytest.mark.parametrize("origin", [
-    "http://evil.example", "null", "http://localhost:8080", "http://127.0.0.1:58001",
-    "https://127.0.0.1:58000", "http://localhost:58000",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://evil.example",
+        "null",
+        "http://localhost:8080",
+        "http://127.0.0.1:58001",
+        "https://127.0.0.1:58000",
+        "http://localhost:58000",
+    ],
+)
 def test_other_origins_are_refused_even_with_the_key(origin: str) -> None:
     refused = guard.refusal([*OK, ("Origin", origin)], KEY)
     assert refused is not None and refused.status == 403
@@ -125,8 +164,12 @@ def _asgi(app: Any, scope: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _scope(kind: str, headers: list[tuple[str, str]], path: str = "/invocations") -> dict[str, Any]:
-    return {"type": kind, "method": "POST", "path": path,
-            "headers": [(n.lower().encode(), v.encode()) for n, v in headers]}  # fmt: skip
+    return {
+        "type": kind,
+        "method": "POST",
+        "path": path,
+        "headers": [(n.lower().encode(), v.encode()) for n, v in headers],
+    }
 
 
 class Inner:
@@ -168,11 +211,19 @@ def test_asgi_guard_with_latin1_bytes_in_a_header() -> None:
 
 def test_the_shipped_source_is_stdlib_only() -> None:
     text = guard.source()
-    imports = [line.split()[1] for line in text.splitlines()
-               if line.startswith(("import ", "from "))]  # fmt: skip
+    imports = [
+        line.split()[1] for line in text.splitlines() if line.startswith(("import ", "from "))
+    ]
     assert "alvis_fsm" not in " ".join(imports)
     assert not {i.split(".")[0] for i in imports} - {
-        "__future__", "hmac", "ipaddress", "json", "os", "re", "collections", "dataclasses",
+        "__future__",
+        "hmac",
+        "ipaddress",
+        "json",
+        "os",
+        "re",
+        "collections",
+        "dataclasses",
         "typing",
     }
 
@@ -225,9 +276,12 @@ class _Unix(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class _Server:
     def __init__(self, guarded: bool = True, relay_to: int = 0, path: str = "") -> None:
         self.seen: list[dict[str, str]] = []
-        handler = type("H", (_Handler,), {"seen": self.seen, "guarded": guarded, "relay_to": relay_to})
+        handler = type(
+            "H", (_Handler,), {"seen": self.seen, "guarded": guarded, "relay_to": relay_to}
+        )
         self.httpd: socketserver.BaseServer = (
-            _Unix(path, handler) if path else ThreadingHTTPServer(("127.0.0.1", 0), handler))
+            _Unix(path, handler) if path else ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        )
         self.port = 0 if path else self.httpd.server_address[1]  # type: ignore[index]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 

@@ -179,9 +179,12 @@ def prelude(script: str) -> str:
 
 def run_bash(text: str, home: Path) -> bytes:
     proc = subprocess.run(
-        ["bash", "-c", text], capture_output=True, timeout=20, cwd=home,
+        ["bash", "-c", text],
+        capture_output=True,
+        timeout=20,
+        cwd=home,
         env={"PATH": os.environ["PATH"], "HOME": str(home)},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     return proc.stdout
 
@@ -192,10 +195,12 @@ def script_values(spec: jobscript.JobSpec, home: Path) -> list[str]:
     syntax = subprocess.run(["bash", "-n"], input=script.encode(), capture_output=True)
     assert syntax.returncode == 0, syntax.stderr.decode(errors="replace")
     out = run_bash(
-        prelude(script) + "printf '%s\\0' " + " ".join(f'"${v}"' for v in VARIABLES)
+        prelude(script)
+        + "printf '%s\\0' "
+        + " ".join(f'"${v}"' for v in VARIABLES)
         + ' "${EXTRA[@]}"\n',
         home,
-    )  # fmt: skip
+    )
     return out.decode("utf-8", "surrogateescape").split("\0")[:-1]
 
 
@@ -279,7 +284,9 @@ def test_sbatch_line_values_are_checked(value: str) -> None:
             if line == "#SBATCH --signal=B:USR1@120":  # constant in the template
                 continue
             # A value is a word, or (partitions) a comma-separated list of words.
-            assert re.fullmatch(r"#SBATCH [-A-Za-z]+[ =][A-Za-z0-9_.:-]+(,[A-Za-z0-9_.:-]+)*", line), line
+            assert re.fullmatch(
+                r"#SBATCH [-A-Za-z]+[ =][A-Za-z0-9_.:-]+(,[A-Za-z0-9_.:-]+)*", line
+            ), line
 
 
 # -- the things a user types: clear errors --------------------------------------------------
@@ -466,9 +473,9 @@ def fake_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (bin_dir / "ssh").write_text(
         "#!/bin/bash\n"
         "# the command string is the last argument (after --), as sshd gets it\n"
-        'for last; do :; done\n'
-        f"cd {shlex.quote(str(home))} && HOME={shlex.quote(str(home))} exec bash -c \"$last\"\n"
-    )  # fmt: skip
+        "for last; do :; done\n"
+        f'cd {shlex.quote(str(home))} && HOME={shlex.quote(str(home))} exec bash -c "$last"\n'
+    )
     (bin_dir / "sbatch").write_text(
         '#!/bin/bash\nprintf \'%s\\0\' "$@" >"$HOME/sbatch.argv"\necho 4242\n'
     )

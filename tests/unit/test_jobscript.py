@@ -283,12 +283,48 @@ def test_walltime_accepted(text: str, seconds: int) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "", " ", " 1:00:00", "1:00:00 ", "1: 00", "+5", "-5", "0", "00", "0:00", "0:0:0", "0-0",
-        "1:60", "1:00:60", "1:60:00", "1-24", "1-23:60", "1-1:1:60", "1:2:3:4", "1-2-3",
-        "1-2:3:4:5", "abc", "1.5", "1,5", "\u0661", "UNLIMITED", "infinite", "1-", "-1",
-        ":30", "1::00", "1:000", "1-001", "1:00:00\n", "5\x00", "1y", "0h", "1m1h", "2 h ", "h",
+        "",
+        " ",
+        " 1:00:00",
+        "1:00:00 ",
+        "1: 00",
+        "+5",
+        "-5",
+        "0",
+        "00",
+        "0:00",
+        "0:0:0",
+        "0-0",
+        "1:60",
+        "1:00:60",
+        "1:60:00",
+        "1-24",
+        "1-23:60",
+        "1-1:1:60",
+        "1:2:3:4",
+        "1-2-3",
+        "1-2:3:4:5",
+        "abc",
+        "1.5",
+        "1,5",
+        "\u0661",
+        "UNLIMITED",
+        "infinite",
+        "1-",
+        "-1",
+        ":30",
+        "1::00",
+        "1:000",
+        "1-001",
+        "1:00:00\n",
+        "5\x00",
+        "1y",
+        "0h",
+        "1m1h",
+        "2 h ",
+        "h",
     ],
-)  # fmt: skip
+)
 def test_walltime_rejected(text: str) -> None:
     with pytest.raises(UsageError) as err:
         parse_walltime(text)
@@ -318,9 +354,15 @@ def test_walltime_bad_max(bad_max: str) -> None:
 
 @pytest.mark.parametrize(
     "seconds, text",
-    [(59, "0:00:59"), (3600, "1:00:00"), (86399, "23:59:59"), (86400, "1-00:00:00"),
-     (90061, "1-01:01:01"), (7 * 86400, "7-00:00:00")],
-)  # fmt: skip
+    [
+        (59, "0:00:59"),
+        (3600, "1:00:00"),
+        (86399, "23:59:59"),
+        (86400, "1-00:00:00"),
+        (90061, "1-01:01:01"),
+        (7 * 86400, "7-00:00:00"),
+    ],
+)
 def test_format_walltime(seconds: int, text: str) -> None:
     assert format_walltime(seconds) == text
 
@@ -431,15 +473,28 @@ def expected_argv(spec: JobSpec, gpus: str = "1", socket: str = "") -> list[str]
         container, listen = ["--bind", socket.rsplit("/", 1)[0]], ["--uds", socket]
     container += ["--bind", f"{spec.run_dir}/{rundir.GUARD_DIR}"]
     return [
-        "exec", *container, spec.image, "vllm", "serve", spec.model_path,
+        "exec",
+        *container,
+        spec.image,
+        "vllm",
+        "serve",
+        spec.model_path,
         *listen,
-        "--middleware", guard.MIDDLEWARE,
-        "--tensor-parallel-size", gpus,
-        "--max-model-len", str(spec.max_model_len),
-        "--served-model-name", spec.served_name,
-        *([spec.catalog_name] if spec.catalog_name and spec.catalog_name != spec.served_name else []),
+        "--middleware",
+        guard.MIDDLEWARE,
+        "--tensor-parallel-size",
+        gpus,
+        "--max-model-len",
+        str(spec.max_model_len),
+        "--served-model-name",
+        spec.served_name,
+        *(
+            [spec.catalog_name]
+            if spec.catalog_name and spec.catalog_name != spec.served_name
+            else []
+        ),
         *spec.vllm_args,
-    ]  # fmt: skip
+    ]
 
 
 def _hostile_in(root: Path) -> JobSpec:

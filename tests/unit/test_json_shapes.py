@@ -43,18 +43,31 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[
 def session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SessionRecord:
     state = tmp_path / "state"
     monkeypatch.setenv("ALVIS_FSM_SESSION__STATE_DIR", str(state))
-    record = SessionRecord(name="lab-ok", model="lab-ok", state="tunneled", job_id="42",
-                           node="alvis7-07", port=41084, local_port=58123, api_key="afsm-k",
-                           served_name="alvislab/tiny-ok")  # fmt: skip
+    record = SessionRecord(
+        name="lab-ok",
+        model="lab-ok",
+        state="tunneled",
+        job_id="42",
+        node="alvis7-07",
+        port=41084,
+        local_port=58123,
+        api_key="afsm-k",
+        served_name="alvislab/tiny-ok",
+    )
     Store(state).save(record)
     return record
 
 
 def test_every_reporting_command_is_documented() -> None:
     assert set(documented()) >= {
-        "status --json", "start --detach --json", "models --json", "models --discover --json",
-        "config show --json", "env --json", "any, on failure",
-    }  # fmt: skip
+        "status --json",
+        "start --detach --json",
+        "models --json",
+        "models --discover --json",
+        "config show --json",
+        "env --json",
+        "any, on failure",
+    }
 
 
 def test_status(session: SessionRecord, capsys: pytest.CaptureFixture[str]) -> None:
@@ -99,8 +112,12 @@ def test_env(session: SessionRecord, capsys: pytest.CaptureFixture[str]) -> None
     code, data = run(["env", "--json"], capsys)
     assert code == 0
     assert list(data) == documented()["env --json"]
-    assert data == {"name": "lab-ok", "base_url": "http://localhost:58123/v1",
-                    "api_key": "afsm-k", "model": "alvislab/tiny-ok"}  # fmt: skip
+    assert data == {
+        "name": "lab-ok",
+        "base_url": "http://localhost:58123/v1",
+        "api_key": "afsm-k",
+        "model": "alvislab/tiny-ok",
+    }
 
 
 @pytest.mark.parametrize(
@@ -113,8 +130,13 @@ def test_env(session: SessionRecord, capsys: pytest.CaptureFixture[str]) -> None
         (["start", "--detach", "--json", "--port", "0"], 2),
     ],
 )
-def test_errors_are_json(argv: list[str], code: int, capsys: pytest.CaptureFixture[str],
-                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_errors_are_json(
+    argv: list[str],
+    code: int,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("ALVIS_FSM_SESSION__STATE_DIR", str(tmp_path / "none"))
     got, data = run(argv, capsys)
     assert got == code

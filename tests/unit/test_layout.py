@@ -14,7 +14,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "alvis_fsm"
 LAYERS = ["cluster", "engine", "fronts"]  # lowest first
-FOUNDATION = {"alvis_fsm", "alvis_fsm.errors", "alvis_fsm.paths", "alvis_fsm.retry", "alvis_fsm.text"}
+FOUNDATION = {
+    "alvis_fsm",
+    "alvis_fsm.errors",
+    "alvis_fsm.paths",
+    "alvis_fsm.retry",
+    "alvis_fsm.text",
+}
 
 
 def layer_of(module: str) -> str | None:
@@ -43,7 +49,9 @@ def modules() -> list[Path]:
 def test_every_module_lives_in_a_layer_or_the_foundation() -> None:
     loose = {p.name for p in PACKAGE.glob("*.py")}
     assert loose == {"__init__.py", "__main__.py", "errors.py", "paths.py", "retry.py", "text.py"}
-    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} >= set(LAYERS)
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} >= set(
+        LAYERS
+    )
 
 
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
@@ -72,8 +80,11 @@ def test_only_the_cli_imports_the_cli() -> None:
         rel = path.relative_to(PACKAGE).parts
         if rel[0] != "fronts" or rel[1] == "cli":
             continue
-        wrong += [f"{'/'.join(rel)} line {line}: {name}" for line, name in imports(path)
-                  if name == "alvis_fsm.fronts.cli" or name.startswith("alvis_fsm.fronts.cli.")]  # fmt: skip
+        wrong += [
+            f"{'/'.join(rel)} line {line}: {name}"
+            for line, name in imports(path)
+            if name == "alvis_fsm.fronts.cli" or name.startswith("alvis_fsm.fronts.cli.")
+        ]
     assert not wrong, "only fronts/cli/ may import the CLI:\n" + "\n".join(wrong)
 
 
@@ -93,12 +104,16 @@ def test_the_layout_diagram_names_every_module_and_the_docs_show_it() -> None:
     present = {
         p.stem
         for p in PACKAGE.rglob("*")
-        if p.suffix in {".py", ".sh"} and "__pycache__" not in p.parts and "commands" not in p.parts
+        if p.suffix in {".py", ".sh"}
+        and "__pycache__" not in p.parts
+        and "commands" not in p.parts
         and p.name not in {"__init__.py", "__main__.py"}
     }
     assert named == present, f"missing: {present - named}; gone: {named - present}"
     page = (PACKAGE.parent / "docs" / "development.md").read_text(encoding="utf-8")
-    assert text.strip() in page, "docs/development.md's layout diagram differs from diagrams/layout.mmd"
+    assert text.strip() in page, (
+        "docs/development.md's layout diagram differs from diagrams/layout.mmd"
+    )
 
 
 def test_no_two_test_modules_share_a_name() -> None:

@@ -44,7 +44,9 @@ def test_the_engine_records_a_start_and_shows_the_estimate(tmp_path: Path) -> No
     runner.record.running_since = time.time() - 42
     runner.record.port = 8000
     LoadTimes(store.dir).add("m", "A40:1", 30)
-    agent.readies.extend([Event("WAIT", job=RUNNING_SACCT, age=5), Event("READY", "alvis7-07:8000")])
+    agent.readies.extend(
+        [Event("WAIT", job=RUNNING_SACCT, age=5), Event("READY", "alvis7-07:8000")]
+    )
     runner.drive()
     assert "ready in ~30 s, based on 1 earlier start" in say.text("waiting")
     median, n = LoadTimes(store.dir).expected("m", "A40:1") or (0, 0)

@@ -25,7 +25,12 @@ from alvis_fsm.engine.machine import (
 )
 from alvis_fsm.errors import ConfigError
 
-TIMEOUTS = {"job_start": 600.0, "server_ready": 600.0, "connection_test": 30.0, "cancel_confirm": 30.0}
+TIMEOUTS = {
+    "job_start": 600.0,
+    "server_ready": 600.0,
+    "connection_test": 30.0,
+    "cancel_confirm": 30.0,
+}
 
 
 def raw() -> dict[str, Any]:
@@ -231,9 +236,14 @@ def test_happy_path() -> None:
     for trigger in ("submit", "start", "ready", "connect", "disconnect", "connect", "clean"):
         assert getattr(model, trigger)() is True
     expected = [
-        State.SUBMITTED, State.RUNNING, State.SERVING, State.TUNNELED,
-        State.SERVING, State.TUNNELED, State.CLEANED,
-    ]  # fmt: skip
+        State.SUBMITTED,
+        State.RUNNING,
+        State.SERVING,
+        State.TUNNELED,
+        State.SERVING,
+        State.TUNNELED,
+        State.CLEANED,
+    ]
     assert seen == expected  # once per transition
     assert [s for s, _ in model.history] == [s.value for s in expected]
     assert set(model.entered_at) == {s.value for s in expected}
@@ -351,9 +361,14 @@ def test_each_live_state_runs_its_on_enter_step_in_order() -> None:
     build_machine(model, packaged_definition(), TIMEOUTS, steps=steps)
     model.submit()
     assert ran == [
-        "await_start", "await_start returned", "await_server", "await_server returned",
-        "connect", "connect returned", "serve",
-    ]  # fmt: skip
+        "await_start",
+        "await_start returned",
+        "await_server",
+        "await_server returned",
+        "connect",
+        "connect returned",
+        "serve",
+    ]
     assert model.state == State.TUNNELED
 
 
@@ -367,8 +382,13 @@ def test_state_is_recorded_before_its_step_runs() -> None:
         raise RuntimeError("boom")
 
     noop: Callable[[], None] = lambda: None  # noqa: E731
-    build_machine(model, packaged_definition(), TIMEOUTS, initial="serving",
-                  steps={"await_start": noop, "await_server": noop, "connect": noop, "serve": serve})  # fmt: skip
+    build_machine(
+        model,
+        packaged_definition(),
+        TIMEOUTS,
+        initial="serving",
+        steps={"await_start": noop, "await_server": noop, "connect": noop, "serve": serve},
+    )
     with pytest.raises(RuntimeError):
         model.connect()
     assert model.state == State.TUNNELED
@@ -383,9 +403,18 @@ def test_resume_reenters_the_state_and_runs_its_step_again() -> None:
     seen: list[State] = []
     model.on_change = seen.append
     noop: Callable[[], None] = lambda: None  # noqa: E731
-    build_machine(model, packaged_definition(), TIMEOUTS, initial="running",
-                  steps={"await_start": noop, "await_server": lambda: ran.append("await_server"),
-                         "connect": noop, "serve": noop})  # fmt: skip
+    build_machine(
+        model,
+        packaged_definition(),
+        TIMEOUTS,
+        initial="running",
+        steps={
+            "await_start": noop,
+            "await_server": lambda: ran.append("await_server"),
+            "connect": noop,
+            "serve": noop,
+        },
+    )
     model.resume()
     assert ran == ["await_server"] and model.state == State.RUNNING
     assert seen == [] and model.history == []  # not a change of state
@@ -410,13 +439,20 @@ def _drop(d: dict[str, Any], trigger: str, source: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("trigger", "source"),
-    [("clean", "tunneled"), ("clean", "failed"), ("fail", "idle"), ("timeout", "running"),
-     ("disconnect", "tunneled")],
-)  # fmt: skip
+    [
+        ("clean", "tunneled"),
+        ("clean", "failed"),
+        ("fail", "idle"),
+        ("timeout", "running"),
+        ("disconnect", "tunneled"),
+    ],
+)
 def test_a_transition_the_driver_fires_cannot_be_removed(trigger: str, source: str) -> None:
     with pytest.raises(ConfigError) as exc:
         load_definition(_drop(raw(), trigger, source))
-    assert f"no transition {trigger!r} from {source!r}" in exc.value.message + str(exc.value.details)
+    assert f"no transition {trigger!r} from {source!r}" in exc.value.message + str(
+        exc.value.details
+    )
 
 
 def test_a_new_timed_state_needs_a_timeout_transition() -> None:

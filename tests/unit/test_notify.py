@@ -25,9 +25,11 @@ def _stand_in(tmp: Path, name: str) -> Path:
 
 def _record(wait: float) -> SimpleNamespace:
     return SimpleNamespace(
-        name="gpt", model="gpt-oss-20b", url="http://localhost:58000",
+        name="gpt",
+        model="gpt-oss-20b",
+        url="http://localhost:58000",
         entered_at={"submitted": 1000.0, "running": 1000.0 + wait},
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture
@@ -42,8 +44,10 @@ def test_ready_after_a_long_queue_wait_notifies(linux: Path) -> None:
     cfg = load_settings({"notify": {"enabled": True}})
     notify.on_ready(cfg, _record(wait=75))
     assert linux.read_text().splitlines() == [
-        "--app-name=alvis-fsm", "alvis-fsm: gpt is ready", "gpt-oss-20b at http://localhost:58000",
-    ]  # fmt: skip
+        "--app-name=alvis-fsm",
+        "alvis-fsm: gpt is ready",
+        "gpt-oss-20b at http://localhost:58000",
+    ]
 
 
 def test_short_wait_or_disabled_does_not_notify(linux: Path) -> None:
@@ -58,15 +62,22 @@ def test_failure_notifies(linux: Path) -> None:
     assert "alvis-fsm: gpt failed" in linux.read_text()
 
 
-def test_macos_uses_osascript_with_quotes_escaped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_macos_uses_osascript_with_quotes_escaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     log = _stand_in(tmp_path, "osascript")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
     monkeypatch.setattr(sys, "platform", "darwin")
     assert notify.send('say "hi"', "a\\b")
-    assert log.read_text().splitlines() == ["-e", 'display notification "a\\\\b" with title "say \\"hi\\""']
+    assert log.read_text().splitlines() == [
+        "-e",
+        'display notification "a\\\\b" with title "say \\"hi\\""',
+    ]
 
 
-def test_nothing_to_notify_with_is_silently_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nothing_to_notify_with_is_silently_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # neither program
     assert notify.send("t", "m") is False
     assert os.environ["PATH"] == str(tmp_path)

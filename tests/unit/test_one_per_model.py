@@ -30,7 +30,9 @@ def test_declining_offers_a_second_session_that_works(tmp_path: Path) -> None:
     store.save(SessionRecord(name="gpt-oss-20b-2", model="gpt-oss-20b", state="cleaned"))
     with pytest.raises(service.AlreadyLive) as err:
         service.create(cfg, StartOptions(time="2h"))
-    m = re.fullmatch(r"alvis-fsm start -m gpt-oss-20b --new -n (\S+) --port (\d+)", err.value.second)
+    m = re.fullmatch(
+        r"alvis-fsm start -m gpt-oss-20b --new -n (\S+) --port (\d+)", err.value.second
+    )
     assert m, err.value.second
     assert m.group(1) == "gpt-oss-20b-3"  # -2 is taken, if only by a finished session
     assert int(m.group(2)) != port and local_port_free(int(m.group(2)))
@@ -41,8 +43,9 @@ def test_declining_offers_a_second_session_that_works(tmp_path: Path) -> None:
     assert new.record.name == "gpt-oss-20b-3"
 
 
-def test_start_points_at_the_gateway_serving_the_model(tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_start_points_at_the_gateway_serving_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from alvis_fsm.fronts.cli.commands.start import _offer_resume
     from alvis_fsm.fronts.ui import Reporter, Verbosity
 
@@ -55,15 +58,24 @@ def test_start_points_at_the_gateway_serving_the_model(tmp_path: Path,
             _offer_resume(Reporter(Verbosity.NORMAL), service.AlreadyLive(record), Verbosity.NORMAL)
         out = capsys.readouterr().out
         assert "lab-ok is already served by the gateway at http://localhost:58777/v1" in out
-        assert "no second job started" in out and 'alvis-fsm env --gateway' in out
+        assert "no second job started" in out and "alvis-fsm env --gateway" in out
     finally:
         del os.environ["ALVIS_FSM_SESSION__STATE_DIR"]
 
 
-def test_the_api_reuses_the_gateways_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_api_reuses_the_gateways_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = Store(tmp_path)
-    store.save(SessionRecord(name="gw-lab-ok", model="lab-ok", state="tunneled", job_id="13",
-                             local_socket=str(tmp_path / "sock")))  # fmt: skip
+    store.save(
+        SessionRecord(
+            name="gw-lab-ok",
+            model="lab-ok",
+            state="tunneled",
+            job_id="13",
+            local_socket=str(tmp_path / "sock"),
+        )
+    )
     monkeypatch.setattr("alvis_fsm.cluster.tunnel.health", lambda *a, **k: True)
     assert api._live_session(store, "lab-ok", None) is None  # not its socket
     assert api._gateway_session(store, "lab-ok", keep=False) is None  # no gateway runs
@@ -82,8 +94,7 @@ def test_the_gateway_adopts_only_live_answering_sessions_of_others(
     store.save(SessionRecord(name="old", model="lab-ok", state="cleaned", local_port=2))
     store.save(SessionRecord(name="other", model="x", state="tunneled", local_port=3))
     answering = {4}
-    monkeypatch.setattr("alvis_fsm.cluster.tunnel.health",
-                        lambda port, **k: port in answering)  # fmt: skip
+    monkeypatch.setattr("alvis_fsm.cluster.tunnel.health", lambda port, **k: port in answering)
     assert adoptable(store, "lab-ok") is None
     store.save(SessionRecord(name="lab-ok", model="lab-ok", state="tunneled", local_port=5))
     assert adoptable(store, "lab-ok") is None  # does not answer
@@ -100,5 +111,7 @@ def test_logs_say_which_session_and_job(tmp_path: Path) -> None:
 
     say = Say()
     service.logs(cfg, store, session_of(store, "gpt-oss-20b"), say, lines=10, **handles(Agent()))
-    assert say.lines[0] == ("info", "Logs of session 'gw-gpt-oss-20b' (job 41, tunneled,"
-                                    " model gpt-oss-20b)")  # fmt: skip
+    assert say.lines[0] == (
+        "info",
+        "Logs of session 'gw-gpt-oss-20b' (job 41, tunneled, model gpt-oss-20b)",
+    )

@@ -40,29 +40,45 @@ DRIVER = textwrap.dedent(
 
 
 def settings(tmp: Path) -> Settings:
-    return load_settings({"session": {"state_dir": str(tmp / "state")},
-                          "slurm": {"account": "NAISS2025-22-1522", "gpus": "A40:1"}})  # fmt: skip
+    return load_settings(
+        {
+            "session": {"state_dir": str(tmp / "state")},
+            "slurm": {"account": "NAISS2025-22-1522", "gpus": "A40:1"},
+        }
+    )
 
 
 def handles(agent: FakeAgent) -> dict[str, Any]:
     conn = FakeConn()
     return {
-        "conn": conn, "agent": agent, "tunnel_factory": FakeTunnel,
+        "conn": conn,
+        "agent": agent,
+        "tunnel_factory": FakeTunnel,
         "verifier": lambda port, key, deadline, served, **_: Verified(["m"], 0.01),
-    }  # fmt: skip
+    }
 
 
 def live(store: Store, detached: bool = False) -> SessionRecord:
-    record = SessionRecord(name="s", model="m", state="tunneled", local_port=58000, job_id="41",
-                           run_dir="~/runs/x", job_name="alvis-fsm-s-a", detached=detached)  # fmt: skip
+    record = SessionRecord(
+        name="s",
+        model="m",
+        state="tunneled",
+        local_port=58000,
+        job_id="41",
+        run_dir="~/runs/x",
+        job_name="alvis-fsm-s-a",
+        detached=detached,
+    )
     store.save(record)
     return record
 
 
 def driver(store: Store, field: str) -> subprocess.Popen[bytes]:
     """Start a driver and wait until it holds the lock and is recorded."""
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(store.dir), field],
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(store.dir), field],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
     for _ in range(600):
         if store.holder("s") == proc.pid and getattr(store.load("s"), field) == proc.pid:
             return proc

@@ -20,8 +20,10 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode != 0:
         pytest.fail(f"pip wheel failed:\n{proc.stderr}")
     (path,) = out.glob("alvis_fsm-*.whl")
@@ -62,14 +64,26 @@ def test_installed_tool_finds_its_data_from_another_directory(wheel: Path, tmp_p
     elsewhere.mkdir()
     env = {"PYTHONPATH": str(site), "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     probe = subprocess.run(
-        [sys.executable, "-c", "from alvis_fsm import paths; print(paths.default_config()); "
-         "print(paths.packaged_catalog()); print(paths.jobscript_template())"],
-        cwd=elsewhere, env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "from alvis_fsm import paths; print(paths.default_config()); "
+            "print(paths.packaged_catalog()); print(paths.jobscript_template())",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for line in probe.stdout.split():
         assert line.startswith(str(site / "alvis_fsm" / "data")), probe.stdout
     listing = subprocess.run(
         [sys.executable, "-m", "alvis_fsm", "models", "--json"],
-        cwd=elsewhere, env=env, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "gpt-oss-20b" in json.loads(listing.stdout)["models"]

@@ -33,8 +33,12 @@ def test_a_listener_makes_the_port_busy() -> None:
 def _time_wait_on(port: int) -> bool:
     if shutil.which("ss") is None:
         return True  # cannot look; the assertion below still has to hold
-    out = subprocess.run(["ss", "-Htan", "state", "time-wait", f"( sport = :{port} )"],
-                         capture_output=True, text=True, check=False).stdout  # fmt: skip
+    out = subprocess.run(
+        ["ss", "-Htan", "state", "time-wait", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
     return bool(out.strip())
 
 

@@ -17,11 +17,31 @@ from alvis_fsm.cluster.slurm import PHASES, JobInfo, JobState, Phase
 # Every name SLURM's job_state_string prints (SchedMD/slurm,
 # src/common/slurm_protocol_defs.c), flags and base states.
 SLURM_PRINTS = [
-    "COMPLETING", "STAGE_OUT", "CONFIGURING", "RESIZING", "REQUEUED", "REQUEUE_FED",
-    "REQUEUE_HOLD", "SPECIAL_EXIT", "STOPPED", "REVOKED", "RESV_DEL_HOLD", "SIGNALING",
-    "PENDING", "RUNNING", "SUSPENDED", "COMPLETED", "CANCELLED", "FAILED", "TIMEOUT",
-    "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY",
-]  # fmt: skip
+    "COMPLETING",
+    "STAGE_OUT",
+    "CONFIGURING",
+    "RESIZING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "SPECIAL_EXIT",
+    "STOPPED",
+    "REVOKED",
+    "RESV_DEL_HOLD",
+    "SIGNALING",
+    "PENDING",
+    "RUNNING",
+    "SUSPENDED",
+    "COMPLETED",
+    "CANCELLED",
+    "FAILED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "OUT_OF_MEMORY",
+]
 
 
 def test_every_state_slurm_prints_has_one_phase() -> None:
@@ -42,8 +62,13 @@ def test_completing_is_over_but_not_released() -> None:
 def test_command_args_are_named_and_checked() -> None:
     assert protocol.command_args("jobinfo", {"job": 7}) == ["jobinfo", "job=7"]
     assert protocol.command_args("submit", {"run": "~/r", "has_key": 1}, ["-t", "1:00"]) == [
-        "submit", "run=~/r", "has_key=1", "--", "-t", "1:00",
-    ]  # fmt: skip
+        "submit",
+        "run=~/r",
+        "has_key=1",
+        "--",
+        "-t",
+        "1:00",
+    ]
     with pytest.raises(ValueError, match="takes"):
         protocol.command_args("jobinfo", {})
     with pytest.raises(ValueError, match="takes"):
@@ -54,10 +79,16 @@ def test_command_args_are_named_and_checked() -> None:
 
 def test_shell_definitions_carry_the_tables() -> None:
     out = subprocess.run(
-        ["bash", "-c", protocol.shell_definitions()
-         + 'printf "%s\\n" "$JOB_STATES_ENDED" "$AGENT_ARGS_wait_ready" "$FILE_STARTED"'],
-        capture_output=True, text=True, check=True,
-    ).stdout.splitlines()  # fmt: skip
+        [
+            "bash",
+            "-c",
+            protocol.shell_definitions()
+            + 'printf "%s\\n" "$JOB_STATES_ENDED" "$AGENT_ARGS_wait_ready" "$FILE_STARTED"',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert out[0].split() == [s.value for s, p in PHASES.items() if p is Phase.ENDED]
     assert out[1].split() == list(protocol.COMMANDS["wait-ready"])
     assert out[2] == "job.started"
@@ -74,19 +105,32 @@ def _scheduler(tmp_path: Path, scripts: dict[str, str]) -> dict[str, str]:
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
 
 
-def _run(tmp_path: Path, argv: list[str], squeue: str = "", sacct: str = "") -> subprocess.CompletedProcess[str]:
-    scripts = {tool: f"printf '%s' '{out}'\n" for tool, out in (("squeue", squeue), ("sacct", sacct), ("scancel", ""))}
+def _run(
+    tmp_path: Path, argv: list[str], squeue: str = "", sacct: str = ""
+) -> subprocess.CompletedProcess[str]:
+    scripts = {
+        tool: f"printf '%s' '{out}'\n"
+        for tool, out in (("squeue", squeue), ("sacct", sacct), ("scancel", ""))
+    }
     env = _scheduler(tmp_path, scripts)
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
 
 
 @pytest.mark.parametrize(
     ("queue", "verdict"),
-    [("COMPLETING\n", "unconfirmed"), ("CANCELLED\n", "confirmed"), ("REVOKED\n", "confirmed"),
-     ("SPECIAL_EXIT\n", "confirmed"), ("PENDING\n", "unconfirmed"), ("", "confirmed")],
-)  # fmt: skip
+    [
+        ("COMPLETING\n", "unconfirmed"),
+        ("CANCELLED\n", "confirmed"),
+        ("REVOKED\n", "confirmed"),
+        ("SPECIAL_EXIT\n", "confirmed"),
+        ("PENDING\n", "unconfirmed"),
+        ("", "confirmed"),
+    ],
+)
 def test_cancel_by_name_waits_for_a_released_job(tmp_path: Path, queue: str, verdict: str) -> None:
-    proc = _run(tmp_path, agent_argv("cancel", {"job": "", "job_name": "n", "confirm": 0}), squeue=queue)
+    proc = _run(
+        tmp_path, agent_argv("cancel", {"job": "", "job_name": "n", "confirm": 0}), squeue=queue
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"CANCEL|{verdict}|" in proc.stdout
 
@@ -105,9 +149,15 @@ def test_the_agent_refuses_arguments_it_does_not_take(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("given", "expected"),
-    [("~", "{h}"), ("~/a b", "{h}/a b"), ("rel/x", "{h}/rel/x"), ("/abs/x", "/abs/x"),
-     ("~x", "{h}/~x"), ("a\nb\n", "{h}/a\nb\n")],
-)  # fmt: skip
+    [
+        ("~", "{h}"),
+        ("~/a b", "{h}/a b"),
+        ("rel/x", "{h}/rel/x"),
+        ("/abs/x", "/abs/x"),
+        ("~x", "{h}/~x"),
+        ("a\nb\n", "{h}/a\nb\n"),
+    ],
+)
 def test_home_path_is_the_one_tilde_expansion(tmp_path: Path, given: str, expected: str) -> None:
     script = protocol.fragment("common.sh") + 'home_path out "$1"; printf "%s" "$out"'
     proc = _run(tmp_path, ["bash", "-c", script, "x", given])
@@ -116,19 +166,34 @@ def test_home_path_is_the_one_tilde_expansion(tmp_path: Path, given: str, expect
 
 @pytest.mark.parametrize(
     ("squeue", "sacct", "gone"),
-    [("COMPLETING|n|||", "", "COMPLETING"), ("PENDING|||||", "", "PENDING"),
-     ("", "TIMEOUT|n|||0:0", "TIMEOUT"), ("", "COMPLETING|n|||0:0", "COMPLETING")],
-)  # fmt: skip
+    [
+        ("COMPLETING|n|||", "", "COMPLETING"),
+        ("PENDING|||||", "", "PENDING"),
+        ("", "TIMEOUT|n|||0:0", "TIMEOUT"),
+        ("", "COMPLETING|n|||0:0", "COMPLETING"),
+    ],
+)
 def test_a_stream_ends_when_the_job_no_longer_runs(
     tmp_path: Path, squeue: str, sacct: str, gone: str
 ) -> None:
     (tmp_path / "run").mkdir()
-    argv = agent_argv("stream", {"run": "run", "job": 7, "lines": 1, "from": "", "follow": 1,
-                                 "interval": 0.1, "check": 1})  # fmt: skip
-    env = _scheduler(tmp_path, {tool: f"printf '%s\\n' '{out}'\n" for tool, out in (("squeue", squeue), ("sacct", sacct))})
+    argv = agent_argv(
+        "stream",
+        {"run": "run", "job": 7, "lines": 1, "from": "", "follow": 1, "interval": 0.1, "check": 1},
+    )
+    env = _scheduler(
+        tmp_path,
+        {tool: f"printf '%s\\n' '{out}'\n" for tool, out in (("squeue", squeue), ("sacct", sacct))},
+    )
     # stdin open, as the ssh channel's is: its EOF ends the stream.
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -143,8 +208,10 @@ def test_a_stream_ends_when_the_job_no_longer_runs(
         proc.wait(timeout=10)
 
 
-@pytest.mark.parametrize(("target", "content", "event"), [(rundir.VLLM_EXIT, "1", "EXITED|1"),
-                                                           (rundir.ENDED, "signal TERM", "ENDED|signal TERM")])
+@pytest.mark.parametrize(
+    ("target", "content", "event"),
+    [(rundir.VLLM_EXIT, "1", "EXITED|1"), (rundir.ENDED, "signal TERM", "ENDED|signal TERM")],
+)
 def test_wait_ready_tells_a_job_that_ended_during_the_slice_by_its_files(
     tmp_path: Path, target: str, content: str, event: str
 ) -> None:
@@ -152,13 +219,18 @@ def test_wait_ready_tells_a_job_that_ended_during_the_slice_by_its_files(
     its scheduler query: the files' word (vLLM's status, the signal) is what
     comes back, not the bare FAILED the scheduler gives."""
     (tmp_path / "run").mkdir()
-    env = _scheduler(tmp_path, {
-        # The controller has forgotten the job; it wrote its file just before.
-        "squeue": f"printf '%s\\n' '{content}' > '{tmp_path}/run/{target}'\n"
-                  "echo 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n",
-        "sacct": "printf '%s\\n' 'FAILED|n|||00:00:05|1:0'\n",
-    })  # fmt: skip
-    argv = agent_argv("wait-ready", {"run": "run", "job": 7, "slice": 0.2, "interval": 0.05, "known": 0})
+    env = _scheduler(
+        tmp_path,
+        {
+            # The controller has forgotten the job; it wrote its file just before.
+            "squeue": f"printf '%s\\n' '{content}' > '{tmp_path}/run/{target}'\n"
+            "echo 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n",
+            "sacct": "printf '%s\\n' 'FAILED|n|||00:00:05|1:0'\n",
+        },
+    )
+    argv = agent_argv(
+        "wait-ready", {"run": "run", "job": 7, "slice": 0.2, "interval": 0.05, "known": 0}
+    )
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == event, proc.stdout
@@ -174,8 +246,12 @@ def test_ready_comes_with_the_mark_a_stream_starts_from(tmp_path: Path) -> None:
     (run / rundir.ADDRESS).write_text("node:8000\n")
     (run / rundir.VLLM_OUT).write_text("loading\n")
     err = (run / rundir.VLLM_ERR).write_text(f"x\n{rundir.STARTUP_LINE}\n")  # ASCII: bytes
-    ready = _run(tmp_path, agent_argv("wait-ready", {"run": "run", "job": 7, "slice": 1, "interval": 0.05,
-                                                     "known": 1}))  # fmt: skip
+    ready = _run(
+        tmp_path,
+        agent_argv(
+            "wait-ready", {"run": "run", "job": 7, "slice": 1, "interval": 0.05, "known": 1}
+        ),
+    )
     records = [line for line in ready.stdout.splitlines() if "|" in line]
     assert records == [f"MARK|8,{err}", "READY|node:8000"], ready.stderr
     mark = Mark.parse(records[0][5:])
@@ -184,13 +260,28 @@ def test_ready_comes_with_the_mark_a_stream_starts_from(tmp_path: Path) -> None:
         f.write('"POST /v1/chat/completions HTTP/1.1" 200 OK\n')  # sent at connect
     alone = _run(tmp_path, agent_argv("mark", {"run": "run"}))
     assert alone.stdout == f"MARK|{(run / rundir.VLLM_OUT).stat().st_size},{err}\n", alone.stderr
-    argv = agent_argv("stream", {"run": "run", "job": 7, "lines": 0, "from": str(mark), "follow": 0,
-                                 "interval": 0.1, "check": 30})  # fmt: skip
+    argv = agent_argv(
+        "stream",
+        {
+            "run": "run",
+            "job": 7,
+            "lines": 0,
+            "from": str(mark),
+            "follow": 0,
+            "interval": 0.1,
+            "check": 30,
+        },
+    )
     shown = _run(tmp_path, argv)
     assert shown.stdout == 'O|"POST /v1/chat/completions HTTP/1.1" 200 OK\n', shown.stderr
-    proc = subprocess.Popen(["follow=1" if w == "follow=0" else w for w in argv], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=_scheduler(tmp_path, {}),
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        ["follow=1" if w == "follow=0" else w for w in argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_scheduler(tmp_path, {}),
+        start_new_session=True,
+    )
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == 'O|"POST /v1/chat/completions HTTP/1.1" 200 OK\n'

@@ -77,7 +77,9 @@ def test_every_command_has_a_row_linking_its_section(readme: str) -> None:
 
 def test_required_topics(readme: str) -> None:
     """Each topic is documented somewhere: the README or a page of docs/."""
-    text = readme + "".join(p.read_text(encoding="utf-8") for p in sorted((REPO / "docs").glob("*.md")))
+    text = readme + "".join(
+        p.read_text(encoding="utf-8") for p in sorted((REPO / "docs").glob("*.md"))
+    )
     for needle in (
         "lsof -nP -iTCP:58000",
         "ssh-add",

@@ -23,7 +23,9 @@ def test_a_supervisor_records_a_confirmed_end_and_closes_tunnel_and_connection(
     """Finding 10: the job ended elsewhere (scancel, time limit, node
     failure): the supervisor does what a foreground client does, so the
     port and the connection are free without anyone running `status`."""
-    runner, agent, conn, say, store = make_runner(tmp_path, "tunneled", detach=False, supervised=True)
+    runner, agent, conn, say, store = make_runner(
+        tmp_path, "tunneled", detach=False, supervised=True
+    )
     agent.stream_script = f"import time; print({record!r}, flush=True); time.sleep(30)"
     agent.job = CANCELLED
     runner.drive()

@@ -47,9 +47,13 @@ def test_arguments_arrive_as_data_under_every_login_shell(shell: str, tmp_path: 
     tmp_path.mkdir()
     argv = ["bash", "-c", 'printf "[%s]\\n" "$@"; cat', "agent", *HOSTILE]
     proc = subprocess.run(
-        [shell, "-c", BOOTSTRAP], input=frame(argv) + b"the rest of stdin\n",
-        capture_output=True, cwd=tmp_path, timeout=30, check=False,
-    )  # fmt: skip
+        [shell, "-c", BOOTSTRAP],
+        input=frame(argv) + b"the rest of stdin\n",
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=30,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     expected = "".join(f"[{word}]\n" for word in HOSTILE) + "the rest of stdin\n"
     assert proc.stdout.decode() == expected
@@ -64,9 +68,13 @@ def test_a_bad_frame_runs_nothing(shell: str, tmp_path: Path) -> None:
     tmp_path.mkdir()
     for stdin in (b"", b"touch pwned\n", b"0\n", b"x;touch pwned\n"):
         proc = subprocess.run(
-            [shell, "-c", BOOTSTRAP], input=stdin, capture_output=True, cwd=tmp_path,
-            timeout=30, check=False,
-        )  # fmt: skip
+            [shell, "-c", BOOTSTRAP],
+            input=stdin,
+            capture_output=True,
+            cwd=tmp_path,
+            timeout=30,
+            check=False,
+        )
         assert proc.returncode == 3, (stdin, proc.stderr)
     assert list(tmp_path.iterdir()) == []
 

@@ -69,7 +69,14 @@ def test_no_other_backoff_loop_in_the_package() -> None:
     ]
     assert found == []
     # ... and the policy is used where the package tries again.
-    users = {p.relative_to(package).as_posix() for p in package.rglob("*.py")
-             if "Backoff(" in p.read_text(encoding="utf-8") and p.name != "retry.py"}  # fmt: skip
-    assert users >= {"cluster/ssh.py", "engine/tunnel_keeper.py", "engine/log_stream.py",
-                     "engine/ownership.py"}  # ownership: the supervisor
+    users = {
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*.py")
+        if "Backoff(" in p.read_text(encoding="utf-8") and p.name != "retry.py"
+    }
+    assert users >= {
+        "cluster/ssh.py",
+        "engine/tunnel_keeper.py",
+        "engine/log_stream.py",
+        "engine/ownership.py",
+    }  # ownership: the supervisor

@@ -49,8 +49,9 @@ from alvis_fsm.errors import (
         (RuntimeError("bug"), Outcome.INTERNAL, Outcome.INTERNAL),
     ],
 )
-def test_one_table_from_error_class_to_outcome(exc: BaseException, client: Outcome,
-                                               supervisor: Outcome) -> None:  # fmt: skip
+def test_one_table_from_error_class_to_outcome(
+    exc: BaseException, client: Outcome, supervisor: Outcome
+) -> None:
     assert outcome_of(exc) is client
     assert outcome_of(exc, supervised=True) is supervisor
 
@@ -127,12 +128,21 @@ def test_job_control_alone_records_an_ended_job(tmp_path: Path) -> None:
 
 def test_a_look_saves_nothing(tmp_path: Path) -> None:
     runner, agent, conn, say, store = make_runner(tmp_path, "tunneled")
-    link = look(runner.settings, store.load("s"), store, say, conn=conn, agent=agent,
-                tunnel_factory=FakeTunnel)  # fmt: skip
+    link = look(
+        runner.settings,
+        store.load("s"),
+        store,
+        say,
+        conn=conn,
+        agent=agent,
+        tunnel_factory=FakeTunnel,
+    )
     link.record.state = "cleaned"
     link.save()
     assert store.load("s").state == "tunneled"
-    agent.stream_script = "print('O|INFO up', flush=True); print('UNKNOWN|squeue: timed out', flush=True)"
+    agent.stream_script = (
+        "print('O|INFO up', flush=True); print('UNKNOWN|squeue: timed out', flush=True)"
+    )
     show_logs(link, 5, follow=True)
     assert "INFO up" in say.text("log") and not conn.up
 

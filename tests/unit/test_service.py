@@ -60,7 +60,9 @@ class Agent(FakeAgent):
     def gpus(self) -> list[str]:
         return ["alvis7-07|gpu:A40:4|gpu:A40:1|idle"]
 
-    def submit(self, run_dir: str, key: str | None, script: str, args: list[str]) -> tuple[str, str]:
+    def submit(
+        self, run_dir: str, key: str | None, script: str, args: list[str]
+    ) -> tuple[str, str]:
         self.scripts.append(script)
         self.args.append(list(args))
         return super().submit(run_dir, key, script, args)
@@ -82,14 +84,23 @@ class Conn(FakeConn):
 
 def handles(agent: FakeAgent, conn: FakeConn | None = None) -> dict[str, Any]:
     return {
-        "conn": conn or Conn(), "agent": agent, "tunnel_factory": FakeTunnel,
+        "conn": conn or Conn(),
+        "agent": agent,
+        "tunnel_factory": FakeTunnel,
         "verifier": lambda port, key, deadline, served, **_: Verified(["openai/gpt-oss-20b"], 0.01),
-    }  # fmt: skip
+    }
 
 
 def live(store: Store, name: str, port: int, model: str = "gpt-oss-20b") -> SessionRecord:
-    record = SessionRecord(name=name, model=model, state="tunneled", local_port=port,
-                           job_id="41", run_dir="~/runs/x", job_name=f"alvis-fsm-{name}-a")  # fmt: skip
+    record = SessionRecord(
+        name=name,
+        model=model,
+        state="tunneled",
+        local_port=port,
+        job_id="41",
+        run_dir="~/runs/x",
+        job_name=f"alvis-fsm-{name}-a",
+    )
     store.save(record)
     return record
 
@@ -114,7 +125,9 @@ def test_create_makes_the_record_and_key_without_the_network(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("root", ["~/runs:x", "/scratch/a,b/runs"])
-def test_a_run_root_the_guard_cannot_load_from_is_refused_in_words(tmp_path: Path, root: str) -> None:
+def test_a_run_root_the_guard_cannot_load_from_is_refused_in_words(
+    tmp_path: Path, root: str
+) -> None:
     cfg = settings(tmp_path, remote={"run_root": root})
     with pytest.raises(ConfigError, match=r"remote\.run_root .* holds ':' or ','") as err:
         service.create(cfg, StartOptions(time="2:00:00"))
@@ -147,8 +160,9 @@ def test_create_with_a_local_socket_takes_no_port(tmp_path: Path) -> None:
         (StartOptions(name="a b"), UsageError, "-n/--name:"),
     ],
 )
-def test_bad_options_are_refused_by_name(tmp_path: Path, options: StartOptions,
-                                         error: type[Exception], text: str) -> None:  # fmt: skip
+def test_bad_options_are_refused_by_name(
+    tmp_path: Path, options: StartOptions, error: type[Exception], text: str
+) -> None:
     with pytest.raises(error) as exc:
         service.create(settings(tmp_path), options)
     assert text in str(exc.value.message)  # type: ignore[attr-defined]
@@ -196,7 +210,9 @@ def test_prepare_gives_a_runner_built_with_its_job(tmp_path: Path) -> None:
         runner.drive()  # detached once tunneled
     assert new.store.load(new.record.name).state == "tunneled"
     script = agent.scripts[0]
-    assert "#SBATCH --account NAISS2025-22-1522" in script or "--account=NAISS2025-22-1522" in script
+    assert (
+        "#SBATCH --account NAISS2025-22-1522" in script or "--account=NAISS2025-22-1522" in script
+    )
     assert "alvis,alvis2" in script and agent.args == [["--qos=short"]]
     assert new.record.gpus == "A40:1"
     text = say.text()
@@ -223,8 +239,11 @@ def test_start_retries_once_with_the_length_vllm_says_fits(tmp_path: Path) -> No
     def drive(runner: Any) -> None:
         tries.append(1)
         if len(tries) == 1:
-            raise ServerError("vLLM exited", details="ValueError: ... the estimated maximum "
-                              "model length is 4096. Try increasing gpu_memory_utilization")  # fmt: skip
+            raise ServerError(
+                "vLLM exited",
+                details="ValueError: ... the estimated maximum "
+                "model length is 4096. Try increasing gpu_memory_utilization",
+            )
         runner.drive()
 
     started = service.start(cfg, StartOptions(detach=True), say, drive=drive, **handles(agent))
@@ -242,8 +261,14 @@ def test_start_says_where_refused_values_came_from(tmp_path: Path) -> None:
         raise SchedulerError("sbatch refused the job")
 
     with pytest.raises(SchedulerError) as exc:
-        service.start(cfg, StartOptions(time="30"), Say(), drive=drive,
-                      on_failure=lambda rec, e: heard.append(rec.name), **handles(Agent()))  # fmt: skip
+        service.start(
+            cfg,
+            StartOptions(time="30"),
+            Say(),
+            drive=drive,
+            on_failure=lambda rec, e: heard.append(rec.name),
+            **handles(Agent()),
+        )
     assert "account NAISS2025-22-1522" in (exc.value.hint or "")
     assert "time 30 (from -t)" in (exc.value.hint or "")
     assert heard == ["gpt-oss-20b"]
@@ -297,7 +322,9 @@ def test_check_of_an_unreachable_cluster_is_a_problem_not_news(tmp_path: Path) -
     store = Store(cfg.state_dir)
     conn = FakeConn()
     conn.reachable = False
-    status = service.check(cfg, store, live(store, "s", free_port()), Say(), **handles(Agent(), conn))
+    status = service.check(
+        cfg, store, live(store, "s", free_port()), Say(), **handles(Agent(), conn)
+    )
     assert status.problem is not None and status.problem.message.startswith("s: Cannot connect")
     assert store.load("s").state == "tunneled"
 
@@ -340,11 +367,18 @@ def test_sessions_start_concurrently_in_threads(tmp_path: Path) -> None:
 @pytest.mark.parametrize("module", ["engine/service.py", "engine/session_spec.py"])
 def test_no_terminal_in_the_service(module: str) -> None:
     tree = ast.parse((PACKAGE / module).read_text(encoding="utf-8"))
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
-                 if isinstance(n, ast.ImportFrom) and n.module}  # fmt: skip
+    imported = {
+        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    imported |= {
+        n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+    }
     assert not imported & {"signal", "sys", "click", "getpass"}
-    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    called = {
+        n.func.id
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+    }
     assert not called & {"print", "input", "exit"}
     # No module-level mutable state: only constants, type aliases, classes, functions.
     for node in tree.body:
@@ -378,8 +412,9 @@ def test_resume_drives_a_live_session_again(tmp_path: Path) -> None:
         ("cleaned", "41", "is finished"),
     ],
 )
-def test_resume_with_nothing_to_drive_says_so(tmp_path: Path, state: str, job_id: str,
-                                               said: str) -> None:  # fmt: skip
+def test_resume_with_nothing_to_drive_says_so(
+    tmp_path: Path, state: str, job_id: str, said: str
+) -> None:
     cfg = settings(tmp_path)
     store = Store(cfg.state_dir)
     record = live(store, "s", free_port())

@@ -18,7 +18,9 @@ from alvis_fsm.engine.setting_docs import SETTINGS
 from alvis_fsm.fronts.cli.main import SettingOption, cli
 
 
-def _commands(command: click.Command, path: str = "alvis-fsm") -> Iterator[tuple[str, click.Command]]:
+def _commands(
+    command: click.Command, path: str = "alvis-fsm"
+) -> Iterator[tuple[str, click.Command]]:
     yield path, command
     if isinstance(command, click.Group):
         for name, sub in command.commands.items():
@@ -26,8 +28,12 @@ def _commands(command: click.Command, path: str = "alvis-fsm") -> Iterator[tuple
 
 
 def _setting_options() -> list[tuple[str, click.Command, SettingOption]]:
-    return [(path, command, p) for path, command in _commands(cli) for p in command.params
-            if isinstance(p, SettingOption)]  # fmt: skip
+    return [
+        (path, command, p)
+        for path, command in _commands(cli)
+        for p in command.params
+        if isinstance(p, SettingOption)
+    ]
 
 
 def _packaged(key: str) -> str:
@@ -56,9 +62,13 @@ def _help_line(path: str, command: click.Command, option: click.Option) -> str:
 
 def test_the_options_that_stand_for_settings_are_found() -> None:
     found = {(path, option.setting) for path, _, option in _setting_options()}
-    assert {("alvis-fsm start", "tunnel.local_port"), ("alvis-fsm start", "slurm.time"),
-            ("alvis-fsm gateway", "gateway.port"), ("alvis-fsm gateway", "gateway.idle_timeout"),
-            ("alvis-fsm batch submit", "slurm.time")} <= found  # fmt: skip
+    assert {
+        ("alvis-fsm start", "tunnel.local_port"),
+        ("alvis-fsm start", "slurm.time"),
+        ("alvis-fsm gateway", "gateway.port"),
+        ("alvis-fsm gateway", "gateway.idle_timeout"),
+        ("alvis-fsm batch submit", "slurm.time"),
+    } <= found
     # Every setting that names its flag of `start` is such an option there.
     flagged = {key for key, doc in SETTINGS.items() if doc.flag}
     assert flagged <= {setting for path, setting in found if path == "alvis-fsm start"}
@@ -68,7 +78,9 @@ def test_the_options_that_stand_for_settings_are_found() -> None:
 def test_each_shows_the_packaged_default_and_its_records_words() -> None:
     for path, command, option in _setting_options():
         doc = SETTINGS[option.setting]
-        assert "{default}" in doc.cli, f"{option.setting}: its cli line must show the value in effect"
+        assert "{default}" in doc.cli, (
+            f"{option.setting}: its cli line must show the value in effect"
+        )
         line = _help_line(path, command, option)
         shown = f"{_packaged(option.setting)}"
         assert f"[default: {shown}" in line or f"else {shown}]" in line, (path, option.name, line)

@@ -14,6 +14,7 @@ ROOT = Path(alvis_fsm.__file__).parent
 MAX_CLASS = 300
 MAX_FUNCTION = 60
 
+
 def oversized(root: Path = ROOT) -> dict[tuple[str, str], int]:
     """(file, name) -> lines, for every class and function over the rule."""
     found: dict[tuple[str, str], int] = {}
@@ -49,8 +50,12 @@ def test_the_measure_sees_what_is_over_and_only_that(tmp_path: Path) -> None:
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "m.py").write_text(
-        function("fits", MAX_FUNCTION) + function("long", MAX_FUNCTION + 1)
-        + klass("Fits", MAX_CLASS) + klass("Long", MAX_CLASS + 1)
-    )  # fmt: skip
-    assert oversized(tmp_path) == {("sub/m.py", "long"): MAX_FUNCTION + 1,
-                                   ("sub/m.py", "Long"): MAX_CLASS + 1}  # fmt: skip
+        function("fits", MAX_FUNCTION)
+        + function("long", MAX_FUNCTION + 1)
+        + klass("Fits", MAX_CLASS)
+        + klass("Long", MAX_CLASS + 1)
+    )
+    assert oversized(tmp_path) == {
+        ("sub/m.py", "long"): MAX_FUNCTION + 1,
+        ("sub/m.py", "Long"): MAX_CLASS + 1,
+    }

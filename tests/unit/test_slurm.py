@@ -27,7 +27,9 @@ def test_jobinfo_from_squeue_pending() -> None:
 
 
 def test_jobinfo_from_sacct_cancelled() -> None:
-    info = slurm.parse_jobinfo("JOB|sacct|CANCELLED by 1001|alvis7-07|None|2026-11-27T10:00:00||0:15")
+    info = slurm.parse_jobinfo(
+        "JOB|sacct|CANCELLED by 1001|alvis7-07|None|2026-11-27T10:00:00||0:15"
+    )
     assert info.state is JobState.CANCELLED and info.state.ended
     assert info.node == "alvis7-07" and info.exit_code == "0:15"
 

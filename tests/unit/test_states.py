@@ -55,18 +55,28 @@ def _state_literals(path: Path) -> list[str]:
 @pytest.mark.parametrize(
     "path",
     sorted(p for p in (PACKAGE / "fronts").rglob("*.py") if "__pycache__" not in p.parts)
-    + sorted(p for p in (PACKAGE / "engine").glob("*.py")
-             if str(p.relative_to(PACKAGE)) not in ALLOWED),
+    + sorted(
+        p for p in (PACKAGE / "engine").glob("*.py") if str(p.relative_to(PACKAGE)) not in ALLOWED
+    ),
     ids=lambda p: str(p.relative_to(PACKAGE)),
 )
 def test_no_raw_state_names_outside_the_enum(path: Path) -> None:
     assert not _state_literals(path), f"{path.relative_to(PACKAGE)}: use State.X"
 
 
-@pytest.mark.parametrize(("seconds", "text"), [
-    (0, "0:00:00"), (-5, "0:00:00"), (59.9, "0:00:59"), (61, "0:01:01"),
-    (3600, "1:00:00"), (86399, "23:59:59"), (86400, "1-0:00:00"), (2 * 86400 + 3723, "2-1:02:03"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0:00:00"),
+        (-5, "0:00:00"),
+        (59.9, "0:00:59"),
+        (61, "0:01:01"),
+        (3600, "1:00:00"),
+        (86399, "23:59:59"),
+        (86400, "1-0:00:00"),
+        (2 * 86400 + 3723, "2-1:02:03"),
+    ],
+)
 def test_fmt_duration(seconds: float, text: str) -> None:
     assert fmt_duration(seconds) == text
 

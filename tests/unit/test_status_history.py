@@ -20,8 +20,14 @@ REPO = Path(__file__).resolve().parents[2]
 def status(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALVIS_FSM_")}
     env["ALVIS_FSM_SESSION__STATE_DIR"] = str(state)
-    return subprocess.run([sys.executable, "-m", "alvis_fsm", "status", "--offline", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "alvis_fsm", "status", "--offline", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def record(name: str, state: State, ended_ago: float) -> SessionRecord:

@@ -39,8 +39,15 @@ def mode(path: Path) -> int:
 
 
 def test_save_load_round_trip(store: Store) -> None:
-    rec = record(job_id="42", state="tunneled", local_port=58000, api_key="afsm-secret",
-                 running_since=1.5, history=[["idle", "t0"]], entered_at={"idle": 2.0})  # fmt: skip
+    rec = record(
+        job_id="42",
+        state="tunneled",
+        local_port=58000,
+        api_key="afsm-secret",
+        running_since=1.5,
+        history=[["idle", "t0"]],
+        entered_at={"idle": 2.0},
+    )
     store.save(rec)
     assert store.load("s1") == rec
     assert store.names() == ["s1"]
@@ -183,8 +190,9 @@ HOLD = textwrap.dedent(
 
 def test_lock_excludes_other_process_and_names_it(store: Store) -> None:
     store.save(record())
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(store.dir)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(store.dir)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         assert store.locked("s1")
@@ -219,7 +227,9 @@ def test_lock_file_private(store: Store) -> None:
 # -- the state dir without the settings ---------------------------------------------------
 
 
-def test_default_state_dir(isolated_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_default_state_dir(
+    isolated_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     assert default_state_dir() == isolated_home / ".alvis-vllm"
     conf = tmp_path / "conf.toml"
     conf.write_text('[session]\nstate_dir = "~/elsewhere"\n')
@@ -229,8 +239,9 @@ def test_default_state_dir(isolated_home: Path, monkeypatch: pytest.MonkeyPatch,
     assert default_state_dir() == tmp_path / "env"
 
 
-def test_default_state_dir_matches_settings(isolated_home: Path, monkeypatch: pytest.MonkeyPatch,
-                                            tmp_path: Path) -> None:  # fmt: skip
+def test_default_state_dir_matches_settings(
+    isolated_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from alvis_fsm.engine.settings import load_settings
 
     conf = tmp_path / "conf.toml"
@@ -241,8 +252,9 @@ def test_default_state_dir_matches_settings(isolated_home: Path, monkeypatch: py
     assert default_state_dir() == load_settings().state_dir == tmp_path / "lower"
 
 
-def test_default_state_dir_ignores_broken_file(isolated_home: Path, monkeypatch: pytest.MonkeyPatch,
-                                               tmp_path: Path) -> None:  # fmt: skip
+def test_default_state_dir_ignores_broken_file(
+    isolated_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     conf = tmp_path / "conf.toml"
     conf.write_text("[session\n")
     monkeypatch.setenv("ALVIS_FSM_CONFIG", str(conf))
@@ -268,8 +280,9 @@ def test_wait_unlocked_times_out_while_held(store: Store) -> None:
 
 def test_wait_unlocked_returns_once_the_holder_lets_go(store: Store) -> None:
     store.save(record())
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(store.dir)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(store.dir)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         killer = threading.Timer(0.3, holder.kill)

@@ -76,5 +76,8 @@ def test_a_supervisor_that_exits_is_reported_not_waited_for(tmp_path: Path) -> N
 
 def test_nothing_spawned_nothing_to_wait_for(tmp_path: Path) -> None:
     say = Say()
-    assert ownership.Handover(Store(tmp_path / "state"), supervisor_command).wait(say, timeout=0.1) is True
+    assert (
+        ownership.Handover(Store(tmp_path / "state"), supervisor_command).wait(say, timeout=0.1)
+        is True
+    )
     assert say.lines == []

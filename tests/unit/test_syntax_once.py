@@ -51,8 +51,10 @@ def test_durations_are_parsed_only_in_the_syntax_module() -> None:
 
 def test_the_settings_and_the_job_script_use_the_same_definitions() -> None:
     fields = settings.Slurm.model_fields
-    pattern = {k: next(m.pattern for m in fields[k].metadata if hasattr(m, "pattern"))
-               for k in ("account", "gpus", "partition")}  # fmt: skip
+    pattern = {
+        k: next(m.pattern for m in fields[k].metadata if hasattr(m, "pattern"))
+        for k in ("account", "gpus", "partition")
+    }
     assert pattern["account"] == syntax.anchored(syntax.ACCOUNT, empty=True)
     assert pattern["gpus"] == syntax.anchored(syntax.GPUS_OR_AUTO)
     assert pattern["partition"] == syntax.anchored(syntax.PARTITION, empty=True)
@@ -79,8 +81,10 @@ def test_one_rule_per_value(value: str, account: bool, gpus: bool, partition: bo
     assert bool(syntax.PARTITION_RE.fullmatch(value)) is partition
     assert bool(syntax.GPUS_OR_AUTO_RE.fullmatch(value)) is (gpus or value == "auto")
     # pydantic's anchored form agrees (it is matched by another regex engine).
-    for pattern, ok in ((syntax.anchored(syntax.ACCOUNT, empty=True), account or value == ""),
-                        (syntax.anchored(syntax.GPUS_OR_AUTO), gpus or value == "auto")):  # fmt: skip
+    for pattern, ok in (
+        (syntax.anchored(syntax.ACCOUNT, empty=True), account or value == ""),
+        (syntax.anchored(syntax.GPUS_OR_AUTO), gpus or value == "auto"),
+    ):
         adapter = TypeAdapter(Annotated[str, Field(pattern=pattern)])
         try:
             adapter.validate_python(value)

@@ -22,7 +22,9 @@ CONTROL = {chr(c) for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)]} - {"\t", "\
 C1 = {chr(c) for c in range(0x80, 0xA0)}
 
 printable = st.text(st.characters(blacklist_categories=("Cc", "Cs")) | st.sampled_from("\t\n"))
-string_body = st.text(st.characters(blacklist_characters="\x07\x1b\x9c", blacklist_categories=("Cs",)))
+string_body = st.text(
+    st.characters(blacklist_characters="\x07\x1b\x9c", blacklist_categories=("Cs",))
+)
 
 
 @st.composite
@@ -36,14 +38,31 @@ def sequences(draw: st.DrawFn) -> str:
         final = draw(st.characters(min_codepoint=0x40, max_codepoint=0x7E))
         return opener + params + inter + final
     if kind == "string":
-        opener = draw(st.sampled_from(["\x1b]", "\x9d", "\x1bP", "\x90", "\x1bX", "\x98",
-                                       "\x1b^", "\x9e", "\x1b_", "\x9f"]))  # fmt: skip
+        opener = draw(
+            st.sampled_from(
+                [
+                    "\x1b]",
+                    "\x9d",
+                    "\x1bP",
+                    "\x90",
+                    "\x1bX",
+                    "\x98",
+                    "\x1b^",
+                    "\x9e",
+                    "\x1b_",
+                    "\x9f",
+                ]
+            )
+        )
         end = draw(st.sampled_from(["\x1b\\", "\x9c", "\x07"]))
         return opener + draw(string_body) + end
     if kind == "escape":
         inter = draw(st.text(st.characters(min_codepoint=0x20, max_codepoint=0x2F), max_size=2))
-        final = draw(st.characters(min_codepoint=0x30, max_codepoint=0x7E).filter(
-            lambda c: c not in "[]PX^_" or inter != ""))  # fmt: skip
+        final = draw(
+            st.characters(min_codepoint=0x30, max_codepoint=0x7E).filter(
+                lambda c: c not in "[]PX^_" or inter != ""
+            )
+        )
         return "\x1b" + inter + final
     if kind == "c1":  # but those that open a sequence (drawn above)
         return draw(st.sampled_from(sorted(C1 - set("\x90\x98\x9b\x9d\x9e\x9f"))))
@@ -71,19 +90,22 @@ def test_every_complete_sequence_goes_and_the_text_around_it_stays(
     assert inert(hostile) == "".join(text for text, _ in parts) + tail
 
 
-@pytest.mark.parametrize(("hostile", "shown"), [
-    ("copy \x1b]52;c;ZWNobyBwd25lZA==\x07me", "copy me"),  # OSC 52: the clipboard
-    ("copy \x1b]52;c;ZWNobyBwd25lZA==\x1b\\me", "copy me"),  # ... ended by ST
-    ("link \x1b]8;;https://evil/\x1b\\text\x1b]8;;\x1b\\", "link text"),  # OSC 8
-    ("dcs \x1bP$q\"p\x1b\\done", "dcs done"),  # DECRQSS: makes the terminal answer
-    ("apc \x1b_payload\x9cdone", "apc done"),
-    ("pm \x1b^private\x1b\\ sos \x1bXstart\x1b\\.", "pm  sos ."),
-    ("c1 \x9d0;title\x9c csi \x9b2J.", "c1  csi ."),
-    ("cut \x1b]0;never ended", "cut "),  # an unterminated string takes the rest
-    ("cs \x1b(B \x1bc \x1b7\x1b8 lone\x1b", "cs    lone"),
-    ("over\rwrite\x08 bell\x07 del\x7f", "overwrite bell del"),
-    ("\x1b[1;36m(APIServer pid=1)\x1b[0;0m INFO ready", "(APIServer pid=1) INFO ready"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("hostile", "shown"),
+    [
+        ("copy \x1b]52;c;ZWNobyBwd25lZA==\x07me", "copy me"),  # OSC 52: the clipboard
+        ("copy \x1b]52;c;ZWNobyBwd25lZA==\x1b\\me", "copy me"),  # ... ended by ST
+        ("link \x1b]8;;https://evil/\x1b\\text\x1b]8;;\x1b\\", "link text"),  # OSC 8
+        ('dcs \x1bP$q"p\x1b\\done', "dcs done"),  # DECRQSS: makes the terminal answer
+        ("apc \x1b_payload\x9cdone", "apc done"),
+        ("pm \x1b^private\x1b\\ sos \x1bXstart\x1b\\.", "pm  sos ."),
+        ("c1 \x9d0;title\x9c csi \x9b2J.", "c1  csi ."),
+        ("cut \x1b]0;never ended", "cut "),  # an unterminated string takes the rest
+        ("cs \x1b(B \x1bc \x1b7\x1b8 lone\x1b", "cs    lone"),
+        ("over\rwrite\x08 bell\x07 del\x7f", "overwrite bell del"),
+        ("\x1b[1;36m(APIServer pid=1)\x1b[0;0m INFO ready", "(APIServer pid=1) INFO ready"),
+    ],
+)
 def test_known_attacks(hostile: str, shown: str) -> None:
     assert inert(hostile) == shown
 
@@ -124,18 +146,26 @@ def test_no_other_stripping_function_exists() -> None:
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         docstrings = {
-            id(node.body[0].value) for node in ast.walk(tree)
+            id(node.body[0].value)
+            for node in ast.walk(tree)
             if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-            and node.body and isinstance(node.body[0], ast.Expr)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
             and isinstance(node.body[0].value, ast.Constant)
-        }  # fmt: skip
+        }
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Constant) and isinstance(node.value, str)
-                    and id(node) not in docstrings and _STRIPPER.search(node.value)):  # fmt: skip
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and id(node) not in docstrings
+                and _STRIPPER.search(node.value)
+            ):
                 offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
         source = path.read_text(encoding="utf-8")
-        offenders += [f"{path.relative_to(PACKAGE)}: defines {m}" for m in
-                      re.findall(r"def ((?:strip|clean)_?(?:ansi|escapes?|controls?)\w*)", source)]  # fmt: skip
+        offenders += [
+            f"{path.relative_to(PACKAGE)}: defines {m}"
+            for m in re.findall(r"def ((?:strip|clean)_?(?:ansi|escapes?|controls?)\w*)", source)
+        ]
     assert offenders == [], "Sanitize with alvis_fsm.text.inert only:\n" + "\n".join(offenders)
 
 

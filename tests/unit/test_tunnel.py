@@ -31,21 +31,35 @@ SERVED = "org/model"
     [
         ("alvis7-07:41084", Address("alvis7-07", port=41084)),
         ("alvis7-07:41084\n", Address("alvis7-07", port=41084)),
-        ("alvis7-07:/tmp/afsm-1.x/vllm.sock", Address("alvis7-07", socket="/tmp/afsm-1.x/vllm.sock")),
+        (
+            "alvis7-07:/tmp/afsm-1.x/vllm.sock",
+            Address("alvis7-07", socket="/tmp/afsm-1.x/vllm.sock"),
+        ),
         # A socket path may hold ':' (the host never does).
         ("n1:/scratch/a:b/vllm.sock", Address("n1", socket="/scratch/a:b/vllm.sock")),
         ("n1:/p q/vllm.sock", Address("n1", socket="/p q/vllm.sock")),
     ],
-)  # fmt: skip
+)
 def test_parse_address(text: str, address: Address) -> None:
     assert parse_address(text) == address
 
 
 @pytest.mark.parametrize(
     "text",
-    ["", "alvis7-07", ":41084", "alvis7-07:", "alvis7-07:0", "alvis7-07:65536", "n:12ab",
-     "n:relative/vllm.sock", "n:٣", "a b:1", "n:-1"],
-)  # fmt: skip
+    [
+        "",
+        "alvis7-07",
+        ":41084",
+        "alvis7-07:",
+        "alvis7-07:0",
+        "alvis7-07:65536",
+        "n:12ab",
+        "n:relative/vllm.sock",
+        "n:٣",
+        "a b:1",
+        "n:-1",
+    ],
+)
 def test_parse_address_refuses(text: str) -> None:
     with pytest.raises(ServerError, match="unreadable server address"):
         parse_address(text)
@@ -58,9 +72,14 @@ def test_address_round_trips_through_str() -> None:
 
 def _tunnel(**kw: Any) -> Tunnel:
     values: dict[str, Any] = {
-        "conn": None, "route": "jump", "bind": "127.0.0.1", "local_port": 58000,
-        "node": "alvis7-07", "remote_port": 0, "control": Path("/x"),
-    }  # fmt: skip
+        "conn": None,
+        "route": "jump",
+        "bind": "127.0.0.1",
+        "local_port": 58000,
+        "node": "alvis7-07",
+        "remote_port": 0,
+        "control": Path("/x"),
+    }
     values.update(kw)
     return Tunnel(**values)
 
@@ -84,7 +103,12 @@ def test_start_forwards_its_port_then_its_private_socket() -> None:
     t = _tunnel(remote_port=41084, local_socket="/s/ctl/ab12")
     assert t.forwards == ["127.0.0.1:58000:alvis7-07:41084", "/s/ctl/ab12:alvis7-07:41084"]
     assert t.local == "local port 58000"
-    assert t._forward_args() == ["-L", "127.0.0.1:58000:alvis7-07:41084", "-L", "/s/ctl/ab12:alvis7-07:41084"]
+    assert t._forward_args() == [
+        "-L",
+        "127.0.0.1:58000:alvis7-07:41084",
+        "-L",
+        "/s/ctl/ab12:alvis7-07:41084",
+    ]
 
 
 # -- a local vLLM-like server ---------------------------------------------------------------
@@ -148,7 +172,10 @@ def test_verified_means_models_and_a_one_token_completion(server: tuple[int, Fak
     seen = verify(port, KEY, 5, SERVED)
     assert seen.models == [SERVED]
     assert 0 <= seen.first_token_s < 5
-    assert [(m, p) for m, p, _ in fake.requests] == [("GET", "/v1/models"), ("POST", "/v1/completions")]
+    assert [(m, p) for m, p, _ in fake.requests] == [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/completions"),
+    ]
     assert all(auth == f"Bearer {KEY}" for _, _, auth in fake.requests)
 
 
@@ -214,8 +241,9 @@ def test_proxies_in_the_environment_are_ignored(
         for name in ("no_proxy", "NO_PROXY"):
             monkeypatch.delenv(name, raising=False)
         for name in ("http_proxy", "https_proxy", "all_proxy"):
-            monkeypatch.setenv(name.upper() if case == "upper" else name,
-                               f"http://127.0.0.1:{recorder.port}")  # fmt: skip
+            monkeypatch.setenv(
+                name.upper() if case == "upper" else name, f"http://127.0.0.1:{recorder.port}"
+            )
         # Control: a client that trusts the environment goes to the proxy.
         with httpx.Client(timeout=2) as client, pytest.raises(httpx.HTTPError):
             client.get(f"http://127.0.0.1:{port}/v1/models")
@@ -240,7 +268,10 @@ def test_ready_block_shows_first_token_latency(capsys: pytest.CaptureFixture[str
     assert "  First token: 123 ms (a 1-token completion, through the tunnel)\n" in out
     assert f"  Model:    {SERVED}\n" in out
     Reporter().connected(record, [SERVED], 2.5)
-    assert "  First token: 2.50 s (a 1-token completion, through the tunnel)\n" in capsys.readouterr().out
+    assert (
+        "  First token: 2.50 s (a 1-token completion, through the tunnel)\n"
+        in capsys.readouterr().out
+    )
     Reporter().connected(record, [SERVED])  # resume's reconnect: no measurement, no line
     assert "First token" not in capsys.readouterr().out
 
@@ -274,7 +305,10 @@ def test_verified_through_a_local_socket(unix_server: tuple[str, Fake]) -> None:
     path, fake = unix_server
     seen = verify(0, KEY, 5, SERVED, local_socket=path)
     assert seen.models == [SERVED]
-    assert [(m, p) for m, p, _ in fake.requests] == [("GET", "/v1/models"), ("POST", "/v1/completions")]
+    assert [(m, p) for m, p, _ in fake.requests] == [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/completions"),
+    ]
     assert health(0, api_key=None, local_socket=path) is True
     assert health(0, api_key=None, local_socket=str(Path(path).with_name("gone"))) is False
 

@@ -14,7 +14,9 @@ from fake_cluster import FakeTunnel, make_runner
 from alvis_fsm.cluster.tunnel import Verified
 from alvis_fsm.errors import ConnectionLost, Interrupted, SSHError
 
-TIMED_OUT = "Connection timed out during banner exchange\nConnection to UNKNOWN port 65535 timed out"
+TIMED_OUT = (
+    "Connection timed out during banner exchange\nConnection to UNKNOWN port 65535 timed out"
+)
 
 
 def _failing(first: list[BaseException], opened: list[int]) -> Any:
@@ -51,8 +53,13 @@ def test_a_time_out_while_opening_the_tunnel_is_tried_again(tmp_path: Path) -> N
         runner.drive()
     assert len(opened) == 3
     warned = say.text("warn")
-    assert warned.count("Cannot connect to alvis7-07 (Connection timed out during banner exchange); "
-                        "trying again in") == 2  # fmt: skip
+    assert (
+        warned.count(
+            "Cannot connect to alvis7-07 (Connection timed out during banner exchange); "
+            "trying again in"
+        )
+        == 2
+    )
 
 
 def test_a_refused_tunnel_login_is_not_tried_again(tmp_path: Path) -> None:
@@ -68,15 +75,18 @@ def test_a_refused_tunnel_login_is_not_tried_again(tmp_path: Path) -> None:
 
 
 def test_the_tunnel_that_never_connects_gives_up_and_keeps_the_job(tmp_path: Path) -> None:
-    runner, agent, conn, _say, store = make_runner(tmp_path, "serving", detach=False,
-                                                   tunnel={"max_reconnects": 2})  # fmt: skip
+    runner, agent, conn, _say, store = make_runner(
+        tmp_path, "serving", detach=False, tunnel={"max_reconnects": 2}
+    )
     opened: list[int] = []
     lost = [ConnectionLost("Cannot connect to alvis7-07.", details=TIMED_OUT) for _ in range(5)]
     runner.tunnels.factory = _failing(lost, opened)
     with pytest.raises(ConnectionLost) as caught:
         runner.drive()
     assert len(opened) == 2
-    assert caught.value.message == "Could not open the tunnel after 2 tries; job 42 is still running"
+    assert (
+        caught.value.message == "Could not open the tunnel after 2 tries; job 42 is still running"
+    )
     assert agent.cancels == []
     assert store.load("s").state == "serving"
     assert not conn.up  # a client that gives up leaves no master behind (item 3)

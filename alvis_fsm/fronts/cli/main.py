@@ -90,12 +90,20 @@ def _set_verbosity(ctx: click.Context, param: click.Parameter, value: bool) -> N
 
 def global_options(command: Any) -> Any:
     """-q/-v accepted anywhere on the line, as gh and kubectl do."""
-    for name, short, text in (("quiet", "-q", "Print only results and errors."),
-                              ("verbose", "-v", "Also print the ssh and SLURM commands run.")):  # fmt: skip
+    for name, short, text in (
+        ("quiet", "-q", "Print only results and errors."),
+        ("verbose", "-v", "Also print the ssh and SLURM commands run."),
+    ):
         command = click.option(
-            short, f"--{name}", name, is_flag=True, expose_value=False, is_eager=True,
-            callback=_set_verbosity, help=text + " (global)",
-        )(command)  # fmt: skip
+            short,
+            f"--{name}",
+            name,
+            is_flag=True,
+            expose_value=False,
+            is_eager=True,
+            callback=_set_verbosity,
+            help=text + " (global)",
+        )(command)
     return command
 
 
@@ -149,8 +157,12 @@ class Group(click.Group):
 
 @click.group(cls=Group, context_settings=CONTEXT_SETTINGS, invoke_without_command=True)
 @click.version_option(__version__, "-V", "--version", prog_name="alvis-fsm")
-@click.option("-q", "--quiet", is_flag=True, help="Print only results and errors (anywhere on the line).")
-@click.option("-v", "--verbose", is_flag=True, help="Also print the ssh and SLURM commands run (anywhere).")
+@click.option(
+    "-q", "--quiet", is_flag=True, help="Print only results and errors (anywhere on the line)."
+)
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Also print the ssh and SLURM commands run (anywhere)."
+)
 @click.pass_context
 def cli(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     """A private vLLM server on the Chalmers Alvis cluster, one command away.
@@ -174,14 +186,21 @@ def _verbosity(ctx: click.Context) -> Any:
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
 @click.option(
-    "-m", "--model", cls=SettingOption, setting="catalog.default_model",
+    "-m",
+    "--model",
+    cls=SettingOption,
+    setting="catalog.default_model",
     shell_complete=_complete_models,
-)  # fmt: skip
-@click.option("-t", "--time", "walltime", cls=SettingOption, setting="slurm.time", metavar="DURATION")
+)
+@click.option(
+    "-t", "--time", "walltime", cls=SettingOption, setting="slurm.time", metavar="DURATION"
+)
 @click.option("--port", cls=SettingOption, setting="tunnel.local_port", type=PortType())
 @click.option("--gpus", cls=SettingOption, setting="slurm.gpus", metavar="TYPE:N")
 @click.option("-A", "--account", cls=SettingOption, setting="slurm.account", metavar="ACCOUNT")
-@click.option("--route", type=click.Choice(["jump", "login"]), cls=SettingOption, setting="tunnel.route")
+@click.option(
+    "--route", type=click.Choice(["jump", "login"]), cls=SettingOption, setting="tunnel.route"
+)
 @click.option(
     "-n",
     "--name",
@@ -201,9 +220,11 @@ def _verbosity(ctx: click.Context) -> Any:
 @click.option("--list-models", is_flag=True, help="List the models in the catalog and exit.")
 @click.option("--json", "as_json", is_flag=True, help="With --detach: print the session as JSON.")
 @click.option(
-    "-y", "--yes", is_flag=True,
+    "-y",
+    "--yes",
+    is_flag=True,
     help="Start even if -t is shorter than the model's expected load time plus 5 min.",
-)  # fmt: skip
+)
 @global_options
 @click.pass_context
 def start(ctx: click.Context, /, **options: Any) -> None:
@@ -235,19 +256,23 @@ def resume(ctx: click.Context, name: str | None, detach: bool) -> None:
 )
 @click.option("--offline", is_flag=True, help="Only read local state; make no connection.")
 @click.option(
-    "--all", "show_all", is_flag=True,
+    "--all",
+    "show_all",
+    is_flag=True,
     help="Also list sessions that finished more than a day ago (history).",
 )
 @global_options
 @click.pass_context
-def status(ctx: click.Context, name: str | None, as_json: bool, offline: bool,
-           show_all: bool) -> None:  # fmt: skip
+def status(
+    ctx: click.Context, name: str | None, as_json: bool, offline: bool, show_all: bool
+) -> None:
     """Show the sessions (or one): state, job, node, model, URL, time left."""
     from alvis_fsm.fronts.cli.commands import status as command
 
     # Non-zero when a live check failed: scripts must not trust the lines then.
-    ctx.exit(command.run(_verbosity(ctx), name=name, as_json=as_json, offline=offline,
-                         show_all=show_all))  # fmt: skip
+    ctx.exit(
+        command.run(_verbosity(ctx), name=name, as_json=as_json, offline=offline, show_all=show_all)
+    )
 
 
 @cli.command(context_settings=CONTEXT_SETTINGS)
@@ -269,8 +294,11 @@ class LinesType(click.ParamType[int]):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         text = str(value).strip()
         if not (text.isascii() and text.isdigit()):
-            self.fail(f"{value!r} is not a number of lines; use a whole number, 0 or more, e.g. -n 200",
-                      param, ctx)  # fmt: skip
+            self.fail(
+                f"{value!r} is not a number of lines; use a whole number, 0 or more, e.g. -n 200",
+                param,
+                ctx,
+            )
         return int(text)
 
 
@@ -298,9 +326,11 @@ def logs(ctx: click.Context, name: str | None, follow: bool, lines: int) -> None
 @click.argument("name", required=False, shell_complete=_complete_sessions)
 @click.option("--json", "as_json", is_flag=True, help="Print base_url and api_key as JSON.")
 @click.option(
-    "--gateway", "of_gateway", is_flag=True,
+    "--gateway",
+    "of_gateway",
+    is_flag=True,
     help="The gateway's exports (`alvis-fsm gateway`) instead of a session's.",
-)  # fmt: skip
+)
 @global_options
 @click.pass_context
 def env(ctx: click.Context, name: str | None, as_json: bool, of_gateway: bool) -> None:
@@ -314,31 +344,44 @@ def env(ctx: click.Context, name: str | None, as_json: bool, of_gateway: bool) -
 @click.option("--port", cls=SettingOption, setting="gateway.port", type=PortType())
 @click.option("--idle", cls=SettingOption, setting="gateway.idle_timeout", metavar="DURATION")
 @click.option(
-    "--detach", is_flag=True,
+    "--detach",
+    is_flag=True,
     help="Run in the background: return once it listens, after printing the exports;"
     " `alvis-fsm gateway stop` ends it.",
-)  # fmt: skip
+)
 @click.option(
-    "--open", "open_page", is_flag=True,
+    "--open",
+    "open_page",
+    is_flag=True,
     help="Open the gateway's page in the browser (the one-time link it prints).",
-)  # fmt: skip
+)
 @global_options
 @click.pass_context
-def gateway(ctx: click.Context, port: int | None, idle: str | None, detach: bool,
-            open_page: bool) -> None:  # fmt: skip
+def gateway(
+    ctx: click.Context, port: int | None, idle: str | None, detach: bool, open_page: bool
+) -> None:
     """One OpenAI endpoint for every catalog model: eval the two exports it prints.
 
     A model's job starts with the first request that names it and is cancelled
     when idle; Ctrl+C (or `alvis-fsm gateway stop`) cancels every job it
     started and closes every tunnel."""
     if ctx.invoked_subcommand is not None:
-        given = [flag for flag, value in (("--port", port), ("--idle", idle), ("--detach", detach),
-                                          ("--open", open_page)) if value]  # fmt: skip
+        given = [
+            flag
+            for flag, value in (
+                ("--port", port),
+                ("--idle", idle),
+                ("--detach", detach),
+                ("--open", open_page),
+            )
+            if value
+        ]
         if given:
             raise click.UsageError(
                 f"{', '.join(given)} goes with `alvis-fsm gateway`, not with"
-                f" `alvis-fsm gateway {ctx.invoked_subcommand}`", ctx,
-            )  # fmt: skip
+                f" `alvis-fsm gateway {ctx.invoked_subcommand}`",
+                ctx,
+            )
         return
     from alvis_fsm.fronts.cli.commands import gateway as command
 
@@ -371,8 +414,15 @@ def gateway_open(ctx: click.Context, no_browser: bool) -> None:
 
 @gateway.command("log", context_settings=CONTEXT_SETTINGS)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new requests as they come.")
-@click.option("-n", "--lines", "last", type=click.IntRange(min=0), default=20, show_default=True,
-              help="How many of the last requests to show (0: all).")  # fmt: skip
+@click.option(
+    "-n",
+    "--lines",
+    "last",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="How many of the last requests to show (0: all).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @global_options
 @click.pass_context
@@ -418,23 +468,57 @@ def batch(ctx: click.Context) -> None:
 
 @batch.command("submit", context_settings=CONTEXT_SETTINGS)
 @click.argument("file", metavar="FILE.jsonl", type=click.Path(dir_okay=False))
-@click.option("-m", "--model", shell_complete=_complete_models,
-              help="Model for lines whose body names none (catalog or served name).")  # fmt: skip
-@click.option("-t", "--time", "walltime", cls=SettingOption, setting="slurm.time", metavar="DURATION",
-              help="Per job; a shard goes on in a new job past it.")  # fmt: skip
-@click.option("--jobs", default="1", show_default=True, metavar="N|auto",
-              help="Jobs (shards) at once; auto: as many as GPUs are free now.")  # fmt: skip
-@click.option("--wait", is_flag=True, help="Show progress until the end, then download the results.")
+@click.option(
+    "-m",
+    "--model",
+    shell_complete=_complete_models,
+    help="Model for lines whose body names none (catalog or served name).",
+)
+@click.option(
+    "-t",
+    "--time",
+    "walltime",
+    cls=SettingOption,
+    setting="slurm.time",
+    metavar="DURATION",
+    help="Per job; a shard goes on in a new job past it.",
+)
+@click.option(
+    "--jobs",
+    default="1",
+    show_default=True,
+    metavar="N|auto",
+    help="Jobs (shards) at once; auto: as many as GPUs are free now.",
+)
+@click.option(
+    "--wait", is_flag=True, help="Show progress until the end, then download the results."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @global_options
 @click.pass_context
-def batch_submit(ctx: click.Context, file: str, model: str | None, walltime: str | None,
-                 jobs: str, wait: bool, as_json: bool) -> None:  # fmt: skip
+def batch_submit(
+    ctx: click.Context,
+    file: str,
+    model: str | None,
+    walltime: str | None,
+    jobs: str,
+    wait: bool,
+    as_json: bool,
+) -> None:
     """Validate FILE.jsonl, upload it once, submit; print the batch id."""
     from alvis_fsm.fronts.cli.commands import batch as command
 
-    ctx.exit(command.submit(_verbosity(ctx), path=file, model=model, time_text=walltime,
-                            jobs=jobs, wait=wait, as_json=as_json))  # fmt: skip
+    ctx.exit(
+        command.submit(
+            _verbosity(ctx),
+            path=file,
+            model=model,
+            time_text=walltime,
+            jobs=jobs,
+            wait=wait,
+            as_json=as_json,
+        )
+    )
 
 
 @batch.command("status", context_settings=CONTEXT_SETTINGS)
@@ -462,7 +546,9 @@ def batch_list(ctx: click.Context, as_json: bool) -> None:
 
 @batch.command("results", context_settings=CONTEXT_SETTINGS)
 @click.argument("batch_id", metavar="ID")
-@click.option("-o", "--output", "out", metavar="OUT.jsonl", help="Output file [default: ID_output.jsonl].")
+@click.option(
+    "-o", "--output", "out", metavar="OUT.jsonl", help="Output file [default: ID_output.jsonl]."
+)
 @click.option("--errors", metavar="ERR.jsonl", help="Error file [default: ID_errors.jsonl].")
 @global_options
 @click.pass_context
@@ -619,8 +705,13 @@ def main(argv: list[str] | None = None) -> None:
             exc = _time_words(exc)
             ctx = getattr(exc, "ctx", None)
             where = ctx.command_path if ctx is not None else "alvis-fsm"
-            code = _report(exc.format_message(), f"`{where} --help` lists the options.", None,
-                           ExitCode.USAGE, as_json)  # fmt: skip
+            code = _report(
+                exc.format_message(),
+                f"`{where} --help` lists the options.",
+                None,
+                ExitCode.USAGE,
+                as_json,
+            )
         except AlvisError as exc:
             code = _report(exc.message, exc.hint, exc.details, exc.exit_code, as_json)
         except KeyboardInterrupt:
@@ -639,8 +730,22 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Options people type for a job's time; difflib would suggest --gpus.
-_TIME_WORDS = frozenset({"hours", "hour", "minutes", "minute", "mins", "days", "walltime",
-                         "wall-time", "duration", "time-limit", "timelimit", "runtime"})  # fmt: skip
+_TIME_WORDS = frozenset(
+    {
+        "hours",
+        "hour",
+        "minutes",
+        "minute",
+        "mins",
+        "days",
+        "walltime",
+        "wall-time",
+        "duration",
+        "time-limit",
+        "timelimit",
+        "runtime",
+    }
+)
 
 
 def _time_words(exc: click.ClickException) -> click.ClickException:
@@ -649,9 +754,11 @@ def _time_words(exc: click.ClickException) -> click.ClickException:
         ctx = exc.ctx
         if ctx is not None and any("--time" in p.opts for p in ctx.command.params):
             return click.NoSuchOption(
-                exc.option_name, f"No such option {exc.option_name!r}. Did you mean '--time'"
-                " (-t 2h, -t 90m, -t 1:30:00)?", ctx=ctx,
-            )  # fmt: skip
+                exc.option_name,
+                f"No such option {exc.option_name!r}. Did you mean '--time'"
+                " (-t 2h, -t 90m, -t 1:30:00)?",
+                ctx=ctx,
+            )
     return exc
 
 

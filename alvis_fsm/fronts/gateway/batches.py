@@ -60,9 +60,12 @@ def cluster_ops(settings: Settings) -> Ops:
 
     ui = Quiet()
 
-    def submit(valid: batch.Validated, window: str, metadata: dict[str, str], file_id: str) -> BatchRecord:
-        options = batch_service.SubmitOptions(validated=valid, completion_window=window,
-                                              metadata=metadata, input_file_id=file_id)  # fmt: skip
+    def submit(
+        valid: batch.Validated, window: str, metadata: dict[str, str], file_id: str
+    ) -> BatchRecord:
+        options = batch_service.SubmitOptions(
+            validated=valid, completion_window=window, metadata=metadata, input_file_id=file_id
+        )
         return batch_service.submit(settings, options, ui)
 
     return Ops(
@@ -99,16 +102,29 @@ def _filename(given: str | None) -> str:
     if given is None:
         return "upload.jsonl"
     if has_controls(given):
-        raise BadBody(_error(400, "The file name holds control characters (a NUL, a newline, an"
-                             " escape...): give the file a plain name", "invalid_filename"))  # fmt: skip
+        raise BadBody(
+            _error(
+                400,
+                "The file name holds control characters (a NUL, a newline, an"
+                " escape...): give the file a plain name",
+                "invalid_filename",
+            )
+        )
     if len(given) > MAX_FILENAME:
-        raise BadBody(_error(400, f"The file name is {len(given)} characters long: at most"
-                             f" {MAX_FILENAME} are kept", "invalid_filename"))  # fmt: skip
+        raise BadBody(
+            _error(
+                400,
+                f"The file name is {len(given)} characters long: at most {MAX_FILENAME} are kept",
+                "invalid_filename",
+            )
+        )
     return given
 
 
 def _error(status: int, message: str, code: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    body = {
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    }
     return web.json_response(body, status=status)
 
 
@@ -117,8 +133,11 @@ class Files:
         self.dir = state_dir / "files"
 
     def _meta(self, file_id: str) -> Path:
-        if not (file_id.startswith("file-") and all(c in FILE_ID_CHARS for c in file_id[5:])
-                and len(file_id) == 29):  # fmt: skip
+        if not (
+            file_id.startswith("file-")
+            and all(c in FILE_ID_CHARS for c in file_id[5:])
+            and len(file_id) == 29
+        ):
             raise KeyError(file_id)
         return self.dir / f"{file_id}.json"
 
@@ -137,9 +156,17 @@ class Files:
         """Move ``source`` (a file in ``self.dir``, e.g. from ``staging``)
         into the store as a new file; its object."""
         file_id = "file-" + secrets.token_hex(12)
-        obj = {"id": file_id, "object": "file", "bytes": source.stat().st_size,
-               "created_at": int(time.time()), "filename": filename, "purpose": purpose,
-               "status": "processed", "status_details": None, "expires_at": None}  # fmt: skip
+        obj = {
+            "id": file_id,
+            "object": "file",
+            "bytes": source.stat().st_size,
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "status_details": None,
+            "expires_at": None,
+        }
         source.chmod(0o600)
         os.replace(source, self.content_path(file_id))
         atomic_write(self._meta(file_id), json.dumps(obj))
@@ -202,10 +229,15 @@ class Batches:
                     filename = _filename(part.filename)
                     size = await _receive(part, staged)
                     if size > MAX_FILE:
-                        return _error(413, f"The file is larger than {MAX_FILE // (1024 * 1024)} MB")
+                        return _error(
+                            413, f"The file is larger than {MAX_FILE // (1024 * 1024)} MB"
+                        )
             if purpose != "batch":
-                return _error(400, f"purpose {purpose!r} is not supported: the gateway keeps files for batches"
-                              " (purpose=batch)")  # fmt: skip
+                return _error(
+                    400,
+                    f"purpose {purpose!r} is not supported: the gateway keeps files for batches"
+                    " (purpose=batch)",
+                )
             if not size:
                 return _error(400, "No file in the upload ('file' part)")
             return web.json_response(self.files.add(staged, filename, purpose))
@@ -214,9 +246,15 @@ class Batches:
 
     async def list_files(self, request: web.Request) -> web.Response:
         data = self.files.all()
-        return web.json_response({"object": "list", "data": data, "has_more": False,
-                                  "first_id": data[0]["id"] if data else None,
-                                  "last_id": data[-1]["id"] if data else None})  # fmt: skip
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "has_more": False,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            }
+        )
 
     async def file(self, request: web.Request) -> web.Response:
         try:
@@ -228,8 +266,10 @@ class Batches:
         file_id = request.match_info["id"]
         try:
             self.files.get(file_id)
-            return web.FileResponse(self.files.content_path(file_id),
-                                    headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+            return web.FileResponse(
+                self.files.content_path(file_id),
+                headers={"Content-Type": "application/octet-stream"},
+            )
         except KeyError:
             return _error(404, f"No such file: {file_id}", "file_not_found")
 
@@ -270,11 +310,18 @@ class Batches:
         except UsageError as exc:
             return _error(400, f"{exc.message} (input file {file_id}; nothing was submitted)")
         if valid.endpoint != endpoint:
-            return _error(400, f"The input file's requests go to {valid.endpoint}, not to {endpoint}")
+            return _error(
+                400, f"The input file's requests go to {valid.endpoint}, not to {endpoint}"
+            )
         try:
-            record = await asyncio.to_thread(self.ops.submit, valid, str(window), metadata, str(file_id))
+            record = await asyncio.to_thread(
+                self.ops.submit, valid, str(window), metadata, str(file_id)
+            )
         except AlvisError as exc:
-            return _error(502 if exc.exit_code >= 4 else 400, exc.message + (f" ({exc.hint})" if exc.hint else ""))
+            return _error(
+                502 if exc.exit_code >= 4 else 400,
+                exc.message + (f" ({exc.hint})" if exc.hint else ""),
+            )
         return web.json_response(batch.openai_object(record))
 
     def _load(self, batch_id: str) -> BatchRecord | None:
@@ -291,8 +338,11 @@ class Batches:
             if not record.ended:
                 record = await asyncio.to_thread(self.ops.refresh, record)
             # Checked and marked with no await between: one download per batch.
-            if record.ended and not (record.output_file_id or record.error_file_id) \
-                    and record.id not in self.assembling:  # fmt: skip
+            if (
+                record.ended
+                and not (record.output_file_id or record.error_file_id)
+                and record.id not in self.assembling
+            ):
                 self.assembling.add(record.id)
                 try:
                     await asyncio.to_thread(self._download, record)
@@ -310,9 +360,13 @@ class Batches:
         self.files.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         n_ok, n_err = self.ops.results(record, out, err)
         if n_ok:
-            record.output_file_id = self.files.add(out, f"{record.id}_output.jsonl", "batch_output")["id"]
+            record.output_file_id = self.files.add(
+                out, f"{record.id}_output.jsonl", "batch_output"
+            )["id"]
         if n_err:
-            record.error_file_id = self.files.add(err, f"{record.id}_errors.jsonl", "batch_output")["id"]
+            record.error_file_id = self.files.add(err, f"{record.id}_errors.jsonl", "batch_output")[
+                "id"
+            ]
         out.unlink(missing_ok=True)
         err.unlink(missing_ok=True)
         self.store.save(record)
@@ -333,9 +387,15 @@ class Batches:
             records = records[ids.index(after) + 1 :]
         page = records[:limit]
         data = [batch.openai_object(r) for r in page]
-        return web.json_response({"object": "list", "data": data, "has_more": len(records) > limit,
-                                  "first_id": data[0]["id"] if data else None,
-                                  "last_id": data[-1]["id"] if data else None})  # fmt: skip
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "has_more": len(records) > limit,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            }
+        )
 
     async def cancel(self, request: web.Request) -> web.Response:
         record = self._load(request.match_info["id"])

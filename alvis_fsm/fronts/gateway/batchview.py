@@ -18,8 +18,12 @@ if TYPE_CHECKING:
     from alvis_fsm.fronts.gateway.batches import Batches as GatewayBatches
 
 
-RUNNING = {BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING,
-           BatchStatus.CANCELLING}  # fmt: skip
+RUNNING = {
+    BatchStatus.VALIDATING,
+    BatchStatus.IN_PROGRESS,
+    BatchStatus.FINALIZING,
+    BatchStatus.CANCELLING,
+}
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,7 @@ class BatchView:
     error: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "status": self.status.value,
-                "active": self.status in RUNNING}  # fmt: skip
+        return {**asdict(self), "status": self.status.value, "active": self.status in RUNNING}
 
 
 class CancelRefused(Exception):
@@ -116,6 +119,14 @@ def _view(record: BatchRecord) -> BatchView:
     started = record.times.get(BatchStatus.IN_PROGRESS.value)
     if status is BatchStatus.IN_PROGRESS and started and 0 < done < record.total:
         eta = (time.time() - started) / done * (record.total - done)
-    return BatchView(id=record.id, model=record.model, status=status, total=record.total,
-                     completed=record.completed, failed=record.failed,
-                     created_at=float(record.created_at), eta_s=eta, error=record.error)  # fmt: skip
+    return BatchView(
+        id=record.id,
+        model=record.model,
+        status=status,
+        total=record.total,
+        completed=record.completed,
+        failed=record.failed,
+        created_at=float(record.created_at),
+        eta_s=eta,
+        error=record.error,
+    )

@@ -71,14 +71,17 @@ def open_file(state_dir: Path, url: str) -> Path:
 
     link = escape(url, quote=True)
     path = state_dir / OPEN
-    atomic_write(path, (
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\">"
-        "<meta name=\"referrer\" content=\"no-referrer\">"
-        f"<meta http-equiv=\"refresh\" content=\"0;url={link}\">"
-        "<title>alvis-fsm gateway</title></head>\n"
-        f"<body><p>Opening the gateway's page: <a href=\"{link}\">follow this link</a>"
-        " if nothing happens.</p></body></html>\n"
-    ))  # fmt: skip
+    atomic_write(
+        path,
+        (
+            '<!doctype html>\n<html><head><meta charset="utf-8">'
+            '<meta name="referrer" content="no-referrer">'
+            f'<meta http-equiv="refresh" content="0;url={link}">'
+            "<title>alvis-fsm gateway</title></head>\n"
+            f'<body><p>Opening the gateway\'s page: <a href="{link}">follow this link</a>'
+            " if nothing happens.</p></body></html>\n"
+        ),
+    )
     return path
 
 
@@ -214,7 +217,9 @@ def stop(cfg: Settings, ui: Observer) -> None:
             "A gateway is starting or stopping in this state directory",
             hint="Wait a moment, then `alvis-fsm gateway stop` again.",
         )
-    ui.info(f"Stopping the gateway (pid {found.pid}, {found.base_url}); it cancels every job it started...")
+    ui.info(
+        f"Stopping the gateway (pid {found.pid}, {found.base_url}); it cancels every job it started..."
+    )
     terminate(found.pid, f"The gateway (pid {found.pid}) cannot be signalled by this user")
     wait = shutdown_wait(cfg) + STOP_MARGIN_S
     if not _wait_released(state_dir, wait):
@@ -250,8 +255,11 @@ def unconfirmed(store: Store) -> list[str]:
     from alvis_fsm.fronts.gateway.sessions import is_gateway_session
 
     records, _ = store.all()
-    return [f"{r.name} (job {r.job_id or '-'})" for r in records
-            if is_gateway_session(r.name) and needs_check(r)]  # fmt: skip
+    return [
+        f"{r.name} (job {r.job_id or '-'})"
+        for r in records
+        if is_gateway_session(r.name) and needs_check(r)
+    ]
 
 
 class LogFile:

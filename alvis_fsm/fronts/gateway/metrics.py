@@ -34,24 +34,51 @@ class Metrics:
     def __init__(self, models: Models, batches: Batches) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("alvis_fsm_requests", "Requests the gateway answered, by model,"
-                                " route and HTTP status", ["model", "route", "status"], registry=r)
-        self.errors = Counter("alvis_fsm_request_errors", "Requests not answered whole (an error"
-                              " status, or a stream that ended in an error)", ["model", "route"],
-                              registry=r)  # fmt: skip
-        self.latency = Histogram("alvis_fsm_request_duration_seconds", "From a request's arrival"
-                                 " to the last byte of its answer (held time included)",
-                                 ["model"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.prompt = Counter("alvis_fsm_prompt_tokens", "Prompt tokens, from the answers' usage",
-                              ["model"], registry=r)  # fmt: skip
-        self.completion = Counter("alvis_fsm_completion_tokens", "Completion tokens, from the"
-                                  " answers' usage", ["model"], registry=r)  # fmt: skip
-        self.queue_wait = Histogram("alvis_fsm_queue_wait_seconds", "A model's job: from"
-                                    " submission until it runs", ["model"],
-                                    buckets=START_BUCKETS, registry=r)  # fmt: skip
-        self.load_time = Histogram("alvis_fsm_load_duration_seconds", "A model's job: from"
-                                   " running until the gateway can reach its server", ["model"],
-                                   buckets=START_BUCKETS, registry=r)  # fmt: skip
+        self.requests = Counter(
+            "alvis_fsm_requests",
+            "Requests the gateway answered, by model, route and HTTP status",
+            ["model", "route", "status"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "alvis_fsm_request_errors",
+            "Requests not answered whole (an error status, or a stream that ended in an error)",
+            ["model", "route"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "alvis_fsm_request_duration_seconds",
+            "From a request's arrival to the last byte of its answer (held time included)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt = Counter(
+            "alvis_fsm_prompt_tokens",
+            "Prompt tokens, from the answers' usage",
+            ["model"],
+            registry=r,
+        )
+        self.completion = Counter(
+            "alvis_fsm_completion_tokens",
+            "Completion tokens, from the answers' usage",
+            ["model"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "alvis_fsm_queue_wait_seconds",
+            "A model's job: from submission until it runs",
+            ["model"],
+            buckets=START_BUCKETS,
+            registry=r,
+        )
+        self.load_time = Histogram(
+            "alvis_fsm_load_duration_seconds",
+            "A model's job: from running until the gateway can reach its server",
+            ["model"],
+            buckets=START_BUCKETS,
+            registry=r,
+        )
         r.register(_Live(models, batches))
 
     def request(self, entry: Entry) -> None:
@@ -87,15 +114,22 @@ class _Live(Collector):
         return []  # unchecked: its families are made at each scrape
 
     def collect(self) -> Iterator[Metric]:
-        state = GaugeMetricFamily("alvis_fsm_model_state", "1 for the state each model is in",
-                                  labels=["model", "state"])  # fmt: skip
-        in_flight = GaugeMetricFamily("alvis_fsm_requests_in_flight", "Requests held or proxied",
-                                      labels=["model"])  # fmt: skip
-        used = CounterMetricFamily("alvis_fsm_gpu_hours_used", "GPU-hours held by the model's"
-                                   " jobs (GPUs × hours running)", labels=["model"])  # fmt: skip
-        saved = CounterMetricFamily("alvis_fsm_gpu_hours_saved", "GPU-hours the idle stops"
-                                    " left unused (until the jobs' time limits)",
-                                    labels=["model"])  # fmt: skip
+        state = GaugeMetricFamily(
+            "alvis_fsm_model_state", "1 for the state each model is in", labels=["model", "state"]
+        )
+        in_flight = GaugeMetricFamily(
+            "alvis_fsm_requests_in_flight", "Requests held or proxied", labels=["model"]
+        )
+        used = CounterMetricFamily(
+            "alvis_fsm_gpu_hours_used",
+            "GPU-hours held by the model's jobs (GPUs × hours running)",
+            labels=["model"],
+        )
+        saved = CounterMetricFamily(
+            "alvis_fsm_gpu_hours_saved",
+            "GPU-hours the idle stops left unused (until the jobs' time limits)",
+            labels=["model"],
+        )
         for name, slot in self.models.slots.items():
             now = slot.state
             for s in STATES:
@@ -104,11 +138,16 @@ class _Live(Collector):
             used.add_metric([name], slot.gpu_hours_used)
             saved.add_metric([name], slot.gpu_hours_saved)
         yield from (state, in_flight, used, saved)
-        progress = GaugeMetricFamily("alvis_fsm_batch_requests", "A batch's requests by outcome"
-                                     " (total, completed, failed)",
-                                     labels=["batch", "model", "outcome"])  # fmt: skip
+        progress = GaugeMetricFamily(
+            "alvis_fsm_batch_requests",
+            "A batch's requests by outcome (total, completed, failed)",
+            labels=["batch", "model", "outcome"],
+        )
         for b in self.batches.list():
-            for outcome, value in (("total", b.total), (BatchStatus.COMPLETED.value, b.completed),
-                                   (BatchStatus.FAILED.value, b.failed)):  # fmt: skip
+            for outcome, value in (
+                ("total", b.total),
+                (BatchStatus.COMPLETED.value, b.completed),
+                (BatchStatus.FAILED.value, b.failed),
+            ):
                 progress.add_metric([b.id, b.model, outcome], float(value))
         yield progress

@@ -248,8 +248,9 @@ class Lifecycle:
         self.generation += 1
         run = Run(handle, self.generation, lane, observer)
         self.sessions += 1
-        run.thread = threading.Thread(target=self._drive, args=(run,), name=f"gateway-{self.name}",
-                                      daemon=True)  # fmt: skip
+        run.thread = threading.Thread(
+            target=self._drive, args=(run,), name=f"gateway-{self.name}", daemon=True
+        )
         run.thread.start()
         return run
 
@@ -306,17 +307,22 @@ class Lifecycle:
     def _successor_lost(self, run: Run, error: str) -> None:
         self.successor = None
         self.rollover_error = why = error or "it ended before it served"
-        self._say(f"rollover failed: {why}; requests stay on job {self.job_id}"
-                  " until its time limit, then the next request starts a new job")  # fmt: skip
+        self._say(
+            f"rollover failed: {why}; requests stay on job {self.job_id}"
+            " until its time limit, then the next request starts a new job"
+        )
 
     def _hand_over(self, run: Run, error: str) -> None:
         """The job ended before its successor served: requests are held on
         the successor as for a cold start."""
         successor = self.successor
         assert successor is not None
-        self._say(f"job {run.job_id} ended" + (f" ({error})" if error else "")
-                  + f" before job {successor.job_id or '(not yet submitted)'} serves;"
-                  " requests wait for it")  # fmt: skip
+        self._say(
+            f"job {run.job_id} ended"
+            + (f" ({error})" if error else "")
+            + f" before job {successor.job_id or '(not yet submitted)'} serves;"
+            " requests wait for it"
+        )
         self.run, self.successor = successor, None
 
     def _drop(self, run: Run, error: str) -> None:
@@ -476,8 +482,9 @@ class Slot(Lifecycle):
         except Exception as exc:  # a session refused before it runs (e.g. a busy port)
             self.refused(describe(exc))
             return False
-        self._say(f"job {run.job_id} reaches its time limit in {left:.0f} s:"
-                  " starting its successor")  # fmt: skip
+        self._say(
+            f"job {run.job_id} reaches its time limit in {left:.0f} s: starting its successor"
+        )
         return True
 
     def stop(self, reason: str) -> None:
@@ -517,9 +524,13 @@ class Slot(Lifecycle):
 class Models:
     """Every catalog model, by name and by the served ORG/NAME alias."""
 
-    def __init__(self, served: dict[str, str], factory: Factory,
-                 echo: Callable[[str], None] | None = None,
-                 load_time: LoadTime | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        served: dict[str, str],
+        factory: Factory,
+        echo: Callable[[str], None] | None = None,
+        load_time: LoadTime | None = None,
+    ) -> None:
         self.slots = {name: Slot(name, served[name], factory, echo) for name in sorted(served)}
         self.aliases = {slot.served: slot for slot in self.slots.values() if slot.served}
         self.load_time = load_time
@@ -538,13 +549,18 @@ class Models:
         stopped = []
         for slot in self.slots.values():
             if (
-                slot.handle is not None and not slot.stopping and slot.in_flight == 0
+                slot.handle is not None
+                and not slot.stopping
+                and slot.in_flight == 0
                 and now - slot.last_active >= (slot.idle_timeout or idle_timeout)
-            ):  # fmt: skip
+            ):
                 slot.idle_stops += 1
                 # An adopted session (someone else's) is let go, not cancelled.
-                slot.gpu_hours_saved += sum(usage.left(r.handle.record) for r in slot.runs()
-                                            if not getattr(r.handle, "adopted", False))  # fmt: skip
+                slot.gpu_hours_saved += sum(
+                    usage.left(r.handle.record)
+                    for r in slot.runs()
+                    if not getattr(r.handle, "adopted", False)
+                )
                 slot.stop("idle timeout")
                 stopped.append(slot.name)
         return stopped

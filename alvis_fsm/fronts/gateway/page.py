@@ -46,8 +46,10 @@ if TYPE_CHECKING:
 LOGIN_TOKENS = 16  # unused login links kept at most (the oldest go first)
 SWEEP_S = 5.0  # how often the charts' points and the start times are taken
 STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
-SIGNED_IN = ('<!doctype html><meta charset=utf-8><meta http-equiv="refresh" content="0;url=/">'
-             '<title>alvis-fsm gateway</title><p>Signed in: <a href="/">open the page</a>.</p>')  # fmt: skip
+SIGNED_IN = (
+    '<!doctype html><meta charset=utf-8><meta http-equiv="refresh" content="0;url=/">'
+    '<title>alvis-fsm gateway</title><p>Signed in: <a href="/">open the page</a>.</p>'
+)
 LOOPBACK = {"localhost", "127.0.0.1", "[::1]"}
 # The page loads only what it ships; nothing may frame it (its buttons).
 SECURITY_HEADERS = {
@@ -63,13 +65,20 @@ SECURITY_HEADERS = {
 
 
 def _static(name: str) -> bytes:
-    return importlib.resources.files("alvis_fsm.fronts.gateway").joinpath("static", name).read_bytes()
+    return (
+        importlib.resources.files("alvis_fsm.fronts.gateway").joinpath("static", name).read_bytes()
+    )
 
 
 class Page:
-    def __init__(self, gateway: Gateway, log: RequestLog | None = None,
-                 batches: Batches | None = None, stop_timeout: float = 180.0,
-                 login_life: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        gateway: Gateway,
+        log: RequestLog | None = None,
+        batches: Batches | None = None,
+        stop_timeout: float = 180.0,
+        login_life: float | None = None,
+    ) -> None:
         self.gateway = gateway
         # How long a login link stays valid: seconds from its making.
         self.login_life = float(login_life or packaged_default("gateway.login_link_life"))
@@ -100,7 +109,8 @@ class Page:
         """The paths whose access this page checks itself (the server's key
         check lets them through)."""
         return path in ("/", "/metrics", "/gateway/login-link") or path.startswith(
-            ("/gateway/page/", "/gateway/static/"))  # fmt: skip
+            ("/gateway/page/", "/gateway/static/")
+        )
 
     async def _start(self, app: web.Application) -> None:
         self._sweeper = asyncio.create_task(self._sweep())
@@ -157,23 +167,43 @@ class Page:
     @staticmethod
     def _refused(status: int, message: str, page: bool = False) -> web.Response:
         if page:
-            text = (f"<!doctype html><meta charset=utf-8><title>alvis-fsm gateway</title>"
-                    f"<p>{html.escape(message)}</p>")  # fmt: skip
-            return web.Response(status=status, text=text, content_type="text/html",
-                                headers=SECURITY_HEADERS)  # fmt: skip
-        return web.json_response({"error": {"message": message, "type": "invalid_request_error",
-                                            "param": None, "code": status}},
-                                 status=status, headers=SECURITY_HEADERS)  # fmt: skip
+            text = (
+                f"<!doctype html><meta charset=utf-8><title>alvis-fsm gateway</title>"
+                f"<p>{html.escape(message)}</p>"
+            )
+            return web.Response(
+                status=status, text=text, content_type="text/html", headers=SECURITY_HEADERS
+            )
+        return web.json_response(
+            {
+                "error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": status,
+                }
+            },
+            status=status,
+            headers=SECURITY_HEADERS,
+        )
 
     def _check(self, request: web.Request, page: bool = False) -> web.Response | str:
         """The request's CSRF token if it may see the page, else the refusal."""
         if not self._host_ok(request):
-            return self._refused(403, "This gateway answers only to http://localhost:PORT"
-                                 " (the Host header names another host)", page)  # fmt: skip
+            return self._refused(
+                403,
+                "This gateway answers only to http://localhost:PORT"
+                " (the Host header names another host)",
+                page,
+            )
         csrf = self._session(request)
         if csrf is None:
-            return self._refused(401, "Not signed in: open the link `alvis-fsm gateway` printed,"
-                                 " or run `alvis-fsm gateway open` for a new one", page)  # fmt: skip
+            return self._refused(
+                401,
+                "Not signed in: open the link `alvis-fsm gateway` printed,"
+                " or run `alvis-fsm gateway open` for a new one",
+                page,
+            )
         return csrf
 
     def _check_action(self, request: web.Request) -> web.Response | None:
@@ -193,17 +223,26 @@ class Page:
         token = request.query.get("token")
         if token is not None:
             if not self._host_ok(request):
-                return self._refused(403, "This gateway answers only to http://localhost:PORT",
-                                     page=True)  # fmt: skip
+                return self._refused(
+                    403, "This gateway answers only to http://localhost:PORT", page=True
+                )
             known = next((t for t in self._logins if matches(token, t)), None)
             if known is None:
-                return self._refused(401, "This link was used already or is not this gateway's:"
-                                     " run `alvis-fsm gateway open` for a new one", page=True)  # fmt: skip
+                return self._refused(
+                    401,
+                    "This link was used already or is not this gateway's:"
+                    " run `alvis-fsm gateway open` for a new one",
+                    page=True,
+                )
             made = self._logins.pop(known)  # one time
             if time.time() - made > self.login_life:
-                return self._refused(401, f"This link has expired: a login link is valid for"
-                                     f" {self.login_life:g} s after it is made; run"
-                                     " `alvis-fsm gateway open` for a new one", page=True)  # fmt: skip
+                return self._refused(
+                    401,
+                    f"This link has expired: a login link is valid for"
+                    f" {self.login_life:g} s after it is made; run"
+                    " `alvis-fsm gateway open` for a new one",
+                    page=True,
+                )
             cookie = secrets.token_urlsafe(32)
             self._sessions[cookie] = secrets.token_urlsafe(32)
             if request.headers.get("Sec-Fetch-Site", "none") in ("none", "same-origin"):
@@ -212,10 +251,12 @@ class Page:
                 # Sent here from another site (``gateway --open``'s file:// page):
                 # a redirect would go on without the SameSite=Strict cookie,
                 # so this page moves on to / itself, a same-site navigation.
-                resp = web.Response(status=200, text=SIGNED_IN, content_type="text/html",
-                                    headers=SECURITY_HEADERS)  # fmt: skip
-            resp.set_cookie(self._cookie_name(request), cookie, httponly=True, samesite="Strict",
-                            path="/")  # fmt: skip
+                resp = web.Response(
+                    status=200, text=SIGNED_IN, content_type="text/html", headers=SECURITY_HEADERS
+                )
+            resp.set_cookie(
+                self._cookie_name(request), cookie, httponly=True, samesite="Strict", path="/"
+            )
             return resp
         checked = self._check(request, page=True)
         if isinstance(checked, web.Response):
@@ -230,14 +271,15 @@ class Page:
         checked = self._check(request)
         if isinstance(checked, web.Response):
             return checked
-        return web.Response(body=self._assets[name], content_type=STATIC[name],
-                            headers=SECURITY_HEADERS)  # fmt: skip
+        return web.Response(
+            body=self._assets[name], content_type=STATIC[name], headers=SECURITY_HEADERS
+        )
 
     async def state(self, request: web.Request) -> web.Response:
         checked = self._check(request)
         if isinstance(checked, web.Response):
             return checked
-        return web.json_response(self.snapshot(), headers=SECURITY_HEADERS)
+        return web.json_response(snapshot(self), headers=SECURITY_HEADERS)
 
     async def prometheus(self, request: web.Request) -> web.Response:
         if not self._has_key(request):
@@ -251,7 +293,9 @@ class Page:
         if not self._has_key(request):
             return self._refused(401, "Send the gateway's key as 'Authorization: Bearer KEY'")
         port = self._port(request)
-        return web.json_response({"url": f"http://localhost:{port}/?token={self.new_login_token()}"})
+        return web.json_response(
+            {"url": f"http://localhost:{port}/?token={self.new_login_token()}"}
+        )
 
     async def stop_model(self, request: web.Request) -> web.Response:
         """Stop a model's sessions now; answers once each has ended (its job's
@@ -265,23 +309,34 @@ class Page:
             return self._refused(404, f"No model {request.match_info['name']!r} on this gateway")
         runs = slot.runs()
         if not runs:
-            return web.json_response({"model": slot.name, "stopped": [], "message":
-                                      f"{slot.name} was not running"}, headers=SECURITY_HEADERS)  # fmt: skip
+            return web.json_response(
+                {"model": slot.name, "stopped": [], "message": f"{slot.name} was not running"},
+                headers=SECURITY_HEADERS,
+            )
         jobs = [r.job_id for r in runs if r.job_id]
         slot.stop("stopped from the gateway's page")
         deadline = time.monotonic() + self.stop_timeout
         while any(r in slot.runs() for r in runs):
             if time.monotonic() >= deadline:
-                return self._refused(504, f"{slot.name}: the cancel of job(s) {', '.join(jobs)}"
-                                     f" is not confirmed after {self.stop_timeout:.0f} s;"
-                                     " `alvis-fsm status` shows them")  # fmt: skip
+                return self._refused(
+                    504,
+                    f"{slot.name}: the cancel of job(s) {', '.join(jobs)}"
+                    f" is not confirmed after {self.stop_timeout:.0f} s;"
+                    " `alvis-fsm status` shows them",
+                )
             await slot.changed(0.25)
         if slot.run is None and slot.error:
             return self._refused(502, f"{slot.name}: {slot.error}")
         jobs_text = f"job {', '.join(jobs)}" if jobs else "its session (no job yet)"
-        return web.json_response({"model": slot.name, "stopped": jobs,
-                                  "message": f"{slot.name} stopped: {jobs_text} cancelled,"
-                                  " confirmed by the scheduler"}, headers=SECURITY_HEADERS)  # fmt: skip
+        return web.json_response(
+            {
+                "model": slot.name,
+                "stopped": jobs,
+                "message": f"{slot.name} stopped: {jobs_text} cancelled,"
+                " confirmed by the scheduler",
+            },
+            headers=SECURITY_HEADERS,
+        )
 
     async def cancel_batch(self, request: web.Request) -> web.Response:
         refused = self._check_action(request)
@@ -291,55 +346,67 @@ class Page:
             batch = await self.batches.cancel(request.match_info["id"])
         except CancelRefused as exc:
             return self._refused(409, str(exc))
-        return web.json_response({"batch": batch.to_json(), "message":
-                                  f"batch {batch.id}: {batch.status.value}"}, headers=SECURITY_HEADERS)  # fmt: skip
+        return web.json_response(
+            {"batch": batch.to_json(), "message": f"batch {batch.id}: {batch.status.value}"},
+            headers=SECURITY_HEADERS,
+        )
 
-    # -- the page's data -----------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
-        self.watch._advance()
-        now = time.time()
-        rows = []
-        for name, slot in self.gateway.models.slots.items():
-            figures = self.watch.figures[name]
-            run = slot.run
-            r = run.handle.record if run is not None else None
-            state = slot.state
-            row: dict[str, Any] = {
-                "name": name, "served": slot.served, "state": state,
-                "job_id": slot.job_id or None, "node": (r.node or None) if r else None,
-                "gpus": (r.gpus or None) if r else None,
-                "time_left": _round(slot.time_left()), "in_flight": slot.in_flight,
-                "served_requests": slot.served_requests, "requests": figures.requests,
-                "errors": figures.errors, "prompt_tokens": figures.prompt_tokens,
-                "completion_tokens": figures.completion_tokens,
-                "p50_s": _round(figures.percentile(0.5), 4),
-                "p95_s": _round(figures.percentile(0.95), 4),
-                "gpu_hours_used": round(slot.gpu_hours_used, 4),
-                "gpu_hours_saved": round(slot.gpu_hours_saved, 4),
-                "idle_stops": slot.idle_stops, "error": slot.error or None,
-                "status": slot.observer.status if slot.observer else None,
-                "per_minute": list(figures.per_minute)[-180:],
-                "gpu_hours_series": [round(x, 4) for x in list(figures.gpu_hours)[-180:]],
-            }  # fmt: skip
-            if state == gm.QUEUED and r is not None:
-                row["queue_reason"] = r.queue_reason or None
-                row["expected_start"] = r.expected_start or None
-            if state == gm.LOADING and r is not None:
-                since = r.entered_at.get(State.RUNNING)
-                row["loading_for_s"] = _round(now - since) if since else None
-                load_time = self.gateway.models.load_time
-                row["expected_load_s"] = _round(load_time(name, r.gpus) if load_time else None)
-            rows.append(row)
-        slots = self.gateway.models.slots.values()
-        return {
-            "now": now, "started": self.watch.started, "models": rows,
-            "held": self.gateway.held,
-            "gpu_hours_used": round(sum(s.gpu_hours_used for s in slots), 4),
-            "gpu_hours_saved": round(sum(s.gpu_hours_saved for s in slots), 4),
-            "batches": [b.to_json() for b in self.batches.list()],
-            "recent": list(self.watch.recent)[-30:][::-1],
-            "errors": list(self.watch.errors)[-20:][::-1],
-        }  # fmt: skip
+
+def snapshot(page: Page) -> dict[str, Any]:
+    """The page's data (``GET /gateway/page/state``): each model's row, the batches, the latest requests."""
+    page.watch._advance()
+    now = time.time()
+    rows = []
+    for name, slot in page.gateway.models.slots.items():
+        figures = page.watch.figures[name]
+        run = slot.run
+        r = run.handle.record if run is not None else None
+        state = slot.state
+        row: dict[str, Any] = {
+            "name": name,
+            "served": slot.served,
+            "state": state,
+            "job_id": slot.job_id or None,
+            "node": (r.node or None) if r else None,
+            "gpus": (r.gpus or None) if r else None,
+            "time_left": _round(slot.time_left()),
+            "in_flight": slot.in_flight,
+            "served_requests": slot.served_requests,
+            "requests": figures.requests,
+            "errors": figures.errors,
+            "prompt_tokens": figures.prompt_tokens,
+            "completion_tokens": figures.completion_tokens,
+            "p50_s": _round(figures.percentile(0.5), 4),
+            "p95_s": _round(figures.percentile(0.95), 4),
+            "gpu_hours_used": round(slot.gpu_hours_used, 4),
+            "gpu_hours_saved": round(slot.gpu_hours_saved, 4),
+            "idle_stops": slot.idle_stops,
+            "error": slot.error or None,
+            "status": slot.observer.status if slot.observer else None,
+            "per_minute": list(figures.per_minute)[-180:],
+            "gpu_hours_series": [round(x, 4) for x in list(figures.gpu_hours)[-180:]],
+        }
+        if state == gm.QUEUED and r is not None:
+            row["queue_reason"] = r.queue_reason or None
+            row["expected_start"] = r.expected_start or None
+        if state == gm.LOADING and r is not None:
+            since = r.entered_at.get(State.RUNNING)
+            row["loading_for_s"] = _round(now - since) if since else None
+            load_time = page.gateway.models.load_time
+            row["expected_load_s"] = _round(load_time(name, r.gpus) if load_time else None)
+        rows.append(row)
+    slots = page.gateway.models.slots.values()
+    return {
+        "now": now,
+        "started": page.watch.started,
+        "models": rows,
+        "held": page.gateway.held,
+        "gpu_hours_used": round(sum(s.gpu_hours_used for s in slots), 4),
+        "gpu_hours_saved": round(sum(s.gpu_hours_saved for s in slots), 4),
+        "batches": [b.to_json() for b in page.batches.list()],
+        "recent": list(page.watch.recent)[-30:][::-1],
+        "errors": list(page.watch.errors)[-20:][::-1],
+    }
 
 
 def _round(value: float | None, digits: int = 0) -> float | None:

@@ -25,24 +25,43 @@ if TYPE_CHECKING:
 
 # Headers that belong to one hop, never passed on.
 _HOP = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "content-length", "date", "server",
-}  # fmt: skip
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "date",
+    "server",
+}
 RETRY_AFTER = 30  # seconds, for a request refused while its model starts
 MAX_DEPTH = 64  # levels of JSON nesting in a request body
 JSON_TYPES = ("application/json", "text/json")  # or any ``+json``; none given is JSON too
 
 
-def error(status: int, message: str, kind: str, code: str | int | None = None,
-          headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
+def error(
+    status: int,
+    message: str,
+    kind: str,
+    code: str | int | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     """An OpenAI-style error body: ``{"error": {"message", "type", "code"}}``."""
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return web.json_response(body, status=status, headers=headers)
 
 
 def _retry_later(message: str) -> web.Response:
-    return error(503, message, "service_unavailable", "model_starting",
-                 headers={"Retry-After": str(RETRY_AFTER), "x-should-retry": "true"})  # fmt: skip
+    return error(
+        503,
+        message,
+        "service_unavailable",
+        "model_starting",
+        headers={"Retry-After": str(RETRY_AFTER), "x-should-retry": "true"},
+    )
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -65,8 +84,12 @@ class BodyTimeout(BadBody, TimeoutError):
     rest, which takes a ``TimeoutError`` as its cue to close the connection."""
 
     def __init__(self, seconds: float) -> None:
-        response = error(408, f"The request body did not arrive within {seconds:g} s",
-                         "invalid_request_error", "request_timeout")  # fmt: skip
+        response = error(
+            408,
+            f"The request body did not arrive within {seconds:g} s",
+            "invalid_request_error",
+            "request_timeout",
+        )
         response.force_close()  # the rest of the body may still come: never read as a request
         super().__init__(response)
 
@@ -93,25 +116,49 @@ async def read_json(request: web.Request, expected: str) -> object:
     given = request.headers.get("Content-Type", "")
     kind = given.partition(";")[0].strip().lower()
     if given and kind not in JSON_TYPES and not kind.endswith("+json"):
-        raise BadBody(error(415, f"The body must be JSON (Content-Type: application/json), not {kind!r}",
-                            "invalid_request_error", "unsupported_media_type"))  # fmt: skip
+        raise BadBody(
+            error(
+                415,
+                f"The body must be JSON (Content-Type: application/json), not {kind!r}",
+                "invalid_request_error",
+                "unsupported_media_type",
+            )
+        )
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise BadBody(error(413, f"The request body is larger than {request.client_max_size} bytes",
-                            "invalid_request_error", "request_too_large")) from None  # fmt: skip
+        raise BadBody(
+            error(
+                413,
+                f"The request body is larger than {request.client_max_size} bytes",
+                "invalid_request_error",
+                "request_too_large",
+            )
+        ) from None
     try:
         body = json.loads(raw.decode("utf-8"))
     except RecursionError:
         body, depth = None, MAX_DEPTH + 1
     except ValueError:  # not UTF-8, not JSON
-        raise BadBody(error(400, f"The body is not valid JSON ({expected})", "invalid_request_error",
-                            "invalid_json")) from None  # fmt: skip
+        raise BadBody(
+            error(
+                400,
+                f"The body is not valid JSON ({expected})",
+                "invalid_request_error",
+                "invalid_json",
+            )
+        ) from None
     else:
         depth = _depth(body)
     if depth > MAX_DEPTH:
-        raise BadBody(error(400, f"The body's JSON is nested deeper than {MAX_DEPTH} levels",
-                            "invalid_request_error", "invalid_json"))  # fmt: skip
+        raise BadBody(
+            error(
+                400,
+                f"The body's JSON is nested deeper than {MAX_DEPTH} levels",
+                "invalid_request_error",
+                "invalid_json",
+            )
+        )
     return body
 
 
@@ -160,7 +207,8 @@ class Proxy:
         its C parser passes a stream on ~3× faster than httpx's h11 (36 vs 10
         MB/s of SSE on one core), which a proxy of token streams needs."""
         connector: aiohttp.BaseConnector = (
-            aiohttp.UnixConnector(path=uds, keepalive_timeout=4.0, limit=0) if uds
+            aiohttp.UnixConnector(path=uds, keepalive_timeout=4.0, limit=0)
+            if uds
             # vLLM's uvicorn closes a connection idle for 5 s: reusing one
             # then would fail a request, so the pool lets go first.
             else aiohttp.TCPConnector(keepalive_timeout=4.0, limit=0)
@@ -168,9 +216,11 @@ class Proxy:
         # trust_env False (the default): no proxy from the environment, the
         # tunnel is on this machine. auto_decompress False: bytes pass as sent.
         return aiohttp.ClientSession(
-            connector=connector, trust_env=False, auto_decompress=False,
+            connector=connector,
+            trust_env=False,
+            auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
-        )  # fmt: skip
+        )
 
     def _upstream(self, record: SessionRecord) -> tuple[aiohttp.ClientSession, str]:
         """The client and base URL of a session's tunnel: its unix socket
@@ -183,8 +233,11 @@ class Proxy:
         if client is None:
             # A new session: forget the clients of sessions that ended (each
             # session has a socket of its own; a gateway runs for days).
-            live = {r.handle.record.local_socket for slot in self.models.slots.values()
-                    for r in slot.runs()}  # fmt: skip
+            live = {
+                r.handle.record.local_socket
+                for slot in self.models.slots.values()
+                for r in slot.runs()
+            }
             for gone in [p for p in self._socket_clients if p not in live]:
                 old = self._socket_clients.pop(gone)
                 task = asyncio.get_running_loop().create_task(old.close())
@@ -207,20 +260,31 @@ class Proxy:
             raise
         finally:
             # 499: the client went away first (as nginx logs it).
-            watch.done(meter, resp.status if resp is not None else 499,
-                       _said(resp) if resp is not None and resp.status >= 400 else "")
+            watch.done(
+                meter,
+                resp.status if resp is not None else 499,
+                _said(resp) if resp is not None and resp.status >= 400 else "",
+            )
 
     async def _post(self, request: web.Request, meter: Meter | None) -> web.StreamResponse:
         body = await read_json(request, 'a JSON object naming a "model"')
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            return error(400, 'The body must be a JSON object naming a "model"',
-                         "invalid_request_error", "invalid_body")  # fmt: skip
+            return error(
+                400,
+                'The body must be a JSON object naming a "model"',
+                "invalid_request_error",
+                "invalid_body",
+            )
         slot = self.models.find(body["model"])
         if slot is None:
             names = ", ".join(self.models.names())
-            return error(404, f"The model '{body['model']}' is not in the gateway's catalog."
-                         f" Available models: {names}", "invalid_request_error",
-                         "model_not_found")  # fmt: skip
+            return error(
+                404,
+                f"The model '{body['model']}' is not in the gateway's catalog."
+                f" Available models: {names}",
+                "invalid_request_error",
+                "model_not_found",
+            )
         if meter is not None:
             meter.model, meter.stream = slot.name, bool(body.get("stream"))
         slot.enter()
@@ -229,13 +293,16 @@ class Proxy:
         finally:
             slot.leave()
 
-    async def _serve(self, request: web.Request, slot: Slot, body: dict[str, Any],
-                     meter: Meter | None) -> web.StreamResponse:  # fmt: skip
+    async def _serve(
+        self, request: web.Request, slot: Slot, body: dict[str, Any], meter: Meter | None
+    ) -> web.StreamResponse:
         if slot.handle is not None and slot.state == READY and not slot.stopping:
             return await self._proxy(request, slot, slot.handle, body, None, meter)
         if self.held >= self.options.max_held:
-            return _retry_later(f"{self.held} requests are already held while models start"
-                                f" (gateway.max_held); {slot.name} is {slot.state}")  # fmt: skip
+            return _retry_later(
+                f"{self.held} requests are already held while models start"
+                f" (gateway.max_held); {slot.name} is {slot.state}"
+            )
         self.held += 1
         try:
             if body.get("stream"):
@@ -256,23 +323,40 @@ class Proxy:
             self.held -= 1
         return await self._proxy(request, slot, handle, body, None, meter)
 
-    async def _hold_stream(self, request: web.Request, slot: Slot, body: dict[str, Any],
-                           meter: Meter | None) -> web.StreamResponse:  # fmt: skip
+    async def _hold_stream(
+        self, request: web.Request, slot: Slot, body: dict[str, Any], meter: Meter | None
+    ) -> web.StreamResponse:
         """200 at once, SSE comments while the model starts, then its stream."""
-        resp = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-        })  # fmt: skip
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+            },
+        )
         await resp.prepare(request)
 
         async def keep_alive(state: str) -> None:
-            with contextlib.suppress(ConnectionResetError):  # the client went away: the next write says so
+            with contextlib.suppress(
+                ConnectionResetError
+            ):  # the client went away: the next write says so
                 await resp.write(f": keep-alive {state}\n\n".encode())
 
         try:
             handle = await slot.ready(self.options.keepalive_interval, keep_alive)
         except Unavailable as exc:
-            await resp.write(_sse({"error": {"message": str(exc), "type": "service_unavailable",
-                                             "param": None, "code": "model_failed"}}))  # fmt: skip
+            await resp.write(
+                _sse(
+                    {
+                        "error": {
+                            "message": str(exc),
+                            "type": "service_unavailable",
+                            "param": None,
+                            "code": "model_failed",
+                        }
+                    }
+                )
+            )
             await resp.write_eof()
             return resp
         self.held -= 1  # no longer held: proxied (the caller's finally adds it back)
@@ -281,9 +365,15 @@ class Proxy:
         finally:
             self.held += 1
 
-    async def _proxy(self, request: web.Request, slot: Slot, handle: Handle,
-                     body: dict[str, Any], prepared: web.StreamResponse | None,
-                     meter: Meter | None) -> web.StreamResponse:  # fmt: skip
+    async def _proxy(
+        self,
+        request: web.Request,
+        slot: Slot,
+        handle: Handle,
+        body: dict[str, Any],
+        prepared: web.StreamResponse | None,
+        meter: Meter | None,
+    ) -> web.StreamResponse:
         """Forward to the session's tunnel with its own key and served name;
         the answer goes back chunk by chunk as it comes, never buffered.
         Counted in flight on that session (not only on the model), so a
@@ -298,47 +388,43 @@ class Proxy:
             if meter is not None:
                 meter.served = served
 
-    async def _forward(self, request: web.Request, slot: Slot, handle: Handle,
-                       body: dict[str, Any], prepared: web.StreamResponse | None,
-                       meter: Meter | None) -> tuple[web.StreamResponse, bool]:  # fmt: skip
+    async def _forward(
+        self,
+        request: web.Request,
+        slot: Slot,
+        handle: Handle,
+        body: dict[str, Any],
+        prepared: web.StreamResponse | None,
+        meter: Meter | None,
+    ) -> tuple[web.StreamResponse, bool]:
         """``_proxy``'s work: the response, and whether it went out whole."""
         r = handle.record
         client, base = self._upstream(r)
         body = {**body, "model": r.served_name or slot.served}
-        # The client's own Accept-Encoding (else aiohttp's default would ask
-        # for gzip): the answer's bytes pass through as they are.
-        headers = {"Content-Type": "application/json",
-                   "Accept": request.headers.get("Accept", "*/*"),
-                   "Accept-Encoding": request.headers.get("Accept-Encoding", "identity")}  # fmt: skip
-        if r.api_key:
-            headers["Authorization"] = f"Bearer {r.api_key}"
         try:
-            answer = await client.post(base + request.path_qs, data=json.dumps(body).encode(),
-                                       headers=headers)  # fmt: skip
+            answer = await client.post(
+                base + request.path_qs,
+                data=json.dumps(body).encode(),
+                headers=_upstream_headers(request, r.api_key),
+            )
         except (aiohttp.ClientError, OSError) as exc:
             message = f"{slot.name}: its server did not answer ({type(exc).__name__}); retry"
             if prepared is not None:
-                await prepared.write(_sse({"error": {"message": message, "type":
-                                     "service_unavailable", "param": None, "code": None}}))  # fmt: skip
-                await prepared.write_eof()
+                await _end_with_error(prepared, message, "service_unavailable", None)
                 return prepared, False
             return _retry_later(message), False
         resp = prepared
         try:
             if prepared is not None and answer.status != 200:
                 # The 200 is sent already: the error goes as an SSE event.
-                said = (await answer.read()).decode("utf-8", "replace")
-                with contextlib.suppress(ValueError):
-                    parsed = json.loads(said)
-                    said = (parsed.get("error") or {}).get("message") or parsed.get("message") or said
-                await prepared.write(_sse({"error": {"message": said, "type": "upstream_error",
-                                                     "param": None, "code": answer.status}}))
-                await prepared.write_eof()
+                said = _message_of((await answer.read()).decode("utf-8", "replace"))
+                await _end_with_error(prepared, said, "upstream_error", answer.status)
                 return prepared, False
             if resp is None:
-                resp = web.StreamResponse(status=answer.status, headers={
-                    k: v for k, v in answer.headers.items() if k.lower() not in _HOP
-                })  # fmt: skip
+                resp = web.StreamResponse(
+                    status=answer.status,
+                    headers={k: v for k, v in answer.headers.items() if k.lower() not in _HOP},
+                )
                 await resp.prepare(request)
             # As it comes, whatever the upstream's chunks: never buffered.
             async for chunk in answer.content.iter_any():
@@ -356,6 +442,37 @@ class Proxy:
             # its answer whether or not the end of the stream reaches it.
             await resp.write_eof()
         return resp, True
+
+
+def _upstream_headers(request: web.Request, api_key: str | None) -> dict[str, str]:
+    """What the gateway sends its session's server. The client's own
+    Accept-Encoding (else aiohttp's default would ask for gzip): the
+    answer's bytes pass through as they are."""
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": request.headers.get("Accept", "*/*"),
+        "Accept-Encoding": request.headers.get("Accept-Encoding", "identity"),
+    }
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def _message_of(said: str) -> str:
+    """An upstream error body's message (OpenAI's or vLLM's shape), else the body."""
+    with contextlib.suppress(ValueError, AttributeError):
+        parsed = json.loads(said)
+        return str((parsed.get("error") or {}).get("message") or parsed.get("message") or said)
+    return said
+
+
+async def _end_with_error(
+    prepared: web.StreamResponse, message: str, kind: str, code: int | None
+) -> None:
+    """A stream whose 200 is sent already ends with its error as an SSE event."""
+    error = {"message": message, "type": kind, "param": None, "code": code}
+    await prepared.write(_sse({"error": error}))
+    await prepared.write_eof()
 
 
 def _said(resp: web.StreamResponse) -> str:

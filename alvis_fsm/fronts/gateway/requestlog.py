@@ -25,10 +25,18 @@ FILE = "gateway-requests.jsonl"
 # OpenAI routes the gateway passes on; any other path is OTHER. A fixed set:
 # a client's path never becomes a log line's or a metric label's text, and
 # ``/metrics`` keeps a bounded number of series whatever paths are tried.
-ROUTES = frozenset({
-    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
-    "/v1/score", "/v1/rerank", "/v1/audio/transcriptions", "/v1/audio/translations",
-})  # fmt: skip
+ROUTES = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/score",
+        "/v1/rerank",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+    }
+)
 OTHER = "other"
 MAX_BYTES = 10 * 1024 * 1024  # a file this large is rotated
 KEEP = 3  # rotated files kept: gateway-requests.jsonl.1 .. .3
@@ -57,12 +65,16 @@ class Entry:
         try:
             data = json.loads(line)
             return cls(
-                time=float(data["time"]), model=str(data["model"]), route=str(data["route"]),
-                status=int(data["status"]), latency_s=float(data["latency_s"]),
-                ok=bool(data["ok"]), prompt_tokens=_int(data.get("prompt_tokens")),
+                time=float(data["time"]),
+                model=str(data["model"]),
+                route=str(data["route"]),
+                status=int(data["status"]),
+                latency_s=float(data["latency_s"]),
+                ok=bool(data["ok"]),
+                prompt_tokens=_int(data.get("prompt_tokens")),
                 completion_tokens=_int(data.get("completion_tokens")),
                 stream=bool(data.get("stream", False)),
-            )  # fmt: skip
+            )
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -137,9 +149,11 @@ def format_entry(entry: Entry) -> str:
     tokens += "/" + ("-" if entry.completion_tokens is None else str(entry.completion_tokens))
     mark = "" if entry.ok else "  error"
     model, route = inert_line(entry.model) or "-", inert_line(entry.route)
-    return (f"{when}  {model:<20} {route:<24} {entry.status:>3}"
-            f" {entry.latency_s * 1000:>9.1f} ms  tokens {tokens}"
-            f"{'  stream' if entry.stream else ''}{mark}")  # fmt: skip
+    return (
+        f"{when}  {model:<20} {route:<24} {entry.status:>3}"
+        f" {entry.latency_s * 1000:>9.1f} ms  tokens {tokens}"
+        f"{'  stream' if entry.stream else ''}{mark}"
+    )
 
 
 def read(state_dir: Path, last: int | None = None) -> list[Entry]:

@@ -55,9 +55,13 @@ class Options:
     max_held: int = _setting("gateway.max_held")
     keepalive_interval: float = 5.0  # between SSE comments to a held stream
     idle_check: float = 5.0  # how often idle sessions (and time limits) are looked at
-    rollover_lead: float = _setting("gateway.rollover_lead")  # a successor's least lead before the time limit
+    rollover_lead: float = _setting(
+        "gateway.rollover_lead"
+    )  # a successor's least lead before the time limit
     header_timeout: float = 15.0  # a request's headers, and the idle time between requests
-    body_timeout: float = _setting("gateway.body_timeout")  # a request's body, once its headers are in
+    body_timeout: float = _setting(
+        "gateway.body_timeout"
+    )  # a request's body, once its headers are in
     max_body: int = 64 * 1024 * 1024  # bytes
     max_connections: int = 0  # 0: what the descriptor limit leaves room for
 
@@ -78,18 +82,26 @@ class _Refuse(asyncio.Protocol):
     """A connection over the cap while every open one is inside a request:
     a 503 at once, and closed (no descriptor kept)."""
 
-    BODY = json.dumps({"error": {
-        "message": "The gateway has too many open connections; retry", "type": "service_unavailable",
-        "param": None, "code": "too_many_connections",
-    }}).encode()  # fmt: skip
+    BODY = json.dumps(
+        {
+            "error": {
+                "message": "The gateway has too many open connections; retry",
+                "type": "service_unavailable",
+                "param": None,
+                "code": "too_many_connections",
+            }
+        }
+    ).encode()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         transport.write(
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
-            + str(len(self.BODY)).encode() + b"\r\n\r\n" + self.BODY
-        )  # fmt: skip
+            + str(len(self.BODY)).encode()
+            + b"\r\n\r\n"
+            + self.BODY
+        )
         transport.close()
 
 
@@ -175,8 +187,9 @@ class _Site(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._limit, self._host, self._port,
-                                                backlog=self._backlog, reuse_address=True)  # fmt: skip
+        self._server = await loop.create_server(
+            self._limit, self._host, self._port, backlog=self._backlog, reuse_address=True
+        )
 
 
 class LibraryLog(logging.Handler):
@@ -221,8 +234,13 @@ class LibraryLog(logging.Handler):
 
 
 class Gateway:
-    def __init__(self, key: str, models: Models, options: Options | None = None,
-                 batches: Batches | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        key: str,
+        models: Models,
+        options: Options | None = None,
+        batches: Batches | None = None,
+    ) -> None:
         self.key = key
         self.batches = batches  # /v1/files and /v1/batches (gateway/batches.py)
         self.models = models
@@ -235,8 +253,9 @@ class Gateway:
 
     # -- the app --------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors, self._auth],
-                              client_max_size=self.options.max_body)  # fmt: skip
+        app = web.Application(
+            middlewares=[self._errors, self._auth], client_max_size=self.options.max_body
+        )
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/gateway/status", self.status)
         if self.batches is not None:
@@ -267,9 +286,9 @@ class Gateway:
             self.models.roll_over(self.options.rollover_lead)
 
     @web.middleware
-    async def _errors(self, request: web.Request,
-                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                      ) -> web.StreamResponse:  # fmt: skip
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         """Outermost: marks the connection inside a request (see
         ``Connections``); gives its body ``body_timeout`` to arrive, whatever
         the route reads it with (``BodyTimeout``); bad input, and aiohttp's
@@ -284,13 +303,21 @@ class Gateway:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error(exc.status, exc.text or exc.reason, "invalid_request_error",
-                         exc.reason.lower().replace(" ", "_"))  # fmt: skip
+            return error(
+                exc.status,
+                exc.text or exc.reason,
+                "invalid_request_error",
+                exc.reason.lower().replace(" ", "_"),
+            )
         except BadBody as exc:
             return exc.response
         except BadHttpMessage as exc:  # aiohttp's parser on a body part (multipart headers)
-            return error(400, f"The request body is malformed: {exc.message}"[:300],
-                         "invalid_request_error", "invalid_body")  # fmt: skip
+            return error(
+                400,
+                f"The request body is malformed: {exc.message}"[:300],
+                "invalid_request_error",
+                "invalid_body",
+            )
         finally:
             if deadline is not None:
                 deadline.cancel()
@@ -298,9 +325,9 @@ class Gateway:
                 limit.busy.discard(request.protocol)
 
     @web.middleware
-    async def _auth(self, request: web.Request,
-                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                    ) -> web.StreamResponse:  # fmt: skip
+    async def _auth(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         if self.page is not None and self.page.owns(request.path):
             # The page checks its own access: cookie, CSRF, its own origin and
             # a loopback Host with the gateway's port.
@@ -318,8 +345,9 @@ class Gateway:
                 401,
                 "Missing or wrong API key: send the gateway's key as 'Authorization: Bearer KEY'"
                 " (`alvis-fsm gateway` prints it as OPENAI_API_KEY)",
-                "invalid_request_error", "invalid_api_key",
-            )  # fmt: skip
+                "invalid_request_error",
+                "invalid_api_key",
+            )
         return await handler(request)
 
     # -- routes -----------------------------------------------------------------
@@ -328,15 +356,19 @@ class Gateway:
         r = slot.handle.record if slot.handle is not None else None
         queued = r is not None and slot.state == QUEUED
         return {
-            "id": slot.name, "object": "model", "created": int(self.started),
-            "owned_by": "alvis-fsm", "aliases": [slot.served] if slot.served else [],
-            "state": slot.state, "job_id": slot.job_id or None,
+            "id": slot.name,
+            "object": "model",
+            "created": int(self.started),
+            "owned_by": "alvis-fsm",
+            "aliases": [slot.served] if slot.served else [],
+            "state": slot.state,
+            "job_id": slot.job_id or None,
             "node": (r.node or None) if r is not None else None,
             "queue_reason": (r.queue_reason or None) if queued and r is not None else None,
             "expected_start": (r.expected_start or None) if queued and r is not None else None,
             "time_left": round(left) if left is not None else None,
             "error": slot.error or None,
-        }  # fmt: skip
+        }
 
     async def list_models(self, request: web.Request) -> web.Response:
         rows = [self._row(slot) for slot in self.models.slots.values()]
@@ -346,27 +378,35 @@ class Gateway:
         rows = []
         for slot in self.models.slots.values():
             obs = slot.observer
-            rows.append({
-                **self._row(slot), "in_flight": slot.in_flight,
-                "requests_served": slot.served_requests, "sessions_started": slot.sessions,
-                "idle_stops": slot.idle_stops, "rollovers": slot.rollovers,
-                "successor_job_id": (slot.successor.job_id or None) if slot.successor else None,
-                "retiring_job_ids": [r.job_id for r in slot.retiring if r.job_id],
-                "rollover_error": slot.rollover_error or None,
-                "status": obs.status if obs else None,
-                "gpu_hours_used": round(slot.gpu_hours_used, 4),
-                "gpu_hours_saved": round(slot.gpu_hours_saved, 4),
-                "log": list(obs.lines)[-10:] if obs else [],
-            })  # fmt: skip
+            rows.append(
+                {
+                    **self._row(slot),
+                    "in_flight": slot.in_flight,
+                    "requests_served": slot.served_requests,
+                    "sessions_started": slot.sessions,
+                    "idle_stops": slot.idle_stops,
+                    "rollovers": slot.rollovers,
+                    "successor_job_id": (slot.successor.job_id or None) if slot.successor else None,
+                    "retiring_job_ids": [r.job_id for r in slot.retiring if r.job_id],
+                    "rollover_error": slot.rollover_error or None,
+                    "status": obs.status if obs else None,
+                    "gpu_hours_used": round(slot.gpu_hours_used, 4),
+                    "gpu_hours_saved": round(slot.gpu_hours_saved, 4),
+                    "log": list(obs.lines)[-10:] if obs else [],
+                }
+            )
         slots = self.models.slots.values()
-        return web.json_response({
-            "models": rows, "held": self.held,
-            "requests_served": sum(s.served_requests for s in slots),
-            # Saved: what the jobs cancelled for idleness would have held until
-            # their time limit had nobody stopped them.
-            "gpu_hours_used": round(sum(s.gpu_hours_used for s in slots), 4),
-            "gpu_hours_saved": round(sum(s.gpu_hours_saved for s in slots), 4),
-        })  # fmt: skip
+        return web.json_response(
+            {
+                "models": rows,
+                "held": self.held,
+                "requests_served": sum(s.served_requests for s in slots),
+                # Saved: what the jobs cancelled for idleness would have held until
+                # their time limit had nobody stopped them.
+                "gpu_hours_used": round(sum(s.gpu_hours_used for s in slots), 4),
+                "gpu_hours_saved": round(sum(s.gpu_hours_saved for s in slots), 4),
+            }
+        )
 
     @property
     def held(self) -> int:
@@ -377,8 +417,12 @@ class Gateway:
         return await self.proxy.post(request, self.page.watch if self.page is not None else None)
 
     async def not_found(self, request: web.Request) -> web.Response:
-        return error(404, f"No route {request.method} {request.path} on the gateway",
-                     "invalid_request_error", "not_found")  # fmt: skip
+        return error(
+            404,
+            f"No route {request.method} {request.path} on the gateway",
+            "invalid_request_error",
+            "not_found",
+        )
 
 
 @dataclass
@@ -395,8 +439,9 @@ async def serve(gateway: Gateway, host: str, port: int) -> Serving:
     # its keep-alive timeout (from the accept, and between requests): the
     # header timeout. Its parser refuses long header lines (8190 bytes) and
     # more than 128 headers with a 400.
-    runner = web.AppRunner(gateway.app(), access_log=None, handle_signals=False,
-                           keepalive_timeout=o.header_timeout)  # fmt: skip
+    runner = web.AppRunner(
+        gateway.app(), access_log=None, handle_signals=False, keepalive_timeout=o.header_timeout
+    )
     await runner.setup()
     assert runner.server is not None
     gateway.connections = Connections(runner.server, o.max_connections or fd_connections())

@@ -50,8 +50,9 @@ def session_of(store: Store, name: str | None) -> str | None:
     from alvis_fsm.engine.states import State
     from alvis_fsm.errors import SessionError
 
-    lanes = [store.load(n) for n in (session_name(name, lane) for lane in (0, 1))
-             if store.exists(n)]  # fmt: skip
+    lanes = [
+        store.load(n) for n in (session_name(name, lane) for lane in (0, 1)) if store.exists(n)
+    ]
     if store.exists(name):
         # A session called NAME: it, unless it has ended while the gateway's
         # session of model NAME is live (the one serving it now).
@@ -75,7 +76,9 @@ def orphans(store: Store) -> list[SessionRecord]:
     may still hold GPUs, and each keeps its model from starting again (a
     live session's name is taken)."""
     records, _ = store.all()
-    return [r for r in records if is_gateway_session(r.name) and r.live and not store.locked(r.name)]
+    return [
+        r for r in records if is_gateway_session(r.name) and r.live and not store.locked(r.name)
+    ]
 
 
 def clean_up_orphans(cfg: Settings, store: Store, echo: Callable[[str], None]) -> list[str]:
@@ -87,12 +90,16 @@ def clean_up_orphans(cfg: Settings, store: Store, echo: Callable[[str], None]) -
 
     left = []
     for record in orphans(store):
-        echo(f"[{record.name}] left live by a gateway that did not shut down (job"
-             f" {record.job_id or '-'}, {record.state}): cleaning it up")  # fmt: skip
+        echo(
+            f"[{record.name}] left live by a gateway that did not shut down (job"
+            f" {record.job_id or '-'}, {record.state}): cleaning it up"
+        )
         try:
             service.stop(cfg, store, record.name, Recorder(record.name, echo=echo))
         except AlvisError as exc:
-            echo(f"[{record.name}] not cleaned up: {exc.message}; `alvis-fsm stop {record.name}` tries again")
+            echo(
+                f"[{record.name}] not cleaned up: {exc.message}; `alvis-fsm stop {record.name}` tries again"
+            )
             left.append(record.name)
     return left
 
@@ -103,9 +110,12 @@ def budgets(cfg: Settings) -> Settings:
     them as every session's: by the cluster's clock, per state. No warnings
     before the time limit: they tell a person to start another session,
     which the gateway does itself (its rollover)."""
-    timeouts = cfg.timeouts.model_copy(update={
-        "job_start": cfg.gateway.queue_timeout, "server_ready": cfg.gateway.load_timeout,
-    })  # fmt: skip
+    timeouts = cfg.timeouts.model_copy(
+        update={
+            "job_start": cfg.gateway.queue_timeout,
+            "server_ready": cfg.gateway.load_timeout,
+        }
+    )
     session = cfg.session.model_copy(update={"warn_before_end": []})
     return cfg.model_copy(update={"timeouts": timeouts, "session": session})
 
@@ -126,8 +136,13 @@ def new_session(
     # The tunnel ends in a unix socket in the private state dir: the
     # gateway's clients never see it, and no other local process can use it.
     # short_ok: the gateway plans for the job's time limit itself (its rollover).
-    options = StartOptions(model=model, name=session_name(model, lane), force_new=True,
-                           local_socket=True, short_ok=True)  # fmt: skip
+    options = StartOptions(
+        model=model,
+        name=session_name(model, lane),
+        force_new=True,
+        local_socket=True,
+        short_ok=True,
+    )
     new = service.create(budgets(cfg), options, store=store)
     # Lane 0 only: a rollover's successor is the gateway's own session, never
     # the session it replaces adopted again.
@@ -156,7 +171,9 @@ def adoptable(store: Store, model: str, least_left: float = 0.0) -> SessionRecor
         left = record.time_left()
         if left is not None and left <= least_left:
             continue
-        if health(record.local_port, api_key=record.api_key or None, local_socket=record.local_socket):
+        if health(
+            record.local_port, api_key=record.api_key or None, local_socket=record.local_socket
+        ):
             return record
     return None
 
@@ -216,8 +233,10 @@ class ServiceSession:
                 break
             self.record = fresh
             if not fresh.live:
-                self._ui.info(f"session '{record.name}' ended ({fresh.outcome()}); "
-                              "the next request starts the gateway's own")  # fmt: skip
+                self._ui.info(
+                    f"session '{record.name}' ended ({fresh.outcome()}); "
+                    "the next request starts the gateway's own"
+                )
                 break
         if self._stop is not None:
             self._ui.info(f"let go of session '{record.name}' ({self._stop}); it keeps running")

@@ -57,8 +57,7 @@ class Meter:
     def usage(self) -> tuple[int | None, int | None]:
         prompt = _PROMPT.findall(self.tail)
         completion = _COMPLETION.findall(self.tail)
-        return (int(prompt[-1]) if prompt else None,
-                int(completion[-1]) if completion else None)  # fmt: skip
+        return (int(prompt[-1]) if prompt else None, int(completion[-1]) if completion else None)
 
 
 @dataclass
@@ -83,8 +82,9 @@ class ModelFigures:
 
 
 class Watch:
-    def __init__(self, models: Models, log: RequestLog | None = None,
-                 metrics: Metrics | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, models: Models, log: RequestLog | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.models = models
         self.log = log
         self.metrics = metrics
@@ -109,9 +109,17 @@ class Watch:
         if not ok and not message:
             found = _MESSAGE.findall(meter.tail)
             message = found[-1].decode("utf-8", "replace") if found else ""
-        entry = Entry(time=meter.wall, model=meter.model, route=meter.route, status=status,
-                      latency_s=round(latency, 6), ok=ok, prompt_tokens=prompt,
-                      completion_tokens=completion, stream=meter.stream)  # fmt: skip
+        entry = Entry(
+            time=meter.wall,
+            model=meter.model,
+            route=meter.route,
+            status=status,
+            latency_s=round(latency, 6),
+            ok=ok,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            stream=meter.stream,
+        )
         if self.log is not None:
             self.log.write(entry)
         row = entry.to_json()

@@ -58,13 +58,57 @@ MARK = {"engine": "real"}
 def corpus() -> list[str]:
     """A made-up text for the tokenizer to learn merges from (deterministic)."""
     words = [
-        "the", "a", "cluster", "node", "job", "queue", "model", "token", "server", "client",
-        "laptop", "tunnel", "socket", "gateway", "request", "answer", "stream", "chat",
-        "completion", "context", "cache", "memory", "engine", "start", "stop", "wait", "ready",
-        "fail", "retry", "key", "route", "user", "login", "compute", "slurm", "vllm", "hello",
-        "world", "alvis", "lab", "tiny", "real", "test", "quick", "brown", "fox", "jumps",
-        "over", "lazy", "dog",
-    ]  # fmt: skip
+        "the",
+        "a",
+        "cluster",
+        "node",
+        "job",
+        "queue",
+        "model",
+        "token",
+        "server",
+        "client",
+        "laptop",
+        "tunnel",
+        "socket",
+        "gateway",
+        "request",
+        "answer",
+        "stream",
+        "chat",
+        "completion",
+        "context",
+        "cache",
+        "memory",
+        "engine",
+        "start",
+        "stop",
+        "wait",
+        "ready",
+        "fail",
+        "retry",
+        "key",
+        "route",
+        "user",
+        "login",
+        "compute",
+        "slurm",
+        "vllm",
+        "hello",
+        "world",
+        "alvis",
+        "lab",
+        "tiny",
+        "real",
+        "test",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+        "dog",
+    ]
     lines = []
     for i in range(2000):
         n = 5 + i % 11
@@ -143,23 +187,39 @@ def build(snap: Path) -> None:
     save_file(weights(), str(snap / "model.safetensors"), metadata={"format": "pt"})  # type: ignore[arg-type]
     (snap / "config.json").write_text(json.dumps(config(), indent=2) + "\n")
     (snap / "tokenizer.json").write_text(tokenizer_json())
-    (snap / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": "<unk>",
-        "model_max_length": MAX_POSITIONS,
-        "add_bos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
-    }, indent=2) + "\n")  # fmt: skip
-    (snap / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"},
-        indent=2) + "\n")  # fmt: skip
-    (snap / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": config()["bos_token_id"], "eos_token_id": config()["eos_token_id"],
-    }) + "\n")  # fmt: skip
+    (snap / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<unk>",
+                "model_max_length": MAX_POSITIONS,
+                "add_bos_token": False,
+                "clean_up_tokenization_spaces": False,
+                "chat_template": CHAT_TEMPLATE,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    (snap / "special_tokens_map.json").write_text(
+        json.dumps(
+            {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"},
+            indent=2,
+        )
+        + "\n"
+    )
+    (snap / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": config()["bos_token_id"],
+                "eos_token_id": config()["eos_token_id"],
+            }
+        )
+        + "\n"
+    )
     # Last: its presence says the snapshot is complete.
     (snap / "alvis-lab.json").write_text(json.dumps(MARK) + "\n")
 

@@ -146,12 +146,17 @@ class Refusal:
 
     def body(self) -> bytes:
         kind = "invalid_request_error" if self.status == 401 else "permission_error"
-        return json.dumps({"error": {"message": self.message, "type": kind,
-                                     "param": None, "code": self.code}}).encode()  # fmt: skip
+        return json.dumps(
+            {"error": {"message": self.message, "type": kind, "param": None, "code": self.code}}
+        ).encode()
 
     def all_headers(self) -> list[tuple[str, str]]:
-        return [("content-type", "application/json"), ("content-length", str(len(self.body()))),
-                ("cache-control", "no-store"), *self.headers]  # fmt: skip
+        return [
+            ("content-type", "application/json"),
+            ("content-length", str(len(self.body()))),
+            ("cache-control", "no-store"),
+            *self.headers,
+        ]
 
 
 def loopback_host(value: str) -> bool:
@@ -186,8 +191,12 @@ def host_refusal(headers: dict[str, list[str]]) -> Refusal | None:
     """Exactly one ``Host``, naming loopback (DNS rebinding sends another)."""
     host = _one(headers, "host")
     if host is None or not loopback_host(host):
-        return Refusal(403, "Forbidden", "This server answers only requests to localhost "
-                       "(the Host header names another host)", "host_not_allowed")  # fmt: skip
+        return Refusal(
+            403,
+            "Forbidden",
+            "This server answers only requests to localhost (the Host header names another host)",
+            "host_not_allowed",
+        )
     return None
 
 
@@ -200,8 +209,12 @@ def origin_refusal(headers: dict[str, list[str]]) -> Refusal | None:
     origin = _one(headers, "origin")
     host = _one(headers, "host")
     if origin is None or host is None or origin.strip().lower() != f"http://{host.strip().lower()}":
-        return Refusal(403, "Forbidden", "Requests from web pages of other origins are not "
-                       "allowed (no CORS)", "origin_not_allowed")  # fmt: skip
+        return Refusal(
+            403,
+            "Forbidden",
+            "Requests from web pages of other origins are not allowed (no CORS)",
+            "origin_not_allowed",
+        )
     return None
 
 
@@ -212,8 +225,12 @@ def key_refusal(headers: dict[str, list[str]], key: str) -> Refusal | None:
     expected = ("Bearer " + key).encode()
     if hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
         return None
-    return Refusal(401, "Unauthorized", "Missing or wrong API key: send the session'"'"'s key as "
-                   "'"'"'Authorization: Bearer KEY'"'"'", "invalid_api_key")  # fmt: skip
+    return Refusal(
+        401,
+        "Unauthorized",
+        "Missing or wrong API key: send the session'"'"'s key as '"'"'Authorization: Bearer KEY'"'"'",
+        "invalid_api_key",
+    )
 
 
 def header_map(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
@@ -254,17 +271,25 @@ class Guard:
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)  # lifespan
             return
-        pairs = [(bytes(n).decode("latin-1"), bytes(v).decode("latin-1"))
-                 for n, v in scope.get("headers", [])]  # fmt: skip
+        pairs = [
+            (bytes(n).decode("latin-1"), bytes(v).decode("latin-1"))
+            for n, v in scope.get("headers", [])
+        ]
         refused = refusal(pairs, self.key)
         if refused is None:
             await self.app(scope, receive, send)
         elif kind == "websocket":
             await send({"type": "websocket.close", "code": 1008})
         else:
-            await send({"type": "http.response.start", "status": refused.status,
-                        "headers": [(n.encode("latin-1"), v.encode("latin-1"))
-                                    for n, v in refused.all_headers()]})  # fmt: skip
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": refused.status,
+                    "headers": [
+                        (n.encode("latin-1"), v.encode("latin-1")) for n, v in refused.all_headers()
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": refused.body()})
 
 

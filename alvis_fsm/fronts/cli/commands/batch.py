@@ -40,22 +40,36 @@ def _json(record: BatchRecord) -> dict[str, Any]:
 
 
 def _line(record: BatchRecord) -> str:
-    text = (f"{record.id}  {record.status:<11}  {record.model}  "
-            f"{record.completed}/{record.total} done, {record.failed} failed")  # fmt: skip
+    text = (
+        f"{record.id}  {record.status:<11}  {record.model}  "
+        f"{record.completed}/{record.total} done, {record.failed} failed"
+    )
     return text + (f"  ({record.error})" if record.error else "")
 
 
-def submit(verbosity: Verbosity, *, path: str, model: str | None, time_text: str | None,
-           jobs: str, wait: bool, as_json: bool) -> int:  # fmt: skip
+def submit(
+    verbosity: Verbosity,
+    *,
+    path: str,
+    model: str | None,
+    time_text: str | None,
+    jobs: str,
+    wait: bool,
+    as_json: bool,
+) -> int:
     from alvis_fsm.engine import batch_service
 
     ui = Reporter(verbosity, out=sys.stderr) if as_json else reporter(verbosity)
     cfg = settings()
     record = batch_service.submit(
-        cfg, batch_service.SubmitOptions(path=Path(path), model=model, time=time_text, jobs=jobs), ui
+        cfg,
+        batch_service.SubmitOptions(path=Path(path), model=model, time=time_text, jobs=jobs),
+        ui,
     )
-    ui.info(f"Batch {record.id}: {record.total} requests in {record.shards} job(s) of {record.gpus}"
-            f" (job array {record.job_id}); it runs without this laptop.")  # fmt: skip
+    ui.info(
+        f"Batch {record.id}: {record.total} requests in {record.shards} job(s) of {record.gpus}"
+        f" (job array {record.job_id}); it runs without this laptop."
+    )
     if not wait:
         if as_json:
             emit_json(_json(record))
@@ -94,11 +108,19 @@ def _follow(ui: Reporter, cfg: Any, record: BatchRecord, as_json: bool) -> int:
             if start_done is None and done:
                 start_done, start_tokens, first = done, tokens, time.monotonic()
             elapsed = time.monotonic() - first
-            rate = (done - (start_done or 0)) / elapsed if start_done is not None and elapsed > 0 else 0.0
-            tok = (tokens - start_tokens) / elapsed if start_done is not None and elapsed > 0 else 0.0
+            rate = (
+                (done - (start_done or 0)) / elapsed
+                if start_done is not None and elapsed > 0
+                else 0.0
+            )
+            tok = (
+                (tokens - start_tokens) / elapsed if start_done is not None and elapsed > 0 else 0.0
+            )
             eta = f"{(record.total - done) / rate:.0f} s" if rate > 0 else "-"
-            ui.waiting(f"{record.status}: {record.completed} done, {record.failed} failed of "
-                       f"{record.total}  {rate:.1f} req/s  {tok:.0f} tok/s  ETA {eta}")  # fmt: skip
+            ui.waiting(
+                f"{record.status}: {record.completed} done, {record.failed} failed of "
+                f"{record.total}  {rate:.1f} req/s  {tok:.0f} tok/s  ETA {eta}"
+            )
             if record.ended:
                 break
             time.sleep(POLL_S)
@@ -171,6 +193,8 @@ def cancel(verbosity: Verbosity, *, batch_id: str) -> int:
         ui.result(f"Batch {record.id} has already ended ({record.status}).")
         return 0
     batch_service.cancel(cfg, record, ui, store)
-    ui.result(f"Batch {record.id} cancelled (confirmed); results so far: "
-              f"alvis-fsm batch results {record.id}")  # fmt: skip
+    ui.result(
+        f"Batch {record.id} cancelled (confirmed); results so far: "
+        f"alvis-fsm batch results {record.id}"
+    )
     return 0

@@ -57,9 +57,15 @@ def show(verbosity: Verbosity, as_json: bool = False) -> None:
     if as_json:
         from alvis_fsm.fronts.output import emit_json
 
-        emit_json({"settings": [{"key": key, "value": value, "source": _source(label)}
-                                for key, value, label in rows],
-                   "file": str(user_config_path())})  # fmt: skip
+        emit_json(
+            {
+                "settings": [
+                    {"key": key, "value": value, "source": _source(label)}
+                    for key, value, label in rows
+                ],
+                "file": str(user_config_path()),
+            }
+        )
         return
     width = max(len(f"{key} = {format_value(value)}") for key, value, _ in rows)
     section = None

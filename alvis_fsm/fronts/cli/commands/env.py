@@ -29,8 +29,9 @@ def exports(base_url: str, api_key: str) -> str:
     return "\n".join(lines)
 
 
-def run(verbosity: Verbosity, *, name: str | None, as_json: bool = False,
-        of_gateway: bool = False) -> None:  # fmt: skip
+def run(
+    verbosity: Verbosity, *, name: str | None, as_json: bool = False, of_gateway: bool = False
+) -> None:
     cfg = settings()
     if of_gateway:
         if name:
@@ -54,8 +55,14 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool = False,
     if as_json:
         from alvis_fsm.fronts.output import emit_json
 
-        emit_json({"name": record.name, "base_url": f"{record.url}/v1",
-                   "api_key": record.api_key or "EMPTY", "model": record.served_name or None})  # fmt: skip
+        emit_json(
+            {
+                "name": record.name,
+                "base_url": f"{record.url}/v1",
+                "api_key": record.api_key or "EMPTY",
+                "model": record.served_name or None,
+            }
+        )
         return
     click.echo(exports(f"{record.url}/v1", record.api_key))
 

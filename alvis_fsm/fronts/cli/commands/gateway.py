@@ -58,8 +58,14 @@ def parse_duration(text: str) -> float:
         ) from None
 
 
-def run(verbosity: Verbosity, *, port: int | None, idle: str | None, detach: bool = False,
-        open_page: bool = False) -> None:  # fmt: skip
+def run(
+    verbosity: Verbosity,
+    *,
+    port: int | None,
+    idle: str | None,
+    detach: bool = False,
+    open_page: bool = False,
+) -> None:
     if detach:
         _detach(verbosity, port=port, idle=idle, open_page=open_page)
     else:
@@ -81,8 +87,9 @@ def _settings(port: int | None, idle: str | None) -> Settings:
     return flag_settings({"gateway": overrides})
 
 
-def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log: str,
-                open_page: bool = False) -> None:  # fmt: skip
+def _serve_here(
+    verbosity: Verbosity, *, port: int | None, idle: str | None, log: str, open_page: bool = False
+) -> None:
     from alvis_fsm.cluster.tunnel import local_port_free, port_busy_hint
     from alvis_fsm.engine.catalog import load_catalog
     from alvis_fsm.engine.store import Store
@@ -96,7 +103,9 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
     g = cfg.gateway
     with instance.claim(cfg.state_dir) as registration:
         if not local_port_free(g.port, "127.0.0.1"):
-            raise SessionError(f"Local port {g.port} is already in use", hint=port_busy_hint(g.port))
+            raise SessionError(
+                f"Local port {g.port} is already in use", hint=port_busy_hint(g.port)
+            )
         store = Store(cfg.state_dir)
         store.ensure()
         key = gateway_key(cfg.state_dir)
@@ -112,14 +121,18 @@ def _serve_here(verbosity: Verbosity, *, port: int | None, idle: str | None, log
             registration.publish(bound, log)
             if not log and gateway.page is not None:
                 # The background gateway's log keeps no login link: its parent asks for one.
-                show_link(f"http://localhost:{bound}/?token={gateway.page.new_login_token()}", open_page,
-                          cfg.state_dir)  # fmt: skip
+                show_link(
+                    f"http://localhost:{bound}/?token={gateway.page.new_login_token()}",
+                    open_page,
+                    cfg.state_dir,
+                )
 
         def clean_up() -> list[str]:
             return sessions.clean_up_orphans(cfg, store, echo)
 
-        left = asyncio.run(_serve(gateway, models, g.port, instance.shutdown_wait(cfg), echo, listening,
-                                  clean_up))  # fmt: skip
+        left = asyncio.run(
+            _serve(gateway, models, g.port, instance.shutdown_wait(cfg), echo, listening, clean_up)
+        )
     if left:
         raise CancelUnconfirmed(
             f"Could not confirm that the jobs of {', '.join(left)} were cancelled",
@@ -147,8 +160,9 @@ def _echo(verbosity: Verbosity, log: str) -> Callable[[str], None]:
     return echo
 
 
-def _models(cfg: Settings, catalog: Catalog, store: Store, echo: Callable[[str], None],
-            every_idle: bool) -> Models:  # fmt: skip
+def _models(
+    cfg: Settings, catalog: Catalog, store: Store, echo: Callable[[str], None], every_idle: bool
+) -> Models:
     """A slot per catalog model, each starting its sessions in the store;
     with ``every_idle`` (--idle) every model idles out alike, else each as
     its catalog entry says."""
@@ -182,19 +196,35 @@ def _gateway(cfg: Settings, key: str, models: Models) -> Gateway:
     from alvis_fsm.fronts.gateway.server import Gateway, Options
 
     g = cfg.gateway
-    options = Options(hold_timeout=g.hold_timeout, idle_timeout=g.idle_timeout,
-                      max_held=g.max_held, idle_check=max(0.5, min(5.0, g.idle_timeout / 4)),
-                      rollover_lead=g.rollover_lead, body_timeout=g.body_timeout)  # fmt: skip
+    options = Options(
+        hold_timeout=g.hold_timeout,
+        idle_timeout=g.idle_timeout,
+        max_held=g.max_held,
+        idle_check=max(0.5, min(5.0, g.idle_timeout / 4)),
+        rollover_lead=g.rollover_lead,
+        body_timeout=g.body_timeout,
+    )
     batches = Batches(cfg.state_dir, cluster_ops(cfg))
     gateway = Gateway(key, models, options, batches)
-    gateway.page = Page(gateway, RequestLog(cfg.state_dir), batches=Board(batches),
-                        stop_timeout=instance.shutdown_wait(cfg), login_life=g.login_link_life)  # fmt: skip
+    gateway.page = Page(
+        gateway,
+        RequestLog(cfg.state_dir),
+        batches=Board(batches),
+        stop_timeout=instance.shutdown_wait(cfg),
+        login_life=g.login_link_life,
+    )
     return gateway
 
 
-async def _serve(gateway: Gateway, models: Models, port: int, wait: float,
-                 echo: Callable[[str], None], listening: Callable[[int], None],
-                 clean_up: Callable[[], list[str]] = list) -> list[str]:  # fmt: skip
+async def _serve(
+    gateway: Gateway,
+    models: Models,
+    port: int,
+    wait: float,
+    echo: Callable[[str], None],
+    listening: Callable[[int], None],
+    clean_up: Callable[[], list[str]] = list,
+) -> list[str]:
     from alvis_fsm.fronts.gateway.server import serve
 
     serving = await serve(gateway, "127.0.0.1", port)
@@ -205,28 +235,37 @@ async def _serve(gateway: Gateway, models: Models, port: int, wait: float,
         loop.add_signal_handler(sig, stop.set)
     try:
         listening(serving.port)
-        echo(f"Gateway on http://localhost:{serving.port}/v1 for {len(models.slots)} models"
-             f" ({', '.join(models.names())}); each model's job starts with its first request"
-             " and is cancelled when idle. Ctrl+C stops the gateway and cancels its jobs.")  # fmt: skip
+        echo(
+            f"Gateway on http://localhost:{serving.port}/v1 for {len(models.slots)} models"
+            f" ({', '.join(models.names())}); each model's job starts with its first request"
+            " and is cancelled when idle. Ctrl+C stops the gateway and cancels its jobs."
+        )
         # Jobs a killed gateway left: cancelled while this one already serves
         # (each waits for its confirmation; the other models need not).
         orphans = asyncio.create_task(asyncio.to_thread(clean_up))
         await stop.wait()
         live = [s.name for s in models.slots.values() if s.handle is not None]
-        echo("Stopping the gateway" + (f"; cancelling the jobs of {', '.join(live)}..." if live else "..."))
+        echo(
+            "Stopping the gateway"
+            + (f"; cancelling the jobs of {', '.join(live)}..." if live else "...")
+        )
         left = await models.shutdown(wait)
         left += await orphans  # its cancels run to their confirmation, as the models' do
     finally:
         await serving.runner.cleanup()
-    echo("Gateway stopped" + (f"; not confirmed: {', '.join(left)}" if left else "; nothing left running"))
+    echo(
+        "Gateway stopped"
+        + (f"; not confirmed: {', '.join(left)}" if left else "; nothing left running")
+    )
     return left
 
 
 # -- --detach ---------------------------------------------------------------------------
 
 
-def _detach(verbosity: Verbosity, *, port: int | None, idle: str | None,
-            open_page: bool = False) -> None:  # fmt: skip
+def _detach(
+    verbosity: Verbosity, *, port: int | None, idle: str | None, open_page: bool = False
+) -> None:
     """Start the gateway in the background and return once it listens,
     printing its exports; if it does not come up, its error, and nothing
     left running."""
@@ -256,8 +295,14 @@ def _detach(verbosity: Verbosity, *, port: int | None, idle: str | None,
     try:
         os.fchmod(fd, 0o600)  # a log from before may have been made wider
         # In a session of its own: a closed terminal does not end it.
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
-                                start_new_session=True, close_fds=True)  # fmt: skip
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            start_new_session=True,
+            close_fds=True,
+        )
     finally:
         os.close(fd)
     try:
@@ -309,14 +354,17 @@ def failure(code: int, log_text: str, log: Path) -> AlvisError:
     hints: list[str] = []
     for line in log_text.splitlines():
         if line.startswith("[ERROR] "):
-            message, details, hints = line[len("[ERROR] "):], [], []
+            message, details, hints = line[len("[ERROR] ") :], [], []
         elif line.startswith("[HINT] ") and message:
-            hints.append(line[len("[HINT] "):])
+            hints.append(line[len("[HINT] ") :])
         elif line.startswith("    ") and message and not hints:
             details.append(line[4:])
     hints.append(f"The background gateway's log: {log}")
-    exc = SessionError(message or f"The background gateway exited with status {code}",
-                       hint="\n".join(hints), details="\n".join(details) or None)  # fmt: skip
+    exc = SessionError(
+        message or f"The background gateway exited with status {code}",
+        hint="\n".join(hints),
+        details="\n".join(details) or None,
+    )
     with contextlib.suppress(ValueError):
         exc.exit_code = ExitCode(code)
     return exc
@@ -356,7 +404,9 @@ def show_link(url: str, open_page: bool, state_dir: Path) -> None:
         import webbrowser
 
         if not webbrowser.open(instance.open_file(state_dir, url).as_uri()):
-            click.echo("[WARN] No browser could be opened here: open the link above by hand.", err=True)
+            click.echo(
+                "[WARN] No browser could be opened here: open the link above by hand.", err=True
+            )
 
 
 def login_link(found: instance.Instance, key: str) -> str:
@@ -364,8 +414,12 @@ def login_link(found: instance.Instance, key: str) -> str:
     import httpx
 
     try:
-        resp = httpx.post(f"http://127.0.0.1:{found.port}/gateway/login-link", trust_env=False,
-                          headers={"Authorization": f"Bearer {key}"}, timeout=10)  # fmt: skip
+        resp = httpx.post(
+            f"http://127.0.0.1:{found.port}/gateway/login-link",
+            trust_env=False,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
         resp.raise_for_status()
         return str(resp.json()["url"])
     except (httpx.HTTPError, ValueError, KeyError) as exc:
@@ -382,8 +436,10 @@ def open_page(verbosity: Verbosity, *, no_browser: bool = False) -> None:
     cfg = settings()
     found = instance.running(cfg.state_dir)
     if found is None:
-        raise SessionError("No gateway is running",
-                           hint="Start one: `alvis-fsm gateway --open` (or --detach --open).")  # fmt: skip
+        raise SessionError(
+            "No gateway is running",
+            hint="Start one: `alvis-fsm gateway --open` (or --detach --open).",
+        )
     show_link(login_link(found, gateway_key(cfg.state_dir)), not no_browser, cfg.state_dir)
 
 

@@ -13,4 +13,6 @@ def run(verbosity: Verbosity, *, name: str | None, follow: bool, lines: int) -> 
 
     cfg = settings()
     store = Store(cfg.state_dir)
-    service.logs(cfg, store, session_of(store, name), reporter(verbosity), lines=lines, follow=follow)
+    service.logs(
+        cfg, store, session_of(store, name), reporter(verbosity), lines=lines, follow=follow
+    )

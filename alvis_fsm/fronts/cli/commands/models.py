@@ -128,8 +128,9 @@ def discovered_models(
         if not match or not usable_path(path):
             continue
         org, model, revision = match.groups()
-        parsed.append((org, model, revision, _norm(path) + "/",
-                       context_length(_parse_config(config_text))))  # fmt: skip
+        parsed.append(
+            (org, model, revision, _norm(path) + "/", context_length(_parse_config(config_text)))
+        )
     repos = {(org, model) for org, model, *_ in parsed}
     repos_per_model = Counter(suggest_name(model) for _, model in repos)
     snaps_per_repo = Counter((org, model) for org, model, *_ in parsed)
@@ -253,8 +254,11 @@ def _add(
     shadowed = catalog.sources.get(chosen.name)
     add_entry(target, chosen.name, entry)
     if as_json:
-        click.echo(json.dumps({"added": {chosen.name: entry.model_dump()}, "catalog": str(target)},
-                              indent=2))  # fmt: skip
+        click.echo(
+            json.dumps(
+                {"added": {chosen.name: entry.model_dump()}, "catalog": str(target)}, indent=2
+            )
+        )
         return
     if verbosity <= Verbosity.QUIET:
         click.echo(chosen.name)

@@ -28,9 +28,17 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
             notify.on_failure(cfg, rec.name, exc.message)
 
     handover = ownership.Handover(store, supervisor_command)
-    record = service.resume(cfg, store, record.name, ui, detach=detach, drive=signals.drive,
-                            shield=signals.shielded, on_failure=failed,
-                            on_detached=handover.spawn)  # fmt: skip
+    record = service.resume(
+        cfg,
+        store,
+        record.name,
+        ui,
+        detach=detach,
+        drive=signals.drive,
+        shield=signals.shielded,
+        on_failure=failed,
+        on_detached=handover.spawn,
+    )
     handover.wait(ui)
     if detach and store.load(record.name).live:
         ui.result(f"Detached: {record.url} (alvis-fsm stop {record.name} to cancel)")

@@ -51,16 +51,24 @@ def run(
         return
     from alvis_fsm.engine import service
 
-    options = service.StartOptions(model=model, time=walltime, gpus=gpus, account=account,
-                                   name=name, detach=detach, force_new=force_new,
-                                   short_ok=yes)  # fmt: skip
+    options = service.StartOptions(
+        model=model,
+        time=walltime,
+        gpus=gpus,
+        account=account,
+        name=name,
+        detach=detach,
+        force_new=force_new,
+        short_ok=yes,
+    )
     started = _start(cfg, options, ui, verbosity, may_ask=not as_json)
     if started is not None and detach:
         _say_detached(ui, started, as_json)
 
 
-def _settings(*, port: int | None, route: str | None, gpus: str | None,
-              account: str | None) -> Settings:  # fmt: skip
+def _settings(
+    *, port: int | None, route: str | None, gpus: str | None, account: str | None
+) -> Settings:
     """The settings, with start's flags on top."""
     slurm_flags = {k: v for k, v in (("gpus", gpus), ("account", account)) if v}
     return flag_settings(
@@ -71,8 +79,9 @@ def _settings(*, port: int | None, route: str | None, gpus: str | None,
     )
 
 
-def _start(cfg: Settings, options: StartOptions, ui: Reporter, verbosity: Verbosity, *,
-           may_ask: bool) -> Started | None:  # fmt: skip
+def _start(
+    cfg: Settings, options: StartOptions, ui: Reporter, verbosity: Verbosity, *, may_ask: bool
+) -> Started | None:
     """Start the session through the service, in the terminal's way (signals,
     prompts, notifications; a detached one handed to its supervisor). None
     when a live session of the model was offered instead."""
@@ -92,10 +101,15 @@ def _start(cfg: Settings, options: StartOptions, ui: Reporter, verbosity: Verbos
     handover = ownership.Handover(Store(cfg.state_dir), supervisor_command)
     try:
         started = service.start(
-            cfg, options, ui, drive=signals.drive, shield=signals.shielded,
-            choose=lambda found: _choose_account(ui, found), on_failure=failed,
+            cfg,
+            options,
+            ui,
+            drive=signals.drive,
+            shield=signals.shielded,
+            choose=lambda found: _choose_account(ui, found),
+            on_failure=failed,
             on_detached=handover.spawn,
-        )  # fmt: skip
+        )
     except service.AlreadyLive as exc:
         _offer_resume(ui, exc, verbosity, may_ask=may_ask)
         return None
@@ -109,8 +123,15 @@ def _say_detached(ui: Reporter, started: Started, as_json: bool) -> None:
         from alvis_fsm.fronts.cli.commands.status import row
         from alvis_fsm.fronts.output import emit_json
 
-        emit_json({"session": {**row(record), "api_key": record.api_key or None,
-                               "account": started.account}})  # fmt: skip
+        emit_json(
+            {
+                "session": {
+                    **row(record),
+                    "api_key": record.api_key or None,
+                    "account": started.account,
+                }
+            }
+        )
     else:
         ui.result(
             f"Detached: job {record.job_id} keeps running at {record.url}.\n"
@@ -119,7 +140,9 @@ def _say_detached(ui: Reporter, started: Started, as_json: bool) -> None:
         )
 
 
-def _offer_resume(ui: Reporter, live: AlreadyLive, verbosity: Verbosity, may_ask: bool = True) -> None:
+def _offer_resume(
+    ui: Reporter, live: AlreadyLive, verbosity: Verbosity, may_ask: bool = True
+) -> None:
     """A live session of the model exists: in a terminal, offer to resume it."""
     from alvis_fsm.fronts.gateway.sessions import is_gateway_session
 
@@ -132,7 +155,8 @@ def _offer_resume(ui: Reporter, live: AlreadyLive, verbosity: Verbosity, may_ask
     if answer not in ("", "y", "yes"):
         raise UsageError(
             "Not starting a second session",
-            hint=f"To start one anyway (a free name and port): {live.second}" if live.second
+            hint=f"To start one anyway (a free name and port): {live.second}"
+            if live.second
             else "Use --new with another --name and --port to start one anyway.",
         )
     from alvis_fsm.fronts.cli.commands import resume
@@ -153,7 +177,7 @@ def _use_the_gateway(ui: Reporter, record: SessionRecord) -> bool:
     ui.result(
         f"{record.model} is already served by the gateway at {found.base_url} (session"
         f" '{record.name}', job"
-        f" {record.job_id or '-'}): no second job started. Use it with model=\"{record.model}\":"
+        f' {record.job_id or "-"}): no second job started. Use it with model="{record.model}":'
         '\n  eval "$(alvis-fsm env --gateway)"'
     )
     return True

@@ -55,8 +55,12 @@ def offline_time_left(record: SessionRecord) -> str:
     return fmt_duration(record.time_limit_s - (time.time() - record.running_since))
 
 
-def row(record: SessionRecord, job_state: str | None = None, time_left: str | None = None,
-        reachable: bool | None = None) -> dict[str, Any]:
+def row(
+    record: SessionRecord,
+    job_state: str | None = None,
+    time_left: str | None = None,
+    reachable: bool | None = None,
+) -> dict[str, Any]:
     return {
         "name": record.name,
         "state": record.state,
@@ -78,8 +82,9 @@ def row(record: SessionRecord, job_state: str | None = None, time_left: str | No
     }
 
 
-def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool,
-        show_all: bool = False) -> int:
+def run(
+    verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool, show_all: bool = False
+) -> int:
     """Prints the sessions; returns the exit code: non-zero when a session
     could not be checked (its line is then what was last saved, and says so)."""
     cfg: Any = None
@@ -98,15 +103,24 @@ def run(verbosity: Verbosity, *, name: str | None, as_json: bool, offline: bool,
     # among many is reported but does not stop the listing from being valid.
     code = int(failed_checks[0].exit_code) if failed_checks else 0
     if as_json:
-        click.echo(json.dumps({"sessions": [r for r, _ in rows], "errors": [e.message for e in problems],
-                               "gateway": _gateway_json(gateway)}, indent=2))  # fmt: skip
+        click.echo(
+            json.dumps(
+                {
+                    "sessions": [r for r, _ in rows],
+                    "errors": [e.message for e in problems],
+                    "gateway": _gateway_json(gateway),
+                },
+                indent=2,
+            )
+        )
         return code
     _print(rows, problems, gateway, hidden)
     return code
 
 
-def _records(store: Store, name: str | None,
-             show_all: bool) -> tuple[list[SessionRecord], list[AlvisError], int]:  # fmt: skip
+def _records(
+    store: Store, name: str | None, show_all: bool
+) -> tuple[list[SessionRecord], list[AlvisError], int]:
     """The sessions to show, the damaged files among them, and how many
     finished ones are left out as history."""
     problems: list[AlvisError] = []
@@ -124,8 +138,9 @@ def _records(store: Store, name: str | None,
     return records, problems, hidden
 
 
-def _rows(cfg: Any, store: Store, records: list[SessionRecord], offline: bool,
-          verbosity: Verbosity) -> tuple[list[tuple[dict[str, Any], bool]], list[AlvisError]]:  # fmt: skip
+def _rows(
+    cfg: Any, store: Store, records: list[SessionRecord], offline: bool, verbosity: Verbosity
+) -> tuple[list[tuple[dict[str, Any], bool]], list[AlvisError]]:
     """Each session's row (checked live unless offline) and whether its
     check failed; the failed checks' errors, in order."""
     rows: list[tuple[dict[str, Any], bool]] = []
@@ -135,15 +150,28 @@ def _rows(cfg: Any, store: Store, records: list[SessionRecord], offline: bool,
             rows.append((row(record), False))
             continue
         checked = _check(cfg, store, record, verbosity)
-        rows.append((row(checked.record, job_state=checked.job_state, time_left=checked.time_left,
-                         reachable=checked.reachable), checked.problem is not None))  # fmt: skip
+        rows.append(
+            (
+                row(
+                    checked.record,
+                    job_state=checked.job_state,
+                    time_left=checked.time_left,
+                    reachable=checked.reachable,
+                ),
+                checked.problem is not None,
+            )
+        )
         if checked.problem is not None:
             failed_checks.append(checked.problem)
     return rows, failed_checks
 
 
-def _print(rows: list[tuple[dict[str, Any], bool]], problems: list[AlvisError],
-           gateway: instance.Instance | None, hidden: int) -> None:  # fmt: skip
+def _print(
+    rows: list[tuple[dict[str, Any], bool]],
+    problems: list[AlvisError],
+    gateway: instance.Instance | None,
+    hidden: int,
+) -> None:
     from alvis_fsm.text import inert_line as clean
 
     if gateway is not None:
@@ -157,8 +185,10 @@ def _print(rows: list[tuple[dict[str, Any], bool]], problems: list[AlvisError],
             line += " · UNVERIFIED (the check failed; this is the last saved state)"
         click.echo(clean(line))
     if hidden:
-        click.echo(f"({hidden} finished session{'s' if hidden != 1 else ''} older than a day:"
-                   " `alvis-fsm status --all`)")  # fmt: skip
+        click.echo(
+            f"({hidden} finished session{'s' if hidden != 1 else ''} older than a day:"
+            " `alvis-fsm status --all`)"
+        )
     for e in problems:
         click.echo(f"[ERROR] {e.message}", err=True)
         if e.hint:
@@ -203,7 +233,16 @@ def _describe(r: dict[str, Any]) -> str:
         parts.append(f"node {r['node']}" + (f":{r['port']}" if r["port"] else ""))
     parts.append(f"model {r['model']}")
     if r["url"]:
-        parts.append(r["url"] + ("" if r["reachable"] is None else " (answering)" if r["reachable"] else " (not answering)"))
+        parts.append(
+            r["url"]
+            + (
+                ""
+                if r["reachable"] is None
+                else " (answering)"
+                if r["reachable"]
+                else " (not answering)"
+            )
+        )
     if r["time_left"]:
         parts.append(f"{r['time_left']} left")
     if r["end_reason"] and r["state"] in ENDED_STATES:

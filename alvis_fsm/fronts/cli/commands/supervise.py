@@ -22,5 +22,11 @@ def run(name: str) -> None:
     from alvis_fsm.engine import ownership
 
     cfg = settings()
-    ownership.run_supervisor(cfg, Store(cfg.state_dir), name, reporter(Verbosity.NORMAL),
-                             drive=signals.drive, shield=signals.shielded)  # fmt: skip
+    ownership.run_supervisor(
+        cfg,
+        Store(cfg.state_dir),
+        name,
+        reporter(Verbosity.NORMAL),
+        drive=signals.drive,
+        shield=signals.shielded,
+    )
