@@ -1,7 +1,7 @@
 """alvis-fsm: a private vLLM server on the Chalmers Alvis cluster, one command away.
 
-For scripts and notebooks: ``alvis_fsm.session(...)`` (see ``alvis_fsm.fronts.api``);
-batches: ``alvis_fsm.batch(...)``, ``alvis_fsm.batches()`` (``alvis_fsm.fronts.batch_api``)."""
+For scripts and notebooks: ``alvis_fsm.session(...)`` (see ``alvis_fsm.fronts.api.session``);
+batches: ``alvis_fsm.batch(...)``, ``alvis_fsm.batches()`` (``alvis_fsm.fronts.api.batch``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from alvis_fsm.fronts.api import Session, session
-    from alvis_fsm.fronts.batch_api import Batch, batch, batches, get_batch
+    from alvis_fsm.fronts.api.batch import Batch, batch, batches, get_batch
+    from alvis_fsm.fronts.api.session import Session, session
 
 __all__ = ["Batch", "Session", "__version__", "batch", "batches", "get_batch", "session"]
 
@@ -19,11 +19,11 @@ __all__ = ["Batch", "Session", "__version__", "batch", "batches", "get_batch", "
 def __getattr__(name: str) -> Any:
     # Lazy: the CLI imports this package for every command, and must stay fast.
     if name in ("session", "Session"):
-        from alvis_fsm.fronts import api
+        from alvis_fsm.fronts.api import session as api
 
         return getattr(api, name)
     if name in ("batch", "batches", "get_batch", "Batch"):
-        from alvis_fsm.fronts import batch_api
+        from alvis_fsm.fronts.api import batch as batch_api
 
         return getattr(batch_api, name)
     raise AttributeError(f"module 'alvis_fsm' has no attribute {name!r}")

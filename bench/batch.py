@@ -67,7 +67,7 @@ sys.path.insert(0, str(REPO / "tests" / "integration"))
 from conftest import Lab, bring_up_lab, lab_lock  # noqa: E402
 from tool import tool_argv  # noqa: E402
 
-from alvis_fsm.engine.batch_service import CONCURRENCY  # noqa: E402
+from alvis_fsm.engine.batch.service import CONCURRENCY  # noqa: E402
 
 REAL_VLLM = Path("/opt/alvis-lab-vllm/bin/vllm")
 REAL_MODEL = "tiny-real"
@@ -171,7 +171,7 @@ LOCAL_CHILD = """
 import json, sys
 from pathlib import Path
 from alvis_fsm.engine import batch, batch_service
-from alvis_fsm.engine.batch import BatchStatus
+from alvis_fsm.engine.batch.parts import BatchStatus
 src, raw, out, err = map(Path, sys.argv[1:5])
 resolve = {"lab-ok": ("lab-ok", "alvislab/tiny-ok")}
 valid = batch.validate(batch_service.read_input(src), resolve)

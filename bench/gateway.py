@@ -243,8 +243,8 @@ class GatewayProc:
 
     def record(self, model: str) -> Any:
         """The model's session record, as the gateway's session service saved it."""
-        from alvis_fsm.engine.store import Store
-        from alvis_fsm.fronts.gateway.sessions import session_name
+        from alvis_fsm.engine.session.store import Store
+        from alvis_fsm.fronts.gateway.slot.sessions import session_name
 
         return Store(self.state).load(session_name(model))
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alvis_fsm import paths
-from alvis_fsm.cluster import guard, protocol, rundir, syntax
+from alvis_fsm.cluster import protocol, rundir, syntax
+from alvis_fsm.cluster.remote import guard
 from alvis_fsm.cluster.syntax import parse_walltime as parse_walltime
 from alvis_fsm.errors import ConfigError
 
@@ -203,7 +204,7 @@ _NO_POLICY_MAX = "100000-00:00:00"
 def render(spec: JobSpec, template: str | None = None, extra: dict[str, str] | None = None) -> str:
     """The job script for ``spec``; ``template`` defaults to the packaged one.
     ``extra``: more placeholders (already rendered words) for another
-    template, such as the batch shard's (engine/batch_service.py)."""
+    template, such as the batch shard's (engine/batch/service.py)."""
     text = template if template is not None else Path(paths.jobscript_template()).read_text()
     # The start both job scripts share goes in first, then every value in one pass.
     text = text.replace("{{JOB_START}}", protocol.job_start().rstrip("\n"))

@@ -87,7 +87,7 @@ def shell_definitions() -> str:
 @cache
 def fragment(name: str) -> str:
     """A packaged shell file of ``alvis_fsm/cluster``, as text."""
-    return resources.files("alvis_fsm.cluster").joinpath(name).read_text(encoding="utf-8")
+    return resources.files("alvis_fsm.cluster.remote").joinpath(name).read_text(encoding="utf-8")
 
 
 @cache

@@ -7,7 +7,7 @@ the remote agent and the client all take these names from this module."""
 
 from __future__ import annotations
 
-from alvis_fsm.cluster import guard
+from alvis_fsm.cluster.remote import guard
 
 JOB_SCRIPT = "job.sh"
 SLURM_OUTPUT = "slurm-%j.out"  # sbatch's default, in the directory it runs in (the run dir)

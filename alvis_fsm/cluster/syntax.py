@@ -30,7 +30,7 @@ PARTITION = rf"{ACCOUNT}(?:,{ACCOUNT})*"
 GPU_TYPE = r"[A-Za-z0-9_]+"
 # --gpus-per-node: TYPE:N or N; the count is group 1.
 GPUS = rf"(?:{GPU_TYPE}:)?([1-9][0-9]*)"
-# What a user may ask for: GPUS, or "auto" (chosen by alvis_fsm.engine.fit).
+# What a user may ask for: GPUS, or "auto" (chosen by alvis_fsm.engine.fit.sizing).
 GPUS_OR_AUTO = rf"auto|{GPUS}"
 
 WALLTIME_FORMS = (

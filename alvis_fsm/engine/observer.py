@@ -1,7 +1,7 @@
 """The observer of a session: the one interface through which the engine
 tells the world what happens (it never prints). The terminal front prints
 the events (fronts/ui.py ``Reporter``), the Python API logs them
-(fronts/api.py), a gateway records them per model. ``ask`` is how a prompt
+(fronts/api/session.py), a gateway records them per model. ``ask`` is how a prompt
 (an ssh passphrase) reaches a person, through the front."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from alvis_fsm.engine.store import SessionRecord
+    from alvis_fsm.engine.session.store import SessionRecord
 
 
 class Observer(Protocol):

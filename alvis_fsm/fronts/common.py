@@ -11,19 +11,19 @@ from typing import TYPE_CHECKING, Any
 from alvis_fsm.errors import UsageError
 
 if TYPE_CHECKING:
-    from alvis_fsm.engine.settings import Settings
+    from alvis_fsm.engine.settings.model import Settings
 
 
 def settings(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
-    from alvis_fsm.engine.settings import load_settings
+    from alvis_fsm.engine.settings.model import load_settings
 
     return load_settings({k: dict(v) for k, v in (overrides or {}).items() if v})
 
 
 def _flags() -> dict[str, str]:
     """The settings a command-line flag of ``start`` sets: setting -> flag
-    (each setting's record, engine/setting_docs.py)."""
-    from alvis_fsm.engine.setting_docs import SETTINGS
+    (each setting's record, engine/settings/docs.py)."""
+    from alvis_fsm.engine.settings.docs import SETTINGS
 
     return {key: doc.flag for key, doc in SETTINGS.items() if doc.flag}
 
@@ -31,8 +31,8 @@ def _flags() -> dict[str, str]:
 def flag_settings(overrides: Mapping[str, Mapping[str, Any]]) -> Settings:
     """Settings with command-line flags on top; a flag's bad value is a usage
     error (exit 2) naming the flag, not a configuration error."""
-    from alvis_fsm.engine.setting_docs import SETTINGS
-    from alvis_fsm.engine.settings import FLAG_LABEL, SettingError
+    from alvis_fsm.engine.settings.docs import SETTINGS
+    from alvis_fsm.engine.settings.model import FLAG_LABEL, SettingError
 
     try:
         return settings(overrides)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from typing import Any
 
-from alvis_fsm.engine.states import State
+from alvis_fsm.engine.session.states import State
 
 
 def send(title: str, message: str) -> bool:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from alvis_fsm.errors import StopRequested
 
 if TYPE_CHECKING:
-    from alvis_fsm.engine.runner import Runner
+    from alvis_fsm.engine.session.runner import Runner
 
 
 def _raise_stop(signum: int, frame: Any) -> None:

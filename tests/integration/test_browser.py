@@ -239,7 +239,7 @@ def test_the_page_against_the_standin(
     server runs nothing for it."""
     from test_private import _model, _spawn, _stop, _wait_accepting
 
-    from alvis_fsm.cluster import guard
+    from alvis_fsm.cluster.remote import guard
 
     shipped = tmp_path / "guard"
     shipped.mkdir()

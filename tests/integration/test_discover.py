@@ -177,7 +177,7 @@ def test_context_length_keys() -> None:
 
 
 def test_suggested_names_and_catalog_match() -> None:
-    from alvis_fsm.engine.catalog import Catalog, ModelEntry
+    from alvis_fsm.engine.fit.catalog import Catalog, ModelEntry
     from alvis_fsm.fronts.cli.commands.models import discovered_models
 
     hub = "/hub"

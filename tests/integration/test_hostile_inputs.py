@@ -41,7 +41,7 @@ from tool import Tool, assert_nothing_left, exit_status, free_port, interrupt, s
 from alvis_fsm.cluster import rundir
 from alvis_fsm.cluster.agent import Agent
 from alvis_fsm.cluster.ssh import Connection, SSHOptions
-from alvis_fsm.engine.settings import load_settings
+from alvis_fsm.engine.settings.model import load_settings
 from alvis_fsm.errors import ConfigError
 
 CONNECTED = "✓ Connection successful! Server available at http://localhost:"

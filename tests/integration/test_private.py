@@ -672,7 +672,7 @@ def test_standin_grants_cors_as_vllm_and_honours_the_guard_middleware(tmp_path: 
     """As vLLM 0.11: any origin's preflight is granted and /metrics answers
     without the key; with the job script's ``--middleware`` the stand-in
     applies the shipped guard module's own check first."""
-    from alvis_fsm.cluster import guard
+    from alvis_fsm.cluster.remote import guard
 
     shipped = tmp_path / "guard"
     shipped.mkdir()

@@ -210,7 +210,7 @@ def test_the_key_guards_v1(served: Served) -> None:
         served.client(key="wrong").models.list()
     with httpx.Client(base_url=served.base, trust_env=False, timeout=30) as http:
         bare = http.get("/models")
-    # The tool's guard (alvis_fsm/cluster/guard.py, loaded with --middleware)
+    # The tool's guard (alvis_fsm/cluster/remote/guard.py, loaded with --middleware)
     # answers before vLLM's own key check, with an OpenAI-style body.
     assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
 

@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from alvis_fsm.cluster.rundir import STARTUP_LINE
-from alvis_fsm.engine.fit import parse_kv_refusal
+from alvis_fsm.engine.fit.sizing import parse_kv_refusal
 
 pytestmark = pytest.mark.realvllm
 

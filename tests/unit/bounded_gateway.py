@@ -13,9 +13,9 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 from test_gateway_http import KEY, FakeSession, _upstream  # noqa: E402
 
-from alvis_fsm.fronts.gateway.models import Models  # noqa: E402
-from alvis_fsm.fronts.gateway.recorder import Recorder  # noqa: E402
 from alvis_fsm.fronts.gateway.server import Gateway, LibraryLog, Options, serve  # noqa: E402
+from alvis_fsm.fronts.gateway.slot.models import Models  # noqa: E402
+from alvis_fsm.fronts.gateway.slot.recorder import Recorder  # noqa: E402
 
 
 def echo(line: str) -> None:

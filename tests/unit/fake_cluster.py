@@ -17,9 +17,9 @@ from alvis_fsm.cluster.agent import Event, Mark
 from alvis_fsm.cluster.slurm import JobInfo, JobState
 from alvis_fsm.cluster.ssh import SSHOptions
 from alvis_fsm.cluster.tunnel import Verified
-from alvis_fsm.engine.runner import Runner
-from alvis_fsm.engine.settings import load_settings
-from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.engine.session.runner import Runner
+from alvis_fsm.engine.session.store import SessionRecord, Store
+from alvis_fsm.engine.settings.model import load_settings
 from alvis_fsm.errors import ConnectionLost
 
 UNKNOWN = JobInfo(source="unknown", state=JobState.UNKNOWN, reason="squeue: Socket timed out")

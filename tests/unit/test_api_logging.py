@@ -16,9 +16,9 @@ DRIVE = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s %(message)s")
 {setup}
-from alvis_fsm.engine.machine import Session, build_machine, packaged_definition
+from alvis_fsm.engine.session.machine import SessionModel, build_machine, packaged_definition
 t = {{"job_start": 600.0, "server_ready": 600.0, "connection_test": 30.0, "cancel_confirm": 30.0}}
-model = Session()
+model = SessionModel()
 build_machine(model, packaged_definition(), t)
 model.submit(); model.start(); model.ready(); model.connect(); model.resume()
 model.fail(); model.clean()

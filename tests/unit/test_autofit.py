@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.engine import autofit
-from alvis_fsm.engine.settings import load_settings
+from alvis_fsm.engine.fit import autofit
+from alvis_fsm.engine.settings.model import load_settings
 from alvis_fsm.errors import ConfigError, SSHError
 
 CONFIGS = Path(__file__).parent / "fit_configs"

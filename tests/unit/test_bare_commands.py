@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.engine import service
-from alvis_fsm.engine.settings import load_settings
-from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.engine.session import service
+from alvis_fsm.engine.session.store import SessionRecord, Store
+from alvis_fsm.engine.settings.model import load_settings
 from alvis_fsm.errors import ExitCode, SessionError
 
 REPO = Path(__file__).resolve().parents[2]

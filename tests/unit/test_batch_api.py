@@ -1,7 +1,7 @@
-"""The Python API for batches (fronts/batch_api.py): requests validated before
+"""The Python API for batches (fronts/api/batch.py): requests validated before
 anything is submitted, status, wait (through finalizing), results as
 iterators, the list. The cluster is a stand-in service whose status answers
-go through the engine's own parser and rules (engine/batch.py)."""
+go through the engine's own parser and rules (engine/batch/parts.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 import alvis_fsm
-from alvis_fsm.engine import batch, batch_service
-from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore
+from alvis_fsm.engine.batch import parts as batch
+from alvis_fsm.engine.batch import service as batch_service
+from alvis_fsm.engine.batch.parts import BatchRecord, BatchStatus, BatchStore
 from alvis_fsm.errors import UsageError
-from alvis_fsm.fronts import batch_api
+from alvis_fsm.fronts.api import batch as batch_api
 
 RESOLVE = {
     "lab-ok": ("lab-ok", "alvislab/tiny-ok"),
@@ -35,7 +36,7 @@ def request(cid: str, model: str | None = "lab-ok") -> dict[str, Any]:
 
 
 class Service:
-    """engine/batch_service.py's functions, with the cluster's answers scripted."""
+    """engine/batch/service.py's functions, with the cluster's answers scripted."""
 
     SubmitOptions = batch_service.SubmitOptions
 
@@ -196,7 +197,7 @@ def test_the_results_of_a_running_batch_are_the_ones_so_far(
 def test_the_batch_api_does_not_import_the_cli() -> None:
     source = Path(batch_api.__file__).read_text()
     assert "fronts.cli" not in source
-    code = "import sys, alvis_fsm.fronts.batch_api; print([m for m in sys.modules if 'fronts.cli' in m])"
+    code = "import sys, alvis_fsm.fronts.api.batch; print([m for m in sys.modules if 'fronts.cli' in m])"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout

@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from alvis_fsm.cluster import batch_runner
-from alvis_fsm.engine import batch
-from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore
+from alvis_fsm.cluster.remote import batch_runner
+from alvis_fsm.engine.batch import parts as batch
+from alvis_fsm.engine.batch.parts import BatchRecord, BatchStatus, BatchStore
 from alvis_fsm.errors import UsageError
 
 RESOLVE = {
@@ -161,7 +161,7 @@ def progress(k: int, state: str, completed: int, failed: int = 0) -> str:
     return f"PROGRESS|{k}|{json.dumps(data)}"
 
 
-def answer(*lines: str, now: int = 100, deadline: int = 1000) -> batch.Snapshot:
+def answer(*lines: str, now: int = 100, deadline: int = 1000) -> batch.BatchReport:
     return batch.parse_status("\n".join([f"NOW|{now}", f"DEADLINE|{deadline}", *lines]))
 
 
@@ -643,7 +643,7 @@ def test_batch_cancel_is_not_the_stop_alias() -> None:
 
 
 def test_jobs_auto_counts_the_jobs_that_fit_node_by_node() -> None:
-    from alvis_fsm.engine.batch_service import jobs_for
+    from alvis_fsm.engine.batch.service import jobs_for
 
     lines = [
         "a|gpu:A40:4(S:0-1)|gpu:A40:1(IDX:0)|mix",  # 3 free
@@ -659,7 +659,7 @@ def test_jobs_auto_counts_the_jobs_that_fit_node_by_node() -> None:
 
 def test_the_shard_job_script_renders_quoted_and_parses() -> None:
     from alvis_fsm.cluster import jobscript
-    from alvis_fsm.engine.batch_service import _source, warn_seconds
+    from alvis_fsm.engine.batch.service import _source, warn_seconds
 
     spec = jobscript.JobSpec(
         job_name="alvis-fsm-batch_0123456789abcdef",

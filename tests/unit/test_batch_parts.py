@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.engine import batch_service, setting_layers
+from alvis_fsm.engine.batch import service as batch_service
+from alvis_fsm.engine.settings import layers as setting_layers
 from alvis_fsm.errors import UsageError
 
 A40_FREE_2 = "alvis4-12|gpu:A40:4(S:0-1)|gpu:A40:2(IDX:0-1)|mix"
@@ -69,7 +70,7 @@ def test_raw_values_merge_packaged_user_file_and_environment(
 
 
 def test_submit_without_input_is_refused_before_anything(tmp_path: Path) -> None:
-    from alvis_fsm.engine.settings import load_settings
+    from alvis_fsm.engine.settings.model import load_settings
 
     class Silent:
         def __getattr__(self, name: str) -> object:
@@ -103,7 +104,7 @@ RESOLVE = {
 def test_a_bad_body_is_refused_with_its_line(url: str, body: object, said: str) -> None:
     import json
 
-    from alvis_fsm.engine import batch
+    from alvis_fsm.engine.batch import parts as batch
 
     line = json.dumps({"custom_id": "a", "method": "POST", "url": url, "body": body})
     with pytest.raises(UsageError, match=said) as info:
@@ -112,7 +113,7 @@ def test_a_bad_body_is_refused_with_its_line(url: str, body: object, said: str) 
 
 
 def test_ids_and_windows_are_checked() -> None:
-    from alvis_fsm.engine import batch
+    from alvis_fsm.engine.batch import parts as batch
 
     with pytest.raises(UsageError, match="Invalid batch id"):
         batch.check_id("batch_../../x")

@@ -20,8 +20,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from alvis_fsm.engine import batch, batch_service
-from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore
+from alvis_fsm.engine.batch import parts as batch
+from alvis_fsm.engine.batch import service as batch_service
+from alvis_fsm.engine.batch.parts import BatchRecord, BatchStatus, BatchStore
 from alvis_fsm.errors import UsageError
 
 RESOLVE = {

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from test_service import settings
 
-from alvis_fsm.engine import batch_service
-from alvis_fsm.engine.catalog import load_catalog
+from alvis_fsm.engine.batch import service as batch_service
+from alvis_fsm.engine.fit.catalog import load_catalog
 from alvis_fsm.errors import UsageError
 
 

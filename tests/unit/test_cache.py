@@ -14,7 +14,7 @@ import pytest
 from test_jobscript import EVIL, PLAIN, STUBS, Job, _golden
 
 from alvis_fsm.cluster.jobscript import render
-from alvis_fsm.engine.settings import load_settings
+from alvis_fsm.engine.settings.model import load_settings
 
 MARKER = ".alvis-fsm-cache"
 CACHED = dataclasses.replace(

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.engine.catalog import (
+from alvis_fsm.engine.fit.catalog import (
     ModelEntry,
     add_entry,
     load_catalog,
     user_catalog_path,
 )
-from alvis_fsm.engine.settings import load_settings
+from alvis_fsm.engine.settings.model import load_settings
 from alvis_fsm.errors import AlvisError, ConfigError
 
 

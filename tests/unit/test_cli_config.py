@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from alvis_fsm.engine.settings import explain, load_settings
+from alvis_fsm.engine.settings.model import explain, load_settings
 from alvis_fsm.errors import AlvisError, ExitCode
 from alvis_fsm.fronts.cli.main import cli
 

@@ -227,7 +227,7 @@ def test_follower_stops_when_its_reader_is_gone(tmp_path: Path) -> None:
     asks whether its stdout is lost, and ends (exit 1, nothing said)."""
     import time
 
-    from alvis_fsm.fronts.gateway.requestlog import Entry, RequestLog
+    from alvis_fsm.fronts.gateway.observe.requestlog import Entry, RequestLog
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "ALVIS_FSM_SESSION__STATE_DIR": str(tmp_path)}
     proc = subprocess.Popen(

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from alvis_fsm import __version__
-from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.engine.session.store import SessionRecord, Store
 from alvis_fsm.errors import ExitCode
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.engine.session.store import SessionRecord, Store
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from alvis_fsm.cluster.agent import Event
-from alvis_fsm.engine.runner import Runner
+from alvis_fsm.engine.session.runner import Runner
 from alvis_fsm.errors import Interrupted
 from tests.unit.fake_cluster import PENDING, FakeAgent, Say, make_runner
 

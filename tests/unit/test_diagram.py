@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from alvis_fsm.engine.machine import packaged_definition, packaged_timeouts, to_mermaid
+from alvis_fsm.engine.session.machine import packaged_definition, packaged_timeouts, to_mermaid
 
 REPO = Path(__file__).resolve().parents[2]
 DIAGRAM = REPO / "diagrams" / "session.mmd"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from alvis_fsm import paths
-from alvis_fsm.engine.settings import SECTIONS
+from alvis_fsm.engine.settings.model import SECTIONS
 from alvis_fsm.errors import ExitCode
 from alvis_fsm.fronts import confref
 
@@ -199,7 +199,7 @@ def test_default_toml_comments_are_generated() -> None:
 
 
 def test_every_setting_has_one_description() -> None:
-    from alvis_fsm.engine import setting_docs
+    from alvis_fsm.engine.settings import docs as setting_docs
 
     settings = {f"{s}.{k}" for s, m in SECTIONS.items() if s != "machine" for k in m.model_fields}
     assert set(setting_docs.SETTINGS) == settings
@@ -213,7 +213,7 @@ def test_every_setting_has_one_description() -> None:
 def test_a_description_reaches_the_file_and_the_reference() -> None:
     """The one description is the comment right above the key in
     default.toml and the reference row's last cell."""
-    from alvis_fsm.engine import setting_docs
+    from alvis_fsm.engine.settings import docs as setting_docs
 
     lines = read(REPO / "config" / "default.toml").splitlines()
     reference = confref.render_reference()
@@ -250,10 +250,10 @@ def test_stale_default_toml_is_noticed_and_rewritten(tmp_path: Path) -> None:
 def test_a_setting_without_description_or_default_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from alvis_fsm.engine import setting_docs
+    from alvis_fsm.engine.settings import docs as setting_docs
 
     text = read(REPO / "config" / "default.toml")
-    with pytest.raises(ValueError, match=r"catalog\.default_model .*setting_docs"):
+    with pytest.raises(ValueError, match=r"catalog\.default_model .*settings/docs\.py"):
         monkeypatch.delitem(setting_docs.SETTINGS, "catalog.default_model")
         confref.render_default_toml(text)
     monkeypatch.undo()
@@ -303,7 +303,7 @@ def test_exit_codes_table_matches_errors_py() -> None:
 
 
 def test_status_json_example_has_every_key() -> None:
-    from alvis_fsm.engine.store import SessionRecord
+    from alvis_fsm.engine.session.store import SessionRecord
     from alvis_fsm.fronts.cli.commands.status import row
 
     body = section(read(COMMANDS), "`status --json`")

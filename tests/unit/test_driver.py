@@ -22,7 +22,7 @@ from fake_cluster import (
 
 from alvis_fsm.cluster.agent import Event, Mark
 from alvis_fsm.cluster.slurm import parse_jobinfo
-from alvis_fsm.engine.job_control import warning_leads
+from alvis_fsm.engine.session.job_control import warning_leads
 from alvis_fsm.errors import (
     CancelUnconfirmed,
     ConnectionLost,
@@ -376,7 +376,7 @@ def test_supervisor_lets_go_when_the_job_ends(
 ) -> None:
     """... and the scheduler does not confirm the end (see test_recovery for
     when it does): how long it asks is not this test's matter."""
-    from alvis_fsm.engine import runner as runner_module
+    from alvis_fsm.engine.session import runner as runner_module
 
     monkeypatch.setattr(runner_module, "END_CONFIRM_S", 0.5)
     runner, agent, _, _, store = make_runner(tmp_path, "tunneled", detach=False, supervised=True)

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from alvis_fsm.cluster import jobscript, syntax
-from alvis_fsm.engine import service
-from alvis_fsm.engine.durations import in_words
-from alvis_fsm.engine.loadtimes import LoadTimes
-from alvis_fsm.engine.settings import Settings, load_settings
-from alvis_fsm.engine.store import Store
+from alvis_fsm.cluster.durations import in_words
+from alvis_fsm.engine.fit.loadtimes import LoadTimes
+from alvis_fsm.engine.session import service
+from alvis_fsm.engine.session.store import Store
+from alvis_fsm.engine.settings.model import Settings, load_settings
 from alvis_fsm.errors import ExitCode, UsageError
 from alvis_fsm.fronts.cli.commands.gateway import parse_duration
 
@@ -54,7 +54,7 @@ def test_the_gateway_durations_take_the_same_syntax(text: str, seconds: float) -
 def test_settings_and_catalog_take_units(tmp_path: Path) -> None:
     cfg = load_settings({"session": {"state_dir": str(tmp_path)}, "slurm": {"time": "2h"}})
     assert cfg.slurm.time == "2h"
-    from alvis_fsm.engine.catalog import ModelEntry
+    from alvis_fsm.engine.fit.catalog import ModelEntry
 
     entry = ModelEntry.model_validate({"path": "/x", "max_model_len": 10, "idle_timeout": "1h30m"})
     assert entry.idle_timeout == 5400
@@ -148,6 +148,6 @@ def test_the_help_names_the_units(tmp_path: Path) -> None:
     [("59:28", "0:59:28"), ("1:02:03", "1:02:03"), ("1-02:00:00", "1-2:00:00"), ("", None)],
 )
 def test_time_left_is_written_one_way(squeue: str, shown: str | None) -> None:
-    from alvis_fsm.engine.service import _time_left
+    from alvis_fsm.engine.session.service import _time_left
 
     assert _time_left(squeue) == shown

@@ -13,7 +13,7 @@ import pytest
 
 from alvis_fsm.cluster.agent import Event
 from alvis_fsm.cluster.slurm import JobInfo, JobState
-from alvis_fsm.engine.looks import show_logs
+from alvis_fsm.engine.session.looks import show_logs
 from alvis_fsm.errors import ConnectionLost, Interrupted, ServerError, SessionError, SSHError
 from tests.unit.fake_cluster import FakeAgent, make_runner
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.engine import fit
-from alvis_fsm.engine.fit import Budget, GpuType, estimate, parse_gpu_type
+from alvis_fsm.engine.fit import sizing as fit
+from alvis_fsm.engine.fit.sizing import Budget, GpuType, estimate, parse_gpu_type
 from alvis_fsm.errors import ConfigError
 
 CONFIGS = Path(__file__).parent / "fit_configs"
@@ -444,7 +444,7 @@ TABLE_START, TABLE_END = "<!-- fit-table:start -->\n", "<!-- fit-table:end -->"
 
 
 def fit_table() -> str:
-    from alvis_fsm.engine.settings import load_settings
+    from alvis_fsm.engine.settings.model import load_settings
 
     settings = load_settings().fit
     rows = [

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.engine.fit import Budget, GpuType
-from alvis_fsm.engine.settings import load_settings
+from alvis_fsm.engine.fit.sizing import Budget, GpuType
+from alvis_fsm.engine.settings.model import load_settings
 from alvis_fsm.errors import ConfigError
 
 

@@ -239,7 +239,7 @@ def test_config_set_on_a_broken_file_names_the_broken_setting(
 
 def test_every_setting_says_in_words_what_it_accepts() -> None:
     """No setting falls back to a generic message when its value is refused."""
-    from alvis_fsm.engine.settings import ACCEPTED, explain
+    from alvis_fsm.engine.settings.model import ACCEPTED, explain
 
     missing = [k for k, _, _ in explain() if not k.startswith("machine.") and k not in ACCEPTED]
     assert missing == []
@@ -248,8 +248,8 @@ def test_every_setting_says_in_words_what_it_accepts() -> None:
 def test_every_settings_example_is_accepted() -> None:
     """Each record's example is a value `config set` and the settings take
     (alone: an example may disagree with another key's default)."""
-    from alvis_fsm.engine.setting_docs import SETTINGS
-    from alvis_fsm.engine.settings import SettingError, validate_user_data
+    from alvis_fsm.engine.settings.docs import SETTINGS
+    from alvis_fsm.engine.settings.model import SettingError, validate_user_data
     from alvis_fsm.errors import UsageError
     from alvis_fsm.fronts.cli.commands.config import parse_value
 

@@ -16,11 +16,12 @@ from typing import Any
 import openai
 import pytest
 
-from alvis_fsm.engine import batch, batch_service
-from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore
-from alvis_fsm.fronts.gateway.batches import Batches, Ops
-from alvis_fsm.fronts.gateway.models import Models
+from alvis_fsm.engine.batch import parts as batch
+from alvis_fsm.engine.batch import service as batch_service
+from alvis_fsm.engine.batch.parts import BatchRecord, BatchStatus, BatchStore
+from alvis_fsm.fronts.gateway.openai.batches import Batches, Ops
 from alvis_fsm.fronts.gateway.server import Gateway, serve
+from alvis_fsm.fronts.gateway.slot.models import Models
 
 KEY = "gw-test-key"
 RESOLVE = {

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.engine.states import State
-from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.engine.session.states import State
+from alvis_fsm.engine.session.store import SessionRecord, Store
 from alvis_fsm.errors import ExitCode, SessionError
 from alvis_fsm.fronts.gateway import instance
 
@@ -209,7 +209,7 @@ def test_env_status_and_logs_see_a_running_gateway(state: Path) -> None:
 
 
 def test_logs_model_finds_the_gateways_session(state: Path) -> None:
-    from alvis_fsm.fronts.gateway.sessions import session_of as resolve
+    from alvis_fsm.fronts.gateway.slot.sessions import session_of as resolve
 
     store = Store(state)
     assert resolve(store, "lab-ok") == "lab-ok"  # nothing: the usual "no session" later
@@ -352,7 +352,7 @@ def test_orphans_are_the_live_gateway_sessions_nobody_drives(state: Path) -> Non
     """What a killed gateway left, for the next one to clean up: live `gw-*`
     sessions whose lock nobody holds; not one being driven (a `resume` in a
     terminal), not a finished one, not a session of `start`."""
-    from alvis_fsm.fronts.gateway.sessions import orphans
+    from alvis_fsm.fronts.gateway.slot.sessions import orphans
 
     store = Store(state)
     for name, st in (

@@ -17,12 +17,12 @@ import pytest
 from aiohttp import web
 from gateway_client import client_of
 
-from alvis_fsm.engine.store import SessionRecord
+from alvis_fsm.engine.session.store import SessionRecord
 from alvis_fsm.errors import Interrupted, ServerError
 from alvis_fsm.fronts.gateway.keys import gateway_key
-from alvis_fsm.fronts.gateway.models import Models
-from alvis_fsm.fronts.gateway.recorder import Recorder
 from alvis_fsm.fronts.gateway.server import Gateway, Options
+from alvis_fsm.fronts.gateway.slot.models import Models
+from alvis_fsm.fronts.gateway.slot.recorder import Recorder
 
 KEY = "gw-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -466,7 +466,7 @@ def test_the_gateway_key_is_made_once_and_kept_private(tmp_path: Path) -> None:
     ],
 )
 def test_model_state_follows_the_session(state: str, expected: str) -> None:
-    from alvis_fsm.fronts.gateway.models import Run, Slot
+    from alvis_fsm.fronts.gateway.slot.models import Run, Slot
 
     slot = Slot("m", "org/m", lambda model, obs, lane: None)  # type: ignore[arg-type,return-value]
     assert slot.state == "cold"
@@ -476,7 +476,7 @@ def test_model_state_follows_the_session(state: str, expected: str) -> None:
 
 
 def test_a_failure_is_told_by_the_exception_vllm_raised_first() -> None:
-    from alvis_fsm.fronts.gateway.models import describe
+    from alvis_fsm.fronts.gateway.slot.models import describe
 
     details = "\n".join(
         [
@@ -497,14 +497,14 @@ def test_a_failure_is_told_by_the_exception_vllm_raised_first() -> None:
 
 
 def test_a_gateway_session_is_made_by_the_service_and_stops_before_login(tmp_path: Path) -> None:
-    """The gateway makes sessions through engine/service.py (as every front):
+    """The gateway makes sessions through engine/session/service.py (as every front):
     checked with no network at once; a stop that comes before the session's
     thread has logged in ends it without logging in or submitting."""
-    from alvis_fsm.engine.catalog import load_catalog
-    from alvis_fsm.engine.settings import load_settings
-    from alvis_fsm.engine.store import Store
+    from alvis_fsm.engine.fit.catalog import load_catalog
+    from alvis_fsm.engine.session.store import Store
+    from alvis_fsm.engine.settings.model import load_settings
     from alvis_fsm.errors import Interrupted
-    from alvis_fsm.fronts.gateway import sessions
+    from alvis_fsm.fronts.gateway.slot import sessions
 
     cfg = load_settings({"session": {"state_dir": str(tmp_path / "state")}})
     store = Store(cfg.state_dir)

@@ -17,12 +17,12 @@ from gateway_client import client_of
 from prometheus_client.parser import text_string_to_metric_families
 from test_gateway_http import FakeSession
 
-from alvis_fsm.fronts.gateway import requestlog
-from alvis_fsm.fronts.gateway.models import Models
-from alvis_fsm.fronts.gateway.page import Page
-from alvis_fsm.fronts.gateway.recorder import Recorder
-from alvis_fsm.fronts.gateway.requestlog import Entry, RequestLog
+from alvis_fsm.fronts.gateway.observe import requestlog
+from alvis_fsm.fronts.gateway.observe.requestlog import Entry, RequestLog
+from alvis_fsm.fronts.gateway.page.routes import Page
 from alvis_fsm.fronts.gateway.server import Gateway, Options
+from alvis_fsm.fronts.gateway.slot.models import Models
+from alvis_fsm.fronts.gateway.slot.recorder import Recorder
 
 KEY = "gw-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

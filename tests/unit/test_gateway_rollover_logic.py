@@ -18,12 +18,12 @@ import httpx
 from aiohttp import web
 from gateway_client import client_of
 
-from alvis_fsm.engine.store import SessionRecord
+from alvis_fsm.engine.session.store import SessionRecord
 from alvis_fsm.errors import Interrupted, ServerError
-from alvis_fsm.fronts.gateway.models import Models, rollover_lead
-from alvis_fsm.fronts.gateway.recorder import Recorder
 from alvis_fsm.fronts.gateway.server import Gateway, Options
-from alvis_fsm.fronts.gateway.sessions import session_name
+from alvis_fsm.fronts.gateway.slot.models import Models, rollover_lead
+from alvis_fsm.fronts.gateway.slot.recorder import Recorder
+from alvis_fsm.fronts.gateway.slot.sessions import session_name
 
 KEY = "gw-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -453,17 +453,17 @@ def test_successor_session_names_differ_and_stay_valid() -> None:
 def test_the_slot_is_a_declared_machine() -> None:
     """Every phase is reached from cold, every phase can shut down, and each
     callback the table names exists on the slot."""
-    from alvis_fsm.fronts.gateway.models import TRANSITIONS, Phase, Slot
+    from alvis_fsm.fronts.gateway.slot.models import TRANSITIONS, Slot, SlotPhase
 
-    reached, edges = {Phase.COLD}, True
+    reached, edges = {SlotPhase.COLD}, True
     while edges:
         edges = False
         for _, sources, dest, _, _ in TRANSITIONS:
             if dest is not None and dest not in reached and reached & set(sources):
                 reached.add(dest)
                 edges = True
-    assert reached == set(Phase)
-    assert all(Phase.CLOSED is d for t, _, d, _, _ in TRANSITIONS if t == "close")
-    assert {p for t, s, _, _, _ in TRANSITIONS if t == "close" for p in s} == set(Phase)
+    assert reached == set(SlotPhase)
+    assert all(SlotPhase.CLOSED is d for t, _, d, _, _ in TRANSITIONS if t == "close")
+    assert {p for t, s, _, _, _ in TRANSITIONS if t == "close" for p in s} == set(SlotPhase)
     names = {n for *_, conditions, before in TRANSITIONS for n in [*conditions, before] if n}
     assert all(callable(getattr(Slot, n, None)) for n in names)

@@ -16,14 +16,14 @@ import pytest
 from gateway_client import client_of
 
 from alvis_fsm.cluster.syntax import spoken_seconds
-from alvis_fsm.engine.catalog import ModelEntry
-from alvis_fsm.engine.settings import load_settings
-from alvis_fsm.engine.store import SessionRecord
+from alvis_fsm.engine.fit.catalog import ModelEntry
+from alvis_fsm.engine.session.store import SessionRecord
+from alvis_fsm.engine.settings.model import load_settings
 from alvis_fsm.errors import ConfigError, UsageError
-from alvis_fsm.fronts.gateway import usage
-from alvis_fsm.fronts.gateway.models import Models
-from alvis_fsm.fronts.gateway.recorder import Recorder
+from alvis_fsm.fronts.gateway.observe import usage
 from alvis_fsm.fronts.gateway.server import Gateway, Options
+from alvis_fsm.fronts.gateway.slot.models import Models
+from alvis_fsm.fronts.gateway.slot.recorder import Recorder
 
 KEY = "gw-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -64,7 +64,7 @@ def test_gateway_idle_flag_says_what_is_wrong() -> None:
 
 
 def test_a_catalog_entry_may_have_its_own_idle_timeout(tmp_path: Path) -> None:
-    from alvis_fsm.engine.catalog import load_catalog
+    from alvis_fsm.engine.fit.catalog import load_catalog
 
     base = {"path": "/m/", "max_model_len": 10}
     assert ModelEntry.model_validate(base).idle_timeout is None
@@ -82,7 +82,7 @@ def test_a_catalog_entry_may_have_its_own_idle_timeout(tmp_path: Path) -> None:
 
 
 def test_sessions_get_the_gateway_s_queue_and_load_budgets(tmp_path: Path) -> None:
-    from alvis_fsm.fronts.gateway.sessions import budgets
+    from alvis_fsm.fronts.gateway.slot.sessions import budgets
 
     cfg = load_settings(
         {

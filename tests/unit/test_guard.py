@@ -1,4 +1,4 @@
-"""The guard in front of vLLM (alvis_fsm/cluster/guard.py): its one decision,
+"""The guard in front of vLLM (alvis_fsm/cluster/remote/guard.py): its one decision,
 its ASGI class (issue 22, finding 1), and the tool's health check, which
 sends the key only through the tunnel's private socket (issue 31, item 7)."""
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from alvis_fsm.cluster import guard
+from alvis_fsm.cluster.remote import guard
 from alvis_fsm.cluster.tunnel import health
 
 KEY = "k-0123456789abcdef"

@@ -33,9 +33,9 @@ from hypothesis import strategies as st
 from alvis_fsm.cluster import jobscript, rundir
 from alvis_fsm.cluster.agent import Agent
 from alvis_fsm.cluster.ssh import Connection, SSHOptions
-from alvis_fsm.engine.catalog import check_model_name, load_catalog
-from alvis_fsm.engine.settings import load_settings
-from alvis_fsm.engine.store import NAME_RE, check_name
+from alvis_fsm.engine.fit.catalog import check_model_name, load_catalog
+from alvis_fsm.engine.session.store import NAME_RE, check_name
+from alvis_fsm.engine.settings.model import load_settings
 from alvis_fsm.errors import ConfigError, UsageError
 from alvis_fsm.fronts.cli import main as cli_main
 from alvis_fsm.fronts.cli.commands._common import name_for_model

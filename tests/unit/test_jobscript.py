@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alvis_fsm.cluster import guard, jobscript, rundir
+from alvis_fsm.cluster import jobscript, rundir
 from alvis_fsm.cluster.jobscript import (
     JobSpec,
     format_walltime,
@@ -25,6 +25,7 @@ from alvis_fsm.cluster.jobscript import (
     render,
     served_model_name,
 )
+from alvis_fsm.cluster.remote import guard
 from alvis_fsm.errors import ConfigError, UsageError
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.engine.session.store import SessionRecord, Store
 from alvis_fsm.fronts.cli.main import main
 
 COMMANDS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "commands.md"

@@ -37,7 +37,7 @@ def imports(path: Path) -> list[tuple[int, str]]:
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.append((node.lineno, node.module))
-            # ``from alvis_fsm.engine import fit`` imports alvis_fsm.engine.fit
+            # ``from alvis_fsm.engine import fit`` imports alvis_fsm.engine.fit.sizing
             found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
     return [(line, name) for line, name in found if name.startswith("alvis_fsm")]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from fake_cluster import RUNNING_SACCT, make_runner
 
 from alvis_fsm.cluster.agent import Event
-from alvis_fsm.engine.loadtimes import KEEP, LoadTimes, describe
+from alvis_fsm.engine.fit.loadtimes import KEEP, LoadTimes, describe
 
 
 def test_median_of_the_last_starts_per_model_and_gpu_type(tmp_path: Path) -> None:

@@ -13,10 +13,10 @@ import pytest
 from transitions import MachineError
 
 from alvis_fsm import paths
-from alvis_fsm.engine.machine import (
+from alvis_fsm.engine.session.machine import (
     LIVE_STATES,
     MachineDefinition,
-    Session,
+    SessionModel,
     State,
     build_machine,
     load_definition,
@@ -38,8 +38,8 @@ def raw() -> dict[str, Any]:
         return copy.deepcopy(tomllib.load(f)["machine"])
 
 
-def make(initial: State | str | None = None, **kw: Any) -> tuple[Session, Any]:
-    model = Session()
+def make(initial: State | str | None = None, **kw: Any) -> tuple[SessionModel, Any]:
+    model = SessionModel()
     machine = build_machine(
         model, packaged_definition(), kw.pop("timeouts", TIMEOUTS), initial, **kw
     )
@@ -204,7 +204,7 @@ def test_every_live_state_can_reach_cleaned() -> None:
 def test_custom_trigger_is_bound() -> None:
     d = raw()
     d["transitions"].append({"trigger": "retry", "source": "failed", "dest": "idle"})
-    model = Session()
+    model = SessionModel()
     build_machine(model, load_definition(d), TIMEOUTS)
     model.fail()
     assert model.may_trigger("retry")
@@ -215,14 +215,16 @@ def test_custom_trigger_is_bound() -> None:
 
 def test_missing_timeout_key() -> None:
     with pytest.raises(ConfigError) as err:
-        build_machine(Session(), packaged_definition(), {"job_start": 1.0, "server_ready": 1.0})
+        build_machine(
+            SessionModel(), packaged_definition(), {"job_start": 1.0, "server_ready": 1.0}
+        )
     assert "connection_test" in err.value.message
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_timeout_value(bad: float) -> None:
     with pytest.raises(ConfigError):
-        build_machine(Session(), packaged_definition(), {**TIMEOUTS, "job_start": bad})
+        build_machine(SessionModel(), packaged_definition(), {**TIMEOUTS, "job_start": bad})
 
 
 # -- behaviour -----------------------------------------------------------------------
@@ -251,7 +253,7 @@ def test_happy_path() -> None:
     assert machine.has_queue  # steps fire the next trigger and return (no recursion)
 
 
-def _drive_to(model: Session, state: State) -> None:
+def _drive_to(model: SessionModel, state: State) -> None:
     path = {
         State.IDLE: [],
         State.SUBMITTED: ["submit"],
@@ -318,7 +320,7 @@ def test_restore_accepts_enum() -> None:
 
 
 def test_restore_into_bogus_raises_and_adds_nothing() -> None:
-    model = Session()
+    model = SessionModel()
     definition = packaged_definition()
     with pytest.raises(ConfigError) as err:
         build_machine(model, definition, TIMEOUTS, initial="bogus")
@@ -340,7 +342,7 @@ def test_the_machine_starts_no_threads() -> None:
 
 
 def test_each_live_state_runs_its_on_enter_step_in_order() -> None:
-    model = Session()
+    model = SessionModel()
     ran: list[str] = []
 
     def step(name: str, then: str | None) -> Callable[[], None]:
@@ -373,7 +375,7 @@ def test_each_live_state_runs_its_on_enter_step_in_order() -> None:
 
 
 def test_state_is_recorded_before_its_step_runs() -> None:
-    model = Session()
+    model = SessionModel()
     seen: list[State] = []
     model.on_change = seen.append
 
@@ -398,7 +400,7 @@ def test_state_is_recorded_before_its_step_runs() -> None:
 
 
 def test_resume_reenters_the_state_and_runs_its_step_again() -> None:
-    model = Session()
+    model = SessionModel()
     ran: list[str] = []
     seen: list[State] = []
     model.on_change = seen.append

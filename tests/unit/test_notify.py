@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from alvis_fsm.engine.settings import load_settings
+from alvis_fsm.engine.settings.model import load_settings
 from alvis_fsm.fronts import notify
 
 

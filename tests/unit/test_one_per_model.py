@@ -14,12 +14,12 @@ from fake_cluster import Say
 from test_service import Agent, free_port, handles, live, settings
 
 from alvis_fsm.cluster.tunnel import local_port_free
-from alvis_fsm.engine import service
-from alvis_fsm.engine.service import StartOptions
-from alvis_fsm.engine.store import SessionRecord, Store
-from alvis_fsm.fronts import api
+from alvis_fsm.engine.session import service
+from alvis_fsm.engine.session.service import StartOptions
+from alvis_fsm.engine.session.store import SessionRecord, Store
+from alvis_fsm.fronts.api import session as api
 from alvis_fsm.fronts.gateway import instance
-from alvis_fsm.fronts.gateway.sessions import adoptable
+from alvis_fsm.fronts.gateway.slot.sessions import adoptable
 
 
 def test_declining_offers_a_second_session_that_works(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_logs_say_which_session_and_job(tmp_path: Path) -> None:
     store = Store(cfg.state_dir)
     live(store, "gw-gpt-oss-20b", free_port())
     store.save(SessionRecord(name="gpt-oss-20b", model="gpt-oss-20b", state="cleaned", job_id="7"))
-    from alvis_fsm.fronts.gateway.sessions import session_of
+    from alvis_fsm.fronts.gateway.slot.sessions import session_of
 
     say = Say()
     service.logs(cfg, store, session_of(store, "gpt-oss-20b"), say, lines=10, **handles(Agent()))

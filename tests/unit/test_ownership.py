@@ -1,4 +1,4 @@
-"""Who drives a session (engine/ownership.py): a supervisor taken over, a
+"""Who drives a session (engine/session/ownership.py): a supervisor taken over, a
 foreground client asked to stop, a stop when nobody drives, and the
 supervisor's own loop, through the fake agent object. The other drivers are
 real processes holding the session's real lock (the store's flock)."""
@@ -17,9 +17,9 @@ import pytest
 from fake_cluster import FakeAgent, FakeConn, FakeTunnel, Say
 
 from alvis_fsm.cluster.tunnel import Verified
-from alvis_fsm.engine import ownership
-from alvis_fsm.engine.settings import Settings, load_settings
-from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.engine.session import ownership
+from alvis_fsm.engine.session.store import SessionRecord, Store
+from alvis_fsm.engine.settings.model import Settings, load_settings
 from alvis_fsm.errors import ConnectionLost, ServerError, SessionError
 
 # A driver in another process: it takes the lock, names itself in the record
@@ -28,7 +28,7 @@ DRIVER = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from alvis_fsm.engine.store import Store
+    from alvis_fsm.engine.session.store import Store
     store = Store(Path(sys.argv[1]))
     with store.lock("s"):
         record = store.load("s")

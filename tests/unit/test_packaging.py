@@ -36,11 +36,11 @@ def test_wheel_contains_data_files(wheel: Path) -> None:
         "alvis_fsm/data/default.toml",
         "alvis_fsm/data/models.json",
         "alvis_fsm/data/jobscript.sh",
-        "alvis_fsm/cluster/agent.sh",
+        "alvis_fsm/cluster/remote/agent.sh",
         # The gateway's page, served from the package (no internet, no build step).
-        "alvis_fsm/fronts/gateway/static/index.html",
-        "alvis_fsm/fronts/gateway/static/app.js",
-        "alvis_fsm/fronts/gateway/static/app.css",
+        "alvis_fsm/fronts/gateway/page/static/index.html",
+        "alvis_fsm/fronts/gateway/page/static/app.js",
+        "alvis_fsm/fronts/gateway/page/static/app.css",
     ):
         assert member in names
 

@@ -76,7 +76,7 @@ def test_no_other_backoff_loop_in_the_package() -> None:
     }
     assert users >= {
         "cluster/ssh.py",
-        "engine/tunnel_keeper.py",
-        "engine/log_stream.py",
-        "engine/ownership.py",
+        "engine/session/tunnel_keeper.py",
+        "engine/session/log_stream.py",
+        "engine/session/ownership.py",
     }  # ownership: the supervisor

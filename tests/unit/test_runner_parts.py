@@ -12,9 +12,9 @@ from fake_cluster import CANCELLED, FakeTunnel, make_runner
 
 from alvis_fsm.cluster.agent import Event
 from alvis_fsm.cluster.tunnel import Verified
-from alvis_fsm.engine.job_control import JobControl, cancel_session
-from alvis_fsm.engine.looks import look, show_logs
-from alvis_fsm.engine.runner import (
+from alvis_fsm.engine.session.job_control import JobControl, cancel_session
+from alvis_fsm.engine.session.looks import look, show_logs
+from alvis_fsm.engine.session.runner import (
     OUTCOMES,
     Detached,
     LimitReached,
@@ -22,9 +22,9 @@ from alvis_fsm.engine.runner import (
     Release,
     outcome_of,
 )
-from alvis_fsm.engine.start_up import TimedOut
-from alvis_fsm.engine.states import State
-from alvis_fsm.engine.tunnel_keeper import GiveUp, TunnelKeeper, TunnelPhase
+from alvis_fsm.engine.session.start_up import TimedOut
+from alvis_fsm.engine.session.states import State
+from alvis_fsm.engine.session.tunnel_keeper import GiveUp, TunnelKeeper, TunnelPhase
 from alvis_fsm.errors import (
     ConnectionLost,
     SchedulerError,

@@ -1,4 +1,4 @@
-"""The session service (engine/service.py), driven through the fake agent
+"""The session service (engine/session/service.py), driven through the fake agent
 object of tests/unit/fake_cluster.py: create a session from a model and
 options, prepare and drive it, the context auto-fit retry, stop, check,
 logs; several sessions at once in threads; and no terminal in the engine."""
@@ -19,10 +19,10 @@ from fake_cluster import CANCELLED, UNKNOWN, FakeAgent, FakeConn, FakeTunnel, Sa
 from alvis_fsm.cluster import agent as cluster_agent
 from alvis_fsm.cluster.agent import Event
 from alvis_fsm.cluster.tunnel import Verified
-from alvis_fsm.engine import service
-from alvis_fsm.engine.service import StartOptions
-from alvis_fsm.engine.settings import Settings, load_settings
-from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.engine.session import service
+from alvis_fsm.engine.session.service import StartOptions
+from alvis_fsm.engine.session.store import SessionRecord, Store
+from alvis_fsm.engine.settings.model import Settings, load_settings
 from alvis_fsm.errors import ConfigError, SchedulerError, ServerError, SessionError, UsageError
 
 PACKAGE = Path(__file__).resolve().parents[2] / "alvis_fsm"
@@ -364,7 +364,7 @@ def test_sessions_start_concurrently_in_threads(tmp_path: Path) -> None:
 
 
 # -- no terminal in the engine -------------------------------------------------------------
-@pytest.mark.parametrize("module", ["engine/service.py", "engine/session_spec.py"])
+@pytest.mark.parametrize("module", ["engine/session/service.py", "engine/session/spec.py"])
 def test_no_terminal_in_the_service(module: str) -> None:
     tree = ast.parse((PACKAGE / module).read_text(encoding="utf-8"))
     imported = {

@@ -1,6 +1,6 @@
 """Each setting described once (issue 24, item 3), on the command line: an
 option that stands for a setting takes its --help line, the default it
-shows and its example from the setting's record (engine/setting_docs.py),
+shows and its example from the setting's record (engine/settings/docs.py),
 the default being the packaged one (config/default.toml) when the user set
 nothing; it has no default of its own that could drift."""
 
@@ -14,7 +14,7 @@ import click
 import pytest
 
 from alvis_fsm import paths
-from alvis_fsm.engine.setting_docs import SETTINGS
+from alvis_fsm.engine.settings.docs import SETTINGS
 from alvis_fsm.fronts.cli.main import SettingOption, cli
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.engine.settings import explain, load_settings, user_config_path
+from alvis_fsm.engine.settings.model import explain, load_settings, user_config_path
 from alvis_fsm.errors import ConfigError
 
 
@@ -215,7 +215,11 @@ def test_no_config_read_at_import(user_conf: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     # A fresh interpreter, because this process has imported the module already.
     done = subprocess.run(
-        [sys.executable, "-c", "import alvis_fsm.engine.settings, alvis_fsm.engine.catalog"],
+        [
+            sys.executable,
+            "-c",
+            "import alvis_fsm.engine.settings.model, alvis_fsm.engine.fit.catalog",
+        ],
         cwd=repo,
         capture_output=True,
         text=True,

@@ -1,5 +1,5 @@
 """State names only through the enum (issue 13): one spelling, in the light
-``engine.states``; the light duration formatting; and what ``status
+``engine.session.states``; the light duration formatting; and what ``status
 --offline`` does not import."""
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.engine import machine
-from alvis_fsm.engine.durations import fmt_duration
-from alvis_fsm.engine.states import ENDED_STATES, LIVE_STATES, State
-from alvis_fsm.engine.store import SessionRecord
+from alvis_fsm.cluster.durations import fmt_duration
+from alvis_fsm.engine.session import machine
+from alvis_fsm.engine.session.states import ENDED_STATES, LIVE_STATES, State
+from alvis_fsm.engine.session.store import SessionRecord
 
 PACKAGE = Path(__file__).resolve().parents[2] / "alvis_fsm"
 NAMES = {s.value for s in State}
 
 
 def test_the_machine_knows_the_same_states() -> None:
-    # One State: the machine takes its states' names from engine.states.
+    # One State: the machine takes its states' names from engine.session.states.
     assert machine.State is State and machine.LIVE_STATES is LIVE_STATES
     assert not LIVE_STATES & ENDED_STATES
     assert LIVE_STATES | ENDED_STATES | {State.IDLE} == set(State)
@@ -41,7 +41,7 @@ def test_a_record_keeps_its_state_as_a_plain_string() -> None:
 # Files that may spell a state: the enum itself, the machine (its definition
 # checks), the runner (being rewritten; its literals go with that change).
 # cluster/slurm.py's "idle" is a SLURM node state, not ours.
-ALLOWED = {"engine/states.py", "engine/machine.py"}
+ALLOWED = {"engine/session/states.py", "engine/session/machine.py"}
 
 
 def _state_literals(path: Path) -> list[str]:
@@ -85,7 +85,7 @@ def test_status_offline_imports_neither_runner_nor_machine() -> None:
     code = (
         "import sys\n"
         "import alvis_fsm.fronts.cli.commands.status\n"
-        "heavy = [m for m in ('alvis_fsm.engine.runner', 'alvis_fsm.engine.machine',"
+        "heavy = [m for m in ('alvis_fsm.engine.session.runner', 'alvis_fsm.engine.session.machine',"
         " 'pydantic', 'transitions') if m in sys.modules]\n"
         "print(heavy)\n"
     )

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from alvis_fsm.engine.states import State
-from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.engine.session.states import State
+from alvis_fsm.engine.session.store import SessionRecord, Store
 from alvis_fsm.fronts.cli.commands.status import RECENT_S, is_history
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.engine.store import FORMAT, SessionRecord, Store, default_state_dir
+from alvis_fsm.engine.session.store import FORMAT, SessionRecord, Store, default_state_dir
 from alvis_fsm.errors import ExitCode, SessionError, UsageError
 
 
@@ -180,7 +180,7 @@ HOLD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from alvis_fsm.engine.store import Store
+    from alvis_fsm.engine.session.store import Store
     with Store(Path(sys.argv[1])).lock("s1"):
         print("held", flush=True)
         time.sleep(60)
@@ -242,7 +242,7 @@ def test_default_state_dir(
 def test_default_state_dir_matches_settings(
     isolated_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from alvis_fsm.engine.settings import load_settings
+    from alvis_fsm.engine.settings.model import load_settings
 
     conf = tmp_path / "conf.toml"
     conf.write_text('[session]\nstate_dir = "~/from-file"\n')

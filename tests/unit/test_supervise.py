@@ -10,8 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from alvis_fsm.engine import ownership
-from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.engine.session import ownership
+from alvis_fsm.engine.session.store import SessionRecord, Store
 from alvis_fsm.fronts.common import supervisor_command
 from tests.unit.fake_cluster import Say
 
@@ -21,7 +21,7 @@ STAND_IN = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from alvis_fsm.engine.store import Store
+    from alvis_fsm.engine.session.store import Store
     from alvis_fsm.errors import SessionError
     store = Store(Path(sys.argv[1]))
     while True:

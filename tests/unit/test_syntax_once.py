@@ -14,7 +14,7 @@ import pytest
 from pydantic import Field, TypeAdapter, ValidationError
 
 from alvis_fsm.cluster import jobscript, syntax
-from alvis_fsm.engine import settings
+from alvis_fsm.engine.settings import model as settings
 from alvis_fsm.errors import ConfigError
 
 PACKAGE = Path(__file__).resolve().parents[2] / "alvis_fsm"
@@ -50,7 +50,7 @@ def test_durations_are_parsed_only_in_the_syntax_module() -> None:
 
 
 def test_the_settings_and_the_job_script_use_the_same_definitions() -> None:
-    fields = settings.Slurm.model_fields
+    fields = settings.SlurmSettings.model_fields
     pattern = {
         k: next(m.pattern for m in fields[k].metadata if hasattr(m, "pattern"))
         for k in ("account", "gpus", "partition")
@@ -106,7 +106,7 @@ def test_a_comma_separated_partition_list_reaches_the_job_script() -> None:
 @pytest.mark.parametrize(("text", "seconds"), [("90", 5400), ("1-12", 129600), ("2:00:00", 7200)])
 def test_durations(text: str, seconds: int) -> None:
     assert syntax.duration(text) == seconds
-    assert settings.Slurm.model_fields["time"].annotation is str
+    assert settings.SlurmSettings.model_fields["time"].annotation is str
 
 
 @pytest.mark.parametrize("text", ["", "1:60", "1-24", "٣", "+5", "5 ", "2:00:00\n"])

@@ -111,7 +111,7 @@ def test_known_attacks(hostile: str, shown: str) -> None:
 
 
 def test_the_python_api_logs_inert_text(caplog: pytest.LogCaptureFixture) -> None:
-    from alvis_fsm.fronts.api import LogReporter
+    from alvis_fsm.fronts.api.session import LogReporter
 
     caplog.set_level(logging.DEBUG, logger="alvis_fsm")
     ui = LogReporter()
@@ -125,7 +125,7 @@ def test_the_python_api_logs_inert_text(caplog: pytest.LogCaptureFixture) -> Non
 
 
 def test_the_gateway_records_inert_lines() -> None:
-    from alvis_fsm.fronts.gateway.recorder import Recorder
+    from alvis_fsm.fronts.gateway.slot.recorder import Recorder
 
     shown: list[str] = []
     rec = Recorder("m", echo=shown.append)

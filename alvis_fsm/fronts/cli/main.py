@@ -23,14 +23,14 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 def effective_defaults() -> dict[str, str]:
     """``section.key`` -> the value in effect before flags, read without
     validating, so that `--help` stays fast and works with a broken file."""
-    from alvis_fsm.engine.setting_layers import raw_values
+    from alvis_fsm.engine.settings.layers import raw_values
 
     return raw_values()
 
 
 class SettingOption(click.Option):
     """An option that stands for a setting (``setting="section.key"``): its
-    help is the setting's ``cli`` line (engine/setting_docs.py), filled in
+    help is the setting's ``cli`` line (engine/settings/docs.py), filled in
     with the user's value in effect when help is shown (never at startup)
     and the setting's example; it has no default of its own (unset, the
     setting applies). ``help`` given here is added after the setting's line."""
@@ -41,7 +41,7 @@ class SettingOption(click.Option):
         self.extra_help = self.help or ""
 
     def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
-        from alvis_fsm.engine.setting_docs import SETTINGS
+        from alvis_fsm.engine.settings.docs import SETTINGS
 
         doc = SETTINGS[self.setting]
         values = ctx.meta.get("alvis_fsm.defaults") or effective_defaults()
@@ -136,7 +136,7 @@ def _complete_models(ctx: click.Context, param: click.Parameter, incomplete: str
 
 def _complete_sessions(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     try:
-        from alvis_fsm.engine.store import session_names
+        from alvis_fsm.engine.session.store import session_names
 
         return [n for n in session_names() if n.startswith(incomplete)]
     except Exception:

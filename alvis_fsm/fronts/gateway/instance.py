@@ -21,13 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alvis_fsm.engine.store import atomic_write
+from alvis_fsm.engine.session.store import atomic_write
 from alvis_fsm.errors import CancelUnconfirmed, SessionError
 
 if TYPE_CHECKING:
     from alvis_fsm.engine.observer import Observer
-    from alvis_fsm.engine.settings import Settings
-    from alvis_fsm.engine.store import Store
+    from alvis_fsm.engine.session.store import Store
+    from alvis_fsm.engine.settings.model import Settings
 
 FILE = "gateway.json"
 LOCK = "gateway.lock"
@@ -203,8 +203,8 @@ def stop(cfg: Settings, ui: Observer) -> None:
     """SIGTERM to the recorded gateway (foreground or background), then wait
     until it has shut down: its jobs cancelled, confirmed or not (the CLI's
     `gateway stop`, and the Python API's through the gateway)."""
-    from alvis_fsm.engine.ownership import terminate
-    from alvis_fsm.engine.store import Store
+    from alvis_fsm.engine.session.ownership import terminate
+    from alvis_fsm.engine.session.store import Store
 
     state_dir = cfg.state_dir
     found = running(state_dir)
@@ -251,8 +251,8 @@ def _wait_released(state_dir: Path, timeout: float) -> bool:
 def unconfirmed(store: Store) -> list[str]:
     """Gateway sessions whose job may still exist: live, or failed with a
     cancel the scheduler did not confirm ("NAME (job ID)")."""
-    from alvis_fsm.engine.service import needs_check
-    from alvis_fsm.fronts.gateway.sessions import is_gateway_session
+    from alvis_fsm.engine.session.service import needs_check
+    from alvis_fsm.fronts.gateway.slot.sessions import is_gateway_session
 
     records, _ = store.all()
     return [

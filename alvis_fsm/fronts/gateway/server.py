@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
-from alvis_fsm.cluster import guard
-from alvis_fsm.fronts.gateway.batches import Batches
+from alvis_fsm.cluster.remote import guard
 from alvis_fsm.fronts.gateway.keys import matches
-from alvis_fsm.fronts.gateway.models import QUEUED, Models, Slot
-from alvis_fsm.fronts.gateway.proxy import BadBody, BodyTimeout, Proxy, error
+from alvis_fsm.fronts.gateway.openai.batches import Batches
+from alvis_fsm.fronts.gateway.openai.proxy import BadBody, BodyTimeout, Proxy, error
+from alvis_fsm.fronts.gateway.slot.models import QUEUED, Models, Slot
 from alvis_fsm.paths import packaged_default
 
 if TYPE_CHECKING:
-    from alvis_fsm.fronts.gateway.page import Page
+    from alvis_fsm.fronts.gateway.page.routes import Page
 
 
 def _setting(key: str) -> Any:

@@ -25,7 +25,7 @@
 #        address file reads "HOST:/path/vllm.sock".
 #   tcp  (route login): a port from find_ports on all interfaces, which the
 #        login node must reach (and so can every cluster user); "HOST:PORT".
-# Either way vLLM runs with the tool's guard (alvis_fsm/cluster/guard.py, shipped
+# Either way vLLM runs with the tool's guard (alvis_fsm/cluster/remote/guard.py, shipped
 # below): vLLM itself checks the key only under /v1, the guard on every path
 # (/invocations, /tokenize, /metrics ...), and it refuses a Host that is not
 # loopback and requests from web pages of other origins.

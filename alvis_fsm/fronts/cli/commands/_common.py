@@ -4,7 +4,7 @@ reporter."""
 
 from __future__ import annotations
 
-from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.engine.session.store import SessionRecord, Store
 from alvis_fsm.fronts.common import flag_settings, settings
 from alvis_fsm.fronts.ui import Reporter, Verbosity
 
@@ -16,14 +16,14 @@ def reporter(verbosity: Verbosity | None) -> Reporter:
 
 
 def name_for_model(model: str) -> str:
-    """The default session name (engine/session_spec.py)."""
-    from alvis_fsm.engine.session_spec import name_for_model as default_name
+    """The default session name (engine/session/spec.py)."""
+    from alvis_fsm.engine.session.spec import name_for_model as default_name
 
     return default_name(model)
 
 
 def pick_session(store: Store, name: str | None, command: str = "status") -> SessionRecord:
-    """The named session, or the only live one (engine/service.py)."""
-    from alvis_fsm.engine.service import pick_session as pick
+    """The named session, or the only live one (engine/session/service.py)."""
+    from alvis_fsm.engine.session.service import pick_session as pick
 
     return pick(store, name, command)

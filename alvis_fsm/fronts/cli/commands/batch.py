@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alvis_fsm.engine.batch import BatchRecord, BatchStatus, BatchStore, openai_object
+from alvis_fsm.engine.batch.parts import BatchRecord, BatchStatus, BatchStore, openai_object
 from alvis_fsm.errors import Interrupted
 from alvis_fsm.fronts.cli.commands._common import reporter, settings
 from alvis_fsm.fronts.output import emit_json
@@ -57,7 +57,7 @@ def submit(
     wait: bool,
     as_json: bool,
 ) -> int:
-    from alvis_fsm.engine import batch_service
+    from alvis_fsm.engine.batch import service as batch_service
 
     ui = Reporter(verbosity, out=sys.stderr) if as_json else reporter(verbosity)
     cfg = settings()
@@ -94,7 +94,7 @@ def _wait(ui: Reporter, cfg: Any, record: BatchRecord, as_json: bool) -> int:
 
 
 def _follow(ui: Reporter, cfg: Any, record: BatchRecord, as_json: bool) -> int:
-    from alvis_fsm.engine import batch_service
+    from alvis_fsm.engine.batch import service as batch_service
 
     store = BatchStore(cfg.state_dir)
     first = time.monotonic()
@@ -137,7 +137,7 @@ def _follow(ui: Reporter, cfg: Any, record: BatchRecord, as_json: bool) -> int:
 
 
 def status(verbosity: Verbosity, *, batch_id: str | None, as_json: bool) -> int:
-    from alvis_fsm.engine import batch_service
+    from alvis_fsm.engine.batch import service as batch_service
 
     ui = Reporter(verbosity, out=sys.stderr) if as_json else reporter(verbosity)
     cfg = settings()
@@ -167,7 +167,7 @@ def list_batches(verbosity: Verbosity, *, as_json: bool) -> int:
 
 
 def results(verbosity: Verbosity, *, batch_id: str, out: str | None, errors: str | None) -> int:
-    from alvis_fsm.engine import batch_service
+    from alvis_fsm.engine.batch import service as batch_service
 
     ui = reporter(verbosity)
     cfg = settings()
@@ -183,7 +183,7 @@ def results(verbosity: Verbosity, *, batch_id: str, out: str | None, errors: str
 
 
 def cancel(verbosity: Verbosity, *, batch_id: str) -> int:
-    from alvis_fsm.engine import batch_service
+    from alvis_fsm.engine.batch import service as batch_service
 
     ui = reporter(verbosity)
     cfg = settings()

@@ -16,7 +16,8 @@ import tomlkit
 import tomlkit.exceptions
 
 from alvis_fsm import paths
-from alvis_fsm.engine.settings import (
+from alvis_fsm.engine.session.store import atomic_write
+from alvis_fsm.engine.settings.model import (
     DEFAULT_LABEL,
     SECTIONS,
     explain,
@@ -24,7 +25,6 @@ from alvis_fsm.engine.settings import (
     user_config_path,
     validate_user_data,
 )
-from alvis_fsm.engine.store import atomic_write
 from alvis_fsm.errors import ConfigError, UsageError
 from alvis_fsm.fronts.ui import Reporter, Verbosity
 
@@ -146,7 +146,7 @@ def _unchanged(key: str, target: Any) -> str:
 
 
 def _refused(dotted: str, text: str) -> str:
-    from alvis_fsm.engine.settings import accepted
+    from alvis_fsm.engine.settings.model import accepted
 
     return f"{dotted}: {text!r} is not accepted; use {accepted(dotted)}"
 
@@ -262,7 +262,7 @@ def write_setting(key: str, value: str) -> str:
 
     # Validate exactly what will be written, merged with the defaults,
     # before touching the file: a refused value leaves the file unchanged.
-    from alvis_fsm.engine.settings import SettingError
+    from alvis_fsm.engine.settings.model import SettingError
 
     try:
         merged = validate_user_data(parse_toml(text, target))
@@ -285,7 +285,7 @@ def write_setting(key: str, value: str) -> str:
 
 
 def _valid(text: str | None, target: Any) -> bool:
-    from alvis_fsm.engine.settings import SettingError
+    from alvis_fsm.engine.settings.model import SettingError
 
     try:
         validate_user_data(parse_toml(text or "", target))
@@ -296,7 +296,7 @@ def _valid(text: str | None, target: Any) -> bool:
 
 def _check_model(merged: Any, model: str) -> None:
     """`start` without -m would refuse a default model missing from the catalog."""
-    from alvis_fsm.engine.catalog import load_catalog
+    from alvis_fsm.engine.fit.catalog import load_catalog
 
     catalog = load_catalog(merged)
     if model not in catalog.entries:

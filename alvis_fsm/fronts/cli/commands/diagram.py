@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from alvis_fsm.engine.machine import packaged_definition, packaged_timeouts, to_mermaid
+from alvis_fsm.engine.session.machine import packaged_definition, packaged_timeouts, to_mermaid
 
 
 def run() -> None:

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from alvis_fsm.engine.store import Store
+from alvis_fsm.engine.session.store import Store
 from alvis_fsm.errors import SessionError, UsageError
 from alvis_fsm.fronts.cli.commands._common import pick_session, reporter, settings
 from alvis_fsm.fronts.ui import Verbosity
 
 if TYPE_CHECKING:
-    from alvis_fsm.engine.settings import Settings
+    from alvis_fsm.engine.settings.model import Settings
 
 
 def exports(base_url: str, api_key: str) -> str:

@@ -33,12 +33,12 @@ from alvis_fsm.fronts.gateway import instance
 from alvis_fsm.fronts.ui import Reporter, Verbosity
 
 if TYPE_CHECKING:
-    from alvis_fsm.engine.catalog import Catalog
-    from alvis_fsm.engine.settings import Settings
-    from alvis_fsm.engine.store import Store
-    from alvis_fsm.fronts.gateway.models import Handle, Models
-    from alvis_fsm.fronts.gateway.recorder import Recorder
+    from alvis_fsm.engine.fit.catalog import Catalog
+    from alvis_fsm.engine.session.store import Store
+    from alvis_fsm.engine.settings.model import Settings
     from alvis_fsm.fronts.gateway.server import Gateway
+    from alvis_fsm.fronts.gateway.slot.models import Handle, Models
+    from alvis_fsm.fronts.gateway.slot.recorder import Recorder
 
 # How long `gateway --detach` waits for the background gateway to listen
 # (it reads the settings and the catalog, imports aiohttp: seconds).
@@ -91,12 +91,12 @@ def _serve_here(
     verbosity: Verbosity, *, port: int | None, idle: str | None, log: str, open_page: bool = False
 ) -> None:
     from alvis_fsm.cluster.tunnel import local_port_free, port_busy_hint
-    from alvis_fsm.engine.catalog import load_catalog
-    from alvis_fsm.engine.store import Store
+    from alvis_fsm.engine.fit.catalog import load_catalog
+    from alvis_fsm.engine.session.store import Store
     from alvis_fsm.fronts.cli.commands.env import exports
-    from alvis_fsm.fronts.gateway import sessions
     from alvis_fsm.fronts.gateway.keys import gateway_key
     from alvis_fsm.fronts.gateway.server import LibraryLog
+    from alvis_fsm.fronts.gateway.slot import sessions
 
     cfg = _settings(port, idle)
     catalog = load_catalog(cfg)
@@ -167,9 +167,9 @@ def _models(
     with ``every_idle`` (--idle) every model idles out alike, else each as
     its catalog entry says."""
     from alvis_fsm.cluster import jobscript
-    from alvis_fsm.engine.loadtimes import LoadTimes
-    from alvis_fsm.fronts.gateway import sessions
-    from alvis_fsm.fronts.gateway.models import Models
+    from alvis_fsm.engine.fit.loadtimes import LoadTimes
+    from alvis_fsm.fronts.gateway.slot import sessions
+    from alvis_fsm.fronts.gateway.slot.models import Models
 
     served = {name: jobscript.served_model_name(e.path) for name, e in catalog.entries.items()}
 
@@ -189,10 +189,10 @@ def _models(
 
 def _gateway(cfg: Settings, key: str, models: Models) -> Gateway:
     """The gateway of the settings, with its batches and its page."""
-    from alvis_fsm.fronts.gateway.batches import Batches, cluster_ops
-    from alvis_fsm.fronts.gateway.batchview import Board
-    from alvis_fsm.fronts.gateway.page import Page
-    from alvis_fsm.fronts.gateway.requestlog import RequestLog
+    from alvis_fsm.fronts.gateway.observe.batchview import Board
+    from alvis_fsm.fronts.gateway.observe.requestlog import RequestLog
+    from alvis_fsm.fronts.gateway.openai.batches import Batches, cluster_ops
+    from alvis_fsm.fronts.gateway.page.routes import Page
     from alvis_fsm.fronts.gateway.server import Gateway, Options
 
     g = cfg.gateway
@@ -270,7 +270,7 @@ def _detach(
     printing its exports; if it does not come up, its error, and nothing
     left running."""
     from alvis_fsm.cluster.tunnel import local_port_free, port_busy_hint
-    from alvis_fsm.engine.catalog import load_catalog
+    from alvis_fsm.engine.fit.catalog import load_catalog
     from alvis_fsm.fronts.cli.commands.env import exports
     from alvis_fsm.fronts.gateway.keys import gateway_key
 
@@ -447,7 +447,7 @@ def show_log(verbosity: Verbosity, *, follow: bool, last: int, as_json: bool) ->
     """`gateway log`: the request log's last lines; with -f, new ones as they come."""
     import json
 
-    from alvis_fsm.fronts.gateway import requestlog
+    from alvis_fsm.fronts.gateway.observe import requestlog
     from alvis_fsm.fronts.output import lost
 
     state_dir = settings().state_dir

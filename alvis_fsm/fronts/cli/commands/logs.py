@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from alvis_fsm.engine.store import Store
+from alvis_fsm.engine.session.store import Store
 from alvis_fsm.fronts.cli.commands._common import reporter, settings
-from alvis_fsm.fronts.gateway.sessions import session_of
+from alvis_fsm.fronts.gateway.slot.sessions import session_of
 from alvis_fsm.fronts.ui import Verbosity
 
 
 def run(verbosity: Verbosity, *, name: str | None, follow: bool, lines: int) -> None:
-    from alvis_fsm.engine import service
+    from alvis_fsm.engine.session import service
 
     cfg = settings()
     store = Store(cfg.state_dir)

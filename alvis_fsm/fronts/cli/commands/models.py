@@ -27,16 +27,16 @@ from alvis_fsm.errors import ConfigError, UsageError
 from alvis_fsm.fronts.ui import Verbosity
 
 if TYPE_CHECKING:
-    from alvis_fsm.engine.catalog import Catalog
-    from alvis_fsm.engine.settings import Settings
+    from alvis_fsm.engine.fit.catalog import Catalog
+    from alvis_fsm.engine.settings.model import Settings
 
 
 def model_names() -> list[str]:
     """Catalog names for shell completion: never prints, never raises, since
     a traceback in the middle of a <TAB> would be worse than no completion."""
     try:
-        from alvis_fsm.engine.catalog import load_catalog
-        from alvis_fsm.engine.settings import load_settings
+        from alvis_fsm.engine.fit.catalog import load_catalog
+        from alvis_fsm.engine.settings.model import load_settings
 
         return load_catalog(load_settings()).names()
     except Exception:
@@ -162,7 +162,7 @@ def scan_hub(settings: Settings, verbosity: Verbosity) -> list[tuple[str, str]]:
     skipped with a warning that names them."""
     from alvis_fsm.cluster.agent import Agent
     from alvis_fsm.cluster.ssh import Connection, control_path
-    from alvis_fsm.engine.link import ssh_options
+    from alvis_fsm.engine.session.link import ssh_options
     from alvis_fsm.fronts.cli.commands._common import reporter
 
     ui = reporter(verbosity)
@@ -241,7 +241,12 @@ def _add(
     verbosity: Verbosity,
     as_json: bool,
 ) -> None:
-    from alvis_fsm.engine.catalog import ModelEntry, add_entry, check_model_name, user_catalog_path
+    from alvis_fsm.engine.fit.catalog import (
+        ModelEntry,
+        add_entry,
+        check_model_name,
+        user_catalog_path,
+    )
 
     chosen, max_len = _chosen(settings, found, name)
     check_model_name(chosen.name)
@@ -269,7 +274,7 @@ def _add(
 def _chosen(settings: Settings, found: list[Discovered], name: str) -> tuple[Discovered, int]:
     """The one discovered snapshot ``name`` names (its name, repo or path),
     and its context length (it must have one)."""
-    from alvis_fsm.engine.catalog import user_catalog_path
+    from alvis_fsm.engine.fit.catalog import user_catalog_path
 
     wanted = name.strip()
     matches = [d for d in found if d.name == wanted] or [
@@ -314,7 +319,7 @@ def _say_added(chosen: Discovered, max_len: int, target: Path, shadowed: str | N
 
 
 def run_discover(verbosity: Verbosity, as_json: bool, add: str | None) -> None:
-    from alvis_fsm.engine.catalog import load_catalog
+    from alvis_fsm.engine.fit.catalog import load_catalog
     from alvis_fsm.fronts.cli.commands._common import settings as load
 
     settings = load()
@@ -340,8 +345,8 @@ def run(verbosity: Verbosity, as_json: bool, discover: bool, add: str | None) ->
     if discover:
         run_discover(verbosity, as_json, add)
         return
-    from alvis_fsm.engine.catalog import load_catalog
-    from alvis_fsm.engine.settings import load_settings
+    from alvis_fsm.engine.fit.catalog import load_catalog
+    from alvis_fsm.engine.settings.model import load_settings
 
     settings = load_settings()
     catalog = load_catalog(settings)

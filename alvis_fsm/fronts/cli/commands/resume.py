@@ -1,9 +1,9 @@
 """alvis-fsm resume: pick a session up where it is, after a killed client,
-a closed laptop or a --detach (engine/service.py ``resume``)."""
+a closed laptop or a --detach (engine/session/service.py ``resume``)."""
 
 from __future__ import annotations
 
-from alvis_fsm.engine.store import SessionRecord, Store
+from alvis_fsm.engine.session.store import SessionRecord, Store
 from alvis_fsm.errors import AlvisError, Interrupted
 from alvis_fsm.fronts import signals
 from alvis_fsm.fronts.cli.commands._common import pick_session, reporter, settings
@@ -15,7 +15,7 @@ def run(verbosity: Verbosity, *, name: str | None, detach: bool) -> None:
     cfg = settings()
     store = Store(cfg.state_dir)
     record = pick_session(store, name, "resume")
-    from alvis_fsm.engine import ownership, service
+    from alvis_fsm.engine.session import ownership, service
     from alvis_fsm.fronts import notify
     from alvis_fsm.fronts.common import supervisor_command
 

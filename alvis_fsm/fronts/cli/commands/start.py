@@ -1,4 +1,4 @@
-"""alvis-fsm start: parse, call the service (engine/service.py), render.
+"""alvis-fsm start: parse, call the service (engine/session/service.py), render.
 The terminal's parts stay here: signals (``signals.drive``), the prompts
 (resume an already live session? which SLURM account?), notifications,
 the supervisor of a detached session, and the output."""
@@ -14,9 +14,9 @@ from alvis_fsm.fronts.cli.commands._common import flag_settings, reporter
 from alvis_fsm.fronts.ui import Reporter, Verbosity
 
 if TYPE_CHECKING:
-    from alvis_fsm.engine.service import AlreadyLive, Started, StartOptions
-    from alvis_fsm.engine.settings import Settings
-    from alvis_fsm.engine.store import SessionRecord
+    from alvis_fsm.engine.session.service import AlreadyLive, Started, StartOptions
+    from alvis_fsm.engine.session.store import SessionRecord
+    from alvis_fsm.engine.settings.model import Settings
 
 
 def run(
@@ -49,7 +49,7 @@ def run(
 
         models.run(verbosity, as_json=as_json, discover=False, add=None)
         return
-    from alvis_fsm.engine import service
+    from alvis_fsm.engine.session import service
 
     options = service.StartOptions(
         model=model,
@@ -85,8 +85,8 @@ def _start(
     """Start the session through the service, in the terminal's way (signals,
     prompts, notifications; a detached one handed to its supervisor). None
     when a live session of the model was offered instead."""
-    from alvis_fsm.engine import ownership, service
-    from alvis_fsm.engine.store import Store
+    from alvis_fsm.engine.session import ownership, service
+    from alvis_fsm.engine.session.store import Store
     from alvis_fsm.fronts import notify
     from alvis_fsm.fronts.common import supervisor_command
 
@@ -144,7 +144,7 @@ def _offer_resume(
     ui: Reporter, live: AlreadyLive, verbosity: Verbosity, may_ask: bool = True
 ) -> None:
     """A live session of the model exists: in a terminal, offer to resume it."""
-    from alvis_fsm.fronts.gateway.sessions import is_gateway_session
+    from alvis_fsm.fronts.gateway.slot.sessions import is_gateway_session
 
     record = live.record
     if is_gateway_session(record.name) and _use_the_gateway(ui, record):
@@ -168,7 +168,7 @@ def _use_the_gateway(ui: Reporter, record: SessionRecord) -> bool:
     """The gateway serves the model: one live session per model, so `start`
     points at it rather than submitting a second job. False when no gateway
     runs (its session is an orphan: the usual offer applies)."""
-    from alvis_fsm.engine.store import default_state_dir
+    from alvis_fsm.engine.session.store import default_state_dir
     from alvis_fsm.fronts.gateway import instance
 
     found = instance.running(default_state_dir())
@@ -184,9 +184,9 @@ def _use_the_gateway(ui: Reporter, record: SessionRecord) -> bool:
 
 
 def _account(ui: Reporter, runner: Any, configured: str) -> str:
-    """The account to charge (engine/service.py ``choose_account``), asking
+    """The account to charge (engine/session/service.py ``choose_account``), asking
     in a terminal which one of several."""
-    from alvis_fsm.engine.service import choose_account
+    from alvis_fsm.engine.session.service import choose_account
 
     return choose_account(ui, runner.agent, configured, lambda found: _choose_account(ui, found))
 
@@ -211,7 +211,7 @@ def _choose_account(ui: Reporter, found: list[str]) -> str:
         prompt = f"Type a number from 1 to {len(found)} (Ctrl+C to quit): "
     if not chosen:
         return ""
-    from alvis_fsm.engine.settings import user_config_path
+    from alvis_fsm.engine.settings.model import user_config_path
     from alvis_fsm.fronts.cli.commands.config import write_setting
 
     save = ui.ask(f"Save {chosen} as slurm.account in {user_config_path()}? [Y/n] ").strip().lower()

@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from alvis_fsm.engine.durations import fmt_duration
-from alvis_fsm.engine.states import ENDED_STATES
-from alvis_fsm.engine.store import SessionRecord, Store, check_name, default_state_dir
+from alvis_fsm.cluster.durations import fmt_duration
+from alvis_fsm.engine.session.states import ENDED_STATES
+from alvis_fsm.engine.session.store import SessionRecord, Store, check_name, default_state_dir
 from alvis_fsm.errors import AlvisError
 from alvis_fsm.fronts.gateway import instance
-from alvis_fsm.fronts.gateway.sessions import is_gateway_session
+from alvis_fsm.fronts.gateway.slot.sessions import is_gateway_session
 from alvis_fsm.fronts.ui import Verbosity
 
 if TYPE_CHECKING:
-    from alvis_fsm.engine.service import Status
+    from alvis_fsm.engine.session.service import Status
 
 
 # Finished sessions older than this are history: `status --all` lists them.
@@ -125,7 +125,7 @@ def _records(
     finished ones are left out as history."""
     problems: list[AlvisError] = []
     if name:
-        from alvis_fsm.fronts.gateway.sessions import session_of
+        from alvis_fsm.fronts.gateway.slot.sessions import session_of
 
         records = [store.load(check_name(session_of(store, name) or name))]
     else:
@@ -196,13 +196,13 @@ def _print(
 
 
 def _needs_check(record: SessionRecord) -> bool:
-    from alvis_fsm.engine.service import needs_check
+    from alvis_fsm.engine.session.service import needs_check
 
     return needs_check(record)
 
 
 def _check(cfg: Any, store: Store, record: SessionRecord, verbosity: Verbosity) -> Status:
-    from alvis_fsm.engine import service
+    from alvis_fsm.engine.session import service
     from alvis_fsm.fronts.cli.commands._common import reporter
 
     ui = reporter(Verbosity.QUIET if verbosity < Verbosity.VERBOSE else verbosity)

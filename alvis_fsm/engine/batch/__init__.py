@@ -1,0 +1,1 @@
+"""Batches: the OpenAI Batch API run as resumable SLURM job arrays."""

@@ -1,0 +1,1 @@
+"""Settings: the TOML layers, their model, each key's documentation."""

@@ -1,0 +1,1 @@
+"""The Python API: sessions and batches for scripts and notebooks."""
