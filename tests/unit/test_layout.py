@@ -88,6 +88,97 @@ def test_only_the_cli_imports_the_cli() -> None:
     assert not wrong, "only fronts/cli/ may import the CLI:\n" + "\n".join(wrong)
 
 
+# The sub-packages' own rules (issue 32): what a package must not import,
+# and why. A rule names packages (a prefix of the module's dotted name).
+RULES: list[tuple[str, str, str]] = [
+    (
+        "alvis_fsm.engine.session",
+        "alvis_fsm.engine.batch",
+        "the session engine knows nothing of batches (batches build on sessions)",
+    ),
+    ("alvis_fsm.engine.fit", "alvis_fsm.engine.batch", "sizing a model knows no batches"),
+    ("alvis_fsm.engine.settings", "alvis_fsm.engine.batch", "settings know no batches"),
+    (
+        "alvis_fsm.fronts.gateway.observe",
+        "alvis_fsm.fronts.gateway.server",
+        "what observes the gateway does not import the app",
+    ),
+    (
+        "alvis_fsm.fronts.gateway.observe",
+        "alvis_fsm.fronts.gateway.page",
+        "what the page shows is gathered below the page",
+    ),
+]
+
+
+def _package_of(path: Path) -> str:
+    return ".".join(("alvis_fsm", *path.relative_to(PACKAGE).with_suffix("").parts))
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r[0]}-not-{r[1]}")
+def test_each_package_keeps_its_rule(rule: tuple[str, str, str]) -> None:
+    package, forbidden, why = rule
+    wrong = [
+        f"{path.relative_to(PACKAGE)} line {line}: {name}"
+        for path in modules()
+        if _package_of(path).startswith(package + ".")
+        for line, name in imports(path)
+        if name == forbidden or name.startswith(forbidden + ".")
+    ]
+    assert not wrong, f"{package} must not import {forbidden} ({why}):\n" + "\n".join(wrong)
+
+
+def test_what_runs_on_the_cluster_is_shipped_alone() -> None:
+    """cluster/remote/ is copied to the login or compute node as files: the
+    guard alone, the batch runner with retry.py beside it. They import
+    nothing else of the package (a missing module on the node is a job that
+    dies at start)."""
+    shipped_with = {"batch_runner.py": "alvis_fsm.retry"}
+    for path in sorted((PACKAGE / "cluster" / "remote").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        allowed = shipped_with.get(path.name)
+        used = {
+            name
+            for _, name in imports(path)
+            if not (allowed and (name == allowed or name.startswith(allowed + ".")))
+        }
+        assert not used, f"{path.name} imports {sorted(used)}: it runs alone on the cluster"
+
+
+def test_no_front_imports_another_but_through_its_face() -> None:
+    """The fronts (the CLI, the Python API, the gateway) are independent: one
+    imports another only through the face it shows the others. The gateway
+    shows whether it runs and where (instance.py), its key (keys.py) and its
+    sessions' names (slot/sessions.py); the CLI's ``gateway`` command, which
+    runs the gateway, is the one place that imports all of it. The engine
+    and the cluster import no front at all (test_imports_point_down)."""
+    fronts = ("cli", "api", "gateway")
+    face = (
+        "alvis_fsm.fronts.gateway.instance",
+        "alvis_fsm.fronts.gateway.keys",
+        "alvis_fsm.fronts.gateway.slot.sessions",
+    )
+    # ``from alvis_fsm.fronts.gateway import instance`` also names its package
+    packages_of_the_face = {"alvis_fsm.fronts.gateway", "alvis_fsm.fronts.gateway.slot"}
+    launcher = PACKAGE / "fronts" / "cli" / "commands" / "gateway.py"
+
+    def front_of(parts: tuple[str, ...]) -> str | None:
+        return parts[1] if len(parts) > 2 and parts[0] == "fronts" and parts[1] in fronts else None
+
+    wrong = []
+    for path in modules():
+        here = front_of(path.relative_to(PACKAGE).parts)
+        if here is None or path == launcher:
+            continue
+        for line, name in imports(path):
+            there = front_of(tuple(name.split(".")[1:]))
+            reaching = there not in (None, here) and name not in packages_of_the_face
+            if reaching and not name.startswith(tuple(f + "." for f in face) + face):
+                wrong.append(f"{path.relative_to(PACKAGE)} line {line}: {name}")
+    assert not wrong, "a front reaches into another:\n" + "\n".join(wrong)
+
+
 def test_foundation_imports_nothing_of_the_layers() -> None:
     for name in ("errors.py", "paths.py", "retry.py", "text.py"):
         assert not [n for _, n in imports(PACKAGE / name) if layer_of(n)], name
