@@ -176,7 +176,6 @@ class Connection:
     opts: SSHOptions
     control: Path
     prompter: Prompter
-    logins: int = 0  # how many times this process authenticated (for tests and the benchmark)
     _pid: int | None = field(default=None, repr=False)
 
     # -- the master ---------------------------------------------------------
@@ -220,7 +219,6 @@ class Connection:
         finally:
             child.close()
         if child.exitstatus == 0 and self.alive():
-            self.logins += 1
             return
         raise ssh_error(self.opts.host, transcript)
 

@@ -48,17 +48,27 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return found
 
 
+def account(ui: Any, configured: str) -> str:
+    """The account ``start`` charges: the service's choice, asking through
+    the CLI's question (as ``start`` wires them)."""
+    from alvis_fsm.engine.session.service import choose_account
+
+    return choose_account(
+        ui, FakeRunner().agent, configured, lambda found: start._choose_account(ui, found)
+    )
+
+
 def test_configured_account_asks_nothing(cluster: list[str]) -> None:
     cluster += ["a", "b"]
     ui = FakeUI([])
-    assert start._account(ui, FakeRunner(), "NAISS2025-1-2") == "NAISS2025-1-2"  # type: ignore[arg-type]
+    assert account(ui, "NAISS2025-1-2") == "NAISS2025-1-2"
     assert ui.prompts == [] and ui.infos == []
 
 
 def test_the_only_account_is_used_and_said(cluster: list[str], user_conf: Path) -> None:
     cluster.append("naiss2025-22-1522")
     ui = FakeUI([], interactive=False)
-    assert start._account(ui, FakeRunner(), "") == "naiss2025-22-1522"  # type: ignore[arg-type]
+    assert account(ui, "") == "naiss2025-22-1522"
     assert ui.infos == [
         "slurm.account is not set: using your only SLURM account, naiss2025-22-1522"
         " (to make it permanent: alvis-fsm config set slurm.account naiss2025-22-1522)"
@@ -68,7 +78,7 @@ def test_the_only_account_is_used_and_said(cluster: list[str], user_conf: Path) 
 
 def test_no_account_is_a_configuration_error(cluster: list[str]) -> None:
     with pytest.raises(ConfigError) as exc:
-        start._account(FakeUI([]), FakeRunner(), "")  # type: ignore[arg-type]
+        account(FakeUI([]), "")
     assert exc.value.exit_code == ExitCode.CONFIG
     assert "lists no SLURM account" in exc.value.message
     assert exc.value.hint and "projinfo" in exc.value.hint
@@ -77,7 +87,7 @@ def test_no_account_is_a_configuration_error(cluster: list[str]) -> None:
 def test_several_without_a_terminal_are_listed(cluster: list[str]) -> None:
     cluster += ["a1", "b2"]
     with pytest.raises(UsageError) as exc:
-        start._account(FakeUI([], interactive=False), FakeRunner(), "")  # type: ignore[arg-type]
+        account(FakeUI([], interactive=False), "")
     assert exc.value.exit_code == ExitCode.USAGE
     assert "you have 2 SLURM accounts" in exc.value.message
     assert exc.value.details == "a1\nb2"
@@ -90,7 +100,7 @@ def test_several_in_a_terminal_ask_and_offer_to_save(
 ) -> None:
     cluster += ["a1", "b2"]
     ui = FakeUI(["0", pick, save])
-    assert start._account(ui, FakeRunner(), "") == "b2"  # type: ignore[arg-type]
+    assert account(ui, "") == "b2"
     assert "  1. a1\n  2. b2\n" in ui.prompts[0]
     assert ui.prompts[1].startswith("Type a number from 1 to 2")
     assert ui.prompts[2] == f"Save b2 as slurm.account in {user_conf}? [Y/n] "
@@ -104,7 +114,7 @@ def test_a_closed_stdin_does_not_loop(cluster: list[str]) -> None:
     cluster += ["a1", "b2"]
     ui = FakeUI([])
     with pytest.raises(UsageError, match="No SLURM account chosen"):
-        start._account(ui, FakeRunner(), "")  # type: ignore[arg-type]
+        account(ui, "")
     assert len(ui.prompts) == 3
 
 

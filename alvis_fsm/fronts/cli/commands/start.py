@@ -6,7 +6,7 @@ the supervisor of a detached session, and the output."""
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from alvis_fsm.errors import AlvisError, Interrupted, UsageError
 from alvis_fsm.fronts import signals
@@ -181,14 +181,6 @@ def _use_the_gateway(ui: Reporter, record: SessionRecord) -> bool:
         '\n  eval "$(alvis-fsm env --gateway)"'
     )
     return True
-
-
-def _account(ui: Reporter, runner: Any, configured: str) -> str:
-    """The account to charge (engine/session/service.py ``choose_account``), asking
-    in a terminal which one of several."""
-    from alvis_fsm.engine.session.service import choose_account
-
-    return choose_account(ui, runner.agent, configured, lambda found: _choose_account(ui, found))
 
 
 def _choose_account(ui: Reporter, found: list[str]) -> str:
