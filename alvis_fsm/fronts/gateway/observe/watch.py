@@ -128,7 +128,7 @@ class Watch:
             self.errors.append({**row, "message": inert_line(message)[:300]})
         figures = self.figures.get(meter.model)
         if figures is not None:
-            self._advance()
+            self.advance()
             figures.requests += 1
             figures.per_minute[-1] += 1
             figures.latencies.append(latency)
@@ -139,7 +139,7 @@ class Watch:
             self.metrics.request(entry)
 
     # -- over time ------------------------------------------------------------------
-    def _advance(self) -> None:
+    def advance(self) -> None:
         """Per-minute points up to now (a new point each minute, per model)."""
         minute = int((time.time() - self.started) // 60)
         while self._minute <= minute:
@@ -156,7 +156,7 @@ class Watch:
     def sweep(self) -> None:
         """Called every few seconds: the charts' points, and the queue wait
         and load time of each session that turned ready since."""
-        self._advance()
+        self.advance()
         for name, slot in self.models.slots.items():
             for run in slot.runs():
                 key = (name, run.generation)
