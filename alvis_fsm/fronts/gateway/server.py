@@ -154,7 +154,6 @@ class Connections:
         self.pending = 0  # accepted, not yet started
         self.busy: set[object] = set()  # aiohttp handlers inside a request
         self.evicted = 0
-        self.refused = 0
 
     @property
     def open(self) -> int:
@@ -164,7 +163,6 @@ class Connections:
         if self.open >= self.cap:
             oldest = next((c for c in self.live if c.handler not in self.busy), None)
             if oldest is None:
-                self.refused += 1
                 return _Refuse()
             del self.live[oldest]
             assert oldest.transport is not None
