@@ -32,7 +32,8 @@ def flag_settings(overrides: Mapping[str, Mapping[str, Any]]) -> Settings:
     """Settings with command-line flags on top; a flag's bad value is a usage
     error (exit 2) naming the flag, not a configuration error."""
     from alvis_fsm.engine.settings.docs import SETTINGS
-    from alvis_fsm.engine.settings.model import FLAG_LABEL, SettingError
+    from alvis_fsm.engine.settings.explain import SettingError
+    from alvis_fsm.engine.settings.model import FLAG_LABEL
 
     try:
         return settings(overrides)

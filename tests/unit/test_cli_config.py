@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from alvis_fsm.engine.settings.model import explain, load_settings
+from alvis_fsm.engine.settings.explain import explain
+from alvis_fsm.engine.settings.model import load_settings
 from alvis_fsm.errors import AlvisError, ExitCode
 from alvis_fsm.fronts.cli.main import cli
 
@@ -97,13 +98,13 @@ def test_misspelt_key_in_user_file_exit_3(user_conf: Path) -> None:
 
 
 def test_init_writes_file_that_loads_to_defaults(user_conf: Path) -> None:
-    before = explain()
+    before = explain(load_settings())
     out = run_cli("config", "init")
     assert str(user_conf) in out
     assert user_conf.stat().st_mode & 0o777 == 0o600
     text = user_conf.read_text()
     assert "# job_start = 600" in text
-    assert [(k, v) for k, v, _ in explain()] == [(k, v) for k, v, _ in before]
+    assert [(k, v) for k, v, _ in explain(load_settings())] == [(k, v) for k, v, _ in before]
 
     with pytest.raises(AlvisError, match="already exists"):
         CliRunner().invoke(cli, ["config", "init"], catch_exceptions=False)

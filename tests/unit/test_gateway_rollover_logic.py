@@ -243,7 +243,7 @@ def test_a_successor_starts_only_for_a_used_model_within_its_lead_and_only_one()
         assert h.models is not None
         slot = h.models.slots["m1"]
         # Started but not used (no request served): never rolled over.
-        slot.ensure_started()
+        slot.start()
         await eventually(lambda: slot.state == "ready")
         h.near_limit(h.sessions[0])
         assert h.roll_over() == [] and len(h.sessions) == 1

@@ -190,7 +190,7 @@ def test_each_model_idles_by_its_own_timeout_and_the_saving_is_counted() -> None
 
     async def scenario(client: httpx.AsyncClient, models: Models) -> None:
         for name in ("fast", "slow"):
-            models.slots[name].ensure_started()
+            models.slots[name].start()
         await _until(lambda: all(s.state == "ready" for s in models.slots.values()))
         status = (await client.get("/gateway/status", headers=AUTH)).json()
         assert status["gpu_hours_used"] == pytest.approx(1.0, abs=0.01)  # 2 × 1 GPU × 0.5 h
@@ -211,7 +211,7 @@ def test_a_queued_model_shows_the_scheduler_s_reason_and_expected_start() -> Non
     models = _models(queued={"slow"})
 
     async def scenario(client: httpx.AsyncClient, models: Models) -> None:
-        models.slots["slow"].ensure_started()
+        models.slots["slow"].start()
         await _until(
             lambda: (
                 models.slots["slow"].handle is not None

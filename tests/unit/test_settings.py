@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from alvis_fsm.engine.settings.model import explain, load_settings, user_config_path
+from alvis_fsm.engine.settings.explain import explain
+from alvis_fsm.engine.settings.model import load_settings, user_config_path
 from alvis_fsm.errors import ConfigError
 
 
@@ -37,7 +38,7 @@ def test_user_file_sets_one_key_others_keep_defaults(user_conf: Path) -> None:
     assert s.timeouts.job_start == 900
     assert s.timeouts.server_ready == 600
     assert s.slurm.gpus == "auto"  # the packaged default (issue 15)
-    rows = {k: (v, src) for k, v, src in explain()}
+    rows = {k: (v, src) for k, v, src in explain(load_settings())}
     assert rows["timeouts.job_start"] == (900, str(user_conf))
     assert rows["timeouts.server_ready"][1] == "default"
 
@@ -49,7 +50,7 @@ def test_env_beats_file(user_conf: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     s = load_settings()
     assert s.timeouts.job_start == 5
     assert s.slurm.extra_args == ["--qos=short"]
-    rows = {k: src for k, _, src in explain()}
+    rows = {k: src for k, _, src in explain(load_settings())}
     assert rows["timeouts.job_start"] == "env ALVIS_FSM_TIMEOUTS__JOB_START"
 
 
@@ -58,7 +59,7 @@ def test_overrides_beat_env(monkeypatch: pytest.MonkeyPatch) -> None:
     s = load_settings({"tunnel": {"local_port": 59001, "route": None}})
     assert s.tunnel.local_port == 59001
     assert s.tunnel.route == "jump"  # None means "flag not given"
-    rows = {k: src for k, _, src in explain({"tunnel": {"local_port": 59001}})}
+    rows = {k: src for k, _, src in explain(load_settings({"tunnel": {"local_port": 59001}}))}
     assert rows["tunnel.local_port"] == "flag"
 
 

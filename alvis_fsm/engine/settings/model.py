@@ -13,16 +13,13 @@ bare pydantic traceback says neither."""
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
 import tomllib
-import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -47,7 +44,7 @@ from alvis_fsm import paths
 from alvis_fsm.cluster import syntax
 from alvis_fsm.engine.fit.sizing import Budget, GpuType, parse_gpu_type
 from alvis_fsm.engine.session.machine import MachineDefinition
-from alvis_fsm.engine.settings import docs as setting_docs
+from alvis_fsm.engine.settings.explain import SettingValueError, config_error, did_you_mean
 from alvis_fsm.engine.settings.layers import (
     CONFIG_ENV,
     DEFAULT_LABEL,
@@ -56,8 +53,12 @@ from alvis_fsm.engine.settings.layers import (
     ENV_LABEL,
     ENV_PREFIX,
     FLAG_LABEL,
+    Layer,
     env_name,
+    key_paths,
+    origin,
     user_config_path,
+    where,
 )
 from alvis_fsm.errors import ConfigError
 
@@ -84,17 +85,6 @@ Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 # or newline there would split a command line however carefully it is quoted.
 SafeStr = Annotated[str, Field(pattern=r"^[^\x00\n\r]*$")]
 SafePath = Annotated[str, Field(min_length=1, pattern=r"^[^\x00\n\r]+$")]
-
-
-class SettingValueError(ValueError):
-    """A validation failure that knows which setting it is about (``loc``)
-    and how to fix it (``hint``); raised from model validators, whose
-    errors pydantic would otherwise attribute to no key at all."""
-
-    def __init__(self, message: str, loc: tuple[str, ...] = (), hint: str | None = None):
-        super().__init__(message)
-        self.loc = loc
-        self.hint = hint
 
 
 class _Section(BaseModel):
@@ -264,7 +254,7 @@ class FitSettings(_Section):
             raise SettingValueError(
                 f"{', '.join(map(repr, unknown))} not in fit.gpu_types",
                 loc=("fit", "auto_types"),
-                hint="Known types: " + ", ".join(names) + _did_you_mean(unknown[0], names),
+                hint="Known types: " + ", ".join(names) + did_you_mean(unknown[0], names),
             )
         return self
 
@@ -339,7 +329,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings
     machine: MachineDefinition
     # The layers the values came from, lowest first (recorded by load_settings).
-    _layers: list[_Layer] = PrivateAttr(default_factory=list)
+    _layers: list[Layer] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _state_timeouts_exist(self) -> Settings:
@@ -350,7 +340,7 @@ class Settings(BaseSettings):
                 raise SettingValueError(
                     f"state {name!r} names timeout {timeout!r}, which is not a key of [timeouts]",
                     loc=("machine", "states", name, "timeout"),
-                    hint="Valid timeouts: " + ", ".join(valid) + _did_you_mean(timeout, valid),
+                    hint="Valid timeouts: " + ", ".join(valid) + did_you_mean(timeout, valid),
                 )
         return self
 
@@ -362,12 +352,12 @@ class Settings(BaseSettings):
         """The label of the layer that set ``section.key`` (``DEFAULT_LABEL``,
         ``FLAG_LABEL``, "env NAME", or the user file's path), as recorded
         when these settings were loaded."""
-        return _origin(tuple(dotted.split(".")), self._layers)
+        return origin(tuple(dotted.split(".")), self._layers)
 
     def origin_of(self, dotted: str) -> str:
         """Where the value of ``section.key`` comes from, as words for a
         message: "in /home/u/.alvis-vllm.conf", "from a command-line flag", ..."""
-        return _where(self.source(dotted))
+        return where(self.source(dotted))
 
     @classmethod
     def settings_customise_sources(
@@ -399,20 +389,6 @@ SECTIONS: dict[str, type[BaseModel]] = {
 # -- sources ------------------------------------------------------------------
 
 
-@dataclass
-class _Layer:
-    """One source of values, and, for each key path it sets, the label that
-    ``explain`` and error messages show."""
-
-    label: str
-    data: dict[str, Any]
-    origins: dict[tuple[str, ...], str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.origins:
-            self.origins = {p: self.label for p in _key_paths(self.data)}
-
-
 class _DictSource(PydanticBaseSettingsSource):
     """Values already read from a TOML file."""
 
@@ -427,7 +403,7 @@ class _DictSource(PydanticBaseSettingsSource):
         return dict(self._data)
 
 
-_FILE_LAYERS: ContextVar[list[_Layer] | None] = ContextVar("_FILE_LAYERS", default=None)
+_FILE_LAYERS: ContextVar[list[Layer] | None] = ContextVar("_FILE_LAYERS", default=None)
 _USE_ENV: ContextVar[bool] = ContextVar("_USE_ENV", default=True)
 
 
@@ -455,15 +431,15 @@ def parse_toml(text: str, path: Path) -> dict[str, Any]:
 
 def _read_file_layers(
     user_path: Path, include_user: bool, user_data: dict[str, Any] | None = None
-) -> list[_Layer]:
-    layers = [_Layer(DEFAULT_LABEL, read_toml(paths.default_config()))]
+) -> list[Layer]:
+    layers = [Layer(DEFAULT_LABEL, read_toml(paths.default_config()))]
     if include_user:
         data = user_data if user_data is not None else read_toml(user_path)
-        layers.append(_Layer(str(user_path), data))
+        layers.append(Layer(str(user_path), data))
     return layers
 
 
-def _env_layer() -> _Layer:
+def _env_layer() -> Layer:
     try:
         data = EnvSettingsSource(Settings)()
     except SettingsError as exc:
@@ -474,7 +450,7 @@ def _env_layer() -> _Layer:
         ) from exc
     environ = {k.upper(): k for k in os.environ}
     origins: dict[tuple[str, ...], str] = {}
-    for path in _key_paths(data):
+    for path in key_paths(data):
         # The value may come from ALVIS_FSM_A__B or from a JSON ALVIS_FSM_A.
         for depth in range(len(path), 0, -1):
             name = env_name(*path[:depth])
@@ -483,16 +459,7 @@ def _env_layer() -> _Layer:
                 break
         else:
             origins[path] = ENV_LABEL
-    return _Layer(ENV_LABEL, data, origins)
-
-
-def _key_paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    """Every key path in nested tables; lists are leaves (they replace, not merge)."""
-    for key, value in data.items():
-        path = (*prefix, str(key))
-        yield path
-        if isinstance(value, Mapping):
-            yield from _key_paths(value, path)
+    return Layer(ENV_LABEL, data, origins)
 
 
 def _without_none(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -524,13 +491,13 @@ def _load(
         layers.append(_env_layer())
     flags = _without_none(overrides or {})
     if flags:
-        layers.append(_Layer(FLAG_LABEL, flags))
+        layers.append(Layer(FLAG_LABEL, flags))
     files_token = _FILE_LAYERS.set(layers[:2])
     env_token = _USE_ENV.set(use_env)
     try:
         settings = Settings(**flags)
     except ValidationError as exc:
-        raise _config_error(exc, layers) from None
+        raise config_error(exc, layers, Settings) from None
     finally:
         _FILE_LAYERS.reset(files_token)
         _USE_ENV.reset(env_token)
@@ -548,214 +515,3 @@ def validate_user_data(data: dict[str, Any]) -> Settings:
     """Validate packaged defaults + ``data`` as the user file (environment and
     flags left out, so a stray variable cannot block editing the file)."""
     return _load(None, use_env=False, user_data=data)
-
-
-def explain(
-    overrides: Mapping[str, Mapping[str, Any]] | None = None,
-) -> list[tuple[str, Any, str]]:
-    """Every setting as ``(dotted key, final value, source label)``. The
-    machine is shown only by its initial state and per-state timeouts, the
-    parts worth overriding; the rest is drawn by ``alvis-fsm diagram``."""
-    settings = _load(overrides)
-    rows: list[tuple[str, Any, str]] = []
-    for section in SECTIONS:
-        if section == "machine":
-            continue
-        model = getattr(settings, section)
-        for key in type(model).model_fields:
-            dotted = f"{section}.{key}"
-            rows.append((dotted, getattr(model, key), settings.source(dotted)))
-    machine = settings.machine
-    rows.append(("machine.initial", machine.initial, settings.source("machine.initial")))
-    for name, state in machine.states.items():
-        timeout = getattr(state, "timeout", None)
-        if timeout is not None:
-            dotted = f"machine.states.{name}.timeout"
-            rows.append((dotted, timeout, settings.source(dotted)))
-    return rows
-
-
-def _origin(loc: tuple[str, ...], layers: list[_Layer]) -> str:
-    """Label of the highest layer that set ``loc`` or its nearest parent."""
-    for depth in range(len(loc), 0, -1):
-        prefix = loc[:depth]
-        for layer in reversed(layers):
-            if prefix in layer.origins:
-                return layer.origins[prefix]
-    return DEFAULT_LABEL
-
-
-# -- error messages -------------------------------------------------------------
-
-
-def _did_you_mean(word: str, choices: list[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    if not close:
-        return ""
-    return f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)"
-
-
-def _dotted(loc: tuple[str, ...]) -> str:
-    """``slurm.extra_args[0]``: list indices as brackets, keys with dots."""
-    out = ""
-    for step in loc:
-        out += f"[{step}]" if step.isdigit() else (f".{step}" if out else step)
-    return out
-
-
-def _model_at(path: tuple[str, ...]) -> type[BaseModel] | None:
-    """The pydantic model whose fields are valid at ``path`` (for "valid keys" lists)."""
-    annotation: Any = Settings
-    steps = list(path)
-    while True:
-        annotation = _unwrap(annotation)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            if not steps:
-                return annotation
-            info = annotation.model_fields.get(steps.pop(0))
-            if info is None:
-                return None
-            annotation = info.annotation
-        elif typing.get_origin(annotation) in (dict, list) and steps:
-            steps.pop(0)
-            annotation = typing.get_args(annotation)[-1]
-        else:
-            return None
-
-
-def _unwrap(annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return _unwrap(args[0])
-    return annotation
-
-
-def _where(label: str) -> str:
-    if label == FLAG_LABEL:
-        return "from a command-line flag"
-    if label.startswith(ENV_LABEL + " "):
-        return f"from the environment variable {label[len(ENV_LABEL) + 1 :]}"
-    if label == ENV_LABEL:
-        return "from the environment"
-    if label == DEFAULT_LABEL:
-        return f"in the packaged defaults {paths.default_config()}"
-    return f"in {label}"
-
-
-# What each setting accepts, in the words a user reads in an error message
-# (never the pattern or the library's own wording), with an example: from
-# each setting's one record (engine/settings/docs.py).
-ACCEPTED: dict[str, str] = {key: doc.accepted for key, doc in setting_docs.SETTINGS.items()}
-
-
-def accepted(dotted: str) -> str:
-    """What ``dotted`` (``section.key``, list indices dropped) accepts, in words."""
-    return ACCEPTED.get(re.sub(r"\[\d+\]$", "", dotted), "a value of the documented type")
-
-
-def _shown(value: Any) -> str:
-    """A refused value as the user wrote it (TOML-like), briefly."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        text = value if len(value) <= 60 else value[:57] + "..."
-        return repr(text)
-    if isinstance(value, int | float):
-        return str(value)
-    return "that value"
-
-
-class SettingError(ConfigError):
-    """A refused setting: which one (``key``), the value as given (``value``)
-    and where it came from (``origin``: a file, "flag", "env ..."), so the
-    CLI can name the flag instead when a flag gave it."""
-
-    def __init__(
-        self,
-        message: str,
-        hint: str | None,
-        details: str | None,
-        key: str,
-        value: str,
-        origin: str,
-        reason: str,
-    ) -> None:
-        super().__init__(message, hint=hint, details=details)
-        self.key = key
-        self.value = value
-        self.origin = origin
-        self.reason = reason
-
-
-def _describe(error: Any, layers: list[_Layer]) -> tuple[str, str | None, str, str, str, str]:
-    """One pydantic error as (message, hint, key, value, origin, reason)."""
-    ctx = error.get("ctx") or {}
-    original = ctx.get("error")
-    loc = tuple(str(p) for p in error["loc"])
-    hint: str | None = None
-    if isinstance(original, SettingValueError):
-        if original.loc:
-            loc = original.loc
-        hint = original.hint
-    # Union members add their type name to loc; keep only real key steps.
-    key_loc = _strip_type_tags(loc)
-    dotted = _dotted(key_loc)
-    label = _origin(key_loc, layers)
-    where = _where(label)
-
-    if error["type"] == "extra_forbidden":
-        parent = key_loc[:-1]
-        model = _model_at(parent)
-        valid = list(model.model_fields) if model is not None else []
-        suggestion = _did_you_mean(key_loc[-1], valid, prefix=_dotted(parent))
-        if not parent:
-            return (
-                f"Unknown section [{dotted}] {where}{suggestion}",
-                "Valid sections: " + ", ".join(valid),
-                dotted,
-                "",
-                label,
-                "unknown section",
-            )
-        return (
-            f"Unknown setting {dotted!r} {where}{suggestion}",
-            f"Valid keys of [{_dotted(parent)}]: " + ", ".join(valid),
-            dotted,
-            "",
-            label,
-            "unknown setting",
-        )
-    if error["type"] == "missing":
-        reason = "is missing"
-        return f"Setting {dotted!r} is missing {where}", hint, dotted, "", label, reason
-    value = _shown(error.get("input"))
-    if isinstance(original, SettingValueError):
-        reason = str(original)  # already quotes the value, in words
-    else:
-        reason = f"{value} is not accepted; use {accepted(dotted)}"
-    subject = f"setting {dotted!r}" if dotted else "settings"
-    return f"Invalid {subject} {where}: {reason}", hint, dotted, value, label, reason
-
-
-def _strip_type_tags(loc: tuple[str, ...]) -> tuple[str, ...]:
-    out: list[str] = []
-    for step in loc:
-        if "[" in step or (out and step in {"str", "int", "float", "bool", "list", "dict"}):
-            continue
-        out.append(step)
-    return tuple(out)
-
-
-def _config_error(exc: ValidationError, layers: list[_Layer]) -> SettingError:
-    described = [_describe(e, layers) for e in exc.errors()]
-    # Several union branches can fail for one key; say each thing once.
-    unique = list(dict.fromkeys(described))
-    message, hint, key, value, origin, reason = unique[0]
-    details = "\n".join(m[0] for m in unique[1:]) or None
-    if hint is None:
-        hint = "`alvis-fsm config show` prints every setting and where it comes from."
-    return SettingError(message, hint, details, key, value, origin, reason)

@@ -32,9 +32,10 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from alvis_fsm.cluster.remote import guard
 from alvis_fsm.fronts.gateway.keys import matches
+from alvis_fsm.fronts.gateway.observe.rows import ModelRow, Totals
 from alvis_fsm.fronts.gateway.openai.batches import Batches
 from alvis_fsm.fronts.gateway.openai.proxy import BadBody, BodyTimeout, Proxy, error
-from alvis_fsm.fronts.gateway.slot.models import QUEUED, Models, Slot
+from alvis_fsm.fronts.gateway.slot.models import Models
 from alvis_fsm.paths import packaged_default
 
 if TYPE_CHECKING:
@@ -153,7 +154,6 @@ class Connections:
         self.pending = 0  # accepted, not yet started
         self.busy: set[object] = set()  # aiohttp handlers inside a request
         self.evicted = 0
-        self.refused = 0
 
     @property
     def open(self) -> int:
@@ -163,7 +163,6 @@ class Connections:
         if self.open >= self.cap:
             oldest = next((c for c in self.live if c.handler not in self.busy), None)
             if oldest is None:
-                self.refused += 1
                 return _Refuse()
             del self.live[oldest]
             assert oldest.transport is not None
@@ -351,60 +350,56 @@ class Gateway:
         return await handler(request)
 
     # -- routes -----------------------------------------------------------------
-    def _row(self, slot: Slot) -> dict[str, Any]:
-        left = slot.time_left()
-        r = slot.handle.record if slot.handle is not None else None
-        queued = r is not None and slot.state == QUEUED
+    def _listed(self, row: ModelRow) -> dict[str, Any]:
+        """A model as ``GET /v1/models`` lists it (OpenAI's shape, and its state)."""
         return {
-            "id": slot.name,
+            "id": row.name,
             "object": "model",
             "created": int(self.started),
             "owned_by": "alvis-fsm",
-            "aliases": [slot.served] if slot.served else [],
-            "state": slot.state,
-            "job_id": slot.job_id or None,
-            "node": (r.node or None) if r is not None else None,
-            "queue_reason": (r.queue_reason or None) if queued and r is not None else None,
-            "expected_start": (r.expected_start or None) if queued and r is not None else None,
-            "time_left": round(left) if left is not None else None,
-            "error": slot.error or None,
+            "aliases": [row.served] if row.served else [],
+            "state": row.state,
+            "job_id": row.job_id,
+            "node": row.node,
+            "queue_reason": row.queue_reason,
+            "expected_start": row.expected_start,
+            "time_left": row.time_left,
+            "error": row.error,
         }
 
     async def list_models(self, request: web.Request) -> web.Response:
-        rows = [self._row(slot) for slot in self.models.slots.values()]
+        rows = [self._listed(ModelRow.of(slot)) for slot in self.models.slots.values()]
         return web.json_response({"object": "list", "data": rows})
 
     async def status(self, request: web.Request) -> web.Response:
         rows = []
         for slot in self.models.slots.values():
-            obs = slot.observer
+            row = ModelRow.of(slot)
             rows.append(
                 {
-                    **self._row(slot),
-                    "in_flight": slot.in_flight,
-                    "requests_served": slot.served_requests,
-                    "sessions_started": slot.sessions,
-                    "idle_stops": slot.idle_stops,
-                    "rollovers": slot.rollovers,
-                    "successor_job_id": (slot.successor.job_id or None) if slot.successor else None,
-                    "retiring_job_ids": [r.job_id for r in slot.retiring if r.job_id],
-                    "rollover_error": slot.rollover_error or None,
-                    "status": obs.status if obs else None,
-                    "gpu_hours_used": round(slot.gpu_hours_used, 4),
-                    "gpu_hours_saved": round(slot.gpu_hours_saved, 4),
-                    "log": list(obs.lines)[-10:] if obs else [],
+                    **self._listed(row),
+                    "in_flight": row.in_flight,
+                    "requests_served": row.served_requests,
+                    "sessions_started": row.sessions,
+                    "idle_stops": row.idle_stops,
+                    "rollovers": row.rollovers,
+                    "successor_job_id": row.successor_job_id,
+                    "retiring_job_ids": list(row.retiring_job_ids),
+                    "rollover_error": row.rollover_error,
+                    "status": row.status,
+                    "gpu_hours_used": row.gpu_hours_used,
+                    "gpu_hours_saved": row.gpu_hours_saved,
+                    "log": list(row.log),
                 }
             )
-        slots = self.models.slots.values()
+        totals = Totals.of(self.models)
         return web.json_response(
             {
                 "models": rows,
                 "held": self.held,
-                "requests_served": sum(s.served_requests for s in slots),
-                # Saved: what the jobs cancelled for idleness would have held until
-                # their time limit had nobody stopped them.
-                "gpu_hours_used": round(sum(s.gpu_hours_used for s in slots), 4),
-                "gpu_hours_saved": round(sum(s.gpu_hours_saved for s in slots), 4),
+                "requests_served": totals.requests_served,
+                "gpu_hours_used": totals.gpu_hours_used,
+                "gpu_hours_saved": totals.gpu_hours_saved,
             }
         )
 

@@ -17,10 +17,11 @@ import tomlkit.exceptions
 
 from alvis_fsm import paths
 from alvis_fsm.engine.session.store import atomic_write
+from alvis_fsm.engine.settings.explain import explain
 from alvis_fsm.engine.settings.model import (
     DEFAULT_LABEL,
     SECTIONS,
-    explain,
+    load_settings,
     parse_toml,
     user_config_path,
     validate_user_data,
@@ -53,7 +54,7 @@ def _source(label: str) -> str:
 
 
 def show(verbosity: Verbosity, as_json: bool = False) -> None:
-    rows = explain()
+    rows = explain(load_settings())
     if as_json:
         from alvis_fsm.fronts.output import emit_json
 
@@ -146,7 +147,7 @@ def _unchanged(key: str, target: Any) -> str:
 
 
 def _refused(dotted: str, text: str) -> str:
-    from alvis_fsm.engine.settings.model import accepted
+    from alvis_fsm.engine.settings.explain import accepted
 
     return f"{dotted}: {text!r} is not accepted; use {accepted(dotted)}"
 
@@ -203,7 +204,7 @@ def get_value(key: str) -> None:
     bare so that `$(alvis-fsm config get slurm.account)` is the account);
     where it comes from on stderr."""
     section, name = _check_key(key)
-    for dotted, value, label in explain():
+    for dotted, value, label in explain(load_settings()):
         if dotted == f"{section}.{name}":
             click.echo(value if isinstance(value, str) else format_value(value))
             Reporter(Verbosity.NORMAL).info(f"{dotted} comes from {_source(label)}")
@@ -262,7 +263,7 @@ def write_setting(key: str, value: str) -> str:
 
     # Validate exactly what will be written, merged with the defaults,
     # before touching the file: a refused value leaves the file unchanged.
-    from alvis_fsm.engine.settings.model import SettingError
+    from alvis_fsm.engine.settings.explain import SettingError
 
     try:
         merged = validate_user_data(parse_toml(text, target))
@@ -285,7 +286,7 @@ def write_setting(key: str, value: str) -> str:
 
 
 def _valid(text: str | None, target: Any) -> bool:
-    from alvis_fsm.engine.settings.model import SettingError
+    from alvis_fsm.engine.settings.explain import SettingError
 
     try:
         validate_user_data(parse_toml(text or "", target))

@@ -1,6 +1,6 @@
 """What the gateway's page and ``/metrics`` show, gathered as requests end:
-per model the requests, errors, latencies, tokens, queue waits and load
-times; the last requests and errors; requests per minute and GPU-hours
+per model the requests, errors, latencies and tokens (each session's queue
+wait and load time go straight to ``/metrics``); the last requests and errors; requests per minute and GPU-hours
 over the gateway's life. Each request also becomes a line of the request
 log (requestlog.py). Runs on the gateway's event loop only.
 
@@ -69,8 +69,6 @@ class ModelFigures:
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     per_minute: deque[int] = field(default_factory=lambda: deque(maxlen=MINUTES))
     gpu_hours: deque[float] = field(default_factory=lambda: deque(maxlen=MINUTES))
-    queue_waits: list[float] = field(default_factory=list)
-    load_times: list[float] = field(default_factory=list)
 
     def percentile(self, q: float) -> float | None:
         if not self.latencies:
@@ -128,7 +126,7 @@ class Watch:
             self.errors.append({**row, "message": inert_line(message)[:300]})
         figures = self.figures.get(meter.model)
         if figures is not None:
-            self._advance()
+            self.advance()
             figures.requests += 1
             figures.per_minute[-1] += 1
             figures.latencies.append(latency)
@@ -139,7 +137,7 @@ class Watch:
             self.metrics.request(entry)
 
     # -- over time ------------------------------------------------------------------
-    def _advance(self) -> None:
+    def advance(self) -> None:
         """Per-minute points up to now (a new point each minute, per model)."""
         minute = int((time.time() - self.started) // 60)
         while self._minute <= minute:
@@ -156,7 +154,7 @@ class Watch:
     def sweep(self) -> None:
         """Called every few seconds: the charts' points, and the queue wait
         and load time of each session that turned ready since."""
-        self._advance()
+        self.advance()
         for name, slot in self.models.slots.items():
             for run in slot.runs():
                 key = (name, run.generation)
@@ -164,13 +162,8 @@ class Watch:
                 if key in self._seen_starts or State.TUNNELED not in at:
                     continue
                 self._seen_starts.add(key)
-                figures = self.figures[name]
                 wait = _between(at, State.SUBMITTED, State.RUNNING)
                 load = _between(at, State.RUNNING, State.TUNNELED)
-                if wait is not None:
-                    figures.queue_waits.append(wait)
-                if load is not None:
-                    figures.load_times.append(load)
                 if self.metrics is not None:
                     self.metrics.started(name, wait, load)
 

@@ -27,21 +27,20 @@ import html
 import importlib.resources
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from alvis_fsm.engine.session.states import State
 from alvis_fsm.fronts.gateway.keys import matches
 from alvis_fsm.fronts.gateway.observe.batchview import BatchSource, CancelRefused, NoBatches
 from alvis_fsm.fronts.gateway.observe.metrics import CONTENT_TYPE, Metrics
 from alvis_fsm.fronts.gateway.observe.requestlog import RequestLog
+from alvis_fsm.fronts.gateway.observe.rows import ModelRow, Totals, fine
 from alvis_fsm.fronts.gateway.observe.watch import Watch
-from alvis_fsm.fronts.gateway.slot import models as gm
 from alvis_fsm.paths import packaged_default
 
 if TYPE_CHECKING:
-    from alvis_fsm.fronts.gateway.server import Gateway
+    from alvis_fsm.fronts.gateway.slot.models import Models
 
 LOGIN_TOKENS = 16  # unused login links kept at most (the oldest go first)
 SWEEP_S = 5.0  # how often the charts' points and the start times are taken
@@ -64,6 +63,17 @@ SECURITY_HEADERS = {
 }
 
 
+class Host(Protocol):
+    """What the page reads of the gateway it is part of (server.py's
+    ``Gateway``; the page does not import the app)."""
+
+    key: str
+    models: Models
+
+    @property
+    def held(self) -> int: ...
+
+
 def _static(name: str) -> bytes:
     return (
         importlib.resources.files("alvis_fsm.fronts.gateway.page")
@@ -75,7 +85,7 @@ def _static(name: str) -> bytes:
 class Page:
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: Host,
         log: RequestLog | None = None,
         batches: BatchSource | None = None,
         stop_timeout: float = 180.0,
@@ -356,62 +366,59 @@ class Page:
 
 def snapshot(page: Page) -> dict[str, Any]:
     """The page's data (``GET /gateway/page/state``): each model's row, the batches, the latest requests."""
-    page.watch._advance()
+    page.watch.advance()
     now = time.time()
-    rows = []
-    for name, slot in page.gateway.models.slots.items():
-        figures = page.watch.figures[name]
-        run = slot.run
-        r = run.handle.record if run is not None else None
-        state = slot.state
-        row: dict[str, Any] = {
-            "name": name,
-            "served": slot.served,
-            "state": state,
-            "job_id": slot.job_id or None,
-            "node": (r.node or None) if r else None,
-            "gpus": (r.gpus or None) if r else None,
-            "time_left": _round(slot.time_left()),
-            "in_flight": slot.in_flight,
-            "served_requests": slot.served_requests,
-            "requests": figures.requests,
-            "errors": figures.errors,
-            "prompt_tokens": figures.prompt_tokens,
-            "completion_tokens": figures.completion_tokens,
-            "p50_s": _round(figures.percentile(0.5), 4),
-            "p95_s": _round(figures.percentile(0.95), 4),
-            "gpu_hours_used": round(slot.gpu_hours_used, 4),
-            "gpu_hours_saved": round(slot.gpu_hours_saved, 4),
-            "idle_stops": slot.idle_stops,
-            "error": slot.error or None,
-            "status": slot.observer.status if slot.observer else None,
-            "per_minute": list(figures.per_minute)[-180:],
-            "gpu_hours_series": [round(x, 4) for x in list(figures.gpu_hours)[-180:]],
-        }
-        if state == gm.QUEUED and r is not None:
-            row["queue_reason"] = r.queue_reason or None
-            row["expected_start"] = r.expected_start or None
-        if state == gm.LOADING and r is not None:
-            since = r.entered_at.get(State.RUNNING)
-            row["loading_for_s"] = _round(now - since) if since else None
-            load_time = page.gateway.models.load_time
-            row["expected_load_s"] = _round(load_time(name, r.gpus) if load_time else None)
-        rows.append(row)
-    slots = page.gateway.models.slots.values()
+    models = page.gateway.models
+    rows = [
+        _shown(ModelRow.of(slot, now, models.load_time), page.watch)
+        for slot in models.slots.values()
+    ]
+    totals = Totals.of(models)
     return {
         "now": now,
         "started": page.watch.started,
         "models": rows,
         "held": page.gateway.held,
-        "gpu_hours_used": round(sum(s.gpu_hours_used for s in slots), 4),
-        "gpu_hours_saved": round(sum(s.gpu_hours_saved for s in slots), 4),
+        "gpu_hours_used": totals.gpu_hours_used,
+        "gpu_hours_saved": totals.gpu_hours_saved,
         "batches": [b.to_json() for b in page.batches.list()],
         "recent": list(page.watch.recent)[-30:][::-1],
         "errors": list(page.watch.errors)[-20:][::-1],
     }
 
 
-def _round(value: float | None, digits: int = 0) -> float | None:
-    if value is None:
-        return None
-    return round(value, digits) if digits else float(round(value))
+def _shown(row: ModelRow, watch: Watch) -> dict[str, Any]:
+    """A model's row as the page shows it, with its requests' figures."""
+    figures = watch.figures[row.name]
+    p50, p95 = figures.percentile(0.5), figures.percentile(0.95)
+    shown: dict[str, Any] = {
+        "name": row.name,
+        "served": row.served,
+        "state": row.state,
+        "job_id": row.job_id,
+        "node": row.node,
+        "gpus": row.gpus,
+        "time_left": row.time_left,
+        "in_flight": row.in_flight,
+        "served_requests": row.served_requests,
+        "requests": figures.requests,
+        "errors": figures.errors,
+        "prompt_tokens": figures.prompt_tokens,
+        "completion_tokens": figures.completion_tokens,
+        "p50_s": fine(p50) if p50 is not None else None,
+        "p95_s": fine(p95) if p95 is not None else None,
+        "gpu_hours_used": row.gpu_hours_used,
+        "gpu_hours_saved": row.gpu_hours_saved,
+        "idle_stops": row.idle_stops,
+        "error": row.error,
+        "status": row.status,
+        "per_minute": list(figures.per_minute)[-180:],
+        "gpu_hours_series": [fine(x) for x in list(figures.gpu_hours)[-180:]],
+    }
+    if row.queued:
+        shown["queue_reason"] = row.queue_reason
+        shown["expected_start"] = row.expected_start
+    if row.loading:
+        shown["loading_for_s"] = row.loading_for_s
+        shown["expected_load_s"] = row.expected_load_s
+    return shown

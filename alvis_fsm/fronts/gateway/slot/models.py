@@ -255,7 +255,10 @@ class Lifecycle:
         return run
 
     def _current(self) -> Run:
-        """The session new requests go to, started if there is none."""
+        """The session new requests go to, started if there is none (single
+        flight: this runs on the loop thread, without an await between the
+        check and the start, so a burst of requests to a cold model makes
+        exactly one session)."""
         if self.run is None:
             if self.closing:
                 raise Unavailable("the gateway is shutting down")
@@ -455,13 +458,6 @@ class Slot(Lifecycle):
             run.served += 1
         if run in self.retiring and run.in_flight == 0:
             run.stop(self._retire_reason())
-
-    def ensure_started(self) -> int:
-        """The generation of the session to wait for, starting one if there
-        is none (single flight: this runs on the loop thread, without an
-        await between the check and the start, so a burst of requests to a
-        cold model makes exactly one session)."""
-        return self._current().generation
 
     def roll_over(self, floor: float, load_time: LoadTime | None = None) -> bool:
         """Start a successor if the serving session was used and its job is
