@@ -99,6 +99,11 @@ RULES: list[tuple[str, str, str]] = [
     ("alvis_fsm.engine.fit", "alvis_fsm.engine.batch", "sizing a model knows no batches"),
     ("alvis_fsm.engine.settings", "alvis_fsm.engine.batch", "settings know no batches"),
     (
+        "alvis_fsm.fronts.gateway.page",
+        "alvis_fsm.fronts.gateway.server",
+        "the page does not import the app (the app mounts the page)",
+    ),
+    (
         "alvis_fsm.fronts.gateway.observe",
         "alvis_fsm.fronts.gateway.server",
         "what observes the gateway does not import the app",
