@@ -32,7 +32,10 @@ GOLDEN = Path(__file__).parent / "golden"
 HUB = "/mimer/NOBACKUP/Datasets/LLM/huggingface/hub"
 PORT = "41234"
 NODE = "alvis4-17"
-JOB_ID = "4242"
+# Unique per test process: the fallback socket directory is /tmp/afsm-JOBID.*,
+# shared by every checkout and pytest worker on the machine; a fixed id let
+# one run see another's directory come and go.
+JOB_ID = str(100000 + os.getpid())
 API_KEY = "sk-alvis-fsm-SECRET-0123456789"
 
 PLAIN = JobSpec(
