@@ -152,6 +152,17 @@ def test_slugs_as_github_makes_them() -> None:
     assert anchors("# A\n```\n# not a heading\n```\n## A\n") == {"a", "a-1"}
 
 
+def test_the_development_tree_names_every_package_in_one_screen() -> None:
+    """docs/development.md states the layout as a tree, each package in a
+    line (issue 32): a package added or moved must show in it."""
+    text = section(read(DOCS / "development.md"), "Layout")
+    tree = text.split("```text\n", 1)[1].split("```", 1)[0]
+    named = re.findall(r"(?:^|[─│ ])([a-z_]+)/ ", tree, re.M)
+    packages = {p.parent.name for p in (REPO / "alvis_fsm").rglob("__init__.py")}
+    assert packages <= set(named), f"not in the tree: {packages - set(named)}"
+    assert len(tree.splitlines()) <= 40, "the tree is more than one screen"
+
+
 # -- generated parts ------------------------------------------------------------------
 
 
