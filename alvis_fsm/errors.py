@@ -7,7 +7,7 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """One exit code per failure class (documented in docs/commands.md)."""
+    """One exit code per failure class (documented in docs/reference/exit-codes.md)."""
 
     OK = 0
     OUTPUT = 1  # stdout closed or full: the output could not be written

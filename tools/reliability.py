@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Run the resilience faults on the lab cluster and write docs/reliability.md.
+"""Run the resilience faults on the lab cluster and write docs/concepts/reliability.md.
 
-    python tools/reliability.py                 # all faults, writes docs/reliability.md
+    python tools/reliability.py                 # all faults, writes docs/concepts/reliability.md
     python tools/reliability.py -k tunnel       # a subset (pytest -k)
     python tools/reliability.py --tool-src DIR  # test the alvis_fsm found in DIR
 
@@ -274,7 +274,7 @@ def render(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "reliability.md")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "concepts" / "reliability.md")
     parser.add_argument(
         "--tool-src",
         type=Path,

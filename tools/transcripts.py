@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Re-record docs/transcript-clean-run.md, docs/transcript-pending.md and
-docs/transcript-first-run.md on the lab cluster.
+"""Re-record docs/getting-started/transcript-clean-run.md, docs/getting-started/transcript-pending.md and
+docs/getting-started/transcript-first-run.md on the lab cluster.
 
     python tools/transcripts.py              # record all three, rewrite their files
     python tools/transcripts.py --only first-run   # record (and rewrite) just that one
@@ -63,7 +63,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAB_DIR = REPO / "tests" / "lab"
-DOCS = REPO / "docs"
+DOCS = REPO / "docs" / "getting-started"
 CLEAN_DOC = DOCS / "transcript-clean-run.md"
 PENDING_DOC = DOCS / "transcript-pending.md"
 FIRST_DOC = DOCS / "transcript-first-run.md"
@@ -462,8 +462,8 @@ def clean_doc(rec: Recording, config: str) -> str:
     )
     return (
         "# Transcript: a clean run\n\n"
-        "Recorded by [`tools/transcripts.py`](../tools/transcripts.py) on the\n"
-        "[lab cluster](../tests/lab/README.md) in tmux (160×50,\n"
+        "Recorded by [`tools/transcripts.py`](../../tools/transcripts.py) on the\n"
+        "[lab cluster](../../tests/lab/README.md) in tmux (160×50,\n"
         f"`TERM=xterm-256color`) with `ALVIS_FSM_CONFIG={config}`.\n"
         f"{spinner} Ctrl+C while the logs stream\n"
         "is the normal end of a session: the job is cancelled, the tunnel closed, "
@@ -492,8 +492,8 @@ def pending_doc(rec: Recording) -> str:
             break
     return (
         "# Transcript: pending → running → connected\n\n"
-        "Recorded by [`tools/transcripts.py`](../tools/transcripts.py) on the\n"
-        "[lab cluster](../tests/lab/README.md) in tmux (160×50,\n"
+        "Recorded by [`tools/transcripts.py`](../../tools/transcripts.py) on the\n"
+        "[lab cluster](../../tests/lab/README.md) in tmux (160×50,\n"
         f"`TERM=xterm-256color`). {held} were held by another job\n"
         "(`bash tests/lab/blocker start`) before `alvis-fsm start`; "
         f"about {seconds} s later\n"
@@ -514,8 +514,8 @@ def pending_doc(rec: Recording) -> str:
 def first_run_doc(rec: Recording) -> str:
     return (
         "# Transcript: a first run\n\n"
-        "Recorded by [`tools/transcripts.py`](../tools/transcripts.py) on the\n"
-        "[lab cluster](../tests/lab/README.md) in tmux (160×50,\n"
+        "Recorded by [`tools/transcripts.py`](../../tools/transcripts.py) on the\n"
+        "[lab cluster](../../tests/lab/README.md) in tmux (160×50,\n"
         "`TERM=xterm-256color`), as a new user: an empty HOME, no settings file, so\n"
         "no `slurm.account` (there is no packaged default). The lab's ssh alias is\n"
         "the only thing given (`ALVIS_FSM_SSH__CONFIG_FILE`, not shown).\n\n"

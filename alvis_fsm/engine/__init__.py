@@ -1,7 +1,10 @@
-"""The session engine: a session's life, with no terminal in it.
+"""The engine: a session's life and a batch's, with no terminal in it.
 
-The state machine as data (``machine``), its driver (``runner``), the
-persisted record (``store``), the layered settings (``settings``), the model
-catalog (``catalog``) and the GPU fit (``fit``, ``autofit``, ``loadtimes``).
+- ``session/``: one SLURM job running vLLM: its machine, record, driver and tunnel.
+- ``batch/``: the OpenAI Batch API run as resumable SLURM job arrays.
+- ``settings/``: the TOML layers, their model, each key's one description.
+- ``fit/``: what a model needs and where it fits: catalog, GPU sizing, load times.
+- ``observer.py``: how the engine speaks (it never prints, prompts or traps a signal).
+
 It uses the cluster side and is used by the fronts, never the other way
 round (see tests/unit/test_layout.py)."""

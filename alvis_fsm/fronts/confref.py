@@ -58,8 +58,8 @@ COMMENT_WIDTH = 78
 REPO = Path(__file__).resolve().parents[2]
 # Where each generated block lives (a checkout's docs; not in an installed package).
 GENERATED_PAGES = {
-    REFERENCE_START: "docs/configuration.md",
-    DIAGRAM_START: "docs/how-it-works.md",
+    REFERENCE_START: "docs/reference/configuration.md",
+    DIAGRAM_START: "docs/concepts/how-it-works.md",
     LAYOUT_START: "docs/development.md",
 }
 SKIPPED_SECTIONS = ("machine",)

@@ -6,7 +6,7 @@ sanitizer, for every layer).
 
 JSON (``--json``): exactly one JSON object on stdout, indented, ending in a
 newline. On success its keys depend on the command (documented in
-docs/commands.md); on failure it is ``{"error": {"message", "hint", "details",
+docs/reference/json-output.md); on failure it is ``{"error": {"message", "hint", "details",
 "exit_code"}}`` and the exit code is the same as without ``--json``.
 
 Writing never interrupts the work (``steady_streams``): a terminal that

@@ -6,7 +6,7 @@ openai client, without reloading; without the link nothing shows and the
 data answers 401; a page of another origin can neither read the data nor
 press a button; /metrics parses with Prometheus' own parser and counts what
 was sent; the Stop button cancels the job, reported once confirmed. The
-screenshots in docs/ are written here."""
+screenshots in docs/guides/ are written here."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pexpect
 import pytest
 from tool import Tool, assert_nothing_left, exit_status, free_port, interrupt
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "guides"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
     "--headless",

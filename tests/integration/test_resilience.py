@@ -14,7 +14,7 @@ left.
 
 When ``ALVIS_RELIABILITY_RESULTS`` names a file, each test appends one JSON
 line per fault to it (``{"fault", "tries", "survived", "worst_recovery_s",
-...}``); ``tools/reliability.py`` turns those into ``docs/reliability.md``.
+...}``); ``tools/reliability.py`` turns those into ``docs/concepts/reliability.md``.
 Numbers are measured here, never typed."""
 
 from __future__ import annotations

@@ -247,7 +247,7 @@ def ctrl_c_leaves_nothing(child: pexpect.spawn, lab: Lab, tool: Tool) -> None:
 
 def report(fault: str, tries: int, survived: int, worst: float | None, **extra: Any) -> None:
     """Append one fault's outcome to $ALVIS_RELIABILITY_RESULTS (if set), as
-    one JSON line: ``tools/reliability.py`` turns them into docs/reliability.md."""
+    one JSON line: ``tools/reliability.py`` turns them into docs/concepts/reliability.md."""
     import json
 
     path = os.environ.get(RESULTS_ENV)

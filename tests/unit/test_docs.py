@@ -1,8 +1,12 @@
 """docs/ is partly generated and partly a contract: its generated blocks
 (configuration reference, state diagram, layout diagram) and the comments of
-config/default.toml must match the code, every relative link (anchors included) in the README and docs/ must
-resolve, every command has its section in docs/commands.md, and the exit
-codes and `status --json` keys are documented. Nothing here pins wording."""
+config/default.toml must match the code, every relative link (anchors
+included) in the README and docs/ must resolve, the docs are arranged as
+uv's (getting started, guides, concepts, reference; an index that links
+every page), every command has its section in docs/reference/commands.md,
+and the exit codes (docs/reference/exit-codes.md) and `status --json` keys
+(docs/reference/json-output.md) are documented as the code has them.
+Nothing here pins wording."""
 
 from __future__ import annotations
 
@@ -20,19 +24,28 @@ from alvis_fsm.fronts import confref
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
-COMMANDS = DOCS / "commands.md"
-PAGES = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
-# The pages issue 24 asks for (benchmarks: bench/README.md).
+COMMANDS = DOCS / "reference" / "commands.md"
+EXIT_CODES = DOCS / "reference" / "exit-codes.md"
+JSON_OUTPUT = DOCS / "reference" / "json-output.md"
+INDEX = DOCS / "index.md"
+PAGES = [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
+# The pages issue 24 asks for (benchmarks: bench/README.md), arranged as
+# uv's docs are (issue 32): getting started, guides, concepts, reference.
 REQUIRED = (
-    "commands",
-    "gateway",
-    "batch",
-    "how-it-works",
-    "configuration",
-    "troubleshooting",
+    "getting-started/installation",
+    "getting-started/first-session",
+    "guides/gateway",
+    "guides/batch",
+    "guides/python-api",
+    "guides/troubleshooting",
+    "concepts/how-it-works",
+    "concepts/security",
+    "concepts/reliability",
+    "reference/commands",
+    "reference/configuration",
+    "reference/exit-codes",
+    "reference/json-output",
     "development",
-    "security",
-    "reliability",
 )
 
 
@@ -79,7 +92,7 @@ def section(text: str, heading: str) -> str:
 
 
 def command_heading(name: str) -> str | None:
-    """The ``## `name` ...`` heading of a command in docs/commands.md."""
+    """The ``## `name` ...`` heading of a command in docs/reference/commands.md."""
     for heading in headings(read(COMMANDS)):
         if re.match(rf"`{re.escape(name)}`(?:[ :(]|$)", heading):
             return heading
@@ -96,9 +109,24 @@ def test_the_pages_exist_and_the_readme_links_every_one() -> None:
     }
     for name in REQUIRED:
         assert (DOCS / f"{name}.md").exists(), f"docs/{name}.md missing"
-    for page in DOCS.glob("*.md"):
+    for page in DOCS.rglob("*.md"):
         assert page.resolve() in linked, f"README.md does not link {page.relative_to(REPO)}"
     assert (REPO / "bench" / "README.md").resolve() in linked, "no link to the benchmarks"
+
+
+def test_the_index_links_every_page_in_its_part() -> None:
+    """docs/index.md is the docs' table of contents: one part per folder
+    (getting started, guides, concepts, reference), every page linked."""
+    index = read(INDEX)
+    linked = {(DOCS / t).resolve() for t in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", prose(index))}
+    for page in DOCS.rglob("*.md"):
+        if page != INDEX:
+            assert page.resolve() in linked, f"docs/index.md does not link {page.relative_to(REPO)}"
+    parts = [h.lower() for h in headings(index)]
+    for part in ("getting started", "guides", "concepts", "reference"):
+        assert part in parts, f"docs/index.md has no part {part!r}"
+        folder = DOCS / part.replace(" ", "-")
+        assert folder.is_dir() and any(folder.glob("*.md")), folder
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
@@ -110,9 +138,10 @@ def test_relative_links_resolve(page: Path) -> None:
             continue
         target, _, anchor = link.partition("#")
         path = (page.parent / target).resolve() if target else page
-        assert path.exists(), f"{page.name}: broken link {link}"
+        name = page.relative_to(REPO)
+        assert path.exists(), f"{name}: broken link {link}"
         if anchor and path.suffix == ".md":
-            assert anchor in anchors(read(path)), f"{page.name}: no anchor #{anchor} in {path.name}"
+            assert anchor in anchors(read(path)), f"{name}: no anchor #{anchor} in {path.name}"
 
 
 def test_slugs_as_github_makes_them() -> None:
@@ -121,6 +150,17 @@ def test_slugs_as_github_makes_them() -> None:
     )
     assert slug("`status --json`") == "status---json"
     assert anchors("# A\n```\n# not a heading\n```\n## A\n") == {"a", "a-1"}
+
+
+def test_the_development_tree_names_every_package_in_one_screen() -> None:
+    """docs/development.md states the layout as a tree, each package in a
+    line (issue 32): a package added or moved must show in it."""
+    text = section(read(DOCS / "development.md"), "Layout")
+    tree = text.split("```text\n", 1)[1].split("```", 1)[0]
+    named = re.findall(r"(?:^|[─│ ])([a-z_]+)/ ", tree, re.M)
+    packages = {p.parent.name for p in (REPO / "alvis_fsm").rglob("__init__.py")}
+    assert packages <= set(named), f"not in the tree: {packages - set(named)}"
+    assert len(tree.splitlines()) <= 40, "the tree is more than one screen"
 
 
 # -- generated parts ------------------------------------------------------------------
@@ -270,7 +310,7 @@ def test_markdown_escaping() -> None:
     )
 
 
-# -- the contract: docs/commands.md ---------------------------------------------------
+# -- the contract: docs/reference/ ---------------------------------------------------------
 
 
 def test_every_command_has_its_section_and_examples() -> None:
@@ -283,7 +323,7 @@ def test_every_command_has_its_section_and_examples() -> None:
         if command.hidden:  # internal: started by --detach, not by users
             continue
         heading = command_heading(name)
-        assert heading is not None, f"docs/commands.md has no section for {name}"
+        assert heading is not None, f"docs/reference/commands.md has no section for {name}"
         body = section(text, heading)
         example = rf"^(eval \"\$\()?alvis-fsm {name}\b"
         assert re.search(example, body, re.M), f"no example of {name} in its section"
@@ -297,16 +337,30 @@ def test_every_command_has_its_section_and_examples() -> None:
 
 
 def test_exit_codes_table_matches_errors_py() -> None:
-    table = section(read(COMMANDS), "Exit codes")
-    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)}
+    """Each row: the code, its ``ExitCode`` name and the error classes of
+    errors.py that carry it, as the code has them."""
+    from alvis_fsm import errors
+
+    rows = re.findall(r"^\| (\d+) \| `(\w+)` \| ([^|]+) \|", read(EXIT_CODES), re.M)
+    documented = {int(m) for m, _, _ in rows}
     assert documented == {int(code) for code in ExitCode}
+    assert {int(m): name for m, name, _ in rows} == {int(c): c.name for c in ExitCode}
+    raised: dict[int, set[str]] = {int(c): set() for c in ExitCode}
+    for name, value in vars(errors).items():
+        if (
+            isinstance(value, type)
+            and issubclass(value, errors.AlvisError)
+            and name != "AlvisError"
+        ):
+            raised[int(value.exit_code)].add(name)
+    assert {int(m): set(re.findall(r"`(\w+)`", cls)) for m, _, cls in rows} == raised
 
 
 def test_status_json_example_has_every_key() -> None:
     from alvis_fsm.engine.session.store import SessionRecord
     from alvis_fsm.fronts.cli.commands.status import row
 
-    body = section(read(COMMANDS), "`status --json`")
+    body = section(read(JSON_OUTPUT), "`status --json`")
     example = json.loads(body.split("```json\n", 1)[1].split("```", 1)[0])
     expected = set(row(SessionRecord(name="x", model="m")))
     assert set(example) == {"sessions", "errors", "gateway"}

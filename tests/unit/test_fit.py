@@ -437,9 +437,9 @@ def test_parse_test_only() -> None:
     assert fit.parse_test_only("sbatch: error: Batch job submission failed") is None
 
 
-# -- the fit table of docs/how-it-works.md -----------------------------------------------
+# -- the fit table of docs/concepts/how-it-works.md -----------------------------------------------
 
-FIT_PAGE = Path(__file__).resolve().parents[2] / "docs" / "how-it-works.md"
+FIT_PAGE = Path(__file__).resolve().parents[2] / "docs" / "concepts" / "how-it-works.md"
 TABLE_START, TABLE_END = "<!-- fit-table:start -->\n", "<!-- fit-table:end -->"
 
 
@@ -466,7 +466,9 @@ def test_fit_table_is_current() -> None:
     if os.environ.get("UPDATE_GOLDEN") and fresh != text:
         FIT_PAGE.write_text(fresh, encoding="utf-8")
         text = fresh
-    assert fresh == text, "docs/how-it-works.md's fit table is stale: run with UPDATE_GOLDEN=1"
+    assert fresh == text, (
+        "docs/concepts/how-it-works.md's fit table is stale: run with UPDATE_GOLDEN=1"
+    )
 
 
 def test_fit_table_numbers() -> None:

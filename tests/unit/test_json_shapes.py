@@ -1,4 +1,4 @@
-"""`--json` output against the "JSON output" table of docs/commands.md, the documented
+"""`--json` output against the table of docs/reference/json-output.md, the documented
 schema: one JSON object on stdout, nothing on stderr, the documented keys,
 and errors as {"error": {...}} with the usual exit code (issue 16)."""
 
@@ -13,13 +13,13 @@ import pytest
 from alvis_fsm.engine.session.store import SessionRecord, Store
 from alvis_fsm.fronts.cli.main import main
 
-COMMANDS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "commands.md"
+JSON_PAGE = Path(__file__).resolve().parents[2] / "docs" / "reference" / "json-output.md"
 
 
 def documented() -> dict[str, list[str]]:
     """Command -> the quoted key names of its row, in order."""
-    text = COMMANDS_PAGE.read_text(encoding="utf-8")
-    body = text.split("\n## JSON output\n", 1)[1].split("\n## ", 1)[0]
+    text = JSON_PAGE.read_text(encoding="utf-8")
+    body = text.split("\n## Shapes\n", 1)[1].split("\n## ", 1)[0]
     rows: dict[str, list[str]] = {}
     for line in body.splitlines():
         m = re.match(r"^\| `?([^`|]+?)`? \| (.+) \|$", line)

@@ -1,7 +1,7 @@
 """The README is the front page and partly a contract: CI takes its test
 command from it, its quickstart keeps the install commands, it stays short
 (the rest is in docs/, checked by test_docs.py), and its table has a row per
-command linking that command's section of docs/commands.md."""
+command linking that command's section of docs/reference/commands.md."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
-COMMANDS = REPO / "docs" / "commands.md"
+COMMANDS = REPO / "docs" / "reference" / "commands.md"
 TEST_COMMAND = (
     "python3 -m venv .venv && .venv/bin/pip install -q '.[test]' && .venv/bin/python -m pytest"
 )
@@ -64,21 +64,23 @@ def test_every_command_has_a_row_linking_its_section(readme: str) -> None:
     from alvis_fsm.fronts.cli.main import cli
 
     table = section(readme, "Commands")
-    rows = dict(re.findall(r"^\| \[`([\w-]+)`\]\(docs/commands\.md#([^)]+)\) \|", table, re.M))
+    rows = dict(
+        re.findall(r"^\| \[`([\w-]+)`\]\(docs/reference/commands\.md#([^)]+)\) \|", table, re.M)
+    )
     commands_md = COMMANDS.read_text(encoding="utf-8")
     for name, command in cli.commands.items():
         if command.hidden:  # internal: started by --detach, not by users
             continue
         assert name in rows, f"the README's command table has no row for {name}"
         heading = re.search(rf"^## (`{re.escape(name)}`(?:[ :(].*)?)$", commands_md, re.M)
-        assert heading, f"docs/commands.md has no section for {name}"
+        assert heading, f"docs/reference/commands.md has no section for {name}"
         assert rows[name] == slug(heading.group(1)), f"{name}'s row links #{rows[name]}"
 
 
 def test_required_topics(readme: str) -> None:
     """Each topic is documented somewhere: the README or a page of docs/."""
     text = readme + "".join(
-        p.read_text(encoding="utf-8") for p in sorted((REPO / "docs").glob("*.md"))
+        p.read_text(encoding="utf-8") for p in sorted((REPO / "docs").rglob("*.md"))
     )
     for needle in (
         "lsof -nP -iTCP:58000",
@@ -92,6 +94,6 @@ def test_required_topics(readme: str) -> None:
         "export ALVIS_FSM_CONFIG=/var/lib/alvis-lab/client/alvis-fsm.toml",
         "python bench/run.py",
         "bench/results.md",
-        "docs/reliability.md",
+        "docs/concepts/reliability.md",
     ):
         assert needle in text, needle

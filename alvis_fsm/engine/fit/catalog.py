@@ -260,7 +260,7 @@ def _entry_error(path: Path, name: str, exc: ValidationError) -> ConfigError:
             problems.append(f"field {field!r}: {shown} is not accepted; use {words}")
     return ConfigError(
         f"Invalid model '{name}' in {path}: {problems[0]}",
-        hint="docs/commands.md (`models`) shows a catalog entry.",
+        hint="docs/reference/commands.md (`models`) shows a catalog entry.",
         details="\n".join(problems[1:]) or None,
     )
 

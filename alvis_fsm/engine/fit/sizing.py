@@ -530,7 +530,7 @@ def parse_test_only(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-# -- the fit table of docs/how-it-works.md ----------------------------------------------
+# -- the fit table of docs/concepts/how-it-works.md ----------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -543,7 +543,7 @@ class TableRow:
 def render_table(rows: Sequence[TableRow], types: Sequence[GpuType], budget: Budget) -> str:
     """A Markdown table: per model its weights, KV cache per 1000 tokens, the
     fewest GPUs of each type that hold it, and what ``--gpus auto`` picks
-    when every type is free (docs/how-it-works.md's, checked by a unit test)."""
+    when every type is free (docs/concepts/how-it-works.md's, checked by a unit test)."""
     lines = [
         "| Model | Weights | KV cache per 1k tokens | Context | Fewest GPUs per type"
         " | `auto` picks (all free) | KV room there (tokens) |",

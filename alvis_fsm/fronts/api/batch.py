@@ -1,4 +1,4 @@
-"""Batches from Python (docs/batch.md, docs/python-api.md)::
+"""Batches from Python (docs/guides/batch.md, docs/guides/python-api.md)::
 
     import alvis_fsm
     requests = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",

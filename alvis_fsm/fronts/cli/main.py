@@ -461,7 +461,7 @@ class SubGroup(Group):
 @global_options
 @click.pass_context
 def batch(ctx: click.Context) -> None:
-    """Run a dataset through a model: the OpenAI Batch API on SLURM (docs/batch.md)."""
+    """Run a dataset through a model: the OpenAI Batch API on SLURM (docs/guides/batch.md)."""
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
 

@@ -1,4 +1,4 @@
-"""alvis-fsm batch: the OpenAI Batch API on SLURM (docs/batch.md).
+"""alvis-fsm batch: the OpenAI Batch API on SLURM (docs/guides/batch.md).
 
 ``submit`` validates the whole file locally (nothing is uploaded when a line
 is wrong: exit 2 with its line number), uploads once, submits the job array

@@ -17,7 +17,7 @@ and ``GET /metrics``; their access check, as Jupyter's:
 
 Everything the page needs ships in the package (``static/``): the page
 works with no internet. Server-rendered HTML, one script, one stylesheet,
-no build step; see docs/gateway.md for why."""
+no build step; see docs/guides/gateway.md for why."""
 
 from __future__ import annotations
 
