@@ -8,9 +8,9 @@ the words of an error that refuses its value (``settings.explain.accepted``), an
 for a setting a command-line flag also sets, that flag's error and example
 (``fronts/common.py``), and the --help line of every option
 that stands for it (``cli``; ``fronts/cli/main.py``'s ``SettingOption``). Its type and bounds are the model's in
-``settings.py``; its default value is ``default.toml``'s own, edited there.
+``settings/model.py``; its default value is ``default.toml``'s own, edited there.
 
-A new setting: a field in its section's model in ``settings.py``, its value
+A new setting: a field in its section's model in ``settings/model.py``, its value
 in ``config/default.toml``, and one ``Doc`` here; then run confref --write.
 
 Texts are plain (one paragraph each); confref wraps them into comments and
