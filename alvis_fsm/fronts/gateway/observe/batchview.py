@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from alvis_fsm.engine.batch.lifecycle import BatchStatus
+from alvis_fsm.engine.batch.lifecycle import ENTERED_AT, BatchStatus
 from alvis_fsm.engine.batch.record import BatchRecord
 from alvis_fsm.errors import AlvisError
 
@@ -108,7 +108,7 @@ def _view(record: BatchRecord) -> BatchView:
     status = record.status
     done = record.completed + record.failed
     eta: float | None = None
-    started = record.times.get(BatchStatus.IN_PROGRESS.value)
+    started = record.times.get(ENTERED_AT[BatchStatus.IN_PROGRESS])
     if status is BatchStatus.IN_PROGRESS and started and 0 < done < record.total:
         eta = (time.time() - started) / done * (record.total - done)
     return BatchView(
