@@ -170,13 +170,15 @@ def peak_rss(client: Client, *args: str) -> tuple[str, int]:
 LOCAL_CHILD = """
 import json, sys
 from pathlib import Path
-from alvis_fsm.engine import batch, batch_service
-from alvis_fsm.engine.batch.parts import BatchStatus
+from alvis_fsm.engine.batch import service as batch_service
+from alvis_fsm.engine.batch.input import validate
+from alvis_fsm.engine.batch.lifecycle import BatchStatus
+from alvis_fsm.engine.batch.results import write_results
 src, raw, out, err = map(Path, sys.argv[1:5])
 resolve = {"lab-ok": ("lab-ok", "alvislab/tiny-ok")}
-valid = batch.validate(batch_service.read_input(src), resolve)
+valid = validate(batch_service.read_input(src), resolve)
 with raw.open(encoding="utf-8") as lines:
-    counts = batch_service.write_results(valid.iter_ids(), lines, BatchStatus.COMPLETED, out, err)
+    counts = write_results(valid.iter_ids(), lines, BatchStatus.COMPLETED, out, err)
 # The child's own peak (VmHWM): ru_maxrss would include the parent's RSS at
 # the fork (Linux keeps the larger of the two across execve).
 try:

@@ -1,7 +1,7 @@
 """The Python API for batches (fronts/api/batch.py): requests validated before
 anything is submitted, status, wait (through finalizing), results as
 iterators, the list. The cluster is a stand-in service whose status answers
-go through the engine's own parser and rules (engine/batch/parts.py)."""
+go through the engine's own parser and rules (engine/batch/)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,13 @@ from typing import Any
 import pytest
 
 import alvis_fsm
-from alvis_fsm.engine.batch import parts as batch
+from alvis_fsm.engine.batch import input as batch_input
+from alvis_fsm.engine.batch import record as batch_record
+from alvis_fsm.engine.batch import report as batch_report
+from alvis_fsm.engine.batch import results as batch_results
 from alvis_fsm.engine.batch import service as batch_service
-from alvis_fsm.engine.batch.parts import BatchRecord, BatchStatus, BatchStore
+from alvis_fsm.engine.batch.lifecycle import BatchStatus
+from alvis_fsm.engine.batch.record import BatchRecord, BatchStore
 from alvis_fsm.errors import UsageError
 from alvis_fsm.fronts.api import batch as batch_api
 
@@ -51,11 +55,11 @@ class Service:
         return RESOLVE
 
     def submit(self, cfg: Any, options: Any, ui: Any) -> BatchRecord:
-        valid = options.validated or batch.validate(
+        valid = options.validated or batch_input.validate(
             batch_service.read_input(options.path), RESOLVE, options.model
         )
         r = BatchRecord(
-            id=batch.new_id(),
+            id=batch_record.new_id(),
             model=valid.model,
             served_name=valid.served_name,
             endpoint=valid.endpoint,
@@ -67,7 +71,7 @@ class Service:
             completion_window=options.completion_window,
             metadata=options.metadata,
         )
-        self.submitted.append((options, valid.lines))
+        self.submitted.append((options, valid.requests_path.read_text().splitlines()))
         self.store.save(r, valid.iter_ids())
         return r
 
@@ -80,7 +84,7 @@ class Service:
         self, cfg: Any, record: BatchRecord, ui: Any, remote: Any = None, store: Any = None
     ) -> BatchRecord:
         if not record.ended and self.answers:
-            batch.apply(record, batch.parse_status(self.answers.pop(0)))
+            batch_report.apply(record, batch_report.parse_status(self.answers.pop(0)))
             self.store.save(record)
         return record
 
@@ -101,12 +105,13 @@ class Service:
             }
             for cid in reversed(ids)
         ]
-        return batch_service.write_results(
+        return batch_results.write_results(
             ids, [json.dumps(x) for x in rows], BatchStatus(record.status), out, err
         )
 
     def cancel(self, cfg: Any, record: BatchRecord, ui: Any, store: Any) -> BatchRecord:
         self.cancelled.append(record.id)
+        record.set_status(BatchStatus.CANCELLING)
         record.set_status(BatchStatus.CANCELLED)
         return record
 

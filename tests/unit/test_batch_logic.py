@@ -25,8 +25,12 @@ from typing import Any
 import pytest
 
 from alvis_fsm.cluster.remote import batch_runner
-from alvis_fsm.engine.batch import parts as batch
-from alvis_fsm.engine.batch.parts import BatchRecord, BatchStatus, BatchStore
+from alvis_fsm.engine.batch import input as batch_input
+from alvis_fsm.engine.batch import record as batch_record
+from alvis_fsm.engine.batch import report as batch_report
+from alvis_fsm.engine.batch import results as batch_results
+from alvis_fsm.engine.batch.lifecycle import BatchStatus
+from alvis_fsm.engine.batch.record import BatchRecord, BatchStore
 from alvis_fsm.errors import UsageError
 
 RESOLVE = {
@@ -53,18 +57,24 @@ def line(
 
 
 def test_a_good_file_is_rewritten_with_the_served_name() -> None:
-    valid = batch.validate([line("a"), "", line("b", model="alvislab/tiny-ok")], RESOLVE)
+    valid = batch_input.validate([line("a"), "", line("b", model="alvislab/tiny-ok")], RESOLVE)
     assert (
-        valid.ids == ["a", "b"]
+        list(valid.iter_ids()) == ["a", "b"]
         and valid.model == "lab-ok"
         and valid.endpoint == "/v1/chat/completions"
     )
-    assert all(json.loads(text)["body"]["model"] == "alvislab/tiny-ok" for text in valid.lines)
+    assert all(
+        json.loads(text)["body"]["model"] == "alvislab/tiny-ok"
+        for text in valid.requests_path.read_text().splitlines()
+    )
 
 
 def test_the_model_flag_fills_a_missing_model() -> None:
-    valid = batch.validate([line("a", model=None), line("b")], RESOLVE, "lab-ok")
-    assert valid.served_name == "alvislab/tiny-ok" and len(valid.lines) == 2
+    valid = batch_input.validate([line("a", model=None), line("b")], RESOLVE, "lab-ok")
+    assert (
+        valid.served_name == "alvislab/tiny-ok"
+        and len(valid.requests_path.read_text().splitlines()) == 2
+    )
 
 
 @pytest.mark.parametrize(
@@ -108,7 +118,7 @@ def test_the_model_flag_fills_a_missing_model() -> None:
 )
 def test_bad_input_is_refused_with_the_line(lines: list[str], flag: str | None, words: str) -> None:
     with pytest.raises(UsageError) as info:
-        batch.validate(lines, RESOLVE, flag)
+        batch_input.validate(lines, RESOLVE, flag)
     assert words in info.value.message
     assert info.value.exit_code == 2
 
@@ -161,45 +171,47 @@ def progress(k: int, state: str, completed: int, failed: int = 0) -> str:
     return f"PROGRESS|{k}|{json.dumps(data)}"
 
 
-def answer(*lines: str, now: int = 100, deadline: int = 1000) -> batch.BatchReport:
-    return batch.parse_status("\n".join([f"NOW|{now}", f"DEADLINE|{deadline}", *lines]))
+def answer(*lines: str, now: int = 100, deadline: int = 1000) -> batch_report.BatchReport:
+    return batch_report.parse_status("\n".join([f"NOW|{now}", f"DEADLINE|{deadline}", *lines]))
 
 
 def test_running_shards_are_in_progress_with_their_counts() -> None:
-    r = batch.apply(record(), answer(progress(0, "running", 3, 1), "QUEUE|5_0|RUNNING|None"))
+    r = batch_report.apply(record(), answer(progress(0, "running", 3, 1), "QUEUE|5_0|RUNNING|None"))
     assert r.status == BatchStatus.IN_PROGRESS and (r.completed, r.failed) == (3, 1)
     assert r.prompt_tokens == 9 and r.completion_tokens == 21 and r.times["in_progress_at"] == 100
 
 
 def test_every_shard_done_is_completed() -> None:
-    r = batch.apply(record(), answer(progress(0, "done", 5), progress(1, "done", 4, 1)))
+    r = batch_report.apply(record(), answer(progress(0, "done", 5), progress(1, "done", 4, 1)))
     assert r.status == BatchStatus.COMPLETED and r.completed == 9 and r.times["completed_at"] == 100
 
 
 def test_every_line_run_while_a_job_still_finishes_is_finalizing_then_completed() -> None:
     done = (progress(0, "done", 5), progress(1, "done", 4, 1))
-    r = batch.apply(record(), answer(*done, "QUEUE|5_1|COMPLETING|None"))
+    r = batch_report.apply(record(), answer(*done, "QUEUE|5_1|COMPLETING|None"))
     assert (
         r.status == BatchStatus.FINALIZING
         and r.times["finalizing_at"] == 100
         and "completed_at" not in r.times
     )
     assert (
-        batch.openai_object(r)["status"] == "finalizing"
-        and batch.openai_object(r)["completed_at"] is None
+        batch_record.openai_object(r)["status"] == "finalizing"
+        and batch_record.openai_object(r)["completed_at"] is None
     )
-    r = batch.apply(r, answer(*done, now=107))
+    r = batch_report.apply(r, answer(*done, now=107))
     assert r.status == BatchStatus.COMPLETED and (
         r.times["finalizing_at"],
         r.times["completed_at"],
     ) == (100, 107)
-    view = batch.openai_object(r, assembling=True)  # the gateway, while it downloads the files
+    view = batch_record.openai_object(
+        r, assembling=True
+    )  # the gateway, while it downloads the files
     assert (view["status"], view["finalizing_at"], view["completed_at"]) == (
         "finalizing",
         100,
         None,
     )
-    assert batch.openai_object(r)["status"] == "completed" and r.times["completed_at"] == 107
+    assert batch_record.openai_object(r)["status"] == "completed" and r.times["completed_at"] == 107
 
 
 def test_the_grace_after_the_warning_is_at_most_half_of_it(tmp_path: Path) -> None:
@@ -220,20 +232,20 @@ def test_the_grace_after_the_warning_is_at_most_half_of_it(tmp_path: Path) -> No
 
 def test_an_unanswered_queue_does_not_end_a_batch() -> None:
     snap = answer(progress(0, "stopped", 2), "QUEUE_UNKNOWN|squeue: Socket timed out", deadline=50)
-    r = batch.apply(record(status=BatchStatus.IN_PROGRESS), snap)
+    r = batch_report.apply(record(status=BatchStatus.IN_PROGRESS), snap)
     assert r.status == BatchStatus.IN_PROGRESS and not r.error
 
 
 def test_a_shard_that_failed_for_good_fails_the_batch_once_nothing_runs() -> None:
     cause = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
-    running = batch.apply(record(), answer(f"FAILED|0|{cause}", "QUEUE|5_1|RUNNING|None"))
+    running = batch_report.apply(record(), answer(f"FAILED|0|{cause}", "QUEUE|5_1|RUNNING|None"))
     assert running.status == BatchStatus.IN_PROGRESS
-    r = batch.apply(record(), answer(f"FAILED|0|{cause}", progress(1, "done", 5)))
+    r = batch_report.apply(record(), answer(f"FAILED|0|{cause}", progress(1, "done", 5)))
     assert r.status == BatchStatus.FAILED and r.error == f"shard 0: {cause}" and r.completed == 5
 
 
 def test_past_the_window_with_nothing_running_is_expired() -> None:
-    r = batch.apply(
+    r = batch_report.apply(
         record(), answer(progress(0, "expired", 2), "EXPIRED|0", progress(1, "done", 5))
     )
     assert r.status == BatchStatus.EXPIRED
@@ -241,31 +253,31 @@ def test_past_the_window_with_nothing_running_is_expired() -> None:
 
 def test_cancel_is_cancelling_until_the_queue_is_empty() -> None:
     assert (
-        batch.apply(record(), answer("CANCELLED|1", "QUEUE|5_0|RUNNING|None")).status
+        batch_report.apply(record(), answer("CANCELLED|1", "QUEUE|5_0|RUNNING|None")).status
         == BatchStatus.CANCELLING
     )
     assert (
-        batch.apply(record(), answer("CANCELLED|1", "QUEUE_UNKNOWN|x")).status
+        batch_report.apply(record(), answer("CANCELLED|1", "QUEUE_UNKNOWN|x")).status
         == BatchStatus.CANCELLING
     )
-    assert batch.apply(record(), answer("CANCELLED|1")).status == BatchStatus.CANCELLED
+    assert batch_report.apply(record(), answer("CANCELLED|1")).status == BatchStatus.CANCELLED
 
 
 def test_jobs_gone_without_the_shards_done_is_a_failure_named() -> None:
-    r = batch.apply(record(), answer(progress(0, "done", 5), progress(1, "stopped", 2)))
+    r = batch_report.apply(record(), answer(progress(0, "done", 5), progress(1, "stopped", 2)))
     assert r.status == BatchStatus.FAILED and r.error.startswith("shard 1: its job ended")
 
 
 def test_an_ended_batch_is_not_changed() -> None:
     r = record(status=BatchStatus.CANCELLED)
     assert (
-        batch.apply(r, answer(progress(0, "done", 5), progress(1, "done", 5))).status
+        batch_report.apply(r, answer(progress(0, "done", 5), progress(1, "done", 5))).status
         == BatchStatus.CANCELLED
     )
 
 
 def test_a_cut_record_is_ignored() -> None:
-    snap = batch.parse_status('NOW|100\nPROGRESS|0|{"state": "run\nQUEUE|1_0|RUNNING|None')
+    snap = batch_report.parse_status('NOW|100\nPROGRESS|0|{"state": "run\nQUEUE|1_0|RUNNING|None')
     assert snap.progress == {} and snap.queue == [("1_0", "RUNNING", "None")]
 
 
@@ -285,7 +297,7 @@ def row(cid: str, code: int = 200, index: int = 0) -> dict[str, Any]:
 def test_merge_keeps_input_order_each_id_once_and_names_what_was_not_run() -> None:
     ids = ["a", "b", "c", "d"]
     rows = [row("c"), row("a"), row("b", 400), row("a")]
-    merged = list(batch.merge(ids, rows, BatchStatus.EXPIRED))
+    merged = list(batch_results.merge(ids, rows, BatchStatus.EXPIRED))
     assert [r["custom_id"] for _, r in merged] == ids
     assert [ok for ok, _ in merged] == [True, False, True, False]
     assert merged[3][1]["error"]["code"] == "batch_expired" and merged[3][1]["response"] is None
@@ -293,7 +305,7 @@ def test_merge_keeps_input_order_each_id_once_and_names_what_was_not_run() -> No
 
 
 def test_merge_of_a_running_batch_gives_only_what_is_done() -> None:
-    merged = list(batch.merge(["a", "b"], [row("b")], BatchStatus.IN_PROGRESS))
+    merged = list(batch_results.merge(["a", "b"], [row("b")], BatchStatus.IN_PROGRESS))
     assert [r["custom_id"] for _, r in merged] == ["b"]
 
 
@@ -301,7 +313,7 @@ def test_the_store_round_trips_and_lists(tmp_path: Path) -> None:
     store = BatchStore(tmp_path)
     r = record()
     store.save(r, ["x", "y"])
-    assert store.load(r.id) == r and store.ids(r.id) == ["x", "y"] and store.all() == [r]
+    assert store.load(r.id) == r and list(store.iter_ids(r.id)) == ["x", "y"] and store.all() == [r]
     assert oct((tmp_path / "batches").stat().st_mode & 0o777) == "0o700"
 
 

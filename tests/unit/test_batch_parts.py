@@ -104,18 +104,18 @@ RESOLVE = {
 def test_a_bad_body_is_refused_with_its_line(url: str, body: object, said: str) -> None:
     import json
 
-    from alvis_fsm.engine.batch import parts as batch
+    from alvis_fsm.engine.batch import input as batch_input
 
     line = json.dumps({"custom_id": "a", "method": "POST", "url": url, "body": body})
     with pytest.raises(UsageError, match=said) as info:
-        batch.validate([line], RESOLVE, None)
+        batch_input.validate([line], RESOLVE, None)
     assert info.value.message.startswith("Line 1: ")
 
 
 def test_ids_and_windows_are_checked() -> None:
-    from alvis_fsm.engine.batch import parts as batch
+    from alvis_fsm.engine.batch import record as batch_record
 
     with pytest.raises(UsageError, match="Invalid batch id"):
-        batch.check_id("batch_../../x")
+        batch_record.check_id("batch_../../x")
     with pytest.raises(UsageError, match="completion window"):
-        batch.window_seconds("tomorrow")
+        batch_record.window_seconds("tomorrow")

@@ -20,9 +20,12 @@ from pathlib import Path
 import openai
 import pytest
 
-from alvis_fsm.engine.batch import parts as batch
+from alvis_fsm.engine.batch import input as batch_input
+from alvis_fsm.engine.batch import record as batch_record
+from alvis_fsm.engine.batch import results as batch_results
 from alvis_fsm.engine.batch import service as batch_service
-from alvis_fsm.engine.batch.parts import BatchRecord, BatchStatus, BatchStore
+from alvis_fsm.engine.batch.lifecycle import BatchStatus
+from alvis_fsm.engine.batch.record import BatchRecord, BatchStore
 from alvis_fsm.errors import UsageError
 
 RESOLVE = {
@@ -91,7 +94,7 @@ def test_validate_reads_a_generator_once_and_keeps_the_requests_on_disk(tmp_path
             yield request(i)
             yield ""  # blank lines are skipped
 
-    valid = batch.validate(lines(), RESOLVE)
+    valid = batch_input.validate(lines(), RESOLVE)
     assert consumed == [0, 1, 2, 3, 4] and valid.total == 5
     assert list(valid.iter_ids()) == [f"req-{i}" for i in range(5)]
     sent = valid.requests_path.read_text(encoding="utf-8").splitlines()
@@ -108,12 +111,12 @@ def test_a_duplicate_far_down_is_refused_with_both_line_numbers_and_nothing_left
     tmp_path: Path,
 ) -> None:
     lines = [request(i) for i in range(3000)] + [request(1234)]
-    before = set(Path(batch.tempfile.gettempdir()).glob("alvis-fsm-batch-*"))
+    before = set(Path(batch_input.tempfile.gettempdir()).glob("alvis-fsm-batch-*"))
     with pytest.raises(
         UsageError, match=r"Line 3001: duplicate custom_id 'req-1234' \(first on line 1235\)"
     ):
-        batch.validate(iter(lines), RESOLVE)
-    assert set(Path(batch.tempfile.gettempdir()).glob("alvis-fsm-batch-*")) == before
+        batch_input.validate(iter(lines), RESOLVE)
+    assert set(Path(batch_input.tempfile.gettempdir()).glob("alvis-fsm-batch-*")) == before
 
 
 def test_read_input_streams_the_file_and_says_what_is_wrong(tmp_path: Path) -> None:
@@ -125,9 +128,9 @@ def test_read_input_streams_the_file_and_says_what_is_wrong(tmp_path: Path) -> N
     ]
     (tmp_path / "bad.jsonl").write_bytes(request(0).encode() + b"\n\xff\xfe\n")
     with pytest.raises(UsageError, match="not UTF-8"):
-        batch.validate(batch_service.read_input(tmp_path / "bad.jsonl"), RESOLVE)
+        batch_input.validate(batch_service.read_input(tmp_path / "bad.jsonl"), RESOLVE)
     with pytest.raises(UsageError, match="No such file"):
-        batch.validate(batch_service.read_input(tmp_path / "missing.jsonl"), RESOLVE)
+        batch_input.validate(batch_service.read_input(tmp_path / "missing.jsonl"), RESOLVE)
 
 
 # -- the store and the merge ----------------------------------------------------
@@ -136,7 +139,7 @@ def test_read_input_streams_the_file_and_says_what_is_wrong(tmp_path: Path) -> N
 def test_the_store_streams_the_ids(tmp_path: Path) -> None:
     store = BatchStore(tmp_path)
     r = BatchRecord(
-        id=batch.new_id(),
+        id=batch_record.new_id(),
         model="m",
         served_name="s",
         endpoint="/v1/completions",
@@ -147,7 +150,7 @@ def test_the_store_streams_the_ids(tmp_path: Path) -> None:
         created_at=1,
     )
     store.save(r, (f"id-{i}" for i in range(3)))
-    assert list(store.iter_ids(r.id)) == ["id-0", "id-1", "id-2"] == store.ids(r.id)
+    assert list(store.iter_ids(r.id)) == ["id-0", "id-1", "id-2"]
 
 
 def test_merge_puts_shards_in_completion_order_back_in_input_order(tmp_path: Path) -> None:
@@ -162,7 +165,7 @@ def test_merge_puts_shards_in_completion_order_back_in_input_order(tmp_path: Pat
     ids = (f"req-{i}" for i in range(n))
     out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
     with raw.open(encoding="utf-8") as lines:
-        n_ok, n_err = batch_service.write_results(ids, lines, BatchStatus.EXPIRED, out, err)
+        n_ok, n_err = batch_results.write_results(ids, lines, BatchStatus.EXPIRED, out, err)
     ok_rows = [json.loads(x) for x in out.read_text().splitlines()]
     err_rows = [json.loads(x) for x in err.read_text().splitlines()]
     assert (n_ok, n_err) == (len(ok_rows), len(err_rows)) and n_ok + n_err == n
@@ -191,9 +194,9 @@ def peak_of_validate_and_merge(tmp_path: Path, n: int) -> int:
     gc.collect()
     tracemalloc.start()
     try:
-        valid = batch.validate(batch_service.read_input(path), RESOLVE)
+        valid = batch_input.validate(batch_service.read_input(path), RESOLVE)
         with raw.open(encoding="utf-8") as lines:
-            counts = batch_service.write_results(
+            counts = batch_results.write_results(
                 valid.iter_ids(),
                 lines,
                 BatchStatus.COMPLETED,
@@ -211,7 +214,7 @@ def test_memory_of_validate_and_merge_does_not_grow_with_the_lines(tmp_path: Pat
     small = peak_of_validate_and_merge(tmp_path, 1_000)
     large = peak_of_validate_and_merge(tmp_path, 10_000)
     # Ten times the lines; in memory, the same few lines at a time. (SQLite's
-    # page cache is outside tracemalloc's view: bounded by batch.CACHE_KIB.)
+    # page cache is outside tracemalloc's view: bounded by batch_input.CACHE_KIB.)
     assert large < small + 64 * 1024, (small, large)
     assert large < 1024 * 1024, large
 

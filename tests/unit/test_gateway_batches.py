@@ -16,9 +16,11 @@ from typing import Any
 import openai
 import pytest
 
-from alvis_fsm.engine.batch import parts as batch
-from alvis_fsm.engine.batch import service as batch_service
-from alvis_fsm.engine.batch.parts import BatchRecord, BatchStatus, BatchStore
+from alvis_fsm.engine.batch import input as batch_input
+from alvis_fsm.engine.batch import record as batch_record
+from alvis_fsm.engine.batch import results as batch_results
+from alvis_fsm.engine.batch.lifecycle import BatchStatus
+from alvis_fsm.engine.batch.record import BatchRecord, BatchStore
 from alvis_fsm.fronts.gateway.openai.batches import Batches, Ops
 from alvis_fsm.fronts.gateway.server import Gateway, serve
 from alvis_fsm.fronts.gateway.slot.models import Models
@@ -40,14 +42,14 @@ class Cluster:
         self.downloading = threading.Event()
 
     def submit(
-        self, valid: batch.Validated, window: str, metadata: dict[str, str], file_id: str
+        self, valid: batch_input.Validated, window: str, metadata: dict[str, str], file_id: str
     ) -> BatchRecord:
         r = BatchRecord(
-            id=batch.new_id(),
+            id=batch_record.new_id(),
             model=valid.model,
             served_name=valid.served_name,
             endpoint=valid.endpoint,
-            total=len(valid.ids),
+            total=valid.total,
             shards=1,
             run_dir="/r",
             job_name="j",
@@ -57,17 +59,20 @@ class Cluster:
             input_file_id=file_id,
         )
         r.set_status(BatchStatus.IN_PROGRESS)
-        self.store.save(r, valid.ids)
+        self.store.save(r, valid.iter_ids())
         return r
 
     def refresh(self, r: BatchRecord) -> BatchRecord:
         r.completed, r.failed = r.total - 1, 1
-        r.set_status(BatchStatus.COMPLETED)
+        if not r.ended:  # the lifecycle's path (lifecycle.MOVES)
+            r.set_status(BatchStatus.FINALIZING)
+            r.set_status(BatchStatus.COMPLETED)
         self.store.save(r)
         return r
 
     def cancel(self, r: BatchRecord) -> BatchRecord:
         self.cancelled.append(r.id)
+        r.set_status(BatchStatus.CANCELLING)
         r.set_status(BatchStatus.CANCELLED)
         self.store.save(r)
         return r
@@ -76,7 +81,7 @@ class Cluster:
         self.downloading.set()
         if self.hold is not None:
             self.hold.wait(10)
-        ids = self.store.ids(r.id)
+        ids = list(self.store.iter_ids(r.id))
         rows = [
             {
                 "id": "batch_req_x",
@@ -90,7 +95,7 @@ class Cluster:
             }
             for cid in reversed(ids)
         ]
-        return batch_service.write_results(
+        return batch_results.write_results(
             ids, "\n".join(json.dumps(x) for x in rows), BatchStatus(r.status), out, err
         )
 

@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -32,8 +32,13 @@ from alvis_fsm.cluster import jobscript, protocol
 from alvis_fsm.cluster.agent import Agent
 from alvis_fsm.cluster.remote import batch_runner
 from alvis_fsm.cluster.ssh import SSH_FAILURE, Connection, control_path
-from alvis_fsm.engine.batch import parts as batch
-from alvis_fsm.engine.batch.parts import BatchRecord, BatchStatus, BatchStore, Validated
+from alvis_fsm.engine.batch import input as batch_input
+from alvis_fsm.engine.batch import record as batch_record
+from alvis_fsm.engine.batch import report
+from alvis_fsm.engine.batch.input import Validated
+from alvis_fsm.engine.batch.lifecycle import BatchStatus
+from alvis_fsm.engine.batch.record import BatchRecord, BatchStore
+from alvis_fsm.engine.batch.results import write_results
 from alvis_fsm.engine.observer import Observer
 from alvis_fsm.errors import (
     CancelUnconfirmed,
@@ -118,7 +123,7 @@ def read_input(path: Path) -> Iterator[str]:
 
 
 def validate_file(settings: Settings, path: Path, model: str | None) -> Validated:
-    return batch.validate(read_input(path), resolver(settings), model)
+    return batch_input.validate(read_input(path), resolver(settings), model)
 
 
 # -- the connection -----------------------------------------------------------
@@ -274,7 +279,7 @@ class SubmitOptions:
     model: str | None = None
     time: str | None = None
     jobs: str = "1"
-    completion_window: str = batch.DEFAULT_WINDOW
+    completion_window: str = batch_record.DEFAULT_WINDOW
     metadata: dict[str, str] | None = None
     input_file_id: str = ""
 
@@ -286,7 +291,7 @@ def submit(
     from alvis_fsm.engine.session import spec as session_spec
 
     wanted = parse_jobs(options.jobs)
-    window_s = batch.window_seconds(options.completion_window)
+    window_s = batch_record.window_seconds(options.completion_window)
     if options.validated is not None:
         valid = options.validated
     elif options.path is not None:
@@ -323,7 +328,7 @@ class _Job:
 def _new_record(
     cfg: Settings, options: SubmitOptions, valid: Validated, time_text: str
 ) -> BatchRecord:
-    batch_id = batch.new_id()
+    batch_id = batch_record.new_id()
     return BatchRecord(
         id=batch_id,
         model=valid.model,
@@ -490,7 +495,7 @@ def refresh(
             remote = stack.enter_context(connected(settings, ui))
         proc = remote.call("status", record.run_dir, record.job_name)
         if proc.returncode == 0:
-            batch.apply(record, batch.parse_status(proc.stdout))
+            report.apply(record, report.parse_status(proc.stdout))
             store.save(record)
     return record
 
@@ -550,33 +555,13 @@ def results(
                 )
         raw.seek(0)
         lines = (line.decode("utf-8", "replace") for line in raw)
-        return write_results(
-            store.iter_ids(record.id), lines, BatchStatus(record.status), out, errors
-        )
-
-
-def write_results(
-    ids: Iterable[str], rows: str | Iterable[str], status: BatchStatus, out: Path, errors: Path
-) -> tuple[int, int]:
-    """Merge the shards' raw results (their text, or their lines streamed)
-    into OpenAI's output and error files, each replaced atomically, a line
-    at a time. Returns the line counts."""
-    import json
-
-    from alvis_fsm.engine.session.store import atomic_writer
-
-    n_ok = n_err = 0
-    with atomic_writer(out) as ok_file, atomic_writer(errors) as err_file:
-        for ok, row in batch.merge(ids, batch.result_rows(rows), status):
-            (ok_file if ok else err_file).write(json.dumps(row, ensure_ascii=False) + "\n")
-            n_ok, n_err = n_ok + ok, n_err + (not ok)
-    return n_ok, n_err
+        return write_results(store.iter_ids(record.id), lines, record.status, out, errors)
 
 
 def pick(store: BatchStore, batch_id: str | None) -> BatchRecord:
     """The named batch, or the newest one."""
     if batch_id:
-        return store.load(batch.check_id(batch_id))
+        return store.load(batch_record.check_id(batch_id))
     records = store.all()
     if not records:
         raise SessionError("No batches yet", hint="alvis-fsm batch submit FILE.jsonl")

@@ -27,38 +27,3 @@ LIVE_STATES = frozenset({State.SUBMITTED, State.RUNNING, State.SERVING, State.TU
 
 # States a session has ended in (failed: its job's cancel may be unconfirmed).
 ENDED_STATES = frozenset({State.FAILED, State.CLEANED})
-
-
-# A batch's statuses (engine/batch/parts.py) are OpenAI's words, and a batch shard's
-# are the node-side runner's (cluster/remote/batch_runner.py writes them into its
-# progress file): spelled here, with the session's.
-class BatchStatus(StrEnum):
-    """OpenAI's batch statuses (openai-python types/batch.py)."""
-
-    VALIDATING = "validating"
-    IN_PROGRESS = "in_progress"
-    FINALIZING = "finalizing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    EXPIRED = "expired"
-    CANCELLING = "cancelling"
-    CANCELLED = "cancelled"
-
-    @property
-    def ended(self) -> bool:
-        return self in (
-            BatchStatus.COMPLETED,
-            BatchStatus.FAILED,
-            BatchStatus.EXPIRED,
-            BatchStatus.CANCELLED,
-        )
-
-
-class ShardState(StrEnum):
-    """What a shard's progress file says (batch_runner.py writes these words)."""
-
-    RUNNING = "running"
-    DONE = "done"
-    STOPPED = "stopped"
-    EXPIRED = "expired"
-    SERVER_FAILED = "server_failed"

@@ -29,8 +29,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from alvis_fsm.engine.batch import parts as engine_batch
-from alvis_fsm.engine.batch.parts import BatchRecord, BatchStatus, BatchStore
+from alvis_fsm.engine.batch.input import validate
+from alvis_fsm.engine.batch.lifecycle import BatchStatus
+from alvis_fsm.engine.batch.record import BatchRecord, BatchStore
 from alvis_fsm.errors import UsageError
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class Batch:
     @property
     def status(self) -> BatchStatus:
         """As last seen; ``refresh()`` asks the cluster."""
-        return BatchStatus(self.record.status)
+        return self.record.status
 
     @property
     def request_counts(self) -> dict[str, int]:
@@ -210,9 +211,7 @@ def batch(
     if isinstance(requests, (str, Path)):
         options["path"] = Path(requests)
     else:
-        options["validated"] = engine_batch.validate(
-            _request_lines(requests), service.resolver(cfg), model
-        )
+        options["validated"] = validate(_request_lines(requests), service.resolver(cfg), model)
     record = service.submit(cfg, service.SubmitOptions(**options), _observer())
     log.info(
         "batch %s: %d requests in %d job(s) of %s",

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alvis_fsm.engine.batch.parts import BatchRecord, BatchStatus, BatchStore, openai_object
+from alvis_fsm.engine.batch.lifecycle import BatchStatus
+from alvis_fsm.engine.batch.record import BatchRecord, BatchStore, openai_object
 from alvis_fsm.errors import Interrupted
 from alvis_fsm.fronts.cli.commands._common import reporter, settings
 from alvis_fsm.fronts.output import emit_json

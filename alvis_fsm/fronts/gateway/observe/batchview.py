@@ -10,20 +10,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from alvis_fsm.engine.batch.parts import BatchRecord
-from alvis_fsm.engine.session.states import BatchStatus
+from alvis_fsm.engine.batch.lifecycle import ENTERED_AT, BatchStatus
+from alvis_fsm.engine.batch.record import BatchRecord
 from alvis_fsm.errors import AlvisError
 
 if TYPE_CHECKING:
     from alvis_fsm.fronts.gateway.openai.batches import Batches
-
-
-RUNNING = {
-    BatchStatus.VALIDATING,
-    BatchStatus.IN_PROGRESS,
-    BatchStatus.FINALIZING,
-    BatchStatus.CANCELLING,
-}
 
 
 @dataclass(frozen=True)
@@ -39,7 +31,7 @@ class BatchView:
     error: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "status": self.status.value, "active": self.status in RUNNING}
+        return {**asdict(self), "status": self.status.value, "active": not self.status.ended}
 
 
 class CancelRefused(Exception):
@@ -113,10 +105,10 @@ class Board:
 
 
 def _view(record: BatchRecord) -> BatchView:
-    status = BatchStatus(record.status)
+    status = record.status
     done = record.completed + record.failed
     eta: float | None = None
-    started = record.times.get(BatchStatus.IN_PROGRESS.value)
+    started = record.times.get(ENTERED_AT[BatchStatus.IN_PROGRESS])
     if status is BatchStatus.IN_PROGRESS and started and 0 < done < record.total:
         eta = (time.time() - started) / done * (record.total - done)
     return BatchView(

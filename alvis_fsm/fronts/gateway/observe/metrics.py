@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from alvis_fsm.engine.session.states import BatchStatus
+from alvis_fsm.engine.batch.lifecycle import BatchStatus
 from alvis_fsm.fronts.gateway.observe.requestlog import Entry
 from alvis_fsm.fronts.gateway.slot import models as gm
 

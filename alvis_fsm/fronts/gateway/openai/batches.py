@@ -4,7 +4,7 @@
 against the gateway.
 
 Files live in ``STATE_DIR/files/`` (``file-….jsonl`` and its ``.json``
-object, 0600). A batch is the engine's (engine/batch/parts.py, engine/batch/service.py):
+object, 0600). A batch is the engine's (engine/batch/):
 it runs on the cluster, so stopping the gateway does not stop it, and a
 restarted gateway or the CLI sees it. Its output and error files are
 downloaded into the file store the first time it is retrieved ended.
@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
 
-from alvis_fsm.engine.batch import parts as batch
-from alvis_fsm.engine.batch.parts import BatchRecord, BatchStatus, BatchStore
+from alvis_fsm.engine.batch import record as batch
+from alvis_fsm.engine.batch.input import ENDPOINTS, Validated, validate
+from alvis_fsm.engine.batch.lifecycle import BatchStatus
+from alvis_fsm.engine.batch.record import BatchRecord, BatchStore
 from alvis_fsm.engine.observer import Quiet
 from alvis_fsm.engine.session.store import atomic_write
 from alvis_fsm.errors import AlvisError, UsageError
@@ -48,7 +50,7 @@ MAX_FILENAME = 255  # characters in an uploaded file's name (most file systems' 
 class Ops:
     """What the routes ask of the cluster (by default, engine/batch/service.py)."""
 
-    submit: Callable[[batch.Validated, str, dict[str, str], str], BatchRecord]
+    submit: Callable[[Validated, str, dict[str, str], str], BatchRecord]
     refresh: Callable[[BatchRecord], BatchRecord]
     cancel: Callable[[BatchRecord], BatchRecord]
     results: Callable[[BatchRecord, Path, Path], tuple[int, int]]
@@ -61,7 +63,7 @@ def cluster_ops(settings: Settings) -> Ops:
     ui = Quiet()
 
     def submit(
-        valid: batch.Validated, window: str, metadata: dict[str, str], file_id: str
+        valid: Validated, window: str, metadata: dict[str, str], file_id: str
     ) -> BatchRecord:
         options = batch_service.SubmitOptions(
             validated=valid, completion_window=window, metadata=metadata, input_file_id=file_id
@@ -90,10 +92,10 @@ async def _receive(part: BodyPartReader, path: Path) -> int:
     return size
 
 
-def _validate_file(path: Path, resolve: dict[str, tuple[str, str]]) -> batch.Validated:
-    """An uploaded input file, validated line by line (see batch.validate)."""
+def _validate_file(path: Path, resolve: dict[str, tuple[str, str]]) -> Validated:
+    """An uploaded input file, validated line by line (see engine.batch.input.validate)."""
     with path.open(encoding="utf-8") as handle:
-        return batch.validate((line.removesuffix("\n") for line in handle), resolve)
+        return validate((line.removesuffix("\n") for line in handle), resolve)
 
 
 def _filename(given: str | None) -> str:
@@ -299,8 +301,8 @@ class Batches:
             return _error(400, exc.message)
         except KeyError:
             return _error(400, f"No such file: {file_id}", "file_not_found")
-        if endpoint not in batch.ENDPOINTS:
-            return _error(400, f"endpoint {endpoint!r} is not one of {', '.join(batch.ENDPOINTS)}")
+        if endpoint not in ENDPOINTS:
+            return _error(400, f"endpoint {endpoint!r} is not one of {', '.join(ENDPOINTS)}")
         path = self.files.content_path(str(file_id))
         try:
             resolve = await asyncio.to_thread(self.ops.resolve)
