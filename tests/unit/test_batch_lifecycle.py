@@ -6,6 +6,7 @@ asks for moves the table has."""
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 
@@ -158,3 +159,16 @@ def test_the_shard_states_are_the_words_the_runner_writes() -> None:
 
     runner = resources.files("alvis_fsm.cluster.remote").joinpath("batch_runner.py").read_text()
     assert set(re.findall(r'self\.progress\("(\w+)"\)', runner)) == set(ShardState)
+
+
+def test_the_page_shows_a_running_batch_s_time_left() -> None:
+    """The page's ETA reads the time the batch entered in_progress, under the
+    key the record keeps (ENTERED_AT): it read a key no record has, so no
+    batch ever had an ETA."""
+    from alvis_fsm.fronts.gateway.observe.batchview import _view
+
+    running = record()
+    running.set_status(S.IN_PROGRESS, now=time.time() - 100)
+    running.completed = 5  # half of 10 in 100 s: about 100 s left
+    eta = _view(running).eta_s
+    assert eta is not None and 90 < eta < 110

@@ -92,7 +92,7 @@ class Board:
             await asyncio.to_thread(self.batches.ops.refresh, record)
 
     async def cancel(self, batch_id: str) -> BatchView:
-        record = self.batches._load(batch_id)
+        record = self.batches.find(batch_id)
         if record is None:
             raise CancelRefused(f"No batch {batch_id!r} on this gateway")
         if record.ended:

@@ -326,14 +326,15 @@ class Batches:
             )
         return web.json_response(batch.openai_object(record))
 
-    def _load(self, batch_id: str) -> BatchRecord | None:
+    def find(self, batch_id: str) -> BatchRecord | None:
+        """The batch of that id on this gateway, or None (no such batch, or not an id)."""
         try:
             return self.store.load(batch.check_id(batch_id))
         except AlvisError:
             return None
 
     async def retrieve(self, request: web.Request) -> web.Response:
-        record = self._load(request.match_info["id"])
+        record = self.find(request.match_info["id"])
         if record is None:
             return _error(404, f"No such batch: {request.match_info['id']}", "batch_not_found")
         try:
@@ -400,7 +401,7 @@ class Batches:
         )
 
     async def cancel(self, request: web.Request) -> web.Response:
-        record = self._load(request.match_info["id"])
+        record = self.find(request.match_info["id"])
         if record is None:
             return _error(404, f"No such batch: {request.match_info['id']}", "batch_not_found")
         if record.ended:
@@ -409,7 +410,7 @@ class Batches:
             record = await asyncio.to_thread(self.ops.cancel, record)
         except AlvisError as exc:
             # Marked cancelled at least: the scheduler has not confirmed yet.
-            record = self._load(record.id) or record
+            record = self.find(record.id) or record
             if record.status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
                 return _error(502, exc.message)
         return web.json_response(batch.openai_object(record))
