@@ -56,6 +56,11 @@ class SchedulerError(AlvisError):
     exit_code = ExitCode.SCHEDULER
 
 
+class JobRefused(SchedulerError):
+    """sbatch refused the job: nothing was queued. Its hint can then name
+    the values sbatch was given (account, GPUs, time)."""
+
+
 class ServerError(AlvisError):
     exit_code = ExitCode.SERVER
 

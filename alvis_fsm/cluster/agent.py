@@ -11,9 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from alvis_fsm.cluster import protocol
+from alvis_fsm.cluster.protocol import STREAM_NEWS, WAIT_REPLIES, Reply
 from alvis_fsm.cluster.slurm import JobInfo, JobState, parse_job_id, parse_jobinfo
 from alvis_fsm.cluster.ssh import Connection
-from alvis_fsm.errors import SchedulerError, SSHError
+from alvis_fsm.errors import JobRefused, SchedulerError, SSHError
 
 
 def agent_source() -> str:
@@ -63,11 +64,51 @@ class Mark:
 
 
 @dataclass(frozen=True)
+class JobNews:
+    """What the agent said of the job's end (EXITED, ENDED, GONE), or that
+    the scheduler did not answer (UNKNOWN), with the record's detail."""
+
+    kind: Reply
+    detail: str = ""
+
+    @classmethod
+    def parse(cls, line: str) -> JobNews | None:
+        """The news a record of the log stream holds, if it is news."""
+        head, bar, detail = line.partition("|")
+        return cls(Reply(head), detail) if bar and head in STREAM_NEWS else None
+
+    @property
+    def ends_job(self) -> bool:
+        return self.kind != Reply.UNKNOWN
+
+    @property
+    def at_time_limit(self) -> bool:
+        """The job reached its time limit: the normal end of a session."""
+        return (self.kind == Reply.ENDED and self.detail == protocol.TIME_LIMIT) or (
+            self.kind == Reply.GONE and self.detail == JobState.TIMEOUT.value
+        )
+
+    def says(self, job_id: str, *, before_ready: bool = False) -> str:
+        """The news in words: the error of a job that ended (``before_ready``:
+        while vLLM was still starting), `logs --follow`'s last line."""
+        if self.kind == Reply.EXITED:
+            return f"vLLM exited with status {self.detail}" + (
+                " before it was ready" if before_ready else ""
+            )
+        if self.kind == Reply.ENDED:
+            before = " before vLLM was ready" if before_ready else ""
+            return f"The job stopped{before} ({self.detail})"
+        if self.kind == Reply.GONE:
+            return f"Job {job_id} is no longer running ({self.detail})"
+        return str(self.kind)  # UNKNOWN: the bare word, as `logs --follow` has always said it
+
+
+@dataclass(frozen=True)
 class Event:
-    """One outcome of a wait: STARTED, READY, EXITED, ENDED, or WAIT plus the
+    """One outcome of a wait (``protocol.WAIT_REPLIES``) plus the
     scheduler's view (``job``) when it was asked."""
 
-    kind: str
+    kind: Reply
     value: str = ""
     job: JobInfo | None = None
     # Seconds since the waited-for state began, on the cluster's clock (None
@@ -76,6 +117,11 @@ class Event:
     age: float | None = None
     # With READY: where vLLM's logs stood when it was found ready (``Mark``).
     mark: Mark | None = None
+
+    @property
+    def news(self) -> JobNews | None:
+        """The job's end, when the wait ended with it (EXITED, ENDED)."""
+        return JobNews(self.kind, self.value) if self.kind in STREAM_NEWS else None
 
 
 @dataclass
@@ -115,7 +161,7 @@ class Agent:
             retry=False,
         )
         if proc.returncode == 4:
-            raise SchedulerError(
+            raise JobRefused(
                 "sbatch refused the job",
                 hint="Check the account (slurm.account), the GPU type (--gpus) and the time (-t).",
                 details=proc.stderr.strip(),
@@ -256,7 +302,7 @@ def _event(proc: subprocess.CompletedProcess[str]) -> Event:
     if proc.returncode != 0:
         raise SSHError("The remote wait failed", details=proc.stderr.strip() or None)
     job: JobInfo | None = None
-    kind, value = "WAIT", ""
+    kind, value = Reply.WAIT, ""
     age: float | None = None
     mark: Mark | None = None
     for line in _lines(proc.stdout):
@@ -269,8 +315,8 @@ def _event(proc: subprocess.CompletedProcess[str]) -> Event:
             mark = Mark.parse(line[5:])
         elif "|" in line:
             head, _, rest = line.partition("|")
-            if head in ("STARTED", "ADDRESS", "READY", "EXITED", "ENDED", "WAIT"):
-                kind, value = head, rest
+            if head in WAIT_REPLIES:
+                kind, value = Reply(head), rest
     return Event(kind=kind, value=value, job=job, age=age, mark=mark)
 
 

@@ -15,13 +15,18 @@ Ahead of an agent go the facts Python owns, as generated shell variables
 the run directory's file names (``rundir``) and each agent command's
 argument names (``COMMANDS``). Python builds a call from ``COMMANDS``
 (``command_args``) and the agent parses it by the same names, so neither
-side can pass an argument the other does not expect."""
+side can pass an argument the other does not expect.
+
+The agent answers in records, one ``KIND|detail`` line each (agent.sh's
+"Output protocol"); the kinds that say how the job stands are ``Reply``,
+read into typed values by ``agent.py`` (``Event``, ``JobNews``)."""
 
 from __future__ import annotations
 
 import re
 import shlex
 from collections.abc import Mapping, Sequence
+from enum import StrEnum
 from functools import cache
 from importlib import resources
 
@@ -47,6 +52,32 @@ COMMANDS: dict[str, tuple[str, ...]] = {
 }
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+class Reply(StrEnum):
+    """The agent's records about the job (``KIND|detail``), with what the
+    detail holds. The waits (``wait-start``, ``wait-ready``) answer one of
+    ``WAIT_REPLIES``; the log stream's records that are not log lines are
+    ``STREAM_NEWS``."""
+
+    STARTED = "STARTED"  # the job runs: "HOST JOBID EPOCH" (its start on the cluster's clock)
+    ADDRESS = "ADDRESS"  # where vLLM listens, before it is ready: "host:port" or a socket
+    READY = "READY"  # vLLM serves (the address again; a MARK record comes with it)
+    WAIT = "WAIT"  # the wait's slice ran out (JOB and AGE records say how the job stands)
+    EXITED = "EXITED"  # vLLM exited: its exit status
+    ENDED = "ENDED"  # the job script stopped vLLM: why ("signal TERM", TIME_LIMIT, ...)
+    GONE = "GONE"  # the scheduler lists the job as no longer running: its state
+    UNKNOWN = "UNKNOWN"  # the scheduler did not answer: why
+
+
+WAIT_REPLIES = frozenset(
+    {Reply.STARTED, Reply.ADDRESS, Reply.READY, Reply.WAIT, Reply.EXITED, Reply.ENDED}
+)
+STREAM_NEWS = frozenset({Reply.EXITED, Reply.ENDED, Reply.GONE, Reply.UNKNOWN})
+
+# ENDED's detail when the job script stopped vLLM at the job's time limit
+# (jobscript.sh's TERM trap, once SLURM's USR1 warning came): a normal end.
+TIME_LIMIT = "time limit"
 
 
 def command_args(command: str, values: Mapping[str, object], rest: Sequence[str] = ()) -> list[str]:

@@ -1,5 +1,5 @@
 """SLURM's answers, parsed. Pure functions: the commands themselves run on
-the login node through the agent (``remote.py``)."""
+the login node through the agent (``agent.py``)."""
 
 from __future__ import annotations
 

@@ -371,13 +371,6 @@ def local_base(local_port: int, local_socket: str = "") -> str:
     return "http://localhost" if local_socket else f"http://127.0.0.1:{local_port}"
 
 
-def get_json(url: str, api_key: str | None, timeout: float = 5) -> object:
-    with http_client(api_key, timeout) as client:
-        response = client.get(url)
-        response.raise_for_status()
-        return response.json() if response.content else None
-
-
 @dataclass(frozen=True)
 class Verified:
     """What the connection test saw: the served models, and how long a

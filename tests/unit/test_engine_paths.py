@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from alvis_fsm.cluster.agent import Event
+from alvis_fsm.cluster.protocol import Reply
 from alvis_fsm.cluster.slurm import JobInfo, JobState
 from alvis_fsm.engine.session.looks import show_logs
 from alvis_fsm.errors import ConnectionLost, Interrupted, ServerError, SessionError, SSHError
@@ -84,8 +85,10 @@ def test_sbatch_cut_off_finds_the_job_by_name_instead_of_submitting_twice(tmp_pa
 
     agent.submit = flaky  # type: ignore[method-assign]
     agent.find = lambda name: "77"  # type: ignore[method-assign]
-    agent.starts.append(Event("STARTED", "alvis7-07 77"))
-    agent.readies.extend([Event("ADDRESS", "alvis7-07:8000"), Event("READY", "alvis7-07:8000")])
+    agent.starts.append(Event(Reply.STARTED, "alvis7-07 77"))
+    agent.readies.extend(
+        [Event(Reply.ADDRESS, "alvis7-07:8000"), Event(Reply.READY, "alvis7-07:8000")]
+    )
     runner.drive()
     assert calls["n"] == 1 and store.load("s").job_id == "77"
     assert conn.opened >= 2  # reopened before asking by name
@@ -103,10 +106,10 @@ def test_resumed_without_a_job_id_never_submits(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("event", "said"),
     [
-        (Event("EXITED", "1"), "vLLM exited with status 1 before it was ready"),
-        (Event("ENDED", "signal TERM"), "The job stopped before vLLM was ready (signal TERM)"),
+        (Event(Reply.EXITED, "1"), "vLLM exited with status 1 before it was ready"),
+        (Event(Reply.ENDED, "signal TERM"), "The job stopped before vLLM was ready (signal TERM)"),
         (
-            Event("WAIT", job=JobInfo(source="sacct", state=JobState.FAILED)),
+            Event(Reply.WAIT, job=JobInfo(source="sacct", state=JobState.FAILED)),
             "ended (FAILED) before vLLM was ready",
         ),
     ],

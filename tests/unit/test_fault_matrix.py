@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from alvis_fsm.cluster.agent import Event
+from alvis_fsm.cluster.protocol import Reply
 from alvis_fsm.cluster.tunnel import Verified
 from alvis_fsm.errors import CancelUnconfirmed, ConnectionLost, Interrupted
 from tests.unit.fake_cluster import RUNNING_SACCT, UNKNOWN, FakeAgent, FakeTunnel, make_runner
@@ -29,18 +30,20 @@ def _happy(agent: FakeAgent, state: str, first: list[Any] | None = None) -> None
     """Script the cluster from ``state`` on to `tunneled`, ``first`` before it."""
     first = first or []
     if state == "submitted":
-        agent.starts.extend([*first, Event("STARTED", "alvis7-07 42 1700000000")])
-        agent.readies.extend([Event("ADDRESS", "alvis7-07:8000"), Event("READY", "alvis7-07:8000")])
+        agent.starts.extend([*first, Event(Reply.STARTED, "alvis7-07 42 1700000000")])
+        agent.readies.extend(
+            [Event(Reply.ADDRESS, "alvis7-07:8000"), Event(Reply.READY, "alvis7-07:8000")]
+        )
     elif state == "running":
         agent.readies.extend(
-            [*first, Event("ADDRESS", "alvis7-07:8000"), Event("READY", "alvis7-07:8000")]
+            [*first, Event(Reply.ADDRESS, "alvis7-07:8000"), Event(Reply.READY, "alvis7-07:8000")]
         )
 
 
 @pytest.mark.parametrize("state", LIVE)
 def test_scheduler_not_answering_keeps_the_job(tmp_path: Path, state: str) -> None:
     runner, agent, _, say, store = make_runner(tmp_path, state, detach=state != "tunneled")
-    unknown = [Event("WAIT", job=UNKNOWN, age=1), Event("WAIT", job=UNKNOWN, age=2)]
+    unknown = [Event(Reply.WAIT, job=UNKNOWN, age=1), Event(Reply.WAIT, job=UNKNOWN, age=2)]
     _happy(agent, state, unknown)
     if state == "tunneled":
         agent.stream_script = (
@@ -88,7 +91,7 @@ def test_network_lost_keeps_job_and_state(tmp_path: Path, state: str) -> None:
 def test_client_asleep_is_judged_by_the_cluster_clock(tmp_path: Path, state: str) -> None:
     runner, agent, _, _, store = make_runner(tmp_path, state)
     runner.model.entered_at[state] = time.time() - 100_000  # our clock: a day late
-    _happy(agent, state, [Event("WAIT", job=RUNNING_SACCT, age=5)])  # the cluster: 5 s
+    _happy(agent, state, [Event(Reply.WAIT, job=RUNNING_SACCT, age=5)])  # the cluster: 5 s
     runner.drive()
     assert agent.cancels == [] and store.load("s").state == "tunneled"
 

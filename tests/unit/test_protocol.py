@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from alvis_fsm.cluster import protocol, rundir
-from alvis_fsm.cluster.agent import Mark, agent_argv
+from alvis_fsm.cluster.agent import JobNews, Mark, agent_argv
 from alvis_fsm.cluster.slurm import PHASES, JobInfo, JobState, Phase
+from alvis_fsm.paths import jobscript_template
 
 # Every name SLURM's job_state_string prints (SchedMD/slurm,
 # src/common/slurm_protocol_defs.c), flags and base states.
@@ -291,3 +292,64 @@ def test_ready_comes_with_the_mark_a_stream_starts_from(tmp_path: Path) -> None:
         proc.wait(timeout=10)
     bad = _run(tmp_path, ["from=1;2" if w == f"from={mark}" else w for w in argv])
     assert bad.returncode == 3 and "from=1;2 is not OUT,ERR" in bad.stderr
+
+
+def test_every_reply_is_a_record_the_agent_prints() -> None:
+    """The replies' kinds are the agent's: each one ``Reply`` names is a
+    record agent.sh prints, so a renamed record cannot go unread."""
+    source = protocol.fragment("agent.sh")
+    for kind in protocol.Reply:
+        assert f"'{kind}|" in source, kind
+    assert set(protocol.Reply) == protocol.STREAM_NEWS | protocol.WAIT_REPLIES
+
+
+def test_the_time_limit_is_what_the_job_script_writes() -> None:
+    """ENDED's detail at the time limit is the job script's word for it."""
+    assert f'stop_vllm "{protocol.TIME_LIMIT}"' in jobscript_template().read_text()
+
+
+@pytest.mark.parametrize(
+    ("line", "news"),
+    [
+        ("EXITED|1", JobNews(protocol.Reply.EXITED, "1")),
+        ("ENDED|time limit", JobNews(protocol.Reply.ENDED, "time limit")),
+        ("GONE|NODE_FAIL", JobNews(protocol.Reply.GONE, "NODE_FAIL")),
+        ("UNKNOWN|squeue: timed out", JobNews(protocol.Reply.UNKNOWN, "squeue: timed out")),
+        ("READY|node:8000", None),  # a wait's answer, not the stream's news
+        ("O|EXITED|1", None),  # a log line
+        ("EXITED", None),
+    ],
+)
+def test_the_streams_news_are_typed(line: str, news: JobNews | None) -> None:
+    assert JobNews.parse(line) == news
+
+
+@pytest.mark.parametrize(
+    ("news", "limit", "ends"),
+    [
+        (JobNews(protocol.Reply.ENDED, protocol.TIME_LIMIT), True, True),
+        (JobNews(protocol.Reply.GONE, JobState.TIMEOUT.value), True, True),
+        (JobNews(protocol.Reply.ENDED, "signal TERM"), False, True),
+        (JobNews(protocol.Reply.EXITED, "1"), False, True),
+        (JobNews(protocol.Reply.GONE, "CANCELLED"), False, True),
+        (JobNews(protocol.Reply.UNKNOWN, "sacct: down"), False, False),
+    ],
+)
+def test_what_the_news_mean(news: JobNews, limit: bool, ends: bool) -> None:
+    assert (news.at_time_limit, news.ends_job) == (limit, ends)
+
+
+def test_the_news_in_words_before_and_after_ready() -> None:
+    exited, ended = (
+        JobNews(protocol.Reply.EXITED, "1"),
+        JobNews(protocol.Reply.ENDED, "signal TERM"),
+    )
+    assert exited.says("42") == "vLLM exited with status 1"
+    assert exited.says("42", before_ready=True) == "vLLM exited with status 1 before it was ready"
+    assert ended.says("42") == "The job stopped (signal TERM)"
+    assert ended.says("42", before_ready=True) == (
+        "The job stopped before vLLM was ready (signal TERM)"
+    )
+    assert JobNews(protocol.Reply.GONE, "NODE_FAIL").says("42") == (
+        "Job 42 is no longer running (NODE_FAIL)"
+    )

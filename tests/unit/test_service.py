@@ -23,7 +23,14 @@ from alvis_fsm.engine.session import service
 from alvis_fsm.engine.session.service import StartOptions
 from alvis_fsm.engine.session.store import SessionRecord, Store
 from alvis_fsm.engine.settings.model import Settings, load_settings
-from alvis_fsm.errors import ConfigError, SchedulerError, ServerError, SessionError, UsageError
+from alvis_fsm.errors import (
+    ConfigError,
+    JobRefused,
+    SchedulerError,
+    ServerError,
+    SessionError,
+    UsageError,
+)
 
 PACKAGE = Path(__file__).resolve().parents[2] / "alvis_fsm"
 
@@ -258,7 +265,7 @@ def test_start_says_where_refused_values_came_from(tmp_path: Path) -> None:
     heard: list[str] = []
 
     def drive(runner: Any) -> None:
-        raise SchedulerError("sbatch refused the job")
+        raise JobRefused("sbatch refused the job")
 
     with pytest.raises(SchedulerError) as exc:
         service.start(

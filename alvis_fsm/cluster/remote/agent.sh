@@ -8,7 +8,8 @@
 # within one poll interval instead of one ssh round trip plus a local sleep,
 # and so each wait costs one channel on the shared connection, not a login.
 #
-# Output protocol (one record per line, parsed by alvis_fsm/remote.py):
+# Output protocol (one record per line, parsed by alvis_fsm/cluster/agent.py;
+# the kinds that say how the job stands are protocol.py's Reply):
 #   JOB|<source>|<state>|<node>|<reason>|<start>|<timeleft>|<exitcode>
 #       source: squeue or sacct (an answer), none (both answered and neither
 #       knows the job), unknown (a query failed or timed out; <reason> says

@@ -2,13 +2,14 @@
 
 One ssh channel runs the agent's ``stream`` (engine side: a process and a
 reader thread): its ``O|``/``E|`` lines go to the observer as they come,
-its ``EXITED``/``ENDED``/``GONE``/``UNKNOWN`` records are queued for the
-driver (``next_event``). A stream the remote side ends on its own is
-restarted with the one backoff policy (``keep``), the first time at once;
-a stream that ended because the shared connection went is restarted once
-the connection is back. The stream's own small state: the process, when it
-started, whether its end was already counted, whether the person at the
-terminal was told how to stop, and the ``mark`` its first start begins at.
+its ``EXITED``/``ENDED``/``GONE``/``UNKNOWN`` records are queued, as
+``JobNews``, for the driver (``next_event``). A stream the remote side ends
+on its own is restarted with the one backoff policy (``keep``), the first
+time at once; a stream that ended because the shared connection went is
+restarted once the connection is back. The stream's own small state: the
+process, when it started, whether its end was already counted, whether
+the person at the terminal was told how to stop, and the ``mark`` its
+first start begins at.
 
 The mark is where vLLM's logs stood when it was found ready (the agent's
 READY, or ``Agent.mark`` for a session picked up served): taken before the
@@ -24,31 +25,17 @@ import threading
 import time
 from collections.abc import Callable
 
-from alvis_fsm.cluster.agent import Mark, parse_log_line
+from alvis_fsm.cluster.agent import JobNews, Mark, parse_log_line
 from alvis_fsm.engine.session.link import Link
 from alvis_fsm.retry import Backoff
 from alvis_fsm.text import inert_line
-
-# The records of the stream that are news about the job, not log lines.
-JOB_NEWS = ("EXITED", "ENDED", "GONE", "UNKNOWN")
-
-# What the news of a job's end say (the driver's errors, `logs --follow`'s last line).
-END_NEWS = {
-    "EXITED": "vLLM exited with status {value}",
-    "ENDED": "The job stopped ({value})",
-    "GONE": "Job {job} is no longer running ({value})",
-}
-
-
-def news_text(kind: str, value: str, job: str) -> str:
-    return END_NEWS[kind].format(job=job, value=value) if kind in END_NEWS else kind
 
 
 class LogStream:
     def __init__(self, link: Link) -> None:
         self.link = link
         self.proc: subprocess.Popen[bytes] | None = None
-        self.events: queue.Queue[tuple[str, str]] = queue.Queue()
+        self.events: queue.Queue[JobNews] = queue.Queue()
         self._reader: threading.Thread | None = None
         self._since = 0.0
         self._dead = False  # its end already counted against the restarts
@@ -90,10 +77,8 @@ class LogStream:
             if line[:2] in ("O|", "E|"):
                 stream, text = parse_log_line(line)
                 self.link.ui.log_line(stream, inert_line(text))
-            elif "|" in line:
-                head, _, rest = line.partition("|")
-                if head in JOB_NEWS:
-                    self.events.put((head, rest))
+            elif news := JobNews.parse(line):
+                self.events.put(news)
 
     def ended(self) -> bool:
         """Started, and its process has ended."""
@@ -136,12 +121,12 @@ class LogStream:
         if restarts.due():
             self.start(0)
 
-    def next_event(self, timeout: float) -> tuple[str, str]:
-        """The next news about the job, or ("", "") after ``timeout`` s."""
+    def next_event(self, timeout: float) -> JobNews | None:
+        """The next news about the job, or None after ``timeout`` s."""
         try:
             return self.events.get(timeout=timeout)
         except queue.Empty:
-            return "", ""
+            return None
 
     def stop(self) -> None:
         proc = self.proc

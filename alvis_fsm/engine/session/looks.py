@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from alvis_fsm.engine.observer import Observer
 from alvis_fsm.engine.session.link import Link, open_link
-from alvis_fsm.engine.session.log_stream import LogStream, news_text
+from alvis_fsm.engine.session.log_stream import LogStream
 from alvis_fsm.engine.session.states import State
 from alvis_fsm.engine.session.store import SessionRecord, Store
 from alvis_fsm.errors import SessionError
@@ -45,12 +45,12 @@ def show_logs(link: Link, lines: int, follow: bool) -> None:
             return
         stream.start(lines)
         while True:
-            kind, value = stream.next_event(timeout=0.5)
-            if not kind:
+            news = stream.next_event(timeout=0.5)
+            if news is None:
                 if stream.ended():
                     break
                 continue
-            link.ui.info(news_text(kind, value, r.job_id))
+            link.ui.info(news.says(r.job_id))
             break
     except KeyboardInterrupt:
         pass

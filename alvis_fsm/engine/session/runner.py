@@ -41,13 +41,14 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from alvis_fsm.cluster import slurm
-from alvis_fsm.cluster.agent import Agent
+from alvis_fsm.cluster.agent import Agent, JobNews
+from alvis_fsm.cluster.protocol import Reply
 from alvis_fsm.cluster.ssh import Connection
 from alvis_fsm.cluster.tunnel import Tunnel, Verified
 from alvis_fsm.engine.observer import Observer
 from alvis_fsm.engine.session.job_control import JobControl
 from alvis_fsm.engine.session.link import Link, Shield, open_link, record_entry
-from alvis_fsm.engine.session.log_stream import LogStream, news_text
+from alvis_fsm.engine.session.log_stream import LogStream
 from alvis_fsm.engine.session.machine import SessionModel, build_machine
 from alvis_fsm.engine.session.start_up import StartUp, TimedOut
 from alvis_fsm.engine.session.states import LIVE_STATES, State
@@ -295,26 +296,28 @@ class Runner:
             self.link.stop.check()
             self.jobs.warn_before_end()
             self.stream.keep(reopen=lambda: reopen_or_give_up(self.link))
-            self._job_news(*self.stream.next_event(timeout=0.5))
+            self._job_news(self.stream.next_event(timeout=0.5))
             if not self.tunnels.alive():
                 self.tunnels.dropped()
                 self._fire("disconnect")
                 return
 
-    def _job_news(self, kind: str, value: str) -> None:
+    def _job_news(self, news: JobNews | None) -> None:
         """What the stream's news about the job mean while serving."""
-        if kind == "UNKNOWN":
+        if news is None:
+            return
+        if not news.ends_job:
             self.jobs.unanswered(
-                slurm.JobInfo(source="unknown", state=slurm.JobState.UNKNOWN, reason=value)
+                slurm.JobInfo(source="unknown", state=slurm.JobState.UNKNOWN, reason=news.detail)
             )
-        if self.supervised and kind in ("EXITED", "ENDED", "GONE"):
-            raise Release(kind)  # the job is ending: confirmed and recorded in _finish
-        if (kind == "ENDED" and value == "time limit") or (kind == "GONE" and value == "TIMEOUT"):
+            return
+        if self.supervised:
+            raise Release(news.kind)  # the job is ending: confirmed and recorded in _finish
+        if news.at_time_limit:
             raise LimitReached()
-        if kind in ("EXITED", "ENDED"):
-            raise self.jobs.crash(news_text(kind, value, self.record.job_id))
-        if kind == "GONE":
-            raise SchedulerError(news_text(kind, value, self.record.job_id))
+        if news.kind == Reply.GONE:
+            raise SchedulerError(news.says(self.record.job_id))
+        raise self.jobs.crash(news.says(self.record.job_id))
 
     # -- the way out ------------------------------------------------------------
     def _finish(self, exc: BaseException) -> None:

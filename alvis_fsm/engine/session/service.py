@@ -27,6 +27,7 @@ from alvis_fsm.engine.session.store import SessionRecord, Store, check_name
 from alvis_fsm.errors import (
     AlvisError,
     ConfigError,
+    JobRefused,
     SchedulerError,
     ServerError,
     SessionError,
@@ -211,7 +212,7 @@ class NewSession:
 
     def explain(self, exc: AlvisError) -> None:
         """Say in ``exc`` which values sbatch was given, when it refused the job."""
-        if isinstance(exc, SchedulerError) and exc.message == "sbatch refused the job":
+        if isinstance(exc, JobRefused):
             exc.hint = session_spec.refusal_hint(
                 self.account, self.options, self.settings, self.entry, self.gpus, self.time
             )

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from alvis_fsm.cluster import rundir, slurm
 from alvis_fsm.cluster.agent import Event, Mark
 from alvis_fsm.cluster.durations import in_words
+from alvis_fsm.cluster.protocol import Reply
 from alvis_fsm.cluster.tunnel import parse_address
 from alvis_fsm.engine.fit import loadtimes
 from alvis_fsm.engine.session.job_control import JobControl
@@ -157,7 +158,7 @@ class StartUp:
                 r.run_dir, r.job_id, self._slice(since), link.settings.polling.file_interval
             )
             self.clock.note(ev)
-            if ev.kind == "STARTED":
+            if ev.kind == Reply.STARTED:
                 self._started(ev)
                 return
             self._not_started(ev)
@@ -235,15 +236,15 @@ class StartUp:
                 address_known=bool(r.port or r.remote_socket),
             )
             self.clock.note(ev)
-            if ev.kind in ("ADDRESS", "READY"):
+            if ev.kind in (Reply.ADDRESS, Reply.READY):
                 self._address(ev)
-            if ev.kind == "READY":
+            if ev.kind == Reply.READY:
                 link.ui.done_waiting()
                 if r.running_since:
                     # For the next start's estimate (and the gateway's rollover lead).
                     self._load_times.add(r.model, r.gpus, time.time() - r.running_since)
                 return ev.mark
-            if ev.kind == "ADDRESS":
+            if ev.kind == Reply.ADDRESS:
                 continue
             self._not_ready(ev)
             self.jobs.unanswered(ev.job)
@@ -271,10 +272,8 @@ class StartUp:
     def _not_ready(self, ev: Event) -> None:
         r = self.link.record
         crashed = ""
-        if ev.kind == "EXITED":
-            crashed = f"vLLM exited with status {ev.value} before it was ready"
-        elif ev.kind == "ENDED":
-            crashed = f"The job stopped before vLLM was ready ({ev.value})"
+        if ev.news is not None:
+            crashed = ev.news.says(r.job_id, before_ready=True)
         elif ev.job is not None and ev.job.ended:
             crashed = f"Job {r.job_id} ended ({ev.job.state}) before vLLM was ready"
         if crashed:
