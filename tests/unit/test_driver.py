@@ -174,9 +174,9 @@ def test_stop_retries_and_confirms(tmp_path: Path) -> None:
     runner, agent, _, say, store = make_runner(tmp_path, "tunneled")
     agent.cancel_answer = "no answer"
     with pytest.raises(CancelUnconfirmed):
-        runner.stop()
+        runner.jobs.stop()
     agent.cancel_answer = ""
-    runner.stop()
+    runner.jobs.stop()
     assert saved_state(store) == "cleaned"
     assert "Cleaned up job 42 successfully" in say.text("info")
     assert len(agent.cancels) == 2

@@ -17,6 +17,7 @@ from alvis_fsm.cluster import slurm
 from alvis_fsm.cluster.durations import fmt_duration
 from alvis_fsm.engine.session.link import Link, record_entry
 from alvis_fsm.engine.session.log_stream import LogStream
+from alvis_fsm.engine.session.machine import SessionModel, Trigger, build_machine
 from alvis_fsm.engine.session.states import State
 from alvis_fsm.engine.session.tunnel_keeper import TunnelKeeper
 from alvis_fsm.errors import AlvisError, CancelUnconfirmed, ServerError
@@ -44,21 +45,28 @@ class JobControl:
         *,
         tunnels: TunnelKeeper | None = None,
         stream: LogStream | None = None,
-        clean: Callable[[], None] | None = None,
+        clean: Callable[[], object] | None = None,
     ) -> None:
         """The driver hands in its tunnel keeper, its log stream and its
         machine's ``clean`` trigger; on its own (`stop`, `status`), the
-        tunnel a detached client left is closed by its socket and the record
-        is written `cleaned`."""
+        tunnel a detached client left is closed by its socket and the end
+        goes through a machine of its own (``_clean_through_machine``)."""
         self.link = link
         self.tunnels = tunnels or TunnelKeeper(link)
         self.stream = stream
-        self._clean = clean or self._record_cleaned
+        self._clean = clean or self._clean_through_machine
         self._last_unknown_note = 0.0
         self._warned: set[float] = set()
 
-    def _record_cleaned(self) -> None:
-        record_entry(self.link.record, State.CLEANED)
+    def _clean_through_machine(self) -> None:
+        """The machine's ``clean`` from the record's state (no driver, no
+        steps): the state written is the one the machine enters, never one
+        set behind its back."""
+        record, settings = self.link.record, self.link.settings
+        model = SessionModel()
+        model.on_change = lambda state: record_entry(record, state)
+        build_machine(model, settings.machine, settings.timeouts.model_dump(), record.state)
+        model.fire(Trigger.CLEAN)
 
     def _enter_cleaned(self) -> None:
         if self.link.record.state != State.CLEANED:

@@ -48,7 +48,7 @@ from alvis_fsm.engine.observer import Observer
 from alvis_fsm.engine.session.job_control import JobControl
 from alvis_fsm.engine.session.link import Link, Shield, open_link, record_entry
 from alvis_fsm.engine.session.log_stream import LogStream, news_text
-from alvis_fsm.engine.session.machine import SessionModel, build_machine
+from alvis_fsm.engine.session.machine import SessionModel, Trigger, build_machine
 from alvis_fsm.engine.session.start_up import StartUp, TimedOut
 from alvis_fsm.engine.session.states import LIVE_STATES, State
 from alvis_fsm.engine.session.store import SessionRecord, Store
@@ -172,7 +172,10 @@ class Runner:
         self.model = SessionModel()
         self.model.on_change = self._on_change
         self.jobs = JobControl(
-            self.link, tunnels=self.tunnels, stream=self.stream, clean=lambda: self._fire("clean")
+            self.link,
+            tunnels=self.tunnels,
+            stream=self.stream,
+            clean=lambda: self.model.fire(Trigger.CLEAN),
         )
         self.start_up = StartUp(self.link, self.model, self.jobs, self.tunnels)
         # The behaviour of each state, attached to the machine (``on_enter``
@@ -215,9 +218,6 @@ class Runner:
         record_entry(self.link.record, state)
         self.link.save()
 
-    def _fire(self, trigger: str) -> None:
-        getattr(self.model, trigger)()
-
     # -- the loop -------------------------------------------------------------
     def drive(self) -> None:
         """Run the session from its current state. Cleans up on any failure or
@@ -240,13 +240,13 @@ class Runner:
         self.conn.open()
         state = self.state
         if state is State.IDLE:
-            self._fire("submit")
+            self.model.fire(Trigger.SUBMIT)
         elif state is State.TUNNELED and not (self.supervised and self.tunnels.adopt()):
             # Picked up by resume: the tunnel is not ours until it is
             # found (or reopened) and verified again.
-            self._fire("disconnect")
+            self.model.fire(Trigger.DISCONNECT)
         elif state in LIVE_STATES:
-            self._fire("resume")
+            self.model.fire(Trigger.RESUME)
 
     def request_stop(self, reason: str = "stopped") -> None:
         """Ask a session driven in another thread to stop and clean up, as
@@ -261,14 +261,14 @@ class Runner:
         if self.model.came_from == State.IDLE and not self.record.job_id:
             self.start_up.submit(self.render, self.sbatch_args)
         self.start_up.wait_for_node()
-        self._fire("start")
+        self.model.fire(Trigger.START)
 
     def await_server(self) -> None:
         """Step of `running`: wait for vLLM's address, then for it to be ready."""
         if self.model.came_from == State.SUBMITTED:
             self.start_up.announce_node()
         self.stream.mark = self.start_up.wait_for_server()
-        self._fire("ready")
+        self.model.fire(Trigger.READY)
 
     def connect(self) -> None:
         """Step of `serving`: open the tunnel and verify the server through it;
@@ -281,7 +281,7 @@ class Runner:
             # A lost connection here is one as in any step (the job is kept).
             self.stream.mark = self.agent.mark(self.record.run_dir)
         self.tunnels.bring_up()
-        self._fire("connect")
+        self.model.fire(Trigger.CONNECT)
 
     def serve(self) -> None:
         """Step of `tunneled`: stream logs, keep an eye on job and tunnel.
@@ -298,7 +298,7 @@ class Runner:
             self._job_news(*self.stream.next_event(timeout=0.5))
             if not self.tunnels.alive():
                 self.tunnels.dropped()
-                self._fire("disconnect")
+                self.model.fire(Trigger.DISCONNECT)
                 return
 
     def _job_news(self, kind: str, value: str) -> None:
@@ -326,8 +326,8 @@ class Runner:
             Outcome.KEEP_JOB: lambda: self._keep_job(exc),
             Outcome.INTERRUPTED: self._interrupted,
             Outcome.STOPPED: lambda: self._stopped(exc),
-            Outcome.TIMED_OUT: lambda: self._failed(exc, "timeout"),
-            Outcome.FAILED: lambda: self._failed(exc, "fail"),
+            Outcome.TIMED_OUT: lambda: self._failed(exc, Trigger.TIMEOUT),
+            Outcome.FAILED: lambda: self._failed(exc, Trigger.FAIL),
             Outcome.INTERNAL: lambda: self._internal(exc),
         }
         handlers[outcome_of(exc, self.supervised)]()
@@ -350,7 +350,7 @@ class Runner:
         assert isinstance(exc, ConnectionLost)
         r = self.record
         if self.state is State.IDLE:
-            self._failed(exc, "fail")  # nothing submitted: a plain error
+            self._failed(exc, Trigger.FAIL)  # nothing submitted: a plain error
             return
         self.stream.stop()
         if self.tunnels.tunnel is not None:
@@ -386,13 +386,13 @@ class Runner:
             f"Stopped by {exc.reason}; cleaned up job {self.record.job_id or '(none)'}"
         ) from None
 
-    def _failed(self, exc: BaseException, trigger: str) -> None:
+    def _failed(self, exc: BaseException, trigger: Trigger) -> None:
         error = exc.error if isinstance(exc, TimedOut) else exc
         assert isinstance(error, AlvisError)
         if self.state not in (State.FAILED, State.CLEANED):
             # Even if saving the new state fails, cleanup must still run.
             with contextlib.suppress(Exception):
-                self._fire(trigger)
+                self.model.fire(trigger)
         self.record.end_reason = error.message
         self.jobs.cleanup(error.message)
         raise error
@@ -401,12 +401,9 @@ class Runner:
         self.jobs.cleanup("internal error")
         raise exc
 
-    # -- for resume, stop and the tests: job control's, through the driver ---------
+    # -- for resume (service.py): job control's, through the driver ---------------
     def still_alive(self) -> bool:
         return self.jobs.still_alive()
-
-    def stop(self) -> None:
-        self.jobs.stop()
 
     def cleanup(self, why: str) -> None:
         self.jobs.cleanup(why)
