@@ -1,7 +1,8 @@
 """The session's job, with the scheduler: cancel and confirm, learn how it ended.
 
-Needs no state machine: `stop` (``cancel_session``) runs it on its own, the
-driver (``runner.py``) hands it the machine's ``clean`` trigger. Only the
+Needs no driver: `stop` (``stop_job``) and `status` run it on their own
+(the end then goes through a machine of its own), the driver
+(``runner.py``) hands it its machine's ``clean`` trigger. Only the
 scheduler's word counts: an unconfirmed cancel keeps the session (`stop`
 retries), no answer means "still there", and the end it confirms is
 recorded (state ``cleaned``, how it ended). Also what the job's news mean to
@@ -10,18 +11,25 @@ ahead and reached, a scheduler that does not answer."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from alvis_fsm.cluster import slurm
 from alvis_fsm.cluster.durations import fmt_duration
-from alvis_fsm.engine.session.link import Link, record_entry
+from alvis_fsm.engine.session.link import Link, Shield, open_link, record_entry
 from alvis_fsm.engine.session.log_stream import LogStream
 from alvis_fsm.engine.session.machine import SessionModel, Trigger, build_machine
 from alvis_fsm.engine.session.states import State
+from alvis_fsm.engine.session.store import SessionRecord, Store
 from alvis_fsm.engine.session.tunnel_keeper import TunnelKeeper
 from alvis_fsm.errors import AlvisError, CancelUnconfirmed, ServerError
 from alvis_fsm.text import inert_line
+
+if TYPE_CHECKING:
+    from alvis_fsm.engine.observer import Observer
+    from alvis_fsm.engine.settings.model import Settings
 
 # Time left is short relative to the job when at most this share of its
 # time limit is left: no warning comes sooner (never at the start of a job
@@ -236,6 +244,25 @@ class JobControl:
         )
 
 
-def cancel_session(link: Link) -> None:
-    """`stop`: cancel the session's job, confirmed by the scheduler (no machine)."""
-    JobControl(link).stop()
+def stop_job(
+    settings: Settings,
+    store: Store,
+    name: str,
+    ui: Observer,
+    *,
+    shield: Shield | None = None,
+    **handles: Any,
+) -> SessionRecord | None:
+    """`stop`, once whoever drove the session has let go: under its lock,
+    cancel its job (confirmed by the scheduler), close its tunnel, state
+    cleaned. None when this stopped it; the record when it was stopped
+    already."""
+    with store.lock(name):
+        record = store.load(name)
+        if record.state == State.CLEANED:
+            return record
+        link = open_link(
+            settings, record, store, ui, shield=shield or contextlib.nullcontext, **handles
+        )
+        JobControl(link).stop()
+    return None

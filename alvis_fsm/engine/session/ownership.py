@@ -8,7 +8,7 @@ once (`stop`, `resume`). This module owns the changes of driver:
   and waited for, so that `stop` or `resume` can drive the session;
 - ``stop_session``: a session stopped whoever drives it: its supervisor lets
   go, its foreground client is asked to stop as Ctrl+C would and waited for,
-  then the job is cancelled and the cancel confirmed (``service.stop``);
+  then the job is cancelled and the cancel confirmed (``job_control.stop_job``);
 - ``Handover``: a detached session handed to its supervisor, the detaching
   command returning only once the supervisor holds the lock;
 - ``run_supervisor``: the supervisor's own loop, which keeps the tunnel up
@@ -30,14 +30,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alvis_fsm.engine.session.job_control import stop_job
 from alvis_fsm.engine.session.states import State
 from alvis_fsm.engine.session.store import SessionRecord, Store
 from alvis_fsm.errors import AlvisError, ConnectionLost, SessionError
 
 if TYPE_CHECKING:
     from alvis_fsm.engine.observer import Observer
+    from alvis_fsm.engine.session.link import Shield
     from alvis_fsm.engine.session.runner import Runner
-    from alvis_fsm.engine.session.service import Shield
     from alvis_fsm.engine.settings.model import Settings
 
 # The argv that starts the supervisor of the named session (the front's).
@@ -126,16 +127,14 @@ def stop_session(
     """Stop the session whoever drives it: a detached session's supervisor
     lets go, a foreground client is asked to stop and waited for; then the
     job is cancelled (confirmed by the scheduler), the tunnel closed, the
-    state cleaned (``service.stop``). None when this stopped it; the record
+    state cleaned (``job_control.stop_job``). None when this stopped it; the record
     when it was already stopped (said to ``ui``, with how it ended)."""
-    from alvis_fsm.engine.session import service
-
     record = store.load(name)
     take_over(store, record)
     holder = store.holder(name)
     if holder:
         stop_client(ui, store, name, holder if holder > 0 else record.client_pid)
-    ended = service.stop(settings, store, name, ui, shield=shield, **handles)
+    ended = stop_job(settings, store, name, ui, shield=shield, **handles)
     if ended is not None:
         ui.result(f"Session '{ended.name}' is already stopped ({ended.outcome()}).")
     return ended
