@@ -103,7 +103,7 @@ class JobControl:
         r.end_reason = f"job ended: {how}"
         r.final_job_state = str(job.state)
         self._enter_cleaned()
-        r.client_pid = 0
+        r.let_go()
         self.link.save()
         return False
 
@@ -151,7 +151,7 @@ class JobControl:
             if r.state != State.CLEANED:
                 r.end_reason = r.end_reason or why
                 self._clean()
-            r.client_pid = 0
+            r.let_go()
             link.save()
             link.ui.info(f"Cleaned up job {r.job_id or '(none submitted)'} successfully")
 
@@ -168,7 +168,7 @@ class JobControl:
         if not left:
             return
         r.end_reason = r.end_reason or why
-        r.client_pid = 0
+        r.let_go()
         link.save()
         self.close_local()
         raise CancelUnconfirmed(

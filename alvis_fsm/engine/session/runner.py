@@ -51,7 +51,7 @@ from alvis_fsm.engine.session.log_stream import LogStream, news_text
 from alvis_fsm.engine.session.machine import SessionModel, Trigger, build_machine
 from alvis_fsm.engine.session.start_up import StartUp, TimedOut
 from alvis_fsm.engine.session.states import LIVE_STATES, State
-from alvis_fsm.engine.session.store import SessionRecord, Store
+from alvis_fsm.engine.session.store import Driver, SessionRecord, Store
 from alvis_fsm.engine.session.tunnel_keeper import GiveUp, TunnelKeeper, reopen_or_give_up
 from alvis_fsm.errors import (
     AlvisError,
@@ -146,16 +146,20 @@ class Runner:
         agent: Agent | None = None,
         tunnel_factory: Callable[..., Tunnel] | None = None,
         verifier: Callable[..., Verified] | None = None,
-        supervised: bool = False,
+        driver: Driver = Driver.CLIENT,
         job_script: Callable[[str], str] | None = None,
         sbatch_args: Sequence[str] = (),
         shield: Shield = contextlib.nullcontext,
     ) -> None:
-        # A background supervisor of a detached session (commands/supervise):
-        # it keeps the tunnel up with the same loop as a foreground client,
-        # but lets go (Release) instead of cancelling when the job ends or
-        # when it is asked to stop: `stop`, `resume` and `status` decide.
-        self.supervised = supervised
+        # Who this runner drives the session as (store.Driver): a foreground
+        # client, or the background supervisor of a detached session
+        # (ownership.run_supervisor), which keeps the tunnel up with the same
+        # loop but lets go (Release) instead of cancelling when the job ends
+        # or when it is asked to stop: `stop`, `resume` and `status` decide.
+        # A client with ``detach`` hands the session over once it is tunneled.
+        if driver not in (Driver.CLIENT, Driver.SUPERVISOR):
+            raise ValueError(f"a session is driven by a client or a supervisor, not {driver}")
+        self.driver = driver
         self.detach = detach
         self.link: Link = open_link(
             settings, record, store, ui, conn=conn, agent=agent, shield=shield
@@ -211,6 +215,10 @@ class Runner:
         return self.tunnels.tunnel
 
     @property
+    def supervised(self) -> bool:
+        return self.driver is Driver.SUPERVISOR
+
+    @property
     def state(self) -> State:
         return State(self.model.state)
 
@@ -223,7 +231,7 @@ class Runner:
         """Run the session from its current state. Cleans up on any failure or
         signal; returns normally only when detached or stopped by the user.
         A lost network never cleans up: the job is kept for `resume`."""
-        self.record.client_pid = os.getpid()
+        self.record.drive_as(self.driver, os.getpid())
         self.link.save()
         # The front's stop signals stay turned into exceptions until the
         # handler below has shielded itself: no window where a signal's
@@ -333,15 +341,14 @@ class Runner:
         handlers[outcome_of(exc, self.supervised)]()
 
     def _detached(self) -> None:
-        self.record.detached = True
-        self.record.client_pid = 0
+        self.record.drive_as(Driver.HANDING_OVER)
         self.link.save()
 
     def _let_go(self, exc: BaseException) -> None:
         self.stream.stop()
         if isinstance(exc, Release) and exc.args and self.jobs.confirm_end(END_CONFIRM_S):
             return  # ended, recorded, tunnel and connection closed
-        self.record.client_pid = 0
+        self.record.let_go()
         self.link.save()
 
     def _keep_job(self, exc: BaseException) -> None:
@@ -358,7 +365,8 @@ class Runner:
         # The master too (a local step, no network needed): a client that
         # gives up leaves no ssh behind; `resume` logs in again.
         self.link.conn.close()
-        r.client_pid = 0
+        if not self.supervised:  # a supervisor still holds it, and tries again
+            r.let_go()
         self.link.save()
         if isinstance(exc, GiveUp):
             raise exc
