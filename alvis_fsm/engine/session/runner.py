@@ -48,7 +48,7 @@ from alvis_fsm.engine.observer import Observer
 from alvis_fsm.engine.session.job_control import JobControl
 from alvis_fsm.engine.session.link import Link, Shield, open_link, record_entry
 from alvis_fsm.engine.session.log_stream import LogStream, news_text
-from alvis_fsm.engine.session.machine import SessionModel, Trigger, build_machine
+from alvis_fsm.engine.session.machine import BEHAVIOURS, SessionModel, Trigger, build_machine
 from alvis_fsm.engine.session.start_up import StartUp, TimedOut
 from alvis_fsm.engine.session.states import LIVE_STATES, State
 from alvis_fsm.engine.session.store import Driver, SessionRecord, Store
@@ -151,12 +151,9 @@ class Runner:
         sbatch_args: Sequence[str] = (),
         shield: Shield = contextlib.nullcontext,
     ) -> None:
-        # Who this runner drives the session as (store.Driver): a foreground
-        # client, or the background supervisor of a detached session
-        # (ownership.run_supervisor), which keeps the tunnel up with the same
-        # loop but lets go (Release) instead of cancelling when the job ends
-        # or when it is asked to stop: `stop`, `resume` and `status` decide.
-        # A client with ``detach`` hands the session over once it is tunneled.
+        # A foreground client (``detach``: hands over once tunneled) or a detached
+        # session's supervisor: the same loop, but it lets go (Release) instead of
+        # cancelling; `stop`, `resume`, `status` decide (see ownership.py).
         if driver not in (Driver.CLIENT, Driver.SUPERVISOR):
             raise ValueError(f"a session is driven by a client or a supervisor, not {driver}")
         self.driver = driver
@@ -189,12 +186,7 @@ class Runner:
             settings.machine,
             settings.timeouts.model_dump(),
             initial=record.state,
-            steps={
-                "await_start": self.await_start,
-                "await_server": self.await_server,
-                "connect": self.connect,
-                "serve": self.serve,
-            },
+            steps={step: getattr(self, step) for step in BEHAVIOURS},
         )
         self.model.entered_at.update(record.entered_at)
         # The job to submit: the job script for an (absolute) run directory,
