@@ -108,7 +108,7 @@ def test_the_keeper_announces_once_then_says_back_up(tmp_path: Path) -> None:
     assert say.text("info").count("Tunnel back up: http://localhost:58000") == 2
 
 
-def test_stop_needs_no_machine(tmp_path: Path) -> None:
+def test_stop_needs_no_driver(tmp_path: Path) -> None:
     runner, agent, conn, say, store = make_runner(tmp_path, "tunneled")
     JobControl(runner.link).stop()  # what `stop` runs, without a driver
     saved = store.load("s")
