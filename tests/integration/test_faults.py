@@ -391,7 +391,7 @@ def test_detached_tunnel_is_reopened_by_its_supervisor(lab: Any, tool: Tool) -> 
 
     # `start --detach` returns once its supervisor holds the session: a
     # `stop` or `resume` run at once finds it (and takes over from it).
-    supervisor = rec["supervisor_pid"]
+    supervisor = rec["driver_pid"] if rec["driver"] == "supervisor" else 0
     assert supervisor and os.path.exists(f"/proc/{supervisor}")
     holder = (tool.state_dir / "sessions" / ".lab-ok.lock").read_text()
     assert holder == str(supervisor)

@@ -47,7 +47,7 @@ def test_a_detached_session_ended_elsewhere_closes_its_tunnel(lab: Any, tool: To
     record = state(tool, "lab-ok")
     assert record["state"] == "cleaned", record
     assert record["end_reason"].startswith("job ended: CANCELLED"), record
-    assert record["supervisor_pid"] == 0 and record["client_pid"] == 0
+    assert record["driver"] == "nobody" and record["driver_pid"] == 0
     status, out = tool.run("status", "lab-ok")
     assert status == 0
     assert "lab-ok: cleaned" in out and f"job {job_id} (CANCELLED)" in out, out

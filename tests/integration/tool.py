@@ -100,7 +100,8 @@ class Tool:
         for path in (self.state_dir / "sessions").glob("*.json"):
             with contextlib.suppress(OSError, ValueError, ProcessLookupError, TypeError):
                 data = json.loads(path.read_text())  # tests write damaged files too
-                pid = int(data.get("supervisor_pid") or 0) if isinstance(data, dict) else 0
+                supervised = isinstance(data, dict) and data.get("driver") == "supervisor"
+                pid = int(data.get("driver_pid") or 0) if supervised else 0
                 if pid > 0:
                     os.kill(pid, signal.SIGTERM)
                     for _ in range(50):

@@ -18,7 +18,7 @@ from alvis_fsm.cluster.slurm import JobInfo, JobState
 from alvis_fsm.cluster.ssh import SSHOptions
 from alvis_fsm.cluster.tunnel import Verified
 from alvis_fsm.engine.session.runner import Runner
-from alvis_fsm.engine.session.store import SessionRecord, Store
+from alvis_fsm.engine.session.store import Driver, SessionRecord, Store
 from alvis_fsm.engine.settings.model import load_settings
 from alvis_fsm.errors import ConnectionLost
 
@@ -251,7 +251,7 @@ def make_runner(
         agent=agent,  # type: ignore[arg-type]
         tunnel_factory=FakeTunnel,  # type: ignore[arg-type]
         verifier=lambda port, key, deadline, served, **_: Verified(["org/m"], 0.01),
-        supervised=supervised,
+        driver=Driver.SUPERVISOR if supervised else Driver.CLIENT,
         job_script=lambda run_dir: "#!/bin/bash\n",
     )
     return runner, agent, conn, say, store

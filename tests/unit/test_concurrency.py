@@ -12,6 +12,7 @@ import pytest
 
 from alvis_fsm.cluster.agent import Event
 from alvis_fsm.engine.session.runner import Runner
+from alvis_fsm.engine.session.store import Driver
 from alvis_fsm.errors import Interrupted
 from tests.unit.fake_cluster import PENDING, FakeAgent, Say, make_runner
 
@@ -80,7 +81,7 @@ def test_twenty_sessions_in_threads_serve_then_stop_cleanly(tmp_path: Path) -> N
         assert exc is None or isinstance(exc, Interrupted), (name, exc)
         assert agent.cancels == [("42", f"alvis-fsm-{name}-abc")], name
         saved = store.load(name)
-        assert saved.state == "cleaned" and saved.client_pid == 0, name
+        assert saved.state == "cleaned" and saved.driver is Driver.NOBODY, name
         assert "Cleaned up job 42 successfully" in say.text("info"), name
         assert r.stream.proc is None  # the log stream process was stopped
     # Each session kept to its own record: 20 files, no two mixed up.

@@ -23,6 +23,7 @@ from fake_cluster import (
 from alvis_fsm.cluster.agent import Event, Mark
 from alvis_fsm.cluster.slurm import parse_jobinfo
 from alvis_fsm.engine.session.job_control import warning_leads
+from alvis_fsm.engine.session.store import Driver
 from alvis_fsm.errors import (
     CancelUnconfirmed,
     ConnectionLost,
@@ -174,9 +175,9 @@ def test_stop_retries_and_confirms(tmp_path: Path) -> None:
     runner, agent, _, say, store = make_runner(tmp_path, "tunneled")
     agent.cancel_answer = "no answer"
     with pytest.raises(CancelUnconfirmed):
-        runner.stop()
+        runner.jobs.stop()
     agent.cancel_answer = ""
-    runner.stop()
+    runner.jobs.stop()
     assert saved_state(store) == "cleaned"
     assert "Cleaned up job 42 successfully" in say.text("info")
     assert len(agent.cancels) == 2
@@ -216,7 +217,7 @@ def test_lost_network_keeps_job_and_state(tmp_path: Path, state: str) -> None:
     assert saved_state(store) == state
     assert "is kept" in info.value.message
     assert "alvis-fsm resume s" in (info.value.hint or "")
-    assert store.load("s").client_pid == 0
+    assert store.load("s").driver is Driver.NOBODY
 
 
 def test_unreachable_at_resume_keeps_the_session(tmp_path: Path) -> None:
@@ -384,7 +385,7 @@ def test_supervisor_lets_go_when_the_job_ends(
     runner.drive()
     assert agent.cancels == []
     assert saved_state(store) == "tunneled"  # `status` will find out how it ended
-    assert store.load("s").client_pid == 0
+    assert store.load("s").driver is Driver.NOBODY
 
 
 def test_supervisor_adopts_a_live_tunnel_without_leaving_tunneled(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ real processes holding the session's real lock (the store's flock)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,9 +17,10 @@ from typing import Any
 import pytest
 from fake_cluster import FakeAgent, FakeConn, FakeTunnel, Say
 
+from alvis_fsm.cluster.agent import Event
 from alvis_fsm.cluster.tunnel import Verified
 from alvis_fsm.engine.session import ownership
-from alvis_fsm.engine.session.store import SessionRecord, Store
+from alvis_fsm.engine.session.store import Driver, SessionRecord, Store
 from alvis_fsm.engine.settings.model import Settings, load_settings
 from alvis_fsm.errors import ConnectionLost, ServerError, SessionError
 
@@ -28,11 +30,11 @@ DRIVER = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from alvis_fsm.engine.session.store import Store
+    from alvis_fsm.engine.session.store import Driver, Store
     store = Store(Path(sys.argv[1]))
     with store.lock("s"):
         record = store.load("s")
-        setattr(record, sys.argv[2], os.getpid())
+        record.drive_as(Driver(sys.argv[2]), os.getpid())
         store.save(record)
         time.sleep(120)
     """
@@ -67,20 +69,20 @@ def live(store: Store, detached: bool = False) -> SessionRecord:
         job_id="41",
         run_dir="~/runs/x",
         job_name="alvis-fsm-s-a",
-        detached=detached,
+        driver=Driver.HANDING_OVER if detached else Driver.NOBODY,
     )
     store.save(record)
     return record
 
 
-def driver(store: Store, field: str) -> subprocess.Popen[bytes]:
+def driver(store: Store, who: Driver) -> subprocess.Popen[bytes]:
     """Start a driver and wait until it holds the lock and is recorded."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(store.dir), field],
+        [sys.executable, "-c", DRIVER, str(store.dir), who.value],
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     for _ in range(600):
-        if store.holder("s") == proc.pid and getattr(store.load("s"), field) == proc.pid:
+        if store.holder("s") == proc.pid and store.load("s").driven_by(who, proc.pid):
             return proc
         assert proc.poll() is None, "the stand-in driver exited"
         time.sleep(0.05)
@@ -105,7 +107,7 @@ def test_a_stop_takes_the_session_over_from_its_supervisor(tmp_path: Path) -> No
     cfg = settings(tmp_path)
     store = Store(cfg.state_dir)
     live(store, detached=True)
-    proc = driver(store, "supervisor_pid")
+    proc = driver(store, Driver.SUPERVISOR)
     try:
         agent = FakeAgent()
         assert ownership.stop_session(cfg, store, "s", Say(), **handles(agent)) is None
@@ -121,7 +123,7 @@ def test_a_stop_asks_a_foreground_client_to_stop_and_waits(tmp_path: Path) -> No
     cfg = settings(tmp_path)
     store = Store(cfg.state_dir)
     live(store)
-    proc = driver(store, "client_pid")
+    proc = driver(store, Driver.CLIENT)
     try:
         record = store.load("s")
         assert ownership.take_over(store, record) is False  # a client is not a supervisor
@@ -142,6 +144,49 @@ def test_a_driver_that_did_not_say_its_pid_is_not_guessed_at(tmp_path: Path) -> 
     assert caught.value.hint and "Ctrl+C" in caught.value.hint
     with pytest.raises(SessionError, match="did not say its pid"):
         ownership.stop_client(Say(), store, "s", os.getpid())
+
+
+def test_a_session_started_before_the_upgrade_still_resumes(tmp_path: Path) -> None:
+    """A detached session whose record format 1 wrote (its supervisor gone
+    with the laptop's reboot): `resume` finds nobody to take over from,
+    drives it as a client and hands it over again; the record is rewritten
+    in the current form."""
+    from alvis_fsm.engine.session import service
+
+    cfg = settings(tmp_path)
+    store = Store(cfg.state_dir)
+    store.ensure()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    old = {
+        "name": "s",
+        "model": "m",
+        "state": "running",
+        "node": "alvis7-07",
+        "port": 8000,
+        "job_id": "41",
+        "job_name": "alvis-fsm-s-a",
+        "run_dir": "~/runs/x",
+        "detached": True,
+        "client_pid": gone.pid,
+        "supervisor_pid": gone.pid,
+        "format": 1,
+    }
+    store.path("s").write_text(json.dumps(old))
+    record = store.load("s")
+    assert record.driven_by(Driver.SUPERVISOR, gone.pid)
+    assert ownership.take_over(store, record) is False  # nobody holds the lock
+    agent = FakeAgent()
+    agent.readies.extend([Event("ADDRESS", "alvis7-07:8000"), Event("READY", "alvis7-07:8000")])
+    got = service.resume(cfg, store, "s", Say(), detach=True, **handles(agent))
+    assert got.state == "tunneled" and agent.cancels == []
+    written = json.loads(store.path("s").read_text())
+    assert (written["state"], written["driver"], written["driver_pid"]) == (
+        "tunneled",
+        "handing over",
+        0,
+    )
+    assert "supervisor_pid" not in written and "client_pid" not in written
 
 
 def test_nobody_to_take_over_and_a_gone_process(tmp_path: Path) -> None:
@@ -166,14 +211,15 @@ def test_the_supervisor_names_itself_while_it_drives_and_lets_go_after(tmp_path:
     cfg = settings(tmp_path)
     store = Store(cfg.state_dir)
     live(store, detached=True)
-    seen: list[tuple[bool, int]] = []
+    seen: list[tuple[bool, Driver, int]] = []
 
     def drive(runner: Any) -> None:
-        seen.append((runner.supervised, store.load("s").supervisor_pid))
+        record = store.load("s")
+        seen.append((runner.supervised, record.driver, record.driver_pid))
 
     ownership.run_supervisor(cfg, store, "s", Say(), drive=drive, **handles(FakeAgent()))
-    assert seen == [(True, os.getpid())]
-    assert store.load("s").supervisor_pid == 0 and not store.locked("s")
+    assert seen == [(True, Driver.SUPERVISOR, os.getpid())]
+    assert store.load("s").driver is Driver.NOBODY and not store.locked("s")
 
 
 def test_the_supervisor_waits_out_a_lost_network_and_stops_on_an_error(

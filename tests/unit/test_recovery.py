@@ -13,6 +13,7 @@ import pytest
 from fake_cluster import CANCELLED, FakeTunnel, Say, make_runner
 
 from alvis_fsm.cluster.tunnel import TunnelDied, Verified, verify
+from alvis_fsm.engine.session.store import Driver
 from alvis_fsm.errors import Interrupted, ServerError
 
 
@@ -33,7 +34,7 @@ def test_a_supervisor_records_a_confirmed_end_and_closes_tunnel_and_connection(
     saved = store.load("s")
     assert saved.state == "cleaned" and saved.end_reason == "job ended: CANCELLED"
     assert saved.final_job_state == "CANCELLED"  # what `status` shows as the job's state
-    assert saved.client_pid == 0
+    assert saved.driver is Driver.NOBODY
     assert runner.tunnel is not None and not runner.tunnel.up()
     assert not conn.up
     assert "Job 42 has ended (CANCELLED); nothing to cancel" in say.text("info")

@@ -12,7 +12,7 @@ from fake_cluster import CANCELLED, FakeTunnel, make_runner
 
 from alvis_fsm.cluster.agent import Event
 from alvis_fsm.cluster.tunnel import Verified
-from alvis_fsm.engine.session.job_control import JobControl, cancel_session
+from alvis_fsm.engine.session.job_control import JobControl
 from alvis_fsm.engine.session.looks import look, show_logs
 from alvis_fsm.engine.session.runner import (
     OUTCOMES,
@@ -108,9 +108,9 @@ def test_the_keeper_announces_once_then_says_back_up(tmp_path: Path) -> None:
     assert say.text("info").count("Tunnel back up: http://localhost:58000") == 2
 
 
-def test_stop_needs_no_machine(tmp_path: Path) -> None:
+def test_stop_needs_no_driver(tmp_path: Path) -> None:
     runner, agent, conn, say, store = make_runner(tmp_path, "tunneled")
-    cancel_session(runner.link)
+    JobControl(runner.link).stop()  # what `stop` runs, without a driver
     saved = store.load("s")
     assert agent.cancels == [("42", "alvis-fsm-s-abc")] and not conn.up
     assert saved.state == "cleaned" and saved.history[-1][0] == "cleaned"

@@ -12,10 +12,18 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from alvis_fsm.engine.session.store import FORMAT, SessionRecord, Store, default_state_dir
+from alvis_fsm.engine.session.store import (
+    DRIVER_TRANSITIONS,
+    FORMAT,
+    Driver,
+    SessionRecord,
+    Store,
+    default_state_dir,
+)
 from alvis_fsm.errors import ExitCode, SessionError, UsageError
 
 
@@ -109,6 +117,8 @@ BAD = {
     "bad-state": b'{"name": "s1", "model": "lab-ok", "state": "flying"}',
     "bad-history": b'{"name": "s1", "model": "lab-ok", "history": [1]}',
     "format-string": b'{"name": "s1", "model": "lab-ok", "format": "x"}',
+    "bad-driver": b'{"name": "s1", "model": "lab-ok", "driver": "ghost"}',
+    "format-1-pid-string": b'{"name": "s1", "model": "lab-ok", "format": 1, "client_pid": "7"}',
     "other-name": b'{"name": "s2", "model": "lab-ok"}',
     "deep": b"[" * 100000,
 }
@@ -153,6 +163,68 @@ def test_unknown_keys_of_same_format_are_ignored(store: Store) -> None:
     store.ensure()
     store.path("s1").write_text(json.dumps({"name": "s1", "model": "m", "later": True}))
     assert store.load("s1").model == "m"
+
+
+# Format 1 said who drives a session in three fields; format 2 says it once.
+FORMAT_1_DRIVERS = {
+    "nobody": ({}, Driver.NOBODY, 0),
+    "foreground client": ({"client_pid": 700}, Driver.CLIENT, 700),
+    "detached, handing over": ({"detached": True}, Driver.HANDING_OVER, 0),
+    "supervisor": (
+        {"detached": True, "client_pid": 800, "supervisor_pid": 800},
+        Driver.SUPERVISOR,
+        800,
+    ),
+    "supervisor, waiting out the network": (
+        {"detached": True, "supervisor_pid": 800},
+        Driver.SUPERVISOR,
+        800,
+    ),
+    "resumed in the foreground after a supervisor": (
+        {"detached": True, "client_pid": 900, "supervisor_pid": 800},
+        Driver.CLIENT,
+        900,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("old", "driver", "pid"), list(FORMAT_1_DRIVERS.values()), ids=list(FORMAT_1_DRIVERS)
+)
+def test_a_format_1_record_is_read_and_written_in_the_new_form(
+    store: Store, old: dict[str, Any], driver: Driver, pid: int
+) -> None:
+    """A session started before the upgrade: its driver read from the old
+    fields; saved, the record is written in the current form only."""
+    store.ensure()
+    data = {"name": "s1", "model": "m", "state": "tunneled", "job_id": "41", "format": 1, **old}
+    store.path("s1").write_text(json.dumps(data))
+    loaded = store.load("s1")
+    assert (loaded.driver, loaded.driver_pid, loaded.job_id) == (driver, pid, "41")
+    store.save(loaded)
+    written = json.loads(store.path("s1").read_text())
+    assert written["format"] == FORMAT
+    assert (written["driver"], written["driver_pid"]) == (driver.value, pid)
+    assert not {"detached", "client_pid", "supervisor_pid"} & set(written)
+    assert store.load("s1") == loaded
+
+
+def test_the_driver_changes_only_as_declared() -> None:
+    r = record()
+    assert r.driver is Driver.NOBODY
+    with pytest.raises(ValueError, match="nobody -> handing over"):
+        r.drive_as(Driver.HANDING_OVER)  # only a client detaches
+    r.drive_as(Driver.CLIENT, 700)
+    assert r.driven_by(Driver.CLIENT, 700) and not r.driven_by(Driver.SUPERVISOR, 700)
+    r.drive_as(Driver.HANDING_OVER, 700)
+    assert (r.driver, r.driver_pid) == (Driver.HANDING_OVER, 0)  # nobody's pid
+    r.drive_as(Driver.SUPERVISOR, 800)
+    r.drive_as(Driver.SUPERVISOR, 800)  # the same driver: no change
+    r.let_go()
+    assert (r.driver, r.driver_pid) == (Driver.NOBODY, 0)
+    for source, dests in DRIVER_TRANSITIONS.items():
+        assert source not in dests  # a move to itself is no move
+        assert Driver.NOBODY in dests or source is Driver.NOBODY  # every driver can let go
 
 
 def test_missing_session(store: Store) -> None:

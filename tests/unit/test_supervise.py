@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 from alvis_fsm.engine.session import ownership
-from alvis_fsm.engine.session.store import SessionRecord, Store
+from alvis_fsm.engine.session.store import Driver, SessionRecord, Store
 from alvis_fsm.fronts.common import supervisor_command
 from tests.unit.fake_cluster import Say
 
@@ -21,14 +21,14 @@ STAND_IN = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from alvis_fsm.engine.session.store import Store
+    from alvis_fsm.engine.session.store import Driver, Store
     from alvis_fsm.errors import SessionError
     store = Store(Path(sys.argv[1]))
     while True:
         try:
             with store.lock("s"):
                 record = store.load("s")
-                record.supervisor_pid = os.getpid()
+                record.drive_as(Driver.SUPERVISOR, os.getpid())
                 store.save(record)
                 time.sleep(60)
         except SessionError:
@@ -46,7 +46,7 @@ def _handover(store: Store, argv: list[str]) -> ownership.Handover:
 
 def test_wait_returns_once_the_supervisor_holds_the_lock(tmp_path: Path) -> None:
     store = Store(tmp_path / "state")
-    store.save(SessionRecord(name="s", model="m", state="tunneled", detached=True))
+    store.save(SessionRecord(name="s", model="m", state="tunneled", driver=Driver.HANDING_OVER))
     say = Say()
     with store.lock("s"):  # the detaching command, until the engine returns
         handover = _handover(store, [sys.executable, "-c", STAND_IN, str(store.dir)])
@@ -55,7 +55,7 @@ def test_wait_returns_once_the_supervisor_holds_the_lock(tmp_path: Path) -> None
     try:
         assert handover.wait(say, timeout=30) is True
         assert store.holder("s") == proc.pid
-        assert store.load("s").supervisor_pid == proc.pid
+        assert store.load("s").driven_by(Driver.SUPERVISOR, proc.pid)
         assert say.lines == []
     finally:
         proc.kill()
@@ -64,7 +64,7 @@ def test_wait_returns_once_the_supervisor_holds_the_lock(tmp_path: Path) -> None
 
 def test_a_supervisor_that_exits_is_reported_not_waited_for(tmp_path: Path) -> None:
     store = Store(tmp_path / "state")
-    store.save(SessionRecord(name="s", model="m", state="tunneled", detached=True))
+    store.save(SessionRecord(name="s", model="m", state="tunneled", driver=Driver.HANDING_OVER))
     say = Say()
     handover = _handover(store, [sys.executable, "-c", "raise SystemExit(1)"])
     assert handover.wait(say, timeout=30) is False

@@ -1,7 +1,8 @@
 """The session's job, with the scheduler: cancel and confirm, learn how it ended.
 
-Needs no state machine: `stop` (``cancel_session``) runs it on its own, the
-driver (``runner.py``) hands it the machine's ``clean`` trigger. Only the
+Needs no driver: `stop` (``stop_job``) and `status` run it on their own
+(the end then goes through a machine of its own), the driver
+(``runner.py``) hands it its machine's ``clean`` trigger. Only the
 scheduler's word counts: an unconfirmed cancel keeps the session (`stop`
 retries), no answer means "still there", and the end it confirms is
 recorded (state ``cleaned``, how it ended). Also what the job's news mean to
@@ -10,17 +11,25 @@ ahead and reached, a scheduler that does not answer."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from alvis_fsm.cluster import slurm
 from alvis_fsm.cluster.durations import fmt_duration
-from alvis_fsm.engine.session.link import Link, record_entry
+from alvis_fsm.engine.session.link import Link, Shield, open_link, record_entry
 from alvis_fsm.engine.session.log_stream import LogStream
+from alvis_fsm.engine.session.machine import SessionModel, Trigger, build_machine
 from alvis_fsm.engine.session.states import State
+from alvis_fsm.engine.session.store import SessionRecord, Store
 from alvis_fsm.engine.session.tunnel_keeper import TunnelKeeper
 from alvis_fsm.errors import AlvisError, CancelUnconfirmed, ServerError
 from alvis_fsm.text import inert_line
+
+if TYPE_CHECKING:
+    from alvis_fsm.engine.observer import Observer
+    from alvis_fsm.engine.settings.model import Settings
 
 # Time left is short relative to the job when at most this share of its
 # time limit is left: no warning comes sooner (never at the start of a job
@@ -44,21 +53,28 @@ class JobControl:
         *,
         tunnels: TunnelKeeper | None = None,
         stream: LogStream | None = None,
-        clean: Callable[[], None] | None = None,
+        clean: Callable[[], object] | None = None,
     ) -> None:
         """The driver hands in its tunnel keeper, its log stream and its
         machine's ``clean`` trigger; on its own (`stop`, `status`), the
-        tunnel a detached client left is closed by its socket and the record
-        is written `cleaned`."""
+        tunnel a detached client left is closed by its socket and the end
+        goes through a machine of its own (``_clean_through_machine``)."""
         self.link = link
         self.tunnels = tunnels or TunnelKeeper(link)
         self.stream = stream
-        self._clean = clean or self._record_cleaned
+        self._clean = clean or self._clean_through_machine
         self._last_unknown_note = 0.0
         self._warned: set[float] = set()
 
-    def _record_cleaned(self) -> None:
-        record_entry(self.link.record, State.CLEANED)
+    def _clean_through_machine(self) -> None:
+        """The machine's ``clean`` from the record's state (no driver, no
+        steps): the state written is the one the machine enters, never one
+        set behind its back."""
+        record, settings = self.link.record, self.link.settings
+        model = SessionModel()
+        model.on_change = lambda state: record_entry(record, state)
+        build_machine(model, settings.machine, settings.timeouts.model_dump(), record.state)
+        model.fire(Trigger.CLEAN)
 
     def _enter_cleaned(self) -> None:
         if self.link.record.state != State.CLEANED:
@@ -87,7 +103,7 @@ class JobControl:
         r.end_reason = f"job ended: {how}"
         r.final_job_state = str(job.state)
         self._enter_cleaned()
-        r.client_pid = 0
+        r.let_go()
         self.link.save()
         return False
 
@@ -135,7 +151,7 @@ class JobControl:
             if r.state != State.CLEANED:
                 r.end_reason = r.end_reason or why
                 self._clean()
-            r.client_pid = 0
+            r.let_go()
             link.save()
             link.ui.info(f"Cleaned up job {r.job_id or '(none submitted)'} successfully")
 
@@ -152,7 +168,7 @@ class JobControl:
         if not left:
             return
         r.end_reason = r.end_reason or why
-        r.client_pid = 0
+        r.let_go()
         link.save()
         self.close_local()
         raise CancelUnconfirmed(
@@ -228,6 +244,25 @@ class JobControl:
         )
 
 
-def cancel_session(link: Link) -> None:
-    """`stop`: cancel the session's job, confirmed by the scheduler (no machine)."""
-    JobControl(link).stop()
+def stop_job(
+    settings: Settings,
+    store: Store,
+    name: str,
+    ui: Observer,
+    *,
+    shield: Shield | None = None,
+    **handles: Any,
+) -> SessionRecord | None:
+    """`stop`, once whoever drove the session has let go: under its lock,
+    cancel its job (confirmed by the scheduler), close its tunnel, state
+    cleaned. None when this stopped it; the record when it was stopped
+    already."""
+    with store.lock(name):
+        record = store.load(name)
+        if record.state == State.CLEANED:
+            return record
+        link = open_link(
+            settings, record, store, ui, shield=shield or contextlib.nullcontext, **handles
+        )
+        JobControl(link).stop()
+    return None

@@ -28,7 +28,8 @@ import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -43,18 +44,22 @@ if TYPE_CHECKING:
     from transitions import Machine
 
 
-# The triggers the engine fires; each has a typed stub on SessionModel.
-TRIGGERS = (
-    "submit",
-    "start",
-    "ready",
-    "connect",
-    "disconnect",
-    "resume",
-    "timeout",
-    "fail",
-    "clean",
-)
+class Trigger(StrEnum):
+    """The triggers the engine fires (``SessionModel.fire``). The ``[machine]``
+    definition declares the transitions; each (trigger, source) the engine
+    fires is checked there when the definition loads (``_driver_fires``), and
+    pytransitions adds a method per trigger to the model at run time."""
+
+    SUBMIT = "submit"
+    START = "start"
+    READY = "ready"
+    CONNECT = "connect"
+    DISCONNECT = "disconnect"
+    RESUME = "resume"
+    TIMEOUT = "timeout"
+    FAIL = "fail"
+    CLEAN = "clean"
+
 
 # The engine steps a live state may name as its ``on_enter`` (see runner.py).
 BEHAVIOURS = ("await_start", "await_server", "connect", "serve")
@@ -112,8 +117,9 @@ class MachineDefinition(BaseModel):
     def _check(self) -> MachineDefinition:
         _check_states(self)
         reserved = _reserved_names()
+        triggers = {t.trigger for t in self.transitions}
         for t in self.transitions:
-            _check_transition(t, self.states, reserved)
+            _check_transition(t, self.states, reserved, triggers)
         _check_steps(self.states)
         _check_paths(self)
         return self
@@ -141,7 +147,9 @@ def _check_states(d: MachineDefinition) -> None:
         raise ValueError(f"initial state {d.initial!r} is not a state (states are: {_listing()})")
 
 
-def _check_transition(t: TransitionDef, states: Mapping[str, StateDef], reserved: set[str]) -> None:
+def _check_transition(
+    t: TransitionDef, states: Mapping[str, StateDef], reserved: set[str], triggers: set[str]
+) -> None:
     """Known states on both ends, no wildcard, a trigger that is a name of its own."""
     where = f"transition {t.trigger!r}"
     if not t.sources:
@@ -155,10 +163,11 @@ def _check_transition(t: TransitionDef, states: Mapping[str, StateDef], reserved
         raise ValueError(f"trigger {t.trigger!r} is not a valid identifier")
     if t.trigger.startswith("_"):
         raise ValueError(f"trigger {t.trigger!r} must not start with '_'")
-    # A trigger may only replace its own stubs (submit, may_submit).
-    own = {t.trigger, f"may_{t.trigger}"} if t.trigger in TRIGGERS else set()
-    for attr in (t.trigger, f"may_{t.trigger}"):
-        if attr in reserved - own:
+    # pytransitions adds may_<trigger> for each trigger: a trigger may not
+    # be named so either.
+    may = {f"may_{other}" for other in triggers}
+    for attr, taken in ((t.trigger, reserved | may), (f"may_{t.trigger}", reserved)):
+        if attr in taken:
             raise ValueError(f"trigger {t.trigger!r} clashes with the session attribute {attr!r}")
 
 
@@ -212,17 +221,17 @@ def _driver_fires(states: Mapping[str, StateDef]) -> list[tuple[str, str]]:
     states, `clean` from every state but `cleaned` (cleanup may run anywhere),
     `fail` from idle and every live state, `timeout` from every timed state."""
     fires = [
-        ("submit", State.IDLE.value),
-        ("start", State.SUBMITTED.value),
-        ("ready", State.RUNNING.value),
-        ("connect", State.SERVING.value),
-        ("disconnect", State.TUNNELED.value),
+        (Trigger.SUBMIT, State.IDLE.value),
+        (Trigger.START, State.SUBMITTED.value),
+        (Trigger.READY, State.RUNNING.value),
+        (Trigger.CONNECT, State.SERVING.value),
+        (Trigger.DISCONNECT, State.TUNNELED.value),
     ]
-    fires += [("resume", s.value) for s in sorted(LIVE_STATES)]
-    fires += [("clean", s.value) for s in State if s is not State.CLEANED]
-    fires += [("fail", s.value) for s in sorted(LIVE_STATES | {State.IDLE})]
-    fires += [("timeout", name) for name, sdef in states.items() if sdef.timeout]
-    return fires
+    fires += [(Trigger.RESUME, s.value) for s in sorted(LIVE_STATES)]
+    fires += [(Trigger.CLEAN, s.value) for s in State if s is not State.CLEANED]
+    fires += [(Trigger.FAIL, s.value) for s in sorted(LIVE_STATES | {State.IDLE})]
+    fires += [(Trigger.TIMEOUT, name) for name, sdef in states.items() if sdef.timeout]
+    return [(str(trigger), src) for trigger, src in fires]
 
 
 def load_definition(data: Mapping[str, Any]) -> MachineDefinition:
@@ -257,14 +266,11 @@ def packaged_timeouts() -> dict[str, float]:
 # -- the model -------------------------------------------------------------------
 
 
-def _undefined(trigger: str) -> NoReturn:
-    raise AttributeError(f"the machine definition has no trigger {trigger!r}")
-
-
 class SessionModel:
-    """The model the machine drives. The trigger methods below are typed
-    stubs; ``build_machine`` (``model_override=True``) replaces them on the
-    instance, so a stub only runs if the definition lacks that trigger."""
+    """The model the machine drives. pytransitions adds, on the instance,
+    a method per trigger of the definition (``submit()``, ``may_submit()``),
+    ``trigger(name)``, ``may_trigger(name)`` and ``is_<state>()``; the engine
+    fires the triggers it knows through ``fire`` (typed)."""
 
     state: str
 
@@ -307,95 +313,24 @@ class SessionModel:
         if self.on_change is not None:
             self.on_change(self.state_enum)
 
-    # -- triggers (replaced by transitions) --
-    def trigger(self, name: str, *args: Any, **kwargs: Any) -> bool:
-        _undefined(name)
+    # -- firing (the methods pytransitions adds at run time) --
+    def fire(self, trigger: Trigger) -> bool:
+        """Fire one of the engine's triggers (``MachineError`` when the
+        current state has no transition for it)."""
+        return self.trigger(trigger.value)
 
-    def may_trigger(self, name: str, *args: Any, **kwargs: Any) -> bool:
-        _undefined(name)
+    if TYPE_CHECKING:  # added on the instance by pytransitions (build_machine)
 
-    def submit(self) -> bool:
-        _undefined("submit")
+        def trigger(self, name: str) -> bool: ...
 
-    def start(self) -> bool:
-        _undefined("start")
-
-    def ready(self) -> bool:
-        _undefined("ready")
-
-    def connect(self) -> bool:
-        _undefined("connect")
-
-    def disconnect(self) -> bool:
-        _undefined("disconnect")
-
-    def resume(self) -> bool:
-        _undefined("resume")
-
-    def timeout(self) -> bool:
-        _undefined("timeout")
-
-    def fail(self) -> bool:
-        _undefined("fail")
-
-    def clean(self) -> bool:
-        _undefined("clean")
-
-    def may_submit(self) -> bool:
-        _undefined("submit")
-
-    def may_start(self) -> bool:
-        _undefined("start")
-
-    def may_ready(self) -> bool:
-        _undefined("ready")
-
-    def may_connect(self) -> bool:
-        _undefined("connect")
-
-    def may_disconnect(self) -> bool:
-        _undefined("disconnect")
-
-    def may_resume(self) -> bool:
-        _undefined("resume")
-
-    def may_timeout(self) -> bool:
-        _undefined("timeout")
-
-    def may_fail(self) -> bool:
-        _undefined("fail")
-
-    def may_clean(self) -> bool:
-        _undefined("clean")
-
-    # With model_override=True transitions binds only names the model
-    # declares (and logs a warning for the others), so the is_<state>
-    # conveniences are declared too.
-    def is_idle(self) -> bool:
-        return self.state == State.IDLE
-
-    def is_submitted(self) -> bool:
-        return self.state == State.SUBMITTED
-
-    def is_running(self) -> bool:
-        return self.state == State.RUNNING
-
-    def is_serving(self) -> bool:
-        return self.state == State.SERVING
-
-    def is_tunneled(self) -> bool:
-        return self.state == State.TUNNELED
-
-    def is_failed(self) -> bool:
-        return self.state == State.FAILED
-
-    def is_cleaned(self) -> bool:
-        return self.state == State.CLEANED
+        def may_trigger(self, name: str) -> bool: ...
 
 
 def _reserved_names() -> set[str]:
-    """SessionModel attributes a trigger must not shadow."""
-    return set(dir(SessionModel)) | set(vars(SessionModel())) | {"get_graph"}
+    """SessionModel attributes a trigger must not shadow (its own, and
+    those pytransitions adds besides the triggers)."""
+    added = {"get_graph", "trigger", "may_trigger"} | {f"is_{s.value}" for s in State}
+    return set(dir(SessionModel)) | set(vars(SessionModel())) | added
 
 
 # -- the machine -----------------------------------------------------------------
@@ -467,16 +402,7 @@ def build_machine(
         # A step fires the next trigger and returns; the machine then runs
         # the next state's step: one flat loop, no recursion (see the docstring).
         queued=True,
-        model_override=True,
     )
-    # model_override binds only declared names: bind triggers a custom
-    # definition adds beyond the stubs, so getattr(model, trigger) works.
-    for trigger, event in machine.events.items():
-        if trigger not in TRIGGERS:
-            setattr(model, trigger, lambda *a, _e=event, **k: _e.trigger(model, *a, **k))
-            setattr(
-                model, f"may_{trigger}", lambda *a, _t=trigger, **k: model.may_trigger(_t, *a, **k)
-            )
     return machine
 
 

@@ -1,14 +1,16 @@
-"""Who drives a session. One process at a time holds a session's lock (the
-store's flock, with the holder's pid) and drives it: a foreground client
-(``client_pid`` in the record, set by the Runner), the background supervisor
-of a detached session (``supervisor_pid``, set here), or a command acting
-once (`stop`, `resume`). This module owns the changes of driver:
+"""Who drives a session, and its changes. One process at a time holds a
+session's lock (the store's flock, with the holder's pid) and drives it; the
+record says who, once (``store.Driver``, its moves ``DRIVER_TRANSITIONS``):
+nobody, a foreground client (set by the Runner), a detached session handing
+over to its background supervisor, or that supervisor (set here). A command
+acting once (`stop`, `resume` before it drives) holds the lock without
+driving. This module owns the changes of driver from outside:
 
-- ``take_over``: a detached session's supervisor is asked to let go (SIGTERM)
-  and waited for, so that `stop` or `resume` can drive the session;
+- ``take_over``: a session driven in the background: its supervisor is asked
+  to let go (SIGTERM) and waited for, so that `stop` or `resume` can drive it;
 - ``stop_session``: a session stopped whoever drives it: its supervisor lets
   go, its foreground client is asked to stop as Ctrl+C would and waited for,
-  then the job is cancelled and the cancel confirmed (``service.stop``);
+  then the job is cancelled and the cancel confirmed (``job_control.stop_job``);
 - ``Handover``: a detached session handed to its supervisor, the detaching
   command returning only once the supervisor holds the lock;
 - ``run_supervisor``: the supervisor's own loop, which keeps the tunnel up
@@ -30,14 +32,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alvis_fsm.engine.session.job_control import stop_job
 from alvis_fsm.engine.session.states import State
-from alvis_fsm.engine.session.store import SessionRecord, Store
+from alvis_fsm.engine.session.store import (
+    IN_BACKGROUND,
+    UNNAMED_HOLDER,
+    Driver,
+    SessionRecord,
+    Store,
+)
 from alvis_fsm.errors import AlvisError, ConnectionLost, SessionError
 
 if TYPE_CHECKING:
     from alvis_fsm.engine.observer import Observer
+    from alvis_fsm.engine.session.link import Shield
     from alvis_fsm.engine.session.runner import Runner
-    from alvis_fsm.engine.session.service import Shield
     from alvis_fsm.engine.settings.model import Settings
 
 # The argv that starts the supervisor of the named session (the front's).
@@ -76,13 +85,12 @@ def take_over(store: Store, record: SessionRecord, timeout: float = TAKE_OVER_S)
     """If the session's lock is held by its supervisor, ask it to let go
     (SIGTERM) and wait until it has. True when there was one."""
     holder = store.holder(record.name)
-    if not holder or holder < 0:
+    if holder is None or holder == UNNAMED_HOLDER:
         return False
-    fresh = store.load(record.name)
     # The supervisor, or one still starting (it holds the lock but has not
-    # written its pid yet): a detached session's lock held by a process that
-    # is not its foreground client. Until it drives, SIGTERM just ends it.
-    if not (holder == fresh.supervisor_pid or (fresh.detached and holder != fresh.client_pid)):
+    # written its pid yet): a session driven in the background. Until it
+    # drives, SIGTERM just ends it.
+    if store.load(record.name).driver not in IN_BACKGROUND:
         return False
     refused = f"The background supervisor (pid {holder}) of session '{record.name}' cannot be signalled by this user"
     if not terminate(holder, refused):
@@ -126,16 +134,14 @@ def stop_session(
     """Stop the session whoever drives it: a detached session's supervisor
     lets go, a foreground client is asked to stop and waited for; then the
     job is cancelled (confirmed by the scheduler), the tunnel closed, the
-    state cleaned (``service.stop``). None when this stopped it; the record
+    state cleaned (``job_control.stop_job``). None when this stopped it; the record
     when it was already stopped (said to ``ui``, with how it ended)."""
-    from alvis_fsm.engine.session import service
-
     record = store.load(name)
     take_over(store, record)
     holder = store.holder(name)
-    if holder:
-        stop_client(ui, store, name, holder if holder > 0 else record.client_pid)
-    ended = service.stop(settings, store, name, ui, shield=shield, **handles)
+    if holder is not None:
+        stop_client(ui, store, name, record.driver_pid if holder == UNNAMED_HOLDER else holder)
+    ended = stop_job(settings, store, name, ui, shield=shield, **handles)
     if ended is not None:
         ui.result(f"Session '{ended.name}' is already stopped ({ended.outcome()}).")
     return ended
@@ -151,7 +157,7 @@ def wait_for_driver(store: Store, name: str, driven: bool) -> bool:
         fresh = store.load(name)
         if holder is None:
             break
-        if holder == fresh.client_pid and holder != fresh.supervisor_pid:
+        if fresh.driven_by(Driver.CLIENT, holder):
             break
         time.sleep(0.1)
     return store.locked(name)
@@ -222,10 +228,12 @@ class Handover:
         return False
 
     def _recorded(self, name: str) -> int:
+        """The supervisor's pid the record names (0 for none)."""
         try:
-            return self.store.load(name).supervisor_pid
+            record = self.store.load(name)
         except SessionError:
             return 0
+        return record.driver_pid if record.driver is Driver.SUPERVISOR else 0
 
 
 # -- the supervisor ----------------------------------------------------------------------
@@ -279,20 +287,20 @@ def supervise(
         record = store.load(name)
         if not _worth_watching(record):
             return
-        record.supervisor_pid = os.getpid()
+        record.drive_as(Driver.SUPERVISOR, os.getpid())
         store.save(record)
         runner = Runner(
             settings,
             record,
             store,
             ui,
-            supervised=True,
+            driver=Driver.SUPERVISOR,
             shield=shield or contextlib.nullcontext,
             **handles,
         )
         try:
             (drive or Runner.drive)(runner)  # returns when it lets go
-            record.supervisor_pid = 0
+            record.let_go()
             store.save(record)
             return
         except ConnectionLost as exc:

@@ -49,10 +49,10 @@ from alvis_fsm.engine.observer import Observer
 from alvis_fsm.engine.session.job_control import JobControl
 from alvis_fsm.engine.session.link import Link, Shield, open_link, record_entry
 from alvis_fsm.engine.session.log_stream import LogStream
-from alvis_fsm.engine.session.machine import SessionModel, build_machine
+from alvis_fsm.engine.session.machine import BEHAVIOURS, SessionModel, Trigger, build_machine
 from alvis_fsm.engine.session.start_up import StartUp, TimedOut
 from alvis_fsm.engine.session.states import LIVE_STATES, State
-from alvis_fsm.engine.session.store import SessionRecord, Store
+from alvis_fsm.engine.session.store import Driver, SessionRecord, Store
 from alvis_fsm.engine.session.tunnel_keeper import GiveUp, TunnelKeeper, reopen_or_give_up
 from alvis_fsm.errors import (
     AlvisError,
@@ -147,16 +147,17 @@ class Runner:
         agent: Agent | None = None,
         tunnel_factory: Callable[..., Tunnel] | None = None,
         verifier: Callable[..., Verified] | None = None,
-        supervised: bool = False,
+        driver: Driver = Driver.CLIENT,
         job_script: Callable[[str], str] | None = None,
         sbatch_args: Sequence[str] = (),
         shield: Shield = contextlib.nullcontext,
     ) -> None:
-        # A background supervisor of a detached session (commands/supervise):
-        # it keeps the tunnel up with the same loop as a foreground client,
-        # but lets go (Release) instead of cancelling when the job ends or
-        # when it is asked to stop: `stop`, `resume` and `status` decide.
-        self.supervised = supervised
+        # A foreground client (``detach``: hands over once tunneled) or a detached
+        # session's supervisor: the same loop, but it lets go (Release) instead of
+        # cancelling; `stop`, `resume`, `status` decide (see ownership.py).
+        if driver not in (Driver.CLIENT, Driver.SUPERVISOR):
+            raise ValueError(f"a session is driven by a client or a supervisor, not {driver}")
+        self.driver = driver
         self.detach = detach
         self.link: Link = open_link(
             settings, record, store, ui, conn=conn, agent=agent, shield=shield
@@ -173,7 +174,10 @@ class Runner:
         self.model = SessionModel()
         self.model.on_change = self._on_change
         self.jobs = JobControl(
-            self.link, tunnels=self.tunnels, stream=self.stream, clean=lambda: self._fire("clean")
+            self.link,
+            tunnels=self.tunnels,
+            stream=self.stream,
+            clean=lambda: self.model.fire(Trigger.CLEAN),
         )
         self.start_up = StartUp(self.link, self.model, self.jobs, self.tunnels)
         # The behaviour of each state, attached to the machine (``on_enter``
@@ -183,12 +187,7 @@ class Runner:
             settings.machine,
             settings.timeouts.model_dump(),
             initial=record.state,
-            steps={
-                "await_start": self.await_start,
-                "await_server": self.await_server,
-                "connect": self.connect,
-                "serve": self.serve,
-            },
+            steps={step: getattr(self, step) for step in BEHAVIOURS},
         )
         self.model.entered_at.update(record.entered_at)
         # The job to submit: the job script for an (absolute) run directory,
@@ -209,6 +208,10 @@ class Runner:
         return self.tunnels.tunnel
 
     @property
+    def supervised(self) -> bool:
+        return self.driver is Driver.SUPERVISOR
+
+    @property
     def state(self) -> State:
         return State(self.model.state)
 
@@ -216,15 +219,12 @@ class Runner:
         record_entry(self.link.record, state)
         self.link.save()
 
-    def _fire(self, trigger: str) -> None:
-        getattr(self.model, trigger)()
-
     # -- the loop -------------------------------------------------------------
     def drive(self) -> None:
         """Run the session from its current state. Cleans up on any failure or
         signal; returns normally only when detached or stopped by the user.
         A lost network never cleans up: the job is kept for `resume`."""
-        self.record.client_pid = os.getpid()
+        self.record.drive_as(self.driver, os.getpid())
         self.link.save()
         # The front's stop signals stay turned into exceptions until the
         # handler below has shielded itself: no window where a signal's
@@ -241,13 +241,13 @@ class Runner:
         self.conn.open()
         state = self.state
         if state is State.IDLE:
-            self._fire("submit")
+            self.model.fire(Trigger.SUBMIT)
         elif state is State.TUNNELED and not (self.supervised and self.tunnels.adopt()):
             # Picked up by resume: the tunnel is not ours until it is
             # found (or reopened) and verified again.
-            self._fire("disconnect")
+            self.model.fire(Trigger.DISCONNECT)
         elif state in LIVE_STATES:
-            self._fire("resume")
+            self.model.fire(Trigger.RESUME)
 
     def request_stop(self, reason: str = "stopped") -> None:
         """Ask a session driven in another thread to stop and clean up, as
@@ -262,14 +262,14 @@ class Runner:
         if self.model.came_from == State.IDLE and not self.record.job_id:
             self.start_up.submit(self.render, self.sbatch_args)
         self.start_up.wait_for_node()
-        self._fire("start")
+        self.model.fire(Trigger.START)
 
     def await_server(self) -> None:
         """Step of `running`: wait for vLLM's address, then for it to be ready."""
         if self.model.came_from == State.SUBMITTED:
             self.start_up.announce_node()
         self.stream.mark = self.start_up.wait_for_server()
-        self._fire("ready")
+        self.model.fire(Trigger.READY)
 
     def connect(self) -> None:
         """Step of `serving`: open the tunnel and verify the server through it;
@@ -282,7 +282,7 @@ class Runner:
             # A lost connection here is one as in any step (the job is kept).
             self.stream.mark = self.agent.mark(self.record.run_dir)
         self.tunnels.bring_up()
-        self._fire("connect")
+        self.model.fire(Trigger.CONNECT)
 
     def serve(self) -> None:
         """Step of `tunneled`: stream logs, keep an eye on job and tunnel.
@@ -299,7 +299,7 @@ class Runner:
             self._job_news(self.stream.next_event(timeout=0.5))
             if not self.tunnels.alive():
                 self.tunnels.dropped()
-                self._fire("disconnect")
+                self.model.fire(Trigger.DISCONNECT)
                 return
 
     def _job_news(self, news: JobNews | None) -> None:
@@ -329,22 +329,21 @@ class Runner:
             Outcome.KEEP_JOB: lambda: self._keep_job(exc),
             Outcome.INTERRUPTED: self._interrupted,
             Outcome.STOPPED: lambda: self._stopped(exc),
-            Outcome.TIMED_OUT: lambda: self._failed(exc, "timeout"),
-            Outcome.FAILED: lambda: self._failed(exc, "fail"),
+            Outcome.TIMED_OUT: lambda: self._failed(exc, Trigger.TIMEOUT),
+            Outcome.FAILED: lambda: self._failed(exc, Trigger.FAIL),
             Outcome.INTERNAL: lambda: self._internal(exc),
         }
         handlers[outcome_of(exc, self.supervised)]()
 
     def _detached(self) -> None:
-        self.record.detached = True
-        self.record.client_pid = 0
+        self.record.drive_as(Driver.HANDING_OVER)
         self.link.save()
 
     def _let_go(self, exc: BaseException) -> None:
         self.stream.stop()
         if isinstance(exc, Release) and exc.args and self.jobs.confirm_end(END_CONFIRM_S):
             return  # ended, recorded, tunnel and connection closed
-        self.record.client_pid = 0
+        self.record.let_go()
         self.link.save()
 
     def _keep_job(self, exc: BaseException) -> None:
@@ -353,7 +352,7 @@ class Runner:
         assert isinstance(exc, ConnectionLost)
         r = self.record
         if self.state is State.IDLE:
-            self._failed(exc, "fail")  # nothing submitted: a plain error
+            self._failed(exc, Trigger.FAIL)  # nothing submitted: a plain error
             return
         self.stream.stop()
         if self.tunnels.tunnel is not None:
@@ -361,7 +360,8 @@ class Runner:
         # The master too (a local step, no network needed): a client that
         # gives up leaves no ssh behind; `resume` logs in again.
         self.link.conn.close()
-        r.client_pid = 0
+        if not self.supervised:  # a supervisor still holds it, and tries again
+            r.let_go()
         self.link.save()
         if isinstance(exc, GiveUp):
             raise exc
@@ -389,13 +389,13 @@ class Runner:
             f"Stopped by {exc.reason}; cleaned up job {self.record.job_id or '(none)'}"
         ) from None
 
-    def _failed(self, exc: BaseException, trigger: str) -> None:
+    def _failed(self, exc: BaseException, trigger: Trigger) -> None:
         error = exc.error if isinstance(exc, TimedOut) else exc
         assert isinstance(error, AlvisError)
         if self.state not in (State.FAILED, State.CLEANED):
             # Even if saving the new state fails, cleanup must still run.
             with contextlib.suppress(Exception):
-                self._fire(trigger)
+                self.model.fire(trigger)
         self.record.end_reason = error.message
         self.jobs.cleanup(error.message)
         raise error
@@ -404,12 +404,9 @@ class Runner:
         self.jobs.cleanup("internal error")
         raise exc
 
-    # -- for resume, stop and the tests: job control's, through the driver ---------
+    # -- for resume (service.py): job control's, through the driver ---------------
     def still_alive(self) -> bool:
         return self.jobs.still_alive()
-
-    def stop(self) -> None:
-        self.jobs.stop()
 
     def cleanup(self, why: str) -> None:
         self.jobs.cleanup(why)

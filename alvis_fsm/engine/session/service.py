@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from alvis_fsm.cluster import jobscript
     from alvis_fsm.engine.fit.catalog import ModelEntry
     from alvis_fsm.engine.observer import Observer
+    from alvis_fsm.engine.session.link import Shield
     from alvis_fsm.engine.session.runner import Runner
     from alvis_fsm.engine.settings.model import Settings
 
@@ -61,7 +62,6 @@ __all__ = (
 
 # Picks one of several SLURM accounts (a front's prompt); "" for none.
 Chooser = Callable[[list[str]], str]
-Shield = Callable[[], AbstractContextManager[object]]
 
 
 class AlreadyLive(SessionError):
@@ -571,19 +571,9 @@ def stop(
     tunnel, state cleaned. None when it was already stopped: its record
     is returned then, for the front to say how it ended. Whoever drives the
     session must have let go first (``ownership.stop_session`` sees to that)."""
-    from alvis_fsm.engine.session.job_control import cancel_session
-    from alvis_fsm.engine.session.link import open_link
+    from alvis_fsm.engine.session.job_control import stop_job
 
-    with store.lock(name):
-        record = store.load(name)
-        if record.state == State.CLEANED:
-            return record
-        cancel_session(
-            open_link(
-                settings, record, store, ui, shield=shield or contextlib.nullcontext, **handles
-            )
-        )
-    return None
+    return stop_job(settings, store, name, ui, shield=shield, **handles)
 
 
 def resume(

@@ -19,15 +19,23 @@ import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 from alvis_fsm.engine.session.states import LIVE_STATES, State
 from alvis_fsm.engine.settings.layers import env_name, user_config_path
 from alvis_fsm.errors import SessionError, UsageError
 from alvis_fsm.paths import packaged_default
 
-FORMAT = 1
+# A held lock whose holder has not written its pid yet (it does so right
+# after taking it): not a pid, never signalled.
+UNNAMED_HOLDER: Final = -1
+
+# 2: who drives the session is one field, ``driver`` (with ``driver_pid``);
+# format 1's ``detached``, ``client_pid`` and ``supervisor_pid`` are read
+# into it (``_legacy_driver``), never written.
+FORMAT = 2
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,40}$")
 _KNOWN_STATES = frozenset(State)
 STATE_DIR_ENV = env_name("session", "state_dir")
@@ -61,6 +69,32 @@ def check_name(name: str) -> str:
             "(at most 41 characters, not starting with '.', '_' or '-').",
         )
     return name
+
+
+class Driver(StrEnum):
+    """Who drives a session: the process that holds its lock and runs its
+    machine, as its record says (``SessionRecord.driver``, with the pid).
+    ``engine/session/ownership.py`` changes the driver from outside."""
+
+    NOBODY = "nobody"  # new, or its driver let go: ended, or kept for `resume`
+    CLIENT = "client"  # a foreground client: `start`, `resume`, a front's thread
+    HANDING_OVER = "handing over"  # detached: its supervisor is taking the lock
+    SUPERVISOR = "supervisor"  # the background keeper of a detached session's tunnel
+
+
+# Who may follow whom (a move to the driver already there changes nothing).
+# Whoever holds the lock drives: a client or a supervisor takes the session
+# from anyone (the one before let go, or died and lost the lock with its
+# process); only a client detaches, handing over to a supervisor.
+DRIVER_TRANSITIONS: Final[dict[Driver, frozenset[Driver]]] = {
+    Driver.NOBODY: frozenset({Driver.CLIENT, Driver.SUPERVISOR}),
+    Driver.CLIENT: frozenset({Driver.NOBODY, Driver.HANDING_OVER, Driver.SUPERVISOR}),
+    Driver.HANDING_OVER: frozenset({Driver.NOBODY, Driver.CLIENT, Driver.SUPERVISOR}),
+    Driver.SUPERVISOR: frozenset({Driver.NOBODY, Driver.CLIENT}),
+}
+# Driven in the background: a holder of the lock is the supervisor (or one
+# still starting up), which `stop` and `resume` take the session over from.
+IN_BACKGROUND: Final = frozenset({Driver.HANDING_OVER, Driver.SUPERVISOR})
 
 
 @dataclass
@@ -97,9 +131,8 @@ class SessionRecord:
     # expected start (cluster time, "YYYY-MM-DD HH:MM"), when it gives one.
     queue_reason: str = ""
     expected_start: str = ""
-    detached: bool = False
-    client_pid: int = 0
-    supervisor_pid: int = 0  # the background keeper of a detached session's tunnel
+    driver: Driver = Driver.NOBODY
+    driver_pid: int = 0  # a client's or a supervisor's; 0 for nobody, handing over
     end_reason: str = ""
     # The scheduler's state of the ended job (e.g. CANCELLED), when the end
     # was recorded from its answer (a supervisor or `status` noticing it).
@@ -111,6 +144,24 @@ class SessionRecord:
     @property
     def live(self) -> bool:
         return self.state in LIVE_STATES
+
+    def drive_as(self, driver: Driver, pid: int = 0) -> None:
+        """The driver changes (``DRIVER_TRANSITIONS``); not saved. A client
+        or a supervisor gives its pid, nobody and handing over none."""
+        if driver is not self.driver and driver not in DRIVER_TRANSITIONS[self.driver]:
+            raise ValueError(
+                f"session {self.name!r}: no change of driver {self.driver} -> {driver}"
+            )
+        self.driver = driver
+        self.driver_pid = pid if driver in (Driver.CLIENT, Driver.SUPERVISOR) else 0
+
+    def let_go(self) -> None:
+        """Its driver lets go: nobody drives the session (not saved)."""
+        self.drive_as(Driver.NOBODY)
+
+    def driven_by(self, driver: Driver, pid: int | None) -> bool:
+        """Whether the record names ``pid`` as its driver, ``driver``."""
+        return self.driver is driver and pid is not None and pid == self.driver_pid
 
     def outcome(self) -> str:
         """'job 5: stopped by the user' — how a finished session ended."""
@@ -151,17 +202,17 @@ class SessionRecord:
                 f"Session file {path} was written by a newer alvis-fsm (format {fmt})",
                 hint="Upgrade alvis-fsm to manage this session; the file was left untouched.",
             )
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = _legacy_driver(data, path) if "driver" not in data else {}
         for f in dataclasses.fields(cls):
-            if f.name not in data:
-                continue
+            if f.name not in data or f.name == "format":
+                continue  # read in any format up to FORMAT, held (and written) in FORMAT
             value = data[f.name]
             problem = _type_problem(f.name, value)
             if problem:
                 raise SessionError(
                     f"Session file {path} is damaged: {problem}", hint=_keep_hint(path)
                 )
-            values[f.name] = float(value) if f.name == "running_since" else value
+            values[f.name] = _typed(f.name, value)
         if values["name"] != path.stem:
             raise SessionError(
                 f"Session file {path} names session {values['name']!r}, not {path.stem!r}",
@@ -170,11 +221,39 @@ class SessionRecord:
         return cls(**values)
 
 
+def _typed(name: str, value: Any) -> Any:
+    if name == "running_since":
+        return float(value)
+    return Driver(value) if name == "driver" else value
+
+
+def _legacy_driver(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Who drives a session whose record format 1 wrote, from its three
+    fields: a client that is not the supervisor (a supervisor's runner
+    recorded its pid as the client's too), else the supervisor, else a
+    detached session handing over, else nobody."""
+    old = {key: data.get(key, default) for key, default in _LEGACY.items()}
+    for key, value in old.items():
+        problem = _type_problem(key, value)
+        if problem:
+            raise SessionError(f"Session file {path} is damaged: {problem}", hint=_keep_hint(path))
+    client, supervisor = old["client_pid"], old["supervisor_pid"]
+    if client > 0 and client != supervisor:
+        return {"driver": Driver.CLIENT, "driver_pid": client}
+    if supervisor > 0:
+        return {"driver": Driver.SUPERVISOR, "driver_pid": supervisor}
+    return {"driver": Driver.HANDING_OVER if old["detached"] else Driver.NOBODY}
+
+
+# Format 1's fields for the driver, with their defaults.
+_LEGACY: dict[str, Any] = {"detached": False, "client_pid": 0, "supervisor_pid": 0}
+
 # The JSON type each field must have (int accepted for a float).
 _TYPES: dict[str, tuple[type, ...]] = {
     "port": (int,),
     "local_port": (int,),
     "time_limit_s": (int,),
+    "driver_pid": (int,),
     "client_pid": (int,),
     "supervisor_pid": (int,),
     "running_since": (int, float),
@@ -195,6 +274,8 @@ def _type_problem(name: str, value: Any) -> str:
         return f"'name' is {value!r}"
     if name == "state" and isinstance(value, str) and value not in _KNOWN_STATES:
         return f"unknown state {value!r}"
+    if name == "driver" and isinstance(value, str) and value not in _KNOWN_DRIVERS:
+        return f"unknown driver {value!r}"
     if isinstance(value, list) and not all(
         isinstance(h, list) and all(isinstance(x, str) for x in h) for h in value
     ):
@@ -204,6 +285,9 @@ def _type_problem(name: str, value: Any) -> str:
     ):
         return "'entered_at' is not a map of state to time"
     return ""
+
+
+_KNOWN_DRIVERS = frozenset(Driver)
 
 
 def _keep_hint(path: Path) -> str:
@@ -391,7 +475,8 @@ class Store:
             os.close(fd)  # closing releases the flock
 
     def holder(self, name: str) -> int | None:
-        """The pid of the process holding the session's lock, or None if free."""
+        """The pid of the process holding the session's lock, or None if free;
+        ``UNNAMED_HOLDER`` while the holder has not written its pid yet."""
         try:
             fd = os.open(self._lock_path(name), os.O_RDWR)
         except FileNotFoundError:
@@ -400,7 +485,7 @@ class Store:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return _read_pid(fd) or -1
+                return _read_pid(fd) or UNNAMED_HOLDER
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
         finally:
