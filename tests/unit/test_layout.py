@@ -1,7 +1,8 @@
 """The package's layers and their import direction (issue 13).
 
 fronts -> engine -> cluster, each also free to use the foundation
-(``alvis_fsm.errors``, ``alvis_fsm.paths``, ``alvis_fsm.retry``, ``alvis_fsm.text``); nothing imports upwards. Read
+(``alvis_fsm.errors``, ``alvis_fsm.files``, ``alvis_fsm.paths``, ``alvis_fsm.retry``,
+``alvis_fsm.text``); nothing imports upwards. Read
 from the source with ``ast`` (imports inside functions count too: the
 lazy imports that keep ``--help`` fast are imports all the same)."""
 
@@ -17,6 +18,7 @@ LAYERS = ["cluster", "engine", "fronts"]  # lowest first
 FOUNDATION = {
     "alvis_fsm",
     "alvis_fsm.errors",
+    "alvis_fsm.files",
     "alvis_fsm.paths",
     "alvis_fsm.retry",
     "alvis_fsm.text",
@@ -48,7 +50,15 @@ def modules() -> list[Path]:
 
 def test_every_module_lives_in_a_layer_or_the_foundation() -> None:
     loose = {p.name for p in PACKAGE.glob("*.py")}
-    assert loose == {"__init__.py", "__main__.py", "errors.py", "paths.py", "retry.py", "text.py"}
+    assert loose == {
+        "__init__.py",
+        "__main__.py",
+        "errors.py",
+        "files.py",
+        "paths.py",
+        "retry.py",
+        "text.py",
+    }
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} >= set(
         LAYERS
     )
@@ -97,6 +107,11 @@ RULES: list[tuple[str, str, str]] = [
         "the session engine knows nothing of batches (batches build on sessions)",
     ),
     ("alvis_fsm.engine.fit", "alvis_fsm.engine.batch", "sizing a model knows no batches"),
+    (
+        "alvis_fsm.engine.fit",
+        "alvis_fsm.engine.session",
+        "what a model needs is known before any session (the session asks fit)",
+    ),
     ("alvis_fsm.engine.settings", "alvis_fsm.engine.batch", "settings know no batches"),
     (
         "alvis_fsm.fronts.gateway.page",
@@ -185,7 +200,7 @@ def test_no_front_imports_another_but_through_its_face() -> None:
 
 
 def test_foundation_imports_nothing_of_the_layers() -> None:
-    for name in ("errors.py", "paths.py", "retry.py", "text.py"):
+    for name in ("errors.py", "files.py", "paths.py", "retry.py", "text.py"):
         assert not [n for _, n in imports(PACKAGE / name) if layer_of(n)], name
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from alvis_fsm.engine.batch.input import read_ids
 from alvis_fsm.engine.batch.lifecycle import ENTERED_AT, BatchStatus, check_move
-from alvis_fsm.engine.session.store import atomic_write, atomic_writer
 from alvis_fsm.errors import SessionError, UsageError
+from alvis_fsm.files import atomic_write, atomic_writer
 
 FORMAT = 1
 ID_RE = re.compile(r"^batch_[0-9a-f]{16}$")

@@ -12,7 +12,7 @@ from typing import Any
 from alvis_fsm.cluster.remote import batch_runner
 from alvis_fsm.engine.batch.input import disk_index
 from alvis_fsm.engine.batch.lifecycle import BatchStatus
-from alvis_fsm.engine.session.store import atomic_writer
+from alvis_fsm.files import atomic_writer
 
 _UNDONE = {
     BatchStatus.EXPIRED: (

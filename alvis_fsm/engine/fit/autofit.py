@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from alvis_fsm.cluster import protocol
 from alvis_fsm.engine.fit import sizing as fit
 from alvis_fsm.engine.observer import Observer
-from alvis_fsm.engine.session.store import atomic_write
 from alvis_fsm.errors import AlvisError, ConfigError
+from alvis_fsm.files import atomic_write
 
 if TYPE_CHECKING:
     from alvis_fsm.engine.settings.model import Settings

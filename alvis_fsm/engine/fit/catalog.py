@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from alvis_fsm import paths
 from alvis_fsm.cluster.syntax import spoken_seconds
-from alvis_fsm.engine.session.store import atomic_write
 from alvis_fsm.engine.settings.model import GPUS_PATTERN, MODEL_NAME_PATTERN, SafeStr, Settings
 from alvis_fsm.errors import ConfigError, UsageError
+from alvis_fsm.files import atomic_write
 
 DEFAULT_USER_CATALOG = "~/.alvis-vllm/models.json"
 

@@ -53,7 +53,7 @@ class LoadTimes:
         return max(found) if found else None
 
     def add(self, model: str, gpus: str, seconds: float) -> None:
-        from alvis_fsm.engine.session.store import atomic_write
+        from alvis_fsm.files import atomic_write
 
         data = self._read()
         key = _key(model, gpus)

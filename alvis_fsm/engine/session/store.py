@@ -14,18 +14,18 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
 from alvis_fsm.engine.session.states import LIVE_STATES, State
 from alvis_fsm.engine.settings.layers import env_name, user_config_path
 from alvis_fsm.errors import SessionError, UsageError
+from alvis_fsm.files import atomic_write
 from alvis_fsm.paths import packaged_default
 
 # A held lock whose holder has not written its pid yet (it does so right
@@ -295,41 +295,6 @@ def _keep_hint(path: Path) -> str:
         f"The file was left as it is. Inspect it, or move it away (mv {path} {path}.bad) "
         "and check `squeue -u $USER` on the login node for a job left running."
     )
-
-
-def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``text`` atomically: temp file in the same
-    directory, fsync, rename, fsync the directory (so a crash right after
-    cannot bring back the previous content, e.g. a lost job id). Used for
-    every file the tool writes: session state, settings, user catalog."""
-    with atomic_writer(path, mode) as handle:
-        handle.write(text)
-
-
-@contextlib.contextmanager
-def atomic_writer(path: Path, mode: int = 0o600) -> Iterator[TextIO]:
-    """``atomic_write`` for content written piece by piece (a file too large
-    to hold in memory): the handle's content replaces ``path`` when the
-    block ends normally; on an exception ``path`` is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 class Store:

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alvis_fsm.engine.session.store import atomic_write
 from alvis_fsm.errors import CancelUnconfirmed, SessionError
+from alvis_fsm.files import atomic_write
 
 if TYPE_CHECKING:
     from alvis_fsm.engine.observer import Observer

@@ -16,7 +16,6 @@ import tomlkit
 import tomlkit.exceptions
 
 from alvis_fsm import paths
-from alvis_fsm.engine.session.store import atomic_write
 from alvis_fsm.engine.settings.explain import explain
 from alvis_fsm.engine.settings.model import (
     DEFAULT_LABEL,
@@ -27,6 +26,7 @@ from alvis_fsm.engine.settings.model import (
     validate_user_data,
 )
 from alvis_fsm.errors import ConfigError, UsageError
+from alvis_fsm.files import atomic_write
 from alvis_fsm.fronts.ui import Reporter, Verbosity
 
 USER_FILE_HEADER = """\

@@ -32,8 +32,8 @@ from alvis_fsm.engine.batch.input import ENDPOINTS, Validated, validate
 from alvis_fsm.engine.batch.lifecycle import BatchStatus
 from alvis_fsm.engine.batch.record import BatchRecord, BatchStore
 from alvis_fsm.engine.observer import Quiet
-from alvis_fsm.engine.session.store import atomic_write
 from alvis_fsm.errors import AlvisError, UsageError
+from alvis_fsm.files import atomic_write
 from alvis_fsm.fronts.gateway.openai.proxy import BadBody, read_json
 from alvis_fsm.text import has_controls
 
