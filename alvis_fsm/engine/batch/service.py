@@ -129,6 +129,20 @@ def validate_file(settings: Settings, path: Path, model: str | None) -> Validate
 # -- the connection -----------------------------------------------------------
 
 
+def _agent_argv(sub: str, run_dir: str, *args: str) -> list[str]:
+    """The batch agent's command line: its script handed to bash, then the
+    subcommand and the batch's run directory."""
+    return [
+        "bash",
+        "-c",
+        protocol.agent_script("batch_agent.sh"),
+        "alvis-fsm-batch",
+        sub,
+        run_dir,
+        *args,
+    ]
+
+
 @dataclass
 class Remote:
     conn: Connection
@@ -143,15 +157,7 @@ class Remote:
         timeout: float = 60,
         retry: bool = True,
     ) -> Any:
-        argv = [
-            "bash",
-            "-c",
-            protocol.agent_script("batch_agent.sh"),
-            "alvis-fsm-batch",
-            sub,
-            run_dir,
-            *args,
-        ]
+        argv = _agent_argv(sub, run_dir, *args)
         proc = self.conn.run(argv, input=input, timeout=timeout, retry=retry)
         for line in proc.stdout.split("\n"):
             if line.startswith("CMD|"):
@@ -171,15 +177,7 @@ class Remote:
         to the command's stdin and its stdout into ``sink``, a chunk at a
         time. A lost connection is reopened and the command run again (so
         only for idempotent commands: put, results); the sink is rewound."""
-        argv = [
-            "bash",
-            "-c",
-            protocol.agent_script("batch_agent.sh"),
-            "alvis-fsm-batch",
-            sub,
-            run_dir,
-            *args,
-        ]
+        argv = _agent_argv(sub, run_dir, *args)
         for attempt in range(3):
             if sink is not None:
                 sink.seek(0)
