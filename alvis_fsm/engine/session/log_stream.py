@@ -55,20 +55,24 @@ class LogStream:
         """Follow the logs from ``since``, else from their last ``lines``."""
         self.stop()
         link = self.link
-        proc = link.agent.stream(
+        # A stop signal may raise between any two of these steps (the front's
+        # handler raises in this thread): the process is ours to stop as soon
+        # as it exists, and ``_reader`` only ever names a reader that started,
+        # so ``stop`` on the way out has nothing half made to trip over.
+        self.proc = link.agent.stream(
             link.record.run_dir,
             link.record.job_id,
             lines,
             check_every=link.settings.polling.job_check_interval,
             since=since,
         )
-        self.proc = proc
         self._since = time.monotonic()
         self._dead = False
-        self._reader = threading.Thread(
-            target=self._read, args=(proc,), name="log-reader", daemon=True
+        reader = threading.Thread(
+            target=self._read, args=(self.proc,), name="log-reader", daemon=True
         )
-        self._reader.start()
+        reader.start()
+        self._reader = reader
 
     def _read(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
