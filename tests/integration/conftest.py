@@ -159,13 +159,12 @@ class Lab:
         """Hold GPUs with RUNNING jobs: "all" (every GPU of both nodes, so any
         GPU request waits; yields the A40 blocker's id, the one a waiting job
         expects to follow), or one node's type ("A40", "A100fat")."""
-        job_id = self.run(
-            ["bash", str(LAB_DIR / "blocker"), "start", gpus], timeout=90
-        ).stdout.strip()
+        blocker = ["env", f"LAB_BLOCKER_USER={self.user}", "bash", str(LAB_DIR / "blocker")]
+        job_id = self.run([*blocker, "start", gpus], timeout=90).stdout.strip()
         try:
             yield job_id
         finally:
-            self.run(["bash", str(LAB_DIR / "blocker"), "stop"], check=False, timeout=60)
+            self.run([*blocker, "stop"], check=False, timeout=60)
 
     # ------------------------------------------------------------ ssh logs / host keys
     def sshd_log(self, which: str) -> Path:
@@ -173,12 +172,14 @@ class Lab:
         return Path(self.values[key])
 
     def count_accepted(self, which: str) -> int:
-        """Number of 'Accepted publickey' lines in the login or node sshd log."""
+        """Number of this stream's user's logins ('Accepted publickey for
+        USER ') in the login or node sshd log: the other stream's are not ours."""
         try:
             text = self.sshd_log(which).read_text(errors="replace")
         except FileNotFoundError:
             return 0
-        return sum(1 for line in text.splitlines() if "Accepted publickey" in line)
+        mine = f"Accepted publickey for {self.user} "
+        return sum(1 for line in text.splitlines() if mine in line)
 
     def reset_known_hosts(self) -> None:
         """Leave only the login node's key in the client known_hosts."""
@@ -195,7 +196,8 @@ def remove_node_known_host(lab: Lab) -> None:
     lab.reset_known_hosts()
 
 
-def bring_up_lab() -> Lab:
+def run_up() -> Path:
+    """Run ``tests/lab/up`` (idempotent); the main client dir it prints."""
     proc = subprocess.run(
         ["bash", str(LAB_DIR / "up")],
         text=True,
@@ -207,7 +209,33 @@ def bring_up_lab() -> Lab:
     if proc.returncode != 0:
         raise RuntimeError(f"tests/lab/up failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    client = Path(lines[-1].strip())
+    return Path(lines[-1].strip())
+
+
+def bring_up_lab() -> Lab:
+    """The lab, up, as the first test stream's user sees it (benchmarks)."""
+    return stream_lab(run_up(), 0)
+
+
+def stream_index() -> int:
+    """Which test stream this process is: the xdist worker's number (gw1 is
+    1), 0 without xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(worker[2:]) if worker.startswith("gw") else 0
+
+
+def stream_lab(main_client: Path, index: int) -> Lab:
+    """The lab as test stream ``index`` sees it: its own cluster user and
+    client dir (tests/lab/up makes one per stream; LAB_STREAM_CLIENTS)."""
+    clients = _read_env_file(main_client / "lab.env").get("LAB_STREAM_CLIENTS", "").split()
+    clients = clients or [str(main_client)]
+    if index >= len(clients):
+        raise pytest.UsageError(
+            f"the lab has {len(clients)} test streams (one cluster user each: "
+            f"tests/lab/common.sh LAB_STREAM_USERS); run tests/integration with "
+            f"-n {len(clients)} or fewer"
+        )
+    client = Path(clients[index])
     values = _read_env_file(client / "lab.env")
     env = dict(os.environ)
     env.update(values)
@@ -223,20 +251,65 @@ def bring_up_lab() -> Lab:
     )
 
 
+LAB_ROOT = Path(os.environ.get("ALVIS_LAB_ROOT", "/var/lib/alvis-lab"))
+# Set by the xdist controller for its workers: the lab is up (this main
+# client dir) and the controller holds the lab's lock for all of them.
+STREAMS_UP = "ALVIS_LAB_STREAMS_UP"
+
+
 @pytest.fixture(scope="session")
 def lab() -> Iterator[Lab]:
-    """The running lab cluster (started by tests/lab/up if it is not up).
+    """The running lab cluster (started by tests/lab/up if it is not up), as
+    this test stream's user sees it.
 
-    Held under an exclusive lock on the lab for the whole test session, so a
+    Held under an exclusive lock on the lab for the whole test run, so a
     benchmark or another test run on the same machine waits instead of
-    mixing its jobs and ssh processes with ours."""
+    mixing its jobs and ssh processes with ours. Under xdist the controller
+    takes it once for all its workers (pytest_configure)."""
     if os.geteuid() != 0:
         pytest.skip("the lab cluster needs root (tests/lab/up)")
+    up = os.environ.get(STREAMS_UP)
+    if up:
+        yield stream_lab(Path(up), stream_index())
+        return
     # The lock is taken before `up`: `up` installs this checkout's lab tools
     # (tests/lab/bin) for every user of the machine, so another checkout's run
     # must not swap them while this session's tests use them.
-    with lab_lock(Path(os.environ.get("ALVIS_LAB_ROOT", "/var/lib/alvis-lab"))):
+    with lab_lock(LAB_ROOT):
         yield bring_up_lab()
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    return (
+        not hasattr(config, "workerinput")
+        and config.pluginmanager.hasplugin("xdist")
+        and bool(config.getoption("numprocesses", None))
+    )
+
+
+_CONTROLLER_HOLDS = pytest.StashKey[contextlib.ExitStack]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, the controller takes the lab's lock and brings the lab up
+    once, before its workers start: each worker is one test stream."""
+    if not _is_xdist_controller(config) or os.geteuid() != 0 or STREAMS_UP in os.environ:
+        return
+    holds = contextlib.ExitStack()
+    holds.enter_context(lab_lock(LAB_ROOT))
+    try:
+        os.environ[STREAMS_UP] = str(run_up())
+    except BaseException:
+        holds.close()
+        raise
+    config.stash[_CONTROLLER_HOLDS] = holds
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    holds = config.stash.get(_CONTROLLER_HOLDS, None)
+    if holds is not None:
+        os.environ.pop(STREAMS_UP, None)
+        holds.close()
 
 
 @contextlib.contextmanager
@@ -253,6 +326,100 @@ def lab_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# ------------------------------------------------------------ test streams
+# Under `pytest -n 2 --dist loadgroup` two test streams share the lab, each as
+# its own cluster user. What they share (the nodes' GPUs, the daemons and their
+# logs, the fault switches) is handed out by turns: a test marked `exclusive`
+# runs alone, the rest side by side. A module that keeps one job across its
+# tests (SHARES_ONE_JOB) holds its turn for the whole module.
+
+
+@contextlib.contextmanager
+def turn(exclusive: bool, root: Path = LAB_ROOT) -> Iterator[None]:
+    """A turn on the lab: shared, or alone when ``exclusive``.
+
+    A reader-writer lock on two files: whoever wants a turn passes the gate
+    first, and an exclusive test waits for the shared ones to end while
+    holding the gate, so no new shared turn overtakes it."""
+    import fcntl
+
+    run = root / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / "streams.gate", "a") as gate, open(run / "streams.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _in_streams() -> bool:
+    return STREAMS_UP in os.environ and "PYTEST_XDIST_WORKER" in os.environ
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_turn(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A module whose tests share one job holds a shared turn throughout."""
+    module = request.module
+    if not (_in_streams() and getattr(module, "SHARES_ONE_JOB", False)):
+        yield
+        return
+    with turn(exclusive=False):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _test_turn(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each lab test's turn: alone when marked ``exclusive``."""
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    if getattr(request.module, "SHARES_ONE_JOB", False):
+        # the module holds a shared turn already (_module_turn)
+        assert not exclusive, "an exclusive test in a module that shares one job"
+        yield
+        return
+    if not (_in_streams() and "lab" in request.fixturenames):
+        yield
+        return
+    with turn(exclusive):
+        yield
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """For the streams: the real-vLLM tier in one group (one worker, in turn:
+    each real server takes both cores to start), a module with a
+    module-scoped fixture kept on one worker, and the exclusive tests first,
+    while both streams are there to take turns at them."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    for item in items:
+        if item.get_closest_marker("realvllm"):
+            item.add_marker(pytest.mark.xdist_group("realvllm"))
+        elif _has_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("exclusive"):
+            return 0
+        return 1 if item.get_closest_marker("realvllm") else 2
+
+    items.sort(key=rank)
+
+
+def _has_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(
+        defs and defs[-1].scope == "module" and not defs[-1].argname.startswith("_")
+        for defs in info.name2fixturedefs.values()
+    )
+
+
 @pytest.fixture
 def fresh_known_hosts(lab: Lab) -> Lab:
     """The client known_hosts holds only the login node key for this test."""
@@ -261,7 +428,7 @@ def fresh_known_hosts(lab: Lab) -> Lab:
 
 
 @pytest.fixture(autouse=True)
-def _cancel_leftover_jobs(request: pytest.FixtureRequest) -> Iterator[None]:
+def _cancel_leftover_jobs(request: pytest.FixtureRequest, _test_turn: None) -> Iterator[None]:
     """After each test that used the lab, cancel the cluster user's leftover jobs.
 
     This only stops one failure from cascading into the next test; tests that

@@ -122,6 +122,8 @@ def test_a_laptop_asleep_during_the_tunnel_handshake_still_connects(
 
 
 # -- item 3: masters that outlive their client ---------------------------------------------
+# lab.blocker() holds every GPU of both nodes
+@pytest.mark.exclusive
 def test_a_master_left_by_a_killed_client_ends_by_itself(lab: Any, tool: Tool) -> None:
     """kill -9 of `start` while its job pends: nothing closes the login
     master; with ``ssh.control_persist`` 3 s it ends once its last channel

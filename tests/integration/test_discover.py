@@ -13,6 +13,10 @@ from tool import Tool, assert_nothing_left
 
 from alvis_fsm.errors import ExitCode
 
+# The listings below are of the shared hub: never beside test_hostile_cluster.py's
+# hostile snapshots in it (one group: one stream, in turn).
+pytestmark = pytest.mark.xdist_group("hub")
+
 Lab = object  # the fixture's class lives in conftest.py
 
 HUB = "/mimer/NOBACKUP/Datasets/LLM/huggingface/hub"

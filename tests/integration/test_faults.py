@@ -116,6 +116,8 @@ def suspend(tool: Tool, child: pexpect.spawn, seconds: float) -> None:
 
 
 # -- 1. the controller goes away while the logs stream --------------------------------
+# the scheduler stops (slurmctld is shared by every stream)
+@pytest.mark.exclusive
 def test_scheduler_away_while_streaming_keeps_the_job(lab: Any, tool: Tool, faults: Any) -> None:
     child, _, job_id = start_tunneled(tool)
     faults("scheduler", "down")
@@ -145,6 +147,8 @@ def test_scheduler_away_while_streaming_keeps_the_job(lab: Any, tool: Tool, faul
 
 
 # -- 2. squeue and sacct failing (a busy controller) -----------------------------------
+# squeue and sacct fail for every cluster user (a fault switch); pending also holds every GPU
+@pytest.mark.exclusive
 @pytest.mark.parametrize("where", ["pending", "streaming"])
 def test_scheduler_not_answering_is_unknown(lab: Any, tool: Tool, faults: Any, where: str) -> None:
     kept = 0
@@ -194,6 +198,8 @@ def test_scheduler_not_answering_is_unknown(lab: Any, tool: Tool, faults: Any, w
 
 
 # -- 3. scancel fails: never "cleaned up" while the job runs -----------------------------
+# scancel fails for every cluster user (a fault switch)
+@pytest.mark.exclusive
 def test_failed_scancel_is_not_cleaned_up(lab: Any, tool: Tool, faults: Any) -> None:
     child, _, job_id = start_tunneled(tool)
     faults("scancel", "fail")
@@ -223,6 +229,8 @@ def test_failed_scancel_is_not_cleaned_up(lab: Any, tool: Tool, faults: Any) -> 
 
 
 # -- 4. stop, status and resume while the controller is away ---------------------------
+# squeue/sacct fail for every cluster user, then the scheduler stops
+@pytest.mark.exclusive
 def test_stop_status_resume_with_scheduler_away(lab: Any, tool: Tool, faults: Any) -> None:
     port = free_port()
     status, out = tool.run("start", "-m", "lab-ok", "--port", str(port), "--detach", timeout=120)
@@ -264,7 +272,14 @@ def test_stop_status_resume_with_scheduler_away(lab: Any, tool: Tool, faults: An
 
 
 # -- 5. the client suspended for longer than a timeout ---------------------------------------
-@pytest.mark.parametrize("where", ["pending", "loading"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        # pending: lab.blocker() holds every GPU of both nodes
+        pytest.param("pending", marks=pytest.mark.exclusive),
+        "loading",
+    ],
+)
 def test_suspended_client_finds_the_session_where_the_cluster_left_it(
     lab: Any, tool: Tool, where: str
 ) -> None:
@@ -316,6 +331,8 @@ def test_suspended_client_finds_the_session_where_the_cluster_left_it(
 
 
 # -- 6. the network gone for longer than ssh.reconnect_window ------------------------------
+# the login sshd is killed (every stream's connections cut); pending also holds every GPU
+@pytest.mark.exclusive
 @pytest.mark.parametrize("where", ["pending", "streaming"])
 def test_network_loss_keeps_the_job_then_resume(
     lab: Any, tool: Tool, faults: Any, where: str

@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 import pexpect
+import pytest
 from tool import Tool, assert_nothing_left, exit_status, free_port, interrupt, tool_jobs
 
 CONNECTED = "✓ Connection successful! Server available at http://localhost:"
@@ -61,6 +62,8 @@ def _serve_and_stop(
     return out
 
 
+# holds the four A100fats with a blocker, and wants all four A40s free
+@pytest.mark.exclusive
 def test_65gb_model_gets_two_a40s_while_the_a100fat_node_is_busy(lab: Any, tool: Tool) -> None:
     with lab.blocker("A100fat"):
         out = _serve_and_stop(
@@ -76,6 +79,8 @@ def test_65gb_model_gets_two_a40s_while_the_a100fat_node_is_busy(lab: Any, tool:
     assert_nothing_left(lab, tool)
 
 
+# holds the four A40s with a blocker, and wants all four A100fats free
+@pytest.mark.exclusive
 def test_65gb_model_gets_one_80gb_gpu_while_the_a40s_are_busy(lab: Any, tool: Tool) -> None:
     with lab.blocker("A40"):
         out = _serve_and_stop(
@@ -108,9 +113,11 @@ def test_model_too_large_for_any_count_is_refused_before_submitting(lab: Any, to
         in out
     )
     assert "Job submitted" not in out
-    # Nothing reached the scheduler: no job in root's squeue or in accounting.
+    # Nothing reached the scheduler: no job of the user in root's squeue or in accounting.
     assert lab.jobs() == []
-    names = lab.run(["sacct", "-a", "-X", "-n", "-P", "-S", since, "-o", "JobName"]).stdout
+    names = lab.run(
+        ["sacct", "-u", lab.user, "-X", "-n", "-P", "-S", since, "-o", "JobName"]
+    ).stdout
     assert "lab-llama-405b" not in names, names
     assert_nothing_left(lab, tool)
 

@@ -91,13 +91,19 @@ def _new_procs(lab: Any, before: dict[int, str], pattern: str, wait: float = 8) 
 def tool(lab: Any, tmp_path: Path) -> Iterator[Tool]:
     """The tool with the lab's ssh config and account, the lab's catalog and
     a catalog of its own (where --add writes)."""
+    import tomllib
+
     mine = tmp_path / "my-models.json"
     mine.write_text("{}\n")
+    # The lab's catalog, as this stream's settings name it (it lives in the
+    # main client dir only, not in every stream's).
+    settings = tomllib.loads(Path(lab.env["ALVIS_FSM_CONFIG"]).read_text())
+    catalogs = [*settings["catalog"]["paths"], str(mine)]
     config = tmp_path / "alvis-fsm.toml"
     config.write_text(
         f'[ssh]\nconfig_file = "{lab.ssh_config}"\n'
         f'[slurm]\naccount = "{lab.account}"\n'
-        f'[catalog]\npaths = ["{lab.client / "models.json"}", "{mine}"]\n'
+        f"[catalog]\npaths = {json.dumps(catalogs)}\n"
     )
     t = Tool(lab, tmp_path / "home", ALVIS_FSM_CONFIG=str(config))
     yield t
@@ -161,6 +167,9 @@ def _discover(tool: Tool, *extra: str) -> subprocess.CompletedProcess[str]:
     return tool.run_piped("models", "--discover", *extra, timeout=60)
 
 
+# hostile_hub puts hostile model dirs in the shared hub: never beside
+# test_discover.py's listings of it (one group: one stream, in turn)
+@pytest.mark.xdist_group("hub")
 def test_hostile_names_under_every_login_shell(
     lab: Any, tool: Tool, hostile_hub: Path, login_shell: str
 ) -> None:
@@ -193,6 +202,9 @@ def test_hostile_names_under_every_login_shell(
     assert_nothing_left(lab, tool)
 
 
+# hostile_hub puts hostile model dirs in the shared hub: never beside
+# test_discover.py's listings of it (one group: one stream, in turn)
+@pytest.mark.xdist_group("hub")
 def test_a_fifo_and_a_carriage_return_in_the_hub(lab: Any, tool: Tool, hostile_hub: Path) -> None:
     before = _user_procs(lab)
     started = time.monotonic()

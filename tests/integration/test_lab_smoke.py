@@ -205,6 +205,8 @@ def test_wrong_account_is_refused(lab: Lab) -> None:
     assert lab.jobs() == []
 
 
+# lab.blocker() holds every GPU of both nodes
+@pytest.mark.exclusive
 def test_blocker_holds_next_job_pending(lab: Lab) -> None:
     with lab.blocker() as blocker_id:
         assert lab.job_state(blocker_id) == "RUNNING"

@@ -230,6 +230,8 @@ def restore_login_sshd(lab: Any) -> None:
     wait_until("the login sshd to answer", lambda: port_listening(22022), timeout=10)
 
 
+# the login sshd (every stream's) is killed and restarted by tests/lab/up; holds every GPU
+@pytest.mark.exclusive
 def test_login_sshd_down_10s_while_pending(lab: Any, tool: Tool) -> None:
     survived, recovery = 0, None
     restored = False
@@ -300,6 +302,8 @@ def kill_login_sshd(lab: Any) -> list[int]:
     return tree
 
 
+# the login sshd (every stream's) is killed and restarted by tests/lab/up
+@pytest.mark.exclusive
 def test_login_sshd_down_10s_while_tunneled(lab: Any, tool: Tool) -> None:
     """The tunnel rides on the shared connection: both drop, the log stream
     too; all come back once the login node does, with the same job."""
@@ -432,7 +436,14 @@ def test_client_sigkill_then_resume(lab: Any, tool: Tool) -> None:
 LIVE_STATES = ["submitted", "running", "serving", "tunneled"]
 
 
-@pytest.mark.parametrize("where", LIVE_STATES)
+@pytest.mark.parametrize(
+    "where",
+    [
+        # submitted: lab.blocker() holds every GPU of both nodes
+        pytest.param(w, marks=pytest.mark.exclusive) if w == "submitted" else w
+        for w in LIVE_STATES
+    ],
+)
 def test_ctrl_c_in_each_live_state(lab: Any, tool: Tool, where: str) -> None:
     model = {"running": "lab-hang"}.get(where, "lab-ok")
     hit = ""
@@ -477,7 +488,9 @@ def test_ctrl_c_in_each_live_state(lab: Any, tool: Tool, where: str) -> None:
                 assert hit == where
             assert wait_jobs_gone(lab, [job_id]) == []
             if blocker_id:
-                assert blocker_id in lab.jobs()  # someone else's job is untouched
+                # Someone else's job is untouched (by id: tests/lab/blocker may
+                # submit it as another user than this stream's).
+                assert lab.job_state(blocker_id) == "RUNNING"
         assert not port_listening(port)
         assert_nothing_left(lab, tool)
     finally:

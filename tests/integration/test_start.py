@@ -177,6 +177,8 @@ def test_sbatch_refused(
     assert_nothing_left(lab, tool)
 
 
+# lab.blocker() holds every GPU of both nodes
+@pytest.mark.exclusive
 def test_job_never_starts(lab, tool: Tool) -> None:
     with lab.blocker() as blocker:
         child = tool.spawn(
@@ -195,7 +197,7 @@ def test_job_never_starts(lab, tool: Tool) -> None:
         child.close()
         assert exit_status(child) == 5
         assert job_id not in lab.jobs()
-        assert blocker in lab.jobs()  # untouched
+        assert lab.job_state(blocker) == "RUNNING"  # untouched (whoever's job it is)
     assert_nothing_left(lab, tool)
 
 
@@ -219,6 +221,8 @@ def test_vllm_never_ready(lab, tool: Tool) -> None:
     assert_nothing_left(lab, tool)
 
 
+# lab.blocker() holds every GPU of both nodes
+@pytest.mark.exclusive
 def test_ctrl_c_while_pending(lab, tool: Tool) -> None:
     with lab.blocker() as blocker:
         child = tool.spawn("start", "-m", "lab-ok", "--port", str(free_port()), timeout=60)
@@ -232,7 +236,7 @@ def test_ctrl_c_while_pending(lab, tool: Tool) -> None:
         child.expect(pexpect.EOF)
         child.close()
         assert exit_status(child) == 130
-        assert job_id not in lab.jobs() and blocker in lab.jobs()
+        assert job_id not in lab.jobs() and lab.job_state(blocker) == "RUNNING"
     assert_nothing_left(lab, tool)
 
 

@@ -8,6 +8,10 @@ LAB_HOME=/home/pradas
 # A second cluster user, for isolation tests: someone else on the cluster.
 LAB_USER2=kovacs
 LAB_HOME2=/home/kovacs
+# The cluster users of the further test streams (`pytest -n 2` on
+# tests/integration: worker gw0 is LAB_USER, gw1 the first of these), each
+# with its own home, SLURM associations and client dir $LAB_ROOT/client-USER.
+LAB_STREAM_USERS="lindqvist"
 LAB_ACCOUNT=naiss2025-22-1522
 LAB_CLUSTER=alvis
 LAB_LOGIN_HOST=alvis2

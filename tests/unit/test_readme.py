@@ -17,7 +17,7 @@ COMMANDS = REPO / "docs" / "reference" / "commands.md"
 TEST_COMMAND = (
     "python3 -m venv .venv && .venv/bin/pip install -q '.[test]'"
     " && .venv/bin/python -m pytest tests/unit -n auto --cov=alvis_fsm.engine --cov-fail-under=90"
-    " && .venv/bin/python -m pytest tests/integration"
+    " && .venv/bin/python -m pytest tests/integration -n 2 --dist loadgroup"
 )
 MAX_LINES = 250  # a front page (issue 24): the reference is in docs/
 
