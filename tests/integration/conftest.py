@@ -159,12 +159,20 @@ class Lab:
         """Hold GPUs with RUNNING jobs: "all" (every GPU of both nodes, so any
         GPU request waits; yields the A40 blocker's id, the one a waiting job
         expects to follow), or one node's type ("A40", "A100fat")."""
-        blocker = ["env", f"LAB_BLOCKER_USER={self.user}", "bash", str(LAB_DIR / "blocker")]
-        job_id = self.run([*blocker, "start", gpus], timeout=90).stdout.strip()
+        job_id = self.run([*self._blocker, "start", gpus], timeout=90).stdout.strip()
         try:
             yield job_id
         finally:
-            self.run([*blocker, "stop"], check=False, timeout=60)
+            self.stop_blockers()
+
+    @property
+    def _blocker(self) -> list[str]:
+        # As this stream's user: its jobs are the ones lab.jobs() lists.
+        return ["env", f"LAB_BLOCKER_USER={self.user}", "bash", str(LAB_DIR / "blocker")]
+
+    def stop_blockers(self) -> None:
+        """Cancel this stream's blockers (and wait until they are gone)."""
+        self.run([*self._blocker, "stop"], check=False, timeout=60)
 
     # ------------------------------------------------------------ ssh logs / host keys
     def sshd_log(self, which: str) -> Path:

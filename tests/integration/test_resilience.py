@@ -50,7 +50,6 @@ from tool import (
 CONNECTED = "✓ Connection successful! Server available at http://localhost:"
 REPO = Path(__file__).resolve().parents[2]
 LAB_UP = REPO / "tests" / "lab" / "up"
-LAB_BLOCKER = REPO / "tests" / "lab" / "blocker"
 
 TUNNEL_KILLS = 20
 RECOVERY_LIMIT_S = 5.0
@@ -270,7 +269,7 @@ def test_login_sshd_down_10s_while_pending(lab: Any, tool: Tool) -> None:
             )
             recovery = time.monotonic() - t_up
             assert new_master != old_master
-            subprocess.run(["bash", str(LAB_BLOCKER), "stop"], capture_output=True, timeout=60)
+            lab.stop_blockers()
             assert blocker not in lab.jobs()
             child.expect_exact(CONNECTED + str(port), timeout=90)
             child.expect_exact("Streaming logs")
