@@ -69,6 +69,13 @@ class SessionError(AlvisError):
     exit_code = ExitCode.SESSION
 
 
+class LocalPortBusy(SessionError):
+    """A local port the tool must listen on is held by another program: a
+    fact about this laptop, nothing remote. Before a job is submitted it
+    stops the command; a job that was there before (a resumed session) or has
+    served is kept for `resume`, never cancelled for it."""
+
+
 class CancelUnconfirmed(AlvisError):
     """The job may still be running: the session stays live so that `stop`
     can try again. Never reported as cleaned up."""

@@ -54,7 +54,7 @@ from pathlib import Path
 import httpx
 
 from alvis_fsm.cluster.ssh import Connection, common_args, socket_alive, ssh_error
-from alvis_fsm.errors import ConnectionLost, ServerError, SSHError
+from alvis_fsm.errors import ConnectionLost, LocalPortBusy, ServerError, SSHError
 
 # The tunnel runs this on the node rather than nothing (-N): sshd turns
 # Nagle's algorithm off on its connection only once a session runs
@@ -281,13 +281,13 @@ class Tunnel:
             HOLD,
         ]
 
-    def _not_opened(self, said: str) -> SSHError:
+    def _not_opened(self, said: str) -> SSHError | LocalPortBusy:
         """Why the tunnel ssh failed, from what it said."""
         busy = "Address already in use" in said or "cannot listen" in said
         if self.local_socket and busy and (not self.local_port or self.local_socket in said):
             return SSHError(f"Could not listen on {self.local_socket}", details=said)
         if busy:
-            return SSHError(
+            return LocalPortBusy(
                 f"Local port {self.local_port} is already in use",
                 hint=port_busy_hint(self.local_port),
                 details=said,

@@ -4,13 +4,16 @@ while it is being reopened, on the lab cluster (issue 22, findings 10 and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import time
 from typing import Any
 
 from test_resilience import (
     BACK_UP,
+    CONNECTED,
     DROPPED,
     answers,
     ctrl_c_cleans,
@@ -19,7 +22,7 @@ from test_resilience import (
     start_tunneled,
     wait_until,
 )
-from test_sessions import nothing_left, ssh_of, start_detached, state
+from test_sessions import nothing_left, ssh_of, start_detached, state, stop
 from tool import Tool, assert_nothing_left, free_port, report, tool_jobs
 
 from alvis_fsm.cluster.tunnel import local_port_free
@@ -104,3 +107,32 @@ def test_a_tunnel_killed_again_while_reopened_recovers_at_once(lab: Any, tool: T
             child.kill(signal.SIGKILL)
     print(f"double-kill recoveries: {[round(t, 2) for t in times]} s")
     assert_nothing_left(lab, tool)
+
+
+def test_a_resumed_sessions_port_held_elsewhere_keeps_the_job(lab: Any, tool: Tool) -> None:
+    """Found in review of issue 32: `resume` of a session whose local port
+    another program holds now (the client killed, its tunnel gone, the port
+    taken meanwhile) cancelled the job. The job was the user's before this
+    client came: it is kept, the session stays live, the message says whose
+    port and what to do; with the port free again `resume` reconnects."""
+    child, port, job_id = start_tunneled(tool)
+    child.kill(signal.SIGKILL)  # the client killed: job, state and its ssh are left
+    child.close()
+    for line in ssh_of(tool):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+    wait_until("the session's port to be free", lambda: local_port_free(port), timeout=20)
+    with socket.socket() as holder:  # another program takes the port
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        status, out = tool.run("resume", "lab-ok", timeout=120)
+    assert status == 7, out[-3000:]
+    assert f"Local port {port} is already in use; job {job_id} is kept" in out, out[-3000:]
+    assert f"lsof -nP -iTCP:{port} -sTCP:LISTEN" in out and "alvis-fsm resume lab-ok" in out
+    assert lab.job_state(job_id) == "RUNNING", "resume cancelled the job"
+    assert session(tool)["state"] != "cleaned"
+    status, out = tool.run("resume", "lab-ok", "--detach", timeout=120)
+    assert status == 0 and CONNECTED + str(port) in out, out[-3000:]
+    assert answers(port, session(tool)["api_key"])
+    stop(tool, "lab-ok")
+    nothing_left(lab, tool, [job_id])

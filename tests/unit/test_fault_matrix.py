@@ -18,8 +18,8 @@ import pytest
 
 from alvis_fsm.cluster.agent import Event
 from alvis_fsm.cluster.protocol import Reply
-from alvis_fsm.cluster.tunnel import Verified
-from alvis_fsm.errors import CancelUnconfirmed, ConnectionLost, Interrupted
+from alvis_fsm.cluster.tunnel import Verified, port_busy_hint
+from alvis_fsm.errors import CancelUnconfirmed, ConnectionLost, Interrupted, LocalPortBusy
 from tests.unit.fake_cluster import RUNNING_SACCT, UNKNOWN, FakeAgent, FakeTunnel, make_runner
 
 LIVE = ["submitted", "running", "serving", "tunneled"]
@@ -144,3 +144,43 @@ def test_a_stop_whose_cancel_is_unconfirmed_keeps_the_session(tmp_path: Path, st
     # re-verified from `serving`, where this stop found it.)
     assert store.load("s").state == ("serving" if state == "tunneled" else state)
     assert "Cleaned up" not in say.text()
+
+
+class _PortTaken(FakeTunnel):
+    """The local port is another program's: ssh cannot listen on it."""
+
+    def open(self) -> str:
+        raise LocalPortBusy("Local port 58000 is already in use", hint=port_busy_hint(58000))
+
+
+@pytest.mark.parametrize("state", LIVE)
+def test_a_resumed_sessions_port_held_elsewhere_keeps_the_job(tmp_path: Path, state: str) -> None:
+    """`resume` of a session whose local port another program now holds:
+    the job was there before this client, so it is kept (not cancelled), the
+    session stays live for the next `resume`, and the message says so and
+    what to do."""
+    runner, agent, _, _, store = make_runner(tmp_path, state, detach=False)
+    _happy(agent, state)
+    runner.tunnels.factory = _PortTaken
+    with pytest.raises(LocalPortBusy) as err:
+        runner.drive()
+    assert err.value.message.startswith("Local port 58000 is already in use; job 42 is kept")
+    hint = err.value.hint or ""
+    assert "lsof -nP -iTCP:58000 -sTCP:LISTEN" in hint
+    assert "`alvis-fsm resume s`" in hint and "`alvis-fsm stop s`" in hint
+    assert agent.cancels == []  # the job is kept
+    saved = store.load("s")
+    assert saved.live and saved.state != "cleaned"
+
+
+def test_a_port_taken_before_a_new_job_first_serves_cleans_up(tmp_path: Path) -> None:
+    """`start`: the port checked free before submitting, then taken before
+    the job's first tunnel (a race): nothing half-done is left, the job this
+    command submitted is cancelled."""
+    runner, agent, _, _, store = make_runner(tmp_path, "idle", detach=False)
+    _happy(agent, "submitted")
+    runner.tunnels.factory = _PortTaken
+    with pytest.raises(LocalPortBusy):
+        runner.drive()
+    assert agent.cancels == [JOB]
+    assert store.load("s").state == "cleaned"

@@ -58,6 +58,7 @@ from alvis_fsm.errors import (
     AlvisError,
     ConnectionLost,
     Interrupted,
+    LocalPortBusy,
     SchedulerError,
     SessionError,
     StopRequested,
@@ -97,7 +98,7 @@ class Outcome(Enum):
     LIMIT_REACHED = "the time limit: cleaned up, a normal end"
     DETACHED = "detached: job and tunnel kept, the client returns"
     LET_GO = "let go: job, tunnel and state left to `stop`, `resume`, `status`"
-    KEEP_JOB = "the network lost: job and state kept for `resume`"
+    KEEP_JOB = "the network lost, or a job's port taken: job and state kept for `resume`"
     INTERRUPTED = "Ctrl+C: cleaned up"
     STOPPED = "a stop requested: cleaned up"
     TIMED_OUT = "a state's timeout: `timeout`, cleaned up"
@@ -129,8 +130,21 @@ SUPERVISOR_OUTCOMES: tuple[tuple[type[BaseException], Outcome], ...] = (
 )
 
 
-def outcome_of(exc: BaseException, supervised: bool = False) -> Outcome:
-    table = SUPERVISOR_OUTCOMES if supervised else OUTCOMES
+# A job that was there before this client came (a resumed session) or has
+# served is the user's work: its local port held by another program is this
+# laptop's problem, never a reason to end it. Its rows come first. (Before
+# the first serving of a job this client submitted, `start` cleans up: it
+# leaves nothing half-done.)
+KEPT_JOB_OUTCOMES: tuple[tuple[type[BaseException], Outcome], ...] = (
+    (LocalPortBusy, Outcome.KEEP_JOB),
+    *OUTCOMES,
+)
+
+
+def outcome_of(exc: BaseException, supervised: bool = False, kept: bool = False) -> Outcome:
+    """The outcome of ``exc``: by the supervisor's table, the table of a job
+    that is the user's work (``kept``), or the plain one."""
+    table = SUPERVISOR_OUTCOMES if supervised else KEPT_JOB_OUTCOMES if kept else OUTCOMES
     return next(outcome for cls, outcome in table if isinstance(exc, cls))
 
 
@@ -159,6 +173,7 @@ class Runner:
             raise ValueError(f"a session is driven by a client or a supervisor, not {driver}")
         self.driver = driver
         self.detach = detach
+        self.picked_up = State(record.state) is not State.IDLE  # resumed, or a supervisor's
         self.link: Link = open_link(
             settings, record, store, ui, conn=conn, agent=agent, shield=shield
         )
@@ -333,7 +348,12 @@ class Runner:
             Outcome.FAILED: lambda: self._failed(exc, Trigger.FAIL),
             Outcome.INTERNAL: lambda: self._internal(exc),
         }
-        handlers[outcome_of(exc, self.supervised)]()
+        handlers[outcome_of(exc, self.supervised, kept=self._users_work())]()
+
+    def _users_work(self) -> bool:
+        """Whether the job is the user's work rather than this command's
+        half-done step: there before this client came, or it has served."""
+        return self.picked_up or State.TUNNELED in self.record.entered_at
 
     def _detached(self) -> None:
         self.record.drive_as(Driver.HANDING_OVER)
@@ -347,9 +367,10 @@ class Runner:
         self.link.save()
 
     def _keep_job(self, exc: BaseException) -> None:
-        """The network is gone, not the job: keep job and state so that
-        `resume` can reattach. Nothing remote can be done now anyway."""
-        assert isinstance(exc, ConnectionLost)
+        """The network is gone, or the local port is another program's, not
+        the job: keep job and state so that `resume` can reattach. Nothing
+        remote can be done now anyway."""
+        assert isinstance(exc, ConnectionLost | LocalPortBusy)
         r = self.record
         if self.state is State.IDLE:
             self._failed(exc, Trigger.FAIL)  # nothing submitted: a plain error
@@ -365,6 +386,14 @@ class Runner:
         self.link.save()
         if isinstance(exc, GiveUp):
             raise exc
+        if isinstance(exc, LocalPortBusy):
+            raise LocalPortBusy(
+                f"{exc.message}; job {r.job_id or r.job_name} is kept ({self.state})",
+                hint=f"Find what holds it with `lsof -nP -iTCP:{r.local_port} -sTCP:LISTEN` "
+                f"and stop it; then `alvis-fsm resume {r.name}` reconnects. "
+                f"`alvis-fsm stop {r.name}` cancels the job.",
+                details=exc.details,
+            ) from exc
         raise GiveUp(
             f"{exc.message}; job {r.job_id or r.job_name} is kept ({self.state})",
             hint=f"`alvis-fsm resume {r.name}` reconnects once the network is back; "

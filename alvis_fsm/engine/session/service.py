@@ -28,6 +28,7 @@ from alvis_fsm.errors import (
     AlvisError,
     ConfigError,
     JobRefused,
+    LocalPortBusy,
     SchedulerError,
     ServerError,
     SessionError,
@@ -329,7 +330,7 @@ def _check_no_clash(cfg: Settings, options: StartOptions, store: Store, spec: _S
                 f"or `alvis-fsm stop {r.name}`.",
             )
     if local_port and not local_port_free(local_port, cfg.tunnel.bind):
-        raise SessionError(
+        raise LocalPortBusy(
             f"Local port {local_port} is already in use", hint=port_busy_hint(local_port)
         )
 

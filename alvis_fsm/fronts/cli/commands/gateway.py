@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING
 
 import click
 
-from alvis_fsm.errors import AlvisError, CancelUnconfirmed, ExitCode, SessionError, UsageError
+from alvis_fsm.errors import (
+    AlvisError,
+    CancelUnconfirmed,
+    ExitCode,
+    LocalPortBusy,
+    SessionError,
+    UsageError,
+)
 from alvis_fsm.fronts.cli.commands._common import flag_settings, reporter, settings
 from alvis_fsm.fronts.gateway import instance
 from alvis_fsm.fronts.ui import Reporter, Verbosity
@@ -103,7 +110,7 @@ def _serve_here(
     g = cfg.gateway
     with instance.claim(cfg.state_dir) as registration:
         if not local_port_free(g.port, "127.0.0.1"):
-            raise SessionError(
+            raise LocalPortBusy(
                 f"Local port {g.port} is already in use", hint=port_busy_hint(g.port)
             )
         store = Store(cfg.state_dir)
@@ -283,7 +290,7 @@ def _detach(
         raise instance.already_running(state_dir)
     g = cfg.gateway
     if not local_port_free(g.port, "127.0.0.1"):
-        raise SessionError(f"Local port {g.port} is already in use", hint=port_busy_hint(g.port))
+        raise LocalPortBusy(f"Local port {g.port} is already in use", hint=port_busy_hint(g.port))
     key = gateway_key(state_dir)
     log = instance.log_path(state_dir)
     argv = [sys.executable, "-m", "alvis_fsm", "_gateway", "--port", str(g.port), "--log", str(log)]
