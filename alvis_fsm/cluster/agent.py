@@ -100,7 +100,8 @@ class JobNews:
             return f"The job stopped{before} ({self.detail})"
         if self.kind == Reply.GONE:
             return f"Job {job_id} is no longer running ({self.detail})"
-        return str(self.kind)  # UNKNOWN: the bare word, as `logs --follow` has always said it
+        # UNKNOWN: no answer, which is not news of the job (it goes on).
+        return f"Could not check job {job_id}: {self.detail or 'the scheduler did not answer'}"
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,23 @@ class Event:
     def news(self) -> JobNews | None:
         """The job's end, when the wait ended with it (EXITED, ENDED)."""
         return JobNews(self.kind, self.value) if self.kind in STREAM_NEWS else None
+
+
+@dataclass(frozen=True)
+class CancelReply:
+    """What `cancel` found: the scheduler confirmed the job's end, or not,
+    and then what is still unknown (``why``, in words)."""
+
+    confirmed: bool
+    why: str = ""
+
+    @classmethod
+    def parse(cls, record: str) -> CancelReply:
+        """A ``CANCEL|confirmed|`` or ``CANCEL|unconfirmed|<why>`` record's fields."""
+        verdict, _, why = record.partition("|")
+        if verdict == "confirmed":
+            return cls(True)
+        return cls(False, why or "not confirmed")
 
 
 @dataclass
@@ -261,9 +279,9 @@ class Agent:
             )
         )
 
-    def cancel(self, job_id: str, job_name: str, confirm_s: float = 30) -> str:
+    def cancel(self, job_id: str, job_name: str, confirm_s: float = 30) -> CancelReply:
         """scancel, then wait up to ``confirm_s`` for the scheduler to confirm a
-        terminal state. Returns "" when confirmed, else what is still unknown."""
+        terminal state."""
         proc = self.call(
             "cancel",
             {"job": job_id, "job_name": job_name, "confirm": f"{confirm_s:.0f}"},
@@ -272,9 +290,9 @@ class Agent:
         )
         found = _records(proc.stdout, "CANCEL")
         if proc.returncode != 0 or not found:
-            return proc.stderr.strip() or f"the cancel did not run (exit status {proc.returncode})"
-        verdict, _, why = found[-1].partition("|")
-        return "" if verdict == "confirmed" else (why or "not confirmed")
+            why = proc.stderr.strip() or f"the cancel did not run (exit status {proc.returncode})"
+            return CancelReply(False, why)
+        return CancelReply.parse(found[-1])
 
     def gpus(self) -> list[str]:
         """sinfo's per-node GPU lines (``node|gres|gres_used|state``)."""

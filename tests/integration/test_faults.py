@@ -172,11 +172,19 @@ def test_scheduler_not_answering_is_unknown(lab: Any, tool: Tool, faults: Any, w
         child.expect_exact(CONNECTED + str(port), timeout=120)
     else:
         child, port, job_id = start_tunneled(tool)
+        follower = tool.spawn("logs", "lab-ok", "--follow", timeout=60)
+        follower.expect_exact("Logs of session 'lab-ok'")
         faults("squeue", "fail")
         faults("sacct", "fail")
         child.expect(f"The scheduler did not answer about job {job_id}", timeout=60)
+        # `logs --follow` too says it in words and follows on (before: a
+        # bare "UNKNOWN", and its logs stopped).
+        follower.expect(rf"Could not check job {job_id}: .*; following on", timeout=60)
         time.sleep(3)
-        assert child.isalive()
+        assert child.isalive() and follower.isalive()
+        interrupt(follower)
+        follower.expect(pexpect.EOF, timeout=30)
+        follower.close()
         assert lab.job_state(job_id) == "RUNNING"
         figures = fate(lab, job_id, cleaned_claimed=False, kept_wanted=True)
         faults("squeue", "ok")

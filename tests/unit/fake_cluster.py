@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alvis_fsm.cluster.agent import Event, Mark
+from alvis_fsm.cluster.agent import CancelReply, Event, Mark
 from alvis_fsm.cluster.slurm import JobInfo, JobState
 from alvis_fsm.cluster.ssh import SSHOptions
 from alvis_fsm.cluster.tunnel import Verified
@@ -139,7 +139,7 @@ class FakeAgent:
         self.starts: deque[Step] = deque()
         self.readies: deque[Step] = deque()
         self.job = RUNNING
-        self.cancel_answer = ""  # "" = confirmed
+        self.cancel_answer = ""  # "" = confirmed, else why not
         self.cancels: list[tuple[str, str]] = []
         self.stream_script = "import time; time.sleep(30)"
         self.streams = 0
@@ -200,9 +200,9 @@ class FakeAgent:
             stderr=subprocess.PIPE,
         )
 
-    def cancel(self, job_id: str, job_name: str, confirm_s: float = 30) -> str:
+    def cancel(self, job_id: str, job_name: str, confirm_s: float = 30) -> CancelReply:
         self.cancels.append((job_id, job_name))
-        return self.cancel_answer
+        return CancelReply(not self.cancel_answer, self.cancel_answer)
 
 
 def make_runner(

@@ -138,6 +138,20 @@ def test_logs_tail_and_follow(tmp_path: Path) -> None:
     assert not conn.up  # a look closes the connection it opened
 
 
+def test_logs_follow_on_past_a_scheduler_that_does_not_answer(tmp_path: Path) -> None:
+    """No answer is not news: `logs --follow` says so in words and goes on
+    (before: a bare "UNKNOWN", and the logs stopped)."""
+    runner, agent, _, say, _ = make_runner(tmp_path, "tunneled")
+    agent.stream_script = (
+        "print('UNKNOWN|squeue: timed out', flush=True);"
+        "print('O|INFO later', flush=True); print('EXITED|0', flush=True)"
+    )
+    show_logs(runner.link, 10, follow=True)
+    assert "Could not check job 42: squeue: timed out; following on" in say.text("warn")
+    assert "INFO later" in say.text("log")
+    assert "vLLM exited with status 0" in say.text("info")
+
+
 def test_logs_of_a_session_without_a_job(tmp_path: Path) -> None:
     runner, *_ = make_runner(tmp_path, "idle")
     with pytest.raises(SessionError, match="no job yet"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from alvis_fsm.cluster import protocol, rundir
-from alvis_fsm.cluster.agent import JobNews, Mark, agent_argv
+from alvis_fsm.cluster.agent import CancelReply, JobNews, Mark, agent_argv
 from alvis_fsm.cluster.slurm import PHASES, JobInfo, JobState, Phase
 from alvis_fsm.paths import jobscript_template
 
@@ -353,3 +353,15 @@ def test_the_news_in_words_before_and_after_ready() -> None:
     assert JobNews(protocol.Reply.GONE, "NODE_FAIL").says("42") == (
         "Job 42 is no longer running (NODE_FAIL)"
     )
+    assert JobNews(protocol.Reply.UNKNOWN, "squeue: timed out").says("42") == (
+        "Could not check job 42: squeue: timed out"
+    )
+
+
+def test_a_cancels_reply_is_typed() -> None:
+    """`cancel`'s record, confirmed or not and why (before: "" or the why)."""
+    assert CancelReply.parse("confirmed|") == CancelReply(True)
+    assert CancelReply.parse("unconfirmed|job 7 is RUNNING") == CancelReply(
+        False, "job 7 is RUNNING"
+    )
+    assert CancelReply.parse("unconfirmed|") == CancelReply(False, "not confirmed")

@@ -518,10 +518,10 @@ def cancel(
             )
         record.set_status(BatchStatus.CANCELLING)
         store.save(record)
-        left = remote.agent.cancel("", record.job_name, confirm_s)
-        if left:
+        reply = remote.agent.cancel("", record.job_name, confirm_s)
+        if not reply.confirmed:
             raise CancelUnconfirmed(
-                f"The cancel of batch {record.id} is not confirmed: {left}",
+                f"The cancel of batch {record.id} is not confirmed: {reply.why}",
                 hint=f"`alvis-fsm batch cancel {record.id}` again, or `batch status {record.id}`.",
             )
         refresh(settings, record, ui, remote, store)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from alvis_fsm.cluster import slurm
+from alvis_fsm.cluster.agent import CancelReply
 from alvis_fsm.cluster.durations import fmt_duration
 from alvis_fsm.engine.session.link import Link, Shield, open_link, record_entry
 from alvis_fsm.engine.session.log_stream import LogStream
@@ -162,11 +163,12 @@ class JobControl:
         link.ui.info(f"Cancelling job {job}...")
         try:
             link.conn.open()
-            left = link.agent.cancel(r.job_id, r.job_name, link.settings.timeouts.cancel_confirm)
+            reply = link.agent.cancel(r.job_id, r.job_name, link.settings.timeouts.cancel_confirm)
         except AlvisError as exc:
-            left = exc.message + (f" ({exc.details})" if exc.details else "")
-        if not left:
+            reply = CancelReply(False, exc.message + (f" ({exc.details})" if exc.details else ""))
+        if reply.confirmed:
             return
+        left = reply.why
         r.end_reason = r.end_reason or why
         r.let_go()
         link.save()

@@ -50,6 +50,11 @@ def show_logs(link: Link, lines: int, follow: bool) -> None:
                 if stream.ended():
                     break
                 continue
+            if not news.ends_job:
+                # The scheduler did not answer: not news of the job, whose
+                # logs go on. Say so, and follow on.
+                link.ui.warn(f"{news.says(r.job_id)}; following on")
+                continue
             link.ui.info(news.says(r.job_id))
             break
     except KeyboardInterrupt:
