@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from alvis_fsm.cluster import protocol
-from alvis_fsm.engine.fit import sizing as fit
+from alvis_fsm.engine.fit import sizing
 from alvis_fsm.engine.observer import Observer
 from alvis_fsm.errors import AlvisError, ConfigError
 from alvis_fsm.files import atomic_write
@@ -110,7 +110,7 @@ def parse_probe(stdout: str) -> Snapshot | None:
             index = json.dumps({"metadata": {"total_size": int(float(total))}})
         except ValueError:
             index = None
-    return Snapshot(config, fit.weight_bytes(index, sizes))
+    return Snapshot(config, sizing.weight_bytes(index, sizes))
 
 
 def parse_test_only_answers(stdout: str) -> dict[str, str]:
@@ -121,7 +121,7 @@ def parse_test_only_answers(stdout: str) -> dict[str, str]:
         if kind != "START":
             continue
         spec, _, text = rest.partition("|")
-        start = fit.parse_test_only(text)
+        start = sizing.parse_test_only(text)
         if start:
             out[spec] = start
     return out
@@ -188,7 +188,7 @@ def resolve_gpus(
     time: str,
     fallback: str | None = None,
 ) -> str:
-    """The GPUs to ask for. ``auto``: chosen by ``fit.choose`` (refused with the
+    """The GPUs to ask for. ``auto``: chosen by ``sizing.choose`` (refused with the
     numbers if nothing fits). An explicit ``TYPE:N``: kept, with a warning
     when the catalog's max_model_len cannot fit it. Best effort for the
     warning: a snapshot that cannot be read warns about nothing.
@@ -210,7 +210,9 @@ def resolve_gpus(
     except AlvisError:
         lines = []
     starts = _start_times(conn, settings, fp, max_model_len, time)
-    choice = fit.choose(fp, max_model_len, settings.fit.types(), settings.fit.budget, lines, starts)
+    choice = sizing.choose(
+        fp, max_model_len, settings.fit.types(), settings.fit.budget, lines, starts
+    )
     ui.info(f"GPUs (--gpus auto): {choice.reason}")
     return choice.gpus
 
@@ -231,18 +233,18 @@ def _warn_context(
         return
     try:
         snap = read_snapshot(conn, model_path, settings.state_dir)
-        fp = fit.estimate(snap.config, snap.weight_bytes) if snap and snap.weight_bytes else None
+        fp = sizing.estimate(snap.config, snap.weight_bytes) if snap and snap.weight_bytes else None
     except AlvisError:
         return
     if fp is not None:
-        warning = fit.context_warning(fp, known, int(count), max_model_len, settings.fit.budget)
+        warning = sizing.context_warning(fp, known, int(count), max_model_len, settings.fit.budget)
         if warning:
             ui.warn(f"{warning} (the catalog's max_model_len; lower it, or try --gpus auto)")
 
 
 def _footprint(
     ui: Observer, conn: _Runs, settings: Settings, model_path: str, fallback: str | None
-) -> fit.Footprint | None:
+) -> sizing.Footprint | None:
     """What the snapshot needs, for ``auto``; None (with a warning) when it
     cannot be sized and ``fallback`` is given, else refused."""
     snap = read_snapshot(conn, model_path, settings.state_dir)
@@ -253,7 +255,7 @@ def _footprint(
         problem = "no *.safetensors weights there"
     else:
         try:
-            return fit.estimate(snap.config, snap.weight_bytes)
+            return sizing.estimate(snap.config, snap.weight_bytes)
         except ConfigError as exc:
             problem = exc.message
     if fallback:
@@ -269,9 +271,9 @@ def _footprint(
 
 
 def _start_times(
-    conn: _Runs, settings: Settings, fp: fit.Footprint, max_model_len: int, time: str
+    conn: _Runs, settings: Settings, fp: sizing.Footprint, max_model_len: int, time: str
 ) -> Callable[[str], str | None]:
-    """When a candidate would start, for ``fit.choose``: asked only when no
+    """When a candidate would start, for ``sizing.choose``: asked only when no
     candidate is free now, then one round trip asks sbatch --test-only about
     every candidate at once."""
     answers: dict[str, str] | None = None
@@ -283,7 +285,7 @@ def _start_times(
             candidates = [
                 f"{t.name}:{c}"
                 for t in settings.fit.types()
-                if (c := fit.smallest_count(fp, t, max_model_len, budget)) is not None
+                if (c := sizing.smallest_count(fp, t, max_model_len, budget)) is not None
             ]
             try:
                 answers = expected_starts(

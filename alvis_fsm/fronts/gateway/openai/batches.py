@@ -27,10 +27,16 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
 
-from alvis_fsm.engine.batch import record as batch
 from alvis_fsm.engine.batch.input import ENDPOINTS, Validated, validate
 from alvis_fsm.engine.batch.lifecycle import BatchStatus
-from alvis_fsm.engine.batch.record import BatchRecord, BatchStore
+from alvis_fsm.engine.batch.record import (
+    DEFAULT_WINDOW,
+    BatchRecord,
+    BatchStore,
+    check_id,
+    openai_object,
+    window_seconds,
+)
 from alvis_fsm.engine.observer import Quiet
 from alvis_fsm.errors import AlvisError, UsageError
 from alvis_fsm.files import atomic_write
@@ -290,12 +296,12 @@ class Batches:
             return _error(400, "The request body must be a JSON object")
         file_id = body.get("input_file_id")
         endpoint = body.get("endpoint")
-        window = body.get("completion_window") or batch.DEFAULT_WINDOW
+        window = body.get("completion_window") or DEFAULT_WINDOW
         metadata = body.get("metadata") or {}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             return _error(400, "metadata must be an object of strings")
         try:
-            batch.window_seconds(str(window))
+            window_seconds(str(window))
             self.files.get(str(file_id))
         except UsageError as exc:
             return _error(400, exc.message)
@@ -324,12 +330,12 @@ class Batches:
                 502 if exc.exit_code >= 4 else 400,
                 exc.message + (f" ({exc.hint})" if exc.hint else ""),
             )
-        return web.json_response(batch.openai_object(record))
+        return web.json_response(openai_object(record))
 
     def find(self, batch_id: str) -> BatchRecord | None:
         """The batch of that id on this gateway, or None (no such batch, or not an id)."""
         try:
-            return self.store.load(batch.check_id(batch_id))
+            return self.store.load(check_id(batch_id))
         except AlvisError:
             return None
 
@@ -355,7 +361,7 @@ class Batches:
             pass  # missing information is not bad news: the last known state
         # A completed batch is finalizing until its files are in the store.
         ready = bool(record.output_file_id or record.error_file_id)
-        return web.json_response(batch.openai_object(record, assembling=not ready))
+        return web.json_response(openai_object(record, assembling=not ready))
 
     def _download(self, record: BatchRecord) -> None:
         out = self.files.dir / f".{record.id}.out"
@@ -389,7 +395,7 @@ class Batches:
                 return _error(400, f"after: no such batch {after}")
             records = records[ids.index(after) + 1 :]
         page = records[:limit]
-        data = [batch.openai_object(r) for r in page]
+        data = [openai_object(r) for r in page]
         return web.json_response(
             {
                 "object": "list",
@@ -413,4 +419,4 @@ class Batches:
             record = self.find(record.id) or record
             if record.status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
                 return _error(502, exc.message)
-        return web.json_response(batch.openai_object(record))
+        return web.json_response(openai_object(record))
