@@ -418,6 +418,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=rank)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The streams rely on xdist's groups: a grouped test whose nodeid xdist
+    did not mark would run beside its group (seen with pytest 9.2)."""
+    if not session.config.getoption("loadgroup", False):
+        return
+    lost = [
+        item.nodeid
+        for item in session.items
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid.rpartition("]")[2]
+    ]
+    if lost:
+        raise pytest.UsageError(
+            f"pytest-xdist did not group {len(lost)} tests (e.g. {lost[0]}): the lab's streams "
+            "would run them side by side. Use the versions pyproject.toml pins "
+            "(pytest below 9.2)."
+        )
+
+
 def _has_module_fixture(item: pytest.Item) -> bool:
     info = getattr(item, "_fixtureinfo", None)
     if info is None:
