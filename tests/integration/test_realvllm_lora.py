@@ -188,6 +188,20 @@ def test_an_adapter_answers_by_its_name(pair: dict[str, Server]) -> None:
         assert set(real) == set(standin) and set(real["choices"][0]) == set(standin["choices"][0])
 
 
+def test_the_real_adapter_changes_the_answer(pair: dict[str, Server]) -> None:
+    """The made adapter is applied (random, not PEFT's zero lora_B): greedy
+    answers of the base and of the adapter differ on the real server."""
+    texts = {}
+    with pair["real"].http() as http:
+        for name in (SERVED, "r8"):
+            body = {"model": name, "prompt": "the cluster node", "max_tokens": 12}
+            r = http.post(
+                "/v1/completions", headers=AUTH, json={**body, "temperature": 0, "ignore_eos": True}
+            )
+            texts[name] = r.json()["choices"][0]["text"]
+    assert texts[SERVED] != texts["r8"], texts
+
+
 def test_an_unknown_model_is_the_same_404(pair: dict[str, Server]) -> None:
     got = both(pair, "POST", "/v1/completions", json={"model": "no-such-adapter", "prompt": "x"})
     for side, r in got.items():
