@@ -67,6 +67,11 @@ class Lab:
     def models(self) -> Path:
         return Path(self.values.get("LAB_MODELS", "/mimer/NOBACKUP/Datasets/LLM/huggingface/hub"))
 
+    @property
+    def adapters(self) -> Path:
+        """The lab's LoRA adapters (tests/lab/realvllm/make_adapter.py), one directory each."""
+        return Path(self.values.get("LAB_ADAPTERS", "/mimer/NOBACKUP/groups/alvislab/adapters"))
+
     def model_path(self, org: str, name: str) -> str:
         """Snapshot path (with trailing slash) of a model in the lab model tree."""
         snaps = self.models / f"models--{org}--{name}" / "snapshots"

@@ -59,12 +59,19 @@ class Server:
         return [ANSI.sub("", x) for x in path.read_text(errors="replace").splitlines()]
 
 
-def serve(name: str, model: str, where: Path, *args: str, real: bool = True) -> Server:
+def serve(
+    name: str,
+    model: str,
+    where: Path,
+    *args: str,
+    real: bool = True,
+    env_extra: dict[str, str] | None = None,
+) -> Server:
     """`apptainer exec IMAGE vllm serve MODEL ...` as the job script runs it;
     the lab's shim picks the real server or the stand-in by the model."""
     sock, out, err = where / f"{name}.sock", where / f"{name}.out", where / f"{name}.err"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "CUDA_"))}
-    env.update(VLLM_API_KEY=KEY, VLLM_CACHE_ROOT=str(where / "cache"))
+    env.update(VLLM_API_KEY=KEY, VLLM_CACHE_ROOT=str(where / "cache"), **(env_extra or {}))
     vllm = ["vllm"] if real else [str(REPO / "tests" / "lab" / "bin" / "vllm")]
     argv = [
         "bash",

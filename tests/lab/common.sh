@@ -49,6 +49,9 @@ LAB_MUNGE_LOG="$LAB_LOG/munged.log"
 LAB_MYSQL_LOG="$LAB_LOG/mariadb.log"
 LAB_SLURM_CONF=/etc/slurm/slurm.conf
 LAB_MODELS=/mimer/NOBACKUP/Datasets/LLM/huggingface/hub
+# LoRA adapters of the lab models (tests/lab/realvllm/make_adapter.py), where
+# a research group keeps shared files on Alvis; readable by every cluster user.
+LAB_ADAPTERS=/mimer/NOBACKUP/groups/alvislab/adapters
 LAB_IMAGE=/apps/containers/vLLM/vllm-0.11.0.sif
 # The real vLLM (CPU build) for models marked real: outside the lab root, so
 # `down --purge` keeps it; tests/lab/bin/apptainer names the same path.
