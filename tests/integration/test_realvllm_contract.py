@@ -11,6 +11,7 @@ is the hardening issue's business."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -172,15 +173,23 @@ def pair(lab: Any, where: Path) -> Iterator[dict[str, Server]]:
             real=False,
         ),
     }
+    with serving(servers):
+        yield servers
+
+
+@contextlib.contextmanager
+def serving(servers: dict[str, Server]) -> Iterator[None]:
+    """Until the block ends: the servers ready (stopped whatever happens)."""
     try:
         wait_ready(list(servers.values()))
-        yield servers
+        yield
     finally:
         for s in servers.values():
             stop(s)
 
 
 def both(pair: dict[str, Server], method: str, path: str, **kw: Any) -> dict[str, httpx.Response]:
+    """One request to each server of the pair, by name."""
     answers = {}
     for name, s in pair.items():
         with s.http() as http:

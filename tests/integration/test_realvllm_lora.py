@@ -20,7 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from test_realvllm_contract import KEY, SERVED, Server, serve, stop, wait_exit, wait_ready
+import test_realvllm_contract as contract
+from test_realvllm_contract import KEY, SERVED, Server, serve, serving, wait_exit
 
 pytestmark = pytest.mark.realvllm
 
@@ -91,20 +92,13 @@ def pair(lab: Any, where: Path, paths: dict[str, dict[str, str]]) -> Iterator[di
             real=side == "real",
             env_extra=RUNTIME,
         )
-    try:
-        wait_ready(list(servers.values()))
+    with serving(servers):
         yield servers
-    finally:
-        for s in servers.values():
-            stop(s)
 
 
 def both(pair: dict[str, Server], method: str, path: str, **kw: Any) -> dict[str, httpx.Response]:
-    answers = {}
-    for name, s in pair.items():
-        with s.http() as http:
-            answers[name] = http.request(method, path, headers=AUTH, **kw)
-    return answers
+    """One request with the key to each server of the pair, by name."""
+    return contract.both(pair, method, path, headers=AUTH, **kw)
 
 
 def each(
